@@ -1,0 +1,125 @@
+"""Small layers with logical axis names on every parameter: dense, embedding, norms.
+
+Each parameter is an `nnx.Param` carrying `logical_axes` metadata (one name per array
+axis); `lrulm.sharding` maps those names to mesh axes. Parameters are float32; the
+computation runs in the dtype of the input (bfloat16 when the model is configured so).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def param(value: jax.Array, logical_axes: tuple[str | None, ...]) -> nnx.Param:
+    """A float parameter with one logical axis name per array axis."""
+    if len(logical_axes) != value.ndim:
+        raise ValueError(f"{len(logical_axes)} axis names {logical_axes} for shape {value.shape}")
+    return nnx.Param(value, logical_axes=tuple(logical_axes))
+
+
+class Dense(nnx.Module):
+    """y = x W (+ b). W: (d_in, d_out), initialised N(0, scale / d_in) (LeCun normal)."""
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        *,
+        axes: tuple[str | None, str | None],
+        use_bias: bool = True,
+        scale: float = 1.0,
+        rngs: nnx.Rngs,
+    ):
+        std = math.sqrt(scale / d_in)
+        w = std * jax.random.truncated_normal(rngs.params(), -2, 2, (d_in, d_out), jnp.float32)
+        self.kernel = param(w / 0.8796256610342398, axes)  # unit variance after truncation
+        self.bias = param(jnp.zeros((d_out,)), (axes[1],)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum("...i,io->...o", x, self.kernel[...].astype(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding (v, h); also the tied output projection."""
+
+    def __init__(self, vocab_size: int, d_model: int, *, rngs: nnx.Rngs):
+        e = jax.random.normal(rngs.params(), (vocab_size, d_model), jnp.float32)
+        self.embedding = param(e, ("vocab", "embed"))
+
+    def __call__(self, tokens: jax.Array, dtype) -> jax.Array:
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("...h,vh->...v", x, self.embedding[...].astype(x.dtype))
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float = 1e-6):
+        self.scale = param(jnp.ones((dim,)), ("embed",))
+        self.eps = eps
+
+    def __call__(self, x, *, mask=None, train=False):
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        return (x32 * jax.lax.rsqrt(var + self.eps) * self.scale[...]).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float = 1e-6):
+        self.scale = param(jnp.ones((dim,)), ("embed",))
+        self.bias = param(jnp.zeros((dim,)), ("embed",))
+        self.eps = eps
+
+    def __call__(self, x, *, mask=None, train=False):
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+class BatchNorm(nnx.Module):
+    """Batch norm over (batch, length) as the LRU paper's LRA models use it.
+
+    Statistics are taken over valid positions only (`mask`), in float32; running
+    averages (nnx.BatchStat) are used at evaluation time.
+    """
+
+    def __init__(self, dim: int, *, momentum: float = 0.9, eps: float = 1e-5):
+        self.scale = param(jnp.ones((dim,)), ("embed",))
+        self.bias = param(jnp.zeros((dim,)), ("embed",))
+        self.mean = nnx.BatchStat(jnp.zeros((dim,)), logical_axes=("embed",))
+        self.var = nnx.BatchStat(jnp.ones((dim,)), logical_axes=("embed",))
+        self.momentum, self.eps = momentum, eps
+
+    def __call__(self, x, *, mask=None, train=False):
+        x32 = x.astype(jnp.float32)
+        if train:
+            axes = tuple(range(x.ndim - 1))
+            w = jnp.ones(x.shape[:-1] + (1,), jnp.float32) if mask is None else mask[..., None]
+            w = w.astype(jnp.float32)
+            count = jnp.maximum(jnp.sum(w), 1.0)
+            mean = jnp.sum(x32 * w, axis=axes) / count
+            var = jnp.sum(jnp.square(x32 - mean) * w, axis=axes) / count
+            m = self.momentum
+            self.mean[...] = m * self.mean[...] + (1 - m) * jax.lax.stop_gradient(mean)
+            self.var[...] = m * self.var[...] + (1 - m) * jax.lax.stop_gradient(var)
+        else:
+            mean, var = self.mean[...], self.var[...]
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout; the identity when rate is 0 or key is None (evaluation)."""
+    if rate <= 0.0 or key is None:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype)).astype(x.dtype)

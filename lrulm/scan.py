@@ -1,0 +1,313 @@
+"""The linear recurrence h_t = a_t * h_{t-1} + b_t, computed every way lrulm knows.
+
+Shapes: b is (..., L, N): any leading batch axes, the sequence axis L and the channel
+axis N. a is either the same shape as b or (N,) (a time-invariant diagonal, as in the
+LRU). Real or complex. Every method returns the same values and gradients as
+`ScanMethod.SEQUENTIAL`; they differ in speed and memory only.
+
+Gradients: by default (`grad="recurrence"`) the backward pass is itself a linear
+recurrence run in the opposite direction, under `jax.custom_vjp`:
+
+    g_t = a_{t+1} * g_{t+1} + dh_t,   db_t = g_t,   da_t = g_t * h_{t-1},   dh0 = a_0 * g_0
+
+(JAX's cotangent convention for complex numbers has no conjugate here; in the
+conjugate-gradient convention of the paper's reference code this is
+g_t = conj(a_{t+1}) g_{t+1} + dh_t.) Training then stores only a, h and h0: O(L*N)
+values, instead of the log2(L) intermediate levels autodiff keeps for
+`jax.lax.associative_scan`. `grad="autodiff"` differentiates the forward method itself.
+
+Sequence parallelism (the sequence axis split across devices under `shard_map`) is
+`linear_scan(..., axis_name="sequence")`: each device scans its segment from a zero
+state, the segment-end states are combined across devices and each device corrects its
+outputs with the state arriving from its left (or right, for reverse).
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+class ScanMethod(enum.Enum):
+    """How the recurrence is computed. All give the same result."""
+
+    SEQUENTIAL = "sequential"  # lax.scan over L: the reference, L sequential steps.
+    ASSOCIATIVE = "associative"  # jax.lax.associative_scan: log2(L) levels.
+    CHUNKED = "chunked"  # sequential within chunks of C, vectorised across chunks.
+    PALLAS = "pallas"  # hand-written kernel (lrulm.scan_pallas); GPU / TPU / interpret.
+    AUTO = "auto"  # the fastest correct method for the backend.
+
+
+class GradMethod(enum.Enum):
+    RECURRENCE = "recurrence"  # custom VJP: the reverse recurrence, O(L*N) residuals.
+    AUTODIFF = "autodiff"  # differentiate the forward computation as written.
+
+
+# Chosen by tools/bench_scan.py: on CPU the chunked scan beats both lax.scan (per-step
+# overhead) and associative_scan (log2(L) passes over memory).
+_AUTO_BY_BACKEND = {
+    "cpu": ScanMethod.CHUNKED,
+    "gpu": ScanMethod.ASSOCIATIVE,
+    "cuda": ScanMethod.ASSOCIATIVE,
+    "rocm": ScanMethod.ASSOCIATIVE,
+    "tpu": ScanMethod.CHUNKED,
+}
+DEFAULT_CHUNK_SIZE = 64
+
+
+def resolve(method: str | ScanMethod, backend: str | None = None) -> ScanMethod:
+    """Turns a method name into a concrete `ScanMethod` (AUTO picks by backend)."""
+    if isinstance(method, str):
+        try:
+            method = ScanMethod(method)
+        except ValueError:
+            names = ", ".join(repr(m.value) for m in ScanMethod)
+            raise ValueError(f"unknown scan method {method!r}; use one of {names}") from None
+    match method:
+        case ScanMethod.AUTO:
+            backend = backend or jax.default_backend()
+            return _AUTO_BY_BACKEND.get(backend, ScanMethod.ASSOCIATIVE)
+        case _:
+            return method
+
+
+def _resolve_grad(grad: str | GradMethod) -> GradMethod:
+    if isinstance(grad, GradMethod):
+        return grad
+    try:
+        return GradMethod(grad)
+    except ValueError:
+        names = ", ".join(repr(g.value) for g in GradMethod)
+        raise ValueError(f"unknown scan grad {grad!r}; use one of {names}") from None
+
+
+def _check_shapes(a, b, h0):
+    if b.ndim < 2:
+        raise ValueError(f"b must have shape (..., L, N); got shape {b.shape}")
+    n = b.shape[-1]
+    if a.shape != b.shape and a.shape != (n,):
+        raise ValueError(
+            f"a must have the shape of b {b.shape} or ({n},) (one decay per channel); "
+            f"got shape {a.shape}"
+        )
+    if h0 is not None and h0.shape != b.shape[:-2] + (n,):
+        raise ValueError(
+            f"h0 must have shape {b.shape[:-2] + (n,)} (b's shape without the sequence "
+            f"axis); got shape {h0.shape}"
+        )
+
+
+# ----------------------------------------------------------------------------------
+# Kernels. Forward: h_t = a_t h_{t-1} + b_t from h_{-1} = h0; reverse: h_t = a_t h_{t+1}
+# + b_t from h_L = h0 (zeros if None). `a` is (N,) or the shape of b. Every kernel runs
+# in either direction natively, so no flipped copies of (..., L, N) arrays are made.
+# ----------------------------------------------------------------------------------
+
+
+def _sequential(a, b, h0, reverse=False):
+    h0 = jnp.zeros(b.shape[:-2] + b.shape[-1:], b.dtype) if h0 is None else h0
+    bt = jnp.moveaxis(b, -2, 0)
+    if a.ndim == 1:
+
+        def step(h, bk):
+            h = a * h + bk
+            return h, h
+
+        _, h = jax.lax.scan(step, h0, bt, reverse=reverse)
+    else:
+
+        def step(h, abk):
+            ak, bk = abk
+            h = ak * h + bk
+            return h, h
+
+        _, h = jax.lax.scan(step, h0, (jnp.moveaxis(a, -2, 0), bt), reverse=reverse)
+    return jnp.moveaxis(h, 0, -2)
+
+
+def _combine(x, y):
+    ax, bx = x
+    ay, by = y
+    return ay * ax, ay * bx + by
+
+
+def _fold_h0(a, b, h0, reverse):
+    """Folds the initial state into the first input: b_0 <- a_0 h0 + b_0."""
+    if h0 is None:
+        return b
+    first = -1 if reverse else 0
+    a0 = a if a.ndim == 1 else a[..., first, :]
+    return b.at[..., first, :].add(a0 * h0)
+
+
+def _associative(a, b, h0, reverse=False):
+    b = _fold_h0(a, b, h0, reverse)
+    if reverse:  # associative_scan(reverse=True) materialises twice the temporaries
+        flip = lambda x: jnp.flip(x, axis=-2)
+        return flip(_associative(a if a.ndim == 1 else flip(a), flip(b), None))
+    a = jnp.broadcast_to(a, b.shape)
+    _, h = jax.lax.associative_scan(_combine, (a, b), axis=b.ndim - 2)
+    return h
+
+
+def _chunked(a, b, h0, chunk_size, reverse=False):
+    """Two levels: a sequential scan within chunks of C steps, run for all chunks at
+    once, then a sequential scan over the L/C chunk carries, then a fix-up."""
+    *lead, length, n = b.shape
+    c = max(1, min(chunk_size, length))
+    num_chunks = -(-length // c)
+    pad = num_chunks * c - length
+    b = _fold_h0(a, b, h0, reverse)
+    full_a = a.ndim > 1
+    if pad:  # zeros after the end: harmless in both directions (h0 is already folded in)
+        b = jnp.pad(b, [(0, 0)] * len(lead) + [(0, pad), (0, 0)])
+        if full_a:
+            a = jnp.pad(a, [(0, 0)] * len(lead) + [(0, pad), (0, 0)], constant_values=1)
+    # (..., K, C, N): chunk k, position within the chunk.
+    bc = b.reshape(*lead, num_chunks, c, n)
+    ac = a.reshape(*lead, num_chunks, c, n) if full_a else a
+    local = _sequential(ac, bc, None, reverse)  # every chunk from a zero state at once
+    # decay[i]: product of a over the chunk positions from its entry up to i.
+    if full_a:
+        decay = jax.lax.cumprod(ac, axis=ac.ndim - 2, reverse=reverse)
+    else:
+        decay = jax.lax.cumprod(jnp.broadcast_to(a, (c, n)), axis=0, reverse=reverse)
+    last = 0 if reverse else -1  # the chunk position whose state leaves the chunk
+    ends = _sequential(decay[..., last, :], local[..., last, :], None, reverse)  # (..., K, N)
+    zero = jnp.zeros_like(ends[..., :1, :])
+    if reverse:  # carry into chunk k = state leaving chunk k+1
+        carry_in = jnp.concatenate([ends[..., 1:, :], zero], axis=-2)
+    else:
+        carry_in = jnp.concatenate([zero, ends[..., :-1, :]], axis=-2)
+    h = local + decay * carry_in[..., None, :]
+    h = h.reshape(*lead, num_chunks * c, n)
+    return h[..., :length, :]
+
+
+def _forward(a, b, h0, method: ScanMethod, chunk_size: int, reverse: bool):
+    match method:
+        case ScanMethod.SEQUENTIAL:
+            return _sequential(a, b, h0, reverse)
+        case ScanMethod.ASSOCIATIVE:
+            return _associative(a, b, h0, reverse)
+        case ScanMethod.CHUNKED:
+            return _chunked(a, b, h0, chunk_size, reverse)
+        case ScanMethod.PALLAS:
+            from lrulm import scan_pallas
+
+            return scan_pallas.forward(a, b, h0, chunk_size=chunk_size, reverse=reverse)
+        case _:
+            raise ValueError(f"unresolved scan method {method}")
+
+
+# ----------------------------------------------------------------------------------
+# Memory-efficient gradient.
+# ----------------------------------------------------------------------------------
+
+
+def _cast_cotangent(g, like):
+    if not jnp.iscomplexobj(like) and jnp.iscomplexobj(g):
+        g = g.real
+    return g.astype(like.dtype)
+
+
+def _shift(x, reverse, fill):
+    """x_{t-1} along axis -2 (x_{t+1} if reverse), `fill` entering at the open end."""
+    fill = fill[..., None, :].astype(x.dtype)
+    if reverse:
+        return jnp.concatenate([x[..., 1:, :], fill], axis=-2)
+    return jnp.concatenate([fill, x[..., :-1, :]], axis=-2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _scan_recurrence_grad(a, b, h0, method, chunk_size, reverse):
+    return _forward(a, b, h0, method, chunk_size, reverse)
+
+
+def _scan_fwd(a, b, h0, method, chunk_size, reverse):
+    h = _forward(a, b, h0, method, chunk_size, reverse)
+    return h, (a, h, h0)
+
+
+def _scan_bwd(method, chunk_size, reverse, residuals, dh):
+    a, h, h0 = residuals  # linear_scan gives a, b, h0 and h one dtype
+    dh = dh.astype(h.dtype)
+    # g_t = a_{t+1} g_{t+1} + dh_t: the recurrence run the other way, its coefficients
+    # shifted by one step (with a of shape (N,) the shift changes nothing).
+    a_next = a if a.ndim == 1 else _shift(a, not reverse, jnp.zeros_like(a[..., 0, :]))
+    g = _forward(a_next, dh, None, method, chunk_size, not reverse)
+    h_start = jnp.zeros_like(h[..., 0, :]) if h0 is None else h0
+    da = g * _shift(h, reverse, h_start)
+    if a.ndim == 1:
+        da = da.reshape(-1, da.shape[-1]).sum(0)
+    dh0 = None
+    if h0 is not None:
+        first = -1 if reverse else 0
+        a0 = a if a.ndim == 1 else a[..., first, :]
+        dh0 = _cast_cotangent(a0 * g[..., first, :], h0)
+    return _cast_cotangent(da, a), g, dh0
+
+
+_scan_recurrence_grad.defvjp(_scan_fwd, _scan_bwd)
+
+
+# ----------------------------------------------------------------------------------
+# Public entry point.
+# ----------------------------------------------------------------------------------
+
+
+def linear_scan(
+    a: jax.Array,
+    b: jax.Array,
+    *,
+    h0: jax.Array | None = None,
+    reverse: bool = False,
+    method: str | ScanMethod = "auto",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    grad: str | GradMethod = "recurrence",
+    axis_name: str | None = None,
+) -> jax.Array:
+    """Computes h_t = a_t * h_{t-1} + b_t along axis -2 of b.
+
+    Args:
+      a: decays, shape (..., L, N) like b, or (N,) for a time-invariant diagonal.
+      b: inputs, shape (..., L, N).
+      h0: optional initial state, shape (..., N); zeros if None. For reverse=True it is
+        the state after the last position (h_L).
+      reverse: run from the end of the sequence: h_t = a_t * h_{t+1} + b_t.
+      method: a `ScanMethod` or its name; "auto" picks per backend.
+      chunk_size: chunk length C for "chunked" and "pallas".
+      grad: "recurrence" (custom VJP, O(L*N) memory) or "autodiff".
+      axis_name: the mesh axis the sequence is split over (inside `shard_map`); None
+        when each device holds the whole sequence.
+
+    Returns:
+      h, shape (..., L, N), dtype the result type of a, b and h0.
+    """
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    h0 = None if h0 is None else jnp.asarray(h0)
+    _check_shapes(a, b, h0)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer; got {chunk_size}")
+    method = resolve(method)
+    grad = _resolve_grad(grad)
+    dtype = jnp.result_type(a, b) if h0 is None else jnp.result_type(a, b, h0)
+    a, b = a.astype(dtype), b.astype(dtype)
+    h0 = None if h0 is None else h0.astype(dtype)
+    if axis_name is not None:
+        from lrulm import sequence_parallel
+
+        return sequence_parallel.sharded_linear_scan(
+            a, b, h0=h0, reverse=reverse, axis_name=axis_name,
+            local_scan=functools.partial(
+                linear_scan, method=method, chunk_size=chunk_size, grad=grad
+            ),
+        )  # fmt: skip
+    if b.shape[-2] == 0:
+        return b
+    if grad is GradMethod.RECURRENCE:
+        return _scan_recurrence_grad(a, b, h0, method, chunk_size, reverse)
+    return _forward(a, b, h0, method, chunk_size, reverse)

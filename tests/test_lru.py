@@ -1,0 +1,141 @@
+"""The LRU layer against an independent NumPy implementation of the paper's equations."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lrulm.lru import LRU
+
+PARAM_NAMES = {"nu_log", "theta_log", "gamma_log", "B_re", "B_im", "C_re", "C_im", "D"}
+
+
+def _numpy_lru(p, u, reverse=False, use_d=True):
+    """x_k = Λ x_{k-1} + exp(γ_log) ⊙ (B u_k); y_k = Re(C x_k) + D ⊙ u_k, one step at a time."""
+    p = {k: np.asarray(v, np.float64) for k, v in p.items()}
+    lam = np.exp(-np.exp(p["nu_log"]) + 1j * np.exp(p["theta_log"]))
+    B = (p["B_re"] + 1j * p["B_im"]) * np.exp(p["gamma_log"])[:, None]
+    C = p["C_re"] + 1j * p["C_im"]
+    u = np.asarray(u, np.float64)
+    y = np.zeros_like(u)
+    for i in range(u.shape[0]):
+        x = np.zeros(lam.shape, np.complex128)
+        steps = range(u.shape[1] - 1, -1, -1) if reverse else range(u.shape[1])
+        for k in steps:
+            x = lam * x + B @ u[i, k]
+            y[i, k] = (C @ x).real + (p["D"] * u[i, k] if use_d else 0)
+    return y
+
+
+def _params(module):
+    return {k: v[...] for k, v in vars(module).items() if k in PARAM_NAMES and v is not None}
+
+
+@pytest.mark.parametrize("method", ["sequential", "associative", "chunked"])
+def test_matches_numpy(method):
+    layer = LRU(6, 10, r_min=0.4, r_max=0.95, scan_method=method, rngs=nnx.Rngs(0))
+    assert set(_params(layer)) == PARAM_NAMES
+    u = np.random.default_rng(1).normal(size=(2, 23, 6)).astype(np.float32)
+    y = layer(jnp.asarray(u))
+    np.testing.assert_allclose(y, _numpy_lru(_params(layer), u), rtol=2e-4, atol=2e-4)
+
+
+def test_bidirectional_matches_numpy():
+    layer = LRU(4, 8, bidirectional=True, rngs=nnx.Rngs(2))
+    u = np.random.default_rng(3).normal(size=(2, 15, 4)).astype(np.float32)
+    ref = _numpy_lru(_params(layer), u) + _numpy_lru(
+        _params(layer.reverse), u, reverse=True, use_d=False
+    )
+    np.testing.assert_allclose(layer(jnp.asarray(u)), ref, rtol=2e-4, atol=2e-4)
+
+
+def test_parameter_shapes_and_dtypes():
+    layer = LRU(16, 32, rngs=nnx.Rngs(0))
+    shapes = {k: (v.shape, v.dtype) for k, v in _params(layer).items()}
+    f32 = jnp.float32
+    assert shapes == {
+        "nu_log": ((32,), f32), "theta_log": ((32,), f32), "gamma_log": ((32,), f32),
+        "B_re": ((32, 16), f32), "B_im": ((32, 16), f32),
+        "C_re": ((16, 32), f32), "C_im": ((16, 32), f32), "D": ((16,), f32),
+    }  # fmt: skip
+
+
+def test_bfloat16_inputs_keep_float32_recurrence():
+    layer = LRU(8, 16, r_min=0.9, r_max=0.999, rngs=nnx.Rngs(0))
+    u = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 8))
+    y16 = layer(u.astype(jnp.bfloat16))
+    assert y16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(y16.astype(jnp.float32), layer(u), rtol=0.05, atol=0.05)
+    _, state = layer(u.astype(jnp.bfloat16), return_state=True)
+    assert state.dtype == jnp.complex64
+
+
+@pytest.mark.parametrize("r_min, r_max, max_phase", [(0.0, 0.99, 2 * math.pi), (0.9, 0.999, 0.3)])
+def test_ring_initialisation(r_min, r_max, max_phase):
+    layer = LRU(4, 20000, r_min=r_min, r_max=r_max, max_phase=max_phase, rngs=nnx.Rngs(7))
+    lam = np.asarray(layer.diag_lambda()).astype(np.complex128)
+    mag, phase = np.abs(lam), np.angle(lam) % (2 * np.pi)
+    assert mag.min() >= r_min - 1e-6 and mag.max() <= r_max + 1e-6
+    assert phase.min() >= 0 and phase.max() <= max_phase + 1e-5
+    gamma = np.exp(np.asarray(layer.gamma_log[...], np.float64))
+    np.testing.assert_allclose(gamma, np.sqrt(1 - mag**2), rtol=1e-4, atol=1e-6)
+    # |λ|^2 is uniform on [r_min^2, r_max^2]: Kolmogorov-Smirnov against the uniform CDF.
+    x = np.sort((mag**2 - r_min**2) / (r_max**2 - r_min**2))
+    cdf = np.arange(1, len(x) + 1) / len(x)
+    ks = max(np.max(cdf - x), np.max(x - (cdf - 1 / len(x))))
+    assert ks < 1.36 / math.sqrt(len(x))  # 5% critical value
+    # ... and a clearly non-uniform law (|λ| itself uniform) fails the same test.
+    mag_u = np.sort(np.random.default_rng(0).uniform(r_min, r_max, len(x)))
+    x_bad = (mag_u**2 - r_min**2) / (r_max**2 - r_min**2)
+    assert max(np.max(cdf - x_bad), np.max(x_bad - (cdf - 1 / len(x)))) > 1.36 / math.sqrt(len(x))
+
+
+def test_long_sequence_scale_does_not_grow():
+    """γ normalisation: with |λ| up to 0.9999, outputs at 16k steps stay at unit scale."""
+    layer = LRU(16, 64, r_min=0.999, r_max=0.9999, rngs=nnx.Rngs(0))
+    u = jax.random.normal(jax.random.PRNGKey(1), (1, 16384, 16))
+    y = np.asarray(jax.jit(lambda u: layer(u))(u))
+    assert np.all(np.isfinite(y))
+    early, late = np.std(y[0, 2000:4000]), np.std(y[0, 14000:16384])
+    assert late < 2.0 * early and late < 10.0
+
+
+def test_step_matches_parallel_with_resets():
+    layer = LRU(5, 7, rngs=nnx.Rngs(4))
+    u = jax.random.normal(jax.random.PRNGKey(2), (3, 12, 5))
+    resets = jnp.zeros((3, 12), bool).at[:, 5].set(True).at[1, 9].set(True)
+    y = layer(u, resets=resets)
+    state = layer.init_state(3)
+    outs = []
+    for k in range(12):
+        state = jnp.where(resets[:, k, None], 0, state)
+        out, state = layer.step(u[:, k], state)
+        outs.append(out)
+    np.testing.assert_allclose(jnp.stack(outs, 1), y, rtol=1e-4, atol=1e-4)
+    # the reset really cuts the history: positions after it ignore what came before.
+    u2 = u.at[:, :5].set(0.0)
+    np.testing.assert_allclose(layer(u2, resets=resets)[:, 5:], y[:, 5:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(r_min=0.9, r_max=0.5), "r_min < r_max"),
+        (dict(r_min=0.5, r_max=0.5), "r_min < r_max"),
+        (dict(r_max=1.0), "r_max=1.0"),
+        (dict(max_phase=0.0), "max_phase must be positive"),
+        (dict(max_phase=-1.0), "got -1.0"),
+        (dict(scan_method="quick"), "unknown scan method 'quick'"),
+    ],
+)
+def test_bad_configuration(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LRU(4, 8, rngs=nnx.Rngs(0), **kwargs)
+
+
+def test_wrong_input_width():
+    with pytest.raises(ValueError, match="width 4"):
+        LRU(4, 8, rngs=nnx.Rngs(0))(jnp.ones((1, 3, 5)))
