@@ -1,0 +1,217 @@
+"""Orbax checkpoints: the train state, each process's data-iterator state, and metadata.
+
+Layout: WORKDIR/checkpoints/<step>/{state, data, metadata}, a standard Orbax
+CheckpointManager directory: `state` is a StandardCheckpointHandler pytree
+({"step", "rng", "params", "model_state", "opt_state"}) readable with the plain
+orbax.checkpoint API; `data` holds one JSON file per process (Grain's iterator state);
+`metadata` the config, mesh and lrulm version.
+
+Saves are asynchronous: arrays are copied off the devices, then written by a background
+thread while training continues. A save is committed by Orbax's atomic rename of its
+temporary directory, so a checkpoint killed mid-write is never listed. A listed
+checkpoint that fails to restore (truncated or missing files) is reported with its path,
+moved to WORKDIR/corrupt_checkpoints/ (kept for inspection, never deleted) and the
+previous one is tried.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+import lrulm
+
+log = logging.getLogger(__name__)
+
+STATE, DATA, METADATA = "state", "data", "metadata"
+
+
+class _IteratorSnapshot:
+    """The data-iterator state as it was when the save was requested.
+
+    The async save writes later, while the live iterator has moved on (and prefetched);
+    Grain's handler accepts any object whose get_state() returns the bytes to write.
+    """
+
+    def __init__(self, iterator):
+        self._state = json.dumps(iterator.get_state(), indent=1).encode()
+
+    def get_state(self) -> bytes:
+        return self._state
+
+
+@dataclass
+class Restored:
+    step: int
+    state: Any
+    data_restored: bool
+
+
+class Checkpointer:
+    """Saves and restores a run's checkpoints (all processes call every method)."""
+
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        max_to_keep: int = 3,
+        keep_period: int = 0,
+        async_save: bool = True,
+    ):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.workdir = os.path.abspath(workdir)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep if max_to_keep > 0 else None,
+            keep_period=keep_period if keep_period > 0 else None,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={
+                STATE: ocp.StandardCheckpointHandler(),
+                DATA: grain.checkpoint.CheckpointHandler(),
+                METADATA: ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state, iterator=None, metadata: dict | None = None) -> None:
+        """Starts an (asynchronous) save of the state at `step`."""
+        items = {STATE: ocp.args.StandardSave(state)}
+        if iterator is not None:
+            items[DATA] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(iterator))
+        meta = {"step": int(step), "lrulm_version": lrulm.__version__, "time": time.time()}
+        meta.update(metadata or {})
+        items[METADATA] = ocp.args.JsonSave(meta)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def wait(self) -> None:
+        """Blocks until every started save has committed."""
+        self.manager.wait_until_finished()
+
+    def restore_latest(self, abstract_state, iterator=None) -> Restored | None:
+        """Restores the newest checkpoint that reads back, into abstract_state's shardings.
+
+        Args:
+          abstract_state: a pytree of jax.ShapeDtypeStruct with `.sharding` set: each
+            array is read directly into that sharding (any mesh, any device count).
+          iterator: the Grain iterator to restore in place; None to skip the data.
+
+        Returns None when there is no usable checkpoint.
+        """
+        for step in reversed(self.steps()):
+            try:
+                return self._restore(step, abstract_state, iterator)
+            except Exception as e:  # noqa: BLE001 - any failure to read means damage
+                path = os.path.join(self.directory, str(step))
+                log.error("checkpoint %s cannot be restored (%s: %s); falling back to the "
+                          "previous checkpoint", path, type(e).__name__, e)  # fmt: skip
+                print(f"lrulm: checkpoint {path} is damaged ({type(e).__name__}: {e}); "
+                      "falling back to the previous one", flush=True)  # fmt: skip
+                self._quarantine(step)
+        return None
+
+    def _restore(self, step, abstract_state, iterator) -> Restored:
+        items = {STATE: ocp.args.StandardRestore(abstract_state)}
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        data_restored = False
+        if iterator is not None:
+            try:
+                self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(**{DATA: grain.checkpoint.CheckpointRestore(iterator)}),
+                )
+                data_restored = True
+            except (ValueError, FileNotFoundError, KeyError) as e:
+                # E.g. restored with another number of processes: the caller positions
+                # the (step-indexed) pipeline from the step instead.
+                log.warning("data-iterator state of step %d not restored (%s)", step, e)
+        return Restored(step, restored[STATE], data_restored)
+
+    def _quarantine(self, step: int) -> None:
+        """Moves a damaged checkpoint aside (process 0), so the run can save that step again."""
+        jax.experimental.multihost_utils.sync_global_devices(f"lrulm_quarantine_{step}")
+        if jax.process_index() == 0:
+            src = os.path.join(self.directory, str(step))
+            dst_dir = os.path.join(self.workdir, "corrupt_checkpoints")
+            os.makedirs(dst_dir, exist_ok=True)
+            dst = os.path.join(dst_dir, f"{step}-{int(time.time())}")
+            if os.path.exists(src):
+                shutil.move(src, dst)
+                print(f"lrulm: moved the damaged checkpoint to {dst}", flush=True)
+        jax.experimental.multihost_utils.sync_global_devices(f"lrulm_quarantined_{step}")
+        self.manager.reload()
+
+    def metadata(self, step: int) -> dict:
+        restored = self.manager.restore(step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()}))
+        return dict(restored[METADATA])
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def find_checkpoint_dir(path: str) -> tuple[str, int]:
+    """Resolves --config.checkpoint.init_from: a workdir, its checkpoints/ directory, or
+    one step's directory. Returns (checkpoints directory, step)."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")
+    base = os.path.basename(path.rstrip("/"))
+    if base.isdigit() and os.path.isdir(os.path.join(path, STATE)):
+        return os.path.dirname(path), int(base)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint.init_from={path!r} does not exist")
+    steps = sorted(int(d) for d in os.listdir(path) if d.isdigit())
+    if not steps:
+        raise FileNotFoundError(f"checkpoint.init_from={path!r} holds no checkpoints")
+    return path, steps[-1]
+
+
+def restore_params(path: str, abstract_params):
+    """Reads only the parameters of another run's checkpoint into abstract_params'
+    shapes and shardings (fine-tuning); a clear error when the shapes do not fit."""
+    directory, step = find_checkpoint_dir(path)
+    item_dir = os.path.join(directory, str(step), STATE)
+    checkpointer = ocp.PyTreeCheckpointer()
+    saved = checkpointer.metadata(item_dir)
+    saved_tree = saved.item_metadata.tree if hasattr(saved, "item_metadata") else saved.tree
+    saved_params = saved_tree["params"]
+    mismatches = []
+    flat_saved = dict(jax.tree_util.tree_flatten_with_path(saved_params)[0])
+    for key, want in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
+        got = flat_saved.get(key)
+        name = jax.tree_util.keystr(key)
+        if got is None:
+            mismatches.append(f"{name}: missing from the checkpoint")
+        elif tuple(got.shape) != tuple(want.shape):
+            mismatches.append(f"{name}: checkpoint {tuple(got.shape)} vs model {tuple(want.shape)}")
+    if mismatches:
+        raise ValueError(
+            f"checkpoint.init_from={path}: step {step}'s parameters do not fit this model:\n  "
+            + "\n  ".join(mismatches[:10])
+            + "\nuse the same model config (preset, widths, vocab) as the run you start from"
+        )
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract_params)
+    restored = checkpointer.restore(
+        item_dir,
+        args=ocp.args.PyTreeRestore(
+            item={"params": abstract_params},
+            restore_args={"params": restore_args},
+            partial_restore=True,
+        ),
+    )
+    return restored["params"], step

@@ -1,0 +1,205 @@
+"""Experiment configs: load `FILE.py[:ARG]`, apply `--config.a.b=VALUE` overrides, save.
+
+A config file defines `get_config(arg=None) -> ml_collections.ConfigDict`. The loaded
+config is locked: an override of a key that does not exist fails at once, naming the
+closest existing key.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+from collections.abc import Sequence
+
+import ml_collections
+from ml_collections import ConfigDict
+
+
+class ConfigError(ValueError):
+    """A config file, argument or override is wrong; the message says how to fix it."""
+
+
+def load(spec: str) -> ConfigDict:
+    """Loads `path/to/config.py[:arg]` and returns its locked ConfigDict."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist (from --config {spec})")
+    name = "lrulm_config_" + os.path.splitext(os.path.basename(path))[0]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} defines no get_config(arg=None) function")
+    config = module.get_config(arg or None) if arg else module.get_config()
+    if not isinstance(config, ConfigDict):
+        raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict")
+    config.lock()
+    return config
+
+
+def _all_keys(config: ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in config.items():
+        full = f"{prefix}{key}"
+        keys.append(full)
+        if isinstance(value, ConfigDict):
+            keys += _all_keys(value, full + ".")
+    return keys
+
+
+def _parse(text: str, current):
+    """VALUE as the type of the field it replaces."""
+    if isinstance(current, bool):
+        low = text.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"expected true or false, got {text!r}")
+    if isinstance(current, int):
+        try:
+            return int(text)
+        except ValueError:
+            value = float(text)  # 1e5 for an int field
+            if value != int(value):
+                raise ConfigError(f"expected an integer, got {text!r}") from None
+            return int(value)
+    if isinstance(current, float):
+        return float(text)
+    if isinstance(current, str):
+        return text
+    if isinstance(current, (tuple, list)):
+        value = ast.literal_eval(text) if text.strip().startswith(("(", "[")) else text.split(",")
+        return type(current)(value)
+    try:  # None / placeholders: a Python literal, else the string itself
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def override(config: ConfigDict, key: str, text: str) -> None:
+    """Sets config[key] (a dotted path) from its string form."""
+    *parents, leaf = key.split(".")
+    node = config
+    for i, part in enumerate(parents + [leaf]):
+        if not isinstance(node, ConfigDict) or part not in node:
+            known = _all_keys(config)
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}")
+        if i < len(parents):
+            node = node[part]
+    current = node[leaf]
+    if isinstance(current, ConfigDict):
+        raise ConfigError(f"{key!r} is a group of settings; set one of its fields")
+    try:
+        node[leaf] = _parse(text, current)
+    except (ValueError, TypeError, SyntaxError) as e:
+        raise ConfigError(f"--config.{key}={text}: {e}") from None
+
+
+def parse_overrides(args: Sequence[str]) -> list[tuple[str, str]]:
+    """`--config.a.b=V` / `--config.a.b V` pairs from a command line; others are errors."""
+    pairs, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--config."):
+            raise ConfigError(f"unrecognised argument {arg!r}")
+        key, eq, value = arg[len("--config.") :].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"{arg} needs a value: {arg}=VALUE")
+            value, i = args[i + 1], i + 1
+        pairs.append((key, value))
+        i += 1
+    return pairs
+
+
+def load_with_overrides(spec: str, overrides: Sequence[tuple[str, str]] = ()) -> ConfigDict:
+    config = load(spec)
+    for key, value in overrides:
+        override(config, key, value)
+    return config
+
+
+def to_dict(config: ConfigDict) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def from_dict(data: dict) -> ConfigDict:
+    """A locked ConfigDict from a dict written by `to_dict` (e.g. a workdir's config.json)."""
+    config = ml_collections.ConfigDict(data)
+    config.lock()
+    return config
+
+
+def base_config() -> ConfigDict:
+    """Every key the trainer, launch scripts and docs rely on, with neutral defaults.
+
+    Experiment files in configs/ start from this and set what they are about.
+    Model fields left as None come from `model.preset` (lrulm.model_config.PRESETS).
+    """
+    from ml_collections.config_dict import placeholder
+
+    c = ConfigDict()
+    c.task = "lm"  # "lm" or an LRA task: listops, text, retrieval, image, pathfinder, pathx
+
+    c.model = ConfigDict()
+    c.model.preset = "tiny"
+    for name, kind in [
+        ("num_layers", int), ("d_model", int), ("d_state", int), ("d_ff", int),
+        ("vocab_size", int), ("dropout", float), ("r_min", float), ("r_max", float),
+        ("max_phase", float), ("dtype", str), ("norm", str), ("glu", str), ("remat", str),
+        ("scan_method", str), ("chunk_size", int), ("bidirectional", bool),
+        ("tie_embeddings", bool), ("scan_layers", bool),
+    ]:  # fmt: skip
+        c.model[name] = placeholder(kind)
+
+    c.data = ConfigDict()
+    c.data.train_files = ""  # globs, comma-separated; "" = the embedded default corpus
+    c.data.eval_files = ""  # "" = the default corpus's held-out files
+    c.data.tokenizer = ""  # a sentencepiece .model; "" = train one into the workdir
+    c.data.vocab_size = 2048  # of the tokenizer trained when data.tokenizer is ""
+    c.data.reset_at_doc_boundaries = True  # zero the recurrent state at each new document
+    c.data.data_dir = ""  # LRA: where the task's files are (DESIGN.md §2 layouts)
+    c.data.on_error = "raise"  # LRA: "raise" on malformed records, or "skip" and count
+    c.data.num_threads = 2  # Grain read threads per process
+
+    c.optim = ConfigDict()
+    c.optim.lr = 1e-3
+    c.optim.lr_factor = 1.0  # recurrent parameters (ν, θ, γ, B) train at lr * lr_factor
+    c.optim.weight_decay = 0.05  # paper App. D.2; none on the recurrent parameters
+    c.optim.warmup_fraction = 0.1  # paper App. D.2: warm-up over the first 10% of steps
+    c.optim.grad_clip = 1.0  # global-norm clipping; 0 = off
+    c.optim.grad_accum_steps = 1
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+
+    c.train = ConfigDict()
+    c.train.steps = 1000
+    c.train.global_batch_size = 16
+    c.train.seq_len = 256
+    c.train.seed = 0
+    c.train.log_every = 10
+    c.train.eval_every = 100
+    c.train.eval_steps = 10
+    c.train.progress = True  # a progress line with tokens/s on process 0
+
+    c.mesh = ConfigDict()
+    c.mesh.data = -1  # -1 = all remaining devices
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.sequence = 1
+    c.mesh.dcn_data = 1  # multi-slice: slices along the data axis (DCN)
+    c.mesh.dcn_fsdp = 1
+
+    c.checkpoint = ConfigDict()
+    c.checkpoint.every_steps = 500
+    c.checkpoint.max_to_keep = 3
+    c.checkpoint.keep_period = 0  # keep every checkpoint at a multiple of this; 0 = none
+    c.checkpoint.init_from = ""  # another run's checkpoint dir: start from its parameters
+    c.checkpoint.async_save = True
+    return c

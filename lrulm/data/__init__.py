@@ -1,0 +1,1 @@
+"""Input pipelines: language-model text and the Long Range Arena tasks."""

@@ -1,0 +1,273 @@
+"""Language-model data: files -> tokens -> packed fixed-length sequences -> Grain batches.
+
+Pipeline:
+  1. Text files (plain text, or JSON lines with a "text" field) given as globs, or the
+     embedded default: the Python standard library's own source.
+  2. Tokenized once per workdir (process 0; the others wait) into a flat token stream,
+     each document followed by EOS, stored as .npy next to a fingerprint so a rerun
+     reuses it. Pre-packed ArrayRecord files (tools/prepare_data.py) skip this step.
+  3. Packed: sequence i is tokens[i*L : i*L + L] with targets shifted by one. The
+     model zeroes its recurrent state where a new document starts (after an EOS), so
+     documents packed side by side do not leak into each other.
+  4. Shuffled with a seed (a new order every epoch), and sliced per process: at step s
+     process p reads only rows [s*G + off_p, s*G + off_p + G_p) of the global order,
+     the rows its devices hold, so the global batch is identical whatever the number
+     of processes. Grain iterator state = the step, so resume is exact.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import sysconfig
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import grain
+import numpy as np
+
+from lrulm.data import tokenizer as tok
+
+log = logging.getLogger(__name__)
+
+TEXT_FIELD = "text"
+_EVAL_EVERY = 50  # default corpus: every 50th file (sorted order) is held out
+
+
+# -- files ---------------------------------------------------------------------------------
+
+
+def default_corpus() -> tuple[list[str], list[str]]:
+    """The embedded default: the standard library's .py files (tests excluded), sorted,
+    split deterministically into (train, eval): every 50th file is held out."""
+    root = sysconfig.get_paths()["stdlib"]
+    skip = {"site-packages", "__pycache__", "test", "tests", "idle_test"}
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip)
+        files += [os.path.join(dirpath, f) for f in filenames if f.endswith(".py")]
+    files.sort(key=lambda p: os.path.relpath(p, root))
+    if not files:
+        raise FileNotFoundError(f"no .py files under the standard library at {root}")
+    eval_files = files[::_EVAL_EVERY]
+    held = set(eval_files)
+    return [f for f in files if f not in held], eval_files
+
+
+def expand_globs(patterns: str | Sequence[str], what: str) -> list[str]:
+    """Expands comma-separated / listed globs; errors name the pattern that matched nothing."""
+    if isinstance(patterns, str):
+        patterns = [p for p in patterns.split(",") if p.strip()]
+    files: list[str] = []
+    for pattern in patterns:
+        matched = sorted(glob.glob(os.path.expanduser(pattern.strip()), recursive=True))
+        matched = [f for f in matched if os.path.isfile(f)]
+        if not matched:
+            raise FileNotFoundError(f"{what}: the glob {pattern!r} matches no files")
+        files += matched
+    empty = [f for f in files if os.path.getsize(f) == 0]
+    if empty and len(empty) == len(files):
+        raise ValueError(f"{what}: every file is empty ({', '.join(empty[:3])})")
+    return files
+
+
+def read_documents(path: str) -> Iterator[str]:
+    """Documents in a file: each JSON line's "text" for .jsonl/.json, else the whole file."""
+    if path.endswith((".jsonl", ".json")):
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    text = record[TEXT_FIELD]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ValueError(
+                        f"{path}:{lineno}: expected a JSON object with a {TEXT_FIELD!r} string "
+                        f"field per line ({type(e).__name__}: {e})"
+                    ) from None
+                if isinstance(text, str) and text:
+                    yield text
+        return
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if text:
+        yield text
+
+
+# -- tokenization cache ---------------------------------------------------------------------
+
+
+def _fingerprint(files: Sequence[str], tokenizer_path: str) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{os.path.abspath(f)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    with open(tokenizer_path, "rb") as f:
+        h.update(hashlib.sha256(f.read()).digest())
+    return h.hexdigest()
+
+
+def tokenize_files(files: Sequence[str], sp, out_path: str) -> dict:
+    """Tokenizes the files into one stream (EOS after each document) saved at out_path.
+
+    Returns metadata: token and byte counts (bits per byte needs bytes per token).
+    """
+    dtype = np.uint16 if sp.get_piece_size() <= 2**16 else np.uint32
+    chunks, num_bytes, num_docs = [], 0, 0
+    batch: list[str] = []
+
+    def flush():
+        for ids in sp.encode(batch, num_threads=os.cpu_count() or 1):
+            chunks.append(np.asarray(ids + [tok.EOS_ID], dtype))
+        batch.clear()
+
+    for path in files:
+        for doc in read_documents(path):
+            batch.append(doc)
+            num_bytes += len(doc.encode("utf-8"))
+            num_docs += 1
+            if len(batch) >= 256:
+                flush()
+    flush()
+    tokens = np.concatenate(chunks) if chunks else np.zeros((0,), dtype)
+    tmp = out_path + ".tmp.npy"
+    np.save(tmp, tokens)
+    os.replace(tmp, out_path)
+    return dict(num_tokens=int(tokens.size), num_bytes=num_bytes, num_docs=num_docs)
+
+
+@dataclass
+class TokenStream:
+    """A tokenized split on disk."""
+
+    path: str
+    num_tokens: int
+    num_bytes: int
+    num_docs: int
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.num_bytes / max(self.num_tokens, 1)
+
+    def tokens(self) -> np.ndarray:
+        return np.load(self.path, mmap_mode="r")
+
+
+def prepare_split(files, sp, tokenizer_path, cache_dir, name) -> TokenStream:
+    """Tokenizes a split into cache_dir unless an up-to-date copy is there."""
+    os.makedirs(cache_dir, exist_ok=True)
+    out = os.path.join(cache_dir, f"{name}.tokens.npy")
+    meta_path = os.path.join(cache_dir, f"{name}.meta.json")
+    fp = _fingerprint(files, tokenizer_path)
+    if os.path.exists(meta_path) and os.path.exists(out):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("fingerprint") == fp:
+            return TokenStream(out, meta["num_tokens"], meta["num_bytes"], meta["num_docs"])
+    log.info("tokenizing %d %s files into %s", len(files), name, out)
+    meta = tokenize_files(files, sp, out)
+    meta.update(fingerprint=fp, files=len(files))
+    with open(meta_path + ".tmp", "w") as f:
+        json.dump(meta, f)
+    os.replace(meta_path + ".tmp", meta_path)
+    return TokenStream(out, meta["num_tokens"], meta["num_bytes"], meta["num_docs"])
+
+
+# -- packed sequences ------------------------------------------------------------------------
+
+
+class PackedSequences(grain.sources.RandomAccessDataSource):
+    """Sequence i of a token stream: inputs tokens[iL : iL+L], targets one step later."""
+
+    def __init__(self, stream: TokenStream, seq_len: int):
+        self._path, self._seq_len = stream.path, seq_len
+        self._len = max(0, (stream.num_tokens - 1) // seq_len)
+        self._tokens = None
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        if self._tokens is None:  # opened lazily: the source is pickled to workers
+            self._tokens = np.load(self._path, mmap_mode="r")
+        start = int(i) * self._seq_len
+        window = np.asarray(self._tokens[start : start + self._seq_len + 1], np.int32)
+        return {"inputs": window[:-1], "targets": window[1:]}
+
+    def __getstate__(self):
+        return {"_path": self._path, "_seq_len": self._seq_len, "_len": self._len, "_tokens": None}
+
+
+class ArrayRecordSequences(grain.sources.RandomAccessDataSource):
+    """Pre-packed sequences of L+1 tokens written by tools/prepare_data.py."""
+
+    def __init__(self, paths: Sequence[str], seq_len: int):
+        self._source = grain.sources.ArrayRecordDataSource(list(paths))
+        first = self._decode(self._source[0]) if len(self._source) else None
+        if first is not None and first.size != seq_len + 1:
+            raise ValueError(
+                f"{paths[0]} holds sequences of {first.size - 1} tokens but train.seq_len is "
+                f"{seq_len}; prepare the data again with --seq_len {seq_len}"
+            )
+
+    @staticmethod
+    def _decode(record: bytes) -> np.ndarray:
+        return np.frombuffer(record, np.uint32)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        window = self._decode(self._source[int(i)]).astype(np.int32)
+        return {"inputs": window[:-1], "targets": window[1:]}
+
+
+class _ProcessRows(grain.MapDataset):
+    """Row k of this process = global row (k // n) * G + offset + k % n, n local rows."""
+
+    def __init__(self, parent: grain.MapDataset, global_batch: int, offset: int, local: int):
+        super().__init__(parent)
+        self._g, self._off, self._n = global_batch, offset, local
+
+    def __len__(self) -> int:
+        return (len(self._parent) // self._g) * self._n
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return self.slice(k)
+        step, j = divmod(int(k), self._n)
+        return self._parent[step * self._g + self._off + j]
+
+    def __str__(self) -> str:
+        return f"_ProcessRows(global={self._g}, offset={self._off}, local={self._n})"
+
+
+def batches(
+    source,
+    *,
+    global_batch: int,
+    row_offset: int,
+    local_batch: int,
+    seed: int,
+    shuffle: bool = True,
+    repeat: bool = True,
+    num_threads: int = 2,
+) -> grain.DatasetIterator:
+    """An iterator of this process's share of each global batch (dicts of (n, L) int32).
+
+    Element s of the iterator is step s; its state ({"next_index": s}) is what a
+    checkpoint stores.
+    """
+    ds = grain.MapDataset.source(source)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if repeat:
+        ds = ds.repeat(None)
+    ds = _ProcessRows(ds, global_batch, row_offset, local_batch)
+    ds = ds.batch(local_batch, drop_remainder=True)
+    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4)
+    return iter(ds.to_iter_dataset(read))

@@ -1,0 +1,189 @@
+"""Pathfinder (32x32) and Path-X (128x128): are the two dots joined by one dashed path?
+
+Layout (the lra_release archive): `pathfinder{32,128}/curv_contour_length_14/` holds
+`imgs/<k>/sample_<i>.png` and `metadata/<k>.npy`. Despite the suffix the metadata files
+are plain text, one line per image, whitespace-separated: field 0 the folder
+(`imgs/0`), field 1 the file name, field 3 the label. (A real `.npy` string array with
+the same rows is read too.) The archive unpacks to `lra_release/lra_release/pathfinder*`
+as well as a broken top-level copy, so the nested copy is preferred when both exist.
+
+There are no released splits: all images listed are split 80/10/10 into train/val/test
+by a permutation with a fixed seed, so every run and every host sees the same split.
+Pixels are scaled from 0..255 to [-1, 1].
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+from PIL import Image
+
+from lrulm.data.lra import common
+
+NUM_CLASSES = 2
+RESOLUTIONS = {"pathfinder": 32, "pathx": 128}
+DIFFICULTY = "curv_contour_length_14"  # The hardest setting; the one LRA uses.
+SPLIT_SEED = 0x5EED  # Fixed forever: changing it reshuffles every split.
+SPLIT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def candidates(resolution: int, difficulty: str = DIFFICULTY) -> list[str]:
+    """Where the images may be under data_dir, most preferred (the nested copy) first."""
+    sub = f"pathfinder{resolution}/{difficulty}"
+    return [f"lra_release/lra_release/{sub}", f"lra_release/{sub}", sub]
+
+
+def read_metadata(path: str) -> list[list[str]]:
+    """The whitespace-separated fields of each line of one metadata file (blank lines kept)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.startswith(_NPY_MAGIC):
+        with open(path, "rb") as f:
+            rows = np.load(f, allow_pickle=False)
+        return [[str(x) for x in np.atleast_1d(row)] for row in np.atleast_2d(rows)]
+    return [line.split() for line in raw.decode("utf-8", "replace").splitlines()]
+
+
+def _metadata_files(root: str) -> list[str]:
+    folder = os.path.join(root, "metadata")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(
+            f"expected {folder}/<k>.npy (plain-text metadata, one line per image) "
+            "from the lra_release archive"
+        )
+    names = [n for n in os.listdir(folder) if n.endswith(".npy")]
+    if not names:
+        raise FileNotFoundError(f"{folder} holds no <k>.npy metadata files; re-extract it")
+
+    def key(name: str):  # 0.npy, 1.npy, ..., 10.npy: numeric order, then anything else.
+        stem = name[: -len(".npy")]
+        return (0, int(stem), "") if re.fullmatch(r"\d+", stem) else (1, 0, stem)
+
+    return [os.path.join(folder, n) for n in sorted(names, key=key)]
+
+
+class PathfinderSource(common.LRASource):
+    """One split: {"inputs": float32 (res*res, 1), "mask": bool (res*res,), "label": int32}.
+
+    The metadata is parsed and the image folders listed at construction (so a missing
+    image is reported at once); PNGs are decoded in `__getitem__`.
+    """
+
+    def __init__(self, root: str, task: str, split: str, resolution: int, on_error: str):
+        self.task, self.split, self.path = task, split, root
+        self.resolution = resolution
+        self.seq_len = resolution * resolution
+        bad = common.BadRecords(on_error, f"{task} {split} ({root})")
+        fix = "each metadata line is: folder, file name, index, label (0/1), ..."
+        listings: dict[str, set[str]] = {}
+        slots: list[tuple[str, int]] = []  # (image relative to root, label) per line.
+        problems: dict[int, tuple[str, str]] = {}  # slot -> (where, why) for bad lines.
+        for meta in _metadata_files(root):
+            for lineno, fields in enumerate(read_metadata(meta), 1):
+                if not fields:
+                    continue
+                where, why = f"{meta}, line {lineno}", None
+                if len(fields) < 4:
+                    why = f"{len(fields)} fields, expected at least 4"
+                elif fields[3] not in ("0", "1"):
+                    why = f"label {fields[3]!r} is not 0 or 1"
+                else:
+                    folder = fields[0]
+                    if folder not in listings:
+                        full = os.path.join(root, folder)
+                        listings[folder] = set(os.listdir(full)) if os.path.isdir(full) else set()
+                    if fields[1] not in listings[folder]:
+                        why = f"the image {os.path.join(root, folder, fields[1])} does not exist"
+                if why is not None:
+                    problems[len(slots)] = (where, why)
+                    slots.append(("", -1))
+                else:
+                    slots.append((f"{fields[0]}/{fields[1]}", int(fields[3])))
+        if not slots:
+            raise ValueError(f"{root}/metadata lists no images; re-extract it")
+        if problems and on_error == "raise":  # Whichever split the bad line falls in.
+            bad.bad(*problems[min(problems)], fix)
+        # Bad lines keep their slot in the permutation, so skipping them moves no other
+        # image to another split.
+        order = np.random.default_rng(SPLIT_SEED).permutation(len(slots))
+        n_train = int(len(slots) * SPLIT_FRACTIONS["train"])
+        n_val = int(len(slots) * SPLIT_FRACTIONS["val"])
+        lo, hi = {
+            "train": (0, n_train),
+            "val": (n_train, n_train + n_val),
+            "test": (n_train + n_val, len(slots)),
+        }[split]
+        images, labels = [], []
+        for slot in order[lo:hi]:
+            if slot in problems:
+                bad.bad(*problems[slot], fix)
+                continue
+            images.append(slots[slot][0])
+            labels.append(slots[slot][1])
+        self.num_skipped = bad.finish()
+        self._images = images
+        self._labels = np.array(labels, np.int32)
+        self._size = len(images)
+
+    def _record(self, index: int) -> dict[str, np.ndarray]:
+        path = os.path.join(self.path, self._images[index])
+        try:
+            with Image.open(path) as im:
+                pixels = np.asarray(im.convert("L"))
+        except (OSError, ValueError, SyntaxError) as e:
+            raise ValueError(
+                f"{path}: unreadable image ({type(e).__name__}: {e}); re-extract it, or "
+                "delete its metadata line"
+            ) from e
+        if pixels.shape != (self.resolution, self.resolution):
+            raise ValueError(
+                f"{path}: image is {pixels.shape[1]}x{pixels.shape[0]}, expected "
+                f"{self.resolution}x{self.resolution} for {self.task}"
+            )
+        x = pixels.reshape(-1, 1).astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+        return {"inputs": x, "mask": np.ones(self.seq_len, bool), "label": self._labels[index]}
+
+
+def load(
+    data_dir: str,
+    split: str,
+    *,
+    task: str = "pathfinder",
+    seq_len: int | None = None,
+    on_error: str = "raise",
+    difficulty: str = DIFFICULTY,
+) -> PathfinderSource:
+    """The Pathfinder (`task="pathfinder"`, 32x32) or Path-X (`"pathx"`, 128x128) split.
+
+    Args:
+      data_dir: the folder holding `pathfinder{32,128}/` (or `lra_release/...`, or
+        `lra_release/lra_release/...`, which is preferred).
+      split: "train", "val" or "test" (80/10/10 of all images, fixed seed).
+      task: "pathfinder" or "pathx".
+      seq_len: must be None or resolution**2 (1024 or 16384): images are never cut.
+      on_error: "raise" at the first bad metadata line or missing image, or "skip" and
+        count them.
+      difficulty: the dataset folder; LRA uses `curv_contour_length_14`.
+
+    Returns:
+      A `PathfinderSource`.
+    """
+    common.check_on_error(on_error)
+    resolution = RESOLUTIONS[task]
+    if common.check_seq_len(seq_len, resolution**2) != resolution**2:
+        raise ValueError(
+            f"seq_len={seq_len} for {task}; a {resolution}x{resolution} image is "
+            f"{resolution**2} pixels"
+        )
+    root = common.locate(
+        data_dir,
+        candidates(resolution, difficulty),
+        what=f"{task} {split} split",
+        origin="the lra_release archive (lra_release/lra_release/pathfinder*) or "
+        "tools/make_lra_data.py pathfinder",
+    )
+    common.log.info("%s: reading %s", task, root)
+    return PathfinderSource(root, task, split, resolution, on_error)

@@ -1,0 +1,101 @@
+"""SentencePiece tokenizers: training one on a corpus, loading one, and the ids lrulm uses.
+
+Ids 0-3 are reserved: 0 pad, 1 unk, 2 bos, 3 eos. The models are trained for source
+code and prose alike: identity normalisation, whitespace kept as it is (indentation
+matters in Python), byte fallback so every string round-trips, digits split.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+from collections.abc import Iterable, Iterator
+
+import sentencepiece as spm
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+def _lines(texts: Iterable[str], max_lines: int, seed: int) -> Iterator[str]:
+    """Non-blank lines of the texts, a seeded reservoir sample if there are too many."""
+    rng = random.Random(seed)
+    sample: list[str] = []
+    seen = 0
+    for text in texts:
+        for line in text.split("\n"):
+            if not line.strip():
+                continue
+            seen += 1
+            if len(sample) < max_lines:
+                sample.append(line)
+            else:
+                j = rng.randrange(seen)
+                if j < max_lines:
+                    sample[j] = line
+    yield from sample
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    output_path: str,
+    *,
+    vocab_size: int = 2048,
+    model_type: str = "bpe",
+    max_lines: int = 300_000,
+    seed: int = 0,
+) -> spm.SentencePieceProcessor:
+    """Trains a SentencePiece model on the texts and writes it to output_path.
+
+    Lines are the training sentences; the dummy word-start prefix is off so that a word
+    at the start of a line tokenizes the same way inside a whole document as in
+    training. Newlines are a user-defined symbol: one token each.
+    """
+    if vocab_size < 300:
+        raise ValueError(f"vocab_size {vocab_size} is too small: byte fallback alone needs 260 "
+                         "pieces; use at least 300")  # fmt: skip
+    model = io.BytesIO()
+    lines = list(_lines(texts, max_lines, seed))
+    if not lines:
+        raise ValueError("cannot train a tokenizer on an empty corpus (no non-blank lines)")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=1.0,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        add_dummy_prefix=False,
+        split_digits=True,
+        user_defined_symbols=["\n"],
+        pad_id=PAD_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        hard_vocab_limit=False,  # small corpora: take what there is rather than fail
+        num_threads=max(1, min(8, os.cpu_count() or 1)),
+        shuffle_input_sentence=False,  # the sample above is already seeded
+        minloglevel=2,
+    )
+    tmp = output_path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(model.getvalue())
+    os.replace(tmp, output_path)  # atomic: a half-written tokenizer is never picked up
+    return load_tokenizer(output_path)
+
+
+def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
+    """Loads a SentencePiece model file, with a clear error if it is missing or bad."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no tokenizer at {path}; train one with `lrulm tokenizer train`")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(path)
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"{path} is not a SentencePiece model: {e}") from e
+    if sp.eos_id() < 0:
+        raise ValueError(f"tokenizer {path} has no end-of-sequence id; lrulm needs one")
+    return sp

@@ -1,0 +1,116 @@
+"""The `lrulm` command line: parses flags, starts the distributed runtime, calls the library.
+
+    lrulm train    --config CONFIG.py[:ARG] --workdir DIR [--config.a.b=VALUE ...]
+    lrulm eval     --config CONFIG.py[:ARG] --workdir DIR [--config.a.b=VALUE ...]
+    lrulm generate --workdir DIR --prompt TEXT [--max_new_tokens N] [--temperature T]
+                   [--top_p P] [--top_k K] [--seed S]
+    lrulm lra-report DIR [DIR ...] [--plot FILE.png]
+    lrulm compile  --config CONFIG.py[:ARG] --topology v5p-128 [--config.a.b=VALUE ...]
+    lrulm tokenizer train --input GLOB[,GLOB] --output FILE.model [--vocab_size V]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lrulm", description="Train deep LRU models with JAX.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    for name, help_ in [("train", "train or resume"), ("eval", "evaluate the newest checkpoint")]:
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--config", required=True, help="CONFIG.py[:ARG]")
+        s.add_argument("--workdir", required=True)
+
+    g = sub.add_parser("generate", help="sample from a trained language model")
+    g.add_argument("--workdir", required=True)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max_new_tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top_p", type=float, default=0.95)
+    g.add_argument("--top_k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0)
+
+    r = sub.add_parser("lra-report", help="LRA accuracy beside the paper's table")
+    r.add_argument("workdirs", nargs="+")
+    r.add_argument("--plot", default="", help="also write a bar chart to this PNG")
+
+    c = sub.add_parser("compile", help="compile the train step for a TPU topology (AOT)")
+    c.add_argument("--config", required=True, help="CONFIG.py[:ARG]")
+    c.add_argument("--topology", required=True, help="e.g. v5p-128 or v5p:4x4x4")
+    c.add_argument("--json", default="", help="also write the report as JSON here")
+
+    t = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = t.add_subparsers(dest="tokenizer_command", required=True)
+    tt = tsub.add_parser("train", help="train a sentencepiece tokenizer")
+    tt.add_argument("--input", required=True, help="globs of text / JSON-lines files")
+    tt.add_argument("--output", required=True)
+    tt.add_argument("--vocab_size", type=int, default=32000)
+    return p
+
+
+def _config(args, extra):
+    from lrulm import config as config_lib
+
+    return config_lib.load_with_overrides(args.config, config_lib.parse_overrides(extra))
+
+
+def main(argv: list[str]) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in ("train", "eval", "compile"):
+        parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from lrulm import config as config_lib
+
+    try:
+        match args.command:
+            case "train" | "eval":
+                config = _config(args, extra)
+                from lrulm import distributed, train
+
+                distributed.initialize()
+                if args.command == "train":
+                    train.train_and_evaluate(config, args.workdir)
+                else:
+                    print(json.dumps(train.evaluate_workdir(config, args.workdir)))
+            case "generate":
+                from lrulm import distributed, generate
+
+                distributed.initialize()
+                print(generate.generate_from_workdir(
+                    args.workdir, args.prompt, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                    seed=args.seed,
+                ))  # fmt: skip
+            case "lra-report":
+                from lrulm import lra_report
+
+                print(lra_report.report(args.workdirs, plot=args.plot or None))
+            case "compile":
+                from lrulm import compile as compile_lib
+
+                config = _config(args, extra)
+                return compile_lib.main(config, args.topology, json_path=args.json or None)
+            case "tokenizer":
+                from lrulm.data import lm as lm_data
+                from lrulm.data import tokenizer as tok
+
+                files = lm_data.expand_globs(args.input, "--input")
+                docs = (d for f in files for d in lm_data.read_documents(f))
+                sp = tok.train_tokenizer(docs, args.output, vocab_size=args.vocab_size)
+                print(f"wrote {args.output}: {sp.get_piece_size()} pieces")
+    except (config_lib.ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"lrulm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,102 @@
+"""Run outputs on process 0: metrics.jsonl, TensorBoard events, a progress line; and MFU."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+
+# Peak dense bf16 FLOP/s per chip, from the vendors' data sheets. MFU is reported against
+# these; CPUs have no meaningful peak and get none.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5": 459e12,  # v5p reports "TPU v5"
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,  # SXM, dense
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+def peak_flops(device: jax.Device | None = None) -> float | None:
+    """The device's peak bf16 FLOP/s, or None when unknown (e.g. CPU)."""
+    kind = (device or jax.devices()[0]).device_kind
+    for prefix in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if kind.startswith(prefix):
+            return PEAK_FLOPS[prefix]
+    return None
+
+
+class MetricWriter:
+    """Appends {"step": s, ...} rows to metrics.jsonl and TensorBoard (process 0 only)."""
+
+    def __init__(self, workdir: str, *, enabled: bool, progress: bool = True):
+        self.enabled = enabled
+        self.progress = progress and enabled
+        self._jsonl = None
+        self._tb = None
+        if enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:  # TensorBoard is optional; metrics.jsonl is the record
+                self._tb = None
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step)}
+        for k, v in metrics.items():
+            v = float(v)
+            row[k] = v if math.isfinite(v) else str(v)
+        self._jsonl.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(k, float(v), int(step))
+
+    def progress_line(self, step: int, total: int, metrics: dict) -> None:
+        if not self.progress:
+            return
+        width = 24
+        done = int(width * step / max(total, 1))
+        bar = "#" * done + "-" * (width - done)
+        parts = [f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items()]
+        line = f"[{bar}] {step}/{total} " + " ".join(parts)
+        end = "\r" if sys.stderr.isatty() else "\n"
+        print(line, end=end, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.progress and sys.stderr.isatty():
+            print(file=sys.stderr)
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+class Throughput:
+    """Tokens/s and step time between two log points (host wall clock)."""
+
+    def __init__(self):
+        self._t, self._step = time.perf_counter(), None
+
+    def start(self, step: int) -> None:
+        self._t, self._step = time.perf_counter(), step
+
+    def measure(self, step: int, tokens_per_step: int) -> dict:
+        now = time.perf_counter()
+        steps = max(step - (self._step if self._step is not None else step), 1)
+        dt = (now - self._t) / steps
+        self._t, self._step = now, step
+        return {"perf/step_time_s": dt, "perf/tokens_per_s": tokens_per_step / dt}

@@ -1,0 +1,229 @@
+"""LRU blocks, the layer stack (scanned over depth), the LM and the classifier heads.
+
+Notation: b batch, l length, h d_model, n d_state, f d_ff, v vocab, k layers, c classes.
+
+Block (paper Fig. 1, "Norm -> Recurrence -> GLU -> Skip"), pre-norm:
+
+    y = x + Dropout(GLU(Dropout(GELU(LRU(Norm(x))))))
+    GLU(z) = Dense(z) * sigmoid(Dense(z))        (half GLU: z * sigmoid(Dense(z)))
+
+followed, when d_ff > 0, by a residual MLP sub-block (Norm -> Dense(h, f) -> GELU ->
+Dense(f, h)), which language models use for capacity. This is the minimal-LRU / S5
+block layout (GELU then GLU) that produced the paper's LRA numbers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from lrulm import layers
+from lrulm.lru import LRU
+from lrulm.model_config import ModelConfig
+from lrulm.sharding import constrain
+
+ACT = ("batch", "length", "act_embed")
+
+
+def _norm(cfg: ModelConfig):
+    match cfg.norm:
+        case "rms":
+            return layers.RMSNorm(cfg.d_model)
+        case "layer":
+            return layers.LayerNorm(cfg.d_model)
+        case "batch":
+            return layers.BatchNorm(cfg.d_model)
+    raise ValueError(f"unknown norm {cfg.norm!r}")
+
+
+def _dtype(cfg: ModelConfig):
+    return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+
+
+class Block(nnx.Module):
+    """One residual LRU block (+ optional MLP sub-block): (b, l, h) -> (b, l, h)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        h = cfg.d_model
+        self.cfg = cfg
+        self.norm = _norm(cfg)
+        self.lru = LRU(
+            h, cfg.d_state, r_min=cfg.r_min, r_max=cfg.r_max, max_phase=cfg.max_phase,
+            bidirectional=cfg.bidirectional, scan_method=cfg.scan_method,
+            chunk_size=cfg.chunk_size, rngs=rngs,
+        )  # fmt: skip
+        self.glu_gate = layers.Dense(h, h, axes=("embed", "mlp"), rngs=rngs)
+        self.glu_value = (
+            layers.Dense(h, h, axes=("embed", "mlp"), rngs=rngs) if cfg.glu == "full" else None
+        )
+        if cfg.d_ff:
+            self.mlp_norm = _norm(cfg)
+            self.mlp_in = layers.Dense(h, cfg.d_ff, axes=("embed", "mlp"), rngs=rngs)
+            self.mlp_out = layers.Dense(cfg.d_ff, h, axes=("mlp", "embed"), rngs=rngs)
+
+    def __call__(self, x, *, mask=None, resets=None, train=False, key=None, axis_name=None):
+        """x: (b, l, h); mask: (b, l) valid positions (batch-norm statistics); resets:
+        (b, l) document starts; key: dropout key (None = no dropout)."""
+        rate = self.cfg.dropout if train else 0.0
+        keys = [None] * 4 if key is None else list(jax.random.split(key, 4))
+        z = self.norm(x, mask=mask, train=train)
+        z = self.lru(z, resets=resets, axis_name=axis_name)
+        z = checkpoint_name(z, "lru_out")
+        z = layers.dropout(jax.nn.gelu(z), rate, keys[0])
+        value = z if self.glu_value is None else self.glu_value(z)
+        z = value * jax.nn.sigmoid(self.glu_gate(z))
+        x = x + layers.dropout(z, rate, keys[1])
+        x = constrain(x, ACT)
+        if self.cfg.d_ff:
+            z = self.mlp_norm(x, mask=mask, train=train)
+            z = self.mlp_in(z)
+            z = constrain(z, ("batch", "length", "act_mlp"))
+            z = self.mlp_out(layers.dropout(jax.nn.gelu(z), rate, keys[2]))
+            x = constrain(x + layers.dropout(z, rate, keys[3]), ACT)
+        return x
+
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "lru": jax.checkpoint_policies.save_only_these_names("lru_out"),
+}
+
+
+def _prepend_layers_axis(state: nnx.State) -> nnx.State:
+    def add(v):
+        if isinstance(v, nnx.Variable) and "logical_axes" in v.get_metadata():
+            return v.replace(logical_axes=("layers",) + tuple(v.get_metadata()["logical_axes"]))
+        return v
+
+    return jax.tree.map(add, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+class Stack(nnx.Module):
+    """k blocks; with cfg.scan_layers their parameters are stacked on a leading
+    "layers" axis and applied with jax.lax.scan, so compile time does not grow with k."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        keys = jax.random.split(rngs.params(), cfg.num_layers)
+        if cfg.scan_layers:
+            graphdef = nnx.graphdef(nnx.eval_shape(lambda: Block(cfg, rngs=nnx.Rngs(0))))
+            make = lambda key: nnx.state(Block(cfg, rngs=nnx.Rngs(params=key)))
+            self.blocks = nnx.merge(graphdef, _prepend_layers_axis(jax.vmap(make)(keys)))
+        else:
+            self.blocks = nnx.List([Block(cfg, rngs=nnx.Rngs(params=k)) for k in keys])
+
+    def __call__(self, x, *, mask=None, resets=None, train=False, key=None, axis_name=None):
+        cfg = self.cfg
+        keys = None if key is None else jax.random.split(key, cfg.num_layers)
+        kw = dict(mask=mask, resets=resets, train=train, axis_name=axis_name)
+        if not cfg.scan_layers:
+            for i, block in enumerate(self.blocks):
+                x = block(x, key=None if keys is None else keys[i], **kw)
+            return x
+        graphdef, params, rest = nnx.split(self.blocks, nnx.Param, ...)
+
+        def body(x, xs):
+            layer_params, layer_rest, layer_key = xs
+            block = nnx.merge(graphdef, layer_params, layer_rest)
+            x = block(x, key=layer_key, **kw)
+            return x, nnx.state(block, nnx.Not(nnx.Param))
+
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
+        x, new_rest = jax.lax.scan(body, x, (params, rest, keys))
+        nnx.update(self.blocks, new_rest)
+        return x
+
+
+class LanguageModel(nnx.Module):
+    """tokens (b, l) -> logits (b, l, v) float32."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        if cfg.vocab_size < 2:
+            raise ValueError(f"a language model needs model.vocab_size >= 2; got {cfg.vocab_size}")
+        self.cfg = cfg
+        self.embed = layers.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs)
+        self.stack = Stack(cfg, rngs=rngs)
+        self.final_norm = _norm(cfg)
+        self.head = (
+            None
+            if cfg.tie_embeddings
+            else layers.Dense(
+                cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), use_bias=False, rngs=rngs
+            )
+        )
+
+    def __call__(self, tokens, *, resets=None, train=False, key=None, axis_name=None):
+        x = constrain(self.embed(tokens, _dtype(self.cfg)), ACT)
+        x = self.stack(x, resets=resets, train=train, key=key, axis_name=axis_name)
+        x = self.final_norm(x, train=train)
+        if self.head is None:
+            # Scale so tied logits start at unit variance (embeddings are N(0, 1)).
+            logits = self.embed.attend(x * (self.cfg.d_model**-0.5))
+        else:
+            logits = self.head(x)
+        return constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
+
+
+class Classifier(nnx.Module):
+    """Sequence classifier for LRA: encoder -> Stack -> pooling -> head.
+
+    Inputs are token ids (b, l) when cfg.vocab_size > 0, else features (b, l, channels).
+    With `dual=True` (Retrieval) two documents, shaped (b, 2, l), go through the same
+    tower and are combined as [a, b, a - b, a * b] before the head.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        num_classes: int,
+        input_channels: int = 1,
+        pooling: str = "mean",
+        dual: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        if pooling not in ("mean", "last"):
+            raise ValueError(f"pooling must be 'mean' or 'last'; got {pooling!r}")
+        self.cfg, self.pooling, self.dual = cfg, pooling, dual
+        h = cfg.d_model
+        if cfg.vocab_size:
+            self.encoder = layers.Embed(cfg.vocab_size, h, rngs=rngs)
+        else:
+            self.encoder = layers.Dense(input_channels, h, axes=(None, "embed"), rngs=rngs)
+        self.stack = Stack(cfg, rngs=rngs)
+        self.final_norm = _norm(cfg)
+        width = 4 * h if dual else h
+        self.head_hidden = layers.Dense(width, h, axes=("mlp", "embed"), rngs=rngs) if dual else None
+        self.head = layers.Dense(h, num_classes, axes=("embed", None), rngs=rngs)
+
+    def _encode(self, inputs, mask, train, key):
+        dtype = _dtype(self.cfg)
+        if self.cfg.vocab_size:
+            x = self.encoder(inputs, dtype)
+        else:
+            x = self.encoder(inputs.astype(dtype))
+        x = constrain(x, ACT)
+        x = self.stack(x, mask=mask, train=train, key=key)
+        x = self.final_norm(x, mask=mask, train=train).astype(jnp.float32)
+        m = mask.astype(jnp.float32)[..., None]
+        if self.pooling == "mean":
+            return jnp.sum(x * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+        last = jnp.maximum(jnp.sum(mask, axis=1) - 1, 0)  # last valid position
+        return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+
+    def __call__(self, inputs, mask, *, train=False, key=None):
+        """inputs (b, l) or (b, l, channels), (b, 2, l) if dual; mask like inputs'
+        (b, l) / (b, 2, l). Returns logits (b, c) float32."""
+        if not self.dual:
+            return self.head(self._encode(inputs, mask, train, key))
+        b = inputs.shape[0]
+        both = jnp.concatenate([inputs[:, 0], inputs[:, 1]], axis=0)  # one tower, 2b rows
+        both_mask = jnp.concatenate([mask[:, 0], mask[:, 1]], axis=0)
+        pooled = self._encode(both, both_mask, train, key)
+        a, c = pooled[:b], pooled[b:]
+        z = jnp.concatenate([a, c, a - c, a * c], axis=-1)
+        return self.head(jax.nn.gelu(self.head_hidden(z)))

@@ -1,0 +1,193 @@
+"""What is learnt: the model a task builds, its loss and metrics, and its batches.
+
+Two tasks share one trainer: language modelling ("lm") and LRA classification (the
+task names of lrulm.data.lra.TASKS). Each provides
+
+  model_config                 the resolved ModelConfig
+  make_model(rngs)             the nnx model
+  batch_spec()                 {name: (global shape, dtype)} of one global batch
+  loss(model, batch, ...)      (sum of losses, sum of weights, {metric: sum})
+  finalize(sums)               eval metrics from summed statistics
+  train_batches(...)/eval_batches(...)   this process's share of each global batch
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lrulm import model_config as mc
+from lrulm.data import lm as lm_data
+from lrulm.data import tokenizer as tok
+from lrulm.model import LanguageModel
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model_config(model_cfg, **forced) -> mc.ModelConfig:
+    """ModelConfig from config.model: the preset, then the fields set in the config, then
+    `forced` (values the data dictates, e.g. the vocabulary size)."""
+    fields = {k: v for k, v in model_cfg.items() if k != "preset" and v is not None}
+    fields.update({k: v for k, v in forced.items() if v is not None})
+    return mc.from_preset(model_cfg.preset, **fields)
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+class LMTask:
+    """Next-token prediction on packed text."""
+
+    name = "lm"
+
+    def __init__(self, config, workdir: str | None, *, prepare_data: bool = True):
+        self.config = config
+        self.seq_len = config.train.seq_len
+        self.reset_at_docs = config.data.reset_at_doc_boundaries
+        self.train_stream = self.eval_stream = None
+        vocab = config.model.vocab_size
+        if prepare_data:
+            self._prepare(workdir)
+            # Pad the embedding to a multiple of 128 rows: MXU/tensor-core friendly and
+            # divisible by any tensor axis; the extra rows are never targets.
+            needed = self.sp.get_piece_size()
+            if vocab is not None and vocab < needed:
+                raise ValueError(
+                    f"model.vocab_size={vocab} is smaller than the tokenizer's {needed} pieces"
+                )
+            vocab = vocab or _round_up(needed, 128)
+        self.model_config = resolve_model_config(config.model, vocab_size=vocab)
+
+    # -- data -----------------------------------------------------------------------
+
+    def _prepare(self, workdir: str) -> None:
+        data = self.config.data
+        if data.train_files:
+            train_files = lm_data.expand_globs(data.train_files, "data.train_files")
+            if data.eval_files:
+                eval_files = lm_data.expand_globs(data.eval_files, "data.eval_files")
+            elif len(train_files) >= 2:  # hold out every 50th file, as for the default
+                eval_files = train_files[::50]
+                train_files = [f for f in train_files if f not in set(eval_files)]
+            else:
+                raise ValueError("data.eval_files is empty and data.train_files names one "
+                                 "file; give held-out files with --config.data.eval_files")  # fmt: skip
+        else:
+            if data.eval_files:
+                raise ValueError("data.eval_files is set but data.train_files is not")
+            train_files, eval_files = lm_data.default_corpus()
+        self.train_files, self.eval_files = train_files, eval_files
+        main = jax.process_index() == 0
+        tok_path = os.path.join(workdir, "tokenizer.model")
+        if main:
+            if data.tokenizer:
+                tok.load_tokenizer(data.tokenizer)  # fail early on a bad file
+                if os.path.abspath(data.tokenizer) != os.path.abspath(tok_path):
+                    shutil.copyfile(data.tokenizer, tok_path)
+            elif not os.path.exists(tok_path):
+                log.info("training a %d-piece tokenizer on %d files", data.vocab_size,
+                         len(train_files))  # fmt: skip
+                docs = (d for f in train_files for d in lm_data.read_documents(f))
+                tok.train_tokenizer(docs, tok_path, vocab_size=data.vocab_size)
+        _barrier("lrulm_tokenizer")
+        self.sp = tok.load_tokenizer(tok_path)
+        cache = os.path.join(workdir, "data")
+        streams = {}
+        for turn in ("main", "others"):  # process 0 tokenizes, the others then read
+            if (turn == "main") == main:
+                for name, files in (("train", train_files), ("eval", eval_files)):
+                    streams[name] = lm_data.prepare_split(files, self.sp, tok_path, cache, name)
+            _barrier(f"lrulm_tokens_{turn}")
+        self.train_stream, self.eval_stream = streams["train"], streams["eval"]
+        for name, stream in streams.items():
+            if stream.num_tokens < self.seq_len + 1:
+                raise ValueError(
+                    f"the {name} split has {stream.num_tokens} tokens, fewer than one sequence "
+                    f"of train.seq_len={self.seq_len} (+1); use a shorter sequence or more data"
+                )
+
+    def unigram_entropy(self) -> float:
+        """Entropy (nats) of the training tokens' unigram distribution: the loss a
+        model that ignores context cannot beat."""
+        counts = np.bincount(np.asarray(self.train_stream.tokens()), minlength=1)
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * np.log(p)).sum())
+
+    def batch_spec(self, global_batch: int) -> dict:
+        shape = (global_batch, self.seq_len)
+        return {"inputs": (shape, np.int32), "targets": (shape, np.int32)}
+
+    def train_batches(self, *, global_batch, row_offset, local_batch, seed):
+        source = lm_data.PackedSequences(self.train_stream, self.seq_len)
+        return lm_data.batches(
+            source, global_batch=global_batch, row_offset=row_offset, local_batch=local_batch,
+            seed=seed, num_threads=self.config.data.num_threads,
+        )  # fmt: skip
+
+    def eval_batches(self, *, global_batch, row_offset, local_batch, num_batches):
+        """The first num_batches global batches of the held-out stream, in order
+        (fewer if the stream is short; at least one is guaranteed by _prepare)."""
+        source = lm_data.PackedSequences(self.eval_stream, self.seq_len)
+        available = len(source) // global_batch
+        if available == 0:
+            raise ValueError(
+                f"the eval split has {len(source)} sequences of {self.seq_len} tokens, fewer "
+                f"than one global batch of {global_batch}; use more eval data or a smaller batch"
+            )
+        it = lm_data.batches(
+            source, global_batch=global_batch, row_offset=row_offset, local_batch=local_batch,
+            seed=0, shuffle=False, repeat=False, num_threads=1,
+        )  # fmt: skip
+        for _ in range(min(num_batches, available)):
+            yield next(it)
+
+    # -- model, loss, metrics ---------------------------------------------------------
+
+    def make_model(self, rngs):
+        return LanguageModel(self.model_config, rngs=rngs)
+
+    def loss(self, model, batch, *, train, key):
+        inputs, targets = batch["inputs"], batch["targets"]
+        resets = None
+        if self.reset_at_docs:  # a document starts after each EOS
+            resets = jnp.pad(inputs[:, :-1] == tok.EOS_ID, ((0, 0), (1, 0)))
+        logits = model(inputs, resets=resets, train=train, key=key)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        weights = (targets != tok.PAD_ID).astype(jnp.float32)
+        correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+        return jnp.sum(losses * weights), jnp.sum(weights), {"accuracy": jnp.sum(correct * weights)}
+
+    def finalize(self, sums: dict) -> dict:
+        loss = sums["loss"] / max(sums["weight"], 1.0)
+        out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+               "accuracy": sums["accuracy"] / max(sums["weight"], 1.0)}  # fmt: skip
+        if self.eval_stream is not None:
+            out["bits_per_byte"] = loss / math.log(2) / self.eval_stream.bytes_per_token
+        return out
+
+    def tokens_per_example(self) -> int:
+        return self.seq_len
+
+
+def make_task(config, workdir: str | None, *, prepare_data: bool = True):
+    """The task a config names; prepare_data=False builds only what compiling needs."""
+    if config.task == "lm":
+        return LMTask(config, workdir, prepare_data=prepare_data)
+    from lrulm import lra_task
+
+    return lra_task.ClassificationTask(config, workdir, prepare_data=prepare_data)

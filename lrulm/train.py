@@ -1,0 +1,498 @@
+"""The trainer: `train_and_evaluate(config, workdir)`, read top to bottom.
+
+Sections: set-up -> mesh -> data -> model & optimizer -> sharded init -> restore ->
+step functions -> loop. The train state is one pytree,
+
+    {"step", "rng", "params", "model_state", "opt_state", "nonfinite_step"}
+
+sharded by the logical axis rules (lrulm.sharding) and donated to each step.
+`nonfinite_step` records the first step whose loss or gradient was not finite; from
+then on the step leaves the state unchanged and the loop stops at the next check,
+naming that step, without overwriting a good checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from lrulm import checkpoint as ckpt_lib
+from lrulm import config as config_lib
+from lrulm import metrics as metrics_lib
+from lrulm import optim, sharding, tasks
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, step: int):
+        super().__init__(
+            f"the loss or gradient became non-finite at step {step}; the run stopped there "
+            "(the last good checkpoint is kept). Lower optim.lr, raise the warm-up, or check "
+            "the data of that step"
+        )
+        self.step = step
+
+
+# ==========================================================================================
+# Building blocks shared by train, eval and compile.
+# ==========================================================================================
+
+
+@dataclass
+class Experiment:
+    """Everything needed to run or compile the steps, with no parameter materialised."""
+
+    config: Any
+    task: Any
+    mesh: Any
+    graphdef: Any
+    abstract_state: Any  # ShapeDtypeStructs with .sharding
+    state_shardings: Any
+    batch_shardings: dict
+    batch_spec: dict
+    init_fn: Any
+    tx: Any
+    schedule: Any
+
+
+def _key_name(k) -> str:
+    return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+
+
+def _opt_state_axes(abstract_opt_state, param_axes):
+    """Logical axes of optimizer-state leaves: a leaf whose path ends with a parameter's
+    path (Adam's mu and nu) shares that parameter's axes; the rest are replicated."""
+    by_path = {
+        tuple(_key_name(k) for k in path): axes
+        for path, axes in jax.tree_util.tree_flatten_with_path(
+            param_axes, is_leaf=lambda x: x is None or isinstance(x, tuple)
+        )[0]
+    }
+
+    def axes_for(path, _):
+        names = tuple(_key_name(k) for k in path)
+        for i in range(len(names)):
+            if names[i:] in by_path:
+                return by_path[names[i:]]
+        return None
+
+    return jax.tree_util.tree_map_with_path(axes_for, abstract_opt_state)
+
+
+def validate(config, mesh) -> None:
+    """Checks that need the mesh, before anything compiles."""
+    t = config.train
+    dp = sharding.data_parallel_size(mesh)
+    accum = config.optim.grad_accum_steps
+    if accum < 1:
+        raise ValueError(f"optim.grad_accum_steps must be >= 1; got {accum}")
+    if t.global_batch_size % (dp * accum):
+        unit = dp * accum
+        raise ValueError(
+            f"global batch {t.global_batch_size} is not divisible by {dp} data-parallel devices"
+            + (f" x {accum} accumulation steps" if accum > 1 else "")
+            + f"; use a multiple of {unit}"
+        )
+    if t.seq_len % mesh.shape["sequence"]:
+        raise ValueError(
+            f"train.seq_len {t.seq_len} is not divisible by mesh.sequence="
+            f"{mesh.shape['sequence']}; use a multiple of it"
+        )
+    for name in ("steps", "log_every", "global_batch_size", "seq_len"):
+        if t[name] < 1:
+            raise ValueError(f"train.{name} must be positive; got {t[name]}")
+
+
+def make_mesh(config, devices=None):
+    m = config.mesh
+    return sharding.make_mesh(
+        dict(data=m.data, fsdp=m.fsdp, tensor=m.tensor, sequence=m.sequence),
+        devices=devices,
+        dcn=dict(data=m.dcn_data, fsdp=m.dcn_fsdp),
+    )
+
+
+def build(config, task, mesh) -> Experiment:
+    """Model, optimizer and shardings of the train state, all abstract."""
+    validate(config, mesh)
+    abstract_model = nnx.eval_shape(lambda: task.make_model(nnx.Rngs(0)))
+    graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
+    param_axes = sharding.logical_axes_tree(abs_params)
+    rest_axes = sharding.logical_axes_tree(abs_rest)
+    o = config.optim
+    tx, schedule = optim.make_optimizer(
+        lr=o.lr, total_steps=config.train.steps, lr_factor=o.lr_factor,
+        weight_decay=o.weight_decay, warmup_fraction=o.warmup_fraction,
+        grad_clip=o.grad_clip, b1=o.b1, b2=o.b2,
+    )  # fmt: skip
+
+    def init_fn(key):
+        model = task.make_model(nnx.Rngs(params=key))
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        params = params.to_pure_dict()
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.fold_in(key, 1)),
+            "params": params,
+            "model_state": rest.to_pure_dict(),
+            "opt_state": tx.init(params),
+            "nonfinite_step": jnp.full((), -1, jnp.int32),
+        }
+
+    abstract = jax.eval_shape(init_fn, jax.random.key(0))
+    axes = {
+        "step": None, "rng": None, "nonfinite_step": None,
+        "params": param_axes, "model_state": rest_axes,
+        "opt_state": _opt_state_axes(abstract["opt_state"], param_axes),
+    }  # fmt: skip
+    state_shardings = sharding.tree_shardings(abstract, axes, mesh)
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_shardings
+    )
+    spec = task.batch_spec(config.train.global_batch_size)
+    seq_sharded = mesh.shape["sequence"] > 1
+    batch_shardings = {
+        k: sharding.batch_sharding(mesh, len(shape), seq_sharded=seq_sharded and len(shape) == 2)
+        for k, (shape, _) in spec.items()
+    }
+    return Experiment(config, task, mesh, graphdef, abstract_state, state_shardings,
+                      batch_shardings, spec, init_fn, tx, schedule)  # fmt: skip
+
+
+# ==========================================================================================
+# Step functions (pure; jitted with explicit shardings in `jit_steps`).
+# ==========================================================================================
+
+
+def _merge(graphdef, params, model_state):
+    return nnx.merge(graphdef, params, model_state) if model_state else nnx.merge(graphdef, params)
+
+
+def train_step(state, batch, *, graphdef, task, tx, schedule, accum: int):
+    """One optimizer step on a global batch (optionally in `accum` micro-batches)."""
+    step = state["step"]
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+    params = state["params"]
+
+    def loss_fn(params, model_state, micro, key):
+        model = _merge(graphdef, params, model_state)
+        loss_sum, weight, aux = task.loss(model, micro, train=True, key=key)
+        new_model_state = nnx.state(model, nnx.Not(nnx.Param)).to_pure_dict()
+        return loss_sum, (weight, aux, new_model_state)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accum == 1:
+        (loss_sum, (weight, aux, model_state)), grads = grad_fn(
+            params, state["model_state"], batch, key
+        )
+    else:
+        # Micro-batch j takes rows j, j + accum, ...: every device keeps its own rows.
+        micro = jax.tree.map(
+            lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch
+        )
+
+        def body(carry, xs):
+            g_acc, l_acc, w_acc, aux_acc, ms = carry
+            (l, (w, aux, ms)), g = grad_fn(params, ms, *xs)
+            add = lambda a, b: jax.tree.map(jnp.add, a, b)
+            return (add(g_acc, g), l_acc + l, w_acc + w, add(aux_acc, aux), ms), None
+
+        first = jax.tree.map(lambda x: x[0], micro)
+        _, (_, aux0, _) = jax.eval_shape(loss_fn, params, state["model_state"], first, key)
+        zeros = lambda t: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), t)
+        init = (zeros(params), 0.0, 0.0, zeros(aux0), state["model_state"])
+        (grads, loss_sum, weight, aux, model_state), _ = jax.lax.scan(
+            body, init, (micro, jax.random.split(key, accum))
+        )
+    denom = jnp.maximum(weight, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    loss = loss_sum / denom
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    ok = finite & (state["nonfinite_step"] < 0)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    new_state = {
+        "step": step + 1,
+        "rng": state["rng"],
+        "params": keep(new_params, params),
+        "model_state": keep(model_state, state["model_state"]),
+        "opt_state": keep(opt_state, state["opt_state"]),
+        "nonfinite_step": jnp.where(
+            (state["nonfinite_step"] < 0) & ~finite, step, state["nonfinite_step"]
+        ),
+    }
+    metrics = {
+        "train/loss": loss,
+        "train/grad_norm": grad_norm,
+        "train/lr": schedule(step),
+        "train/param_norm": optax.global_norm(params),
+    }
+    metrics.update({f"train/{k}": v / denom for k, v in aux.items()})
+    return new_state, metrics
+
+
+def eval_step(state, batch, *, graphdef, task):
+    """Summed loss statistics of one global batch."""
+    model = _merge(graphdef, state["params"], state["model_state"])
+    loss_sum, weight, aux = task.loss(model, batch, train=False, key=None)
+    return {"loss": loss_sum, "weight": weight, **aux}
+
+
+def jit_steps(exp: Experiment):
+    """The jitted train and eval steps, with explicit in/out shardings (pjit semantics)."""
+    accum = exp.config.optim.grad_accum_steps
+    train_fn = functools.partial(
+        train_step, graphdef=exp.graphdef, task=exp.task, tx=exp.tx,
+        schedule=exp.schedule, accum=accum,
+    )  # fmt: skip
+    eval_fn = functools.partial(eval_step, graphdef=exp.graphdef, task=exp.task)
+    replicated = NamedSharding(exp.mesh, PartitionSpec())
+
+    def with_mesh(fn):  # activation constraints are traced against this mesh
+        @functools.wraps(fn)
+        def wrapped(*args):
+            with sharding.activation_sharding(exp.mesh):
+                return fn(*args)
+
+        return wrapped
+
+    train_jit = jax.jit(
+        with_mesh(train_fn),
+        in_shardings=(exp.state_shardings, exp.batch_shardings),
+        out_shardings=(exp.state_shardings, replicated),
+        donate_argnums=0,
+    )
+    eval_jit = jax.jit(
+        with_mesh(eval_fn),
+        in_shardings=(exp.state_shardings, exp.batch_shardings),
+        out_shardings=replicated,
+    )
+    return train_jit, eval_jit
+
+
+# ==========================================================================================
+# Host-side helpers.
+# ==========================================================================================
+
+
+def process_rows(batch_sharding, global_shape) -> tuple[int, int]:
+    """(first row, number of rows) of the global batch this process's devices hold."""
+    rows = set()
+    for index in batch_sharding.addressable_devices_indices_map(global_shape).values():
+        r = index[0]
+        rows.add((r.start or 0, global_shape[0] if r.stop is None else r.stop))
+    lo, hi = min(a for a, _ in rows), max(b for _, b in rows)
+    covered = sum(b - a for a, b in sorted(rows))
+    if covered != hi - lo:
+        raise ValueError(f"this process's batch rows {sorted(rows)} are not contiguous")
+    return lo, hi - lo
+
+
+def to_global(local: dict, exp: Experiment) -> dict:
+    return {
+        k: jax.make_array_from_process_local_data(exp.batch_shardings[k], local[k], shape)
+        for k, (shape, _) in exp.batch_spec.items()
+    }
+
+
+def evaluate(exp: Experiment, eval_jit, state, batches) -> dict:
+    sums: dict[str, float] = {}
+    for local in batches:
+        out = jax.device_get(eval_jit(state, to_global(local, exp)))
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    return exp.task.finalize(sums) if sums else {}
+
+
+class _Preemption:
+    """SIGTERM (what TPU VMs and SLURM send before preemption) -> save, then exit 0.
+
+    With several processes, jax's preemption sync point makes every process agree on
+    the same step; with one, the signal handler's flag is enough.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        if jax.process_count() == 1:
+            try:
+                self._previous = signal.signal(signal.SIGTERM, self._handler)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread)
+                self._previous = None
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            try:
+                return bool(multihost_utils.reached_preemption_sync_point(step))
+            except RuntimeError:  # no preemption sync manager (distributed not set up)
+                return False
+        return self.requested
+
+    def close(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# ==========================================================================================
+# The driver.
+# ==========================================================================================
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Trains (or resumes) the experiment in workdir; returns the last eval metrics."""
+    # ---- Set-up ----------------------------------------------------------------------
+    t, c = config.train, config.checkpoint
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config_lib.to_dict(config), f, indent=2)
+
+    # ---- Mesh ------------------------------------------------------------------------
+    mesh = make_mesh(config)
+    validate(config, mesh)  # before the data is prepared: errors come at once
+
+    # ---- Data ------------------------------------------------------------------------
+    task = tasks.make_task(config, workdir)
+    exp = build(config, task, mesh)
+    first_key = next(iter(exp.batch_spec))
+    row_offset, local_batch = process_rows(
+        exp.batch_shardings[first_key], exp.batch_spec[first_key][0]
+    )
+    batch_args = dict(global_batch=t.global_batch_size, row_offset=row_offset,
+                      local_batch=local_batch)  # fmt: skip
+    train_iter = task.train_batches(seed=t.seed, **batch_args)
+
+    # ---- Model & optimizer: sharded init, or restore ---------------------------------
+    checkpointer = ckpt_lib.Checkpointer(
+        workdir, max_to_keep=c.max_to_keep, keep_period=c.keep_period, async_save=c.async_save
+    )
+    restored = checkpointer.restore_latest(exp.abstract_state, train_iter)
+    if restored is not None:
+        state = restored.state
+        if not restored.data_restored:  # step-indexed pipeline: position it from the step
+            train_iter.set_state({"next_index": int(restored.step)})
+        print(f"lrulm: resumed from {checkpointer.directory}/{restored.step}", flush=True)
+    else:
+        init = jax.jit(exp.init_fn, out_shardings=exp.state_shardings)
+        state = init(jax.random.key(t.seed))
+        if c.init_from:
+            params, from_step = ckpt_lib.restore_params(c.init_from, exp.abstract_state["params"])
+            state["params"] = params
+            print(f"lrulm: parameters from {c.init_from} (step {from_step})", flush=True)
+    step = int(jax.device_get(state["step"]))
+
+    # ---- Step functions ----------------------------------------------------------------
+    train_jit, eval_jit = jit_steps(exp)
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main, progress=t.progress)
+    num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    tokens_per_step = t.global_batch_size * task.tokens_per_example()
+    flops_per_token = task.model_config.flops_per_token(t.seq_len)
+    peak = metrics_lib.peak_flops()
+    if step == 0:
+        info = {"model/num_params": num_params, "perf/flops_per_token": flops_per_token}
+        if hasattr(task, "unigram_entropy"):
+            info["data/unigram_entropy"] = task.unigram_entropy()
+        writer.write(0, info)
+    print(f"lrulm: {num_params:,} parameters, mesh {dict(mesh.shape)}, "
+          f"{jax.device_count()} devices, {jax.process_count()} processes; "
+          f"step {step} of {t.steps}", flush=True)  # fmt: skip
+
+    def eval_batches():
+        return task.eval_batches(num_batches=t.eval_steps, **batch_args)
+
+    def check_finite():
+        bad = int(jax.device_get(state["nonfinite_step"]))
+        if bad >= 0:
+            raise NonFiniteLoss(bad)
+
+    def save(at_step):
+        check_finite()  # a non-finite state never overwrites a good checkpoint
+        meta = {"config": config_lib.to_dict(config), "mesh": dict(mesh.shape),
+                "model": vars(task.model_config) if hasattr(task.model_config, "__dict__")
+                else {}}  # fmt: skip
+        checkpointer.save(at_step, state, train_iter, meta)
+
+    # ---- Loop ------------------------------------------------------------------------
+    preemption = _Preemption()
+    throughput = metrics_lib.Throughput()
+    throughput.start(step)
+    last_eval: dict = {}
+    try:
+        while step < t.steps:
+            if preemption.reached(step):
+                print(f"lrulm: preemption signal; saving step {step} and exiting", flush=True)
+                save(step)
+                checkpointer.wait()
+                break
+            batch = to_global(next(train_iter), exp)
+            state, metrics = train_jit(state, batch)
+            step += 1
+            if step % t.log_every == 0 or step == t.steps:
+                check_finite()
+                row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                row.update(throughput.measure(step, tokens_per_step))
+                if peak:
+                    row["perf/mfu"] = (flops_per_token * row["perf/tokens_per_s"]
+                                       / (peak * jax.device_count()))  # fmt: skip
+                writer.write(step, row)
+                writer.progress_line(step, t.steps, {k: row[k] for k in
+                                     ("train/loss", "perf/tokens_per_s")})  # fmt: skip
+            if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+                last_eval = evaluate(exp, eval_jit, state, eval_batches())
+                writer.write(step, {f"eval/{k}": v for k, v in last_eval.items()})
+            if step % c.every_steps == 0 or step == t.steps:
+                save(step)
+            if step % t.log_every == 0:
+                throughput.start(step)  # eval and checkpoint time is not step time
+        checkpointer.wait()
+    finally:
+        preemption.close()
+        writer.close()
+        checkpointer.close()
+    return last_eval
+
+
+def evaluate_workdir(config, workdir: str) -> dict:
+    """`lrulm eval`: the newest checkpoint of workdir on the eval data."""
+    mesh = make_mesh(config)
+    task = tasks.make_task(config, workdir)
+    exp = build(config, task, mesh)
+    checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
+    try:
+        restored = checkpointer.restore_latest(exp.abstract_state)
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints; train first")
+    first_key = next(iter(exp.batch_spec))
+    row_offset, local_batch = process_rows(
+        exp.batch_shardings[first_key], exp.batch_spec[first_key][0]
+    )
+    _, eval_jit = jit_steps(exp)
+    batches = task.eval_batches(
+        global_batch=config.train.global_batch_size, row_offset=row_offset,
+        local_batch=local_batch, num_batches=config.train.eval_steps,
+    )  # fmt: skip
+    result = evaluate(exp, eval_jit, restored.state, batches)
+    return {"step": restored.step, **result}
+

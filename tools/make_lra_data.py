@@ -1,0 +1,70 @@
+"""Writes LRA-format ListOps or Pathfinder data, e.g. for tests or a from-scratch ListOps.
+
+    python tools/make_lra_data.py listops --out DIR --num_train 96000 --num_val 2000 --num_test 2000
+    python tools/make_lra_data.py pathfinder --out DIR --resolution 32 --num 1000 --difficulty hard
+
+DIR is then a `data_dir` for `lrulm.data.lra.load_split`. The generators live in
+`lrulm.data.lra.generate`; this file only parses flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lrulm.data.lra import generate
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parses `argv` (default sys.argv[1:]) and writes the data set it names."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    tasks = parser.add_subparsers(dest="task", required=True)
+
+    lo = tasks.add_parser("listops", help="listops-1000/basic_{train,val,test}.tsv")
+    lo.add_argument("--out", required=True, help="data_dir to write listops-1000/ into")
+    lo.add_argument("--num_train", type=int, default=96_000)
+    lo.add_argument("--num_val", type=int, default=2_000)
+    lo.add_argument("--num_test", type=int, default=2_000)
+    lo.add_argument("--min_length", type=int, default=generate.MIN_LENGTH)
+    lo.add_argument("--max_length", type=int, default=generate.MAX_LENGTH)
+    lo.add_argument("--max_depth", type=int, default=generate.MAX_DEPTH)
+    lo.add_argument("--max_args", type=int, default=generate.MAX_ARGS)
+    lo.add_argument("--seed", type=int, default=0)
+
+    pf = tasks.add_parser("pathfinder", help="pathfinder{res}/<difficulty>/{imgs,metadata}")
+    pf.add_argument("--out", required=True, help="data_dir to write pathfinder{res}/ into")
+    pf.add_argument("--resolution", type=int, default=32, help="32 Pathfinder, 128 Path-X")
+    pf.add_argument("--num", type=int, default=1000)
+    pf.add_argument("--difficulty", default="hard", help="easy, intermediate or hard")
+    pf.add_argument("--per_folder", type=int, default=1000, help="images per imgs/<k>")
+    pf.add_argument("--seed", type=int, default=0)
+
+    args = parser.parse_args(argv)
+    if args.task == "listops":
+        splits = generate.generate_listops(
+            args.out,
+            num_train=args.num_train,
+            num_val=args.num_val,
+            num_test=args.num_test,
+            min_length=args.min_length,
+            max_length=args.max_length,
+            max_depth=args.max_depth,
+            max_args=args.max_args,
+            seed=args.seed,
+        )
+        counts = ", ".join(f"{len(rows)} {split}" for split, rows in splits.items())
+        print(f"wrote {counts} ListOps examples to {args.out}/listops-1000")
+    else:
+        written = generate.generate_pathfinder(
+            args.out,
+            args.resolution,
+            num=args.num,
+            difficulty=args.difficulty,
+            seed=args.seed,
+            per_folder=args.per_folder,
+        )
+        print(f"wrote {len(written)} images to {args.out}/pathfinder{args.resolution}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
