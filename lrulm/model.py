@@ -63,13 +63,21 @@ class Block(nnx.Module):
             self.mlp_in = layers.Dense(h, cfg.d_ff, axes=("embed", "mlp"), rngs=rngs)
             self.mlp_out = layers.Dense(cfg.d_ff, h, axes=("mlp", "embed"), rngs=rngs)
 
-    def __call__(self, x, *, mask=None, resets=None, train=False, key=None, axis_name=None):
+    def __call__(
+        self, x, *, mask=None, resets=None, train=False, key=None, axis_name=None, h0=None,
+        return_state=False,
+    ):  # fmt: skip
         """x: (b, l, h); mask: (b, l) valid positions (batch-norm statistics); resets:
-        (b, l) document starts; key: dropout key (None = no dropout)."""
+        (b, l) document starts; key: dropout key (None = no dropout); h0: (b, n) LRU
+        state to start from. Returns y (b, l, h), and the LRU's final state if asked."""
         rate = self.cfg.dropout if train else 0.0
         keys = [None] * 4 if key is None else list(jax.random.split(key, 4))
         z = self.norm(x, mask=mask, train=train)
-        z = self.lru(z, resets=resets, axis_name=axis_name)
+        state = None
+        if return_state:
+            z, state = self.lru(z, resets=resets, h0=h0, return_state=True, axis_name=axis_name)
+        else:
+            z = self.lru(z, resets=resets, h0=h0, axis_name=axis_name)
         z = checkpoint_name(z, "lru_out")
         z = layers.dropout(jax.nn.gelu(z), rate, keys[0])
         value = z if self.glu_value is None else self.glu_value(z)
@@ -82,7 +90,7 @@ class Block(nnx.Module):
             z = constrain(z, ("batch", "length", "act_mlp"))
             z = self.mlp_out(layers.dropout(jax.nn.gelu(z), rate, keys[2]))
             x = constrain(x + layers.dropout(z, rate, keys[3]), ACT)
-        return x
+        return (x, state) if return_state else x
 
 
 _REMAT = {
@@ -115,27 +123,38 @@ class Stack(nnx.Module):
         else:
             self.blocks = nnx.List([Block(cfg, rngs=nnx.Rngs(params=k)) for k in keys])
 
-    def __call__(self, x, *, mask=None, resets=None, train=False, key=None, axis_name=None):
+    def __call__(
+        self, x, *, mask=None, resets=None, train=False, key=None, axis_name=None, h0=None,
+        return_state=False,
+    ):  # fmt: skip
+        """x (b, l, h) -> y (b, l, h). h0: optional (k, b, n) per-layer LRU states to
+        start from; with return_state, also returns the (k, b, n) final states."""
         cfg = self.cfg
         keys = None if key is None else jax.random.split(key, cfg.num_layers)
-        kw = dict(mask=mask, resets=resets, train=train, axis_name=axis_name)
+        kw = dict(mask=mask, resets=resets, train=train, axis_name=axis_name,
+                  return_state=return_state)  # fmt: skip
         if not cfg.scan_layers:
+            states = []
             for i, block in enumerate(self.blocks):
-                x = block(x, key=None if keys is None else keys[i], **kw)
-            return x
+                layer_h0 = None if h0 is None else h0[i]
+                out = block(x, key=None if keys is None else keys[i], h0=layer_h0, **kw)
+                x, state = out if return_state else (out, None)
+                states.append(state)
+            return (x, jnp.stack(states)) if return_state else x
         graphdef, params, rest = nnx.split(self.blocks, nnx.Param, ...)
 
         def body(x, xs):
-            layer_params, layer_rest, layer_key = xs
+            layer_params, layer_rest, layer_key, layer_h0 = xs
             block = nnx.merge(graphdef, layer_params, layer_rest)
-            x = block(x, key=layer_key, **kw)
-            return x, nnx.state(block, nnx.Not(nnx.Param))
+            out = block(x, key=layer_key, h0=layer_h0, **kw)
+            x, state = out if return_state else (out, None)
+            return x, (nnx.state(block, nnx.Not(nnx.Param)), state)
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
-        x, new_rest = jax.lax.scan(body, x, (params, rest, keys))
+        x, (new_rest, states) = jax.lax.scan(body, x, (params, rest, keys, h0))
         nnx.update(self.blocks, new_rest)
-        return x
+        return (x, states) if return_state else x
 
 
 class LanguageModel(nnx.Module):
@@ -156,16 +175,29 @@ class LanguageModel(nnx.Module):
             )
         )
 
-    def __call__(self, tokens, *, resets=None, train=False, key=None, axis_name=None):
+    def __call__(
+        self, tokens, *, resets=None, train=False, key=None, axis_name=None, h0=None,
+        return_state=False,
+    ):  # fmt: skip
+        """tokens (b, l) -> logits (b, l, v); with return_state also the (k, b, n)
+        recurrent states after the last position (what generation carries)."""
         x = constrain(self.embed(tokens, _dtype(self.cfg)), ACT)
-        x = self.stack(x, resets=resets, train=train, key=key, axis_name=axis_name)
+        out = self.stack(x, resets=resets, train=train, key=key, axis_name=axis_name, h0=h0,
+                         return_state=return_state)  # fmt: skip
+        x, states = out if return_state else (out, None)
         x = self.final_norm(x, train=train)
         if self.head is None:
             # Scale so tied logits start at unit variance (embeddings are N(0, 1)).
             logits = self.embed.attend(x * (self.cfg.d_model**-0.5))
         else:
             logits = self.head(x)
-        return constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
+        logits = constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
+        return (logits, states) if return_state else logits
+
+    def init_state(self, batch_size: int) -> jax.Array:
+        """Zero recurrent state, (k, b, n) complex64."""
+        c = self.cfg
+        return jnp.zeros((c.num_layers, batch_size, c.d_state), jnp.complex64)
 
 
 class Classifier(nnx.Module):

@@ -132,7 +132,7 @@ def logical_axes_tree(state: nnx.State):
         return v.get_metadata().get("logical_axes") if isinstance(v, nnx.Variable) else None
 
     leaves = jax.tree.map(axes, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return nnx.State(leaves).to_pure_dict() if isinstance(leaves, nnx.State) else leaves
+    return nnx.to_pure_dict(leaves) if isinstance(leaves, nnx.State) else leaves
 
 
 def tree_shardings(abstract_tree, axes_tree, mesh: Mesh, rules=RULES):

@@ -8,7 +8,10 @@ task names of lrulm.data.lra.TASKS). Each provides
   batch_spec()                 {name: (global shape, dtype)} of one global batch
   loss(model, batch, ...)      (sum of losses, sum of weights, {metric: sum})
   finalize(sums)               eval metrics from summed statistics
-  train_batches(...)/eval_batches(...)   this process's share of each global batch
+  train_batches(...)           this process's share of each global training batch
+  eval_batches(split, ...)     the same for the held-out split "eval" (and "test")
+  best_metric                  None, or (metric, "max"|"min"): the trainer then keeps the
+                               best-on-"eval" checkpoint and reports "test" with it
 """
 
 from __future__ import annotations
@@ -46,14 +49,21 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _round_up(x: int, multiple: int) -> int:
-    return -(-x // multiple) * multiple
+def lm_vocab_size(sp, configured: int | None) -> int:
+    """The model's vocabulary for a tokenizer: the configured size, or the tokenizer's
+    padded to a multiple of 128 (MXU / tensor-core friendly, divisible by any tensor
+    axis; the extra rows are never targets)."""
+    needed = sp.get_piece_size()
+    if configured is not None and configured < needed:
+        raise ValueError(f"model.vocab_size={configured} is smaller than the tokenizer's {needed}")
+    return configured or -(-needed // 128) * 128
 
 
 class LMTask:
     """Next-token prediction on packed text."""
 
     name = "lm"
+    best_metric = None  # language models report the last evaluation
 
     def __init__(self, config, workdir: str | None, *, prepare_data: bool = True):
         self.config = config
@@ -63,14 +73,7 @@ class LMTask:
         vocab = config.model.vocab_size
         if prepare_data:
             self._prepare(workdir)
-            # Pad the embedding to a multiple of 128 rows: MXU/tensor-core friendly and
-            # divisible by any tensor axis; the extra rows are never targets.
-            needed = self.sp.get_piece_size()
-            if vocab is not None and vocab < needed:
-                raise ValueError(
-                    f"model.vocab_size={vocab} is smaller than the tokenizer's {needed} pieces"
-                )
-            vocab = vocab or _round_up(needed, 128)
+            vocab = lm_vocab_size(self.sp, vocab)
         self.model_config = resolve_model_config(config.model, vocab_size=vocab)
 
     # -- data -----------------------------------------------------------------------
@@ -139,9 +142,11 @@ class LMTask:
             seed=seed, num_threads=self.config.data.num_threads,
         )  # fmt: skip
 
-    def eval_batches(self, *, global_batch, row_offset, local_batch, num_batches):
+    def eval_batches(self, split, *, global_batch, row_offset, local_batch, num_batches):
         """The first num_batches global batches of the held-out stream, in order
-        (fewer if the stream is short; at least one is guaranteed by _prepare)."""
+        (fewer if the stream is short)."""
+        if split != "eval":
+            raise ValueError(f"a language model has one held-out split, 'eval'; not {split!r}")
         source = lm_data.PackedSequences(self.eval_stream, self.seq_len)
         available = len(source) // global_batch
         if available == 0:

@@ -116,6 +116,7 @@ def validate(config, mesh) -> None:
 
 
 def make_mesh(config, devices=None):
+    """The configured mesh over `devices` (default: every device of every process)."""
     m = config.mesh
     return sharding.make_mesh(
         dict(data=m.data, fsdp=m.fsdp, tensor=m.tensor, sequence=m.sequence),
@@ -141,12 +142,12 @@ def build(config, task, mesh) -> Experiment:
     def init_fn(key):
         model = task.make_model(nnx.Rngs(params=key))
         _, params, rest = nnx.split(model, nnx.Param, ...)
-        params = params.to_pure_dict()
+        params = nnx.to_pure_dict(params)
         return {
             "step": jnp.zeros((), jnp.int32),
             "rng": jax.random.key_data(jax.random.fold_in(key, 1)),
             "params": params,
-            "model_state": rest.to_pure_dict(),
+            "model_state": nnx.to_pure_dict(rest),
             "opt_state": tx.init(params),
             "nonfinite_step": jnp.full((), -1, jnp.int32),
         }
@@ -189,7 +190,7 @@ def train_step(state, batch, *, graphdef, task, tx, schedule, accum: int):
     def loss_fn(params, model_state, micro, key):
         model = _merge(graphdef, params, model_state)
         loss_sum, weight, aux = task.loss(model, micro, train=True, key=key)
-        new_model_state = nnx.state(model, nnx.Not(nnx.Param)).to_pure_dict()
+        new_model_state = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
         return loss_sum, (weight, aux, new_model_state)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -219,7 +220,7 @@ def train_step(state, batch, *, graphdef, task, tx, schedule, accum: int):
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     loss = loss_sum / denom
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -239,7 +240,7 @@ def train_step(state, batch, *, graphdef, task, tx, schedule, accum: int):
         "train/loss": loss,
         "train/grad_norm": grad_norm,
         "train/lr": schedule(step),
-        "train/param_norm": optax.global_norm(params),
+        "train/param_norm": optax.tree.norm(params),
     }
     metrics.update({f"train/{k}": v / denom for k, v in aux.items()})
     return new_state, metrics
@@ -352,13 +353,59 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+class _BestTracker:
+    """Keeps the checkpoint with the best "eval" metric under WORKDIR/best/ and, at the end,
+    evaluates the "test" split with it (LRA reports test accuracy at the best validation
+    accuracy, as the paper does). The result also goes to WORKDIR/results.json."""
+
+    def __init__(self, workdir, best_metric):
+        self.workdir = workdir
+        self.metric, self.mode = best_metric
+        self.ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "best"), max_to_keep=1,
+                                          async_save=False)  # fmt: skip
+        self.value, self.step = None, None
+        steps = self.ckpt.steps()
+        if steps:  # resuming: the best so far is in the saved metadata
+            meta = self.ckpt.metadata(steps[-1])
+            self.value, self.step = meta.get("best_value"), steps[-1]
+
+    def update(self, step, metrics, state):
+        value = metrics[self.metric]
+        better = self.value is None or (value > self.value if self.mode == "max"
+                                        else value < self.value)  # fmt: skip
+        if better:
+            self.value, self.step = value, step
+            self.ckpt.save(step, state, metadata={"best_value": value, "metric": self.metric})
+            self.ckpt.wait()
+
+    def final_test(self, exp, eval_jit, test_batches, writer, step):
+        restored = self.ckpt.restore_latest(exp.abstract_state)
+        test = evaluate(exp, eval_jit, restored.state, test_batches)
+        result = {f"test/{k}": v for k, v in test.items()}
+        result.update({f"best/eval_{self.metric}": self.value, "best/step": restored.step})
+        writer.write(step, result)
+        if jax.process_index() == 0:
+            with open(os.path.join(self.workdir, "results.json"), "w") as f:
+                json.dump({"task": exp.task.name, "step": step, **result}, f, indent=2)
+        return result
+
+    def close(self):
+        self.ckpt.close()
+
+
 # ==========================================================================================
 # The driver.
 # ==========================================================================================
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-    """Trains (or resumes) the experiment in workdir; returns the last eval metrics."""
+def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
+    """Trains (or resumes) the experiment in workdir; returns the last eval metrics.
+
+    Args:
+      config: the experiment ConfigDict (lrulm.config).
+      workdir: where config.json, metrics.jsonl, checkpoints/ and the tokenizer go.
+      devices: the devices to build the mesh from (default: all of them).
+    """
     # ---- Set-up ----------------------------------------------------------------------
     t, c = config.train, config.checkpoint
     is_main = jax.process_index() == 0
@@ -368,7 +415,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             json.dump(config_lib.to_dict(config), f, indent=2)
 
     # ---- Mesh ------------------------------------------------------------------------
-    mesh = make_mesh(config)
+    mesh = make_mesh(config, devices)
     validate(config, mesh)  # before the data is prepared: errors come at once
 
     # ---- Data ------------------------------------------------------------------------
@@ -417,15 +464,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
           f"{jax.device_count()} devices, {jax.process_count()} processes; "
           f"step {step} of {t.steps}", flush=True)  # fmt: skip
 
-    def eval_batches():
-        return task.eval_batches(num_batches=t.eval_steps, **batch_args)
+    def eval_batches(split="eval"):
+        return task.eval_batches(split, num_batches=t.eval_steps, **batch_args)
+
+    best = _BestTracker(workdir, task.best_metric) if task.best_metric else None
 
     def check_finite():
         bad = int(jax.device_get(state["nonfinite_step"]))
         if bad >= 0:
             raise NonFiniteLoss(bad)
 
+    last_saved = restored.step if restored is not None else None
+
     def save(at_step):
+        nonlocal last_saved
+        if at_step == last_saved:
+            return
+        last_saved = at_step
         check_finite()  # a non-finite state never overwrites a good checkpoint
         meta = {"config": config_lib.to_dict(config), "mesh": dict(mesh.shape),
                 "model": vars(task.model_config) if hasattr(task.model_config, "__dict__")
@@ -460,15 +515,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
             if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
                 last_eval = evaluate(exp, eval_jit, state, eval_batches())
                 writer.write(step, {f"eval/{k}": v for k, v in last_eval.items()})
+                if best is not None:
+                    check_finite()
+                    best.update(step, last_eval, state)
             if step % c.every_steps == 0 or step == t.steps:
                 save(step)
             if step % t.log_every == 0:
                 throughput.start(step)  # eval and checkpoint time is not step time
         checkpointer.wait()
+        if best is not None and step >= t.steps:
+            last_eval = best.final_test(exp, eval_jit, eval_batches("test"), writer, step)
     finally:
         preemption.close()
         writer.close()
         checkpointer.close()
+        if best is not None:
+            best.close()
     return last_eval
 
 
@@ -489,10 +551,13 @@ def evaluate_workdir(config, workdir: str) -> dict:
         exp.batch_shardings[first_key], exp.batch_spec[first_key][0]
     )
     _, eval_jit = jit_steps(exp)
-    batches = task.eval_batches(
-        global_batch=config.train.global_batch_size, row_offset=row_offset,
-        local_batch=local_batch, num_batches=config.train.eval_steps,
-    )  # fmt: skip
-    result = evaluate(exp, eval_jit, restored.state, batches)
-    return {"step": restored.step, **result}
+    result = {"step": restored.step}
+    for split in ("eval", "test") if task.best_metric else ("eval",):
+        batches = task.eval_batches(
+            split, global_batch=config.train.global_batch_size, row_offset=row_offset,
+            local_batch=local_batch, num_batches=config.train.eval_steps,
+        )  # fmt: skip
+        result.update({f"{split}/{k}": v for k, v in
+                       evaluate(exp, eval_jit, restored.state, batches).items()})  # fmt: skip
+    return result
 

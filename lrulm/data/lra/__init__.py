@@ -23,7 +23,7 @@ from lrulm.data.lra.common import LRASource
 
 __all__ = ["SPLITS", "TASKS", "LRASource", "TaskSpec", "load_split"]
 
-SPLITS = ("train", "val", "test")
+SPLITS = common.SPLITS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,5 +104,5 @@ def load_split(
         raise ValueError(f"unknown LRA task {task!r}; use one of {', '.join(TASKS)}")
     if split not in TASKS[task].splits:
         raise ValueError(f"unknown split {split!r}; use one of {', '.join(TASKS[task].splits)}")
-    common.check_on_error(on_error)
+    common.check_args(split, on_error)
     return _LOADERS[task](data_dir, split, seq_len=seq_len, on_error=on_error)

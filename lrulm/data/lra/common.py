@@ -12,6 +12,7 @@ import numpy as np
 log = logging.getLogger("lrulm.data.lra")
 
 ON_ERROR = ("raise", "skip")
+SPLITS = ("train", "val", "test")
 SKIP_HINT = "or pass on_error='skip' to drop bad records and count them"
 # How many bad records a warning or error names before it only counts.
 _NAMED = 5
@@ -56,7 +57,8 @@ class BadRecords:
     """The on_error policy: raise at the first bad record, or skip and count them all."""
 
     def __init__(self, on_error: str, what: str):
-        check_on_error(on_error)
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error={on_error!r}; use one of {ON_ERROR}")
         self.on_error = on_error
         self.what = what
         self.count = 0
@@ -91,9 +93,18 @@ class BadRecords:
         return self.count
 
 
-def check_on_error(on_error: str) -> None:
+def check_args(split: str, on_error: str) -> None:
+    """Rejects an unknown split or on_error, naming the valid ones."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error={on_error!r}; use one of {ON_ERROR}")
+
+
+def check_nonempty(size: int, what: str, why: str) -> None:
+    """An empty split would only fail later, inside the trainer: fail here instead."""
+    if size == 0:
+        raise ValueError(f"{what} has no records: {why}")
 
 
 def check_seq_len(seq_len: int | None, default: int) -> int:

@@ -141,9 +141,12 @@ def make_listops(
         if len(examples) >= num:
             break
         tree = sample_listops(
-            rng, min_length=min_length, max_length=max_length, max_depth=max_depth,
+            rng,
+            min_length=min_length,
+            max_length=max_length,
+            max_depth=max_depth,
             max_args=max_args,
-        )  # fmt: skip
+        )
         if tree is not None:
             examples.setdefault(listops_string(tree), listops_value(tree))
     if len(examples) < num:
@@ -288,7 +291,8 @@ def render_pathfinder(
             if pts is None:
                 break
             paths.append(pts)
-            # Keep the next path two stroke widths clear of this one and its ends.
+            # Later paths keep out of a band around this one and discs around its ends,
+            # so no two paths touch and an end disc never lands on another path.
             for a, b in zip(pts[:-1], pts[1:]):
                 guard.line([tuple(a), tuple(b)], fill=255, width=max(1, round(_GUARD * scale)))
             for p in (pts[0], pts[-1]):
@@ -331,7 +335,7 @@ def generate_pathfinder(
       num: number of images; labels are balanced (num // 2 positives).
       difficulty: "easy", "intermediate" or "hard" (or a folder name such as
         "curv_contour_length_14"); see `DIFFICULTIES`.
-      seed: the random seed; image i depends only on (seed, i).
+      seed: the random seed; image i is drawn with the generator seeded by (seed, i).
       per_folder: images per `imgs/<k>` folder.
 
     Returns:

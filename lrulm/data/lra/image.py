@@ -85,8 +85,11 @@ def read_batch(path: str, bad: common.BadRecords) -> tuple[np.ndarray, np.ndarra
             f"{path}: b'data' is {data.dtype} {data.shape}, expected uint8 (n, 3072); "
             f"re-extract it from {_ORIGIN}"
         )
-    if labels.shape != (len(data),):
-        raise ValueError(f"{path}: {labels.shape} labels for {len(data)} images")
+    if labels.shape != (len(data),) or labels.dtype.kind not in "iu":
+        raise ValueError(
+            f"{path}: b'labels' is {labels.dtype} {labels.shape}, expected {len(data)} "
+            f"integers; re-extract it from {_ORIGIN}"
+        )
     keep = np.ones(len(data), bool)
     fix = "re-extract the batch"
     for i in np.flatnonzero((labels < 0) | (labels >= NUM_CLASSES)):
@@ -117,10 +120,11 @@ class ImageSource(common.LRASource):
         gray = np.concatenate([p[0] for p in parts])
         labels = np.concatenate([p[1] for p in parts])
         if split != "test":
-            n_val = int(round(len(gray) * VAL_FRACTION))
-            part = slice(None, len(gray) - n_val) if split == "train" else slice(-n_val, None)
+            cut = len(gray) - max(1, round(len(gray) * VAL_FRACTION))
+            part = slice(None, cut) if split == "train" else slice(cut, None)
             gray, labels = gray[part], labels[part]
         self.num_skipped = bad.finish()
+        common.check_nonempty(len(labels), f"Image {split} ({root})", "too few images")
         self._gray = gray
         self._labels = labels
         self._size = len(labels)
@@ -159,7 +163,7 @@ def load(
     Returns:
       An `ImageSource`.
     """
-    common.check_on_error(on_error)
+    common.check_args(split, on_error)
     if common.check_seq_len(seq_len, SEQ_LEN) != SEQ_LEN:
         raise ValueError(f"seq_len={seq_len} for Image; a CIFAR image is {SEQ_LEN} pixels")
     return ImageSource(_root(data_dir, split), split, on_error)

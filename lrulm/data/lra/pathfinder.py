@@ -26,7 +26,7 @@ NUM_CLASSES = 2
 RESOLUTIONS = {"pathfinder": 32, "pathx": 128}
 DIFFICULTY = "curv_contour_length_14"  # The hardest setting; the one LRA uses.
 SPLIT_SEED = 0x5EED  # Fixed forever: changing it reshuffles every split.
-SPLIT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
+SPLIT_TENTHS = {"train": 8, "val": 1, "test": 1}  # Integer arithmetic: no rounding surprises.
 _NPY_MAGIC = b"\x93NUMPY"
 
 
@@ -70,6 +70,9 @@ class PathfinderSource(common.LRASource):
 
     The metadata is parsed and the image folders listed at construction (so a missing
     image is reported at once); PNGs are decoded in `__getitem__`.
+
+    Attributes:
+      images: the split's image paths, relative to `path`, in record order.
     """
 
     def __init__(self, root: str, task: str, split: str, resolution: int, on_error: str):
@@ -109,8 +112,8 @@ class PathfinderSource(common.LRASource):
         # Bad lines keep their slot in the permutation, so skipping them moves no other
         # image to another split.
         order = np.random.default_rng(SPLIT_SEED).permutation(len(slots))
-        n_train = int(len(slots) * SPLIT_FRACTIONS["train"])
-        n_val = int(len(slots) * SPLIT_FRACTIONS["val"])
+        n_train = len(slots) * SPLIT_TENTHS["train"] // 10
+        n_val = len(slots) * SPLIT_TENTHS["val"] // 10
         lo, hi = {
             "train": (0, n_train),
             "val": (n_train, n_train + n_val),
@@ -124,12 +127,15 @@ class PathfinderSource(common.LRASource):
             images.append(slots[slot][0])
             labels.append(slots[slot][1])
         self.num_skipped = bad.finish()
-        self._images = images
+        common.check_nonempty(
+            len(images), f"{task} {split} ({root})", f"{len(slots)} metadata lines in all"
+        )
+        self.images = images
         self._labels = np.array(labels, np.int32)
         self._size = len(images)
 
     def _record(self, index: int) -> dict[str, np.ndarray]:
-        path = os.path.join(self.path, self._images[index])
+        path = os.path.join(self.path, self.images[index])
         try:
             with Image.open(path) as im:
                 pixels = np.asarray(im.convert("L"))
@@ -171,7 +177,7 @@ def load(
     Returns:
       A `PathfinderSource`.
     """
-    common.check_on_error(on_error)
+    common.check_args(split, on_error)
     resolution = RESOLUTIONS[task]
     if common.check_seq_len(seq_len, resolution**2) != resolution**2:
         raise ValueError(

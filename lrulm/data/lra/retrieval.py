@@ -108,7 +108,7 @@ def load(
     Returns:
       A `RetrievalSource`; label 1 = the papers are linked by a citation.
     """
-    common.check_on_error(on_error)
+    common.check_args(split, on_error)
     name = FILES[split]
     path = common.locate(
         data_dir,

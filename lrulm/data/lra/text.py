@@ -40,9 +40,8 @@ class TextSource(common.LRASource):
                     f"Text {split} split: expected the folder {folder} of *.txt reviews; "
                     f"these come from {_ORIGIN}"
                 )
-            entries = sorted(
-                (e for e in os.scandir(folder) if e.name.endswith(".txt")), key=lambda e: e.name
-            )
+            with os.scandir(folder) as it:
+                entries = sorted((e for e in it if e.name.endswith(".txt")), key=lambda e: e.name)
             if not entries:
                 raise FileNotFoundError(f"{folder} holds no *.txt reviews; re-extract {_ORIGIN}")
             for entry in entries:
@@ -52,6 +51,7 @@ class TextSource(common.LRASource):
                 files.append(os.path.join(name, entry.name))
                 labels.append(label)
         self.num_skipped = bad.finish()
+        common.check_nonempty(len(files), f"Text {split} ({self.path})", "every review skipped")
         self._files = files
         self._labels = np.array(labels, np.int32)
         self._size = len(files)
@@ -62,7 +62,7 @@ class TextSource(common.LRASource):
             with open(path, "rb") as f:
                 data = f.read(self.seq_len)
         except OSError as e:
-            raise FileNotFoundError(f"{path}: cannot read the review ({e}); re-extract it") from e
+            raise ValueError(f"{path}: cannot read the review ({e}); re-extract it") from e
         inputs, mask = common.pad(common.byte_ids(data, self.seq_len), self.seq_len)
         return {"inputs": inputs, "mask": mask, "label": self._labels[index]}
 
@@ -82,7 +82,7 @@ def load(
     Returns:
       A `TextSource`; label 1 = positive, 0 = negative.
     """
-    common.check_on_error(on_error)
+    common.check_args(split, on_error)
     split_dir = SPLIT_DIRS[split]
     found = common.locate(
         data_dir,

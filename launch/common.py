@@ -1,0 +1,88 @@
+"""Pieces the cluster launchers share: the command after `--`, env flags, and dry runs."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+
+
+def split_command(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Splits `[launcher flags] -- command ...` into the two parts (command may be empty)."""
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1 :]
+    return argv, []
+
+
+def resolve_command(command: list[str], config: str | None, workdir: str | None) -> list[str]:
+    """The command to run: the one after `--`, else `lrulm train --config C --workdir W`.
+
+    Raises:
+      SystemExit: neither a command nor both --config and --workdir were given.
+    """
+    if command:
+        return command
+    if not (config and workdir):
+        sys.exit("error: give the command after `--`, or --config and --workdir for lrulm train")
+    return ["lrulm", "train", "--config", config, "--workdir", workdir]
+
+
+def parse_env(pairs: list[str] | None) -> dict[str, str]:
+    """`["K=V", ...]` from repeated --env flags, as a dict."""
+    env = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            sys.exit(f"error: --env {pair!r} is not KEY=VALUE")
+        env[key] = value
+    return env
+
+
+def workdir_of(command: list[str]) -> str | None:
+    """The value of `--workdir` in a command line, if any."""
+    for i, arg in enumerate(command):
+        if arg == "--workdir" and i + 1 < len(command):
+            return command[i + 1]
+        if arg.startswith("--workdir="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def check_shared_workdir(command: list[str], hosts: int) -> None:
+    """Warns when a multi-host job writes to a path the hosts do not share."""
+    workdir = workdir_of(command)
+    if hosts > 1 and workdir and not workdir.startswith("gs://"):
+        print(
+            f"warning: --workdir {workdir} is not a gs:// path. All {hosts} hosts write one "
+            "checkpoint together, so the workdir must be storage they share (a GCS bucket); a "
+            "local path gives each host a partial copy that cannot be resumed.",
+            file=sys.stderr,
+        )
+
+
+def shell_line(command: list[str], env: dict[str, str]) -> str:
+    """`K=V ... command` as one shell-quoted line."""
+    assignments = [f"{k}={shlex.quote(v)}" for k, v in env.items()]
+    return " ".join([*assignments, shlex.join(command)])
+
+
+class Runner:
+    """Prints each command; runs it unless this is a dry run."""
+
+    def __init__(self, dry_run: bool):
+        self.dry_run = dry_run
+
+    def note(self, text: str) -> None:
+        print(f"# {text}", flush=True)
+
+    def __call__(self, argv: list[str], *, stdin: str | None = None) -> None:
+        """Prints `argv` (and `stdin` in a dry run); runs it and exits on failure otherwise."""
+        print(shlex.join(argv), flush=True)
+        if self.dry_run:
+            if stdin is not None:
+                print(stdin, end="" if stdin.endswith("\n") else "\n", flush=True)
+            return
+        returncode = subprocess.run(argv, input=stdin, text=True).returncode
+        if returncode:
+            sys.exit(f"error: {argv[0]} exited with code {returncode}")

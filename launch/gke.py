@@ -1,0 +1,206 @@
+"""Renders a Kubernetes JobSet for one TPU slice on GKE and applies it (or prints the xpk command).
+
+    python launch/gke.py --name lru --image us-docker.pkg.dev/my-proj/lrulm:latest \\
+        --accelerator_type v5p-128 --config configs/lm/base.py --workdir gs://bucket/runs/lm
+
+One pod per TPU VM host (parallelism = completions = hosts), each requesting all the chips of its
+host (`google.com/tpu`) on a node pool selected by `cloud.google.com/gke-tpu-accelerator` and
+`cloud.google.com/gke-tpu-topology`. GKE gives every pod TPU_WORKER_ID / TPU_WORKER_HOSTNAMES,
+from which `lrulm.distributed.initialize()` finds the other processes. On preemption the pods get
+SIGTERM (the trainer saves and exits 0) and JobSet restarts the whole slice up to --max_restarts
+times; the restarted command resumes from the gs:// workdir. --dry_run prints the manifest;
+--print_xpk prints the equivalent `xpk workload create` command; otherwise `kubectl apply -f -`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+import common
+from topologies import TpuSlice, tpu_slice
+
+# Ports of the TPU runtime (8471), its health checks (8080) and jax's coordinator on TPU (8482).
+PORTS = (8471, 8080, 8482)
+
+
+def jobset(
+    name: str,
+    slice_: TpuSlice,
+    *,
+    image: str,
+    command: list[str],
+    env: dict[str, str],
+    namespace: str = "default",
+    max_restarts: int = 3,
+    termination_grace_s: int = 120,
+) -> dict:
+    """The JobSet manifest as a dict (one replicated job of `slice_.hosts` pods).
+
+    Args:
+      name: JobSet name (also the prefix of the pod names).
+      slice_: The TPU slice, from `topologies.tpu_slice`.
+      image: Container image with lrulm installed.
+      command: The command every pod runs.
+      env: Extra environment variables of the container.
+      namespace: Kubernetes namespace.
+      max_restarts: Whole-slice restarts after a failure or preemption.
+      termination_grace_s: Seconds between SIGTERM and SIGKILL: time for the final checkpoint.
+
+    Returns:
+      The manifest, ready to serialise.
+    """
+    container = {
+        "name": "lrulm",
+        "image": image,
+        "command": command,
+        # Unbuffered output so `kubectl logs` shows progress as it happens.
+        "env": [{"name": k, "value": v} for k, v in {"PYTHONUNBUFFERED": "1", **env}.items()],
+        "ports": [{"containerPort": p} for p in PORTS],
+        "resources": {
+            "requests": {"google.com/tpu": slice_.chips_per_host},
+            "limits": {"google.com/tpu": slice_.chips_per_host},
+        },
+    }
+    pod = {
+        "restartPolicy": "Never",
+        # Host networking: the TPU runtime's cross-host traffic skips the pod network.
+        "hostNetwork": True,
+        "dnsPolicy": "ClusterFirstWithHostNet",
+        "terminationGracePeriodSeconds": termination_grace_s,
+        "nodeSelector": {
+            "cloud.google.com/gke-tpu-accelerator": slice_.gke_accelerator,
+            "cloud.google.com/gke-tpu-topology": slice_.topology,
+        },
+        "containers": [container],
+    }
+    return {
+        "apiVersion": "jobset.x-k8s.io/v1alpha2",
+        "kind": "JobSet",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            # One slice per node pool: all pods of the job land on the same ICI-connected hosts.
+            "annotations": {
+                "alpha.jobset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool"
+            },
+        },
+        "spec": {
+            "failurePolicy": {"maxRestarts": max_restarts},
+            "replicatedJobs": [
+                {
+                    "name": "slice",
+                    "replicas": 1,
+                    "template": {
+                        "spec": {
+                            "parallelism": slice_.hosts,
+                            "completions": slice_.hosts,
+                            "backoffLimit": 0,
+                            "template": {"spec": pod},
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def to_yaml(value, indent: int = 0) -> str:
+    """Block-style YAML for dicts, lists and scalars; strings are JSON-quoted (valid YAML)."""
+    pad = " " * indent
+    if isinstance(value, dict):
+        lines = []
+        for key, item in value.items():
+            if isinstance(item, dict | list) and item:
+                lines.append(f"{pad}{key}:\n{to_yaml(item, indent + 2)}")
+            else:
+                lines.append(f"{pad}{key}: {_scalar(item)}")
+        return "\n".join(lines)
+    if isinstance(value, list):
+        lines = []
+        for item in value:
+            if isinstance(item, dict | list) and item:
+                # The first line of the nested block goes after "- ".
+                block = to_yaml(item, indent + 2)
+                lines.append(f"{pad}- {block[indent + 2 :]}")
+            else:
+                lines.append(f"{pad}- {_scalar(item)}")
+        return "\n".join(lines)
+    return pad + _scalar(value)
+
+
+def _scalar(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if value == {} or value == []:
+        return json.dumps(value)
+    return json.dumps(str(value))
+
+
+def xpk_command(args: argparse.Namespace, slice_: TpuSlice, command: list[str]) -> list[str]:
+    """The equivalent `xpk workload create` invocation."""
+    xpk = ["xpk", "workload", "create", "--cluster", args.cluster or "CLUSTER"]
+    xpk += ["--workload", args.name, "--tpu-type", slice_.accelerator_type, "--num-slices", "1"]
+    xpk += ["--docker-image", args.image, "--max-restarts", str(args.max_restarts)]
+    xpk += ["--termination-grace-period-seconds", str(args.termination_grace_s)]
+    for key, value in common.parse_env(args.env).items():
+        xpk += ["--env", f"{key}={value}"]
+    if args.project:
+        xpk += ["--project", args.project]
+    if args.zone:
+        xpk += ["--zone", args.zone]
+    return [*xpk, "--command", shlex.join(command)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    own, command = common.split_command(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--name", required=True, help="JobSet / xpk workload name")
+    parser.add_argument("--image", required=True, help="container image with lrulm installed")
+    parser.add_argument("--accelerator_type", required=True, help="e.g. v5p-128, v6e-64")
+    parser.add_argument("--topology", help="chip arrangement when not the default, e.g. 4x4x12")
+    parser.add_argument("--namespace", default="default")
+    parser.add_argument("--max_restarts", type=int, default=3, help="restarts resume the run")
+    parser.add_argument("--termination_grace_s", type=int, default=120, help="time to save")
+    parser.add_argument("--env", action="append", help="KEY=VALUE in the container (repeatable)")
+    parser.add_argument("--config", help="for the default command: lrulm train --config ...")
+    parser.add_argument("--workdir", help="for the default command; a gs:// path")
+    parser.add_argument("--cluster", help="GKE cluster name, for --print_xpk")
+    parser.add_argument("--project", help="for --print_xpk")
+    parser.add_argument("--zone", help="for --print_xpk")
+    parser.add_argument("--print_xpk", action="store_true", help="print the xpk command only")
+    parser.add_argument("--dry_run", action="store_true", help="print the manifest only")
+    args = parser.parse_args(own)
+    command = common.resolve_command(command, args.config, args.workdir)
+    slice_ = tpu_slice(args.accelerator_type, args.topology)
+    common.check_shared_workdir(command, slice_.hosts)
+    if args.print_xpk:
+        print(shlex.join(xpk_command(args, slice_, command)))
+        return
+    manifest = jobset(
+        args.name,
+        slice_,
+        image=args.image,
+        command=command,
+        env=common.parse_env(args.env),
+        namespace=args.namespace,
+        max_restarts=args.max_restarts,
+        termination_grace_s=args.termination_grace_s,
+    )
+    text = (
+        f"# {slice_.accelerator_type}: {slice_.hosts} pods x {slice_.chips_per_host} chips, "
+        f"topology {slice_.topology}, node pool machine type {slice_.machine_type}\n"
+        f"{to_yaml(manifest)}\n"
+    )
+    if args.dry_run:
+        print(text, end="")
+        return
+    common.Runner(dry_run=False)(["kubectl", "apply", "-f", "-"], stdin=text)
+
+
+if __name__ == "__main__":
+    main()

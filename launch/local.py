@@ -1,0 +1,286 @@
+"""Runs one command as P cooperating JAX processes on this machine, as a pod would run them.
+
+    python launch/local.py --num_processes 2 --devices_per_process 4 -- \\
+        lrulm train --config configs/lm/tiny.py --workdir /tmp/run
+
+Each process gets LRULM_COORDINATOR_ADDRESS / LRULM_NUM_PROCESSES / LRULM_PROCESS_ID (read by
+`lrulm.distributed.initialize()`), JAX_PLATFORMS=cpu and D simulated CPU devices. Output is
+streamed line by line with a `[pN] ` prefix. When a process fails, the others are stopped
+(SIGTERM, then SIGKILL after --grace_s) and the launcher exits with the failing process's code
+(128 + signal for a signal). SIGTERM / SIGINT sent to the launcher are forwarded to every process
+(a second one kills them). Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+_DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=\S*")
+# Variables that would make a child join some other job instead of this one.
+_FOREIGN_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+_PR_SET_PDEATHSIG = 1
+
+
+def _log(message: str) -> None:
+    print(f"[local.py] {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(base: dict[str, str], *, port: int, num: int, index: int, devices: int) -> dict:
+    """The environment of process `index`: coordinator, identity, CPU platform and devices.
+
+    Args:
+      base: The environment to start from (usually os.environ).
+      port: Coordinator port on 127.0.0.1.
+      num: Number of processes.
+      index: This process's id.
+      devices: Simulated CPU devices per process.
+
+    Returns:
+      A new environment dict.
+    """
+    env = {k: v for k, v in base.items() if k not in _FOREIGN_VARS}
+    xla_flags = _DEVICE_COUNT_FLAG.sub("", env.get("XLA_FLAGS", "")).split()
+    xla_flags.append(f"--xla_force_host_platform_device_count={devices}")
+    env.update(
+        LRULM_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+        LRULM_NUM_PROCESSES=str(num),
+        LRULM_PROCESS_ID=str(index),
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=" ".join(xla_flags),
+        # Line-by-line output, so the prefixed streams interleave as they happen.
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def _die_with_parent() -> None:
+    # Runs in the child before exec: if the launcher is SIGKILLed, the kernel kills the child
+    # too instead of leaving an orphan holding the coordinator port. Linux only; best effort.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _pump(index: int, stream, lock: threading.Lock) -> None:
+    """Copies one child's output to our stdout, each line prefixed with `[pN] `."""
+    prefix = f"[p{index}] ".encode()
+    out = sys.stdout.buffer
+    for line in iter(stream.readline, b""):
+        if not line.endswith(b"\n"):
+            line += b"\n"
+        with lock:
+            out.write(prefix + line)
+            out.flush()
+    stream.close()
+
+
+def _describe(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with code {returncode}"
+
+
+def _exit_code(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class _Job:
+    """P child processes, each in its own process group, with output pumps and exit waiters."""
+
+    def __init__(self, command: list[str], envs: list[dict]):
+        self.procs: list[subprocess.Popen] = []
+        self.exits: queue.Queue = queue.Queue()
+        self.threads: list[threading.Thread] = []
+        lock = threading.Lock()
+        for index, env in enumerate(envs):
+            proc = subprocess.Popen(
+                command,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                # Own process group: signals reach the command's whole tree (e.g. a shell and
+                # its python), and a Ctrl-C at the terminal reaches only the launcher.
+                start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
+            self.procs.append(proc)
+            pump = threading.Thread(target=_pump, args=(index, proc.stdout, lock), daemon=True)
+            waiter = threading.Thread(target=self._wait, args=(index,), daemon=True)
+            pump.start()
+            waiter.start()
+            self.threads.append(pump)
+
+    def _wait(self, index: int) -> None:
+        # One waiter per child, so exits are seen in the order they happen.
+        self.exits.put((index, self.procs[index].wait()))
+
+    def signal_all(self, signum: int) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signum)
+
+    def alive(self) -> bool:
+        return any(proc.poll() is None for proc in self.procs)
+
+    def stop(self, grace_s: float) -> None:
+        """SIGTERM every live process group, then SIGKILL what is left after `grace_s`."""
+        self.signal_all(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while self.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # Also reaps grandchildren that outlived their parent in the group.
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def join_output(self, timeout_s: float = 5.0) -> None:
+        for thread in self.threads:
+            thread.join(timeout_s)
+
+
+def run(
+    command: list[str], *, num_processes: int, devices: int, port: int, grace_s: float, timeout_s
+) -> int:
+    """Runs the job to completion; returns the launcher's exit code.
+
+    Args:
+      command: The command line every process runs.
+      num_processes: How many processes.
+      devices: Simulated CPU devices per process.
+      port: Coordinator port.
+      grace_s: Seconds between SIGTERM and SIGKILL when stopping processes.
+      timeout_s: Stop everything after this many seconds (None: no limit).
+
+    Returns:
+      0 when all succeed; the first failure's exit code (128 + signal for a signal); 124 on
+      timeout.
+    """
+    envs = [
+        child_env(os.environ, port=port, num=num_processes, index=i, devices=devices)
+        for i in range(num_processes)
+    ]
+    received: list[int] = []
+    job: _Job | None = None
+
+    def forward(signum, frame):
+        received.append(signum)
+        if job is None:
+            return  # forwarded once the processes exist
+        if len(received) == 1:
+            _log(f"received {signal.Signals(signum).name}; forwarding it to every process")
+            job.signal_all(signum)
+        else:
+            _log("second signal; killing every process")
+            job.signal_all(signal.SIGKILL)
+
+    # A Python handler (unlike SIG_IGN) is reset to the default in the children at exec.
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        job = _Job(command, envs)
+        if received:
+            job.signal_all(received[0])
+        _log(f"started {num_processes} processes x {devices} devices on 127.0.0.1:{port}")
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        # Failures in the order seen. When a process dies, its peers often fail a few ms later
+        # (a collective loses its partner), so later entries are usually consequences.
+        failures: list[tuple[int, int]] = []
+        stopped: list[int] = []
+        remaining = num_processes
+        while remaining:
+            wait_s = 0.2 if deadline is None else min(0.2, max(deadline - time.monotonic(), 0))
+            try:
+                index, returncode = job.exits.get(timeout=wait_s)
+            except queue.Empty:
+                if deadline is not None and time.monotonic() >= deadline:
+                    _log(f"timed out after {timeout_s} s; stopping every process")
+                    job.stop(grace_s)
+                    job.join_output()
+                    return 124
+                continue
+            remaining -= 1
+            if returncode == 0:
+                continue
+            if failures and returncode in (-signal.SIGTERM, -signal.SIGKILL):
+                stopped.append(index)  # by us
+                continue
+            failures.append((index, returncode))
+            if len(failures) == 1 and remaining:
+                _log(f"process {index} {_describe(returncode)}; stopping the others")
+                job.stop(grace_s)
+        job.join_output()
+        if failures:
+            index, returncode = failures[0]
+            message = f"FAILED: process {index} {_describe(returncode)}"
+            for later, code in failures[1:]:
+                message += f"; then process {later} {_describe(code)}"
+            if stopped:
+                message += f"; stopped process {', '.join(map(str, sorted(stopped)))}"
+            _log(message)
+            return _exit_code(returncode)
+        _log(f"all {num_processes} processes exited 0")
+        return 0
+    finally:
+        if job is not None and job.alive():
+            job.stop(0)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--" not in argv:
+        print("usage: local.py [options] -- COMMAND [ARGS ...]  (see --help)", file=sys.stderr)
+        if "-h" not in argv and "--help" not in argv:
+            return 2
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--num_processes", type=int, required=True)
+    parser.add_argument("--devices_per_process", type=int, default=1)
+    parser.add_argument("--port", type=int, default=None, help="default: a free port")
+    parser.add_argument(
+        "--timeout_s", type=float, default=None, help="stop every process after this long"
+    )
+    parser.add_argument(
+        "--grace_s", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL"
+    )
+    args = parser.parse_args(argv[:split])
+    command = argv[split + 1 :]
+    if not command:
+        parser.error("no command given after --")
+    if args.num_processes < 1 or args.devices_per_process < 1:
+        parser.error("--num_processes and --devices_per_process must be at least 1")
+    return run(
+        command,
+        num_processes=args.num_processes,
+        devices=args.devices_per_process,
+        port=args.port or free_port(),
+        grace_s=args.grace_s,
+        timeout_s=args.timeout_s,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Creates a Cloud TPU VM slice, installs lrulm on every worker, and runs one command on all.
+
+    python launch/tpu_vm.py up --name lru --zone us-east5-a --project my-proj \\
+        --accelerator_type v5p-128 --config configs/lm/base.py --workdir gs://bucket/runs/lm
+
+Subcommands: `create` (the TPU VM, or a queued resource with --queued), `setup` (copy the code
+with `tpu-vm scp` of this checkout, or `git clone` of --repo_url at --ref, then install it in a
+virtualenv), `run` (the command on every worker with `ssh --worker=all`; each worker is one JAX
+process and `lrulm.distributed.initialize()` finds the others), `delete`, and `up` (all of them;
+--delete_after deletes the slice when the run ends). The command comes after `--` and defaults to
+`lrulm train --config C --workdir W`. On a multi-host slice the workdir must be a gs:// path:
+the hosts write one checkpoint together. Re-running `run` with the same workdir resumes.
+--dry_run prints every command instead of running it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import shlex
+import subprocess
+import sys
+import time
+
+import common
+from topologies import tpu_slice
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+# On the workers; $HOME because a quoted ~ is not expanded.
+REMOTE_REPO = "$HOME/lrulm"
+REMOTE_VENV = "$HOME/lrulm-venv"
+REMOTE_LOG = "$HOME/lrulm-run.log"
+EXCLUDES = (".git", "__pycache__", "*.egg-info", ".venv", ".pytest_cache", ".ruff_cache", "runs")
+
+
+def _gcloud(args: argparse.Namespace, *words: str) -> list[str]:
+    return [
+        "gcloud",
+        "compute",
+        "tpus",
+        *words,
+        "--zone",
+        args.zone,
+        "--project",
+        args.project,
+    ]
+
+
+def _ssh_all(args: argparse.Namespace, remote: str) -> list[str]:
+    return [*_gcloud(args, "tpu-vm", "ssh", args.name), "--worker=all", "--command", remote]
+
+
+def create(args: argparse.Namespace, run: common.Runner) -> None:
+    if not args.accelerator_type:
+        sys.exit("error: create needs --accelerator_type (e.g. v5p-128, v5litepod-16)")
+    slice_ = tpu_slice(args.accelerator_type)
+    run.note(
+        f"{slice_.accelerator_type}: {slice_.chips} chips, {slice_.hosts} hosts x "
+        f"{slice_.chips_per_host} chips, topology {slice_.topology}"
+    )
+    version = args.runtime_version or slice_.runtime_version
+    spot = ["--spot"] if args.spot else []
+    if not args.queued:
+        run(
+            _gcloud(args, "tpu-vm", "create", args.name)
+            + ["--accelerator-type", slice_.accelerator_type, "--version", version, *spot]
+        )
+        return
+    run(
+        _gcloud(args, "queued-resources", "create", args.name)
+        + ["--node-id", args.name, "--accelerator-type", slice_.accelerator_type]
+        + ["--runtime-version", version, *spot]
+    )
+    describe = _gcloud(args, "queued-resources", "describe", args.name) + [
+        "--format",
+        "value(state.state)",
+    ]
+    run.note("waiting until the queued resource is ACTIVE:")
+    if run.dry_run:
+        run(describe)
+        return
+    while True:
+        state = subprocess.run(describe, capture_output=True, text=True, check=True).stdout.strip()
+        print(f"# state: {state}", flush=True)
+        if state == "ACTIVE":
+            return
+        if state in ("FAILED", "SUSPENDED"):
+            sys.exit(f"error: queued resource {args.name} is {state}")
+        time.sleep(30)
+
+
+def setup(args: argparse.Namespace, run: common.Runner) -> None:
+    if args.repo_url:
+        fetch = (
+            f"rm -rf {REMOTE_REPO} && git clone {shlex.quote(args.repo_url)} {REMOTE_REPO} "
+            f"&& git -C {REMOTE_REPO} checkout {shlex.quote(args.ref)}"
+        )
+    else:
+        tarball = f"/tmp/lrulm-{args.name}.tar.gz"
+        excludes = [f"--exclude={e}" for e in EXCLUDES]
+        run(["tar", "-czf", tarball, *excludes, "-C", str(REPO_ROOT), "."])
+        run(_gcloud(args, "tpu-vm", "scp", tarball, f"{args.name}:lrulm.tar.gz") + ["--worker=all"])
+        fetch = (
+            f"rm -rf {REMOTE_REPO} && mkdir -p {REMOTE_REPO} "
+            f"&& tar -xzf $HOME/lrulm.tar.gz -C {REMOTE_REPO}"
+        )
+    # uv provides the Python the package needs (TPU VM images ship an older python3).
+    install = (
+        "python3 -m pip install --user --quiet uv "
+        f"&& $HOME/.local/bin/uv venv --allow-existing --python {args.python} {REMOTE_VENV} "
+        f"&& $HOME/.local/bin/uv pip install --python {REMOTE_VENV}/bin/python "
+        f'-e "{REMOTE_REPO}[tpu]"'
+    )
+    run(_ssh_all(args, f"set -e; {fetch} && {install}"))
+
+
+def run_command(args: argparse.Namespace, run: common.Runner, command: list[str]) -> None:
+    if args.accelerator_type:
+        common.check_shared_workdir(command, tpu_slice(args.accelerator_type).hosts)
+    line = common.shell_line(command, common.parse_env(args.env))
+    remote = f"cd {REMOTE_REPO} && . {REMOTE_VENV}/bin/activate && {line}"
+    if args.detach:
+        # Survives the ssh session: the job keeps running if this machine disconnects.
+        remote = f"nohup bash -c {shlex.quote(remote)} > {REMOTE_LOG} 2>&1 < /dev/null &"
+        run.note(f"detached; logs in {REMOTE_LOG} on each worker")
+    run(_ssh_all(args, remote))
+
+
+def delete(args: argparse.Namespace, run: common.Runner) -> None:
+    if args.queued:
+        run(_gcloud(args, "queued-resources", "delete", args.name) + ["--force", "--quiet"])
+    else:
+        run(_gcloud(args, "tpu-vm", "delete", args.name) + ["--quiet"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    own, command = common.split_command(sys.argv[1:] if argv is None else argv)
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--name", required=True, help="TPU VM (and queued resource) name")
+    shared.add_argument("--zone", required=True)
+    shared.add_argument("--project", required=True)
+    shared.add_argument("--accelerator_type", help="e.g. v5p-128, v5litepod-16, v6e-64, v4-32")
+    shared.add_argument("--queued", action="store_true", help="use a queued resource")
+    shared.add_argument("--spot", action="store_true", help="spot capacity (can be preempted)")
+    shared.add_argument("--runtime_version", help="default: the generation's usual TPU VM image")
+    shared.add_argument("--repo_url", help="git clone this on every worker instead of scp")
+    shared.add_argument("--ref", default="main", help="git ref to check out with --repo_url")
+    shared.add_argument("--python", default="3.11", help="Python version of the worker venv")
+    shared.add_argument("--config", help="for the default command: lrulm train --config ...")
+    shared.add_argument("--workdir", help="for the default command; use gs:// on pods")
+    shared.add_argument("--env", action="append", help="KEY=VALUE for the command (repeatable)")
+    shared.add_argument("--detach", action="store_true", help="run under nohup, log to a file")
+    shared.add_argument("--delete_after", action="store_true", help="`up`: delete at the end")
+    shared.add_argument("--dry_run", action="store_true", help="print the commands only")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="action", required=True)
+    for action in ("create", "setup", "run", "delete", "up"):
+        sub.add_parser(action, parents=[shared])
+    args = parser.parse_args(own)
+    if args.action == "up" and args.detach and args.delete_after:
+        parser.error("--delete_after would delete the slice under a --detach'ed run")
+    run = common.Runner(args.dry_run)
+    if args.action in ("run", "up"):
+        command = common.resolve_command(command, args.config, args.workdir)
+    match args.action:
+        case "create":
+            create(args, run)
+        case "setup":
+            setup(args, run)
+        case "run":
+            run_command(args, run, command)
+        case "delete":
+            delete(args, run)
+        case "up":
+            create(args, run)
+            try:
+                setup(args, run)
+                run_command(args, run, command)
+            finally:
+                if args.delete_after:
+                    delete(args, run)
+
+
+if __name__ == "__main__":
+    main()

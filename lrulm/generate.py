@@ -1,0 +1,212 @@
+"""Recurrent generation: parallel prefill, then O(1)-per-token decoding.
+
+The prompt is run through the model in parallel (the scan), in chunks, carrying each
+layer's recurrent state (k, b, n) from chunk to chunk, so prefill memory is bounded by
+the chunk and not by the prompt. Decoding runs the same model on one token at a time
+from that state: the work and memory per token are independent of the context length,
+with no cache that grows. The decode loop is one `lax.while_loop`, compiled once.
+
+Prompts of different lengths share a batch left-padded; a reset at each prompt's first
+token zeroes the state the padding produced, so each row is exactly its own prompt.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lrulm import checkpoint as ckpt_lib
+from lrulm import config as config_lib
+from lrulm import tasks
+from lrulm.data import tokenizer as tok
+from lrulm.model import LanguageModel
+
+
+def check_sampling(temperature: float, top_p: float, top_k: int, max_new_tokens: int) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy); got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1]; got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off); got {top_k}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be positive; got {max_new_tokens}")
+
+
+def sample_logits(key, logits, *, temperature: float, top_p: float, top_k: int):
+    """Samples token ids (b,) from logits (b, v): greedy at temperature 0, else
+    temperature-scaled, restricted to the top_k and to the top_p probability mass."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the tokens ranked above
+        sorted_logits = jnp.where(before >= top_p, -jnp.inf, sorted_logits)
+        logits = jnp.full_like(logits, -jnp.inf).at[
+            jnp.arange(logits.shape[0])[:, None], order
+        ].set(sorted_logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _left_pad(prompts: list[list[int]], multiple: int):
+    """(b, L) left-padded tokens, L a multiple of `multiple`, and (b, L) resets marking
+    each prompt's first token."""
+    longest = max(len(p) for p in prompts)
+    length = -(-longest // multiple) * multiple
+    tokens = np.full((len(prompts), length), tok.PAD_ID, np.int32)
+    resets = np.zeros((len(prompts), length), bool)
+    for i, p in enumerate(prompts):
+        tokens[i, length - len(p) :] = p
+        resets[i, length - len(p)] = True
+    return jnp.asarray(tokens), jnp.asarray(resets)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _prefill_chunk(graphdef, params, tokens, resets, states):
+    model = nnx.merge(graphdef, params)
+    logits, states = model(tokens, resets=resets, h0=states, return_state=True)
+    return logits[:, -1], states
+
+
+def prefill(model: LanguageModel, prompts: list[list[int]], *, chunk_size: int = 2048):
+    """Runs the prompts in parallel chunks. Returns (last logits (b, v), states (k, b, n))."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    longest = max(len(p) for p in prompts)
+    chunk = min(chunk_size, longest)
+    tokens, resets = _left_pad(prompts, chunk)
+    graphdef, params = nnx.split(model)
+    states = model.init_state(len(prompts))
+    logits = None
+    for start in range(0, tokens.shape[1], chunk):
+        logits, states = _prefill_chunk(
+            graphdef, params, tokens[:, start : start + chunk], resets[:, start : start + chunk],
+            states,
+        )  # fmt: skip
+    return logits, states
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p", "top_k"),
+)
+def _decode(graphdef, params, logits, states, key, stop_ids, *, max_new_tokens, temperature,
+            top_p, top_k):  # fmt: skip
+    model = nnx.merge(graphdef, params)
+    b = logits.shape[0]
+    out = jnp.full((b, max_new_tokens), tok.PAD_ID, jnp.int32)
+
+    def cond(carry):
+        i, _, _, done, _, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, logits, states, done, out, key = carry
+        key, sub = jax.random.split(key)
+        token = sample_logits(sub, logits, temperature=temperature, top_p=top_p, top_k=top_k)
+        token = jnp.where(done, tok.PAD_ID, token)
+        out = out.at[:, i].set(token)
+        done = done | jnp.isin(token, stop_ids)
+        step_logits, states = model(token[:, None], h0=states, return_state=True)
+        return i + 1, step_logits[:, 0], states, done, out, key
+
+    init = (0, logits, states, jnp.zeros((b,), bool), out, key)
+    _, _, _, _, out, _ = jax.lax.while_loop(cond, body, init)
+    return out
+
+
+def generate(
+    model: LanguageModel,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    stop_ids: tuple[int, ...] = (tok.EOS_ID,),
+    prefill_chunk: int = 2048,
+) -> list[list[int]]:
+    """Continues each prompt (a list of token ids). Works on a sharded model too: the
+    parameters keep their shardings and jit places the computation accordingly.
+
+    Returns, per prompt, the new tokens up to and excluding the first stop token.
+    """
+    check_sampling(temperature, top_p, top_k, max_new_tokens)
+    if model.cfg.bidirectional:
+        raise ValueError("a bidirectional model cannot generate: it needs the future")
+    logits, states = prefill(model, prompts, chunk_size=prefill_chunk)
+    graphdef, params = nnx.split(model)
+    out = _decode(
+        graphdef, params, logits, states, jax.random.key(seed), jnp.asarray(stop_ids, jnp.int32),
+        max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
+        top_k=int(top_k),
+    )  # fmt: skip
+    result = []
+    for row in np.asarray(out):
+        ids = []
+        for t in row.tolist():
+            if t in stop_ids or t == tok.PAD_ID:
+                break
+            ids.append(t)
+        result.append(ids)
+    return result
+
+
+def load_model(workdir: str):
+    """(model with the newest checkpoint's parameters, tokenizer, step) of a workdir."""
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{workdir} is not a training workdir (no config.json)")
+    with open(config_path) as f:
+        config = config_lib.from_dict(json.load(f))
+    if config.task != "lm":
+        raise ValueError(f"{workdir} trained task {config.task!r}; generation needs a language model")
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(checkpoints) or not any(d.isdigit() for d in os.listdir(checkpoints)):
+        raise FileNotFoundError(f"no checkpoint in {checkpoints}; run `lrulm train` first")
+    sp = tok.load_tokenizer(os.path.join(workdir, "tokenizer.model"))
+    vocab = tasks.lm_vocab_size(sp, config.model.vocab_size)
+    model_cfg = tasks.resolve_model_config(config.model, vocab_size=vocab)
+    abstract = nnx.eval_shape(lambda: LanguageModel(model_cfg, rngs=nnx.Rngs(0)))
+    graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+    replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        nnx.to_pure_dict(abstract_params),
+    )
+    params, step = ckpt_lib.restore_params(workdir, target)
+    return nnx.merge(graphdef, params), sp, step
+
+
+def generate_from_workdir(
+    workdir: str,
+    prompt: str,
+    *,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    top_k: int = 0,
+    seed: int = 0,
+) -> str:
+    """`lrulm generate`: the prompt followed by its continuation, as text."""
+    check_sampling(temperature, top_p, top_k, max_new_tokens)
+    if not prompt:
+        raise ValueError("--prompt is empty; give some text to continue")
+    model, sp, _ = load_model(workdir)
+    ids = sp.encode(prompt)
+    new = generate(model, [ids], max_new_tokens=max_new_tokens, temperature=temperature,
+                   top_p=top_p, top_k=top_k, seed=seed)[0]  # fmt: skip
+    return prompt + sp.decode(new)

@@ -1,0 +1,213 @@
+"""`lrulm lra-report`: LRA test accuracy of finished runs beside the LRU paper's Table 3.
+
+Each workdir holds the `results.json` the trainer writes after the last step (test
+accuracy of the best-validation checkpoint) and the `config.json` naming its task.
+When several runs of one task are given, the table reports the one with the best
+validation accuracy, the way the paper selects (picking on test accuracy would
+overstate it); every run is listed below the table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# Paper order and display names.
+TASK_NAMES = {
+    "listops": "ListOps",
+    "text": "Text",
+    "retrieval": "Retrieval",
+    "image": "Image",
+    "pathfinder": "Pathfinder",
+    "pathx": "Path-X",
+}
+
+# LRU paper (Orvieto et al. 2023) Table 3, test accuracy in %.
+PAPER: dict[str, dict[str, float]] = {
+    "LRU": dict(listops=60.2, text=89.4, retrieval=89.9, image=89.0, pathfinder=95.1, pathx=94.2),
+    "S4": dict(listops=59.6, text=86.8, retrieval=90.9, image=88.7, pathfinder=94.2, pathx=96.4),
+    "S5": dict(listops=62.2, text=89.3, retrieval=91.4, image=88.0, pathfinder=95.3, pathx=98.6),
+}
+MISSING = "–"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One finished LRA run, accuracies as fractions in [0, 1]."""
+
+    workdir: str
+    task: str
+    step: int
+    test_accuracy: float
+    eval_accuracy: float | None  # best validation accuracy, None if not recorded
+    best_step: int | None
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the run may have been cut off "
+                         "while writing it: resume it with the same `lrulm train` command") from e  # fmt: skip
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a {type(data).__name__}, expected a JSON object")
+    return data
+
+
+def load_run(workdir: str) -> Run:
+    """Reads one workdir's results.json (and config.json for the task).
+
+    Raises:
+      FileNotFoundError: the directory or its results.json does not exist.
+      ValueError: the files are malformed, or the run is not an LRA task.
+    """
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"{workdir}: no such run directory")
+    results_path = os.path.join(workdir, "results.json")
+    if not os.path.exists(results_path):
+        raise FileNotFoundError(
+            f"{workdir} has no results.json: the trainer writes it after the last step, with "
+            "the test accuracy of the best-validation checkpoint. Finish the run (re-running "
+            "the same `lrulm train` command resumes it) or leave this directory out"
+        )
+    results = _read_json(results_path)
+    config_path = os.path.join(workdir, "config.json")
+    task = _read_json(config_path).get("task") if os.path.exists(config_path) else None
+    task = task or results.get("task")
+    if task not in TASK_NAMES:
+        raise ValueError(
+            f"{workdir} is a {task!r} run; lra-report reads LRA runs: {', '.join(TASK_NAMES)}"
+        )
+    if "test/accuracy" not in results:
+        raise ValueError(f"{results_path} has no 'test/accuracy'; keys: {sorted(results)}")
+    best_step = results.get("best/step")
+    return Run(
+        workdir=workdir,
+        task=task,
+        step=int(results.get("step", 0)),
+        test_accuracy=float(results["test/accuracy"]),
+        eval_accuracy=results.get("best/eval_accuracy"),
+        best_step=None if best_step is None else int(best_step),
+    )
+
+
+def select(runs: Sequence[Run]) -> dict[str, Run]:
+    """Per task, the run with the best validation accuracy (the first on ties)."""
+    chosen: dict[str, Run] = {}
+    for run in runs:
+        best = chosen.get(run.task)
+        score = -1.0 if run.eval_accuracy is None else run.eval_accuracy
+        if best is None or score > (-1.0 if best.eval_accuracy is None else best.eval_accuracy):
+            chosen[run.task] = run
+    return chosen
+
+
+def _pct(x: float | None) -> str:
+    return MISSING if x is None else f"{x:.1f}"
+
+
+def _row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _average(values: dict[str, float]) -> float | None:
+    """The LRA average, over all six tasks only (a partial average would mislead)."""
+    return sum(values.values()) / len(TASK_NAMES) if len(values) == len(TASK_NAMES) else None
+
+
+def table(runs: Sequence[Run]) -> str:
+    """The markdown report: lrulm beside the paper's models, then every run."""
+    chosen = select(runs)
+    ours = {t: 100 * r.test_accuracy for t, r in chosen.items()}
+    header = ["model", *TASK_NAMES.values(), "Avg"]
+    lines = ["## LRA test accuracy (%)", "", _row(header), _row(["---"] * len(header))]
+    lines.append(_row(["lrulm", *(_pct(ours.get(t)) for t in TASK_NAMES), _pct(_average(ours))]))
+    for model, scores in PAPER.items():
+        cells = [_pct(scores[t]) for t in TASK_NAMES]
+        lines.append(_row([f"{model} (paper)", *cells, _pct(_average(scores))]))
+    lru = PAPER["LRU"]
+    delta = [MISSING if t not in ours else f"{ours[t] - lru[t]:+.1f}" for t in TASK_NAMES]
+    ours_avg, lru_avg = _average(ours), _average(lru)
+    delta.append(MISSING if ours_avg is None else f"{ours_avg - lru_avg:+.1f}")
+    lines.append(_row(["lrulm − LRU (paper)", *delta]))
+    lines += [
+        "",
+        f"lrulm: {len(runs)} run(s); per task the run with the best validation accuracy. "
+        f"Paper numbers: Orvieto et al. 2023, Table 3. {MISSING} = not run; Avg only when "
+        "all six tasks ran.",
+        "",
+        "### Runs",
+        "",
+        _row(["task", "workdir", "step", "best val acc (step)", "test acc", "reported"]),
+        _row(["---"] * 6),
+    ]
+    order = list(TASK_NAMES)
+    for run in sorted(runs, key=lambda r: order.index(r.task)):
+        val = MISSING if run.eval_accuracy is None else f"{100 * run.eval_accuracy:.1f}"
+        if run.best_step is not None:
+            val += f" ({run.best_step})"
+        mark = "✓" if chosen[run.task] is run else ""
+        lines.append(_row([TASK_NAMES[run.task], run.workdir, str(run.step), val,
+                           f"{100 * run.test_accuracy:.1f}", mark]))  # fmt: skip
+    return "\n".join(lines)
+
+
+def bar_chart(runs: Sequence[Run], path: str) -> None:
+    """Writes a grouped bar chart (PNG) of lrulm's and the paper's accuracy per task."""
+    # The object-oriented Agg API draws without touching pyplot's global backend.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    chosen = select(runs)
+    series = {"lrulm": {t: 100 * r.test_accuracy for t, r in chosen.items()}}
+    series.update({f"{m} (paper)": s for m, s in PAPER.items()})
+    fig = Figure(figsize=(9, 4.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / len(series)
+    for i, (label, scores) in enumerate(series.items()):
+        xs = [k + (i - (len(series) - 1) / 2) * width for k in range(len(TASK_NAMES))]
+        heights = [scores.get(t, 0.0) for t in TASK_NAMES]
+        bars = ax.bar(xs, heights, width, label=label)
+        if label == "lrulm":
+            for x, t, bar in zip(xs, TASK_NAMES, bars):
+                text = _pct(scores.get(t)) if t in scores else "not run"
+                ax.text(x, bar.get_height() + 1, text, ha="center", va="bottom", fontsize=7,
+                        rotation=90)  # fmt: skip
+    ax.set_xticks(range(len(TASK_NAMES)), list(TASK_NAMES.values()))
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 118)  # headroom above 100% for the legend
+    ax.set_title("Long Range Arena: lrulm vs the LRU paper (Table 3)")
+    ax.legend(loc="upper center", ncol=len(series), fontsize=8, frameon=False)
+    fig.tight_layout()
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, format="png")
+
+
+def report(workdirs: Sequence[str], plot: str | None = None) -> str:
+    """The markdown accuracy table for finished LRA runs; optionally a bar chart.
+
+    Args:
+      workdirs: run directories, each with results.json and config.json; several
+        runs of one task are allowed (the best-validation one is reported).
+      plot: a PNG path to also write a bar chart to; None for none.
+
+    Returns:
+      The markdown report (the table beside the paper's LRU, S4 and S5, then each run).
+
+    Raises:
+      FileNotFoundError: a directory or its results.json is missing.
+      ValueError: no workdirs, malformed files, or a run that is not an LRA task.
+    """
+    if not workdirs:
+        raise ValueError("give at least one run directory")
+    runs = [load_run(w) for w in workdirs]
+    text = table(runs)
+    if plot:
+        bar_chart(runs, plot)
+        text += f"\n\nBar chart: {plot}"
+    return text

@@ -1,0 +1,197 @@
+"""Checkpoints: exact resume after SIGKILL, SIGTERM, damage, another mesh, plain Orbax."""
+
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from lrulm import checkpoint as ckpt_lib
+from lrulm import config as config_lib
+from lrulm import tasks, train
+
+TINY = "configs/lm/tiny.py:test"
+
+
+def _cmd(workdir, corpus, *overrides):
+    args = [f"data.train_files={corpus['train']}", f"data.eval_files={corpus['eval']}",
+            "train.log_every=1", "train.eval_every=0", *overrides]  # fmt: skip
+    return [sys.executable, "-m", "lrulm", "train", "--config", TINY, "--workdir", str(workdir),
+            *[f"--config.{a}" for a in args]]  # fmt: skip
+
+
+def _run(workdir, corpus, *overrides, timeout=300):
+    out = subprocess.run(_cmd(workdir, corpus, *overrides), capture_output=True, text=True,
+                         timeout=timeout)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout + out.stderr
+
+
+def _wait_for(path, proc, timeout=240):
+    start = time.time()
+    while not os.path.exists(path):
+        assert proc.poll() is None, f"the run ended before {path} appeared"
+        assert time.time() - start < timeout, f"{path} did not appear in {timeout} s"
+        time.sleep(0.02)
+
+
+def _losses(workdir):
+    """step -> train/loss, the last logged value of each step (a resumed run repeats some)."""
+    out = {}
+    for line in open(os.path.join(workdir, "metrics.jsonl")):
+        row = json.loads(line)
+        if "train/loss" in row:
+            out[row["step"]] = row["train/loss"]
+    return out
+
+
+def _params(workdir, step):
+    restored = ocp.PyTreeCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+    return jax.tree.map(np.asarray, restored["params"])
+
+
+def test_sigkill_then_resume_is_bitwise_exact(tmp_path, corpus):
+    # The tiny preset (~0.25 s a step here) leaves time to kill the run mid-way.
+    steps = ["train.steps=40", "checkpoint.every_steps=4", "model.preset=tiny",
+             "train.seq_len=128"]  # fmt: skip
+    straight = tmp_path / "straight"
+    _run(straight, corpus, *steps)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(killed, corpus, *steps), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        _wait_for(killed / "checkpoints" / "4", proc)  # committed: Orbax renames at the end
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    out = _run(killed, corpus, *steps)
+    resumed_from = int(re.search(r"resumed from \S+/checkpoints/(\d+)", out).group(1))
+    assert 4 <= resumed_from < 40, out
+    a, b = _losses(straight), _losses(killed)
+    assert sorted(a) == sorted(b) == list(range(1, 41))
+    for s in range(resumed_from + 1, 41):
+        assert a[s] == b[s], (s, a[s], b[s])  # identical, not merely close: same data order
+    pa, pb = _params(straight, 40), _params(killed, 40)
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path, corpus):
+    workdir = tmp_path / "run"
+    cmd = _cmd(workdir, corpus, "train.steps=100000", "checkpoint.every_steps=5")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(workdir / "checkpoints" / "5", proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-2000:]
+    assert "preemption signal; saving step" in out
+    saved = int(re.search(r"saving step (\d+)", out).group(1))
+    assert saved >= 5 and os.path.isdir(workdir / "checkpoints" / str(saved))
+    out = _run(workdir, corpus, f"train.steps={saved + 3}", "checkpoint.every_steps=5")
+    assert f"resumed from {workdir}/checkpoints/{saved}" in out
+    assert max(_losses(workdir)) == saved + 3
+
+
+def test_damaged_checkpoint_is_named_and_skipped(tmp_path, corpus):
+    workdir = tmp_path / "run"
+    _run(workdir, corpus, "train.steps=8", "checkpoint.every_steps=4")
+    # Truncate the newest checkpoint's array data, as a crash of the storage might.
+    data = [f for f in glob.glob(str(workdir / "checkpoints" / "8" / "state" / "**" / "*"),
+                                 recursive=True) if os.path.isfile(f)]  # fmt: skip
+    biggest = max(data, key=os.path.getsize)
+    with open(biggest, "r+b") as f:
+        f.truncate(os.path.getsize(biggest) // 3)
+    out = _run(workdir, corpus, "train.steps=10", "checkpoint.every_steps=4")
+    assert f"checkpoint {workdir}/checkpoints/8 is damaged" in out
+    assert f"resumed from {workdir}/checkpoints/4" in out
+    kept = glob.glob(str(workdir / "corrupt_checkpoints" / "8-*"))
+    assert kept, "the damaged checkpoint must be kept for inspection, not deleted"
+    assert max(_losses(workdir)) == 10
+
+
+def test_restore_onto_other_meshes(tmp_path, corpus):
+    def cfg(*mesh):
+        pairs = [("data.train_files", corpus["train"]), ("data.eval_files", corpus["eval"]),
+                 ("train.steps", "4"), ("train.eval_every", "0"), ("checkpoint.every_steps", "4")]
+        return config_lib.load_with_overrides(TINY, pairs + [tuple(m.split("=")) for m in mesh])
+
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(cfg("mesh.data=8"), workdir)
+    results = {}
+    for name, mesh_args, devices in [
+        ("data8", ["mesh.data=8"], None),
+        ("fsdp4_tp2", ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"], None),
+        ("four_devices", ["mesh.data=4"], jax.devices()[:4]),
+    ]:
+        config = cfg(*mesh_args)
+        mesh = train.make_mesh(config, devices)
+        exp = train.build(config, tasks.make_task(config, workdir), mesh)
+        checkpointer = ckpt_lib.Checkpointer(workdir)
+        state = checkpointer.restore_latest(exp.abstract_state).state
+        checkpointer.close()
+        leaf = state["params"]["stack"]["blocks"]["lru"]["B_re"]
+        assert leaf.sharding == exp.state_shardings["params"]["stack"]["blocks"]["lru"]["B_re"]
+        params = jax.device_get(state["params"])
+        train_jit, _ = train.jit_steps(exp)
+        rng = np.random.default_rng(1)
+        batch = {k: jax.device_put(rng.integers(4, 500, shape).astype(np.int32),
+                                   exp.batch_shardings[k])
+                 for k, (shape, _) in exp.batch_spec.items()}  # fmt: skip
+        _, metrics = train_jit(state, batch)
+        results[name] = (params, float(metrics["train/loss"]))
+    ref_params, ref_loss = results["data8"]
+    for name, (params, loss) in results.items():
+        for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+            np.testing.assert_array_equal(x, y)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=name)
+
+
+def test_plain_orbax_reads_the_parameters(tmp_path, corpus):
+    workdir = tmp_path / "run"
+    _run(workdir, corpus, "train.steps=2", "checkpoint.every_steps=2")
+    script = (
+        "import sys, orbax.checkpoint as ocp\n"
+        "tree = ocp.StandardCheckpointer().restore(sys.argv[1])\n"
+        "lru = tree['params']['stack']['blocks']['lru']\n"
+        "print(sorted(lru), lru['nu_log'].shape, int(tree['step']))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(workdir / "checkpoints" / "2" / "state")],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert "'B_im', 'B_re', 'C_im', 'C_re', 'D', 'gamma_log', 'nu_log', 'theta_log'" in out.stdout
+    assert "(2, 32) 2" in out.stdout
+
+
+def test_nonfinite_loss_stops_and_keeps_the_good_checkpoint(tmp_path, corpus):
+    pairs = [("data.train_files", corpus["train"]), ("data.eval_files", corpus["eval"]),
+             ("train.steps", "30"), ("train.eval_every", "0"), ("train.log_every", "10"),
+             ("checkpoint.every_steps", "1"), ("optim.lr", "1e30"),
+             ("optim.warmup_fraction", "0.0"), ("optim.grad_clip", "0.0")]  # fmt: skip
+    config = config_lib.load_with_overrides(TINY, pairs)
+    workdir = str(tmp_path / "run")
+    with pytest.raises(train.NonFiniteLoss, match="non-finite at step") as info:
+        train.train_and_evaluate(config, workdir)
+    bad = info.value.step
+    steps = ckpt_lib.Checkpointer(workdir).steps()
+    assert steps and max(steps) <= bad
+    params = _params(workdir, max(steps))
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+def test_init_from_checks_shapes(tmp_path, corpus):
+    base = tmp_path / "base"
+    _run(base, corpus, "train.steps=2", "checkpoint.every_steps=2")
+    out = _run(tmp_path / "finetune", corpus, "train.steps=2", f"checkpoint.init_from={base}")
+    assert f"parameters from {base} (step 2)" in out
+    bad = subprocess.run(_cmd(tmp_path / "bad", corpus, "train.steps=2", "model.d_model=48",
+                              f"checkpoint.init_from={base}"), capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode != 0
+    assert "do not fit this model" in bad.stderr and "(2, 32, 32)" in bad.stderr

@@ -1,0 +1,259 @@
+"""lrulm.distributed: environment detection, no-op single process, and failures of real jobs."""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import pytest
+
+from lrulm import distributed
+
+# Variables that would make a process join (or detect) some other job.
+_JOB_VARS = [
+    *distributed.ADDRESS_VARS,
+    *distributed.NUM_PROCESSES_VARS,
+    *distributed.PROCESS_ID_VARS,
+    "SLURM_NTASKS",
+    "SLURM_JOB_ID",
+    "SLURM_STEP_NODELIST",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+    "OMPI_MCA_orte_hnp_uri",
+    "TPU_WORKER_HOSTNAMES",
+    "TPU_PROCESS_ADDRESSES",
+    "MEGASCALE_NUM_SLICES",
+    "CLOUD_TPU_TASK_ID",
+]
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in _JOB_VARS:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in _JOB_VARS}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env.update(extra)
+    return env
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _processes(script, envs):
+    """Starts one `python script` per env, each in its own session; always kills them all."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for env in envs
+    ]
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
+# --- detection -------------------------------------------------------------------------------
+
+
+def test_no_variables_is_single_process(clean_env):
+    assert distributed.detect() == distributed.Environment("single", 1, 0)
+
+
+@pytest.mark.parametrize("prefix", ["LRULM", "JAX"])
+def test_explicit_variables(clean_env, prefix):
+    clean_env.setenv(f"{prefix}_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    clean_env.setenv(f"{prefix}_NUM_PROCESSES", "4")
+    clean_env.setenv(f"{prefix}_PROCESS_ID", "3")
+    assert distributed.detect() == distributed.Environment("env", 4, 3, "10.0.0.1:1234")
+
+
+def test_lrulm_variables_win_over_jax_ones(clean_env):
+    clean_env.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.9:9")
+    clean_env.setenv("LRULM_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    clean_env.setenv("LRULM_NUM_PROCESSES", "2")
+    clean_env.setenv("LRULM_PROCESS_ID", "0")
+    assert distributed.detect().coordinator_address == "10.0.0.1:1234"
+
+
+def test_incomplete_variables_name_what_is_missing(clean_env):
+    clean_env.setenv("LRULM_NUM_PROCESSES", "2")
+    with pytest.raises(ValueError, match="LRULM_COORDINATOR_ADDRESS, LRULM_PROCESS_ID"):
+        distributed.detect()
+
+
+def test_process_id_out_of_range(clean_env):
+    clean_env.setenv("LRULM_COORDINATOR_ADDRESS", "127.0.0.1:1234")
+    clean_env.setenv("LRULM_NUM_PROCESSES", "2")
+    clean_env.setenv("LRULM_PROCESS_ID", "2")
+    with pytest.raises(ValueError, match=r"LRULM_PROCESS_ID=2 must be in \[0, "):
+        distributed.detect()
+
+
+@pytest.mark.parametrize("ntasks,kind", [("4", "slurm"), ("1", "single")])
+def test_slurm_needs_more_than_one_task(clean_env, ntasks, kind):
+    for name, value in dict(
+        SLURM_NTASKS=ntasks,
+        SLURM_JOB_ID="77",
+        SLURM_STEP_NODELIST="gpu[01-04]",
+        SLURM_PROCID="0",
+        SLURM_LOCALID="0",
+    ).items():
+        clean_env.setenv(name, value)
+    assert distributed.detect().kind == kind
+
+
+def test_gke_tpu_pod_counts_workers(clean_env):
+    clean_env.setenv("TPU_WORKER_HOSTNAMES", "w-0,w-1,w-2,w-3")
+    clean_env.setenv("MEGASCALE_NUM_SLICES", "2")
+    env = distributed.detect()
+    assert (env.kind, env.num_processes, env.process_id) == ("tpu", 8, None)
+
+
+def test_single_process_initialize_is_an_idempotent_no_op(clean_env):
+    distributed.initialize()
+    distributed.initialize(timeout_s=1)
+    assert not jax.distributed.is_initialized()
+    assert (distributed.process_count(), distributed.process_index()) == (1, 0)
+    assert distributed.is_main_process()
+    distributed.barrier("single")  # returns at once
+
+
+# --- real processes --------------------------------------------------------------------------
+
+
+def test_unreachable_coordinator_raises_quickly(tmp_path):
+    script = tmp_path / "join.py"
+    script.write_text(
+        textwrap.dedent("""
+        from lrulm import distributed
+        try:
+            distributed.initialize(timeout_s=2)
+        except RuntimeError as e:
+            print("RuntimeError:", e)
+        """)
+    )
+    port = _free_port()  # nothing listens there
+    env = _env(
+        LRULM_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", LRULM_NUM_PROCESSES="2", LRULM_PROCESS_ID="1"
+    )
+    start = time.monotonic()
+    with _processes(script, [env]) as (proc,):
+        out, _ = proc.communicate(timeout=30)
+    assert time.monotonic() - start < 15
+    assert proc.returncode == 0, out
+    assert (
+        f"RuntimeError: process 1 of 2 could not reach the coordinator at 127.0.0.1:{port}" in out
+    )
+    assert "within 2 s" in out and "LRULM_COORDINATOR_ADDRESS" in out
+
+
+def test_coordinator_port_in_use_raises(tmp_path):
+    import socket
+
+    script = tmp_path / "lead.py"
+    script.write_text("from lrulm import distributed\ndistributed.initialize(timeout_s=5)\n")
+    with socket.socket() as held:
+        held.bind(("0.0.0.0", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        env = _env(
+            LRULM_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            LRULM_NUM_PROCESSES="2",
+            LRULM_PROCESS_ID="0",
+        )
+        with _processes(script, [env]) as (proc,):
+            out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 1, out  # a Python error, not jax's segfault
+    assert f"RuntimeError: process 0 cannot start the coordinator: port {port}" in out
+
+
+HEARTBEAT_S = 3
+# Survivors must be gone within the heartbeat timeout plus this much (process start-up of the
+# abort, scheduling on a loaded 2-core machine).
+SLACK_S = 6
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("victim", [1, 0], ids=["worker_dies", "coordinator_dies"])
+def test_survivor_exits_within_heartbeat_when_a_peer_dies(tmp_path, victim):
+    # The survivor sleeps, standing in for a collective that never errors out on its own (on
+    # TPUs a dead peer makes an ICI collective hang): only the coordination service frees it.
+    script = tmp_path / "peer.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import os, signal, time
+        import jax
+        from lrulm import distributed
+        distributed.initialize(timeout_s=60)
+        distributed.barrier("up")
+        print("ready", flush=True)
+        if jax.process_index() == {victim}:
+            time.sleep(0.5)
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(120)
+        """)
+    )
+    address = f"127.0.0.1:{_free_port()}"
+    envs = [
+        _env(
+            LRULM_COORDINATOR_ADDRESS=address,
+            LRULM_NUM_PROCESSES="2",
+            LRULM_PROCESS_ID=str(i),
+            LRULM_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S),
+        )
+        for i in range(2)
+    ]
+    with _processes(script, envs) as procs:
+        procs[victim].wait(timeout=60)
+        died = time.monotonic()
+        survivor = procs[1 - victim]
+        survivor.wait(timeout=HEARTBEAT_S + SLACK_S + 30)
+        elapsed = time.monotonic() - died
+        out = survivor.stdout.read()
+    assert procs[victim].returncode == -signal.SIGKILL
+    assert "ready" in out
+    assert survivor.returncode != 0, out
+    assert elapsed < HEARTBEAT_S + SLACK_S, f"survivor took {elapsed:.1f} s\n{out}"
+
+
+def test_single_process_preemption_flag(tmp_path):
+    script = tmp_path / "preempt.py"
+    script.write_text(
+        textwrap.dedent("""
+        import os, signal
+        from lrulm import distributed
+        distributed.initialize()
+        seen = [distributed.preemption_requested(step) for step in range(3)]
+        os.kill(os.getpid(), signal.SIGTERM)  # handled: the process keeps running
+        seen += [distributed.preemption_requested(step) for step in range(3, 5)]
+        print("seen", seen)
+        """)
+    )
+    with _processes(script, [_env()]) as (proc,):
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "seen [False, False, False, True, True]" in out

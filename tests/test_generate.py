@@ -1,0 +1,117 @@
+"""Recurrent generation: step-by-step decoding equals the parallel model; sampling; errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lrulm import generate as gen
+from lrulm.model import LanguageModel
+from lrulm.model_config import from_preset
+
+
+@pytest.fixture(scope="module")
+def model():
+    return LanguageModel(from_preset("test", vocab_size=128), rngs=nnx.Rngs(0))
+
+
+def _prompts(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(4, 128, n).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("lengths", [[1], [5, 5], [3, 17, 9], [40, 1, 23, 64]])
+def test_prefill_with_mixed_lengths_matches_each_prompt_alone(model, lengths):
+    prompts = _prompts(lengths, seed=len(lengths))
+    logits, states = gen.prefill(model, prompts, chunk_size=16)  # several chunks
+    for i, p in enumerate(prompts):
+        alone, alone_state = model(jnp.asarray([p]), return_state=True)
+        np.testing.assert_allclose(logits[i], alone[0, -1], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(states[:, i], alone_state[:, 0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch, length", [(1, 12), (3, 30)])
+def test_step_by_step_equals_parallel_at_every_position(model, batch, length):
+    tokens = jnp.asarray(_prompts([length] * batch, seed=length))
+    parallel = model(tokens)
+    states = model.init_state(batch)
+    step = jax.jit(lambda t, s: model(t, h0=s, return_state=True))
+    for t in range(length):
+        logits, states = step(tokens[:, t : t + 1], states)
+        np.testing.assert_allclose(logits[:, 0], parallel[:, t], rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_continuation_equals_argmax_of_the_parallel_model(model):
+    prompts = _prompts([7, 3])
+    out = gen.generate(model, prompts, max_new_tokens=6, temperature=0.0, stop_ids=())
+    for p, new in zip(prompts, out):
+        assert len(new) == 6
+        seq = list(p)
+        for token in new:  # each new token is the argmax of the whole sequence so far
+            assert int(jnp.argmax(model(jnp.asarray([seq]))[0, -1])) == token
+            seq.append(token)
+
+
+def test_sampling_filters():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    key = jax.random.key(0)
+    assert int(gen.sample_logits(key, logits, temperature=0.0, top_p=1.0, top_k=0)[0]) == 0
+    keys = jax.random.split(key, 4000)
+    free = np.bincount(jax.vmap(lambda k: gen.sample_logits(
+        k, logits, temperature=1.0, top_p=1.0, top_k=0)[0])(keys), minlength=4) / 4000  # fmt: skip
+    np.testing.assert_allclose(free, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    top2 = np.bincount(jax.vmap(lambda k: gen.sample_logits(
+        k, logits, temperature=1.0, top_p=1.0, top_k=2)[0])(keys), minlength=4)  # fmt: skip
+    assert top2[2] == top2[3] == 0 and abs(top2[0] / 4000 - 0.625) < 0.03
+    nucleus = np.bincount(jax.vmap(lambda k: gen.sample_logits(
+        k, logits, temperature=1.0, top_p=0.7, top_k=0)[0])(keys), minlength=4)  # fmt: skip
+    assert nucleus[2] == nucleus[3] == 0  # 0.5 + 0.3 covers 0.7
+
+
+def test_stop_tokens_per_sequence_and_seed(model):
+    prompts = _prompts([5, 8, 2])
+    a = gen.generate(model, prompts, max_new_tokens=20, temperature=1.0, seed=3, stop_ids=())
+    b = gen.generate(model, prompts, max_new_tokens=20, temperature=1.0, seed=3, stop_ids=())
+    c = gen.generate(model, prompts, max_new_tokens=20, temperature=1.0, seed=4, stop_ids=())
+    assert a == b and a != c
+    stop = a[1][4]  # a token the second row produces at position 4
+    d = gen.generate(model, prompts, max_new_tokens=20, temperature=1.0, seed=3, stop_ids=(stop,))
+    assert d[1] == a[1][: a[1].index(stop)]
+    for full, cut in zip(a, d):
+        assert cut == full[: len(cut)]
+
+
+def test_decode_loop_compiles_once(model):
+    gen._decode.clear_cache()
+    for seed in range(3):
+        gen.generate(model, _prompts([4, 6], seed), max_new_tokens=5, temperature=0.7, seed=seed)
+    assert gen._decode._cache_size() == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(top_p=0.0), "top_p must be in"),
+        (dict(top_p=1.5), "top_p must be in"),
+        (dict(temperature=-1.0), "temperature must be"),
+        (dict(max_new_tokens=0), "max_new_tokens must be positive"),
+    ],
+)
+def test_bad_sampling_arguments(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        gen.generate(model, _prompts([3]), **kwargs)
+
+
+def test_empty_prompt_and_missing_checkpoint(model, tmp_path):
+    with pytest.raises(ValueError, match="at least one token"):
+        gen.generate(model, [[]])
+    with pytest.raises(FileNotFoundError, match="not a training workdir"):
+        gen.generate_from_workdir(str(tmp_path), "x")
+    from lrulm import config as config_lib
+
+    (tmp_path / "config.json").write_text(config_lib.base_config().to_json())
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        gen.generate_from_workdir(str(tmp_path), "x")
+    with pytest.raises(ValueError, match="--prompt is empty"):
+        gen.generate_from_workdir(str(tmp_path), "")

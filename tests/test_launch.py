@@ -1,0 +1,380 @@
+"""Launchers: real multi-process jobs through launch/local.py, and dry runs of the cluster ones."""
+
+import contextlib
+import importlib.util
+import os
+import pathlib
+import shlex
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+LAUNCH = pathlib.Path(__file__).resolve().parent.parent / "launch"
+_JOB_VARS = ("LRULM_COORDINATOR_ADDRESS", "LRULM_NUM_PROCESSES", "LRULM_PROCESS_ID")
+
+
+def _module(name):
+    """Imports launch/<name>.py (the launchers are scripts, not a package)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, LAUNCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up here
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@contextlib.contextmanager
+def _launcher(*args, extra_env=None):
+    """Starts launch/local.py in its own session; always kills it (its children follow it)."""
+    env = {k: v for k, v in os.environ.items() if k not in _JOB_VARS}
+    env.update(extra_env or {})
+    proc = subprocess.Popen(
+        [sys.executable, str(LAUNCH / "local.py"), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
+def _timed_lines(proc, timeout_s):
+    """Reads the launcher's output to the end: [(seconds since start, line)], then its exit."""
+    start, lines = time.monotonic(), []
+    for line in proc.stdout:
+        lines.append((time.monotonic() - start, line.rstrip("\n")))
+        assert time.monotonic() - start < timeout_s, "\n".join(text for _, text in lines)
+    proc.wait(timeout=timeout_s)
+    return lines, time.monotonic() - start
+
+
+def _text(lines):
+    return "\n".join(text for _, text in lines)
+
+
+# --- launch/local.py -------------------------------------------------------------------------
+
+
+@pytest.mark.multiprocess
+def test_two_processes_share_one_global_array(tmp_path):
+    script = tmp_path / "collective.py"
+    script.write_text(
+        textwrap.dedent("""
+        import os
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.experimental import multihost_utils
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        from lrulm import distributed
+
+        distributed.initialize()
+        distributed.initialize()  # idempotent
+        i = jax.process_index()
+        print("count", jax.process_count(), jax.device_count(), jax.local_device_count())
+        print("flags", os.environ["XLA_FLAGS"])
+        mesh = jax.make_mesh((jax.device_count(),), ("d",))
+        # Process i holds rows [10**i, 2 * 10**i]: the sum 33 needs both processes' rows.
+        local = np.array([1.0, 2.0], np.float32) * 10.0**i
+        arr = jax.make_array_from_process_local_data(NamedSharding(mesh, P("d")), local)
+        total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(arr)
+        ids = multihost_utils.process_allgather(np.int32(i))
+        print("sum", float(total), "ids", ids.tolist())
+        distributed.barrier("done")
+        """)
+    )
+    args = ["--num_processes", "2", "--devices_per_process", "2", "--timeout_s", "60"]
+    # The launcher must replace the device count it inherits and keep the other flags.
+    env = {
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=1"
+    }
+    with _launcher(*args, "--", sys.executable, str(script), extra_env=env) as proc:
+        lines, _ = _timed_lines(proc, 60)
+    out = _text(lines)
+    assert proc.returncode == 0, out
+    for p in ("[p0] ", "[p1] "):
+        assert f"{p}count 2 4 2" in out, out
+        assert f"{p}sum 33.0 ids [0, 1]" in out, out
+        assert (
+            f"{p}flags --xla_backend_optimization_level=1 "
+            "--xla_force_host_platform_device_count=2" in out
+        )
+
+
+def test_large_output_does_not_deadlock():
+    code = "import sys\nfor i in range(40000): sys.stdout.write(f'line {i} ' + 'x' * 80 + '\\n')"
+    with _launcher("--num_processes", "2", "--", sys.executable, "-c", code) as proc:
+        lines, _ = _timed_lines(proc, 60)
+    assert proc.returncode == 0
+    for p in ("[p0] ", "[p1] "):
+        mine = [text for _, text in lines if text.startswith(p)]
+        assert len(mine) == 40000 and mine[-1].startswith(f"{p}line 39999 ")
+
+
+GRACE_S = 2
+# The launcher must exit within the grace period (survivors that ignore SIGTERM get SIGKILL)
+# plus this much after process 1 dies.
+SLACK_S = 3
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    "death,survivor,code,reason",
+    [
+        # The survivor's collective fails too, a few ms later: process 1 must still be named
+        # first (both exit 1 through lrulm's fail-fast exception hook).
+        ("raise RuntimeError('boom')", "distributed.barrier('never')", 1, "exited with code 1"),
+        # Survivors stuck outside any collective: jax owns SIGTERM after initialize, so only the
+        # launcher's SIGKILL after the grace period ends them.
+        ("os._exit(3)", "time.sleep(120)", 3, "exited with code 3"),
+        ("os.kill(os.getpid(), 9)", "time.sleep(120)", 128 + 9, "was killed by SIGKILL"),
+    ],
+    ids=["exception", "exit3", "sigkill"],
+)
+def test_failed_process_stops_the_job(tmp_path, death, survivor, code, reason):
+    script = tmp_path / "fail.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import os, time
+        import jax
+        from lrulm import distributed
+        distributed.initialize()
+        distributed.barrier("up")
+        if jax.process_index() == 1:
+            time.sleep(0.3)
+            print("dying", flush=True)
+            {death}
+        {survivor}
+        print("survivor done", flush=True)
+        """)
+    )
+    args = ["--num_processes", "2", "--devices_per_process", "1", "--grace_s", str(GRACE_S)]
+    with _launcher(*args, "--timeout_s", "60", "--", sys.executable, str(script)) as proc:
+        lines, total = _timed_lines(proc, 60)
+    out = _text(lines)
+    assert proc.returncode == code, out
+    summary = next(text for _, text in lines if "FAILED:" in text)
+    assert f"process 1 {reason}" in summary, out
+    assert "survivor done" not in out
+    died = next(t for t, text in lines if text == "[p1] dying")
+    assert total - died < GRACE_S + SLACK_S, f"{total - died:.1f} s after the failure\n{out}"
+
+
+@pytest.mark.multiprocess
+def test_sigterm_is_forwarded_and_processes_save_at_the_same_step(tmp_path):
+    script = tmp_path / "preempt.py"
+    script.write_text(
+        textwrap.dedent("""
+        import sys, time
+        from lrulm import distributed
+        distributed.initialize()
+        distributed.barrier("up")
+        print("ready", flush=True)
+        for step in range(100000):
+            if distributed.preemption_requested(step):
+                print(f"saving at step {step}", flush=True)
+                distributed.barrier("saved")
+                sys.exit(0)
+            time.sleep(0.01)
+        sys.exit(5)
+        """)
+    )
+    args = ["--num_processes", "2", "--timeout_s", "60", "--", sys.executable, str(script)]
+    with _launcher(*args) as proc:
+        lines, ready = [], 0
+        for line in proc.stdout:
+            lines.append((0, line.rstrip("\n")))
+            ready += line.rstrip().endswith("] ready")
+            if ready == 2:
+                break
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = _timed_lines(proc, 30)
+    out = _text(lines + rest)
+    assert proc.returncode == 0, out
+    assert "received SIGTERM; forwarding it" in out
+    steps = {text.split("] ")[1] for _, text in rest if "saving at step" in text}
+    assert len(steps) == 1 and "[p0] saving" in out and "[p1] saving" in out, out
+
+
+def test_local_usage_errors():
+    result = subprocess.run(
+        [sys.executable, str(LAUNCH / "local.py"), "--num_processes", "2"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2 and "-- COMMAND" in result.stderr
+
+
+def test_child_env_replaces_device_count_and_sets_identity():
+    local = _module("local")
+    base = {"XLA_FLAGS": "--a=1 --xla_force_host_platform_device_count=8", "JAX_PROCESS_ID": "7"}
+    env = local.child_env(base, port=1234, num=3, index=2, devices=4)
+    assert env["XLA_FLAGS"] == "--a=1 --xla_force_host_platform_device_count=4"
+    assert env["LRULM_COORDINATOR_ADDRESS"] == "127.0.0.1:1234"
+    assert (env["LRULM_NUM_PROCESSES"], env["LRULM_PROCESS_ID"]) == ("3", "2")
+    assert env["JAX_PLATFORMS"] == "cpu" and "JAX_PROCESS_ID" not in env
+
+
+# --- topologies ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "accelerator,chips,hosts,per_host,topology,label",
+    [
+        ("v4-8", 4, 1, 4, "2x2x1", "tpu-v4-podslice"),
+        ("v4-32", 16, 4, 4, "2x2x4", "tpu-v4-podslice"),
+        ("v5p-8", 4, 1, 4, "2x2x1", "tpu-v5p-slice"),
+        ("v5p-128", 64, 16, 4, "4x4x4", "tpu-v5p-slice"),
+        ("v5p-256", 128, 32, 4, "4x4x8", "tpu-v5p-slice"),
+        ("v5litepod-4", 4, 1, 4, "2x2", "tpu-v5-lite-podslice"),
+        ("v5litepod-8", 8, 1, 8, "2x4", "tpu-v5-lite-podslice"),
+        ("v5litepod-16", 16, 4, 4, "4x4", "tpu-v5-lite-podslice"),
+        ("v5e-256", 256, 64, 4, "16x16", "tpu-v5-lite-podslice"),
+        ("v6e-8", 8, 1, 8, "2x4", "tpu-v6e-slice"),
+        ("v6e-64", 64, 16, 4, "8x8", "tpu-v6e-slice"),
+    ],
+)
+def test_tpu_slices(accelerator, chips, hosts, per_host, topology, label):
+    s = _module("topologies").tpu_slice(accelerator)
+    assert (s.chips, s.hosts, s.chips_per_host, s.topology, s.gke_accelerator) == (
+        chips,
+        hosts,
+        per_host,
+        topology,
+        label,
+    )
+
+
+def test_tpu_slice_errors():
+    topologies = _module("topologies")
+    with pytest.raises(ValueError, match="unknown TPU accelerator type 'v9-8'"):
+        topologies.tpu_slice("v9-8")
+    with pytest.raises(ValueError, match="does not have the 64 chips"):
+        topologies.tpu_slice("v5p-128", "4x4x8")
+    assert topologies.tpu_slice("v5p-192", "4x4x6").hosts == 24
+
+
+# --- dry runs of the cluster launchers -------------------------------------------------------
+
+
+def _dry(script, *args):
+    result = subprocess.run(
+        [sys.executable, str(LAUNCH / script), *args], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout, result.stderr
+
+
+TRAIN = ["lrulm", "train", "--config", "configs/lm/tiny.py", "--workdir", "gs://bkt/run"]
+
+
+def test_tpu_vm_up_dry_run():
+    flags = ["--name", "lru", "--zone", "us-east5-a", "--project", "proj"]
+    out, err = _dry(
+        "tpu_vm.py", "up", *flags, "--accelerator_type", "v5p-128", "--env", "A=1 2",
+        "--delete_after", "--dry_run", "--", *TRAIN,
+    )  # fmt: skip
+    lines = out.splitlines()
+    assert "16 hosts x 4 chips, topology 4x4x4" in lines[0]
+    create, *rest = [line for line in lines if line.startswith("gcloud")]
+    assert create.startswith("gcloud compute tpus tpu-vm create lru --zone us-east5-a")
+    assert "--project proj --accelerator-type v5p-128 --version v2-alpha-tpuv5" in create
+    assert any(line.startswith("tar -czf") for line in lines)
+    assert any("tpu-vm scp" in line and "--worker=all" in line for line in rest)
+    ssh = [line for line in rest if " ssh lru " in line]
+    assert len(ssh) == 2 and all("--worker=all" in line for line in ssh)
+    assert "pip install" in ssh[0] and "[tpu]" in ssh[0]
+    remote = shlex.split(ssh[1])[-1]  # the --command value, as the workers' shell gets it
+    assert remote.endswith("A='1 2' lrulm train --config configs/lm/tiny.py --workdir gs://bkt/run")
+    assert (
+        rest[-1] == "gcloud compute tpus tpu-vm delete lru --zone us-east5-a --project proj --quiet"
+    )
+    assert err == ""
+
+
+def test_tpu_vm_queued_git_and_default_command():
+    out, err = _dry(
+        "tpu_vm.py", "up", "--name", "q", "--zone", "z", "--project", "p",
+        "--accelerator_type", "v5litepod-16", "--queued", "--spot", "--repo_url",
+        "https://example.com/lrulm.git", "--ref", "v1", "--config", "c.py", "--workdir",
+        "/local/run", "--dry_run",
+    )  # fmt: skip
+    assert "queued-resources create q --zone z --project p --node-id q" in out
+    assert "--accelerator-type v5litepod-16 --runtime-version v2-alpha-tpuv5-lite --spot" in out
+    assert "queued-resources describe q" in out
+    assert "git clone https://example.com/lrulm.git $HOME/lrulm" in out and "checkout v1" in out
+    assert "scp" not in out
+    assert "lrulm train --config c.py --workdir /local/run" in out
+    assert "not a gs:// path" in err and "4 hosts" in err
+
+
+def test_gke_jobset_dry_run():
+    yaml = pytest.importorskip("yaml")
+    out, _ = _dry(
+        "gke.py", "--name", "lru", "--image", "img:1", "--accelerator_type", "v5litepod-16",
+        "--env", "A=1", "--dry_run", "--", *TRAIN,
+    )  # fmt: skip
+    manifest = yaml.safe_load(out)
+    assert manifest["kind"] == "JobSet" and manifest["metadata"]["name"] == "lru"
+    (job,) = manifest["spec"]["replicatedJobs"]
+    spec = job["template"]["spec"]
+    assert spec["parallelism"] == spec["completions"] == 4
+    pod = spec["template"]["spec"]
+    assert pod["nodeSelector"] == {
+        "cloud.google.com/gke-tpu-accelerator": "tpu-v5-lite-podslice",
+        "cloud.google.com/gke-tpu-topology": "4x4",
+    }
+    (container,) = pod["containers"]
+    assert container["image"] == "img:1" and container["command"] == TRAIN
+    assert container["resources"]["limits"] == {"google.com/tpu": 4}
+    assert container["resources"]["requests"] == {"google.com/tpu": 4}
+    assert {"name": "A", "value": "1"} in container["env"]
+
+
+def test_gke_single_host_and_xpk():
+    yaml = pytest.importorskip("yaml")
+    out, _ = _dry(
+        "gke.py", "--name", "one", "--image", "img", "--accelerator_type", "v6e-8", "--dry_run",
+        "--", *TRAIN,
+    )  # fmt: skip
+    spec = yaml.safe_load(out)["spec"]["replicatedJobs"][0]["template"]["spec"]
+    assert spec["parallelism"] == 1
+    assert spec["template"]["spec"]["containers"][0]["resources"]["limits"] == {"google.com/tpu": 8}
+    out, _ = _dry(
+        "gke.py", "--name", "lru", "--image", "img", "--accelerator_type", "v5p-128",
+        "--print_xpk", "--cluster", "c1", "--env", "A=1", "--", *TRAIN,
+    )  # fmt: skip
+    assert out.startswith("xpk workload create --cluster c1 --workload lru --tpu-type v5p-128")
+    assert "--docker-image img" in out and "--env A=1" in out
+    assert "--command 'lrulm train --config configs/lm/tiny.py --workdir gs://bkt/run'" in out
+
+
+def test_slurm_dry_run():
+    out, _ = _dry(
+        "slurm.py", "--nodes", "4", "--gpus_per_node", "8", "--partition", "gpu", "--time",
+        "2:00:00", "--requeue", "--env", "X=1", "--dry_run", "--", *TRAIN,
+    )  # fmt: skip
+    assert out.startswith("#!/bin/bash\n")
+    for directive in (
+        "--nodes=4",
+        "--ntasks-per-node=1",
+        "--gpus-per-node=8",
+        "--partition=gpu",
+        "--time=2:00:00",
+        "--signal=TERM@300",
+        "--requeue",
+    ):
+        assert f"#SBATCH {directive}\n" in out
+    assert "export JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7\n" in out
+    assert "export X=1\n" in out
+    assert "srun --kill-on-bad-exit=1 " + " ".join(TRAIN) in out

@@ -1,0 +1,150 @@
+"""The LM trainer: sharding changes layout not math, accumulation, optimizer groups, errors."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from lrulm import config as config_lib
+from lrulm import optim, tasks, train
+
+TINY = "configs/lm/tiny.py:test"
+
+
+def _config(*overrides, corpus=None):
+    pairs = [tuple(o.split("=", 1)) for o in overrides]
+    if corpus is not None:
+        pairs += [("data.train_files", corpus["train"]), ("data.eval_files", corpus["eval"])]
+    return config_lib.load_with_overrides(TINY, [(k.removeprefix("--config."), v) for k, v in pairs])
+
+
+def _losses(workdir):
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def test_sharding_changes_layout_not_math(tmp_path, corpus):
+    common = ["train.steps=6", "train.log_every=1", "train.eval_every=0", "checkpoint.every_steps=100"]
+    meshes = {
+        "data8": (["mesh.data=8"], None),
+        "dp2_fsdp2_tp2": (["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], None),
+        "one_device": (["mesh.data=1"], jax.devices()[:1]),
+    }
+    losses = {}
+    for name, (mesh, devices) in meshes.items():
+        workdir = str(tmp_path / name)
+        train.train_and_evaluate(_config(*common, *mesh, corpus=corpus), workdir, devices=devices)
+        losses[name] = _losses(workdir)
+    ref = losses["one_device"]
+    assert sorted(ref) == list(range(1, 7))
+    assert ref[6] < ref[1]  # it learns
+    for name, got in losses.items():
+        np.testing.assert_allclose([got[s] for s in ref], list(ref.values()), rtol=2e-4, err_msg=name)
+
+
+def test_parameters_are_sharded_by_the_rules(corpus, tmp_path):
+    config = _config("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", corpus=corpus)
+    mesh = train.make_mesh(config)
+    task = tasks.make_task(config, str(tmp_path))
+    exp = train.build(config, task, mesh)
+    state = jax.jit(exp.init_fn, out_shardings=exp.state_shardings)(jax.random.key(0))
+    blocks = state["params"]["stack"]["blocks"]
+    # (layers, state, embed): state channels split by tensor, width by fsdp.
+    assert blocks["lru"]["B_re"].sharding.spec == P(None, "tensor", "fsdp")
+    assert blocks["lru"]["C_im"].sharding.spec == P(None, "fsdp", "tensor")
+    assert blocks["mlp_in"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
+    assert state["params"]["embed"]["embedding"].sharding.spec == P("tensor", "fsdp")
+    # Each device holds a quarter of B: 2 (tensor) x 2 (fsdp).
+    b = blocks["lru"]["B_re"]
+    assert b.addressable_shards[0].data.size * 4 == b.size
+    # Adam's moments follow their parameters.
+    mu = jax.tree.leaves(state["opt_state"], is_leaf=lambda x: hasattr(x, "mu"))
+    mus = [m.mu for m in mu if hasattr(m, "mu")]
+    shardings = {x.sharding.spec for m in mus for x in jax.tree.leaves(m) if x.ndim == 3}
+    assert P(None, "tensor", "fsdp") in shardings
+
+
+def test_gradient_accumulation_equals_big_batch(corpus, tmp_path):
+    results = {}
+    for accum in (1, 4):
+        config = _config(f"optim.grad_accum_steps={accum}", "mesh.data=2", corpus=corpus)
+        mesh = train.make_mesh(config, jax.devices()[:2])
+        task = tasks.make_task(config, str(tmp_path))
+        exp = train.build(config, task, mesh)
+        state = jax.jit(exp.init_fn, out_shardings=exp.state_shardings)(jax.random.key(0))
+        train_jit, _ = train.jit_steps(exp)
+        rng = np.random.default_rng(0)
+        batch = {k: rng.integers(4, 500, shape).astype(np.int32)
+                 for k, (shape, _) in exp.batch_spec.items()}  # fmt: skip
+        batch = {k: jax.device_put(v, exp.batch_shardings[k]) for k, v in batch.items()}
+        state, metrics = train_jit(state, batch)
+        results[accum] = (jax.device_get(state["params"]), jax.device_get(metrics))
+    p1, m1 = results[1]
+    p4, m4 = results[4]
+    np.testing.assert_allclose(m4["train/loss"], m1["train/loss"], rtol=1e-5)
+    np.testing.assert_allclose(m4["train/grad_norm"], m1["train/grad_norm"], rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(p4), jax.tree.leaves(p1)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_recurrent_parameters_get_reduced_lr_and_no_weight_decay():
+    params = {
+        "lru": {name: jnp.full((3,), 2.0) for name in ("nu_log", "theta_log", "gamma_log",
+                                                         "B_re", "B_im", "C_re", "D")},
+        "glu_gate": {"kernel": jnp.full((3,), 2.0)},
+    }  # fmt: skip
+    lr, factor, wd = 0.1, 0.25, 0.5
+    tx, _ = optim.make_optimizer(lr=lr, total_steps=10, lr_factor=factor, weight_decay=wd,
+                                 warmup_fraction=0.0)  # fmt: skip
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    # Adam's first step moves each weight by lr (m / sqrt(v) = 1), plus lr * wd * weight.
+    for name in ("nu_log", "theta_log", "gamma_log", "B_re", "B_im"):
+        np.testing.assert_allclose(updates["lru"][name], -lr * factor, rtol=1e-4)
+    for u in (updates["lru"]["C_re"], updates["lru"]["D"], updates["glu_gate"]["kernel"]):
+        np.testing.assert_allclose(u, -lr * (1 + wd * 2.0), rtol=1e-4)
+
+
+def test_schedule_warms_up_and_decays():
+    _, sched = optim.make_optimizer(lr=1e-3, total_steps=100, warmup_fraction=0.1)
+    assert sched(0) < 1e-6 and abs(sched(10) - 1e-3) < 1e-9 and sched(99) < 1e-5
+    assert sched(5) < sched(10) and sched(50) < sched(10)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.global_batch_size=12", "mesh.data=8"], "global batch 12 is not divisible by 8"),
+        (["mesh.data=3"], "multiply to 3 but there are 8 devices"),
+        (["mesh.data=-1", "mesh.fsdp=3"], "make the other axes divide 8"),
+        (["optim.grad_accum_steps=3"], "accumulation steps; use a multiple of 24"),
+        (["data.train_files=/nonexistent/*.txt", "data.eval_files=/nonexistent/*.txt"],
+         "matches no files"),
+        (["train.seq_len=50000000"], "fewer than one sequence"),
+    ],
+)
+def test_bad_input_fails_before_compiling(tmp_path, corpus, overrides, message):
+    if not any(o.startswith("data.train_files") for o in overrides):
+        overrides = overrides + [f"data.train_files={corpus['train']}",
+                                 f"data.eval_files={corpus['eval']}"]  # fmt: skip
+    config = _config(*overrides)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "checkpoints" / "0")
+
+
+def test_unknown_config_key():
+    with pytest.raises(config_lib.ConfigError, match="did you mean 'train.steps'"):
+        _config("train.stpes=3")
+
+
+def test_empty_data_file(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    config = _config(f"data.train_files={empty}", f"data.eval_files={empty}")
+    with pytest.raises(ValueError, match="every file is empty"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
