@@ -1,7 +1,7 @@
 """Renders a Kubernetes JobSet for one TPU slice on GKE and applies it (or prints the xpk command).
 
     python launch/gke.py --name lru --image us-docker.pkg.dev/my-proj/lrulm:latest \\
-        --accelerator_type v5p-128 --config configs/lm/base.py --workdir gs://bucket/runs/lm
+        --accelerator_type v5p-128 --config configs/lm/tiny.py --workdir gs://bucket/runs/lm
 
 One pod per TPU VM host (parallelism = completions = hosts), each requesting all the chips of its
 host (`google.com/tpu`) on a node pool selected by `cloud.google.com/gke-tpu-accelerator` and
@@ -158,7 +158,9 @@ def xpk_command(args: argparse.Namespace, slice_: TpuSlice, command: list[str]) 
 
 def main(argv: list[str] | None = None) -> None:
     own, command = common.split_command(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--name", required=True, help="JobSet / xpk workload name")
     parser.add_argument("--image", required=True, help="container image with lrulm installed")
     parser.add_argument("--accelerator_type", required=True, help="e.g. v5p-128, v6e-64")

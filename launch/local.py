@@ -162,7 +162,13 @@ class _Job:
 
 
 def run(
-    command: list[str], *, num_processes: int, devices: int, port: int, grace_s: float, timeout_s
+    command: list[str],
+    *,
+    num_processes: int,
+    devices: int,
+    port: int,
+    grace_s: float,
+    timeout_s: float | None,
 ) -> int:
     """Runs the job to completion; returns the launcher's exit code.
 
@@ -251,12 +257,13 @@ def run(
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "--" not in argv:
+    if "--" not in argv and "-h" not in argv and "--help" not in argv:
         print("usage: local.py [options] -- COMMAND [ARGS ...]  (see --help)", file=sys.stderr)
-        if "-h" not in argv and "--help" not in argv:
-            return 2
+        return 2
     split = argv.index("--") if "--" in argv else len(argv)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--num_processes", type=int, required=True)
     parser.add_argument("--devices_per_process", type=int, default=1)
     parser.add_argument("--port", type=int, default=None, help="default: a free port")

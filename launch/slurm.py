@@ -1,7 +1,7 @@
 """Renders an sbatch script that runs one lrulm process per node on a SLURM GPU cluster.
 
     python launch/slurm.py --nodes 4 --gpus_per_node 8 --partition gpu \\
-        --config configs/lm/base.py --workdir /shared/runs/lm
+        --config configs/lm/tiny.py --workdir /shared/runs/lm
 
 `srun` starts one task per node; each task drives all the GPUs of its node, and
 `lrulm.distributed.initialize()` finds the others through jax's SLURM detection (SLURM_NTASKS,
@@ -65,7 +65,9 @@ def sbatch_script(args: argparse.Namespace, command: list[str], env: dict[str, s
 
 def main(argv: list[str] | None = None) -> None:
     own, command = common.split_command(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--nodes", type=int, required=True)
     parser.add_argument("--gpus_per_node", type=int, default=8)
     parser.add_argument("--cpus_per_task", type=int, default=None)

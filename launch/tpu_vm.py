@@ -1,7 +1,7 @@
 """Creates a Cloud TPU VM slice, installs lrulm on every worker, and runs one command on all.
 
     python launch/tpu_vm.py up --name lru --zone us-east5-a --project my-proj \\
-        --accelerator_type v5p-128 --config configs/lm/base.py --workdir gs://bucket/runs/lm
+        --accelerator_type v5p-128 --config configs/lm/tiny.py --workdir gs://bucket/runs/lm
 
 Subcommands: `create` (the TPU VM, or a queued resource with --queued), `setup` (copy the code
 with `tpu-vm scp` of this checkout, or `git clone` of --repo_url at --ref, then install it in a
@@ -152,10 +152,17 @@ def main(argv: list[str] | None = None) -> None:
     shared.add_argument("--detach", action="store_true", help="run under nohup, log to a file")
     shared.add_argument("--delete_after", action="store_true", help="`up`: delete at the end")
     shared.add_argument("--dry_run", action="store_true", help="print the commands only")
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="action", required=True)
     for action in ("create", "setup", "run", "delete", "up"):
-        sub.add_parser(action, parents=[shared])
+        sub.add_parser(
+            action,
+            parents=[shared],
+            description=__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
     args = parser.parse_args(own)
     if args.action == "up" and args.detach and args.delete_after:
         parser.error("--delete_after would delete the slice under a --detach'ed run")

@@ -38,6 +38,10 @@ DEFAULT_HEARTBEAT_TIMEOUT_S = 60
 # jax defaults to 300 s; training ends on a collective, so processes arrive within seconds.
 DEFAULT_SHUTDOWN_TIMEOUT_S = 120
 
+# What a CPU (gloo) collective raises when its peer process has died.
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer")
+_PEER_LOST_PAUSE_S = 1.0
+
 _fail_fast_installed = False
 _sigterm = threading.Event()
 _sigterm_handler_installed = False
@@ -61,6 +65,7 @@ class Environment:
 
     @property
     def is_multi_process(self) -> bool:
+        """Whether `initialize()` has to start the distributed runtime."""
         return self.kind != "single" and self.num_processes != 1
 
 
@@ -229,6 +234,11 @@ def _install_fail_fast_excepthook() -> None:
 
     def hook(exc_type, exc, tb):
         previous(exc_type, exc, tb)
+        if any(marker in str(exc) for marker in _PEER_LOST):
+            # Our collective failed because a peer died a few ms ago. Pausing lets the peer,
+            # the cause, exit first, so launchers (launch/local.py, srun --kill-on-bad-exit)
+            # report it rather than us.
+            time.sleep(_PEER_LOST_PAUSE_S)
         print(
             f"lrulm: process {jax.process_index()} failed; exiting without waiting for the "
             "other processes (they stop within the heartbeat timeout).",
@@ -255,11 +265,15 @@ def initialize(
     selects gloo for CPU collectives (only the CPU client reads that flag, so accelerator runs
     are unaffected) and makes uncaught exceptions exit at once (exit code 1).
 
-    Failure bounds, measured on CPU with gloo: when a process dies (crash, SIGKILL, OOM, or an
-    uncaught exception), the others exit with an error within `heartbeat_timeout_s` (60 s by
-    default) — at once if they were in a collective with it or if it was process 0 (the
-    coordinator). A process that calls `sys.exit` while others are stuck waits at most
-    `shutdown_timeout_s` (120 s) in jax's shutdown barrier, then every process aborts.
+    Failure bounds (measured on CPU with gloo, 2 processes): when a process dies (crash,
+    SIGKILL, OOM kill, or an uncaught exception, which exits at once), every other process exits
+    with an error within `heartbeat_timeout_s` (60 s by default; measured: the timeout + <1 s):
+    the coordination service stops hearing from it and aborts the rest (SIGABRT, exit 134).
+    It is faster when the dead process was process 0 (the coordinator; <0.1 s) or when the
+    others were in a CPU collective with it (they raise at once, then exit 1 about 1 s later).
+    A process that exits normally (or by `sys.exit`) waits at most `shutdown_timeout_s` (120 s)
+    in jax's shutdown barrier for the others; if they never arrive, every process aborts.
+    During start-up, a process that never joins makes the others abort after `timeout_s`.
 
     Args:
       timeout_s: Seconds to wait for the coordinator and for every process to join;
@@ -270,8 +284,8 @@ def initialize(
         `LRULM_SHUTDOWN_TIMEOUT_S` or 120.
 
     Raises:
-      RuntimeError: the coordinator cannot be reached within `timeout_s` (the message names the
-        address and the variables to check).
+      RuntimeError: the coordinator cannot be reached within `timeout_s`, or process 0 finds
+        its port taken (the message names the address and the variables to check).
       ValueError: the explicit variables are malformed or incomplete.
     """
     if jax.distributed.is_initialized():

@@ -50,8 +50,10 @@ def _read_json(path: str) -> dict:
         with open(path) as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); the run may have been cut off "
-                         "while writing it: resume it with the same `lrulm train` command") from e  # fmt: skip
+        raise ValueError(
+            f"{path} is not valid JSON ({e}); the run may have been cut off while writing "
+            "it: resume it with the same `lrulm train` command"
+        ) from e
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a {type(data).__name__}, expected a JSON object")
     return data

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lrulm import scan as scan_lib
+from lrulm import sequence_parallel, sharding
 from lrulm.layers import param
 
 
@@ -134,6 +135,14 @@ class LRU(nnx.Module):
             a = lam
         else:  # a document starts at t: forget the state carried into t.
             a = jnp.where(resets[..., None], jnp.zeros((), lam.dtype), lam)
+        mesh = sharding.current_mesh()
+        if axis_name is None and mesh is not None and mesh.shape["sequence"] > 1:
+            # Activations are split along the sequence: scan each segment on its device
+            # and pass only the segment-end states between devices.
+            return sequence_parallel.scan_over_mesh(
+                a, bu, h0=h0, reverse=reverse, mesh=mesh, method=self.scan_method,
+                chunk_size=self.chunk_size,
+            )  # fmt: skip
         return scan_lib.linear_scan(
             a, bu, h0=h0, reverse=reverse, method=self.scan_method,
             chunk_size=self.chunk_size, axis_name=axis_name,

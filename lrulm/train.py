@@ -461,7 +461,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
             info["data/unigram_entropy"] = task.unigram_entropy()
         writer.write(0, info)
     print(f"lrulm: {num_params:,} parameters, mesh {dict(mesh.shape)}, "
-          f"{jax.device_count()} devices, {jax.process_count()} processes; "
+          f"{mesh.devices.size} devices, {jax.process_count()} processes; "
           f"step {step} of {t.steps}", flush=True)  # fmt: skip
 
     def eval_batches(split="eval"):

@@ -1,0 +1,118 @@
+"""Sequence parallelism: the recurrence split 2, 4 and 8 ways equals the unsplit one."""
+
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lrulm import config as config_lib
+from lrulm import sequence_parallel as sp
+from lrulm import sharding, train
+from lrulm.model import Stack
+from lrulm.model_config import from_preset
+from lrulm.scan import linear_scan
+
+
+def _inputs(seed, shape):
+    rng = np.random.default_rng(seed)
+    b, l, n = shape
+    mag = rng.uniform(0.5, 0.99, shape)
+    a_full = (mag * np.exp(1j * rng.uniform(0, 6, shape))).astype(np.complex64)
+    x = (rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex64)
+    h0 = (rng.normal(size=(b, n)) + 1j * rng.normal(size=(b, n))).astype(np.complex64)
+    return jnp.asarray(a_full), jnp.asarray(x), jnp.asarray(h0)
+
+
+@pytest.mark.parametrize("shards", [2, 4, 8])
+@pytest.mark.parametrize("time_varying", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_split_scan_equals_unsplit(shards, time_varying, reverse):
+    a_full, b, h0 = _inputs(shards, (4, 64, 6))
+    a = a_full if time_varying else a_full[0, 0]
+    mesh = sharding.make_mesh(dict(data=8 // shards, sequence=shards))
+
+    def loss(a, b, h0, split):
+        if split:
+            h = sp.scan_over_mesh(a, b, h0=h0, reverse=reverse, mesh=mesh, method="chunked",
+                                  chunk_size=4)  # fmt: skip
+        else:
+            h = linear_scan(a, b, h0=h0, reverse=reverse, method="sequential")
+        return jnp.sum(h.real * jnp.arange(6)) + jnp.sum(jnp.abs(h) ** 2), h
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
+    g_ref, h_ref = grad(a, b, h0, False)
+    g, h = grad(a, b, h0, True)
+    np.testing.assert_allclose(h, h_ref, rtol=1e-5, atol=1e-5)
+    for x, y in zip(g, g_ref):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-4 * float(jnp.max(jnp.abs(y))))
+
+
+@pytest.mark.parametrize("shards", [2, 8])
+def test_bidirectional_stack_split_equals_unsplit(shards):
+    cfg = from_preset("test", bidirectional=True, norm="layer", vocab_size=0)
+    stack = Stack(cfg, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 32, cfg.d_model))
+    resets = jnp.zeros((2, 32), bool).at[1, 9].set(True)
+    graphdef, params = nnx.split(stack)
+    mesh = sharding.make_mesh(dict(data=8 // shards, sequence=shards))
+
+    def loss(params, x, mesh):
+        model = nnx.merge(graphdef, params)
+        with sharding.activation_sharding(mesh):
+            y = model(x, resets=resets)
+        return jnp.sum(y**2), y
+
+    grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=2)
+    g_ref, y_ref = grad(params, x, None)
+    g, y = grad(params, x, mesh)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b)) + 1))
+
+
+def _collective_bytes(hlo: str, op: str) -> int:
+    """Sum of the result sizes of `op` instructions in compiled HLO text."""
+    sizes = {"c64": 8, "f32": 4, "bf16": 2, "s32": 4}
+    total = 0
+    for dtype, dims in re.findall(rf"= (\w+)\[([\d,]*)\]\{{[^}}]*\}} {op}\(", hlo):
+        total += sizes[dtype] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+    return total
+
+
+def test_communication_matches_the_formula():
+    shards, batch, n = 4, 4, 8
+    _, b, _ = _inputs(0, (batch, 64, n))
+    a = jnp.full((n,), 0.9 + 0.1j, jnp.complex64)
+    mesh = sharding.make_mesh(dict(data=8 // shards, sequence=shards))
+    fn = jax.jit(lambda b: sp.scan_over_mesh(a, b, mesh=mesh, method="chunked", chunk_size=4))
+    hlo = fn.lower(b).compile().as_text()
+    local_batch = batch // (8 // shards)
+    expected = sp.comm_bytes_per_layer(local_batch, n, shards)["forward"]
+    gathered = _collective_bytes(hlo, "all-gather")  # each device's result: S segments
+    assert gathered * (shards - 1) // shards == expected
+    grad = jax.jit(jax.grad(lambda b: jnp.sum(jnp.abs(
+        sp.scan_over_mesh(a, b, mesh=mesh, method="chunked", chunk_size=4)) ** 2)))  # fmt: skip
+    hlo = grad.lower(b).compile().as_text()
+    backward = sum(_collective_bytes(hlo, op) for op in ("reduce-scatter", "all-reduce"))
+    assert 0 < backward <= 4 * expected * shards
+
+
+def test_training_with_a_sequence_axis_gives_the_same_losses(tmp_path, corpus):
+    def losses(name, mesh, devices):
+        pairs = [("data.train_files", corpus["train"]), ("data.eval_files", corpus["eval"]),
+                 ("train.steps", "4"), ("train.log_every", "1"), ("train.eval_every", "0")]
+        config = config_lib.load_with_overrides("configs/lm/tiny.py:test", pairs + mesh)
+        workdir = str(tmp_path / name)
+        train.train_and_evaluate(config, workdir, devices=devices)
+        rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+        return [r["train/loss"] for r in rows if "train/loss" in r]
+
+    full = losses("dp2", [("mesh.data", "2")], jax.devices()[:2])
+    split = losses("dp2_sp4", [("mesh.data", "2"), ("mesh.sequence", "4")], None)
+    assert len(full) == 4
+    np.testing.assert_allclose(split, full, rtol=1e-5)
