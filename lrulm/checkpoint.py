@@ -117,10 +117,18 @@ class Checkpointer:
                 return self._restore(step, abstract_state, iterator)
             except Exception as e:  # noqa: BLE001 - any failure to read means damage
                 path = os.path.join(self.directory, str(step))
-                log.error("checkpoint %s cannot be restored (%s: %s); falling back to the "
-                          "previous checkpoint", path, type(e).__name__, e)  # fmt: skip
-                print(f"lrulm: checkpoint {path} is damaged ({type(e).__name__}: {e}); "
-                      "falling back to the previous one", flush=True)  # fmt: skip
+                log.error(
+                    "checkpoint %s cannot be restored (%s: %s); falling back to the "
+                    "previous checkpoint",
+                    path,
+                    type(e).__name__,
+                    e,
+                )
+                print(
+                    f"lrulm: checkpoint {path} is damaged ({type(e).__name__}: {e}); "
+                    "falling back to the previous one",
+                    flush=True,
+                )
                 self._quarantine(step)
         return None
 
@@ -156,7 +164,9 @@ class Checkpointer:
         self.manager.reload()
 
     def metadata(self, step: int) -> dict:
-        restored = self.manager.restore(step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()}))
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()})
+        )
         return dict(restored[METADATA])
 
     def close(self) -> None:
@@ -205,7 +215,9 @@ def restore_params(path: str, abstract_params):
             + "\n  ".join(mismatches[:10])
             + "\nuse the same model config (preset, widths, vocab) as the run you start from"
         )
-    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract_params)
+    restore_args = jax.tree.map(
+        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract_params
+    )
     restored = checkpointer.restore(
         item_dir,
         args=ocp.args.PyTreeRestore(

@@ -150,12 +150,25 @@ def base_config() -> ConfigDict:
     c.model = ConfigDict()
     c.model.preset = "tiny"
     for name, kind in [
-        ("num_layers", int), ("d_model", int), ("d_state", int), ("d_ff", int),
-        ("vocab_size", int), ("dropout", float), ("r_min", float), ("r_max", float),
-        ("max_phase", float), ("dtype", str), ("norm", str), ("glu", str), ("remat", str),
-        ("scan_method", str), ("chunk_size", int), ("bidirectional", bool),
-        ("tie_embeddings", bool), ("scan_layers", bool),
-    ]:  # fmt: skip
+        ("num_layers", int),
+        ("d_model", int),
+        ("d_state", int),
+        ("d_ff", int),
+        ("vocab_size", int),
+        ("dropout", float),
+        ("r_min", float),
+        ("r_max", float),
+        ("max_phase", float),
+        ("dtype", str),
+        ("norm", str),
+        ("glu", str),
+        ("remat", str),
+        ("scan_method", str),
+        ("chunk_size", int),
+        ("bidirectional", bool),
+        ("tie_embeddings", bool),
+        ("scan_layers", bool),
+    ]:
         c.model[name] = placeholder(kind)
 
     c.data = ConfigDict()

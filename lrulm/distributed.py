@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
 import urllib.request
 
@@ -43,8 +42,6 @@ _PEER_LOST = ("Connection closed by peer", "Connection reset by peer")
 _PEER_LOST_PAUSE_S = 1.0
 
 _fail_fast_installed = False
-_sigterm = threading.Event()
-_sigterm_handler_installed = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,30 +352,3 @@ def barrier(name: str) -> None:
     """
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
-
-
-def _set_sigterm(signum, frame) -> None:
-    _sigterm.set()
-
-
-def preemption_requested(step: int) -> bool:
-    """Whether to save a checkpoint at `step` and exit because SIGTERM arrived.
-
-    Every process gets the same answer at the same step: with several processes jax's
-    preemption service (which owns SIGTERM after `initialize`) agrees on the first step all can
-    reach; a single process watches SIGTERM itself. Call it at every step from the main
-    thread, and install no SIGTERM handler of your own (it would replace jax's).
-
-    Args:
-      step: The step about to be checkpointed; the same sequence on every process.
-
-    Returns:
-      True once, at the step where every process should save and stop.
-    """
-    global _sigterm_handler_installed
-    if jax.distributed.is_initialized():
-        return multihost_utils.reached_preemption_sync_point(step)
-    if not _sigterm_handler_installed and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _set_sigterm)
-        _sigterm_handler_installed = True
-    return _sigterm.is_set()

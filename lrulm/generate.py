@@ -54,9 +54,11 @@ def sample_logits(key, logits, *, temperature: float, top_p: float, top_k: int):
         probs = jax.nn.softmax(sorted_logits, axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs  # mass of the tokens ranked above
         sorted_logits = jnp.where(before >= top_p, -jnp.inf, sorted_logits)
-        logits = jnp.full_like(logits, -jnp.inf).at[
-            jnp.arange(logits.shape[0])[:, None], order
-        ].set(sorted_logits)
+        logits = (
+            jnp.full_like(logits, -jnp.inf)
+            .at[jnp.arange(logits.shape[0])[:, None], order]
+            .set(sorted_logits)
+        )
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
@@ -92,9 +94,12 @@ def prefill(model: LanguageModel, prompts: list[list[int]], *, chunk_size: int =
     logits = None
     for start in range(0, tokens.shape[1], chunk):
         logits, states = _prefill_chunk(
-            graphdef, params, tokens[:, start : start + chunk], resets[:, start : start + chunk],
+            graphdef,
+            params,
+            tokens[:, start : start + chunk],
+            resets[:, start : start + chunk],
             states,
-        )  # fmt: skip
+        )
     return logits, states
 
 
@@ -102,8 +107,9 @@ def prefill(model: LanguageModel, prompts: list[list[int]], *, chunk_size: int =
     jax.jit,
     static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p", "top_k"),
 )
-def _decode(graphdef, params, logits, states, key, stop_ids, *, max_new_tokens, temperature,
-            top_p, top_k):  # fmt: skip
+def _decode(
+    graphdef, params, logits, states, key, stop_ids, *, max_new_tokens, temperature, top_p, top_k
+):
     model = nnx.merge(graphdef, params)
     b = logits.shape[0]
     out = jnp.full((b, max_new_tokens), tok.PAD_ID, jnp.int32)
@@ -150,10 +156,17 @@ def generate(
     logits, states = prefill(model, prompts, chunk_size=prefill_chunk)
     graphdef, params = nnx.split(model)
     out = _decode(
-        graphdef, params, logits, states, jax.random.key(seed), jnp.asarray(stop_ids, jnp.int32),
-        max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
+        graphdef,
+        params,
+        logits,
+        states,
+        jax.random.key(seed),
+        jnp.asarray(stop_ids, jnp.int32),
+        max_new_tokens=max_new_tokens,
+        temperature=float(temperature),
+        top_p=float(top_p),
         top_k=int(top_k),
-    )  # fmt: skip
+    )
     result = []
     for row in np.asarray(out):
         ids = []
@@ -173,7 +186,9 @@ def load_model(workdir: str):
     with open(config_path) as f:
         config = config_lib.from_dict(json.load(f))
     if config.task != "lm":
-        raise ValueError(f"{workdir} trained task {config.task!r}; generation needs a language model")
+        raise ValueError(
+            f"{workdir} trained task {config.task!r}; generation needs a language model"
+        )
     checkpoints = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(checkpoints) or not any(d.isdigit() for d in os.listdir(checkpoints)):
         raise FileNotFoundError(f"no checkpoint in {checkpoints}; run `lrulm train` first")
@@ -207,6 +222,13 @@ def generate_from_workdir(
         raise ValueError("--prompt is empty; give some text to continue")
     model, sp, _ = load_model(workdir)
     ids = sp.encode(prompt)
-    new = generate(model, [ids], max_new_tokens=max_new_tokens, temperature=temperature,
-                   top_p=top_p, top_k=top_k, seed=seed)[0]  # fmt: skip
+    new = generate(
+        model,
+        [ids],
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+    )[0]
     return prompt + sp.decode(new)

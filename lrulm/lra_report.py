@@ -152,8 +152,18 @@ def table(runs: Sequence[Run]) -> str:
         if run.best_step is not None:
             val += f" ({run.best_step})"
         mark = "✓" if chosen[run.task] is run else ""
-        lines.append(_row([TASK_NAMES[run.task], run.workdir, str(run.step), val,
-                           f"{100 * run.test_accuracy:.1f}", mark]))  # fmt: skip
+        lines.append(
+            _row(
+                [
+                    TASK_NAMES[run.task],
+                    run.workdir,
+                    str(run.step),
+                    val,
+                    f"{100 * run.test_accuracy:.1f}",
+                    mark,
+                ]
+            )
+        )
     return "\n".join(lines)
 
 
@@ -177,8 +187,9 @@ def bar_chart(runs: Sequence[Run], path: str) -> None:
         if label == "lrulm":
             for x, t, bar in zip(xs, TASK_NAMES, bars):
                 text = _pct(scores.get(t)) if t in scores else "not run"
-                ax.text(x, bar.get_height() + 1, text, ha="center", va="bottom", fontsize=7,
-                        rotation=90)  # fmt: skip
+                ax.text(
+                    x, bar.get_height() + 1, text, ha="center", va="bottom", fontsize=7, rotation=90
+                )
     ax.set_xticks(range(len(TASK_NAMES)), list(TASK_NAMES.values()))
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 118)  # headroom above 100% for the legend

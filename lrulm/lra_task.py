@@ -138,6 +138,7 @@ class ClassificationTask:
         return len(self._source(split))
 
     def batch_spec(self, global_batch: int) -> dict:
+        """{name: (global shape, numpy dtype)} of one global batch (module docstring)."""
         b, l = global_batch, self.seq_len
         if self.spec.dual:
             inputs, mask = ((b, 2, l), np.int32), ((b, 2, l), np.bool_)
@@ -145,15 +146,23 @@ class ClassificationTask:
             inputs, mask = ((b, l, self.spec.input_channels), np.float32), ((b, l), np.bool_)
         else:
             inputs, mask = ((b, l), np.int32), ((b, l), np.bool_)
-        return {"inputs": inputs, "mask": mask, "label": ((b,), np.int32),
-                "weight": ((b,), np.float32)}  # fmt: skip
+        return {
+            "inputs": inputs,
+            "mask": mask,
+            "label": ((b,), np.int32),
+            "weight": ((b,), np.float32),
+        }
 
     def train_batches(self, *, global_batch, row_offset, local_batch, seed):
         """This process's rows of each global training batch; element s is step s."""
         return lm_data.batches(
-            _Weighted(self._source("train")), global_batch=global_batch, row_offset=row_offset,
-            local_batch=local_batch, seed=seed, num_threads=self.config.data.num_threads,
-        )  # fmt: skip
+            _Weighted(self._source("train")),
+            global_batch=global_batch,
+            row_offset=row_offset,
+            local_batch=local_batch,
+            seed=seed,
+            num_threads=self.config.data.num_threads,
+        )
 
     def eval_batches(self, split, *, global_batch, row_offset, local_batch, num_batches):
         """This process's rows of the split's global batches, in file order.
@@ -170,20 +179,31 @@ class ClassificationTask:
         count = total if not num_batches or num_batches <= 0 else min(num_batches, total)
         padded = _Weighted(source, size=total * global_batch)
         it = lm_data.batches(
-            padded, global_batch=global_batch, row_offset=row_offset, local_batch=local_batch,
-            seed=0, shuffle=False, repeat=False, num_threads=self.config.data.num_threads,
-        )  # fmt: skip
+            padded,
+            global_batch=global_batch,
+            row_offset=row_offset,
+            local_batch=local_batch,
+            seed=0,
+            shuffle=False,
+            repeat=False,
+            num_threads=self.config.data.num_threads,
+        )
         for _ in range(count):
             yield next(it)
 
     # -- model, loss, metrics ---------------------------------------------------------
 
     def make_model(self, rngs):
+        """The LRU classifier for this task (token or pixel encoder; two towers' features
+        combined for Retrieval)."""
         return Classifier(
-            self.model_config, num_classes=self.spec.num_classes,
-            input_channels=self.spec.input_channels or 1, pooling=self.pooling,
-            dual=self.spec.dual, rngs=rngs,
-        )  # fmt: skip
+            self.model_config,
+            num_classes=self.spec.num_classes,
+            input_channels=self.spec.input_channels or 1,
+            pooling=self.pooling,
+            dual=self.spec.dual,
+            rngs=rngs,
+        )
 
     def loss(self, model, batch, *, train, key):
         """Weighted sums over the batch: cross-entropy, weight, and correct predictions."""
@@ -196,8 +216,12 @@ class ClassificationTask:
     def finalize(self, sums: dict) -> dict:
         """Mean loss and accuracy over the evaluated examples, and how many there were."""
         n = max(sums["weight"], 1.0)
-        return {"loss": sums["loss"] / n, "accuracy": sums["accuracy"] / n,
-                "examples": sums["weight"]}  # fmt: skip
+        return {
+            "loss": sums["loss"] / n,
+            "accuracy": sums["accuracy"] / n,
+            "examples": sums["weight"],
+        }
 
     def tokens_per_example(self) -> int:
+        """Sequence positions one example feeds the model (both documents for Retrieval)."""
         return self.seq_len * (2 if self.spec.dual else 1)

@@ -27,9 +27,7 @@ from lrulm.layers import param
 def check_ring(r_min: float, r_max: float, max_phase: float) -> None:
     """Raises ValueError unless 0 <= r_min < r_max < 1 and max_phase > 0."""
     if not 0.0 <= r_min < r_max:
-        raise ValueError(
-            f"the LRU ring needs 0 <= r_min < r_max; got r_min={r_min}, r_max={r_max}"
-        )
+        raise ValueError(f"the LRU ring needs 0 <= r_min < r_max; got r_min={r_min}, r_max={r_max}")
     if r_max >= 1.0:
         raise ValueError(
             f"r_max={r_max} would let |λ| reach 1 and the state grow without bound; "
@@ -103,9 +101,16 @@ class LRU(nnx.Module):
         self.reverse = nnx.data(None)
         if bidirectional:
             self.reverse = LRU(
-                d_model, d_state, r_min=r_min, r_max=r_max, max_phase=max_phase,
-                scan_method=scan_method, chunk_size=chunk_size, use_d=False, rngs=rngs,
-            )  # fmt: skip
+                d_model,
+                d_state,
+                r_min=r_min,
+                r_max=r_max,
+                max_phase=max_phase,
+                scan_method=scan_method,
+                chunk_size=chunk_size,
+                use_d=False,
+                rngs=rngs,
+            )
 
     # -- pieces shared by the parallel and the step-by-step forms ----------------------
 
@@ -140,13 +145,23 @@ class LRU(nnx.Module):
             # Activations are split along the sequence: scan each segment on its device
             # and pass only the segment-end states between devices.
             return sequence_parallel.scan_over_mesh(
-                a, bu, h0=h0, reverse=reverse, mesh=mesh, method=self.scan_method,
+                a,
+                bu,
+                h0=h0,
+                reverse=reverse,
+                mesh=mesh,
+                method=self.scan_method,
                 chunk_size=self.chunk_size,
-            )  # fmt: skip
+            )
         return scan_lib.linear_scan(
-            a, bu, h0=h0, reverse=reverse, method=self.scan_method,
-            chunk_size=self.chunk_size, axis_name=axis_name,
-        )  # fmt: skip
+            a,
+            bu,
+            h0=h0,
+            reverse=reverse,
+            method=self.scan_method,
+            chunk_size=self.chunk_size,
+            axis_name=axis_name,
+        )
 
     # -- public forms ------------------------------------------------------------------
 

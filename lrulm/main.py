@@ -1,12 +1,12 @@
 """The `lrulm` command line: parses flags, starts the distributed runtime, calls the library.
 
-    lrulm train    --config CONFIG.py[:ARG] --workdir DIR [--config.a.b=VALUE ...]
-    lrulm eval     --config CONFIG.py[:ARG] --workdir DIR [--config.a.b=VALUE ...]
-    lrulm generate --workdir DIR --prompt TEXT [--max_new_tokens N] [--temperature T]
-                   [--top_p P] [--top_k K] [--seed S]
-    lrulm lra-report DIR [DIR ...] [--plot FILE.png]
-    lrulm compile  --config CONFIG.py[:ARG] --topology v5p-128 [--config.a.b=VALUE ...]
-    lrulm tokenizer train --input GLOB[,GLOB] --output FILE.model [--vocab_size V]
+lrulm train    --config CONFIG.py[:ARG] --workdir DIR [--config.a.b=VALUE ...]
+lrulm eval     --config CONFIG.py[:ARG] --workdir DIR [--config.a.b=VALUE ...]
+lrulm generate --workdir DIR --prompt TEXT [--max_new_tokens N] [--temperature T]
+               [--top_p P] [--top_k K] [--seed S]
+lrulm lra-report DIR [DIR ...] [--plot FILE.png]
+lrulm compile  --config CONFIG.py[:ARG] --topology v5p-128 [--config.a.b=VALUE ...]
+lrulm tokenizer train --input GLOB[,GLOB] --output FILE.model [--vocab_size V]
 """
 
 from __future__ import annotations
@@ -83,11 +83,17 @@ def main(argv: list[str]) -> int:
                 from lrulm import distributed, generate
 
                 distributed.initialize()
-                print(generate.generate_from_workdir(
-                    args.workdir, args.prompt, max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                    seed=args.seed,
-                ))  # fmt: skip
+                print(
+                    generate.generate_from_workdir(
+                        args.workdir,
+                        args.prompt,
+                        max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature,
+                        top_p=args.top_p,
+                        top_k=args.top_k,
+                        seed=args.seed,
+                    )
+                )
             case "lra-report":
                 from lrulm import lra_report
 
@@ -106,9 +112,26 @@ def main(argv: list[str]) -> int:
                 sp = tok.train_tokenizer(docs, args.output, vocab_size=args.vocab_size)
                 print(f"wrote {args.output}: {sp.get_piece_size()} pieces")
     except (config_lib.ConfigError, ValueError, FileNotFoundError) as e:
+        if os.environ.get("LRULM_TRACEBACK"):
+            raise
         print(f"lrulm {args.command}: error: {e}", file=sys.stderr)
+        if _multi_process():
+            # A normal exit would wait in jax's shutdown barrier for peers that are
+            # blocked in a collective; leave at once and let the launcher stop them.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     return 0
+
+
+def _multi_process() -> bool:
+    try:
+        import jax
+
+        return jax.distributed.is_initialized() and jax.process_count() > 1
+    except Exception:  # noqa: BLE001 - jax not importable is not multi-process
+        return False
 
 
 def run() -> None:

@@ -50,10 +50,16 @@ class Block(nnx.Module):
         self.cfg = cfg
         self.norm = _norm(cfg)
         self.lru = LRU(
-            h, cfg.d_state, r_min=cfg.r_min, r_max=cfg.r_max, max_phase=cfg.max_phase,
-            bidirectional=cfg.bidirectional, scan_method=cfg.scan_method,
-            chunk_size=cfg.chunk_size, rngs=rngs,
-        )  # fmt: skip
+            h,
+            cfg.d_state,
+            r_min=cfg.r_min,
+            r_max=cfg.r_max,
+            max_phase=cfg.max_phase,
+            bidirectional=cfg.bidirectional,
+            scan_method=cfg.scan_method,
+            chunk_size=cfg.chunk_size,
+            rngs=rngs,
+        )
         self.glu_gate = layers.Dense(h, h, axes=("embed", "mlp"), rngs=rngs)
         self.glu_value = (
             layers.Dense(h, h, axes=("embed", "mlp"), rngs=rngs) if cfg.glu == "full" else None
@@ -64,9 +70,17 @@ class Block(nnx.Module):
             self.mlp_out = layers.Dense(cfg.d_ff, h, axes=("mlp", "embed"), rngs=rngs)
 
     def __call__(
-        self, x, *, mask=None, resets=None, train=False, key=None, axis_name=None, h0=None,
+        self,
+        x,
+        *,
+        mask=None,
+        resets=None,
+        train=False,
+        key=None,
+        axis_name=None,
+        h0=None,
         return_state=False,
-    ):  # fmt: skip
+    ):
         """x: (b, l, h); mask: (b, l) valid positions (batch-norm statistics); resets:
         (b, l) document starts; key: dropout key (None = no dropout); h0: (b, n) LRU
         state to start from. Returns y (b, l, h), and the LRU's final state if asked."""
@@ -124,15 +138,24 @@ class Stack(nnx.Module):
             self.blocks = nnx.List([Block(cfg, rngs=nnx.Rngs(params=k)) for k in keys])
 
     def __call__(
-        self, x, *, mask=None, resets=None, train=False, key=None, axis_name=None, h0=None,
+        self,
+        x,
+        *,
+        mask=None,
+        resets=None,
+        train=False,
+        key=None,
+        axis_name=None,
+        h0=None,
         return_state=False,
-    ):  # fmt: skip
+    ):
         """x (b, l, h) -> y (b, l, h). h0: optional (k, b, n) per-layer LRU states to
         start from; with return_state, also returns the (k, b, n) final states."""
         cfg = self.cfg
         keys = None if key is None else jax.random.split(key, cfg.num_layers)
-        kw = dict(mask=mask, resets=resets, train=train, axis_name=axis_name,
-                  return_state=return_state)  # fmt: skip
+        kw = dict(
+            mask=mask, resets=resets, train=train, axis_name=axis_name, return_state=return_state
+        )
         if not cfg.scan_layers:
             states = []
             for i, block in enumerate(self.blocks):
@@ -176,14 +199,28 @@ class LanguageModel(nnx.Module):
         )
 
     def __call__(
-        self, tokens, *, resets=None, train=False, key=None, axis_name=None, h0=None,
+        self,
+        tokens,
+        *,
+        resets=None,
+        train=False,
+        key=None,
+        axis_name=None,
+        h0=None,
         return_state=False,
-    ):  # fmt: skip
+    ):
         """tokens (b, l) -> logits (b, l, v); with return_state also the (k, b, n)
         recurrent states after the last position (what generation carries)."""
         x = constrain(self.embed(tokens, _dtype(self.cfg)), ACT)
-        out = self.stack(x, resets=resets, train=train, key=key, axis_name=axis_name, h0=h0,
-                         return_state=return_state)  # fmt: skip
+        out = self.stack(
+            x,
+            resets=resets,
+            train=train,
+            key=key,
+            axis_name=axis_name,
+            h0=h0,
+            return_state=return_state,
+        )
         x, states = out if return_state else (out, None)
         x = self.final_norm(x, train=train)
         if self.head is None:
@@ -229,7 +266,9 @@ class Classifier(nnx.Module):
         self.stack = Stack(cfg, rngs=rngs)
         self.final_norm = _norm(cfg)
         width = 4 * h if dual else h
-        self.head_hidden = layers.Dense(width, h, axes=("mlp", "embed"), rngs=rngs) if dual else None
+        self.head_hidden = (
+            layers.Dense(width, h, axes=("mlp", "embed"), rngs=rngs) if dual else None
+        )
         self.head = layers.Dense(h, num_classes, axes=("embed", None), rngs=rngs)
 
     def _encode(self, inputs, mask, train, key):

@@ -113,15 +113,37 @@ PRESETS: Mapping[str, Mapping[str, Any]] = {
     # A unit-test model: compiles in seconds.
     "test": dict(vocab_size=512, d_model=32, d_state=32, num_layers=2, d_ff=64),
     # ~125M (GPT-2 small widths): 12 x 768, one host.
-    "125m": dict(vocab_size=32768, d_model=768, d_state=768, num_layers=12, d_ff=3072,
-                 tie_embeddings=False, dtype="bfloat16"),
+    "125m": dict(
+        vocab_size=32768,
+        d_model=768,
+        d_state=768,
+        num_layers=12,
+        d_ff=3072,
+        tie_embeddings=False,
+        dtype="bfloat16",
+    ),
     # ~350M: 24 x 1024, one host / small slice.
-    "350m": dict(vocab_size=32768, d_model=1024, d_state=768, num_layers=24, d_ff=4096,
-                 tie_embeddings=False, dtype="bfloat16"),
+    "350m": dict(
+        vocab_size=32768,
+        d_model=1024,
+        d_state=768,
+        num_layers=24,
+        d_ff=4096,
+        tie_embeddings=False,
+        dtype="bfloat16",
+    ),
     # ~1.3B: 24 x 2048, pods (FSDP).
-    "1.3b": dict(vocab_size=32768, d_model=2048, d_state=1024, num_layers=24, d_ff=8192,
-                 tie_embeddings=False, dtype="bfloat16", remat="full"),
-}  # fmt: skip
+    "1.3b": dict(
+        vocab_size=32768,
+        d_model=2048,
+        d_state=1024,
+        num_layers=24,
+        d_ff=8192,
+        tie_embeddings=False,
+        dtype="bfloat16",
+        remat="full",
+    ),
+}
 
 
 def from_preset(preset: str, **overrides) -> ModelConfig:

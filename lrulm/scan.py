@@ -301,11 +301,15 @@ def linear_scan(
         from lrulm import sequence_parallel
 
         return sequence_parallel.sharded_linear_scan(
-            a, b, h0=h0, reverse=reverse, axis_name=axis_name,
+            a,
+            b,
+            h0=h0,
+            reverse=reverse,
+            axis_name=axis_name,
             local_scan=functools.partial(
                 linear_scan, method=method, chunk_size=chunk_size, grad=grad
             ),
-        )  # fmt: skip
+        )
     if b.shape[-2] == 0:
         return b
     if grad is GradMethod.RECURRENCE:

@@ -99,9 +99,9 @@ def scan_over_mesh(a, b, *, h0=None, reverse=False, mesh, method, chunk_size):
     return fn(*args)
 
 
-def comm_bytes_per_layer(batch: int, d_state: int, shards: int, *, time_varying_a=False,
-                         directions: int = 1) -> dict:  # fmt: skip
+def comm_bytes_per_layer(
+    batch: int, d_state: int, shards: int, *, time_varying_a=False, directions: int = 1
+) -> dict:
     """Bytes each device receives per layer and step (forward, backward), complex64."""
     per = (shards - 1) * batch * d_state * 8 * (2 if time_varying_a else 1) * directions
     return {"forward": per, "backward": per}
-

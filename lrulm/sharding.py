@@ -140,7 +140,9 @@ def tree_shardings(abstract_tree, axes_tree, mesh: Mesh, rules=RULES):
 
     leaves, treedef = jax.tree.flatten(abstract_tree)
     axes = treedef.flatten_up_to(axes_tree)  # the axes tree may end in tuples and None
-    shardings = [NamedSharding(mesh, spec_for(a, mesh, x.shape, rules)) for x, a in zip(leaves, axes)]
+    shardings = [
+        NamedSharding(mesh, spec_for(a, mesh, x.shape, rules)) for x, a in zip(leaves, axes)
+    ]
     return treedef.unflatten(shardings)
 
 

@@ -88,8 +88,10 @@ class LMTask:
                 eval_files = train_files[::50]
                 train_files = [f for f in train_files if f not in set(eval_files)]
             else:
-                raise ValueError("data.eval_files is empty and data.train_files names one "
-                                 "file; give held-out files with --config.data.eval_files")  # fmt: skip
+                raise ValueError(
+                    "data.eval_files is empty and data.train_files names one "
+                    "file; give held-out files with --config.data.eval_files"
+                )
         else:
             if data.eval_files:
                 raise ValueError("data.eval_files is set but data.train_files is not")
@@ -103,8 +105,9 @@ class LMTask:
                 if os.path.abspath(data.tokenizer) != os.path.abspath(tok_path):
                     shutil.copyfile(data.tokenizer, tok_path)
             elif not os.path.exists(tok_path):
-                log.info("training a %d-piece tokenizer on %d files", data.vocab_size,
-                         len(train_files))  # fmt: skip
+                log.info(
+                    "training a %d-piece tokenizer on %d files", data.vocab_size, len(train_files)
+                )
                 docs = (d for f in train_files for d in lm_data.read_documents(f))
                 tok.train_tokenizer(docs, tok_path, vocab_size=data.vocab_size)
         _barrier("lrulm_tokenizer")
@@ -138,9 +141,13 @@ class LMTask:
     def train_batches(self, *, global_batch, row_offset, local_batch, seed):
         source = lm_data.PackedSequences(self.train_stream, self.seq_len)
         return lm_data.batches(
-            source, global_batch=global_batch, row_offset=row_offset, local_batch=local_batch,
-            seed=seed, num_threads=self.config.data.num_threads,
-        )  # fmt: skip
+            source,
+            global_batch=global_batch,
+            row_offset=row_offset,
+            local_batch=local_batch,
+            seed=seed,
+            num_threads=self.config.data.num_threads,
+        )
 
     def eval_batches(self, split, *, global_batch, row_offset, local_batch, num_batches):
         """The first num_batches global batches of the held-out stream, in order
@@ -155,9 +162,15 @@ class LMTask:
                 f"than one global batch of {global_batch}; use more eval data or a smaller batch"
             )
         it = lm_data.batches(
-            source, global_batch=global_batch, row_offset=row_offset, local_batch=local_batch,
-            seed=0, shuffle=False, repeat=False, num_threads=1,
-        )  # fmt: skip
+            source,
+            global_batch=global_batch,
+            row_offset=row_offset,
+            local_batch=local_batch,
+            seed=0,
+            shuffle=False,
+            repeat=False,
+            num_threads=1,
+        )
         for _ in range(min(num_batches, available)):
             yield next(it)
 
@@ -179,8 +192,11 @@ class LMTask:
 
     def finalize(self, sums: dict) -> dict:
         loss = sums["loss"] / max(sums["weight"], 1.0)
-        out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-               "accuracy": sums["accuracy"] / max(sums["weight"], 1.0)}  # fmt: skip
+        out = {
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 50.0)),
+            "accuracy": sums["accuracy"] / max(sums["weight"], 1.0),
+        }
         if self.eval_stream is not None:
             out["bits_per_byte"] = loss / math.log(2) / self.eval_stream.bytes_per_token
         return out

@@ -134,10 +134,15 @@ def build(config, task, mesh) -> Experiment:
     rest_axes = sharding.logical_axes_tree(abs_rest)
     o = config.optim
     tx, schedule = optim.make_optimizer(
-        lr=o.lr, total_steps=config.train.steps, lr_factor=o.lr_factor,
-        weight_decay=o.weight_decay, warmup_fraction=o.warmup_fraction,
-        grad_clip=o.grad_clip, b1=o.b1, b2=o.b2,
-    )  # fmt: skip
+        lr=o.lr,
+        total_steps=config.train.steps,
+        lr_factor=o.lr_factor,
+        weight_decay=o.weight_decay,
+        warmup_fraction=o.warmup_fraction,
+        grad_clip=o.grad_clip,
+        b1=o.b1,
+        b2=o.b2,
+    )
 
     def init_fn(key):
         model = task.make_model(nnx.Rngs(params=key))
@@ -154,10 +159,13 @@ def build(config, task, mesh) -> Experiment:
 
     abstract = jax.eval_shape(init_fn, jax.random.key(0))
     axes = {
-        "step": None, "rng": None, "nonfinite_step": None,
-        "params": param_axes, "model_state": rest_axes,
+        "step": None,
+        "rng": None,
+        "nonfinite_step": None,
+        "params": param_axes,
+        "model_state": rest_axes,
         "opt_state": _opt_state_axes(abstract["opt_state"], param_axes),
-    }  # fmt: skip
+    }
     state_shardings = sharding.tree_shardings(abstract, axes, mesh)
     abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_shardings
@@ -168,8 +176,19 @@ def build(config, task, mesh) -> Experiment:
         k: sharding.batch_sharding(mesh, len(shape), seq_sharded=seq_sharded and len(shape) == 2)
         for k, (shape, _) in spec.items()
     }
-    return Experiment(config, task, mesh, graphdef, abstract_state, state_shardings,
-                      batch_shardings, spec, init_fn, tx, schedule)  # fmt: skip
+    return Experiment(
+        config,
+        task,
+        mesh,
+        graphdef,
+        abstract_state,
+        state_shardings,
+        batch_shardings,
+        spec,
+        init_fn,
+        tx,
+        schedule,
+    )
 
 
 # ==========================================================================================
@@ -257,9 +276,13 @@ def jit_steps(exp: Experiment):
     """The jitted train and eval steps, with explicit in/out shardings (pjit semantics)."""
     accum = exp.config.optim.grad_accum_steps
     train_fn = functools.partial(
-        train_step, graphdef=exp.graphdef, task=exp.task, tx=exp.tx,
-        schedule=exp.schedule, accum=accum,
-    )  # fmt: skip
+        train_step,
+        graphdef=exp.graphdef,
+        task=exp.task,
+        tx=exp.tx,
+        schedule=exp.schedule,
+        accum=accum,
+    )
     eval_fn = functools.partial(eval_step, graphdef=exp.graphdef, task=exp.task)
     replicated = NamedSharding(exp.mesh, PartitionSpec())
 
@@ -322,14 +345,15 @@ def evaluate(exp: Experiment, eval_jit, state, batches) -> dict:
 class _Preemption:
     """SIGTERM (what TPU VMs and SLURM send before preemption) -> save, then exit 0.
 
-    With several processes, jax's preemption sync point makes every process agree on
-    the same step; with one, the signal handler's flag is enough.
+    With several processes, jax's preemption sync point (jax owns SIGTERM once
+    jax.distributed is initialised) makes every process agree on the same step; with
+    one, this handler's flag is enough. Call `reached` at every step on every process.
     """
 
     def __init__(self):
         self.requested = False
         self._previous = None
-        if jax.process_count() == 1:
+        if not jax.distributed.is_initialized():
             try:
                 self._previous = signal.signal(signal.SIGTERM, self._handler)
             except ValueError:  # not the main thread (e.g. inside a test runner thread)
@@ -339,13 +363,10 @@ class _Preemption:
         self.requested = True
 
     def reached(self, step: int) -> bool:
-        if jax.process_count() > 1:
+        if jax.distributed.is_initialized():
             from jax.experimental import multihost_utils
 
-            try:
-                return bool(multihost_utils.reached_preemption_sync_point(step))
-            except RuntimeError:  # no preemption sync manager (distributed not set up)
-                return False
+            return bool(multihost_utils.reached_preemption_sync_point(step))
         return self.requested
 
     def close(self):
@@ -361,8 +382,9 @@ class _BestTracker:
     def __init__(self, workdir, best_metric):
         self.workdir = workdir
         self.metric, self.mode = best_metric
-        self.ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "best"), max_to_keep=1,
-                                          async_save=False)  # fmt: skip
+        self.ckpt = ckpt_lib.Checkpointer(
+            os.path.join(workdir, "best"), max_to_keep=1, async_save=False
+        )
         self.value, self.step = None, None
         steps = self.ckpt.steps()
         if steps:  # resuming: the best so far is in the saved metadata
@@ -371,8 +393,9 @@ class _BestTracker:
 
     def update(self, step, metrics, state):
         value = metrics[self.metric]
-        better = self.value is None or (value > self.value if self.mode == "max"
-                                        else value < self.value)  # fmt: skip
+        better = self.value is None or (
+            value > self.value if self.mode == "max" else value < self.value
+        )
         if better:
             self.value, self.step = value, step
             self.ckpt.save(step, state, metadata={"best_value": value, "metric": self.metric})
@@ -425,8 +448,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
     row_offset, local_batch = process_rows(
         exp.batch_shardings[first_key], exp.batch_spec[first_key][0]
     )
-    batch_args = dict(global_batch=t.global_batch_size, row_offset=row_offset,
-                      local_batch=local_batch)  # fmt: skip
+    batch_args = dict(
+        global_batch=t.global_batch_size, row_offset=row_offset, local_batch=local_batch
+    )
     train_iter = task.train_batches(seed=t.seed, **batch_args)
 
     # ---- Model & optimizer: sharded init, or restore ---------------------------------
@@ -460,9 +484,12 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
         if hasattr(task, "unigram_entropy"):
             info["data/unigram_entropy"] = task.unigram_entropy()
         writer.write(0, info)
-    print(f"lrulm: {num_params:,} parameters, mesh {dict(mesh.shape)}, "
-          f"{mesh.devices.size} devices, {jax.process_count()} processes; "
-          f"step {step} of {t.steps}", flush=True)  # fmt: skip
+    print(
+        f"lrulm: {num_params:,} parameters, mesh {dict(mesh.shape)}, "
+        f"{mesh.devices.size} devices, {jax.process_count()} processes; "
+        f"step {step} of {t.steps}",
+        flush=True,
+    )
 
     def eval_batches(split="eval"):
         return task.eval_batches(split, num_batches=t.eval_steps, **batch_args)
@@ -482,9 +509,11 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
             return
         last_saved = at_step
         check_finite()  # a non-finite state never overwrites a good checkpoint
-        meta = {"config": config_lib.to_dict(config), "mesh": dict(mesh.shape),
-                "model": vars(task.model_config) if hasattr(task.model_config, "__dict__")
-                else {}}  # fmt: skip
+        meta = {
+            "config": config_lib.to_dict(config),
+            "mesh": dict(mesh.shape),
+            "model": vars(task.model_config) if hasattr(task.model_config, "__dict__") else {},
+        }
         checkpointer.save(at_step, state, train_iter, meta)
 
     # ---- Loop ------------------------------------------------------------------------
@@ -507,11 +536,13 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
                 row = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 row.update(throughput.measure(step, tokens_per_step))
                 if peak:
-                    row["perf/mfu"] = (flops_per_token * row["perf/tokens_per_s"]
-                                       / (peak * jax.device_count()))  # fmt: skip
+                    row["perf/mfu"] = (
+                        flops_per_token * row["perf/tokens_per_s"] / (peak * jax.device_count())
+                    )
                 writer.write(step, row)
-                writer.progress_line(step, t.steps, {k: row[k] for k in
-                                     ("train/loss", "perf/tokens_per_s")})  # fmt: skip
+                writer.progress_line(
+                    step, t.steps, {k: row[k] for k in ("train/loss", "perf/tokens_per_s")}
+                )
             if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
                 last_eval = evaluate(exp, eval_jit, state, eval_batches())
                 writer.write(step, {f"eval/{k}": v for k, v in last_eval.items()})
@@ -554,10 +585,13 @@ def evaluate_workdir(config, workdir: str) -> dict:
     result = {"step": restored.step}
     for split in ("eval", "test") if task.best_metric else ("eval",):
         batches = task.eval_batches(
-            split, global_batch=config.train.global_batch_size, row_offset=row_offset,
-            local_batch=local_batch, num_batches=config.train.eval_steps,
-        )  # fmt: skip
-        result.update({f"{split}/{k}": v for k, v in
-                       evaluate(exp, eval_jit, restored.state, batches).items()})  # fmt: skip
+            split,
+            global_batch=config.train.global_batch_size,
+            row_offset=row_offset,
+            local_batch=local_batch,
+            num_batches=config.train.eval_steps,
+        )
+        result.update(
+            {f"{split}/{k}": v for k, v in evaluate(exp, eval_jit, restored.state, batches).items()}
+        )
     return result
-

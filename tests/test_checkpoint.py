@@ -22,15 +22,30 @@ TINY = "configs/lm/tiny.py:test"
 
 
 def _cmd(workdir, corpus, *overrides):
-    args = [f"data.train_files={corpus['train']}", f"data.eval_files={corpus['eval']}",
-            "train.log_every=1", "train.eval_every=0", *overrides]  # fmt: skip
-    return [sys.executable, "-m", "lrulm", "train", "--config", TINY, "--workdir", str(workdir),
-            *[f"--config.{a}" for a in args]]  # fmt: skip
+    args = [
+        f"data.train_files={corpus['train']}",
+        f"data.eval_files={corpus['eval']}",
+        "train.log_every=1",
+        "train.eval_every=0",
+        *overrides,
+    ]
+    return [
+        sys.executable,
+        "-m",
+        "lrulm",
+        "train",
+        "--config",
+        TINY,
+        "--workdir",
+        str(workdir),
+        *[f"--config.{a}" for a in args],
+    ]
 
 
 def _run(workdir, corpus, *overrides, timeout=300):
-    out = subprocess.run(_cmd(workdir, corpus, *overrides), capture_output=True, text=True,
-                         timeout=timeout)  # fmt: skip
+    out = subprocess.run(
+        _cmd(workdir, corpus, *overrides), capture_output=True, text=True, timeout=timeout
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout + out.stderr
 
@@ -54,19 +69,21 @@ def _losses(workdir):
 
 
 def _params(workdir, step):
-    restored = ocp.PyTreeCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+    restored = ocp.PyTreeCheckpointer().restore(
+        os.path.join(workdir, "checkpoints", str(step), "state")
+    )
     return jax.tree.map(np.asarray, restored["params"])
 
 
 def test_sigkill_then_resume_is_bitwise_exact(tmp_path, corpus):
     # The tiny preset (~0.25 s a step here) leaves time to kill the run mid-way.
-    steps = ["train.steps=40", "checkpoint.every_steps=4", "model.preset=tiny",
-             "train.seq_len=128"]  # fmt: skip
+    steps = ["train.steps=40", "checkpoint.every_steps=4", "model.preset=tiny", "train.seq_len=128"]
     straight = tmp_path / "straight"
     _run(straight, corpus, *steps)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(killed, corpus, *steps), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        _cmd(killed, corpus, *steps), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         _wait_for(killed / "checkpoints" / "4", proc)  # committed: Orbax renames at the end
         proc.send_signal(signal.SIGKILL)
@@ -105,8 +122,13 @@ def test_damaged_checkpoint_is_named_and_skipped(tmp_path, corpus):
     workdir = tmp_path / "run"
     _run(workdir, corpus, "train.steps=8", "checkpoint.every_steps=4")
     # Truncate the newest checkpoint's array data, as a crash of the storage might.
-    data = [f for f in glob.glob(str(workdir / "checkpoints" / "8" / "state" / "**" / "*"),
-                                 recursive=True) if os.path.isfile(f)]  # fmt: skip
+    data = [
+        f
+        for f in glob.glob(
+            str(workdir / "checkpoints" / "8" / "state" / "**" / "*"), recursive=True
+        )
+        if os.path.isfile(f)
+    ]
     biggest = max(data, key=os.path.getsize)
     with open(biggest, "r+b") as f:
         f.truncate(os.path.getsize(biggest) // 3)
@@ -120,8 +142,13 @@ def test_damaged_checkpoint_is_named_and_skipped(tmp_path, corpus):
 
 def test_restore_onto_other_meshes(tmp_path, corpus):
     def cfg(*mesh):
-        pairs = [("data.train_files", corpus["train"]), ("data.eval_files", corpus["eval"]),
-                 ("train.steps", "4"), ("train.eval_every", "0"), ("checkpoint.every_steps", "4")]
+        pairs = [
+            ("data.train_files", corpus["train"]),
+            ("data.eval_files", corpus["eval"]),
+            ("train.steps", "4"),
+            ("train.eval_every", "0"),
+            ("checkpoint.every_steps", "4"),
+        ]
         return config_lib.load_with_overrides(TINY, pairs + [tuple(m.split("=")) for m in mesh])
 
     workdir = str(tmp_path / "run")
@@ -143,9 +170,10 @@ def test_restore_onto_other_meshes(tmp_path, corpus):
         params = jax.device_get(state["params"])
         train_jit, _ = train.jit_steps(exp)
         rng = np.random.default_rng(1)
-        batch = {k: jax.device_put(rng.integers(4, 500, shape).astype(np.int32),
-                                   exp.batch_shardings[k])
-                 for k, (shape, _) in exp.batch_spec.items()}  # fmt: skip
+        batch = {
+            k: jax.device_put(rng.integers(4, 500, shape).astype(np.int32), exp.batch_shardings[k])
+            for k, (shape, _) in exp.batch_spec.items()
+        }
         _, metrics = train_jit(state, batch)
         results[name] = (params, float(metrics["train/loss"]))
     ref_params, ref_loss = results["data8"]
@@ -164,17 +192,28 @@ def test_plain_orbax_reads_the_parameters(tmp_path, corpus):
         "lru = tree['params']['stack']['blocks']['lru']\n"
         "print(sorted(lru), lru['nu_log'].shape, int(tree['step']))\n"
     )
-    out = subprocess.run([sys.executable, "-c", script, str(workdir / "checkpoints" / "2" / "state")],
-                         capture_output=True, text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(workdir / "checkpoints" / "2" / "state")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "'B_im', 'B_re', 'C_im', 'C_re', 'D', 'gamma_log', 'nu_log', 'theta_log'" in out.stdout
     assert "(2, 32) 2" in out.stdout
 
 
 def test_nonfinite_loss_stops_and_keeps_the_good_checkpoint(tmp_path, corpus):
-    pairs = [("data.train_files", corpus["train"]), ("data.eval_files", corpus["eval"]),
-             ("train.steps", "30"), ("train.eval_every", "0"), ("train.log_every", "10"),
-             ("checkpoint.every_steps", "1"), ("optim.lr", "1e30"),
-             ("optim.warmup_fraction", "0.0"), ("optim.grad_clip", "0.0")]  # fmt: skip
+    pairs = [
+        ("data.train_files", corpus["train"]),
+        ("data.eval_files", corpus["eval"]),
+        ("train.steps", "30"),
+        ("train.eval_every", "0"),
+        ("train.log_every", "10"),
+        ("checkpoint.every_steps", "1"),
+        ("optim.lr", "1e30"),
+        ("optim.warmup_fraction", "0.0"),
+        ("optim.grad_clip", "0.0"),
+    ]
     config = config_lib.load_with_overrides(TINY, pairs)
     workdir = str(tmp_path / "run")
     with pytest.raises(train.NonFiniteLoss, match="non-finite at step") as info:
@@ -191,7 +230,16 @@ def test_init_from_checks_shapes(tmp_path, corpus):
     _run(base, corpus, "train.steps=2", "checkpoint.every_steps=2")
     out = _run(tmp_path / "finetune", corpus, "train.steps=2", f"checkpoint.init_from={base}")
     assert f"parameters from {base} (step 2)" in out
-    bad = subprocess.run(_cmd(tmp_path / "bad", corpus, "train.steps=2", "model.d_model=48",
-                              f"checkpoint.init_from={base}"), capture_output=True, text=True)  # fmt: skip
+    bad = subprocess.run(
+        _cmd(
+            tmp_path / "bad",
+            corpus,
+            "train.steps=2",
+            "model.d_model=48",
+            f"checkpoint.init_from={base}",
+        ),
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode != 0
     assert "do not fit this model" in bad.stderr and "(2, 32, 32)" in bad.stderr

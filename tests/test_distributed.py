@@ -238,22 +238,3 @@ def test_survivor_exits_within_heartbeat_when_a_peer_dies(tmp_path, victim):
     assert "ready" in out
     assert survivor.returncode != 0, out
     assert elapsed < HEARTBEAT_S + SLACK_S, f"survivor took {elapsed:.1f} s\n{out}"
-
-
-def test_single_process_preemption_flag(tmp_path):
-    script = tmp_path / "preempt.py"
-    script.write_text(
-        textwrap.dedent("""
-        import os, signal
-        from lrulm import distributed
-        distributed.initialize()
-        seen = [distributed.preemption_requested(step) for step in range(3)]
-        os.kill(os.getpid(), signal.SIGTERM)  # handled: the process keeps running
-        seen += [distributed.preemption_requested(step) for step in range(3, 5)]
-        print("seen", seen)
-        """)
-    )
-    with _processes(script, [_env()]) as (proc,):
-        out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0, out
-    assert "seen [False, False, False, True, True]" in out

@@ -58,14 +58,29 @@ def test_sampling_filters():
     key = jax.random.key(0)
     assert int(gen.sample_logits(key, logits, temperature=0.0, top_p=1.0, top_k=0)[0]) == 0
     keys = jax.random.split(key, 4000)
-    free = np.bincount(jax.vmap(lambda k: gen.sample_logits(
-        k, logits, temperature=1.0, top_p=1.0, top_k=0)[0])(keys), minlength=4) / 4000  # fmt: skip
+    free = (
+        np.bincount(
+            jax.vmap(
+                lambda k: gen.sample_logits(k, logits, temperature=1.0, top_p=1.0, top_k=0)[0]
+            )(keys),
+            minlength=4,
+        )
+        / 4000
+    )
     np.testing.assert_allclose(free, [0.5, 0.3, 0.15, 0.05], atol=0.03)
-    top2 = np.bincount(jax.vmap(lambda k: gen.sample_logits(
-        k, logits, temperature=1.0, top_p=1.0, top_k=2)[0])(keys), minlength=4)  # fmt: skip
+    top2 = np.bincount(
+        jax.vmap(lambda k: gen.sample_logits(k, logits, temperature=1.0, top_p=1.0, top_k=2)[0])(
+            keys
+        ),
+        minlength=4,
+    )
     assert top2[2] == top2[3] == 0 and abs(top2[0] / 4000 - 0.625) < 0.03
-    nucleus = np.bincount(jax.vmap(lambda k: gen.sample_logits(
-        k, logits, temperature=1.0, top_p=0.7, top_k=0)[0])(keys), minlength=4)  # fmt: skip
+    nucleus = np.bincount(
+        jax.vmap(lambda k: gen.sample_logits(k, logits, temperature=1.0, top_p=0.7, top_k=0)[0])(
+            keys
+        ),
+        minlength=4,
+    )
     assert nucleus[2] == nucleus[3] == 0  # 0.5 + 0.3 covers 0.7
 
 

@@ -281,9 +281,18 @@ TRAIN = ["lrulm", "train", "--config", "configs/lm/tiny.py", "--workdir", "gs://
 def test_tpu_vm_up_dry_run():
     flags = ["--name", "lru", "--zone", "us-east5-a", "--project", "proj"]
     out, err = _dry(
-        "tpu_vm.py", "up", *flags, "--accelerator_type", "v5p-128", "--env", "A=1 2",
-        "--delete_after", "--dry_run", "--", *TRAIN,
-    )  # fmt: skip
+        "tpu_vm.py",
+        "up",
+        *flags,
+        "--accelerator_type",
+        "v5p-128",
+        "--env",
+        "A=1 2",
+        "--delete_after",
+        "--dry_run",
+        "--",
+        *TRAIN,
+    )
     lines = out.splitlines()
     assert "16 hosts x 4 chips, topology 4x4x4" in lines[0]
     create, *rest = [line for line in lines if line.startswith("gcloud")]
@@ -304,11 +313,28 @@ def test_tpu_vm_up_dry_run():
 
 def test_tpu_vm_queued_git_and_default_command():
     out, err = _dry(
-        "tpu_vm.py", "up", "--name", "q", "--zone", "z", "--project", "p",
-        "--accelerator_type", "v5litepod-16", "--queued", "--spot", "--repo_url",
-        "https://example.com/lrulm.git", "--ref", "v1", "--config", "c.py", "--workdir",
-        "/local/run", "--dry_run",
-    )  # fmt: skip
+        "tpu_vm.py",
+        "up",
+        "--name",
+        "q",
+        "--zone",
+        "z",
+        "--project",
+        "p",
+        "--accelerator_type",
+        "v5litepod-16",
+        "--queued",
+        "--spot",
+        "--repo_url",
+        "https://example.com/lrulm.git",
+        "--ref",
+        "v1",
+        "--config",
+        "c.py",
+        "--workdir",
+        "/local/run",
+        "--dry_run",
+    )
     assert "queued-resources create q --zone z --project p --node-id q" in out
     assert "--accelerator-type v5litepod-16 --runtime-version v2-alpha-tpuv5-lite --spot" in out
     assert "queued-resources describe q" in out
@@ -321,9 +347,19 @@ def test_tpu_vm_queued_git_and_default_command():
 def test_gke_jobset_dry_run():
     yaml = pytest.importorskip("yaml")
     out, _ = _dry(
-        "gke.py", "--name", "lru", "--image", "img:1", "--accelerator_type", "v5litepod-16",
-        "--env", "A=1", "--dry_run", "--", *TRAIN,
-    )  # fmt: skip
+        "gke.py",
+        "--name",
+        "lru",
+        "--image",
+        "img:1",
+        "--accelerator_type",
+        "v5litepod-16",
+        "--env",
+        "A=1",
+        "--dry_run",
+        "--",
+        *TRAIN,
+    )
     manifest = yaml.safe_load(out)
     assert manifest["kind"] == "JobSet" and manifest["metadata"]["name"] == "lru"
     (job,) = manifest["spec"]["replicatedJobs"]
@@ -344,16 +380,36 @@ def test_gke_jobset_dry_run():
 def test_gke_single_host_and_xpk():
     yaml = pytest.importorskip("yaml")
     out, _ = _dry(
-        "gke.py", "--name", "one", "--image", "img", "--accelerator_type", "v6e-8", "--dry_run",
-        "--", *TRAIN,
-    )  # fmt: skip
+        "gke.py",
+        "--name",
+        "one",
+        "--image",
+        "img",
+        "--accelerator_type",
+        "v6e-8",
+        "--dry_run",
+        "--",
+        *TRAIN,
+    )
     spec = yaml.safe_load(out)["spec"]["replicatedJobs"][0]["template"]["spec"]
     assert spec["parallelism"] == 1
     assert spec["template"]["spec"]["containers"][0]["resources"]["limits"] == {"google.com/tpu": 8}
     out, _ = _dry(
-        "gke.py", "--name", "lru", "--image", "img", "--accelerator_type", "v5p-128",
-        "--print_xpk", "--cluster", "c1", "--env", "A=1", "--", *TRAIN,
-    )  # fmt: skip
+        "gke.py",
+        "--name",
+        "lru",
+        "--image",
+        "img",
+        "--accelerator_type",
+        "v5p-128",
+        "--print_xpk",
+        "--cluster",
+        "c1",
+        "--env",
+        "A=1",
+        "--",
+        *TRAIN,
+    )
     assert out.startswith("xpk workload create --cluster c1 --workload lru --tpu-type v5p-128")
     assert "--docker-image img" in out and "--env A=1" in out
     assert "--command 'lrulm train --config configs/lm/tiny.py --workdir gs://bkt/run'" in out
@@ -361,9 +417,22 @@ def test_gke_single_host_and_xpk():
 
 def test_slurm_dry_run():
     out, _ = _dry(
-        "slurm.py", "--nodes", "4", "--gpus_per_node", "8", "--partition", "gpu", "--time",
-        "2:00:00", "--requeue", "--env", "X=1", "--dry_run", "--", *TRAIN,
-    )  # fmt: skip
+        "slurm.py",
+        "--nodes",
+        "4",
+        "--gpus_per_node",
+        "8",
+        "--partition",
+        "gpu",
+        "--time",
+        "2:00:00",
+        "--requeue",
+        "--env",
+        "X=1",
+        "--dry_run",
+        "--",
+        *TRAIN,
+    )
     assert out.startswith("#!/bin/bash\n")
     for directive in (
         "--nodes=4",

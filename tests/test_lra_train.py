@@ -43,9 +43,16 @@ def data_dir(tmp_path_factory):
 @pytest.mark.parametrize("task", list(lra.TASKS))
 def test_tiny_config_trains_and_reports_test_accuracy(task, data_dir, tmp_path):
     # 8 simulated devices on the data axis: every tiny batch (8 or 32) divides by 8.
-    config = _config(task, f"data.data_dir={data_dir}", "mesh.data=8", "train.steps=2",
-                     "train.log_every=1", "train.eval_every=0", "checkpoint.every_steps=100",
-                     "train.progress=False")  # fmt: skip
+    config = _config(
+        task,
+        f"data.data_dir={data_dir}",
+        "mesh.data=8",
+        "train.steps=2",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "checkpoint.every_steps=100",
+        "train.progress=False",
+    )
     workdir = str(tmp_path / task)
     train.train_and_evaluate(config, workdir)
 
@@ -82,8 +89,9 @@ def test_train_batches_reshuffle_each_epoch_and_split_across_processes(data_dir)
     examples = collections.Counter(_key(source[i]["inputs"]) for i in range(len(source)))
     steps_per_epoch = len(source) // 4  # 12 fixture examples (two alike), global batch 4
     # Two "processes" of two rows each; together they must read every global batch.
-    halves = [task.train_batches(global_batch=4, row_offset=off, local_batch=2, seed=7)
-              for off in (0, 2)]  # fmt: skip
+    halves = [
+        task.train_batches(global_batch=4, row_offset=off, local_batch=2, seed=7) for off in (0, 2)
+    ]
     epochs = []
     for _ in range(2):
         order = []
@@ -106,15 +114,17 @@ def test_eval_batches_count_every_example_once(data_dir):
     got: collections.Counter = collections.Counter()
     batches = 0
     for off in (0, 3):  # two "processes" of 3 rows of a global batch of 6: 2 batches, 4 pad
-        for b in task.eval_batches("test", global_batch=6, row_offset=off, local_batch=3,
-                                   num_batches=0):  # fmt: skip
+        for b in task.eval_batches(
+            "test", global_batch=6, row_offset=off, local_batch=3, num_batches=0
+        ):
             assert b["inputs"].shape == (3, 2, 256) and b["mask"].shape == (3, 2, 256)
             batches += 1
             got.update(_key(x) for x, w in zip(b["inputs"], b["weight"]) if w == 1)
             assert set(b["weight"]) <= {0.0, 1.0}
     assert batches == 4 and got == expected
-    first = list(task.eval_batches("eval", global_batch=6, row_offset=0, local_batch=6,
-                                   num_batches=1))  # fmt: skip
+    first = list(
+        task.eval_batches("eval", global_batch=6, row_offset=0, local_batch=6, num_batches=1)
+    )
     assert len(first) == 1 and first[0]["weight"].sum() == 6
 
 
@@ -124,8 +134,9 @@ def test_eval_batches_count_every_example_once(data_dir):
 @pytest.mark.slow
 def test_listops_tiny_learns_above_majority_class(tmp_path):
     data = str(tmp_path / "data")
-    generate.generate_listops(data, num_train=4000, num_val=200, num_test=500,
-                              min_length=10, max_length=60, seed=0)  # fmt: skip
+    generate.generate_listops(
+        data, num_train=4000, num_val=200, num_test=500, min_length=10, max_length=60, seed=0
+    )
     test_labels = [int(r["label"]) for r in lra.load_split("listops", data, "test", seq_len=64)]
     majority = max(collections.Counter(test_labels).values()) / len(test_labels)
     config = _config("listops", f"data.data_dir={data}", "mesh.data=1", "train.progress=False")
@@ -145,8 +156,17 @@ def _fake_run(path, task: str, test: float, val: float, step: int = 100):
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump({"task": task}, f)
     with open(os.path.join(path, "results.json"), "w") as f:
-        json.dump({"task": task, "step": step, "test/accuracy": test, "test/loss": 1.0,
-                   "best/eval_accuracy": val, "best/step": step // 2}, f)  # fmt: skip
+        json.dump(
+            {
+                "task": task,
+                "step": step,
+                "test/accuracy": test,
+                "test/loss": 1.0,
+                "best/eval_accuracy": val,
+                "best/step": step // 2,
+            },
+            f,
+        )
     return str(path)
 
 
@@ -168,8 +188,16 @@ def test_report_table_and_plot(tmp_path):
     assert cells("model") == ["model", *tasks, "Avg"]
     # The run chosen on validation (52.1), not the better test number (55.3).
     assert cells("lrulm |") == ["lrulm", "52.1", "–", "–", "–", "–", "91.2", "–"]
-    assert cells("LRU (paper)") == ["LRU (paper)", "60.2", "89.4", "89.9", "89.0", "95.1", "94.2",
-                                    "86.3"]  # fmt: skip
+    assert cells("LRU (paper)") == [
+        "LRU (paper)",
+        "60.2",
+        "89.4",
+        "89.9",
+        "89.0",
+        "95.1",
+        "94.2",
+        "86.3",
+    ]
     assert cells("S4 (paper)")[1:7] == ["59.6", "86.8", "90.9", "88.7", "94.2", "96.4"]
     assert cells("S5 (paper)")[1:7] == ["62.2", "89.3", "91.4", "88.0", "95.3", "98.6"]
     assert cells("lrulm − LRU")[1:3] == ["-8.1", "–"]
@@ -199,14 +227,26 @@ def test_report_errors_name_the_directory(tmp_path, capsys):
     "task, overrides, error, message",
     [
         ("listops", [], ValueError, "data.data_dir is not set"),
-        ("listops", ["data.data_dir=/nonexistent/lra"], FileNotFoundError,
-         "data_dir '/nonexistent/lra' does not exist"),
-        ("image", ["data.data_dir={data}", "train.seq_len=512"], ValueError,
-         "set train.seq_len=1024"),
-        ("listops", ["data.data_dir={data}", "task=listopz"], ValueError,
-         "unknown task 'listopz'; use 'lm' or an LRA task: listops, text"),
+        (
+            "listops",
+            ["data.data_dir=/nonexistent/lra"],
+            FileNotFoundError,
+            "data_dir '/nonexistent/lra' does not exist",
+        ),
+        (
+            "image",
+            ["data.data_dir={data}", "train.seq_len=512"],
+            ValueError,
+            "set train.seq_len=1024",
+        ),
+        (
+            "listops",
+            ["data.data_dir={data}", "task=listopz"],
+            ValueError,
+            "unknown task 'listopz'; use 'lm' or an LRA task: listops, text",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_input_fails_before_compiling(task, overrides, error, message, data_dir, tmp_path):
     config = _config(task, *(o.format(data=data_dir) for o in overrides))
     with pytest.raises(error, match=message):

@@ -57,10 +57,15 @@ def test_parameter_shapes_and_dtypes():
     shapes = {k: (v.shape, v.dtype) for k, v in _params(layer).items()}
     f32 = jnp.float32
     assert shapes == {
-        "nu_log": ((32,), f32), "theta_log": ((32,), f32), "gamma_log": ((32,), f32),
-        "B_re": ((32, 16), f32), "B_im": ((32, 16), f32),
-        "C_re": ((16, 32), f32), "C_im": ((16, 32), f32), "D": ((16,), f32),
-    }  # fmt: skip
+        "nu_log": ((32,), f32),
+        "theta_log": ((32,), f32),
+        "gamma_log": ((32,), f32),
+        "B_re": ((32, 16), f32),
+        "B_im": ((32, 16), f32),
+        "C_re": ((16, 32), f32),
+        "C_im": ((16, 32), f32),
+        "D": ((16,), f32),
+    }
 
 
 def test_bfloat16_inputs_keep_float32_recurrence():

@@ -21,9 +21,7 @@ def _inputs(seed, lead, length, n, *, complex_, full_a):
         phase = rng.uniform(0, 2 * np.pi, mag.shape)
         a = (mag * np.exp(1j * phase)).astype(np.complex64)
         b = (rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex64)
-        h0 = (rng.normal(size=lead + (n,)) + 1j * rng.normal(size=lead + (n,))).astype(
-            np.complex64
-        )
+        h0 = (rng.normal(size=lead + (n,)) + 1j * rng.normal(size=lead + (n,))).astype(np.complex64)
     else:
         a = mag.astype(np.float32)
         b = rng.normal(size=shape).astype(np.float32)
@@ -102,7 +100,9 @@ def test_no_h0_and_mixed_dtypes():
         h = _scan_jit(a, b, method=method)
         assert h.dtype == jnp.complex64
         np.testing.assert_allclose(h, ref, rtol=1e-5, atol=1e-5)
-        ga = jax.jit(jax.grad(lambda a: jnp.sum(jnp.abs(linear_scan(a, b, method=method)) ** 2)))(a)
+        ga = jax.jit(
+            jax.grad(lambda a, m=method: jnp.sum(jnp.abs(linear_scan(a, b, method=m)) ** 2))
+        )(a)
         assert ga.dtype == jnp.float32
 
 
@@ -120,8 +120,10 @@ def test_recurrence_grad_saves_memory_at_4096():
 
     custom = temp_bytes("associative", "recurrence")
     autodiff = temp_bytes("associative", "autodiff")
-    print(f"\ntemporary memory at (B=4, L=4096, N=128) complex64: custom VJP {custom / 2**20:.1f} "
-          f"MiB, autodiff of associative_scan {autodiff / 2**20:.1f} MiB")
+    print(
+        f"\ntemporary memory at (B=4, L=4096, N=128) complex64: custom VJP {custom / 2**20:.1f} "
+        f"MiB, autodiff of associative_scan {autodiff / 2**20:.1f} MiB"
+    )
     assert custom < 0.6 * autodiff  # measured: 20 MiB vs 44 MiB
 
 

@@ -38,8 +38,9 @@ def test_split_scan_equals_unsplit(shards, time_varying, reverse):
 
     def loss(a, b, h0, split):
         if split:
-            h = sp.scan_over_mesh(a, b, h0=h0, reverse=reverse, mesh=mesh, method="chunked",
-                                  chunk_size=4)  # fmt: skip
+            h = sp.scan_over_mesh(
+                a, b, h0=h0, reverse=reverse, mesh=mesh, method="chunked", chunk_size=4
+            )
         else:
             h = linear_scan(a, b, h0=h0, reverse=reverse, method="sequential")
         return jnp.sum(h.real * jnp.arange(6)) + jnp.sum(jnp.abs(h) ** 2), h
@@ -95,8 +96,13 @@ def test_communication_matches_the_formula():
     expected = sp.comm_bytes_per_layer(local_batch, n, shards)["forward"]
     gathered = _collective_bytes(hlo, "all-gather")  # each device's result: S segments
     assert gathered * (shards - 1) // shards == expected
-    grad = jax.jit(jax.grad(lambda b: jnp.sum(jnp.abs(
-        sp.scan_over_mesh(a, b, mesh=mesh, method="chunked", chunk_size=4)) ** 2)))  # fmt: skip
+    grad = jax.jit(
+        jax.grad(
+            lambda b: jnp.sum(
+                jnp.abs(sp.scan_over_mesh(a, b, mesh=mesh, method="chunked", chunk_size=4)) ** 2
+            )
+        )
+    )
     hlo = grad.lower(b).compile().as_text()
     backward = sum(_collective_bytes(hlo, op) for op in ("reduce-scatter", "all-reduce"))
     assert 0 < backward <= 4 * expected * shards
@@ -104,8 +110,13 @@ def test_communication_matches_the_formula():
 
 def test_training_with_a_sequence_axis_gives_the_same_losses(tmp_path, corpus):
     def losses(name, mesh, devices):
-        pairs = [("data.train_files", corpus["train"]), ("data.eval_files", corpus["eval"]),
-                 ("train.steps", "4"), ("train.log_every", "1"), ("train.eval_every", "0")]
+        pairs = [
+            ("data.train_files", corpus["train"]),
+            ("data.eval_files", corpus["eval"]),
+            ("train.steps", "4"),
+            ("train.log_every", "1"),
+            ("train.eval_every", "0"),
+        ]
         config = config_lib.load_with_overrides("configs/lm/tiny.py:test", pairs + mesh)
         workdir = str(tmp_path / name)
         train.train_and_evaluate(config, workdir, devices=devices)

@@ -19,7 +19,9 @@ def _config(*overrides, corpus=None):
     pairs = [tuple(o.split("=", 1)) for o in overrides]
     if corpus is not None:
         pairs += [("data.train_files", corpus["train"]), ("data.eval_files", corpus["eval"])]
-    return config_lib.load_with_overrides(TINY, [(k.removeprefix("--config."), v) for k, v in pairs])
+    return config_lib.load_with_overrides(
+        TINY, [(k.removeprefix("--config."), v) for k, v in pairs]
+    )
 
 
 def _losses(workdir):
@@ -28,7 +30,12 @@ def _losses(workdir):
 
 
 def test_sharding_changes_layout_not_math(tmp_path, corpus):
-    common = ["train.steps=6", "train.log_every=1", "train.eval_every=0", "checkpoint.every_steps=100"]
+    common = [
+        "train.steps=6",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "checkpoint.every_steps=100",
+    ]
     meshes = {
         "data8": (["mesh.data=8"], None),
         "dp2_fsdp2_tp2": (["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], None),
@@ -43,7 +50,9 @@ def test_sharding_changes_layout_not_math(tmp_path, corpus):
     assert sorted(ref) == list(range(1, 7))
     assert ref[6] < ref[1]  # it learns
     for name, got in losses.items():
-        np.testing.assert_allclose([got[s] for s in ref], list(ref.values()), rtol=2e-4, err_msg=name)
+        np.testing.assert_allclose(
+            [got[s] for s in ref], list(ref.values()), rtol=2e-4, err_msg=name
+        )
 
 
 def test_parameters_are_sharded_by_the_rules(corpus, tmp_path):
@@ -78,8 +87,10 @@ def test_gradient_accumulation_equals_big_batch(corpus, tmp_path):
         state = jax.jit(exp.init_fn, out_shardings=exp.state_shardings)(jax.random.key(0))
         train_jit, _ = train.jit_steps(exp)
         rng = np.random.default_rng(0)
-        batch = {k: rng.integers(4, 500, shape).astype(np.int32)
-                 for k, (shape, _) in exp.batch_spec.items()}  # fmt: skip
+        batch = {
+            k: rng.integers(4, 500, shape).astype(np.int32)
+            for k, (shape, _) in exp.batch_spec.items()
+        }
         batch = {k: jax.device_put(v, exp.batch_shardings[k]) for k, v in batch.items()}
         state, metrics = train_jit(state, batch)
         results[accum] = (jax.device_get(state["params"]), jax.device_get(metrics))
@@ -93,13 +104,16 @@ def test_gradient_accumulation_equals_big_batch(corpus, tmp_path):
 
 def test_recurrent_parameters_get_reduced_lr_and_no_weight_decay():
     params = {
-        "lru": {name: jnp.full((3,), 2.0) for name in ("nu_log", "theta_log", "gamma_log",
-                                                         "B_re", "B_im", "C_re", "D")},
+        "lru": {
+            name: jnp.full((3,), 2.0)
+            for name in ("nu_log", "theta_log", "gamma_log", "B_re", "B_im", "C_re", "D")
+        },
         "glu_gate": {"kernel": jnp.full((3,), 2.0)},
-    }  # fmt: skip
+    }
     lr, factor, wd = 0.1, 0.25, 0.5
-    tx, _ = optim.make_optimizer(lr=lr, total_steps=10, lr_factor=factor, weight_decay=wd,
-                                 warmup_fraction=0.0)  # fmt: skip
+    tx, _ = optim.make_optimizer(
+        lr=lr, total_steps=10, lr_factor=factor, weight_decay=wd, warmup_fraction=0.0
+    )
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
     updates, _ = tx.update(grads, tx.init(params), params)
     # Adam's first step moves each weight by lr (m / sqrt(v) = 1), plus lr * wd * weight.
@@ -122,15 +136,19 @@ def test_schedule_warms_up_and_decays():
         (["mesh.data=3"], "multiply to 3 but there are 8 devices"),
         (["mesh.data=-1", "mesh.fsdp=3"], "make the other axes divide 8"),
         (["optim.grad_accum_steps=3"], "accumulation steps; use a multiple of 24"),
-        (["data.train_files=/nonexistent/*.txt", "data.eval_files=/nonexistent/*.txt"],
-         "matches no files"),
+        (
+            ["data.train_files=/nonexistent/*.txt", "data.eval_files=/nonexistent/*.txt"],
+            "matches no files",
+        ),
         (["train.seq_len=50000000"], "fewer than one sequence"),
     ],
 )
 def test_bad_input_fails_before_compiling(tmp_path, corpus, overrides, message):
     if not any(o.startswith("data.train_files") for o in overrides):
-        overrides = overrides + [f"data.train_files={corpus['train']}",
-                                 f"data.eval_files={corpus['eval']}"]  # fmt: skip
+        overrides = overrides + [
+            f"data.train_files={corpus['train']}",
+            f"data.eval_files={corpus['eval']}",
+        ]
     config = _config(*overrides)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         train.train_and_evaluate(config, str(tmp_path / "run"))

@@ -117,18 +117,34 @@ def _duration(hours: float) -> str:
 
 def markdown(rows: list[dict]) -> str:
     """The results as a markdown table, with a note on scaling."""
-    head = ["task", "batch timed", "s/step timed", "s/step at paper batch", "iterations (paper)",
-            "projected full run (this CPU)", "paper A100 (steps/s, run)"]  # fmt: skip
+    head = [
+        "task",
+        "batch timed",
+        "s/step timed",
+        "s/step at paper batch",
+        "iterations (paper)",
+        "projected full run (this CPU)",
+        "paper A100 (steps/s, run)",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         timed = f"{r['measured_batch']} of {r['paper_batch']}"
         star = " *" if r["scaled"] else ""
-        lines.append("| " + " | ".join([
-            r["task"], timed, f"{r['step_s_measured']:.2f}",
-            f"{r['step_s_paper_batch']:.1f}{star}", f"{r['iterations']:,}",
-            _duration(r["projected_run_h"]),
-            f"{r['paper_a100_steps_per_s']} ({_duration(r['paper_a100_run_h'])})",
-        ]) + " |")  # fmt: skip
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["task"],
+                    timed,
+                    f"{r['step_s_measured']:.2f}",
+                    f"{r['step_s_paper_batch']:.1f}{star}",
+                    f"{r['iterations']:,}",
+                    _duration(r["projected_run_h"]),
+                    f"{r['paper_a100_steps_per_s']} ({_duration(r['paper_a100_run_h'])})",
+                ]
+            )
+            + " |"
+        )
     device = rows[0]["device"] if rows else "?"
     notes = [f"\nDevice: {device}, one device, float32, compile time excluded."]
     if any(r["scaled"] for r in rows):
@@ -139,12 +155,16 @@ def markdown(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Parses `argv` (default sys.argv[1:]), benchmarks the tasks, prints the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", default=",".join(lra.TASKS),
-                        help="comma-separated LRA tasks (default: all six)")  # fmt: skip
+    parser.add_argument(
+        "--tasks", default=",".join(lra.TASKS), help="comma-separated LRA tasks (default: all six)"
+    )
     parser.add_argument("--steps", type=int, default=2, help="timed steps after warm-up")
-    parser.add_argument("--max_tokens", type=int, default=16384,
-                        help="time a batch of at most this many tokens and scale "
-                        "linearly (0 = the paper's batch)")  # fmt: skip
+    parser.add_argument(
+        "--max_tokens",
+        type=int,
+        default=16384,
+        help="time a batch of at most this many tokens and scale linearly (0 = the paper's batch)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON lines instead")
     args = parser.parse_args(argv)
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -160,8 +180,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.json:
             print(json.dumps(row), flush=True)
         else:
-            print(f"{name}: {row['step_s_measured']:.2f} s/step at batch {row['measured_batch']} "
-                  f"(compile {row['compile_s']:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"{name}: {row['step_s_measured']:.2f} s/step at batch {row['measured_batch']} "
+                f"(compile {row['compile_s']:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
     if not args.json:
         print(markdown(rows))
 

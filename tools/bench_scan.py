@@ -45,36 +45,55 @@ def copy_bandwidth(nbytes: int, repeats: int) -> float:
 def run(B: int, L: int, N: int, methods, repeats: int, chunk_size: int) -> dict:
     rng = np.random.default_rng(0)
     a = jnp.asarray((0.99 * np.exp(1j * rng.uniform(0, 6, (N,)))).astype(np.complex64))
-    b = jnp.asarray((rng.normal(size=(B, L, N)) + 1j * rng.normal(size=(B, L, N))).astype(np.complex64))
+    b = jnp.asarray(
+        (rng.normal(size=(B, L, N)) + 1j * rng.normal(size=(B, L, N))).astype(np.complex64)
+    )
     array_bytes = B * L * N * 8
     bandwidth = copy_bandwidth(array_bytes, repeats)
     rows = []
     for method in methods:
-        for grad in (("recurrence", "autodiff") if method != "sequential" else ("autodiff",)):
+        for grad in ("recurrence", "autodiff") if method != "sequential" else ("autodiff",):
             kw = dict(method=method, chunk_size=chunk_size, grad=grad)
-            fwd = jax.jit(lambda b: linear_scan(a, b, **kw))
+            fwd = jax.jit(lambda b, kw=kw: linear_scan(a, b, **kw))
             # Gradients w.r.t. a and b: da needs h, so the forward cannot be skipped.
-            fwd_bwd = jax.jit(jax.grad(lambda a, b: jnp.sum(linear_scan(a, b, **kw).real),
-                                       argnums=(0, 1)))  # fmt: skip
-            t_f = _time(fwd, b, repeats=repeats) if grad == "recurrence" or method == "sequential" else None
+            fwd_bwd = jax.jit(
+                jax.grad(lambda a, b, kw=kw: jnp.sum(linear_scan(a, b, **kw).real), argnums=(0, 1))
+            )
+            t_f = (
+                _time(fwd, b, repeats=repeats)
+                if grad == "recurrence" or method == "sequential"
+                else None
+            )
             t_fb = _time(fwd_bwd, a, b, repeats=repeats)
-            row = {"method": method, "grad": grad, "fwd_ms": None if t_f is None else 1e3 * t_f,
-                   "fwd_bwd_ms": 1e3 * t_fb}  # fmt: skip
+            row = {
+                "method": method,
+                "grad": grad,
+                "fwd_ms": None if t_f is None else 1e3 * t_f,
+                "fwd_bwd_ms": 1e3 * t_fb,
+            }
             if t_f is not None:
                 row["fwd_GBps"] = 2 * array_bytes / t_f / 1e9
                 row["fwd_pct_copy"] = 100 * 2 * array_bytes / t_f / bandwidth
             row["fwd_bwd_GBps"] = 5 * array_bytes / t_fb / 1e9
             row["fwd_bwd_pct_copy"] = 100 * 5 * array_bytes / t_fb / bandwidth
             rows.append(row)
-    return {"device": jax.devices()[0].device_kind, "B": B, "L": L, "N": N,
-            "copy_GBps": bandwidth / 1e9, "floor_fwd_ms": 1e3 * 2 * array_bytes / bandwidth,
-            "floor_fwd_bwd_ms": 1e3 * 5 * array_bytes / bandwidth, "rows": rows}  # fmt: skip
+    return {
+        "device": jax.devices()[0].device_kind,
+        "B": B,
+        "L": L,
+        "N": N,
+        "copy_GBps": bandwidth / 1e9,
+        "floor_fwd_ms": 1e3 * 2 * array_bytes / bandwidth,
+        "floor_fwd_bwd_ms": 1e3 * 5 * array_bytes / bandwidth,
+        "rows": rows,
+    }
 
 
 def table(result: dict) -> str:
     lines = [
         f"device {result['device']}  B={result['B']} L={result['L']} N={result['N']} complex64  "
-        f"copy bandwidth {result['copy_GBps']:.1f} GB/s  floors: fwd {result['floor_fwd_ms']:.3f} ms, "
+        f"copy bandwidth {result['copy_GBps']:.1f} GB/s  "
+        f"floors: fwd {result['floor_fwd_ms']:.3f} ms, "
         f"fwd+bwd {result['floor_fwd_bwd_ms']:.3f} ms",
         "| method | grad | fwd ms | fwd % copy | fwd+bwd ms | fwd+bwd % copy |",
         "|---|---|---|---|---|---|",
@@ -82,8 +101,10 @@ def table(result: dict) -> str:
     for r in result["rows"]:
         fwd = "–" if r["fwd_ms"] is None else f"{r['fwd_ms']:.3f}"
         fpct = "–" if r["fwd_ms"] is None else f"{r['fwd_pct_copy']:.1f}%"
-        lines.append(f"| {r['method']} | {r['grad']} | {fwd} | {fpct} | {r['fwd_bwd_ms']:.3f} | "
-                     f"{r['fwd_bwd_pct_copy']:.1f}% |")  # fmt: skip
+        lines.append(
+            f"| {r['method']} | {r['grad']} | {fwd} | {fpct} | {r['fwd_bwd_ms']:.3f} | "
+            f"{r['fwd_bwd_pct_copy']:.1f}% |"
+        )
     return "\n".join(lines)
 
 
@@ -94,8 +115,9 @@ def main():
     p.add_argument("--N", type=int, default=128)
     p.add_argument("--chunk_size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--methods", default="",
-                   help="comma-separated; default: every method this backend supports")  # fmt: skip
+    p.add_argument(
+        "--methods", default="", help="comma-separated; default: every method this backend supports"
+    )
     p.add_argument("--json", default="")
     args = p.parse_args()
     methods = [m for m in args.methods.split(",") if m] or [

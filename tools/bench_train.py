@@ -32,8 +32,11 @@ def main():
     p.add_argument("--remat", default="")
     p.add_argument("--scan_method", default="")
     p.add_argument("--mesh", default="data=-1", help="e.g. data=2,fsdp=4")
-    p.add_argument("--model", default="",
-                   help="model field overrides, e.g. num_layers=6,d_state=256,d_ff=0,norm=layer")
+    p.add_argument(
+        "--model",
+        default="",
+        help="model field overrides, e.g. num_layers=6,d_state=256,d_ff=0,norm=layer",
+    )
     p.add_argument("--json", default="")
     args = p.parse_args()
 
@@ -59,9 +62,10 @@ def main():
     train_jit, _ = train.jit_steps(exp)
     rng = np.random.default_rng(0)
     vocab = task.model_config.vocab_size
-    batch = {k: jax.device_put(rng.integers(4, vocab, shape).astype(np.int32),
-                               exp.batch_shardings[k])
-             for k, (shape, _) in exp.batch_spec.items()}  # fmt: skip
+    batch = {
+        k: jax.device_put(rng.integers(4, vocab, shape).astype(np.int32), exp.batch_shardings[k])
+        for k, (shape, _) in exp.batch_spec.items()
+    }
     compiled = train_jit.lower(state, batch).compile()
     mem = compiled.memory_analysis()
     state, m = train_jit(state, batch)  # warm-up
@@ -75,27 +79,46 @@ def main():
     fpt = task.model_config.flops_per_token(args.seq_len)
     peak = metrics.peak_flops()
     result = {
-        "device": jax.devices()[0].device_kind, "devices": mesh.devices.size,
-        "preset": args.preset, "params": task.model_config.num_params(),
-        "batch": args.batch, "seq_len": args.seq_len, "dtype": task.model_config.dtype,
-        "scan_method": task.model_config.scan_method, "remat": task.model_config.remat,
-        "step_time_ms": 1e3 * dt, "tokens_per_s": tokens / dt, "flops_per_token": fpt,
+        "device": jax.devices()[0].device_kind,
+        "devices": mesh.devices.size,
+        "preset": args.preset,
+        "params": task.model_config.num_params(),
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "dtype": task.model_config.dtype,
+        "scan_method": task.model_config.scan_method,
+        "remat": task.model_config.remat,
+        "step_time_ms": 1e3 * dt,
+        "tokens_per_s": tokens / dt,
+        "flops_per_token": fpt,
         "mfu": (fpt * tokens / dt / (peak * mesh.devices.size)) if peak else None,
         "temp_bytes_per_device": getattr(mem, "temp_size_in_bytes", None),
         "argument_bytes_per_device": getattr(mem, "argument_size_in_bytes", None),
         "loss": float(m["train/loss"]),
-    }  # fmt: skip
+    }
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         result["peak_bytes_in_use"] = stats["peak_bytes_in_use"]
-    print(f"{result['preset']} ({result['params'] / 1e6:.1f}M params) on {result['devices']} x "
-          f"{result['device']}: batch {args.batch} x {args.seq_len}, {result['dtype']}")
-    print(f"  step {result['step_time_ms']:.1f} ms, {result['tokens_per_s']:,.0f} tokens/s, "
-          f"FLOPs/token {fpt:.3g} (6 x matmul weights + recurrence)")
-    print("  MFU " + (f"{100 * result['mfu']:.1f}%" if result["mfu"] else "not reported (no peak "
-                      "FLOP/s for this device)"))  # fmt: skip
-    print(f"  per-device memory: arguments {result['argument_bytes_per_device'] / 2**20:.1f} MiB, "
-          f"temporaries {result['temp_bytes_per_device'] / 2**20:.1f} MiB")
+    print(
+        f"{result['preset']} ({result['params'] / 1e6:.1f}M params) on {result['devices']} x "
+        f"{result['device']}: batch {args.batch} x {args.seq_len}, {result['dtype']}"
+    )
+    print(
+        f"  step {result['step_time_ms']:.1f} ms, {result['tokens_per_s']:,.0f} tokens/s, "
+        f"FLOPs/token {fpt:.3g} (6 x matmul weights + recurrence)"
+    )
+    print(
+        "  MFU "
+        + (
+            f"{100 * result['mfu']:.1f}%"
+            if result["mfu"]
+            else "not reported (no peak FLOP/s for this device)"
+        )
+    )
+    print(
+        f"  per-device memory: arguments {result['argument_bytes_per_device'] / 2**20:.1f} MiB, "
+        f"temporaries {result['temp_bytes_per_device'] / 2**20:.1f} MiB"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -52,8 +52,10 @@ def train_tokenizer(
     training. Newlines are a user-defined symbol: one token each.
     """
     if vocab_size < 300:
-        raise ValueError(f"vocab_size {vocab_size} is too small: byte fallback alone needs 260 "
-                         "pieces; use at least 300")  # fmt: skip
+        raise ValueError(
+            f"vocab_size {vocab_size} is too small: byte fallback alone needs 260 "
+            "pieces; use at least 300"
+        )
     model = io.BytesIO()
     lines = list(_lines(texts, max_lines, seed))
     if not lines:
