@@ -227,3 +227,15 @@ def restore_params(path: str, abstract_params):
         ),
     )
     return restored["params"], step
+
+
+def read_numpy(item_dir: str):
+    """A saved pytree item (e.g. CHECKPOINT/state) as host numpy arrays, whatever the
+    devices or processes that wrote it. Only the orbax API is used."""
+    import numpy as np
+
+    checkpointer = ocp.PyTreeCheckpointer()
+    meta = checkpointer.metadata(item_dir)
+    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))

@@ -1,0 +1,171 @@
+"""Multi-host training for real: several processes on this machine through launch/local.py."""
+
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from lrulm.checkpoint import read_numpy
+
+pytestmark = pytest.mark.multiprocess
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TINY = "configs/lm/tiny.py:test"
+
+
+def _train_args(workdir, corpus, *overrides):
+    args = [
+        f"data.train_files={corpus['train']}",
+        f"data.eval_files={corpus['eval']}",
+        "train.log_every=1",
+        "train.eval_every=4",
+        "mesh.data=4",
+        "mesh.fsdp=2",
+        *overrides,
+    ]
+    return [
+        sys.executable,
+        "-m",
+        "lrulm",
+        "train",
+        "--config",
+        TINY,
+        "--workdir",
+        str(workdir),
+        *[f"--config.{a}" for a in args],
+    ]
+
+
+def _launch(cmd, **kw):
+    launcher = [
+        sys.executable,
+        str(ROOT / "launch" / "local.py"),
+        "--num_processes",
+        "2",
+        "--devices_per_process",
+        "4",
+        "--",
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LRULM_")}
+    return subprocess.Popen(
+        launcher + cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **kw,
+    )
+
+
+def _finish(proc, timeout=400):
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"launcher did not finish in {timeout} s:\n{out[-3000:]}")
+    return out
+
+
+def _rows(workdir):
+    return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def _losses(workdir, key="train/loss"):
+    return {r["step"]: r[key] for r in _rows(workdir) if key in r}
+
+
+def _params(workdir, step):
+    tree = read_numpy(os.path.join(workdir, "checkpoints", str(step), "state"))
+    return jax.tree.leaves(tree["params"])
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory, corpus):
+    """The reference: one process with 8 simulated devices, same config and seed."""
+    workdir = tmp_path_factory.mktemp("single") / "run"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = {k: v for k, v in env.items() if not k.startswith("LRULM_")}
+    out = subprocess.run(
+        _train_args(workdir, corpus, "train.steps=8", "checkpoint.every_steps=4"),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, corpus):
+    """2 processes x 4 devices, a (data=4, fsdp=2) mesh spanning both, uninterrupted."""
+    workdir = tmp_path_factory.mktemp("two") / "run"
+    out = _finish(
+        _launch(_train_args(workdir, corpus, "train.steps=8", "checkpoint.every_steps=4"))
+    )
+    return workdir, out
+
+
+def test_two_processes_match_one(two_process_run, single_process_run):
+    workdir, out = two_process_run
+    assert "[p0]" in out and "[p1]" in out, out[-2000:]
+    assert "8 devices, 2 processes" in out, out[-3000:]
+    two, one = _losses(workdir), _losses(single_process_run)
+    assert sorted(two) == sorted(one) == list(range(1, 9))
+    np.testing.assert_allclose([two[s] for s in one], list(one.values()), rtol=1e-5)
+    ev2, ev1 = _losses(workdir, "eval/loss"), _losses(single_process_run, "eval/loss")
+    np.testing.assert_allclose([ev2[s] for s in ev1], list(ev1.values()), rtol=1e-5)
+    # Only process 0 writes the run's files: one row per step, one config.
+    assert [r["step"] for r in _rows(workdir) if "train/loss" in r] == list(range(1, 9))
+    # Each process saved its own data-iterator state in the checkpoint.
+    data = sorted(
+        f for f in os.listdir(workdir / "checkpoints" / "8" / "data") if f.startswith("process_")
+    )
+    assert data == ["process_0-of-2.json", "process_1-of-2.json"], data
+
+
+def test_killed_job_resumes_to_the_same_parameters(tmp_path, corpus, two_process_run):
+    workdir = tmp_path / "run"
+    cmd = _train_args(workdir, corpus, "train.steps=8", "checkpoint.every_steps=4")
+    proc = _launch(cmd)
+    start = time.time()
+    while not os.path.isdir(workdir / "checkpoints" / "4"):
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.time() - start < 300
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both processes, no goodbye
+    proc.communicate()
+    out = _finish(_launch(cmd))
+    resumed = int(re.search(r"resumed from \S+/checkpoints/(\d+)", out).group(1))
+    assert 4 <= resumed < 8, out[-2000:]
+    reference, _ = two_process_run
+    for a, b in zip(_params(workdir, 8), _params(reference, 8)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_to_the_launcher_saves_on_every_process(tmp_path, corpus):
+    workdir = tmp_path / "run"
+    proc = _launch(_train_args(workdir, corpus, "train.steps=100000", "checkpoint.every_steps=5"))
+    start = time.time()
+    while not os.path.isdir(workdir / "checkpoints" / "5"):
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.time() - start < 300
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # the launcher forwards it to both processes
+    out = _finish(proc, timeout=180)
+    assert proc.returncode == 0, out[-3000:]
+    steps = re.findall(r"\[p(\d)\].*preemption signal; saving step (\d+)", out)
+    assert {p for p, _ in steps} == {"0", "1"} and len({s for _, s in steps}) == 1, out[-3000:]
+    assert os.path.isdir(workdir / "checkpoints" / steps[0][1])
