@@ -69,7 +69,8 @@ class LMTask:
         self.config = config
         self.seq_len = config.train.seq_len
         self.reset_at_docs = config.data.reset_at_doc_boundaries
-        self.train_stream = self.eval_stream = None
+        self.train_stream = self.eval_stream = None  # token streams (text inputs)
+        self.train_source = self.eval_source = None  # packed sequences, from either input
         vocab = config.model.vocab_size
         if prepare_data:
             self._prepare(workdir)
@@ -112,6 +113,20 @@ class LMTask:
                 tok.train_tokenizer(docs, tok_path, vocab_size=data.vocab_size)
         _barrier("lrulm_tokenizer")
         self.sp = tok.load_tokenizer(tok_path)
+        packed = [f.endswith(".arrayrecord") for f in train_files + eval_files]
+        if all(packed):  # pre-packed by tools/prepare_data.py: nothing to tokenize
+            if not data.tokenizer:
+                raise ValueError(
+                    "ArrayRecord data needs the tokenizer it was prepared with: "
+                    "set --config.data.tokenizer"
+                )
+            self.train_source = lm_data.ArrayRecordSequences(train_files, self.seq_len)
+            self.eval_source = lm_data.ArrayRecordSequences(eval_files, self.seq_len)
+            return
+        if any(packed):
+            raise ValueError(
+                "data.train_files / eval_files mix .arrayrecord and text files; use one kind"
+            )
         cache = os.path.join(workdir, "data")
         streams = {}
         for turn in ("main", "others"):  # process 0 tokenizes, the others then read
@@ -126,10 +141,14 @@ class LMTask:
                     f"the {name} split has {stream.num_tokens} tokens, fewer than one sequence "
                     f"of train.seq_len={self.seq_len} (+1); use a shorter sequence or more data"
                 )
+        self.train_source = lm_data.PackedSequences(self.train_stream, self.seq_len)
+        self.eval_source = lm_data.PackedSequences(self.eval_stream, self.seq_len)
 
-    def unigram_entropy(self) -> float:
+    def unigram_entropy(self) -> float | None:
         """Entropy (nats) of the training tokens' unigram distribution: the loss a
-        model that ignores context cannot beat."""
+        model that ignores context cannot beat. None for pre-packed data."""
+        if self.train_stream is None:
+            return None
         counts = np.bincount(np.asarray(self.train_stream.tokens()), minlength=1)
         p = counts[counts > 0] / counts.sum()
         return float(-(p * np.log(p)).sum())
@@ -139,9 +158,8 @@ class LMTask:
         return {"inputs": (shape, np.int32), "targets": (shape, np.int32)}
 
     def train_batches(self, *, global_batch, row_offset, local_batch, seed):
-        source = lm_data.PackedSequences(self.train_stream, self.seq_len)
         return lm_data.batches(
-            source,
+            self.train_source,
             global_batch=global_batch,
             row_offset=row_offset,
             local_batch=local_batch,
@@ -154,7 +172,7 @@ class LMTask:
         (fewer if the stream is short)."""
         if split != "eval":
             raise ValueError(f"a language model has one held-out split, 'eval'; not {split!r}")
-        source = lm_data.PackedSequences(self.eval_stream, self.seq_len)
+        source = self.eval_source
         available = len(source) // global_batch
         if available == 0:
             raise ValueError(

@@ -481,8 +481,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
     peak = metrics_lib.peak_flops()
     if step == 0:
         info = {"model/num_params": num_params, "perf/flops_per_token": flops_per_token}
-        if hasattr(task, "unigram_entropy"):
-            info["data/unigram_entropy"] = task.unigram_entropy()
+        entropy = task.unigram_entropy() if hasattr(task, "unigram_entropy") else None
+        if entropy is not None:
+            info["data/unigram_entropy"] = entropy
         writer.write(0, info)
     print(
         f"lrulm: {num_params:,} parameters, mesh {dict(mesh.shape)}, "

@@ -3,9 +3,9 @@
 Data: `listops-1000/basic_{train,val,test}.tsv` from the lra_release archive, or the
 same layout generated from scratch (96k/2k/2k, the LRA generator's rules):
 
-    python tools/make_lra_data.py listops --out DATA
+    python tools/make_lra_data.py listops --out DATA     # or unpack lra_release into DATA
     lrulm train --config configs/lra/listops.py --workdir runs/listops \\
-        --config.data.data_dir=DATA/lra_release          # or DATA when generated
+        --config.data.data_dir=DATA        # holds listops-1000/ or lra_release/listops-1000/
     lrulm eval --config configs/lra/listops.py --workdir runs/listops \\
         --config.data.data_dir=DATA
     lrulm lra-report runs/listops
@@ -14,8 +14,8 @@ Sized for one A100/H100-class GPU (the paper: 2.1 steps/s on an A100, ~11 h for 
 steps; lrulm's target is at least twice that). Expected: test accuracy 60.2% (paper
 Table 3), against 10% chance.
 
-`:tiny` trains a 2-block model on short generated expressions (10-60 tokens) in about
-half a minute on a 2-core CPU and should reach ~50% test accuracy, against 18% for the
+`:tiny` trains a 2-block model on short generated expressions (10-60 tokens) in well
+under a minute on a 2-core CPU and should reach ~50% test accuracy, against 18% for the
 best constant guess on that test split (tests/test_lra_train.py checks that it learns):
 
     python tools/make_lra_data.py listops --out /tmp/lra_tiny --num_train 4000 \\

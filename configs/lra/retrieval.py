@@ -5,9 +5,9 @@ Two documents go through one 6-block tower; their pooled features are combined a
 (columns label, id1, id2, text1, text2) as in the lra_release archive.
 
     lrulm train --config configs/lra/retrieval.py --workdir runs/retrieval \\
-        --config.data.data_dir=DATA/lra_release     # the folder holding tsv_data/
+        --config.data.data_dir=DATA        # holds tsv_data/ or lra_release/tsv_data/
     lrulm eval --config configs/lra/retrieval.py --workdir runs/retrieval \\
-        --config.data.data_dir=DATA/lra_release
+        --config.data.data_dir=DATA
     lrulm lra-report runs/retrieval
 
 Sized for one A100/H100-class GPU (the paper: 5.7 steps/s on an A100, ~5 h for 100k

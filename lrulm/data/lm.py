@@ -207,8 +207,10 @@ class ArrayRecordSequences(grain.sources.RandomAccessDataSource):
 
     def __init__(self, paths: Sequence[str], seq_len: int):
         self._source = grain.sources.ArrayRecordDataSource(list(paths))
-        first = self._decode(self._source[0]) if len(self._source) else None
-        if first is not None and first.size != seq_len + 1:
+        if not len(self._source):
+            raise ValueError(f"the ArrayRecord files {list(paths)[:3]} hold no sequences")
+        first = self._decode(self._source[0])
+        if first.size != seq_len + 1:
             raise ValueError(
                 f"{paths[0]} holds sequences of {first.size - 1} tokens but train.seq_len is "
                 f"{seq_len}; prepare the data again with --seq_len {seq_len}"

@@ -1,0 +1,633 @@
+"""`lrulm compile`: compile the train and eval steps for a TPU topology, on any machine.
+
+Uses JAX's ahead-of-time path: libtpu describes the chips of a slice
+(`jax.experimental.topologies`), the trainer builds its mesh, model and shardings
+abstractly over them (`train.build`), and XLA compiles the exact jitted steps the
+trainer runs for ShapeDtypeStruct inputs. No parameter is materialised anywhere, so a
+laptop can tell whether a 1.3B model fits a v5e-16 before a TPU is rented.
+
+What the report holds, per chip (SPMD programs are per device; on v4 and v5p one JAX
+device is one chip, its two TensorCores fused as a "megacore"):
+
+- memory from XLA's buffer assignment: arguments (train state + batch), outputs,
+  aliased (donated arguments reused for outputs), temporaries and generated code;
+  resident total = arguments + outputs - aliased + temporaries + code. XLA's TPU compiler
+  refuses a program that exceeds the HBM it may use (a little under the chip's HBM); the
+  report then recompiles with `xla_tpu_no_crash_on_oom` to measure the overflow.
+- FLOPs and bytes from XLA's cost analysis. Caveat: XLA counts each while-loop body
+  once, and the layer stack, the chunked recurrence and gradient accumulation are
+  loops, so these undercount; the report flags it.
+- an MFU bound: model FLOPs per step (ModelConfig.flops_per_token x tokens, the usual
+  6N-style count without recomputation) over chips x peak x t_min, with
+  t_min = max(per-chip FLOPs / peak, per-chip bytes / HBM bandwidth), per-chip FLOPs =
+  max(model FLOPs / chips, XLA FLOPs) and per-chip bytes = max(XLA bytes, arguments +
+  outputs, which every step must read and write). It ignores collective time and
+  kernel efficiency, so real MFU is lower: it is a ceiling, not a forecast.
+- collectives in the compiled HLO (static counts: one in a loop body counts once) and
+  the bytes of their results per chip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+from typing import Any
+
+GIB = 1024**3
+
+
+# ==========================================================================================
+# TPU generations and topology names.
+# ==========================================================================================
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """A TPU generation: how its slices are named and what one chip has.
+
+    Attributes:
+      name: the generation as topology strings spell it ("v5p").
+      aliases: other spellings of accelerator types ("v5litepod" for v5e).
+      cores_per_name_unit: v4 and v5p accelerator types count TensorCores (two per
+        chip: v5p-128 is 64 chips); v5e and v6e count chips.
+      hbm_gib: HBM per chip, GiB.
+      hbm_bytes_per_s: HBM bandwidth per chip.
+      shapes: chips -> the default slice shape Cloud TPU creates for that many chips.
+      topology_kwargs: extra arguments for libtpu's topology description.
+    """
+
+    name: str
+    aliases: tuple[str, ...]
+    cores_per_name_unit: int
+    hbm_gib: float
+    hbm_bytes_per_s: float
+    shapes: dict[int, str]
+    topology_kwargs: tuple[tuple[str, Any], ...] = ()
+
+
+_CUBES = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
+          256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16",
+          4096: "16x16x16"}  # fmt: skip
+_GRIDS = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
+          256: "16x16"}  # fmt: skip
+
+# Cloud TPU docs ("TPU v4", "TPU v5e", "TPU v5p", "TPU v6e" system architecture pages):
+# HBM capacity and bandwidth per chip, and the slice shapes of each accelerator type.
+GENERATIONS: dict[str, Generation] = {
+    g.name: g
+    for g in (
+        # v4: 32 GiB, 1200 GB/s. One JAX device per chip ("megacore"), as on a v4 VM;
+        # without it libtpu describes each TensorCore as a device with half the HBM.
+        Generation("v4", (), 2, 32, 1200e9, _CUBES, (("chip_config_name", "megacore"),)),
+        # v5p: 95 GiB, 2765 GB/s; the largest single slice is 16x16x24.
+        Generation("v5p", (), 2, 95, 2765e9, {**_CUBES, 6144: "16x16x24"}),
+        # v5e: 16 GiB, 819 GB/s; accelerator types are spelt v5litepod-N.
+        Generation("v5e", ("v5litepod",), 1, 16, 819e9, _GRIDS),
+        # v6e (Trillium): 32 GB, 1638 GB/s.
+        Generation("v6e", (), 1, 32, 1638e9, _GRIDS),
+    )
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """A parsed topology: `generation`, `shape` ("4x4x4"), and its chip count."""
+
+    generation: Generation
+    shape: str
+
+    @property
+    def chips(self) -> int:
+        return math.prod(int(d) for d in self.shape.split("x"))
+
+    @property
+    def name(self) -> str:  # libtpu's spelling
+        return f"{self.generation.name}:{self.shape}"
+
+    @property
+    def accelerator_type(self) -> str:  # Cloud TPU's spelling
+        return f"{self.generation.name}-{self.chips * self.generation.cores_per_name_unit}"
+
+
+def _valid_forms() -> str:
+    lines = []
+    for g in GENERATIONS.values():
+        sizes = ", ".join(f"{g.name}-{c * g.cores_per_name_unit}" for c in g.shapes)
+        unit = "TensorCores (2 per chip)" if g.cores_per_name_unit == 2 else "chips"
+        lines.append(f"  {g.name}: {sizes}  (counts {unit})")
+    return (
+        "use an accelerator type or GENERATION:SHAPE, e.g. v5p-128, v4-64, v5e-16 "
+        "(or v5litepod-16), v6e-64, v5p:4x4x4, v5e:4x4. Accelerator types:\n" + "\n".join(lines)
+    )
+
+
+def parse_topology(text: str) -> Topology:
+    """`v5p-128`, `v5litepod-16`, `v5p:4x4x4` or `v5e:4x4` -> a Topology.
+
+    Raises:
+      ValueError: naming the valid forms, for anything else.
+    """
+    spec = text.strip().lower()
+    by_alias = {a: g for g in GENERATIONS.values() for a in (g.name, *g.aliases)}
+    if m := re.fullmatch(r"([a-z0-9]+):(\d+(?:x\d+)*)", spec):
+        gen = by_alias.get(m.group(1))
+        ndim = 3 if gen is not None and gen.cores_per_name_unit == 2 else 2
+        if gen is not None and len(m.group(2).split("x")) == ndim and "x0" not in "x" + m[2]:
+            return Topology(gen, m.group(2))
+        if gen is not None:
+            raise ValueError(
+                f"TPU topology {text!r}: {gen.name} slices are {ndim}-D "
+                f"({'AxBxC' if ndim == 3 else 'AxB'}, positive); {_valid_forms()}"
+            )
+    elif m := re.fullmatch(r"([a-z0-9]+)-(\d+)", spec):
+        gen = by_alias.get(m.group(1))
+        if gen is not None:
+            count = int(m.group(2))
+            chips, rest = divmod(count, gen.cores_per_name_unit)
+            if not rest and chips in gen.shapes:
+                return Topology(gen, gen.shapes[chips])
+            raise ValueError(f"TPU topology {text!r}: no {gen.name} slice of that size; "
+                             + _valid_forms())  # fmt: skip
+    raise ValueError(f"unknown TPU topology {text!r}; {_valid_forms()}")
+
+
+def _quiet_libtpu() -> None:
+    """Environment for libtpu on a machine without TPUs, set before it loads.
+
+    Without these it queries the GCE metadata server and warns that it cannot find
+    TPU_ACCELERATOR_TYPE / TPU_WORKER_HOSTNAMES; the values only describe "this host" and
+    do not change the compiled topology. ALLOW_MULTIPLE_LIBTPU_LOAD lets several
+    compiling processes (tests, the fit table) run at once: nothing here opens a chip.
+    """
+    for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", "v5litepod-4"),
+                       ("TPU_WORKER_HOSTNAMES", "localhost"),
+                       ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):  # fmt: skip
+        os.environ.setdefault(key, value)
+
+
+def topology_devices(topology: Topology, num_slices: int = 1) -> list:
+    """The compile-only devices of `num_slices` slices of this topology."""
+    _quiet_libtpu()
+    from jax.experimental import topologies
+
+    kwargs = dict(topology.generation.topology_kwargs)
+    if topology.chips < 4:  # a single-chip host (v5e-1, v6e-1)
+        kwargs["chips_per_host_bounds"] = [1, 1, 1]
+    if num_slices > 1:
+        kwargs["num_slices"] = num_slices
+    try:
+        desc = topologies.get_topology_desc(topology.name, platform="tpu", **kwargs)
+    except RuntimeError as e:  # no libtpu, or a shape libtpu rejects
+        raise ValueError(f"cannot describe TPU topology {topology.name}: {e}") from e
+    return list(desc.devices)
+
+
+# ==========================================================================================
+# The report.
+# ==========================================================================================
+
+
+@dataclasses.dataclass
+class StepReport:
+    """One compiled step (train or eval), per chip."""
+
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    code_bytes: int
+    xla_flops: float
+    xla_bytes_accessed: float
+    has_loops: bool  # XLA's FLOPs and bytes count each loop body once
+    collectives: dict[str, dict[str, float]]
+    lower_s: float
+    compile_s: float
+    compiler_fits: bool  # False: XLA refused it for HBM (measured with no_crash_on_oom)
+    oom_message: str = ""
+
+    @property
+    def total_bytes(self) -> int:
+        """What must be resident during the step (donated arguments counted once)."""
+        return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+                + self.code_bytes)  # fmt: skip
+
+
+@dataclasses.dataclass
+class Report:
+    """What `lrulm compile` found; every byte count is per chip."""
+
+    topology: str
+    accelerator_type: str
+    device_kind: str
+    chips: int
+    hbm_bytes: int
+    hbm_usable_bytes: int | None  # what XLA said it may use, when it said (on OOM)
+    mesh: dict[str, int]
+    preset: str
+    num_params: int
+    global_batch: int
+    seq_len: int
+    grad_accum_steps: int
+    remat: str
+    dtype: str
+    state_bytes: int  # params + optimizer state + step counters, from the shardings
+    batch_bytes: int
+    train: StepReport
+    eval: StepReport | None
+    model_flops_per_step: float
+    peak_flops: float
+    hbm_bytes_per_s: float
+    step_time_lower_bound_s: float
+    bound_by: str  # "compute" or "memory"
+    mfu_bound: float
+
+    @property
+    def steps(self) -> list[StepReport]:
+        return [s for s in (self.train, self.eval) if s is not None]
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(s.total_bytes for s in self.steps)
+
+    @property
+    def limit_bytes(self) -> int:
+        return self.hbm_usable_bytes or self.hbm_bytes
+
+    @property
+    def fits(self) -> bool:
+        return all(s.compiler_fits for s in self.steps) and self.peak_bytes <= self.limit_bytes
+
+    @property
+    def shortfall_bytes(self) -> int:
+        return max(0, self.peak_bytes - self.limit_bytes)
+
+    def to_dict(self) -> dict:
+        """JSON-ready: NaN (unmeasured) becomes None."""
+        out = _no_nan(dataclasses.asdict(self))
+        for name in ("train", "eval"):
+            if getattr(self, name) is not None:
+                out[name]["total_bytes"] = getattr(self, name).total_bytes
+        out.update(fits=self.fits, peak_bytes=self.peak_bytes,
+                   shortfall_bytes=self.shortfall_bytes)  # fmt: skip
+        return out
+
+
+def _no_nan(x):
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items()}
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+# ==========================================================================================
+# Compiling.
+# ==========================================================================================
+
+_COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+                "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8,
+                "c128": 16, "s4": 0.5, "u4": 0.5}  # fmt: skip
+_INSTRUCTION = re.compile(r"=\s+(.+?)\s+(" + "|".join(_COLLECTIVES) + r")(-start)?\(")
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9][a-z0-9]*)?)\[([0-9,]*)\]")
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
+    """{op: {"count", "bytes"}} of the collectives in compiled HLO text.
+
+    Async pairs count once (the -start); bytes are those of the op's largest result
+    array per chip (for all-gather the gathered array, for reduce-scatter the shard).
+    """
+    out = {op: {"count": 0, "bytes": 0.0} for op in _COLLECTIVES}
+    for m in _INSTRUCTION.finditer(hlo_text):
+        sizes = [
+            math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES.get(dtype, 1)
+            for dtype, dims in _ARRAY.findall(m.group(1))
+        ]
+        out[m.group(2)]["count"] += 1
+        out[m.group(2)]["bytes"] += max(sizes, default=0)
+    return out
+
+
+def _sharded_bytes(tree) -> int:
+    """Bytes per device of a tree of ShapeDtypeStructs with shardings (the largest shard)."""
+    import jax
+    import numpy as np
+
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding else leaf.shape
+        total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+_SIZE = r"([0-9.]+)\s*([KMGTP]?)i?B?"
+
+
+def _parse_size(number: str, unit: str) -> int:
+    return int(float(number) * 1024 ** " KMGTP".index(unit or " "))
+
+
+def _usable_hbm(message: str) -> int | None:
+    """The HBM XLA may use, from its out-of-memory message (two wordings seen)."""
+    for pattern in (r"exceeds available HBM \(" + _SIZE + r"\)", r"Used \S+ of " + _SIZE + " hbm"):
+        if m := re.search(pattern, message):
+            return _parse_size(m.group(1), m.group(2))
+    return None
+
+
+def _compile_step(jitted, args, measure_overflow: bool) -> tuple[StepReport, int | None]:
+    """Lowers and compiles one step; on XLA's out-of-memory refusal, optionally recompiles
+    with `xla_tpu_no_crash_on_oom` to measure how much it would need."""
+    import jax
+
+    t0 = time.perf_counter()
+    lowered = jitted.lower(*args)
+    t1 = time.perf_counter()
+    oom, usable = "", None
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        oom, usable = str(e).strip(), _usable_hbm(str(e))
+        compiled = None
+        if measure_overflow:
+            compiled = lowered.compile(compiler_options={"xla_tpu_no_crash_on_oom": True})
+    t2 = time.perf_counter()
+    if compiled is None:  # refused and not measured: only the state is known
+        step = StepReport(
+            argument_bytes=_sharded_bytes(args), output_bytes=0, alias_bytes=0, temp_bytes=0,
+            code_bytes=0, xla_flops=math.nan, xla_bytes_accessed=math.nan, has_loops=True,
+            collectives={}, lower_s=t1 - t0, compile_s=t2 - t1, compiler_fits=False,
+            oom_message=oom,
+        )  # fmt: skip
+        return step, usable
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one per module
+    text = compiled.as_text()
+    step = StepReport(
+        argument_bytes=int(mem.argument_size_in_bytes),
+        output_bytes=int(mem.output_size_in_bytes),
+        alias_bytes=int(mem.alias_size_in_bytes),
+        temp_bytes=int(mem.temp_size_in_bytes),
+        code_bytes=int(mem.generated_code_size_in_bytes),
+        xla_flops=float(cost.get("flops", math.nan)),
+        xla_bytes_accessed=float(cost.get("bytes accessed", math.nan)),
+        has_loops=" while(" in text,
+        collectives=collectives(text),
+        lower_s=t1 - t0,
+        compile_s=t2 - t1,
+        compiler_fits=not oom,
+        oom_message=oom,
+    )
+    return step, usable
+
+
+def _for_target(config):
+    """A copy of the config whose "auto" scan method is resolved for TPU, not for this
+    host's backend (lrulm.scan picks by jax.default_backend() at trace time)."""
+    from lrulm import scan
+
+    config = config.copy_and_resolve_references()
+    if config.model.scan_method in (None, "auto"):
+        config.model.scan_method = scan.resolve("auto", backend="tpu").value
+    return config
+
+
+def compile_for_topology(
+    config, topology: str | Topology, *, include_eval: bool = True, measure_overflow: bool = True
+) -> Report:
+    """Compiles the trainer's train (and eval) step for a TPU topology; see the module doc.
+
+    Args:
+      config: an experiment config (as `lrulm train` takes).
+      topology: "v5p-128", "v5p:4x4x4", ... (`parse_topology`).
+      include_eval: also compile the eval step.
+      measure_overflow: when XLA refuses a step for lack of HBM, recompile it with
+        `xla_tpu_no_crash_on_oom` to measure what it needs (slow for large models);
+        without it only the state's size and XLA's message are reported.
+
+    Returns:
+      A Report.
+
+    Raises:
+      ValueError: an unknown topology, a mesh that does not match its chips, or a batch
+        the mesh cannot split — before anything compiles.
+    """
+    import jax
+
+    from lrulm import metrics, tasks, train
+
+    topo = topology if isinstance(topology, Topology) else parse_topology(topology)
+    config = _for_target(config)
+    num_slices = config.mesh.dcn_data * config.mesh.dcn_fsdp
+    devices = topology_devices(topo, num_slices)
+    try:
+        mesh = train.make_mesh(config, devices)
+    except ValueError as e:
+        raise ValueError(f"{topo.accelerator_type} ({len(devices)} chips): {e}") from None
+    task = tasks.make_task(config, None, prepare_data=False)
+    live_before = sum(a.nbytes for a in jax.live_arrays())
+    exp = train.build(config, task, mesh)
+    train_jit, eval_jit = train.jit_steps(exp)
+    batch = {
+        k: jax.ShapeDtypeStruct(shape, dtype, sharding=exp.batch_shardings[k])
+        for k, (shape, dtype) in exp.batch_spec.items()
+    }
+    leaves = jax.tree.leaves((exp.abstract_state, batch))
+    if not all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
+        raise AssertionError("compile inputs must be abstract (ShapeDtypeStruct) only")
+
+    usable = []
+    train_step, u = _compile_step(train_jit, (exp.abstract_state, batch), measure_overflow)
+    usable.append(u)
+    eval_step = None
+    if include_eval:
+        eval_step, u = _compile_step(eval_jit, (exp.abstract_state, batch), measure_overflow)
+        usable.append(u)
+    # Building and compiling must not have put a parameter on any device (a few key
+    # bytes from jax.random.key in the abstract init are fine).
+    grown = sum(a.nbytes for a in jax.live_arrays()) - live_before
+    if grown > 64 * 1024:
+        raise AssertionError(f"compiling allocated {grown} bytes of arrays; it must allocate none")
+
+    mc = task.model_config
+    chips = len(devices)
+    tokens = config.train.global_batch_size * getattr(task, "tokens_per_example",
+                                                      lambda: config.train.seq_len)()  # fmt: skip
+    model_flops = mc.flops_per_token(config.train.seq_len) * tokens
+    peak = metrics.peak_flops(devices[0]) or math.nan
+    bandwidth = topo.generation.hbm_bytes_per_s
+    s = train_step
+    flops_chip = max(model_flops / chips, 0 if math.isnan(s.xla_flops) else s.xla_flops)
+    bytes_chip = max(0 if math.isnan(s.xla_bytes_accessed) else s.xla_bytes_accessed,
+                     s.argument_bytes + s.output_bytes)  # fmt: skip
+    t_compute, t_memory = flops_chip / peak, bytes_chip / bandwidth
+    t_min = max(t_compute, t_memory)
+    return Report(
+        topology=topo.name if num_slices == 1 else f"{num_slices} x {topo.name}",
+        accelerator_type=topo.accelerator_type,
+        device_kind=devices[0].device_kind,
+        chips=chips,
+        hbm_bytes=int(topo.generation.hbm_gib * GIB),
+        hbm_usable_bytes=next((u for u in usable if u), None),
+        mesh=dict(mesh.shape),
+        preset=config.model.preset,
+        num_params=mc.num_params(),
+        global_batch=config.train.global_batch_size,
+        seq_len=config.train.seq_len,
+        grad_accum_steps=config.optim.grad_accum_steps,
+        remat=mc.remat,
+        dtype=mc.dtype,
+        state_bytes=_sharded_bytes(exp.abstract_state),
+        batch_bytes=_sharded_bytes(batch),
+        train=train_step,
+        eval=eval_step,
+        model_flops_per_step=model_flops,
+        peak_flops=peak,
+        hbm_bytes_per_s=bandwidth,
+        step_time_lower_bound_s=t_min,
+        bound_by="compute" if t_compute >= t_memory else "memory",
+        mfu_bound=model_flops / (chips * peak * t_min),
+    )
+
+
+# ==========================================================================================
+# Advice and the printed report.
+# ==========================================================================================
+
+
+def suggestions(report: Report, config) -> list[str]:
+    """What to change, the largest part of the overflow first (state vs temporaries)."""
+    step = max(report.steps, key=lambda s: s.total_bytes)
+    limit, m = report.limit_bytes, report.mesh
+    sharded = m["fsdp"] * m["tensor"]
+    state_first = step.argument_bytes >= step.temp_bytes
+    room = limit - step.temp_bytes - step.code_bytes
+    out_state, out_temp = [], []
+    shardable = report.chips // (m["tensor"] * m["sequence"])  # data x fsdp
+    if room > 0 and m["fsdp"] < shardable:
+        need = max(m["fsdp"] + 1, math.ceil(step.argument_bytes * m["fsdp"] / room))
+        fsdp = next((f for f in range(need, shardable + 1) if shardable % f == 0), None)
+        if fsdp:
+            out_state.append(
+                f"shard the parameters and optimizer state over more chips (FSDP): "
+                f"--config.mesh.fsdp={fsdp} --config.mesh.data=-1"
+            )
+    if not out_state:
+        out_state.append(
+            f"the state is {step.argument_bytes / GIB:.2f} GiB per chip even sharded "
+            f"{sharded} ways: use a larger slice, or more slices with --config.mesh.dcn_fsdp"
+        )
+    if report.remat == "none":
+        out_temp.append("recompute activations in the backward pass: --config.model.remat=full")
+    dp = m["data"] * m["fsdp"]  # mesh sizes already include the slices (DCN)
+    accum = report.grad_accum_steps
+    per_replica = report.global_batch // (dp * accum)
+    if per_replica > 1:
+        k = accum * 2
+        out_temp.append(
+            f"smaller micro-batches ({per_replica // 2} sequences per chip instead of "
+            f"{per_replica}): --config.optim.grad_accum_steps={k}"
+        )
+    if report.dtype != "bfloat16":
+        out_temp.append(
+            "bfloat16 activations (parameters and the recurrence stay float32): "
+            "--config.model.dtype=bfloat16"
+        )
+    out_temp.append("or shorter --config.train.seq_len / smaller --config.train.global_batch_size")
+    return out_state + out_temp if state_first else out_temp + out_state
+
+
+def _size(x: float, unit: int = GIB) -> str:
+    return f"{x / unit:.3f}" if unit == GIB else f"{x / unit:.1f}"
+
+
+def format_report(report: Report, config) -> str:
+    """The report as aligned text (MiB for small models, GiB otherwise)."""
+    r = report
+    unit, uname = (GIB, "GiB") if r.peak_bytes >= GIB else (1024**2, "MiB")
+    size = lambda x: _size(x, unit)
+    steps = [("train", r.train)] + ([("eval", r.eval)] if r.eval else [])
+    mesh = " ".join(f"{k}={v}" for k, v in r.mesh.items())
+    lines = [
+        f"{r.accelerator_type} ({r.topology}): {r.chips} x {r.device_kind}, "
+        f"{r.hbm_bytes / GIB:g} GiB HBM per chip",
+        f"model    {r.preset}: {r.num_params / 1e6:.2f}M parameters, remat={r.remat}, "
+        f"dtype={r.dtype}",
+        f"batch    {r.global_batch} x {r.seq_len} tokens, grad_accum_steps={r.grad_accum_steps}",
+        f"mesh     {mesh}",
+        "",
+        f"memory per chip, {uname}" + "".join(f"{name:>12}" for name, _ in steps),
+    ]
+    rows = [("arguments", "argument_bytes"), ("outputs", "output_bytes"),
+            ("aliased (donated)", "alias_bytes"), ("temporaries", "temp_bytes"),
+            ("generated code", "code_bytes"), ("resident total", "total_bytes")]  # fmt: skip
+    for label, attr in rows:
+        lines.append(f"  {label:<19}" + "".join(f"{size(getattr(s, attr)):>12}" for _, s in steps))
+    usable = f" (XLA may use {size(r.hbm_usable_bytes)})" if r.hbm_usable_bytes else ""
+    lines += [
+        f"  {'HBM':<19}{size(r.hbm_bytes):>12}{usable}",
+        f"  state by the shardings (params + optimizer): {size(r.state_bytes)}, "
+        f"batch {size(r.batch_bytes)}",
+        "",
+        "compute per train step",
+        f"  model FLOPs        {r.model_flops_per_step:.3e} "
+        f"({r.model_flops_per_step / r.chips:.3e} per chip)",
+        f"  XLA FLOPs per chip {r.train.xla_flops:.3e}, bytes accessed "
+        f"{r.train.xla_bytes_accessed:.3e}"
+        + ("  [loops counted once: an undercount]" if r.train.has_loops else ""),
+        f"  step time >= {r.step_time_lower_bound_s * 1e3:.2f} ms ({r.bound_by}-bound at "
+        f"{r.peak_flops / 1e12:g} TFLOP/s, {r.hbm_bytes_per_s / 1e9:g} GB/s): "
+        f"MFU <= {100 * r.mfu_bound:.1f}%",
+        "",
+        f"collectives in the train step (static count, {uname} per chip)",
+    ]
+    for op, c in r.train.collectives.items():
+        if c["count"]:
+            lines.append(f"  {op:<19}{c['count']:>5}{size(c['bytes']):>12}")
+    if not any(c["count"] for c in r.train.collectives.values()):
+        lines.append("  none" if r.train.collectives else "  (not compiled)")
+    times = ", ".join(f"{n} {s.lower_s + s.compile_s:.1f} s" for n, s in steps)
+    lines += ["", f"compile time: {times}", ""]
+    if r.fits:
+        lines.append(
+            f"FITS: {_size(r.peak_bytes)} of {_size(r.limit_bytes)} GiB per chip "
+            f"({100 * r.peak_bytes / r.limit_bytes:.0f}%)"
+        )
+    else:
+        step = max(r.steps, key=lambda s: s.total_bytes)
+        measured = step.temp_bytes or step.output_bytes
+        need = f"{_size(r.peak_bytes)} GiB" if measured else "more than XLA can place"
+        over = f": {_size(r.shortfall_bytes)} GiB over" if measured else ""
+        lines.append(
+            f"DOES NOT FIT: needs {need} per chip, {_size(r.limit_bytes)} GiB available{over} "
+            f"(arguments {_size(step.argument_bytes)} GiB, "
+            f"temporaries {_size(step.temp_bytes)} GiB)"
+        )
+        if step.oom_message:
+            lines.append(f"  XLA: {step.oom_message.splitlines()[0][:300]}")
+        lines.append("try:")
+        lines += [f"  - {s}" for s in suggestions(r, config)]
+    return "\n".join(lines)
+
+
+def main(config, topology: str, json_path: str | None = None) -> int:
+    """`lrulm compile`: prints the report; 0 if the steps fit the chips' HBM, 1 if not.
+
+    Args:
+      config: the loaded experiment config.
+      topology: the topology name (see `parse_topology`).
+      json_path: also write the report as JSON here.
+    """
+    report = compile_for_topology(config, topology)
+    print(format_report(report, config))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report.to_dict(), f, indent=2, default=float)
+        print(f"wrote {json_path}")
+    return 0 if report.fits else 1

@@ -1,0 +1,197 @@
+"""LM data: tokenizer round trips, packing, per-process rows, resume, ArrayRecord, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lrulm.data import lm as lm_data
+from lrulm.data import tokenizer as tok
+
+CODE = 'class A:\n    def f(self, x):\n        return x  # 42\n\n\tif x:\n  print("é")\n'
+
+
+@pytest.fixture(scope="module")
+def sp(tmp_path_factory, corpus):
+    path = str(tmp_path_factory.mktemp("tok") / "tok.model")
+    docs = list(lm_data.read_documents(corpus["train"]))
+    return tok.train_tokenizer(docs, path, vocab_size=512)
+
+
+def test_tokenizer_round_trips_code_exactly(sp):
+    for text in (CODE, "x = [1, 2,  3]\r\n", "日本語 and ünïcödé\n\n\n"):
+        assert sp.decode(sp.encode(text)) == text
+    assert sp.encode("\n") == [sp.piece_to_id("\n")]  # a newline is one token
+    assert (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id()) == (0, 1, 2, 3)
+
+
+def test_default_corpus_is_deterministic_and_split():
+    train, held = lm_data.default_corpus()
+    train2, held2 = lm_data.default_corpus()
+    assert train == train2 and held == held2
+    assert not set(train) & set(held) and 0.01 < len(held) / len(train) < 0.05
+    assert all(f.endswith(".py") and "site-packages" not in f for f in train + held)
+
+
+def test_packing_and_document_resets(tmp_path, sp):
+    docs = tmp_path / "docs.jsonl"
+    texts = ["def a():\n    return 1\n", "import os\n", "x = 2\n" * 5]
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    stream = lm_data.prepare_split(
+        [str(docs)], sp, sp_path(sp, tmp_path), str(tmp_path / "c"), "train"
+    )
+    tokens = np.asarray(stream.tokens())
+    expected = np.concatenate([sp.encode(t) + [tok.EOS_ID] for t in texts])
+    np.testing.assert_array_equal(tokens, expected)
+    assert stream.num_docs == 3 and stream.num_bytes == sum(len(t.encode()) for t in texts)
+    seqs = lm_data.PackedSequences(stream, 8)
+    assert len(seqs) == (len(tokens) - 1) // 8
+    for i in range(len(seqs)):
+        np.testing.assert_array_equal(seqs[i]["inputs"], tokens[8 * i : 8 * i + 8])
+        np.testing.assert_array_equal(seqs[i]["targets"], tokens[8 * i + 1 : 8 * i + 9])
+
+
+def sp_path(sp, tmp_path):
+    path = tmp_path / "tok.model"
+    path.write_bytes(sp.serialized_model_proto())
+    return str(path)
+
+
+def _source(n):
+    class Source:
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            return {"inputs": np.full((4,), i, np.int32)}
+
+    return Source()
+
+
+def test_processes_read_disjoint_rows_that_make_the_global_batch():
+    g, steps = 8, 12  # 12 steps of 8 rows over 40 examples: three epochs
+    single = lm_data.batches(_source(40), global_batch=g, row_offset=0, local_batch=g, seed=3)
+    parts = [
+        lm_data.batches(_source(40), global_batch=g, row_offset=o, local_batch=4, seed=3)
+        for o in (0, 4)
+    ]
+    epochs = []
+    for step in range(steps):
+        whole = next(single)["inputs"][:, 0]
+        halves = [next(p)["inputs"][:, 0] for p in parts]
+        np.testing.assert_array_equal(np.concatenate(halves), whole)
+        epochs.append(whole)
+    flat = np.concatenate(epochs)
+    assert sorted(flat[:40]) == list(range(40))  # each epoch visits every example once
+    assert not np.array_equal(flat[:40], flat[40:80])  # and reshuffles
+
+
+def test_iterator_state_resumes_exactly():
+    it = lm_data.batches(_source(40), global_batch=8, row_offset=0, local_batch=8, seed=0)
+    for _ in range(7):
+        next(it)
+    state = it.get_state()
+    expected = [next(it)["inputs"] for _ in range(5)]
+    fresh = lm_data.batches(_source(40), global_batch=8, row_offset=0, local_batch=8, seed=0)
+    fresh.set_state(state)
+    for want in expected:
+        np.testing.assert_array_equal(next(fresh)["inputs"], want)
+
+
+def test_arrayrecord_windows_equal_the_token_stream(tmp_path, sp, corpus):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    import prepare_data
+
+    files = [corpus["eval"]]
+    texts = [d for f in files for d in lm_data.read_documents(f)]
+    info = prepare_data.write_shards(
+        texts, sp, seq_len=16, output=str(tmp_path / "ev"), num_shards=3
+    )
+    packed = lm_data.ArrayRecordSequences(info["files"], 16)
+    stream = lm_data.prepare_split(files, sp, sp_path(sp, tmp_path), str(tmp_path / "c"), "ev")
+    ref = lm_data.PackedSequences(stream, 16)
+    assert len(packed) == len(ref) == info["sequences"]
+    # Round-robin shards: record r of shard s is window r * 3 + s of the stream.
+    got = {}
+    for s, path in enumerate(info["files"]):
+        one = lm_data.ArrayRecordSequences([path], 16)
+        for r in range(len(one)):
+            got[r * 3 + s] = one[r]["inputs"]
+    for i in range(len(ref)):
+        np.testing.assert_array_equal(got[i], ref[i]["inputs"])
+    with pytest.raises(ValueError, match="train.seq_len is 32"):
+        lm_data.ArrayRecordSequences(info["files"], 32)
+
+
+def test_training_from_arrayrecord(tmp_path, sp, corpus):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    import prepare_data
+
+    from lrulm import config as config_lib
+    from lrulm import train
+
+    prefixes = {}
+    for name in ("train", "eval"):
+        texts = list(lm_data.read_documents(corpus[name]))
+        prepare_data.write_shards(texts, sp, seq_len=64, output=str(tmp_path / name), num_shards=2)
+        prefixes[name] = str(tmp_path / f"{name}-*.arrayrecord")
+    pairs = [
+        ("data.train_files", prefixes["train"]),
+        ("data.eval_files", prefixes["eval"]),
+        ("data.tokenizer", sp_path(sp, tmp_path)),
+        ("train.steps", "3"),
+        ("train.eval_every", "3"),
+        ("mesh.data", "8"),
+    ]
+    config = config_lib.load_with_overrides("configs/lm/tiny.py:test", pairs)
+    result = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert np.isfinite(result["loss"]) and "bits_per_byte" not in result
+
+
+def test_bad_json_lines_name_the_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"txt": "no"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected a JSON object with a 'text'"):
+        list(lm_data.read_documents(str(bad)))
+
+
+def test_tokenizer_cli(tmp_path, corpus):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lrulm",
+            "tokenizer",
+            "train",
+            "--input",
+            corpus["eval"],
+            "--output",
+            str(tmp_path / "t.model"),
+            "--vocab_size",
+            "400",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "t.model: 400 pieces" in out.stdout
+    assert tok.load_tokenizer(str(tmp_path / "t.model")).get_piece_size() == 400
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lrulm",
+            "tokenizer",
+            "train",
+            "--input",
+            str(tmp_path / "none*.txt"),
+            "--output",
+            str(tmp_path / "u.model"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "matches no files" in bad.stderr
