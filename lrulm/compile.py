@@ -18,11 +18,12 @@ device is one chip, its two TensorCores fused as a "megacore"):
   once, and the layer stack, the chunked recurrence and gradient accumulation are
   loops, so these undercount; the report flags it.
 - an MFU bound: model FLOPs per step (ModelConfig.flops_per_token x tokens, the usual
-  6N-style count without recomputation) over chips x peak x t_min, with
+  6N-style count, recomputation not counted) over chips x peak x t_min, with
   t_min = max(per-chip FLOPs / peak, per-chip bytes / HBM bandwidth), per-chip FLOPs =
-  max(model FLOPs / chips, XLA FLOPs) and per-chip bytes = max(XLA bytes, arguments +
-  outputs, which every step must read and write). It ignores collective time and
-  kernel efficiency, so real MFU is lower: it is a ceiling, not a forecast.
+  max(executed FLOPs / chips, XLA FLOPs) (executed = model FLOPs x 4/3 under
+  remat=full, which runs each forward twice) and per-chip bytes = max(XLA bytes,
+  arguments + outputs, which every step must read and write). It ignores collective time
+  and kernel efficiency, so real MFU is lower: it is a ceiling, not a forecast.
 - collectives in the compiled HLO (static counts: one in a loop body counts once) and
   the bytes of their results per chip.
 """
@@ -206,7 +207,8 @@ class StepReport:
     collectives: dict[str, dict[str, float]]
     lower_s: float
     compile_s: float
-    compiler_fits: bool  # False: XLA refused it for HBM (measured with no_crash_on_oom)
+    compiler_fits: bool  # False: XLA refused it for lack of HBM
+    measured: bool = True  # False: refused and not recompiled; temporaries are XLA's estimate
     oom_message: str = ""
 
     @property
@@ -330,39 +332,51 @@ def _parse_size(number: str, unit: str) -> int:
     return int(float(number) * 1024 ** " KMGTP".index(unit or " "))
 
 
-def _usable_hbm(message: str) -> int | None:
-    """The HBM XLA may use, from its out-of-memory message (two wordings seen)."""
-    for pattern in (r"exceeds available HBM \(" + _SIZE + r"\)", r"Used \S+ of " + _SIZE + " hbm"):
+def _parse_oom(message: str) -> tuple[int | None, int | None]:
+    """(bytes XLA says it needs, bytes it may use) from its out-of-memory message.
+
+    Two wordings are known: an early "total memory required for HLO temporaries (X)
+    exceeds available HBM (Y)" and, after scheduling, "Used X of Y hbm".
+    """
+    for pattern in (r"temporaries \(" + _SIZE + r"\) exceeds available HBM \(" + _SIZE,
+                    r"Used " + _SIZE + " of " + _SIZE + " hbm"):  # fmt: skip
         if m := re.search(pattern, message):
-            return _parse_size(m.group(1), m.group(2))
-    return None
+            return _parse_size(m[1], m[2]), _parse_size(m[3], m[4])
+    return None, None
 
 
 def _compile_step(jitted, args, measure_overflow: bool) -> tuple[StepReport, int | None]:
-    """Lowers and compiles one step; on XLA's out-of-memory refusal, optionally recompiles
-    with `xla_tpu_no_crash_on_oom` to measure how much it would need."""
+    """Lowers and compiles one step; returns its report and the HBM XLA may use (when it
+    said). On XLA's out-of-memory refusal, optionally recompiles with
+    `xla_tpu_no_crash_on_oom` to measure what the step would need."""
     import jax
 
     t0 = time.perf_counter()
     lowered = jitted.lower(*args)
     t1 = time.perf_counter()
-    oom, usable = "", None
+    oom, needed, usable = "", None, None
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        oom, usable = str(e).strip(), _usable_hbm(str(e))
+        oom = str(e).strip()
+        needed, usable = _parse_oom(oom)
         compiled = None
         if measure_overflow:
-            compiled = lowered.compile(compiler_options={"xla_tpu_no_crash_on_oom": True})
+            try:
+                compiled = lowered.compile(compiler_options={"xla_tpu_no_crash_on_oom": True})
+            except jax.errors.JaxRuntimeError:  # seen: "Invalid TPU program" far over HBM
+                compiled = None
     t2 = time.perf_counter()
-    if compiled is None:  # refused and not measured: only the state is known
+    if compiled is None:  # refused, not measured: the state is exact, the rest XLA's estimate
+        arguments = _sharded_bytes(args)
+        temps = needed if "temporaries" in oom else (needed or 0) - arguments
         step = StepReport(
-            argument_bytes=_sharded_bytes(args), output_bytes=0, alias_bytes=0, temp_bytes=0,
+            argument_bytes=arguments, output_bytes=0, alias_bytes=0, temp_bytes=max(temps, 0),
             code_bytes=0, xla_flops=math.nan, xla_bytes_accessed=math.nan, has_loops=True,
             collectives={}, lower_s=t1 - t0, compile_s=t2 - t1, compiler_fits=False,
-            oom_message=oom,
+            measured=False, oom_message=oom,
         )  # fmt: skip
         return step, usable
     mem = compiled.memory_analysis()
@@ -406,7 +420,7 @@ def compile_for_topology(
     Args:
       config: an experiment config (as `lrulm train` takes).
       topology: "v5p-128", "v5p:4x4x4", ... (`parse_topology`).
-      include_eval: also compile the eval step.
+      include_eval: also compile the eval step (when the train step fits).
       measure_overflow: when XLA refuses a step for lack of HBM, recompile it with
         `xla_tpu_no_crash_on_oom` to measure what it needs (slow for large models);
         without it only the state's size and XLA's message are reported.
@@ -446,7 +460,7 @@ def compile_for_topology(
     train_step, u = _compile_step(train_jit, (exp.abstract_state, batch), measure_overflow)
     usable.append(u)
     eval_step = None
-    if include_eval:
+    if include_eval and train_step.compiler_fits:  # else the config must change anyway
         eval_step, u = _compile_step(eval_jit, (exp.abstract_state, batch), measure_overflow)
         usable.append(u)
     # Building and compiling must not have put a parameter on any device (a few key
@@ -463,7 +477,9 @@ def compile_for_topology(
     peak = metrics.peak_flops(devices[0]) or math.nan
     bandwidth = topo.generation.hbm_bytes_per_s
     s = train_step
-    flops_chip = max(model_flops / chips, 0 if math.isnan(s.xla_flops) else s.xla_flops)
+    # Full remat runs each block's forward twice: 4 forward-equivalents, not 3.
+    executed = model_flops * (4 / 3 if mc.remat == "full" else 1)
+    flops_chip = max(executed / chips, 0 if math.isnan(s.xla_flops) else s.xla_flops)
     bytes_chip = max(0 if math.isnan(s.xla_bytes_accessed) else s.xla_bytes_accessed,
                      s.argument_bytes + s.output_bytes)  # fmt: skip
     t_compute, t_memory = flops_chip / peak, bytes_chip / bandwidth
@@ -501,7 +517,7 @@ def compile_for_topology(
 # ==========================================================================================
 
 
-def suggestions(report: Report, config) -> list[str]:
+def suggestions(report: Report) -> list[str]:
     """What to change, the largest part of the overflow first (state vs temporaries)."""
     step = max(report.steps, key=lambda s: s.total_bytes)
     limit, m = report.limit_bytes, report.mesh
@@ -510,15 +526,15 @@ def suggestions(report: Report, config) -> list[str]:
     room = limit - step.temp_bytes - step.code_bytes
     out_state, out_temp = [], []
     shardable = report.chips // (m["tensor"] * m["sequence"])  # data x fsdp
-    if room > 0 and m["fsdp"] < shardable:
-        need = max(m["fsdp"] + 1, math.ceil(step.argument_bytes * m["fsdp"] / room))
-        fsdp = next((f for f in range(need, shardable + 1) if shardable % f == 0), None)
-        if fsdp:
-            out_state.append(
-                f"shard the parameters and optimizer state over more chips (FSDP): "
-                f"--config.mesh.fsdp={fsdp} --config.mesh.data=-1"
-            )
-    if not out_state:
+    if m["fsdp"] < shardable:
+        # The state shrinks ~1/fsdp; aim for it to fit beside today's temporaries.
+        need = math.ceil(step.argument_bytes * m["fsdp"] / room) if room > 0 else shardable
+        fsdp = next(f for f in range(max(need, m["fsdp"] + 1), shardable + 1) if not shardable % f)
+        out_state.append(
+            f"shard the parameters and optimizer state over more chips (FSDP): "
+            f"--config.mesh.fsdp={fsdp} --config.mesh.data=-1"
+        )
+    elif step.argument_bytes > limit / 2:
         out_state.append(
             f"the state is {step.argument_bytes / GIB:.2f} GiB per chip even sharded "
             f"{sharded} ways: use a larger slice, or more slices with --config.mesh.dcn_fsdp"
@@ -547,7 +563,7 @@ def _size(x: float, unit: int = GIB) -> str:
     return f"{x / unit:.3f}" if unit == GIB else f"{x / unit:.1f}"
 
 
-def format_report(report: Report, config) -> str:
+def format_report(report: Report) -> str:
     """The report as aligned text (MiB for small models, GiB otherwise)."""
     r = report
     unit, uname = (GIB, "GiB") if r.peak_bytes >= GIB else (1024**2, "MiB")
@@ -601,31 +617,34 @@ def format_report(report: Report, config) -> str:
         )
     else:
         step = max(r.steps, key=lambda s: s.total_bytes)
-        measured = step.temp_bytes or step.output_bytes
-        need = f"{_size(r.peak_bytes)} GiB" if measured else "more than XLA can place"
-        over = f": {_size(r.shortfall_bytes)} GiB over" if measured else ""
+        est = "" if step.measured else "~"
         lines.append(
-            f"DOES NOT FIT: needs {need} per chip, {_size(r.limit_bytes)} GiB available{over} "
-            f"(arguments {_size(step.argument_bytes)} GiB, "
-            f"temporaries {_size(step.temp_bytes)} GiB)"
+            f"DOES NOT FIT: needs {est}{_size(r.peak_bytes)} GiB per chip, "
+            f"{_size(r.limit_bytes)} GiB available: {est}{_size(r.shortfall_bytes)} GiB over "
+            f"(arguments {_size(step.argument_bytes)} GiB, temporaries {_size(step.temp_bytes)} GiB"
+            + ("" if step.measured else ": XLA's estimate before its own rematerialisation")
+            + ")"
         )
         if step.oom_message:
             lines.append(f"  XLA: {step.oom_message.splitlines()[0][:300]}")
         lines.append("try:")
-        lines += [f"  - {s}" for s in suggestions(r, config)]
+        lines += [f"  - {s}" for s in suggestions(r)]
     return "\n".join(lines)
 
 
-def main(config, topology: str, json_path: str | None = None) -> int:
+def main(
+    config, topology: str, json_path: str | None = None, *, measure_overflow: bool = True
+) -> int:
     """`lrulm compile`: prints the report; 0 if the steps fit the chips' HBM, 1 if not.
 
     Args:
       config: the loaded experiment config.
       topology: the topology name (see `parse_topology`).
       json_path: also write the report as JSON here.
+      measure_overflow: see `compile_for_topology`.
     """
-    report = compile_for_topology(config, topology)
-    print(format_report(report, config))
+    report = compile_for_topology(config, topology, measure_overflow=measure_overflow)
+    print(format_report(report))
     if json_path:
         with open(json_path, "w") as f:
             json.dump(report.to_dict(), f, indent=2, default=float)

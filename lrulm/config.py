@@ -74,6 +74,8 @@ def _parse(text: str, current):
     if isinstance(current, (tuple, list)):
         value = ast.literal_eval(text) if text.strip().startswith(("(", "[")) else text.split(",")
         return type(current)(value)
+    if text.lower() in ("true", "false"):  # placeholders have no type to go by
+        return text.lower() == "true"
     try:  # None / placeholders: a Python literal, else the string itself
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):

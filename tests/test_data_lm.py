@@ -79,7 +79,7 @@ def test_processes_read_disjoint_rows_that_make_the_global_batch():
         for o in (0, 4)
     ]
     epochs = []
-    for step in range(steps):
+    for _ in range(steps):
         whole = next(single)["inputs"][:, 0]
         halves = [next(p)["inputs"][:, 0] for p in parts]
         np.testing.assert_array_equal(np.concatenate(halves), whole)

@@ -1,0 +1,80 @@
+"""The README's main job, shortened, through the real command line; and CLI errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _lrulm(*args, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "lrulm", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.slow
+def test_embedded_default_learns_then_generates(tmp_path):
+    """configs/lm/tiny.py on the standard library's source, shortened: 150 of its 400 steps."""
+    workdir = str(tmp_path / "tiny")
+    out = _lrulm(
+        "train",
+        "--config",
+        "configs/lm/tiny.py",
+        "--workdir",
+        workdir,
+        "--config.train.steps=150",
+        "--config.train.eval_every=150",
+        "--config.checkpoint.every_steps=150",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    entropy = rows[0]["data/unigram_entropy"]
+    eval_loss = [r["eval/loss"] for r in rows if "eval/loss" in r][-1]
+    print(f"\nunigram entropy {entropy:.2f} nats, eval loss after 150 steps {eval_loss:.2f}")
+    assert eval_loss < entropy - 1.0
+    for name in ("config.json", "tokenizer.model", "tensorboard", "checkpoints/150"):
+        assert os.path.exists(os.path.join(workdir, name)), name
+    gen = _lrulm(
+        "generate",
+        "--workdir",
+        workdir,
+        "--prompt",
+        "def __init__(self",
+        "--max_new_tokens",
+        "40",
+        "--seed",
+        "1",
+    )
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    assert gen.stdout.startswith("def __init__(self") and len(gen.stdout) > 40
+    ev = _lrulm("eval", "--config", "configs/lm/tiny.py", "--workdir", workdir)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    result = json.loads(ev.stdout.strip().splitlines()[-1])
+    assert result["step"] == 150 and abs(result["eval/loss"] - eval_loss) < 1e-4
+
+
+def test_cli_errors_are_clear(tmp_path):
+    out = _lrulm(
+        "train",
+        "--config",
+        "configs/lm/tiny.py",
+        "--workdir",
+        str(tmp_path),
+        "--config.train.stpes=3",
+    )
+    assert out.returncode == 2 and "unknown config key 'train.stpes'" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = _lrulm("train", "--config", "configs/lm/nope.py", "--workdir", str(tmp_path))
+    assert out.returncode == 2 and "does not exist" in out.stderr
+    out = _lrulm("generate", "--workdir", str(tmp_path / "none"), "--prompt", "x")
+    assert out.returncode == 2 and "not a training workdir" in out.stderr
+    out = _lrulm("generate", "--workdir", str(tmp_path), "--prompt", "x", "--top_p", "1.5")
+    assert out.returncode == 2 and "top_p must be in (0, 1]" in out.stderr

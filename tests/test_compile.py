@@ -1,0 +1,152 @@
+"""Ahead-of-time compilation for TPU topologies (`lrulm compile`), on a CPU machine."""
+
+import pytest
+
+from lrulm import compile as compile_lib
+from lrulm import config as config_lib
+from lrulm import tasks
+
+
+def _topology_api_available() -> str:
+    """ "" if libtpu can describe a TPU slice here, else why not."""
+    try:
+        compile_lib.topology_devices(compile_lib.parse_topology("v5e:2x2"))
+    except Exception as e:  # no libtpu wheel, or a libtpu without the topology API
+        return f"{type(e).__name__}: {e}"
+    return ""
+
+
+_why_not = _topology_api_available()
+if _why_not:
+    pytest.skip(
+        f"TPU topology API unavailable (install jax[tpu] for libtpu): {_why_not}",
+        allow_module_level=True,
+    )
+
+GIB = 1024**3
+SEQ, BATCH = 64, 16  # one chunk of the chunked scan: the smallest program to compile
+
+
+def _config(preset="tiny", **mesh):
+    overrides = [("model.preset", preset), ("train.seq_len", str(SEQ)),
+                 ("train.global_batch_size", str(BATCH))]  # fmt: skip
+    overrides += [(f"mesh.{k}", str(v)) for k, v in mesh.items()]
+    return config_lib.load_with_overrides("configs/lm/tiny.py", overrides)
+
+
+def _expected_argument_bytes(config, data: int, fsdp: int) -> int:
+    """Per-chip train-step arguments from the model's shapes and the axis rules alone.
+
+    Every parameter with an "embed" axis is split over fsdp (the rule "embed" -> fsdp);
+    the LRU's nu/theta/gamma (state,) and the GLU / MLP-in biases (mlp,) carry none and
+    are replicated. AdamW keeps mu and nu like the parameters, all float32. The batch
+    (inputs and targets, int32) is split over data x fsdp.
+    """
+    mc = tasks.make_task(config, None, prepare_data=False).model_config
+    h, n, f, k = mc.d_model, mc.d_state, mc.d_ff, mc.num_layers
+    assert mc.glu == "full" and not mc.bidirectional and h % fsdp == 0
+    replicated = k * (3 * n + 2 * h + f)
+    params = (mc.num_params() - replicated) // fsdp + replicated
+    batch = 2 * (BATCH // (data * fsdp)) * SEQ * 4
+    return 3 * 4 * params + batch
+
+
+def _train_report(topology, **mesh):
+    config = _config(**mesh)
+    return config, compile_lib.compile_for_topology(config, topology, include_eval=False)
+
+
+@pytest.mark.parametrize(
+    "topology, data, fsdp",
+    [("v5e:2x2", 2, 2), ("v4:2x2x2", 4, 2)],
+)
+def test_tiny_compiles_and_arguments_match_shardings(topology, data, fsdp):
+    config, r = _train_report(topology, data=data, fsdp=fsdp)
+    assert r.chips == data * fsdp and r.mesh["data"] == data and r.mesh["fsdp"] == fsdp
+    assert r.fits and r.train.compiler_fits and r.train.measured
+    expected = _expected_argument_bytes(config, data, fsdp)
+    # Within 2%: TPU layouts pad a few small arrays, and the step counters add bytes.
+    assert r.train.argument_bytes == pytest.approx(expected, rel=0.02)
+    # The donated state is reused for the new state, not held twice.
+    assert r.train.alias_bytes >= 0.95 * r.state_bytes
+    # FSDP gathers parameters and data parallelism reduces gradients.
+    assert r.train.collectives["all-gather"]["count"] > 0
+    assert (
+        r.train.collectives["all-reduce"]["count"] + r.train.collectives["reduce-scatter"]["count"]
+        > 0
+    )
+    assert r.model_flops_per_step > 0 and 0 < r.mfu_bound <= 1
+
+
+def test_fsdp_shards_the_state():
+    """Doubling the fsdp axis on 16 chips roughly halves the per-chip state."""
+    reports = {fsdp: _train_report("v5e:4x4", data=16 // fsdp, fsdp=fsdp)[1] for fsdp in (2, 4)}
+    ratio = reports[2].train.argument_bytes / reports[4].train.argument_bytes
+    # Not exactly 2: the replicated (state,) vectors and biases do not shrink.
+    assert 1.8 < ratio < 2.05, ratio
+
+
+def test_too_large_is_reported_with_the_shortfall(capsys):
+    """The 1.3b preset, data-parallel on four v5e chips, needs more than 16 GiB a chip."""
+    config = config_lib.load_with_overrides(
+        "configs/lm/tiny.py",
+        [("model.preset", "1.3b"), ("train.seq_len", "2048"), ("train.global_batch_size", "32")],
+    )
+    # measure_overflow=False: XLA refuses it in seconds; measuring the overflow takes minutes.
+    code = compile_lib.main(config, "v5e-4", measure_overflow=False)
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "DOES NOT FIT" in out and "GiB over" in out
+    # The state alone: 1.34B float32 parameters + AdamW's mu and nu, replicated.
+    assert "arguments 15.0" in out
+    assert "--config.mesh.fsdp=" in out  # the state dominates: shard it first
+
+
+def test_bad_mesh_fails_before_compiling():
+    with pytest.raises(ValueError, match="multiply to 3 but there are 4 devices"):
+        compile_lib.compile_for_topology(_config(data=3), "v5e:2x2")
+
+
+@pytest.mark.parametrize(
+    "text, name, chips, accelerator",
+    [
+        ("v5p-128", "v5p:4x4x4", 64, "v5p-128"),
+        ("v4-64", "v4:2x4x4", 32, "v4-64"),
+        ("v4-8", "v4:2x2x1", 4, "v4-8"),
+        ("v5e-16", "v5e:4x4", 16, "v5e-16"),
+        ("v5litepod-256", "v5e:16x16", 256, "v5e-256"),
+        ("v6e-64", "v6e:8x8", 64, "v6e-64"),
+        ("V5P:4x4x8", "v5p:4x4x8", 128, "v5p-256"),
+        ("v5e:2x2", "v5e:2x2", 4, "v5e-4"),
+    ],
+)
+def test_topology_names(text, name, chips, accelerator):
+    t = compile_lib.parse_topology(text)
+    assert (t.name, t.chips, t.accelerator_type) == (name, chips, accelerator)
+
+
+@pytest.mark.parametrize("text", ["v5p-7", "v5p-130", "v5e-3", "v7-8", "v5e:4x4x4", "tpu", ""])
+def test_bad_topology_names_list_the_valid_forms(text):
+    with pytest.raises(ValueError, match="v5p-128") as e:
+        compile_lib.parse_topology(text)
+    assert "v5litepod-16" in str(e.value) and "TensorCores" in str(e.value)
+
+
+def test_devices_are_chips():
+    """v4 is described as one device per chip (megacore), as a v4 VM shows it."""
+    devices = compile_lib.topology_devices(compile_lib.parse_topology("v4-16"))
+    assert len(devices) == 8 and devices[0].device_kind == "TPU v4"
+
+
+def test_collectives_parser():
+    hlo = """
+  %ag = bf16[8,1024]{1,0} all-gather(bf16[2,1024]{1,0} %p), dimensions={0}
+  %ars = (f32[4,128]{1,0}, f32[4,128]{1,0}) all-reduce-start(f32[4,128]{1,0} %x)
+  %ard = f32[4,128]{1,0} all-reduce-done((f32[4,128]{1,0}, f32[4,128]{1,0}) %ars)
+  %cp = (f32[16]{0}, f32[16]{0}, u32[], u32[]) collective-permute-start(f32[16]{0} %y)
+"""
+    c = compile_lib.collectives(hlo)
+    assert c["all-gather"] == {"count": 1, "bytes": 8 * 1024 * 2}
+    assert c["all-reduce"] == {"count": 1, "bytes": 4 * 128 * 4}
+    assert c["collective-permute"] == {"count": 1, "bytes": 16 * 4}
+    assert c["reduce-scatter"]["count"] == 0 and c["all-to-all"]["count"] == 0

@@ -1,0 +1,107 @@
+"""Generation cost per token after long prompts: flat in the context length.
+
+    python tools/bench_generate.py                         # tiny preset, random weights
+    python tools/bench_generate.py --workdir runs/tiny     # a trained model
+    python tools/bench_generate.py --contexts 1024,16384,131072 --json out.json
+
+For each prompt length: prefill time (parallel scan in chunks of --prefill_chunk), then
+decode --new_tokens tokens and report decode tokens/s and memory. The decode step's
+compiled memory (arguments + temporaries) is the same program whatever the context,
+since the state is (layers, batch, d_state); peak device memory (accelerators) or the
+process's peak RSS (CPU) is reported as measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from lrulm import generate as gen
+from lrulm.model import LanguageModel
+from lrulm.model_config import from_preset
+
+
+def _peak_memory() -> tuple[str, float]:
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return "device peak", stats["peak_bytes_in_use"]
+    return "process peak RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", default="", help="a trained LM workdir (default: random tiny)")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--contexts", default="1024,16384,131072")
+    p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prefill_chunk", type=int, default=4096)
+    p.add_argument("--json", default="")
+    args = p.parse_args()
+    if args.workdir:
+        model, _, _ = gen.load_model(args.workdir)
+    else:
+        model = LanguageModel(from_preset(args.preset), rngs=nnx.Rngs(0))
+    vocab = model.cfg.vocab_size
+    rng = np.random.default_rng(0)
+    rows = []
+    for ctx in [int(c) for c in args.contexts.split(",")]:
+        prompts = [rng.integers(4, vocab, ctx).tolist() for _ in range(args.batch)]
+        start = time.perf_counter()
+        logits, states = gen.prefill(model, prompts, chunk_size=args.prefill_chunk)
+        jax.block_until_ready(states)
+        prefill_s = time.perf_counter() - start
+        graphdef, params = nnx.split(model)
+        kw = dict(max_new_tokens=args.new_tokens, temperature=1.0, top_p=1.0, top_k=0)
+        stop = jax.numpy.asarray([-1], jax.numpy.int32)  # never stop: time every token
+        decode = gen._decode.lower(
+            graphdef, params, logits, states, jax.random.key(0), stop, **kw
+        ).compile()
+        mem = decode.memory_analysis()
+        jax.block_until_ready(decode(params, logits, states, jax.random.key(0), stop))
+        start = time.perf_counter()
+        jax.block_until_ready(decode(params, logits, states, jax.random.key(1), stop))
+        decode_s = time.perf_counter() - start
+        kind, peak = _peak_memory()
+        rows.append(
+            {
+                "context": ctx,
+                "prefill_s": prefill_s,
+                "prefill_tokens_per_s": ctx * args.batch / prefill_s,
+                "decode_tokens_per_s": args.new_tokens * args.batch / decode_s,
+                "decode_ms_per_token": 1e3 * decode_s / args.new_tokens,
+                "decode_program_bytes": mem.argument_size_in_bytes + mem.temp_size_in_bytes,
+                "state_bytes": states.size * states.dtype.itemsize,
+                "peak_kind": kind,
+                "peak_bytes": peak,
+            }
+        )
+    print(
+        f"{model.cfg.num_layers} layers x d_model {model.cfg.d_model} x d_state "
+        f"{model.cfg.d_state}, batch {args.batch}, {jax.devices()[0].device_kind}"
+    )
+    print(
+        "| context | prefill tok/s | decode tok/s | ms/token | decode program | state | "
+        f"{rows[0]['peak_kind']} |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['context']:,} | {r['prefill_tokens_per_s']:,.0f} | "
+            f"{r['decode_tokens_per_s']:,.1f} | {r['decode_ms_per_token']:.2f} | "
+            f"{r['decode_program_bytes'] / 2**20:.2f} MiB | {r['state_bytes'] / 2**10:.1f} KiB | "
+            f"{r['peak_bytes'] / 2**20:.0f} MiB |"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
