@@ -49,14 +49,19 @@ def workdir_of(command: list[str]) -> str | None:
     return None
 
 
+# Where shared storage is usually mounted on TPU VMs and GKE (GCS FUSE, Filestore / NFS).
+SHARED_PREFIXES = ("/gcs/", "/mnt/", "/nfs/", "/shared/")
+
+
 def check_shared_workdir(command: list[str], hosts: int) -> None:
     """Warns when a multi-host job writes to a path the hosts do not share."""
     workdir = workdir_of(command)
-    if hosts > 1 and workdir and not workdir.startswith("gs://"):
+    if hosts > 1 and workdir and not workdir.startswith(SHARED_PREFIXES):
         print(
-            f"warning: --workdir {workdir} is not a gs:// path. All {hosts} hosts write one "
-            "checkpoint together, so the workdir must be storage they share (a GCS bucket); a "
-            "local path gives each host a partial copy that cannot be resumed.",
+            f"warning: --workdir {workdir} is not under {', '.join(SHARED_PREFIXES)}. All {hosts} "
+            "hosts write one checkpoint together, so the workdir must be a filesystem they share "
+            "(a GCS FUSE mount of a bucket, NFS / Filestore); a local path gives each host a "
+            "partial copy that cannot be resumed.",
             file=sys.stderr,
         )
 

@@ -1,14 +1,14 @@
 """Renders a Kubernetes JobSet for one TPU slice on GKE and applies it (or prints the xpk command).
 
     python launch/gke.py --name lru --image us-docker.pkg.dev/my-proj/lrulm:latest \\
-        --accelerator_type v5p-128 --config configs/lm/tiny.py --workdir gs://bucket/runs/lm
+        --accelerator_type v5p-128 --config configs/lm/tiny.py --workdir /gcs/bucket/runs/lm
 
 One pod per TPU VM host (parallelism = completions = hosts), each requesting all the chips of its
 host (`google.com/tpu`) on a node pool selected by `cloud.google.com/gke-tpu-accelerator` and
 `cloud.google.com/gke-tpu-topology`. GKE gives every pod TPU_WORKER_ID / TPU_WORKER_HOSTNAMES,
 from which `lrulm.distributed.initialize()` finds the other processes. On preemption the pods get
 SIGTERM (the trainer saves and exits 0) and JobSet restarts the whole slice up to --max_restarts
-times; the restarted command resumes from the gs:// workdir. --dry_run prints the manifest;
+times; the restarted command resumes from the shared workdir. --dry_run prints the manifest;
 --print_xpk prints the equivalent `xpk workload create` command; otherwise `kubectl apply -f -`.
 """
 
@@ -170,7 +170,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--termination_grace_s", type=int, default=120, help="time to save")
     parser.add_argument("--env", action="append", help="KEY=VALUE in the container (repeatable)")
     parser.add_argument("--config", help="for the default command: lrulm train --config ...")
-    parser.add_argument("--workdir", help="for the default command; a gs:// path")
+    parser.add_argument(
+        "--workdir", help="for the default command; a shared mount, e.g. /gcs/BUCKET/run"
+    )
     parser.add_argument("--cluster", help="GKE cluster name, for --print_xpk")
     parser.add_argument("--project", help="for --print_xpk")
     parser.add_argument("--zone", help="for --print_xpk")

@@ -1,14 +1,14 @@
 """Creates a Cloud TPU VM slice, installs lrulm on every worker, and runs one command on all.
 
     python launch/tpu_vm.py up --name lru --zone us-east5-a --project my-proj \\
-        --accelerator_type v5p-128 --config configs/lm/tiny.py --workdir gs://bucket/runs/lm
+        --accelerator_type v5p-128 --config configs/lm/tiny.py --workdir /gcs/bucket/runs/lm
 
 Subcommands: `create` (the TPU VM, or a queued resource with --queued), `setup` (copy the code
 with `tpu-vm scp` of this checkout, or `git clone` of --repo_url at --ref, then install it in a
 virtualenv), `run` (the command on every worker with `ssh --worker=all`; each worker is one JAX
 process and `lrulm.distributed.initialize()` finds the others), `delete`, and `up` (all of them;
 --delete_after deletes the slice when the run ends). The command comes after `--` and defaults to
-`lrulm train --config C --workdir W`. On a multi-host slice the workdir must be a gs:// path:
+`lrulm train --config C --workdir W`. On a multi-host slice the workdir must be on storage all hosts mount (GCS FUSE: /gcs/BUCKET/...):
 the hosts write one checkpoint together. Re-running `run` with the same workdir resumes.
 --dry_run prints every command instead of running it.
 """
@@ -147,7 +147,9 @@ def main(argv: list[str] | None = None) -> None:
     shared.add_argument("--ref", default="main", help="git ref to check out with --repo_url")
     shared.add_argument("--python", default="3.11", help="Python version of the worker venv")
     shared.add_argument("--config", help="for the default command: lrulm train --config ...")
-    shared.add_argument("--workdir", help="for the default command; use gs:// on pods")
+    shared.add_argument(
+        "--workdir", help="for the default command; on pods a shared mount, e.g. /gcs/BUCKET/run"
+    )
     shared.add_argument("--env", action="append", help="KEY=VALUE for the command (repeatable)")
     shared.add_argument("--detach", action="store_true", help="run under nohup, log to a file")
     shared.add_argument("--delete_after", action="store_true", help="`up`: delete at the end")

@@ -71,7 +71,9 @@ def _step(h: Parts, a: Parts, b: Parts) -> Parts:
     if len(h) == 1:
         return (a[0] * h[0] + b[0],)
     (hr, hi), (ar, ai), (br, bi) = h, a, b
-    return (ar * hr - ai * hi + br, ar * hi + ai * hr + bi)
+    # Grouped so that each new part is two dependent fused multiply-adds away from the
+    # previous state (the recurrence's critical path), not three operations.
+    return (ar * hr + (br - ai * hi), ar * hi + (bi + ai * hr))
 
 
 def _scan_rows(h, a, a_refs, b_refs, h_refs, rows, load, store):

@@ -431,6 +431,11 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
     """
     # ---- Set-up ----------------------------------------------------------------------
     t, c = config.train, config.checkpoint
+    if "://" in workdir:
+        raise ValueError(
+            f"workdir {workdir}: lrulm writes its workdir with ordinary file I/O; mount the "
+            "bucket (GCS FUSE: gcsfuse BUCKET /gcs/BUCKET) and use the mount path"
+        )
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     if is_main:

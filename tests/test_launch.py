@@ -174,12 +174,13 @@ def test_sigterm_is_forwarded_and_processes_save_at_the_same_step(tmp_path):
     script.write_text(
         textwrap.dedent("""
         import sys, time
+        from jax.experimental import multihost_utils
         from lrulm import distributed
         distributed.initialize()
         distributed.barrier("up")
         print("ready", flush=True)
         for step in range(100000):
-            if distributed.preemption_requested(step):
+            if multihost_utils.reached_preemption_sync_point(step):
                 print(f"saving at step {step}", flush=True)
                 distributed.barrier("saved")
                 sys.exit(0)
@@ -275,7 +276,7 @@ def _dry(script, *args):
     return result.stdout, result.stderr
 
 
-TRAIN = ["lrulm", "train", "--config", "configs/lm/tiny.py", "--workdir", "gs://bkt/run"]
+TRAIN = ["lrulm", "train", "--config", "configs/lm/tiny.py", "--workdir", "/gcs/bkt/run"]
 
 
 def test_tpu_vm_up_dry_run():
@@ -304,7 +305,7 @@ def test_tpu_vm_up_dry_run():
     assert len(ssh) == 2 and all("--worker=all" in line for line in ssh)
     assert "pip install" in ssh[0] and "[tpu]" in ssh[0]
     remote = shlex.split(ssh[1])[-1]  # the --command value, as the workers' shell gets it
-    assert remote.endswith("A='1 2' lrulm train --config configs/lm/tiny.py --workdir gs://bkt/run")
+    assert remote.endswith("A='1 2' lrulm train --config configs/lm/tiny.py --workdir /gcs/bkt/run")
     assert (
         rest[-1] == "gcloud compute tpus tpu-vm delete lru --zone us-east5-a --project proj --quiet"
     )
@@ -341,7 +342,7 @@ def test_tpu_vm_queued_git_and_default_command():
     assert "git clone https://example.com/lrulm.git $HOME/lrulm" in out and "checkout v1" in out
     assert "scp" not in out
     assert "lrulm train --config c.py --workdir /local/run" in out
-    assert "not a gs:// path" in err and "4 hosts" in err
+    assert "is not under /gcs/" in err and "4 hosts" in err
 
 
 def test_gke_jobset_dry_run():
@@ -412,7 +413,7 @@ def test_gke_single_host_and_xpk():
     )
     assert out.startswith("xpk workload create --cluster c1 --workload lru --tpu-type v5p-128")
     assert "--docker-image img" in out and "--env A=1" in out
-    assert "--command 'lrulm train --config configs/lm/tiny.py --workdir gs://bkt/run'" in out
+    assert "--command 'lrulm train --config configs/lm/tiny.py --workdir /gcs/bkt/run'" in out
 
 
 def test_slurm_dry_run():

@@ -2,12 +2,13 @@
 
     python tools/tpu_fit_table.py [--presets 125m,350m,1.3b] [--slices v5e-16,v4-64]
                                   [--per_chip_batch 8] [--seq_len 2048] [--out docs/tpu_fit.md]
+                                  [--cache FILE.json]
 
 For every preset and slice it compiles the real train step ahead of time
 (`lrulm.compile`, no TPU needed) with each layout in turn — data parallel, FSDP over the
 whole slice, FSDP with full rematerialisation, then that with 4 micro-batches — and
 reports the first that XLA accepts. The global batch is `per_chip_batch` sequences of
-`seq_len` tokens per chip. Results are cached next to the output (`.json`), so a run
+`seq_len` tokens per chip. With --cache, finished cells are kept in that file, so a run
 that is stopped resumes where it left off.
 """
 
@@ -154,10 +155,11 @@ def main(argv=None) -> int:
     p.add_argument("--per_chip_batch", type=int, default=8)
     p.add_argument("--seq_len", type=int, default=2048)
     p.add_argument("--out", default="docs/tpu_fit.md")
+    p.add_argument("--cache", default="", help="keep finished cells here (resumable runs)")
     args = p.parse_args(argv)
-    cache_path = os.path.splitext(args.out)[0] + ".json"
+    cache_path = args.cache
     cache = {}
-    if os.path.exists(cache_path):
+    if cache_path and os.path.exists(cache_path):
         with open(cache_path) as f:
             cache = json.load(f)
     settings = f"{args.per_chip_batch}x{args.seq_len}"
@@ -170,8 +172,9 @@ def main(argv=None) -> int:
             key = f"{preset}@{topology}"
             if key not in cache["rows"]:
                 cache["rows"][key] = fit(preset, topology, args.per_chip_batch, args.seq_len)
-                with open(cache_path, "w") as f:
-                    json.dump(cache, f, indent=1)
+                if cache_path:
+                    with open(cache_path, "w") as f:
+                        json.dump(cache, f, indent=1)
             rows[key] = cache["rows"][key]
     with open(args.out, "w") as f:
         f.write(markdown(rows, args.per_chip_batch, args.seq_len))

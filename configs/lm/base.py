@@ -1,0 +1,68 @@
+"""LRU language models at scale: the 125M, 350M and 1.3B presets on your own corpus.
+
+    lrulm compile --config configs/lm/base.py:size=350m --topology v5p-32    # does it fit?
+    lrulm tokenizer train --input 'corpus/train-*.jsonl' --output tok32k.model --vocab_size 32000
+    python tools/prepare_data.py --input 'corpus/train-*.jsonl' --tokenizer tok32k.model \\
+        --seq_len 2048 --output data/train --num_shards 256        # once, for large corpora
+    python launch/tpu_vm.py up --name lru-350m --zone ZONE --project PROJECT \\
+        --accelerator_type v5p-32 -- \\
+        lrulm train --config configs/lm/base.py:size=350m --workdir /gcs/BUCKET/runs/350m \\
+        --config.data.train_files='data/train-*.arrayrecord' \\
+        --config.data.eval_files='data/eval-*.arrayrecord' --config.data.tokenizer=tok32k.model
+
+Sizes (lrulm.model_config.PRESETS; tokens per step = global batch x 2048):
+
+  size   params  hardware it is sized for           mesh            batch  tokens/step
+  125m   150M    one host: 8 x H100 / v5e-8 / v4-16  data            256    0.5M
+  350m   390M    v5p-32 / v4-64 (16-32 chips)        data x fsdp=4   512    1.0M
+  1.3b   1.3B    v5p-128 / v5e-256 (64-256 chips)    data x fsdp=16  1024   2.1M
+
+(parameter counts include the untied 32k-vocab embedding and head.) Steps are set for
+~20 tokens per parameter (Chinchilla-style), e.g. 350m: 8k steps x 1.0M tokens. Check
+the fit of a size on a slice before paying for it: `lrulm compile` (docs/tpu_fit.md has
+the table). No reference loss has been measured with lrulm at these sizes yet; the
+expected result is a loss curve close to a same-size Transformer's on the same data
+(the LRU paper's claim for long-range tasks; untested here for language at scale), and
+per-chip throughput at least twice the minimal-LRU baseline of DESIGN.md §4.
+"""
+
+from lrulm.config import base_config
+
+# size -> (preset, steps, global batch, fsdp, peak lr). Learning rates follow the usual
+# width scaling of GPT-style models (GPT-3 Table 2.1: 6e-4 at 125M, 3e-4 at 350M, 2e-4
+# at 1.3B); the LRU's recurrent parameters train at lr x 0.5.
+SIZES = {
+    "125m": ("125m", 6_000, 256, 1, 6e-4),
+    "350m": ("350m", 8_000, 512, 4, 3e-4),
+    "1.3b": ("1.3b", 13_000, 1024, 16, 2e-4),
+}
+
+
+def get_config(arg=None):
+    args = dict(kv.split("=", 1) for kv in (arg or "size=125m").split(",") if kv)
+    size = args.get("size", "125m")
+    if size not in SIZES:
+        raise ValueError(f"configs/lm/base.py: size must be one of {sorted(SIZES)}; got {size!r}")
+    preset, steps, batch, fsdp, lr = SIZES[size]
+    c = base_config()
+    c.task = "lm"
+    c.model.preset = preset
+    c.data.vocab_size = 32000  # when the tokenizer is trained into the workdir
+    c.optim.lr = lr
+    c.optim.lr_factor = 0.5
+    c.optim.weight_decay = 0.1  # language-model practice (the LRA configs keep 0.05)
+    c.optim.warmup_fraction = 0.02  # ~150-250 steps: enough for Adam's moments at this batch
+    c.optim.grad_clip = 1.0
+    c.optim.b2 = 0.95  # stabler than 0.999 for large-batch LM training
+    c.train.steps = steps
+    c.train.global_batch_size = batch
+    c.train.seq_len = 2048
+    c.train.log_every = 50
+    c.train.eval_every = 1000
+    c.train.eval_steps = 50
+    c.mesh.data = -1
+    c.mesh.fsdp = fsdp
+    c.checkpoint.every_steps = 500
+    c.checkpoint.max_to_keep = 3
+    c.checkpoint.keep_period = 2000  # permanent checkpoints for evaluation later
+    return c
