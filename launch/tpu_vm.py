@@ -8,8 +8,9 @@ with `tpu-vm scp` of this checkout, or `git clone` of --repo_url at --ref, then 
 virtualenv), `run` (the command on every worker with `ssh --worker=all`; each worker is one JAX
 process and `lrulm.distributed.initialize()` finds the others), `delete`, and `up` (all of them;
 --delete_after deletes the slice when the run ends). The command comes after `--` and defaults to
-`lrulm train --config C --workdir W`. On a multi-host slice the workdir must be on storage all hosts mount (GCS FUSE: /gcs/BUCKET/...):
-the hosts write one checkpoint together. Re-running `run` with the same workdir resumes.
+`lrulm train --config C --workdir W`. On a multi-host slice the workdir must be on storage all
+hosts mount (GCS FUSE: /gcs/BUCKET/...): the hosts write one checkpoint together. Re-running
+`run` with the same workdir resumes.
 --dry_run prints every command instead of running it.
 """
 
