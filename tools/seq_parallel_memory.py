@@ -1,0 +1,96 @@
+"""Longest trainable context: one device versus the sequence split across S devices.
+
+    python tools/seq_parallel_memory.py --preset 125m --shards 8 --hbm_gib 80
+
+Compiles the real train step (lrulm.train.build / jit_steps) with abstract inputs on
+simulated CPU devices, batch 1, once on one device and once with mesh.sequence = S,
+at two context lengths; per-device memory (arguments + temporaries + outputs - donated)
+from XLA's memory analysis is linear in the context, so the two points give the longest
+context that fits a device of --hbm_gib. Parameters and optimizer state are replicated
+in both (no FSDP), which is what limits the split run. Nothing is materialised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+from lrulm import config as config_lib  # noqa: E402
+from lrulm import tasks, train  # noqa: E402
+
+
+def per_device_bytes(preset: str, seq_len: int, shards: int, remat: str) -> int:
+    config = config_lib.base_config()
+    config.model.preset = preset
+    config.model.remat = remat
+    config.train.global_batch_size, config.train.seq_len = 1, seq_len
+    config.mesh.data, config.mesh.sequence = 1, shards
+    config.lock()
+    mesh = train.make_mesh(config, jax.devices()[:shards])
+    exp = train.build(config, tasks.make_task(config, None, prepare_data=False), mesh)
+    train_jit, _ = train.jit_steps(exp)
+    batch = {
+        k: jax.ShapeDtypeStruct(shape, dtype, sharding=exp.batch_shardings[k])
+        for k, (shape, dtype) in exp.batch_spec.items()
+    }
+    m = train_jit.lower(exp.abstract_state, batch).compile().memory_analysis()
+    return (
+        m.argument_size_in_bytes
+        + m.temp_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+    )
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="125m")
+    p.add_argument("--shards", type=int, default=8)
+    p.add_argument("--hbm_gib", type=float, default=80.0, help="device memory (H100: 80)")
+    p.add_argument("--lengths", default="8192,16384", help="two context lengths to fit")
+    p.add_argument("--remat", default="full")
+    p.add_argument("--json", default="")
+    args = p.parse_args()
+    l1, l2 = (int(x) for x in args.lengths.split(","))
+    budget = args.hbm_gib * 2**30
+    rows = []
+    for shards in (1, args.shards):
+        b1 = per_device_bytes(args.preset, l1, shards, args.remat)
+        b2 = per_device_bytes(args.preset, l2, shards, args.remat)
+        per_token = (b2 - b1) / (l2 - l1)
+        fixed = b1 - per_token * l1
+        longest = int((budget - fixed) / per_token) if per_token > 0 else None
+        rows.append(
+            {
+                "shards": shards,
+                "fixed_GiB": fixed / 2**30,
+                "KiB_per_token": per_token / 2**10,
+                "longest_context": longest,
+                f"GiB_at_{l1}": b1 / 2**30,
+                f"GiB_at_{l2}": b2 / 2**30,
+            }
+        )
+    print(
+        f"{args.preset}, batch 1, remat={args.remat}, per-device memory from XLA (CPU "
+        f"compile), {args.hbm_gib:g} GiB per device"
+    )
+    print("| devices on the sequence | fixed (params, opt) | per context token | longest context |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['shards']} | {r['fixed_GiB']:.2f} GiB | {r['KiB_per_token']:.1f} KiB | "
+            f"{r['longest_context']:,} tokens |"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
