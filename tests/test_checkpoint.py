@@ -132,12 +132,17 @@ def test_damaged_checkpoint_is_named_and_skipped(tmp_path, corpus):
     biggest = max(data, key=os.path.getsize)
     with open(biggest, "r+b") as f:
         f.truncate(os.path.getsize(biggest) // 3)
+    # And a save killed mid-write: Orbax's temporary directory, never committed.
+    partial = workdir / "checkpoints" / "12.orbax-checkpoint-tmp-1234567"
+    partial.mkdir()
+    (partial / "state").mkdir()
     out = _run(workdir, corpus, "train.steps=10", "checkpoint.every_steps=4")
     assert f"checkpoint {workdir}/checkpoints/8 is damaged" in out
     assert f"resumed from {workdir}/checkpoints/4" in out
     kept = glob.glob(str(workdir / "corrupt_checkpoints" / "8-*"))
     assert kept, "the damaged checkpoint must be kept for inspection, not deleted"
     assert max(_losses(workdir)) == 10
+    assert not os.path.exists(workdir / "checkpoints" / "12")  # the partial one was never used
 
 
 def test_restore_onto_other_meshes(tmp_path, corpus):

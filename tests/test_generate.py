@@ -130,3 +130,21 @@ def test_empty_prompt_and_missing_checkpoint(model, tmp_path):
         gen.generate_from_workdir(str(tmp_path), "x")
     with pytest.raises(ValueError, match="--prompt is empty"):
         gen.generate_from_workdir(str(tmp_path), "")
+
+
+def test_generation_on_a_sharded_model(model):
+    """The library function works on parameters sharded over a mesh (fsdp x tensor)."""
+    from lrulm import sharding
+
+    mesh = sharding.make_mesh(dict(data=1, fsdp=4, tensor=2))
+    graphdef, params = nnx.split(model)
+    axes = sharding.logical_axes_tree(params)
+    pure = nnx.to_pure_dict(params)
+    shardings = sharding.tree_shardings(pure, axes, mesh)
+    sharded = nnx.merge(graphdef, jax.device_put(pure, shardings))
+    lru_b = nnx.to_pure_dict(nnx.state(sharded))["stack"]["blocks"]["lru"]["B_re"]
+    assert len(lru_b.sharding.device_set) == 8
+    prompts = _prompts([6, 11])
+    want = gen.generate(model, prompts, max_new_tokens=8, temperature=0.0, stop_ids=())
+    got = gen.generate(sharded, prompts, max_new_tokens=8, temperature=0.0, stop_ids=())
+    assert got == want
