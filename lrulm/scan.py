@@ -50,6 +50,11 @@ class GradMethod(enum.Enum):
 # overhead) and associative_scan (log2(L) passes over memory).
 _AUTO_BY_BACKEND = {
     "cpu": ScanMethod.CHUNKED,
+    # The Pallas kernels (lrulm/scan_pallas.py) read b and write h once, where
+    # associative_scan makes log2(L) passes (DESIGN.md §4). They are correct in interpret
+    # mode and compile (Triton IR for CUDA; Mosaic ahead of time for v4/v5e/v5p/v6e), but
+    # have not yet run on a GPU or TPU: until tools/gpu_check.sh has, opt in with
+    # model.scan_method=pallas and keep the XLA methods as the default.
     "gpu": ScanMethod.ASSOCIATIVE,
     "cuda": ScanMethod.ASSOCIATIVE,
     "rocm": ScanMethod.ASSOCIATIVE,

@@ -1,49 +1,52 @@
 """Pallas kernels for the linear recurrence h_t = a_t * h_{t-1} + b_t (GPU Triton, TPU Mosaic).
 
-The recurrence moves 16 bytes per complex64 element (read b, write h) and does 8 flops on
-them, so a kernel is fast exactly when it keeps enough bytes in flight to cover memory
-latency while reading b and writing h once. Time is sequential within a program, so all
-parallelism comes from (rows x channel blocks); the design follows from that:
+The recurrence moves 16 bytes per complex64 element (read b, write h) for 8 flops, so a
+kernel is fast when it reads b and writes h once with enough bytes in flight to cover
+memory latency. Time is sequential within a program, so all parallelism comes from
+(rows x channel blocks); the design follows from that:
 
-- One program owns one row (a flattened leading index) and one block of channels, and
+- One program owns one row (the leading axes, flattened) and one block of channels, and
   walks the whole sequence with its state in float32 registers. Complex numbers are
   split into real/imaginary float32 arrays before the kernel and recombined after (no
-  complex type in Triton or Mosaic); bf16 inputs are upcast on load, so the recurrence
-  always accumulates in float32.
+  complex type in Triton or Mosaic): in a model those passes fuse into the producer of b
+  and the consumer of h, but an isolated complex64 scan pays for them (3x the kernel's
+  own bytes). bf16 is upcast on load: the recurrence always accumulates in float32.
 - Time is walked in chunks of `chunk_size` steps. Every row of a chunk is loaded before
-  the first step of the chunk runs, so a program has a whole chunk of loads in flight
-  and pays memory latency once per chunk instead of once per step (the naive
-  one-load-per-step kernel of DESIGN.md §4 pays it 2048 times: 1.12 ms).
-- GPU: 32 channels per program and one warp: each thread owns one channel, each row load
-  is one coalesced 128-byte line per part. At (B=8, N=1024) that is 256 warps, ~2 per H100
-  SM, so memory parallelism must come from the chunk: 64 complex rows = 16 KiB in
-  flight per warp, ~32 KiB per SM, which is what Little's law asks for at ~3 TB/s and
-  ~1 us latency. Loads per thread are capped at 128 registers' worth (fewer rows per
-  chunk when `a` is full) so the chunk does not spill. The program loops over chunks
-  itself (Triton programs cannot pass a carry to each other), and the length
-  remainder is a shorter static tail: no padding, no masking in time.
-- TPU: channels are viewed as (N/128, 128) so one time step of a block is whole (8, 128)
+  the chunk's first step, so a whole chunk of loads is in flight and memory latency is
+  paid once per chunk, not once per step as in the naive kernel of DESIGN.md §4.
+- GPU: 32 channels and one warp per program: each thread owns a channel and every row
+  load is one coalesced 128-byte line per part. At (B=8, N=1024) that is 256 warps, ~2
+  per H100 SM, so memory parallelism must come from the chunk: 64 complex rows = 16 KiB
+  in flight per warp, ~32 KiB per SM, about what Little's law asks at ~3 TB/s and ~1 us.
+  Loads per thread are capped at 128 registers' worth (shorter chunks when `a` is full);
+  ptxas for sm_90a gives 168 registers and no spills for that kernel. The program loops
+  over the chunks itself (Triton programs cannot pass each other a carry) and finishes
+  with a shorter static tail: no padding or masking in time.
+- TPU: channels are viewed as (N/128, 128), so one time step of a block is whole (8, 128)
   vregs; the grid is (rows, channel blocks, chunks) with the chunk axis sequential
-  ("arbitrary"), the state carried in VMEM scratch, and Pallas's block pipeline
-  double-buffers the HBM->VMEM copies of the next chunk behind the current one.
+  ("arbitrary"), the state carried in VMEM scratch, and Pallas's pipeline copying the
+  next chunk into VMEM behind the current one.
 - Both walk a chunk with the same body (`_scan_rows`); `reverse` only changes which
-  chunk comes next and the row order inside it, so no flipped copies are made.
+  chunk comes next and the row order within it, so no flipped copies are made.
 
-Autodiff through `pallas_call` is not possible (it has no transpose rule), so gradients
-come from lrulm.scan's `grad="recurrence"`, which runs this same kernel backwards.
+A `pallas_call` cannot be transposed, so gradients come from lrulm.scan's
+grad="recurrence", which runs this same kernel backwards.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plt
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 # GPU: one warp per program, one channel per thread (see the module docstring).
 _GPU_CHANNELS = 32
@@ -76,11 +79,8 @@ def _step(h: Parts, a: Parts, b: Parts) -> Parts:
     return (ar * hr + (br - ai * hi), ar * hi + (bi + ai * hr))
 
 
-def _scan_rows(h, a, a_refs, b_refs, h_refs, rows, load, store):
+def _scan_rows(h, a, a_refs, b_refs, h_refs, rows, load, store, *, preload):
     """Runs the recurrence over `rows` (in processing order) of one block.
-
-    All loads of the chunk are issued before the first step, so they are in flight
-    together; the stores follow the dependent chain.
 
     Args:
       h: the carried state, a tuple of float32 parts.
@@ -89,31 +89,37 @@ def _scan_rows(h, a, a_refs, b_refs, h_refs, rows, load, store):
       rows: row indices, static or traced, in the order the recurrence visits them.
       load: load(ref, row) -> float32 value of the row.
       store: store(ref, row, value).
+      preload: issue every load before the first step, so that they are in flight
+        together (GPU: they come from HBM); else load each row at its step (TPU: rows
+        come from VMEM, and 64 vregs could not hold a chunk anyway).
 
     Returns:
       The state after the last row.
     """
-    bs = [tuple(load(r, t) for r in b_refs) for t in rows]
-    as_ = [tuple(load(r, t) for r in a_refs) for t in rows] if a is None else [a] * len(rows)
-    for t, at, bt in zip(rows, as_, bs):
+
+    def inputs(t):
+        at = tuple(load(r, t) for r in a_refs) if a is None else a
+        return at, tuple(load(r, t) for r in b_refs)
+
+    loaded = [inputs(t) for t in rows] if preload else None
+    for i, t in enumerate(rows):
+        at, bt = loaded[i] if preload else inputs(t)
         h = _step(h, at, bt)
         for ref, x in zip(h_refs, h):
             store(ref, t, x)
     return h
 
 
-def _split_refs(refs, num_parts, full_a, has_h0):
-    it = iter(refs)
-    take = lambda n: tuple(next(it) for _ in range(n))
-    a_refs, b_refs = take(num_parts), take(num_parts)
-    h0_refs = take(num_parts) if has_h0 else ()
-    return a_refs, b_refs, h0_refs, take(num_parts), tuple(it)
+def _split_refs(refs, num_parts):
+    """(a, b, h0, h, scratch) refs, each a tuple of parts."""
+    parts = [refs[i : i + num_parts] for i in range(0, 4 * num_parts, num_parts)]
+    return (*parts, refs[4 * num_parts :])
 
 
 def _cost(num_parts, full_a, rows, length, n, itemsize):
     arrays = 2 + full_a  # read b (and a), write h
     return pl.CostEstimate(
-        flops=4 * num_parts * num_parts * rows * length * n,
+        flops=2 * num_parts**2 * rows * length * n,
         transcendentals=0,
         bytes_accessed=arrays * num_parts * rows * length * n * itemsize,
     )
@@ -124,7 +130,7 @@ def _cost(num_parts, full_a, rows, length, n, itemsize):
 # ----------------------------------------------------------------------------------
 
 
-def _gpu(a: Parts, b: Parts, h0: Parts | None, *, chunk, reverse, interpret) -> Parts:
+def _gpu(a: Parts, b: Parts, h0: Parts, *, chunk, reverse, interpret) -> Parts:
     rows, length, n = b[0].shape
     num_parts, full_a = len(b), a[0].ndim == 3
     bn = min(_GPU_CHANNELS, pl.next_power_of_2(n))  # Triton blocks are powers of two
@@ -135,7 +141,7 @@ def _gpu(a: Parts, b: Parts, h0: Parts | None, *, chunk, reverse, interpret) -> 
     num_chunks, tail = divmod(length, chunk)
 
     def kernel(*refs):
-        a_refs, b_refs, h0_refs, h_refs, _ = _split_refs(refs, num_parts, full_a, h0 is not None)
+        a_refs, b_refs, h0_refs, h_refs, _ = _split_refs(refs, num_parts)
         mask = None
         if ragged:  # the last channel block hangs over the end of the array
             j = pl.program_id(0) % num_blocks
@@ -159,13 +165,18 @@ def _gpu(a: Parts, b: Parts, h0: Parts | None, *, chunk, reverse, interpret) -> 
                 return tuple(r[...].astype(jnp.float32) for r in refs)
             return tuple(plt.load(r, mask=mask, other=0).astype(jnp.float32) for r in refs)
 
-        if h0_refs:
-            h = load_all(h0_refs)
-        else:
-            h = (jnp.zeros((bn,), jnp.float32),) * num_parts
+        h = load_all(h0_refs)
         a_const = None if full_a else load_all(a_refs)
-        scan = functools.partial(_scan_rows, a=a_const, a_refs=a_refs, b_refs=b_refs,
-                                 h_refs=h_refs, load=load, store=store)  # fmt: skip
+        scan = functools.partial(
+            _scan_rows,
+            a=a_const,
+            a_refs=a_refs,
+            b_refs=b_refs,
+            h_refs=h_refs,
+            load=load,
+            store=store,
+            preload=True,
+        )
 
         def chunk_rows(start, count):
             """Row indices of `count` steps beginning `start` steps into the walk."""
@@ -184,8 +195,7 @@ def _gpu(a: Parts, b: Parts, h0: Parts | None, *, chunk, reverse, interpret) -> 
     seq_spec = pl.BlockSpec((None, length, bn), lambda p: (p // num_blocks, 0, p % num_blocks))
     state_spec = pl.BlockSpec((None, bn), lambda p: (p // num_blocks, p % num_blocks))
     a_spec = seq_spec if full_a else pl.BlockSpec((bn,), lambda p: (p % num_blocks,))
-    in_specs = [a_spec] * num_parts + [seq_spec] * num_parts
-    in_specs += [state_spec] * num_parts if h0 is not None else []
+    in_specs = [a_spec] * num_parts + [seq_spec] * num_parts + [state_spec] * num_parts
     dtype = b[0].dtype
     return tuple(
         pl.pallas_call(
@@ -198,7 +208,7 @@ def _gpu(a: Parts, b: Parts, h0: Parts | None, *, chunk, reverse, interpret) -> 
             cost_estimate=_cost(num_parts, full_a, rows, length, n, dtype.itemsize),
             interpret=interpret,
             name="linear_scan_gpu",
-        )(*a, *b, *(h0 or ()))
+        )(*a, *b, *h0)
     )
 
 
@@ -216,7 +226,7 @@ def _tpu_layout(n: int, dtype) -> tuple[int, int, int]:
     return groups, _TPU_LANES, sublanes if groups % sublanes == 0 else groups
 
 
-def _tpu(a: Parts, b: Parts, h0: Parts | None, *, chunk, reverse, interpret) -> Parts:
+def _tpu(a: Parts, b: Parts, h0: Parts, *, chunk, reverse, interpret) -> Parts:
     rows, length, n = b[0].shape
     num_parts, full_a = len(b), a[0].ndim == 3
     dtype = b[0].dtype
@@ -229,15 +239,13 @@ def _tpu(a: Parts, b: Parts, h0: Parts | None, *, chunk, reverse, interpret) -> 
     block_of = (lambda k: num_chunks - 1 - k) if reverse else (lambda k: k)
 
     def kernel(*refs):
-        a_refs, b_refs, h0_refs, h_refs, carry_refs = _split_refs(
-            refs, num_parts, full_a, h0 is not None
-        )
+        a_refs, b_refs, h0_refs, h_refs, carry_refs = _split_refs(refs, num_parts)
         k = pl.program_id(2)
 
         @pl.when(k == 0)
         def _():
-            for i, c in enumerate(carry_refs):
-                c[...] = h0_refs[i][...].astype(jnp.float32) if h0_refs else jnp.zeros_like(c)
+            for c, h0_ref in zip(carry_refs, h0_refs):
+                c[...] = h0_ref[...].astype(jnp.float32)
 
         def load(ref, t):
             return ref[t].astype(jnp.float32)
@@ -247,12 +255,19 @@ def _tpu(a: Parts, b: Parts, h0: Parts | None, *, chunk, reverse, interpret) -> 
 
         a_const = None if full_a else tuple(r[...].astype(jnp.float32) for r in a_refs)
 
-        def walk(count):
-            def run(h):
-                order = range(count - 1, -1, -1) if reverse else range(count)
-                return _scan_rows(h, a_const, a_refs, b_refs, h_refs, list(order), load, store)
-
-            return run
+        def walk(count):  # VMEM rows: loaded at their step, not all up front
+            order = list(range(count - 1, -1, -1) if reverse else range(count))
+            return functools.partial(
+                _scan_rows,
+                a=a_const,
+                a_refs=a_refs,
+                b_refs=b_refs,
+                h_refs=h_refs,
+                rows=order,
+                load=load,
+                store=store,
+                preload=False,
+            )
 
         h = tuple(c[...] for c in carry_refs)
         if reverse and tail:
@@ -267,8 +282,7 @@ def _tpu(a: Parts, b: Parts, h0: Parts | None, *, chunk, reverse, interpret) -> 
     seq_spec = pl.BlockSpec((None, chunk, gb, lanes), lambda r, j, k: (r, block_of(k), j, 0))
     state_spec = pl.BlockSpec((None, gb, lanes), lambda r, j, k: (r, j, 0))
     a_spec = seq_spec if full_a else pl.BlockSpec((gb, lanes), lambda r, j, k: (j, 0))
-    in_specs = [a_spec] * num_parts + [seq_spec] * num_parts
-    in_specs += [state_spec] * num_parts if h0 is not None else []
+    in_specs = [a_spec] * num_parts + [seq_spec] * num_parts + [state_spec] * num_parts
     view = lambda x: x.reshape(*x.shape[:-1], groups, lanes)
     seq_shape = (rows, length, groups, lanes)
     out = pl.pallas_call(
@@ -284,39 +298,31 @@ def _tpu(a: Parts, b: Parts, h0: Parts | None, *, chunk, reverse, interpret) -> 
         cost_estimate=_cost(num_parts, full_a, rows, length, n, dtype.itemsize),
         interpret=interpret,
         name="linear_scan_tpu",
-    )(*map(view, a), *map(view, b), *map(view, h0 or ()))
+    )(*map(view, a), *map(view, b), *map(view, h0))
     return tuple(h.reshape(rows, length, n) for h in out)
 
 
 # ----------------------------------------------------------------------------------
-# Public entry point.
+# Leading axes, and the choice of kernel.
 # ----------------------------------------------------------------------------------
 
 _KERNELS: dict[str, Callable[..., Parts]] = {"gpu": _gpu, "tpu": _tpu}
 
 
-def _parts(x: jax.Array) -> Parts:
-    return (jnp.real(x), jnp.imag(x)) if jnp.iscomplexobj(x) else (x,)
+def _run(a: Parts, b: Parts, h0: Parts, *, kernel, interpret, chunk, reverse) -> Parts:
+    """Flattens the leading axes of (..., L, N) parts into rows and runs one kernel."""
+    *lead, length, n = b[0].shape
+    rows = math.prod(lead)
+    a = tuple(p.reshape(rows, length, n) if p.ndim > 1 else p for p in a)
+    b = tuple(p.reshape(rows, length, n) for p in b)
+    h0 = tuple(p.reshape(rows, n) for p in h0)
+    h = _KERNELS[kernel](a, b, h0, chunk=chunk, reverse=reverse, interpret=interpret)
+    return tuple(p.reshape(*lead, length, n) for p in h)
 
 
-def _combine(parts: Sequence[jax.Array], dtype) -> jax.Array:
-    return jax.lax.complex(*parts).astype(dtype) if len(parts) == 2 else parts[0]
-
-
-def _kernel_for(a, b, h0, *, kernel, interpret, chunk, reverse):
-    rows = math.prod(b.shape[:-2])
-    length, n = b.shape[-2:]
-    a_parts = tuple(p.reshape(rows, length, n) if a.ndim > 1 else p for p in _parts(a))
-    b_parts = tuple(p.reshape(rows, length, n) for p in _parts(b))
-    h0_parts = None if h0 is None else tuple(p.reshape(rows, n) for p in _parts(h0))
-    h = _KERNELS[kernel](a_parts, b_parts, h0_parts, chunk=chunk, reverse=reverse,
-                         interpret=interpret)  # fmt: skip
-    return _combine(h, b.dtype).reshape(b.shape)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _forward(a, b, h0, chunk, reverse, interpret, kernel):
-    run = functools.partial(_kernel_for, chunk=chunk, reverse=reverse)
+def _dispatch(a: Parts, b: Parts, h0: Parts, chunk, reverse, interpret, kernel) -> Parts:
+    """Picks the kernel variant, and whether to interpret it."""
+    run = functools.partial(_run, chunk=chunk, reverse=reverse)
     interpreted = functools.partial(run, chunk=min(chunk, _INTERPRET_CHUNK), interpret=True)
     if interpret is None and kernel is None:
         # Decided when the computation is lowered, so ahead-of-time compilation for a
@@ -334,6 +340,124 @@ def _forward(a, b, h0, chunk, reverse, interpret, kernel):
     if backend == "cpu" if interpret is None else interpret:
         return interpreted(a, b, h0, kernel=kernel)
     return run(a, b, h0, kernel=kernel, interpret=False)
+
+
+# ----------------------------------------------------------------------------------
+# Sharding. XLA's partitioner cannot split a kernel call (Mosaic refuses; a Triton call
+# would run replicated), so under jit with sharded inputs each device runs the kernel on
+# its own rows and channels; only the sequence axis must be whole (sequence parallelism
+# goes through lrulm.sequence_parallel's shard_map, inside which this is a plain call).
+# Under the trainer's mesh context that is a shard_map over the activation layout, which
+# also compiles ahead of time for TPU; elsewhere the partitioner is told how to split
+# the call (custom_partitioning), from the shardings the operands actually have.
+# ----------------------------------------------------------------------------------
+
+
+def _on_activation_mesh(fn, a: Parts, b: Parts, h0: Parts) -> Parts:
+    """fn(a, b, h0) per device under lrulm.sharding's mesh context, else plain fn."""
+    from lrulm import sharding  # the trainer's mesh and logical axis rules
+
+    mesh = sharding.current_mesh()
+    if mesh is None or mesh.size == 1 or jax.sharding.get_abstract_mesh().manual_axes:
+        return fn(a, b, h0)
+    ndim = b[0].ndim
+    names = ("batch",) + (None,) * (ndim - 3) if ndim > 2 else ()
+    spec = tuple(sharding.spec_for((*names, "length", "act_state"), mesh, b[0].shape))
+    spec = spec[:-2] + (None, spec[-1])  # each device keeps whole sequences
+    seq, state = P(*spec), P(*spec[:-2], spec[-1])
+    a_spec = seq if a[0].ndim == ndim else P(spec[-1])
+    specs = tuple((x,) * len(b) for x in (a_spec, seq, state))
+    per_device = jax.shard_map(
+        fn, mesh=mesh, in_specs=specs, out_specs=(seq,) * len(b), check_vma=False
+    )
+    return per_device(a, b, h0)
+
+
+def _operand_shardings(mesh, arg_shapes):
+    """Shardings of the (a, b, h0) parts: b's rows and channels, the sequence whole."""
+    a, b, _ = arg_shapes
+    sharding, ndim = b[0].sharding, len(b[0].shape)
+    if not isinstance(sharding, NamedSharding):
+        raise NotImplementedError(
+            f"linear_scan(method='pallas') needs its inputs sharded over a named mesh "
+            f"(jax.sharding.NamedSharding); got {sharding}"
+        )
+    mesh = sharding.mesh
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    seq = NamedSharding(mesh, P(*spec[:-2], None, spec[-1]))
+    state = NamedSharding(mesh, P(*spec[:-2], spec[-1]))
+    a_sharding = seq if len(a[0].shape) == ndim else NamedSharding(mesh, P(spec[-1]))
+    return tuple((s,) * len(b) for s in (a_sharding, seq, state))
+
+
+def _partition(chunk, reverse, interpret, kernel, mesh, arg_shapes, result_shape):
+    del result_shape
+    a, b, h0 = _operand_shardings(mesh, arg_shapes)
+    local = functools.partial(
+        _dispatch, chunk=chunk, reverse=reverse, interpret=interpret, kernel=kernel
+    )
+    return mesh, local, b, (a, b, h0)
+
+
+def _infer_sharding(chunk, reverse, interpret, kernel, mesh, arg_shapes, result_shape):
+    del chunk, reverse, interpret, kernel, result_shape
+    return _operand_shardings(mesh, arg_shapes)[1]
+
+
+@functools.cache
+def _sharded(full_a: bool, num_parts: int):
+    """_dispatch that the partitioner runs per device, for one operand structure."""
+    fn = custom_partitioning(_dispatch, static_argnums=(3, 4, 5, 6))
+    operands = [("... l n" if full_a else "n")] * num_parts
+    operands += ["... l n"] * num_parts + ["... n"] * num_parts
+    fn.def_partition(
+        partition=_partition,
+        infer_sharding_from_operands=_infer_sharding,
+        sharding_rule=", ".join(operands) + " -> " + ", ".join(["... l n"] * num_parts),
+        need_replication_factors=("l",),
+    )
+    return fn
+
+
+# ----------------------------------------------------------------------------------
+# Public entry point.
+# ----------------------------------------------------------------------------------
+
+
+def _parts(x: jax.Array) -> Parts:
+    return (jnp.real(x), jnp.imag(x)) if jnp.iscomplexobj(x) else (x,)
+
+
+@functools.cache
+def _call(chunk, reverse, interpret, kernel):
+    """(a, b, h0) -> h through the kernel; under vmap, the mapped axis is one more row."""
+
+    def call(a, b, h0):
+        parts = _parts(a), _parts(b), _parts(h0)
+        sharded = _sharded(a.ndim > 1, len(parts[1]))
+        run = lambda a, b, h0: sharded(a, b, h0, chunk, reverse, interpret, kernel)
+        h = _on_activation_mesh(run, *parts)
+        return jax.lax.complex(*h) if len(h) == 2 else h[0]
+
+    fn = jax.custom_batching.custom_vmap(call)
+
+    @fn.def_vmap
+    def _(axis_size, in_batched, a, b, h0):
+        a_batched, b_batched, h0_batched = in_batched
+        lead = lambda x, batched: x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+        b, h0 = lead(b, b_batched), lead(h0, h0_batched)
+        if a.ndim - a_batched > 1:
+            a = lead(a, a_batched)
+        elif a_batched:  # one decay vector per mapped index: a full-shaped a
+            a = jnp.broadcast_to(a.reshape(axis_size, *(1,) * (b.ndim - 2), -1), b.shape)
+        return fn(a, b, h0), True
+
+    return fn
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _forward(a, b, h0, chunk, reverse, interpret, kernel):
+    return _call(chunk, reverse, interpret, kernel)(a, b, h0)
 
 
 def _forward_fwd(a, b, h0, chunk, reverse, interpret, kernel):
@@ -363,6 +487,10 @@ def forward(
 ) -> jax.Array:
     """Computes h_t = a_t * h_{t-1} + b_t along axis -2 of b with a Pallas kernel.
 
+    Under jit with sharded inputs, each device scans its own rows and channels (the
+    sequence axis is gathered if it was split); under vmap, the mapped axis becomes one
+    more leading axis. Not differentiable by itself: see grad="recurrence" in lrulm.scan.
+
     Args:
       a: decays, shape (..., L, N) like b, or (N,).
       b: inputs, shape (..., L, N); float32, bfloat16 or complex64 (float32 math).
@@ -381,13 +509,18 @@ def forward(
     """
     a, b = jnp.asarray(a), jnp.asarray(b)
     if b.ndim < 2 or a.shape not in (b.shape, b.shape[-1:]):
-        raise ValueError(f"need b of shape (..., L, N) and a of b's shape or (N,); got "
-                         f"a {a.shape}, b {b.shape}")  # fmt: skip
+        raise ValueError(
+            f"need b of shape (..., L, N) and a of b's shape or (N,); got a {a.shape}, b {b.shape}"
+        )
     if kernel not in (None, *_KERNELS):
         raise ValueError(f"unknown Pallas kernel {kernel!r}; use 'gpu', 'tpu' or None")
     dtype = jnp.result_type(a, b) if h0 is None else jnp.result_type(a, b, h0)
     a, b = a.astype(dtype), b.astype(dtype)
-    h0 = None if h0 is None else jnp.asarray(h0, dtype).reshape(b.shape[:-2] + b.shape[-1:])
+    state_shape = b.shape[:-2] + b.shape[-1:]
+    # Always an array: the partitioner needs a fixed set of operands (zeros cost 1/L of b).
+    h0 = jnp.zeros(state_shape, dtype) if h0 is None else jnp.asarray(h0, dtype)
+    if h0.shape != state_shape:
+        raise ValueError(f"h0 must have shape {state_shape}; got {h0.shape}")
     if b.size == 0:
         return b
     return _forward(a, b, h0, int(chunk_size), bool(reverse), interpret, kernel)

@@ -51,8 +51,10 @@ def run(B: int, L: int, N: int, methods, repeats: int, chunk_size: int) -> dict:
     array_bytes = B * L * N * 8
     bandwidth = copy_bandwidth(array_bytes, repeats)
     rows = []
+    # lax.scan is differentiated as written; a Pallas kernel cannot be (no transpose rule).
+    grads = {"sequential": ("autodiff",), "pallas": ("recurrence",)}
     for method in methods:
-        for grad in ("recurrence", "autodiff") if method != "sequential" else ("autodiff",):
+        for grad in grads.get(method, ("recurrence", "autodiff")):
             kw = dict(method=method, chunk_size=chunk_size, grad=grad)
             fwd = jax.jit(lambda b, kw=kw: linear_scan(a, b, **kw))
             # Gradients w.r.t. a and b: da needs h, so the forward cannot be skipped.

@@ -1,0 +1,211 @@
+"""The Pallas recurrence kernels (interpreted on CPU) against the sequential reference.
+
+On a machine with a GPU or TPU, `LRULM_TEST_PALLAS_COMPILED=1 JAX_PLATFORMS=cuda pytest
+tests/test_scan_pallas.py` runs the same checks on the compiled kernel (tools/gpu_check.sh).
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lrulm import scan as scan_lib
+from lrulm import scan_pallas
+from lrulm.scan import linear_scan
+
+COMPILED = os.environ.get("LRULM_TEST_PALLAS_COMPILED", "") not in ("", "0")
+# Interpreted on CPU, both kernel variants are checked; compiled, the device's own one.
+if COMPILED:
+    KERNELS = ["tpu" if jax.default_backend() == "tpu" else "gpu"]
+else:
+    KERNELS = ["gpu", "tpu"]
+_STATIC = ("method", "grad", "reverse", "chunk_size")
+_scan_jit = jax.jit(linear_scan, static_argnames=_STATIC)
+_kernel_jit = jax.jit(
+    scan_pallas.forward, static_argnames=("chunk_size", "reverse", "interpret", "kernel")
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _backend_matches_mode():
+    if COMPILED:
+        assert jax.default_backend() in ("gpu", "tpu"), (
+            "LRULM_TEST_PALLAS_COMPILED=1 needs a GPU or TPU backend (set JAX_PLATFORMS=cuda); "
+            f"got {jax.default_backend()!r}"
+        )
+
+
+def _inputs(seed, lead, length, n, *, complex_, full_a):
+    rng = np.random.default_rng(seed)
+    shape = lead + (length, n)
+    mag = rng.uniform(0.5, 0.999, shape if full_a else (n,))
+    if complex_:
+        a = mag * np.exp(1j * rng.uniform(0, 2 * np.pi, mag.shape))
+        b = rng.normal(size=shape) + 1j * rng.normal(size=shape)
+        h0 = rng.normal(size=lead + (n,)) + 1j * rng.normal(size=lead + (n,))
+        dtype = np.complex64
+    else:
+        a, b, h0 = mag, rng.normal(size=shape), rng.normal(size=lead + (n,))
+        dtype = np.float32
+    return tuple(jnp.asarray(x.astype(dtype)) for x in (a, b, h0))
+
+
+def _rel(x, y):
+    x, y = jnp.asarray(x, jnp.complex64), jnp.asarray(y, jnp.complex64)
+    return float(jnp.max(jnp.abs(x - y)) / (jnp.max(jnp.abs(y)) + 1e-30))
+
+
+def _loss(a, b, h0, **kw):
+    h = linear_scan(a, b, h0=h0, **kw)
+    # A real loss that touches real and imaginary parts differently.
+    w = jnp.linspace(-1.0, 2.0, h.shape[-1])
+    return jnp.sum(jnp.real(h) * w) + jnp.sum(jnp.imag(h) ** 2) + jnp.sum(jnp.abs(h) ** 2)
+
+
+_grad_jit = jax.jit(jax.grad(_loss, argnums=(0, 1, 2)), static_argnames=_STATIC)
+
+# (leading axes, L, N, complex, a full, reverse, h0). N=5 leaves the GPU kernel a ragged
+# channel block; N=256 gives the TPU kernel its (groups, 128 lanes) layout. Lengths 7 and
+# 1000 are not multiples of the chunk.
+CASES = [
+    ((), 1, 5, True, False, False, True),
+    ((2,), 7, 5, False, True, True, True),
+    ((2, 3), 7, 256, True, True, False, False),
+    ((2,), 1000, 5, True, False, True, True),
+    ((), 1000, 256, False, True, False, True),
+    ((1, 2), 1000, 5, True, True, True, False),
+]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("lead, length, n, complex_, full_a, reverse, use_h0", CASES)
+def test_kernel_values(kernel, lead, length, n, complex_, full_a, reverse, use_h0):
+    a, b, h0 = _inputs(length + n, lead, length, n, complex_=complex_, full_a=full_a)
+    h0 = h0 if use_h0 else None
+    ref = _scan_jit(a, b, h0=h0, reverse=reverse, method="sequential")
+    out = _kernel_jit(a, b, h0, reverse=reverse, interpret=not COMPILED, kernel=kernel)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert _rel(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("lead, length, n, complex_, full_a, reverse, use_h0", CASES[1:5])
+def test_linear_scan_gradients(lead, length, n, complex_, full_a, reverse, use_h0):
+    """method="pallas" through linear_scan: values and gradients w.r.t. a, b and h0."""
+    a, b, h0 = _inputs(length * n, lead, length, n, complex_=complex_, full_a=full_a)
+    h0 = h0 if use_h0 else jnp.zeros_like(h0)
+    kw = dict(reverse=reverse)
+    ref = _scan_jit(a, b, h0=h0, method="sequential", grad="autodiff", **kw)
+    out = _scan_jit(a, b, h0=h0, method="pallas", **kw)
+    assert out.dtype == ref.dtype and _rel(out, ref) <= 1e-5
+    g_ref = _grad_jit(a, b, h0, method="sequential", grad="autodiff", **kw)
+    g = _grad_jit(a, b, h0, method="pallas", grad="recurrence", **kw)
+    for name, x, y in zip(("a", "b", "h0"), g, g_ref):
+        assert x.shape == y.shape and x.dtype == y.dtype, name
+        assert _rel(x, y) <= 1e-5, (name, _rel(x, y))
+
+
+def test_autodiff_raises_a_clear_error():
+    a, b, h0 = _inputs(0, (2,), 9, 4, complex_=True, full_a=False)
+    out = _scan_jit(a, b, h0=h0, method="pallas", grad="autodiff")  # values are fine
+    assert _rel(out, _scan_jit(a, b, h0=h0, method="sequential")) <= 1e-5
+    with pytest.raises(NotImplementedError, match="grad='recurrence'"):
+        jax.grad(_loss)(a, b, h0, method="pallas", grad="autodiff")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_bfloat16_accumulates_in_float32(kernel):
+    """bf16 in and out, float32 inside: the error is bf16 rounding, not growing with L."""
+    a, b, h0 = _inputs(1, (2,), 1000, 256, complex_=False, full_a=False)
+    a = jnp.asarray(np.linspace(0.99, 0.9999, 256), jnp.float32)  # long memory
+    a16, b16, h016 = (x.astype(jnp.bfloat16) for x in (a, b, h0))
+    ref = _scan_jit(
+        *(x.astype(jnp.float32) for x in (a16, b16)),
+        h0=h016.astype(jnp.float32),
+        method="sequential",
+    )
+    out = _kernel_jit(a16, b16, h016, interpret=not COMPILED, kernel=kernel)
+    assert out.dtype == jnp.bfloat16
+    assert _rel(out.astype(jnp.float32), ref) <= 1e-2
+    # A bf16 recurrence would drift far more: 1000 steps of rounding the state.
+    naive = _scan_jit(a16, b16, h0=h016, method="sequential")
+    assert _rel(out.astype(jnp.float32), ref) < 0.5 * _rel(naive.astype(jnp.float32), ref)
+
+
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices (conftest simulates 8 CPUs)")
+def test_sharded_inputs_are_scanned_per_device():
+    """Rows and channels sharded: each device scans its own, with no gathering of b;
+    the same under the trainer's activation mesh (a shard_map) and a split sequence."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from lrulm import sharding
+
+    a, b, h0 = _inputs(3, (4,), 40, 16, complex_=True, full_a=False)
+    ref = _scan_jit(a, b, h0=h0, method="sequential")
+    mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    put = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec)))
+    f = jax.jit(lambda a, b, h0: linear_scan(a, b, h0=h0, method="pallas"))
+    args = put(a, "tensor"), put(b, "data", None, "tensor"), put(h0, "data", "tensor")
+    out = f(*args)
+    assert _rel(out, ref) <= 1e-5 and out.sharding.spec == P("data", None, "tensor")
+    assert "all-gather" not in f.lower(*args).compile().as_text()
+    # A sequence split across devices is gathered, not scanned piecewise.
+    assert _rel(f(args[0], put(b, None, "data", "tensor"), args[2]), ref) <= 1e-5
+    trainer_mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "sequence": 1, "tensor": 4})
+    with sharding.activation_sharding(trainer_mesh):
+        g = jax.jit(lambda a, b, h0: linear_scan(a, b, h0=h0, method="pallas"))
+        assert _rel(g(a, b, h0), ref) <= 1e-5
+
+
+def test_vmap_maps_to_rows():
+    """vmap over linear_scan, one decay vector per mapped index: values and gradients."""
+    a, b, h0 = _inputs(4, (3, 2), 13, 5, complex_=True, full_a=False)
+    a = jnp.stack([a, 0.9 * a, a * 1j])  # (3, N): mapped with b
+
+    def grads(method):
+        g = jax.grad(lambda a, b, h0: _loss(a, b, h0, method=method), argnums=(0, 1, 2))
+        return jax.jit(jax.vmap(g))(a, b, h0)
+
+    for x, y in zip(grads("pallas"), grads("sequential")):
+        assert _rel(x, y) <= 1e-5
+
+
+def test_auto_keeps_xla_methods_until_the_kernels_ran_on_hardware():
+    # Flip to PALLAS once tools/gpu_check.sh (and a TPU run) confirm speed and values.
+    for backend in ("gpu", "cuda", "tpu"):
+        assert scan_lib.resolve("auto", backend) is not scan_lib.ScanMethod.PALLAS
+    assert scan_lib.resolve("pallas", "gpu") is scan_lib.ScanMethod.PALLAS
+
+
+@pytest.mark.skipif(COMPILED, reason="the compiled tests run the kernel itself")
+def test_gpu_kernel_lowers_to_triton():
+    """The GPU kernel passes the Pallas->Triton lowering (no GPU needed to lower)."""
+    a, b, h0 = _inputs(2, (8,), 2048, 1000, complex_=True, full_a=True)
+    f = jax.grad(
+        lambda a, b, h0: jnp.sum(linear_scan(a, b, h0=h0, method="pallas").real), argnums=(0, 1, 2)
+    )
+    text = jax.jit(f).trace(a, b, h0).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 2  # the forward and the backward kernel
+
+
+@pytest.mark.skipif(COMPILED, reason="the compiled tests run the kernel itself")
+def test_tpu_kernel_compiles_ahead_of_time():
+    """Mosaic compiles the TPU kernel for a v5e (libtpu compiles without a TPU)."""
+    from jax.sharding import SingleDeviceSharding
+
+    from lrulm import compile as compile_lib
+
+    try:
+        devices = compile_lib.topology_devices(compile_lib.parse_topology("v5e:2x2"))
+    except Exception as e:  # no libtpu wheel, or a libtpu without the topology API
+        pytest.skip(f"TPU topology API unavailable (install jax[tpu] for libtpu): {e}")
+    device = devices[0]
+    spec = lambda s, d: jax.ShapeDtypeStruct(s, d, sharding=SingleDeviceSharding(device))
+    f = jax.grad(
+        lambda a, b: jnp.sum(linear_scan(a, b, method="pallas", reverse=True).real), argnums=(0, 1)
+    )
+    lowered = jax.jit(f).lower(spec((1024,), jnp.complex64), spec((8, 2000, 1024), jnp.complex64))
+    text = lowered.compile().as_text()
+    assert text.count('custom_call_target="tpu_custom_call"') == 2
