@@ -197,6 +197,8 @@ def restore_params(path: str, abstract_params):
     directory, step = find_checkpoint_dir(path)
     item_dir = os.path.join(directory, str(step), STATE)
     checkpointer = ocp.PyTreeCheckpointer()
+    # The item's metadata is complete; absl warns that the step's own file is elsewhere.
+    logging.getLogger("absl").setLevel(logging.ERROR)
     saved = checkpointer.metadata(item_dir)
     saved_tree = saved.item_metadata.tree if hasattr(saved, "item_metadata") else saved.tree
     saved_params = saved_tree["params"]
