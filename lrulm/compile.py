@@ -118,8 +118,8 @@ def _valid_forms() -> str:
     lines = []
     for g in GENERATIONS.values():
         sizes = ", ".join(f"{g.name}-{c * g.cores_per_name_unit}" for c in g.shapes)
-        unit = "TensorCores (2 per chip)" if g.cores_per_name_unit == 2 else "chips"
-        lines.append(f"  {g.name}: {sizes}  (counts {unit})")
+        unit = "TensorCores, 2 per chip" if g.cores_per_name_unit == 2 else "chips"
+        lines.append(f"  {g.name} (counts {unit}): {sizes}")
     return (
         "use an accelerator type or GENERATION:SHAPE, e.g. v5p-128, v4-64, v5e-16 "
         "(or v5litepod-16), v6e-64, v5p:4x4x4, v5e:4x4. Accelerator types:\n" + "\n".join(lines)
@@ -201,8 +201,8 @@ class StepReport:
     alias_bytes: int
     temp_bytes: int
     code_bytes: int
-    xla_flops: float
-    xla_bytes_accessed: float
+    xla_flops: float | None  # None: not compiled
+    xla_bytes_accessed: float | None
     has_loops: bool  # XLA's FLOPs and bytes count each loop body once
     collectives: dict[str, dict[str, float]]
     lower_s: float
@@ -268,20 +268,13 @@ class Report:
         return max(0, self.peak_bytes - self.limit_bytes)
 
     def to_dict(self) -> dict:
-        """JSON-ready: NaN (unmeasured) becomes None."""
-        out = _no_nan(dataclasses.asdict(self))
+        out = dataclasses.asdict(self)
         for name in ("train", "eval"):
             if getattr(self, name) is not None:
                 out[name]["total_bytes"] = getattr(self, name).total_bytes
         out.update(fits=self.fits, peak_bytes=self.peak_bytes,
                    shortfall_bytes=self.shortfall_bytes)  # fmt: skip
         return out
-
-
-def _no_nan(x):
-    if isinstance(x, dict):
-        return {k: _no_nan(v) for k, v in x.items()}
-    return None if isinstance(x, float) and math.isnan(x) else x
 
 
 # ==========================================================================================
@@ -325,11 +318,7 @@ def _sharded_bytes(tree) -> int:
     return total
 
 
-_SIZE = r"([0-9.]+)\s*([KMGTP]?)i?B?"
-
-
-def _parse_size(number: str, unit: str) -> int:
-    return int(float(number) * 1024 ** " KMGTP".index(unit or " "))
+_SIZE = r"([0-9.]+)\s*([KMGTP]?)i?B?"  # XLA's "24.36G" (binary units)
 
 
 def _parse_oom(message: str) -> tuple[int | None, int | None]:
@@ -341,7 +330,8 @@ def _parse_oom(message: str) -> tuple[int | None, int | None]:
     for pattern in (r"temporaries \(" + _SIZE + r"\) exceeds available HBM \(" + _SIZE,
                     r"Used " + _SIZE + " of " + _SIZE + " hbm"):  # fmt: skip
         if m := re.search(pattern, message):
-            return _parse_size(m[1], m[2]), _parse_size(m[3], m[4])
+            size = lambda number, unit: int(float(number) * 1024 ** " KMGTP".index(unit or " "))
+            return size(m[1], m[2]), size(m[3], m[4])
     return None, None
 
 
@@ -369,36 +359,25 @@ def _compile_step(jitted, args, measure_overflow: bool) -> tuple[StepReport, int
             except jax.errors.JaxRuntimeError:  # seen: "Invalid TPU program" far over HBM
                 compiled = None
     t2 = time.perf_counter()
+    times = dict(lower_s=t1 - t0, compile_s=t2 - t1, compiler_fits=not oom, oom_message=oom)
     if compiled is None:  # refused, not measured: the state is exact, the rest XLA's estimate
         arguments = _sharded_bytes(args)
         temps = needed if "temporaries" in oom else (needed or 0) - arguments
-        step = StepReport(
+        return StepReport(
             argument_bytes=arguments, output_bytes=0, alias_bytes=0, temp_bytes=max(temps, 0),
-            code_bytes=0, xla_flops=math.nan, xla_bytes_accessed=math.nan, has_loops=True,
-            collectives={}, lower_s=t1 - t0, compile_s=t2 - t1, compiler_fits=False,
-            measured=False, oom_message=oom,
-        )  # fmt: skip
-        return step, usable
-    mem = compiled.memory_analysis()
+            code_bytes=0, xla_flops=None, xla_bytes_accessed=None, has_loops=True,
+            collectives={}, measured=False, **times,
+        ), usable  # fmt: skip
+    mem, text = compiled.memory_analysis(), compiled.as_text()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one per module
-    text = compiled.as_text()
-    step = StepReport(
-        argument_bytes=int(mem.argument_size_in_bytes),
-        output_bytes=int(mem.output_size_in_bytes),
-        alias_bytes=int(mem.alias_size_in_bytes),
-        temp_bytes=int(mem.temp_size_in_bytes),
-        code_bytes=int(mem.generated_code_size_in_bytes),
-        xla_flops=float(cost.get("flops", math.nan)),
-        xla_bytes_accessed=float(cost.get("bytes accessed", math.nan)),
-        has_loops=" while(" in text,
-        collectives=collectives(text),
-        lower_s=t1 - t0,
-        compile_s=t2 - t1,
-        compiler_fits=not oom,
-        oom_message=oom,
-    )
-    return step, usable
+    return StepReport(
+        argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
+        alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
+        code_bytes=mem.generated_code_size_in_bytes,
+        xla_flops=cost.get("flops"), xla_bytes_accessed=cost.get("bytes accessed"),
+        has_loops=" while(" in text, collectives=collectives(text), **times,
+    ), usable  # fmt: skip
 
 
 def _for_target(config):
@@ -474,42 +453,29 @@ def compile_for_topology(
     tokens = config.train.global_batch_size * getattr(task, "tokens_per_example",
                                                       lambda: config.train.seq_len)()  # fmt: skip
     model_flops = mc.flops_per_token(config.train.seq_len) * tokens
-    peak = metrics.peak_flops(devices[0]) or math.nan
+    peak = metrics.peak_flops(devices[0])  # every TPU kind is in metrics.PEAK_FLOPS
     bandwidth = topo.generation.hbm_bytes_per_s
     s = train_step
     # Full remat runs each block's forward twice: 4 forward-equivalents, not 3.
     executed = model_flops * (4 / 3 if mc.remat == "full" else 1)
-    flops_chip = max(executed / chips, 0 if math.isnan(s.xla_flops) else s.xla_flops)
-    bytes_chip = max(0 if math.isnan(s.xla_bytes_accessed) else s.xla_bytes_accessed,
-                     s.argument_bytes + s.output_bytes)  # fmt: skip
+    flops_chip = max(executed / chips, s.xla_flops or 0)
+    bytes_chip = max(s.xla_bytes_accessed or 0, s.argument_bytes + s.output_bytes)
     t_compute, t_memory = flops_chip / peak, bytes_chip / bandwidth
     t_min = max(t_compute, t_memory)
     return Report(
         topology=topo.name if num_slices == 1 else f"{num_slices} x {topo.name}",
-        accelerator_type=topo.accelerator_type,
-        device_kind=devices[0].device_kind,
-        chips=chips,
-        hbm_bytes=int(topo.generation.hbm_gib * GIB),
-        hbm_usable_bytes=next((u for u in usable if u), None),
-        mesh=dict(mesh.shape),
-        preset=config.model.preset,
-        num_params=mc.num_params(),
-        global_batch=config.train.global_batch_size,
-        seq_len=config.train.seq_len,
-        grad_accum_steps=config.optim.grad_accum_steps,
-        remat=mc.remat,
-        dtype=mc.dtype,
-        state_bytes=_sharded_bytes(exp.abstract_state),
-        batch_bytes=_sharded_bytes(batch),
-        train=train_step,
-        eval=eval_step,
-        model_flops_per_step=model_flops,
-        peak_flops=peak,
-        hbm_bytes_per_s=bandwidth,
-        step_time_lower_bound_s=t_min,
+        accelerator_type=topo.accelerator_type, device_kind=devices[0].device_kind,
+        chips=chips, hbm_bytes=int(topo.generation.hbm_gib * GIB),
+        hbm_usable_bytes=next((u for u in usable if u), None), mesh=dict(mesh.shape),
+        preset=config.model.preset, num_params=mc.num_params(),
+        global_batch=config.train.global_batch_size, seq_len=config.train.seq_len,
+        grad_accum_steps=config.optim.grad_accum_steps, remat=mc.remat, dtype=mc.dtype,
+        state_bytes=_sharded_bytes(exp.abstract_state), batch_bytes=_sharded_bytes(batch),
+        train=train_step, eval=eval_step, model_flops_per_step=model_flops, peak_flops=peak,
+        hbm_bytes_per_s=bandwidth, step_time_lower_bound_s=t_min,
         bound_by="compute" if t_compute >= t_memory else "memory",
         mfu_bound=model_flops / (chips * peak * t_min),
-    )
+    )  # fmt: skip
 
 
 # ==========================================================================================
@@ -544,11 +510,11 @@ def suggestions(report: Report) -> list[str]:
     dp = m["data"] * m["fsdp"]  # mesh sizes already include the slices (DCN)
     accum = report.grad_accum_steps
     per_replica = report.global_batch // (dp * accum)
-    if per_replica > 1:
-        k = accum * 2
+    if per_replica > 1:  # split each replica's rows into k micro-batches (k divides them)
+        k = next(f for f in range(2, per_replica + 1) if not per_replica % f)
         out_temp.append(
-            f"smaller micro-batches ({per_replica // 2} sequences per chip instead of "
-            f"{per_replica}): --config.optim.grad_accum_steps={k}"
+            f"smaller micro-batches ({per_replica // k} sequences per replica instead of "
+            f"{per_replica}): --config.optim.grad_accum_steps={accum * k}"
         )
     if report.dtype != "bfloat16":
         out_temp.append(
@@ -594,9 +560,13 @@ def format_report(report: Report) -> str:
         "compute per train step",
         f"  model FLOPs        {r.model_flops_per_step:.3e} "
         f"({r.model_flops_per_step / r.chips:.3e} per chip)",
-        f"  XLA FLOPs per chip {r.train.xla_flops:.3e}, bytes accessed "
-        f"{r.train.xla_bytes_accessed:.3e}"
-        + ("  [loops counted once: an undercount]" if r.train.has_loops else ""),
+        (
+            f"  XLA FLOPs per chip {r.train.xla_flops:.3e}, bytes accessed "
+            f"{r.train.xla_bytes_accessed:.3e}"
+            + ("  [loops counted once: an undercount]" if r.train.has_loops else "")
+        )
+        if r.train.measured
+        else "  XLA FLOPs: not compiled",
         f"  step time >= {r.step_time_lower_bound_s * 1e3:.2f} ms ({r.bound_by}-bound at "
         f"{r.peak_flops / 1e12:g} TFLOP/s, {r.hbm_bytes_per_s / 1e9:g} GB/s): "
         f"MFU <= {100 * r.mfu_bound:.1f}%",

@@ -1,5 +1,7 @@
 """Ahead-of-time compilation for TPU topologies (`lrulm compile`), on a CPU machine."""
 
+import json
+
 import pytest
 
 from lrulm import compile as compile_lib
@@ -8,7 +10,7 @@ from lrulm import tasks
 
 
 def _topology_api_available() -> str:
-    """ "" if libtpu can describe a TPU slice here, else why not."""
+    """Why libtpu cannot describe a TPU slice here; empty when it can."""
     try:
         compile_lib.topology_devices(compile_lib.parse_topology("v5e:2x2"))
     except Exception as e:  # no libtpu wheel, or a libtpu without the topology API
@@ -23,7 +25,6 @@ if _why_not:
         allow_module_level=True,
     )
 
-GIB = 1024**3
 SEQ, BATCH = 64, 16  # one chunk of the chunked scan: the smallest program to compile
 
 
@@ -86,20 +87,23 @@ def test_fsdp_shards_the_state():
     assert 1.8 < ratio < 2.05, ratio
 
 
-def test_too_large_is_reported_with_the_shortfall(capsys):
+def test_too_large_is_reported_with_the_shortfall(capsys, tmp_path):
     """The 1.3b preset, data-parallel on four v5e chips, needs more than 16 GiB a chip."""
     config = config_lib.load_with_overrides(
         "configs/lm/tiny.py",
         [("model.preset", "1.3b"), ("train.seq_len", "2048"), ("train.global_batch_size", "32")],
     )
     # measure_overflow=False: XLA refuses it in seconds; measuring the overflow takes minutes.
-    code = compile_lib.main(config, "v5e-4", measure_overflow=False)
+    path = tmp_path / "report.json"
+    code = compile_lib.main(config, "v5e-4", json_path=str(path), measure_overflow=False)
     out = capsys.readouterr().out
     assert code == 1
     assert "DOES NOT FIT" in out and "GiB over" in out
     # The state alone: 1.34B float32 parameters + AdamW's mu and nu, replicated.
     assert "arguments 15.0" in out
-    assert "--config.mesh.fsdp=" in out  # the state dominates: shard it first
+    assert "--config.mesh.fsdp=" in out  # sharding the 15 GiB of state is the way out
+    saved = json.loads(path.read_text())
+    assert saved["fits"] is False and saved["shortfall_bytes"] > 0 and saved["chips"] == 4
 
 
 def test_bad_mesh_fails_before_compiling():

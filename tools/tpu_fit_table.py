@@ -5,11 +5,11 @@
                                   [--cache FILE.json]
 
 For every preset and slice it compiles the real train step ahead of time
-(`lrulm.compile`, no TPU needed) with each layout in turn — data parallel, FSDP over the
-whole slice, FSDP with full rematerialisation, then that with 4 micro-batches — and
-reports the first that XLA accepts. The global batch is `per_chip_batch` sequences of
-`seq_len` tokens per chip. With --cache, finished cells are kept in that file, so a run
-that is stopped resumes where it left off.
+(`lrulm.compile`, no TPU needed) with each layout in turn (`LAYOUTS`: data parallel,
+FSDP over the whole slice, each with full rematerialisation, then FSDP + remat with 4
+micro-batches) and reports the first that XLA accepts. The global batch is
+`per_chip_batch` sequences of `seq_len` tokens per chip. With --cache, finished cells are
+kept in that file, so a run that is stopped resumes where it left off.
 """
 
 from __future__ import annotations
@@ -28,14 +28,21 @@ from lrulm import model_config
 PRESETS = ("125m", "350m", "1.3b")
 SLICES = ("v5e-16", "v5e-256", "v4-64", "v5p-128", "v6e-64")
 
-# (label, config overrides) in order of preference: least communication and recompute first.
+# (label, config overrides) in order of preference: no recomputation first (full remat
+# runs each forward twice, +1/3 FLOPs), then least communication (FSDP gathers the
+# parameters every step, data parallelism only reduces gradients).
+_DP, _FSDP, _REMAT = (
+    {"mesh.data": -1, "mesh.fsdp": 1},
+    {"mesh.data": 1, "mesh.fsdp": -1},
+    {"model.remat": "full"},
+)
 LAYOUTS = (
-    ("data parallel", {"mesh.data": -1, "mesh.fsdp": 1}),
-    ("FSDP", {"mesh.data": 1, "mesh.fsdp": -1}),
-    ("FSDP + remat", {"mesh.data": 1, "mesh.fsdp": -1, "model.remat": "full"}),
-    ("FSDP + remat + 4 micro-batches",
-     {"mesh.data": 1, "mesh.fsdp": -1, "model.remat": "full", "optim.grad_accum_steps": 4}),
-)  # fmt: skip
+    ("data parallel", _DP),
+    ("FSDP", _FSDP),
+    ("data parallel + remat", {**_DP, **_REMAT}),
+    ("FSDP + remat", {**_FSDP, **_REMAT}),
+    ("FSDP + remat + 4 micro-batches", {**_FSDP, **_REMAT, "optim.grad_accum_steps": 4}),
+)
 
 
 def _config(preset: str, chips: int, per_chip_batch: int, seq_len: int, overrides: dict):
@@ -53,16 +60,17 @@ def _config(preset: str, chips: int, per_chip_batch: int, seq_len: int, override
 
 def _effective(preset: str, overrides: dict) -> tuple:
     """What a layout changes, with the preset's own remat folded in (1.3b has remat=full
-    already, so "FSDP + remat" would repeat "FSDP")."""
+    already, so the "+ remat" layouts would repeat the others)."""
     remat = overrides.get("model.remat", model_config.PRESETS[preset].get("remat", "none"))
     return (overrides["mesh.data"], overrides["mesh.fsdp"], remat,
             overrides.get("optim.grad_accum_steps", 1))  # fmt: skip
 
 
 def fit(preset: str, topology: str, per_chip_batch: int, seq_len: int) -> dict:
-    """The first layout that fits, or the last one tried, as a row of the table."""
+    """The first layout that fits (or the last one tried) as a row of the table, with the
+    layouts rejected before it and what XLA estimated they need."""
     chips = compile_lib.parse_topology(topology).chips
-    tried, row = set(), {}
+    tried, row, rejected = set(), {}, []
     for label, overrides in LAYOUTS:
         if _effective(preset, overrides) in tried:
             continue
@@ -75,23 +83,25 @@ def fit(preset: str, topology: str, per_chip_batch: int, seq_len: int) -> dict:
             )
         except ValueError as e:  # e.g. a batch the mesh cannot split
             row = dict(layout=label, fits=False, error=str(e))
+            rejected.append((label, None))
             continue
         row = dict(
             layout=label, fits=r.fits, mesh=r.mesh, remat=r.remat, accum=r.grad_accum_steps,
             params=r.num_params, chips=r.chips, hbm=r.hbm_bytes, limit=r.limit_bytes,
             resident=r.train.total_bytes, state=r.state_bytes, temp=r.train.temp_bytes,
             measured=r.train.measured, mfu_bound=r.mfu_bound if r.fits else None,
-            seconds=round(time.perf_counter() - t0, 1),
+            seconds=round(time.perf_counter() - t0, 1), rejected=list(rejected),
         )  # fmt: skip
         print(f"  {preset} on {topology}, {label}: {'fits' if r.fits else 'does not fit'} "
               f"({row['seconds']} s)", file=sys.stderr, flush=True)  # fmt: skip
         if r.fits:
             break
+        rejected.append((label, r.train.total_bytes))
     return row
 
 
 def _gib(x) -> str:
-    return f"{x / compile_lib.GIB:.1f}"
+    return f"{x / compile_lib.GIB:.2f}"
 
 
 def markdown(rows: dict, per_chip_batch: int, seq_len: int) -> str:
@@ -113,9 +123,10 @@ def markdown(rows: dict, per_chip_batch: int, seq_len: int) -> str:
         "slice by XLA's TPU compiler (`lrulm compile`); nothing ran on a TPU.",
         "",
         f"Batch: {per_chip_batch} sequences of {seq_len} tokens per chip "
-        f"({per_chip_batch * seq_len} tokens per chip per step). Layouts are tried in order — "
-        "data parallel; FSDP over the whole slice (`--config.mesh.data=1 "
-        "--config.mesh.fsdp=-1`); that with `--config.model.remat=full`; that with "
+        f"({per_chip_batch * seq_len} tokens per chip per step). Layouts are tried in order, "
+        "no recomputation first, then least communication — data parallel; FSDP over the whole "
+        "slice (`--config.mesh.data=1 --config.mesh.fsdp=-1`); data parallel with "
+        "`--config.model.remat=full`; FSDP with remat; that with "
         "`--config.optim.grad_accum_steps=4` — and the first that XLA accepts is shown. "
         "The 1.3b preset has `remat=full` already. Only the train step is compiled (the "
         "eval step needs less).",
@@ -128,22 +139,26 @@ def markdown(rows: dict, per_chip_batch: int, seq_len: int) -> str:
         "HBM-traffic times; collectives ignored; see `lrulm/compile.py`), not a forecast.",
         "",
         "| preset | params | slice | chips | HBM/chip GiB | fits | recommended layout "
-        "| mesh (data x fsdp) | resident GiB | state GiB | MFU bound |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| mesh (data x fsdp) | resident GiB | state GiB | MFU bound | rejected first (GiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, r in rows.items():
         preset, topology = key.split("@")
         if "error" in r:
-            lines.append(f"| {preset} | | {topology} | | | error | {r['error']} | | | | |")
+            lines.append(f"| {preset} | | {topology} | | | error | {r['error']} | | | | | |")
             continue
         est = "" if r["measured"] else "~"
         mfu = f"{100 * r['mfu_bound']:.0f}%" if r["mfu_bound"] is not None else ""
         layout = r["layout"] if r["fits"] else f"none (last tried: {r['layout']})"
+        rejected = "; ".join(
+            f"{label} " + (f"~{_gib(need)}" if need else "(invalid)")
+            for label, need in r.get("rejected", [])
+        )
         lines.append(
             f"| {preset} | {r['params'] / 1e6:.0f}M | {topology} | {r['chips']} "
             f"| {r['hbm'] / compile_lib.GIB:g} | {'yes' if r['fits'] else '**no**'} | {layout} "
             f"| {r['mesh']['data']} x {r['mesh']['fsdp']} | {est}{_gib(r['resident'])} "
-            f"| {_gib(r['state'])} | {mfu} |"
+            f"| {_gib(r['state'])} | {mfu} | {rejected} |"
         )
     return "\n".join(lines) + "\n"
 
