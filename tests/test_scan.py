@@ -145,6 +145,6 @@ def test_bad_input(kwargs, message):
 
 
 def test_auto_resolves_per_backend():
-    assert scan_lib.resolve("auto", "cpu") is scan_lib.ScanMethod.CHUNKED
+    assert scan_lib.resolve("auto", "cpu") is scan_lib.ScanMethod.SEQUENTIAL
     assert scan_lib.resolve("auto", "gpu") is not scan_lib.ScanMethod.AUTO
     assert scan_lib.resolve(scan_lib.ScanMethod.ASSOCIATIVE) is scan_lib.ScanMethod.ASSOCIATIVE
