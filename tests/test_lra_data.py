@@ -9,13 +9,13 @@ import subprocess
 import sys
 
 import grain
-import lra_fixtures as fx
 import numpy as np
 import pytest
 from PIL import Image
 
 from lrulm.data import lra
 from lrulm.data.lra import generate, image, listops
+from lrulm.data.lra import synthetic as fx
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INV_LISTOPS = {i: tok for tok, i in listops.VOCAB.items()}

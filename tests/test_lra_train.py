@@ -7,7 +7,6 @@ import json
 import os
 
 import jax
-import lra_fixtures as fx
 import numpy as np
 import pytest
 
@@ -15,6 +14,7 @@ from lrulm import config as config_lib
 from lrulm import lra_report, lra_task, main, train
 from lrulm.data import lra
 from lrulm.data.lra import generate
+from lrulm.data.lra import synthetic as fx
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,7 +1,8 @@
-"""Writes LRA-format ListOps or Pathfinder data, e.g. for tests or a from-scratch ListOps.
+"""Writes LRA-format data: ListOps and Pathfinder from their generators, or synthetic sets.
 
     python tools/make_lra_data.py listops --out DIR --num_train 96000 --num_val 2000 --num_test 2000
     python tools/make_lra_data.py pathfinder --out DIR --resolution 32 --num 1000 --difficulty hard
+    python tools/make_lra_data.py synthetic --task text --out DIR    # random, for smoke runs
 
 DIR is then a `data_dir` for `lrulm.data.lra.load_split`. The generators live in
 `lrulm.data.lra.generate`; this file only parses flags.
@@ -12,13 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lrulm.data.lra import generate
+from lrulm.data.lra import generate, synthetic
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parses `argv` (default sys.argv[1:]) and writes the data set it names."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    tasks = parser.add_subparsers(dest="task", required=True)
+    tasks = parser.add_subparsers(dest="kind", required=True)
 
     lo = tasks.add_parser("listops", help="listops-1000/basic_{train,val,test}.tsv")
     lo.add_argument("--out", required=True, help="data_dir to write listops-1000/ into")
@@ -39,8 +40,25 @@ def main(argv: list[str] | None = None) -> None:
     pf.add_argument("--per_folder", type=int, default=1000, help="images per imgs/<k>")
     pf.add_argument("--seed", type=int, default=0)
 
+    sy = tasks.add_parser("synthetic", help="small random data in a task's released layout")
+    sy.add_argument("--task", required=True, choices=("listops", "text", "retrieval", "image"))
+    sy.add_argument("--out", required=True)
+    sy.add_argument("--num", type=int, default=20, help="examples per class / batch / split")
+    sy.add_argument("--seed", type=int, default=0)
+
     args = parser.parse_args(argv)
-    if args.task == "listops":
+    if args.kind == "synthetic":
+        write = {
+            "listops": lambda: synthetic.write_listops(args.out, num=args.num, seed=args.seed),
+            "text": lambda: synthetic.write_imdb(args.out, num_per_class=args.num, seed=args.seed),
+            "retrieval": lambda: synthetic.write_aan(args.out, num=args.num, seed=args.seed),
+            "image": lambda: synthetic.write_cifar(
+                args.out, num_per_batch=args.num, num_test=args.num, seed=args.seed
+            ),
+        }[args.task]
+        write()
+        print(f"wrote synthetic {args.task} data (random content) under {args.out}")
+    elif args.kind == "listops":
         splits = generate.generate_listops(
             args.out,
             num_train=args.num_train,

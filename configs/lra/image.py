@@ -16,8 +16,7 @@ Expected: test accuracy 89.0% (paper Table 3), against 10% chance.
 a minute on a 2-core CPU) on the test suite's tiny random images; its accuracy means
 nothing:
 
-    python -c "import sys; sys.path.insert(0, 'tests'); import lra_fixtures; \\
-        lra_fixtures.write_cifar('/tmp/lra_tiny', num_per_batch=20, num_test=20)"
+    python tools/make_lra_data.py synthetic --task image --out /tmp/lra_tiny --num 20
     lrulm train --config configs/lra/image.py:tiny --workdir /tmp/image_tiny \\
         --config.data.data_dir=/tmp/lra_tiny
 """

@@ -17,8 +17,7 @@ steps). Expected: test accuracy 89.9% (paper Table 3), against 50% chance.
 under a minute on a 2-core CPU) on the test suite's tiny random pairs; its accuracy
 means nothing:
 
-    python -c "import sys; sys.path.insert(0, 'tests'); import lra_fixtures; \\
-        lra_fixtures.write_aan('/tmp/lra_tiny', num=32)"
+    python tools/make_lra_data.py synthetic --task retrieval --out /tmp/lra_tiny --num 32
     lrulm train --config configs/lra/retrieval.py:tiny --workdir /tmp/retrieval_tiny \\
         --config.data.data_dir=/tmp/lra_tiny
 """

@@ -16,8 +16,7 @@ steps). Expected: test accuracy 89.4% (paper Table 3), against 50% chance.
 minute on a 2-core CPU) on the test suite's tiny random reviews; its accuracy means
 nothing:
 
-    python -c "import sys; sys.path.insert(0, 'tests'); import lra_fixtures; \\
-        lra_fixtures.write_imdb('/tmp/lra_tiny', num_per_class=16)"
+    python tools/make_lra_data.py synthetic --task text --out /tmp/lra_tiny --num 16
     lrulm train --config configs/lra/text.py:tiny --workdir /tmp/text_tiny \\
         --config.data.data_dir=/tmp/lra_tiny
 """

@@ -1,8 +1,11 @@
-"""Writers of tiny LRA data sets in the exact released on-disk layouts, for tests.
+"""Small synthetic LRA data sets in the exact released on-disk layouts (smoke runs, tests).
 
 Each `write_*(data_dir, ...)` writes under `data_dir` the files `load_split` reads for
 one task and returns what it wrote, so a test can compare records with their source.
-They build their content independently of `lrulm.data.lra.generate`.
+The content is random (reviews of random words, random images): it exercises the whole
+pipeline but teaches nothing; for real ListOps / Pathfinder data use
+`lrulm.data.lra.generate`. These writers build their content independently of it.
+`python tools/make_lra_data.py synthetic --task text --out DIR` runs them.
 """
 
 from __future__ import annotations
