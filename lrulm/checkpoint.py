@@ -174,6 +174,44 @@ class Checkpointer:
         self.manager.close()
 
 
+class BestCheckpoint:
+    """The checkpoint with the best value of an "eval" metric, under WORKDIR/best/.
+
+    Its value survives a resume (it is in the checkpoint's metadata).
+    """
+
+    def __init__(self, workdir: str, metric: str, mode: str):
+        if mode not in ("max", "min"):
+            raise ValueError(f"best-checkpoint mode must be 'max' or 'min'; got {mode!r}")
+        self.metric, self.mode = metric, mode
+        self.ckpt = Checkpointer(os.path.join(workdir, "best"), max_to_keep=1, async_save=False)
+        self.value, self.step = None, None
+        steps = self.ckpt.steps()
+        if steps:
+            self.value, self.step = self.ckpt.metadata(steps[-1]).get("best_value"), steps[-1]
+
+    def update(self, step: int, metrics: dict, state) -> bool:
+        """Saves state if metrics[metric] is the best so far; returns whether it was."""
+        value = metrics[self.metric]
+        if self.value is not None and (
+            value <= self.value if self.mode == "max" else value >= self.value
+        ):
+            return False
+        self.value, self.step = value, step
+        self.ckpt.save(step, state, metadata={"best_value": value, "metric": self.metric})
+        self.ckpt.wait()
+        return True
+
+    def restore(self, abstract_state) -> Restored:
+        restored = self.ckpt.restore_latest(abstract_state)
+        if restored is None:
+            raise FileNotFoundError(f"no best checkpoint under {self.ckpt.directory}")
+        return restored
+
+    def close(self) -> None:
+        self.ckpt.close()
+
+
 def find_checkpoint_dir(path: str) -> tuple[str, int]:
     """Resolves --config.checkpoint.init_from: a workdir, its checkpoints/ directory, or
     one step's directory. Returns (checkpoints directory, step)."""

@@ -374,46 +374,18 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-class _BestTracker:
-    """Keeps the checkpoint with the best "eval" metric under WORKDIR/best/ and, at the end,
-    evaluates the "test" split with it (LRA reports test accuracy at the best validation
-    accuracy, as the paper does). The result also goes to WORKDIR/results.json."""
-
-    def __init__(self, workdir, best_metric):
-        self.workdir = workdir
-        self.metric, self.mode = best_metric
-        self.ckpt = ckpt_lib.Checkpointer(
-            os.path.join(workdir, "best"), max_to_keep=1, async_save=False
-        )
-        self.value, self.step = None, None
-        steps = self.ckpt.steps()
-        if steps:  # resuming: the best so far is in the saved metadata
-            meta = self.ckpt.metadata(steps[-1])
-            self.value, self.step = meta.get("best_value"), steps[-1]
-
-    def update(self, step, metrics, state):
-        value = metrics[self.metric]
-        better = self.value is None or (
-            value > self.value if self.mode == "max" else value < self.value
-        )
-        if better:
-            self.value, self.step = value, step
-            self.ckpt.save(step, state, metadata={"best_value": value, "metric": self.metric})
-            self.ckpt.wait()
-
-    def final_test(self, exp, eval_jit, test_batches, writer, step):
-        restored = self.ckpt.restore_latest(exp.abstract_state)
-        test = evaluate(exp, eval_jit, restored.state, test_batches)
-        result = {f"test/{k}": v for k, v in test.items()}
-        result.update({f"best/eval_{self.metric}": self.value, "best/step": restored.step})
-        writer.write(step, result)
-        if jax.process_index() == 0:
-            with open(os.path.join(self.workdir, "results.json"), "w") as f:
-                json.dump({"task": exp.task.name, "step": step, **result}, f, indent=2)
-        return result
-
-    def close(self):
-        self.ckpt.close()
+def _final_test(best, exp, eval_jit, test_batches, writer, step, workdir) -> dict:
+    """The "test" split evaluated with the best-on-"eval" checkpoint (LRA reports test
+    accuracy at the best validation accuracy, as the paper does); also results.json."""
+    restored = best.restore(exp.abstract_state)
+    test = evaluate(exp, eval_jit, restored.state, test_batches)
+    result = {f"test/{k}": v for k, v in test.items()}
+    result.update({f"best/eval_{best.metric}": best.value, "best/step": restored.step})
+    writer.write(step, result)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump({"task": exp.task.name, "step": step, **result}, f, indent=2)
+    return result
 
 
 # ==========================================================================================
@@ -500,7 +472,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
     def eval_batches(split="eval"):
         return task.eval_batches(split, num_batches=t.eval_steps, **batch_args)
 
-    best = _BestTracker(workdir, task.best_metric) if task.best_metric else None
+    best = ckpt_lib.BestCheckpoint(workdir, *task.best_metric) if task.best_metric else None
 
     def check_finite():
         bad = int(jax.device_get(state["nonfinite_step"]))
@@ -561,7 +533,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
                 throughput.start(step)  # eval and checkpoint time is not step time
         checkpointer.wait()
         if best is not None and step >= t.steps:
-            last_eval = best.final_test(exp, eval_jit, eval_batches("test"), writer, step)
+            last_eval = _final_test(
+                best, exp, eval_jit, eval_batches("test"), writer, step, workdir
+            )
     finally:
         preemption.close()
         writer.close()
