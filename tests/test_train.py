@@ -166,3 +166,46 @@ def test_empty_data_file(tmp_path):
     config = _config(f"data.train_files={empty}", f"data.eval_files={empty}")
     with pytest.raises(ValueError, match="every file is empty"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def _step_program(*overrides):
+    config = config_lib.load_with_overrides(
+        TINY,
+        [("model.vocab_size", "512"), ("mesh.data", "1")]
+        + [tuple(o.split("=")) for o in overrides],
+    )
+    mesh = train.make_mesh(config, jax.devices()[:1])
+    exp = train.build(config, tasks.make_task(config, None, prepare_data=False), mesh)
+    train_jit, _ = train.jit_steps(exp)
+    batch = {
+        k: jax.ShapeDtypeStruct(s, d, sharding=exp.batch_shardings[k])
+        for k, (s, d) in exp.batch_spec.items()
+    }
+    return exp, train_jit, train_jit.lower(exp.abstract_state, batch)
+
+
+def test_depth_is_a_scan_so_the_program_does_not_grow():
+    sizes = {k: len(_step_program(f"model.num_layers={k}")[2].as_text()) for k in (2, 8)}
+    assert abs(sizes[8] - sizes[2]) < 0.02 * sizes[2], sizes
+    unrolled = len(_step_program("model.num_layers=8", "model.scan_layers=False")[2].as_text())
+    assert unrolled > 2 * sizes[8]
+
+
+def test_remat_policies_change_memory_not_math():
+    rng = np.random.default_rng(0)
+    results = {}
+    for policy in ("none", "full", "dots", "lru"):
+        exp, train_jit, lowered = _step_program(f"model.remat={policy}", "train.seq_len=256")
+        temp = lowered.compile().memory_analysis().temp_size_in_bytes
+        state = jax.jit(exp.init_fn, out_shardings=exp.state_shardings)(jax.random.key(0))
+        batch = {
+            k: rng.integers(4, 500, s).astype(np.int32) for k, (s, _) in exp.batch_spec.items()
+        }
+        rng = np.random.default_rng(0)
+        state, metrics = train_jit(state, batch)
+        results[policy] = (temp, float(metrics["train/loss"]), float(metrics["train/grad_norm"]))
+    for policy, (_, loss, norm) in results.items():
+        np.testing.assert_allclose(loss, results["none"][1], rtol=1e-6, err_msg=policy)
+        np.testing.assert_allclose(norm, results["none"][2], rtol=1e-5, err_msg=policy)
+    print({p: f"{t / 2**20:.1f} MiB" for p, (t, _, _) in results.items()})
+    assert results["full"][0] < 0.7 * results["none"][0]
