@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import pathlib
 import shlex
 import subprocess
 import sys
+
+# The launchers run as scripts from this checkout, on machines that may not have lrulm (or jax)
+# installed; `import common` makes the checkout's standard-library-only `lrulm.topologies`
+# importable. First on the path, so an older installed lrulm does not shadow it.
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
 
 
 def split_command(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -19,8 +19,9 @@ import json
 import shlex
 import sys
 
-import common
-from topologies import TpuSlice, tpu_slice
+import common  # first: puts the checkout on sys.path for lrulm
+
+from lrulm.topologies import TpuSlice, tpu_slice
 
 # Ports of the TPU runtime (8471), its health checks (8080) and jax's coordinator on TPU (8482).
 PORTS = (8471, 8080, 8482)
@@ -41,7 +42,7 @@ def jobset(
 
     Args:
       name: JobSet name (also the prefix of the pod names).
-      slice_: The TPU slice, from `topologies.tpu_slice`.
+      slice_: The TPU slice, from `lrulm.topologies.tpu_slice`.
       image: Container image with lrulm installed.
       command: The command every pod runs.
       env: Extra environment variables of the container.

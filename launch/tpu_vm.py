@@ -17,16 +17,15 @@ hosts mount (GCS FUSE: /gcs/BUCKET/...): the hosts write one checkpoint together
 from __future__ import annotations
 
 import argparse
-import pathlib
 import shlex
 import subprocess
 import sys
 import time
 
-import common
-from topologies import tpu_slice
+import common  # first: puts the checkout on sys.path for lrulm
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+from lrulm.topologies import tpu_slice
+
 # On the workers; $HOME because a quoted ~ is not expanded.
 REMOTE_REPO = "$HOME/lrulm"
 REMOTE_VENV = "$HOME/lrulm-venv"
@@ -99,7 +98,7 @@ def setup(args: argparse.Namespace, run: common.Runner) -> None:
     else:
         tarball = f"/tmp/lrulm-{args.name}.tar.gz"
         excludes = [f"--exclude={e}" for e in EXCLUDES]
-        run(["tar", "-czf", tarball, *excludes, "-C", str(REPO_ROOT), "."])
+        run(["tar", "-czf", tarball, *excludes, "-C", str(common.REPO_ROOT), "."])
         run(_gcloud(args, "tpu-vm", "scp", tarball, f"{args.name}:lrulm.tar.gz") + ["--worker=all"])
         fetch = (
             f"rm -rf {REMOTE_REPO} && mkdir -p {REMOTE_REPO} "

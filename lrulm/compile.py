@@ -36,124 +36,15 @@ import math
 import os
 import re
 import time
-from typing import Any
+
+from lrulm.topologies import Topology, parse_topology
 
 GIB = 1024**3
 
 
 # ==========================================================================================
-# TPU generations and topology names.
+# TPU devices, from libtpu (generations and topology names: lrulm.topologies).
 # ==========================================================================================
-
-
-@dataclasses.dataclass(frozen=True)
-class Generation:
-    """A TPU generation: how its slices are named and what one chip has.
-
-    Attributes:
-      name: the generation as topology strings spell it ("v5p").
-      aliases: other spellings of accelerator types ("v5litepod" for v5e).
-      cores_per_name_unit: v4 and v5p accelerator types count TensorCores (two per
-        chip: v5p-128 is 64 chips); v5e and v6e count chips.
-      hbm_gib: HBM per chip, GiB.
-      hbm_bytes_per_s: HBM bandwidth per chip.
-      shapes: chips -> the default slice shape Cloud TPU creates for that many chips.
-      topology_kwargs: extra arguments for libtpu's topology description.
-    """
-
-    name: str
-    aliases: tuple[str, ...]
-    cores_per_name_unit: int
-    hbm_gib: float
-    hbm_bytes_per_s: float
-    shapes: dict[int, str]
-    topology_kwargs: tuple[tuple[str, Any], ...] = ()
-
-
-_CUBES = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
-          256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16",
-          4096: "16x16x16"}  # fmt: skip
-_GRIDS = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
-          256: "16x16"}  # fmt: skip
-
-# Cloud TPU docs ("TPU v4", "TPU v5e", "TPU v5p", "TPU v6e" system architecture pages):
-# HBM capacity and bandwidth per chip, and the slice shapes of each accelerator type.
-GENERATIONS: dict[str, Generation] = {
-    g.name: g
-    for g in (
-        # v4: 32 GiB, 1200 GB/s. One JAX device per chip ("megacore"), as on a v4 VM;
-        # without it libtpu describes each TensorCore as a device with half the HBM.
-        Generation("v4", (), 2, 32, 1200e9, _CUBES, (("chip_config_name", "megacore"),)),
-        # v5p: 95 GiB, 2765 GB/s; the largest single slice is 16x16x24.
-        Generation("v5p", (), 2, 95, 2765e9, {**_CUBES, 6144: "16x16x24"}),
-        # v5e: 16 GiB, 819 GB/s; accelerator types are spelt v5litepod-N.
-        Generation("v5e", ("v5litepod",), 1, 16, 819e9, _GRIDS),
-        # v6e (Trillium): 32 GB, 1638 GB/s.
-        Generation("v6e", (), 1, 32, 1638e9, _GRIDS),
-    )
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Topology:
-    """A parsed topology: `generation`, `shape` ("4x4x4"), and its chip count."""
-
-    generation: Generation
-    shape: str
-
-    @property
-    def chips(self) -> int:
-        return math.prod(int(d) for d in self.shape.split("x"))
-
-    @property
-    def name(self) -> str:  # libtpu's spelling
-        return f"{self.generation.name}:{self.shape}"
-
-    @property
-    def accelerator_type(self) -> str:  # Cloud TPU's spelling
-        return f"{self.generation.name}-{self.chips * self.generation.cores_per_name_unit}"
-
-
-def _valid_forms() -> str:
-    lines = []
-    for g in GENERATIONS.values():
-        sizes = ", ".join(f"{g.name}-{c * g.cores_per_name_unit}" for c in g.shapes)
-        unit = "TensorCores, 2 per chip" if g.cores_per_name_unit == 2 else "chips"
-        lines.append(f"  {g.name} (counts {unit}): {sizes}")
-    return (
-        "use an accelerator type or GENERATION:SHAPE, e.g. v5p-128, v4-64, v5e-16 "
-        "(or v5litepod-16), v6e-64, v5p:4x4x4, v5e:4x4. Accelerator types:\n" + "\n".join(lines)
-    )
-
-
-def parse_topology(text: str) -> Topology:
-    """`v5p-128`, `v5litepod-16`, `v5p:4x4x4` or `v5e:4x4` -> a Topology.
-
-    Raises:
-      ValueError: naming the valid forms, for anything else.
-    """
-    spec = text.strip().lower()
-    by_alias = {a: g for g in GENERATIONS.values() for a in (g.name, *g.aliases)}
-    if m := re.fullmatch(r"([a-z0-9]+):(\d+(?:x\d+)*)", spec):
-        gen = by_alias.get(m.group(1))
-        ndim = 3 if gen is not None and gen.cores_per_name_unit == 2 else 2
-        if gen is not None and len(m.group(2).split("x")) == ndim and "x0" not in "x" + m[2]:
-            return Topology(gen, m.group(2))
-        if gen is not None:
-            raise ValueError(
-                f"TPU topology {text!r}: {gen.name} slices are {ndim}-D "
-                f"({'AxBxC' if ndim == 3 else 'AxB'}, positive); {_valid_forms()}"
-            )
-    elif m := re.fullmatch(r"([a-z0-9]+)-(\d+)", spec):
-        gen = by_alias.get(m.group(1))
-        if gen is not None:
-            count = int(m.group(2))
-            chips, rest = divmod(count, gen.cores_per_name_unit)
-            if not rest and chips in gen.shapes:
-                return Topology(gen, gen.shapes[chips])
-            raise ValueError(f"TPU topology {text!r}: no {gen.name} slice of that size; "
-                             + _valid_forms())  # fmt: skip
-    raise ValueError(f"unknown TPU topology {text!r}; {_valid_forms()}")
 
 
 def _quiet_libtpu() -> None:

@@ -202,6 +202,9 @@ def base_config() -> ConfigDict:
     c.train.eval_every = 100
     c.train.eval_steps = 10
     c.train.progress = True  # a progress line with tokens/s on process 0
+    # LM loss over vocabulary blocks of this size (0 = whole logits): the (b, l, v) f32
+    # logits and their gradient otherwise dominate activation memory at long contexts.
+    c.train.loss_vocab_block = 0
 
     c.mesh = ConfigDict()
     c.mesh.data = -1  # -1 = all remaining devices

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -198,6 +199,28 @@ class LanguageModel(nnx.Module):
             )
         )
 
+    def features(
+        self, tokens, *, resets=None, train=False, key=None, axis_name=None, h0=None,
+        return_state=False,
+    ):  # fmt: skip
+        """tokens (b, l) -> final-norm features (b, l, h), and with return_state the
+        recurrent states (k, b, n) after the last position."""
+        x = constrain(self.embed(tokens, _dtype(self.cfg)), ACT)
+        out = self.stack(
+            x, resets=resets, train=train, key=key, axis_name=axis_name, h0=h0,
+            return_state=return_state,
+        )  # fmt: skip
+        x, states = out if return_state else (out, None)
+        x = self.final_norm(x, train=train)
+        return (x, states) if return_state else x
+
+    def head_weight(self, dtype) -> jax.Array:
+        """The (h, v) output projection; tied embeddings are scaled so the logits start
+        at unit variance (embeddings are N(0, 1))."""
+        if self.head is None:
+            return (self.embed.embedding[...].T * (self.cfg.d_model**-0.5)).astype(dtype)
+        return self.head.kernel[...].astype(dtype)
+
     def __call__(
         self,
         tokens,
@@ -211,23 +234,12 @@ class LanguageModel(nnx.Module):
     ):
         """tokens (b, l) -> logits (b, l, v); with return_state also the (k, b, n)
         recurrent states after the last position (what generation carries)."""
-        x = constrain(self.embed(tokens, _dtype(self.cfg)), ACT)
-        out = self.stack(
-            x,
-            resets=resets,
-            train=train,
-            key=key,
-            axis_name=axis_name,
-            h0=h0,
-            return_state=return_state,
-        )
-        x, states = out if return_state else (out, None)
-        x = self.final_norm(x, train=train)
-        if self.head is None:
-            # Scale so tied logits start at unit variance (embeddings are N(0, 1)).
-            logits = self.embed.attend(x * (self.cfg.d_model**-0.5))
+        kw = dict(resets=resets, train=train, key=key, axis_name=axis_name, h0=h0)
+        if return_state:
+            x, states = self.features(tokens, return_state=True, **kw)
         else:
-            logits = self.head(x)
+            x, states = self.features(tokens, **kw), None
+        logits = jnp.einsum("blh,hv->blv", x, self.head_weight(x.dtype))
         logits = constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
         return (logits, states) if return_state else logits
 
@@ -235,6 +247,62 @@ class LanguageModel(nnx.Module):
         """Zero recurrent state, (k, b, n) complex64."""
         c = self.cfg
         return jnp.zeros((c.num_layers, batch_size, c.d_state), jnp.complex64)
+
+
+def cross_entropy(x, w, targets, *, vocab_block: int = 0):
+    """Per-position cross-entropy and argmax-correctness of logits x @ w, (b, l) each.
+
+    With vocab_block > 0 the (b, l, v) logits are never materialised: a scan over blocks
+    of the vocabulary keeps a running max, sum of exponentials, the target's logit and
+    the argmax, and its backward pass recomputes each block (jax.checkpoint). Memory per
+    position drops from v floats (x2 for the gradient) to vocab_block; the values and
+    gradients are those of the full softmax.
+
+    Args:
+      x: (b, l, h) features.
+      w: (h, v) output projection.
+      targets: (b, l) int token ids.
+      vocab_block: vocabulary block size (the last block may be partial); 0 = one block
+        (plain logits).
+    """
+    v = w.shape[1]
+    if not vocab_block or vocab_block >= v:
+        logits = jnp.einsum("blh,hv->blv", x, w).astype(jnp.float32)
+        logits = constrain(logits, ("batch", "length", "act_vocab"))
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        return losses, jnp.argmax(logits, -1) == targets
+    num = -(-v // vocab_block)
+    if num * vocab_block > v:  # a ragged last block: zero columns, masked to -inf below
+        w = jnp.pad(w, ((0, 0), (0, num * vocab_block - v)))
+    blocks = w.reshape(w.shape[0], num, vocab_block).transpose(1, 0, 2)  # (num, h, vb)
+    offsets = jnp.arange(num, dtype=targets.dtype) * vocab_block
+    shape = targets.shape
+    ninf = jnp.full(shape, -jnp.inf, jnp.float32)
+    init = (ninf, jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32), ninf,
+            jnp.zeros(shape, targets.dtype))  # fmt: skip
+
+    @jax.checkpoint
+    def body(carry, block):
+        m, s, target_logit, best, best_id = carry
+        w_block, offset = block
+        logits = jnp.einsum("blh,hv->blv", x, w_block).astype(jnp.float32)
+        if num * vocab_block > v:
+            real = offset + jnp.arange(vocab_block, dtype=offset.dtype) < v
+            logits = jnp.where(real, logits, -jnp.inf)
+        block_max = jnp.max(logits, -1)
+        # The result m + log(s) does not depend on m: no gradient through the max.
+        new_m = jax.lax.stop_gradient(jnp.maximum(m, block_max))
+        s = s * jnp.exp(m - new_m) + jnp.sum(jnp.exp(logits - new_m[..., None]), -1)
+        local = targets - offset
+        inside = (local >= 0) & (local < vocab_block)
+        picked = jnp.take_along_axis(logits, jnp.clip(local, 0, vocab_block - 1)[..., None], -1)
+        target_logit = target_logit + jnp.where(inside, picked[..., 0], 0.0)
+        better = block_max > best
+        best_id = jnp.where(better, jnp.argmax(logits, -1).astype(best_id.dtype) + offset, best_id)
+        return (new_m, s, target_logit, jnp.maximum(best, block_max), best_id), None
+
+    (m, s, target_logit, _, best_id), _ = jax.lax.scan(body, init, (blocks, offsets))
+    return m + jnp.log(s) - target_logit, best_id == targets
 
 
 class Classifier(nnx.Module):

@@ -24,12 +24,11 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from lrulm import model_config as mc
 from lrulm.data import lm as lm_data
 from lrulm.data import tokenizer as tok
-from lrulm.model import LanguageModel
+from lrulm.model import LanguageModel, cross_entropy
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +68,7 @@ class LMTask:
         self.config = config
         self.seq_len = config.train.seq_len
         self.reset_at_docs = config.data.reset_at_doc_boundaries
+        self.loss_vocab_block = config.train.get("loss_vocab_block", 0)
         self.train_stream = self.eval_stream = None  # token streams (text inputs)
         self.train_source = self.eval_source = None  # packed sequences, from either input
         vocab = config.model.vocab_size
@@ -202,10 +202,12 @@ class LMTask:
         resets = None
         if self.reset_at_docs:  # a document starts after each EOS
             resets = jnp.pad(inputs[:, :-1] == tok.EOS_ID, ((0, 0), (1, 0)))
-        logits = model(inputs, resets=resets, train=train, key=key)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        x = model.features(inputs, resets=resets, train=train, key=key)
+        losses, correct = cross_entropy(
+            x, model.head_weight(x.dtype), targets, vocab_block=self.loss_vocab_block
+        )
         weights = (targets != tok.PAD_ID).astype(jnp.float32)
-        correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+        correct = correct.astype(jnp.float32)
         return jnp.sum(losses * weights), jnp.sum(weights), {"accuracy": jnp.sum(correct * weights)}
 
     def finalize(self, sums: dict) -> dict:

@@ -111,31 +111,6 @@ def test_bad_mesh_fails_before_compiling():
         compile_lib.compile_for_topology(_config(data=3), "v5e:2x2")
 
 
-@pytest.mark.parametrize(
-    "text, name, chips, accelerator",
-    [
-        ("v5p-128", "v5p:4x4x4", 64, "v5p-128"),
-        ("v4-64", "v4:2x4x4", 32, "v4-64"),
-        ("v4-8", "v4:2x2x1", 4, "v4-8"),
-        ("v5e-16", "v5e:4x4", 16, "v5e-16"),
-        ("v5litepod-256", "v5e:16x16", 256, "v5e-256"),
-        ("v6e-64", "v6e:8x8", 64, "v6e-64"),
-        ("V5P:4x4x8", "v5p:4x4x8", 128, "v5p-256"),
-        ("v5e:2x2", "v5e:2x2", 4, "v5e-4"),
-    ],
-)
-def test_topology_names(text, name, chips, accelerator):
-    t = compile_lib.parse_topology(text)
-    assert (t.name, t.chips, t.accelerator_type) == (name, chips, accelerator)
-
-
-@pytest.mark.parametrize("text", ["v5p-7", "v5p-130", "v5e-3", "v7-8", "v5e:4x4x4", "tpu", ""])
-def test_bad_topology_names_list_the_valid_forms(text):
-    with pytest.raises(ValueError, match="v5p-128") as e:
-        compile_lib.parse_topology(text)
-    assert "v5litepod-16" in str(e.value) and "TensorCores" in str(e.value)
-
-
 def test_devices_are_chips():
     """v4 is described as one device per chip (megacore), as a v4 VM shows it."""
     devices = compile_lib.topology_devices(compile_lib.parse_topology("v4-16"))

@@ -226,45 +226,6 @@ def test_child_env_replaces_device_count_and_sets_identity():
     assert env["JAX_PLATFORMS"] == "cpu" and "JAX_PROCESS_ID" not in env
 
 
-# --- topologies ------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "accelerator,chips,hosts,per_host,topology,label",
-    [
-        ("v4-8", 4, 1, 4, "2x2x1", "tpu-v4-podslice"),
-        ("v4-32", 16, 4, 4, "2x2x4", "tpu-v4-podslice"),
-        ("v5p-8", 4, 1, 4, "2x2x1", "tpu-v5p-slice"),
-        ("v5p-128", 64, 16, 4, "4x4x4", "tpu-v5p-slice"),
-        ("v5p-256", 128, 32, 4, "4x4x8", "tpu-v5p-slice"),
-        ("v5litepod-4", 4, 1, 4, "2x2", "tpu-v5-lite-podslice"),
-        ("v5litepod-8", 8, 1, 8, "2x4", "tpu-v5-lite-podslice"),
-        ("v5litepod-16", 16, 4, 4, "4x4", "tpu-v5-lite-podslice"),
-        ("v5e-256", 256, 64, 4, "16x16", "tpu-v5-lite-podslice"),
-        ("v6e-8", 8, 1, 8, "2x4", "tpu-v6e-slice"),
-        ("v6e-64", 64, 16, 4, "8x8", "tpu-v6e-slice"),
-    ],
-)
-def test_tpu_slices(accelerator, chips, hosts, per_host, topology, label):
-    s = _module("topologies").tpu_slice(accelerator)
-    assert (s.chips, s.hosts, s.chips_per_host, s.topology, s.gke_accelerator) == (
-        chips,
-        hosts,
-        per_host,
-        topology,
-        label,
-    )
-
-
-def test_tpu_slice_errors():
-    topologies = _module("topologies")
-    with pytest.raises(ValueError, match="unknown TPU accelerator type 'v9-8'"):
-        topologies.tpu_slice("v9-8")
-    with pytest.raises(ValueError, match="does not have the 64 chips"):
-        topologies.tpu_slice("v5p-128", "4x4x8")
-    assert topologies.tpu_slice("v5p-192", "4x4x6").hosts == 24
-
-
 # --- dry runs of the cluster launchers -------------------------------------------------------
 
 

@@ -209,3 +209,38 @@ def test_remat_policies_change_memory_not_math():
         np.testing.assert_allclose(norm, results["none"][2], rtol=1e-5, err_msg=policy)
     print({p: f"{t / 2**20:.1f} MiB" for p, (t, _, _) in results.items()})
     assert results["full"][0] < 0.7 * results["none"][0]
+
+
+@pytest.mark.parametrize("block", [128, 300])
+def test_vocab_blocked_loss_equals_the_full_softmax(block):
+    from lrulm.model import cross_entropy
+
+    rng = np.random.default_rng(block)
+    x = jnp.asarray(rng.normal(size=(2, 9, 16)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(16, 1024)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 1024, (2, 9)), jnp.int32)
+
+    def total(x, w, block):
+        losses, correct = cross_entropy(x, w, targets, vocab_block=block)
+        return jnp.sum(losses * jnp.linspace(0.5, 1.5, 9)), correct
+
+    (ref, ref_ok), ref_grads = jax.value_and_grad(total, (0, 1), has_aux=True)(x, w, 0)
+    (got, ok), grads = jax.jit(jax.value_and_grad(total, (0, 1), has_aux=True), static_argnums=2)(
+        x, w, block
+    )
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+    np.testing.assert_array_equal(ok, ref_ok)
+    for a, b in zip(grads, ref_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_vocab_blocked_loss_saves_memory():
+    sizes = {}
+    for block in (0, 512):
+        _, _, lowered = _step_program(
+            f"train.loss_vocab_block={block}", "train.seq_len=512", "model.remat=full",
+            "model.vocab_size=4096",
+        )  # fmt: skip
+        sizes[block] = lowered.compile().memory_analysis().temp_size_in_bytes
+    print({b: f"{t / 2**20:.0f} MiB" for b, t in sizes.items()})
+    assert sizes[512] < 0.5 * sizes[0], sizes

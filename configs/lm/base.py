@@ -60,6 +60,9 @@ def get_config(arg=None):
     c.train.log_every = 50
     c.train.eval_every = 1000
     c.train.eval_steps = 50
+    # The loss in vocabulary blocks: no (batch, 2048, 32k) f32 logits (256 MiB per
+    # sequence with their gradient); see lrulm.model.cross_entropy.
+    c.train.loss_vocab_block = 4096
     c.mesh.data = -1
     c.mesh.fsdp = fsdp
     c.checkpoint.every_steps = 500
