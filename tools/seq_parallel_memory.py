@@ -25,10 +25,11 @@ from lrulm import config as config_lib  # noqa: E402
 from lrulm import tasks, train  # noqa: E402
 
 
-def per_device_bytes(preset: str, seq_len: int, shards: int, remat: str) -> int:
+def per_device_bytes(preset: str, seq_len: int, shards: int, remat: str, vocab_block: int) -> int:
     config = config_lib.base_config()
     config.model.preset = preset
     config.model.remat = remat
+    config.train.loss_vocab_block = vocab_block
     config.train.global_batch_size, config.train.seq_len = 1, seq_len
     config.mesh.data, config.mesh.sequence = 1, shards
     config.lock()
@@ -53,16 +54,17 @@ def main():
     p.add_argument("--preset", default="125m")
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--hbm_gib", type=float, default=80.0, help="device memory (H100: 80)")
-    p.add_argument("--lengths", default="8192,16384", help="two context lengths to fit")
+    p.add_argument("--lengths", default="32768,65536", help="two context lengths to fit")
     p.add_argument("--remat", default="full")
+    p.add_argument("--loss_vocab_block", type=int, default=4096, help="0 = whole logits")
     p.add_argument("--json", default="")
     args = p.parse_args()
     l1, l2 = (int(x) for x in args.lengths.split(","))
     budget = args.hbm_gib * 2**30
     rows = []
     for shards in (1, args.shards):
-        b1 = per_device_bytes(args.preset, l1, shards, args.remat)
-        b2 = per_device_bytes(args.preset, l2, shards, args.remat)
+        b1 = per_device_bytes(args.preset, l1, shards, args.remat, args.loss_vocab_block)
+        b2 = per_device_bytes(args.preset, l2, shards, args.remat, args.loss_vocab_block)
         per_token = (b2 - b1) / (l2 - l1)
         fixed = b1 - per_token * l1
         longest = int((budget - fixed) / per_token) if per_token > 0 else None
