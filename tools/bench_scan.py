@@ -8,7 +8,9 @@ Floors (complex64, bytes that must move at least once):
   forward+backward  + read dh, read h, write db (= g)      5 * B*L*N*8
                     (gradients w.r.t. a and b; a is (N,), its gradient a reduction)
 The copy bandwidth is measured here on the same device (read x, write x + 1), so
-"% copy" is the fraction of this device's achievable memory bandwidth.
+"% copy" is the fraction of this device's achievable memory bandwidth. Where lrulm.scan
+has `linear_scan_planar` (float32 re / im parts), its rows follow, on the same bytes.
+tools/bench.py runs these rows as part of the whole table.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lrulm import scan as scan_lib
 from lrulm.scan import ScanMethod, linear_scan
 
 
@@ -42,43 +45,85 @@ def copy_bandwidth(nbytes: int, repeats: int) -> float:
     return 2 * nbytes / t
 
 
-def run(B: int, L: int, N: int, methods, repeats: int, chunk_size: int) -> dict:
+def default_methods() -> list[str]:
+    """Every method this backend runs natively (Pallas only on GPU / TPU: on CPU it would
+    run in the interpreter, which measures nothing useful)."""
+    methods = [m.value for m in ScanMethod if m not in (ScanMethod.AUTO, ScanMethod.PALLAS)]
+    return methods + (["pallas"] if jax.default_backend() in ("gpu", "tpu") else [])
+
+
+def grads_for(method: str) -> tuple[str, ...]:
+    """The gradient methods worth timing for a scan method."""
+    # lax.scan is differentiated as written; a Pallas kernel cannot be (no transpose rule).
+    return {"sequential": ("autodiff",), "pallas": ("recurrence",)}.get(
+        method, ("recurrence", "autodiff")
+    )
+
+
+def make_inputs(B: int, L: int, N: int):
+    """a (N,) complex64 decays on |a| = 0.99, b (B, L, N) complex64 standard normal."""
     rng = np.random.default_rng(0)
     a = jnp.asarray((0.99 * np.exp(1j * rng.uniform(0, 6, (N,)))).astype(np.complex64))
     b = jnp.asarray(
         (rng.normal(size=(B, L, N)) + 1j * rng.normal(size=(B, L, N))).astype(np.complex64)
     )
+    return a, b
+
+
+def _row(method, grad, t_f, t_fb, array_bytes, bandwidth) -> dict:
+    row = {
+        "method": method,
+        "grad": grad,
+        "fwd_ms": None if t_f is None else 1e3 * t_f,
+        "fwd_bwd_ms": 1e3 * t_fb,
+    }
+    if t_f is not None:
+        row["fwd_GBps"] = 2 * array_bytes / t_f / 1e9
+        row["fwd_pct_copy"] = 100 * 2 * array_bytes / t_f / bandwidth
+    row["fwd_bwd_GBps"] = 5 * array_bytes / t_fb / 1e9
+    row["fwd_bwd_pct_copy"] = 100 * 5 * array_bytes / t_fb / bandwidth
+    return row
+
+
+def time_method(a, b, method: str, grad: str, *, chunk_size: int, repeats: int, bandwidth: float):
+    """One row: forward and forward+backward of linear_scan(a, b) with this method."""
+    kw = dict(method=method, chunk_size=chunk_size, grad=grad)
+    fwd = jax.jit(lambda b: linear_scan(a, b, **kw))
+    # Gradients w.r.t. a and b: da needs h, so the forward cannot be skipped.
+    fwd_bwd = jax.jit(jax.grad(lambda a, b: jnp.sum(linear_scan(a, b, **kw).real), argnums=(0, 1)))
+    # With grad="autodiff" the forward is the same program as with "recurrence".
+    timed_fwd = grad == "recurrence" or method == "sequential"
+    t_f = _time(fwd, b, repeats=repeats) if timed_fwd else None
+    t_fb = _time(fwd_bwd, a, b, repeats=repeats)
+    return {**_row(method, grad, t_f, t_fb, b.size * 8, bandwidth), "form": "complex"}
+
+
+def time_planar(a, b, method: str, *, chunk_size: int, repeats: int, bandwidth: float):
+    """One row for `linear_scan_planar`: the same recurrence on float32 (re, im) planes.
+
+    The bytes moved are the same as for complex64, so the floors and "% copy" compare
+    directly with `time_method`'s rows.
+    """
+    kw = dict(method=method, chunk_size=chunk_size)
+    linear_scan_planar = scan_lib.linear_scan_planar
+    a_p, b_p = (a.real, a.imag), (b.real, b.imag)
+    fwd = jax.jit(lambda b: linear_scan_planar(a=a_p, b=b, **kw))
+    fwd_bwd = jax.jit(
+        jax.grad(lambda a, b: jnp.sum(linear_scan_planar(a=a, b=b, **kw)[0]), argnums=(0, 1))
+    )
+    t_f = _time(fwd, b_p, repeats=repeats)
+    t_fb = _time(fwd_bwd, a_p, b_p, repeats=repeats)
+    return {**_row(method, "default", t_f, t_fb, b.size * 8, bandwidth), "form": "planar"}
+
+
+def planar_available() -> bool:
+    """Whether lrulm.scan has the planar (float32 re / im) form of linear_scan."""
+    return hasattr(scan_lib, "linear_scan_planar")
+
+
+def header(B: int, L: int, N: int, bandwidth: float) -> dict:
+    """The size, the copy bandwidth and the byte floors (seconds at copy bandwidth)."""
     array_bytes = B * L * N * 8
-    bandwidth = copy_bandwidth(array_bytes, repeats)
-    rows = []
-    # lax.scan is differentiated as written; a Pallas kernel cannot be (no transpose rule).
-    grads = {"sequential": ("autodiff",), "pallas": ("recurrence",)}
-    for method in methods:
-        for grad in grads.get(method, ("recurrence", "autodiff")):
-            kw = dict(method=method, chunk_size=chunk_size, grad=grad)
-            fwd = jax.jit(lambda b, kw=kw: linear_scan(a, b, **kw))
-            # Gradients w.r.t. a and b: da needs h, so the forward cannot be skipped.
-            fwd_bwd = jax.jit(
-                jax.grad(lambda a, b, kw=kw: jnp.sum(linear_scan(a, b, **kw).real), argnums=(0, 1))
-            )
-            t_f = (
-                _time(fwd, b, repeats=repeats)
-                if grad == "recurrence" or method == "sequential"
-                else None
-            )
-            t_fb = _time(fwd_bwd, a, b, repeats=repeats)
-            row = {
-                "method": method,
-                "grad": grad,
-                "fwd_ms": None if t_f is None else 1e3 * t_f,
-                "fwd_bwd_ms": 1e3 * t_fb,
-            }
-            if t_f is not None:
-                row["fwd_GBps"] = 2 * array_bytes / t_f / 1e9
-                row["fwd_pct_copy"] = 100 * 2 * array_bytes / t_f / bandwidth
-            row["fwd_bwd_GBps"] = 5 * array_bytes / t_fb / 1e9
-            row["fwd_bwd_pct_copy"] = 100 * 5 * array_bytes / t_fb / bandwidth
-            rows.append(row)
     return {
         "device": jax.devices()[0].device_kind,
         "B": B,
@@ -87,8 +132,17 @@ def run(B: int, L: int, N: int, methods, repeats: int, chunk_size: int) -> dict:
         "copy_GBps": bandwidth / 1e9,
         "floor_fwd_ms": 1e3 * 2 * array_bytes / bandwidth,
         "floor_fwd_bwd_ms": 1e3 * 5 * array_bytes / bandwidth,
-        "rows": rows,
     }
+
+
+def run(B: int, L: int, N: int, methods, repeats: int, chunk_size: int) -> dict:
+    a, b = make_inputs(B, L, N)
+    bandwidth = copy_bandwidth(b.size * 8, repeats)
+    kw = dict(chunk_size=chunk_size, repeats=repeats, bandwidth=bandwidth)
+    rows = [time_method(a, b, m, g, **kw) for m in methods for g in grads_for(m)]
+    if planar_available():
+        rows += [time_planar(a, b, m, **kw) for m in methods]
+    return {**header(B, L, N, bandwidth), "rows": rows}
 
 
 def table(result: dict) -> str:
@@ -103,8 +157,9 @@ def table(result: dict) -> str:
     for r in result["rows"]:
         fwd = "–" if r["fwd_ms"] is None else f"{r['fwd_ms']:.3f}"
         fpct = "–" if r["fwd_ms"] is None else f"{r['fwd_pct_copy']:.1f}%"
+        name = r["method"] + (" planar" if r.get("form") == "planar" else "")
         lines.append(
-            f"| {r['method']} | {r['grad']} | {fwd} | {fpct} | {r['fwd_bwd_ms']:.3f} | "
+            f"| {name} | {r['grad']} | {fwd} | {fpct} | {r['fwd_bwd_ms']:.3f} | "
             f"{r['fwd_bwd_pct_copy']:.1f}% |"
         )
     return "\n".join(lines)
@@ -122,9 +177,7 @@ def main():
     )
     p.add_argument("--json", default="")
     args = p.parse_args()
-    methods = [m for m in args.methods.split(",") if m] or [
-        m.value for m in ScanMethod if m not in (ScanMethod.AUTO, ScanMethod.PALLAS)
-    ] + (["pallas"] if jax.default_backend() in ("gpu", "tpu") else [])
+    methods = [m for m in args.methods.split(",") if m] or default_methods()
     result = run(args.B, args.L, args.N, methods, args.repeats, args.chunk_size)
     print(table(result))
     if args.json:

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# GPU check of the Pallas recurrence kernel: compiled tests, scan and training benchmarks.
+# GPU check of the Pallas recurrence kernel: compiled tests, then the benchmark table.
 #
 #   bash tools/gpu_check.sh    # on a CUDA machine; at most ~8 minutes on an H100
 #
 # 1. tests/test_scan_pallas.py on the compiled Triton kernel (not the interpreter);
-# 2. tools/bench_scan.py at the DESIGN.md §4 size (B=8, L=2048, N=1024, complex64);
-# 3. tools/bench_train.py --preset 350m --batch 8 --seq_len 2048, associative vs pallas.
-# Outputs (logs, JSON) go to $OUT if set, else a temporary folder; a compact table ends
-# the run. Each step has a time limit, so the script always reaches the table.
+# 2. tools/bench.py: every scan method at the DESIGN.md §4 size (B=8, L=2048, N=1024,
+#    complex64, and the planar form where lrulm.scan has it), an LRU layer (H=N=1024,
+#    8 x 2048 bf16), the 350m train step at 8 x 2048 with associative vs pallas, and 125m
+#    at 1 x 65536 (remat full, vocabulary-blocked loss): does a 64k context fit?
+# Outputs (logs, bench.json, bench.md) go to $OUT if set, else a temporary folder; the
+# summary ends with bench.py's table. Each step has a time limit and bench.py rewrites its
+# JSON after every row, so the script always reaches the table with what was measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$(mktemp -d)}"
@@ -33,45 +36,21 @@ python -c "import jax; print('jax', jax.__version__, jax.devices())" | tee "$OUT
 
 run tests 120 env LRULM_TEST_PALLAS_COMPILED=1 python -m pytest -q -p no:cacheprovider \
   tests/test_scan_pallas.py
-# lax.scan (sequential) is left out: 30-55 ms per call at this size (DESIGN.md §4).
-run bench_scan 120 python tools/bench_scan.py --B 8 --L 2048 --N 1024 \
-  --methods associative,chunked,pallas --json "$OUT/bench_scan.json"
-for method in associative pallas; do
-  run "train_$method" 110 python tools/bench_train.py --preset 350m --batch 8 --seq_len 2048 \
-    --scan_method "$method" --json "$OUT/train_$method.json"
+# Budgets: a section starts no new row after its budget; the timeout is the hard limit.
+run bench 330 python tools/bench.py --presets 350m --scan_methods associative,pallas \
+  --long 125m:65536 --budget_s scan=60,lru=60,train=180 --json "$OUT/bench.json"
+
+echo
+echo "== summary ($OUT)"
+for name in tests bench; do
+  read -r rc secs <"$OUT/$name.rc"
+  case $rc in 0) status=ok ;; 124) status="TIMED OUT" ;; *) status="FAILED (exit $rc)" ;; esac
+  printf '%-8s %s, %s s\n' "$name" "$status" "$secs"
 done
-
-python - "$OUT" <<'EOF'
-import json, pathlib, sys
-
-out = pathlib.Path(sys.argv[1])
-read = lambda name: json.loads((out / name).read_text()) if (out / name).exists() else None
-print(f"\n== summary ({out})")
-for name in ("tests", "bench_scan", "train_associative", "train_pallas"):
-    rc, secs = (out / f"{name}.rc").read_text().split()
-    status = {"0": "ok", "124": "TIMED OUT"}.get(rc, f"FAILED (exit {rc})")
-    print(f"{name:18s} {status}, {secs} s")
-log = (out / "tests.log").read_text().strip().splitlines()
-print("tests:", log[-1] if log else "no output")
-scan = read("bench_scan.json")
-if scan:
-    print(f"\nscan on {scan['device']}, B={scan['B']} L={scan['L']} N={scan['N']} complex64, "
-          f"copy {scan['copy_GBps']:.0f} GB/s, floors fwd {scan['floor_fwd_ms']:.3f} ms, "
-          f"fwd+bwd {scan['floor_fwd_bwd_ms']:.3f} ms")
-    print(f"{'method':12s} {'grad':10s} {'fwd ms':>8s} {'% copy':>7s} {'f+b ms':>8s} {'% copy':>7s}")
-    for r in scan["rows"]:
-        fwd = "-" if r["fwd_ms"] is None else f"{r['fwd_ms']:.3f}"
-        fpct = "-" if r["fwd_ms"] is None else f"{r['fwd_pct_copy']:.0f}%"
-        print(f"{r['method']:12s} {r['grad']:10s} {fwd:>8s} {fpct:>7s} "
-              f"{r['fwd_bwd_ms']:8.3f} {r['fwd_bwd_pct_copy']:6.0f}%")
-print(f"\n{'train 350m b8 L2048':20s} {'step ms':>8s} {'tokens/s':>10s} {'MFU':>6s} {'temp GiB':>9s}")
-for method in ("associative", "pallas"):
-    r = read(f"train_{method}.json")
-    if r:
-        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
-        temp = (r.get("temp_bytes_per_device") or 0) / 2**30
-        print(f"{method:20s} {r['step_time_ms']:8.1f} {r['tokens_per_s']:10,.0f} {mfu:>6s} "
-              f"{temp:9.2f}")
-    else:
-        print(f"{method:20s} no result (see {out}/train_{method}.log)")
-EOF
+echo "tests: $(tail -n 1 "$OUT/tests.log")"
+echo
+if [ -s "$OUT/bench.json" ]; then
+  python tools/bench.py --render "$OUT/bench.json" | tee "$OUT/bench.md"
+else
+  echo "no benchmark results (see $OUT/bench.log)"
+fi

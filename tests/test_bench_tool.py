@@ -1,0 +1,99 @@
+"""tools/bench.py through its command line: the quick table, failing and skipped rows."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _bench(*args, timeout=300):
+    env = dict(os.environ)
+    # One CPU device, as on a laptop (the suite's 8 simulated devices would split the batch).
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "tools/bench.py", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _positive(row, *keys):
+    for key in keys:
+        assert isinstance(row[key], (int, float)) and math.isfinite(row[key]), (key, row)
+        assert row[key] > 0, (key, row)
+
+
+@pytest.mark.slow
+def test_quick_table_has_every_section_and_reports_a_failing_row(tmp_path):
+    path = tmp_path / "bench.json"
+    out = _bench("--quick", "--json", str(path), "--long", "nosuch:64")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(path.read_text())
+    assert result["backend"] == "cpu" and result["jax_version"] and result["device"]
+    _positive(result, "copy_GBps")
+
+    scan = result["scan"]["rows"]
+    assert {(r["method"], r["form"]) for r in scan if r["form"] == "complex"} == {
+        ("sequential", "complex"),
+        ("associative", "complex"),
+        ("chunked", "complex"),
+    }  # pallas would run in the interpreter on CPU: left out unless --methods names it
+    for r in scan:
+        assert r["status"] == "ok", r
+        _positive(r, "fwd_bwd_ms", "fwd_bwd_GBps", "fwd_bwd_pct_copy")
+        if r["fwd_ms"] is not None:
+            _positive(r, "fwd_ms", "fwd_GBps", "fwd_pct_copy")
+
+    lru = result["lru"]["rows"]
+    assert [r["method"] for r in lru] == ["sequential", "associative", "chunked"]
+    for r in lru:
+        assert r["status"] == "ok", r
+        _positive(r, "fwd_ms", "fwd_bwd_ms", "fwd_tokens_per_s", "fwd_bwd_tokens_per_s")
+        _positive(r, "fwd_bwd_temp_bytes")
+        # The backward pass keeps the forward's states: it needs more memory than the forward.
+        assert r["fwd_bwd_temp_bytes"] > r["fwd_temp_bytes"], r
+
+    train = {r["name"]: r for r in result["train"]["rows"]}
+    assert set(train) == {"test", "nosuch long"}
+    assert train["test"]["status"] == "ok"
+    _positive(train["test"], "step_time_ms", "tokens_per_s", "temp_bytes_per_device")
+    _positive(train["test"], "argument_bytes_per_device", "params")
+    assert train["test"]["scan_method"] == "sequential"  # "auto" on CPU, resolved
+    assert train["nosuch long"]["status"].startswith("failed: ValueError: unknown model preset")
+
+    table = out.stdout
+    for header in (
+        "## Linear scan",
+        "| method | form | grad | fwd ms | fwd GB/s | fwd % copy |",
+        "## LRU layer",
+        "| method | fwd ms | fwd tokens/s | fwd temp |",
+        "## Train step",
+        "| row | batch x seq | scan | params M | remat | step ms | tokens/s | MFU |",
+        "| nosuch long | 1 x 64 | preset's | failed: ValueError",
+    ):
+        assert header in table, header
+
+    # The saved JSON renders the same table (how tools/gpu_check.sh prints its summary).
+    again = _bench("--render", str(path), timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout == table
+
+
+def test_rows_past_the_budget_are_skipped_not_run(tmp_path):
+    path = tmp_path / "bench.json"
+    out = _bench("--quick", "--sections", "scan", "--budget_s", "0", "--json", str(path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(path.read_text())
+    assert set(result) >= {"scan"} and "train" not in result and "lru" not in result
+    rows = result["scan"]["rows"]
+    assert rows and all(r["status"] == "skipped: scan budget of 0 s spent" for r in rows)
+    assert "skipped: scan budget" in out.stdout
