@@ -116,47 +116,60 @@ class LRU(nnx.Module):
 
     def diag_lambda(self) -> jax.Array:
         """Λ as a complex64 vector of shape (n,)."""
-        return jnp.exp(-jnp.exp(self.nu_log[...]) + 1j * jnp.exp(self.theta_log[...]))
+        return jax.lax.complex(*self._lambda_parts())
 
-    def _input(self, u: jax.Array) -> jax.Array:
-        """exp(γ_log) ⊙ (B u): (..., h) real -> (..., n) complex64."""
+    def _lambda_parts(self) -> tuple[jax.Array, jax.Array]:
+        """Λ's real and imaginary parts, float32 (n,) each."""
+        magnitude = jnp.exp(-jnp.exp(self.nu_log[...]))
+        phase = jnp.exp(self.theta_log[...])
+        return magnitude * jnp.cos(phase), magnitude * jnp.sin(phase)
+
+    # Complex activations are kept as (real, imag) float32 pairs from the B projection to
+    # the C readout: the projections produce and consume the parts anyway, the Pallas
+    # kernels work on parts, and the scan's gradient saves the parts of x, which the
+    # readout's gradient reuses (one (b, l, n) complex-sized residual per layer).
+
+    def _input(self, u: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """exp(γ_log) ⊙ (B u): (..., h) real -> the (..., n) real and imaginary parts."""
         gamma = jnp.exp(self.gamma_log[...])[:, None]
         u = u.astype(jnp.float32)
         bu_re = jnp.einsum("...h,nh->...n", u, self.B_re[...] * gamma)
         bu_im = jnp.einsum("...h,nh->...n", u, self.B_im[...] * gamma)
-        return jax.lax.complex(bu_re, bu_im)
+        return bu_re, bu_im
 
-    def _output(self, x: jax.Array, u: jax.Array) -> jax.Array:
-        """Re(C x) + D ⊙ u: (..., n) complex -> (..., h) float32."""
-        y = jnp.einsum("...n,hn->...h", x.real, self.C_re[...])
-        y = y - jnp.einsum("...n,hn->...h", x.imag, self.C_im[...])
+    def _output(self, x: tuple[jax.Array, jax.Array], u: jax.Array) -> jax.Array:
+        """Re(C x) + D ⊙ u: the (..., n) parts of x -> (..., h) float32."""
+        y = jnp.einsum("...n,hn->...h", x[0], self.C_re[...])
+        y = y - jnp.einsum("...n,hn->...h", x[1], self.C_im[...])
         if self.D is not None:
             y = y + self.D[...] * u.astype(jnp.float32)
         return y
 
     def _scan(self, bu, resets, h0, reverse, axis_name):
-        lam = self.diag_lambda()
-        if resets is None:
-            a = lam
-        else:  # a document starts at t: forget the state carried into t.
-            a = jnp.where(resets[..., None], jnp.zeros((), lam.dtype), lam)
+        """The recurrence on parts: bu and h0 are (real, imag) pairs, so is the result."""
+        a = self._lambda_parts()
         mesh = sharding.current_mesh()
         if axis_name is None and mesh is not None and mesh.shape["sequence"] > 1:
             # Activations are split along the sequence: scan each segment on its device
             # and pass only the segment-end states between devices.
-            return sequence_parallel.scan_over_mesh(
+            a = jax.lax.complex(*a)
+            if resets is not None:  # a document starts at t: forget the state carried in
+                a = jnp.where(resets[..., None], jnp.zeros((), a.dtype), a)
+            x = sequence_parallel.scan_over_mesh(
                 a,
-                bu,
-                h0=h0,
+                jax.lax.complex(*bu),
+                h0=None if h0 is None else jax.lax.complex(*h0),
                 reverse=reverse,
                 mesh=mesh,
                 method=self.scan_method,
                 chunk_size=self.chunk_size,
             )
-        return scan_lib.linear_scan(
+            return x.real, x.imag
+        return scan_lib.linear_scan_planar(
             a,
             bu,
             h0=h0,
+            resets=resets,  # a document starts at t: forget the state carried into t
             reverse=reverse,
             method=self.scan_method,
             chunk_size=self.chunk_size,
@@ -189,6 +202,8 @@ class LRU(nnx.Module):
         """
         if u.shape[-1] != self.d_model:
             raise ValueError(f"LRU expects inputs of width {self.d_model}; got shape {u.shape}")
+        if h0 is not None:
+            h0 = (jnp.real(h0).astype(jnp.float32), jnp.imag(h0).astype(jnp.float32))
         x = self._scan(self._input(u), resets, h0, False, axis_name)
         y = self._output(x, u)
         if self.reverse is not None:
@@ -202,14 +217,14 @@ class LRU(nnx.Module):
             xr = self.reverse._scan(self.reverse._input(u), rev_resets, None, True, axis_name)
             y = y + self.reverse._output(xr, u)
         y = y.astype(u.dtype)
-        return (y, x[..., -1, :]) if return_state else y
+        return (y, jax.lax.complex(x[0][..., -1, :], x[1][..., -1, :])) if return_state else y
 
     def step(self, u_t: jax.Array, state: jax.Array):
         """One step of the recurrence, O(n) work: (b, h), (b, n) -> (b, h), (b, n)."""
         if self.reverse is not None:
             raise ValueError("a bidirectional LRU cannot be run step by step")
-        x = self.diag_lambda() * state + self._input(u_t)
-        return self._output(x, u_t).astype(u_t.dtype), x
+        x = self.diag_lambda() * state + jax.lax.complex(*self._input(u_t))
+        return self._output((x.real, x.imag), u_t).astype(u_t.dtype), x
 
     def init_state(self, batch_size: int) -> jax.Array:
         return jnp.zeros((batch_size, self.d_state), jnp.complex64)

@@ -261,6 +261,160 @@ _scan_recurrence_grad.defvjp(_scan_fwd, _scan_bwd)
 
 
 # ----------------------------------------------------------------------------------
+# The planar form: complex values as (real, imag) float32 arrays end to end.
+# ----------------------------------------------------------------------------------
+
+Parts = tuple[jax.Array, ...]  # (x,) for real values, (real, imag) for complex ones
+
+
+def _merge(x: Parts) -> jax.Array:
+    return jax.lax.complex(*x) if len(x) == 2 else x[0]
+
+
+def _split(x: jax.Array) -> Parts:
+    return (jnp.real(x), jnp.imag(x)) if jnp.iscomplexobj(x) else (x,)
+
+
+def _gate(a: Parts, keep, shape) -> Parts:
+    """The decays with the resets applied: a_t * keep_t, of the full shape."""
+    if keep is None:
+        return a
+    return tuple(keep[..., None] * jnp.broadcast_to(x, shape) for x in a)
+
+
+def _forward_parts(a: Parts, b: Parts, h0, keep, method, chunk_size, reverse) -> Parts:
+    if method is ScanMethod.PALLAS:  # the kernels work on parts: no merge or split pass
+        from lrulm import scan_pallas
+
+        return scan_pallas.forward_parts(
+            a, b, h0, keep=keep, chunk_size=chunk_size, reverse=reverse
+        )
+    a = _gate(a, keep, b[0].shape)  # XLA fuses this into the scan's first reads
+    h0 = None if h0 is None else _merge(h0)
+    return _split(_forward(_merge(a), _merge(b), h0, method, chunk_size, reverse))
+
+
+def _cmul(x: Parts, y: Parts, conj_y: bool = False) -> Parts:
+    """x * y (x * conj(y) if conj_y) on parts."""
+    if len(x) == 1:
+        return (x[0] * y[0],)
+    (xr, xi), (yr, yi) = x, y
+    if conj_y:
+        return xr * yr + xi * yi, xi * yr - xr * yi
+    return xr * yr - xi * yi, xr * yi + xi * yr
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _planar_recurrence_grad(a, b, h0, keep, method, chunk_size, reverse):
+    return _forward_parts(a, b, h0, keep, method, chunk_size, reverse)
+
+
+def _planar_fwd(a, b, h0, keep, method, chunk_size, reverse):
+    h = _forward_parts(a, b, h0, keep, method, chunk_size, reverse)
+    return h, (a, h, h0, keep)
+
+
+def _planar_bwd(method, chunk_size, reverse, residuals, dh):
+    # Real arithmetic on the parts, so the transpose of "multiply by a" is "multiply by
+    # conj(a)": g_t = conj(a_{t+1}) keep_{t+1} g_{t+1} + dh_t and
+    # da_t = keep_t g_t conj(h_{t-1}). The residuals are a, h, h0 and the (..., L) keep:
+    # a reset costs no (..., L, N) array here either.
+    a, h, h0, keep = residuals
+    dh = tuple(d.astype(x.dtype) for d, x in zip(dh, h))
+    a_conj = a if len(a) == 1 else (a[0], -a[1])
+    later = lambda x: _shift(x, not reverse, jnp.zeros_like(x[..., 0, :]))
+    if a[0].ndim > 1:
+        a_conj = tuple(map(later, a_conj))
+    keep_next = None if keep is None else later(keep[..., None])[..., 0]
+    g = _forward_parts(a_conj, dh, None, keep_next, method, chunk_size, not reverse)
+    h_start = tuple(jnp.zeros_like(x[..., 0, :]) for x in h) if h0 is None else h0
+    da = _cmul(g, tuple(_shift(x, reverse, s) for x, s in zip(h, h_start)), conj_y=True)
+    if keep is not None:
+        da = tuple(x * keep[..., None] for x in da)
+    if a[0].ndim == 1:
+        da = tuple(x.reshape(-1, x.shape[-1]).sum(0) for x in da)
+    dh0 = None
+    if h0 is not None:
+        first = -1 if reverse else 0
+        a0 = a if a[0].ndim == 1 else tuple(x[..., first, :] for x in a)
+        dh0 = _cmul(tuple(x[..., first, :] for x in g), a0, conj_y=True)
+        if keep is not None:
+            dh0 = tuple(x * keep[..., first, None] for x in dh0)
+        dh0 = tuple(d.astype(x.dtype) for d, x in zip(dh0, h0))
+    return tuple(d.astype(x.dtype) for d, x in zip(da, a)), g, dh0, None
+
+
+_planar_recurrence_grad.defvjp(_planar_fwd, _planar_bwd)
+
+
+def linear_scan_planar(
+    a: Parts,
+    b: Parts,
+    *,
+    h0: Parts | None = None,
+    resets: jax.Array | None = None,
+    reverse: bool = False,
+    method: str | ScanMethod = "auto",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    grad: str | GradMethod = "recurrence",
+    axis_name: str | None = None,
+) -> Parts:
+    """`linear_scan` on complex values held as (real, imag) pairs of real arrays.
+
+    The same recurrence, arguments and methods as `linear_scan`, but a, b and h0 are each
+    a tuple of parts, (real, imag) (or (x,) for real values), and so is the result. With
+    method="pallas" nothing complex is ever formed: the kernels read and write the parts,
+    so a layer whose projections produce and consume real and imaginary parts (the LRU's
+    B u and Re(C h)) pays for no merge or split passes; the other methods merge, scan and
+    split, which XLA fuses with its neighbours. The gradient (grad="recurrence") keeps
+    the parts of h as its only (..., L, N) residuals, which the layer's readout shares.
+
+    `resets`, bool of shape (..., L) (b's shape without N), True where the state must
+    start afresh: h_t = b_t there (h_t = a_t * h_{t+1} + b_t reversed, so in reverse a
+    reset at t cuts the state arriving from t+1). Equal to zeroing a_t, but the kernels
+    and the gradient take the (..., L) mask instead of a (..., L, N) decay array.
+    """
+    a, b = tuple(map(jnp.asarray, a)), tuple(map(jnp.asarray, b))
+    h0 = None if h0 is None else tuple(map(jnp.asarray, h0))
+    counts = {len(a), len(b)} | (set() if h0 is None else {len(h0)})
+    if len(counts) != 1 or counts.pop() not in (1, 2):
+        raise ValueError(
+            "a, b and h0 must each be (real, imag) for complex values or (x,) for real ones, "
+            f"all alike; got {len(a)}, {len(b)} and {None if h0 is None else len(h0)} parts"
+        )
+    parts = (*a, *b, *(h0 or ()))
+    if any(jnp.iscomplexobj(x) for x in parts):
+        raise ValueError("the parts of a planar scan must be real arrays (use linear_scan)")
+    for name, x in (("a", a), ("b", b), ("h0", h0)):
+        if x is not None and len({p.shape for p in x}) != 1:
+            raise ValueError(f"the parts of {name} must share a shape; got {[p.shape for p in x]}")
+    _check_shapes(a[0], b[0], None if h0 is None else h0[0])
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer; got {chunk_size}")
+    method, grad = resolve(method), _resolve_grad(grad)
+    dtype = jnp.result_type(*parts)
+    a, b = tuple(x.astype(dtype) for x in a), tuple(x.astype(dtype) for x in b)
+    h0 = None if h0 is None else tuple(x.astype(dtype) for x in h0)
+    keep = None
+    if resets is not None:
+        resets = jnp.asarray(resets)
+        if resets.shape != b[0].shape[:-1]:
+            raise ValueError(
+                f"resets must have shape {b[0].shape[:-1]} (b's without the channel axis); "
+                f"got {resets.shape}"
+            )
+        keep = jnp.logical_not(resets).astype(dtype)
+    if axis_name is not None or b[0].shape[-2] == 0:
+        a = _gate(a, keep, b[0].shape)
+        kw = dict(method=method, chunk_size=chunk_size, grad=grad, axis_name=axis_name)
+        h0 = None if h0 is None else _merge(h0)
+        return _split(linear_scan(_merge(a), _merge(b), h0=h0, reverse=reverse, **kw))
+    if grad is GradMethod.RECURRENCE:
+        return _planar_recurrence_grad(a, b, h0, keep, method, chunk_size, reverse)
+    return _forward_parts(a, b, h0, keep, method, chunk_size, reverse)
+
+
+# ----------------------------------------------------------------------------------
 # Public entry point.
 # ----------------------------------------------------------------------------------
 

@@ -7,10 +7,14 @@ memory latency. Time is sequential within a program, so all parallelism comes fr
 
 - One program owns one row (the leading axes, flattened) and one block of channels, and
   walks the whole sequence with its state in float32 registers. Complex numbers are
-  split into real/imaginary float32 arrays before the kernel and recombined after (no
-  complex type in Triton or Mosaic): in a model those passes fuse into the producer of b
-  and the consumer of h, but an isolated complex64 scan pays for them (3x the kernel's
-  own bytes). bf16 is upcast on load: the recurrence always accumulates in float32.
+  (real, imag) float32 parts (no complex type in Triton or Mosaic): `forward_parts`
+  takes and returns parts, and the LRU layer keeps them from its B projection to its C
+  readout (lrulm.scan.linear_scan_planar), so a model pays no split or merge pass; the
+  complex64 `forward` splits and merges around the kernel (3x the kernel's own bytes in
+  an isolated scan). bf16 is upcast on load: the recurrence always accumulates in float32.
+- Document resets enter as a per-row (B, L) keep mask, one scalar per step (GPU), not as a
+  (B, L, N) decay array with zeros: that would add half again to the forward's bytes and
+  be kept for the backward. (The TPU kernel forms that array itself for now.)
 - Time is walked in chunks of `chunk_size` steps. Every row of a chunk is loaded before
   the chunk's first step, so a whole chunk of loads is in flight and memory latency is
   paid once per chunk, not once per step as in the naive kernel of DESIGN.md §4.
@@ -79,7 +83,7 @@ def _step(h: Parts, a: Parts, b: Parts) -> Parts:
     return (ar * hr + (br - ai * hi), ar * hi + (bi + ai * hr))
 
 
-def _scan_rows(h, a, a_refs, b_refs, h_refs, rows, load, store, *, preload):
+def _scan_rows(h, a, a_refs, b_refs, h_refs, rows, load, store, *, preload, keep=None):
     """Runs the recurrence over `rows` (in processing order) of one block.
 
     Args:
@@ -92,6 +96,8 @@ def _scan_rows(h, a, a_refs, b_refs, h_refs, rows, load, store, *, preload):
       preload: issue every load before the first step, so that they are in flight
         together (GPU: they come from HBM); else load each row at its step (TPU: rows
         come from VMEM, and 64 vregs could not hold a chunk anyway).
+      keep: keep(row) -> a float32 scalar, 1 to carry the state into the row, 0 to
+        start it afresh there (a document boundary); None: always carry.
 
     Returns:
       The state after the last row.
@@ -99,21 +105,27 @@ def _scan_rows(h, a, a_refs, b_refs, h_refs, rows, load, store, *, preload):
 
     def inputs(t):
         at = tuple(load(r, t) for r in a_refs) if a is None else a
-        return at, tuple(load(r, t) for r in b_refs)
+        return at, tuple(load(r, t) for r in b_refs), None if keep is None else keep(t)
 
     loaded = [inputs(t) for t in rows] if preload else None
     for i, t in enumerate(rows):
-        at, bt = loaded[i] if preload else inputs(t)
+        at, bt, kt = loaded[i] if preload else inputs(t)
+        if kt is not None:
+            h = tuple(kt * x for x in h)
         h = _step(h, at, bt)
         for ref, x in zip(h_refs, h):
             store(ref, t, x)
     return h
 
 
-def _split_refs(refs, num_parts):
-    """(a, b, h0, h, scratch) refs, each a tuple of parts."""
-    parts = [refs[i : i + num_parts] for i in range(0, 4 * num_parts, num_parts)]
-    return (*parts, refs[4 * num_parts :])
+def _split_refs(refs, num_parts, num_keep):
+    """(a, b, h0, keep, h, scratch) refs: parts, parts, parts, 0 or 1, parts, the rest."""
+    sizes = (num_parts,) * 3 + (num_keep, num_parts)
+    out, start = [], 0
+    for size in sizes:
+        out.append(refs[start : start + size])
+        start += size
+    return (*out, refs[start:])
 
 
 def _cost(num_parts, full_a, rows, length, n, itemsize):
@@ -130,18 +142,18 @@ def _cost(num_parts, full_a, rows, length, n, itemsize):
 # ----------------------------------------------------------------------------------
 
 
-def _gpu(a: Parts, b: Parts, h0: Parts, *, chunk, reverse, interpret) -> Parts:
+def _gpu(a: Parts, b: Parts, h0: Parts, keep: Parts, *, chunk, reverse, interpret) -> Parts:
     rows, length, n = b[0].shape
     num_parts, full_a = len(b), a[0].ndim == 3
     bn = min(_GPU_CHANNELS, pl.next_power_of_2(n))  # Triton blocks are powers of two
     num_blocks = pl.cdiv(n, bn)
     ragged = n % bn != 0
-    per_row = num_parts * (1 + full_a)  # values loaded per channel per time step
+    per_row = num_parts * (1 + full_a) + len(keep)  # values loaded per thread per step
     chunk = max(1, min(chunk, length, _GPU_LOAD_REGISTERS // per_row))
     num_chunks, tail = divmod(length, chunk)
 
     def kernel(*refs):
-        a_refs, b_refs, h0_refs, h_refs, _ = _split_refs(refs, num_parts)
+        a_refs, b_refs, h0_refs, keep_refs, h_refs, _ = _split_refs(refs, num_parts, len(keep))
         mask = None
         if ragged:  # the last channel block hangs over the end of the array
             j = pl.program_id(0) % num_blocks
@@ -176,6 +188,8 @@ def _gpu(a: Parts, b: Parts, h0: Parts, *, chunk, reverse, interpret) -> Parts:
             load=load,
             store=store,
             preload=True,
+            # One scalar per step, the same for every channel of the row.
+            keep=(lambda t: keep_refs[0][t].astype(jnp.float32)) if keep else None,
         )
 
         def chunk_rows(start, count):
@@ -196,6 +210,7 @@ def _gpu(a: Parts, b: Parts, h0: Parts, *, chunk, reverse, interpret) -> Parts:
     state_spec = pl.BlockSpec((None, bn), lambda p: (p // num_blocks, p % num_blocks))
     a_spec = seq_spec if full_a else pl.BlockSpec((bn,), lambda p: (p % num_blocks,))
     in_specs = [a_spec] * num_parts + [seq_spec] * num_parts + [state_spec] * num_parts
+    in_specs += [pl.BlockSpec((None, length), lambda p: (p // num_blocks, 0))] * len(keep)
     dtype = b[0].dtype
     return tuple(
         pl.pallas_call(
@@ -208,7 +223,7 @@ def _gpu(a: Parts, b: Parts, h0: Parts, *, chunk, reverse, interpret) -> Parts:
             cost_estimate=_cost(num_parts, full_a, rows, length, n, dtype.itemsize),
             interpret=interpret,
             name="linear_scan_gpu",
-        )(*a, *b, *h0)
+        )(*a, *b, *h0, *keep)
     )
 
 
@@ -226,7 +241,10 @@ def _tpu_layout(n: int, dtype) -> tuple[int, int, int]:
     return groups, _TPU_LANES, sublanes if groups % sublanes == 0 else groups
 
 
-def _tpu(a: Parts, b: Parts, h0: Parts, *, chunk, reverse, interpret) -> Parts:
+def _tpu(a: Parts, b: Parts, h0: Parts, keep: Parts, *, chunk, reverse, interpret) -> Parts:
+    if keep:  # not in the Mosaic kernel yet: the decays of a reset row become zero here
+        shape = b[0].shape
+        a = tuple(keep[0][..., None] * jnp.broadcast_to(x, shape) for x in a)
     rows, length, n = b[0].shape
     num_parts, full_a = len(b), a[0].ndim == 3
     dtype = b[0].dtype
@@ -239,7 +257,7 @@ def _tpu(a: Parts, b: Parts, h0: Parts, *, chunk, reverse, interpret) -> Parts:
     block_of = (lambda k: num_chunks - 1 - k) if reverse else (lambda k: k)
 
     def kernel(*refs):
-        a_refs, b_refs, h0_refs, h_refs, carry_refs = _split_refs(refs, num_parts)
+        a_refs, b_refs, h0_refs, _, h_refs, carry_refs = _split_refs(refs, num_parts, 0)
         k = pl.program_id(2)
 
         @pl.when(k == 0)
@@ -309,18 +327,19 @@ def _tpu(a: Parts, b: Parts, h0: Parts, *, chunk, reverse, interpret) -> Parts:
 _KERNELS: dict[str, Callable[..., Parts]] = {"gpu": _gpu, "tpu": _tpu}
 
 
-def _run(a: Parts, b: Parts, h0: Parts, *, kernel, interpret, chunk, reverse) -> Parts:
+def _run(a: Parts, b: Parts, h0: Parts, keep: Parts, *, kernel, interpret, chunk, reverse):
     """Flattens the leading axes of (..., L, N) parts into rows and runs one kernel."""
     *lead, length, n = b[0].shape
     rows = math.prod(lead)
     a = tuple(p.reshape(rows, length, n) if p.ndim > 1 else p for p in a)
     b = tuple(p.reshape(rows, length, n) for p in b)
     h0 = tuple(p.reshape(rows, n) for p in h0)
-    h = _KERNELS[kernel](a, b, h0, chunk=chunk, reverse=reverse, interpret=interpret)
+    keep = tuple(p.reshape(rows, length).astype(b[0].dtype) for p in keep)
+    h = _KERNELS[kernel](a, b, h0, keep, chunk=chunk, reverse=reverse, interpret=interpret)
     return tuple(p.reshape(*lead, length, n) for p in h)
 
 
-def _dispatch(a: Parts, b: Parts, h0: Parts, chunk, reverse, interpret, kernel) -> Parts:
+def _dispatch(a: Parts, b: Parts, h0: Parts, keep: Parts, chunk, reverse, interpret, kernel):
     """Picks the kernel variant, and whether to interpret it."""
     run = functools.partial(_run, chunk=chunk, reverse=reverse)
     interpreted = functools.partial(run, chunk=min(chunk, _INTERPRET_CHUNK), interpret=True)
@@ -331,6 +350,7 @@ def _dispatch(a: Parts, b: Parts, h0: Parts, chunk, reverse, interpret, kernel) 
             a,
             b,
             h0,
+            keep,
             cpu=functools.partial(interpreted, kernel="gpu"),
             tpu=functools.partial(run, kernel="tpu", interpret=False),
             default=functools.partial(run, kernel="gpu", interpret=False),
@@ -338,8 +358,8 @@ def _dispatch(a: Parts, b: Parts, h0: Parts, chunk, reverse, interpret, kernel) 
     backend = jax.default_backend()
     kernel = kernel or ("tpu" if backend == "tpu" else "gpu")
     if backend == "cpu" if interpret is None else interpret:
-        return interpreted(a, b, h0, kernel=kernel)
-    return run(a, b, h0, kernel=kernel, interpret=False)
+        return interpreted(a, b, h0, keep, kernel=kernel)
+    return run(a, b, h0, keep, kernel=kernel, interpret=False)
 
 
 # ----------------------------------------------------------------------------------
@@ -353,13 +373,13 @@ def _dispatch(a: Parts, b: Parts, h0: Parts, chunk, reverse, interpret, kernel) 
 # ----------------------------------------------------------------------------------
 
 
-def _on_activation_mesh(fn, a: Parts, b: Parts, h0: Parts) -> Parts:
-    """fn(a, b, h0) per device under lrulm.sharding's mesh context, else plain fn."""
+def _on_activation_mesh(fn, a: Parts, b: Parts, h0: Parts, keep: Parts) -> Parts:
+    """fn(a, b, h0, keep) per device under lrulm.sharding's mesh context, else plain fn."""
     from lrulm import sharding  # the trainer's mesh and logical axis rules
 
     mesh = sharding.current_mesh()
     if mesh is None or mesh.size == 1 or jax.sharding.get_abstract_mesh().manual_axes:
-        return fn(a, b, h0)
+        return fn(a, b, h0, keep)
     ndim = b[0].ndim
     names = ("batch",) + (None,) * (ndim - 3) if ndim > 2 else ()
     spec = tuple(sharding.spec_for((*names, "length", "act_state"), mesh, b[0].shape))
@@ -367,15 +387,16 @@ def _on_activation_mesh(fn, a: Parts, b: Parts, h0: Parts) -> Parts:
     seq, state = P(*spec), P(*spec[:-2], spec[-1])
     a_spec = seq if a[0].ndim == ndim else P(spec[-1])
     specs = tuple((x,) * len(b) for x in (a_spec, seq, state))
+    specs += ((P(*spec[:-2], None),) * len(keep),)
     per_device = jax.shard_map(
         fn, mesh=mesh, in_specs=specs, out_specs=(seq,) * len(b), check_vma=False
     )
-    return per_device(a, b, h0)
+    return per_device(a, b, h0, keep)
 
 
 def _operand_shardings(mesh, arg_shapes):
-    """Shardings of the (a, b, h0) parts: b's rows and channels, the sequence whole."""
-    a, b, _ = arg_shapes
+    """Shardings of the (a, b, h0, keep) parts: b's rows and channels, the sequence whole."""
+    a, b, _, keep = arg_shapes
     sharding, ndim = b[0].sharding, len(b[0].shape)
     if not isinstance(sharding, NamedSharding):
         raise NotImplementedError(
@@ -387,16 +408,17 @@ def _operand_shardings(mesh, arg_shapes):
     seq = NamedSharding(mesh, P(*spec[:-2], None, spec[-1]))
     state = NamedSharding(mesh, P(*spec[:-2], spec[-1]))
     a_sharding = seq if len(a[0].shape) == ndim else NamedSharding(mesh, P(spec[-1]))
-    return tuple((s,) * len(b) for s in (a_sharding, seq, state))
+    keep_sharding = (NamedSharding(mesh, P(*spec[:-2], None)),) * len(keep)
+    return (*((s,) * len(b) for s in (a_sharding, seq, state)), keep_sharding)
 
 
 def _partition(chunk, reverse, interpret, kernel, mesh, arg_shapes, result_shape):
     del result_shape
-    a, b, h0 = _operand_shardings(mesh, arg_shapes)
+    a, b, h0, keep = _operand_shardings(mesh, arg_shapes)
     local = functools.partial(
         _dispatch, chunk=chunk, reverse=reverse, interpret=interpret, kernel=kernel
     )
-    return mesh, local, b, (a, b, h0)
+    return mesh, local, b, (a, b, h0, keep)
 
 
 def _infer_sharding(chunk, reverse, interpret, kernel, mesh, arg_shapes, result_shape):
@@ -405,11 +427,11 @@ def _infer_sharding(chunk, reverse, interpret, kernel, mesh, arg_shapes, result_
 
 
 @functools.cache
-def _sharded(full_a: bool, num_parts: int):
+def _sharded(full_a: bool, num_parts: int, num_keep: int):
     """_dispatch that the partitioner runs per device, for one operand structure."""
-    fn = custom_partitioning(_dispatch, static_argnums=(3, 4, 5, 6))
+    fn = custom_partitioning(_dispatch, static_argnums=(4, 5, 6, 7))
     operands = [("... l n" if full_a else "n")] * num_parts
-    operands += ["... l n"] * num_parts + ["... n"] * num_parts
+    operands += ["... l n"] * num_parts + ["... n"] * num_parts + ["... l"] * num_keep
     fn.def_partition(
         partition=_partition,
         infer_sharding_from_operands=_infer_sharding,
@@ -430,38 +452,42 @@ def _parts(x: jax.Array) -> Parts:
 
 @functools.cache
 def _call(chunk, reverse, interpret, kernel):
-    """(a, b, h0) -> h through the kernel; under vmap, the mapped axis is one more row."""
+    """(a, b, h0) parts -> h parts; under vmap, the mapped axis is one more row."""
 
-    def call(a, b, h0):
-        parts = _parts(a), _parts(b), _parts(h0)
-        sharded = _sharded(a.ndim > 1, len(parts[1]))
-        run = lambda a, b, h0: sharded(a, b, h0, chunk, reverse, interpret, kernel)
-        h = _on_activation_mesh(run, *parts)
-        return jax.lax.complex(*h) if len(h) == 2 else h[0]
+    def call(a: Parts, b: Parts, h0: Parts, keep: Parts) -> Parts:
+        sharded = _sharded(a[0].ndim > 1, len(b), len(keep))
+        run = lambda a, b, h0, keep: sharded(a, b, h0, keep, chunk, reverse, interpret, kernel)
+        return tuple(_on_activation_mesh(run, a, b, h0, keep))
 
     fn = jax.custom_batching.custom_vmap(call)
 
     @fn.def_vmap
-    def _(axis_size, in_batched, a, b, h0):
-        a_batched, b_batched, h0_batched = in_batched
+    def _(axis_size, in_batched, a, b, h0, keep):
         lead = lambda x, batched: x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
-        b, h0 = lead(b, b_batched), lead(h0, h0_batched)
-        if a.ndim - a_batched > 1:
-            a = lead(a, a_batched)
-        elif a_batched:  # one decay vector per mapped index: a full-shaped a
-            a = jnp.broadcast_to(a.reshape(axis_size, *(1,) * (b.ndim - 2), -1), b.shape)
-        return fn(a, b, h0), True
+        b = tuple(map(lead, b, in_batched[1]))
+        h0 = tuple(map(lead, h0, in_batched[2]))
+        keep = tuple(map(lead, keep, in_batched[3]))
+        a_batched = in_batched[0]
+        if a[0].ndim - a_batched[0] > 1:  # a full-shaped a: one more row, like b
+            a = tuple(map(lead, a, a_batched))
+        elif any(a_batched):  # one decay vector per mapped index: a full-shaped a
+            shape = b[0].shape
+            per_row = lambda x: x.reshape(axis_size, *(1,) * (len(shape) - 2), -1)
+            a = tuple(
+                jnp.broadcast_to(per_row(lead(x, bat)), shape) for x, bat in zip(a, a_batched)
+            )
+        return fn(a, b, h0, keep), (True,) * len(b)
 
     return fn
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _forward(a, b, h0, chunk, reverse, interpret, kernel):
-    return _call(chunk, reverse, interpret, kernel)(a, b, h0)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _forward(a: Parts, b: Parts, h0: Parts, keep: Parts, chunk, reverse, interpret, kernel):
+    return _call(chunk, reverse, interpret, kernel)(a, b, h0, keep)
 
 
-def _forward_fwd(a, b, h0, chunk, reverse, interpret, kernel):
-    return _forward(a, b, h0, chunk, reverse, interpret, kernel), None
+def _forward_fwd(a, b, h0, keep, chunk, reverse, interpret, kernel):
+    return _forward(a, b, h0, keep, chunk, reverse, interpret, kernel), None
 
 
 def _forward_bwd(*_):
@@ -473,6 +499,60 @@ def _forward_bwd(*_):
 
 
 _forward.defvjp(_forward_fwd, _forward_bwd)
+
+
+def forward_parts(
+    a: Parts,
+    b: Parts,
+    h0: Parts | None = None,
+    *,
+    keep: jax.Array | None = None,
+    chunk_size: int = 64,
+    reverse: bool = False,
+    interpret: bool | None = None,
+    kernel: str | None = None,
+) -> Parts:
+    """`forward` on values given as parts: (x,) for real ones, (real, imag) for complex.
+
+    The kernels work on parts, so a model that keeps its complex activations as two
+    float32 arrays (lrulm.lru does, for this method) pays for no split or merge pass.
+    Every part of b (and of a, h0) must have the same shape and dtype; h is returned in
+    b's dtype. `keep`, of shape (..., L) (b's shape without the channel axis), bool or
+    0/1, zeroes the state carried into the positions where it is false:
+    h_t = a_t * (keep_t * h_{t-1}) + b_t, so a per-row reset needs no (..., L, N) decay.
+    """
+    a, b = tuple(map(jnp.asarray, a)), tuple(map(jnp.asarray, b))
+    if len(b) not in (1, 2) or len(a) != len(b) or (h0 is not None and len(h0) != len(b)):
+        raise ValueError(
+            "a, b and h0 must each be (x,) for real values or (real, imag) for complex "
+            f"ones, all alike; got {len(a)}, {len(b)} and {None if h0 is None else len(h0)} parts"
+        )
+    shape, dtype = b[0].shape, b[0].dtype
+    if len(shape) < 2 or any(x.shape != shape for x in b):
+        raise ValueError(f"b's parts must share a shape (..., L, N); got {[x.shape for x in b]}")
+    if any(x.shape != a[0].shape for x in a) or a[0].shape not in (shape, shape[-1:]):
+        raise ValueError(
+            f"a's parts must have b's shape {shape} or ({shape[-1]},); got {[x.shape for x in a]}"
+        )
+    if kernel not in (None, *_KERNELS):
+        raise ValueError(f"unknown Pallas kernel {kernel!r}; use 'gpu', 'tpu' or None")
+    state_shape = shape[:-2] + shape[-1:]
+    b = tuple(x.astype(dtype) for x in b)
+    a = tuple(x.astype(dtype) for x in a)
+    # Always arrays: the partitioner needs a fixed set of operands (zeros cost 1/L of b).
+    if h0 is None:
+        h0 = tuple(jnp.zeros(state_shape, dtype) for _ in b)
+    h0 = tuple(jnp.asarray(x, dtype) for x in h0)
+    if any(x.shape != state_shape for x in h0):
+        raise ValueError(f"h0 must have shape {state_shape}; got {[x.shape for x in h0]}")
+    if keep is not None:
+        keep = jnp.asarray(keep)
+        if keep.shape != shape[:-1]:
+            raise ValueError(f"keep must have shape {shape[:-1]} (b's without N); got {keep.shape}")
+        keep = (keep.astype(dtype),)
+    if math.prod(shape) == 0:
+        return b
+    return _forward(a, b, h0, keep or (), int(chunk_size), bool(reverse), interpret, kernel)
 
 
 def forward(
@@ -512,15 +592,17 @@ def forward(
         raise ValueError(
             f"need b of shape (..., L, N) and a of b's shape or (N,); got a {a.shape}, b {b.shape}"
         )
-    if kernel not in (None, *_KERNELS):
-        raise ValueError(f"unknown Pallas kernel {kernel!r}; use 'gpu', 'tpu' or None")
     dtype = jnp.result_type(a, b) if h0 is None else jnp.result_type(a, b, h0)
     a, b = a.astype(dtype), b.astype(dtype)
-    state_shape = b.shape[:-2] + b.shape[-1:]
-    # Always an array: the partitioner needs a fixed set of operands (zeros cost 1/L of b).
-    h0 = jnp.zeros(state_shape, dtype) if h0 is None else jnp.asarray(h0, dtype)
-    if h0.shape != state_shape:
-        raise ValueError(f"h0 must have shape {state_shape}; got {h0.shape}")
-    if b.size == 0:
-        return b
-    return _forward(a, b, h0, int(chunk_size), bool(reverse), interpret, kernel)
+    if h0 is not None:
+        h0 = _parts(jnp.asarray(h0, dtype))
+    h = forward_parts(
+        _parts(a),
+        _parts(b),
+        h0,
+        chunk_size=chunk_size,
+        reverse=reverse,
+        interpret=interpret,
+        kernel=kernel,
+    )
+    return jax.lax.complex(*h) if len(h) == 2 else h[0]

@@ -1,5 +1,7 @@
 """Every scan method and gradient mode against the sequential reference."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -148,3 +150,85 @@ def test_auto_resolves_per_backend():
     assert scan_lib.resolve("auto", "cpu") is scan_lib.ScanMethod.SEQUENTIAL
     assert scan_lib.resolve("auto", "gpu") is not scan_lib.ScanMethod.AUTO
     assert scan_lib.resolve(scan_lib.ScanMethod.ASSOCIATIVE) is scan_lib.ScanMethod.ASSOCIATIVE
+
+
+# ----------------------------------------------------------------------------------
+# The planar form: (real, imag) parts in and out.
+# ----------------------------------------------------------------------------------
+
+
+def _planar_losses(a_re, a_im, b_re, b_im, h0_re, h0_im, *, planar, resets, **kw):
+    """One real loss, computed by the complex reference or by linear_scan_planar."""
+    w = jnp.linspace(-1.0, 2.0, b_re.shape[-1])
+    if planar:
+        hr, hi = scan_lib.linear_scan_planar(
+            (a_re, a_im), (b_re, b_im), h0=(h0_re, h0_im), resets=resets, **kw
+        )
+    else:
+        a = jax.lax.complex(a_re, a_im)
+        if resets is not None:  # the reference: a reset is a zero decay
+            a = jnp.where(resets[..., None], 0, jnp.broadcast_to(a, b_re.shape))
+        h = linear_scan(a, jax.lax.complex(b_re, b_im), h0=jax.lax.complex(h0_re, h0_im), **kw)
+        hr, hi = h.real, h.imag
+    return jnp.sum(hr * w) + jnp.sum(hi**2) + jnp.sum(hr * hi)
+
+
+@pytest.mark.parametrize("method", METHODS + ["pallas"])
+@pytest.mark.parametrize(  # each flag both ways, each pair of flags in two combinations
+    "full_a, reverse, with_resets",
+    [(False, False, False), (True, True, False), (False, True, True), (True, False, True)],
+)
+def test_planar_matches_complex(method, full_a, reverse, with_resets):
+    """Values and gradients w.r.t. every part, against the complex sequential scan."""
+    a, b, h0 = _inputs(7 + reverse, (2, 3), 37, 5, complex_=True, full_a=full_a)
+    parts = (a.real, a.imag, b.real, b.imag, h0.real, h0.imag)
+    resets = None
+    if with_resets:  # the first and last positions included, where h0 enters
+        resets = jnp.asarray(np.random.default_rng(3).uniform(size=(2, 3, 37)) < 0.2)
+        resets = resets.at[0, 0, 0].set(True).at[1, 2, -1].set(True)
+    kw = dict(reverse=reverse, chunk_size=8)
+    losses = {
+        planar: jax.jit(
+            jax.value_and_grad(
+                functools.partial(_planar_losses, planar=planar, resets=resets, **kw, **mkw),
+                argnums=tuple(range(6)),
+            )
+        )
+        for planar, mkw in (
+            (False, dict(method="sequential", grad="autodiff")),
+            (True, dict(method=method)),
+        )
+    }
+    ref, g_ref = losses[False](*parts)
+    out, g = losses[True](*parts)
+    assert abs(out - ref) <= 1e-5 * abs(ref)
+    for name, x, y in zip(("a_re", "a_im", "b_re", "b_im", "h0_re", "h0_im"), g, g_ref):
+        assert x.shape == y.shape and x.dtype == y.dtype, name
+        assert _rel(x, y) <= 1e-5, (method, name, _rel(x, y))
+    # The values themselves, part by part.
+    hr, hi = scan_lib.linear_scan_planar(
+        (a.real, a.imag),
+        (b.real, b.imag),
+        h0=(h0.real, h0.imag),
+        resets=resets,
+        method=method,
+        **kw,
+    )
+    assert hr.dtype == hi.dtype == jnp.float32
+    ref_a = a if resets is None else jnp.where(resets[..., None], 0, jnp.broadcast_to(a, b.shape))
+    ref_h = linear_scan(ref_a, b, h0=h0, method="sequential", **kw)
+    assert _rel(jax.lax.complex(hr, hi), ref_h) <= 1e-5
+
+
+def test_planar_real_parts_and_errors():
+    a, b, h0 = _inputs(11, (2,), 20, 3, complex_=False, full_a=False)
+    (h,) = scan_lib.linear_scan_planar((a,), (b,), h0=(h0,), method="chunked", chunk_size=4)
+    np.testing.assert_allclose(h, _numpy_scan(a, b, h0, False), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="parts"):
+        scan_lib.linear_scan_planar((a, a), (b,))
+    with pytest.raises(ValueError, match="real arrays"):
+        scan_lib.linear_scan_planar((a + 0j,), (b + 0j,))
+    with pytest.raises(ValueError, match="share a shape"):
+        scan_lib.linear_scan_planar((a, a), (b, b[:, :3]))
+    with pytest.raises(ValueError, match="resets must have shape"):
+        scan_lib.linear_scan_planar((a,), (b,), resets=jnp.zeros((2, 19), bool))

@@ -106,6 +106,80 @@ def test_linear_scan_gradients(lead, length, n, complex_, full_a, reverse, use_h
         assert _rel(x, y) <= 1e-5, (name, _rel(x, y))
 
 
+def _resets(seed, shape):
+    resets = np.random.default_rng(seed).uniform(size=shape) < 0.1
+    resets[..., 0] = resets[..., -1] = True  # where h0 enters, in either direction
+    return jnp.asarray(resets)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("lead, length, n, complex_, full_a, reverse, use_h0", CASES[1:])
+def test_kernel_keep_mask(kernel, lead, length, n, complex_, full_a, reverse, use_h0):
+    """forward_parts(keep=...) == the scan with a zeroed where keep is false."""
+    a, b, h0 = _inputs(length + n + 1, lead, length, n, complex_=complex_, full_a=full_a)
+    h0 = h0 if use_h0 else None
+    resets = _resets(length, lead + (length,))
+    gated = jnp.where(resets[..., None], 0, jnp.broadcast_to(a, b.shape))
+    ref = _scan_jit(gated, b, h0=h0, reverse=reverse, method="sequential")
+    parts = scan_pallas._parts
+    out = jax.jit(scan_pallas.forward_parts, static_argnames=("reverse", "interpret", "kernel"))(
+        parts(a),
+        parts(b),
+        None if h0 is None else parts(h0),
+        keep=~resets,
+        reverse=reverse,
+        interpret=not COMPILED,
+        kernel=kernel,
+    )
+    out = jax.lax.complex(*out) if complex_ else out[0]
+    assert _rel(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "lead, length, n, full_a, reverse",
+    [((2,), 1000, 5, False, True), ((2, 3), 7, 256, True, False)],
+)
+def test_planar_resets_gradients(lead, length, n, full_a, reverse):
+    """linear_scan_planar(method="pallas", resets=...): values and gradients w.r.t. every
+    part, against the complex sequential scan with the decays zeroed at the resets."""
+    a, b, h0 = _inputs(n + length, lead, length, n, complex_=True, full_a=full_a)
+    resets = _resets(n, lead + (length,))
+    w = jnp.linspace(-1.0, 2.0, n)
+
+    def loss(a_re, a_im, b_re, b_im, h0_re, h0_im, planar):
+        if planar:
+            hr, hi = scan_lib.linear_scan_planar(
+                (a_re, a_im),
+                (b_re, b_im),
+                h0=(h0_re, h0_im),
+                resets=resets,
+                reverse=reverse,
+                method="pallas",
+            )
+        else:
+            a = jnp.where(
+                resets[..., None], 0, jnp.broadcast_to(jax.lax.complex(a_re, a_im), b.shape)
+            )
+            h = linear_scan(
+                a,
+                jax.lax.complex(b_re, b_im),
+                h0=jax.lax.complex(h0_re, h0_im),
+                reverse=reverse,
+                method="sequential",
+                grad="autodiff",
+            )
+            hr, hi = h.real, h.imag
+        return jnp.sum(hr * w) + jnp.sum(hi**2) + jnp.sum(hr * hi)
+
+    parts = (a.real, a.imag, b.real, b.imag, h0.real, h0.imag)
+    grad = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6))), static_argnums=6)
+    ref, g_ref = grad(*parts, False)
+    out, g = grad(*parts, True)
+    assert abs(out - ref) <= 1e-5 * abs(ref)
+    for i, (x, y) in enumerate(zip(g, g_ref)):
+        assert _rel(x, y) <= 1e-5, (i, _rel(x, y))
+
+
 def test_autodiff_raises_a_clear_error():
     a, b, h0 = _inputs(0, (2,), 9, 4, complex_=True, full_a=False)
     out = _scan_jit(a, b, h0=h0, method="pallas", grad="autodiff")  # values are fine
@@ -209,3 +283,34 @@ def test_tpu_kernel_compiles_ahead_of_time():
     lowered = jax.jit(f).lower(spec((1024,), jnp.complex64), spec((8, 2000, 1024), jnp.complex64))
     text = lowered.compile().as_text()
     assert text.count('custom_call_target="tpu_custom_call"') == 2
+
+
+@pytest.mark.skipif(COMPILED, reason="the compiled tests run the kernel itself")
+def test_planar_resets_lower_to_triton_without_a_decay_array():
+    """The planar form with document resets: each Triton call (forward and backward) reads
+    the (N,) decay parts, b's parts, h0's parts and a (B, L) keep mask: no (B, L, N) decay
+    array and no complex value anywhere in the program."""
+    import re
+
+    B, L, N = 4, 256, 1000
+    a = (jnp.full((N,), 0.9), jnp.full((N,), 0.1))
+    b = (jnp.ones((B, L, N)), jnp.ones((B, L, N)))
+    resets = jnp.zeros((B, L), bool)
+    f = jax.grad(
+        lambda a, b: jnp.sum(
+            scan_lib.linear_scan_planar(a, b, resets=resets, method="pallas")[0] ** 2
+        ),
+        argnums=(0, 1),
+    )
+    text = jax.jit(f).trace(a, b).lower(lowering_platforms=("cuda",)).as_text()
+    calls = [line for line in text.splitlines() if "__gpu$xla.gpu.triton" in line]
+    assert len(calls) == 2
+    for call in calls:
+        signature = call[call.rindex(": (") :]
+        operands, results = signature.split(") -> ")
+        shapes = re.findall(r"tensor<([^>]*)>", operands)
+        assert shapes == [f"{N}xf32"] * 2 + [f"{B}x{L}x{N}xf32"] * 2 + [f"{B}x{N}xf32"] * 2 + [
+            f"{B}x{L}xf32"
+        ], shapes
+        assert re.findall(r"tensor<([^>]*)>", results) == [f"{B}x{L}x{N}xf32"] * 2
+    assert "complex" not in text
