@@ -515,7 +515,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
                 row.update(throughput.measure(step, tokens_per_step))
                 if peak:
                     row["perf/mfu"] = (
-                        flops_per_token * row["perf/tokens_per_s"] / (peak * jax.device_count())
+                        flops_per_token * row["perf/tokens_per_s"] / (peak * exp.mesh.devices.size)
                     )
                 writer.write(step, row)
                 writer.progress_line(
