@@ -12,9 +12,9 @@ memory latency. Time is sequential within a program, so all parallelism comes fr
   readout (lrulm.scan.linear_scan_planar), so a model pays no split or merge pass; the
   complex64 `forward` splits and merges around the kernel (3x the kernel's own bytes in
   an isolated scan). bf16 is upcast on load: the recurrence always accumulates in float32.
-- Document resets enter as a per-row (B, L) keep mask, one scalar per step (GPU), not as a
-  (B, L, N) decay array with zeros: that would add half again to the forward's bytes and
-  be kept for the backward. (The TPU kernel forms that array itself for now.)
+- Document resets enter as a per-row (B, L) keep mask, one value per step broadcast over
+  the channels, not as a (B, L, N) decay array with zeros: that would add half again to
+  the forward's bytes and be kept for the backward.
 - Time is walked in chunks of `chunk_size` steps. Every row of a chunk is loaded before
   the chunk's first step, so a whole chunk of loads is in flight and memory latency is
   paid once per chunk, not once per step as in the naive kernel of DESIGN.md §4.
@@ -242,22 +242,25 @@ def _tpu_layout(n: int, dtype) -> tuple[int, int, int]:
 
 
 def _tpu(a: Parts, b: Parts, h0: Parts, keep: Parts, *, chunk, reverse, interpret) -> Parts:
-    if keep:  # not in the Mosaic kernel yet: the decays of a reset row become zero here
-        shape = b[0].shape
-        a = tuple(keep[0][..., None] * jnp.broadcast_to(x, shape) for x in a)
     rows, length, n = b[0].shape
     num_parts, full_a = len(b), a[0].ndim == 3
     dtype = b[0].dtype
     groups, lanes, gb = _tpu_layout(n, dtype)
     # VMEM per time step of a block: its tile padded to (8, 128), for every array that
     # moves with time (b, h and a full a), double-buffered.
+    # A (chunk, 1) keep block takes a (chunk, 128) tile.
     tile = -(-gb // 8) * 8 * (-(-lanes // 128) * 128) * 4
-    chunk = max(1, min(chunk, length, _TPU_VMEM_BUDGET // (2 * (2 + full_a) * num_parts * tile)))
+    per_step = 2 * ((2 + full_a) * num_parts * tile + 128 * 4 * len(keep))
+    chunk = max(1, min(chunk, length, _TPU_VMEM_BUDGET // per_step))
+    if keep and chunk < length:  # a (chunk, 1) block's rows must be a multiple of 8
+        chunk = max(8, chunk // 8 * 8)
     num_chunks, tail = pl.cdiv(length, chunk), length % chunk
     block_of = (lambda k: num_chunks - 1 - k) if reverse else (lambda k: k)
 
     def kernel(*refs):
-        a_refs, b_refs, h0_refs, _, h_refs, carry_refs = _split_refs(refs, num_parts, 0)
+        a_refs, b_refs, h0_refs, keep_refs, h_refs, carry_refs = _split_refs(
+            refs, num_parts, len(keep)
+        )
         k = pl.program_id(2)
 
         @pl.when(k == 0)
@@ -285,6 +288,8 @@ def _tpu(a: Parts, b: Parts, h0: Parts, keep: Parts, *, chunk, reverse, interpre
                 load=load,
                 store=store,
                 preload=False,
+                # (1, 1), broadcast over the block's (groups, lanes)
+                keep=(lambda t: keep_refs[0][pl.ds(t, 1), :].astype(jnp.float32)) if keep else None,
             )
 
         h = tuple(c[...] for c in carry_refs)
@@ -301,6 +306,8 @@ def _tpu(a: Parts, b: Parts, h0: Parts, keep: Parts, *, chunk, reverse, interpre
     state_spec = pl.BlockSpec((None, gb, lanes), lambda r, j, k: (r, j, 0))
     a_spec = seq_spec if full_a else pl.BlockSpec((gb, lanes), lambda r, j, k: (j, 0))
     in_specs = [a_spec] * num_parts + [seq_spec] * num_parts + [state_spec] * num_parts
+    # keep as (rows, L, 1): a block of (chunk, 1) rows, one per step
+    in_specs += [pl.BlockSpec((None, chunk, 1), lambda r, j, k: (r, block_of(k), 0))] * len(keep)
     view = lambda x: x.reshape(*x.shape[:-1], groups, lanes)
     seq_shape = (rows, length, groups, lanes)
     out = pl.pallas_call(
@@ -316,7 +323,7 @@ def _tpu(a: Parts, b: Parts, h0: Parts, keep: Parts, *, chunk, reverse, interpre
         cost_estimate=_cost(num_parts, full_a, rows, length, n, dtype.itemsize),
         interpret=interpret,
         name="linear_scan_tpu",
-    )(*map(view, a), *map(view, b), *map(view, h0))
+    )(*map(view, a), *map(view, b), *map(view, h0), *(x[..., None] for x in keep))
     return tuple(h.reshape(rows, length, n) for h in out)
 
 

@@ -5,6 +5,7 @@ tests/test_scan_pallas.py` runs the same checks on the compiled kernel (tools/gp
 """
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -284,14 +285,34 @@ def test_tpu_kernel_compiles_ahead_of_time():
     text = lowered.compile().as_text()
     assert text.count('custom_call_target="tpu_custom_call"') == 2
 
+    # The planar form with resets: the kernel reads the (8, 128)-viewed decay parts and a
+    # (B, L, 1) keep mask, not a (B, L, N) decay array.
+    f = jax.grad(
+        lambda a, b, r: jnp.sum(
+            scan_lib.linear_scan_planar(a, b, resets=r, method="pallas")[0] ** 2
+        ),
+        argnums=(0, 1),
+    )
+    parts = lambda shape: (spec(shape, jnp.float32),) * 2
+    lowered = jax.jit(f).lower(parts((1024,)), parts((8, 2000, 1024)), spec((8, 2000), bool))
+    calls = [
+        line[line.index("operand_layout_constraints={") :]
+        for line in lowered.compile().as_text().splitlines()
+        if 'custom_call_target="tpu_custom_call"' in line
+    ]
+    assert len(calls) == 2
+    for operands in calls:
+        shapes = re.findall(r"f32\[([0-9,]*)\]", operands)
+        assert shapes == ["8,128"] * 2 + ["8,2000,8,128"] * 2 + ["8,8,128"] * 2 + ["8,2000,1"], (
+            shapes
+        )
+
 
 @pytest.mark.skipif(COMPILED, reason="the compiled tests run the kernel itself")
 def test_planar_resets_lower_to_triton_without_a_decay_array():
     """The planar form with document resets: each Triton call (forward and backward) reads
     the (N,) decay parts, b's parts, h0's parts and a (B, L) keep mask: no (B, L, N) decay
     array and no complex value anywhere in the program."""
-    import re
-
     B, L, N = 4, 256, 1000
     a = (jnp.full((N,), 0.9), jnp.full((N,), 0.1))
     b = (jnp.ones((B, L, N)), jnp.ones((B, L, N)))
