@@ -232,6 +232,20 @@ def test_sharded_inputs_are_scanned_per_device():
     with sharding.activation_sharding(trainer_mesh):
         g = jax.jit(lambda a, b, h0: linear_scan(a, b, h0=h0, method="pallas"))
         assert _rel(g(a, b, h0), ref) <= 1e-5
+    # The planar form with a (B, L) reset mask: the mask is split with b's rows.
+    resets = _resets(4, (4, 40))
+    ref = _scan_jit(
+        jnp.where(resets[..., None], 0, jnp.broadcast_to(a, b.shape)), b, h0=h0, method="sequential"
+    )
+    planar = jax.jit(
+        lambda a, b, h0, r: scan_lib.linear_scan_planar(a, b, h0=h0, resets=r, method="pallas")
+    )
+    split = lambda x, *spec: (put(x.real, *spec), put(x.imag, *spec))
+    args = split(a, "tensor"), split(b, "data", None, "tensor"), split(h0, "data", "tensor")
+    out = planar(*args, put(resets, "data", None))
+    assert _rel(jax.lax.complex(*out), ref) <= 1e-5
+    assert out[0].sharding.spec == P("data", None, "tensor")
+    assert "all-gather" not in planar.lower(*args, put(resets, "data", None)).compile().as_text()
 
 
 def test_vmap_maps_to_rows():
