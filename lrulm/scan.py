@@ -304,6 +304,23 @@ def _cmul(x: Parts, y: Parts, conj_y: bool = False) -> Parts:
     return xr * yr - xi * yi, xr * yi + xi * yr
 
 
+def _planar_grads(a, dh, h, h0, keep, method, chunk_size, reverse):
+    """(g, da): the reverse recurrence through `method`, then da from g and h."""
+    a_conj = a if len(a) == 1 else (a[0], -a[1])
+    later = lambda x: _shift(x, not reverse, jnp.zeros_like(x[..., 0, :]))
+    if a[0].ndim > 1:
+        a_conj = tuple(map(later, a_conj))
+    keep_next = None if keep is None else later(keep[..., None])[..., 0]
+    g = _forward_parts(a_conj, dh, None, keep_next, method, chunk_size, not reverse)
+    h_start = tuple(jnp.zeros_like(x[..., 0, :]) for x in h) if h0 is None else h0
+    da = _cmul(g, tuple(_shift(x, reverse, s) for x, s in zip(h, h_start)), conj_y=True)
+    if keep is not None:
+        da = tuple(x * keep[..., None] for x in da)
+    if a[0].ndim == 1:
+        da = tuple(x.reshape(-1, x.shape[-1]).sum(0) for x in da)
+    return g, da
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _planar_recurrence_grad(a, b, h0, keep, method, chunk_size, reverse):
     return _forward_parts(a, b, h0, keep, method, chunk_size, reverse)
@@ -321,18 +338,14 @@ def _planar_bwd(method, chunk_size, reverse, residuals, dh):
     # a reset costs no (..., L, N) array here either.
     a, h, h0, keep = residuals
     dh = tuple(d.astype(x.dtype) for d, x in zip(dh, h))
-    a_conj = a if len(a) == 1 else (a[0], -a[1])
-    later = lambda x: _shift(x, not reverse, jnp.zeros_like(x[..., 0, :]))
-    if a[0].ndim > 1:
-        a_conj = tuple(map(later, a_conj))
-    keep_next = None if keep is None else later(keep[..., None])[..., 0]
-    g = _forward_parts(a_conj, dh, None, keep_next, method, chunk_size, not reverse)
-    h_start = tuple(jnp.zeros_like(x[..., 0, :]) for x in h) if h0 is None else h0
-    da = _cmul(g, tuple(_shift(x, reverse, s) for x, s in zip(h, h_start)), conj_y=True)
-    if keep is not None:
-        da = tuple(x * keep[..., None] for x in da)
-    if a[0].ndim == 1:
-        da = tuple(x.reshape(-1, x.shape[-1]).sum(0) for x in da)
+    if method is ScanMethod.PALLAS:  # g and da in one kernel pass, no shifted copies
+        from lrulm import scan_pallas
+
+        g, da = scan_pallas.backward_parts(
+            a, dh, h, h0, keep=keep, chunk_size=chunk_size, reverse=reverse
+        )
+    else:
+        g, da = _planar_grads(a, dh, h, h0, keep, method, chunk_size, reverse)
     dh0 = None
     if h0 is not None:
         first = -1 if reverse else 0
@@ -472,6 +485,18 @@ def linear_scan(
         )
     if b.shape[-2] == 0:
         return b
+    if method is ScanMethod.PALLAS and grad is GradMethod.RECURRENCE:
+        # The kernels work on parts, and their fused backward comes with the planar form.
+        h = _planar_recurrence_grad(
+            _split(a),
+            _split(b),
+            None if h0 is None else _split(h0),
+            None,
+            method,
+            chunk_size,
+            reverse,
+        )
+        return _merge(h)
     if grad is GradMethod.RECURRENCE:
         return _scan_recurrence_grad(a, b, h0, method, chunk_size, reverse)
     return _forward(a, b, h0, method, chunk_size, reverse)

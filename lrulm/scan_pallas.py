@@ -142,41 +142,73 @@ def _cost(num_parts, full_a, rows, length, n, itemsize):
 # ----------------------------------------------------------------------------------
 
 
+def _gpu_memory_ops(n, bn, num_blocks):
+    """load(ref, t), store(ref, t, x), load_all(refs), store_all(refs, xs) for the current
+    program's block of channels, masked where the last block hangs over the end of N."""
+    mask = None
+    if n % bn:
+        j = pl.program_id(0) % num_blocks
+        mask = j * bn + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0) < n
+
+    # (The interpreter's masked load/store wants a traced row index, not a Python int.)
+    def load(ref, t):
+        if mask is None:
+            return ref[t].astype(jnp.float32)
+        return plt.load(ref.at[jnp.int32(t)], mask=mask, other=0).astype(jnp.float32)
+
+    def store(ref, t, x):
+        x = x.astype(ref.dtype)
+        if mask is None:
+            ref[t] = x
+        else:
+            plt.store(ref.at[jnp.int32(t)], x, mask=mask)
+
+    def load_all(refs):
+        if mask is None:
+            return tuple(r[...].astype(jnp.float32) for r in refs)
+        return tuple(plt.load(r, mask=mask, other=0).astype(jnp.float32) for r in refs)
+
+    def store_all(refs, xs):
+        for r, x in zip(refs, xs):
+            if mask is None:
+                r[...] = x.astype(r.dtype)
+            else:
+                plt.store(r, x.astype(r.dtype), mask=mask)
+
+    return load, store, load_all, store_all
+
+
+def _walk_chunks(scan, carry, length, chunk, reverse):
+    """carry <- scan(carry, rows) over the sequence, `chunk` rows at a time in walk order
+    (a fori_loop over whole chunks, then a shorter static tail: no padding in time)."""
+    num_chunks, tail = divmod(length, chunk)
+
+    def chunk_rows(start, count):
+        """Row indices of `count` steps beginning `start` steps into the walk."""
+        if reverse:
+            return [length - 1 - start - i for i in range(count)]
+        return [start + i for i in range(count)]
+
+    if num_chunks:
+        carry = jax.lax.fori_loop(
+            0, num_chunks, lambda k, c: scan(c, chunk_rows(k * chunk, chunk)), carry
+        )
+    if tail:
+        carry = scan(carry, chunk_rows(num_chunks * chunk, tail))
+    return carry
+
+
 def _gpu(a: Parts, b: Parts, h0: Parts, keep: Parts, *, chunk, reverse, interpret) -> Parts:
     rows, length, n = b[0].shape
     num_parts, full_a = len(b), a[0].ndim == 3
     bn = min(_GPU_CHANNELS, pl.next_power_of_2(n))  # Triton blocks are powers of two
     num_blocks = pl.cdiv(n, bn)
-    ragged = n % bn != 0
     per_row = num_parts * (1 + full_a) + len(keep)  # values loaded per thread per step
     chunk = max(1, min(chunk, length, _GPU_LOAD_REGISTERS // per_row))
-    num_chunks, tail = divmod(length, chunk)
 
     def kernel(*refs):
         a_refs, b_refs, h0_refs, keep_refs, h_refs, _ = _split_refs(refs, num_parts, len(keep))
-        mask = None
-        if ragged:  # the last channel block hangs over the end of the array
-            j = pl.program_id(0) % num_blocks
-            mask = j * bn + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0) < n
-
-        # (The interpreter's masked load/store wants a traced row index, not a Python int.)
-        def load(ref, t):
-            if mask is None:
-                return ref[t].astype(jnp.float32)
-            return plt.load(ref.at[jnp.int32(t)], mask=mask, other=0).astype(jnp.float32)
-
-        def store(ref, t, x):
-            x = x.astype(ref.dtype)
-            if mask is None:
-                ref[t] = x
-            else:
-                plt.store(ref.at[jnp.int32(t)], x, mask=mask)
-
-        def load_all(refs):
-            if mask is None:
-                return tuple(r[...].astype(jnp.float32) for r in refs)
-            return tuple(plt.load(r, mask=mask, other=0).astype(jnp.float32) for r in refs)
-
+        load, store, load_all, _ = _gpu_memory_ops(n, bn, num_blocks)
         h = load_all(h0_refs)
         a_const = None if full_a else load_all(a_refs)
         scan = functools.partial(
@@ -192,19 +224,7 @@ def _gpu(a: Parts, b: Parts, h0: Parts, keep: Parts, *, chunk, reverse, interpre
             keep=(lambda t: keep_refs[0][t].astype(jnp.float32)) if keep else None,
         )
 
-        def chunk_rows(start, count):
-            """Row indices of `count` steps beginning `start` steps into the walk."""
-            if reverse:
-                return [length - 1 - start - i for i in range(count)]
-            return [start + i for i in range(count)]
-
-        def body(k, h):
-            return scan(h, rows=chunk_rows(k * chunk, chunk))
-
-        if num_chunks:
-            h = jax.lax.fori_loop(0, num_chunks, body, h)
-        if tail:
-            scan(h, rows=chunk_rows(num_chunks * chunk, tail))
+        _walk_chunks(lambda h, rows: scan(h, rows=rows), h, length, chunk, reverse)
 
     seq_spec = pl.BlockSpec((None, length, bn), lambda p: (p // num_blocks, 0, p % num_blocks))
     state_spec = pl.BlockSpec((None, bn), lambda p: (p // num_blocks, p % num_blocks))
@@ -225,6 +245,115 @@ def _gpu(a: Parts, b: Parts, h0: Parts, keep: Parts, *, chunk, reverse, interpre
             name="linear_scan_gpu",
         )(*a, *b, *h0, *keep)
     )
+
+
+def _conj(x: Parts) -> Parts:
+    return x if len(x) == 1 else (x[0], -x[1])
+
+
+def _mul_conj(x: Parts, y: Parts) -> Parts:
+    """x * conj(y) on parts."""
+    if len(x) == 1:
+        return (x[0] * y[0],)
+    (xr, xi), (yr, yi) = x, y
+    return xr * yr + xi * yi, xi * yr - xr * yi
+
+
+def _gpu_bwd(a, dh, h, h0, keep, *, chunk, reverse, interpret):
+    """The gradient of the forward kernel, in one pass (the fused backward).
+
+    Walks the sequence opposite to the forward, carrying g_t = conj(a_{t+1}) keep_{t+1}
+    g_{t+1} + dh_t (the cotangent of b, written out) and, in the same step, forms
+    da_t = keep_t g_t conj(h_{t-1}) from the h row the forward wrote (h0 at the first
+    position): summed in registers for a time-invariant a (one (N,) row per program),
+    written per step for a full a. The shifted a_{t+1} and keep_{t+1} are the values the
+    walk loaded one step earlier, so no shifted copies exist. Bytes: read dh and h, write
+    g (plus a and da when a is full), against read dh, write g, then read g and h again
+    for da when the backward is the forward kernel run backwards.
+
+    Returns:
+      (g parts (rows, L, N), da parts: (rows, N) partial sums or (rows, L, N)).
+    """
+    rows, length, n = dh[0].shape
+    num_parts, full_a = len(dh), a[0].ndim == 3
+    bn = min(_GPU_CHANNELS, pl.next_power_of_2(n))
+    num_blocks = pl.cdiv(n, bn)
+    per_row = num_parts * (2 + full_a) + len(keep)  # dh, h_{t-1} (and a) per step
+    chunk = max(1, min(chunk, length, _GPU_LOAD_REGISTERS // per_row))
+    first = length - 1 if reverse else 0  # the forward's first row: h0 precedes it
+    before = (lambda t: t + 1) if reverse else (lambda t: t - 1)
+
+    def kernel(*refs):
+        groups = [num_parts] * 4 + [len(keep), num_parts, num_parts]
+        a_refs, dh_refs, h_refs, h0_refs, keep_refs, g_refs, da_refs = (
+            refs[sum(groups[:i]) : sum(groups[: i + 1])] for i in range(len(groups))
+        )
+        load, store, load_all, store_all = _gpu_memory_ops(n, bn, num_blocks)
+        h0 = load_all(h0_refs)
+        a_const = None if full_a else load_all(a_refs)
+
+        def previous_state(t):  # h_{t-1} in the forward's order; h0 before its first row
+            if isinstance(t, int):
+                return h0 if t == first else tuple(load(r, before(t)) for r in h_refs)
+            row = jnp.clip(before(t), 0, length - 1)
+            return tuple(jnp.where(t == first, x0, load(r, row)) for x0, r in zip(h0, h_refs))
+
+        def inputs(t):
+            at = a_const if a_const is not None else tuple(load(r, t) for r in a_refs)
+            kt = keep_refs[0][t].astype(jnp.float32) if keep else None
+            return at, tuple(load(r, t) for r in dh_refs), previous_state(t), kt
+
+        def scan(carry, rows):
+            g, a_next, k_next, da = carry
+            loaded = [inputs(t) for t in rows]  # the whole chunk's loads in flight
+            for t, (at, dht, hp, kt) in zip(rows, loaded):
+                if keep:
+                    g = tuple(k_next * x for x in g)
+                g = _step(g, _conj(a_next), dht)
+                for ref, x in zip(g_refs, g):
+                    store(ref, t, x)
+                contribution = _mul_conj(g, hp)
+                if keep:
+                    contribution = tuple(kt * x for x in contribution)
+                if full_a:
+                    for ref, x in zip(da_refs, contribution):
+                        store(ref, t, x)
+                else:
+                    da = tuple(x + y for x, y in zip(da, contribution))
+                a_next, k_next = at, (kt if keep else k_next)
+            return g, a_next, k_next, da
+
+        zeros = tuple(jnp.zeros((bn,), jnp.float32) for _ in range(num_parts))
+        # g starts at zero, so the "next" a and keep of the first walk step do not matter.
+        carry = (zeros, a_const or zeros, jnp.float32(1), zeros)
+        _, _, _, da = _walk_chunks(scan, carry, length, chunk, not reverse)
+        if not full_a:
+            store_all(da_refs, da)
+
+    seq_spec = pl.BlockSpec((None, length, bn), lambda p: (p // num_blocks, 0, p % num_blocks))
+    state_spec = pl.BlockSpec((None, bn), lambda p: (p // num_blocks, p % num_blocks))
+    a_spec = seq_spec if full_a else pl.BlockSpec((bn,), lambda p: (p % num_blocks,))
+    in_specs = [a_spec] * num_parts + [seq_spec] * (2 * num_parts) + [state_spec] * num_parts
+    in_specs += [pl.BlockSpec((None, length), lambda p: (p // num_blocks, 0))] * len(keep)
+    dtype = dh[0].dtype
+    da_shape = (rows, length, n) if full_a else (rows, n)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=[jax.ShapeDtypeStruct(dh[0].shape, dtype)] * num_parts
+        + [jax.ShapeDtypeStruct(da_shape, jnp.float32)] * num_parts,
+        grid=(rows * num_blocks,),
+        in_specs=in_specs,
+        out_specs=[seq_spec] * num_parts + [seq_spec if full_a else state_spec] * num_parts,
+        compiler_params=plt.CompilerParams(num_warps=_GPU_WARPS, num_stages=1),
+        cost_estimate=pl.CostEstimate(
+            flops=4 * num_parts**2 * rows * length * n,
+            transcendentals=0,
+            bytes_accessed=(3 + 2 * full_a) * num_parts * rows * length * n * dtype.itemsize,
+        ),
+        interpret=interpret,
+        name="linear_scan_gpu_bwd",
+    )(*a, *dh, *h, *h0, *keep)
+    return tuple(out[:num_parts]), tuple(out[num_parts:])
 
 
 # ----------------------------------------------------------------------------------
@@ -327,37 +456,78 @@ def _tpu(a: Parts, b: Parts, h0: Parts, keep: Parts, *, chunk, reverse, interpre
     return tuple(h.reshape(rows, length, n) for h in out)
 
 
+def _shift_in(x, fill, from_end: bool):
+    """x moved one step along axis 1 (time), `fill` entering at the start (x_{t-1} at t)
+    or, from_end, at the end (x_{t+1} at t)."""
+    fill = fill[:, None]
+    return jnp.concatenate([x[:, 1:], fill] if from_end else [fill, x[:, :-1]], axis=1)
+
+
+def _tpu_bwd(a, dh, h, h0, keep, *, chunk, reverse, interpret):
+    """The gradient on TPU: the forward kernel run backwards over conj(a) shifted one step
+    (and keep shifted), then da from g and h in XLA. Same results as `_gpu_bwd`."""
+    full_a = a[0].ndim == 3
+    a_next = _conj(a)
+    if full_a:
+        a_next = tuple(_shift_in(x, jnp.zeros_like(x[:, 0]), not reverse) for x in a_next)
+    keep_next = tuple(_shift_in(k, jnp.zeros_like(k[:, 0]), not reverse) for k in keep)
+    zeros = tuple(jnp.zeros_like(x) for x in h0)
+    g = _tpu(a_next, dh, zeros, keep_next, chunk=chunk, reverse=not reverse, interpret=interpret)
+    h_before = tuple(_shift_in(x, x0, reverse) for x, x0 in zip(h, h0))
+    da = _mul_conj(tuple(x.astype(jnp.float32) for x in g), h_before)
+    if keep:
+        da = tuple(x * keep[0][..., None] for x in da)
+    if not full_a:
+        da = tuple(x.sum(1) for x in da)
+    return g, da
+
+
 # ----------------------------------------------------------------------------------
 # Leading axes, and the choice of kernel.
 # ----------------------------------------------------------------------------------
 
-_KERNELS: dict[str, Callable[..., Parts]] = {"gpu": _gpu, "tpu": _tpu}
+_KERNELS: dict[tuple[str, str], Callable] = {
+    ("forward", "gpu"): _gpu,
+    ("forward", "tpu"): _tpu,
+    ("backward", "gpu"): _gpu_bwd,
+    ("backward", "tpu"): _tpu_bwd,
+}
+# The operand and result groups of each operation, each group a tuple of parts, by kind:
+# "a" the decays ((N,) or b's shape), "seq" (..., L, N), "state" (..., N), "keep"
+# (..., L); "da" is per-row partial sums (..., N) for an (N,) a, else (..., L, N).
+_OPERANDS = {
+    "forward": ("a", "seq", "state", "keep"),  # a, b, h0, keep -> h
+    "backward": ("a", "seq", "seq", "state", "keep"),  # a, dh, h, h0, keep -> g, da
+}
+_RESULTS = {"forward": ("seq",), "backward": ("seq", "da")}
 
 
-def _run(a: Parts, b: Parts, h0: Parts, keep: Parts, *, kernel, interpret, chunk, reverse):
-    """Flattens the leading axes of (..., L, N) parts into rows and runs one kernel."""
-    *lead, length, n = b[0].shape
-    rows = math.prod(lead)
-    a = tuple(p.reshape(rows, length, n) if p.ndim > 1 else p for p in a)
-    b = tuple(p.reshape(rows, length, n) for p in b)
-    h0 = tuple(p.reshape(rows, n) for p in h0)
-    keep = tuple(p.reshape(rows, length).astype(b[0].dtype) for p in keep)
-    h = _KERNELS[kernel](a, b, h0, keep, chunk=chunk, reverse=reverse, interpret=interpret)
-    return tuple(p.reshape(*lead, length, n) for p in h)
+def _run(op, groups, *, kernel, interpret, chunk, reverse):
+    """Flattens the leading axes of the groups into rows and runs one kernel."""
+    *lead, length, n = groups[1][0].shape
+    rows, full_a = math.prod(lead), groups[0][0].ndim > 1
+    flat = {
+        "a": (rows, length, n) if full_a else (n,),
+        "seq": (rows, length, n),
+        "state": (rows, n),
+        "keep": (rows, length),
+    }
+    groups = [tuple(p.reshape(flat[k]) for p in g) for k, g in zip(_OPERANDS[op], groups)]
+    out = _KERNELS[op, kernel](*groups, chunk=chunk, reverse=reverse, interpret=interpret)
+    out = (out,) if op == "forward" else out
+    shapes = {"seq": (*lead, length, n), "da": (*lead, length, n) if full_a else (*lead, n)}
+    return tuple(tuple(p.reshape(shapes[k]) for p in g) for k, g in zip(_RESULTS[op], out))
 
 
-def _dispatch(a: Parts, b: Parts, h0: Parts, keep: Parts, chunk, reverse, interpret, kernel):
+def _dispatch(op, groups, chunk, reverse, interpret, kernel):
     """Picks the kernel variant, and whether to interpret it."""
-    run = functools.partial(_run, chunk=chunk, reverse=reverse)
+    run = functools.partial(_run, op, chunk=chunk, reverse=reverse)
     interpreted = functools.partial(run, chunk=min(chunk, _INTERPRET_CHUNK), interpret=True)
     if interpret is None and kernel is None:
         # Decided when the computation is lowered, so ahead-of-time compilation for a
         # TPU (or GPU) from a CPU host picks that device's kernel.
         return jax.lax.platform_dependent(
-            a,
-            b,
-            h0,
-            keep,
+            groups,
             cpu=functools.partial(interpreted, kernel="gpu"),
             tpu=functools.partial(run, kernel="tpu", interpret=False),
             default=functools.partial(run, kernel="gpu", interpret=False),
@@ -365,8 +535,19 @@ def _dispatch(a: Parts, b: Parts, h0: Parts, keep: Parts, chunk, reverse, interp
     backend = jax.default_backend()
     kernel = kernel or ("tpu" if backend == "tpu" else "gpu")
     if backend == "cpu" if interpret is None else interpret:
-        return interpreted(a, b, h0, keep, kernel=kernel)
-    return run(a, b, h0, keep, kernel=kernel, interpret=False)
+        return interpreted(groups, kernel=kernel)
+    return run(groups, kernel=kernel, interpret=False)
+
+
+def _dispatch_forward(a, b, h0, keep, chunk, reverse, interpret, kernel):
+    return _dispatch("forward", (a, b, h0, keep), chunk, reverse, interpret, kernel)
+
+
+def _dispatch_backward(a, dh, h, h0, keep, chunk, reverse, interpret, kernel):
+    return _dispatch("backward", (a, dh, h, h0, keep), chunk, reverse, interpret, kernel)
+
+
+_DISPATCH = {"forward": _dispatch_forward, "backward": _dispatch_backward}
 
 
 # ----------------------------------------------------------------------------------
@@ -380,77 +561,95 @@ def _dispatch(a: Parts, b: Parts, h0: Parts, keep: Parts, chunk, reverse, interp
 # ----------------------------------------------------------------------------------
 
 
-def _on_activation_mesh(fn, a: Parts, b: Parts, h0: Parts, keep: Parts) -> Parts:
-    """fn(a, b, h0, keep) per device under lrulm.sharding's mesh context, else plain fn."""
+def _kind_specs(spec: tuple, full_a: bool) -> dict[str, P]:
+    """The PartitionSpec of every kind of group, from the spec of a (..., L, N) operand:
+    its rows and channels as they are, the sequence whole."""
+    spec = spec[:-2] + (None, spec[-1])
+    seq, state = P(*spec), P(*spec[:-2], spec[-1])
+    return {
+        "a": seq if full_a else P(spec[-1]),
+        "seq": seq,
+        "state": state,
+        "keep": P(*spec[:-2], None),
+        "da": seq if full_a else state,
+    }
+
+
+def _group_specs(op, groups, specs):
+    """(operand specs, result specs), one spec per part."""
+    num_parts = len(groups[1])
+    ins = tuple((specs[k],) * len(g) for k, g in zip(_OPERANDS[op], groups))
+    return ins, tuple((specs[k],) * num_parts for k in _RESULTS[op])
+
+
+def _on_activation_mesh(fn, op, groups):
+    """fn(*groups) per device under lrulm.sharding's mesh context, else plain fn."""
     from lrulm import sharding  # the trainer's mesh and logical axis rules
 
     mesh = sharding.current_mesh()
     if mesh is None or mesh.size == 1 or jax.sharding.get_abstract_mesh().manual_axes:
-        return fn(a, b, h0, keep)
-    ndim = b[0].ndim
-    names = ("batch",) + (None,) * (ndim - 3) if ndim > 2 else ()
-    spec = tuple(sharding.spec_for((*names, "length", "act_state"), mesh, b[0].shape))
-    spec = spec[:-2] + (None, spec[-1])  # each device keeps whole sequences
-    seq, state = P(*spec), P(*spec[:-2], spec[-1])
-    a_spec = seq if a[0].ndim == ndim else P(spec[-1])
-    specs = tuple((x,) * len(b) for x in (a_spec, seq, state))
-    specs += ((P(*spec[:-2], None),) * len(keep),)
-    per_device = jax.shard_map(
-        fn, mesh=mesh, in_specs=specs, out_specs=(seq,) * len(b), check_vma=False
-    )
-    return per_device(a, b, h0, keep)
+        return fn(*groups)
+    seq = groups[1][0]
+    names = ("batch",) + (None,) * (seq.ndim - 3) if seq.ndim > 2 else ()
+    spec = tuple(sharding.spec_for((*names, "length", "act_state"), mesh, seq.shape))
+    ins, outs = _group_specs(op, groups, _kind_specs(spec, groups[0][0].ndim == seq.ndim))
+    per_device = jax.shard_map(fn, mesh=mesh, in_specs=ins, out_specs=outs, check_vma=False)
+    return per_device(*groups)
 
 
-def _operand_shardings(mesh, arg_shapes):
-    """Shardings of the (a, b, h0, keep) parts: b's rows and channels, the sequence whole."""
-    a, b, _, keep = arg_shapes
-    sharding, ndim = b[0].sharding, len(b[0].shape)
+def _shardings(op, arg_shapes):
+    """(operand shardings, result shardings) from the first (..., L, N) operand's."""
+    seq = arg_shapes[1][0]
+    sharding, ndim = seq.sharding, len(seq.shape)
     if not isinstance(sharding, NamedSharding):
         raise NotImplementedError(
             f"linear_scan(method='pallas') needs its inputs sharded over a named mesh "
             f"(jax.sharding.NamedSharding); got {sharding}"
         )
-    mesh = sharding.mesh
     spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
-    seq = NamedSharding(mesh, P(*spec[:-2], None, spec[-1]))
-    state = NamedSharding(mesh, P(*spec[:-2], spec[-1]))
-    a_sharding = seq if len(a[0].shape) == ndim else NamedSharding(mesh, P(spec[-1]))
-    keep_sharding = (NamedSharding(mesh, P(*spec[:-2], None)),) * len(keep)
-    return (*((s,) * len(b) for s in (a_sharding, seq, state)), keep_sharding)
+    specs = _kind_specs(spec, len(arg_shapes[0][0].shape) == ndim)
+    named = lambda specs: tuple(tuple(NamedSharding(sharding.mesh, s) for s in g) for g in specs)
+    ins, outs = _group_specs(op, arg_shapes, specs)
+    return named(ins), named(outs)
 
 
-def _partition(chunk, reverse, interpret, kernel, mesh, arg_shapes, result_shape):
+def _partition(op, chunk, reverse, interpret, kernel, mesh, arg_shapes, result_shape):
     del result_shape
-    a, b, h0, keep = _operand_shardings(mesh, arg_shapes)
+    ins, outs = _shardings(op, arg_shapes)
     local = functools.partial(
-        _dispatch, chunk=chunk, reverse=reverse, interpret=interpret, kernel=kernel
+        _DISPATCH[op], chunk=chunk, reverse=reverse, interpret=interpret, kernel=kernel
     )
-    return mesh, local, b, (a, b, h0, keep)
+    return ins[1][0].mesh, local, outs, ins
 
 
-def _infer_sharding(chunk, reverse, interpret, kernel, mesh, arg_shapes, result_shape):
-    del chunk, reverse, interpret, kernel, result_shape
-    return _operand_shardings(mesh, arg_shapes)[1]
+def _infer_sharding(op, chunk, reverse, interpret, kernel, mesh, arg_shapes, result_shape):
+    del chunk, reverse, interpret, kernel, mesh, result_shape
+    return _shardings(op, arg_shapes)[1]
 
 
 @functools.cache
-def _sharded(full_a: bool, num_parts: int, num_keep: int):
-    """_dispatch that the partitioner runs per device, for one operand structure."""
-    fn = custom_partitioning(_dispatch, static_argnums=(4, 5, 6, 7))
-    operands = [("... l n" if full_a else "n")] * num_parts
-    operands += ["... l n"] * num_parts + ["... n"] * num_parts + ["... l"] * num_keep
+def _sharded(op: str, full_a: bool, num_parts: int, num_keep: int):
+    """The op's dispatch, which the partitioner runs per device, for one operand structure."""
+    num_groups = len(_OPERANDS[op])
+    fn = custom_partitioning(_DISPATCH[op], static_argnums=tuple(range(num_groups, num_groups + 4)))
+    dims = {
+        "a": "... l n" if full_a else "n",
+        "seq": "... l n",
+        "state": "... n",
+        "keep": "... l",
+        "da": "... l n" if full_a else "... n",
+    }
+    operands = [
+        dims[k] for k in _OPERANDS[op] for _ in range(num_keep if k == "keep" else num_parts)
+    ]
+    results = [dims[k] for k in _RESULTS[op] for _ in range(num_parts)]
     fn.def_partition(
-        partition=_partition,
-        infer_sharding_from_operands=_infer_sharding,
-        sharding_rule=", ".join(operands) + " -> " + ", ".join(["... l n"] * num_parts),
+        partition=functools.partial(_partition, op),
+        infer_sharding_from_operands=functools.partial(_infer_sharding, op),
+        sharding_rule=", ".join(operands) + " -> " + ", ".join(results),
         need_replication_factors=("l",),
     )
     return fn
-
-
-# ----------------------------------------------------------------------------------
-# Public entry point.
-# ----------------------------------------------------------------------------------
 
 
 def _parts(x: jax.Array) -> Parts:
@@ -458,39 +657,39 @@ def _parts(x: jax.Array) -> Parts:
 
 
 @functools.cache
-def _call(chunk, reverse, interpret, kernel):
-    """(a, b, h0) parts -> h parts; under vmap, the mapped axis is one more row."""
+def _call(op, chunk, reverse, interpret, kernel):
+    """The op on groups of parts, sharded; under vmap, the mapped axis is one more row."""
 
-    def call(a: Parts, b: Parts, h0: Parts, keep: Parts) -> Parts:
-        sharded = _sharded(a[0].ndim > 1, len(b), len(keep))
-        run = lambda a, b, h0, keep: sharded(a, b, h0, keep, chunk, reverse, interpret, kernel)
-        return tuple(_on_activation_mesh(run, a, b, h0, keep))
+    def call(*groups):
+        sharded = _sharded(op, groups[0][0].ndim > 1, len(groups[1]), len(groups[-1]))
+        run = lambda *gs: sharded(*gs, chunk, reverse, interpret, kernel)
+        return tuple(tuple(g) for g in _on_activation_mesh(run, op, groups))
 
     fn = jax.custom_batching.custom_vmap(call)
 
     @fn.def_vmap
-    def _(axis_size, in_batched, a, b, h0, keep):
+    def _(axis_size, in_batched, *groups):
         lead = lambda x, batched: x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
-        b = tuple(map(lead, b, in_batched[1]))
-        h0 = tuple(map(lead, h0, in_batched[2]))
-        keep = tuple(map(lead, keep, in_batched[3]))
-        a_batched = in_batched[0]
+        a, a_batched = groups[0], in_batched[0]
+        rest = [tuple(map(lead, g, bat)) for g, bat in zip(groups[1:], in_batched[1:])]
+        shape, per_row_a = rest[0][0].shape, False
         if a[0].ndim - a_batched[0] > 1:  # a full-shaped a: one more row, like b
             a = tuple(map(lead, a, a_batched))
         elif any(a_batched):  # one decay vector per mapped index: a full-shaped a
-            shape = b[0].shape
-            per_row = lambda x: x.reshape(axis_size, *(1,) * (len(shape) - 2), -1)
-            a = tuple(
-                jnp.broadcast_to(per_row(lead(x, bat)), shape) for x, bat in zip(a, a_batched)
-            )
-        return fn(a, b, h0, keep), (True,) * len(b)
+            as_rows = lambda x: x.reshape(axis_size, *(1,) * (len(shape) - 2), -1)
+            a = tuple(jnp.broadcast_to(as_rows(lead(x, b)), shape) for x, b in zip(a, a_batched))
+            per_row_a = True
+        out = fn(a, *rest)
+        if per_row_a and op == "backward":  # da of a full a, summed back over time
+            out = (out[0], tuple(x.sum(-2) for x in out[1]))
+        return out, jax.tree.map(lambda _: True, out)
 
     return fn
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _forward(a: Parts, b: Parts, h0: Parts, keep: Parts, chunk, reverse, interpret, kernel):
-    return _call(chunk, reverse, interpret, kernel)(a, b, h0, keep)
+    return _call("forward", chunk, reverse, interpret, kernel)(a, b, h0, keep)[0]
 
 
 def _forward_fwd(a, b, h0, keep, chunk, reverse, interpret, kernel):
@@ -506,6 +705,11 @@ def _forward_bwd(*_):
 
 
 _forward.defvjp(_forward_fwd, _forward_bwd)
+
+
+# ----------------------------------------------------------------------------------
+# Public entry point.
+# ----------------------------------------------------------------------------------
 
 
 def forward_parts(
@@ -541,7 +745,7 @@ def forward_parts(
         raise ValueError(
             f"a's parts must have b's shape {shape} or ({shape[-1]},); got {[x.shape for x in a]}"
         )
-    if kernel not in (None, *_KERNELS):
+    if kernel not in (None, "gpu", "tpu"):
         raise ValueError(f"unknown Pallas kernel {kernel!r}; use 'gpu', 'tpu' or None")
     state_shape = shape[:-2] + shape[-1:]
     b = tuple(x.astype(dtype) for x in b)
@@ -560,6 +764,43 @@ def forward_parts(
     if math.prod(shape) == 0:
         return b
     return _forward(a, b, h0, keep or (), int(chunk_size), bool(reverse), interpret, kernel)
+
+
+def backward_parts(
+    a: Parts,
+    dh: Parts,
+    h: Parts,
+    h0: Parts | None = None,
+    *,
+    keep: jax.Array | None = None,
+    chunk_size: int = 64,
+    reverse: bool = False,
+    interpret: bool | None = None,
+    kernel: str | None = None,
+) -> tuple[Parts, Parts]:
+    """The gradient of `forward_parts` given its output h and the cotangent dh, in one
+    kernel pass on GPU (see `_gpu_bwd`).
+
+    Returns:
+      (g, da): g = the cotangent of b, shape (..., L, N); da = the cotangent of a, of a's
+      shape ((N,) summed over rows and time, or (..., L, N)). The cotangent of h0 is
+      keep_first * conj(a_first) * g_first, left to the caller.
+    """
+    shape, dtype = h[0].shape, h[0].dtype
+    state_shape = shape[:-2] + shape[-1:]
+    a = tuple(jnp.asarray(x, dtype) for x in a)
+    dh = tuple(jnp.asarray(x, dtype) for x in dh)
+    h0 = (
+        tuple(jnp.zeros(state_shape, dtype) for _ in h)
+        if h0 is None
+        else tuple(jnp.asarray(x, dtype) for x in h0)
+    )
+    keep = () if keep is None else (jnp.asarray(keep, dtype),)
+    call = _call("backward", int(chunk_size), bool(reverse), interpret, kernel)
+    g, da = call(a, dh, h, h0, keep)
+    if a[0].ndim == 1:  # per-row partial sums -> (N,)
+        da = tuple(x.reshape(-1, x.shape[-1]).sum(0) for x in da)
+    return g, tuple(x.astype(y.dtype) for x, y in zip(da, a))
 
 
 def forward(

@@ -246,6 +246,18 @@ def test_sharded_inputs_are_scanned_per_device():
     assert _rel(jax.lax.complex(*out), ref) <= 1e-5
     assert out[0].sharding.spec == P("data", None, "tensor")
     assert "all-gather" not in planar.lower(*args, put(resets, "data", None)).compile().as_text()
+    # And the fused backward, split the same way (da's row sums are reduced across devices).
+    w = jnp.linspace(-1.0, 1.0, 16)
+
+    def loss(a, b, h0, r, method):
+        hr, hi = scan_lib.linear_scan_planar(a, b, h0=h0, resets=r, method=method)
+        return jnp.sum(hr * w) + jnp.sum(hi**2)
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=4)
+    g = grads(*args, put(resets, "data", None), "pallas")
+    g_ref = grads(*args, put(resets, "data", None), "sequential")
+    for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        assert _rel(x, y) <= 1e-5
 
 
 def test_vmap_maps_to_rows():
@@ -324,9 +336,10 @@ def test_tpu_kernel_compiles_ahead_of_time():
 
 @pytest.mark.skipif(COMPILED, reason="the compiled tests run the kernel itself")
 def test_planar_resets_lower_to_triton_without_a_decay_array():
-    """The planar form with document resets: each Triton call (forward and backward) reads
-    the (N,) decay parts, b's parts, h0's parts and a (B, L) keep mask: no (B, L, N) decay
-    array and no complex value anywhere in the program."""
+    """The planar form with document resets lowers to two Triton calls: the forward reads
+    the (N,) decay parts, b's parts, h0's parts and a (B, L) keep mask and writes h; the
+    fused backward reads a, dh, h, h0 and keep and writes g and per-row da partial sums.
+    No (B, L, N) decay array and no complex value anywhere in the program."""
     B, L, N = 4, 256, 1000
     a = (jnp.full((N,), 0.9), jnp.full((N,), 0.1))
     b = (jnp.ones((B, L, N)), jnp.ones((B, L, N)))
@@ -339,13 +352,14 @@ def test_planar_resets_lower_to_triton_without_a_decay_array():
     )
     text = jax.jit(f).trace(a, b).lower(lowering_platforms=("cuda",)).as_text()
     calls = [line for line in text.splitlines() if "__gpu$xla.gpu.triton" in line]
-    assert len(calls) == 2
+    signatures = []
     for call in calls:
-        signature = call[call.rindex(": (") :]
-        operands, results = signature.split(") -> ")
-        shapes = re.findall(r"tensor<([^>]*)>", operands)
-        assert shapes == [f"{N}xf32"] * 2 + [f"{B}x{L}x{N}xf32"] * 2 + [f"{B}x{N}xf32"] * 2 + [
-            f"{B}x{L}xf32"
-        ], shapes
-        assert re.findall(r"tensor<([^>]*)>", results) == [f"{B}x{L}x{N}xf32"] * 2
+        operands, results = call[call.rindex(": (") :].split(") -> ")
+        signatures.append(
+            (re.findall(r"tensor<([^>]*)>", operands), re.findall(r"tensor<([^>]*)>", results))
+        )
+    a_, seq, state, keep = f"{N}xf32", f"{B}x{L}x{N}xf32", f"{B}x{N}xf32", f"{B}x{L}xf32"
+    forward = ([a_] * 2 + [seq] * 2 + [state] * 2 + [keep], [seq] * 2)
+    backward = ([a_] * 2 + [seq] * 4 + [state] * 2 + [keep], [seq] * 2 + [state] * 2)
+    assert sorted(signatures) == sorted([forward, backward]), signatures
     assert "complex" not in text
