@@ -385,9 +385,10 @@ def scan_section(args, result, save, methods) -> None:
             label = dict(method=m, form="complex", grad=grad)
             section.run(label, show, bench_scan.time_method, a, b, m, grad, **kw)
     if bench_scan.planar_available():
-        for m in methods:
-            label = dict(method=m, form="planar", grad="default")
-            section.run(label, show, bench_scan.time_planar, a, b, m, **kw)
+        for resets in (False, True):  # the LM resets the state at each document
+            for m in methods:
+                label = dict(method=m, form="planar+resets" if resets else "planar", grad="default")
+                section.run(label, show, bench_scan.time_planar, a, b, m, resets=resets, **kw)
     result["section_wall_s"]["scan"] = time.perf_counter() - section.start
 
 

@@ -98,13 +98,19 @@ def time_method(a, b, method: str, grad: str, *, chunk_size: int, repeats: int, 
     return {**_row(method, grad, t_f, t_fb, b.size * 8, bandwidth), "form": "complex"}
 
 
-def time_planar(a, b, method: str, *, chunk_size: int, repeats: int, bandwidth: float):
+def time_planar(
+    a, b, method: str, *, chunk_size: int, repeats: int, bandwidth: float, resets: bool = False
+):
     """One row for `linear_scan_planar`: the same recurrence on float32 (re, im) planes.
 
     The bytes moved are the same as for complex64, so the floors and "% copy" compare
-    directly with `time_method`'s rows.
+    directly with `time_method`'s rows. resets: with a (B, L) document-reset mask (one
+    reset every 512 positions), as the LM trains (its bytes are 1/(2N) of b's).
     """
     kw = dict(method=method, chunk_size=chunk_size)
+    if resets:
+        B, L = b.shape[:2]
+        kw["resets"] = jnp.zeros((B, L), bool).at[:, ::512].set(True)
     linear_scan_planar = scan_lib.linear_scan_planar
     a_p, b_p = (a.real, a.imag), (b.real, b.imag)
     fwd = jax.jit(lambda b: linear_scan_planar(a=a_p, b=b, **kw))
@@ -113,7 +119,8 @@ def time_planar(a, b, method: str, *, chunk_size: int, repeats: int, bandwidth: 
     )
     t_f = _time(fwd, b_p, repeats=repeats)
     t_fb = _time(fwd_bwd, a_p, b_p, repeats=repeats)
-    return {**_row(method, "default", t_f, t_fb, b.size * 8, bandwidth), "form": "planar"}
+    form = "planar+resets" if resets else "planar"
+    return {**_row(method, "default", t_f, t_fb, b.size * 8, bandwidth), "form": form}
 
 
 def planar_available() -> bool:
