@@ -28,10 +28,12 @@ def _inputs(seed, shape):
     return jnp.asarray(a_full), jnp.asarray(x), jnp.asarray(h0)
 
 
-@pytest.mark.parametrize("shards", [2, 4, 8])
-@pytest.mark.parametrize("time_varying", [False, True])
-@pytest.mark.parametrize("reverse", [False, True])
-def test_split_scan_equals_unsplit(shards, time_varying, reverse):
+@pytest.mark.parametrize(
+    "shards, time_varying, reverse, method",
+    [(s, t, r, "chunked") for s in (2, 4, 8) for t in (False, True) for r in (False, True)]
+    + [(4, False, False, "pallas"), (2, True, True, "pallas")],  # the kernel per segment
+)
+def test_split_scan_equals_unsplit(shards, time_varying, reverse, method):
     a_full, b, h0 = _inputs(shards, (4, 64, 6))
     a = a_full if time_varying else a_full[0, 0]
     mesh = sharding.make_mesh(dict(data=8 // shards, sequence=shards))
@@ -39,7 +41,7 @@ def test_split_scan_equals_unsplit(shards, time_varying, reverse):
     def loss(a, b, h0, split):
         if split:
             h = sp.scan_over_mesh(
-                a, b, h0=h0, reverse=reverse, mesh=mesh, method="chunked", chunk_size=4
+                a, b, h0=h0, reverse=reverse, mesh=mesh, method=method, chunk_size=4
             )
         else:
             h = linear_scan(a, b, h0=h0, reverse=reverse, method="sequential")
