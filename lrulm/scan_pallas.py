@@ -118,6 +118,15 @@ def _scan_rows(h, a, a_refs, b_refs, h_refs, rows, load, store, *, preload, keep
     return h
 
 
+def _B_INTO_H(num_parts: int) -> dict[int, int]:  # noqa: N802 (reads as a constant)
+    """The kernels write each row of h over the row of b it was made from (operands
+    num_parts.. are b's parts, results 0.. are h's): a step reads b_t before it stores
+    h_t, and no program reads a row another one writes, so the recurrence needs one
+    (B, L, N) buffer, not two. XLA copies b first only if it is still needed afterwards
+    (saved by a remat policy, say); in the LRU it is dead once the scan has read it."""
+    return {num_parts + i: i for i in range(num_parts)}
+
+
 def _split_refs(refs, num_parts, num_keep):
     """(a, b, h0, keep, h, scratch) refs: parts, parts, parts, 0 or 1, parts, the rest."""
     sizes = (num_parts,) * 3 + (num_keep, num_parts)
@@ -241,6 +250,7 @@ def _gpu(a: Parts, b: Parts, h0: Parts, keep: Parts, *, chunk, reverse, interpre
             out_specs=[seq_spec] * num_parts,
             compiler_params=plt.CompilerParams(num_warps=_GPU_WARPS, num_stages=1),
             cost_estimate=_cost(num_parts, full_a, rows, length, n, dtype.itemsize),
+            input_output_aliases=_B_INTO_H(num_parts),
             interpret=interpret,
             name="linear_scan_gpu",
         )(*a, *b, *h0, *keep)
@@ -350,6 +360,7 @@ def _gpu_bwd(a, dh, h, h0, keep, *, chunk, reverse, interpret):
             transcendentals=0,
             bytes_accessed=(3 + 2 * full_a) * num_parts * rows * length * n * dtype.itemsize,
         ),
+        input_output_aliases=_B_INTO_H(num_parts),  # g written over dh
         interpret=interpret,
         name="linear_scan_gpu_bwd",
     )(*a, *dh, *h, *h0, *keep)
@@ -450,6 +461,7 @@ def _tpu(a: Parts, b: Parts, h0: Parts, keep: Parts, *, chunk, reverse, interpre
             dimension_semantics=("parallel", "parallel", "arbitrary")
         ),
         cost_estimate=_cost(num_parts, full_a, rows, length, n, dtype.itemsize),
+        input_output_aliases=_B_INTO_H(num_parts),
         interpret=interpret,
         name="linear_scan_tpu",
     )(*map(view, a), *map(view, b), *map(view, h0), *(x[..., None] for x in keep))

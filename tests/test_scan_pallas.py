@@ -261,6 +261,25 @@ def test_sharded_inputs_are_scanned_per_device():
         assert _rel(x, y) <= 1e-5
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_b_still_needed_after_the_scan_is_not_overwritten(kernel):
+    """The kernels write h over b (and g over dh); when the program uses b afterwards,
+    XLA must keep a copy, so the aliasing never changes a value the caller sees."""
+    a, b, h0 = _inputs(5, (2,), 40, 256, complex_=True, full_a=False)
+    parts = lambda x: (x.real, x.imag)
+
+    @jax.jit
+    def f(a, b):
+        h = scan_pallas.forward_parts(parts(a), parts(b), kernel=kernel, chunk_size=16)
+        return h, parts(b)  # b read after the kernel ran
+
+    (hr, hi), (br, bi) = f(a, b)
+    np.testing.assert_array_equal(br, b.real)
+    np.testing.assert_array_equal(bi, b.imag)
+    ref = linear_scan(a, b, method="sequential")
+    assert _rel(jax.lax.complex(hr, hi), ref) <= 1e-5
+
+
 def test_vmap_maps_to_rows():
     """vmap over linear_scan, one decay vector per mapped index: values and gradients."""
     a, b, h0 = _inputs(4, (3, 2), 13, 5, complex_=True, full_a=False)
@@ -364,3 +383,8 @@ def test_planar_resets_lower_to_triton_without_a_decay_array():
     backward = ([a_] * 2 + [seq] * 4 + [state] * 2 + [keep], [seq] * 2 + [state] * 2)
     assert sorted(signatures) == sorted([forward, backward]), signatures
     assert "complex" not in text
+    # h is written over b, and g over dh (operands 2 and 3, after a's two parts): one
+    # (B, L, N) buffer per recurrence, not an input and an output.
+    for call in calls:
+        aliases = re.findall(r"output_tuple_indices = \[(\d)\], operand_index = (\d+)", call)
+        assert aliases == [("0", "2"), ("1", "3")], call
