@@ -26,12 +26,17 @@ memory latency. Time is sequential within a program, so all parallelism comes fr
   ptxas for sm_90a gives 168 registers and no spills for that kernel. The program loops
   over the chunks itself (Triton programs cannot pass each other a carry) and finishes
   with a shorter static tail: no padding or masking in time.
-- TPU: channels are viewed as (N/128, 128), so one time step of a block is whole (8, 128)
-  vregs; the grid is (rows, channel blocks, chunks) with the chunk axis sequential
-  ("arbitrary"), the state carried in VMEM scratch, and Pallas's pipeline copying the
-  next chunk into VMEM behind the current one.
-- Both walk a chunk with the same body (`_scan_rows`); `reverse` only changes which
-  chunk comes next and the row order within it, so no flipped copies are made.
+- TPU: arrays keep XLA's (..., L, N) layout, whose (8, 128) tiles are 8 time steps of
+  128 channels, so the kernel costs no relayout copies around it; a tile's 8 steps are
+  scanned together in log steps with sublane rolls, then the carry enters. The grid is
+  (rows, channel blocks, chunks) with the chunk axis sequential ("arbitrary"), the state
+  carried in VMEM scratch, and Pallas's pipeline copying the next chunk into VMEM behind
+  the current one.
+- Both kernels write h over b (and the backward g over dh): one (B, L, N) buffer per
+  recurrence, so the LRU's B projection, the scan and its C readout hold one
+  complex-sized activation per layer, which is also the only residual the gradient keeps.
+- `reverse` only changes which chunk comes next and the row order within it, so no
+  flipped copies are made.
 
 A `pallas_call` cannot be transposed, so gradients come from lrulm.scan's
 grad="recurrence", which runs this same kernel backwards.
@@ -64,6 +69,9 @@ _INTERPRET_CHUNK = 8
 # (the default scoped VMEM limit is 16 MiB on v5e, 32 MiB on v4/v5p/v6e).
 _TPU_LANES = 128
 _TPU_VMEM_BUDGET = 8 * 2**20
+# TPU: channels per block (4 vregs per part for each 8 steps: the log-step tile scan's
+# values stay in the 64 vregs).
+_TPU_CHANNELS = 512
 
 Parts = tuple[jax.Array, ...]  # (x,) for real values, (real, imag) for complex ones
 
@@ -370,102 +378,158 @@ def _gpu_bwd(a, dh, h, h0, keep, *, chunk, reverse, interpret):
 # ----------------------------------------------------------------------------------
 # TPU (Mosaic): grid over (row, channel block, chunk), the state carried in VMEM.
 # ----------------------------------------------------------------------------------
+#
+# Arrays keep their natural (..., L, N) layout, whose (8, 128) tiles hold 8 time steps
+# of 128 channels: XLA's matmuls write b that way and its readout reads h that way, so
+# no relayout copy surrounds the kernel (a (L, N/128, 128) view, one step per vreg,
+# would cost XLA a copy of every operand and result, as many bytes again as the scan).
+# A tile's 8 steps are scanned at once, log-step (Hillis-Steele) with sublane rolls,
+# then the carry from the previous tile enters through the tile's cumulative decay.
 
 
-def _tpu_layout(n: int, dtype) -> tuple[int, int, int]:
-    """(groups, lanes, groups per block): channels viewed as (groups, lanes)."""
+def _tpu_block_channels(n: int) -> int:
+    """Channels per block: the largest multiple of 128 dividing n, at most
+    _TPU_CHANNELS; the whole axis when n is not a multiple of 128."""
     if n % _TPU_LANES:
-        return 1, n, 1  # one (1, N) row per step: the block spans the whole array
-    groups = n // _TPU_LANES
-    sublanes = 8 * 4 // jnp.dtype(dtype).itemsize  # a vreg holds (8, 128) 32-bit values
-    return groups, _TPU_LANES, sublanes if groups % sublanes == 0 else groups
+        return n
+    lanes = n // _TPU_LANES
+    return _TPU_LANES * max(d for d in range(1, _TPU_CHANNELS // _TPU_LANES + 1) if lanes % d == 0)
+
+
+def _tpu_chunk(length: int, chunk: int, slab: int, budget_rows: int) -> tuple[int, int]:
+    """(rows per grid step, padded length): a multiple of `slab` that divides the padded
+    length, near min(chunk, budget, length); the length is padded only when no divisor
+    of it is at least half that size."""
+    target = max(slab, min(chunk, budget_rows, length) // slab * slab)
+    padded = -(-length // slab) * slab
+    best = max(c for c in range(slab, target + 1, slab) if padded % c == 0)
+    if 2 * best >= target:
+        return best, padded
+    return target, -(-length // target) * target
+
+
+def _mul(x: Parts, y: Parts) -> Parts:
+    """x * y on parts."""
+    if len(x) == 1:
+        return (x[0] * y[0],)
+    (xr, xi), (yr, yi) = x, y
+    return xr * yr - xi * yi, xr * yi + xi * yr
+
+
+def _tile_scan(decay: Parts, x: Parts, reverse: bool, roll) -> tuple[Parts, Parts]:
+    """The recurrence within a tile of 8 time steps (rows), all channels at once.
+
+    Composes (decay, x) pairs over windows of 1, 2, 4 rows: afterwards x_r is the state
+    at row r had the tile started from zero, and decay_r the product of the decays from
+    the tile's first row (last, in reverse) to r: the factor the carried state enters with.
+    """
+    row = jax.lax.broadcasted_iota(jnp.int32, x[0].shape, 0)
+    for w in (1, 2, 4):
+        # Row r takes the pair w rows before it (after it, in reverse).
+        shift, valid = (8 - w, row < 8 - w) if reverse else (w, row >= w)
+        x_from = tuple(roll(v, shift, 0) for v in x)
+        decay_from = tuple(roll(v, shift, 0) for v in decay)
+        x = tuple(jnp.where(valid, v + u, v) for v, u in zip(x, _mul(decay, x_from)))
+        decay = tuple(jnp.where(valid, u, v) for v, u in zip(decay, _mul(decay, decay_from)))
+    return decay, x
 
 
 def _tpu(a: Parts, b: Parts, h0: Parts, keep: Parts, *, chunk, reverse, interpret) -> Parts:
     rows, length, n = b[0].shape
     num_parts, full_a = len(b), a[0].ndim == 3
     dtype = b[0].dtype
-    groups, lanes, gb = _tpu_layout(n, dtype)
-    # VMEM per time step of a block: its tile padded to (8, 128), for every array that
-    # moves with time (b, h and a full a), double-buffered.
-    # A (chunk, 1) keep block takes a (chunk, 128) tile.
-    tile = -(-gb // 8) * 8 * (-(-lanes // 128) * 128) * 4
-    per_step = 2 * ((2 + full_a) * num_parts * tile + 128 * 4 * len(keep))
-    chunk = max(1, min(chunk, length, _TPU_VMEM_BUDGET // per_step))
-    if keep and chunk < length:  # a (chunk, 1) block's rows must be a multiple of 8
-        chunk = max(8, chunk // 8 * 8)
-    num_chunks, tail = pl.cdiv(length, chunk), length % chunk
+    bn = _tpu_block_channels(n)
+    # A tile's rows: 8 for 32-bit values, 16 for bf16 (loaded whole, scanned as 2 x 8).
+    slab = 8 * max(1, 4 // jnp.dtype(dtype).itemsize)
+    # VMEM per row of a grid step, double-buffered: b and h (and a full a), and keep as
+    # a (chunk, 1) block that takes (chunk, 128) words.
+    padded_bn = -(-bn // _TPU_LANES) * _TPU_LANES
+    per_row = 2 * ((2 + full_a) * num_parts * padded_bn * jnp.dtype(dtype).itemsize)
+    per_row += 2 * _TPU_LANES * 4 * len(keep)
+    chunk, padded = _tpu_chunk(length, chunk, slab, _TPU_VMEM_BUDGET // per_row)
+    if padded != length:
+        # Extra rows after the end (before the start, in reverse): the recurrence never
+        # carries them into a real row.
+        pad = ((0, 0), (padded - length, 0) if reverse else (0, padded - length), (0, 0))
+        b = tuple(jnp.pad(x, pad) for x in b)
+        a = tuple(jnp.pad(x, pad) for x in a) if full_a else a
+        keep = tuple(jnp.pad(k, pad[:2], constant_values=1) for k in keep)
+    num_chunks, num_slabs = padded // chunk, chunk // slab
     block_of = (lambda k: num_chunks - 1 - k) if reverse else (lambda k: k)
+    roll = jnp.roll if interpret else pltpu.roll
 
     def kernel(*refs):
         a_refs, b_refs, h0_refs, keep_refs, h_refs, carry_refs = _split_refs(
             refs, num_parts, len(keep)
         )
-        k = pl.program_id(2)
 
-        @pl.when(k == 0)
+        @pl.when(pl.program_id(2) == 0)
         def _():
             for c, h0_ref in zip(carry_refs, h0_refs):
                 c[...] = h0_ref[...].astype(jnp.float32)
 
-        def load(ref, t):
-            return ref[t].astype(jnp.float32)
+        a_row = None if full_a else tuple(r[...].astype(jnp.float32) for r in a_refs)
 
-        def store(ref, t, x):
-            ref[t] = x.astype(ref.dtype)
+        def tile(i, carry):
+            s = (num_slabs - 1 - i) if reverse else i
+            start = pl.multiple_of(s * slab, slab)
+            load = lambda r: r[pl.ds(start, slab), :].astype(jnp.float32)
+            bs = tuple(map(load, b_refs))
+            if full_a:
+                decays = tuple(map(load, a_refs))
+            else:
+                decays = tuple(jnp.broadcast_to(x, (slab, bn)) for x in a_row)
+            if keep:  # (slab, 1), broadcast over the channels
+                decays = tuple(keep_refs[0][pl.ds(start, slab), :] * x for x in decays)
+            outs = [None] * (slab // 8)
+            for j in reversed(range(slab // 8)) if reverse else range(slab // 8):
+                sub = slice(8 * j, 8 * j + 8)
+                decay, x = _tile_scan(
+                    tuple(x[sub] for x in decays), tuple(x[sub] for x in bs), reverse, roll
+                )
+                x = tuple(v + u for v, u in zip(x, _mul(decay, carry)))
+                outs[j] = x
+                edge = slice(0, 1) if reverse else slice(7, 8)
+                carry = tuple(v[edge] for v in x)
+            for p, ref in enumerate(h_refs):
+                whole = outs[0][p] if len(outs) == 1 else jnp.concatenate([o[p] for o in outs])
+                ref[pl.ds(start, slab), :] = whole.astype(ref.dtype)
+            return carry
 
-        a_const = None if full_a else tuple(r[...].astype(jnp.float32) for r in a_refs)
-
-        def walk(count):  # VMEM rows: loaded at their step, not all up front
-            order = list(range(count - 1, -1, -1) if reverse else range(count))
-            return functools.partial(
-                _scan_rows,
-                a=a_const,
-                a_refs=a_refs,
-                b_refs=b_refs,
-                h_refs=h_refs,
-                rows=order,
-                load=load,
-                store=store,
-                preload=False,
-                # (1, 1), broadcast over the block's (groups, lanes)
-                keep=(lambda t: keep_refs[0][pl.ds(t, 1), :].astype(jnp.float32)) if keep else None,
-            )
-
-        h = tuple(c[...] for c in carry_refs)
-        if reverse and tail:
-            # The walk starts in the last, partial block, whose rows past the end hold
-            # garbage; forward, they come after every real row and are never stored.
-            h = jax.lax.cond(k == 0, walk(tail), walk(chunk), h)
-        else:
-            h = walk(chunk)(h)
-        for c, x in zip(carry_refs, h):
+        carry = tuple(c[...] for c in carry_refs)
+        carry = jax.lax.fori_loop(0, num_slabs, tile, carry)
+        for c, x in zip(carry_refs, carry):
             c[...] = x
 
-    seq_spec = pl.BlockSpec((None, chunk, gb, lanes), lambda r, j, k: (r, block_of(k), j, 0))
-    state_spec = pl.BlockSpec((None, gb, lanes), lambda r, j, k: (r, j, 0))
-    a_spec = seq_spec if full_a else pl.BlockSpec((gb, lanes), lambda r, j, k: (j, 0))
+    seq_spec = pl.BlockSpec((None, chunk, bn), lambda r, j, k: (r, block_of(k), j))
+    state_spec = pl.BlockSpec((None, 1, bn), lambda r, j, k: (r, 0, j))
+    a_spec = seq_spec if full_a else pl.BlockSpec((1, bn), lambda r, j, k: (0, j))
     in_specs = [a_spec] * num_parts + [seq_spec] * num_parts + [state_spec] * num_parts
-    # keep as (rows, L, 1): a block of (chunk, 1) rows, one per step
+    # keep as (rows, L, 1): a (chunk, 1) block, one value per step
     in_specs += [pl.BlockSpec((None, chunk, 1), lambda r, j, k: (r, block_of(k), 0))] * len(keep)
-    view = lambda x: x.reshape(*x.shape[:-1], groups, lanes)
-    seq_shape = (rows, length, groups, lanes)
     out = pl.pallas_call(
         kernel,
-        out_shape=[jax.ShapeDtypeStruct(seq_shape, dtype)] * num_parts,
-        grid=(rows, groups // gb, num_chunks),
+        out_shape=[jax.ShapeDtypeStruct((rows, padded, n), dtype)] * num_parts,
+        grid=(rows, n // bn, num_chunks),
         in_specs=in_specs,
         out_specs=[seq_spec] * num_parts,
-        scratch_shapes=[pltpu.VMEM((gb, lanes), jnp.float32)] * num_parts,
+        scratch_shapes=[pltpu.VMEM((1, bn), jnp.float32)] * num_parts,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")
         ),
-        cost_estimate=_cost(num_parts, full_a, rows, length, n, dtype.itemsize),
+        cost_estimate=_cost(num_parts, full_a, rows, padded, n, dtype.itemsize),
         input_output_aliases=_B_INTO_H(num_parts),
         interpret=interpret,
         name="linear_scan_tpu",
-    )(*map(view, a), *map(view, b), *map(view, h0), *(x[..., None] for x in keep))
-    return tuple(h.reshape(rows, length, n) for h in out)
+    )(
+        *(x if full_a else x[None] for x in a),
+        *b,
+        *(x[:, None] for x in h0),
+        *(k.astype(jnp.float32)[..., None] for k in keep),
+    )
+    if padded != length:
+        out = [h[:, padded - length :] if reverse else h[:, :length] for h in out]
+    return tuple(out)
 
 
 def _shift_in(x, fill, from_end: bool):

@@ -4,6 +4,8 @@ On a machine with a GPU or TPU, `LRULM_TEST_PALLAS_COMPILED=1 JAX_PLATFORMS=cuda
 tests/test_scan_pallas.py` runs the same checks on the compiled kernel (tools/gpu_check.sh).
 """
 
+import functools
+import math
 import os
 import re
 
@@ -134,6 +136,30 @@ def test_kernel_keep_mask(kernel, lead, length, n, complex_, full_a, reverse, us
     )
     out = jax.lax.complex(*out) if complex_ else out[0]
     assert _rel(out, ref) <= 1e-5
+
+
+def test_tpu_chunks_divide_the_length_or_the_length_is_padded():
+    chunk = scan_pallas._tpu_chunk  # (length, chunk, tile rows, VMEM rows) -> (chunk, length)
+    assert chunk(2048, 256, 8, 10**6) == (256, 2048)
+    assert chunk(2000, 256, 8, 10**6) == (200, 2000)  # 10 steps of 200, no padding
+    assert chunk(4072, 256, 8, 10**6) == (256, 4096)  # 8 x 509: padded, not 509 steps of 8
+    assert chunk(7, 256, 8, 10**6) == (8, 8)
+    assert chunk(2048, 256, 16, 100) == (64, 2048)  # bf16 tiles of 16 rows, VMEM-bound
+
+
+@pytest.mark.skipif(COMPILED and jax.default_backend() != "tpu", reason="the TPU kernel")
+@pytest.mark.parametrize("reverse", [False, True])
+def test_tpu_kernel_on_a_padded_length(reverse):
+    """A length with no good chunk (300: padded to 320 in 5 steps of 64) gives the same h,
+    with resets and h0, in either direction (padding goes where the state never flows)."""
+    a, b, h0 = _inputs(7, (2,), 300, 256, complex_=True, full_a=False)
+    resets = _resets(3, (2, 300))
+    gated = jnp.where(resets[..., None], 0, jnp.broadcast_to(a, b.shape))
+    ref = _scan_jit(gated, b, h0=h0, reverse=reverse, method="sequential")
+    parts = scan_pallas._parts
+    run = functools.partial(scan_pallas._tpu, chunk=64, reverse=reverse, interpret=not COMPILED)
+    out = jax.jit(run)(parts(a), parts(b), parts(h0), ((~resets).astype(jnp.float32),))
+    assert _rel(jax.lax.complex(*out), ref) <= 1e-5
 
 
 @pytest.mark.parametrize(
@@ -349,9 +375,50 @@ def test_tpu_kernel_compiles_ahead_of_time():
     assert len(calls) == 2
     for operands in calls:
         shapes = re.findall(r"f32\[([0-9,]*)\]", operands)
-        assert shapes == ["8,128"] * 2 + ["8,2000,8,128"] * 2 + ["8,8,128"] * 2 + ["8,2000,1"], (
+        assert shapes == ["1,1024"] * 2 + ["8,2000,1024"] * 2 + ["8,1,1024"] * 2 + ["8,2000,1"], (
             shapes
         )
+
+
+@pytest.mark.skipif(COMPILED, reason="the compiled tests run the kernel itself")
+def test_tpu_lru_layer_moves_no_activation_twice():
+    """An LRU layer's forward and backward with the TPU kernel, compiled for a v5e: the
+    kernels read and write (B, L, N) in the layout XLA's matmuls use, so no relayout
+    copy of an activation appears (a (L, N/128, 128) view cost one per operand and
+    result), and XLA's byte count is under a third of the associative scan's."""
+    from flax import nnx
+    from jax.sharding import SingleDeviceSharding
+
+    from lrulm import compile as compile_lib
+    from lrulm import lru as lru_lib
+
+    try:
+        devices = compile_lib.topology_devices(compile_lib.parse_topology("v5e:2x2"))
+    except Exception as e:
+        pytest.skip(f"TPU topology API unavailable (install jax[tpu] for libtpu): {e}")
+    sharding = SingleDeviceSharding(devices[0])
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    B, L, H, N = 2, 512, 256, 384
+
+    def compiled(method):
+        layer = lru_lib.LRU(H, N, scan_method=method, rngs=nnx.Rngs(0))
+        graph, state = nnx.split(layer)
+        loss = lambda state, u, r: jnp.sum(nnx.merge(graph, state)(u, resets=r) ** 2)
+        state = jax.tree.map(lambda x: spec(x.shape, x.dtype), state)
+        f = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        return f.lower(state, spec((B, L, H), jnp.float32), spec((B, L), bool)).compile()
+
+    pallas = compiled("pallas")
+    text = pallas.as_text()
+    assert text.count('custom_call_target="tpu_custom_call"') == 2
+    copies = [
+        dims
+        for dims in re.findall(r"= f32\[([0-9,]+)\]\S* copy(?:-start)?\(", text)
+        if math.prod(map(int, dims.split(","))) == B * L * N
+    ]
+    assert not copies, copies
+    moved = lambda c: c.cost_analysis()["bytes accessed"]
+    assert moved(pallas) < moved(compiled("associative")) / 3
 
 
 @pytest.mark.skipif(COMPILED, reason="the compiled tests run the kernel itself")
