@@ -358,8 +358,8 @@ def test_tpu_kernel_compiles_ahead_of_time():
     text = lowered.compile().as_text()
     assert text.count('custom_call_target="tpu_custom_call"') == 2
 
-    # The planar form with resets: the kernel reads the (8, 128)-viewed decay parts and a
-    # (B, L, 1) keep mask, not a (B, L, N) decay array.
+    # The planar form with resets: the kernel reads b, h0, the decay's power tables and
+    # a (B, L, 1) keep mask, not a (B, L, N) decay array.
     f = jax.grad(
         lambda a, b, r: jnp.sum(
             scan_lib.linear_scan_planar(a, b, resets=r, method="pallas")[0] ** 2
@@ -376,7 +376,8 @@ def test_tpu_kernel_compiles_ahead_of_time():
     assert len(calls) == 2
     for operands in calls:
         shapes = re.findall(r"f32\[([0-9,]*)\]", operands)
-        assert shapes == ["1,1024"] * 2 + ["8,2000,1024"] * 2 + ["8,1,1024"] * 2 + ["8,2000,1"], (
+        # a enters as its parts' power tables (32, N): a^1..a^8 for the carry, a, a^2, a^4.
+        assert shapes == ["32,1024"] * 2 + ["8,2000,1024"] * 2 + ["8,1,1024"] * 2 + ["8,2000,1"], (
             shapes
         )
 
