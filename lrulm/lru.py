@@ -174,6 +174,7 @@ class LRU(nnx.Module):
             method=self.scan_method,
             chunk_size=self.chunk_size,
             axis_name=axis_name,
+            overwrite_b=True,  # b = B u is read by the scan only
         )
 
     # -- public forms ------------------------------------------------------------------

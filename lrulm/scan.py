@@ -282,12 +282,14 @@ def _gate(a: Parts, keep, shape) -> Parts:
     return tuple(keep[..., None] * jnp.broadcast_to(x, shape) for x in a)
 
 
-def _forward_parts(a: Parts, b: Parts, h0, keep, method, chunk_size, reverse) -> Parts:
+def _forward_parts(
+    a: Parts, b: Parts, h0, keep, method, chunk_size, reverse, overwrite_b=False
+) -> Parts:
     if method is ScanMethod.PALLAS:  # the kernels work on parts: no merge or split pass
         from lrulm import scan_pallas
 
         return scan_pallas.forward_parts(
-            a, b, h0, keep=keep, chunk_size=chunk_size, reverse=reverse
+            a, b, h0, keep=keep, chunk_size=chunk_size, reverse=reverse, overwrite_b=overwrite_b
         )
     a = _gate(a, keep, b[0].shape)  # XLA fuses this into the scan's first reads
     h0 = None if h0 is None else _merge(h0)
@@ -321,17 +323,18 @@ def _planar_grads(a, dh, h, h0, keep, method, chunk_size, reverse):
     return g, da
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _planar_recurrence_grad(a, b, h0, keep, method, chunk_size, reverse):
-    return _forward_parts(a, b, h0, keep, method, chunk_size, reverse)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _planar_recurrence_grad(a, b, h0, keep, method, chunk_size, reverse, overwrite_b):
+    return _forward_parts(a, b, h0, keep, method, chunk_size, reverse, overwrite_b)
 
 
-def _planar_fwd(a, b, h0, keep, method, chunk_size, reverse):
-    h = _forward_parts(a, b, h0, keep, method, chunk_size, reverse)
+def _planar_fwd(a, b, h0, keep, method, chunk_size, reverse, overwrite_b):
+    h = _forward_parts(a, b, h0, keep, method, chunk_size, reverse, overwrite_b)
     return h, (a, h, h0, keep)
 
 
-def _planar_bwd(method, chunk_size, reverse, residuals, dh):
+def _planar_bwd(method, chunk_size, reverse, overwrite_b, residuals, dh):
+    del overwrite_b  # the backward kernel writes g over dh, a cotangent made for it
     # Real arithmetic on the parts, so the transpose of "multiply by a" is "multiply by
     # conj(a)": g_t = conj(a_{t+1}) keep_{t+1} g_{t+1} + dh_t and
     # da_t = keep_t g_t conj(h_{t-1}). The residuals are a, h, h0 and the (..., L) keep:
@@ -371,6 +374,7 @@ def linear_scan_planar(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     grad: str | GradMethod = "recurrence",
     axis_name: str | None = None,
+    overwrite_b: bool = False,
 ) -> Parts:
     """`linear_scan` on complex values held as (real, imag) pairs of real arrays.
 
@@ -386,6 +390,11 @@ def linear_scan_planar(
     start afresh: h_t = b_t there (h_t = a_t * h_{t+1} + b_t reversed, so in reverse a
     reset at t cuts the state arriving from t+1). Equal to zeroing a_t, but the kernels
     and the gradient take the (..., L) mask instead of a (..., L, N) decay array.
+
+    `overwrite_b` (method="pallas"): the kernel writes h into b's buffers, so the scan
+    needs one (..., L, N) buffer, not two. Right when b is an intermediate nothing reads
+    afterwards (the LRU's B projection); if b is still needed, or is an argument of the
+    jitted function that was not donated, XLA copies it first: correct, one more pass.
     """
     a, b = tuple(map(jnp.asarray, a)), tuple(map(jnp.asarray, b))
     h0 = None if h0 is None else tuple(map(jnp.asarray, h0))
@@ -423,8 +432,8 @@ def linear_scan_planar(
         h0 = None if h0 is None else _merge(h0)
         return _split(linear_scan(_merge(a), _merge(b), h0=h0, reverse=reverse, **kw))
     if grad is GradMethod.RECURRENCE:
-        return _planar_recurrence_grad(a, b, h0, keep, method, chunk_size, reverse)
-    return _forward_parts(a, b, h0, keep, method, chunk_size, reverse)
+        return _planar_recurrence_grad(a, b, h0, keep, method, chunk_size, reverse, overwrite_b)
+    return _forward_parts(a, b, h0, keep, method, chunk_size, reverse, overwrite_b)
 
 
 # ----------------------------------------------------------------------------------
@@ -495,6 +504,7 @@ def linear_scan(
             method,
             chunk_size,
             reverse,
+            jnp.iscomplexobj(b),  # the split made new parts: the kernel may write over them
         )
         return _merge(h)
     if grad is GradMethod.RECURRENCE:

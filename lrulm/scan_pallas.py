@@ -126,12 +126,14 @@ def _scan_rows(h, a, a_refs, b_refs, h_refs, rows, load, store, *, preload, keep
     return h
 
 
-def _B_INTO_H(num_parts: int) -> dict[int, int]:  # noqa: N802 (reads as a constant)
-    """The kernels write each row of h over the row of b it was made from (operands
+def _write_over_b(num_parts: int) -> dict[int, int]:
+    """Aliases for writing each row of h over the row of b it was made from (operands
     num_parts.. are b's parts, results 0.. are h's): a step reads b_t before it stores
     h_t, and no program reads a row another one writes, so the recurrence needs one
-    (B, L, N) buffer, not two. XLA copies b first only if it is still needed afterwards
-    (saved by a remat policy, say); in the LRU it is dead once the scan has read it."""
+    (B, L, N) buffer, not two. XLA copies b first if it is still needed afterwards (saved
+    by a remat policy, say) or is a non-donated argument, so the forward aliases only on
+    request (`overwrite_b`: the LRU's B u is dead once the scan has read it); the
+    backward always writes g over dh, a cotangent made for it."""
     return {num_parts + i: i for i in range(num_parts)}
 
 
@@ -215,7 +217,9 @@ def _walk_chunks(scan, carry, length, chunk, reverse):
     return carry
 
 
-def _gpu(a: Parts, b: Parts, h0: Parts, keep: Parts, *, chunk, reverse, interpret) -> Parts:
+def _gpu(
+    a: Parts, b: Parts, h0: Parts, keep: Parts, *, chunk, reverse, interpret, over_b=False
+) -> Parts:
     rows, length, n = b[0].shape
     num_parts, full_a = len(b), a[0].ndim == 3
     bn = min(_GPU_CHANNELS, pl.next_power_of_2(n))  # Triton blocks are powers of two
@@ -258,7 +262,7 @@ def _gpu(a: Parts, b: Parts, h0: Parts, keep: Parts, *, chunk, reverse, interpre
             out_specs=[seq_spec] * num_parts,
             compiler_params=plt.CompilerParams(num_warps=_GPU_WARPS, num_stages=1),
             cost_estimate=_cost(num_parts, full_a, rows, length, n, dtype.itemsize),
-            input_output_aliases=_B_INTO_H(num_parts),
+            input_output_aliases=_write_over_b(num_parts) if over_b else {},
             interpret=interpret,
             name="linear_scan_gpu",
         )(*a, *b, *h0, *keep)
@@ -368,7 +372,7 @@ def _gpu_bwd(a, dh, h, h0, keep, *, chunk, reverse, interpret):
             transcendentals=0,
             bytes_accessed=(3 + 2 * full_a) * num_parts * rows * length * n * dtype.itemsize,
         ),
-        input_output_aliases=_B_INTO_H(num_parts),  # g written over dh
+        input_output_aliases=_write_over_b(num_parts),  # g written over dh
         interpret=interpret,
         name="linear_scan_gpu_bwd",
     )(*a, *dh, *h, *h0, *keep)
@@ -466,7 +470,9 @@ def _power_table(a: Parts, reverse: bool) -> Parts:
     return tuple(jnp.stack([r[p] for r in rows]) for p in range(len(a)))
 
 
-def _tpu(a: Parts, b: Parts, h0: Parts, keep: Parts, *, chunk, reverse, interpret) -> Parts:
+def _tpu(
+    a: Parts, b: Parts, h0: Parts, keep: Parts, *, chunk, reverse, interpret, over_b=False
+) -> Parts:
     rows, length, n = b[0].shape
     num_parts, full_a = len(b), a[0].ndim == 3
     dtype = b[0].dtype
@@ -558,7 +564,7 @@ def _tpu(a: Parts, b: Parts, h0: Parts, keep: Parts, *, chunk, reverse, interpre
             dimension_semantics=("parallel", "parallel", "arbitrary")
         ),
         cost_estimate=_cost(num_parts, full_a, rows, padded, n, dtype.itemsize),
-        input_output_aliases=_B_INTO_H(num_parts),
+        input_output_aliases=_write_over_b(num_parts) if over_b else {},
         interpret=interpret,
         name="linear_scan_tpu",
     )(
@@ -588,7 +594,16 @@ def _tpu_bwd(a, dh, h, h0, keep, *, chunk, reverse, interpret):
         a_next = tuple(_shift_in(x, jnp.zeros_like(x[:, 0]), not reverse) for x in a_next)
     keep_next = tuple(_shift_in(k, jnp.zeros_like(k[:, 0]), not reverse) for k in keep)
     zeros = tuple(jnp.zeros_like(x) for x in h0)
-    g = _tpu(a_next, dh, zeros, keep_next, chunk=chunk, reverse=not reverse, interpret=interpret)
+    g = _tpu(
+        a_next,
+        dh,
+        zeros,
+        keep_next,
+        chunk=chunk,
+        reverse=not reverse,
+        interpret=interpret,
+        over_b=True,
+    )
     h_before = tuple(_shift_in(x, x0, reverse) for x, x0 in zip(h, h0))
     da = _mul_conj(tuple(x.astype(jnp.float32) for x in g), h_before)
     if keep:
@@ -605,6 +620,8 @@ def _tpu_bwd(a, dh, h, h0, keep, *, chunk, reverse, interpret):
 _KERNELS: dict[tuple[str, str], Callable] = {
     ("forward", "gpu"): _gpu,
     ("forward", "tpu"): _tpu,
+    ("forward_over_b", "gpu"): functools.partial(_gpu, over_b=True),
+    ("forward_over_b", "tpu"): functools.partial(_tpu, over_b=True),
     ("backward", "gpu"): _gpu_bwd,
     ("backward", "tpu"): _tpu_bwd,
 }
@@ -613,9 +630,10 @@ _KERNELS: dict[tuple[str, str], Callable] = {
 # (..., L); "da" is per-row partial sums (..., N) for an (N,) a, else (..., L, N).
 _OPERANDS = {
     "forward": ("a", "seq", "state", "keep"),  # a, b, h0, keep -> h
+    "forward_over_b": ("a", "seq", "state", "keep"),  # the same, h written over b
     "backward": ("a", "seq", "seq", "state", "keep"),  # a, dh, h, h0, keep -> g, da
 }
-_RESULTS = {"forward": ("seq",), "backward": ("seq", "da")}
+_RESULTS = {"forward": ("seq",), "forward_over_b": ("seq",), "backward": ("seq", "da")}
 
 
 def _run(op, groups, *, kernel, interpret, chunk, reverse):
@@ -630,7 +648,7 @@ def _run(op, groups, *, kernel, interpret, chunk, reverse):
     }
     groups = [tuple(p.reshape(flat[k]) for p in g) for k, g in zip(_OPERANDS[op], groups)]
     out = _KERNELS[op, kernel](*groups, chunk=chunk, reverse=reverse, interpret=interpret)
-    out = (out,) if op == "forward" else out
+    out = (out,) if len(_RESULTS[op]) == 1 else out
     shapes = {"seq": (*lead, length, n), "da": (*lead, length, n) if full_a else (*lead, n)}
     return tuple(tuple(p.reshape(shapes[k]) for p in g) for k, g in zip(_RESULTS[op], out))
 
@@ -663,7 +681,15 @@ def _dispatch_backward(a, dh, h, h0, keep, chunk, reverse, interpret, kernel):
     return _dispatch("backward", (a, dh, h, h0, keep), chunk, reverse, interpret, kernel)
 
 
-_DISPATCH = {"forward": _dispatch_forward, "backward": _dispatch_backward}
+def _dispatch_forward_over_b(a, b, h0, keep, chunk, reverse, interpret, kernel):
+    return _dispatch("forward_over_b", (a, b, h0, keep), chunk, reverse, interpret, kernel)
+
+
+_DISPATCH = {
+    "forward": _dispatch_forward,
+    "forward_over_b": _dispatch_forward_over_b,
+    "backward": _dispatch_backward,
+}
 
 
 # ----------------------------------------------------------------------------------
@@ -803,13 +829,13 @@ def _call(op, chunk, reverse, interpret, kernel):
     return fn
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _forward(a: Parts, b: Parts, h0: Parts, keep: Parts, chunk, reverse, interpret, kernel):
-    return _call("forward", chunk, reverse, interpret, kernel)(a, b, h0, keep)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _forward(a: Parts, b: Parts, h0: Parts, keep: Parts, chunk, reverse, interpret, kernel, op):
+    return _call(op, chunk, reverse, interpret, kernel)(a, b, h0, keep)[0]
 
 
-def _forward_fwd(a, b, h0, keep, chunk, reverse, interpret, kernel):
-    return _forward(a, b, h0, keep, chunk, reverse, interpret, kernel), None
+def _forward_fwd(a, b, h0, keep, chunk, reverse, interpret, kernel, op):
+    return _forward(a, b, h0, keep, chunk, reverse, interpret, kernel, op), None
 
 
 def _forward_bwd(*_):
@@ -838,6 +864,7 @@ def forward_parts(
     reverse: bool = False,
     interpret: bool | None = None,
     kernel: str | None = None,
+    overwrite_b: bool = False,
 ) -> Parts:
     """`forward` on values given as parts: (x,) for real ones, (real, imag) for complex.
 
@@ -847,6 +874,8 @@ def forward_parts(
     b's dtype. `keep`, of shape (..., L) (b's shape without the channel axis), bool or
     0/1, zeroes the state carried into the positions where it is false:
     h_t = a_t * (keep_t * h_{t-1}) + b_t, so a per-row reset needs no (..., L, N) decay.
+    `overwrite_b`: write h over b's buffers (see `_write_over_b`); XLA copies b first if it
+    is still needed afterwards or is a non-donated argument of the jitted function.
     """
     a, b = tuple(map(jnp.asarray, a)), tuple(map(jnp.asarray, b))
     if len(b) not in (1, 2) or len(a) != len(b) or (h0 is not None and len(h0) != len(b)):
@@ -879,7 +908,8 @@ def forward_parts(
         keep = (keep.astype(dtype),)
     if math.prod(shape) == 0:
         return b
-    return _forward(a, b, h0, keep or (), int(chunk_size), bool(reverse), interpret, kernel)
+    op = "forward_over_b" if overwrite_b else "forward"
+    return _forward(a, b, h0, keep or (), int(chunk_size), bool(reverse), interpret, kernel, op)
 
 
 def backward_parts(

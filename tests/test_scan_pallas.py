@@ -299,7 +299,9 @@ def test_b_still_needed_after_the_scan_is_not_overwritten(kernel):
 
     @jax.jit
     def f(a, b):
-        h = scan_pallas.forward_parts(parts(a), parts(b), kernel=kernel, chunk_size=16)
+        h = scan_pallas.forward_parts(
+            parts(a), parts(b), kernel=kernel, chunk_size=16, overwrite_b=True
+        )
         return h, parts(b)  # b read after the kernel ran
 
     (hr, hi), (br, bi) = f(a, b)
@@ -437,8 +439,18 @@ def test_planar_resets_lower_to_triton_without_a_decay_array():
     backward = ([a_] * 2 + [seq] * 4 + [state] * 2 + [keep], [seq] * 2 + [state] * 2)
     assert sorted(signatures) == sorted([forward, backward]), signatures
     assert "complex" not in text
-    # h is written over b, and g over dh (operands 2 and 3, after a's two parts): one
-    # (B, L, N) buffer per recurrence, not an input and an output.
-    for call in calls:
-        aliases = re.findall(r"output_tuple_indices = \[(\d)\], operand_index = (\d+)", call)
-        assert aliases == [("0", "2"), ("1", "3")], call
+    # g is written over dh (operands 2 and 3, after a's two parts), and h over b when
+    # asked (the LRU does): one (B, L, N) buffer per recurrence, not an input and an output.
+    aliases = lambda call: re.findall(
+        r"output_tuple_indices = \[(\d)\], operand_index = (\d+)", call
+    )
+    assert sorted(map(aliases, calls)) == [[], [("0", "2"), ("1", "3")]]
+    over_b = jax.grad(
+        lambda a, b: jnp.sum(
+            scan_lib.linear_scan_planar(a, b, method="pallas", overwrite_b=True)[0] ** 2
+        ),
+        argnums=(0, 1),
+    )
+    text = jax.jit(over_b).trace(a, b).lower(lowering_platforms=("cuda",)).as_text()
+    calls = [line for line in text.splitlines() if "__gpu$xla.gpu.triton" in line]
+    assert [aliases(call) for call in calls] == [[("0", "2"), ("1", "3")]] * 2
