@@ -2,6 +2,7 @@
 # GPU check of the Pallas recurrence kernel: compiled tests, then the benchmark table.
 #
 #   bash tools/gpu_check.sh    # on a CUDA machine; at most ~8 minutes on an H100
+#   (a lent machine without grain / ml-collections: see tools/device_wheels.sh)
 #
 # 1. tests/test_scan_pallas.py on the compiled Triton kernel (not the interpreter);
 # 2. tools/bench.py: every scan method at the DESIGN.md §4 size (B=8, L=2048, N=1024,
