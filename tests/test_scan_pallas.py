@@ -19,6 +19,7 @@ import pytest
 from lrulm import compile as compile_lib
 from lrulm import scan as scan_lib
 from lrulm import scan_pallas
+from lrulm.kernels import tpu as tpu_kernels
 from lrulm.scan import linear_scan
 
 COMPILED = os.environ.get("LRULM_TEST_PALLAS_COMPILED", "") not in ("", "0")
@@ -142,7 +143,7 @@ def test_kernel_keep_mask(kernel, lead, length, n, complex_, full_a, reverse, us
 
 
 def test_tpu_chunks_divide_the_length_or_the_length_is_padded():
-    chunk = scan_pallas._tpu_chunk  # (length, chunk, tile rows, VMEM rows) -> (chunk, length)
+    chunk = tpu_kernels.chunking  # (length, chunk, tile rows, VMEM rows) -> (chunk, length)
     assert chunk(2048, 256, 8, 10**6) == (256, 2048)
     assert chunk(2000, 256, 8, 10**6) == (200, 2000)  # 10 steps of 200, no padding
     assert chunk(4072, 256, 8, 10**6) == (256, 4096)  # 8 x 509: padded, not 509 steps of 8
@@ -160,7 +161,7 @@ def test_tpu_kernel_on_a_padded_length(reverse):
     gated = jnp.where(resets[..., None], 0, jnp.broadcast_to(a, b.shape))
     ref = _scan_jit(gated, b, h0=h0, reverse=reverse, method="sequential")
     parts = scan_pallas._parts
-    run = functools.partial(scan_pallas._tpu, chunk=64, reverse=reverse, interpret=not COMPILED)
+    run = functools.partial(tpu_kernels.forward, chunk=64, reverse=reverse, interpret=not COMPILED)
     out = jax.jit(run)(parts(a), parts(b), parts(h0), ((~resets).astype(jnp.float32),))
     assert _rel(jax.lax.complex(*out), ref) <= 1e-5
 

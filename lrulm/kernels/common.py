@@ -1,0 +1,59 @@
+"""What the Pallas recurrence kernels share: values as parts, the output-over-input
+aliases, the cost estimate, and complex arithmetic on (real, imag) pairs."""
+
+from __future__ import annotations
+
+import jax
+from jax.experimental import pallas as pl
+
+Parts = tuple[jax.Array, ...]  # (x,) for real values, (real, imag) for complex ones
+
+
+def write_over_b(num_parts: int) -> dict[int, int]:
+    """Aliases for writing each row of h over the row of b it was made from (operands
+    num_parts.. are b's parts, results 0.. are h's): a step reads b_t before it stores
+    h_t, and no program reads a row another one writes, so the recurrence needs one
+    (B, L, N) buffer, not two. XLA copies b first if it is still needed afterwards (saved
+    by a remat policy, say) or is a non-donated argument, so the forward aliases only on
+    request (`overwrite_b`: the LRU's B u is dead once the scan has read it); the
+    backward always writes g over dh, a cotangent made for it."""
+    return {num_parts + i: i for i in range(num_parts)}
+
+
+def split_refs(refs, num_parts, num_keep):
+    """(a, b, h0, keep, h, scratch) refs: parts, parts, parts, 0 or 1, parts, the rest."""
+    sizes = (num_parts,) * 3 + (num_keep, num_parts)
+    out, start = [], 0
+    for size in sizes:
+        out.append(refs[start : start + size])
+        start += size
+    return (*out, refs[start:])
+
+
+def cost(num_parts, full_a, rows, length, n, itemsize):
+    arrays = 2 + full_a  # read b (and a), write h
+    return pl.CostEstimate(
+        flops=2 * num_parts**2 * rows * length * n,
+        transcendentals=0,
+        bytes_accessed=arrays * num_parts * rows * length * n * itemsize,
+    )
+
+
+def conj(x: Parts) -> Parts:
+    return x if len(x) == 1 else (x[0], -x[1])
+
+
+def mul_conj(x: Parts, y: Parts) -> Parts:
+    """x * conj(y) on parts."""
+    if len(x) == 1:
+        return (x[0] * y[0],)
+    (xr, xi), (yr, yi) = x, y
+    return xr * yr + xi * yi, xi * yr - xr * yi
+
+
+def mul(x: Parts, y: Parts) -> Parts:
+    """x * y on parts."""
+    if len(x) == 1:
+        return (x[0] * y[0],)
+    (xr, xi), (yr, yi) = x, y
+    return xr * yr - xi * yi, xr * yi + xi * yr

@@ -1,0 +1,270 @@
+"""The GPU (Triton) kernels of the linear recurrence: grid over (row, channel block),
+each program walking the whole sequence in chunks (design: lrulm.scan_pallas)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from lrulm.kernels.common import Parts, conj, cost, mul_conj, split_refs, write_over_b
+
+# GPU: one warp per program, one channel per thread (see the module docstring).
+_GPU_CHANNELS = 32
+_GPU_WARPS = 1
+# Values one GPU thread may hold for a chunk's loads before registers spill (of 255).
+_GPU_LOAD_REGISTERS = 128
+
+
+def _step(h: Parts, a: Parts, b: Parts) -> Parts:
+    """h <- a * h + b on real parts, or on (real, imag) pairs for complex numbers."""
+    if len(h) == 1:
+        return (a[0] * h[0] + b[0],)
+    (hr, hi), (ar, ai), (br, bi) = h, a, b
+    # Grouped so that each new part is two dependent fused multiply-adds away from the
+    # previous state (the recurrence's critical path), not three operations.
+    return (ar * hr + (br - ai * hi), ar * hi + (bi + ai * hr))
+
+
+def _scan_rows(h, a, a_refs, b_refs, h_refs, rows, load, store, *, keep=None):
+    """Runs the recurrence over `rows` (in processing order) of one block, every load
+    issued before the first step so that the whole chunk is in flight from HBM together.
+
+    Args:
+      h: the carried state, a tuple of float32 parts.
+      a: the decay parts (already float32) when `a` is time-invariant, else None.
+      a_refs, b_refs, h_refs: refs indexed by a row (time) index first.
+      rows: row indices, static or traced, in the order the recurrence visits them.
+      load: load(ref, row) -> float32 value of the row.
+      store: store(ref, row, value).
+      keep: keep(row) -> a float32 scalar, 1 to carry the state into the row, 0 to
+        start it afresh there (a document boundary); None: always carry.
+
+    Returns:
+      The state after the last row.
+    """
+
+    def inputs(t):
+        at = tuple(load(r, t) for r in a_refs) if a is None else a
+        return at, tuple(load(r, t) for r in b_refs), None if keep is None else keep(t)
+
+    loaded = [inputs(t) for t in rows]
+    for i, t in enumerate(rows):
+        at, bt, kt = loaded[i]
+        if kt is not None:
+            h = tuple(kt * x for x in h)
+        h = _step(h, at, bt)
+        for ref, x in zip(h_refs, h):
+            store(ref, t, x)
+    return h
+
+
+# ----------------------------------------------------------------------------------
+
+
+def _memory_ops(n, bn, num_blocks):
+    """load(ref, t), store(ref, t, x), load_all(refs), store_all(refs, xs) for the current
+    program's block of channels, masked where the last block hangs over the end of N."""
+    mask = None
+    if n % bn:
+        j = pl.program_id(0) % num_blocks
+        mask = j * bn + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0) < n
+
+    # (The interpreter's masked load/store wants a traced row index, not a Python int.)
+    def load(ref, t):
+        if mask is None:
+            return ref[t].astype(jnp.float32)
+        return plt.load(ref.at[jnp.int32(t)], mask=mask, other=0).astype(jnp.float32)
+
+    def store(ref, t, x):
+        x = x.astype(ref.dtype)
+        if mask is None:
+            ref[t] = x
+        else:
+            plt.store(ref.at[jnp.int32(t)], x, mask=mask)
+
+    def load_all(refs):
+        if mask is None:
+            return tuple(r[...].astype(jnp.float32) for r in refs)
+        return tuple(plt.load(r, mask=mask, other=0).astype(jnp.float32) for r in refs)
+
+    def store_all(refs, xs):
+        for r, x in zip(refs, xs):
+            if mask is None:
+                r[...] = x.astype(r.dtype)
+            else:
+                plt.store(r, x.astype(r.dtype), mask=mask)
+
+    return load, store, load_all, store_all
+
+
+def _walk_chunks(scan, carry, length, chunk, reverse):
+    """carry <- scan(carry, rows) over the sequence, `chunk` rows at a time in walk order
+    (a fori_loop over whole chunks, then a shorter static tail: no padding in time)."""
+    num_chunks, tail = divmod(length, chunk)
+
+    def chunk_rows(start, count):
+        """Row indices of `count` steps beginning `start` steps into the walk."""
+        if reverse:
+            return [length - 1 - start - i for i in range(count)]
+        return [start + i for i in range(count)]
+
+    if num_chunks:
+        carry = jax.lax.fori_loop(
+            0, num_chunks, lambda k, c: scan(c, chunk_rows(k * chunk, chunk)), carry
+        )
+    if tail:
+        carry = scan(carry, chunk_rows(num_chunks * chunk, tail))
+    return carry
+
+
+def forward(
+    a: Parts, b: Parts, h0: Parts, keep: Parts, *, chunk, reverse, interpret, over_b=False
+) -> Parts:
+    rows, length, n = b[0].shape
+    num_parts, full_a = len(b), a[0].ndim == 3
+    bn = min(_GPU_CHANNELS, pl.next_power_of_2(n))  # Triton blocks are powers of two
+    num_blocks = pl.cdiv(n, bn)
+    per_row = num_parts * (1 + full_a) + len(keep)  # values loaded per thread per step
+    chunk = max(1, min(chunk, length, _GPU_LOAD_REGISTERS // per_row))
+
+    def kernel(*refs):
+        a_refs, b_refs, h0_refs, keep_refs, h_refs, _ = split_refs(refs, num_parts, len(keep))
+        load, store, load_all, _ = _memory_ops(n, bn, num_blocks)
+        h = load_all(h0_refs)
+        a_const = None if full_a else load_all(a_refs)
+        scan = functools.partial(
+            _scan_rows,
+            a=a_const,
+            a_refs=a_refs,
+            b_refs=b_refs,
+            h_refs=h_refs,
+            load=load,
+            store=store,
+            # One scalar per step, the same for every channel of the row.
+            keep=(lambda t: keep_refs[0][t].astype(jnp.float32)) if keep else None,
+        )
+
+        _walk_chunks(lambda h, rows: scan(h, rows=rows), h, length, chunk, reverse)
+
+    seq_spec = pl.BlockSpec((None, length, bn), lambda p: (p // num_blocks, 0, p % num_blocks))
+    state_spec = pl.BlockSpec((None, bn), lambda p: (p // num_blocks, p % num_blocks))
+    a_spec = seq_spec if full_a else pl.BlockSpec((bn,), lambda p: (p % num_blocks,))
+    in_specs = [a_spec] * num_parts + [seq_spec] * num_parts + [state_spec] * num_parts
+    in_specs += [pl.BlockSpec((None, length), lambda p: (p // num_blocks, 0))] * len(keep)
+    dtype = b[0].dtype
+    return tuple(
+        pl.pallas_call(
+            kernel,
+            out_shape=[jax.ShapeDtypeStruct(b[0].shape, dtype)] * num_parts,
+            grid=(rows * num_blocks,),
+            in_specs=in_specs,
+            out_specs=[seq_spec] * num_parts,
+            compiler_params=plt.CompilerParams(num_warps=_GPU_WARPS, num_stages=1),
+            cost_estimate=cost(num_parts, full_a, rows, length, n, dtype.itemsize),
+            input_output_aliases=write_over_b(num_parts) if over_b else {},
+            interpret=interpret,
+            name="linear_scan_gpu",
+        )(*a, *b, *h0, *keep)
+    )
+
+
+def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret):
+    """The gradient of the forward kernel, in one pass (the fused backward).
+
+    Walks the sequence opposite to the forward, carrying g_t = conj(a_{t+1}) keep_{t+1}
+    g_{t+1} + dh_t (the cotangent of b, written out) and, in the same step, forms
+    da_t = keep_t g_t conj(h_{t-1}) from the h row the forward wrote (h0 at the first
+    position): summed in registers for a time-invariant a (one (N,) row per program),
+    written per step for a full a. The shifted a_{t+1} and keep_{t+1} are the values the
+    walk loaded one step earlier, so no shifted copies exist. Bytes: read dh and h, write
+    g (plus a and da when a is full), against read dh, write g, then read g and h again
+    for da when the backward is the forward kernel run backwards.
+
+    Returns:
+      (g parts (rows, L, N), da parts: (rows, N) partial sums or (rows, L, N)).
+    """
+    rows, length, n = dh[0].shape
+    num_parts, full_a = len(dh), a[0].ndim == 3
+    bn = min(_GPU_CHANNELS, pl.next_power_of_2(n))
+    num_blocks = pl.cdiv(n, bn)
+    per_row = num_parts * (2 + full_a) + len(keep)  # dh, h_{t-1} (and a) per step
+    chunk = max(1, min(chunk, length, _GPU_LOAD_REGISTERS // per_row))
+    first = length - 1 if reverse else 0  # the forward's first row: h0 precedes it
+    before = (lambda t: t + 1) if reverse else (lambda t: t - 1)
+
+    def kernel(*refs):
+        groups = [num_parts] * 4 + [len(keep), num_parts, num_parts]
+        a_refs, dh_refs, h_refs, h0_refs, keep_refs, g_refs, da_refs = (
+            refs[sum(groups[:i]) : sum(groups[: i + 1])] for i in range(len(groups))
+        )
+        load, store, load_all, store_all = _memory_ops(n, bn, num_blocks)
+        h0 = load_all(h0_refs)
+        a_const = None if full_a else load_all(a_refs)
+
+        def previous_state(t):  # h_{t-1} in the forward's order; h0 before its first row
+            if isinstance(t, int):
+                return h0 if t == first else tuple(load(r, before(t)) for r in h_refs)
+            row = jnp.clip(before(t), 0, length - 1)
+            return tuple(jnp.where(t == first, x0, load(r, row)) for x0, r in zip(h0, h_refs))
+
+        def inputs(t):
+            at = a_const if a_const is not None else tuple(load(r, t) for r in a_refs)
+            kt = keep_refs[0][t].astype(jnp.float32) if keep else None
+            return at, tuple(load(r, t) for r in dh_refs), previous_state(t), kt
+
+        def scan(carry, rows):
+            g, a_next, k_next, da = carry
+            loaded = [inputs(t) for t in rows]  # the whole chunk's loads in flight
+            for t, (at, dht, hp, kt) in zip(rows, loaded):
+                if keep:
+                    g = tuple(k_next * x for x in g)
+                g = _step(g, conj(a_next), dht)
+                for ref, x in zip(g_refs, g):
+                    store(ref, t, x)
+                contribution = mul_conj(g, hp)
+                if keep:
+                    contribution = tuple(kt * x for x in contribution)
+                if full_a:
+                    for ref, x in zip(da_refs, contribution):
+                        store(ref, t, x)
+                else:
+                    da = tuple(x + y for x, y in zip(da, contribution))
+                a_next, k_next = at, (kt if keep else k_next)
+            return g, a_next, k_next, da
+
+        zeros = tuple(jnp.zeros((bn,), jnp.float32) for _ in range(num_parts))
+        # g starts at zero, so the "next" a and keep of the first walk step do not matter.
+        carry = (zeros, a_const or zeros, jnp.float32(1), zeros)
+        _, _, _, da = _walk_chunks(scan, carry, length, chunk, not reverse)
+        if not full_a:
+            store_all(da_refs, da)
+
+    seq_spec = pl.BlockSpec((None, length, bn), lambda p: (p // num_blocks, 0, p % num_blocks))
+    state_spec = pl.BlockSpec((None, bn), lambda p: (p // num_blocks, p % num_blocks))
+    a_spec = seq_spec if full_a else pl.BlockSpec((bn,), lambda p: (p % num_blocks,))
+    in_specs = [a_spec] * num_parts + [seq_spec] * (2 * num_parts) + [state_spec] * num_parts
+    in_specs += [pl.BlockSpec((None, length), lambda p: (p // num_blocks, 0))] * len(keep)
+    dtype = dh[0].dtype
+    da_shape = (rows, length, n) if full_a else (rows, n)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=[jax.ShapeDtypeStruct(dh[0].shape, dtype)] * num_parts
+        + [jax.ShapeDtypeStruct(da_shape, jnp.float32)] * num_parts,
+        grid=(rows * num_blocks,),
+        in_specs=in_specs,
+        out_specs=[seq_spec] * num_parts + [seq_spec if full_a else state_spec] * num_parts,
+        compiler_params=plt.CompilerParams(num_warps=_GPU_WARPS, num_stages=1),
+        cost_estimate=pl.CostEstimate(
+            flops=4 * num_parts**2 * rows * length * n,
+            transcendentals=0,
+            bytes_accessed=(3 + 2 * full_a) * num_parts * rows * length * n * dtype.itemsize,
+        ),
+        input_output_aliases=write_over_b(num_parts),  # g written over dh
+        interpret=interpret,
+        name="linear_scan_gpu_bwd",
+    )(*a, *dh, *h, *h0, *keep)
+    return tuple(out[:num_parts]), tuple(out[num_parts:])
