@@ -122,23 +122,19 @@ def _dispatch(op, groups, chunk, reverse, interpret, kernel):
     return run(groups, kernel=kernel, interpret=False)
 
 
-def _dispatch_forward(a, b, h0, keep, chunk, reverse, interpret, kernel):
-    return _dispatch("forward", (a, b, h0, keep), chunk, reverse, interpret, kernel)
+def _dispatcher(op: str) -> Callable:
+    """_dispatch for one op, its operand groups positional, then chunk, reverse,
+    interpret and kernel (positional as custom_partitioning calls it, or by name)."""
+    num_groups = len(_OPERANDS[op])
+
+    def dispatch(*args, **static):
+        static.update(zip(("chunk", "reverse", "interpret", "kernel"), args[num_groups:]))
+        return _dispatch(op, args[:num_groups], **static)
+
+    return dispatch
 
 
-def _dispatch_backward(a, dh, h, h0, keep, chunk, reverse, interpret, kernel):
-    return _dispatch("backward", (a, dh, h, h0, keep), chunk, reverse, interpret, kernel)
-
-
-def _dispatch_forward_over_b(a, b, h0, keep, chunk, reverse, interpret, kernel):
-    return _dispatch("forward_over_b", (a, b, h0, keep), chunk, reverse, interpret, kernel)
-
-
-_DISPATCH = {
-    "forward": _dispatch_forward,
-    "forward_over_b": _dispatch_forward_over_b,
-    "backward": _dispatch_backward,
-}
+_DISPATCH = {op: _dispatcher(op) for op in _OPERANDS}
 
 
 # ----------------------------------------------------------------------------------
