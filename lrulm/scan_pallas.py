@@ -57,8 +57,8 @@ from jax.sharding import PartitionSpec as P
 from lrulm.kernels import gpu, tpu
 from lrulm.kernels.common import Parts
 
-# The interpreter unrolls a chunk into one XLA computation whose compile time grows
-# quickly with its length; the values do not depend on the chunk, so interpret short ones.
+# The GPU kernel's chunk is unrolled, so interpreted its compile time grows quickly with
+# the chunk's length; the values do not depend on the chunk, so interpret short ones.
 _INTERPRET_CHUNK = 8
 
 
@@ -105,7 +105,12 @@ def _run(op, groups, *, kernel, interpret, chunk, reverse):
 def _dispatch(op, groups, chunk, reverse, interpret, kernel):
     """Picks the kernel variant, and whether to interpret it."""
     run = functools.partial(_run, op, chunk=chunk, reverse=reverse)
-    interpreted = functools.partial(run, chunk=min(chunk, _INTERPRET_CHUNK), interpret=True)
+
+    def interpreted(groups, kernel):
+        # The GPU kernel unrolls its chunk (see _INTERPRET_CHUNK); the TPU one loops.
+        short = min(chunk, _INTERPRET_CHUNK) if kernel == "gpu" else chunk
+        return _run(op, groups, chunk=short, reverse=reverse, kernel=kernel, interpret=True)
+
     if interpret is None and kernel is None:
         # Decided when the computation is lowered, so ahead-of-time compilation for a
         # TPU (or GPU) from a CPU host picks that device's kernel.

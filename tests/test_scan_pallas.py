@@ -230,6 +230,63 @@ def test_planar_resets_gradients(lead, length, n, full_a, reverse):
         assert _rel(x, y) <= 1e-5, (i, _rel(x, y))
 
 
+def _parts(x):
+    return (x.real, x.imag) if jnp.iscomplexobj(x) else (x,)
+
+
+def _whole(parts):
+    return jax.lax.complex(*parts) if len(parts) == 2 else parts[0]
+
+
+# (leading axes, L, N, complex, a full, reverse, resets, dtype): the TPU kernel's slab edges
+# (L = 7, 300: padded; 40: 5 slabs of 8 in one chunk, so the h_{t-1} of a slab comes from
+# the one before it), both directions, both decay forms, bf16's 16-row slabs.
+BACKWARD_CASES = [
+    ((2,), 40, 256, True, False, False, True, jnp.float32),
+    ((2,), 40, 256, True, False, True, True, jnp.float32),
+    ((), 300, 128, True, True, True, True, jnp.float32),
+    ((2,), 7, 5, False, True, False, False, jnp.float32),
+    ((1, 2), 300, 256, False, False, False, True, jnp.float32),
+    ((2,), 48, 256, True, False, True, True, jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize(
+    "lead, length, n, complex_, full_a, reverse, resets, dtype", BACKWARD_CASES
+)
+def test_backward_kernel(kernel, lead, length, n, complex_, full_a, reverse, resets, dtype):
+    """backward_parts (g = the cotangent of b, da of a), each kernel variant on its own,
+    against the sequential scan's autodiff with the decays zeroed at the resets."""
+    a, b, h0 = _inputs(length + 3 * n, lead, length, n, complex_=complex_, full_a=full_a)
+    if dtype == jnp.bfloat16:  # round the inputs, so that both sides see the same values
+        rounded = lambda x: _whole(tuple(p.astype(dtype).astype(jnp.float32) for p in _parts(x)))
+        a, b, h0 = map(rounded, (a, b, h0))
+    keep = ~_resets(n, lead + (length,)) if resets else jnp.ones(lead + (length,), bool)
+    dh = _inputs(length + 1, lead, length, n, complex_=complex_, full_a=True)[1]
+
+    def scan(a, b, h0):
+        gated = jnp.where(keep[..., None], jnp.broadcast_to(a, b.shape), 0)
+        return linear_scan(gated, b, h0=h0, reverse=reverse, method="sequential", grad="autodiff")
+
+    h, vjp = jax.vjp(scan, a, b, h0)
+    da_ref, g_ref, _ = vjp(dh.conj() if complex_ else dh)  # JAX's vjp is conjugate-linear
+    parts = lambda x: tuple(p.astype(dtype) for p in _parts(x))
+    run = jax.jit(
+        scan_pallas.backward_parts, static_argnames=("reverse", "interpret", "kernel", "chunk_size")
+    )
+    g, da = run(
+        parts(a), parts(dh), parts(h), parts(h0), keep=keep if resets else None,
+        reverse=reverse, interpret=not COMPILED, kernel=kernel, chunk_size=64,
+    )  # fmt: skip
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    assert g[0].dtype == dtype and g[0].shape == b.shape
+    whole = lambda x: _whole(tuple(p.astype(jnp.float32) for p in x))
+    assert _rel(whole(g), g_ref.conj() if complex_ else g_ref) <= tol
+    assert da[0].shape == a.shape
+    assert _rel(whole(da), da_ref.conj() if complex_ else da_ref) <= tol
+
+
 def test_autodiff_raises_a_clear_error():
     a, b, h0 = _inputs(0, (2,), 9, 4, complex_=True, full_a=False)
     out = _scan_jit(a, b, h0=h0, method="pallas", grad="autodiff")  # values are fine
@@ -396,12 +453,13 @@ def test_tpu_kernel_compiles_ahead_of_time():
         if 'custom_call_target="tpu_custom_call"' in line
     ]
     assert len(calls) == 2
-    for operands in calls:
-        shapes = re.findall(r"f32\[([0-9,]*)\]", operands)
-        # a enters as its parts' power tables (32, N): a^1..a^8 for the carry, a, a^2, a^4.
-        assert shapes == ["32,1024"] * 2 + ["8,2000,1024"] * 2 + ["8,1,1024"] * 2 + ["8,2000,1"], (
-            shapes
-        )
+    tables, seq, state, column = "32,1024", "8,2000,1024", "8,1,1024", "8,2000,1"
+    # a enters as its parts' power tables (32, N): a^1..a^8 for the carry, a, a^2, a^4.
+    # The forward reads b; the fused backward dh, h and h again (the rows entering each
+    # chunk), and keep twice (shifted for g's recurrence, as is for da).
+    forward = [tables] * 2 + [seq] * 2 + [state] * 2 + [column]
+    backward = [tables] * 2 + [seq] * 6 + [state] * 2 + [column] * 2
+    assert sorted(re.findall(r"f32\[([0-9,]*)\]", c) for c in calls) == sorted([forward, backward])
 
 
 @pytest.mark.skipif(COMPILED, reason="the compiled tests run the kernel itself")
@@ -428,6 +486,35 @@ def test_tpu_lru_layer_moves_no_activation_twice(tmp_path):
     assert rows["pallas"]["relayout_copies"] == 0
     assert rows["chunked"]["relayout_copies"] > 0
     assert rows["pallas"]["bytes_gb"] < rows["associative"]["bytes_gb"] / 3
+
+
+@pytest.mark.skipif(COMPILED, reason="the compiled tests run the kernel itself")
+def test_tpu_kernels_schedule_under_the_hbm_time(tmp_path):
+    """tools/tpu_kernel_schedule.py reads the v5e compiler's final VLIW schedule of every
+    TPU kernel variant: the inner loop (one tile) and a whole grid step take fewer bundles
+    (cycles) than HBM needs for their bytes, so the kernels can run at the bandwidth limit
+    on a v5e. A change that bloats a kernel's loop past that fails here."""
+    try:
+        compile_lib.topology_devices(compile_lib.parse_topology("v5e:1x1"))
+    except Exception as e:
+        pytest.skip(f"TPU topology API unavailable (install jax[tpu] for libtpu): {e}")
+    out = tmp_path / "rows.json"
+    args = ["--shape", "2,1024,768", "--json", str(out)]
+    run = subprocess.run(
+        [sys.executable, "tools/tpu_kernel_schedule.py", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.load(open(out))
+    cases = {r["case"] for r in rows}
+    assert len(rows) == len(cases) == 7, cases  # one kernel found per compiled variant
+    assert {"forward, a (N,), resets", "backward, a (N,), resets"} <= cases
+    for r in rows:
+        assert 20 < r["loop_bundles"] < r["hbm_cycles"], r
+        assert r["est_pct_of_hbm"] == 100, r
+        assert r["slots"]["VALU"][0] > 0, r
 
 
 @pytest.mark.skipif(COMPILED, reason="the compiled tests run the kernel itself")

@@ -14,6 +14,11 @@ from lrulm.kernels.common import Parts, conj, cost, mul, mul_conj, split_refs, w
 # (the default scoped VMEM limit is 16 MiB on v5e, 32 MiB on v4/v5p/v6e).
 _TPU_LANES = 128
 _TPU_VMEM_BUDGET = 8 * 2**20
+# TPU: time steps per grid step at least (VMEM permitting), whatever chunk is asked for:
+# a grid step costs ~200 (forward) to ~550 (backward) bundles besides its tiles' loop
+# (block bookkeeping, the carry, DMA issue: tools/tpu_kernel_schedule.py), as much as
+# 25-50 steps of the loop itself, and the pipeline's own fixed cost per step.
+_TPU_MIN_CHUNK = 512
 # TPU: channels per block (4 vregs per part for each 8 steps: the log-step tile scan's
 # values stay in the 64 vregs).
 _TPU_CHANNELS = 512
@@ -100,21 +105,63 @@ def _power_table(a: Parts, reverse: bool) -> Parts:
     return tuple(jnp.stack([r[p] for r in rows]) for p in range(len(a)))
 
 
+def _scan_slab(xs: Parts, k, decays, powers, carry_in, carry, reverse: bool, roll):
+    """One slab (8 rows; 16 for bf16, as two 8-row tiles) of the recurrence.
+
+    xs: the slab's inputs (float32 parts); k: its keep column (slab, 1) or None; decays:
+    its full decays (already times keep) or None for a time-invariant decay given as the
+    power table's rows (`powers`, `carry_in`). Returns (the slab's states, the carry).
+    """
+    outs = [None] * (len(xs[0]) // 8)
+    for j in reversed(range(len(outs))) if reverse else range(len(outs)):
+        sub = slice(8 * j, 8 * j + 8)
+        x = tuple(v[sub] for v in xs)
+        if decays is not None:
+            decay, x = _tile_scan(tuple(v[sub] for v in decays), x, reverse, roll)
+            entering = mul(decay, carry)
+        else:
+            k_sub = None if k is None else k[sub]
+            k_sub, x = _tile_scan_powers(powers, k_sub, x, reverse, roll)
+            entering = mul(carry_in, carry)
+            if k_sub is not None:
+                entering = tuple(k_sub * v for v in entering)
+        x = tuple(v + u for v, u in zip(x, entering))
+        outs[j] = x
+        edge = slice(0, 1) if reverse else slice(7, 8)
+        carry = tuple(v[edge] for v in x)
+    whole = tuple(
+        outs[0][p] if len(outs) == 1 else jnp.concatenate([o[p] for o in outs])
+        for p in range(len(xs))
+    )
+    return whole, carry
+
+
+def _slab_rows(dtype) -> int:
+    """A tile's rows: 8 for 32-bit values, 16 for bf16 (loaded whole, scanned as 2 x 8)."""
+    return 8 * max(1, 4 // jnp.dtype(dtype).itemsize)
+
+
+def _vmem_rows(chunk, length, n, dtype, sequences: int, columns: int) -> tuple[int, int, int]:
+    """(block channels, rows per grid step, padded length) for a kernel that moves
+    `sequences` (rows, L, N) arrays and `columns` (rows, L, 1) ones, double-buffered;
+    a (chunk, 1) block takes (chunk, 128) words of VMEM."""
+    bn = _block_channels(n)
+    chunk = max(chunk, _TPU_MIN_CHUNK)
+    padded_bn = -(-bn // _TPU_LANES) * _TPU_LANES
+    per_row = 2 * sequences * padded_bn * jnp.dtype(dtype).itemsize + 2 * _TPU_LANES * 4 * columns
+    chunk, padded = chunking(length, chunk, _slab_rows(dtype), _TPU_VMEM_BUDGET // per_row)
+    return bn, chunk, padded
+
+
 def forward(
     a: Parts, b: Parts, h0: Parts, keep: Parts, *, chunk, reverse, interpret, over_b=False
 ) -> Parts:
     rows, length, n = b[0].shape
     num_parts, full_a = len(b), a[0].ndim == 3
     dtype = b[0].dtype
-    bn = _block_channels(n)
-    # A tile's rows: 8 for 32-bit values, 16 for bf16 (loaded whole, scanned as 2 x 8).
-    slab = 8 * max(1, 4 // jnp.dtype(dtype).itemsize)
-    # VMEM per row of a grid step, double-buffered: b and h (and a full a), and keep as
-    # a (chunk, 1) block that takes (chunk, 128) words.
-    padded_bn = -(-bn // _TPU_LANES) * _TPU_LANES
-    per_row = 2 * ((2 + full_a) * num_parts * padded_bn * jnp.dtype(dtype).itemsize)
-    per_row += 2 * _TPU_LANES * 4 * len(keep)
-    chunk, padded = chunking(length, chunk, slab, _TPU_VMEM_BUDGET // per_row)
+    slab = _slab_rows(dtype)
+    # b and h (and a full a) per part; keep
+    bn, chunk, padded = _vmem_rows(chunk, length, n, dtype, (2 + full_a) * num_parts, len(keep))
     if padded != length:
         # Extra rows after the end (before the start, in reverse): the recurrence never
         # carries them into a real row.
@@ -136,6 +183,7 @@ def forward(
             for c, h0_ref in zip(carry_refs, h0_refs):
                 c[...] = h0_ref[...].astype(jnp.float32)
 
+        carry_in = powers = None
         if not full_a:  # the power table: loaded once per grid step
             carry_in = tuple(r[pl.ds(0, 8), :] for r in a_refs)
             powers = [tuple(r[pl.ds(8 * k, 8), :] for r in a_refs) for k in (1, 2, 3)]
@@ -144,32 +192,17 @@ def forward(
             s = (num_slabs - 1 - i) if reverse else i
             start = pl.multiple_of(s * slab, slab)
             load = lambda r: r[pl.ds(start, slab), :].astype(jnp.float32)
-            bs = tuple(map(load, b_refs))
-            # (slab, 1), broadcast over the channels
+            # keep: (slab, 1), broadcast over the channels
             k = keep_refs[0][pl.ds(start, slab), :] if keep else None
+            decays = None
             if full_a:
                 decays = tuple(map(load, a_refs))
                 decays = decays if k is None else tuple(k * x for x in decays)
-            outs = [None] * (slab // 8)
-            for j in reversed(range(slab // 8)) if reverse else range(slab // 8):
-                sub = slice(8 * j, 8 * j + 8)
-                x = tuple(v[sub] for v in bs)
-                if full_a:
-                    decay, x = _tile_scan(tuple(v[sub] for v in decays), x, reverse, roll)
-                    entering = mul(decay, carry)
-                else:
-                    k_sub = None if k is None else k[sub]
-                    k_sub, x = _tile_scan_powers(powers, k_sub, x, reverse, roll)
-                    entering = mul(carry_in, carry)
-                    if k_sub is not None:
-                        entering = tuple(k_sub * v for v in entering)
-                x = tuple(v + u for v, u in zip(x, entering))
-                outs[j] = x
-                edge = slice(0, 1) if reverse else slice(7, 8)
-                carry = tuple(v[edge] for v in x)
-            for p, ref in enumerate(h_refs):
-                whole = outs[0][p] if len(outs) == 1 else jnp.concatenate([o[p] for o in outs])
-                ref[pl.ds(start, slab), :] = whole.astype(ref.dtype)
+            h, carry = _scan_slab(
+                tuple(map(load, b_refs)), k, decays, powers, carry_in, carry, reverse, roll
+            )
+            for ref, x in zip(h_refs, h):
+                ref[pl.ds(start, slab), :] = x.astype(ref.dtype)
             return carry
 
         carry = tuple(c[...] for c in carry_refs)
@@ -215,29 +248,187 @@ def _shift_in(x, fill, from_end: bool):
     return jnp.concatenate([x[:, 1:], fill] if from_end else [fill, x[:, :-1]], axis=1)
 
 
+def _previous_states(h: Parts, edge: Parts, reverse: bool, roll) -> Parts:
+    """Per row of a slab, the state the forward carried into it: h_{t-1} (h_{t+1} in
+    reverse), `edge` (a (1, n) row: the neighbouring slab's, or h0) entering at the end."""
+    out = [[None] * (len(h[0]) // 8) for _ in h]
+    order = range(len(out[0]))
+    for j in order if reverse else reversed(order):
+        sub = slice(8 * j, 8 * j + 8)
+        row = jax.lax.broadcasted_iota(jnp.int32, h[0][sub].shape, 0)
+        for p, (x, e) in enumerate(zip(h, edge)):
+            # the row entering this tile: from the next tile (previous one forward)
+            if j != (len(out[0]) - 1 if reverse else 0):
+                e = x[8 * j + 8 : 8 * j + 9] if reverse else x[8 * j - 1 : 8 * j]
+            shifted = roll(x[sub], 7 if reverse else 1, 0)
+            out[p][j] = jnp.where(row == (7 if reverse else 0), e, shifted)
+    return tuple(o[0] if len(o) == 1 else jnp.concatenate(o) for o in out)
+
+
 def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret):
-    """The gradient on TPU: the forward kernel run backwards over conj(a) shifted one step
-    (and keep shifted), then da from g and h in XLA. Same results as `backward`."""
-    full_a = a[0].ndim == 3
+    """The gradient of `forward` in one pass (the fused backward).
+
+    Walks opposite to the forward, carrying g_t = conj(a_{t+1}) keep_{t+1} g_{t+1} + dh_t
+    (the cotangent of b, written over dh) with the forward's tile scan, and in the same
+    step forms da_t = keep_t g_t conj(h_{t-1}) from the h tile the forward wrote: the
+    tile's rows moved one step by a sublane roll, the row entering it from the
+    neighbouring tile's (h0 at the forward's first position). A time-invariant a sums
+    da in an (8, channels) VMEM accumulator and writes one row per sequence; a full a
+    writes da per step. Bytes: read dh and h, write g (and read a, write da when a is
+    full) against read dh, write g, then read g and h again for da when the backward is
+    the forward kernel plus XLA.
+
+    Returns:
+      (g parts (rows, L, N), da parts: (rows, N) float32 partial sums or (rows, L, N)).
+    """
+    rows, length, n = dh[0].shape
+    num_parts, full_a = len(dh), a[0].ndim == 3
+    dtype = dh[0].dtype
+    slab = _slab_rows(dtype)
+    walk_reverse = not reverse  # the backward's own direction
     a_next = conj(a)
     if full_a:
         a_next = tuple(_shift_in(x, jnp.zeros_like(x[:, 0]), not reverse) for x in a_next)
     keep_next = tuple(_shift_in(k, jnp.zeros_like(k[:, 0]), not reverse) for k in keep)
-    zeros = tuple(jnp.zeros_like(x) for x in h0)
-    g = forward(
-        a_next,
-        dh,
-        zeros,
-        keep_next,
-        chunk=chunk,
-        reverse=not reverse,
-        interpret=interpret,
-        over_b=True,
+    # dh, h, g (and a, da) per part; keep_next and keep
+    bn, chunk, padded = _vmem_rows(
+        chunk, length, n, dtype, (3 + 2 * full_a) * num_parts, 2 * len(keep)
     )
-    h_before = tuple(_shift_in(x, x0, reverse) for x, x0 in zip(h, h0))
-    da = mul_conj(tuple(x.astype(jnp.float32) for x in g), h_before)
-    if keep:
-        da = tuple(x * keep[0][..., None] for x in da)
+    if padded != length:
+        # Extra rows where the walk starts: it carries zeros through them (dh is zero).
+        pad = ((0, 0), (padded - length, 0) if reverse else (0, padded - length), (0, 0))
+        dh, h = (tuple(jnp.pad(x, pad) for x in xs) for xs in (dh, h))
+        a_next = tuple(jnp.pad(x, pad) for x in a_next) if full_a else a_next
+        keep_next, keep = (tuple(jnp.pad(k, pad[:2]) for k in ks) for ks in (keep_next, keep))
+    num_chunks, num_slabs = padded // chunk, chunk // slab
+    # Grid step k walks chunk block_of(k) (in time); the forward's first chunk gets h0.
+    block_of = (lambda k: num_chunks - 1 - k) if walk_reverse else (lambda k: k)
+    first_chunk, first_slab = (num_chunks - 1, num_slabs - 1) if reverse else (0, 0)
+    slabs_per_chunk = chunk // slab
+
+    def edge_block(k):  # the slab just before the chunk, forward (after it, in reverse)
+        if reverse:
+            return jnp.minimum((block_of(k) + 1) * slabs_per_chunk, padded // slab - 1)
+        return jnp.maximum(block_of(k) * slabs_per_chunk - 1, 0)
+
+    roll = jnp.roll if interpret else pltpu.roll
+
+    def kernel(*refs):
+        sizes = [num_parts] * 5 + [len(keep)] * 2 + [num_parts] * 2
+        groups, at = [], 0
+        for size in sizes:
+            groups.append(refs[at : at + size])
+            at += size
+        a_refs, dh_refs, h_refs, edge_refs, h0_refs, keepn_refs, keep_refs, g_refs, da_refs = groups
+        carry_refs, acc_refs = refs[at : at + num_parts], refs[at + num_parts :]
+        step = pl.program_id(2)
+
+        @pl.when(step == 0)
+        def _():
+            for c in (*carry_refs, *acc_refs):
+                c[...] = jnp.zeros_like(c)
+
+        # The state entering the chunk's edge slab: from the neighbouring chunk, or h0.
+        at_first_chunk = block_of(step) == first_chunk
+        edge_row = slice(0, 1) if reverse else slice(slab - 1, slab)
+        chunk_edge = tuple(
+            jnp.where(at_first_chunk, x0[...], e[edge_row, :]).astype(jnp.float32)
+            for x0, e in zip(h0_refs, edge_refs)
+        )
+        carry_in = powers = None
+        if not full_a:
+            carry_in = tuple(r[pl.ds(0, 8), :] for r in a_refs)
+            powers = [tuple(r[pl.ds(8 * k, 8), :] for r in a_refs) for k in (1, 2, 3)]
+
+        def tile(i, state):
+            carry, acc = state
+            s = (num_slabs - 1 - i) if walk_reverse else i
+            start = pl.multiple_of(s * slab, slab)
+            load = lambda r, at=start: r[pl.ds(at, slab), :].astype(jnp.float32)
+            k_next = keepn_refs[0][pl.ds(start, slab), :] if keep else None
+            decays = None
+            if full_a:
+                decays = tuple(map(load, a_refs))
+                decays = decays if k_next is None else tuple(k_next * x for x in decays)
+            g, carry = _scan_slab(
+                tuple(map(load, dh_refs)), k_next, decays, powers, carry_in, carry,
+                walk_reverse, roll,
+            )  # fmt: skip
+            for ref, x in zip(g_refs, g):
+                ref[pl.ds(start, slab), :] = x.astype(ref.dtype)
+            # h_{t-1} for each row: the slab's own h moved one step, the row entering it
+            # from the neighbouring slab of this chunk, or from the chunk's edge.
+            near = jnp.clip(s + (1 if reverse else -1), 0, num_slabs - 1)
+            near = pl.multiple_of(near * slab, slab)
+            entering = tuple(
+                jnp.where(s == first_slab, e, load(r, near)[edge_row])
+                for r, e in zip(h_refs, chunk_edge)
+            )
+            before = _previous_states(tuple(map(load, h_refs)), entering, reverse, roll)
+            da = mul_conj(g, before)
+            if keep:
+                da = tuple(keep_refs[0][pl.ds(start, slab), :] * x for x in da)
+            if full_a:
+                for ref, x in zip(da_refs, da):
+                    ref[pl.ds(start, slab), :] = x.astype(ref.dtype)
+            else:  # fold the slab's rows onto the accumulator's 8
+                acc = tuple(
+                    v + sum(x[8 * j : 8 * j + 8] for j in range(slab // 8)) for v, x in zip(acc, da)
+                )
+            return carry, acc
+
+        state = (tuple(c[...] for c in carry_refs), tuple(c[...] for c in acc_refs))
+        carry, acc = jax.lax.fori_loop(0, num_slabs, tile, state)
+        for c, x in zip((*carry_refs, *acc_refs), (*carry, *acc)):
+            c[...] = x
+        if not full_a:
+
+            @pl.when(step == num_chunks - 1)
+            def _():
+                for ref, x in zip(da_refs, acc):
+                    ref[...] = x.sum(0, keepdims=True)
+
+    seq_spec = pl.BlockSpec((None, chunk, bn), lambda r, j, k: (r, block_of(k), j))
+    state_spec = pl.BlockSpec((None, 1, bn), lambda r, j, k: (r, 0, j))
+    edge_spec = pl.BlockSpec((None, slab, bn), lambda r, j, k: (r, edge_block(k), j))
+    col_spec = pl.BlockSpec((None, chunk, 1), lambda r, j, k: (r, block_of(k), 0))
+    a_spec = seq_spec if full_a else pl.BlockSpec((32, bn), lambda r, j, k: (0, j))
+    in_specs = [a_spec] * num_parts + [seq_spec] * 2 * num_parts + [edge_spec] * num_parts
+    in_specs += [state_spec] * num_parts + [col_spec] * 2 * len(keep)
+    da_shape = (rows, padded, n) if full_a else (rows, 1, n)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=[jax.ShapeDtypeStruct((rows, padded, n), dtype)] * num_parts
+        + [jax.ShapeDtypeStruct(da_shape, dtype if full_a else jnp.float32)] * num_parts,
+        grid=(rows, n // bn, num_chunks),
+        in_specs=in_specs,
+        out_specs=[seq_spec] * num_parts + [seq_spec if full_a else state_spec] * num_parts,
+        scratch_shapes=[pltpu.VMEM((1, bn), jnp.float32)] * num_parts
+        + ([] if full_a else [pltpu.VMEM((8, bn), jnp.float32)] * num_parts),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")
+        ),
+        cost_estimate=pl.CostEstimate(
+            flops=6 * num_parts**2 * rows * padded * n,
+            transcendentals=0,
+            bytes_accessed=(3 + 2 * full_a) * num_parts * rows * padded * n * dtype.itemsize,
+        ),
+        input_output_aliases=write_over_b(num_parts),
+        interpret=interpret,
+        name="linear_scan_tpu_backward",
+    )(
+        *(a_next if full_a else _power_table(a_next, walk_reverse)),
+        *dh,
+        *h,
+        *h,
+        *(x[:, None] for x in h0),
+        *(k.astype(jnp.float32)[..., None] for k in (*keep_next, *keep)),
+    )
+    g, da = tuple(out[:num_parts]), tuple(out[num_parts:])
+    if padded != length:
+        trim = (lambda x: x[:, padded - length :]) if reverse else (lambda x: x[:, :length])
+        g = tuple(map(trim, g))
+        da = tuple(map(trim, da)) if full_a else da
     if not full_a:
-        da = tuple(x.sum(1) for x in da)
+        da = tuple(x[:, 0] for x in da)
     return g, da
