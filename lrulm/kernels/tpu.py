@@ -77,7 +77,9 @@ def _tile_scan_powers(powers, keep, x: Parts, reverse: bool, roll):
     """`_tile_scan` for a time-invariant decay a: the window products are a^w times the
     product of the window's keep values, so only the (8, 1) keep column is composed and
     the channels see a multiply by a precomputed a^w ((1, n) rows for w = 1, 2, 4) per
-    round: fewer vector operations and half the rolls of the general form.
+    round: fewer vector operations and half the rolls of the general form. The table's
+    a^w is zero on the rows that have no pair w rows before them (after, in reverse), so
+    what the roll wrapped around adds nothing and no select is needed.
 
     Returns (the keep product from the tile's first row to each row, or None; x).
     """
@@ -88,20 +90,25 @@ def _tile_scan_powers(powers, keep, x: Parts, reverse: bool, roll):
         if keep is not None:
             y = tuple(keep * v for v in y)
             keep = jnp.where(valid, keep * roll(keep, shift, 0), keep)
-        x = tuple(jnp.where(valid, v + u, v) for v, u in zip(x, y))
+        x = tuple(v + u for v, u in zip(x, y))
     return keep, x
 
 
 def _power_table(a: Parts, reverse: bool) -> Parts:
     """Per part, (32, N): rows 0-7 the power of a the carry enters each row of a tile
-    with (a^(r+1); a^(8-r) in reverse), then a, a^2 and a^4, each repeated on 8 rows so
-    that the kernel loads whole vregs rather than broadcasting a row in every step."""
+    with (a^(r+1); a^(8-r) in reverse), then a, a^2 and a^4 for the rounds w = 1, 2, 4 of
+    `_tile_scan_powers`, each on 8 rows (whole vregs, not a row broadcast in every step)
+    and zero on the rows that take no pair in that round (the first w; the last w in
+    reverse)."""
     a = tuple(x.astype(jnp.float32) for x in a)
     powers = [a]
     for _ in range(7):
         powers.append(mul(powers[-1], a))
-    carry_in = powers[::-1] if reverse else powers
-    rows = carry_in + [powers[0]] * 8 + [powers[1]] * 8 + [powers[3]] * 8
+    rows = powers[::-1] if reverse else powers
+    zero = tuple(jnp.zeros_like(x) for x in a)
+    for w in (1, 2, 4):
+        takes = [(r < 8 - w) if reverse else (r >= w) for r in range(8)]
+        rows += [powers[w - 1] if t else zero for t in takes]
     return tuple(jnp.stack([r[p] for r in rows]) for p in range(len(a)))
 
 
