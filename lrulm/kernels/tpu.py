@@ -258,18 +258,21 @@ def _shift_in(x, fill, from_end: bool):
 def _previous_states(h: Parts, edge: Parts, reverse: bool, roll) -> Parts:
     """Per row of a slab, the state the forward carried into it: h_{t-1} (h_{t+1} in
     reverse), `edge` (a (1, n) row: the neighbouring slab's, or h0) entering at the end."""
-    out = [[None] * (len(h[0]) // 8) for _ in h]
-    order = range(len(out[0]))
-    for j in order if reverse else reversed(order):
-        sub = slice(8 * j, 8 * j + 8)
-        row = jax.lax.broadcasted_iota(jnp.int32, h[0][sub].shape, 0)
-        for p, (x, e) in enumerate(zip(h, edge)):
-            # the row entering this tile: from the next tile (previous one forward)
-            if j != (len(out[0]) - 1 if reverse else 0):
-                e = x[8 * j + 8 : 8 * j + 9] if reverse else x[8 * j - 1 : 8 * j]
-            shifted = roll(x[sub], 7 if reverse else 1, 0)
-            out[p][j] = jnp.where(row == (7 if reverse else 0), e, shifted)
-    return tuple(o[0] if len(o) == 1 else jnp.concatenate(o) for o in out)
+    tiles = len(h[0]) // 8  # 2 for a bf16 slab
+    row = jax.lax.broadcasted_iota(jnp.int32, (8, h[0].shape[1]), 0)
+    out = []
+    for x, e in zip(h, edge):
+        parts = []
+        for j in range(tiles):
+            # The row entering tile j: the edge, or the next tile's first row (in
+            # reverse) / the previous tile's last row.
+            entering = e
+            if j != (tiles - 1 if reverse else 0):
+                entering = x[8 * j + 8 : 8 * j + 9] if reverse else x[8 * j - 1 : 8 * j]
+            shifted = roll(x[8 * j : 8 * j + 8], 7 if reverse else 1, 0)
+            parts.append(jnp.where(row == (7 if reverse else 0), entering, shifted))
+        out.append(parts[0] if tiles == 1 else jnp.concatenate(parts))
+    return tuple(out)
 
 
 def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret):
