@@ -31,7 +31,9 @@ memory latency. Time is sequential within a program, so all parallelism comes fr
   scanned together in log steps with sublane rolls, then the carry enters. The grid is
   (rows, channel blocks, chunks) with the chunk axis sequential ("arbitrary"), the state
   carried in VMEM scratch, and Pallas's pipeline copying the next chunk into VMEM behind
-  the current one.
+  the current one; a chunk is at least 512 steps (VMEM permitting) whatever `chunk_size`
+  asks, since every grid step has a fixed cost. tools/tpu_kernel_schedule.py reads the
+  compiler's VLIW schedule of each variant against the HBM time of its bytes.
 - Both kernels write h over b (and the backward g over dh): one (B, L, N) buffer per
   recurrence, so the LRU's B projection, the scan and its C readout hold one
   complex-sized activation per layer, which is also the only residual the gradient keeps.
@@ -39,7 +41,9 @@ memory latency. Time is sequential within a program, so all parallelism comes fr
   flipped copies are made.
 
 A `pallas_call` cannot be transposed, so gradients come from lrulm.scan's
-grad="recurrence", which runs this same kernel backwards.
+grad="recurrence": `backward_parts`, one fused kernel per backend that walks the other
+way carrying the cotangent of b (written over dh) and forms the cotangent of a from the
+h the forward wrote in the same pass (read dh and h, write g).
 """
 
 from __future__ import annotations
@@ -375,7 +379,7 @@ def backward_parts(
     kernel: str | None = None,
 ) -> tuple[Parts, Parts]:
     """The gradient of `forward_parts` given its output h and the cotangent dh, in one
-    kernel pass on GPU (see `lrulm.kernels.gpu.backward`).
+    kernel pass (`lrulm.kernels.gpu.backward`, `lrulm.kernels.tpu.backward`).
 
     Returns:
       (g, da): g = the cotangent of b, shape (..., L, N); da = the cotangent of a, of a's
@@ -420,8 +424,9 @@ def forward(
       b: inputs, shape (..., L, N); float32, bfloat16 or complex64 (float32 math).
       h0: optional initial state, shape (..., N); for reverse=True the state after the
         last position.
-      chunk_size: time steps loaded at once per program (an upper bound: the GPU kernel
-        uses fewer when its registers would overflow, the TPU kernel when VMEM would).
+      chunk_size: time steps loaded at once per program: on GPU an upper bound (fewer
+        when its registers would overflow); the TPU kernel takes at least 512 (fewer only
+        when VMEM or the sequence is shorter).
       reverse: run from the end of the sequence: h_t = a_t * h_{t+1} + b_t.
       interpret: run the kernel in the Pallas interpreter. None: the interpreter on CPU
         and the compiled kernel on GPU / TPU.
