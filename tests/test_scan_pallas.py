@@ -167,14 +167,17 @@ def test_tpu_chunks_divide_the_length_or_the_length_is_padded():
     assert chunk(2000, 256, 8, 10**6) == (200, 2000)  # 10 steps of 200, no padding
     assert chunk(4072, 256, 8, 10**6) == (256, 4096)  # 8 x 509: padded, not 509 steps of 8
     assert chunk(7, 256, 8, 10**6) == (8, 8)
-    assert chunk(2048, 256, 16, 100) == (64, 2048)  # bf16 tiles of 16 rows, VMEM-bound
+    assert chunk(2048, 256, 16, 100) == (64, 2048)  # slabs of 16 rows, VMEM-bound
+    # 300 rows in slabs of 16 must be padded: to 2 steps of 160, not 2 of 288
+    assert chunk(300, 512, 16, 10**6) == (160, 320)
 
 
 @pytest.mark.skipif(COMPILED and jax.default_backend() != "tpu", reason="the TPU kernel")
 @pytest.mark.parametrize("reverse", [False, True])
 def test_tpu_kernel_on_a_padded_length(reverse):
-    """A length with no good chunk (300: padded to 320 in 5 steps of 64) gives the same h,
-    with resets and h0, in either direction (padding goes where the state never flows)."""
+    """A length that is no multiple of a slab (300: padded to 320 in 2 steps of 160) gives
+    the same h, with resets and h0, in either direction (padding goes where the state
+    never flows)."""
     a, b, h0 = _inputs(7, (2,), 300, 256, complex_=True, full_a=False)
     resets = _resets(3, (2, 300))
     gated = jnp.where(resets[..., None], 0, jnp.broadcast_to(a, b.shape))
@@ -239,15 +242,17 @@ def _whole(parts):
 
 
 # (leading axes, L, N, complex, a full, reverse, resets, dtype): the TPU kernel's slab edges
-# (L = 7, 300: padded; 40: 5 slabs of 8 in one chunk, so the h_{t-1} of a slab comes from
-# the one before it), both directions, both decay forms, bf16's 16-row slabs.
+# (L = 7, 40, 300: padded, 300 in two chunks; 48 and 40: 3 slabs of 16 in one chunk, so
+# the h_{t-1} of a slab comes from the one before it), both directions, both decay forms,
+# bf16's 32-row slabs.
 BACKWARD_CASES = [
     ((2,), 40, 256, True, False, False, True, jnp.float32),
     ((2,), 40, 256, True, False, True, True, jnp.float32),
     ((), 300, 128, True, True, True, True, jnp.float32),
     ((2,), 7, 5, False, True, False, False, jnp.float32),
     ((1, 2), 300, 256, False, False, False, True, jnp.float32),
-    ((2,), 48, 256, True, False, True, True, jnp.bfloat16),
+    ((2,), 96, 256, True, False, True, True, jnp.bfloat16),
+    ((2,), 48, 128, False, False, False, True, jnp.float32),
 ]
 
 

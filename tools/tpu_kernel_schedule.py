@@ -4,9 +4,9 @@
 
 No TPU needed. libtpu compiles each kernel for the topology (as `lrulm compile` does)
 and, asked to, dumps the final VLIW bundles: one bundle issues per cycle, so the bundles
-of the kernel's inner loop (one 8-row tile of every part, 16 rows for bfloat16) are the
-cycles that tile costs when nothing stalls. Against them: the cycles HBM needs for the
-tile's bytes at the chip's bandwidth. The kernel is memory-bound when the loop is
+of the kernel's inner loop (one slab: 16 rows of every part, 32 for bfloat16) are the
+cycles that slab costs when nothing stalls. Against them: the cycles HBM needs for the
+slab's bytes at the chip's bandwidth. The kernel is memory-bound when the loop is
 shorter, and its best case is then the HBM roofline; otherwise it runs at about
 HBM cycles / loop bundles of it. A grid step adds the bundles outside the loop (block
 bookkeeping, the carry, DMA issue; an upper bound, some are predicated off).
@@ -163,28 +163,29 @@ def compile_case(device, shape, kernel, full_a, dtype, keep, reverse, chunk):
 
 
 def estimate(found, kernel, full_a, dtype, keep, shape, chunk, bytes_per_cycle) -> dict:
-    """A kernel's schedule against the HBM time of its bytes, per tile and grid step."""
+    """A kernel's schedule against the HBM time of its bytes, per slab and grid step."""
     itemsize = jnp.dtype(dtype).itemsize
-    rows_per_tile = 8 * max(1, 4 // itemsize)
-    # The loop covers one tile of a block's channels: count them from the stores it
-    # makes (one per 128 channels per part and stored array; a time-invariant a's da
-    # stays in registers).
+    rows_per_slab = tpu_kernels._slab_rows(dtype)  # one loop iteration
+    # The loop covers one slab of a block's channels: count them from the stores it
+    # makes (one per vreg, i.e. 128 channels x 8 rows of 32-bit values or 16 of bf16,
+    # per part and stored array; a time-invariant a's da stays in registers).
     stored = 1 + (kernel == "backward" and full_a)
-    lanes = 128 * found["vector_stores"] / (2 * stored)
-    hbm = lanes * rows_per_tile * itemsize * 2 * arrays_moved(kernel, full_a) / bytes_per_cycle
-    # A grid step: the loop once per tile of its chunk, plus everything else once.
+    vregs_per_column = rows_per_slab // (8 * max(1, 4 // itemsize))
+    lanes = 128 * found["vector_stores"] / (2 * stored * vregs_per_column)
+    hbm = lanes * rows_per_slab * itemsize * 2 * arrays_moved(kernel, full_a) / bytes_per_cycle
+    # A grid step: the loop once per slab of its chunk, plus everything else once.
     columns = (1 + (kernel == "backward")) * keep
     sequences = 2 * arrays_moved(kernel, full_a)
     _, chunk, _ = tpu_kernels._vmem_rows(chunk, shape[1], shape[2], dtype, sequences, columns)
-    tiles = chunk // rows_per_tile
-    step = found["loop_bundles"] * tiles + found["total_bundles"] - found["loop_bundles"]
+    slabs = chunk // rows_per_slab
+    step = found["loop_bundles"] * slabs + found["total_bundles"] - found["loop_bundles"]
     return dict(
         found,
         hbm_cycles=hbm,
         chunk=chunk,
         step_bundles=step,
-        step_hbm_cycles=hbm * tiles,
-        est_pct_of_hbm=100 * min(1.0, hbm * tiles / step),
+        step_hbm_cycles=hbm * slabs,
+        est_pct_of_hbm=100 * min(1.0, hbm * slabs / step),
     )
 
 
@@ -209,7 +210,7 @@ def main():
         f"TPU scan kernels on {device.device_kind} ({clock:g} GHz, "
         f"{bytes_per_cycle:.0f} HBM bytes/cycle per core), B,L,N = {shape}"
     )
-    header = "| kernel | loop bundles / tile | HBM cycles / tile | chunk | bundles / grid step |"
+    header = "| kernel | loop bundles / slab | HBM cycles / slab | chunk | bundles / grid step |"
     header += " HBM cycles / grid step | est. % of HBM BW |"
     header += " VALU | XLU | vld | vst |"
     print(header)
