@@ -115,6 +115,23 @@ def _power_table(a: Parts, reverse: bool) -> Parts:
     return tuple(jnp.stack([r[p] for r in rows]) for p in range(len(a)))
 
 
+def _power_rows(a_refs):
+    """(carry_in, [a, a^2, a^4]) from the power table's refs, as (8, channels) values:
+    loaded once per grid step."""
+    carry_in = tuple(r[pl.ds(0, 8), :] for r in a_refs)
+    return carry_in, [tuple(r[pl.ds(8 * k, 8), :] for r in a_refs) for k in (1, 2, 3)]
+
+
+def _slab_decays(a_refs, keep_refs, load, start, slab, full_a):
+    """A slab's keep column ((slab, 1), broadcast over the channels; None without
+    resets) and, for a full a, its decays times keep (else None)."""
+    k = keep_refs[0][pl.ds(start, slab), :] if keep_refs else None
+    if not full_a:
+        return k, None
+    decays = tuple(map(load, a_refs))
+    return k, decays if k is None else tuple(k * x for x in decays)
+
+
 def _scan_slab(xs: Parts, k, decays, powers, carry_in, carry, reverse: bool, roll):
     """One slab (8 rows; 16 for bf16, as two 8-row tiles) of the recurrence.
 
@@ -196,21 +213,13 @@ def forward(
             for c, h0_ref in zip(carry_refs, h0_refs):
                 c[...] = h0_ref[...].astype(jnp.float32)
 
-        carry_in = powers = None
-        if not full_a:  # the power table: loaded once per grid step
-            carry_in = tuple(r[pl.ds(0, 8), :] for r in a_refs)
-            powers = [tuple(r[pl.ds(8 * k, 8), :] for r in a_refs) for k in (1, 2, 3)]
+        carry_in, powers = (None, None) if full_a else _power_rows(a_refs)
 
         def tile(i, carry):
             s = (num_slabs - 1 - i) if reverse else i
             start = pl.multiple_of(s * slab, slab)
             load = lambda r: r[pl.ds(start, slab), :].astype(jnp.float32)
-            # keep: (slab, 1), broadcast over the channels
-            k = keep_refs[0][pl.ds(start, slab), :] if keep else None
-            decays = None
-            if full_a:
-                decays = tuple(map(load, a_refs))
-                decays = decays if k is None else tuple(k * x for x in decays)
+            k, decays = _slab_decays(a_refs, keep_refs, load, start, slab, full_a)
             h, carry = _scan_slab(
                 tuple(map(load, b_refs)), k, decays, powers, carry_in, carry, reverse, roll
             )
@@ -351,21 +360,14 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret):
             jnp.where(at_first_chunk, x0[...], e[edge_row, :]).astype(jnp.float32)
             for x0, e in zip(h0_refs, edge_refs)
         )
-        carry_in = powers = None
-        if not full_a:
-            carry_in = tuple(r[pl.ds(0, 8), :] for r in a_refs)
-            powers = [tuple(r[pl.ds(8 * k, 8), :] for r in a_refs) for k in (1, 2, 3)]
+        carry_in, powers = (None, None) if full_a else _power_rows(a_refs)
 
         def tile(i, state):
             carry, acc = state
             s = (num_slabs - 1 - i) if walk_reverse else i
             start = pl.multiple_of(s * slab, slab)
             load = lambda r, at=start: r[pl.ds(at, slab), :].astype(jnp.float32)
-            k_next = keepn_refs[0][pl.ds(start, slab), :] if keep else None
-            decays = None
-            if full_a:
-                decays = tuple(map(load, a_refs))
-                decays = decays if k_next is None else tuple(k_next * x for x in decays)
+            k_next, decays = _slab_decays(a_refs, keepn_refs, load, start, slab, full_a)
             g, carry = _scan_slab(
                 tuple(map(load, dh_refs)), k_next, decays, powers, carry_in, carry,
                 walk_reverse, roll,
