@@ -298,10 +298,10 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret):
     step forms da_t = keep_t g_t conj(h_{t-1}) from the h tile the forward wrote: the
     tile's rows moved one step by a sublane roll, the row entering it from the
     neighbouring tile's (h0 at the forward's first position). A time-invariant a sums
-    da in an (8, channels) VMEM accumulator and writes one row per sequence; a full a
-    writes da per step. Bytes: read dh and h, write g (and read a, write da when a is
-    full) against read dh, write g, then read g and h again for da when the backward is
-    the forward kernel plus XLA.
+    da in an (8, channels) accumulator (registers within a grid step, VMEM between
+    steps) and writes one row per sequence; a full a writes da per step. Bytes: read dh
+    and h, write g (and read a, write da when a is full) against read dh, write g, then
+    read g and h again for da when the backward is the forward kernel plus XLA.
 
     Returns:
       (g parts (rows, L, N), da parts: (rows, N) float32 partial sums or (rows, L, N)).
@@ -329,12 +329,11 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret):
     # Grid step k walks chunk block_of(k) (in time); the forward's first chunk gets h0.
     block_of = (lambda k: num_chunks - 1 - k) if walk_reverse else (lambda k: k)
     first_chunk, first_slab = (num_chunks - 1, num_slabs - 1) if reverse else (0, 0)
-    slabs_per_chunk = chunk // slab
 
     def edge_block(k):  # the slab just before the chunk, forward (after it, in reverse)
         if reverse:
-            return jnp.minimum((block_of(k) + 1) * slabs_per_chunk, padded // slab - 1)
-        return jnp.maximum(block_of(k) * slabs_per_chunk - 1, 0)
+            return jnp.minimum((block_of(k) + 1) * num_slabs, padded // slab - 1)
+        return jnp.maximum(block_of(k) * num_slabs - 1, 0)
 
     roll = jnp.roll if interpret else pltpu.roll
 
