@@ -51,11 +51,11 @@ def sharded_linear_scan(a, b, *, h0, reverse, axis_name, local_scan):
     else:
         decay = jax.lax.cumprod(a, axis=a.ndim - 2, reverse=reverse)
     exit_pos = 0 if reverse else -1  # where the state leaves this segment
-    states = jax.lax.all_gather(h_local[..., exit_pos, :], axis_name)  # (S, ..., n)
+    states = _all_gather(h_local[..., exit_pos, :], axis_name)  # (S, ..., n)
     if a.ndim == 1:  # time-invariant: every segment decays by the same a^l
         decays = [decay[exit_pos]] * num
     else:
-        gathered = jax.lax.all_gather(decay[..., exit_pos, :], axis_name)
+        gathered = _all_gather(decay[..., exit_pos, :], axis_name)
         decays = [gathered[j] for j in range(num)]
     carry = jnp.zeros_like(states[0]) if h0 is None else h0.astype(states.dtype)
     carries = [None] * num
@@ -65,6 +65,17 @@ def sharded_linear_scan(a, b, *, h0, reverse, axis_name, local_scan):
         carry = decays[j] * carry + states[j]
     carry_in = jnp.stack(carries)[index]
     return h_local + decay * carry_in[..., None, :]
+
+
+def _all_gather(x, axis_name):
+    """all_gather along a new leading axis; complex values travel as (re, im) float
+    pairs, since the gradient's transpose of a complex all-gather is a complex
+    reduce-scatter, which XLA's TPU compiler cannot lower ("Supported lowering only of
+    Sum reduce-scatter")."""
+    if not jnp.iscomplexobj(x):
+        return jax.lax.all_gather(x, axis_name)
+    pairs = jax.lax.all_gather(jnp.stack([x.real, x.imag], axis=-1), axis_name)
+    return jax.lax.complex(pairs[..., 0], pairs[..., 1])
 
 
 def _spec(mesh, shape, names):

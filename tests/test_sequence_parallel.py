@@ -55,6 +55,45 @@ def test_split_scan_equals_unsplit(shards, time_varying, reverse, method):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-4 * float(jnp.max(jnp.abs(y))))
 
 
+@pytest.mark.parametrize("time_varying", [False, True])
+def test_split_scan_gradient_compiles_for_tpu(time_varying):
+    """The split scan's gradient compiles for a TPU (v5e, libtpu without a chip): the
+    transpose of a complex all-gather would be a complex reduce-scatter, which XLA's TPU
+    compiler refuses, so the segment-end states cross devices as float pairs."""
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from lrulm import compile as compile_lib
+
+    try:
+        devices = compile_lib.topology_devices(compile_lib.parse_topology("v5e:2x2"))
+    except Exception as e:  # no libtpu wheel, or a libtpu without the topology API
+        pytest.skip(f"TPU topology API unavailable (install jax[tpu] for libtpu): {e}")
+    mesh = Mesh(np.array(devices), (sp.AXIS,))
+    seq = P(None, sp.AXIS, None)
+
+    def loss(a, b):
+        scan = lambda a, b: sp.sharded_linear_scan(
+            a, b, h0=None, reverse=False, axis_name=sp.AXIS,
+            local_scan=lambda a, b, h0, reverse: linear_scan(a, b, method="associative"),
+        )  # fmt: skip
+        specs = (seq if time_varying else P(None), seq)
+        run = jax.shard_map(scan, mesh=mesh, in_specs=specs, out_specs=seq, check_vma=False)
+        h = run(a, b)
+        return jnp.sum(jnp.abs(h) ** 2)
+
+    spec = lambda shape, s: jax.ShapeDtypeStruct(
+        shape, jnp.complex64, sharding=NamedSharding(mesh, s)
+    )
+    a = spec((2, 512, 128), seq) if time_varying else spec((128,), P(None))
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(a, spec((2, 512, 128), seq)).compile()
+    collectives = [
+        line for line in compiled.as_text().splitlines()
+        if re.search(r"= \S+ (all-gather|reduce-scatter)(-start)?\(", line)
+    ]  # fmt: skip
+    assert collectives and not any("c64" in line for line in collectives), collectives
+
+
 @pytest.mark.parametrize("shards", [2, 8])
 def test_bidirectional_stack_split_equals_unsplit(shards):
     cfg = from_preset("test", bidirectional=True, norm="layer", vocab_size=0)
