@@ -20,14 +20,18 @@ def write_over_b(num_parts: int) -> dict[int, int]:
     return {num_parts + i: i for i in range(num_parts)}
 
 
-def split_refs(refs, num_parts, num_keep):
-    """(a, b, h0, keep, h, scratch) refs: parts, parts, parts, 0 or 1, parts, the rest."""
-    sizes = (num_parts,) * 3 + (num_keep, num_parts)
+def group_refs(refs, sizes):
+    """refs cut into consecutive groups of the given sizes, then the rest."""
     out, start = [], 0
     for size in sizes:
         out.append(refs[start : start + size])
         start += size
     return (*out, refs[start:])
+
+
+def split_refs(refs, num_parts, num_keep):
+    """(a, b, h0, keep, h, scratch) refs: parts, parts, parts, 0 or 1, parts, the rest."""
+    return group_refs(refs, (num_parts,) * 3 + (num_keep, num_parts))
 
 
 def cost(num_parts, full_a, rows, length, n, itemsize):

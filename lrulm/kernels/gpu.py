@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from lrulm.kernels.common import Parts, conj, cost, mul_conj, split_refs, write_over_b
+from lrulm.kernels.common import Parts, conj, cost, group_refs, mul_conj, split_refs, write_over_b
 
 # GPU: one warp per program, one channel per thread (see the module docstring).
 _GPU_CHANNELS = 32
@@ -197,10 +197,8 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret):
     before = (lambda t: t + 1) if reverse else (lambda t: t - 1)
 
     def kernel(*refs):
-        groups = [num_parts] * 4 + [len(keep), num_parts, num_parts]
-        a_refs, dh_refs, h_refs, h0_refs, keep_refs, g_refs, da_refs = (
-            refs[sum(groups[:i]) : sum(groups[: i + 1])] for i in range(len(groups))
-        )
+        sizes = [num_parts] * 4 + [len(keep), num_parts, num_parts]
+        a_refs, dh_refs, h_refs, h0_refs, keep_refs, g_refs, da_refs, _ = group_refs(refs, sizes)
         load, store, load_all, store_all = _memory_ops(n, bn, num_blocks)
         h0 = load_all(h0_refs)
         a_const = None if full_a else load_all(a_refs)

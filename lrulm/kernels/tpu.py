@@ -8,7 +8,16 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from lrulm.kernels.common import Parts, conj, cost, mul, mul_conj, split_refs, write_over_b
+from lrulm.kernels.common import (
+    Parts,
+    conj,
+    cost,
+    group_refs,
+    mul,
+    mul_conj,
+    split_refs,
+    write_over_b,
+)
 
 # TPU: lanes per vreg, and the VMEM the double-buffered blocks of one grid step may use
 # (the default scoped VMEM limit is 16 MiB on v5e, 32 MiB on v4/v5p/v6e).
@@ -133,7 +142,8 @@ def _slab_decays(a_refs, keep_refs, load, start, slab, full_a):
 
 
 def _scan_slab(xs: Parts, k, decays, powers, carry_in, carry, reverse: bool, roll):
-    """One slab (8 rows; 16 for bf16, as two 8-row tiles) of the recurrence.
+    """One slab (`_slab_rows`: 16 rows, 32 for bf16, scanned as 8-row tiles) of the
+    recurrence.
 
     xs: the slab's inputs (float32 parts); k: its keep column (slab, 1) or None; decays:
     its full decays (already times keep) or None for a time-invariant decay given as the
@@ -338,13 +348,10 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret):
     roll = jnp.roll if interpret else pltpu.roll
 
     def kernel(*refs):
-        sizes = [num_parts] * 5 + [len(keep)] * 2 + [num_parts] * 2
-        groups, at = [], 0
-        for size in sizes:
-            groups.append(refs[at : at + size])
-            at += size
-        a_refs, dh_refs, h_refs, edge_refs, h0_refs, keepn_refs, keep_refs, g_refs, da_refs = groups
-        carry_refs, acc_refs = refs[at : at + num_parts], refs[at + num_parts :]
+        sizes = [num_parts] * 5 + [len(keep)] * 2 + [num_parts] * 3
+        *groups, acc_refs = group_refs(refs, sizes)
+        a_refs, dh_refs, h_refs, edge_refs, h0_refs, keepn_refs, keep_refs = groups[:7]
+        g_refs, da_refs, carry_refs = groups[7:]
         step = pl.program_id(2)
 
         @pl.when(step == 0)
