@@ -152,19 +152,17 @@ class LRU(nnx.Module):
         if axis_name is None and mesh is not None and mesh.shape["sequence"] > 1:
             # Activations are split along the sequence: scan each segment on its device
             # and pass only the segment-end states between devices.
-            a = jax.lax.complex(*a)
-            if resets is not None:  # a document starts at t: forget the state carried in
-                a = jnp.where(resets[..., None], jnp.zeros((), a.dtype), a)
-            x = sequence_parallel.scan_over_mesh(
+            return sequence_parallel.scan_over_mesh_parts(
                 a,
-                jax.lax.complex(*bu),
-                h0=None if h0 is None else jax.lax.complex(*h0),
+                bu,
+                h0=h0,
+                resets=resets,
                 reverse=reverse,
                 mesh=mesh,
                 method=self.scan_method,
                 chunk_size=self.chunk_size,
+                overwrite_b=True,
             )
-            return x.real, x.imag
         return scan_lib.linear_scan_planar(
             a,
             bu,

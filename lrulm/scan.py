@@ -17,9 +17,10 @@ values, instead of the log2(L) intermediate levels autodiff keeps for
 `jax.lax.associative_scan`. `grad="autodiff"` differentiates the forward method itself.
 
 Sequence parallelism (the sequence axis split across devices under `shard_map`) is
-`linear_scan(..., axis_name="sequence")`: each device scans its segment from a zero
-state, the segment-end states are combined across devices and each device corrects its
-outputs with the state arriving from its left (or right, for reverse).
+`linear_scan(..., axis_name="sequence")` (or `linear_scan_planar`): the segments' exit
+states from a zero entry are combined across devices, and each device scans its segment
+from the state arriving from its left (or right, for reverse); see
+lrulm.sequence_parallel.
 """
 
 from __future__ import annotations
@@ -426,6 +427,13 @@ def linear_scan_planar(
                 f"got {resets.shape}"
             )
         keep = jnp.logical_not(resets).astype(dtype)
+    if axis_name is not None and a[0].ndim == 1 and grad is GradMethod.RECURRENCE:
+        from lrulm import sequence_parallel
+
+        return sequence_parallel.sharded_scan_parts(
+            a, b, h0=h0, keep=keep, reverse=reverse, axis_name=axis_name, method=method,
+            chunk_size=chunk_size, overwrite_b=overwrite_b,
+        )  # fmt: skip
     if axis_name is not None or b[0].shape[-2] == 0:
         a = _gate(a, keep, b[0].shape)
         kw = dict(method=method, chunk_size=chunk_size, grad=grad, axis_name=axis_name)
@@ -479,6 +487,10 @@ def linear_scan(
     dtype = jnp.result_type(a, b) if h0 is None else jnp.result_type(a, b, h0)
     a, b = a.astype(dtype), b.astype(dtype)
     h0 = None if h0 is None else h0.astype(dtype)
+    if axis_name is not None and a.ndim == 1 and grad is GradMethod.RECURRENCE:
+        kw = dict(method=method, chunk_size=chunk_size, axis_name=axis_name)
+        h0 = None if h0 is None else _split(h0)
+        return _merge(linear_scan_planar(_split(a), _split(b), h0=h0, reverse=reverse, **kw))
     if axis_name is not None:
         from lrulm import sequence_parallel
 

@@ -1,18 +1,28 @@
 """Sequence parallelism for the recurrence: the sequence split across devices.
 
-With the sequence axis split S ways, device i holds positions [i*L/S, (i+1)*L/S). It
-scans its segment from a zero state (any `linear_scan` method) and also forms the
-segment's cumulative decay P_t = a_{start} ... a_t. The linear recurrence composes, so
+With the sequence axis split S ways, device i holds positions [i*L/S, (i+1)*L/S). The
+linear recurrence composes: a segment maps the state entering it to the state leaving
+it by h_exit = E_i + T_i * h_entry, where E_i is the exit state from a zero entry and
+T_i the segment's total decay. Only the (b, n) values E_i (and T_i when it varies)
+cross devices: one all-gather per layer and direction, after which every device folds
+them into the state entering its own segment.
 
-    h_t = h_t^local + P_t * c_i,      c_i = the state entering segment i,
+Time-invariant a (shape (n,), the LRU's case, with optional document resets), on
+(real, imag) parts: E_i is a weighted sum of the segment's inputs (one read of b), and
+the local scan (any `linear_scan` method, the Pallas kernel included) then runs from
+the state entering the segment, so h is written once and exact: no correction pass, no
+(b, l, n) cumulative decays, and the train step's temporaries are those of the unsplit
+model. The backward is the same pattern mirrored: a weighted sum of dh, an all-gather,
+the fold, and the backward kernel from the cotangent arriving at the segment's exit.
 
-and c_i is a fold of the other segments' end states: c_{i+1} = P_end(i) c_i + h_end(i).
-Only the (b, n) segment-end states cross devices: one all-gather per layer and
-direction (plus the end decays when `a` varies with time, e.g. document resets). The
-backward pass is its transpose (a reduce-scatter of the same size), so per layer and
-step each device exchanges
+Time-varying a (shape (..., l, n)): each device scans its segment from zero, forms the
+cumulative decays P_t and corrects h_t += P_t * c_i; the backward is autodiff's
+transpose (a reduce-scatter of the same size as the all-gather).
 
-    forward:  (S - 1) * b * n * 8 bytes   (complex64 states; x2 with time-varying a)
+Per layer and step each device receives
+
+    forward:  (S - 1) * b * n * 8 bytes   (complex64 states; x2 with time-varying a,
+                                          + (S - 1) * b * 4 with resets)
     backward: the same again
 
 with b the per-device batch. Everything else in a block is per position and works on
@@ -20,6 +30,8 @@ sequence-sharded activations as it is.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +79,182 @@ def sharded_linear_scan(a, b, *, h0, reverse, axis_name, local_scan):
     return h_local + decay * carry_in[..., None, :]
 
 
+# ----------------------------------------------------------------------------------
+# Time-invariant a on parts (the LRU's case): two passes over each segment, one buffer.
+# ----------------------------------------------------------------------------------
+#
+# With a of shape (n,), a segment's transfer needs no scan: the state it passes on from
+# a zero entry is a weighted sum of its inputs, E = sum_t a^(l-1-s_t) R_t b_t (s_t = steps
+# from the segment's entry, R_t = 1 unless a reset comes later in the segment), and the
+# entering state decays by T = a^l (times 0 if the segment holds a reset). So each device
+# first reads its b once for E, the (b, n) E's are all-gathered and folded into the state
+# h_in entering every segment, and then the kernel scans the segment from h_in: h exact,
+# written once, no correction pass and no cumulative-decay array. The backward is the
+# same pattern run the other way: F = sum_t conj(P_t) dh_t (P_t = the decay from the
+# entry through t) gives each segment's state cotangent, the fold across devices gives
+# the cotangent m arriving at the segment's exit, and the backward kernel (g and da in
+# one pass) runs on dh with m added at the exit and h_in as the state before the entry.
+# Residuals: h (which the LRU readout shares), h_in, the (..., l) keep and a.
+
+
+def sharded_scan_parts(
+    a, b, *, h0, keep, reverse, axis_name, method, chunk_size, overwrite_b=False
+):
+    """The planar recurrence (lrulm.scan.linear_scan_planar) over a sequence split along
+    `axis_name`, inside shard_map, for a time-invariant a: parts of shape (n,).
+
+    Args:
+      a: (n,) parts; b: local (..., l, n) parts of this device's segment.
+      h0: optional (..., n) parts, the state entering the whole sequence.
+      keep: optional (..., l) 0/1, zero where a document starts (the state carried in
+        is dropped there).
+      reverse, method, chunk_size, overwrite_b: as for linear_scan_planar.
+    """
+    return _sharded_parts(a, b, h0, keep, axis_name, method, chunk_size, reverse, overwrite_b)
+
+
+def _walk(x, reverse):
+    """x in the order the scan visits its positions (axis -1)."""
+    return jnp.flip(x, -1) if reverse else x
+
+
+def _keep_products(keep, reverse):
+    """(through, after, whole): the product of keep along the walk up to and including
+    each position, over the positions after it, and over the whole segment."""
+    k = _walk(keep, reverse)
+    through = jnp.cumprod(k, axis=-1)
+    after = jnp.flip(jnp.cumprod(jnp.flip(k, -1), axis=-1), -1)
+    after = jnp.concatenate([after[..., 1:], jnp.ones_like(after[..., :1])], axis=-1)
+    return _walk(through, reverse), _walk(after, reverse), through[..., -1]
+
+
+def _powers(a, length):
+    """a^0 ... a^length, (length + 1, n) parts in float32."""
+    from lrulm import scan as scan_lib
+
+    a = scan_lib._merge(tuple(x.astype(jnp.float32) for x in a))
+    steps = jax.lax.cumprod(jnp.broadcast_to(a, (length, a.shape[-1])), axis=0)
+    return scan_lib._split(jnp.concatenate([jnp.ones_like(steps[:1]), steps]))
+
+
+def _weighted_sum(x, weights, mask, conj):
+    """sum over positions of x_t * w_t (conj(w_t) if conj), w_t = weights[t] * mask_t:
+    one read of the (..., l, n) parts x, in float32."""
+    from lrulm import scan as scan_lib
+
+    if mask is not None:
+        weights = tuple(w * mask[..., None] for w in weights)
+    x = tuple(p.astype(jnp.float32) for p in x)
+    return tuple(p.sum(axis=-2) for p in scan_lib._cmul(x, weights, conj_y=conj))
+
+
+def _gather(parts, axis_name):
+    """all_gather of a tuple of same-shaped float arrays, in one collective."""
+    return tuple(jnp.moveaxis(jax.lax.all_gather(jnp.stack(parts), axis_name), 1, 0))
+
+
+def _conj(x):
+    return x if len(x) == 1 else (x[0], -x[1])
+
+
+def _pick(states, part, num, index):
+    """Part `part` of this device's entry in {segment: parts}."""
+    return jnp.stack([states[j][part] for j in range(num)])[index]
+
+
+def _add_row(x, row, pos):
+    """x with `row` added at position `pos` of axis -2, in place when x is dead."""
+    row = jax.lax.dynamic_index_in_dim(x, pos, axis=x.ndim - 2) + row[..., None, :].astype(x.dtype)
+    return jax.lax.dynamic_update_index_in_dim(x, row, pos, axis=x.ndim - 2)
+
+
+def _fold(ends, decay, start, order):
+    """The states entering each segment: s_j = start for the first in `order`, then
+    s_next = decay_j * s_j + ends_j (parts; ends and decay indexed by segment)."""
+    from lrulm import scan as scan_lib
+
+    state, entering = start, {}
+    for j in order:
+        entering[j] = state
+        carried = scan_lib._cmul(decay(j), state)
+        state = tuple(c + e[j] for c, e in zip(carried, ends))
+    return entering, state
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _sharded_parts(a, b, h0, keep, axis_name, method, chunk_size, reverse, overwrite_b):
+    args = (axis_name, method, chunk_size, reverse, overwrite_b)
+    return _sharded_parts_fwd(a, b, h0, keep, *args)[0]
+
+
+def _decays(powers, length, wholes):
+    """j -> segment j's decay T_j = a^l, times 0 if segment j holds a reset."""
+    if wholes is None:
+        return lambda j: tuple(p[length] for p in powers)
+    return lambda j: tuple(p[length] * wholes[j][..., None] for p in powers)
+
+
+def _sharded_parts_fwd(a, b, h0, keep, axis_name, method, chunk_size, reverse, overwrite_b):
+    from lrulm import scan as scan_lib
+
+    num, index = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
+    length, dtype = b[0].shape[-2], b[0].dtype
+    powers, after, wholes = _powers(a, length), None, None
+    if keep is not None:
+        _, after, whole = _keep_products(keep.astype(jnp.float32), reverse)
+        (wholes,) = _gather((whole,), axis_name)
+    # E = sum_t a^(l-1-s_t) after_t b_t: a^(l-1) at the entry down to a^0 at the exit
+    weights = tuple(p[:length] if reverse else jnp.flip(p[:length], 0) for p in powers)
+    ends = _gather(_weighted_sum(b, weights, after, conj=False), axis_name)
+    zero = tuple(jnp.zeros(b[0].shape[:-2] + b[0].shape[-1:], jnp.float32) for _ in b)
+    start = zero if h0 is None else tuple(x.astype(jnp.float32) for x in h0)
+    order = range(num - 1, -1, -1) if reverse else range(num)
+    entering, _ = _fold(ends, _decays(powers, length, wholes), start, order)
+    h_in = tuple(_pick(entering, i, num, index).astype(dtype) for i in range(len(b)))
+    h = scan_lib._forward_parts(a, b, h_in, keep, method, chunk_size, reverse, overwrite_b)
+    return h, (a, h, h_in, h0, keep, wholes)
+
+
+def _sharded_parts_bwd(axis_name, method, chunk_size, reverse, overwrite_b, residuals, dh):
+    from lrulm import scan as scan_lib
+
+    del overwrite_b
+    a, h, h_in, h0, keep, wholes = residuals
+    num, index = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
+    length, dtype = h[0].shape[-2], h[0].dtype
+    dh = tuple(d.astype(dtype) for d in dh)
+    powers = _powers(a, length)
+    through = None if keep is None else _keep_products(keep.astype(jnp.float32), reverse)[0]
+    # F = sum_t conj(P_t) dh_t, P_t = a^(s_t + 1) through_t: the decay from the entry to t
+    weights = tuple(jnp.flip(p[1:], 0) if reverse else p[1:] for p in powers)
+    starts = _gather(_weighted_sum(dh, weights, through, conj=True), axis_name)
+    decay = _decays(powers, length, wholes)
+    zero = tuple(jnp.zeros_like(x[0]) for x in starts)
+    order = range(num) if reverse else range(num - 1, -1, -1)  # the backward walk
+    # m_j, the cotangent arriving at segment j's exit, and the one leaving the first
+    arriving, entry_cotangent = _fold(starts, lambda j: _conj(decay(j)), zero, order)
+    exit_pos = 0 if reverse else length - 1
+    dh = tuple(_add_row(d, _pick(arriving, i, num, index), exit_pos) for i, d in enumerate(dh))
+    if method is scan_lib.ScanMethod.PALLAS:  # g and da in one kernel pass
+        from lrulm import scan_pallas
+
+        g, da = scan_pallas.backward_parts(
+            a, dh, h, h_in, keep=keep, chunk_size=chunk_size, reverse=reverse
+        )
+    else:
+        g, da = scan_lib._planar_grads(a, dh, h, h_in, keep, method, chunk_size, reverse)
+    dh0 = None
+    if h0 is not None:  # the whole sequence's entry lies in the walk's first segment
+        first = num - 1 if reverse else 0
+        dh0 = tuple(
+            jnp.where(index == first, x, 0).astype(y.dtype) for x, y in zip(entry_cotangent, h0)
+        )
+    return tuple(d.astype(x.dtype) for d, x in zip(da, a)), g, dh0, None
+
+
+_sharded_parts.defvjp(_sharded_parts_fwd, _sharded_parts_bwd)
+
+
 def _all_gather(x, axis_name):
     """all_gather along a new leading axis; complex values travel as (re, im) float
     pairs, since the gradient's transpose of a complex all-gather is a complex
@@ -84,16 +272,20 @@ def _spec(mesh, shape, names):
     return sharding.spec_for(names, mesh, shape)
 
 
+def _check_divisible(length, mesh):
+    if length % mesh.shape[AXIS]:
+        raise ValueError(
+            f"sequence length {length} is not divisible by mesh.sequence="
+            f"{mesh.shape[AXIS]}; use a multiple of it"
+        )
+
+
 def scan_over_mesh(a, b, *, h0=None, reverse=False, mesh, method, chunk_size):
     """linear_scan of (b, l, n) arrays whose length axis is sharded over mesh's
     "sequence" axis, from outside shard_map (e.g. inside a jitted model)."""
     from lrulm import scan as scan_lib
 
-    if b.shape[-2] % mesh.shape[AXIS]:
-        raise ValueError(
-            f"sequence length {b.shape[-2]} is not divisible by mesh.sequence="
-            f"{mesh.shape[AXIS]}; use a multiple of it"
-        )
+    _check_divisible(b.shape[-2], mesh)
     b_spec = _spec(mesh, b.shape, ("batch", "length", "act_state"))
     a_spec = _spec(mesh, a.shape, ("act_state",)) if a.ndim == 1 else b_spec
     args, specs = [a, b], [a_spec, b_spec]
@@ -110,9 +302,48 @@ def scan_over_mesh(a, b, *, h0=None, reverse=False, mesh, method, chunk_size):
     return fn(*args)
 
 
+def scan_over_mesh_parts(
+    a, b, *, h0=None, resets=None, reverse=False, mesh, method, chunk_size, overwrite_b=False
+):
+    """linear_scan_planar (parts, optional (b, l) resets) of arrays whose length axis is
+    sharded over mesh's "sequence" axis, from outside shard_map: the LRU's path."""
+    from lrulm import scan as scan_lib
+
+    shape = b[0].shape
+    _check_divisible(shape[-2], mesh)
+    b_spec = _spec(mesh, shape, ("batch", "length", "act_state"))
+    a_spec = _spec(mesh, a[0].shape, ("act_state",)) if a[0].ndim == 1 else b_spec
+    args = {"a": a, "b": b}
+    specs = {"a": (a_spec,) * len(a), "b": (b_spec,) * len(b)}
+    if h0 is not None:
+        args["h0"] = h0
+        specs["h0"] = (_spec(mesh, h0[0].shape, ("batch", "act_state")),) * len(h0)
+    if resets is not None:
+        args["resets"] = resets
+        specs["resets"] = _spec(mesh, resets.shape, ("batch", "length"))
+
+    def body(args):
+        return scan_lib.linear_scan_planar(
+            **args, reverse=reverse, method=method, chunk_size=chunk_size, axis_name=AXIS,
+            overwrite_b=overwrite_b,
+        )  # fmt: skip
+
+    out_specs = (b_spec,) * len(b)
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(specs,), out_specs=out_specs, check_vma=False)
+    return fn(args)
+
+
 def comm_bytes_per_layer(
-    batch: int, d_state: int, shards: int, *, time_varying_a=False, directions: int = 1
+    batch: int,
+    d_state: int,
+    shards: int,
+    *,
+    time_varying_a=False,
+    resets=False,
+    directions: int = 1,
 ) -> dict:
     """Bytes each device receives per layer and step (forward, backward), complex64."""
-    per = (shards - 1) * batch * d_state * 8 * (2 if time_varying_a else 1) * directions
-    return {"forward": per, "backward": per}
+    per = (shards - 1) * batch * d_state * 8 * (2 if time_varying_a else 1)
+    if resets and not time_varying_a:  # each segment's "holds a reset" flags, float32
+        per += (shards - 1) * batch * 4
+    return {"forward": per * directions, "backward": per * directions}

@@ -15,7 +15,7 @@ from lrulm import sequence_parallel as sp
 from lrulm import sharding, train
 from lrulm.model import Stack
 from lrulm.model_config import from_preset
-from lrulm.scan import linear_scan
+from lrulm.scan import linear_scan, linear_scan_planar
 
 
 def _inputs(seed, shape):
@@ -55,6 +55,43 @@ def test_split_scan_equals_unsplit(shards, time_varying, reverse, method):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-4 * float(jnp.max(jnp.abs(y))))
 
 
+@pytest.mark.parametrize(
+    "shards, reverse, method, with_h0",
+    [(2, False, "chunked", True), (4, True, "chunked", True), (8, False, "associative", False),
+     (4, False, "pallas", True), (2, True, "pallas", False)],
+)  # fmt: skip
+def test_split_planar_scan_with_resets_equals_unsplit(shards, reverse, method, with_h0):
+    """The LRU's path: (n,) decays on parts, documents starting anywhere (in the middle of
+    a segment, at a segment's first or last position, twice in one segment), h0."""
+    a_full, b, h0 = _inputs(shards + 10, (4, 64, 6))
+    split = lambda x: (x.real, x.imag)
+    a, b, h0 = split(a_full[0, 0]), split(b), split(h0) if with_h0 else None
+    seg = 64 // shards
+    resets = np.zeros((4, 64), bool)
+    resets[0, [3, seg, 2 * seg - 1]] = True
+    resets[1, [seg - 1, seg + 2, seg + 5]] = True
+    resets[3, 0] = True
+    resets = jnp.asarray(resets)
+    mesh = sharding.make_mesh(dict(data=8 // shards, sequence=shards))
+
+    def loss(a, b, h0, split):
+        if split:
+            h = sp.scan_over_mesh_parts(
+                a, b, h0=h0, resets=resets, reverse=reverse, mesh=mesh, method=method,
+                chunk_size=4,
+            )  # fmt: skip
+        else:
+            h = linear_scan_planar(a, b, h0=h0, resets=resets, reverse=reverse, method="sequential")
+        return jnp.sum(h[0] * jnp.arange(6)) + jnp.sum(h[0] ** 2 + 3 * h[1] ** 2), h
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
+    g_ref, h_ref = grad(a, b, h0, False)
+    g, h = grad(a, b, h0, True)
+    np.testing.assert_allclose(h, h_ref, rtol=1e-5, atol=1e-5)
+    for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-4 * float(jnp.max(jnp.abs(y))))
+
+
 @pytest.mark.parametrize("time_varying", [False, True])
 def test_split_scan_gradient_compiles_for_tpu(time_varying):
     """The split scan's gradient compiles for a TPU (v5e, libtpu without a chip): the
@@ -73,10 +110,8 @@ def test_split_scan_gradient_compiles_for_tpu(time_varying):
     seq = P(None, sp.AXIS, None)
 
     def loss(a, b):
-        scan = lambda a, b: sp.sharded_linear_scan(
-            a, b, h0=None, reverse=False, axis_name=sp.AXIS,
-            local_scan=lambda a, b, h0, reverse: linear_scan(a, b, method="associative"),
-        )  # fmt: skip
+        # (n,) a: the two-pass planar scan; (b, l, n) a: scan, then correct
+        scan = lambda a, b: linear_scan(a, b, method="associative", axis_name=sp.AXIS)
         specs = (seq if time_varying else P(None), seq)
         run = jax.shard_map(scan, mesh=mesh, in_specs=specs, out_specs=seq, check_vma=False)
         h = run(a, b)
@@ -145,8 +180,23 @@ def test_communication_matches_the_formula():
         )
     )
     hlo = grad.lower(b).compile().as_text()
-    backward = sum(_collective_bytes(hlo, op) for op in ("reduce-scatter", "all-reduce"))
-    assert 0 < backward <= 4 * expected * shards
+    # the gradient gathers the exit states again (forward) and the entry cotangents
+    assert _collective_bytes(hlo, "all-gather") * (shards - 1) // shards == 2 * expected
+    assert _collective_bytes(hlo, "reduce-scatter") == 0
+
+
+def test_communication_with_resets_matches_the_formula():
+    shards, batch, n = 4, 4, 8
+    _, b, _ = _inputs(0, (batch, 64, n))
+    a = (jnp.full((n,), 0.9), jnp.full((n,), 0.1))
+    resets = jnp.zeros((batch, 64), bool).at[:, 5].set(True)
+    mesh = sharding.make_mesh(dict(data=8 // shards, sequence=shards))
+    scan = lambda b: sp.scan_over_mesh_parts(
+        a, b, resets=resets, mesh=mesh, method="chunked", chunk_size=4
+    )
+    hlo = jax.jit(scan).lower((b.real, b.imag)).compile().as_text()
+    expected = sp.comm_bytes_per_layer(batch // (8 // shards), n, shards, resets=True)
+    assert _collective_bytes(hlo, "all-gather") * (shards - 1) // shards == expected["forward"]
 
 
 def test_training_with_a_sequence_axis_gives_the_same_losses(tmp_path, corpus):
