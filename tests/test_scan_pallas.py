@@ -458,13 +458,14 @@ def test_tpu_kernel_compiles_ahead_of_time():
         if 'custom_call_target="tpu_custom_call"' in line
     ]
     assert len(calls) == 2
-    tables, seq, state, column = "32,1024", "8,2000,1024", "8,1,1024", "8,2000,1"
+    tables, seq, state, column = "32,1024", "8,2000,1024", "8,1,1024", "bf16[8,2000,1]"
     # a enters as its parts' power tables (32, N): a^1..a^8 for the carry, a, a^2, a^4.
     # The forward reads b; the fused backward dh, h and h again (the rows entering each
-    # chunk), and keep twice (shifted for g's recurrence, as is for da).
-    forward = [tables] * 2 + [seq] * 2 + [state] * 2 + [column]
-    backward = [tables] * 2 + [seq] * 6 + [state] * 2 + [column] * 2
-    assert sorted(re.findall(r"f32\[([0-9,]*)\]", c) for c in calls) == sorted([forward, backward])
+    # chunk), and keep twice (shifted for g's recurrence, as is for da), in bfloat16.
+    forward = [f"f32[{x}]" for x in [tables] * 2 + [seq] * 2 + [state] * 2] + [column]
+    backward = [f"f32[{x}]" for x in [tables] * 2 + [seq] * 6 + [state] * 2] + [column] * 2
+    operands = [re.findall(r"\b(?:f32|bf16)\[[0-9,]*\]", c) for c in calls]
+    assert sorted(operands) == sorted([forward, backward])
 
 
 @pytest.mark.skipif(COMPILED, reason="the compiled tests run the kernel itself")

@@ -172,9 +172,12 @@ def estimate(found, kernel, full_a, dtype, keep, shape, chunk, bytes_per_cycle) 
     stored = 1 + (kernel == "backward" and full_a)
     vregs_per_column = rows_per_slab // (8 * max(1, 4 // itemsize))
     lanes = 128 * found["vector_stores"] / (2 * stored * vregs_per_column)
-    hbm = lanes * rows_per_slab * itemsize * 2 * arrays_moved(kernel, full_a) / bytes_per_cycle
-    # A grid step: the loop once per slab of its chunk, plus everything else once.
     columns = (1 + (kernel == "backward")) * keep
+    # the keep columns' tiles: 128 lanes per step, of which one value is used
+    keep_bytes = columns * rows_per_slab * 128 * jnp.dtype(tpu_kernels._KEEP_DTYPE).itemsize
+    hbm = lanes * rows_per_slab * itemsize * 2 * arrays_moved(kernel, full_a) + keep_bytes
+    hbm /= bytes_per_cycle
+    # A grid step: the loop once per slab of its chunk, plus everything else once.
     sequences = 2 * arrays_moved(kernel, full_a)
     _, chunk, _ = tpu_kernels._vmem_rows(chunk, shape[1], shape[2], dtype, sequences, columns)
     slabs = chunk // rows_per_slab

@@ -30,6 +30,11 @@ _TPU_VMEM_BUDGET = 8 * 2**20
 _TPU_MIN_CHUNK = 512
 # ... worth about this many rows of the loop, when choosing how far to pad
 _STEP_ROWS = 48
+# TPU: the keep column's dtype in HBM and VMEM. A (rows, L, 1) array sits in (8, 128)
+# tiles of 32-bit values, one real value per 128 lanes, so its DMA moves 512 bytes per
+# step (8% more than the forward's b and h at 384 channels); bfloat16 tiles are (16, 128),
+# half of that. 0 and 1 are exact in bfloat16.
+_KEEP_DTYPE = jnp.bfloat16
 # TPU: channels per block (4 vregs per part for each 8 steps: the log-step tile scan's
 # values stay in the 64 vregs).
 _TPU_CHANNELS = 512
@@ -134,7 +139,7 @@ def _power_rows(a_refs):
 def _slab_decays(a_refs, keep_refs, load, start, slab, full_a):
     """A slab's keep column ((slab, 1), broadcast over the channels; None without
     resets) and, for a full a, its decays times keep (else None)."""
-    k = keep_refs[0][pl.ds(start, slab), :] if keep_refs else None
+    k = keep_refs[0][pl.ds(start, slab), :].astype(jnp.float32) if keep_refs else None
     if not full_a:
         return k, None
     decays = tuple(map(load, a_refs))
@@ -184,11 +189,12 @@ def _slab_rows(dtype) -> int:
 def _vmem_rows(chunk, length, n, dtype, sequences: int, columns: int) -> tuple[int, int, int]:
     """(block channels, rows per grid step, padded length) for a kernel that moves
     `sequences` (rows, L, N) arrays and `columns` (rows, L, 1) ones, double-buffered;
-    a (chunk, 1) block takes (chunk, 128) words of VMEM."""
+    a (chunk, 1) block takes (chunk, 128) values of VMEM."""
     bn = _block_channels(n)
     chunk = max(chunk, _TPU_MIN_CHUNK)
     padded_bn = -(-bn // _TPU_LANES) * _TPU_LANES
-    per_row = 2 * sequences * padded_bn * jnp.dtype(dtype).itemsize + 2 * _TPU_LANES * 4 * columns
+    keep_row = _TPU_LANES * jnp.dtype(_KEEP_DTYPE).itemsize
+    per_row = 2 * sequences * padded_bn * jnp.dtype(dtype).itemsize + 2 * keep_row * columns
     chunk, padded = chunking(length, chunk, _slab_rows(dtype), _TPU_VMEM_BUDGET // per_row)
     return bn, chunk, padded
 
@@ -266,7 +272,7 @@ def forward(
         *(a if full_a else _power_table(a, reverse)),
         *b,
         *(x[:, None] for x in h0),
-        *(k.astype(jnp.float32)[..., None] for k in keep),
+        *(k.astype(_KEEP_DTYPE)[..., None] for k in keep),
     )
     if padded != length:
         out = [h[:, padded - length :] if reverse else h[:, :length] for h in out]
@@ -391,7 +397,8 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret):
             before = _previous_states(tuple(map(load, h_refs)), entering, reverse, roll)
             da = mul_conj(g, before)
             if keep:
-                da = tuple(keep_refs[0][pl.ds(start, slab), :] * x for x in da)
+                k = keep_refs[0][pl.ds(start, slab), :].astype(jnp.float32)
+                da = tuple(k * x for x in da)
             if full_a:
                 for ref, x in zip(da_refs, da):
                     ref[pl.ds(start, slab), :] = x.astype(ref.dtype)
@@ -446,7 +453,7 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret):
         *h,
         *h,
         *(x[:, None] for x in h0),
-        *(k.astype(jnp.float32)[..., None] for k in (*keep_next, *keep)),
+        *(k.astype(_KEEP_DTYPE)[..., None] for k in (*keep_next, *keep)),
     )
     g, da = tuple(out[:num_parts]), tuple(out[num_parts:])
     if padded != length:
