@@ -128,24 +128,60 @@ def _keep_products(keep, reverse):
     return _walk(through, reverse), _walk(after, reverse), through[..., -1]
 
 
-def _powers(a, length):
-    """a^0 ... a^length, (length + 1, n) parts in float32."""
+# The weights a^e_t of the sums over a segment are products of two small tables,
+# a^e_t = low[t % d] * high[t // d] (d = 128 when it divides l): an (l, n) table per
+# part (as big as the activations themselves at one sequence per device) never exists,
+# and XLA forms the weights inside the reduction.
+_BLOCK = 128
+
+
+def _cumulative_powers(a, count):
+    """x^0 ... x^(count - 1) of the parts x, (count, n) float32 parts."""
     from lrulm import scan as scan_lib
 
-    a = scan_lib._merge(tuple(x.astype(jnp.float32) for x in a))
-    steps = jax.lax.cumprod(jnp.broadcast_to(a, (length, a.shape[-1])), axis=0)
-    return scan_lib._split(jnp.concatenate([jnp.ones_like(steps[:1]), steps]))
+    x = scan_lib._merge(a)
+    steps = jax.lax.cumprod(jnp.broadcast_to(x, (count - 1, x.shape[-1])), axis=0)
+    return scan_lib._split(jnp.concatenate([jnp.ones_like(x)[None], steps]))
+
+
+def _power_tables(a, length):
+    """(low, high, a^l): a^0..a^(d-1) and (a^d)^0..(a^d)^(l/d - 1), float32 parts."""
+    from lrulm import scan as scan_lib
+
+    a = tuple(x.astype(jnp.float32) for x in a)
+    d = _BLOCK if length % _BLOCK == 0 else 1
+    low = _cumulative_powers(a, d + 1)
+    a_d = tuple(x[d] for x in low)
+    high = _cumulative_powers(a_d, length // d)
+    total = scan_lib._cmul(tuple(x[-1] for x in high), a_d)
+    return tuple(x[:d] for x in low), high, total
+
+
+def _weights(tables, a, rising, shift):
+    """(low, high) for the exponents e_t = t + shift (rising) or l - 1 + shift - t."""
+    from lrulm import scan as scan_lib
+
+    low, high, _ = tables
+    if not rising:  # l-1-t = d (l/d - 1 - t//d) + (d - 1 - t%d)
+        low, high = (tuple(jnp.flip(x, 0) for x in y) for y in (low, high))
+    if shift:
+        high = scan_lib._cmul(high, tuple(x.astype(jnp.float32) for x in a))
+    return low, high
 
 
 def _weighted_sum(x, weights, mask, conj):
-    """sum over positions of x_t * w_t (conj(w_t) if conj), w_t = weights[t] * mask_t:
-    one read of the (..., l, n) parts x, in float32."""
+    """sum over positions of x_t * w_t (conj(w_t) if conj), w_t = low[t % d] *
+    high[t // d] * mask_t: one read of the (..., l, n) parts x, in float32."""
     from lrulm import scan as scan_lib
 
+    low, high = weights
+    d, n = low[0].shape
+    blocks = lambda v: v.reshape(v.shape[:-2] + (v.shape[-2] // d, d) + v.shape[-1:])
+    w = scan_lib._cmul(tuple(v[:, None] for v in high), tuple(v[None] for v in low))
     if mask is not None:
-        weights = tuple(w * mask[..., None] for w in weights)
-    x = tuple(p.astype(jnp.float32) for p in x)
-    return tuple(p.sum(axis=-2) for p in scan_lib._cmul(x, weights, conj_y=conj))
+        w = tuple(v * blocks(mask[..., None]) for v in w)
+    x = tuple(blocks(p.astype(jnp.float32)) for p in x)
+    return tuple(p.sum(axis=(-3, -2)) for p in scan_lib._cmul(x, w, conj_y=conj))
 
 
 def _gather(parts, axis_name):
@@ -187,11 +223,12 @@ def _sharded_parts(a, b, h0, keep, axis_name, method, chunk_size, reverse, overw
     return _sharded_parts_fwd(a, b, h0, keep, *args)[0]
 
 
-def _decays(powers, length, wholes):
+def _decays(tables, wholes):
     """j -> segment j's decay T_j = a^l, times 0 if segment j holds a reset."""
+    total = tables[2]
     if wholes is None:
-        return lambda j: tuple(p[length] for p in powers)
-    return lambda j: tuple(p[length] * wholes[j][..., None] for p in powers)
+        return lambda j: total
+    return lambda j: tuple(p * wholes[j][..., None] for p in total)
 
 
 def _sharded_parts_fwd(a, b, h0, keep, axis_name, method, chunk_size, reverse, overwrite_b):
@@ -199,17 +236,17 @@ def _sharded_parts_fwd(a, b, h0, keep, axis_name, method, chunk_size, reverse, o
 
     num, index = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
     length, dtype = b[0].shape[-2], b[0].dtype
-    powers, after, wholes = _powers(a, length), None, None
+    tables, after, wholes = _power_tables(a, length), None, None
     if keep is not None:
         _, after, whole = _keep_products(keep.astype(jnp.float32), reverse)
         (wholes,) = _gather((whole,), axis_name)
     # E = sum_t a^(l-1-s_t) after_t b_t: a^(l-1) at the entry down to a^0 at the exit
-    weights = tuple(p[:length] if reverse else jnp.flip(p[:length], 0) for p in powers)
+    weights = _weights(tables, a, rising=reverse, shift=0)
     ends = _gather(_weighted_sum(b, weights, after, conj=False), axis_name)
     zero = tuple(jnp.zeros(b[0].shape[:-2] + b[0].shape[-1:], jnp.float32) for _ in b)
     start = zero if h0 is None else tuple(x.astype(jnp.float32) for x in h0)
     order = range(num - 1, -1, -1) if reverse else range(num)
-    entering, _ = _fold(ends, _decays(powers, length, wholes), start, order)
+    entering, _ = _fold(ends, _decays(tables, wholes), start, order)
     h_in = tuple(_pick(entering, i, num, index).astype(dtype) for i in range(len(b)))
     h = scan_lib._forward_parts(a, b, h_in, keep, method, chunk_size, reverse, overwrite_b)
     return h, (a, h, h_in, h0, keep, wholes)
@@ -223,12 +260,12 @@ def _sharded_parts_bwd(axis_name, method, chunk_size, reverse, overwrite_b, resi
     num, index = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
     length, dtype = h[0].shape[-2], h[0].dtype
     dh = tuple(d.astype(dtype) for d in dh)
-    powers = _powers(a, length)
+    tables = _power_tables(a, length)
     through = None if keep is None else _keep_products(keep.astype(jnp.float32), reverse)[0]
     # F = sum_t conj(P_t) dh_t, P_t = a^(s_t + 1) through_t: the decay from the entry to t
-    weights = tuple(jnp.flip(p[1:], 0) if reverse else p[1:] for p in powers)
+    weights = _weights(tables, a, rising=not reverse, shift=1)
     starts = _gather(_weighted_sum(dh, weights, through, conj=True), axis_name)
-    decay = _decays(powers, length, wholes)
+    decay = _decays(tables, wholes)
     zero = tuple(jnp.zeros_like(x[0]) for x in starts)
     order = range(num) if reverse else range(num - 1, -1, -1)  # the backward walk
     # m_j, the cotangent arriving at segment j's exit, and the one leaving the first

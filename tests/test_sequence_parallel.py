@@ -56,18 +56,21 @@ def test_split_scan_equals_unsplit(shards, time_varying, reverse, method):
 
 
 @pytest.mark.parametrize(
-    "shards, reverse, method, with_h0",
-    [(2, False, "chunked", True), (4, True, "chunked", True), (8, False, "associative", False),
-     (4, False, "pallas", True), (2, True, "pallas", False)],
+    "shards, reverse, method, with_h0, length",
+    [(2, False, "chunked", True, 512), (4, True, "chunked", True, 512),
+     (8, False, "associative", False, 64), (4, False, "pallas", True, 64),
+     (2, True, "pallas", False, 512)],
 )  # fmt: skip
-def test_split_planar_scan_with_resets_equals_unsplit(shards, reverse, method, with_h0):
+def test_split_planar_scan_with_resets_equals_unsplit(shards, reverse, method, with_h0, length):
     """The LRU's path: (n,) decays on parts, documents starting anywhere (in the middle of
-    a segment, at a segment's first or last position, twice in one segment), h0."""
-    a_full, b, h0 = _inputs(shards + 10, (4, 64, 6))
+    a segment, at a segment's first or last position, twice in one segment), h0.
+    Segments of 128 and 256 positions take the two-level power tables, shorter ones the
+    one-level fallback."""
+    a_full, b, h0 = _inputs(shards + 10, (4, length, 6))
     split = lambda x: (x.real, x.imag)
     a, b, h0 = split(a_full[0, 0]), split(b), split(h0) if with_h0 else None
-    seg = 64 // shards
-    resets = np.zeros((4, 64), bool)
+    seg = length // shards
+    resets = np.zeros((4, length), bool)
     resets[0, [3, seg, 2 * seg - 1]] = True
     resets[1, [seg - 1, seg + 2, seg + 5]] = True
     resets[3, 0] = True
@@ -78,7 +81,7 @@ def test_split_planar_scan_with_resets_equals_unsplit(shards, reverse, method, w
         if split:
             h = sp.scan_over_mesh_parts(
                 a, b, h0=h0, resets=resets, reverse=reverse, mesh=mesh, method=method,
-                chunk_size=4,
+                chunk_size=4 if length < 128 else 32,
             )  # fmt: skip
         else:
             h = linear_scan_planar(a, b, h0=h0, resets=resets, reverse=reverse, method="sequential")
@@ -223,7 +226,7 @@ def test_training_with_a_sequence_axis_gives_the_same_losses(tmp_path, corpus):
 def test_split_layer_needs_no_more_memory_than_unsplit():
     """An LRU layer's forward and backward (Pallas kernels, resets) compiled for a v5e
     with the sequence split 4 ways needs the temporaries of the unsplit layer holding the
-    same tokens per chip: 911 vs 842 MB with the two-pass scan from the entering state,
+    same tokens per chip: 877 vs 842 MB with the two-pass scan from the entering state,
     2882 MB with the former scan-then-correct. Sized past v5e's 128 MiB of VMEM, where
     XLA would otherwise keep the temporaries."""
     from jax.sharding import NamedSharding
@@ -260,4 +263,4 @@ def test_split_layer_needs_no_more_memory_than_unsplit():
 
     split = temporaries(dict(data=1, sequence=4), 8, 32768)
     unsplit = temporaries(dict(data=4, sequence=1), 32, 8192)
-    assert unsplit > 512 * 2**20 and split <= 1.15 * unsplit, (split, unsplit)
+    assert unsplit > 512 * 2**20 and split <= 1.1 * unsplit, (split, unsplit)
