@@ -171,17 +171,19 @@ def _weights(tables, a, rising, shift):
 
 def _weighted_sum(x, weights, mask, conj):
     """sum over positions of x_t * w_t (conj(w_t) if conj), w_t = low[t % d] *
-    high[t // d] * mask_t: one read of the (..., l, n) parts x, in float32."""
+    high[t // d] * mask_t: one read of the (..., l, n) parts x, in float32. Summed in two
+    stages, within blocks of d by `low`, then over blocks by `high`, so no (l, n) weight
+    is formed (XLA would keep one when the batch is a single sequence)."""
     from lrulm import scan as scan_lib
 
     low, high = weights
-    d, n = low[0].shape
+    d = low[0].shape[0]
     blocks = lambda v: v.reshape(v.shape[:-2] + (v.shape[-2] // d, d) + v.shape[-1:])
-    w = scan_lib._cmul(tuple(v[:, None] for v in high), tuple(v[None] for v in low))
-    if mask is not None:
-        w = tuple(v * blocks(mask[..., None]) for v in w)
     x = tuple(blocks(p.astype(jnp.float32)) for p in x)
-    return tuple(p.sum(axis=(-3, -2)) for p in scan_lib._cmul(x, w, conj_y=conj))
+    if mask is not None:
+        x = tuple(p * blocks(mask[..., None]) for p in x)
+    partial = tuple(p.sum(axis=-2) for p in scan_lib._cmul(x, low, conj_y=conj))
+    return tuple(p.sum(axis=-2) for p in scan_lib._cmul(partial, high, conj_y=conj))
 
 
 def _gather(parts, axis_name):

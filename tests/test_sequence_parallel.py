@@ -226,7 +226,7 @@ def test_training_with_a_sequence_axis_gives_the_same_losses(tmp_path, corpus):
 def test_split_layer_needs_no_more_memory_than_unsplit():
     """An LRU layer's forward and backward (Pallas kernels, resets) compiled for a v5e
     with the sequence split 4 ways needs the temporaries of the unsplit layer holding the
-    same tokens per chip: 877 vs 842 MB with the two-pass scan from the entering state,
+    same tokens per chip: 844 vs 842 MB with the two-pass scan from the entering state,
     2882 MB with the former scan-then-correct. Sized past v5e's 128 MiB of VMEM, where
     XLA would otherwise keep the temporaries."""
     from jax.sharding import NamedSharding
@@ -263,4 +263,4 @@ def test_split_layer_needs_no_more_memory_than_unsplit():
 
     split = temporaries(dict(data=1, sequence=4), 8, 32768)
     unsplit = temporaries(dict(data=4, sequence=1), 32, 8192)
-    assert unsplit > 512 * 2**20 and split <= 1.1 * unsplit, (split, unsplit)
+    assert unsplit > 512 * 2**20 and split <= 1.05 * unsplit, (split, unsplit)
