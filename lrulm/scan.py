@@ -297,6 +297,10 @@ def _forward_parts(
     return _split(_forward(_merge(a), _merge(b), h0, method, chunk_size, reverse))
 
 
+def _conj(x: Parts) -> Parts:
+    return x if len(x) == 1 else (x[0], -x[1])
+
+
 def _cmul(x: Parts, y: Parts, conj_y: bool = False) -> Parts:
     """x * y (x * conj(y) if conj_y) on parts."""
     if len(x) == 1:
@@ -309,7 +313,7 @@ def _cmul(x: Parts, y: Parts, conj_y: bool = False) -> Parts:
 
 def _planar_grads(a, dh, h, h0, keep, method, chunk_size, reverse):
     """(g, da): the reverse recurrence through `method`, then da from g and h."""
-    a_conj = a if len(a) == 1 else (a[0], -a[1])
+    a_conj = _conj(a)
     later = lambda x: _shift(x, not reverse, jnp.zeros_like(x[..., 0, :]))
     if a[0].ndim > 1:
         a_conj = tuple(map(later, a_conj))

@@ -11,9 +11,10 @@ Time-invariant a (shape (n,), the LRU's case, with optional document resets), on
 (real, imag) parts: E_i is a weighted sum of the segment's inputs (one read of b), and
 the local scan (any `linear_scan` method, the Pallas kernel included) then runs from
 the state entering the segment, so h is written once and exact: no correction pass, no
-(b, l, n) cumulative decays, and the train step's temporaries are those of the unsplit
-model. The backward is the same pattern mirrored: a weighted sum of dh, an all-gather,
-the fold, and the backward kernel from the cotangent arriving at the segment's exit.
+(b, l, n) cumulative decays: a split layer's temporaries are those of an unsplit one
+holding the same tokens. The backward is the same pattern mirrored: a weighted sum of
+dh, an all-gather, the fold, and the backward kernel from the cotangent arriving at the
+segment's exit.
 
 Time-varying a (shape (..., l, n)): each device scans its segment from zero, forms the
 cumulative decays P_t and corrects h_t += P_t * c_i; the backward is autodiff's
@@ -35,6 +36,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from lrulm import scan as scan_lib
 
 AXIS = "sequence"
 
@@ -137,8 +140,6 @@ _BLOCK = 128
 
 def _cumulative_powers(a, count):
     """x^0 ... x^(count - 1) of the parts x, (count, n) float32 parts."""
-    from lrulm import scan as scan_lib
-
     x = scan_lib._merge(a)
     steps = jax.lax.cumprod(jnp.broadcast_to(x, (count - 1, x.shape[-1])), axis=0)
     return scan_lib._split(jnp.concatenate([jnp.ones_like(x)[None], steps]))
@@ -146,8 +147,6 @@ def _cumulative_powers(a, count):
 
 def _power_tables(a, length):
     """(low, high, a^l): a^0..a^(d-1) and (a^d)^0..(a^d)^(l/d - 1), float32 parts."""
-    from lrulm import scan as scan_lib
-
     a = tuple(x.astype(jnp.float32) for x in a)
     d = _BLOCK if length % _BLOCK == 0 else 1
     low = _cumulative_powers(a, d + 1)
@@ -159,8 +158,6 @@ def _power_tables(a, length):
 
 def _weights(tables, a, rising, shift):
     """(low, high) for the exponents e_t = t + shift (rising) or l - 1 + shift - t."""
-    from lrulm import scan as scan_lib
-
     low, high, _ = tables
     if not rising:  # l-1-t = d (l/d - 1 - t//d) + (d - 1 - t%d)
         low, high = (tuple(jnp.flip(x, 0) for x in y) for y in (low, high))
@@ -174,8 +171,6 @@ def _weighted_sum(x, weights, mask, conj):
     high[t // d] * mask_t: one read of the (..., l, n) parts x, in float32. Summed in two
     stages, within blocks of d by `low`, then over blocks by `high`, so no (l, n) weight
     is formed (XLA would keep one when the batch is a single sequence)."""
-    from lrulm import scan as scan_lib
-
     low, high = weights
     d = low[0].shape[0]
     blocks = lambda v: v.reshape(v.shape[:-2] + (v.shape[-2] // d, d) + v.shape[-1:])
@@ -189,10 +184,6 @@ def _weighted_sum(x, weights, mask, conj):
 def _gather(parts, axis_name):
     """all_gather of a tuple of same-shaped float arrays, in one collective."""
     return tuple(jnp.moveaxis(jax.lax.all_gather(jnp.stack(parts), axis_name), 1, 0))
-
-
-def _conj(x):
-    return x if len(x) == 1 else (x[0], -x[1])
 
 
 def _pick(states, part, num, index):
@@ -209,8 +200,6 @@ def _add_row(x, row, pos):
 def _fold(ends, decay, start, order):
     """The states entering each segment: s_j = start for the first in `order`, then
     s_next = decay_j * s_j + ends_j (parts; ends and decay indexed by segment)."""
-    from lrulm import scan as scan_lib
-
     state, entering = start, {}
     for j in order:
         entering[j] = state
@@ -234,8 +223,6 @@ def _decays(tables, wholes):
 
 
 def _sharded_parts_fwd(a, b, h0, keep, axis_name, method, chunk_size, reverse, overwrite_b):
-    from lrulm import scan as scan_lib
-
     num, index = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
     length, dtype = b[0].shape[-2], b[0].dtype
     tables, after, wholes = _power_tables(a, length), None, None
@@ -255,8 +242,6 @@ def _sharded_parts_fwd(a, b, h0, keep, axis_name, method, chunk_size, reverse, o
 
 
 def _sharded_parts_bwd(axis_name, method, chunk_size, reverse, overwrite_b, residuals, dh):
-    from lrulm import scan as scan_lib
-
     del overwrite_b
     a, h, h_in, h0, keep, wholes = residuals
     num, index = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
@@ -271,7 +256,7 @@ def _sharded_parts_bwd(axis_name, method, chunk_size, reverse, overwrite_b, resi
     zero = tuple(jnp.zeros_like(x[0]) for x in starts)
     order = range(num) if reverse else range(num - 1, -1, -1)  # the backward walk
     # m_j, the cotangent arriving at segment j's exit, and the one leaving the first
-    arriving, entry_cotangent = _fold(starts, lambda j: _conj(decay(j)), zero, order)
+    arriving, entry_cotangent = _fold(starts, lambda j: scan_lib._conj(decay(j)), zero, order)
     exit_pos = 0 if reverse else length - 1
     dh = tuple(_add_row(d, _pick(arriving, i, num, index), exit_pos) for i, d in enumerate(dh))
     if method is scan_lib.ScanMethod.PALLAS:  # g and da in one kernel pass
@@ -322,8 +307,6 @@ def _check_divisible(length, mesh):
 def scan_over_mesh(a, b, *, h0=None, reverse=False, mesh, method, chunk_size):
     """linear_scan of (b, l, n) arrays whose length axis is sharded over mesh's
     "sequence" axis, from outside shard_map (e.g. inside a jitted model)."""
-    from lrulm import scan as scan_lib
-
     _check_divisible(b.shape[-2], mesh)
     b_spec = _spec(mesh, b.shape, ("batch", "length", "act_state"))
     a_spec = _spec(mesh, a.shape, ("act_state",)) if a.ndim == 1 else b_spec
@@ -346,8 +329,6 @@ def scan_over_mesh_parts(
 ):
     """linear_scan_planar (parts, optional (b, l) resets) of arrays whose length axis is
     sharded over mesh's "sequence" axis, from outside shard_map: the LRU's path."""
-    from lrulm import scan as scan_lib
-
     shape = b[0].shape
     _check_divisible(shape[-2], mesh)
     b_spec = _spec(mesh, shape, ("batch", "length", "act_state"))
