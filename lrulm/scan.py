@@ -328,6 +328,18 @@ def _planar_grads(a, dh, h, h0, keep, method, chunk_size, reverse):
     return g, da
 
 
+def _backward_parts(a, dh, h, h0, keep, method, chunk_size, reverse):
+    """(g, da) of the planar recurrence given h, its cotangent dh and the state h0
+    before the first position."""
+    if method is ScanMethod.PALLAS:  # g and da in one kernel pass, no shifted copies
+        from lrulm import scan_pallas
+
+        return scan_pallas.backward_parts(
+            a, dh, h, h0, keep=keep, chunk_size=chunk_size, reverse=reverse
+        )
+    return _planar_grads(a, dh, h, h0, keep, method, chunk_size, reverse)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _planar_recurrence_grad(a, b, h0, keep, method, chunk_size, reverse, overwrite_b):
     return _forward_parts(a, b, h0, keep, method, chunk_size, reverse, overwrite_b)
@@ -346,14 +358,7 @@ def _planar_bwd(method, chunk_size, reverse, overwrite_b, residuals, dh):
     # a reset costs no (..., L, N) array here either.
     a, h, h0, keep = residuals
     dh = tuple(d.astype(x.dtype) for d, x in zip(dh, h))
-    if method is ScanMethod.PALLAS:  # g and da in one kernel pass, no shifted copies
-        from lrulm import scan_pallas
-
-        g, da = scan_pallas.backward_parts(
-            a, dh, h, h0, keep=keep, chunk_size=chunk_size, reverse=reverse
-        )
-    else:
-        g, da = _planar_grads(a, dh, h, h0, keep, method, chunk_size, reverse)
+    g, da = _backward_parts(a, dh, h, h0, keep, method, chunk_size, reverse)
     dh0 = None
     if h0 is not None:
         first = -1 if reverse else 0

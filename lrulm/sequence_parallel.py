@@ -259,14 +259,7 @@ def _sharded_parts_bwd(axis_name, method, chunk_size, reverse, overwrite_b, resi
     arriving, entry_cotangent = _fold(starts, lambda j: scan_lib._conj(decay(j)), zero, order)
     exit_pos = 0 if reverse else length - 1
     dh = tuple(_add_row(d, _pick(arriving, i, num, index), exit_pos) for i, d in enumerate(dh))
-    if method is scan_lib.ScanMethod.PALLAS:  # g and da in one kernel pass
-        from lrulm import scan_pallas
-
-        g, da = scan_pallas.backward_parts(
-            a, dh, h, h_in, keep=keep, chunk_size=chunk_size, reverse=reverse
-        )
-    else:
-        g, da = scan_lib._planar_grads(a, dh, h, h_in, keep, method, chunk_size, reverse)
+    g, da = scan_lib._backward_parts(a, dh, h, h_in, keep, method, chunk_size, reverse)
     dh0 = None
     if h0 is not None:  # the whole sequence's entry lies in the walk's first segment
         first = num - 1 if reverse else 0
