@@ -19,6 +19,7 @@ import pytest
 from lrulm import compile as compile_lib
 from lrulm import scan as scan_lib
 from lrulm import scan_pallas
+from lrulm.kernels import gpu as gpu_kernels
 from lrulm.kernels import tpu as tpu_kernels
 from lrulm.scan import linear_scan
 
@@ -290,6 +291,54 @@ def test_backward_kernel(kernel, lead, length, n, complex_, full_a, reverse, res
     assert _rel(whole(g), g_ref.conj() if complex_ else g_ref) <= tol
     assert da[0].shape == a.shape
     assert _rel(whole(da), da_ref.conj() if complex_ else da_ref) <= tol
+
+
+@pytest.fixture
+def gpu_tuning(request):
+    """Sets lrulm.kernels.gpu's launch-shape override for one test. The kernels read it
+    while tracing, so every cached trace is dropped before and after."""
+
+    def fresh():
+        jax.clear_caches()
+        scan_pallas._call.cache_clear()
+        scan_pallas._sharded.cache_clear()
+
+    old = os.environ.get(gpu_kernels.TUNING_ENV)
+    os.environ[gpu_kernels.TUNING_ENV] = request.param
+    fresh()
+    yield gpu_kernels.tuning()
+    if old is None:
+        os.environ.pop(gpu_kernels.TUNING_ENV)
+    else:
+        os.environ[gpu_kernels.TUNING_ENV] = old
+    fresh()
+
+
+# Few loads per thread, so that a 21-step sequence takes several chunks and a tail (the
+# prefetching loop, its last chunk after the loop, and the tail); 40 channels leave a
+# ragged last block for every width.
+@pytest.mark.skipif(COMPILED and jax.default_backend() != "gpu", reason="the GPU kernel")
+@pytest.mark.parametrize(
+    "gpu_tuning", ["32,1,12,prefetch", "64,2,12", "16,1,128,prefetch", "128,2,40,prefetch"],
+    indirect=True,
+)  # fmt: skip
+@pytest.mark.parametrize("complex_, full_a, reverse", [(True, False, True), (False, True, False)])
+def test_gpu_launch_shapes_agree(gpu_tuning, complex_, full_a, reverse):
+    """Every launch shape tools/gpu_kernel_sweep.py may pick computes the same values and
+    gradients: the forward with resets and h0, and the fused backward."""
+    case = ((2,), 21, 40, complex_, full_a, reverse)
+    test_kernel_keep_mask("gpu", *case, True)
+    test_backward_kernel("gpu", *case, True, jnp.float32)
+
+
+def test_gpu_tuning_parses_and_rejects_bad_text():
+    parse = gpu_kernels.Tuning.parse
+    assert parse("64,2,128") == gpu_kernels.Tuning(64, 2, 128, False)
+    assert parse("32,1,64,prefetch") == gpu_kernels.Tuning(32, 1, 64, True)
+    assert str(parse("32,1,64,prefetch")) == "32,1,64,prefetch"
+    for bad in ("32,1", "32,1,x", "32,1,64,fast", "48,1,64", "32,0,64"):
+        with pytest.raises(ValueError, match=gpu_kernels.TUNING_ENV):
+            parse(bad)
 
 
 def test_autodiff_raises_a_clear_error():

@@ -3,7 +3,9 @@ each program walking the whole sequence in chunks (design: lrulm.scan_pallas).""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,62 @@ _GPU_CHANNELS = 32
 _GPU_WARPS = 1
 # Values one GPU thread may hold for a chunk's loads before registers spill (of 255).
 _GPU_LOAD_REGISTERS = 128
+# "CHANNELS,WARPS,LOAD_REGISTERS" overrides the three above (tools/gpu_kernel_sweep.py
+# times the alternatives on the device and prints the line to export).
+TUNING_ENV = "LRULM_PALLAS_GPU_TUNING"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    channels: int = _GPU_CHANNELS  # channels per program (a power of two)
+    warps: int = _GPU_WARPS  # warps per program
+    load_registers: int = _GPU_LOAD_REGISTERS  # values per thread in flight per chunk
+    # Load chunk k+1 while chunk k is scanned (two chunks' registers, each half as long),
+    # so the loads never wait for the arithmetic; off: load a chunk, then scan it.
+    prefetch: bool = False
+
+    def __post_init__(self):
+        if self.channels < 1 or self.channels & (self.channels - 1):
+            raise ValueError(f"{TUNING_ENV}: channels must be a power of two, got {self.channels}")
+        if self.warps < 1 or self.load_registers < 1:
+            raise ValueError(f"{TUNING_ENV}: warps and load registers must be >= 1, got {self}")
+
+    @classmethod
+    def parse(cls, text: str) -> Tuning:
+        fields = text.split(",")
+        prefetch = fields[3:] == ["prefetch"]
+        try:
+            if len(fields) != 3 + prefetch:
+                raise ValueError
+            channels, warps, registers = (int(x) for x in fields[:3])
+        except ValueError:
+            raise ValueError(
+                f"{TUNING_ENV}={text!r}: expected CHANNELS,WARPS,LOAD_REGISTERS[,prefetch], "
+                "e.g. 32,1,128 or 32,1,128,prefetch"
+            ) from None
+        return cls(channels, warps, registers, prefetch)
+
+    def __str__(self):
+        text = f"{self.channels},{self.warps},{self.load_registers}"
+        return text + (",prefetch" if self.prefetch else "")
+
+
+def tuning() -> Tuning:
+    """The kernels' launch shape: the defaults, or $LRULM_PALLAS_GPU_TUNING when set."""
+    text = os.environ.get(TUNING_ENV, "")
+    return Tuning.parse(text) if text else Tuning()
+
+
+def _launch(n, length, per_row, chunk):
+    """(channel block, number of blocks, chunk, prefetch, compiler params) for N channels."""
+    t = tuning()
+    bn = min(t.channels, pl.next_power_of_2(n))  # Triton blocks are powers of two
+    # Registers per load: one value per thread per channel the thread holds; prefetching
+    # holds two chunks at once.
+    per_thread = max(1, bn // (32 * t.warps)) * (1 + t.prefetch)
+    chunk = max(1, min(chunk, length, t.load_registers // (per_row * per_thread)))
+    params = plt.CompilerParams(num_warps=t.warps, num_stages=1)
+    return bn, pl.cdiv(n, bn), chunk, t.prefetch, params
 
 
 def _step(h: Parts, a: Parts, b: Parts) -> Parts:
@@ -29,34 +87,42 @@ def _step(h: Parts, a: Parts, b: Parts) -> Parts:
     return (ar * hr + (br - ai * hi), ar * hi + (bi + ai * hr))
 
 
-def _scan_rows(h, a, a_refs, b_refs, h_refs, rows, load, store, *, keep=None):
-    """Runs the recurrence over `rows` (in processing order) of one block, every load
-    issued before the first step so that the whole chunk is in flight from HBM together.
+def _load_rows(rows, a_refs, b_refs, load, keep=None):
+    """Every load of `rows` (one chunk) issued together: a list of (a, b, keep) per row,
+    a () where a is time-invariant (held by the caller) or there are no resets.
+
+    Args:
+      rows: row (time) indices, static or traced, in the order the recurrence visits them.
+      a_refs, b_refs: refs indexed by a row index first; a_refs empty for an (N,) a.
+      load: load(ref, row) -> the row as float32.
+      keep: keep(row) -> a float32 scalar, 1 to carry the state into the row, 0 to
+        start it afresh there (a document boundary); None: always carry.
+    """
+    return [
+        (
+            tuple(load(r, t) for r in a_refs),
+            tuple(load(r, t) for r in b_refs),
+            () if keep is None else keep(t),
+        )
+        for t in rows
+    ]
+
+
+def _scan_rows(h, rows, loaded, a, h_refs, store):
+    """Runs the recurrence over `rows` from their `_load_rows` values, storing each h.
 
     Args:
       h: the carried state, a tuple of float32 parts.
-      a: the decay parts (already float32) when `a` is time-invariant, else None.
-      a_refs, b_refs, h_refs: refs indexed by a row (time) index first.
-      rows: row indices, static or traced, in the order the recurrence visits them.
-      load: load(ref, row) -> float32 value of the row.
-      store: store(ref, row, value).
-      keep: keep(row) -> a float32 scalar, 1 to carry the state into the row, 0 to
-        start it afresh there (a document boundary); None: always carry.
+      a: the decay parts (float32) when `a` is time-invariant, else None (loaded per row).
+      h_refs: the output refs; store(ref, row, value) writes one row.
 
     Returns:
       The state after the last row.
     """
-
-    def inputs(t):
-        at = tuple(load(r, t) for r in a_refs) if a is None else a
-        return at, tuple(load(r, t) for r in b_refs), None if keep is None else keep(t)
-
-    loaded = [inputs(t) for t in rows]
-    for i, t in enumerate(rows):
-        at, bt, kt = loaded[i]
-        if kt is not None:
+    for t, (at, bt, kt) in zip(rows, loaded):
+        if not isinstance(kt, tuple):  # a keep value, () without resets
             h = tuple(kt * x for x in h)
-        h = _step(h, at, bt)
+        h = _step(h, a if a is not None else at, bt)
         for ref, x in zip(h_refs, h):
             store(ref, t, x)
     return h
@@ -101,9 +167,12 @@ def _memory_ops(n, bn, num_blocks):
     return load, store, load_all, store_all
 
 
-def _walk_chunks(scan, carry, length, chunk, reverse):
-    """carry <- scan(carry, rows) over the sequence, `chunk` rows at a time in walk order
-    (a fori_loop over whole chunks, then a shorter static tail: no padding in time)."""
+def _walk_chunks(load, scan, carry, length, chunk, reverse, prefetch=False):
+    """carry <- scan(carry, rows, load(rows)) over the sequence, `chunk` rows at a time in
+    walk order: a fori_loop over whole chunks, then a shorter static tail (no padding in
+    time). With `prefetch`, the loop loads chunk k+1 before scanning chunk k, whose
+    values it carries from the previous iteration; the last whole chunk is scanned after
+    the loop, so nothing is loaded twice."""
     num_chunks, tail = divmod(length, chunk)
 
     def chunk_rows(start, count):
@@ -112,12 +181,26 @@ def _walk_chunks(scan, carry, length, chunk, reverse):
             return [length - 1 - start - i for i in range(count)]
         return [start + i for i in range(count)]
 
-    if num_chunks:
-        carry = jax.lax.fori_loop(
-            0, num_chunks, lambda k, c: scan(c, chunk_rows(k * chunk, chunk)), carry
-        )
+    if num_chunks and prefetch:
+
+        def body(k, state):
+            c, current = state
+            upcoming = load(chunk_rows((k + 1) * chunk, chunk))  # in flight during the scan
+            return scan(c, chunk_rows(k * chunk, chunk), current), upcoming
+
+        state = (carry, load(chunk_rows(0, chunk)))
+        carry, last = jax.lax.fori_loop(0, num_chunks - 1, body, state)
+        carry = scan(carry, chunk_rows((num_chunks - 1) * chunk, chunk), last)
+    elif num_chunks:
+
+        def body(k, c):
+            rows = chunk_rows(k * chunk, chunk)
+            return scan(c, rows, load(rows))
+
+        carry = jax.lax.fori_loop(0, num_chunks, body, carry)
     if tail:
-        carry = scan(carry, chunk_rows(num_chunks * chunk, tail))
+        rows = chunk_rows(num_chunks * chunk, tail)
+        carry = scan(carry, rows, load(rows))
     return carry
 
 
@@ -126,29 +209,24 @@ def forward(
 ) -> Parts:
     rows, length, n = b[0].shape
     num_parts, full_a = len(b), a[0].ndim == 3
-    bn = min(_GPU_CHANNELS, pl.next_power_of_2(n))  # Triton blocks are powers of two
-    num_blocks = pl.cdiv(n, bn)
-    per_row = num_parts * (1 + full_a) + len(keep)  # values loaded per thread per step
-    chunk = max(1, min(chunk, length, _GPU_LOAD_REGISTERS // per_row))
+    per_row = num_parts * (1 + full_a) + len(keep)  # values loaded per channel per step
+    bn, num_blocks, chunk, prefetch, params = _launch(n, length, per_row, chunk)
 
     def kernel(*refs):
         a_refs, b_refs, h0_refs, keep_refs, h_refs, _ = split_refs(refs, num_parts, len(keep))
         load, store, load_all, _ = _memory_ops(n, bn, num_blocks)
         h = load_all(h0_refs)
         a_const = None if full_a else load_all(a_refs)
-        scan = functools.partial(
-            _scan_rows,
-            a=a_const,
-            a_refs=a_refs,
+        load_chunk = functools.partial(
+            _load_rows,
+            a_refs=a_refs if full_a else (),
             b_refs=b_refs,
-            h_refs=h_refs,
             load=load,
-            store=store,
             # One scalar per step, the same for every channel of the row.
             keep=(lambda t: keep_refs[0][t].astype(jnp.float32)) if keep else None,
         )
-
-        _walk_chunks(lambda h, rows: scan(h, rows=rows), h, length, chunk, reverse)
+        scan = functools.partial(_scan_rows, a=a_const, h_refs=h_refs, store=store)
+        _walk_chunks(load_chunk, scan, h, length, chunk, reverse, prefetch)
 
     seq_spec = pl.BlockSpec((None, length, bn), lambda p: (p // num_blocks, 0, p % num_blocks))
     state_spec = pl.BlockSpec((None, bn), lambda p: (p // num_blocks, p % num_blocks))
@@ -163,7 +241,7 @@ def forward(
             grid=(rows * num_blocks,),
             in_specs=in_specs,
             out_specs=[seq_spec] * num_parts,
-            compiler_params=plt.CompilerParams(num_warps=_GPU_WARPS, num_stages=1),
+            compiler_params=params,
             cost_estimate=cost(num_parts, full_a, rows, length, n, dtype.itemsize),
             input_output_aliases=write_over_b(num_parts) if over_b else {},
             interpret=interpret,
@@ -189,10 +267,8 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret):
     """
     rows, length, n = dh[0].shape
     num_parts, full_a = len(dh), a[0].ndim == 3
-    bn = min(_GPU_CHANNELS, pl.next_power_of_2(n))
-    num_blocks = pl.cdiv(n, bn)
     per_row = num_parts * (2 + full_a) + len(keep)  # dh, h_{t-1} (and a) per step
-    chunk = max(1, min(chunk, length, _GPU_LOAD_REGISTERS // per_row))
+    bn, num_blocks, chunk, prefetch, params = _launch(n, length, per_row, chunk)
     first = length - 1 if reverse else 0  # the forward's first row: h0 precedes it
     before = (lambda t: t + 1) if reverse else (lambda t: t - 1)
 
@@ -211,12 +287,14 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret):
 
         def inputs(t):
             at = a_const if a_const is not None else tuple(load(r, t) for r in a_refs)
-            kt = keep_refs[0][t].astype(jnp.float32) if keep else None
+            kt = keep_refs[0][t].astype(jnp.float32) if keep else ()
             return at, tuple(load(r, t) for r in dh_refs), previous_state(t), kt
 
-        def scan(carry, rows):
+        def load_chunk(rows):  # the whole chunk's loads in flight together
+            return [inputs(t) for t in rows]
+
+        def scan(carry, rows, loaded):
             g, a_next, k_next, da = carry
-            loaded = [inputs(t) for t in rows]  # the whole chunk's loads in flight
             for t, (at, dht, hp, kt) in zip(rows, loaded):
                 if keep:
                     g = tuple(k_next * x for x in g)
@@ -237,7 +315,7 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret):
         zeros = tuple(jnp.zeros((bn,), jnp.float32) for _ in range(num_parts))
         # g starts at zero, so the "next" a and keep of the first walk step do not matter.
         carry = (zeros, a_const or zeros, jnp.float32(1), zeros)
-        _, _, _, da = _walk_chunks(scan, carry, length, chunk, not reverse)
+        _, _, _, da = _walk_chunks(load_chunk, scan, carry, length, chunk, not reverse, prefetch)
         if not full_a:
             store_all(da_refs, da)
 
@@ -255,7 +333,7 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret):
         grid=(rows * num_blocks,),
         in_specs=in_specs,
         out_specs=[seq_spec] * num_parts + [seq_spec if full_a else state_spec] * num_parts,
-        compiler_params=plt.CompilerParams(num_warps=_GPU_WARPS, num_stages=1),
+        compiler_params=params,
         cost_estimate=pl.CostEstimate(
             flops=4 * num_parts**2 * rows * length * n,
             transcendentals=0,
