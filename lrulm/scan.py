@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -449,8 +450,26 @@ def linear_scan_planar(
         h0 = None if h0 is None else _merge(h0)
         return _split(linear_scan(_merge(a), _merge(b), h0=h0, reverse=reverse, **kw))
     if grad is GradMethod.RECURRENCE:
-        return _planar_recurrence_grad(a, b, h0, keep, method, chunk_size, reverse, overwrite_b)
+        return _planar_recurrence(a, b, h0, keep, method, chunk_size, reverse, overwrite_b)
     return _forward_parts(a, b, h0, keep, method, chunk_size, reverse, overwrite_b)
+
+
+def _planar_recurrence(a, b, h0, keep, method, chunk_size, reverse, overwrite_b):
+    """The planar scan with the recurrence gradient; the GPU kernel's scans that would
+    launch too few programs split the sequence in time (lrulm.kernels.gpu.time_segments)."""
+    if method is ScanMethod.PALLAS and a[0].ndim == 1 and jax.default_backend() != "tpu":
+        from lrulm import sequence_parallel
+        from lrulm.kernels import gpu
+
+        *lead, length, n = b[0].shape
+        rows = math.prod(lead)
+        segments = gpu.time_segments(rows, length, n, backend=jax.default_backend())
+        if segments > 1:
+            return sequence_parallel.split_scan_parts(
+                a, b, h0=h0, keep=keep, reverse=reverse, segments=segments, method=method,
+                chunk_size=chunk_size, overwrite_b=overwrite_b,
+            )  # fmt: skip
+    return _planar_recurrence_grad(a, b, h0, keep, method, chunk_size, reverse, overwrite_b)
 
 
 # ----------------------------------------------------------------------------------
@@ -517,7 +536,7 @@ def linear_scan(
         return b
     if method is ScanMethod.PALLAS and grad is GradMethod.RECURRENCE:
         # The kernels work on parts, and their fused backward comes with the planar form.
-        h = _planar_recurrence_grad(
+        h = _planar_recurrence(
             _split(a),
             _split(b),
             None if h0 is None else _split(h0),

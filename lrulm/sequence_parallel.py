@@ -32,6 +32,7 @@ sequence-sharded activations as it is.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -113,7 +114,68 @@ def sharded_scan_parts(
         is dropped there).
       reverse, method, chunk_size, overwrite_b: as for linear_scan_planar.
     """
-    return _sharded_parts(a, b, h0, keep, axis_name, method, chunk_size, reverse, overwrite_b)
+    segments = _Segments(axis_name=axis_name)
+    return _sharded_parts(a, b, h0, keep, segments, method, chunk_size, reverse, overwrite_b)
+
+
+def split_scan_parts(a, b, *, h0, keep, reverse, segments, method, chunk_size, overwrite_b=False):
+    """The same two-pass scan within one device: the (..., L, n) parts are viewed as
+    `segments` consecutive (..., L / segments, n) segments, one more leading (row) axis
+    for the local scan. For a scan kernel that parallelises over rows and channels only
+    (the GPU kernel walks time within a program), this multiplies its parallelism by
+    `segments` for one more read of b (the exit sums) and, in the backward, of dh.
+
+    Args as for `sharded_scan_parts`, with the whole sequence local; L must be a multiple
+    of `segments`.
+    """
+    shape = b[0].shape
+    if shape[-2] % segments:
+        raise ValueError(f"length {shape[-2]} is not a multiple of {segments} segments")
+    b = tuple(_as_segments(x, -2, segments) for x in b)
+    keep = None if keep is None else _as_segments(keep, -1, segments)
+    run = _Segments(count=segments)
+    h = _sharded_parts(a, b, h0, keep, run, method, chunk_size, reverse, overwrite_b)
+    return tuple(x.reshape(shape) for x in h)
+
+
+def _as_segments(x, axis, count):
+    """x with its (negative) axis split into (count, length / count): free, a view."""
+    axis += x.ndim
+    return x.reshape(x.shape[:axis] + (count, x.shape[axis] // count) + x.shape[axis + 1 :])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Segments:
+    """Where a scan's segments live: one per device along the mesh axis `axis_name`
+    (inside shard_map), or `count` of them along axis -3 of b on this device."""
+
+    axis_name: str | None = None
+    count: int = 0
+
+    def size(self):
+        return jax.lax.axis_size(self.axis_name) if self.axis_name else self.count
+
+    def gather(self, parts, axis):
+        """Every segment's values of per-segment parts, segments first. In-device, the
+        segment axis of the parts is `axis`; across devices each holds its own."""
+        if self.axis_name:
+            return _gather(parts, self.axis_name)
+        return tuple(jnp.moveaxis(x, axis, 0) for x in parts)
+
+    def mine(self, states, num_parts):
+        """The parts of {segment: parts} that this device's segment(s) take."""
+        if self.axis_name:
+            index = jax.lax.axis_index(self.axis_name)
+            return tuple(_pick(states, i, self.size(), index) for i in range(num_parts))
+        return tuple(
+            jnp.stack([states[j][i] for j in range(self.count)], axis=-2) for i in range(num_parts)
+        )
+
+    def only_segment(self, x, j):
+        """x on the device holding segment j, zero on the others (in-device: x)."""
+        if self.axis_name:
+            return jnp.where(jax.lax.axis_index(self.axis_name) == j, x, 0)
+        return x
 
 
 def _walk(x, reverse):
@@ -209,8 +271,8 @@ def _fold(ends, decay, start, order):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _sharded_parts(a, b, h0, keep, axis_name, method, chunk_size, reverse, overwrite_b):
-    args = (axis_name, method, chunk_size, reverse, overwrite_b)
+def _sharded_parts(a, b, h0, keep, segments, method, chunk_size, reverse, overwrite_b):
+    args = (segments, method, chunk_size, reverse, overwrite_b)
     return _sharded_parts_fwd(a, b, h0, keep, *args)[0]
 
 
@@ -222,49 +284,50 @@ def _decays(tables, wholes):
     return lambda j: tuple(p * wholes[j][..., None] for p in total)
 
 
-def _sharded_parts_fwd(a, b, h0, keep, axis_name, method, chunk_size, reverse, overwrite_b):
-    num, index = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
+def _sharded_parts_fwd(a, b, h0, keep, segments, method, chunk_size, reverse, overwrite_b):
+    num = segments.size()
     length, dtype = b[0].shape[-2], b[0].dtype
     tables, after, wholes = _power_tables(a, length), None, None
     if keep is not None:
         _, after, whole = _keep_products(keep.astype(jnp.float32), reverse)
-        (wholes,) = _gather((whole,), axis_name)
+        (wholes,) = segments.gather((whole,), axis=-1)
     # E = sum_t a^(l-1-s_t) after_t b_t: a^(l-1) at the entry down to a^0 at the exit
     weights = _weights(tables, a, rising=reverse, shift=0)
-    ends = _gather(_weighted_sum(b, weights, after, conj=False), axis_name)
-    zero = tuple(jnp.zeros(b[0].shape[:-2] + b[0].shape[-1:], jnp.float32) for _ in b)
+    ends = segments.gather(_weighted_sum(b, weights, after, conj=False), axis=-2)
+    zero = tuple(jnp.zeros(ends[0].shape[1:], jnp.float32) for _ in b)
     start = zero if h0 is None else tuple(x.astype(jnp.float32) for x in h0)
     order = range(num - 1, -1, -1) if reverse else range(num)
     entering, _ = _fold(ends, _decays(tables, wholes), start, order)
-    h_in = tuple(_pick(entering, i, num, index).astype(dtype) for i in range(len(b)))
+    h_in = tuple(x.astype(dtype) for x in segments.mine(entering, len(b)))
     h = scan_lib._forward_parts(a, b, h_in, keep, method, chunk_size, reverse, overwrite_b)
     return h, (a, h, h_in, h0, keep, wholes)
 
 
-def _sharded_parts_bwd(axis_name, method, chunk_size, reverse, overwrite_b, residuals, dh):
+def _sharded_parts_bwd(segments, method, chunk_size, reverse, overwrite_b, residuals, dh):
     del overwrite_b
     a, h, h_in, h0, keep, wholes = residuals
-    num, index = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
+    num = segments.size()
     length, dtype = h[0].shape[-2], h[0].dtype
     dh = tuple(d.astype(dtype) for d in dh)
     tables = _power_tables(a, length)
     through = None if keep is None else _keep_products(keep.astype(jnp.float32), reverse)[0]
     # F = sum_t conj(P_t) dh_t, P_t = a^(s_t + 1) through_t: the decay from the entry to t
     weights = _weights(tables, a, rising=not reverse, shift=1)
-    starts = _gather(_weighted_sum(dh, weights, through, conj=True), axis_name)
+    starts = segments.gather(_weighted_sum(dh, weights, through, conj=True), axis=-2)
     decay = _decays(tables, wholes)
     zero = tuple(jnp.zeros_like(x[0]) for x in starts)
     order = range(num) if reverse else range(num - 1, -1, -1)  # the backward walk
     # m_j, the cotangent arriving at segment j's exit, and the one leaving the first
     arriving, entry_cotangent = _fold(starts, lambda j: scan_lib._conj(decay(j)), zero, order)
     exit_pos = 0 if reverse else length - 1
-    dh = tuple(_add_row(d, _pick(arriving, i, num, index), exit_pos) for i, d in enumerate(dh))
+    arriving = segments.mine(arriving, len(dh))
+    dh = tuple(_add_row(d, m, exit_pos) for d, m in zip(dh, arriving))
     g, da = scan_lib._backward_parts(a, dh, h, h_in, keep, method, chunk_size, reverse)
     dh0 = None
     if h0 is not None:  # the whole sequence's entry lies in the walk's first segment
         first = num - 1 if reverse else 0
         dh0 = tuple(
-            jnp.where(index == first, x, 0).astype(y.dtype) for x, y in zip(entry_cotangent, h0)
+            segments.only_segment(x, first).astype(y.dtype) for x, y in zip(entry_cotangent, h0)
         )
     return tuple(d.astype(x.dtype) for d, x in zip(da, a)), g, dh0, None
 

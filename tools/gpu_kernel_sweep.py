@@ -4,20 +4,23 @@
     python tools/gpu_kernel_sweep.py --best_out best.txt    # + the winner, for bench.py:
     LRULM_PALLAS_GPU_TUNING=$(cat best.txt) python tools/bench.py ...
 
-Each configuration is CHANNELS,WARPS,LOAD_REGISTERS (lrulm.kernels.gpu.Tuning): channels
-per program, warps per program, and the values per thread a chunk may hold in flight
-(the chunk length follows from it). For each, `linear_scan_planar(method="pallas")` at
-(B, L, N) float32 (re, im) planes is checked against `associative` (values and the
-gradients w.r.t. a and b), then timed forward and forward+backward against the byte
-floors of tools/bench_scan.py (read b + write h; + read dh, read h, write g), as a
-fraction of the copy bandwidth measured in the same process. A configuration whose
-result is off by more than --rtol is reported and never chosen. Runs in the Pallas
-interpreter on a CPU (tiny sizes only: the check of this script, not a measurement).
+Each configuration is CHANNELS,WARPS,LOAD_REGISTERS[,prefetch][,stages=S]
+(lrulm.kernels.gpu.Tuning): channels and warps per program, the values per thread a chunk
+may hold in flight (the chunk length follows from it), whether the next chunk's loads are
+issued before the current one is scanned, and Triton's software-pipelining stages. All
+are lowered one after another (the tuning is read while tracing), compiled --threads at a
+time, then each is checked against `associative` (the forward and the vjp of
+`linear_scan_planar` for a random cotangent, at (B, L, N) float32 re / im planes) and
+timed against tools/bench_scan.py's byte floors (read b + write h; + read dh, read h,
+write g), as a fraction of the copy bandwidth measured in the same process. A
+configuration off by more than --rtol is reported and never chosen. On a CPU the kernels
+run in the Pallas interpreter (tiny sizes only: a check of this script, not a measurement).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import re
@@ -26,18 +29,19 @@ import time
 
 import bench_scan
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lrulm import scan_pallas
 from lrulm.kernels import gpu
 from lrulm.scan import linear_scan_planar
 
-# The default first, then prefetching, more loads in flight, two warps per program, and
-# (last, the least likely) fewer loads, half-filled warps and several channels a thread.
+# The measured default (H200: 57% / 52% of copy forward / forward+backward), the
+# previous one (no prefetch: 51% / 29%), then more loads in flight, Triton's pipelining,
+# two warps per program, and several channels per thread.
 DEFAULT_CONFIGS = (
-    "32,1,128 32,1,128,prefetch 64,2,128 32,1,256,prefetch 64,2,128,prefetch 32,1,256 "
-    "32,1,64 16,1,128,prefetch 128,4,128,prefetch 64,1,128,prefetch"
+    "32,1,128,prefetch 32,1,128 32,1,192,prefetch 32,1,256,prefetch 32,1,128,prefetch,stages=2 "
+    "32,1,128,stages=3 32,1,64,stages=4 64,2,192,prefetch 16,1,128,prefetch "
+    "64,1,256,prefetch 128,4,192,prefetch 32,1,96,prefetch"
 )
 
 
@@ -46,67 +50,87 @@ def _max_rel_err(x, y) -> float:
     return float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-30))
 
 
-def _programs(a, b, method):
-    def loss(a, b):
-        h = linear_scan_planar(a, b, method=method)
-        w = jnp.linspace(-1.0, 1.0, b[0].shape[-1])
-        return jnp.sum(h[0] * w) + jnp.sum(h[1] * h[1]) * 1e-3
-
-    return jax.jit(lambda b: linear_scan_planar(a, b, method=method)), jax.jit(
-        jax.grad(loss, argnums=(0, 1))
-    )
+def _programs(a, b, dh, method):
+    """The forward and the forward+backward (the vjp for the cotangent dh), lowered."""
+    scan = lambda a, b: linear_scan_planar(a, b, method=method)
+    fwd = jax.jit(lambda b: scan(a, b)).lower(b)
+    return fwd, jax.jit(bench_scan._vjp(scan)).lower(a, b, dh)
 
 
-def _launch_line(fn, *args) -> str:
-    """The Triton launch attributes of the first kernel in fn's lowering, "" if none
-    (the interpreter): evidence that the configuration under test is the one compiled."""
-    text = fn.lower(*args).as_text()
-    found = re.search(r"grid_x = (\d+).*?num_warps = (\d+)", text)
+def _launch_line(lowered) -> str:
+    """The Triton launch attributes of the first kernel in a lowering, "" if none (the
+    interpreter): evidence that the configuration under test is the one compiled."""
+    found = re.search(r"grid_x = (\d+).*?num_warps = (\d+)", lowered.as_text())
     return f"grid {found[1]}, {found[2]} warps" if found else ""
 
 
-def sweep(B, L, N, configs, *, repeats, rtol, budget_s=float("inf"), log=print):
-    start = time.perf_counter()
-    a, b = bench_scan.make_inputs(B, L, N)
-    a, b = (a.real, a.imag), (b.real, b.imag)
-    array_bytes = B * L * N * 8
-    bandwidth = bench_scan.copy_bandwidth(array_bytes, repeats)
-    ref_fwd, ref_grad = _programs(a, b, "associative")
-    want_h, want_g = ref_fwd(b), ref_grad(a, b)
-    result = {
-        **bench_scan.header(B, L, N, bandwidth),
-        "backend": jax.default_backend(),
-        "rows": [],
-    }
+def _lower_all(configs, a, b, dh):
+    """{config: (fwd, fwd_bwd) lowered, or the exception}. The tuning is read while
+    tracing, so each configuration is traced alone, with every cached trace dropped."""
+    lowered = {}
     for config in configs:
-        row = {"config": str(gpu.Tuning.parse(config))}
-        if time.perf_counter() - start > budget_s:
-            row.update(ok=False, error=f"skipped: the budget of {budget_s:.0f} s is spent")
-            result["rows"].append(row)
-            continue
-        os.environ[gpu.TUNING_ENV] = row["config"]
-        # The tuning is read while tracing: drop every cached trace of the kernels.
+        os.environ[gpu.TUNING_ENV] = config
         jax.clear_caches()
         scan_pallas._call.cache_clear()
         scan_pallas._sharded.cache_clear()
         try:
-            fwd, fwd_bwd = _programs(a, b, "pallas")
-            row["launch"] = _launch_line(fwd, b)
-            err_h = max(_max_rel_err(x, y) for x, y in zip(fwd(b), want_h))
-            got_g = jax.tree.leaves(fwd_bwd(a, b))
-            err_g = max(_max_rel_err(x, y) for x, y in zip(got_g, jax.tree.leaves(want_g)))
-            row["max_rel_err"] = max(err_h, err_g)
+            lowered[config] = _programs(a, b, dh, "pallas")
+        except Exception as e:  # noqa: BLE001 - one launch shape failing is a result too
+            lowered[config] = e
+    os.environ.pop(gpu.TUNING_ENV, None)
+    return lowered
+
+
+def _error(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+
+
+def sweep(B, L, N, configs, *, repeats, rtol, threads=8, log=print):
+    """Lowers every configuration, compiles them `threads` at a time (XLA compiles with
+    the GIL released; Triton's compiles of these unrolled kernels take ~10 s each), then
+    checks and times them one by one."""
+    configs = [str(gpu.Tuning.parse(c)) for c in configs]
+    a, b = bench_scan.make_inputs(B, L, N)
+    dh = bench_scan.cotangent(b)
+    a, b, dh = (a.real, a.imag), (b.real, b.imag), (dh.real, dh.imag)
+    array_bytes = B * L * N * 8
+    bandwidth = bench_scan.copy_bandwidth(array_bytes, repeats)
+    ref_fwd, ref_fwd_bwd = (x.compile() for x in _programs(a, b, dh, "associative"))
+    want = jax.tree.leaves((ref_fwd(b), ref_fwd_bwd(a, b, dh)))
+    start = time.perf_counter()
+    lowered = _lower_all(configs, a, b, dh)
+    jobs = {
+        (c, i): p for c, ps in lowered.items() if not isinstance(ps, Exception)
+        for i, p in enumerate(ps)
+    }  # fmt: skip
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        futures = {key: pool.submit(p.compile) for key, p in jobs.items()}
+    result = {
+        **bench_scan.header(B, L, N, bandwidth),
+        "backend": jax.default_backend(),
+        "compile_s": time.perf_counter() - start,
+        "rows": [],
+    }
+    log(f"lowered and compiled {len(configs)} configurations in {result['compile_s']:.0f} s")
+    for config in configs:
+        row = {"config": config}
+        try:
+            if isinstance(lowered[config], Exception):
+                raise lowered[config]
+            row["launch"] = _launch_line(lowered[config][0])
+            fwd, fwd_bwd = (futures[config, i].result() for i in range(2))
+            got = jax.tree.leaves((fwd(b), fwd_bwd(a, b, dh)))
+            row["max_rel_err"] = max(_max_rel_err(x, y) for x, y in zip(got, want))
             row["ok"] = row["max_rel_err"] <= rtol
             t_f = bench_scan._time(fwd, b, repeats=repeats)
-            t_fb = bench_scan._time(fwd_bwd, a, b, repeats=repeats)
+            t_fb = bench_scan._time(fwd_bwd, a, b, dh, repeats=repeats)
             row.update(bench_scan._row("pallas", "recurrence", t_f, t_fb, array_bytes, bandwidth))
         except Exception as e:  # noqa: BLE001 - one launch shape failing is a result too
-            row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            row.update(ok=False, error=_error(e))
         result["rows"].append(row)
         log(_line(row))
     good = [r for r in result["rows"] if r["ok"]]
     result["best"] = max(good, key=lambda r: r["fwd_bwd_GBps"])["config"] if good else None
-    os.environ.pop(gpu.TUNING_ENV, None)
     return result
 
 
@@ -124,7 +148,8 @@ def table(result: dict) -> str:
     lines = [
         f"device {result['device']} ({result['backend']})  B={result['B']} L={result['L']} "
         f"N={result['N']} planar f32  copy {result['copy_GBps']:.1f} GB/s  floors: fwd "
-        f"{result['floor_fwd_ms']:.3f} ms, fwd+bwd {result['floor_fwd_bwd_ms']:.3f} ms",
+        f"{result['floor_fwd_ms']:.3f} ms, fwd+bwd {result['floor_fwd_bwd_ms']:.3f} ms; "
+        f"compiles {result['compile_s']:.0f} s",
         "| channels,warps,loads | launch | max rel err | fwd ms | fwd % copy | fwd+bwd ms "
         "| fwd+bwd % copy |",
         "|---|---|---|---|---|---|---|",
@@ -140,7 +165,7 @@ def main():
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help="space-separated C,W,R triples")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--rtol", type=float, default=1e-3, help="max error relative to the max")
-    p.add_argument("--budget_s", type=float, default=float("inf"), help="start no row after")
+    p.add_argument("--threads", type=int, default=8, help="compiles at a time")
     p.add_argument("--json", default="")
     p.add_argument("--best_out", default="", help="write the winning C,W,R here")
     args = p.parse_args()
@@ -153,7 +178,7 @@ def main():
         args.configs.split(),
         repeats=args.repeats,
         rtol=args.rtol,
-        budget_s=args.budget_s,
+        threads=args.threads,
         log=lambda s: print(s, file=sys.stderr, flush=True),
     )
     result["seconds"] = time.perf_counter() - start

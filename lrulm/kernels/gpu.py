@@ -14,55 +14,119 @@ from jax.experimental.pallas import triton as plt
 
 from lrulm.kernels.common import Parts, conj, cost, group_refs, mul_conj, split_refs, write_over_b
 
-# GPU: one warp per program, one channel per thread (see the module docstring).
+# The launch shape, measured on an H200 (jax 0.11.2) at B=8 L=2048 N=1024 by
+# tools/gpu_kernel_sweep.py: one warp of 32 channels per program (one channel per thread),
+# 128 registers of loads per thread, split into two chunks so that the next chunk's loads
+# are in flight while the current one is scanned. Prefetching took forward+backward from
+# 0.609 to 0.334 ms (29% to 52% of the copy bandwidth) and the forward from 0.137 to 0.124
+# ms; two warps of 64 channels measured the same as one of 32.
 _GPU_CHANNELS = 32
 _GPU_WARPS = 1
-# Values one GPU thread may hold for a chunk's loads before registers spill (of 255).
-_GPU_LOAD_REGISTERS = 128
-# "CHANNELS,WARPS,LOAD_REGISTERS" overrides the three above (tools/gpu_kernel_sweep.py
-# times the alternatives on the device and prints the line to export).
+_GPU_LOAD_REGISTERS = 128  # of a thread's 255, so that nothing spills
+_GPU_PREFETCH = True
+_GPU_STAGES = 1
+# A launch of fewer programs than SMs is split in time (below), into this many per SM.
+_GPU_PROGRAMS_PER_SM = 2
+_GPU_MIN_SEGMENT = 1024  # steps: a shorter segment would spend more on its exit sums
+# Overrides all of the above: tools/gpu_kernel_sweep.py times alternatives on the device.
 TUNING_ENV = "LRULM_PALLAS_GPU_TUNING"
+_TUNING_FORMAT = (
+    "CHANNELS,WARPS,LOAD_REGISTERS[,prefetch][,stages=S][,segments=T], e.g. 32,1,128,prefetch"
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
+    """The GPU kernels' launch shape."""
+
     channels: int = _GPU_CHANNELS  # channels per program (a power of two)
     warps: int = _GPU_WARPS  # warps per program
     load_registers: int = _GPU_LOAD_REGISTERS  # values per thread in flight per chunk
     # Load chunk k+1 while chunk k is scanned (two chunks' registers, each half as long),
-    # so the loads never wait for the arithmetic; off: load a chunk, then scan it.
-    prefetch: bool = False
+    # so that loads never wait for the arithmetic; off: load a chunk, then scan it.
+    prefetch: bool = _GPU_PREFETCH
+    # Triton's software pipelining of the chunk loop (num_stages): > 1 lets Triton stage
+    # later chunks' loads through shared memory.
+    stages: int = _GPU_STAGES
+    # Time segments per sequence (`time_segments`): 0 picks them from the launch's
+    # parallelism; T > 0 splits every scan whose length T divides into T.
+    segments: int = 0
 
     def __post_init__(self):
         if self.channels < 1 or self.channels & (self.channels - 1):
             raise ValueError(f"{TUNING_ENV}: channels must be a power of two, got {self.channels}")
-        if self.warps < 1 or self.load_registers < 1:
-            raise ValueError(f"{TUNING_ENV}: warps and load registers must be >= 1, got {self}")
+        if min(self.warps, self.load_registers, self.stages) < 1 or self.segments < 0:
+            raise ValueError(
+                f"{TUNING_ENV}: warps, load registers and stages must be >= 1, segments >= 0; "
+                f"got {self}"
+            )
 
     @classmethod
     def parse(cls, text: str) -> Tuning:
         fields = text.split(",")
-        prefetch = fields[3:] == ["prefetch"]
         try:
-            if len(fields) != 3 + prefetch:
-                raise ValueError
             channels, warps, registers = (int(x) for x in fields[:3])
+            flags = dict(prefetch=False, stages=1, segments=0)
+            for flag in fields[3:]:
+                name, _, value = flag.partition("=")
+                if flag == "prefetch":
+                    flags["prefetch"] = True
+                elif name in ("stages", "segments") and value:
+                    flags[name] = int(value)
+                else:
+                    raise ValueError
         except ValueError:
-            raise ValueError(
-                f"{TUNING_ENV}={text!r}: expected CHANNELS,WARPS,LOAD_REGISTERS[,prefetch], "
-                "e.g. 32,1,128 or 32,1,128,prefetch"
-            ) from None
-        return cls(channels, warps, registers, prefetch)
+            raise ValueError(f"{TUNING_ENV}={text!r}: expected {_TUNING_FORMAT}") from None
+        return cls(channels, warps, registers, **flags)
 
     def __str__(self):
         text = f"{self.channels},{self.warps},{self.load_registers}"
-        return text + (",prefetch" if self.prefetch else "")
+        text += ",prefetch" if self.prefetch else ""
+        text += f",stages={self.stages}" if self.stages > 1 else ""
+        return text + (f",segments={self.segments}" if self.segments else "")
 
 
 def tuning() -> Tuning:
-    """The kernels' launch shape: the defaults, or $LRULM_PALLAS_GPU_TUNING when set."""
+    """The kernels' launch shape: the defaults, or $LRULM_PALLAS_GPU_TUNING when set (read
+    while tracing: set it before the first call, as jitted programs keep what they saw)."""
     text = os.environ.get(TUNING_ENV, "")
     return Tuning.parse(text) if text else Tuning()
+
+
+def time_segments(rows: int, length: int, n: int, *, backend: str, sms: int | None = None) -> int:
+    """How many time segments the scan of (rows, length, n) is split into on this device
+    (lrulm.sequence_parallel.split_scan_parts; 1: not split).
+
+    A program walks its channels through the whole sequence, so a launch has
+    rows x ceil(n / channels) programs: at one long sequence that is a few dozen for
+    100+ SMs (125m at 1 x 65,536: 24), each waiting on its own loads. Splitting time T
+    ways runs T times as many programs for one more read of b (and of dh backward).
+    Picked only on a GPU, and only for launches of fewer programs than SMs (at B=8,
+    N=1024 the kernel's 256 programs measured 57% of the copy bandwidth unsplit): the
+    smallest power of two that gives every SM `_GPU_PROGRAMS_PER_SM` programs, with
+    segments of at least `_GPU_MIN_SEGMENT` steps.
+
+    Args:
+      sms: the device's SM count; None: read from the first device (132 if unknown).
+    """
+    t = tuning()
+    if t.segments:
+        return t.segments if length % t.segments == 0 else 1
+    if backend != "gpu":
+        return 1
+    programs = rows * pl.cdiv(n, min(t.channels, pl.next_power_of_2(n)))
+    if sms is None:
+        sms = getattr(jax.devices()[0], "core_count", 0) or 132  # an H100 / H200 has 132
+    if programs >= sms:
+        return 1
+    segments = 1
+    while (
+        programs * segments < _GPU_PROGRAMS_PER_SM * sms
+        and length % (2 * segments) == 0
+        and length // (2 * segments) >= _GPU_MIN_SEGMENT
+    ):
+        segments *= 2
+    return segments
 
 
 def _launch(n, length, per_row, chunk):
@@ -73,7 +137,7 @@ def _launch(n, length, per_row, chunk):
     # holds two chunks at once.
     per_thread = max(1, bn // (32 * t.warps)) * (1 + t.prefetch)
     chunk = max(1, min(chunk, length, t.load_registers // (per_row * per_thread)))
-    params = plt.CompilerParams(num_warps=t.warps, num_stages=1)
+    params = plt.CompilerParams(num_warps=t.warps, num_stages=t.stages)
     return bn, pl.cdiv(n, bn), chunk, t.prefetch, params
 
 
