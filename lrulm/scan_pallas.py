@@ -20,12 +20,16 @@ memory latency. Time is sequential within a program, so all parallelism comes fr
   paid once per chunk, not once per step as in the naive kernel of DESIGN.md §4.
 - GPU: 32 channels and one warp per program: each thread owns a channel and every row
   load is one coalesced 128-byte line per part. At (B=8, N=1024) that is 256 warps, ~2
-  per H100 SM, so memory parallelism must come from the chunk: 64 complex rows = 16 KiB
-  in flight per warp, ~32 KiB per SM, about what Little's law asks at ~3 TB/s and ~1 us.
-  Loads per thread are capped at 128 registers' worth (shorter chunks when `a` is full);
-  ptxas for sm_90a gives 168 registers and no spills for that kernel. The program loops
-  over the chunks itself (Triton programs cannot pass each other a carry) and finishes
-  with a shorter static tail: no padding or masking in time.
+  per H100 SM, so memory parallelism must come from the chunk. Loads per thread are
+  capped at 128 registers' worth (shorter chunks when `a` is full), split into two
+  chunks of 32 complex rows: the next chunk's loads are issued before the current one
+  is scanned, so they are always in flight (on an H200 this took forward+backward from
+  29% to 52% of the copy bandwidth; lrulm.kernels.gpu.Tuning has the measurements). The
+  program loops over the chunks itself (Triton programs cannot pass each other a carry)
+  and finishes with a shorter static tail: no padding or masking in time. A launch of
+  fewer programs than SMs (one long sequence) is split in time first
+  (lrulm.sequence_parallel.split_scan_parts, the sequence-parallel scan's two passes
+  with the segments as rows).
 - TPU: arrays keep XLA's (..., L, N) layout, whose (8, 128) tiles are 8 time steps of
   128 channels, so the kernel costs no relayout copies around it; a tile's 8 steps are
   scanned together in log steps with sublane rolls, then the carry enters. The grid is
