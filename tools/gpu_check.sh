@@ -63,9 +63,11 @@ run bench 260 "$PY" tools/bench.py --methods associative,chunked,pallas --preset
 # The kernels' code paths (resets, h0, reverse, ragged blocks, bf16, the time split) on
 # the hardware, with short chunks: each test compiles in seconds, where the full chunk
 # takes ~10 s a kernel (the sweep checked the chosen launch shape at full size).
+# pytest-xdist (when there) compiles in 8 processes; each takes GPU memory as it needs it.
+parallel=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
 run tests 90 env PYTHONUNBUFFERED=1 LRULM_TEST_PALLAS_COMPILED=1 \
   LRULM_PALLAS_GPU_TUNING=32,1,16,prefetch "$PY" -m pytest -q -p no:cacheprovider -rfE \
-  tests/test_scan_pallas.py
+  $parallel tests/test_scan_pallas.py
 
 echo
 echo "== summary ($OUT)"
