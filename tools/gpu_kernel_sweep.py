@@ -7,9 +7,10 @@
 Each configuration is CHANNELS,WARPS,LOAD_REGISTERS[,prefetch][,stages=S]
 (lrulm.kernels.gpu.Tuning): channels and warps per program, the values per thread a chunk
 may hold in flight (the chunk length follows from it), whether the next chunk's loads are
-issued before the current one is scanned, and Triton's software-pipelining stages. All
-are lowered one after another (the tuning is read while tracing), compiled --threads at a
-time, then each is checked against `associative` (the forward and the vjp of
+issued before the current one is scanned, Triton's software-pipelining stages, and the
+time split. All are lowered one after another (the tuning is read while tracing) and
+compiled --threads at a time in the background; as each is ready, in order, it is
+checked against `associative` (the forward and the vjp of
 `linear_scan_planar` for a random cotangent, at (B, L, N) float32 re / im planes) and
 timed against tools/bench_scan.py's byte floors (read b + write h; + read dh, read h,
 write g), as a fraction of the copy bandwidth measured in the same process. A
@@ -86,9 +87,10 @@ def _error(e: Exception) -> str:
 
 
 def sweep(B, L, N, configs, *, repeats, rtol, threads=8, log=print):
-    """Lowers every configuration, compiles them `threads` at a time (XLA compiles with
-    the GIL released; Triton's compiles of these unrolled kernels take ~10 s each), then
-    checks and times them one by one."""
+    """Lowers every configuration, compiles them `threads` at a time in the background
+    (XLA compiles with the GIL released; Triton takes ~10 s for each of these unrolled
+    kernels), and checks and times each as soon as its programs are compiled, in order,
+    so that a run cut short still has its first rows."""
     configs = [str(gpu.Tuning.parse(c)) for c in configs]
     a, b = bench_scan.make_inputs(B, L, N)
     dh = bench_scan.cotangent(b)
@@ -97,38 +99,43 @@ def sweep(B, L, N, configs, *, repeats, rtol, threads=8, log=print):
     bandwidth = bench_scan.copy_bandwidth(array_bytes, repeats)
     ref_fwd, ref_fwd_bwd = (x.compile() for x in _programs(a, b, dh, "associative"))
     want = jax.tree.leaves((ref_fwd(b), ref_fwd_bwd(a, b, dh)))
-    start = time.perf_counter()
-    lowered = _lower_all(configs, a, b, dh)
-    jobs = {
-        (c, i): p for c, ps in lowered.items() if not isinstance(ps, Exception)
-        for i, p in enumerate(ps)
-    }  # fmt: skip
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        futures = {key: pool.submit(p.compile) for key, p in jobs.items()}
     result = {
         **bench_scan.header(B, L, N, bandwidth),
         "backend": jax.default_backend(),
-        "compile_s": time.perf_counter() - start,
         "rows": [],
     }
-    log(f"lowered and compiled {len(configs)} configurations in {result['compile_s']:.0f} s")
-    for config in configs:
-        row = {"config": config}
-        try:
-            if isinstance(lowered[config], Exception):
-                raise lowered[config]
-            row["launch"] = _launch_line(lowered[config][0])
-            fwd, fwd_bwd = (futures[config, i].result() for i in range(2))
-            got = jax.tree.leaves((fwd(b), fwd_bwd(a, b, dh)))
-            row["max_rel_err"] = max(_max_rel_err(x, y) for x, y in zip(got, want))
-            row["ok"] = row["max_rel_err"] <= rtol
-            t_f = bench_scan._time(fwd, b, repeats=repeats)
-            t_fb = bench_scan._time(fwd_bwd, a, b, dh, repeats=repeats)
-            row.update(bench_scan._row("pallas", "recurrence", t_f, t_fb, array_bytes, bandwidth))
-        except Exception as e:  # noqa: BLE001 - one launch shape failing is a result too
-            row.update(ok=False, error=_error(e))
-        result["rows"].append(row)
-        log(_line(row))
+    start = time.perf_counter()
+    lowered = _lower_all(configs, a, b, dh)
+    log(f"lowered {len(configs)} configurations in {time.perf_counter() - start:.0f} s")
+    pool = concurrent.futures.ThreadPoolExecutor(threads)
+    compiled = {
+        c: [pool.submit(p.compile) for p in ps]
+        for c, ps in lowered.items() if not isinstance(ps, Exception)
+    }  # fmt: skip
+    try:
+        for config in configs:
+            row = {"config": config}
+            try:
+                if isinstance(lowered[config], Exception):
+                    raise lowered[config]
+                row["launch"] = _launch_line(lowered[config][0])
+                fwd, fwd_bwd = (f.result() for f in compiled[config])
+                row["compiled_after_s"] = time.perf_counter() - start
+                got = jax.tree.leaves((fwd(b), fwd_bwd(a, b, dh)))
+                row["max_rel_err"] = max(_max_rel_err(x, y) for x, y in zip(got, want))
+                row["ok"] = row["max_rel_err"] <= rtol
+                t_f = bench_scan._time(fwd, b, repeats=repeats)
+                t_fb = bench_scan._time(fwd_bwd, a, b, dh, repeats=repeats)
+                row.update(
+                    bench_scan._row("pallas", "recurrence", t_f, t_fb, array_bytes, bandwidth)
+                )
+            except Exception as e:  # noqa: BLE001 - one launch shape failing is a result too
+                row.update(ok=False, error=_error(e))
+            result["rows"].append(row)
+            log(_line(row))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    result["compile_s"] = time.perf_counter() - start
     good = [r for r in result["rows"] if r["ok"]]
     result["best"] = max(good, key=lambda r: r["fwd_bwd_GBps"])["config"] if good else None
     return result
@@ -149,7 +156,7 @@ def table(result: dict) -> str:
         f"device {result['device']} ({result['backend']})  B={result['B']} L={result['L']} "
         f"N={result['N']} planar f32  copy {result['copy_GBps']:.1f} GB/s  floors: fwd "
         f"{result['floor_fwd_ms']:.3f} ms, fwd+bwd {result['floor_fwd_bwd_ms']:.3f} ms; "
-        f"compiles {result['compile_s']:.0f} s",
+        f"compiled and timed in {result['compile_s']:.0f} s",
         "| channels,warps,loads | launch | max rel err | fwd ms | fwd % copy | fwd+bwd ms "
         "| fwd+bwd % copy |",
         "|---|---|---|---|---|---|---|",
