@@ -13,7 +13,7 @@
 #    complex64, and the planar form), an LRU layer (H=N=1024, 8 x 2048 bf16), the 350m
 #    train step at 8 x 2048 with associative vs pallas, and 125m at 1 x 65536 (remat full,
 #    vocabulary-blocked loss) with each: does a 64k context fit?
-# 3. tests/test_scan_pallas.py on the compiled Triton kernel (not the interpreter).
+# 3. tests/test_scan_pallas{,_gpu}.py on the compiled Triton kernel (not the interpreter).
 # Outputs go to $OUT if set, else a temporary folder: 8 files (env.txt, rc.txt,
 # {sweep,sweep_long,bench,tests}.log, sweep.json, bench.json). The summary ends with the
 # sweeps' and bench.py's tables. Each step has a time limit and the tools print or save
@@ -67,7 +67,7 @@ run bench 260 "$PY" tools/bench.py --methods associative,chunked,pallas --preset
 parallel=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
 run tests 90 env PYTHONUNBUFFERED=1 LRULM_TEST_PALLAS_COMPILED=1 \
   LRULM_PALLAS_GPU_TUNING=32,1,16,prefetch "$PY" -m pytest -q -p no:cacheprovider -rfE \
-  $parallel tests/test_scan_pallas.py
+  $parallel tests/test_scan_pallas.py tests/test_scan_pallas_gpu.py
 
 echo
 echo "== summary ($OUT)"
