@@ -11,13 +11,13 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _bench(*args, timeout=300):
+def _bench(*args, timeout=300, tool="tools/bench.py"):
     env = dict(os.environ)
     # One CPU device, as on a laptop (the suite's 8 simulated devices would split the batch).
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
     return subprocess.run(
-        [sys.executable, "tools/bench.py", *args],
+        [sys.executable, tool, *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -97,3 +97,22 @@ def test_rows_past_the_budget_are_skipped_not_run(tmp_path):
     rows = result["scan"]["rows"]
     assert rows and all(r["status"] == "skipped: scan budget of 0 s spent" for r in rows)
     assert "skipped: scan budget" in out.stdout
+
+
+def test_gpu_kernel_sweep_checks_times_and_picks_a_launch_shape(tmp_path):
+    """tools/gpu_kernel_sweep.py in the Pallas interpreter: every shape is checked against
+    associative and timed (one forced into a time split), and the winner is written."""
+    path, best = tmp_path / "sweep.json", tmp_path / "best.txt"
+    configs = "32,1,8,prefetch 16,1,8,segments=2"
+    out = _bench(
+        "--shape", "1,32,40", "--configs", configs, "--repeats", "1", "--json", str(path),
+        "--best_out", str(best), tool="tools/gpu_kernel_sweep.py",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(path.read_text())
+    assert [r["config"] for r in result["rows"]] == configs.split()
+    for row in result["rows"]:
+        assert row["ok"] and row["max_rel_err"] < 1e-5, row
+        _positive(row, "fwd_ms", "fwd_bwd_ms", "fwd_pct_copy", "fwd_bwd_pct_copy")
+    assert best.read_text().strip() == result["best"] in configs.split()
+    assert "best (fwd+bwd, correct)" in out.stdout
