@@ -459,13 +459,13 @@ def linear_scan_planar(
 def _planar_recurrence(a, b, h0, keep, method, chunk_size, reverse, overwrite_b):
     """The planar scan with the recurrence gradient; the GPU kernel's scans that would
     launch too few programs split the sequence in time (lrulm.kernels.gpu.time_segments)."""
-    if method is ScanMethod.PALLAS and a[0].ndim == 1 and jax.default_backend() != "tpu":
+    backend = jax.default_backend()
+    if method is ScanMethod.PALLAS and a[0].ndim == 1 and backend != "tpu":
         from lrulm import sequence_parallel
         from lrulm.kernels import gpu
 
         *lead, length, n = b[0].shape
-        rows = math.prod(lead)
-        segments = gpu.time_segments(rows, length, n, backend=jax.default_backend())
+        segments = gpu.time_segments(math.prod(lead), length, n, backend=backend)
         if segments > 1:
             return sequence_parallel.split_scan_parts(
                 a, b, h0=h0, keep=keep, reverse=reverse, segments=segments, method=method,

@@ -256,6 +256,14 @@ def _parts(x: jax.Array) -> Parts:
     return (jnp.real(x), jnp.imag(x)) if jnp.iscomplexobj(x) else (x,)
 
 
+def forget_traces() -> None:
+    """Drops every cached trace of the kernels (JAX's and this module's), so that the next
+    call traces them again: for a change of $LRULM_PALLAS_GPU_TUNING within a process."""
+    jax.clear_caches()
+    _call.cache_clear()
+    _sharded.cache_clear()
+
+
 @functools.cache
 def _call(op, chunk, reverse, interpret, kernel):
     """The op on groups of parts, sharded; under vmap, the mapped axis is one more row."""

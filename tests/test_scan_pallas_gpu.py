@@ -23,21 +23,15 @@ COMPILED = base.COMPILED
 def gpu_tuning(request):
     """Sets lrulm.kernels.gpu's launch-shape override for one test. The kernels read it
     while tracing, so every cached trace is dropped before and after."""
-
-    def fresh():
-        jax.clear_caches()
-        scan_pallas._call.cache_clear()
-        scan_pallas._sharded.cache_clear()
-
     old = os.environ.get(gpu_kernels.TUNING_ENV)
     os.environ[gpu_kernels.TUNING_ENV] = request.param
-    fresh()
+    scan_pallas.forget_traces()
     yield gpu_kernels.tuning()
     if old is None:
         os.environ.pop(gpu_kernels.TUNING_ENV)
     else:
         os.environ[gpu_kernels.TUNING_ENV] = old
-    fresh()
+    scan_pallas.forget_traces()
 
 
 # Few loads per thread, so that a 21-step sequence takes several chunks and a tail (the

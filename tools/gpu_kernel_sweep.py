@@ -71,9 +71,7 @@ def _lower_all(configs, a, b, dh):
     lowered = {}
     for config in configs:
         os.environ[gpu.TUNING_ENV] = config
-        jax.clear_caches()
-        scan_pallas._call.cache_clear()
-        scan_pallas._sharded.cache_clear()
+        scan_pallas.forget_traces()
         try:
             lowered[config] = _programs(a, b, dh, "pallas")
         except Exception as e:  # noqa: BLE001 - one launch shape failing is a result too
