@@ -14,6 +14,8 @@ block layout (GELU then GLU) that produced the paper's LRA numbers.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -254,9 +256,12 @@ def cross_entropy(x, w, targets, *, vocab_block: int = 0):
 
     With vocab_block > 0 the (b, l, v) logits are never materialised: a scan over blocks
     of the vocabulary keeps a running max, sum of exponentials, the target's logit and
-    the argmax, and its backward pass recomputes each block (jax.checkpoint). Memory per
-    position drops from v floats (x2 for the gradient) to vocab_block; the values and
-    gradients are those of the full softmax.
+    the argmax. The backward pass is written by hand (a custom VJP): a second scan
+    recomputes each block's logits and forms d(logits) = g * (softmax - onehot) there,
+    the one-hot by comparing the block's column ids with the targets, so no gather has
+    a scatter for its gradient (at batch 1 XLA builds that scatter as several (l, block)
+    buffers). Memory per position drops from v floats (x2 for the gradient) to
+    vocab_block; the values and gradients are those of the full softmax.
 
     Args:
       x: (b, l, h) features.
@@ -271,38 +276,82 @@ def cross_entropy(x, w, targets, *, vocab_block: int = 0):
         logits = constrain(logits, ("batch", "length", "act_vocab"))
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
         return losses, jnp.argmax(logits, -1) == targets
+    losses, best_id = _blocked_cross_entropy(x, w, targets, vocab_block)
+    return losses, best_id == targets
+
+
+def _vocab_blocks(w, vocab_block: int):
+    """(h, v) -> (num, h, vocab_block) blocks (zero-padded) and each block's first id."""
+    v = w.shape[1]
     num = -(-v // vocab_block)
-    if num * vocab_block > v:  # a ragged last block: zero columns, masked to -inf below
+    if num * vocab_block > v:  # a ragged last block: zero columns, masked to -inf
         w = jnp.pad(w, ((0, 0), (0, num * vocab_block - v)))
-    blocks = w.reshape(w.shape[0], num, vocab_block).transpose(1, 0, 2)  # (num, h, vb)
-    offsets = jnp.arange(num, dtype=targets.dtype) * vocab_block
+    blocks = w.reshape(w.shape[0], num, vocab_block).transpose(1, 0, 2)
+    return blocks, jnp.arange(num, dtype=jnp.int32) * vocab_block
+
+
+def _block_logits(x, w_block, offset, v: int):
+    """f32 logits of one vocabulary block, (b, l, vb), padding columns at -inf; and the
+    vocabulary id of each column."""
+    ids = offset + jnp.arange(w_block.shape[-1], dtype=offset.dtype)
+    logits = jnp.einsum("blh,hv->blv", x, w_block, preferred_element_type=jnp.float32)
+    if v % w_block.shape[-1]:
+        logits = jnp.where(ids < v, logits, -jnp.inf)
+    return logits, ids
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _blocked_cross_entropy(x, w, targets, vocab_block):
+    return _blocked_forward(x, w, targets, vocab_block)[0]
+
+
+def _blocked_forward(x, w, targets, vocab_block):
+    v = w.shape[1]
+    blocks, offsets = _vocab_blocks(w, vocab_block)
+    targets = targets.astype(jnp.int32)
     shape = targets.shape
     ninf = jnp.full(shape, -jnp.inf, jnp.float32)
-    init = (ninf, jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32), ninf,
-            jnp.zeros(shape, targets.dtype))  # fmt: skip
+    zeros = jnp.zeros(shape, jnp.float32)
+    init = (ninf, zeros, zeros, ninf, jnp.zeros(shape, jnp.int32))
 
-    @jax.checkpoint
     def body(carry, block):
         m, s, target_logit, best, best_id = carry
-        w_block, offset = block
-        logits = jnp.einsum("blh,hv->blv", x, w_block).astype(jnp.float32)
-        if num * vocab_block > v:
-            real = offset + jnp.arange(vocab_block, dtype=offset.dtype) < v
-            logits = jnp.where(real, logits, -jnp.inf)
+        logits, ids = _block_logits(x, *block, v)
         block_max = jnp.max(logits, -1)
-        # The result m + log(s) does not depend on m: no gradient through the max.
-        new_m = jax.lax.stop_gradient(jnp.maximum(m, block_max))
+        new_m = jnp.maximum(m, block_max)
         s = s * jnp.exp(m - new_m) + jnp.sum(jnp.exp(logits - new_m[..., None]), -1)
-        local = targets - offset
-        inside = (local >= 0) & (local < vocab_block)
-        picked = jnp.take_along_axis(logits, jnp.clip(local, 0, vocab_block - 1)[..., None], -1)
-        target_logit = target_logit + jnp.where(inside, picked[..., 0], 0.0)
+        hit = ids == targets[..., None]
+        target_logit = target_logit + jnp.sum(jnp.where(hit, logits, 0.0), -1)
         better = block_max > best
-        best_id = jnp.where(better, jnp.argmax(logits, -1).astype(best_id.dtype) + offset, best_id)
+        best_id = jnp.where(better, jnp.argmax(logits, -1).astype(jnp.int32) + block[1], best_id)
         return (new_m, s, target_logit, jnp.maximum(best, block_max), best_id), None
 
     (m, s, target_logit, _, best_id), _ = jax.lax.scan(body, init, (blocks, offsets))
-    return m + jnp.log(s) - target_logit, best_id == targets
+    lse = m + jnp.log(s)
+    return (lse - target_logit, best_id), (x, w, targets, lse)
+
+
+def _blocked_backward(vocab_block, residuals, cotangents):
+    x, w, targets, lse = residuals
+    g = cotangents[0].astype(jnp.float32)
+    v = w.shape[1]
+    blocks, offsets = _vocab_blocks(w, vocab_block)
+
+    def body(dx, block):
+        logits, ids = _block_logits(x, *block, v)
+        p = jnp.exp(logits - lse[..., None])  # softmax; 0 in padding columns
+        d = g[..., None] * (p - (ids == targets[..., None]).astype(jnp.float32))
+        d = d.astype(x.dtype)
+        dx = dx + jnp.einsum("blv,hv->blh", d, block[0], preferred_element_type=jnp.float32)
+        dw = jnp.einsum("blh,blv->hv", x, d, preferred_element_type=jnp.float32)
+        return dx, dw.astype(w.dtype)
+
+    dx, dw = jax.lax.scan(body, jnp.zeros(x.shape, jnp.float32), (blocks, offsets))
+    dw = dw.transpose(1, 0, 2).reshape(w.shape[0], -1)[:, :v]
+    return dx.astype(x.dtype), dw, None
+
+
+_blocked_cross_entropy.defvjp(_blocked_forward, _blocked_backward)
 
 
 class Classifier(nnx.Module):
