@@ -37,12 +37,14 @@ from lrulm.kernels import gpu
 from lrulm.scan import linear_scan_planar
 
 # The measured default (H200: 57% / 52% of copy forward / forward+backward), the
-# previous one (no prefetch: 51% / 29%), then more loads in flight, Triton's pipelining,
-# two warps per program, and several channels per thread.
+# previous one (no prefetch: 51% / 29%), the default split in two in time (2x the
+# programs for 1.5x the bytes: does latency hiding pay for the extra read?), then more
+# loads in flight, Triton's pipelining, two warps per program, and several channels per
+# thread.
 DEFAULT_CONFIGS = (
-    "32,1,128,prefetch 32,1,128 32,1,192,prefetch 32,1,256,prefetch 32,1,128,prefetch,stages=2 "
-    "32,1,128,stages=3 32,1,64,stages=4 64,2,192,prefetch 16,1,128,prefetch "
-    "64,1,256,prefetch 128,4,192,prefetch 32,1,96,prefetch"
+    "32,1,128,prefetch 32,1,128 32,1,128,prefetch,segments=2 32,1,192,prefetch "
+    "32,1,256,prefetch 32,1,128,prefetch,stages=2 32,1,128,stages=3 32,1,64,stages=4 "
+    "64,2,192,prefetch 16,1,128,prefetch 64,1,256,prefetch 128,4,192,prefetch 32,1,96,prefetch"
 )
 
 
