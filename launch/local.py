@@ -32,8 +32,16 @@ _FOREIGN_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID
 _PR_SET_PDEATHSIG = 1
 
 
+# Held while writing a whole line: the children's prefixed lines (stdout) and the
+# launcher's own (stderr) often share one pipe, and print() writes a message and its
+# newline separately, so a child's line could land between them.
+_OUTPUT_LOCK = threading.Lock()
+
+
 def _log(message: str) -> None:
-    print(f"[local.py] {message}", file=sys.stderr, flush=True)
+    with _OUTPUT_LOCK:
+        sys.stderr.write(f"[local.py] {message}\n")
+        sys.stderr.flush()
 
 
 def free_port() -> int:
@@ -78,14 +86,14 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _pump(index: int, stream, lock: threading.Lock) -> None:
+def _pump(index: int, stream) -> None:
     """Copies one child's output to our stdout, each line prefixed with `[pN] `."""
     prefix = f"[p{index}] ".encode()
     out = sys.stdout.buffer
     for line in iter(stream.readline, b""):
         if not line.endswith(b"\n"):
             line += b"\n"
-        with lock:
+        with _OUTPUT_LOCK:
             out.write(prefix + line)
             out.flush()
     stream.close()
@@ -111,7 +119,6 @@ class _Job:
         self.procs: list[subprocess.Popen] = []
         self.exits: queue.Queue = queue.Queue()
         self.threads: list[threading.Thread] = []
-        lock = threading.Lock()
         for index, env in enumerate(envs):
             proc = subprocess.Popen(
                 command,
@@ -125,7 +132,7 @@ class _Job:
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
             self.procs.append(proc)
-            pump = threading.Thread(target=_pump, args=(index, proc.stdout, lock), daemon=True)
+            pump = threading.Thread(target=_pump, args=(index, proc.stdout), daemon=True)
             waiter = threading.Thread(target=self._wait, args=(index,), daemon=True)
             pump.start()
             waiter.start()

@@ -4,6 +4,7 @@ import contextlib
 import importlib.util
 import os
 import pathlib
+import re
 import shlex
 import signal
 import subprocess
@@ -114,6 +115,13 @@ def test_large_output_does_not_deadlock():
     with _launcher("--num_processes", "2", "--", sys.executable, "-c", code) as proc:
         lines, _ = _timed_lines(proc, 60)
     assert proc.returncode == 0
+    # Every line whole: the launcher's own lines ("[local.py] started ...") share the pipe.
+    mixed = [
+        text
+        for _, text in lines
+        if not re.fullmatch(r"\[p[01]\] line \d+ x{80}|\[local\.py\] .*", text)
+    ]
+    assert not mixed, mixed[:3]
     for p in ("[p0] ", "[p1] "):
         mine = [text for _, text in lines if text.startswith(p)]
         assert len(mine) == 40000 and mine[-1].startswith(f"{p}line 39999 ")
