@@ -70,6 +70,8 @@ def test_tiny_compiles_and_arguments_match_shardings(topology, data, fsdp):
     assert r.train.argument_bytes == pytest.approx(expected, rel=0.02)
     # The donated state is reused for the new state, not held twice.
     assert r.train.alias_bytes >= 0.95 * r.state_bytes
+    # Resident = XLA's peak of live buffers, which holds the arguments.
+    assert r.train.total_bytes == r.train.xla_peak_bytes > r.train.argument_bytes
     # FSDP gathers parameters and data parallelism reduces gradients.
     assert r.train.collectives["all-gather"]["count"] > 0
     assert (
@@ -104,6 +106,9 @@ def test_too_large_is_reported_with_the_shortfall(capsys, tmp_path):
     assert "--config.mesh.fsdp=" in out  # sharding the 15 GiB of state is the way out
     saved = json.loads(path.read_text())
     assert saved["fits"] is False and saved["shortfall_bytes"] > 0 and saved["chips"] == 4
+    # XLA's figure in its refusal is the whole peak, arguments included: not added to them.
+    needed, _ = compile_lib._parse_oom(saved["train"]["oom_message"])
+    assert saved["peak_bytes"] == needed > saved["train"]["argument_bytes"]
 
 
 def test_bad_mesh_fails_before_compiling():
