@@ -132,11 +132,11 @@ def markdown(rows: dict, per_chip_batch: int, seq_len: int) -> str:
         "eval step needs less).",
         "",
         "Memory is per chip: resident = XLA's peak of the buffers live at once (arguments, "
-        "outputs, the temporaries live at that moment) + code; state = parameters and AdamW "
-        "moments (float32) after sharding. For a layout that does not fit, the figure is "
-        "XLA's early estimate of that peak (before its own rematerialisation), marked `~`. "
-        "The MFU bound "
-        "is a roofline ceiling (model FLOPs over peak x the larger of the compute and "
+        "outputs, the temporaries live at that moment), the figure its TPU compiler checks; "
+        "state = parameters and AdamW moments (float32) after sharding. For a layout that "
+        "does not fit, the figure is XLA's early estimate of that peak (before its own "
+        "rematerialisation), marked `~`. The MFU bound is a roofline ceiling (model FLOPs "
+        "over peak x the larger of the compute and "
         "HBM-traffic times; collectives ignored; see `lrulm/compile.py`), not a forecast.",
         "",
         "| preset | params | slice | chips | HBM/chip GiB | fits | recommended layout "
