@@ -62,7 +62,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lrulm.kernels import gpu, tpu
+from lrulm.kernels import gpu, mosaic_gpu, tpu
 from lrulm.kernels.common import Parts
 
 # The GPU kernel's chunk is unrolled, so interpreted its compile time grows quickly with
@@ -74,12 +74,30 @@ _INTERPRET_CHUNK = 8
 # Leading axes, and the choice of kernel.
 # ----------------------------------------------------------------------------------
 
+
+def _gpu_kernel(triton: Callable, name: str) -> Callable:
+    """The GPU kernel the tuning names (lrulm.kernels.gpu.Tuning.kernel): Mosaic GPU's
+    `name` (lrulm.kernels.mosaic_gpu) for the operands it supports (an (N,) a, N a
+    multiple of 128) when asked for, else the Triton kernel."""
+
+    def run(a, *groups, chunk, reverse, interpret):
+        t = gpu.tuning()
+        if t.kernel == "mosaic" and mosaic_gpu.supports(a, groups[0]):
+            mosaic = getattr(mosaic_gpu, name)
+            return mosaic(
+                a, *groups, chunk=t.chunk, stages=t.stages, reverse=reverse, interpret=interpret
+            )
+        return triton(a, *groups, chunk=chunk, reverse=reverse, interpret=interpret)
+
+    return run
+
+
 _KERNELS: dict[tuple[str, str], Callable] = {
-    ("forward", "gpu"): gpu.forward,
+    ("forward", "gpu"): _gpu_kernel(gpu.forward, "forward"),
     ("forward", "tpu"): tpu.forward,
-    ("forward_over_b", "gpu"): functools.partial(gpu.forward, over_b=True),
+    ("forward_over_b", "gpu"): _gpu_kernel(functools.partial(gpu.forward, over_b=True), "forward"),
     ("forward_over_b", "tpu"): functools.partial(tpu.forward, over_b=True),
-    ("backward", "gpu"): gpu.backward,
+    ("backward", "gpu"): _gpu_kernel(gpu.backward, "backward"),
     ("backward", "tpu"): tpu.backward,
 }
 # The operand and result groups of each operation, each group a tuple of parts, by kind:
@@ -264,13 +282,24 @@ def forget_traces() -> None:
     _sharded.cache_clear()
 
 
+def _mosaic_interpreted(interpret, kernel) -> bool:
+    """Whether a GPU kernel call may run the Mosaic GPU kernels in their interpreter."""
+    interpreted = jax.default_backend() == "cpu" if interpret is None else interpret
+    return interpreted and kernel in (None, "gpu") and gpu.tuning().kernel == "mosaic"
+
+
 @functools.cache
 def _call(op, chunk, reverse, interpret, kernel):
     """The op on groups of parts, sharded; under vmap, the mapped axis is one more row."""
 
     def call(*groups):
-        sharded = _sharded(op, groups[0][0].ndim > 1, len(groups[1]), len(groups[-1]))
-        run = lambda *gs: sharded(*gs, chunk, reverse, interpret, kernel)
+        if _mosaic_interpreted(interpret, kernel):
+            # Pallas's Mosaic GPU interpreter orders its steps with I/O callbacks, which a
+            # custom_partitioning call cannot lower: it runs unpartitioned (a test path).
+            run = lambda *gs: _DISPATCH[op](*gs, chunk, reverse, interpret, kernel)
+        else:
+            sharded = _sharded(op, groups[0][0].ndim > 1, len(groups[1]), len(groups[-1]))
+            run = lambda *gs: sharded(*gs, chunk, reverse, interpret, kernel)
         return tuple(tuple(g) for g in _on_activation_mesh(run, op, groups))
 
     fn = jax.custom_batching.custom_vmap(call)

@@ -100,12 +100,13 @@ def test_rows_past_the_budget_are_skipped_not_run(tmp_path):
 
 
 def test_gpu_kernel_sweep_checks_times_and_picks_a_launch_shape(tmp_path):
-    """tools/gpu_kernel_sweep.py in the Pallas interpreter: every shape is checked against
-    associative and timed (one forced into a time split), and the winner is written."""
+    """tools/gpu_kernel_sweep.py in the Pallas interpreters: every shape (Triton, one
+    forced into a time split, and Mosaic GPU) is checked against associative and timed,
+    and the winner is written."""
     path, best = tmp_path / "sweep.json", tmp_path / "best.txt"
-    configs = "32,1,8,prefetch 16,1,8,segments=2"
+    configs = "32,1,8,prefetch 16,1,8,segments=2 mosaic,32,2"
     out = _bench(
-        "--shape", "1,32,40", "--configs", configs, "--repeats", "1", "--json", str(path),
+        "--shape", "1,64,128", "--configs", configs, "--repeats", "1", "--json", str(path),
         "--best_out", str(best), tool="tools/gpu_kernel_sweep.py",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]

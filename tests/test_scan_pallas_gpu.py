@@ -14,6 +14,7 @@ import test_scan_pallas as base
 from lrulm import scan as scan_lib
 from lrulm import scan_pallas
 from lrulm.kernels import gpu as gpu_kernels
+from lrulm.kernels import mosaic_gpu as mosaic_kernels
 from lrulm.scan import linear_scan
 
 COMPILED = base.COMPILED
@@ -103,6 +104,97 @@ def test_time_split_scan_equals_unsplit(gpu_tuning, complex_, reverse, use_h0):
         base.test_linear_scan_gradients(*base.CASES[3])
 
 
+@pytest.fixture
+def mosaic_calls(monkeypatch):
+    """Counts the Mosaic GPU kernels traced, so that a test knows they ran (the dispatch
+    falls back to Triton for operands they do not support)."""
+    calls = []
+    for name in ("forward", "backward"):
+        original = getattr(mosaic_kernels, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(mosaic_kernels, name, spy)
+    return calls
+
+
+# 45 steps = one 32-step chunk and a 13-step tail (one slot: no ring), 100 = 3 chunks
+# through a ring of 2 and a 4-step tail, 64 steps = whole chunks only; 256 channels are
+# two programs a row. With resets the chunk is a whole number of 128-byte keep copies.
+@pytest.mark.skipif(COMPILED and jax.default_backend() != "gpu", reason="the GPU kernel")
+@pytest.mark.parametrize(
+    "gpu_tuning, length, complex_, reverse",
+    [
+        ("mosaic,32,2", 45, True, True),
+        ("mosaic,32,2", 100, False, False),
+        ("mosaic,32,3", 64, True, False),
+    ],
+    indirect=["gpu_tuning"],
+)
+def test_mosaic_kernels_agree(gpu_tuning, length, complex_, reverse, mosaic_calls):
+    """The Mosaic GPU kernels (lrulm.kernels.mosaic_gpu, in Pallas's Mosaic GPU
+    interpreter on CPU): the forward with resets and h0, and the fused backward in float32
+    and bfloat16, against the sequential scan."""
+    case = ((2,), length, 256, complex_, False, reverse)
+    base.test_kernel_keep_mask("gpu", *case, True)
+    base.test_backward_kernel("gpu", *case, True, jnp.float32)
+    base.test_backward_kernel("gpu", *case, False, jnp.bfloat16)
+    assert mosaic_calls == ["forward", "backward", "backward"]
+
+
+@pytest.mark.parametrize("gpu_tuning", ["mosaic,32,2"], indirect=True)
+def test_mosaic_falls_back_to_triton_for_what_it_does_not_take(gpu_tuning, mosaic_calls):
+    """A full-shaped a, or channels that are no multiple of 128, go to the Triton kernel."""
+    base.test_kernel_keep_mask("gpu", (2,), 21, 40, True, False, False, True)
+    base.test_kernel_keep_mask("gpu", (2,), 21, 128, False, True, False, True)
+    assert mosaic_calls == []
+
+
+@pytest.mark.skipif(COMPILED, reason="the interpreter's race detector")
+@pytest.mark.parametrize("complex_", [False, True])
+def test_mosaic_kernels_have_no_races(complex_, monkeypatch):
+    """The Mosaic GPU interpreter's happens-before race detector over the TMA ring: every
+    slot is read only after its copy arrived (a missing barrier wait fails here), for the
+    forward and the backward with resets, a ring of 2 and a tail."""
+    races = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call")
+    params = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
+    monkeypatch.setattr(
+        mosaic_kernels, "_interpret_params", lambda: params.InterpretGPUParams(detect_races=True)
+    )
+    a, b, h0 = base._inputs(3, (1,), 100, 128, complex_=complex_, full_a=False)
+    keep = ((~base._resets(3, (1, 100))).astype(jnp.float32),)
+    a, b, h0 = base._parts(a), base._parts(b), base._parts(h0)
+    run = dict(chunk=32, stages=2, reverse=False, interpret=True)
+    h = jax.block_until_ready(mosaic_kernels.forward(a, b, h0, keep, **run))
+    assert not races.get_races().races_found
+    jax.block_until_ready(mosaic_kernels.backward(a, b, h, h0, keep, **run))
+    assert not races.get_races().races_found
+
+
+@pytest.mark.skipif(COMPILED, reason="lowers for CUDA from the host")
+@pytest.mark.parametrize("gpu_tuning", ["mosaic,64,3"], indirect=True)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_mosaic_kernels_lower_for_cuda(gpu_tuning, dtype, mosaic_calls):
+    """The LRU's scan and its gradient with resets at the DESIGN.md size (8 x 2048 x 1024),
+    lowered for CUDA on this host: the Mosaic GPU lowering accepts every copy and layout
+    (the interpreter does not check the TMA's size rules), and no Triton kernel is left."""
+    a = (jnp.zeros((1024,), dtype),) * 2
+    b = (jax.ShapeDtypeStruct((8, 2048, 1024), dtype),) * 2
+    resets = jax.ShapeDtypeStruct((8, 2048), jnp.bool_)
+
+    def loss(a, b, resets):
+        h = scan_lib.linear_scan_planar(a, b, resets=resets, method="pallas")
+        return sum(jnp.sum(x.astype(jnp.float32) ** 2) for x in h)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    text = jax.export.export(grad, platforms=["cuda"])(a, b, resets).mlir_module()
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 2, "a forward and a backward"
+    assert "triton" not in text
+    assert set(mosaic_calls) == {"forward", "backward"}  # (each traced more than once)
+
+
 def test_time_segments_only_split_launches_with_too_few_programs():
     segments = functools.partial(gpu_kernels.time_segments, backend="gpu", sms=132)
     assert segments(8, 2048, 1024) == 1  # 256 programs: measured unsplit
@@ -121,8 +213,14 @@ def test_gpu_tuning_parses_and_rejects_bad_text():
     for text in ("32,1,64,prefetch", "32,1,64,prefetch,stages=2,segments=4", "16,1,8"):
         assert str(parse(text)) == text
     assert str(gpu_kernels.Tuning()) == "32,1,128,prefetch"  # the measured default
+    mosaic = parse("mosaic,64,3,segments=2")
+    assert (mosaic.kernel, mosaic.chunk, mosaic.stages, mosaic.segments) == ("mosaic", 64, 3, 2)
+    assert mosaic.channels == mosaic_kernels.CHANNELS  # what time_segments counts programs by
+    for text in ("mosaic,32,3", "mosaic,64,2,segments=4"):
+        assert str(parse(text)) == text
     wrong = ("32,1", "32,1,x", "32,1,64,fast", "48,1,64", "32,0,64", "32,1,64,stages=0",
-             "32,1,64,segments=", "32,1,64,segments=-2")  # fmt: skip
+             "32,1,64,segments=", "32,1,64,segments=-2", "mosaic,32", "mosaic,0,2",
+             "mosaic,32,2,prefetch", "triton,32,1,64")  # fmt: skip
     for bad in wrong:
         with pytest.raises(ValueError, match=gpu_kernels.TUNING_ENV):
             parse(bad)

@@ -1,14 +1,15 @@
-"""Times the GPU (Triton) scan kernel's launch shapes and names the fastest correct one.
+"""Times the GPU scan kernels' launch shapes (Triton, Mosaic GPU); names the fastest correct one.
 
     python tools/gpu_kernel_sweep.py                        # DESIGN.md §4 size, on a GPU
     python tools/gpu_kernel_sweep.py --best_out best.txt    # + the winner, for bench.py:
     LRULM_PALLAS_GPU_TUNING=$(cat best.txt) python tools/bench.py ...
 
-Each configuration is CHANNELS,WARPS,LOAD_REGISTERS[,prefetch][,stages=S]
+Each configuration is CHANNELS,WARPS,LOAD_REGISTERS[,prefetch][,stages=S][,segments=T]
 (lrulm.kernels.gpu.Tuning): channels and warps per program, the values per thread a chunk
 may hold in flight (the chunk length follows from it), whether the next chunk's loads are
 issued before the current one is scanned, Triton's software-pipelining stages, and the
-time split. All are lowered one after another (the tuning is read while tracing) and
+time split; or mosaic,CHUNK,STAGES[,segments=T] for the Mosaic GPU kernels (steps per TMA
+copy, copies in flight). All are lowered one after another (the tuning is read while tracing) and
 compiled --threads at a time in the background; as each is ready, in order, it is
 checked against `associative` (the forward and the vjp of
 `linear_scan_planar` for a random cotangent, at (B, L, N) float32 re / im planes) and
@@ -36,15 +37,16 @@ from lrulm import scan_pallas
 from lrulm.kernels import gpu
 from lrulm.scan import linear_scan_planar
 
-# The measured default (H200: 57% / 52% of copy forward / forward+backward), the
-# previous one (no prefetch: 51% / 29%), the default split in two in time (2x the
-# programs for 1.5x the bytes: does latency hiding pay for the extra read?), then more
-# loads in flight, Triton's pipelining, two warps per program, and several channels per
-# thread.
+# The measured default (H200: 57% / 52% of copy forward / forward+backward); the Mosaic
+# GPU kernels (TMA copies `stages` chunks deep into shared memory, so what is in flight no
+# longer depends on registers: lrulm.kernels.mosaic_gpu) at their default (at B=8, N=1024
+# 64 programs, split in two in time), unsplit, and with other chunk / ring depths; the
+# Triton default split in two in time (2x the programs for 1.5x the bytes); then more
+# Triton loads in flight and two warps per program.
 DEFAULT_CONFIGS = (
-    "32,1,128,prefetch 32,1,128 32,1,128,prefetch,segments=2 32,1,192,prefetch "
-    "32,1,256,prefetch 32,1,128,prefetch,stages=2 32,1,128,stages=3 32,1,64,stages=4 "
-    "64,2,192,prefetch 16,1,128,prefetch 64,1,256,prefetch 128,4,192,prefetch 32,1,96,prefetch"
+    "32,1,128,prefetch mosaic,32,3 mosaic,32,3,segments=1 mosaic,64,2 mosaic,16,4 "
+    "32,1,128,prefetch,segments=2 mosaic,32,2,segments=4 32,1,192,prefetch 32,1,128 "
+    "64,2,192,prefetch 32,1,256,prefetch 32,1,128,prefetch,stages=2"
 )
 
 
@@ -61,9 +63,13 @@ def _programs(a, b, dh, method):
 
 
 def _launch_line(lowered) -> str:
-    """The Triton launch attributes of the first kernel in a lowering, "" if none (the
-    interpreter): evidence that the configuration under test is the one compiled."""
-    found = re.search(r"grid_x = (\d+).*?num_warps = (\d+)", lowered.as_text())
+    """The launch of the first kernel in a lowering: Triton's grid and warps, or that it
+    is Mosaic GPU; "" if neither (the interpreter). Evidence that the configuration under
+    test is the one compiled."""
+    text = lowered.as_text()
+    found = re.search(r"grid_x = (\d+).*?num_warps = (\d+)", text)
+    if "custom_call @mosaic_gpu" in text:
+        return "Mosaic GPU" + (" + Triton" if found else "")
     return f"grid {found[1]}, {found[2]} warps" if found else ""
 
 
@@ -169,12 +175,16 @@ def table(result: dict) -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="8,2048,1024", help="B,L,N")
-    p.add_argument("--configs", default=DEFAULT_CONFIGS, help="space-separated C,W,R triples")
+    p.add_argument(
+        "--configs",
+        default=DEFAULT_CONFIGS,
+        help="space-separated tunings (lrulm.kernels.gpu.Tuning)",
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--rtol", type=float, default=1e-3, help="max error relative to the max")
     p.add_argument("--threads", type=int, default=8, help="compiles at a time")
     p.add_argument("--json", default="")
-    p.add_argument("--best_out", default="", help="write the winning C,W,R here")
+    p.add_argument("--best_out", default="", help="write the winning tuning here")
     args = p.parse_args()
     B, L, N = (int(x) for x in args.shape.split(","))
     start = time.perf_counter()

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from lrulm.kernels import mosaic_gpu
 from lrulm.kernels.common import Parts, conj, cost, group_refs, mul_conj, split_refs, write_over_b
 
 # The launch shape, measured on an H200 (jax 0.11.2) at B=8 L=2048 N=1024 by
@@ -31,7 +32,8 @@ _GPU_MIN_SEGMENT = 1024  # steps: a shorter segment would spend more on its exit
 # Overrides all of the above: tools/gpu_kernel_sweep.py times alternatives on the device.
 TUNING_ENV = "LRULM_PALLAS_GPU_TUNING"
 _TUNING_FORMAT = (
-    "CHANNELS,WARPS,LOAD_REGISTERS[,prefetch][,stages=S][,segments=T], e.g. 32,1,128,prefetch"
+    "CHANNELS,WARPS,LOAD_REGISTERS[,prefetch][,stages=S][,segments=T], e.g. 32,1,128,prefetch "
+    "(Triton), or mosaic,CHUNK,STAGES[,segments=T], e.g. mosaic,32,3 (Mosaic GPU)"
 )
 
 
@@ -51,10 +53,17 @@ class Tuning:
     # Time segments per sequence (`time_segments`): 0 picks them from the launch's
     # parallelism; T > 0 splits every scan whose length T divides into T.
     segments: int = 0
+    # "triton" (this module), or "mosaic" (lrulm.kernels.mosaic_gpu: one warpgroup of 128
+    # channels per program, `chunk` steps per TMA copy, `stages` copies in flight), which
+    # takes the operands it supports and leaves the rest to Triton.
+    kernel: str = "triton"
+    chunk: int = 32  # Mosaic GPU only
 
     def __post_init__(self):
         if self.channels < 1 or self.channels & (self.channels - 1):
             raise ValueError(f"{TUNING_ENV}: channels must be a power of two, got {self.channels}")
+        if self.kernel not in ("triton", "mosaic") or self.chunk < 1:
+            raise ValueError(f"{TUNING_ENV}: expected {_TUNING_FORMAT}; got {self}")
         if min(self.warps, self.load_registers, self.stages) < 1 or self.segments < 0:
             raise ValueError(
                 f"{TUNING_ENV}: warps, load registers and stages must be >= 1, segments >= 0; "
@@ -65,6 +74,15 @@ class Tuning:
     def parse(cls, text: str) -> Tuning:
         fields = text.split(",")
         try:
+            if fields[0] == "mosaic":
+                chunk, stages = (int(x) for x in fields[1:3])
+                segments = 0
+                for flag in fields[3:]:
+                    name, _, value = flag.partition("=")
+                    if name != "segments" or not value:
+                        raise ValueError
+                    segments = int(value)
+                return cls(mosaic_gpu.CHANNELS, 4, 1, False, stages, segments, "mosaic", chunk)
             channels, warps, registers = (int(x) for x in fields[:3])
             flags = dict(prefetch=False, stages=1, segments=0)
             for flag in fields[3:]:
@@ -80,6 +98,9 @@ class Tuning:
         return cls(channels, warps, registers, **flags)
 
     def __str__(self):
+        if self.kernel == "mosaic":
+            text = f"mosaic,{self.chunk},{self.stages}"
+            return text + (f",segments={self.segments}" if self.segments else "")
         text = f"{self.channels},{self.warps},{self.load_registers}"
         text += ",prefetch" if self.prefetch else ""
         text += f",stages={self.stages}" if self.stages > 1 else ""

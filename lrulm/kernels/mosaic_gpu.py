@@ -1,0 +1,351 @@
+"""The GPU kernels of the linear recurrence in Mosaic GPU (Pallas's Hopper backend), for the
+LRU's case: a time-invariant (N,) decay and N a multiple of 128 (lrulm.scan_pallas).
+
+The Triton kernels (lrulm.kernels.gpu) keep a chunk's loads in flight in registers, so
+their bytes in flight per SM are capped by the register file and by how many programs
+there are (at B=8, N=1024: 256 one-warp programs, ~2 per SM, 57% of the copy bandwidth
+on an H200). Here the loads are TMA copies into shared memory, `stages` chunks deep, so
+what is in flight no longer depends on registers or threads:
+
+- One program is one warpgroup (128 threads) that owns one row and 128 channels, a
+  thread per channel, and walks the sequence in chunks of `chunk` steps with its state in
+  float32 registers. Chunk k + stages is copied (TMA) into the ring slot chunk k has just
+  been scanned from, while chunks k + 1 .. k + stages - 1 are already on their way; every
+  h row is written to a shared-memory slot and the slot is copied out (TMA) as a whole.
+- A (B, L) keep mask (document resets) is a third stream of one scalar per step; it is
+  padded to whole chunks outside the kernel (1/N of b's bytes), since a TMA copy's
+  innermost extent must be a multiple of 16 bytes.
+- A sequence that is not a whole number of chunks ends with a shorter tail, copied and
+  scanned after the ring has drained (no padding of b or h).
+- The backward walks the other way carrying g (the cotangent of b) and sums
+  da = sum_t keep_t g_t conj(h_{t-1}) per program: at step t the walk holds g_{t+1} and
+  keep_{t+1} from the step before, so the h it needs is h_t, the row it loads with dh_t;
+  no shifted loads (the first position pairs g with h0 after the walk).
+- No output is written over its input: a Mosaic GPU kernel has no input/output aliases,
+  so h (and g) are new buffers, where the Triton kernels write over b (and dh).
+
+Pallas's Mosaic GPU interpreter runs these kernels on a CPU (tests/test_scan_pallas_gpu.py);
+jax.export lowers them for CUDA on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from lrulm.kernels.common import Parts, conj, group_refs, mul_conj
+
+CHANNELS = 128  # a warpgroup's threads: one channel each
+_COPY_ALIGN = 128  # bytes: a copy's size must be a multiple of the warpgroup's size
+_MAX_CHUNK = 256  # the TMA's largest box extent
+_SMEM_BYTES = 200 * 1024  # of an H100's 227 KiB per block, leaving room for the rest
+
+
+def supports(a: Parts, b: Parts) -> bool:
+    """Whether these kernels take the operands: a time-invariant (N,) a, N a multiple of
+    128. The Triton kernels take everything else."""
+    return a[0].ndim == 1 and b[0].shape[-1] % CHANNELS == 0
+
+
+def _interpret_params():
+    try:  # public from jax 0.11 on
+        return plgpu.InterpretParams()
+    except AttributeError:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+        return InterpretGPUParams()
+
+
+def _shape(length, chunk, stages, streams, itemsize, keep):
+    """(chunk, stages): the chunk within the TMA's limits (with a keep stream, a whole
+    number of 128-byte keep copies: 32 float32 or 64 bfloat16 steps); then, until
+    `streams` (CHANNELS-wide) input and output rows per step fit in SMEM, fewer slots
+    down to two, shorter chunks, and one slot last."""
+    unit = _COPY_ALIGN // itemsize if keep else 1
+    chunk = min(_MAX_CHUNK, chunk, pl.next_power_of_2(length))
+    chunk = max(unit, chunk - chunk % unit)
+    too_big = lambda: stages * chunk * streams * CHANNELS * itemsize > _SMEM_BYTES
+    stages = max(1, stages)
+    while stages > 2 and too_big():  # fewer slots, but keep two: one filling, one scanned
+        stages -= 1
+    while chunk > unit and too_big():
+        chunk = max(unit, chunk // 2 - chunk // 2 % unit)
+    while stages > 1 and too_big():
+        stages -= 1
+    return chunk, stages
+
+
+def _pad_keep(keep: Parts, length: int, chunk: int) -> Parts:
+    """keep padded with ones to whole chunks: every chunk's copy, the tail's included,
+    is `chunk` values long."""
+    padded = pl.cdiv(length, chunk) * chunk
+    return tuple(jnp.pad(k, ((0, 0), (0, padded - length)), constant_values=1) for k in keep)
+
+
+def _stream(
+    *,
+    ins,
+    outs,
+    length,
+    chunk,
+    stages,
+    reverse,
+    step,
+    carry,
+):
+    """Walks the sequence chunk by chunk through a ring of `stages` SMEM slots.
+
+    Args:
+      ins: (gmem, smem) pairs: gmem(start, count) -> the GMEM view of `count` steps from
+        `start`; smem a (stages, chunk, ...) ring.
+      outs: the same for outputs, written by `step` into the slot and copied out whole.
+      step: step(carry, in_rows, out_rows, t) -> carry, for local row t of the slot's
+        views (in_rows/out_rows: one SMEM ref per stream for this slot).
+      carry: the state before the walk.
+
+    Returns:
+      The state after the walk.
+    """
+    num_chunks, tail = divmod(length, chunk)
+    stages = min(stages, num_chunks) if num_chunks else 1
+    order = (lambda i, count: count - 1 - i) if reverse else (lambda i, count: i)
+
+    def start(k):  # first row (in memory order) of walk chunk k
+        return length - (k + 1) * chunk if reverse else k * chunk
+
+    def scoped(barriers, tail_barrier):
+        def issue(k, slot):
+            for gmem, smem in ins:
+                plgpu.copy_gmem_to_smem(gmem(start(k), chunk), smem.at[slot], barriers.at[slot])
+
+        def scan(c, slot_ins, slot_outs, count):
+            for i in range(count):
+                c = step(c, slot_ins, slot_outs, order(i, count))
+            plgpu.commit_smem()  # the h rows visible to the TMA; every thread done reading
+            return c
+
+        def body(k, c):
+            slot = k % stages
+            plgpu.barrier_wait(barriers.at[slot])
+            # The slot's outputs of chunk k - stages must have left SMEM before we write.
+            plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
+            c = scan(c, [s.at[slot] for _, s in ins], [s.at[slot] for _, s in outs], chunk)
+            for gmem, smem in outs:
+                plgpu.copy_smem_to_gmem(smem.at[slot], gmem(start(k), chunk), commit_group=False)
+            plgpu.commit_smem_to_gmem_group()
+
+            @pl.when(k + stages < num_chunks)
+            def _():
+                issue(k + stages, slot)
+
+            return c
+
+        c = carry
+        if num_chunks:
+            for slot in range(stages):
+                issue(slot, slot)
+            c = jax.lax.fori_loop(0, num_chunks, body, c)
+        if tail:
+            first = 0 if reverse else num_chunks * chunk
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            for gmem, smem in ins:
+                # A keep stream (rank 1 per slot) is padded to whole chunks: copy a chunk.
+                count = tail if smem.ndim > 2 else chunk
+                view = smem.at[0, pl.ds(0, count)] if smem.ndim > 2 else smem.at[0]
+                plgpu.copy_gmem_to_smem(gmem(first, count), view, tail_barrier.at[0])
+            plgpu.barrier_wait(tail_barrier.at[0])
+            slot_outs = [s.at[0, pl.ds(0, tail)] for _, s in outs]
+            c = scan(c, [s.at[0] for _, s in ins], slot_outs, tail)
+            for (gmem, _), view in zip(outs, slot_outs):
+                plgpu.copy_smem_to_gmem(view, gmem(first, tail), commit_group=False)
+            plgpu.commit_smem_to_gmem_group()
+        plgpu.wait_smem_to_gmem(0)
+        return c
+
+    return pl.run_scoped(
+        scoped,
+        plgpu.Barrier(num_arrivals=len(ins), num_barriers=stages),
+        plgpu.Barrier(num_arrivals=len(ins), num_barriers=1),
+    )
+
+
+def _load_vectors(refs_and_views):
+    """Copies small per-program (CHANNELS,) vectors (a, h0) into SMEM, waits, and returns
+    them as float32 values."""
+
+    def scoped(*scratch):
+        *smem, barrier = scratch
+        for (gmem, _), s in zip(refs_and_views, smem):
+            plgpu.copy_gmem_to_smem(gmem, s, barrier.at[0])
+        plgpu.barrier_wait(barrier.at[0])
+        return tuple(s[...].astype(jnp.float32) for s in smem)
+
+    shapes = [plgpu.SMEM((CHANNELS,), dtype) for _, dtype in refs_and_views]
+    return pl.run_scoped(
+        scoped, *shapes, plgpu.Barrier(num_arrivals=len(refs_and_views), num_barriers=1)
+    )
+
+
+def _step(h: Parts, a: Parts, b: Parts) -> Parts:
+    """h <- a * h + b on parts (lrulm.kernels.gpu._step's grouping)."""
+    if len(h) == 1:
+        return (a[0] * h[0] + b[0],)
+    (hr, hi), (ar, ai), (br, bi) = h, a, b
+    return (ar * hr + (br - ai * hi), ar * hi + (bi + ai * hr))
+
+
+def _ring(stages, chunk, dtype, count):
+    return [plgpu.SMEM((stages, chunk, CHANNELS), dtype) for _ in range(count)]
+
+
+def _program(blocks):
+    """(row, channel slice) of the current program."""
+    p = jax.lax.axis_index("p")
+    return p // blocks, pl.ds((p % blocks) * CHANNELS, CHANNELS)
+
+
+def _sequence_view(ref, row, cols):
+    """gmem(start, count) for _stream: `count` steps of one row's channel block."""
+    return lambda start, count: ref.at[row, pl.ds(start, count), cols]
+
+
+def _keep_view(ref, row):
+    return lambda start, count: ref.at[row, pl.ds(start, count)]
+
+
+def _launch(kernel, rows, n, out_type, interpret):
+    return plgpu.kernel(
+        kernel,
+        out_type=out_type,
+        grid=(rows * (n // CHANNELS),),
+        grid_names=("p",),
+        interpret=_interpret_params() if interpret else None,
+    )
+
+
+def forward(a, b, h0, keep, *, chunk, reverse, interpret, stages=3, over_b=False) -> Parts:
+    """h_t = a * (keep_t h_{t-1}) + b_t for an (N,) a: b parts (rows, L, N), h0 (rows, N),
+    keep () or ((rows, L),). `over_b` is accepted and ignored (no aliases here)."""
+    del over_b
+    rows, length, n = b[0].shape
+    num_parts, num_keep, dtype = len(b), len(keep), b[0].dtype
+    chunk, stages = _shape(length, chunk, stages, 2 * num_parts, dtype.itemsize, num_keep)
+    keep = _pad_keep(keep, length, chunk)
+
+    def kernel(*refs):
+        a_refs, b_refs, h0_refs, keep_refs, h_refs = group_refs(
+            refs, (num_parts,) * 3 + (num_keep,)
+        )
+        row, cols = _program(n // CHANNELS)
+        vectors = _load_vectors(
+            [(x.at[cols], x.dtype) for x in a_refs] + [(x.at[row, cols], x.dtype) for x in h0_refs]
+        )
+        a_vec, h = vectors[:num_parts], vectors[num_parts:]
+
+        def step(h, slot_ins, slot_outs, t):
+            bt = tuple(x[t].astype(jnp.float32) for x in slot_ins[:num_parts])
+            if num_keep:
+                kt = slot_ins[num_parts][t].astype(jnp.float32)
+                h = tuple(kt * x for x in h)
+            h = _step(h, a_vec, bt)
+            for ref, x in zip(slot_outs, h):
+                ref[t] = x.astype(ref.dtype)
+            return h
+
+        def scoped(*smem):
+            b_smem, keep_smem, h_smem = group_refs(smem, (num_parts, num_keep))
+            _stream(
+                ins=[(_sequence_view(x, row, cols), s) for x, s in zip(b_refs, b_smem)]
+                + [(_keep_view(x, row), s) for x, s in zip(keep_refs, keep_smem)],
+                outs=[(_sequence_view(x, row, cols), s) for x, s in zip(h_refs, h_smem)],
+                length=length,
+                chunk=chunk,
+                stages=stages,
+                reverse=reverse,
+                step=step,
+                carry=h,
+            )
+
+        pl.run_scoped(
+            scoped,
+            *_ring(stages, chunk, dtype, num_parts),
+            *[plgpu.SMEM((stages, chunk), k.dtype) for k in keep],
+            *_ring(stages, chunk, dtype, num_parts),
+        )
+
+    out_type = [jax.ShapeDtypeStruct(b[0].shape, dtype)] * num_parts
+    return tuple(_launch(kernel, rows, n, out_type, interpret)(*a, *b, *h0, *keep))
+
+
+def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret, stages=3):
+    """The fused backward of `forward` (lrulm.kernels.gpu.backward's contract for an (N,)
+    a): returns (g parts (rows, L, N), da parts (rows, N), per-row partial sums)."""
+    rows, length, n = dh[0].shape
+    num_parts, num_keep, dtype = len(dh), len(keep), dh[0].dtype
+    chunk, stages = _shape(length, chunk, stages, 3 * num_parts, dtype.itemsize, num_keep)
+    keep = _pad_keep(keep, length, chunk)
+
+    def kernel(*refs):
+        sizes = (num_parts,) * 4 + (num_keep, num_parts)
+        a_refs, dh_refs, h_refs, h0_refs, keep_refs, g_refs, da_refs = group_refs(refs, sizes)
+        row, cols = _program(n // CHANNELS)
+        vectors = _load_vectors(
+            [(x.at[cols], x.dtype) for x in a_refs] + [(x.at[row, cols], x.dtype) for x in h0_refs]
+        )
+        a_conj, h_init = conj(vectors[:num_parts]), vectors[num_parts:]
+
+        def step(carry, slot_ins, slot_outs, t):
+            g, k_next, da = carry  # g_{t+1}, keep_{t+1} in the forward's order
+            dht = tuple(x[t].astype(jnp.float32) for x in slot_ins[:num_parts])
+            ht = tuple(x[t].astype(jnp.float32) for x in slot_ins[num_parts : 2 * num_parts])
+            if num_keep:
+                g = tuple(k_next * x for x in g)  # keep_{t+1} g_{t+1}
+            da = tuple(x + y for x, y in zip(da, mul_conj(g, ht)))
+            g = _step(g, a_conj, dht)
+            for ref, x in zip(slot_outs, g):
+                ref[t] = x.astype(ref.dtype)
+            k_next = slot_ins[-1][t].astype(jnp.float32) if num_keep else k_next
+            return g, k_next, da
+
+        def scoped(*smem):
+            dh_smem, h_smem, keep_smem, g_smem, da_smem = group_refs(
+                smem, (num_parts, num_parts, num_keep, num_parts)
+            )
+            zeros = tuple(0.0 * x for x in h_init)  # in the registers' layout
+            g, k_first, da = _stream(
+                ins=[(_sequence_view(x, row, cols), s) for x, s in zip(dh_refs, dh_smem)]
+                + [(_sequence_view(x, row, cols), s) for x, s in zip(h_refs, h_smem)]
+                + [(_keep_view(x, row), s) for x, s in zip(keep_refs, keep_smem)],
+                outs=[(_sequence_view(x, row, cols), s) for x, s in zip(g_refs, g_smem)],
+                length=length,
+                chunk=chunk,
+                stages=stages,
+                reverse=not reverse,
+                step=step,
+                carry=(zeros, jnp.float32(1), zeros),
+            )
+            if num_keep:
+                g = tuple(k_first * x for x in g)
+            da = tuple(x + y for x, y in zip(da, mul_conj(g, h_init)))
+            for s, x in zip(da_smem, da):
+                s[...] = x
+            plgpu.commit_smem()
+            for ref, s in zip(da_refs, da_smem):
+                plgpu.copy_smem_to_gmem(s, ref.at[row, cols], commit_group=False)
+            plgpu.commit_smem_to_gmem_group()
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(
+            scoped,
+            *_ring(stages, chunk, dtype, 2 * num_parts),
+            *[plgpu.SMEM((stages, chunk), k.dtype) for k in keep],
+            *_ring(stages, chunk, dtype, num_parts),
+            *[plgpu.SMEM((CHANNELS,), jnp.float32) for _ in range(num_parts)],
+        )
+
+    out_type = [jax.ShapeDtypeStruct(dh[0].shape, dtype)] * num_parts
+    out_type += [jax.ShapeDtypeStruct((rows, n), jnp.float32)] * num_parts
+    out = _launch(kernel, rows, n, out_type, interpret)(*a, *dh, *h, *h0, *keep)
+    return tuple(out[:num_parts]), tuple(out[num_parts:])
