@@ -59,15 +59,21 @@ def test_gpu_launch_shapes_agree(gpu_tuning, complex_, full_a, reverse):
 
 
 @pytest.mark.skipif(COMPILED and jax.default_backend() != "gpu", reason="the GPU kernel")
-@pytest.mark.parametrize("gpu_tuning", ["32,1,12,prefetch,segments=4"], indirect=True)
 @pytest.mark.parametrize(
-    "complex_, reverse, use_h0", [(True, False, True), (True, True, True), (False, False, False)]
+    "gpu_tuning, n, complex_, reverse, use_h0",
+    [
+        ("32,1,12,prefetch,segments=4", 40, True, False, True),
+        ("32,1,12,prefetch,segments=4", 40, True, True, True),
+        ("32,1,12,prefetch,segments=4", 40, False, False, False),
+        ("mosaic,32,2,segments=4", 128, True, True, True),
+    ],
+    indirect=["gpu_tuning"],
 )
-def test_time_split_scan_equals_unsplit(gpu_tuning, complex_, reverse, use_h0):
-    """The GPU kernel's sequence split in time (lrulm.kernels.gpu.time_segments, forced
+def test_time_split_scan_equals_unsplit(gpu_tuning, n, complex_, reverse, use_h0, mosaic_calls):
+    """The GPU kernels' sequence split in time (lrulm.kernels.gpu.time_segments, forced
     to 4 segments here): values and gradients w.r.t. a, b and h0 against the sequential
     scan, with resets inside segments and on their first and last positions."""
-    lead, length, n = (2,), 64, 40
+    lead, length = (2,), 64
     a, b, h0 = base._inputs(7, lead, length, n, complex_=complex_, full_a=False)
     h0 = h0 if use_h0 else jnp.zeros_like(h0)
     resets = np.zeros(lead + (length,), bool)
@@ -94,13 +100,14 @@ def test_time_split_scan_equals_unsplit(gpu_tuning, complex_, reverse, use_h0):
 
     assert gpu_kernels.time_segments(2, length, n, backend="cpu") == 4
     jaxpr = str(jax.make_jaxpr(jax.grad(functools.partial(loss, split=True)))(*parts))
-    assert "f32[2,4,16,40]" in jaxpr  # the kernels see 4 segments of 16 as rows
+    assert f"f32[2,4,16,{n}]" in jaxpr  # the kernels see 4 segments of 16 as rows
     grad = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(3 * k))), static_argnames="split")
     (ref, g_ref), (out, g) = grad(*parts, split=False), grad(*parts, split=True)
     assert abs(out - ref) <= 1e-5 * abs(ref)
     for i, (x, y) in enumerate(zip(g, g_ref)):
         assert base._rel(x, y) <= 1e-5, (i, base._rel(x, y))
-    if complex_ and reverse:  # the complex linear_scan's Pallas path: 1000 = 4 x 250
+    assert bool(mosaic_calls) == (gpu_tuning.kernel == "mosaic")
+    if complex_ and reverse and n == 40:  # the complex linear_scan's Pallas path: 1000 = 4 x 250
         base.test_linear_scan_gradients(*base.CASES[3])
 
 
@@ -142,6 +149,28 @@ def test_mosaic_kernels_agree(gpu_tuning, length, complex_, reverse, mosaic_call
     base.test_backward_kernel("gpu", *case, True, jnp.float32)
     base.test_backward_kernel("gpu", *case, False, jnp.bfloat16)
     assert mosaic_calls == ["forward", "backward", "backward"]
+
+
+@pytest.mark.skipif(COMPILED, reason="lowers for CUDA from the host")
+def test_mosaic_kernels_synchronise_per_chunk_not_per_step(monkeypatch):
+    """The forward's warpgroup barriers (bar.sync) are those of its ring, a few per chunk,
+    not Pallas's automatic two around every SMEM store (4 a step for complex values, 147
+    for a 32-step chunk before they were turned off)."""
+    from jax.experimental.mosaic import gpu as mgpu
+
+    emitted = []
+    barrier = mgpu.utils.warpgroup_barrier
+    counting = lambda: emitted.append(1) or barrier()
+    monkeypatch.setattr(mgpu.utils, "warpgroup_barrier", counting)
+    monkeypatch.setattr(mgpu, "warpgroup_barrier", counting)
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    forward = functools.partial(
+        mosaic_kernels.forward, chunk=32, stages=3, reverse=False, interpret=False
+    )
+    jax.export.export(jax.jit(forward), platforms=["cuda"])(
+        (f32(1024),) * 2, (f32(8, 2048, 1024),) * 2, (f32(8, 1024),) * 2, (f32(8, 2048),)
+    )
+    assert 0 < len(emitted) <= 6, len(emitted)
 
 
 @pytest.mark.parametrize("gpu_tuning", ["mosaic,32,2"], indirect=True)

@@ -216,11 +216,17 @@ def _keep_view(ref, row):
 
 
 def _launch(kernel, rows, n, out_type, interpret):
+    # Pallas would put a warpgroup barrier before and after every SMEM store (4 per step
+    # of a complex scan). The kernels synchronise where it is needed themselves: after a
+    # copy's barrier wait (each thread waits), and in commit_smem / wait_smem_to_gmem (a
+    # warpgroup barrier each) before a slot is copied out, refilled or written again; no
+    # thread reads SMEM it wrote.
     return plgpu.kernel(
         kernel,
         out_type=out_type,
         grid=(rows * (n // CHANNELS),),
         grid_names=("p",),
+        compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=True),
         interpret=_interpret_params() if interpret else None,
     )
 
