@@ -1,4 +1,4 @@
-"""Pallas kernels for the linear recurrence h_t = a_t * h_{t-1} + b_t (GPU Triton, TPU Mosaic).
+"""Pallas kernels for the linear recurrence h_t = a_t * h_{t-1} + b_t (GPU Triton or Mosaic GPU, TPU Mosaic).
 
 The recurrence moves 16 bytes per complex64 element (read b, write h) for 8 flops, so a
 kernel is fast when it reads b and writes h once with enough bytes in flight to cover
@@ -30,6 +30,10 @@ memory latency. Time is sequential within a program, so all parallelism comes fr
   fewer programs than SMs (one long sequence) is split in time first
   (lrulm.sequence_parallel.split_scan_parts, the sequence-parallel scan's two passes
   with the segments as rows).
+- GPU, Mosaic GPU (lrulm.kernels.mosaic_gpu, opt-in: $LRULM_PALLAS_GPU_TUNING=mosaic,...):
+  for a time-invariant a and N a multiple of 128, one warpgroup of 128 channels per
+  program streams the sequence through a ring of shared-memory slots filled by TMA
+  copies, so the bytes in flight are set by the ring's depth, not by registers.
 - TPU: arrays keep XLA's (..., L, N) layout, whose (8, 128) tiles are 8 time steps of
   128 channels, so the kernel costs no relayout copies around it; a tile's 8 steps are
   scanned together in log steps with sublane rolls, then the carry enters. The grid is
