@@ -1,4 +1,4 @@
-"""Pallas kernels for the linear recurrence h_t = a_t * h_{t-1} + b_t (GPU Triton or Mosaic GPU, TPU Mosaic).
+"""Pallas kernels for the linear recurrence h_t = a_t * h_{t-1} + b_t: Triton, Mosaic GPU, TPU.
 
 The recurrence moves 16 bytes per complex64 element (read b, write h) for 8 flops, so a
 kernel is fast when it reads b and writes h once with enough bytes in flight to cover
