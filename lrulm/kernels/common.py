@@ -61,3 +61,13 @@ def mul(x: Parts, y: Parts) -> Parts:
         return (x[0] * y[0],)
     (xr, xi), (yr, yi) = x, y
     return xr * yr - xi * yi, xr * yi + xi * yr
+
+
+def step(h: Parts, a: Parts, b: Parts) -> Parts:
+    """h <- a * h + b on real parts, or on (real, imag) pairs for complex numbers."""
+    if len(h) == 1:
+        return (a[0] * h[0] + b[0],)
+    (hr, hi), (ar, ai), (br, bi) = h, a, b
+    # Grouped so that each new part is two dependent fused multiply-adds away from the
+    # previous state (the recurrence's critical path), not three operations.
+    return (ar * hr + (br - ai * hi), ar * hi + (bi + ai * hr))

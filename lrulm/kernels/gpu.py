@@ -13,7 +13,16 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from lrulm.kernels import mosaic_gpu
-from lrulm.kernels.common import Parts, conj, cost, group_refs, mul_conj, split_refs, write_over_b
+from lrulm.kernels.common import (
+    Parts,
+    conj,
+    cost,
+    group_refs,
+    mul_conj,
+    split_refs,
+    step,
+    write_over_b,
+)
 
 # The launch shape, measured on an H200 (jax 0.11.2) at B=8 L=2048 N=1024 by
 # tools/gpu_kernel_sweep.py: one warp of 32 channels per program (one channel per thread),
@@ -162,16 +171,6 @@ def _launch(n, length, per_row, chunk):
     return bn, pl.cdiv(n, bn), chunk, t.prefetch, params
 
 
-def _step(h: Parts, a: Parts, b: Parts) -> Parts:
-    """h <- a * h + b on real parts, or on (real, imag) pairs for complex numbers."""
-    if len(h) == 1:
-        return (a[0] * h[0] + b[0],)
-    (hr, hi), (ar, ai), (br, bi) = h, a, b
-    # Grouped so that each new part is two dependent fused multiply-adds away from the
-    # previous state (the recurrence's critical path), not three operations.
-    return (ar * hr + (br - ai * hi), ar * hi + (bi + ai * hr))
-
-
 def _load_rows(rows, a_refs, b_refs, load, keep=None):
     """Every load of `rows` (one chunk) issued together: a list of (a, b, keep) per row,
     a () where a is time-invariant (held by the caller) or there are no resets.
@@ -207,7 +206,7 @@ def _scan_rows(h, rows, loaded, a, h_refs, store):
     for t, (at, bt, kt) in zip(rows, loaded):
         if not isinstance(kt, tuple):  # a keep value, () without resets
             h = tuple(kt * x for x in h)
-        h = _step(h, a if a is not None else at, bt)
+        h = step(h, a if a is not None else at, bt)
         for ref, x in zip(h_refs, h):
             store(ref, t, x)
     return h
@@ -383,7 +382,7 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret):
             for t, (at, dht, hp, kt) in zip(rows, loaded):
                 if keep:
                     g = tuple(k_next * x for x in g)
-                g = _step(g, conj(a_next), dht)
+                g = step(g, conj(a_next), dht)
                 for ref, x in zip(g_refs, g):
                     store(ref, t, x)
                 contribution = mul_conj(g, hp)

@@ -36,6 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from lrulm.kernels.common import Parts, conj, group_refs, mul_conj
+from lrulm.kernels.common import step as recurrence_step
 
 CHANNELS = 128  # a warpgroup's threads: one channel each
 _COPY_ALIGN = 128  # bytes: a copy's size must be a multiple of the warpgroup's size
@@ -50,7 +51,7 @@ def supports(a: Parts, b: Parts) -> bool:
 
 
 def _interpret_params():
-    try:  # public from jax 0.11 on
+    try:  # the public name, where this jax has one
         return plgpu.InterpretParams()
     except AttributeError:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
@@ -74,7 +75,7 @@ def _shape(length, chunk, stages, streams, itemsize, keep):
         chunk = max(unit, chunk // 2 - chunk // 2 % unit)
     while stages > 1 and too_big():
         stages -= 1
-    return chunk, stages
+    return chunk, min(stages, max(1, length // chunk))  # no more slots than whole chunks
 
 
 def _pad_keep(keep: Parts, length: int, chunk: int) -> Parts:
@@ -188,14 +189,6 @@ def _load_vectors(refs_and_views):
     )
 
 
-def _step(h: Parts, a: Parts, b: Parts) -> Parts:
-    """h <- a * h + b on parts (lrulm.kernels.gpu._step's grouping)."""
-    if len(h) == 1:
-        return (a[0] * h[0] + b[0],)
-    (hr, hi), (ar, ai), (br, bi) = h, a, b
-    return (ar * hr + (br - ai * hi), ar * hi + (bi + ai * hr))
-
-
 def _ring(stages, chunk, dtype, count):
     return [plgpu.SMEM((stages, chunk, CHANNELS), dtype) for _ in range(count)]
 
@@ -255,7 +248,7 @@ def forward(a, b, h0, keep, *, chunk, reverse, interpret, stages=3, over_b=False
             if num_keep:
                 kt = slot_ins[num_parts][t].astype(jnp.float32)
                 h = tuple(kt * x for x in h)
-            h = _step(h, a_vec, bt)
+            h = recurrence_step(h, a_vec, bt)
             for ref, x in zip(slot_outs, h):
                 ref[t] = x.astype(ref.dtype)
             return h
@@ -309,7 +302,7 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret, stages=3):
             if num_keep:
                 g = tuple(k_next * x for x in g)  # keep_{t+1} g_{t+1}
             da = tuple(x + y for x, y in zip(da, mul_conj(g, ht)))
-            g = _step(g, a_conj, dht)
+            g = recurrence_step(g, a_conj, dht)
             for ref, x in zip(slot_outs, g):
                 ref[t] = x.astype(ref.dtype)
             k_next = slot_ins[-1][t].astype(jnp.float32) if num_keep else k_next
