@@ -91,7 +91,14 @@ class Tuning:
                     if name != "segments" or not value:
                         raise ValueError
                     segments = int(value)
-                return cls(mosaic_gpu.CHANNELS, 4, 1, False, stages, segments, "mosaic", chunk)
+                return cls(
+                    channels=mosaic_gpu.CHANNELS,  # what time_segments counts programs by
+                    warps=4,  # one warpgroup
+                    stages=stages,
+                    segments=segments,
+                    kernel="mosaic",
+                    chunk=chunk,
+                )
             channels, warps, registers = (int(x) for x in fields[:3])
             flags = dict(prefetch=False, stages=1, segments=0)
             for flag in fields[3:]:

@@ -224,10 +224,9 @@ def _launch(kernel, rows, n, out_type, interpret):
     )
 
 
-def forward(a, b, h0, keep, *, chunk, reverse, interpret, stages=3, over_b=False) -> Parts:
+def forward(a, b, h0, keep, *, chunk, reverse, interpret, stages=3) -> Parts:
     """h_t = a * (keep_t h_{t-1}) + b_t for an (N,) a: b parts (rows, L, N), h0 (rows, N),
-    keep () or ((rows, L),). `over_b` is accepted and ignored (no aliases here)."""
-    del over_b
+    keep () or ((rows, L),). h is a new buffer (no aliases in a Mosaic GPU kernel)."""
     rows, length, n = b[0].shape
     num_parts, num_keep, dtype = len(b), len(keep), b[0].dtype
     chunk, stages = _shape(length, chunk, stages, 2 * num_parts, dtype.itemsize, num_keep)
