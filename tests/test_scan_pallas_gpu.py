@@ -129,25 +129,26 @@ def mosaic_calls(monkeypatch):
 
 # 45 steps = one 32-step chunk and a 13-step tail (one slot: no ring), 100 = 3 chunks
 # through a ring of 2 and a 4-step tail, 64 steps = whole chunks only; 256 channels are
-# two programs a row. With resets the chunk is a whole number of 128-byte keep copies.
+# two programs a row. With resets the chunk is a whole number of 128-byte keep copies: 32
+# float32 steps, 64 bfloat16 ones (bf16 at 100 steps: one chunk and a 36-step tail).
 @pytest.mark.skipif(COMPILED and jax.default_backend() != "gpu", reason="the GPU kernel")
 @pytest.mark.parametrize(
-    "gpu_tuning, length, complex_, reverse",
+    "gpu_tuning, length, complex_, reverse, bf16_resets",
     [
-        ("mosaic,32,2", 45, True, True),
-        ("mosaic,32,2", 100, False, False),
-        ("mosaic,32,3", 64, True, False),
+        ("mosaic,32,2", 45, True, True, False),
+        ("mosaic,32,2", 100, False, False, True),
+        ("mosaic,32,3", 64, True, False, True),
     ],
     indirect=["gpu_tuning"],
 )
-def test_mosaic_kernels_agree(gpu_tuning, length, complex_, reverse, mosaic_calls):
+def test_mosaic_kernels_agree(gpu_tuning, length, complex_, reverse, bf16_resets, mosaic_calls):
     """The Mosaic GPU kernels (lrulm.kernels.mosaic_gpu, in Pallas's Mosaic GPU
     interpreter on CPU): the forward with resets and h0, and the fused backward in float32
     and bfloat16, against the sequential scan."""
     case = ((2,), length, 256, complex_, False, reverse)
     base.test_kernel_keep_mask("gpu", *case, True)
     base.test_backward_kernel("gpu", *case, True, jnp.float32)
-    base.test_backward_kernel("gpu", *case, False, jnp.bfloat16)
+    base.test_backward_kernel("gpu", *case, bf16_resets, jnp.bfloat16)
     assert mosaic_calls == ["forward", "backward", "backward"]
 
 
