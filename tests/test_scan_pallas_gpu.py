@@ -174,6 +174,19 @@ def test_mosaic_kernels_synchronise_per_chunk_not_per_step(monkeypatch):
     assert 0 < len(emitted) <= 6, len(emitted)
 
 
+def test_mosaic_kernels_refuse_a_gpu_older_than_hopper():
+    """Mosaic GPU needs sm_90: an A100 (or a ROCm GPU) gets a clear error before lowering."""
+
+    class Device:
+        def __init__(self, platform, kind, capability):
+            self.platform, self.device_kind, self.compute_capability = platform, kind, capability
+
+    mosaic_kernels.check_device([Device("gpu", "NVIDIA H100", "9.0"), Device("cpu", "cpu", "")])
+    for device in (Device("gpu", "NVIDIA A100", "8.0"), Device("gpu", "AMD MI300X", "")):
+        with pytest.raises(ValueError, match="Hopper.*Triton tuning"):
+            mosaic_kernels.check_device([device])
+
+
 @pytest.mark.parametrize("gpu_tuning", ["mosaic,32,2"], indirect=True)
 def test_mosaic_falls_back_to_triton_for_what_it_does_not_take(gpu_tuning, mosaic_calls):
     """A full-shaped a, or channels that are no multiple of 128, go to the Triton kernel."""

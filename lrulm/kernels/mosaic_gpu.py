@@ -50,6 +50,26 @@ def supports(a: Parts, b: Parts) -> bool:
     return a[0].ndim == 1 and b[0].shape[-1] % CHANNELS == 0
 
 
+def check_device(devices=None) -> None:
+    """Raises a clear error, before anything is lowered, when the GPU that will run these
+    kernels is not a Hopper (sm_90) or newer NVIDIA GPU, which Mosaic GPU needs. Silent
+    where there is no GPU (the interpreter; lowering for CUDA from a host)."""
+    for device in devices if devices is not None else jax.devices():
+        if device.platform != "gpu":
+            continue
+        capability = getattr(device, "compute_capability", "")
+        try:
+            major = int(str(capability).split(".")[0])
+        except ValueError:
+            major = 0  # ROCm reports none
+        if major < 9:
+            raise ValueError(
+                f"$LRULM_PALLAS_GPU_TUNING asks for the Mosaic GPU kernels, which need a Hopper "
+                f"(sm_90) or newer NVIDIA GPU; {device.device_kind} has compute capability "
+                f"{capability or 'none'}. Use a Triton tuning (e.g. 32,1,128,prefetch) or unset it."
+            )
+
+
 def _interpret_params():
     try:  # the public name, where this jax has one
         return plgpu.InterpretParams()
