@@ -128,16 +128,16 @@ def mosaic_calls(monkeypatch):
 
 
 # 45 steps = one 32-step chunk and a 13-step tail (one slot: no ring), 100 = 3 chunks
-# through a ring of 2 and a 4-step tail, 64 steps = whole chunks only; 256 channels are
-# two programs a row. With resets the chunk is a whole number of 128-byte keep copies: 32
+# through an input ring of 3 (outputs: 2 slots) and a 4-step tail, 64 steps = whole
+# chunks only; 256 channels are two programs a row. With resets the chunk is a whole number of 128-byte keep copies: 32
 # float32 steps, 64 bfloat16 ones (bf16 at 100 steps: one chunk and a 36-step tail).
 @pytest.mark.skipif(COMPILED and jax.default_backend() != "gpu", reason="the GPU kernel")
 @pytest.mark.parametrize(
     "gpu_tuning, length, complex_, reverse, bf16_resets",
     [
         ("mosaic,32,2", 45, True, True, False),
-        ("mosaic,32,2", 100, False, False, True),
-        ("mosaic,32,3", 64, True, False, True),
+        ("mosaic,32,3", 100, False, False, True),
+        ("mosaic,32,2", 64, True, False, True),
     ],
     indirect=["gpu_tuning"],
 )
@@ -200,7 +200,8 @@ def test_mosaic_falls_back_to_triton_for_what_it_does_not_take(gpu_tuning, mosai
 def test_mosaic_kernels_have_no_races(complex_, monkeypatch):
     """The Mosaic GPU interpreter's happens-before race detector over the TMA ring: every
     slot is read only after its copy arrived (a missing barrier wait fails here), for the
-    forward and the backward with resets, a ring of 2 and a tail."""
+    forward and the backward with resets, an input ring of 3, an output ring of 2 and a
+    tail."""
     races = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call")
     params = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
     monkeypatch.setattr(
@@ -209,7 +210,7 @@ def test_mosaic_kernels_have_no_races(complex_, monkeypatch):
     a, b, h0 = base._inputs(3, (1,), 100, 128, complex_=complex_, full_a=False)
     keep = ((~base._resets(3, (1, 100))).astype(jnp.float32),)
     a, b, h0 = base._parts(a), base._parts(b), base._parts(h0)
-    run = dict(chunk=32, stages=2, reverse=False, interpret=True)
+    run = dict(chunk=32, stages=3, reverse=False, interpret=True)
     h = jax.block_until_ready(mosaic_kernels.forward(a, b, h0, keep, **run))
     assert not races.get_races().races_found
     jax.block_until_ready(mosaic_kernels.backward(a, b, h, h0, keep, **run))

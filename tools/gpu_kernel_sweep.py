@@ -40,13 +40,14 @@ from lrulm.scan import linear_scan_planar
 # The measured default (H200: 57% / 52% of copy forward / forward+backward); the Mosaic
 # GPU kernels (TMA copies `stages` chunks deep into shared memory, so what is in flight no
 # longer depends on registers: lrulm.kernels.mosaic_gpu) at their default (at B=8, N=1024
-# 64 programs, split in two in time), unsplit, and with other chunk / ring depths; the
-# Triton default split in two in time (2x the programs for 1.5x the bytes); then more
-# Triton loads in flight and two warps per program.
+# 64 programs, split in two in time), unsplit, with shorter chunks (16 x 4: 96 KiB of
+# SMEM forward, two programs per SM), a deeper ring, and longer chunks; the Triton
+# default split in two in time (2x the programs for 1.5x the bytes); then more Triton
+# loads in flight and two warps per program.
 DEFAULT_CONFIGS = (
-    "32,1,128,prefetch mosaic,32,3 mosaic,32,3,segments=1 mosaic,64,2 mosaic,16,4 "
-    "32,1,128,prefetch,segments=2 mosaic,32,2,segments=4 32,1,192,prefetch 32,1,128 "
-    "64,2,192,prefetch 32,1,256,prefetch 32,1,128,prefetch,stages=2"
+    "32,1,128,prefetch mosaic,32,3 mosaic,32,3,segments=1 mosaic,16,4 mosaic,16,6 "
+    "mosaic,32,4 32,1,128,prefetch,segments=2 mosaic,16,4,segments=1 32,1,192,prefetch "
+    "32,1,128 64,2,192,prefetch 32,1,256,prefetch"
 )
 
 

@@ -11,7 +11,8 @@ what is in flight no longer depends on registers or threads:
   thread per channel, and walks the sequence in chunks of `chunk` steps with its state in
   float32 registers. Chunk k + stages is copied (TMA) into the ring slot chunk k has just
   been scanned from, while chunks k + 1 .. k + stages - 1 are already on their way; every
-  h row is written to a shared-memory slot and the slot is copied out (TMA) as a whole.
+  h row is written to a shared-memory slot of a two-slot output ring, and the slot is
+  copied out (TMA) as a whole while the next chunk fills the other.
 - A (B, L) keep mask (document resets) is a third stream of one scalar per step; it is
   padded to whole chunks outside the kernel (1/N of b's bytes), since a TMA copy's
   innermost extent must be a multiple of 16 bytes.
@@ -42,6 +43,7 @@ CHANNELS = 128  # a warpgroup's threads: one channel each
 _COPY_ALIGN = 128  # bytes: a copy's size must be a multiple of the warpgroup's size
 _MAX_CHUNK = 256  # the TMA's largest box extent
 _SMEM_BYTES = 200 * 1024  # of an H100's 227 KiB per block, leaving room for the rest
+_OUT_SLOTS = 2
 
 
 def supports(a: Parts, b: Parts) -> bool:
@@ -79,15 +81,16 @@ def _interpret_params():
         return InterpretGPUParams()
 
 
-def _shape(length, chunk, stages, streams, itemsize, keep):
+def _shape(length, chunk, stages, ins, outs, itemsize, keep):
     """(chunk, stages): the chunk within the TMA's limits (with a keep stream, a whole
-    number of 128-byte keep copies: 32 float32 or 64 bfloat16 steps); then, until
-    `streams` (CHANNELS-wide) input and output rows per step fit in SMEM, fewer slots
-    down to two, shorter chunks, and one slot last."""
+    number of 128-byte keep copies: 32 float32 or 64 bfloat16 steps); then, until the
+    rings of `ins` and `outs` (CHANNELS-wide) rows per step fit in SMEM, fewer input
+    slots down to two, shorter chunks, and one slot last."""
     unit = _COPY_ALIGN // itemsize if keep else 1
     chunk = min(_MAX_CHUNK, chunk, pl.next_power_of_2(length))
     chunk = max(unit, chunk - chunk % unit)
-    too_big = lambda: stages * chunk * streams * CHANNELS * itemsize > _SMEM_BYTES
+    slots = lambda: stages * ins + _out_slots(stages) * outs
+    too_big = lambda: slots() * chunk * CHANNELS * itemsize > _SMEM_BYTES
     stages = max(1, stages)
     while stages > 2 and too_big():  # fewer slots, but keep two: one filling, one scanned
         stages -= 1
@@ -98,6 +101,12 @@ def _shape(length, chunk, stages, streams, itemsize, keep):
     return chunk, min(stages, max(1, length // chunk))  # no more slots than whole chunks
 
 
+def _out_slots(stages: int) -> int:
+    """Output slots: two (one being written while the other's copy drains) are enough, as
+    a store need not wait for memory, so SMEM goes to the input ring's depth."""
+    return min(_OUT_SLOTS, stages)
+
+
 def _pad_keep(keep: Parts, length: int, chunk: int) -> Parts:
     """keep padded with ones to whole chunks: every chunk's copy, the tail's included,
     is `chunk` values long."""
@@ -105,22 +114,14 @@ def _pad_keep(keep: Parts, length: int, chunk: int) -> Parts:
     return tuple(jnp.pad(k, ((0, 0), (0, padded - length)), constant_values=1) for k in keep)
 
 
-def _stream(
-    *,
-    ins,
-    outs,
-    length,
-    chunk,
-    stages,
-    reverse,
-    step,
-    carry,
-):
-    """Walks the sequence chunk by chunk through a ring of `stages` SMEM slots.
+def _stream(*, ins, outs, length, reverse, step, carry):
+    """Walks the sequence chunk by chunk through rings of SMEM slots: chunk k + S is
+    copied into the input slot chunk k was scanned from (S the input ring's depth), and
+    each chunk's outputs are copied out of their own, shallower ring.
 
     Args:
       ins: (gmem, smem) pairs: gmem(start, count) -> the GMEM view of `count` steps from
-        `start`; smem a (stages, chunk, ...) ring.
+        `start`; smem a (slots, chunk, ...) ring, the same depth for every input.
       outs: the same for outputs, written by `step` into the slot and copied out whole.
       step: step(carry, in_rows, out_rows, t) -> carry, for local row t of the slot's
         views (in_rows/out_rows: one SMEM ref per stream for this slot).
@@ -129,8 +130,9 @@ def _stream(
     Returns:
       The state after the walk.
     """
+    stages, chunk = ins[0][1].shape[:2]
+    out_slots = outs[0][1].shape[0]
     num_chunks, tail = divmod(length, chunk)
-    stages = min(stages, num_chunks) if num_chunks else 1
     order = (lambda i, count: count - 1 - i) if reverse else (lambda i, count: i)
 
     def start(k):  # first row (in memory order) of walk chunk k
@@ -148,13 +150,15 @@ def _stream(
             return c
 
         def body(k, c):
-            slot = k % stages
+            slot, out_slot = k % stages, k % out_slots
             plgpu.barrier_wait(barriers.at[slot])
-            # The slot's outputs of chunk k - stages must have left SMEM before we write.
-            plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
-            c = scan(c, [s.at[slot] for _, s in ins], [s.at[slot] for _, s in outs], chunk)
-            for gmem, smem in outs:
-                plgpu.copy_smem_to_gmem(smem.at[slot], gmem(start(k), chunk), commit_group=False)
+            # The output slot's copy of chunk k - out_slots must have left SMEM (one copy
+            # group per chunk) before the slot is written again.
+            plgpu.wait_smem_to_gmem(out_slots - 1, wait_read_only=True)
+            slot_outs = [s.at[out_slot] for _, s in outs]
+            c = scan(c, [s.at[slot] for _, s in ins], slot_outs, chunk)
+            for (gmem, _), view in zip(outs, slot_outs):
+                plgpu.copy_smem_to_gmem(view, gmem(start(k), chunk), commit_group=False)
             plgpu.commit_smem_to_gmem_group()
 
             @pl.when(k + stages < num_chunks)
@@ -209,8 +213,12 @@ def _load_vectors(refs_and_views):
     )
 
 
-def _ring(stages, chunk, dtype, count):
-    return [plgpu.SMEM((stages, chunk, CHANNELS), dtype) for _ in range(count)]
+def _rings(stages, chunk, dtype, count, keep=()):
+    """SMEM for `count` CHANNELS-wide streams (and the keep streams): `stages` slots of
+    `chunk` steps each."""
+    return [plgpu.SMEM((stages, chunk, CHANNELS), dtype) for _ in range(count)] + [
+        plgpu.SMEM((stages, chunk), k.dtype) for k in keep
+    ]
 
 
 def _program(blocks):
@@ -249,7 +257,7 @@ def forward(a, b, h0, keep, *, chunk, reverse, interpret, stages=3) -> Parts:
     keep () or ((rows, L),). h is a new buffer (no aliases in a Mosaic GPU kernel)."""
     rows, length, n = b[0].shape
     num_parts, num_keep, dtype = len(b), len(keep), b[0].dtype
-    chunk, stages = _shape(length, chunk, stages, 2 * num_parts, dtype.itemsize, num_keep)
+    chunk, stages = _shape(length, chunk, stages, num_parts, num_parts, dtype.itemsize, num_keep)
     keep = _pad_keep(keep, length, chunk)
 
     def kernel(*refs):
@@ -279,8 +287,6 @@ def forward(a, b, h0, keep, *, chunk, reverse, interpret, stages=3) -> Parts:
                 + [(_keep_view(x, row), s) for x, s in zip(keep_refs, keep_smem)],
                 outs=[(_sequence_view(x, row, cols), s) for x, s in zip(h_refs, h_smem)],
                 length=length,
-                chunk=chunk,
-                stages=stages,
                 reverse=reverse,
                 step=step,
                 carry=h,
@@ -288,9 +294,8 @@ def forward(a, b, h0, keep, *, chunk, reverse, interpret, stages=3) -> Parts:
 
         pl.run_scoped(
             scoped,
-            *_ring(stages, chunk, dtype, num_parts),
-            *[plgpu.SMEM((stages, chunk), k.dtype) for k in keep],
-            *_ring(stages, chunk, dtype, num_parts),
+            *_rings(stages, chunk, dtype, num_parts, keep),
+            *_rings(_out_slots(stages), chunk, dtype, num_parts),
         )
 
     out_type = [jax.ShapeDtypeStruct(b[0].shape, dtype)] * num_parts
@@ -302,7 +307,9 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret, stages=3):
     a): returns (g parts (rows, L, N), da parts (rows, N), per-row partial sums)."""
     rows, length, n = dh[0].shape
     num_parts, num_keep, dtype = len(dh), len(keep), dh[0].dtype
-    chunk, stages = _shape(length, chunk, stages, 3 * num_parts, dtype.itemsize, num_keep)
+    chunk, stages = _shape(
+        length, chunk, stages, 2 * num_parts, num_parts, dtype.itemsize, num_keep
+    )
     keep = _pad_keep(keep, length, chunk)
 
     def kernel(*refs):
@@ -338,8 +345,6 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret, stages=3):
                 + [(_keep_view(x, row), s) for x, s in zip(keep_refs, keep_smem)],
                 outs=[(_sequence_view(x, row, cols), s) for x, s in zip(g_refs, g_smem)],
                 length=length,
-                chunk=chunk,
-                stages=stages,
                 reverse=not reverse,
                 step=step,
                 carry=(zeros, jnp.float32(1), zeros),
@@ -357,9 +362,8 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret, stages=3):
 
         pl.run_scoped(
             scoped,
-            *_ring(stages, chunk, dtype, 2 * num_parts),
-            *[plgpu.SMEM((stages, chunk), k.dtype) for k in keep],
-            *_ring(stages, chunk, dtype, num_parts),
+            *_rings(stages, chunk, dtype, 2 * num_parts, keep),
+            *_rings(_out_slots(stages), chunk, dtype, num_parts),
             *[plgpu.SMEM((CHANNELS,), jnp.float32) for _ in range(num_parts)],
         )
 
