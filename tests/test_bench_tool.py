@@ -86,6 +86,11 @@ def test_quick_table_has_every_section_and_reports_a_failing_row(tmp_path):
     again = _bench("--render", str(path), timeout=120)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout == table
+    # A GPU run names the kernels' tuning (Triton or Mosaic GPU) its pallas rows ran with.
+    assert result["gpu_tuning"] == "" and "tuning" not in table.splitlines()[0]
+    path.write_text(json.dumps({**result, "gpu_tuning": "mosaic,32,3"}))
+    gpu = _bench("--render", str(path), timeout=120)
+    assert gpu.stdout.splitlines()[0].endswith(", pallas GPU tuning mosaic,32,3"), gpu.stdout
 
 
 def test_rows_past_the_budget_are_skipped_not_run(tmp_path):

@@ -45,6 +45,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from lrulm.kernels import gpu as gpu_kernels  # noqa: E402
 from lrulm.lru import LRU  # noqa: E402
 
 SECTIONS = ("scan", "lru", "train")
@@ -201,7 +202,8 @@ def render(result: dict) -> str:
     """The markdown report of a run's JSON (complete or cut short)."""
     lines = [
         f"# lrulm benchmark: {result['device']} ({result['backend']}, "
-        f"{result['devices']} device(s)), jax {result['jax_version']}",
+        f"{result['devices']} device(s)), jax {result['jax_version']}"
+        + (f", pallas GPU tuning {result['gpu_tuning']}" if result.get("gpu_tuning") else ""),
         "",
         f"copy bandwidth {result['copy_GBps']:.1f} GB/s (x + 1 over "
         f"{_bytes(result['copy_bytes'])}, bytes read + written)",
@@ -438,6 +440,8 @@ def main(argv=None):
         "backend": jax.default_backend(),
         "devices": jax.device_count(),
         "jax_version": jax.__version__,
+        # The GPU kernels' launch shape (and Triton or Mosaic GPU) the pallas rows ran.
+        "gpu_tuning": str(gpu_kernels.tuning()) if jax.default_backend() == "gpu" else "",
         "profile": args.profile,
         "argv": sys.argv[1:],
         "section_wall_s": {},
