@@ -87,8 +87,7 @@ def _gpu_kernel(triton: Callable, name: str) -> Callable:
     def run(a, *groups, chunk, reverse, interpret):
         t = gpu.tuning()
         if t.kernel == "mosaic" and mosaic_gpu.supports(a, groups[0]):
-            if not interpret:
-                mosaic_gpu.check_device()
+            mosaic_gpu.check_device([] if interpret else None)
             mosaic = getattr(mosaic_gpu, name)
             return mosaic(
                 a, *groups, chunk=t.chunk, stages=t.stages, reverse=reverse, interpret=interpret

@@ -129,8 +129,9 @@ def mosaic_calls(monkeypatch):
 
 # 45 steps = one 32-step chunk and a 13-step tail (one slot: no ring), 100 = 3 chunks
 # through an input ring of 3 (outputs: 2 slots) and a 4-step tail, 64 steps = whole
-# chunks only; 256 channels are two programs a row. With resets the chunk is a whole number of 128-byte keep copies: 32
-# float32 steps, 64 bfloat16 ones (bf16 at 100 steps: one chunk and a 36-step tail).
+# chunks only; 256 channels are two programs a row. With resets the chunk is a whole
+# number of 128-byte keep copies: 32 float32 steps, 64 bfloat16 ones (bf16 at 100 steps:
+# one chunk and a 36-step tail).
 @pytest.mark.skipif(COMPILED and jax.default_backend() != "gpu", reason="the GPU kernel")
 @pytest.mark.parametrize(
     "gpu_tuning, length, complex_, reverse, bf16_resets",
@@ -174,8 +175,9 @@ def test_mosaic_kernels_synchronise_per_chunk_not_per_step(monkeypatch):
     assert 0 < len(emitted) <= 6, len(emitted)
 
 
-def test_mosaic_kernels_refuse_a_gpu_older_than_hopper():
-    """Mosaic GPU needs sm_90: an A100 (or a ROCm GPU) gets a clear error before lowering."""
+def test_mosaic_kernels_refuse_a_gpu_older_than_hopper(monkeypatch):
+    """Mosaic GPU needs sm_90: an A100 (or a ROCm GPU) gets a clear error before lowering,
+    as does a jax that cannot import Mosaic GPU (even for the interpreter: devices [])."""
 
     class Device:
         def __init__(self, platform, kind, capability):
@@ -185,6 +187,12 @@ def test_mosaic_kernels_refuse_a_gpu_older_than_hopper():
     for device in (Device("gpu", "NVIDIA A100", "8.0"), Device("gpu", "AMD MI300X", "")):
         with pytest.raises(ValueError, match="Hopper.*Triton tuning"):
             mosaic_kernels.check_device([device])
+    monkeypatch.setattr(mosaic_kernels, "plgpu", None)
+    monkeypatch.setattr(
+        mosaic_kernels, "_IMPORT_ERROR", ImportError("no mosaic_gpu"), raising=False
+    )
+    with pytest.raises(ValueError, match="cannot import them .no mosaic_gpu.*Triton tuning"):
+        mosaic_kernels.check_device([])
 
 
 @pytest.mark.parametrize("gpu_tuning", ["mosaic,32,2"], indirect=True)

@@ -34,7 +34,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import mosaic_gpu as plgpu
+
+try:  # a jaxlib built without Mosaic GPU's bindings still runs everything else
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+except ImportError as e:
+    plgpu, _IMPORT_ERROR = None, e
 
 from lrulm.kernels.common import Parts, conj, group_refs, mul_conj
 from lrulm.kernels.common import step as recurrence_step
@@ -53,9 +57,15 @@ def supports(a: Parts, b: Parts) -> bool:
 
 
 def check_device(devices=None) -> None:
-    """Raises a clear error, before anything is lowered, when the GPU that will run these
-    kernels is not a Hopper (sm_90) or newer NVIDIA GPU, which Mosaic GPU needs. Silent
-    where there is no GPU (the interpreter; lowering for CUDA from a host)."""
+    """Raises a clear error, before anything is lowered, when this jax cannot import Mosaic
+    GPU, or when a GPU among `devices` (default: jax.devices(); [] for the interpreter) is
+    not a Hopper (sm_90) or newer NVIDIA GPU, which Mosaic GPU needs. Silent where there is
+    no GPU (the interpreter; lowering for CUDA from a host)."""
+    if plgpu is None:
+        raise ValueError(
+            f"$LRULM_PALLAS_GPU_TUNING asks for the Mosaic GPU kernels, but this jax cannot "
+            f"import them ({_IMPORT_ERROR}). Use a Triton tuning (e.g. 32,1,128,prefetch)."
+        )
     for device in devices if devices is not None else jax.devices():
         if device.platform != "gpu":
             continue
