@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
-# GPU check of the Pallas recurrence kernel: launch-shape sweeps, the benchmark table,
-# compiled tests.
+# GPU check of the Pallas recurrence kernels (Triton and Mosaic GPU): launch-shape sweeps,
+# the benchmark table, compiled tests.
 #
 #   bash tools/gpu_check.sh    # on a CUDA machine; at most ~10 minutes
 #   (a lent machine without grain / ml-collections: see tools/device_wheels.sh)
 #
-# 1. tools/gpu_kernel_sweep.py: the Triton kernel's launch shapes at B=8, L=2048, N=1024,
-#    each checked against associative and timed; the fastest correct one is exported
-#    (LRULM_PALLAS_GPU_TUNING) for the benchmark; then one 65,536-step sequence of 768
-#    channels unsplit and split in time;
+# 1. tools/gpu_kernel_sweep.py: the Triton and Mosaic GPU kernels' launch shapes at B=8,
+#    L=2048, N=1024, each checked against associative and timed; the fastest correct one
+#    is exported (LRULM_PALLAS_GPU_TUNING) for the benchmark; the Mosaic GPU kernels'
+#    compiled tests; then one 65,536-step sequence of 768 channels unsplit and split in
+#    time;
 # 2. tools/bench.py: the scan methods at the DESIGN.md §4 size (B=8, L=2048, N=1024,
 #    complex64, and the planar form), an LRU layer (H=N=1024, 8 x 2048 bf16), the 350m
 #    train step at 8 x 2048 with associative vs pallas, and 125m at 1 x 65536 (remat full,
 #    vocabulary-blocked loss) with each: does a 64k context fit?
-# 3. tests/test_scan_pallas{,_gpu}.py on the compiled Triton kernel (not the interpreter).
-# Outputs go to $OUT if set, else a temporary folder: 8 files (env.txt, rc.txt,
-# {sweep,sweep_long,bench,tests}.log, sweep.json, bench.json). The summary ends with the
+# 3. tests/test_scan_pallas{,_gpu}.py on the compiled kernels (not the interpreters).
+# Outputs go to $OUT if set, else a temporary folder: 9 files (env.txt, rc.txt,
+# {sweep,tests_mosaic,sweep_long,bench,tests}.log, sweep.json, bench.json). The step
+# limits add up to 550 s, so that the summary is printed inside a 570 s call. The summary ends with the
 # sweeps' and bench.py's tables. Each step has a time limit and the tools print or save
 # as they go, so the script always reaches the tables with what was measured.
 set -uo pipefail
@@ -46,26 +48,30 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 
 # The kernel's launch shapes at the bench size, checked against associative; the fastest
 # correct one is exported so that the benchmark uses it.
-run sweep 150 "$PY" tools/gpu_kernel_sweep.py --json "$OUT/sweep.json" --best_out "$BEST"
+run sweep 130 "$PY" tools/gpu_kernel_sweep.py --json "$OUT/sweep.json" --best_out "$BEST"
 if [ -s "$BEST" ]; then
   export LRULM_PALLAS_GPU_TUNING=$(cat "$BEST")
   echo "   LRULM_PALLAS_GPU_TUNING=$LRULM_PALLAS_GPU_TUNING"
 fi
+# The Mosaic GPU kernels' own tests, compiled, first: they have never run on hardware
+# (forward with resets and h0, the fused backward in float32 and bfloat16, the time split).
+parallel=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
+run tests_mosaic 40 env PYTHONUNBUFFERED=1 LRULM_TEST_PALLAS_COMPILED=1 "$PY" -m pytest -q \
+  -p no:cacheprovider -rfE $parallel tests/test_scan_pallas_gpu.py -k mosaic
 # One long sequence (125m's width): unsplit (segments=1) against the time split.
 tuning=${LRULM_PALLAS_GPU_TUNING:-32,1,128,prefetch}
 tuning=${tuning%%,segments=*}
-run sweep_long 100 "$PY" tools/gpu_kernel_sweep.py --shape 1,65536,768 --repeats 3 \
+run sweep_long 70 "$PY" tools/gpu_kernel_sweep.py --shape 1,65536,768 --repeats 3 \
   --configs "$tuning,segments=1 $tuning $tuning,segments=4 $tuning,segments=32"
 # Budgets: a section starts no new row after its budget; the timeout is the hard limit.
-run bench 260 "$PY" tools/bench.py --methods associative,chunked,pallas --presets 350m \
+run bench 240 "$PY" tools/bench.py --methods associative,chunked,pallas --presets 350m \
   --scan_methods associative,pallas --long 125m:65536:pallas,125m:65536:associative \
-  --budget_s scan=45,lru=30,train=150 --json "$OUT/bench.json"
+  --budget_s scan=40,lru=25,train=150 --json "$OUT/bench.json"
 # The kernels' code paths (resets, h0, reverse, ragged blocks, bf16, the time split) on
 # the hardware, with short chunks: each test compiles in seconds, where the full chunk
 # takes ~10 s a kernel (the sweep checked the chosen launch shape at full size).
 # pytest-xdist (when there) compiles in 8 processes; each takes GPU memory as it needs it.
-parallel=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
-run tests 90 env PYTHONUNBUFFERED=1 LRULM_TEST_PALLAS_COMPILED=1 \
+run tests 70 env PYTHONUNBUFFERED=1 LRULM_TEST_PALLAS_COMPILED=1 \
   LRULM_PALLAS_GPU_TUNING=32,1,16,prefetch "$PY" -m pytest -q -p no:cacheprovider -rfE \
   $parallel tests/test_scan_pallas.py tests/test_scan_pallas_gpu.py
 
@@ -75,6 +81,7 @@ while read -r name rc secs; do
   case $rc in 0) status=ok ;; 124) status="TIMED OUT" ;; *) status="FAILED (exit $rc)" ;; esac
   printf '%-8s %s, %s s\n' "$name" "$status" "$secs"
 done <"$OUT/rc.txt"
+echo "tests_mosaic: $(tail -n 1 "$OUT/tests_mosaic.log")"
 echo "tests: $(tail -n 1 "$OUT/tests.log")"
 echo
 for name in sweep sweep_long; do
