@@ -13,9 +13,9 @@ what is in flight no longer depends on registers or threads:
   been scanned from, while chunks k + 1 .. k + stages - 1 are already on their way; every
   h row is written to a shared-memory slot of a two-slot output ring, and the slot is
   copied out (TMA) as a whole while the next chunk fills the other.
-- A (B, L) keep mask (document resets) is a third stream of one scalar per step; it is
-  padded to whole chunks outside the kernel (1/N of b's bytes), since a TMA copy's
-  innermost extent must be a multiple of 16 bytes.
+- A (B, L) keep mask (document resets) is one more stream, of one scalar per step; it is
+  padded to whole chunks outside the kernel (1/N of b's bytes), since a copy must move a
+  multiple of 128 bytes (32 float32 or 64 bfloat16 steps).
 - A sequence that is not a whole number of chunks ends with a shorter tail, copied and
   scanned after the ring has drained (no padding of b or h).
 - The backward walks the other way carrying g (the cotangent of b) and sums
@@ -348,7 +348,9 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret, stages=3):
             dh_smem, h_smem, keep_smem, g_smem, da_smem = group_refs(
                 smem, (num_parts, num_parts, num_keep, num_parts)
             )
-            zeros = tuple(0.0 * x for x in h_init)  # in the registers' layout
+            # Zeros in a loaded row's register layout (a loop carry keeps its layout; a
+            # constant's is a splat), from a's real part: a decay, always finite.
+            zeros = (0.0 * vectors[0],) * num_parts
             g, k_first, da = _stream(
                 ins=[(_sequence_view(x, row, cols), s) for x, s in zip(dh_refs, dh_smem)]
                 + [(_sequence_view(x, row, cols), s) for x, s in zip(h_refs, h_smem)]
