@@ -270,6 +270,9 @@ def test_gpu_tuning_parses_and_rejects_bad_text():
     assert mosaic.channels == mosaic_kernels.CHANNELS  # what time_segments counts programs by
     for text in ("mosaic,32,3", "mosaic,64,2,segments=4"):
         assert str(parse(text)) == text
+    # What Mosaic GPU leaves to Triton runs with Triton's default launch shape.
+    assert str(mosaic.triton()) == "32,1,128,prefetch,segments=2"
+    assert parse("16,1,8").triton() == parse("16,1,8")
     wrong = ("32,1", "32,1,x", "32,1,64,fast", "48,1,64", "32,0,64", "32,1,64,stages=0",
              "32,1,64,segments=", "32,1,64,segments=-2", "mosaic,32", "mosaic,0,2",
              "mosaic,32,2,prefetch", "triton,32,1,64")  # fmt: skip

@@ -113,6 +113,11 @@ class Tuning:
             raise ValueError(f"{TUNING_ENV}={text!r}: expected {_TUNING_FORMAT}") from None
         return cls(channels, warps, registers, **flags)
 
+    def triton(self) -> Tuning:
+        """The Triton launch shape: this one, or the default for a Mosaic GPU tuning (whose
+        kernels leave to Triton the operands they do not take)."""
+        return self if self.kernel == "triton" else Tuning(segments=self.segments)
+
     def __str__(self):
         if self.kernel == "mosaic":
             text = f"mosaic,{self.chunk},{self.stages}"
@@ -168,7 +173,7 @@ def time_segments(rows: int, length: int, n: int, *, backend: str, sms: int | No
 
 def _launch(n, length, per_row, chunk):
     """(channel block, number of blocks, chunk, prefetch, compiler params) for N channels."""
-    t = tuning()
+    t = tuning().triton()
     bn = min(t.channels, pl.next_power_of_2(n))  # Triton blocks are powers of two
     # Registers per load: one value per thread per channel the thread holds; prefetching
     # holds two chunks at once.
