@@ -82,36 +82,25 @@ class Tuning:
     @classmethod
     def parse(cls, text: str) -> Tuning:
         fields = text.split(",")
+        mosaic = fields[0] == "mosaic"
         try:
-            if fields[0] == "mosaic":
-                chunk, stages = (int(x) for x in fields[1:3])
-                segments = 0
-                for flag in fields[3:]:
-                    name, _, value = flag.partition("=")
-                    if name != "segments" or not value:
-                        raise ValueError
-                    segments = int(value)
-                return cls(
-                    channels=mosaic_gpu.CHANNELS,  # what time_segments counts programs by
-                    warps=4,  # one warpgroup
-                    stages=stages,
-                    segments=segments,
-                    kernel="mosaic",
-                    chunk=chunk,
-                )
-            channels, warps, registers = (int(x) for x in fields[:3])
-            flags = dict(prefetch=False, stages=1, segments=0)
-            for flag in fields[3:]:
-                name, _, value = flag.partition("=")
-                if flag == "prefetch":
-                    flags["prefetch"] = True
-                elif name in ("stages", "segments") and value:
-                    flags[name] = int(value)
-                else:
-                    raise ValueError
+            numbers = [int(x) for x in fields[mosaic : mosaic + (2 if mosaic else 3)]]
+            flags = _flags(fields[mosaic + len(numbers) :], prefetch=not mosaic)
+            if len(numbers) < 2 + (not mosaic):
+                raise ValueError
         except ValueError:
             raise ValueError(f"{TUNING_ENV}={text!r}: expected {_TUNING_FORMAT}") from None
-        return cls(channels, warps, registers, **flags)
+        if mosaic:
+            chunk, stages = numbers
+            return cls(
+                channels=mosaic_gpu.CHANNELS,  # what time_segments counts programs by
+                warps=4,  # one warpgroup
+                stages=stages,
+                segments=flags["segments"],
+                kernel="mosaic",
+                chunk=chunk,
+            )
+        return cls(*numbers, **flags)
 
     def triton(self) -> Tuning:
         """The Triton launch shape: this one, or the default for a Mosaic GPU tuning (whose
@@ -126,6 +115,20 @@ class Tuning:
         text += ",prefetch" if self.prefetch else ""
         text += f",stages={self.stages}" if self.stages > 1 else ""
         return text + (f",segments={self.segments}" if self.segments else "")
+
+
+def _flags(fields, *, prefetch: bool) -> dict:
+    """The optional fields of a tuning: [prefetch] (Triton only), stages=S, segments=T."""
+    flags = dict(prefetch=False, stages=1, segments=0) if prefetch else dict(segments=0)
+    for flag in fields:
+        name, _, value = flag.partition("=")
+        if flag == "prefetch" and prefetch:
+            flags["prefetch"] = True
+        elif name in flags and name != "prefetch" and value:
+            flags[name] = int(value)
+        else:
+            raise ValueError(flag)
+    return flags
 
 
 def tuning() -> Tuning:
