@@ -87,7 +87,7 @@ def _die_with_parent() -> None:
 
 
 def _pump(index: int, stream) -> None:
-    """Copies one child's output to our stdout, each line prefixed with `[pN] `."""
+    """Copies one of a child's streams to our stdout, each line prefixed with `[pN] `."""
     prefix = f"[p{index}] ".encode()
     out = sys.stdout.buffer
     for line in iter(stream.readline, b""):
@@ -124,19 +124,25 @@ class _Job:
                 command,
                 env=env,
                 stdin=subprocess.DEVNULL,
+                # A pipe per stream, each pumped by whole lines: on one shared pipe, a line
+                # that native code writes to stderr (gloo's, from its own thread) can land
+                # in the middle of one that Python writes to stdout unbuffered.
                 stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
+                stderr=subprocess.PIPE,
                 # Own process group: signals reach the command's whole tree (e.g. a shell and
                 # its python), and a Ctrl-C at the terminal reaches only the launcher.
                 start_new_session=True,
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
             self.procs.append(proc)
-            pump = threading.Thread(target=_pump, args=(index, proc.stdout), daemon=True)
+            pumps = [
+                threading.Thread(target=_pump, args=(index, stream), daemon=True)
+                for stream in (proc.stdout, proc.stderr)
+            ]
             waiter = threading.Thread(target=self._wait, args=(index,), daemon=True)
-            pump.start()
-            waiter.start()
-            self.threads.append(pump)
+            for thread in (*pumps, waiter):
+                thread.start()
+            self.threads += pumps
 
     def _wait(self, index: int) -> None:
         # One waiter per child, so exits are seen in the order they happen.

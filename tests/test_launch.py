@@ -127,6 +127,30 @@ def test_large_output_does_not_deadlock():
         assert len(mine) == 40000 and mine[-1].startswith(f"{p}line 39999 ")
 
 
+def test_a_childs_stdout_and_stderr_lines_stay_whole():
+    """A child whose Python prints (unbuffered: print writes each piece) while another
+    thread writes to fd 2 in pieces, as native code such as gloo does: every line arrives
+    whole, each stream pumped on its own."""
+    code = textwrap.dedent("""
+        import os, threading
+        def native():
+            for i in range(3000):
+                os.write(2, b"err "); os.write(2, str(i).encode()); os.write(2, b" done\\n")
+        t = threading.Thread(target=native)
+        t.start()
+        for i in range(3000):
+            print("out", i, "ok")
+        t.join()
+        """)
+    with _launcher("--num_processes", "1", "--", sys.executable, "-c", code) as proc:
+        lines, _ = _timed_lines(proc, 60)
+    assert proc.returncode == 0
+    texts = [text for _, text in lines if not text.startswith("[local.py] ")]
+    mixed = [t for t in texts if not re.fullmatch(r"\[p0\] (out \d+ ok|err \d+ done)", t)]
+    assert not mixed, mixed[:3]
+    assert len(texts) == 6000
+
+
 GRACE_S = 2
 # The launcher must exit within the grace period (survivors that ignore SIGTERM get SIGKILL)
 # plus this much after process 1 dies.
