@@ -42,7 +42,7 @@ memory latency. Time is sequential within a program, so all parallelism comes fr
   the current one; a chunk is at least 512 steps (VMEM permitting) whatever `chunk_size`
   asks, since every grid step has a fixed cost. tools/tpu_kernel_schedule.py reads the
   compiler's VLIW schedule of each variant against the HBM time of its bytes.
-- Both kernels write h over b (and the backward g over dh): one (B, L, N) buffer per
+- All kernels write h over b (and the backward g over dh): one (B, L, N) buffer per
   recurrence, so the LRU's B projection, the scan and its C readout hold one
   complex-sized activation per layer, which is also the only residual the gradient keeps.
 - `reverse` only changes which chunk comes next and the row order within it, so no
@@ -79,10 +79,10 @@ _INTERPRET_CHUNK = 8
 # ----------------------------------------------------------------------------------
 
 
-def _gpu_kernel(triton: Callable, name: str) -> Callable:
+def _gpu_kernel(triton: Callable, name: str, **options) -> Callable:
     """The GPU kernel the tuning names (lrulm.kernels.gpu.Tuning.kernel): Mosaic GPU's
     `name` (lrulm.kernels.mosaic_gpu) for the operands it supports (an (N,) a, N a
-    multiple of 128) when asked for, else the Triton kernel."""
+    multiple of 128) when asked for, else the Triton kernel; both with `options`."""
 
     def run(a, *groups, chunk, reverse, interpret):
         t = gpu.tuning()
@@ -90,9 +90,15 @@ def _gpu_kernel(triton: Callable, name: str) -> Callable:
             mosaic_gpu.check_device([] if interpret else None)
             mosaic = getattr(mosaic_gpu, name)  # looked up per call, so tests can count them
             return mosaic(
-                a, *groups, chunk=t.chunk, stages=t.stages, reverse=reverse, interpret=interpret
+                a,
+                *groups,
+                chunk=t.chunk,
+                stages=t.stages,
+                reverse=reverse,
+                interpret=interpret,
+                **options,
             )
-        return triton(a, *groups, chunk=chunk, reverse=reverse, interpret=interpret)
+        return triton(a, *groups, chunk=chunk, reverse=reverse, interpret=interpret, **options)
 
     return run
 
@@ -100,7 +106,7 @@ def _gpu_kernel(triton: Callable, name: str) -> Callable:
 _KERNELS: dict[tuple[str, str], Callable] = {
     ("forward", "gpu"): _gpu_kernel(gpu.forward, "forward"),
     ("forward", "tpu"): tpu.forward,
-    ("forward_over_b", "gpu"): _gpu_kernel(functools.partial(gpu.forward, over_b=True), "forward"),
+    ("forward_over_b", "gpu"): _gpu_kernel(gpu.forward, "forward", over_b=True),
     ("forward_over_b", "tpu"): functools.partial(tpu.forward, over_b=True),
     ("backward", "gpu"): _gpu_kernel(gpu.backward, "backward"),
     ("backward", "tpu"): tpu.backward,

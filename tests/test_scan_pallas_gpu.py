@@ -4,6 +4,7 @@ compiled with LRULM_TEST_PALLAS_COMPILED=1 on a GPU (tools/gpu_check.sh)."""
 
 import functools
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -227,24 +228,45 @@ def test_mosaic_kernels_have_no_races(complex_, monkeypatch):
 
 @pytest.mark.skipif(COMPILED, reason="lowers for CUDA from the host")
 @pytest.mark.parametrize("gpu_tuning", ["mosaic,64,3"], indirect=True)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_mosaic_kernels_lower_for_cuda(gpu_tuning, dtype, mosaic_calls):
+@pytest.mark.parametrize("dtype, over_b", [(jnp.float32, True), (jnp.bfloat16, False)])
+def test_mosaic_kernels_lower_for_cuda(gpu_tuning, dtype, over_b, mosaic_calls):
     """The LRU's scan and its gradient with resets at the DESIGN.md size (8 x 2048 x 1024),
     lowered for CUDA on this host: the Mosaic GPU lowering accepts every copy and layout
-    (the interpreter does not check the TMA's size rules), and no Triton kernel is left."""
+    (the interpreter does not check the TMA's size rules), no Triton kernel is left, and
+    g is written over dh (operands 2, 3), h over b when asked: one (B, L, N) buffer per
+    recurrence, as with Triton."""
     a = (jnp.zeros((1024,), dtype),) * 2
     b = (jax.ShapeDtypeStruct((8, 2048, 1024), dtype),) * 2
     resets = jax.ShapeDtypeStruct((8, 2048), jnp.bool_)
 
     def loss(a, b, resets):
-        h = scan_lib.linear_scan_planar(a, b, resets=resets, method="pallas")
+        h = scan_lib.linear_scan_planar(
+            a, b, resets=resets, method="pallas", overwrite_b=over_b
+        )
         return sum(jnp.sum(x.astype(jnp.float32) ** 2) for x in h)
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
     text = jax.export.export(grad, platforms=["cuda"])(a, b, resets).mlir_module()
-    assert text.count("stablehlo.custom_call @mosaic_gpu") == 2, "a forward and a backward"
+    calls = [line for line in text.splitlines() if "stablehlo.custom_call @mosaic_gpu" in line]
+    assert len(calls) == 2, "a forward and a backward"
     assert "triton" not in text
     assert set(mosaic_calls) == {"forward", "backward"}  # (each traced more than once)
+    assert mosaic_kernels.aliasing()  # this jax can; a jax without it gets new buffers
+    aliases = lambda call: re.findall(
+        r"output_tuple_indices = \[(\d)\], operand_index = (\d+)", call
+    )
+    written_over = [("0", "2"), ("1", "3")]
+    forward, backward = sorted(calls, key=len)  # the backward has more operands
+    assert aliases(forward) == (written_over if over_b else [])
+    assert aliases(backward) == written_over
+
+
+@pytest.mark.parametrize("gpu_tuning", ["mosaic,16,2"], indirect=True)
+def test_mosaic_keeps_b_that_is_still_needed(gpu_tuning, mosaic_calls):
+    """h written over b by the Mosaic GPU forward (2 chunks and a tail): a b the program
+    reads afterwards is copied first, so the caller never sees it change."""
+    base.test_b_still_needed_after_the_scan_is_not_overwritten("gpu")
+    assert mosaic_calls == ["forward"]
 
 
 def test_time_segments_only_split_launches_with_too_few_programs():

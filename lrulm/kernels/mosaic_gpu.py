@@ -22,8 +22,12 @@ what is in flight no longer depends on registers or threads:
   da = sum_t keep_t g_t conj(h_{t-1}) per program: at step t the walk holds g_{t+1} and
   keep_{t+1} from the step before, so the h it needs is h_t, the row it loads with dh_t;
   no shifted loads (the first position pairs g with h0 after the walk).
-- No output is written over its input: a Mosaic GPU kernel has no input/output aliases,
-  so h (and g) are new buffers, where the Triton kernels write over b (and dh).
+- h is written over b on request and g always over dh, as the Triton kernels do
+  (lrulm.kernels.common.write_over_b): a chunk's rows are stored only after the whole
+  chunk was copied in, and the copies in flight are of other chunks. `plgpu.kernel` takes
+  no input/output aliases, so the kernels are launched through the mesh-kernel primitive
+  under it (jax._src.pallas.mpmd._mpmd_map, which does); a jax without it gets new
+  buffers through `plgpu.kernel`.
 
 Pallas's Mosaic GPU interpreter runs these kernels on a CPU (tests/test_scan_pallas_gpu.py);
 jax.export lowers them for CUDA on a machine without a GPU.
@@ -31,16 +35,23 @@ jax.export lowers them for CUDA on a machine without a GPU.
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
+try:  # the mesh-kernel primitive under plgpu.kernel, which alone takes input/output aliases
+    from jax._src.pallas.mpmd import _mpmd_map
+except ImportError:
+    _mpmd_map = None
 
 try:  # a jaxlib built without Mosaic GPU's bindings still runs everything else
     from jax.experimental.pallas import mosaic_gpu as plgpu
 except ImportError as e:
     plgpu, _IMPORT_ERROR = None, e
 
-from lrulm.kernels.common import Parts, conj, group_refs, mul_conj
+from lrulm.kernels.common import Parts, conj, group_refs, mul_conj, write_over_b
 from lrulm.kernels.common import step as recurrence_step
 
 CHANNELS = 128  # a warpgroup's threads: one channel each
@@ -246,25 +257,45 @@ def _keep_view(ref, row):
     return lambda start, count: ref.at[row, pl.ds(start, count)]
 
 
-def _launch(kernel, rows, n, out_type, interpret):
+def aliasing() -> bool:
+    """Whether this jax can write h over b (and g over dh) in these kernels."""
+    return _mpmd_map is not None and "input_output_aliases" in inspect.signature(_mpmd_map).parameters
+
+
+def _launch(kernel, rows, n, out_type, interpret, aliases, name):
+    """The kernel over rows * N/128 programs (the named grid axis "p": the interpreter
+    gives every program the same pl.program_id), with `aliases` {operand: result} where
+    this jax can (`aliasing()`)."""
     # Pallas would put a warpgroup barrier before and after every SMEM store (4 per step
     # of a complex scan). The kernels synchronise where it is needed themselves: after a
     # copy's barrier wait (each thread waits), and in commit_smem / wait_smem_to_gmem (a
     # warpgroup barrier each) before a slot is copied out, refilled or written again; no
     # thread reads SMEM it wrote.
-    return plgpu.kernel(
-        kernel,
-        out_type=out_type,
-        grid=(rows * (n // CHANNELS),),
-        grid_names=("p",),
-        compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=True),
-        interpret=_interpret_params() if interpret else None,
+    params = plgpu.CompilerParams(unsafe_no_auto_barriers=True)
+    grid, grid_names = (rows * (n // CHANNELS),), ("p",)
+    interpret = _interpret_params() if interpret else False
+    if not aliasing():
+        return plgpu.kernel(
+            kernel,
+            out_type=out_type,
+            grid=grid,
+            grid_names=grid_names,
+            compiler_params=params,
+            interpret=interpret or None,
+        )
+    return _mpmd_map(
+        [(plgpu.Mesh(grid=grid, grid_names=grid_names), kernel)],
+        out_type,
+        input_output_aliases=aliases,
+        compiler_params=params,
+        interpret=interpret,
+        name=name,
     )
 
 
-def forward(a, b, h0, keep, *, chunk, reverse, interpret, stages=3) -> Parts:
+def forward(a, b, h0, keep, *, chunk, reverse, interpret, stages=3, over_b=False) -> Parts:
     """h_t = a * (keep_t h_{t-1}) + b_t for an (N,) a: b parts (rows, L, N), h0 (rows, N),
-    keep () or ((rows, L),). h is a new buffer (no aliases in a Mosaic GPU kernel)."""
+    keep () or ((rows, L),). `over_b`: h written over b (lrulm.kernels.common.write_over_b)."""
     rows, length, n = b[0].shape
     num_parts, num_keep, dtype = len(b), len(keep), b[0].dtype
     chunk, stages = _shape(length, chunk, stages, num_parts, num_parts, dtype.itemsize, num_keep)
@@ -309,12 +340,15 @@ def forward(a, b, h0, keep, *, chunk, reverse, interpret, stages=3) -> Parts:
         )
 
     out_type = [jax.ShapeDtypeStruct(b[0].shape, dtype)] * num_parts
-    return tuple(_launch(kernel, rows, n, out_type, interpret)(*a, *b, *h0, *keep))
+    aliases = write_over_b(num_parts) if over_b else {}
+    launch = _launch(kernel, rows, n, out_type, interpret, aliases, "linear_scan_mosaic_gpu")
+    return tuple(launch(*a, *b, *h0, *keep))
 
 
 def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret, stages=3):
     """The fused backward of `forward` (lrulm.kernels.gpu.backward's contract for an (N,)
-    a): returns (g parts (rows, L, N), da parts (rows, N), per-row partial sums)."""
+    a): returns (g parts (rows, L, N), written over dh, and da parts (rows, N), per-row
+    partial sums)."""
     rows, length, n = dh[0].shape
     num_parts, num_keep, dtype = len(dh), len(keep), dh[0].dtype
     chunk, stages = _shape(
@@ -381,5 +415,7 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret, stages=3):
 
     out_type = [jax.ShapeDtypeStruct(dh[0].shape, dtype)] * num_parts
     out_type += [jax.ShapeDtypeStruct((rows, n), jnp.float32)] * num_parts
-    out = _launch(kernel, rows, n, out_type, interpret)(*a, *dh, *h, *h0, *keep)
+    aliases = write_over_b(num_parts)  # g over dh (dh is operands num_parts..)
+    launch = _launch(kernel, rows, n, out_type, interpret, aliases, "linear_scan_mosaic_gpu_bwd")
+    out = launch(*a, *dh, *h, *h0, *keep)
     return tuple(out[:num_parts]), tuple(out[num_parts:])
