@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -122,3 +123,71 @@ def test_gpu_kernel_sweep_checks_times_and_picks_a_launch_shape(tmp_path):
         _positive(row, "fwd_ms", "fwd_bwd_ms", "fwd_pct_copy", "fwd_bwd_pct_copy")
     assert best.read_text().strip() == result["best"] in configs.split()
     assert "best (fwd+bwd, correct)" in out.stdout
+
+
+# Stands in for python3 in tools/gpu_check.sh, on a machine without a GPU: each step's
+# command line is checked the way the real tool would check it, with nothing compiled or
+# timed, so that a GPU session (15 minutes in all) is not spent finding a typo.
+_GPU_CHECK_STUB = r"""
+import json, os, re, subprocess, sys
+os.environ["JAX_PLATFORMS"] = "cpu"  # gpu_check.sh exports cuda
+args = sys.argv[1:]
+with open(os.environ["STUB_LOG"], "a") as f:
+    json.dump({"args": args, "tuning": os.environ.get("LRULM_PALLAS_GPU_TUNING", "")}, f)
+    f.write("\n")
+if args[0] == "-c":
+    exec(args[1])
+elif args[:2] == ["-m", "pytest"]:  # collected, not run: the selection must not be empty
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", *args[2:]],
+                         capture_output=True, text=True)
+    print(out.stdout[-2000:], out.stderr[-2000:])
+    count = re.search(r"(\d+)(?:/\d+)? tests? collected", out.stdout)
+    sys.exit(out.returncode or not (count and int(count.group(1))))
+else:
+    tool = os.path.basename(args[0])[:-3]
+    sys.path.insert(0, os.path.dirname(args[0]))
+    parsed = __import__(tool).parse_args(args[1:])
+    if tool == "gpu_kernel_sweep":
+        print("device stub\n" + "\n".join(parsed.configs))
+        if parsed.best_out:
+            with open(parsed.best_out, "w") as f:
+                f.write(os.environ["STUB_BEST"] + "\n")
+"""
+
+
+@pytest.mark.parametrize("best", ["mosaic,16,4,segments=1", "32,1,128,prefetch"])
+def test_gpu_check_script_passes_each_tool_arguments_it_takes(tmp_path, best):
+    """tools/gpu_check.sh on this host, with python3 standing in (_GPU_CHECK_STUB):
+    every step's arguments are accepted by its tool, each pytest selection collects
+    tests, the sweep's winner reaches the long sweep (its time splits) and the
+    benchmark, and the summary prints every step."""
+    stub = tmp_path / "stub.py"
+    stub.write_text(_GPU_CHECK_STUB)
+    python = tmp_path / "python3"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{stub}" "$@"\n')
+    python.chmod(0o755)
+    log, out_dir = tmp_path / "calls.jsonl", tmp_path / "out"
+    env = dict(os.environ, PYTHON=str(python), OUT=str(out_dir), STUB_LOG=str(log))
+    env.update(STUB_BEST=best, TMPDIR=str(tmp_path))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    env.pop("LRULM_PALLAS_GPU_TUNING", None)
+    run = subprocess.run(
+        ["bash", "tools/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    steps = [line.split() for line in (out_dir / "rc.txt").read_text().splitlines()]
+    assert [(name, rc) for name, rc, _ in steps] == [
+        (name, "0") for name in ("sweep", "tests_mosaic", "sweep_long", "bench", "tests")
+    ], (steps, run.stdout[-3000:])
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    tools = {c["args"][0]: c for c in calls if c["args"][0].startswith("tools/")}
+    long = [c for c in calls if "--shape" in c["args"] and "1,65536,768" in c["args"]]
+    configs = long[0]["args"][long[0]["args"].index("--configs") + 1].split()
+    base = best.split(",segments=")[0]
+    assert configs == [f"{base},segments=1", base, f"{base},segments=4", f"{base},segments=32"]
+    assert tools["tools/bench.py"]["tuning"] == best
+    summary = run.stdout[run.stdout.index("== summary") :]
+    for name, _, _ in steps:
+        assert re.search(rf"^{name} +ok, \d+ s$", summary, re.M), summary
+    assert "no benchmark results" in summary  # the stub writes none

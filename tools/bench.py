@@ -47,6 +47,8 @@ from flax import nnx  # noqa: E402
 
 from lrulm.kernels import gpu as gpu_kernels  # noqa: E402
 from lrulm.lru import LRU  # noqa: E402
+from lrulm.model_config import PRESETS  # noqa: E402
+from lrulm.scan import ScanMethod  # noqa: E402
 
 SECTIONS = ("scan", "lru", "train")
 
@@ -370,7 +372,25 @@ def parse_args(argv=None):
         p.error(f"unknown sections {sorted(unknown)}; use {', '.join(SECTIONS)}")
     args.budgets = _budgets(args.budget_s)
     args.long_rows = _long_rows(args.long)
+    _check_names(args)
     return args
+
+
+def _check_names(args) -> None:
+    """Unknown scan methods or presets stop the run before anything is compiled, not as
+    failed rows after minutes of the others."""
+    methods = [m.value for m in ScanMethod]
+    named = [("--methods", m) for m in args.methods.split(",") if m]
+    named += [("--scan_methods", m) for m in args.scan_methods.split(",") if m]
+    named += [("--long", m) for _, _, m in args.long_rows if m]
+    for flag, m in named:
+        if m not in methods:
+            raise SystemExit(f"{flag}: unknown scan method {m!r}; use {', '.join(methods)}")
+    presets = [("--presets", p) for p in args.presets.split(",") if p]
+    presets += [("--long", p) for p, _, _ in args.long_rows]
+    for flag, preset in presets:
+        if preset not in PRESETS:
+            raise SystemExit(f"{flag}: unknown preset {preset!r}; use {', '.join(PRESETS)}")
 
 
 def scan_section(args, result, save, methods) -> None:

@@ -173,7 +173,8 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main():
+def parse_args(argv=None):
+    """The command line, checked (the shape, every tuning) before anything is compiled."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="8,2048,1024", help="B,L,N")
     p.add_argument(
@@ -186,14 +187,27 @@ def main():
     p.add_argument("--threads", type=int, default=8, help="compiles at a time")
     p.add_argument("--json", default="")
     p.add_argument("--best_out", default="", help="write the winning tuning here")
-    args = p.parse_args()
-    B, L, N = (int(x) for x in args.shape.split(","))
+    args = p.parse_args(argv)
+    try:
+        args.B, args.L, args.N = (int(x) for x in args.shape.split(","))
+    except ValueError:
+        p.error(f"--shape takes B,L,N (three integers); got {args.shape!r}")
+    try:
+        args.configs = [str(gpu.Tuning.parse(c)) for c in args.configs.split()]
+    except ValueError as e:
+        p.error(f"--configs: {e}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    B, L, N = args.B, args.L, args.N
     start = time.perf_counter()
     result = sweep(
         B,
         L,
         N,
-        args.configs.split(),
+        args.configs,
         repeats=args.repeats,
         rtol=args.rtol,
         threads=args.threads,
