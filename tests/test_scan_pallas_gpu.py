@@ -240,9 +240,7 @@ def test_mosaic_kernels_lower_for_cuda(gpu_tuning, dtype, over_b, mosaic_calls):
     resets = jax.ShapeDtypeStruct((8, 2048), jnp.bool_)
 
     def loss(a, b, resets):
-        h = scan_lib.linear_scan_planar(
-            a, b, resets=resets, method="pallas", overwrite_b=over_b
-        )
+        h = scan_lib.linear_scan_planar(a, b, resets=resets, method="pallas", overwrite_b=over_b)
         return sum(jnp.sum(x.astype(jnp.float32) ** 2) for x in h)
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1)))

@@ -259,7 +259,9 @@ def _keep_view(ref, row):
 
 def aliasing() -> bool:
     """Whether this jax can write h over b (and g over dh) in these kernels."""
-    return _mpmd_map is not None and "input_output_aliases" in inspect.signature(_mpmd_map).parameters
+    if _mpmd_map is None:
+        return False
+    return "input_output_aliases" in inspect.signature(_mpmd_map).parameters
 
 
 def _launch(kernel, rows, n, out_type, interpret, aliases, name):
