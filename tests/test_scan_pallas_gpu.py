@@ -209,8 +209,8 @@ def test_mosaic_falls_back_to_triton_for_what_it_does_not_take(gpu_tuning, mosai
 def test_mosaic_kernels_have_no_races(complex_, monkeypatch):
     """The Mosaic GPU interpreter's happens-before race detector over the TMA ring: every
     slot is read only after its copy arrived (a missing barrier wait fails here), for the
-    forward and the backward with resets, an input ring of 3, an output ring of 2 and a
-    tail."""
+    forward (h over b) and the backward (g over dh) with resets, an input ring of 3, an
+    output ring of 2 and a tail."""
     races = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call")
     params = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
     monkeypatch.setattr(
@@ -220,9 +220,9 @@ def test_mosaic_kernels_have_no_races(complex_, monkeypatch):
     keep = ((~base._resets(3, (1, 100))).astype(jnp.float32),)
     a, b, h0 = base._parts(a), base._parts(b), base._parts(h0)
     run = dict(chunk=32, stages=3, reverse=False, interpret=True)
-    h = jax.block_until_ready(mosaic_kernels.forward(a, b, h0, keep, **run))
+    h = jax.block_until_ready(mosaic_kernels.forward(a, b, h0, keep, **run, over_b=True))
     assert not races.get_races().races_found
-    jax.block_until_ready(mosaic_kernels.backward(a, b, h, h0, keep, **run))
+    jax.block_until_ready(mosaic_kernels.backward(a, b, h, h0, keep, **run))  # g over dh
     assert not races.get_races().races_found
 
 
