@@ -128,17 +128,17 @@ def mosaic_calls(monkeypatch):
     return calls
 
 
-# 45 steps = one 32-step chunk and a 13-step tail (one slot: no ring), 100 = 3 chunks
-# through an input ring of 3 (outputs: 2 slots) and a 4-step tail, 64 steps = whole
-# chunks only; 256 channels are two programs a row. With resets the chunk is a whole
-# number of 128-byte keep copies: 32 float32 steps, 64 bfloat16 ones (bf16 at 100 steps:
-# one chunk and a 36-step tail).
+# 45 steps = one 32-step chunk and a 13-step tail (one slot: no ring); 100 steps of 16
+# through a ring of 2 = 6 chunks (each slot refilled twice) and a 4-step tail; 64 steps
+# = whole chunks only; 256 channels are two programs a row. With resets the chunk is a
+# whole number of 128-byte keep copies: 32 float32 steps (at 100 steps: 3 chunks, one
+# refill), 64 bfloat16 ones (one chunk and a 36-step tail).
 @pytest.mark.skipif(COMPILED and jax.default_backend() != "gpu", reason="the GPU kernel")
 @pytest.mark.parametrize(
     "gpu_tuning, length, complex_, reverse, bf16_resets",
     [
         ("mosaic,32,2", 45, True, True, False),
-        ("mosaic,32,3", 100, False, False, True),
+        ("mosaic,16,2", 100, False, False, True),
         ("mosaic,32,2", 64, True, False, True),
     ],
     indirect=["gpu_tuning"],
@@ -152,6 +152,30 @@ def test_mosaic_kernels_agree(gpu_tuning, length, complex_, reverse, bf16_resets
     base.test_backward_kernel("gpu", *case, True, jnp.float32)
     base.test_backward_kernel("gpu", *case, bf16_resets, jnp.bfloat16)
     assert mosaic_calls == ["forward", "backward", "backward"]
+
+
+def test_mosaic_ring_fits_shared_memory():
+    """The ring (chunk x slots of every stream, outputs written in place) is cut to fit
+    the SMEM budget, keeping two slots (one scanned, one filling) before shortening the
+    chunk, and a chunk is a whole number of 128-byte keep copies when there are resets."""
+    shape = mosaic_kernels._shape
+    ring = lambda chunk, stages, streams, itemsize: (
+        chunk * stages * streams * mosaic_kernels.CHANNELS * itemsize
+    )
+    assert shape(2048, 32, 6, 2, 4, 0) == (32, 6)  # complex forward: 192 KiB
+    assert shape(2048, 32, 6, 4, 4, 0) == (32, 3)  # complex backward (dh, h): 192 KiB
+    assert shape(2048, 64, 3, 4, 4, 1) == (32, 2)  # two slots kept, the chunk halved
+    assert shape(2048, 16, 6, 4, 2, 1) == (64, 3)  # bf16 keep copies: 64 steps at least
+    assert shape(45, 32, 4, 2, 4, 0) == (32, 1)  # one whole chunk: one slot, no ring
+    for length in (45, 100, 2048, 65536):
+        for chunk in (8, 16, 32, 64, 256):
+            for stages in (1, 2, 3, 6, 12):
+                for streams, itemsize, keep in ((2, 4, 1), (4, 4, 1), (4, 2, 1), (1, 4, 0)):
+                    c, s = shape(length, chunk, stages, streams, itemsize, keep)
+                    assert ring(c, s, streams, itemsize) <= mosaic_kernels._SMEM_BYTES
+                    assert s >= 2 or length // c <= 1, (length, chunk, stages, c, s)
+                    assert s <= max(1, length // c)
+                    assert not keep or (c * itemsize) % mosaic_kernels._COPY_ALIGN == 0
 
 
 @pytest.mark.skipif(COMPILED, reason="lowers for CUDA from the host")
@@ -209,15 +233,15 @@ def test_mosaic_falls_back_to_triton_for_what_it_does_not_take(gpu_tuning, mosai
 def test_mosaic_kernels_have_no_races(complex_, monkeypatch):
     """The Mosaic GPU interpreter's happens-before race detector over the TMA ring: every
     slot is read only after its copy arrived (a missing barrier wait fails here), for the
-    forward (h over b) and the backward (g over dh) with resets, an input ring of 3, an
-    output ring of 2 and a tail."""
+    forward (h over b) and the backward (g over dh) with resets: 6 chunks through a ring
+    of 3 (every slot refilled once its copy out has left SMEM) and a tail."""
     races = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call")
     params = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
     monkeypatch.setattr(
         mosaic_kernels, "_interpret_params", lambda: params.InterpretGPUParams(detect_races=True)
     )
-    a, b, h0 = base._inputs(3, (1,), 100, 128, complex_=complex_, full_a=False)
-    keep = ((~base._resets(3, (1, 100))).astype(jnp.float32),)
+    a, b, h0 = base._inputs(3, (1,), 200, 128, complex_=complex_, full_a=False)
+    keep = ((~base._resets(3, (1, 200))).astype(jnp.float32),)
     a, b, h0 = base._parts(a), base._parts(b), base._parts(h0)
     run = dict(chunk=32, stages=3, reverse=False, interpret=True)
     h = jax.block_until_ready(mosaic_kernels.forward(a, b, h0, keep, **run, over_b=True))

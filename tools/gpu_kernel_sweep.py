@@ -38,16 +38,17 @@ from lrulm.kernels import gpu
 from lrulm.scan import linear_scan_planar
 
 # The measured default (H200: 57% / 52% of copy forward / forward+backward); the Mosaic
-# GPU kernels (TMA copies `stages` chunks deep into shared memory, so what is in flight no
-# longer depends on registers: lrulm.kernels.mosaic_gpu) at their default (at B=8, N=1024
-# 64 programs, split in two in time), unsplit, with shorter chunks (16 x 4: 96 KiB of
-# SMEM forward, two programs per SM), a deeper ring, and longer chunks; the Triton
-# default split in two in time (2x the programs for 1.5x the bytes); then more Triton
-# loads in flight and two warps per program.
+# GPU kernels (TMA copies into a ring of shared-memory slots, so what is in flight no
+# longer depends on registers: lrulm.kernels.mosaic_gpu) with the ring filling SMEM
+# (complex forward: 6 x 32 steps = 192 KiB; at B=8, N=1024 64 programs, split in two in
+# time by default), unsplit, and 12 x 16 steps unsplit; 6 x 16 (96 KiB forward: two
+# programs per SM), a shallow ring; the Triton default split in two in time (2x the
+# programs for 1.5x the bytes); then more Triton loads in flight and two warps per
+# program.
 DEFAULT_CONFIGS = (
-    "32,1,128,prefetch mosaic,32,3 mosaic,32,3,segments=1 mosaic,16,4 mosaic,16,6 "
-    "mosaic,32,4 32,1,128,prefetch,segments=2 mosaic,16,4,segments=1 32,1,192,prefetch "
-    "32,1,128 64,2,192,prefetch 32,1,256,prefetch"
+    "32,1,128,prefetch mosaic,32,6 mosaic,32,6,segments=1 mosaic,16,12,segments=1 "
+    "mosaic,16,6 mosaic,16,6,segments=1 mosaic,32,3 32,1,128,prefetch,segments=2 "
+    "32,1,192,prefetch 32,1,128 64,2,192,prefetch 32,1,256,prefetch"
 )
 
 

@@ -42,7 +42,7 @@ _GPU_MIN_SEGMENT = 1024  # steps: a shorter segment would spend more on its exit
 TUNING_ENV = "LRULM_PALLAS_GPU_TUNING"
 _TUNING_FORMAT = (
     "CHANNELS,WARPS,LOAD_REGISTERS[,prefetch][,stages=S][,segments=T], e.g. 32,1,128,prefetch "
-    "(Triton), or mosaic,CHUNK,STAGES[,segments=T], e.g. mosaic,32,3 (Mosaic GPU)"
+    "(Triton), or mosaic,CHUNK,STAGES[,segments=T], e.g. mosaic,32,6 (Mosaic GPU)"
 )
 
 

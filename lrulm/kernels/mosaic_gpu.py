@@ -9,10 +9,12 @@ what is in flight no longer depends on registers or threads:
 
 - One program is one warpgroup (128 threads) that owns one row and 128 channels, a
   thread per channel, and walks the sequence in chunks of `chunk` steps with its state in
-  float32 registers. Chunk k + stages is copied (TMA) into the ring slot chunk k has just
-  been scanned from, while chunks k + 1 .. k + stages - 1 are already on their way; every
-  h row is written to a shared-memory slot of a two-slot output ring, and the slot is
-  copied out (TMA) as a whole while the next chunk fills the other.
+  float32 registers, through a ring of `stages` shared-memory slots filled by TMA
+  copies. Each h row is written over its b row in the slot, and the slot is copied out
+  (TMA) from there: no output buffers, so all of SMEM goes to chunks in flight (while
+  the walk waits for chunk k, chunks k .. k + stages - 2 are on their way). Once chunk k
+  is scanned, the slot of chunk k - 1, whose copy out has had chunk k's scan to leave
+  SMEM, is refilled with chunk k - 1 + stages.
 - A (B, L) keep mask (document resets) is one more stream, of one scalar per step; it is
   padded to whole chunks outside the kernel (1/N of b's bytes), since a copy must move a
   multiple of 128 bytes (32 float32 or 64 bfloat16 steps).
@@ -58,7 +60,6 @@ CHANNELS = 128  # a warpgroup's threads: one channel each
 _COPY_ALIGN = 128  # bytes: a copy's size must be a multiple of the warpgroup's size
 _MAX_CHUNK = 256  # the TMA's largest box extent
 _SMEM_BYTES = 200 * 1024  # of an H100's 227 KiB per block, leaving room for the rest
-_OUT_SLOTS = 2
 
 
 def supports(a: Parts, b: Parts) -> bool:
@@ -102,30 +103,22 @@ def _interpret_params():
         return InterpretGPUParams()
 
 
-def _shape(length, chunk, stages, ins, outs, itemsize, keep):
+def _shape(length, chunk, stages, streams, itemsize, keep):
     """(chunk, stages): the chunk within the TMA's limits (with a keep stream, a whole
     number of 128-byte keep copies: 32 float32 or 64 bfloat16 steps); then, until the
-    rings of `ins` and `outs` (CHANNELS-wide) rows per step fit in SMEM, fewer input
-    slots down to two, shorter chunks, and one slot last."""
+    ring of `streams` CHANNELS-wide rows per step fits in SMEM, fewer slots down to two
+    (one scanned, one filling), then shorter chunks. Two slots of the largest kernel (a
+    complex backward: 4 streams, 32 float32 steps with resets) take 128 KiB."""
     unit = _COPY_ALIGN // itemsize if keep else 1
     chunk = min(_MAX_CHUNK, chunk, pl.next_power_of_2(length))
     chunk = max(unit, chunk - chunk % unit)
-    slots = lambda: stages * ins + _out_slots(stages) * outs
-    too_big = lambda: slots() * chunk * CHANNELS * itemsize > _SMEM_BYTES
-    stages = max(1, stages)
-    while stages > 2 and too_big():  # fewer slots, but keep two: one filling, one scanned
+    too_big = lambda: stages * streams * chunk * CHANNELS * itemsize > _SMEM_BYTES
+    stages = max(2, stages)
+    while stages > 2 and too_big():
         stages -= 1
     while chunk > unit and too_big():
         chunk = max(unit, chunk // 2 - chunk // 2 % unit)
-    while stages > 1 and too_big():
-        stages -= 1
     return chunk, min(stages, max(1, length // chunk))  # no more slots than whole chunks
-
-
-def _out_slots(stages: int) -> int:
-    """Output slots: two (one being written while the other's copy drains) are enough, as
-    a store need not wait for memory, so SMEM goes to the input ring's depth."""
-    return min(_OUT_SLOTS, stages)
 
 
 def _pad_keep(keep: Parts, length: int, chunk: int) -> Parts:
@@ -136,24 +129,28 @@ def _pad_keep(keep: Parts, length: int, chunk: int) -> Parts:
 
 
 def _stream(*, ins, outs, length, reverse, step, carry):
-    """Walks the sequence chunk by chunk through rings of SMEM slots: chunk k + S is
-    copied into the input slot chunk k was scanned from (S the input ring's depth), and
-    each chunk's outputs are copied out of their own, shallower ring.
+    """Walks the sequence chunk by chunk through a ring of S SMEM slots. A chunk's
+    outputs are written over its inputs in the slot and copied out from there, so all of
+    SMEM goes to chunks in flight: once chunk k is scanned, its copy out is issued and
+    the slot of chunk k - 1 (whose copy out has had chunk k's scan to leave SMEM) is
+    refilled with chunk k - 1 + S; while the walk waits for chunk k + 1, chunks
+    k + 1 .. k + S - 1 are on their way.
 
     Args:
       ins: (gmem, smem) pairs: gmem(start, count) -> the GMEM view of `count` steps from
-        `start`; smem a (slots, chunk, ...) ring, the same depth for every input.
-      outs: the same for outputs, written by `step` into the slot and copied out whole.
-      step: step(carry, in_rows, out_rows, t) -> carry, for local row t of the slot's
-        views (in_rows/out_rows: one SMEM ref per stream for this slot).
+        `start`; smem a (S, chunk, ...) ring, the same depth for every input.
+      outs: (i, gmem) pairs: `step` writes an output's rows over input i's in the slot,
+        and they are copied from there to gmem(start, count).
+      step: step(carry, rows, t) -> carry, for local row t of the slot (rows: one SMEM
+        ref per input, read before written at row t).
       carry: the state before the walk.
 
     Returns:
       The state after the walk.
     """
     stages, chunk = ins[0][1].shape[:2]
-    out_slots = outs[0][1].shape[0]
     num_chunks, tail = divmod(length, chunk)
+    assert stages <= max(1, num_chunks) and (stages > 1 or num_chunks <= 1), (stages, chunk)
     order = (lambda i, count: count - 1 - i) if reverse else (lambda i, count: i)
 
     def start(k):  # first row (in memory order) of walk chunk k
@@ -164,27 +161,28 @@ def _stream(*, ins, outs, length, reverse, step, carry):
             for gmem, smem in ins:
                 plgpu.copy_gmem_to_smem(gmem(start(k), chunk), smem.at[slot], barriers.at[slot])
 
-        def scan(c, slot_ins, slot_outs, count):
+        def scan_and_copy_out(c, slot, first, count):
+            rows = [smem.at[slot] for _, smem in ins]
             for i in range(count):
-                c = step(c, slot_ins, slot_outs, order(i, count))
-            plgpu.commit_smem()  # the h rows visible to the TMA; every thread done reading
+                c = step(c, rows, order(i, count))
+            plgpu.commit_smem()  # the outputs visible to the TMA; every thread done reading
+            for i, gmem in outs:
+                view = ins[i][1].at[slot, pl.ds(0, count)]
+                plgpu.copy_smem_to_gmem(view, gmem(first, count), commit_group=False)
+            plgpu.commit_smem_to_gmem_group()
             return c
 
         def body(k, c):
-            slot, out_slot = k % stages, k % out_slots
+            slot = k % stages
             plgpu.barrier_wait(barriers.at[slot])
-            # The output slot's copy of chunk k - out_slots must have left SMEM (one copy
-            # group per chunk) before the slot is written again.
-            plgpu.wait_smem_to_gmem(out_slots - 1, wait_read_only=True)
-            slot_outs = [s.at[out_slot] for _, s in outs]
-            c = scan(c, [s.at[slot] for _, s in ins], slot_outs, chunk)
-            for (gmem, _), view in zip(outs, slot_outs):
-                plgpu.copy_smem_to_gmem(view, gmem(start(k), chunk), commit_group=False)
-            plgpu.commit_smem_to_gmem_group()
+            c = scan_and_copy_out(c, slot, start(k), chunk)
 
-            @pl.when(k + stages < num_chunks)
+            @pl.when((k > 0) & (k - 1 + stages < num_chunks))
             def _():
-                issue(k + stages, slot)
+                # One copy group per chunk: chunk k - 1's has left SMEM once at most chunk
+                # k's is still reading.
+                plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                issue(k - 1 + stages, (k - 1) % stages)
 
             return c
 
@@ -195,18 +193,14 @@ def _stream(*, ins, outs, length, reverse, step, carry):
             c = jax.lax.fori_loop(0, num_chunks, body, c)
         if tail:
             first = 0 if reverse else num_chunks * chunk
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # slot 0 copied out
             for gmem, smem in ins:
                 # A keep stream (rank 1 per slot) is padded to whole chunks: copy a chunk.
                 count = tail if smem.ndim > 2 else chunk
                 view = smem.at[0, pl.ds(0, count)] if smem.ndim > 2 else smem.at[0]
                 plgpu.copy_gmem_to_smem(gmem(first, count), view, tail_barrier.at[0])
             plgpu.barrier_wait(tail_barrier.at[0])
-            slot_outs = [s.at[0, pl.ds(0, tail)] for _, s in outs]
-            c = scan(c, [s.at[0] for _, s in ins], slot_outs, tail)
-            for (gmem, _), view in zip(outs, slot_outs):
-                plgpu.copy_smem_to_gmem(view, gmem(first, tail), commit_group=False)
-            plgpu.commit_smem_to_gmem_group()
+            c = scan_and_copy_out(c, 0, first, tail)
         plgpu.wait_smem_to_gmem(0)
         return c
 
@@ -300,7 +294,7 @@ def forward(a, b, h0, keep, *, chunk, reverse, interpret, stages=3, over_b=False
     keep () or ((rows, L),). `over_b`: h written over b (lrulm.kernels.common.write_over_b)."""
     rows, length, n = b[0].shape
     num_parts, num_keep, dtype = len(b), len(keep), b[0].dtype
-    chunk, stages = _shape(length, chunk, stages, num_parts, num_parts, dtype.itemsize, num_keep)
+    chunk, stages = _shape(length, chunk, stages, num_parts, dtype.itemsize, num_keep)
     keep = _pad_keep(keep, length, chunk)
 
     def kernel(*refs):
@@ -313,33 +307,29 @@ def forward(a, b, h0, keep, *, chunk, reverse, interpret, stages=3, over_b=False
         )
         a_vec, h = vectors[:num_parts], vectors[num_parts:]
 
-        def step(h, slot_ins, slot_outs, t):
-            bt = tuple(x[t].astype(jnp.float32) for x in slot_ins[:num_parts])
+        def step(h, rows, t):  # h_t written over b_t
+            bt = tuple(x[t].astype(jnp.float32) for x in rows[:num_parts])
             if num_keep:
-                kt = slot_ins[num_parts][t].astype(jnp.float32)
+                kt = rows[num_parts][t].astype(jnp.float32)
                 h = tuple(kt * x for x in h)
             h = recurrence_step(h, a_vec, bt)
-            for ref, x in zip(slot_outs, h):
+            for ref, x in zip(rows, h):
                 ref[t] = x.astype(ref.dtype)
             return h
 
         def scoped(*smem):
-            b_smem, keep_smem, h_smem = group_refs(smem, (num_parts, num_keep))
+            b_smem, keep_smem = group_refs(smem, (num_parts,))
             _stream(
                 ins=[(_sequence_view(x, row, cols), s) for x, s in zip(b_refs, b_smem)]
                 + [(_keep_view(x, row), s) for x, s in zip(keep_refs, keep_smem)],
-                outs=[(_sequence_view(x, row, cols), s) for x, s in zip(h_refs, h_smem)],
+                outs=[(i, _sequence_view(x, row, cols)) for i, x in enumerate(h_refs)],
                 length=length,
                 reverse=reverse,
                 step=step,
                 carry=h,
             )
 
-        pl.run_scoped(
-            scoped,
-            *_rings(stages, chunk, dtype, num_parts, keep),
-            *_rings(_out_slots(stages), chunk, dtype, num_parts),
-        )
+        pl.run_scoped(scoped, *_rings(stages, chunk, dtype, num_parts, keep))
 
     out_type = [jax.ShapeDtypeStruct(b[0].shape, dtype)] * num_parts
     aliases = write_over_b(num_parts) if over_b else {}
@@ -353,9 +343,7 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret, stages=3):
     partial sums)."""
     rows, length, n = dh[0].shape
     num_parts, num_keep, dtype = len(dh), len(keep), dh[0].dtype
-    chunk, stages = _shape(
-        length, chunk, stages, 2 * num_parts, num_parts, dtype.itemsize, num_keep
-    )
+    chunk, stages = _shape(length, chunk, stages, 2 * num_parts, dtype.itemsize, num_keep)
     keep = _pad_keep(keep, length, chunk)
 
     def kernel(*refs):
@@ -367,23 +355,21 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret, stages=3):
         )
         a_conj, h_init = conj(vectors[:num_parts]), vectors[num_parts:]
 
-        def step(carry, slot_ins, slot_outs, t):
+        def step(carry, rows, t):  # g_t written over dh_t
             g, k_next, da = carry  # g_{t+1}, keep_{t+1} in the forward's order
-            dht = tuple(x[t].astype(jnp.float32) for x in slot_ins[:num_parts])
-            ht = tuple(x[t].astype(jnp.float32) for x in slot_ins[num_parts : 2 * num_parts])
+            dht = tuple(x[t].astype(jnp.float32) for x in rows[:num_parts])
+            ht = tuple(x[t].astype(jnp.float32) for x in rows[num_parts : 2 * num_parts])
             if num_keep:
                 g = tuple(k_next * x for x in g)  # keep_{t+1} g_{t+1}
             da = tuple(x + y for x, y in zip(da, mul_conj(g, ht)))
             g = recurrence_step(g, a_conj, dht)
-            for ref, x in zip(slot_outs, g):
+            for ref, x in zip(rows, g):
                 ref[t] = x.astype(ref.dtype)
-            k_next = slot_ins[-1][t].astype(jnp.float32) if num_keep else k_next
+            k_next = rows[-1][t].astype(jnp.float32) if num_keep else k_next
             return g, k_next, da
 
         def scoped(*smem):
-            dh_smem, h_smem, keep_smem, g_smem, da_smem = group_refs(
-                smem, (num_parts, num_parts, num_keep, num_parts)
-            )
+            dh_smem, h_smem, keep_smem, da_smem = group_refs(smem, (num_parts,) * 2 + (num_keep,))
             # Zeros in a loaded row's register layout (a loop carry keeps its layout; a
             # constant's is a splat), from a's real part: a decay, always finite.
             zeros = (0.0 * vectors[0],) * num_parts
@@ -391,7 +377,7 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret, stages=3):
                 ins=[(_sequence_view(x, row, cols), s) for x, s in zip(dh_refs, dh_smem)]
                 + [(_sequence_view(x, row, cols), s) for x, s in zip(h_refs, h_smem)]
                 + [(_keep_view(x, row), s) for x, s in zip(keep_refs, keep_smem)],
-                outs=[(_sequence_view(x, row, cols), s) for x, s in zip(g_refs, g_smem)],
+                outs=[(i, _sequence_view(x, row, cols)) for i, x in enumerate(g_refs)],
                 length=length,
                 reverse=not reverse,
                 step=step,
@@ -411,7 +397,6 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret, stages=3):
         pl.run_scoped(
             scoped,
             *_rings(stages, chunk, dtype, 2 * num_parts, keep),
-            *_rings(_out_slots(stages), chunk, dtype, num_parts),
             *[plgpu.SMEM((CHANNELS,), jnp.float32) for _ in range(num_parts)],
         )
 
