@@ -36,7 +36,7 @@ def _positive(row, *keys):
 @pytest.mark.slow
 def test_quick_table_has_every_section_and_reports_a_failing_row(tmp_path):
     path = tmp_path / "bench.json"
-    out = _bench("--quick", "--json", str(path), "--long", "nosuch:64")
+    out = _bench("--quick", "--json", str(path), "--long", "test:0")
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(path.read_text())
     assert result["backend"] == "cpu" and result["jax_version"] and result["device"]
@@ -64,12 +64,12 @@ def test_quick_table_has_every_section_and_reports_a_failing_row(tmp_path):
         assert r["fwd_bwd_temp_bytes"] > r["fwd_temp_bytes"], r
 
     train = {r["name"]: r for r in result["train"]["rows"]}
-    assert set(train) == {"test", "nosuch long"}
+    assert set(train) == {"test", "test long"}
     assert train["test"]["status"] == "ok"
     _positive(train["test"], "step_time_ms", "tokens_per_s", "temp_bytes_per_device")
     _positive(train["test"], "argument_bytes_per_device", "params")
     assert train["test"]["scan_method"] == "sequential"  # "auto" on CPU, resolved
-    assert train["nosuch long"]["status"].startswith("failed: ValueError: unknown model preset")
+    assert train["test long"]["status"].startswith("failed: ValueError: train.seq_len must be")
 
     table = out.stdout
     for header in (
@@ -79,7 +79,7 @@ def test_quick_table_has_every_section_and_reports_a_failing_row(tmp_path):
         "| method | fwd ms | fwd tokens/s | fwd temp |",
         "## Train step",
         "| row | batch x seq | scan | params M | remat | step ms | tokens/s | MFU |",
-        "| nosuch long | 1 x 64 | preset's | failed: ValueError",
+        "| test long | 1 x 0 | preset's | failed: ValueError",
     ):
         assert header in table, header
 
@@ -92,6 +92,20 @@ def test_quick_table_has_every_section_and_reports_a_failing_row(tmp_path):
     path.write_text(json.dumps({**result, "gpu_tuning": "mosaic,32,3"}))
     gpu = _bench("--render", str(path), timeout=120)
     assert gpu.stdout.splitlines()[0].endswith(", pallas GPU tuning mosaic,32,3"), gpu.stdout
+
+
+def test_unknown_methods_and_presets_stop_before_anything_runs():
+    """A misspelt scan method or preset is refused with the names to use, before the
+    copy bandwidth is measured or anything compiled (not as a failed row minutes later)."""
+    for args, message in (
+        (("--long", "nosuch:64"), "--long: unknown preset 'nosuch'; use tiny, test"),
+        (("--presets", "test,350M"), "--presets: unknown preset '350M'"),
+        (("--scan_methods", "associative,palas"), "--scan_methods: unknown scan method 'palas'"),
+        (("--methods", "assoc"), "--methods: unknown scan method 'assoc'; use sequential"),
+    ):
+        out = _bench("--quick", *args, timeout=120)
+        assert out.returncode != 0 and message in out.stderr, (args, out.stderr[-2000:])
+        assert not out.stdout, out.stdout  # nothing measured
 
 
 def test_rows_past_the_budget_are_skipped_not_run(tmp_path):
