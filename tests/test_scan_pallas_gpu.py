@@ -220,6 +220,9 @@ def test_mosaic_kernels_refuse_a_gpu_older_than_hopper(monkeypatch):
         mosaic_kernels.check_device([])
 
 
+# Compiled, this would spend gpu_check.sh's Mosaic GPU step on Triton compiles (the
+# Triton kernels' compiled tests are its last step).
+@pytest.mark.skipif(COMPILED, reason="the dispatch, not a kernel")
 @pytest.mark.parametrize("gpu_tuning", ["mosaic,32,2"], indirect=True)
 def test_mosaic_falls_back_to_triton_for_what_it_does_not_take(gpu_tuning, mosaic_calls):
     """A full-shaped a, or channels that are no multiple of 128, go to the Triton kernel."""
