@@ -135,6 +135,10 @@ def test_gpu_kernel_sweep_checks_times_and_picks_a_launch_shape(tmp_path):
     for row in result["rows"]:
         assert row["ok"] and row["max_rel_err"] < 1e-5, row
         _positive(row, "fwd_ms", "fwd_bwd_ms", "fwd_pct_copy", "fwd_bwd_pct_copy")
+        # A Mosaic GPU row also times its ring copying b without the scan (checked exact).
+        assert ("ring_pct_copy" in row) == row["config"].startswith("mosaic"), row
+        assert "ring_error" not in row, row
+    _positive(result["rows"][-1], "ring_pct_copy")
     assert best.read_text().strip() == result["best"] in configs.split()
     assert "best (fwd+bwd, correct)" in out.stdout
 

@@ -154,6 +154,17 @@ def test_mosaic_kernels_agree(gpu_tuning, length, complex_, reverse, bf16_resets
     assert mosaic_calls == ["forward", "backward", "backward"]
 
 
+@pytest.mark.skipif(COMPILED and jax.default_backend() != "gpu", reason="the GPU kernel")
+def test_mosaic_ring_copy_is_exact():
+    """The ring without the scan (what tools/gpu_kernel_sweep.py times beside the
+    forward) returns its input: 100 steps of 16 through 2 slots (refills, a tail), two
+    programs a row."""
+    x = tuple(jax.random.normal(jax.random.key(i), (2, 100, 256)) for i in range(2))
+    copy = functools.partial(mosaic_kernels.ring_copy, chunk=16, stages=2, interpret=not COMPILED)
+    for got, want in zip(jax.jit(copy)(x), x):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_mosaic_ring_fits_shared_memory():
     """The ring (chunk x slots of every stream, outputs written in place) is cut to fit
     the SMEM budget, keeping two slots (one scanned, one filling) before shortening the

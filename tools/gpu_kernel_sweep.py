@@ -9,13 +9,17 @@ Each configuration is CHANNELS,WARPS,LOAD_REGISTERS[,prefetch][,stages=S][,segme
 may hold in flight (the chunk length follows from it), whether the next chunk's loads are
 issued before the current one is scanned, Triton's software-pipelining stages, and the
 time split; or mosaic,CHUNK,STAGES[,segments=T] for the Mosaic GPU kernels (steps per TMA
-copy, copies in flight). All are lowered one after another (the tuning is read while tracing) and
+copy, slots in the ring). All are lowered one after another (the tuning is read while tracing) and
 compiled --threads at a time in the background; as each is ready, in order, it is
 checked against `associative` (the forward and the vjp of
 `linear_scan_planar` for a random cotangent, at (B, L, N) float32 re / im planes) and
 timed against tools/bench_scan.py's byte floors (read b + write h; + read dh, read h,
 write g), as a fraction of the copy bandwidth measured in the same process. A
-configuration off by more than --rtol is reported and never chosen. On a CPU the kernels
+configuration off by more than --rtol is reported and never chosen. A Mosaic GPU row also
+times its ring without the scan (lrulm.kernels.mosaic_gpu.ring_copy of b: the same TMA
+copies, slots and programs): the most that ring shape lets the forward reach, so a gap
+between the two columns is the scan's, and a low ring column is the ring's (too few
+bytes in flight, or too few programs). On a CPU the kernels
 run in the Pallas interpreter (tiny sizes only: a check of this script, not a measurement).
 """
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import os
 import re
@@ -31,10 +36,11 @@ import time
 
 import bench_scan
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lrulm import scan_pallas
-from lrulm.kernels import gpu
+from lrulm.kernels import gpu, mosaic_gpu
 from lrulm.scan import linear_scan_planar
 
 # The measured default (H200: 57% / 52% of copy forward / forward+backward); the Mosaic
@@ -90,6 +96,21 @@ def _lower_all(configs, a, b, dh):
     return lowered
 
 
+def _ring_copies(configs, b):
+    """{(chunk, stages): the Mosaic GPU ring's copy of b, lowered} for the Mosaic GPU
+    configurations (a time split leaves the ring as it is: one per ring shape)."""
+    rings = {}
+    interpret = jax.default_backend() != "gpu"
+    for config in configs:
+        t = gpu.Tuning.parse(config)
+        if t.kernel == "mosaic" and (t.chunk, t.stages) not in rings:
+            copy = functools.partial(
+                mosaic_gpu.ring_copy, chunk=t.chunk, stages=t.stages, interpret=interpret
+            )
+            rings[t.chunk, t.stages] = jax.jit(copy).lower(b)
+    return rings
+
+
 def _error(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
@@ -114,12 +135,27 @@ def sweep(B, L, N, configs, *, repeats, rtol, threads=8, log=print):
     }
     start = time.perf_counter()
     lowered = _lower_all(configs, a, b, dh)
+    rings = _ring_copies(configs, b)
     log(f"lowered {len(configs)} configurations in {time.perf_counter() - start:.0f} s")
     pool = concurrent.futures.ThreadPoolExecutor(threads)
     compiled = {
         c: [pool.submit(p.compile) for p in ps]
         for c, ps in lowered.items() if not isinstance(ps, Exception)
     }  # fmt: skip
+    ring_times = {}  # (chunk, stages): seconds per copy, or the error
+
+    def ring_time(t):
+        """The Mosaic GPU ring's copy of b for tuning t: checked, then timed (once)."""
+        if (t.chunk, t.stages) not in ring_times:
+            try:
+                copy = rings[t.chunk, t.stages].compile()
+                if not all(bool(jnp.all(x == y)) for x, y in zip(copy(b), b)):
+                    raise AssertionError("the ring's copy differs from its input")
+                ring_times[t.chunk, t.stages] = bench_scan._time(copy, b, repeats=repeats)
+            except Exception as e:  # noqa: BLE001 - recorded in the row
+                ring_times[t.chunk, t.stages] = e
+        return ring_times[t.chunk, t.stages]
+
     try:
         for config in configs:
             row = {"config": config}
@@ -137,6 +173,13 @@ def sweep(B, L, N, configs, *, repeats, rtol, threads=8, log=print):
                 row.update(
                     bench_scan._row("pallas", "recurrence", t_f, t_fb, array_bytes, bandwidth)
                 )
+                tuning = gpu.Tuning.parse(config)
+                if tuning.kernel == "mosaic":  # what the forward's ring moves without a scan
+                    t_ring = ring_time(tuning)
+                    if isinstance(t_ring, Exception):
+                        row["ring_error"] = _error(t_ring)
+                    else:
+                        row["ring_pct_copy"] = 100 * 2 * array_bytes / t_ring / bandwidth
             except Exception as e:  # noqa: BLE001 - one launch shape failing is a result too
                 row.update(ok=False, error=_error(e))
             result["rows"].append(row)
@@ -151,11 +194,13 @@ def sweep(B, L, N, configs, *, repeats, rtol, threads=8, log=print):
 
 def _line(r: dict) -> str:
     if "error" in r:
-        return f"| {r['config']} | failed: {r['error']} | | | | | |"
+        return f"| {r['config']} | failed: {r['error']} | | | | | | |"
     check = f"{r['max_rel_err']:.1e}" + ("" if r["ok"] else " WRONG")
+    ring = f"{r['ring_pct_copy']:.1f}%" if "ring_pct_copy" in r else r.get("ring_error", "")
     return (
         f"| {r['config']} | {r.get('launch', '')} | {check} | {r['fwd_ms']:.3f} | "
-        f"{r['fwd_pct_copy']:.1f}% | {r['fwd_bwd_ms']:.3f} | {r['fwd_bwd_pct_copy']:.1f}% |"
+        f"{r['fwd_pct_copy']:.1f}% | {r['fwd_bwd_ms']:.3f} | {r['fwd_bwd_pct_copy']:.1f}% "
+        f"| {ring} |"
     )
 
 
@@ -166,8 +211,8 @@ def table(result: dict) -> str:
         f"{result['floor_fwd_ms']:.3f} ms, fwd+bwd {result['floor_fwd_bwd_ms']:.3f} ms; "
         f"compiled and timed in {result['compile_s']:.0f} s",
         "| channels,warps,loads | launch | max rel err | fwd ms | fwd % copy | fwd+bwd ms "
-        "| fwd+bwd % copy |",
-        "|---|---|---|---|---|---|---|",
+        "| fwd+bwd % copy | ring copy % copy |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     lines += [_line(r) for r in result["rows"]]
     lines.append(f"best (fwd+bwd, correct): {result['best']}")

@@ -289,6 +289,33 @@ def _launch(kernel, rows, n, out_type, interpret, aliases, name):
     )
 
 
+def ring_copy(x: Parts, *, chunk, stages, interpret) -> Parts:
+    """x's (rows, L, N) parts copied through the forward's ring: the same programs, TMA
+    copies in, slots and copies out, and no scan. What this moves per second is the most
+    the ring lets the forward reach (tools/gpu_kernel_sweep.py reports both)."""
+    rows, length, n = x[0].shape
+    chunk, stages = _shape(length, chunk, stages, len(x), x[0].dtype.itemsize, 0)
+
+    def kernel(*refs):
+        x_refs, out_refs = refs[: len(x)], refs[len(x) :]
+        row, cols = _program(n // CHANNELS)
+
+        def scoped(*smem):
+            _stream(
+                ins=[(_sequence_view(r, row, cols), s) for r, s in zip(x_refs, smem)],
+                outs=[(i, _sequence_view(r, row, cols)) for i, r in enumerate(out_refs)],
+                length=length,
+                reverse=False,
+                step=lambda c, rows, t: c,
+                carry=jnp.int32(0),
+            )
+
+        pl.run_scoped(scoped, *_rings(stages, chunk, x[0].dtype, len(x)))
+
+    out_type = [jax.ShapeDtypeStruct(x[0].shape, x[0].dtype)] * len(x)
+    return tuple(_launch(kernel, rows, n, out_type, interpret, {}, "ring_copy_mosaic_gpu")(*x))
+
+
 def forward(a, b, h0, keep, *, chunk, reverse, interpret, stages=3, over_b=False) -> Parts:
     """h_t = a * (keep_t h_{t-1}) + b_t for an (N,) a: b parts (rows, L, N), h0 (rows, N),
     keep () or ((rows, L),). `over_b`: h written over b (lrulm.kernels.common.write_over_b)."""
