@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lrulm.sharding import constrain
+
 
 def param(value: jax.Array, logical_axes: tuple[str | None, ...]) -> nnx.Param:
     """A float parameter with one logical axis name per array axis."""
@@ -54,7 +56,14 @@ class Embed(nnx.Module):
         self.embedding = param(e, ("vocab", "embed"))
 
     def __call__(self, tokens: jax.Array, dtype) -> jax.Array:
-        return jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
+        # The table is gathered over FSDP's axis before the lookup, as every weight is
+        # before use, so the gradient is a scatter-add into a whole-width table from the
+        # batch-sharded cotangent, then reduced to the table's shards. Left to XLA, a mesh
+        # with both data and fsdp axes reshards that cotangent from batch- to width-sharded,
+        # which it can only do by gathering the whole (batch, length, width) array on every
+        # device ("involuntary full rematerialization").
+        table = constrain(self.embedding[...], ("vocab", None))
+        return jnp.take(table, tokens, axis=0).astype(dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         return jnp.einsum("...h,vh->...v", x, self.embedding[...].astype(x.dtype))

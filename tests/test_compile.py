@@ -1,6 +1,7 @@
 """Ahead-of-time compilation for TPU topologies (`lrulm compile`), on a CPU machine."""
 
 import json
+import re
 
 import pytest
 
@@ -79,6 +80,25 @@ def test_tiny_compiles_and_arguments_match_shardings(topology, data, fsdp):
         > 0
     )
     assert r.model_flops_per_step > 0 and 0 < r.mfu_bound <= 1
+
+
+def test_a_data_and_fsdp_mesh_gathers_weights_not_activations(monkeypatch):
+    """On a (data=4, fsdp=2) slice, FSDP's all-gathers in the compiled train step are of
+    weights. The embedding's gradient used to reshard its (batch, length, width)
+    cotangent from batch- to width-sharded, which XLA's partitioner can only do by
+    gathering the whole global array on every chip ("involuntary full
+    rematerialization"); its lookup now reads a table gathered over fsdp first."""
+    texts = []
+    parse = compile_lib.collectives
+    monkeypatch.setattr(compile_lib, "collectives", lambda text: texts.append(text) or parse(text))
+    _, r = _train_report("v5e:2x4", data=4, fsdp=2)
+    assert r.fits and r.train.measured and len(texts) == 1
+    gathered = [
+        [int(d) for d in dims.split(",") if d]
+        for dims in re.findall(r"= [a-z0-9]+\[([0-9,]*)\]\S* all-gather(?:-start)?\(", texts[0])
+    ]
+    assert gathered, "FSDP gathers the weights"
+    assert not [g for g in gathered if g[:2] == [BATCH, SEQ]], gathered
 
 
 def test_fsdp_shards_the_state():
