@@ -203,19 +203,22 @@ _ARRAY = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9][a-z0-9]*)?)\[([0-9,]*)\]")
 
 
 def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
-    """{op: {"count", "bytes"}} of the collectives in compiled HLO text.
+    """{op: {"count", "bytes", "largest"}} of the collectives in compiled HLO text.
 
     Async pairs count once (the -start); bytes are those of the op's largest result
-    array per chip (for all-gather the gathered array, for reduce-scatter the shard).
+    array per chip (for all-gather the gathered array, for reduce-scatter the shard),
+    summed, and the largest of them: a gathered activation stands out against weights.
     """
-    out = {op: {"count": 0, "bytes": 0.0} for op in _COLLECTIVES}
+    out = {op: {"count": 0, "bytes": 0.0, "largest": 0.0} for op in _COLLECTIVES}
     for m in _INSTRUCTION.finditer(hlo_text):
         sizes = [
             math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES.get(dtype, 1)
             for dtype, dims in _ARRAY.findall(m.group(1))
         ]
-        out[m.group(2)]["count"] += 1
-        out[m.group(2)]["bytes"] += max(sizes, default=0)
+        op = out[m.group(2)]
+        op["count"] += 1
+        op["bytes"] += max(sizes, default=0)
+        op["largest"] = max(op["largest"], max(sizes, default=0))
     return out
 
 
@@ -495,11 +498,12 @@ def format_report(report: Report) -> str:
         f"{r.peak_flops / 1e12:g} TFLOP/s, {r.hbm_bytes_per_s / 1e9:g} GB/s): "
         f"MFU <= {100 * r.mfu_bound:.1f}%",
         "",
-        f"collectives in the train step (static count, {uname} per chip)",
+        f"collectives in the train step (static count, {uname} per chip: all, largest)",
     ]
     for op, c in r.train.collectives.items():
         if c["count"]:
-            lines.append(f"  {op:<19}{c['count']:>5}{size(c['bytes']):>12}")
+            largest = size(c.get("largest", 0))
+            lines.append(f"  {op:<19}{c['count']:>5}{size(c['bytes']):>12}{largest:>12}")
     if not any(c["count"] for c in r.train.collectives.values()):
         lines.append("  none" if r.train.collectives else "  (not compiled)")
     times = ", ".join(f"{n} {s.lower_s + s.compile_s:.1f} s" for n, s in steps)

@@ -150,7 +150,9 @@ def test_collectives_parser():
   %cp = (f32[16]{0}, f32[16]{0}, u32[], u32[]) collective-permute-start(f32[16]{0} %y)
 """
     c = compile_lib.collectives(hlo)
-    assert c["all-gather"] == {"count": 1, "bytes": 8 * 1024 * 2}
-    assert c["all-reduce"] == {"count": 1, "bytes": 4 * 128 * 4}
-    assert c["collective-permute"] == {"count": 1, "bytes": 16 * 4}
+    assert c["all-gather"] == {"count": 1, "bytes": 8 * 1024 * 2, "largest": 8 * 1024 * 2}
+    assert c["all-reduce"] == {"count": 1, "bytes": 4 * 128 * 4, "largest": 4 * 128 * 4}
+    assert c["collective-permute"] == {"count": 1, "bytes": 16 * 4, "largest": 16 * 4}
+    two = compile_lib.collectives(hlo + "  %ag2 = f32[64,1024]{1,0} all-gather(f32[8,1024] %q)\n")
+    assert two["all-gather"] == {"count": 2, "bytes": 16384 + 262144, "largest": 262144}
     assert c["reduce-scatter"]["count"] == 0 and c["all-to-all"]["count"] == 0
