@@ -48,6 +48,37 @@ class Dense(nnx.Module):
         return y
 
 
+@jax.custom_vjp
+def _lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """table[tokens] for a table FSDP splits by width, laid out so that XLA never has to
+    move a batch-sharded (batch, length, width) array to width-sharded and replicated
+    over data, which it can only do by gathering the whole array on every device
+    ("involuntary full rematerialization", on meshes with both data and fsdp axes).
+
+    The lookup reads the table gathered over fsdp, as every weight is before use, so its
+    rows come out whole. The gradient, a scatter-add of the cotangent into the table,
+    moves the cotangent's fsdp factor from batch to width (an all-to-all within each
+    fsdp group); each device adds its rows into its width shard of the table, and the
+    shards are summed over data.
+    """
+    return jnp.take(constrain(table, ("vocab", None)), tokens, axis=0)
+
+
+def _lookup_fwd(table, tokens):
+    return _lookup(table, tokens), (table, tokens)
+
+
+def _lookup_bwd(residuals, g):
+    table, tokens = residuals
+    g = constrain(g, ("data_batch", "length", "embed"))
+    tokens = constrain(tokens, ("data_batch", "length"))
+    grad = jnp.zeros(table.shape, g.dtype).at[tokens].add(g)
+    return constrain(grad, ("vocab", "embed")).astype(table.dtype), None
+
+
+_lookup.defvjp(_lookup_fwd, _lookup_bwd)
+
+
 class Embed(nnx.Module):
     """Token embedding (v, h); also the tied output projection."""
 
@@ -56,14 +87,7 @@ class Embed(nnx.Module):
         self.embedding = param(e, ("vocab", "embed"))
 
     def __call__(self, tokens: jax.Array, dtype) -> jax.Array:
-        # The table is gathered over FSDP's axis before the lookup, as every weight is
-        # before use, so the gradient is a scatter-add into a whole-width table from the
-        # batch-sharded cotangent, then reduced to the table's shards. Left to XLA, a mesh
-        # with both data and fsdp axes reshards that cotangent from batch- to width-sharded,
-        # which it can only do by gathering the whole (batch, length, width) array on every
-        # device ("involuntary full rematerialization").
-        table = constrain(self.embedding[...], ("vocab", None))
-        return jnp.take(table, tokens, axis=0).astype(dtype)
+        return _lookup(self.embedding[...], tokens).astype(dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         return jnp.einsum("...h,vh->...v", x, self.embedding[...].astype(x.dtype))

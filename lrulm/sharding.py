@@ -26,6 +26,7 @@ MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 # logical name -> mesh axes (None = replicated). Parameters and activations share it.
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),  # activations: batch over every data-parallel axis
+    ("data_batch", "data"),  # a batch over the data axis alone (fsdp kept for a width)
     ("length", "sequence"),  # activations: sequence parallelism
     ("embed", "fsdp"),  # parameters: FSDP shards the model width
     ("state", "tensor"),  # LRU state channels: tensor parallelism

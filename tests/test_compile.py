@@ -87,7 +87,8 @@ def test_a_data_and_fsdp_mesh_gathers_weights_not_activations(monkeypatch):
     weights. The embedding's gradient used to reshard its (batch, length, width)
     cotangent from batch- to width-sharded, which XLA's partitioner can only do by
     gathering the whole global array on every chip ("involuntary full
-    rematerialization"); its lookup now reads a table gathered over fsdp first."""
+    rematerialization"); lrulm.layers._lookup now moves the cotangent's fsdp factor from
+    batch to width itself (an all-to-all)."""
     texts = []
     parse = compile_lib.collectives
     monkeypatch.setattr(compile_lib, "collectives", lambda text: texts.append(text) or parse(text))

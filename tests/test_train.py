@@ -195,6 +195,29 @@ def test_empty_data_file(tmp_path):
         train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
+@pytest.mark.parametrize(
+    "data, fsdp, tensor", [(1, 1, 1), (4, 2, 1), (1, 8, 1), (2, 2, 2), (8, 1, 1)]
+)
+def test_embedding_lookup_and_gradient_on_each_mesh_layout(data, fsdp, tensor):
+    """The embedding's lookup (lrulm.layers._lookup: a table gathered over fsdp, and a
+    gradient that moves the cotangent's fsdp factor from batch to width) gives
+    jnp.take's values and gradient (repeated tokens summed) on every layout."""
+    from lrulm import layers, sharding
+
+    rng = np.random.default_rng(0)
+    table = jnp.asarray(rng.normal(size=(64, 32)), jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, 8, (8, 16)), jnp.int32)  # many repeats
+    weights = jnp.asarray(rng.normal(size=(8, 16, 32)), jnp.float32)
+    loss = lambda lookup, t: jnp.sum(weights * lookup(t, tokens) ** 2)
+    want = jax.value_and_grad(lambda t: loss(lambda t, i: jnp.take(t, i, axis=0), t))(table)
+    devices = jax.devices()[: data * fsdp * tensor]
+    mesh = sharding.make_mesh(dict(data=data, fsdp=fsdp, tensor=tensor), devices)
+    with sharding.activation_sharding(mesh):
+        got = jax.jit(jax.value_and_grad(lambda t: loss(layers._lookup, t)))(table)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
+
+
 def _step_program(*overrides):
     config = config_lib.load_with_overrides(
         TINY,
