@@ -70,8 +70,9 @@ def _lookup_fwd(table, tokens):
 
 def _lookup_bwd(residuals, g):
     table, tokens = residuals
-    g = constrain(g, ("data_batch", "length", "embed"))
-    tokens = constrain(tokens, ("data_batch", "length"))
+    axes = ("data_batch", "length", *[None] * (tokens.ndim - 2))[: tokens.ndim]
+    g = constrain(g, (*axes, "embed"))
+    tokens = constrain(tokens, axes)
     grad = jnp.zeros(table.shape, g.dtype).at[tokens].add(g)
     return constrain(grad, ("vocab", "embed")).astype(table.dtype), None
 

@@ -216,6 +216,14 @@ def test_embedding_lookup_and_gradient_on_each_mesh_layout(data, fsdp, tensor):
         got = jax.jit(jax.value_and_grad(lambda t: loss(layers._lookup, t)))(table)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
+    # Token arrays of other ranks (one position per row, rows of pairs) take it too.
+    sum_sq = lambda lookup: lambda t, ids: jnp.sum(lookup(t, ids) ** 2)
+    take = lambda t, ids: jnp.take(t, ids, axis=0)
+    for ids in (tokens[:, 0], tokens.reshape(8, 2, 8)):
+        want = jax.grad(sum_sq(take))(table, ids)
+        with sharding.activation_sharding(mesh):
+            got = jax.jit(jax.grad(sum_sq(layers._lookup)))(table, ids)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def _step_program(*overrides):
