@@ -211,14 +211,17 @@ def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
     """
     out = {op: {"count": 0, "bytes": 0.0, "largest": 0.0} for op in _COLLECTIVES}
     for m in _INSTRUCTION.finditer(hlo_text):
-        sizes = [
-            math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES.get(dtype, 1)
-            for dtype, dims in _ARRAY.findall(m.group(1))
-        ]
+        size = max(
+            (
+                math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES.get(dtype, 1)
+                for dtype, dims in _ARRAY.findall(m.group(1))
+            ),
+            default=0,
+        )
         op = out[m.group(2)]
         op["count"] += 1
-        op["bytes"] += max(sizes, default=0)
-        op["largest"] = max(op["largest"], max(sizes, default=0))
+        op["bytes"] += size
+        op["largest"] = max(op["largest"], size)
     return out
 
 
