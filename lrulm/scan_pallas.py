@@ -31,7 +31,7 @@ memory latency. Time is sequential within a program, so all parallelism comes fr
   (lrulm.sequence_parallel.split_scan_parts, the sequence-parallel scan's two passes
   with the segments as rows).
 - GPU, Mosaic GPU (lrulm.kernels.mosaic_gpu, opt-in: $LRULM_PALLAS_GPU_TUNING=mosaic,...):
-  for a time-invariant a and N a multiple of 128, one warpgroup of 128 channels per
+  for N a multiple of 128 (an (N,) a or a full one), one warpgroup of 128 channels per
   program streams the sequence through a ring of shared-memory slots filled by TMA
   copies, so the bytes in flight are set by the ring's depth, not by registers.
 - TPU: arrays keep XLA's (..., L, N) layout, whose (8, 128) tiles are 8 time steps of
@@ -81,8 +81,8 @@ _INTERPRET_CHUNK = 8
 
 def _gpu_kernel(triton: Callable, name: str, **options) -> Callable:
     """The GPU kernel the tuning names (lrulm.kernels.gpu.Tuning.kernel): Mosaic GPU's
-    `name` (lrulm.kernels.mosaic_gpu) for the operands it supports (an (N,) a, N a
-    multiple of 128) when asked for, else the Triton kernel; both with `options`."""
+    `name` (lrulm.kernels.mosaic_gpu) for the operands it supports (N a multiple of
+    128) when asked for, else the Triton kernel; both with `options`."""
 
     def run(a, *groups, chunk, reverse, interpret):
         t = gpu.tuning()

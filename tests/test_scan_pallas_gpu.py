@@ -132,22 +132,27 @@ def mosaic_calls(monkeypatch):
 # through a ring of 2 = 6 chunks (each slot refilled twice) and a 4-step tail; 64 steps
 # = whole chunks only; 256 channels are two programs a row. With resets the chunk is a
 # whole number of 128-byte keep copies: 32 float32 steps (at 100 steps: 3 chunks, one
-# refill), 64 bfloat16 ones (one chunk and a 36-step tail).
+# refill), 64 bfloat16 ones (one chunk and a 36-step tail). A full a is one more stream
+# of the ring, in either direction.
 @pytest.mark.skipif(COMPILED and jax.default_backend() != "gpu", reason="the GPU kernel")
 @pytest.mark.parametrize(
-    "gpu_tuning, length, complex_, reverse, bf16_resets",
+    "gpu_tuning, length, complex_, full_a, reverse, bf16_resets",
     [
-        ("mosaic,32,2", 45, True, True, False),
-        ("mosaic,16,2", 100, False, False, True),
-        ("mosaic,32,2", 64, True, False, True),
+        ("mosaic,32,2", 45, True, False, True, False),
+        ("mosaic,16,2", 100, False, False, False, True),
+        ("mosaic,32,2", 64, True, False, False, True),
+        ("mosaic,16,2", 100, True, True, True, True),
+        ("mosaic,16,3", 100, False, True, False, False),
     ],
     indirect=["gpu_tuning"],
 )
-def test_mosaic_kernels_agree(gpu_tuning, length, complex_, reverse, bf16_resets, mosaic_calls):
+def test_mosaic_kernels_agree(
+    gpu_tuning, length, complex_, full_a, reverse, bf16_resets, mosaic_calls
+):
     """The Mosaic GPU kernels (lrulm.kernels.mosaic_gpu, in Pallas's Mosaic GPU
     interpreter on CPU): the forward with resets and h0, and the fused backward in float32
-    and bfloat16, against the sequential scan."""
-    case = ((2,), length, 256, complex_, False, reverse)
+    and bfloat16, against the sequential scan, for an (N,) a and a full one."""
+    case = ((2,), length, 256, complex_, full_a, reverse)
     base.test_kernel_keep_mask("gpu", *case, True)
     base.test_backward_kernel("gpu", *case, True, jnp.float32)
     base.test_backward_kernel("gpu", *case, bf16_resets, jnp.bfloat16)
@@ -236,25 +241,26 @@ def test_mosaic_kernels_refuse_a_gpu_older_than_hopper(monkeypatch):
 @pytest.mark.skipif(COMPILED, reason="the dispatch, not a kernel")
 @pytest.mark.parametrize("gpu_tuning", ["mosaic,32,2"], indirect=True)
 def test_mosaic_falls_back_to_triton_for_what_it_does_not_take(gpu_tuning, mosaic_calls):
-    """A full-shaped a, or channels that are no multiple of 128, go to the Triton kernel."""
+    """Channels that are no multiple of 128 go to the Triton kernel, a full a or not."""
     base.test_kernel_keep_mask("gpu", (2,), 21, 40, True, False, False, True)
-    base.test_kernel_keep_mask("gpu", (2,), 21, 128, False, True, False, True)
+    base.test_kernel_keep_mask("gpu", (2,), 21, 192, False, True, False, True)
     assert mosaic_calls == []
 
 
 @pytest.mark.skipif(COMPILED, reason="the interpreter's race detector")
-@pytest.mark.parametrize("complex_", [False, True])
-def test_mosaic_kernels_have_no_races(complex_, monkeypatch):
+@pytest.mark.parametrize("complex_, full_a", [(False, False), (True, False), (True, True)])
+def test_mosaic_kernels_have_no_races(complex_, full_a, monkeypatch):
     """The Mosaic GPU interpreter's happens-before race detector over the TMA ring: every
     slot is read only after its copy arrived (a missing barrier wait fails here), for the
     forward (h over b) and the backward (g over dh) with resets: 6 chunks through a ring
-    of 3 (every slot refilled once its copy out has left SMEM) and a tail."""
+    of 3 (every slot refilled once its copy out has left SMEM) and a tail; a full a is
+    one more stream."""
     races = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call")
     params = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
     monkeypatch.setattr(
         mosaic_kernels, "_interpret_params", lambda: params.InterpretGPUParams(detect_races=True)
     )
-    a, b, h0 = base._inputs(3, (1,), 200, 128, complex_=complex_, full_a=False)
+    a, b, h0 = base._inputs(3, (1,), 200, 128, complex_=complex_, full_a=full_a)
     keep = ((~base._resets(3, (1, 200))).astype(jnp.float32),)
     a, b, h0 = base._parts(a), base._parts(b), base._parts(h0)
     run = dict(chunk=32, stages=3, reverse=False, interpret=True)
@@ -295,6 +301,35 @@ def test_mosaic_kernels_lower_for_cuda(gpu_tuning, dtype, over_b, mosaic_calls):
     forward, backward = sorted(calls, key=len)  # the backward has more operands
     assert aliases(forward) == (written_over if over_b else [])
     assert aliases(backward) == written_over
+
+
+@pytest.mark.skipif(COMPILED, reason="lowers for CUDA from the host")
+@pytest.mark.parametrize("gpu_tuning", ["mosaic,32,6"], indirect=True)
+def test_mosaic_kernels_lower_a_full_a_for_cuda(gpu_tuning, mosaic_calls):
+    """A full (input-dependent) complex a at 8 x 2048 x 1024 with resets, lowered for
+    CUDA: both kernels are Mosaic GPU calls, the backward reads no h (its da is one XLA
+    fusion after it: operands a, dh and keep only) and writes g over dh."""
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    a, b = (f32(8, 2048, 1024),) * 2, (f32(8, 2048, 1024),) * 2
+    resets = jax.ShapeDtypeStruct((8, 2048), jnp.bool_)
+
+    def loss(a, b, resets):
+        h = scan_lib.linear_scan_planar(a, b, resets=resets, method="pallas")
+        return sum(jnp.sum(x**2) for x in h)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    text = jax.export.export(grad, platforms=["cuda"])(a, b, resets).mlir_module()
+    calls = [line for line in text.splitlines() if "stablehlo.custom_call @mosaic_gpu" in line]
+    assert len(calls) == 2 and "triton" not in text
+    assert set(mosaic_calls) == {"forward", "backward"}
+    operands = lambda call: call.split("(")[1].split(")")[0].count("%")
+    backward, forward = sorted(calls, key=operands)
+    assert operands(forward) == 7  # a, b, h0 (2 parts each), keep
+    assert operands(backward) == 5  # a, dh (2 parts each), keep
+    assert re.findall(r"output_tuple_indices = \[(\d)\], operand_index = (\d+)", backward) == [
+        ("0", "2"),
+        ("1", "3"),
+    ]
 
 
 @pytest.mark.parametrize("gpu_tuning", ["mosaic,16,2"], indirect=True)

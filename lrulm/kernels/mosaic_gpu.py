@@ -1,5 +1,6 @@
-"""The GPU kernels of the linear recurrence in Mosaic GPU (Pallas's Hopper backend), for the
-LRU's case: a time-invariant (N,) decay and N a multiple of 128 (lrulm.scan_pallas).
+"""The GPU kernels of the linear recurrence in Mosaic GPU (Pallas's Hopper backend), for N a
+multiple of 128: the LRU's time-invariant (N,) decay, or a full (rows, L, N) one (an
+input-dependent gate, as in Griffin's RG-LRU) (lrulm.scan_pallas).
 
 The Triton kernels (lrulm.kernels.gpu) keep a chunk's loads in flight in registers, so
 their bytes in flight per SM are capped by the register file and by how many programs
@@ -24,6 +25,12 @@ what is in flight no longer depends on registers or threads:
   da = sum_t keep_t g_t conj(h_{t-1}) per program: at step t the walk holds g_{t+1} and
   keep_{t+1} from the step before, so the h it needs is h_t, the row it loads with dh_t;
   no shifted loads (the first position pairs g with h0 after the walk).
+- A full a is one more stream of the ring, beside b (forward) or in place of h
+  (backward, which carries a_{t+1} from the step before as it does keep_{t+1}). Its da
+  is per step, da_t = keep_t g_t conj(h_{t-1}), and would be stored one row away from
+  the row the walk is on (across a chunk's edge, into a slot already copied out); it is
+  one elementwise XLA fusion after the kernel instead (read g and h, write da: the
+  kernel itself reads no h).
 - h is written over b on request and g always over dh, as the Triton kernels do
   (lrulm.kernels.common.write_over_b): a chunk's rows are stored only after the whole
   chunk was copied in, and the copies in flight are of other chunks. `plgpu.kernel` takes
@@ -63,9 +70,10 @@ _SMEM_BYTES = 200 * 1024  # of an H100's 227 KiB per block, leaving room for the
 
 
 def supports(a: Parts, b: Parts) -> bool:
-    """Whether these kernels take the operands: a time-invariant (N,) a, N a multiple of
-    128. The Triton kernels take everything else."""
-    return a[0].ndim == 1 and b[0].shape[-1] % CHANNELS == 0
+    """Whether these kernels take the operands: N a multiple of 128 (a of shape (N,) or
+    b's). The Triton kernels take the rest."""
+    del a
+    return b[0].shape[-1] % CHANNELS == 0
 
 
 def check_device(devices=None) -> None:
@@ -317,11 +325,14 @@ def ring_copy(x: Parts, *, chunk, stages, interpret) -> Parts:
 
 
 def forward(a, b, h0, keep, *, chunk, reverse, interpret, stages=3, over_b=False) -> Parts:
-    """h_t = a * (keep_t h_{t-1}) + b_t for an (N,) a: b parts (rows, L, N), h0 (rows, N),
-    keep () or ((rows, L),). `over_b`: h written over b (lrulm.kernels.common.write_over_b)."""
+    """h_t = a_t * (keep_t h_{t-1}) + b_t: b parts (rows, L, N), a parts (N,) or b's shape,
+    h0 (rows, N), keep () or ((rows, L),). `over_b`: h written over b
+    (lrulm.kernels.common.write_over_b)."""
     rows, length, n = b[0].shape
     num_parts, num_keep, dtype = len(b), len(keep), b[0].dtype
-    chunk, stages = _shape(length, chunk, stages, num_parts, dtype.itemsize, num_keep)
+    full_a = a[0].ndim == 3
+    streams = num_parts * (1 + full_a)  # b (and a) rows per step
+    chunk, stages = _shape(length, chunk, stages, streams, dtype.itemsize, num_keep)
     keep = _pad_keep(keep, length, chunk)
 
     def kernel(*refs):
@@ -330,24 +341,27 @@ def forward(a, b, h0, keep, *, chunk, reverse, interpret, stages=3, over_b=False
         )
         row, cols = _program(n // CHANNELS)
         vectors = _load_vectors(
-            [(x.at[cols], x.dtype) for x in a_refs] + [(x.at[row, cols], x.dtype) for x in h0_refs]
+            ([] if full_a else [(x.at[cols], x.dtype) for x in a_refs])
+            + [(x.at[row, cols], x.dtype) for x in h0_refs]
         )
-        a_vec, h = vectors[:num_parts], vectors[num_parts:]
+        a_vec, h = vectors[:-num_parts], vectors[-num_parts:]
 
         def step(h, rows, t):  # h_t written over b_t
             bt = tuple(x[t].astype(jnp.float32) for x in rows[:num_parts])
+            at = tuple(x[t].astype(jnp.float32) for x in rows[num_parts:streams]) or a_vec
             if num_keep:
-                kt = rows[num_parts][t].astype(jnp.float32)
+                kt = rows[streams][t].astype(jnp.float32)
                 h = tuple(kt * x for x in h)
-            h = recurrence_step(h, a_vec, bt)
+            h = recurrence_step(h, at, bt)
             for ref, x in zip(rows, h):
                 ref[t] = x.astype(ref.dtype)
             return h
 
         def scoped(*smem):
-            b_smem, keep_smem = group_refs(smem, (num_parts,))
+            b_smem, a_smem, keep_smem = group_refs(smem, (num_parts, streams - num_parts))
+            sequences = zip(b_refs + (a_refs if full_a else ()), b_smem + a_smem)
             _stream(
-                ins=[(_sequence_view(x, row, cols), s) for x, s in zip(b_refs, b_smem)]
+                ins=[(_sequence_view(x, row, cols), s) for x, s in sequences]
                 + [(_keep_view(x, row), s) for x, s in zip(keep_refs, keep_smem)],
                 outs=[(i, _sequence_view(x, row, cols)) for i, x in enumerate(h_refs)],
                 length=length,
@@ -356,7 +370,7 @@ def forward(a, b, h0, keep, *, chunk, reverse, interpret, stages=3, over_b=False
                 carry=h,
             )
 
-        pl.run_scoped(scoped, *_rings(stages, chunk, dtype, num_parts, keep))
+        pl.run_scoped(scoped, *_rings(stages, chunk, dtype, streams, keep))
 
     out_type = [jax.ShapeDtypeStruct(b[0].shape, dtype)] * num_parts
     aliases = write_over_b(num_parts) if over_b else {}
@@ -365,51 +379,71 @@ def forward(a, b, h0, keep, *, chunk, reverse, interpret, stages=3, over_b=False
 
 
 def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret, stages=3):
-    """The fused backward of `forward` (lrulm.kernels.gpu.backward's contract for an (N,)
-    a): returns (g parts (rows, L, N), written over dh, and da parts (rows, N), per-row
-    partial sums)."""
+    """The fused backward of `forward` (lrulm.kernels.gpu.backward's contract): returns
+    (g parts (rows, L, N), written over dh, and da parts: (rows, N) per-row partial sums
+    for an (N,) a, float32 (rows, L, N) for a full one)."""
     rows, length, n = dh[0].shape
     num_parts, num_keep, dtype = len(dh), len(keep), dh[0].dtype
+    full_a = a[0].ndim == 3
     chunk, stages = _shape(length, chunk, stages, 2 * num_parts, dtype.itemsize, num_keep)
-    keep = _pad_keep(keep, length, chunk)
+    padded_keep = _pad_keep(keep, length, chunk)
 
     def kernel(*refs):
-        sizes = (num_parts,) * 4 + (num_keep, num_parts)
-        a_refs, dh_refs, h_refs, h0_refs, keep_refs, g_refs, da_refs = group_refs(refs, sizes)
+        if full_a:  # neither h nor h0: its da is formed after the kernel
+            sizes = (num_parts,) * 2 + (num_keep, num_parts)
+            a_refs, dh_refs, keep_refs, g_refs, _ = group_refs(refs, sizes)
+        else:
+            sizes = (num_parts,) * 4 + (num_keep, num_parts)
+            a_refs, dh_refs, h_refs, h0_refs, keep_refs, g_refs, da_refs = group_refs(refs, sizes)
         row, cols = _program(n // CHANNELS)
-        vectors = _load_vectors(
-            [(x.at[cols], x.dtype) for x in a_refs] + [(x.at[row, cols], x.dtype) for x in h0_refs]
-        )
-        a_conj, h_init = conj(vectors[:num_parts]), vectors[num_parts:]
+        if full_a:  # a's first row: what the zeros below take their layout from
+            vectors = _load_vectors([(x.at[row, 0, cols], x.dtype) for x in a_refs])
+            a_conj, h_init = None, ()
+        else:
+            vectors = _load_vectors(
+                [(x.at[cols], x.dtype) for x in a_refs]
+                + [(x.at[row, cols], x.dtype) for x in h0_refs]
+            )
+            a_conj, h_init = conj(vectors[:num_parts]), vectors[num_parts:]
 
         def step(carry, rows, t):  # g_t written over dh_t
-            g, k_next, da = carry  # g_{t+1}, keep_{t+1} in the forward's order
+            g, a_next, k_next, da = carry  # g_{t+1}, a_{t+1}, keep_{t+1} in the forward's order
             dht = tuple(x[t].astype(jnp.float32) for x in rows[:num_parts])
-            ht = tuple(x[t].astype(jnp.float32) for x in rows[num_parts : 2 * num_parts])
+            # h_t (a time-invariant a), or a_t (a full one), loaded with dh_t
+            xt = tuple(x[t].astype(jnp.float32) for x in rows[num_parts : 2 * num_parts])
             if num_keep:
                 g = tuple(k_next * x for x in g)  # keep_{t+1} g_{t+1}
-            da = tuple(x + y for x, y in zip(da, mul_conj(g, ht)))
-            g = recurrence_step(g, a_conj, dht)
+            if full_a:
+                g, a_next = recurrence_step(g, conj(a_next), dht), xt
+            else:
+                da = tuple(x + y for x, y in zip(da, mul_conj(g, xt)))
+                g = recurrence_step(g, a_conj, dht)
             for ref, x in zip(rows, g):
                 ref[t] = x.astype(ref.dtype)
             k_next = rows[-1][t].astype(jnp.float32) if num_keep else k_next
-            return g, k_next, da
+            return g, a_next, k_next, da
 
         def scoped(*smem):
-            dh_smem, h_smem, keep_smem, da_smem = group_refs(smem, (num_parts,) * 2 + (num_keep,))
+            dh_smem, x_smem, keep_smem, da_smem = group_refs(smem, (num_parts,) * 2 + (num_keep,))
             # Zeros in a loaded row's register layout (a loop carry keeps its layout; a
             # constant's is a splat), from a's real part: a decay, always finite.
             zeros = (0.0 * vectors[0],) * num_parts
-            g, k_first, da = _stream(
+            # g starts at zero, so the "next" a and keep of the first walk step do not matter.
+            g, _, k_first, da = _stream(
                 ins=[(_sequence_view(x, row, cols), s) for x, s in zip(dh_refs, dh_smem)]
-                + [(_sequence_view(x, row, cols), s) for x, s in zip(h_refs, h_smem)]
+                + [
+                    (_sequence_view(x, row, cols), s)
+                    for x, s in zip(a_refs if full_a else h_refs, x_smem)
+                ]
                 + [(_keep_view(x, row), s) for x, s in zip(keep_refs, keep_smem)],
                 outs=[(i, _sequence_view(x, row, cols)) for i, x in enumerate(g_refs)],
                 length=length,
                 reverse=not reverse,
                 step=step,
-                carry=(zeros, jnp.float32(1), zeros),
+                carry=(zeros, zeros, jnp.float32(1), zeros),
             )
+            if full_a:
+                return
             if num_keep:
                 g = tuple(k_first * x for x in g)
             da = tuple(x + y for x, y in zip(da, mul_conj(g, h_init)))
@@ -423,13 +457,28 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret, stages=3):
 
         pl.run_scoped(
             scoped,
-            *_rings(stages, chunk, dtype, 2 * num_parts, keep),
-            *[plgpu.SMEM((CHANNELS,), jnp.float32) for _ in range(num_parts)],
+            *_rings(stages, chunk, dtype, 2 * num_parts, padded_keep),
+            *[plgpu.SMEM((CHANNELS,), jnp.float32) for _ in range(num_parts * (not full_a))],
         )
 
     out_type = [jax.ShapeDtypeStruct(dh[0].shape, dtype)] * num_parts
-    out_type += [jax.ShapeDtypeStruct((rows, n), jnp.float32)] * num_parts
+    if not full_a:
+        out_type += [jax.ShapeDtypeStruct((rows, n), jnp.float32)] * num_parts
     aliases = write_over_b(num_parts)  # g over dh (dh is operands num_parts..)
     launch = _launch(kernel, rows, n, out_type, interpret, aliases, "linear_scan_mosaic_gpu_bwd")
-    out = launch(*a, *dh, *h, *h0, *keep)
-    return tuple(out[:num_parts]), tuple(out[num_parts:])
+    if not full_a:
+        out = launch(*a, *dh, *h, *h0, *padded_keep)
+        return tuple(out[:num_parts]), tuple(out[num_parts:])
+    g = tuple(launch(*a, *dh, *padded_keep))
+    return g, _full_da(g, h, h0, keep, reverse)
+
+
+def _full_da(g: Parts, h: Parts, h0: Parts, keep: Parts, reverse: bool) -> Parts:
+    """da_t = keep_t g_t conj(h_{t-1}) for a full a, h_{t-1} being h0 at the forward's
+    first position (the last for `reverse`), in float32: one elementwise pass."""
+    f32 = lambda x: x.astype(jnp.float32)
+    shift = lambda x, x0: jnp.concatenate(
+        [x[:, 1:], x0[:, None]] if reverse else [x0[:, None], x[:, :-1]], axis=1
+    )
+    da = mul_conj(tuple(map(f32, g)), tuple(shift(f32(x), f32(x0)) for x, x0 in zip(h, h0)))
+    return tuple(f32(keep[0])[..., None] * x for x in da) if keep else da
