@@ -119,18 +119,27 @@ def test_rows_past_the_budget_are_skipped_not_run(tmp_path):
     assert "skipped: scan budget" in out.stdout
 
 
-def test_gpu_kernel_sweep_checks_times_and_picks_a_launch_shape(tmp_path):
+@pytest.mark.parametrize(
+    "full_a, configs",
+    [(False, "32,1,8,prefetch 16,1,8,segments=2 mosaic,32,2"), (True, "32,1,8 mosaic,16,2")],
+)
+def test_gpu_kernel_sweep_checks_times_and_picks_a_launch_shape(tmp_path, full_a, configs):
     """tools/gpu_kernel_sweep.py in the Pallas interpreters: every shape (Triton, one
     forced into a time split, and Mosaic GPU) is checked against associative and timed,
-    and the winner is written."""
+    and the winner is written; --full_a: the same for a (B, L, N) decay, on its floors."""
     path, best = tmp_path / "sweep.json", tmp_path / "best.txt"
-    configs = "32,1,8,prefetch 16,1,8,segments=2 mosaic,32,2"
     out = _bench(
         "--shape", "1,64,128", "--configs", configs, "--repeats", "1", "--json", str(path),
-        "--best_out", str(best), tool="tools/gpu_kernel_sweep.py",
+        "--best_out", str(best), *(["--full_a"] if full_a else []),
+        tool="tools/gpu_kernel_sweep.py",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(path.read_text())
+    assert result["full_a"] == full_a and (" full a " in out.stdout) == full_a
+    floors = (3, 8) if full_a else (2, 5)  # arrays of B*L*N complex64 moved at least once
+    seconds = lambda arrays: arrays * 64 * 128 * 8 / (result["copy_GBps"] * 1e9)
+    assert result["floor_fwd_ms"] == pytest.approx(1e3 * seconds(floors[0]))
+    assert result["floor_fwd_bwd_ms"] == pytest.approx(1e3 * seconds(floors[1]))
     assert [r["config"] for r in result["rows"]] == configs.split()
     for row in result["rows"]:
         assert row["ok"] and row["max_rel_err"] < 1e-5, row

@@ -8,6 +8,8 @@ Floors (complex64, bytes that must move at least once):
   forward+backward  + read dh, read h, write db (= g)      5 * B*L*N*8
                     (gradients w.r.t. a and b for a random cotangent dh; a is (N,), its
                     gradient a reduction)
+  a full (B, L, N) a (tools/gpu_kernel_sweep.py --full_a) adds a read of a forward, and a
+  read of a and a write of da backward: 3 and 8 arrays
 The copy bandwidth is measured here on the same device (read x, write x + 1), so
 "% copy" is the fraction of this device's achievable memory bandwidth. Where lrulm.scan
 has `linear_scan_planar` (float32 re / im parts), its rows follow, on the same bytes.
@@ -69,10 +71,13 @@ def grads_for(method: str) -> tuple[str, ...]:
     )
 
 
-def make_inputs(B: int, L: int, N: int):
-    """a (N,) complex64 decays on |a| = 0.99, b (B, L, N) complex64 standard normal."""
+def make_inputs(B: int, L: int, N: int, *, full_a: bool = False):
+    """a (N,) complex64 decays on |a| = 0.99 (full_a: (B, L, N) ones, with |a| drawn from
+    [0.9, 1)), b (B, L, N) complex64 standard normal."""
     rng = np.random.default_rng(0)
-    a = jnp.asarray((0.99 * np.exp(1j * rng.uniform(0, 6, (N,)))).astype(np.complex64))
+    shape = (B, L, N) if full_a else (N,)
+    radius = rng.uniform(0.9, 1.0, shape) if full_a else 0.99
+    a = jnp.asarray((radius * np.exp(1j * rng.uniform(0, 6, shape))).astype(np.complex64))
     b = jnp.asarray(
         (rng.normal(size=(B, L, N)) + 1j * rng.normal(size=(B, L, N))).astype(np.complex64)
     )
@@ -98,7 +103,14 @@ def _vjp(scan):
     return run
 
 
-def _row(method, grad, t_f, t_fb, array_bytes, bandwidth) -> dict:
+# Arrays of B*L*N complex64 values that must move: (forward, forward+backward), for an
+# (N,) a and for a full (B, L, N) one (which the forward also reads, and the backward
+# reads again and writes da of).
+FLOOR_ARRAYS = {False: (2, 5), True: (3, 8)}
+
+
+def _row(method, grad, t_f, t_fb, array_bytes, bandwidth, *, full_a=False) -> dict:
+    fwd_arrays, fwd_bwd_arrays = FLOOR_ARRAYS[full_a]
     row = {
         "method": method,
         "grad": grad,
@@ -106,10 +118,10 @@ def _row(method, grad, t_f, t_fb, array_bytes, bandwidth) -> dict:
         "fwd_bwd_ms": 1e3 * t_fb,
     }
     if t_f is not None:
-        row["fwd_GBps"] = 2 * array_bytes / t_f / 1e9
-        row["fwd_pct_copy"] = 100 * 2 * array_bytes / t_f / bandwidth
-    row["fwd_bwd_GBps"] = 5 * array_bytes / t_fb / 1e9
-    row["fwd_bwd_pct_copy"] = 100 * 5 * array_bytes / t_fb / bandwidth
+        row["fwd_GBps"] = fwd_arrays * array_bytes / t_f / 1e9
+        row["fwd_pct_copy"] = 100 * fwd_arrays * array_bytes / t_f / bandwidth
+    row["fwd_bwd_GBps"] = fwd_bwd_arrays * array_bytes / t_fb / 1e9
+    row["fwd_bwd_pct_copy"] = 100 * fwd_bwd_arrays * array_bytes / t_fb / bandwidth
     return row
 
 
@@ -154,17 +166,19 @@ def planar_available() -> bool:
     return hasattr(scan_lib, "linear_scan_planar")
 
 
-def header(B: int, L: int, N: int, bandwidth: float) -> dict:
+def header(B: int, L: int, N: int, bandwidth: float, *, full_a: bool = False) -> dict:
     """The size, the copy bandwidth and the byte floors (seconds at copy bandwidth)."""
     array_bytes = B * L * N * 8
+    fwd_arrays, fwd_bwd_arrays = FLOOR_ARRAYS[full_a]
     return {
         "device": jax.devices()[0].device_kind,
         "B": B,
         "L": L,
         "N": N,
+        "full_a": full_a,
         "copy_GBps": bandwidth / 1e9,
-        "floor_fwd_ms": 1e3 * 2 * array_bytes / bandwidth,
-        "floor_fwd_bwd_ms": 1e3 * 5 * array_bytes / bandwidth,
+        "floor_fwd_ms": 1e3 * fwd_arrays * array_bytes / bandwidth,
+        "floor_fwd_bwd_ms": 1e3 * fwd_bwd_arrays * array_bytes / bandwidth,
     }
 
 

@@ -3,6 +3,8 @@
     python tools/gpu_kernel_sweep.py                        # DESIGN.md §4 size, on a GPU
     python tools/gpu_kernel_sweep.py --best_out best.txt    # + the winner, for bench.py:
     LRULM_PALLAS_GPU_TUNING=$(cat best.txt) python tools/bench.py ...
+    python tools/gpu_kernel_sweep.py --full_a               # a (B, L, N) decay, as a gated
+                                                            # recurrence (RG-LRU) has
 
 Each configuration is CHANNELS,WARPS,LOAD_REGISTERS[,prefetch][,stages=S][,segments=T]
 (lrulm.kernels.gpu.Tuning): channels and warps per program, the values per thread a chunk
@@ -115,13 +117,13 @@ def _error(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
-def sweep(B, L, N, configs, *, repeats, rtol, threads=8, log=print):
+def sweep(B, L, N, configs, *, repeats, rtol, threads=8, full_a=False, log=print):
     """Lowers every configuration, compiles them `threads` at a time in the background
     (XLA compiles with the GIL released; Triton takes ~10 s for each of these unrolled
     kernels), and checks and times each as soon as its programs are compiled, in order,
     so that a run cut short still has its first rows."""
     configs = [str(gpu.Tuning.parse(c)) for c in configs]
-    a, b = bench_scan.make_inputs(B, L, N)
+    a, b = bench_scan.make_inputs(B, L, N, full_a=full_a)
     dh = bench_scan.cotangent(b)
     a, b, dh = (a.real, a.imag), (b.real, b.imag), (dh.real, dh.imag)
     array_bytes = B * L * N * 8
@@ -129,7 +131,7 @@ def sweep(B, L, N, configs, *, repeats, rtol, threads=8, log=print):
     ref_fwd, ref_fwd_bwd = (x.compile() for x in _programs(a, b, dh, "associative"))
     want = jax.tree.leaves((ref_fwd(b), ref_fwd_bwd(a, b, dh)))
     result = {
-        **bench_scan.header(B, L, N, bandwidth),
+        **bench_scan.header(B, L, N, bandwidth, full_a=full_a),
         "backend": jax.default_backend(),
         "rows": [],
     }
@@ -171,7 +173,9 @@ def sweep(B, L, N, configs, *, repeats, rtol, threads=8, log=print):
                 t_f = bench_scan._time(fwd, b, repeats=repeats)
                 t_fb = bench_scan._time(fwd_bwd, a, b, dh, repeats=repeats)
                 row.update(
-                    bench_scan._row("pallas", "recurrence", t_f, t_fb, array_bytes, bandwidth)
+                    bench_scan._row(
+                        "pallas", "recurrence", t_f, t_fb, array_bytes, bandwidth, full_a=full_a
+                    )
                 )
                 tuning = gpu.Tuning.parse(config)
                 if tuning.kernel == "mosaic":  # what the forward's ring moves without a scan
@@ -207,7 +211,7 @@ def _line(r: dict) -> str:
 def table(result: dict) -> str:
     lines = [
         f"device {result['device']} ({result['backend']})  B={result['B']} L={result['L']} "
-        f"N={result['N']} planar f32  copy {result['copy_GBps']:.1f} GB/s  floors: fwd "
+        f"N={result['N']}{' full a' if result['full_a'] else ''} planar f32  copy {result['copy_GBps']:.1f} GB/s  floors: fwd "
         f"{result['floor_fwd_ms']:.3f} ms, fwd+bwd {result['floor_fwd_bwd_ms']:.3f} ms; "
         f"compiled and timed in {result['compile_s']:.0f} s",
         "| channels,warps,loads | launch | max rel err | fwd ms | fwd % copy | fwd+bwd ms "
@@ -233,6 +237,11 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=8, help="compiles at a time")
     p.add_argument("--json", default="")
     p.add_argument("--best_out", default="", help="write the winning tuning here")
+    p.add_argument(
+        "--full_a",
+        action="store_true",
+        help="a full (B, L, N) decay (an input-dependent gate) instead of the LRU's (N,) one",
+    )
     args = p.parse_args(argv)
     try:
         args.B, args.L, args.N = (int(x) for x in args.shape.split(","))
@@ -257,6 +266,7 @@ def main(argv=None):
         repeats=args.repeats,
         rtol=args.rtol,
         threads=args.threads,
+        full_a=args.full_a,
         log=lambda s: print(s, file=sys.stderr, flush=True),
     )
     result["seconds"] = time.perf_counter() - start
