@@ -211,7 +211,8 @@ def _line(r: dict) -> str:
 def table(result: dict) -> str:
     lines = [
         f"device {result['device']} ({result['backend']})  B={result['B']} L={result['L']} "
-        f"N={result['N']}{' full a' if result['full_a'] else ''} planar f32  copy {result['copy_GBps']:.1f} GB/s  floors: fwd "
+        f"N={result['N']}{' full a' if result['full_a'] else ''} planar f32  "
+        f"copy {result['copy_GBps']:.1f} GB/s  floors: fwd "
         f"{result['floor_fwd_ms']:.3f} ms, fwd+bwd {result['floor_fwd_bwd_ms']:.3f} ms; "
         f"compiled and timed in {result['compile_s']:.0f} s",
         "| channels,warps,loads | launch | max rel err | fwd ms | fwd % copy | fwd+bwd ms "
