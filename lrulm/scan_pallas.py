@@ -86,7 +86,7 @@ def _gpu_kernel(triton: Callable, name: str, **options) -> Callable:
 
     def run(a, *groups, chunk, reverse, interpret):
         t = gpu.tuning()
-        if t.kernel == "mosaic" and mosaic_gpu.supports(a, groups[0]):
+        if t.kernel == "mosaic" and mosaic_gpu.supports(a, groups[0], t.halves):
             mosaic_gpu.check_device([] if interpret else None)
             mosaic = getattr(mosaic_gpu, name)  # looked up per call, so tests can count them
             return mosaic(
@@ -94,6 +94,7 @@ def _gpu_kernel(triton: Callable, name: str, **options) -> Callable:
                 *groups,
                 chunk=t.chunk,
                 stages=t.stages,
+                halves=t.halves,
                 reverse=reverse,
                 interpret=interpret,
                 **options,

@@ -143,6 +143,13 @@ def mosaic_calls(monkeypatch):
         ("mosaic,32,2", 64, True, False, False, True),
         ("mosaic,16,2", 100, True, True, True, True),
         ("mosaic,16,3", 100, False, True, False, False),
+        # Two thread groups of 64 channels (4 programs a row), each scanning half of
+        # every chunk: 2 chunks of 16 and an odd tail (7 + 6 steps), walked either way;
+        # 3 chunks and a one-step tail (its second half empty); bf16 chunks of 64.
+        ("mosaic,16,2,halves=2", 45, True, False, True, True),
+        ("mosaic,16,3,halves=2", 49, True, True, False, False),
+        ("mosaic,16,2,halves=2", 45, False, True, True, False),
+        ("mosaic,32,2,halves=2", 64, True, False, False, True),
     ],
     indirect=["gpu_tuning"],
 )
@@ -160,12 +167,15 @@ def test_mosaic_kernels_agree(
 
 
 @pytest.mark.skipif(COMPILED and jax.default_backend() != "gpu", reason="the GPU kernel")
-def test_mosaic_ring_copy_is_exact():
+@pytest.mark.parametrize("halves", [1, 2])
+def test_mosaic_ring_copy_is_exact(halves):
     """The ring without the scan (what tools/gpu_kernel_sweep.py times beside the
-    forward) returns its input: 100 steps of 16 through 2 slots (refills, a tail), two
-    programs a row."""
-    x = tuple(jax.random.normal(jax.random.key(i), (2, 100, 256)) for i in range(2))
-    copy = functools.partial(mosaic_kernels.ring_copy, chunk=16, stages=2, interpret=not COMPILED)
+    forward) returns its input: 101 steps of 16 through 2 slots (refills, a tail), two
+    programs a row (four of 64 channels with halves=2, the tail in halves of 3 and 2)."""
+    x = tuple(jax.random.normal(jax.random.key(i), (2, 101, 256)) for i in range(2))
+    copy = functools.partial(
+        mosaic_kernels.ring_copy, chunk=16, stages=2, interpret=not COMPILED, halves=halves
+    )
     for got, want in zip(jax.jit(copy)(x), x):
         np.testing.assert_array_equal(got, want)
 
@@ -183,15 +193,17 @@ def test_mosaic_ring_fits_shared_memory():
     assert shape(2048, 64, 3, 4, 4, 1) == (32, 2)  # two slots kept, the chunk halved
     assert shape(2048, 16, 6, 4, 2, 1) == (64, 3)  # bf16 keep copies: 64 steps at least
     assert shape(45, 32, 4, 2, 4, 0) == (32, 1)  # one whole chunk: one slot, no ring
-    for length in (45, 100, 2048, 65536):
+    assert shape(2048, 32, 12, 2, 4, 0, 2) == (32, 12)  # 64-channel slots: half the bytes
+    for length in (1, 45, 100, 2048, 65536):
         for chunk in (8, 16, 32, 64, 256):
             for stages in (1, 2, 3, 6, 12):
                 for streams, itemsize, keep in ((2, 4, 1), (4, 4, 1), (4, 2, 1), (1, 4, 0)):
-                    c, s = shape(length, chunk, stages, streams, itemsize, keep)
-                    assert ring(c, s, streams, itemsize) <= mosaic_kernels._SMEM_BYTES
-                    assert s >= 2 or length // c <= 1, (length, chunk, stages, c, s)
-                    assert s <= max(1, length // c)
-                    assert not keep or (c * itemsize) % mosaic_kernels._COPY_ALIGN == 0
+                    for halves in (1, 2):
+                        c, s = shape(length, chunk, stages, streams, itemsize, keep, halves)
+                        assert ring(c, s, streams, itemsize) <= halves * mosaic_kernels._SMEM_BYTES
+                        assert s >= 2 or length // c <= 1, (length, chunk, stages, c, s)
+                        assert s <= max(1, length // c) and c % halves == 0
+                        assert not keep or (c * itemsize) % mosaic_kernels._COPY_ALIGN == 0
 
 
 @pytest.mark.skipif(COMPILED, reason="lowers for CUDA from the host")
@@ -247,14 +259,29 @@ def test_mosaic_falls_back_to_triton_for_what_it_does_not_take(gpu_tuning, mosai
     assert mosaic_calls == []
 
 
+@pytest.mark.skipif(COMPILED and jax.default_backend() != "gpu", reason="the GPU kernel")
+@pytest.mark.parametrize("gpu_tuning", ["mosaic,16,2,halves=2"], indirect=True)
+def test_mosaic_halves_take_channels_in_64s(gpu_tuning, mosaic_calls):
+    """With halves=2 a program has 64 channels, so N = 192 (LRA Text's) runs on the
+    Mosaic GPU kernels too: 3 programs a row, forward and backward, a tail of 5."""
+    case = ((2,), 37, 192, True, False, True)
+    base.test_kernel_keep_mask("gpu", *case, True)
+    base.test_backward_kernel("gpu", *case, True, jnp.float32)
+    assert mosaic_calls == ["forward", "backward"]
+
+
 @pytest.mark.skipif(COMPILED, reason="the interpreter's race detector")
-@pytest.mark.parametrize("complex_, full_a", [(False, False), (True, False), (True, True)])
-def test_mosaic_kernels_have_no_races(complex_, full_a, monkeypatch):
+@pytest.mark.parametrize(
+    "complex_, full_a, halves",
+    [(False, False, 1), (True, False, 1), (True, True, 1), (True, False, 2)],
+)
+def test_mosaic_kernels_have_no_races(complex_, full_a, halves, monkeypatch):
     """The Mosaic GPU interpreter's happens-before race detector over the TMA ring: every
     slot is read only after its copy arrived (a missing barrier wait fails here), for the
     forward (h over b) and the backward (g over dh) with resets: 6 chunks through a ring
     of 3 (every slot refilled once its copy out has left SMEM) and a tail; a full a is
-    one more stream."""
+    one more stream; with halves=2 each chunk's two halves are scanned by two thread
+    groups that exchange their end states through SMEM."""
     races = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call")
     params = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
     monkeypatch.setattr(
@@ -263,7 +290,7 @@ def test_mosaic_kernels_have_no_races(complex_, full_a, monkeypatch):
     a, b, h0 = base._inputs(3, (1,), 200, 128, complex_=complex_, full_a=full_a)
     keep = ((~base._resets(3, (1, 200))).astype(jnp.float32),)
     a, b, h0 = base._parts(a), base._parts(b), base._parts(h0)
-    run = dict(chunk=32, stages=3, reverse=False, interpret=True)
+    run = dict(chunk=32, stages=3, reverse=False, interpret=True, halves=halves)
     h = jax.block_until_ready(mosaic_kernels.forward(a, b, h0, keep, **run, over_b=True))
     assert not races.get_races().races_found
     jax.block_until_ready(mosaic_kernels.backward(a, b, h, h0, keep, **run))  # g over dh
@@ -361,14 +388,17 @@ def test_gpu_tuning_parses_and_rejects_bad_text():
     mosaic = parse("mosaic,64,3,segments=2")
     assert (mosaic.kernel, mosaic.chunk, mosaic.stages, mosaic.segments) == ("mosaic", 64, 3, 2)
     assert mosaic.channels == mosaic_kernels.CHANNELS  # what time_segments counts programs by
-    for text in ("mosaic,32,3", "mosaic,64,2,segments=4"):
+    for text in ("mosaic,32,3", "mosaic,64,2,segments=4", "mosaic,32,6,halves=2,segments=1"):
         assert str(parse(text)) == text
+    halves = parse("mosaic,32,6,halves=2")  # two thread groups of 64 channels a program
+    assert (halves.halves, halves.channels) == (2, mosaic_kernels.CHANNELS // 2)
     # What Mosaic GPU leaves to Triton runs with Triton's default launch shape.
     assert str(mosaic.triton()) == "32,1,128,prefetch,segments=2"
     assert parse("16,1,8").triton() == parse("16,1,8")
     wrong = ("32,1", "32,1,x", "32,1,64,fast", "48,1,64", "32,0,64", "32,1,64,stages=0",
              "32,1,64,segments=", "32,1,64,segments=-2", "mosaic,32", "mosaic,0,2",
-             "mosaic,32,2,prefetch", "triton,32,1,64")  # fmt: skip
+             "mosaic,32,2,prefetch", "triton,32,1,64", "mosaic,32,2,halves=3",
+             "32,1,64,halves=2")  # fmt: skip
     for bad in wrong:
         with pytest.raises(ValueError, match=gpu_kernels.TUNING_ENV):
             parse(bad)

@@ -42,7 +42,7 @@ _GPU_MIN_SEGMENT = 1024  # steps: a shorter segment would spend more on its exit
 TUNING_ENV = "LRULM_PALLAS_GPU_TUNING"
 _TUNING_FORMAT = (
     "CHANNELS,WARPS,LOAD_REGISTERS[,prefetch][,stages=S][,segments=T], e.g. 32,1,128,prefetch "
-    "(Triton), or mosaic,CHUNK,STAGES[,segments=T], e.g. mosaic,32,6 (Mosaic GPU)"
+    "(Triton), or mosaic,CHUNK,STAGES[,halves=2][,segments=T], e.g. mosaic,32,6 (Mosaic GPU)"
 )
 
 
@@ -67,11 +67,14 @@ class Tuning:
     # takes the operands it supports and leaves the rest to Triton.
     kernel: str = "triton"
     chunk: int = 32  # Mosaic GPU only
+    # Mosaic GPU only: 2 = two thread groups per program, each scanning half of every
+    # chunk (64 channels a program: twice the programs, for launches with too few).
+    halves: int = 1
 
     def __post_init__(self):
         if self.channels < 1 or self.channels & (self.channels - 1):
             raise ValueError(f"{TUNING_ENV}: channels must be a power of two, got {self.channels}")
-        if self.kernel not in ("triton", "mosaic") or self.chunk < 1:
+        if self.kernel not in ("triton", "mosaic") or self.chunk < 1 or self.halves not in (1, 2):
             raise ValueError(f"{TUNING_ENV}: expected {_TUNING_FORMAT}; got {self}")
         if min(self.warps, self.load_registers, self.stages) < 1 or self.segments < 0:
             raise ValueError(
@@ -85,7 +88,7 @@ class Tuning:
         mosaic = fields[0] == "mosaic"
         try:
             numbers = [int(x) for x in fields[mosaic : mosaic + (2 if mosaic else 3)]]
-            flags = _flags(fields[mosaic + len(numbers) :], prefetch=not mosaic)
+            flags = _flags(fields[mosaic + len(numbers) :], mosaic=mosaic)
             if len(numbers) < 2 + (not mosaic):
                 raise ValueError
         except ValueError:
@@ -93,12 +96,14 @@ class Tuning:
         if mosaic:
             chunk, stages = numbers
             return cls(
-                channels=mosaic_gpu.CHANNELS,  # what time_segments counts programs by
+                # what time_segments counts programs by
+                channels=mosaic_gpu.CHANNELS // flags["halves"],
                 warps=4,  # one warpgroup
                 stages=stages,
                 segments=flags["segments"],
                 kernel="mosaic",
                 chunk=chunk,
+                halves=flags["halves"],
             )
         return cls(*numbers, **flags)
 
@@ -110,6 +115,7 @@ class Tuning:
     def __str__(self):
         if self.kernel == "mosaic":
             text = f"mosaic,{self.chunk},{self.stages}"
+            text += f",halves={self.halves}" if self.halves > 1 else ""
             return text + (f",segments={self.segments}" if self.segments else "")
         text = f"{self.channels},{self.warps},{self.load_registers}"
         text += ",prefetch" if self.prefetch else ""
@@ -117,9 +123,11 @@ class Tuning:
         return text + (f",segments={self.segments}" if self.segments else "")
 
 
-def _flags(fields, *, prefetch: bool) -> dict:
-    """The optional fields of a tuning: [prefetch] (Triton only), stages=S, segments=T."""
-    flags = dict(prefetch=False, stages=1, segments=0) if prefetch else dict(segments=0)
+def _flags(fields, *, mosaic: bool) -> dict:
+    """The optional fields of a tuning: [prefetch] and stages=S (Triton), halves=H
+    (Mosaic GPU), segments=T."""
+    flags = dict(segments=0, halves=1) if mosaic else dict(prefetch=False, stages=1, segments=0)
+    prefetch = not mosaic
     for flag in fields:
         name, _, value = flag.partition("=")
         if flag == "prefetch" and prefetch:

@@ -60,7 +60,7 @@ try:  # a jaxlib built without Mosaic GPU's bindings still runs everything else
 except ImportError as e:
     plgpu, _IMPORT_ERROR = None, e
 
-from lrulm.kernels.common import Parts, conj, group_refs, mul_conj, write_over_b
+from lrulm.kernels.common import Parts, conj, group_refs, mul, mul_conj, write_over_b
 from lrulm.kernels.common import step as recurrence_step
 
 CHANNELS = 128  # a warpgroup's threads: one channel each
@@ -69,11 +69,11 @@ _MAX_CHUNK = 256  # the TMA's largest box extent
 _SMEM_BYTES = 200 * 1024  # of an H100's 227 KiB per block, leaving room for the rest
 
 
-def supports(a: Parts, b: Parts) -> bool:
-    """Whether these kernels take the operands: N a multiple of 128 (a of shape (N,) or
-    b's). The Triton kernels take the rest."""
+def supports(a: Parts, b: Parts, halves: int = 1) -> bool:
+    """Whether these kernels take the operands: N a multiple of a program's channels
+    (128, or 64 with halves=2; a of shape (N,) or b's). The Triton kernels take the rest."""
     del a
-    return b[0].shape[-1] % CHANNELS == 0
+    return b[0].shape[-1] % (CHANNELS // halves) == 0
 
 
 def check_device(devices=None) -> None:
@@ -111,16 +111,18 @@ def _interpret_params():
         return InterpretGPUParams()
 
 
-def _shape(length, chunk, stages, streams, itemsize, keep):
+def _shape(length, chunk, stages, streams, itemsize, keep, halves=1):
     """(chunk, stages): the chunk within the TMA's limits (with a keep stream, a whole
-    number of 128-byte keep copies: 32 float32 or 64 bfloat16 steps); then, until the
-    ring of `streams` CHANNELS-wide rows per step fits in SMEM, fewer slots down to two
-    (one scanned, one filling), then shorter chunks. Two slots of the largest kernel (a
-    complex backward: 4 streams, 32 float32 steps with resets) take 128 KiB."""
-    unit = _COPY_ALIGN // itemsize if keep else 1
-    chunk = min(_MAX_CHUNK, chunk, pl.next_power_of_2(length))
+    number of 128-byte keep copies: 32 float32 or 64 bfloat16 steps; at least one step
+    per half); then, until the ring of `streams` rows of CHANNELS // halves per step fits
+    in SMEM, fewer slots down to two (one scanned, one filling), then shorter chunks. Two
+    slots of the largest kernel (a complex backward: 4 streams, 32 float32 steps of 128
+    channels with resets) take 128 KiB."""
+    unit = max(_COPY_ALIGN // itemsize if keep else 1, halves)
+    chunk = min(_MAX_CHUNK * halves, chunk, max(unit, pl.next_power_of_2(length)))
     chunk = max(unit, chunk - chunk % unit)
-    too_big = lambda: stages * streams * chunk * CHANNELS * itemsize > _SMEM_BYTES
+    width = CHANNELS // halves
+    too_big = lambda: stages * streams * chunk * width * itemsize > _SMEM_BYTES
     stages = max(2, stages)
     while stages > 2 and too_big():
         stages -= 1
@@ -136,7 +138,21 @@ def _pad_keep(keep: Parts, length: int, chunk: int) -> Parts:
     return tuple(jnp.pad(k, ((0, 0), (0, padded - length)), constant_values=1) for k in keep)
 
 
-def _stream(*, ins, outs, length, reverse, step, carry):
+def _parts(count, halves, reverse):
+    """(rows, first SMEM row) of each part of a chunk of `count` steps, in memory order.
+    With halves=2 the program's threads are two groups, each scanning one half of the
+    chunk: equal halves, the one the walk reaches first longer by one for an odd count.
+    A half sits at the end of its SMEM region when the walk runs backwards, so that walk
+    step s reads the same row index in both (a shorter half's extra step comes last in
+    its walk and is never copied out)."""
+    if halves == 1:
+        return ((count, 0),)
+    small, big = count // 2, count - count // 2
+    sizes = (small, big) if reverse else (big, small)
+    return tuple((n, big - n if reverse else 0) for n in sizes)
+
+
+def _stream(*, ins, outs, length, reverse, scan, carry, halves=1):
     """Walks the sequence chunk by chunk through a ring of S SMEM slots. A chunk's
     outputs are written over its inputs in the slot and copied out from there, so all of
     SMEM goes to chunks in flight: once chunk k is scanned, its copy out is issued and
@@ -146,37 +162,52 @@ def _stream(*, ins, outs, length, reverse, step, carry):
 
     Args:
       ins: (gmem, smem) pairs: gmem(start, count) -> the GMEM view of `count` steps from
-        `start`; smem a (S, chunk, ...) ring, the same depth for every input.
-      outs: (i, gmem) pairs: `step` writes an output's rows over input i's in the slot,
+        `start`; smem a ring of the same depth S for every input: (S, halves,
+        chunk / halves, width) for a sequence (each half its own TMA copy), (S, chunk)
+        for a keep stream (one scalar a step, padded to whole chunks).
+      outs: (i, gmem) pairs: `scan` writes an output's rows over input i's in the slot,
         and they are copied from there to gmem(start, count).
-      step: step(carry, rows, t) -> carry, for local row t of the slot (rows: one SMEM
-        ref per input, read before written at row t).
+      scan: scan(carry, slot, parts) -> carry: runs one chunk, given one SMEM ref per
+        input (the slot) and the chunk's `_parts`.
       carry: the state before the walk.
 
     Returns:
       The state after the walk.
     """
-    stages, chunk = ins[0][1].shape[:2]
+    stages, chunk = ins[0][1].shape[0], halves * ins[0][1].shape[2]
     num_chunks, tail = divmod(length, chunk)
     assert stages <= max(1, num_chunks) and (stages > 1 or num_chunks <= 1), (stages, chunk)
-    order = (lambda i, count: count - 1 - i) if reverse else (lambda i, count: i)
 
     def start(k):  # first row (in memory order) of walk chunk k
         return length - (k + 1) * chunk if reverse else k * chunk
 
-    def scoped(barriers, tail_barrier):
-        def issue(k, slot):
-            for gmem, smem in ins:
-                plgpu.copy_gmem_to_smem(gmem(start(k), chunk), smem.at[slot], barriers.at[slot])
+    def copies(first, count, slot, barrier, to_smem):
+        """Every (gmem, smem) copy of a chunk: in (to_smem) or out (of the outputs)."""
+        streams = ins if to_smem else [(gmem, ins[i][1]) for i, gmem in outs]
+        for gmem, smem in streams:
+            if smem.ndim == 2:  # keep: always a whole (padded) chunk
+                plgpu.copy_gmem_to_smem(gmem(first, chunk), smem.at[slot], barrier)
+                continue
+            row = first
+            for j, (n, offset) in enumerate(_parts(count, halves, reverse)):
+                if not n:  # the second half of a one-step tail
+                    continue
+                view = smem.at[slot, j, pl.ds(offset, n)]
+                if to_smem:
+                    plgpu.copy_gmem_to_smem(gmem(row, n), view, barrier)
+                else:
+                    plgpu.copy_smem_to_gmem(view, gmem(row, n), commit_group=False)
+                row += n
 
+    def arrivals(count):
+        parts = sum(1 for n, _ in _parts(count, halves, reverse) if n)
+        return sum(1 if smem.ndim == 2 else parts for _, smem in ins)
+
+    def scoped(barriers, tail_barrier):
         def scan_and_copy_out(c, slot, first, count):
-            rows = [smem.at[slot] for _, smem in ins]
-            for i in range(count):
-                c = step(c, rows, order(i, count))
+            c = scan(c, [smem.at[slot] for _, smem in ins], _parts(count, halves, reverse))
             plgpu.commit_smem()  # the outputs visible to the TMA; every thread done reading
-            for i, gmem in outs:
-                view = ins[i][1].at[slot, pl.ds(0, count)]
-                plgpu.copy_smem_to_gmem(view, gmem(first, count), commit_group=False)
+            copies(first, count, slot, None, to_smem=False)
             plgpu.commit_smem_to_gmem_group()
             return c
 
@@ -190,23 +221,20 @@ def _stream(*, ins, outs, length, reverse, step, carry):
                 # One copy group per chunk: chunk k - 1's has left SMEM once at most chunk
                 # k's is still reading.
                 plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                issue(k - 1 + stages, (k - 1) % stages)
+                slot = (k - 1) % stages
+                copies(start(k - 1 + stages), chunk, slot, barriers.at[slot], to_smem=True)
 
             return c
 
         c = carry
         if num_chunks:
             for slot in range(stages):
-                issue(slot, slot)
+                copies(start(slot), chunk, slot, barriers.at[slot], to_smem=True)
             c = jax.lax.fori_loop(0, num_chunks, body, c)
         if tail:
             first = 0 if reverse else num_chunks * chunk
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # slot 0 copied out
-            for gmem, smem in ins:
-                # A keep stream (rank 1 per slot) is padded to whole chunks: copy a chunk.
-                count = tail if smem.ndim > 2 else chunk
-                view = smem.at[0, pl.ds(0, count)] if smem.ndim > 2 else smem.at[0]
-                plgpu.copy_gmem_to_smem(gmem(first, count), view, tail_barrier.at[0])
+            copies(first, tail, 0, tail_barrier.at[0], to_smem=True)
             plgpu.barrier_wait(tail_barrier.at[0])
             c = scan_and_copy_out(c, 0, first, tail)
         plgpu.wait_smem_to_gmem(0)
@@ -214,40 +242,61 @@ def _stream(*, ins, outs, length, reverse, step, carry):
 
     return pl.run_scoped(
         scoped,
-        plgpu.Barrier(num_arrivals=len(ins), num_barriers=stages),
-        plgpu.Barrier(num_arrivals=len(ins), num_barriers=1),
+        plgpu.Barrier(num_arrivals=arrivals(chunk), num_barriers=stages),
+        plgpu.Barrier(num_arrivals=arrivals(tail or chunk), num_barriers=1),
     )
 
 
-def _load_vectors(refs_and_views):
-    """Copies small per-program (CHANNELS,) vectors (a, h0) into SMEM, waits, and returns
-    them as float32 values."""
+def _rows(step, reverse):
+    """A `_stream` scan of one part (halves=1) that runs step(carry, rows, t) for each
+    row t of the chunk in walk order (rows: the slot's refs, (chunk, CHANNELS) or
+    (chunk,) for keep)."""
+
+    def scan(c, slot, parts):
+        ((count, _),) = parts
+        rows = [ref.at[0] if ref.ndim == 3 else ref for ref in slot]
+        for i in range(count):
+            c = step(c, rows, count - 1 - i if reverse else i)
+        return c
+
+    return scan
+
+
+def _load_vectors(refs_and_views, halves=1):
+    """Copies small per-program arrays into SMEM, waits, and returns them as float32
+    values: (width,) vectors (a, h0) as (width,) arrays, or with halves=2 as (2, width)
+    ones holding the vector once per half; (2, width) views (the halves' selector) as
+    they are."""
+    width = CHANNELS // halves
+    shape = (halves, width) if halves > 1 else (width,)
+    copies = [1 if len(gmem.shape) == len(shape) else halves for gmem, _ in refs_and_views]
 
     def scoped(*scratch):
         *smem, barrier = scratch
-        for (gmem, _), s in zip(refs_and_views, smem):
-            plgpu.copy_gmem_to_smem(gmem, s, barrier.at[0])
+        for (gmem, _), s, count in zip(refs_and_views, smem, copies):
+            for j in range(count):
+                plgpu.copy_gmem_to_smem(gmem, s.at[j] if count > 1 else s, barrier.at[0])
         plgpu.barrier_wait(barrier.at[0])
         return tuple(s[...].astype(jnp.float32) for s in smem)
 
-    shapes = [plgpu.SMEM((CHANNELS,), dtype) for _, dtype in refs_and_views]
-    return pl.run_scoped(
-        scoped, *shapes, plgpu.Barrier(num_arrivals=len(refs_and_views), num_barriers=1)
-    )
+    shapes = [plgpu.SMEM(shape, dtype) for _, dtype in refs_and_views]
+    barrier = plgpu.Barrier(num_arrivals=sum(copies), num_barriers=1)
+    return pl.run_scoped(scoped, *shapes, barrier)
 
 
-def _rings(stages, chunk, dtype, count, keep=()):
-    """SMEM for `count` CHANNELS-wide streams (and the keep streams): `stages` slots of
-    `chunk` steps each."""
-    return [plgpu.SMEM((stages, chunk, CHANNELS), dtype) for _ in range(count)] + [
+def _rings(stages, chunk, dtype, count, keep=(), halves=1):
+    """SMEM for `count` sequence streams (and the keep streams): `stages` slots of
+    `chunk` steps each, a sequence's slot in `halves` parts of CHANNELS // halves."""
+    shape = (stages, halves, chunk // halves, CHANNELS // halves)
+    return [plgpu.SMEM(shape, dtype) for _ in range(count)] + [
         plgpu.SMEM((stages, chunk), k.dtype) for k in keep
     ]
 
 
-def _program(blocks):
+def _program(blocks, width=CHANNELS):
     """(row, channel slice) of the current program."""
     p = jax.lax.axis_index("p")
-    return p // blocks, pl.ds((p % blocks) * CHANNELS, CHANNELS)
+    return p // blocks, pl.ds((p % blocks) * width, width)
 
 
 def _sequence_view(ref, row, cols):
@@ -266,17 +315,17 @@ def aliasing() -> bool:
     return "input_output_aliases" in inspect.signature(_mpmd_map).parameters
 
 
-def _launch(kernel, rows, n, out_type, interpret, aliases, name):
-    """The kernel over rows * N/128 programs (the named grid axis "p": the interpreter
-    gives every program the same pl.program_id), with `aliases` {operand: result} where
-    this jax can (`aliasing()`)."""
+def _launch(kernel, programs, out_type, interpret, aliases, name):
+    """The kernel over `programs` (the named grid axis "p": the interpreter gives every
+    program the same pl.program_id), with `aliases` {operand: result} where this jax can
+    (`aliasing()`)."""
     # Pallas would put a warpgroup barrier before and after every SMEM store (4 per step
     # of a complex scan). The kernels synchronise where it is needed themselves: after a
     # copy's barrier wait (each thread waits), and in commit_smem / wait_smem_to_gmem (a
-    # warpgroup barrier each) before a slot is copied out, refilled or written again; no
-    # thread reads SMEM it wrote.
+    # warpgroup barrier each) before a slot is copied out, refilled or written again, or
+    # an exchange buffer read (_swap); no thread otherwise reads SMEM another one wrote.
     params = plgpu.CompilerParams(unsafe_no_auto_barriers=True)
-    grid, grid_names = (rows * (n // CHANNELS),), ("p",)
+    grid, grid_names = (programs,), ("p",)
     interpret = _interpret_params() if interpret else False
     if not aliasing():
         return plgpu.kernel(
@@ -297,16 +346,17 @@ def _launch(kernel, rows, n, out_type, interpret, aliases, name):
     )
 
 
-def ring_copy(x: Parts, *, chunk, stages, interpret) -> Parts:
+def ring_copy(x: Parts, *, chunk, stages, interpret, halves=1) -> Parts:
     """x's (rows, L, N) parts copied through the forward's ring: the same programs, TMA
     copies in, slots and copies out, and no scan. What this moves per second is the most
     the ring lets the forward reach (tools/gpu_kernel_sweep.py reports both)."""
     rows, length, n = x[0].shape
-    chunk, stages = _shape(length, chunk, stages, len(x), x[0].dtype.itemsize, 0)
+    chunk, stages = _shape(length, chunk, stages, len(x), x[0].dtype.itemsize, 0, halves)
+    width = CHANNELS // halves
 
     def kernel(*refs):
         x_refs, out_refs = refs[: len(x)], refs[len(x) :]
-        row, cols = _program(n // CHANNELS)
+        row, cols = _program(n // width, width)
 
         def scoped(*smem):
             _stream(
@@ -314,36 +364,230 @@ def ring_copy(x: Parts, *, chunk, stages, interpret) -> Parts:
                 outs=[(i, _sequence_view(r, row, cols)) for i, r in enumerate(out_refs)],
                 length=length,
                 reverse=False,
-                step=lambda c, rows, t: c,
+                scan=lambda c, slot, parts: c,
                 carry=jnp.int32(0),
+                halves=halves,
             )
 
-        pl.run_scoped(scoped, *_rings(stages, chunk, x[0].dtype, len(x)))
+        pl.run_scoped(scoped, *_rings(stages, chunk, x[0].dtype, len(x), halves=halves))
 
     out_type = [jax.ShapeDtypeStruct(x[0].shape, x[0].dtype)] * len(x)
-    return tuple(_launch(kernel, rows, n, out_type, interpret, {}, "ring_copy_mosaic_gpu")(*x))
+    launch = _launch(kernel, rows * n // width, out_type, interpret, {}, "ring_copy_mosaic_gpu")
+    return tuple(launch(*x))
 
 
-def forward(a, b, h0, keep, *, chunk, reverse, interpret, stages=3, over_b=False) -> Parts:
+# ----------------------------------------------------------------------------------
+# Two thread groups per program (halves=2): 64 channels a program, each chunk scanned
+# as two halves at once. The walk's first half starts from the state entering the
+# chunk; the second starts from zero and carries P, the product of its steps' decays,
+# so that once the first half's end state E is known (one exchange through SMEM), its
+# rows are fixed up as h + P E. Twice the programs of halves=1 for the same bytes.
+# ----------------------------------------------------------------------------------
+
+
+def _selector(width: int) -> jax.Array:
+    """(2, width) float32: 0 in the first half's row, 1 in the second's (loaded like a
+    vector, it tells each thread group which half it scans)."""
+    return jnp.repeat(jnp.arange(2, dtype=jnp.float32)[:, None], width, axis=1)
+
+
+def _pick(mask, x: Parts, y: Parts) -> Parts:
+    return tuple(jnp.where(mask, p, q) for p, q in zip(x, y))
+
+
+def _add(x: Parts, y: Parts) -> Parts:
+    return tuple(p + q for p, q in zip(x, y))
+
+
+def _swap(values: Parts, buffers) -> Parts:
+    """Each (2, width) value with its halves exchanged: stored twice into a (4, width)
+    SMEM buffer and read back one row down, with a warpgroup barrier between. (The next
+    exchange is after the chunk's commit_smem, a warpgroup barrier too.)"""
+    for buf, v in zip(buffers, values):
+        buf[pl.ds(0, 2)] = v
+        buf[pl.ds(2, 2)] = v
+    plgpu.commit_smem()
+    return tuple(buf[pl.ds(1, 2)] for buf in buffers)
+
+
+def _swap_buffers(count: int, width: int):
+    return [plgpu.SMEM((4, width), jnp.float32) for _ in range(count)]
+
+
+class _Halves:
+    """What the split scans share for one chunk: the walk's row per step (the same in
+    both halves), each half's keep position, and the masks of the walk's second half."""
+
+    def __init__(self, sel, parts, reverse):
+        (n0, off0), (n1, off1) = parts
+        self.m = max(n0, n1)
+        self.reverse = reverse
+        self.n_first, self.n_second = (n1, n0) if reverse else (n0, n1)
+        self.second = (sel < 0.5) if reverse else (sel > 0.5)  # the walk's second half
+        self.sel, self.parts = sel, parts
+
+    def row(self, s):
+        return self.m - 1 - s if self.reverse else s
+
+    def keep(self, keep_slot, s):
+        """keep at walk step s, per half (a blend of two scalars: no per-channel loads)."""
+        last = keep_slot.shape[0] - 1
+        base = (0, self.parts[0][0])
+        q = [min(max(base[j] + self.row(s) - self.parts[j][1], 0), last) for j in (0, 1)]
+        k0, k1 = (keep_slot[i].astype(jnp.float32) for i in q)
+        return k0 + self.sel * (k1 - k0)
+
+    def dummy(self, s):
+        """Whether walk step s is past the second half's rows (an odd tail's last step)."""
+        return s >= self.n_second
+
+    def last(self, values, empty):
+        """Each half's value after its last row (`empty` for a second half of no rows)."""
+        first = values[self.m - 1]
+        if self.n_second == self.m:
+            return first
+        second = values[self.n_second - 1] if self.n_second else empty
+        return _pick(self.second, second, first)
+
+
+def _forward_halves(*, num_parts, num_keep, full_a, a_vec, sel, reverse, buffers):
+    """The forward's `_stream` scan for halves=2: b (and a) slots (2, chunk / 2, 64)."""
+    streams = num_parts * (1 + full_a)
+    zeros = (0.0 * sel,) * num_parts
+    ones = (0.0 * sel + 1.0,) + zeros[1:]
+
+    def scan(carry, slot, parts):
+        c = _Halves(sel, parts, reverse)
+        x, p = _pick(c.second, zeros, carry), ones  # the second half starts from zero
+        xs, ps = [], []
+        for s in range(c.m):
+            r = c.row(s)
+            bt = tuple(ref[:, r, :].astype(jnp.float32) for ref in slot[:num_parts])
+            at = tuple(ref[:, r, :].astype(jnp.float32) for ref in slot[num_parts:streams])
+            at = at or a_vec
+            if num_keep:
+                k = c.keep(slot[streams], s)
+                x, p = tuple(k * v for v in x), tuple(k * v for v in p)
+            x, p = recurrence_step(x, at, bt), mul(at, p)
+            xs.append(x)
+            ps.append(p)
+        own_e, own_p = c.last(xs, zeros), c.last(ps, ones)
+        other = _swap(own_e + own_p, buffers)
+        other_e, other_p = other[:num_parts], other[num_parts:]
+        e_first = _pick(c.second, other_e, own_e)  # the true state after the first half
+        if c.n_second:
+            e_second = _pick(c.second, own_e, other_e)
+            p_second = _pick(c.second, own_p, other_p)
+            carry = _add(e_second, mul(p_second, e_first))
+        else:
+            carry = e_first
+        fix = _pick(c.second, e_first, zeros)
+        for s in range(c.m):
+            h = _add(xs[s], mul(ps[s], fix))
+            for ref, v in zip(slot, h):  # written over b
+                ref[:, c.row(s), :] = v.astype(ref.dtype)
+        return carry
+
+    return scan
+
+
+def _backward_halves(*, num_parts, num_keep, full_a, a_vec, sel, reverse, buffers):
+    """The backward's `_stream` scan for halves=2 (`reverse`: the walk's direction): dh
+    and h (or a, for a full a) slots. The walk computes g_t = conj(a_{t+1}) keep_{t+1}
+    g_{t+1} + dh_t, the decay of a step being that of the row before it in the walk (the
+    other half's last, or the chunk before's, for a half's first row: carried, or
+    exchanged). For an (N,) a the fix-up pass also sums da = keep_{t+1} g_{t+1}
+    conj(h_t) over its rows. Carry: (g, a and keep of the last row walked, da)."""
+    zeros = (0.0 * sel,) * num_parts
+    ones = (0.0 * sel + 1.0,) + zeros[1:]
+    decay = lambda at, k: tuple(k * v for v in conj(at))
+
+    def scan(carry, slot, parts):
+        g_in, a_in, k_in, da = carry
+        c = _Halves(sel, parts, reverse)
+        dh_slot, x_slot = slot[:num_parts], slot[num_parts : 2 * num_parts]
+        x, p = _pick(c.second, zeros, g_in), ones
+        a_prev, k_prev = a_in, k_in
+        xs, ps, ks, a_rows = [], [], [], []
+        for s in range(c.m):
+            r = c.row(s)
+            dht = tuple(ref[:, r, :].astype(jnp.float32) for ref in dh_slot)
+            alpha = decay(a_prev if full_a else a_vec, k_prev)
+            if s == 0:  # the second half's first decay comes after the exchange
+                alpha = _pick(c.second, ones, alpha)
+            x, p = _add(mul(alpha, x), dht), mul(alpha, p)
+            k_prev = c.keep(slot[-1], s) if num_keep else k_prev
+            if full_a:
+                a_prev = tuple(ref[:, r, :].astype(jnp.float32) for ref in x_slot)
+            xs.append(x)
+            ps.append(p)
+            ks.append(k_prev)
+            a_rows.append(a_prev)
+        own = c.last(xs, zeros) + c.last(ps, ones) + (c.last([(k,) for k in ks], (ones[0],)))
+        if full_a:
+            own += c.last(a_rows, ones)
+        other = _swap(own, buffers)
+        mine = lambda i, n=num_parts: own[i : i + n]
+        theirs = lambda i, n=num_parts: other[i : i + n]
+        first = lambda i, n=num_parts: _pick(c.second, theirs(i, n), mine(i, n))
+        second = lambda i, n=num_parts: _pick(c.second, mine(i, n), theirs(i, n))
+        e_first, (k_b,) = first(0), first(2 * num_parts, 1)
+        a_b = first(2 * num_parts + 1) if full_a else a_vec
+        fix = mul(decay(a_b, k_b), e_first)  # into the second half's first row
+        if c.n_second:
+            carry_out = _add(second(0), mul(second(num_parts), fix))
+            (k_out,) = second(2 * num_parts, 1)
+            a_out = second(2 * num_parts + 1) if full_a else a_in
+        else:
+            carry_out, k_out, a_out = e_first, k_b, (a_b if full_a else a_in)
+        fix = _pick(c.second, fix, zeros)
+        g_prev = _pick(c.second, e_first, g_in)  # true g of the row walked before
+        k_before = jnp.where(c.second, k_b, k_in)
+        for s in range(c.m):
+            r = c.row(s)
+            g = _add(xs[s], mul(ps[s], fix))
+            if not full_a:
+                ht = tuple(ref[:, r, :].astype(jnp.float32) for ref in x_slot)
+                term = mul_conj(tuple(k_before * v for v in g_prev), ht)
+                if c.dummy(s):
+                    term = _pick(c.second, zeros, term)
+                da = _add(da, term)
+            for ref, v in zip(dh_slot, g):  # written over dh
+                ref[:, r, :] = v.astype(ref.dtype)
+            g_prev, k_before = g, ks[s]
+        return carry_out, a_out, k_out, da
+
+    return scan
+
+
+def forward(
+    a, b, h0, keep, *, chunk, reverse, interpret, stages=3, over_b=False, halves=1
+) -> Parts:
     """h_t = a_t * (keep_t h_{t-1}) + b_t: b parts (rows, L, N), a parts (N,) or b's shape,
     h0 (rows, N), keep () or ((rows, L),). `over_b`: h written over b
-    (lrulm.kernels.common.write_over_b)."""
+    (lrulm.kernels.common.write_over_b). `halves`: 1, or 2 thread groups per program of
+    64 channels (twice the programs)."""
     rows, length, n = b[0].shape
     num_parts, num_keep, dtype = len(b), len(keep), b[0].dtype
     full_a = a[0].ndim == 3
     streams = num_parts * (1 + full_a)  # b (and a) rows per step
-    chunk, stages = _shape(length, chunk, stages, streams, dtype.itemsize, num_keep)
+    chunk, stages = _shape(length, chunk, stages, streams, dtype.itemsize, num_keep, halves)
     keep = _pad_keep(keep, length, chunk)
+    width = CHANNELS // halves
+    sel = (_selector(width),) if halves > 1 else ()
 
     def kernel(*refs):
-        a_refs, b_refs, h0_refs, keep_refs, h_refs = group_refs(
-            refs, (num_parts,) * 3 + (num_keep,)
+        a_refs, b_refs, h0_refs, keep_refs, sel_refs, h_refs = group_refs(
+            refs, (num_parts,) * 3 + (num_keep, len(sel))
         )
-        row, cols = _program(n // CHANNELS)
+        row, cols = _program(n // width, width)
         vectors = _load_vectors(
             ([] if full_a else [(x.at[cols], x.dtype) for x in a_refs])
             + [(x.at[row, cols], x.dtype) for x in h0_refs]
+            + [(x, x.dtype) for x in sel_refs],
+            halves,
         )
+        vectors, selector = vectors[: len(vectors) - len(sel)], vectors[len(vectors) - len(sel) :]
         a_vec, h = vectors[:-num_parts], vectors[-num_parts:]
 
         def step(h, rows, t):  # h_t written over b_t
@@ -358,7 +602,16 @@ def forward(a, b, h0, keep, *, chunk, reverse, interpret, stages=3, over_b=False
             return h
 
         def scoped(*smem):
-            b_smem, a_smem, keep_smem = group_refs(smem, (num_parts, streams - num_parts))
+            b_smem, a_smem, keep_smem, buffers = group_refs(
+                smem, (num_parts, streams - num_parts, num_keep)
+            )
+            if halves > 1:
+                scan = _forward_halves(
+                    num_parts=num_parts, num_keep=num_keep, full_a=full_a, a_vec=a_vec,
+                    sel=selector[0], reverse=reverse, buffers=buffers,
+                )  # fmt: skip
+            else:
+                scan = _rows(step, reverse)
             sequences = zip(b_refs + (a_refs if full_a else ()), b_smem + a_smem)
             _stream(
                 ins=[(_sequence_view(x, row, cols), s) for x, s in sequences]
@@ -366,45 +619,56 @@ def forward(a, b, h0, keep, *, chunk, reverse, interpret, stages=3, over_b=False
                 outs=[(i, _sequence_view(x, row, cols)) for i, x in enumerate(h_refs)],
                 length=length,
                 reverse=reverse,
-                step=step,
+                scan=scan,
                 carry=h,
+                halves=halves,
             )
 
-        pl.run_scoped(scoped, *_rings(stages, chunk, dtype, streams, keep))
+        buffers = _swap_buffers(2 * num_parts, width) if halves > 1 else []
+        pl.run_scoped(scoped, *_rings(stages, chunk, dtype, streams, keep, halves), *buffers)
 
     out_type = [jax.ShapeDtypeStruct(b[0].shape, dtype)] * num_parts
     aliases = write_over_b(num_parts) if over_b else {}
-    launch = _launch(kernel, rows, n, out_type, interpret, aliases, "linear_scan_mosaic_gpu")
-    return tuple(launch(*a, *b, *h0, *keep))
+    programs = rows * n // width
+    launch = _launch(kernel, programs, out_type, interpret, aliases, "linear_scan_mosaic_gpu")
+    return tuple(launch(*a, *b, *h0, *keep, *sel))
 
 
-def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret, stages=3):
+def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret, stages=3, halves=1):
     """The fused backward of `forward` (lrulm.kernels.gpu.backward's contract): returns
     (g parts (rows, L, N), written over dh, and da parts: (rows, N) per-row partial sums
     for an (N,) a, float32 (rows, L, N) for a full one)."""
     rows, length, n = dh[0].shape
     num_parts, num_keep, dtype = len(dh), len(keep), dh[0].dtype
     full_a = a[0].ndim == 3
-    chunk, stages = _shape(length, chunk, stages, 2 * num_parts, dtype.itemsize, num_keep)
+    chunk, stages = _shape(length, chunk, stages, 2 * num_parts, dtype.itemsize, num_keep, halves)
     padded_keep = _pad_keep(keep, length, chunk)
+    width = CHANNELS // halves
+    sel = (_selector(width),) if halves > 1 else ()
 
     def kernel(*refs):
         if full_a:  # neither h nor h0: its da is formed after the kernel
-            sizes = (num_parts,) * 2 + (num_keep, num_parts)
-            a_refs, dh_refs, keep_refs, g_refs, _ = group_refs(refs, sizes)
+            sizes = (num_parts,) * 2 + (num_keep, len(sel), num_parts)
+            a_refs, dh_refs, keep_refs, sel_refs, g_refs, _ = group_refs(refs, sizes)
         else:
-            sizes = (num_parts,) * 4 + (num_keep, num_parts)
-            a_refs, dh_refs, h_refs, h0_refs, keep_refs, g_refs, da_refs = group_refs(refs, sizes)
-        row, cols = _program(n // CHANNELS)
+            sizes = (num_parts,) * 4 + (num_keep, len(sel), num_parts)
+            groups = group_refs(refs, sizes)
+            a_refs, dh_refs, h_refs, h0_refs, keep_refs, sel_refs, g_refs, da_refs = groups
+        row, cols = _program(n // width, width)
+        sel_views = [(x, x.dtype) for x in sel_refs]
         if full_a:  # a's first row: what the zeros below take their layout from
-            vectors = _load_vectors([(x.at[row, 0, cols], x.dtype) for x in a_refs])
-            a_conj, h_init = None, ()
+            first_rows = [(x.at[row, 0, cols], x.dtype) for x in a_refs]
+            vectors = _load_vectors(first_rows + sel_views, halves)
+            a_vec, h_init = None, ()
         else:
             vectors = _load_vectors(
                 [(x.at[cols], x.dtype) for x in a_refs]
                 + [(x.at[row, cols], x.dtype) for x in h0_refs]
+                + sel_views,
+                halves,
             )
-            a_conj, h_init = conj(vectors[:num_parts]), vectors[num_parts:]
+            a_vec, h_init = vectors[:num_parts], vectors[num_parts : 2 * num_parts]
+        selector = vectors[len(vectors) - len(sel) :]
 
         def step(carry, rows, t):  # g_t written over dh_t
             g, a_next, k_next, da = carry  # g_{t+1}, a_{t+1}, keep_{t+1} in the forward's order
@@ -417,17 +681,27 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret, stages=3):
                 g, a_next = recurrence_step(g, conj(a_next), dht), xt
             else:
                 da = tuple(x + y for x, y in zip(da, mul_conj(g, xt)))
-                g = recurrence_step(g, a_conj, dht)
+                g = recurrence_step(g, conj(a_vec), dht)
             for ref, x in zip(rows, g):
                 ref[t] = x.astype(ref.dtype)
             k_next = rows[-1][t].astype(jnp.float32) if num_keep else k_next
             return g, a_next, k_next, da
 
         def scoped(*smem):
-            dh_smem, x_smem, keep_smem, da_smem = group_refs(smem, (num_parts,) * 2 + (num_keep,))
+            dh_smem, x_smem, keep_smem, da_smem, buffers = group_refs(
+                smem, (num_parts,) * 2 + (num_keep, num_parts * (not full_a))
+            )
             # Zeros in a loaded row's register layout (a loop carry keeps its layout; a
             # constant's is a splat), from a's real part: a decay, always finite.
             zeros = (0.0 * vectors[0],) * num_parts
+            k_one = 0.0 * vectors[0] + 1.0 if halves > 1 else jnp.float32(1)
+            if halves > 1:
+                scan = _backward_halves(
+                    num_parts=num_parts, num_keep=num_keep, full_a=full_a, a_vec=a_vec,
+                    sel=selector[0], reverse=not reverse, buffers=buffers,
+                )  # fmt: skip
+            else:
+                scan = _rows(step, not reverse)
             # g starts at zero, so the "next" a and keep of the first walk step do not matter.
             g, _, k_first, da = _stream(
                 ins=[(_sequence_view(x, row, cols), s) for x, s in zip(dh_refs, dh_smem)]
@@ -439,37 +713,49 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret, stages=3):
                 outs=[(i, _sequence_view(x, row, cols)) for i, x in enumerate(g_refs)],
                 length=length,
                 reverse=not reverse,
-                step=step,
-                carry=(zeros, zeros, jnp.float32(1), zeros),
+                scan=scan,
+                carry=(zeros, zeros, k_one, zeros),
+                halves=halves,
             )
             if full_a:
                 return
             if num_keep:
                 g = tuple(k_first * x for x in g)
-            da = tuple(x + y for x, y in zip(da, mul_conj(g, h_init)))
+            last = mul_conj(g, h_init)  # the forward's first row, after h0
+            if halves > 1:  # added once, then the two halves' sums added together
+                last = _pick(selector[0] > 0.5, zeros, last)
+                da = _add(da, last)
+                da = _add(da, _swap(da, buffers))
+            else:
+                da = _add(da, last)
             for s, x in zip(da_smem, da):
                 s[...] = x
             plgpu.commit_smem()
             for ref, s in zip(da_refs, da_smem):
-                plgpu.copy_smem_to_gmem(s, ref.at[row, cols], commit_group=False)
+                view = s.at[0] if halves > 1 else s
+                plgpu.copy_smem_to_gmem(view, ref.at[row, cols], commit_group=False)
             plgpu.commit_smem_to_gmem_group()
             plgpu.wait_smem_to_gmem(0)
 
+        da_shape = (halves, width) if halves > 1 else (width,)
+        swaps = 3 * num_parts + 1 if halves > 1 else 0  # g, its product, keep (and a)
         pl.run_scoped(
             scoped,
-            *_rings(stages, chunk, dtype, 2 * num_parts, padded_keep),
-            *[plgpu.SMEM((CHANNELS,), jnp.float32) for _ in range(num_parts * (not full_a))],
+            *_rings(stages, chunk, dtype, 2 * num_parts, padded_keep, halves),
+            *[plgpu.SMEM(da_shape, jnp.float32) for _ in range(num_parts * (not full_a))],
+            *_swap_buffers(swaps, width),
         )
 
     out_type = [jax.ShapeDtypeStruct(dh[0].shape, dtype)] * num_parts
     if not full_a:
         out_type += [jax.ShapeDtypeStruct((rows, n), jnp.float32)] * num_parts
     aliases = write_over_b(num_parts)  # g over dh (dh is operands num_parts..)
-    launch = _launch(kernel, rows, n, out_type, interpret, aliases, "linear_scan_mosaic_gpu_bwd")
+    programs = rows * n // width
+    launch = _launch(kernel, programs, out_type, interpret, aliases, "linear_scan_mosaic_gpu_bwd")
     if not full_a:
-        out = launch(*a, *dh, *h, *h0, *padded_keep)
+        out = launch(*a, *dh, *h, *h0, *padded_keep, *sel)
         return tuple(out[:num_parts]), tuple(out[num_parts:])
-    g = tuple(launch(*a, *dh, *padded_keep))
+    g = tuple(launch(*a, *dh, *padded_keep, *sel))
     return g, _full_da(g, h, h0, keep, reverse)
 
 
