@@ -33,7 +33,9 @@ memory latency. Time is sequential within a program, so all parallelism comes fr
 - GPU, Mosaic GPU (lrulm.kernels.mosaic_gpu, opt-in: $LRULM_PALLAS_GPU_TUNING=mosaic,...):
   for N a multiple of 128 (an (N,) a or a full one), one warpgroup of 128 channels per
   program streams the sequence through a ring of shared-memory slots filled by TMA
-  copies, so the bytes in flight are set by the ring's depth, not by registers.
+  copies, so the bytes in flight are set by the ring's depth, not by registers; with
+  halves=2, 64 channels per program, two thread groups scanning half a chunk each
+  (twice the programs for the same bytes; N a multiple of 64).
 - TPU: arrays keep XLA's (..., L, N) layout, whose (8, 128) tiles are 8 time steps of
   128 channels, so the kernel costs no relayout copies around it; a tile's 8 steps are
   scanned together in log steps with sublane rolls, then the carry enters. The grid is

@@ -121,7 +121,10 @@ def test_rows_past_the_budget_are_skipped_not_run(tmp_path):
 
 @pytest.mark.parametrize(
     "full_a, configs",
-    [(False, "32,1,8,prefetch 16,1,8,segments=2 mosaic,32,2"), (True, "32,1,8 mosaic,16,2")],
+    [
+        (False, "32,1,8,prefetch 16,1,8,segments=2 mosaic,32,2"),
+        (True, "32,1,8 mosaic,16,2 mosaic,16,2,halves=2"),
+    ],
 )
 def test_gpu_kernel_sweep_checks_times_and_picks_a_launch_shape(tmp_path, full_a, configs):
     """tools/gpu_kernel_sweep.py in the Pallas interpreters: every shape (Triton, one

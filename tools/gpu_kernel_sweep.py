@@ -10,9 +10,10 @@ Each configuration is CHANNELS,WARPS,LOAD_REGISTERS[,prefetch][,stages=S][,segme
 (lrulm.kernels.gpu.Tuning): channels and warps per program, the values per thread a chunk
 may hold in flight (the chunk length follows from it), whether the next chunk's loads are
 issued before the current one is scanned, Triton's software-pipelining stages, and the
-time split; or mosaic,CHUNK,STAGES[,segments=T] for the Mosaic GPU kernels (steps per TMA
-copy, slots in the ring). All are lowered one after another (the tuning is read while tracing) and
-compiled --threads at a time in the background; as each is ready, in order, it is
+time split; or mosaic,CHUNK,STAGES[,halves=2][,segments=T] for the Mosaic GPU kernels
+(steps per TMA copy, slots in the ring, two thread groups of 64 channels a program).
+All are lowered one after another (the tuning is read while tracing) and compiled
+--threads at a time in the background; as each is ready, in order, it is
 checked against `associative` (the forward and the vjp of
 `linear_scan_planar` for a random cotangent, at (B, L, N) float32 re / im planes) and
 timed against tools/bench_scan.py's byte floors (read b + write h; + read dh, read h,
@@ -49,12 +50,14 @@ from lrulm.scan import linear_scan_planar
 # GPU kernels (TMA copies into a ring of shared-memory slots, so what is in flight no
 # longer depends on registers: lrulm.kernels.mosaic_gpu) with the ring filling SMEM
 # (complex forward: 6 x 32 steps = 192 KiB; at B=8, N=1024 64 programs, split in two in
-# time by default), unsplit, and 12 x 16 steps unsplit; 6 x 16 (96 KiB forward: two
-# programs per SM), a shallow ring; the Triton default split in two in time (2x the
-# programs for 1.5x the bytes); then more Triton loads in flight and two warps per
-# program.
+# time by default), unsplit, and 12 x 16 steps unsplit; two thread groups of 64
+# channels a program (halves=2: 128 programs unsplit, for the same bytes), with 6 and 12
+# slots of 32 steps (96 and 192 KiB); 6 x 16 (96 KiB forward: two programs per SM), a
+# shallow ring; the Triton default split in two in time (2x the programs for 1.5x the
+# bytes); then more Triton loads in flight and two warps per program.
 DEFAULT_CONFIGS = (
     "32,1,128,prefetch mosaic,32,6 mosaic,32,6,segments=1 mosaic,16,12,segments=1 "
+    "mosaic,32,6,halves=2,segments=1 mosaic,32,12,halves=2,segments=1 "
     "mosaic,16,6 mosaic,16,6,segments=1 mosaic,32,3 32,1,128,prefetch,segments=2 "
     "32,1,192,prefetch 32,1,128 64,2,192,prefetch 32,1,256,prefetch"
 )
@@ -98,18 +101,27 @@ def _lower_all(configs, a, b, dh):
     return lowered
 
 
+def _ring(t: gpu.Tuning) -> tuple[int, int, int]:
+    """The ring shape of a Mosaic GPU tuning: (chunk, stages, halves)."""
+    return t.chunk, t.stages, t.halves
+
+
 def _ring_copies(configs, b):
-    """{(chunk, stages): the Mosaic GPU ring's copy of b, lowered} for the Mosaic GPU
+    """{ring shape: the Mosaic GPU ring's copy of b, lowered} for the Mosaic GPU
     configurations (a time split leaves the ring as it is: one per ring shape)."""
     rings = {}
     interpret = jax.default_backend() != "gpu"
     for config in configs:
         t = gpu.Tuning.parse(config)
-        if t.kernel == "mosaic" and (t.chunk, t.stages) not in rings:
+        if t.kernel == "mosaic" and _ring(t) not in rings:
             copy = functools.partial(
-                mosaic_gpu.ring_copy, chunk=t.chunk, stages=t.stages, interpret=interpret
+                mosaic_gpu.ring_copy,
+                chunk=t.chunk,
+                stages=t.stages,
+                halves=t.halves,
+                interpret=interpret,
             )
-            rings[t.chunk, t.stages] = jax.jit(copy).lower(b)
+            rings[_ring(t)] = jax.jit(copy).lower(b)
     return rings
 
 
@@ -144,19 +156,19 @@ def sweep(B, L, N, configs, *, repeats, rtol, threads=8, full_a=False, log=print
         c: [pool.submit(p.compile) for p in ps]
         for c, ps in lowered.items() if not isinstance(ps, Exception)
     }  # fmt: skip
-    ring_times = {}  # (chunk, stages): seconds per copy, or the error
+    ring_times = {}  # ring shape: seconds per copy, or the error
 
     def ring_time(t):
         """The Mosaic GPU ring's copy of b for tuning t: checked, then timed (once)."""
-        if (t.chunk, t.stages) not in ring_times:
+        if _ring(t) not in ring_times:
             try:
-                copy = rings[t.chunk, t.stages].compile()
+                copy = rings[_ring(t)].compile()
                 if not all(bool(jnp.all(x == y)) for x, y in zip(copy(b), b)):
                     raise AssertionError("the ring's copy differs from its input")
-                ring_times[t.chunk, t.stages] = bench_scan._time(copy, b, repeats=repeats)
+                ring_times[_ring(t)] = bench_scan._time(copy, b, repeats=repeats)
             except Exception as e:  # noqa: BLE001 - recorded in the row
-                ring_times[t.chunk, t.stages] = e
-        return ring_times[t.chunk, t.stages]
+                ring_times[_ring(t)] = e
+        return ring_times[_ring(t)]
 
     try:
         for config in configs:

@@ -1,6 +1,6 @@
 """The GPU kernels of the linear recurrence in Mosaic GPU (Pallas's Hopper backend), for N a
-multiple of 128: the LRU's time-invariant (N,) decay, or a full (rows, L, N) one (an
-input-dependent gate, as in Griffin's RG-LRU) (lrulm.scan_pallas).
+multiple of 128 (of 64 with halves=2): the LRU's time-invariant (N,) decay, or a full
+(rows, L, N) one (an input-dependent gate, as in Griffin's RG-LRU) (lrulm.scan_pallas).
 
 The Triton kernels (lrulm.kernels.gpu) keep a chunk's loads in flight in registers, so
 their bytes in flight per SM are capped by the register file and by how many programs
@@ -31,6 +31,16 @@ what is in flight no longer depends on registers or threads:
   the row the walk is on (across a chunk's edge, into a slot already copied out); it is
   one elementwise XLA fusion after the kernel instead (read g and h, write da: the
   kernel itself reads no h).
+- halves=2: a program owns 64 channels, and its warpgroup is two thread groups of 64
+  that scan the two halves of every chunk at once ((2, 64) arrays; each half of a slot
+  is its own TMA copy). The half the walk reaches first starts from the state entering
+  the chunk; the other starts from zero and also carries P, the product of its steps'
+  decays (keep included). One exchange through SMEM (`_swap`) gives each group the
+  other's end state, and the second half's rows are fixed up, h + P E, as they are
+  stored. So B x N / 64 programs for the same bytes (at B=8, N=1024: 128 for 132 SMs
+  instead of 64), at the cost of the exchange and a complex multiply-add per row. In the
+  backward a step's decay is the row before's (the other half's last, exchanged, for
+  the second half's first row), and da is summed in the fix-up from the true g.
 - h is written over b on request and g always over dh, as the Triton kernels do
   (lrulm.kernels.common.write_over_b): a chunk's rows are stored only after the whole
   chunk was copied in, and the copies in flight are of other chunks. `plgpu.kernel` takes
