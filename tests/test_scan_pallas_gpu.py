@@ -194,6 +194,7 @@ def test_mosaic_ring_fits_shared_memory():
     assert shape(2048, 16, 6, 4, 2, 1) == (64, 3)  # bf16 keep copies: 64 steps at least
     assert shape(45, 32, 4, 2, 4, 0) == (32, 1)  # one whole chunk: one slot, no ring
     assert shape(2048, 32, 12, 2, 4, 0, 2) == (32, 12)  # 64-channel slots: half the bytes
+    assert shape(2048, 256, 3, 2, 4, 0, 2) == (64, 3)  # halves hold their steps in registers
     for length in (1, 45, 100, 2048, 65536):
         for chunk in (8, 16, 32, 64, 256):
             for stages in (1, 2, 3, 6, 12):

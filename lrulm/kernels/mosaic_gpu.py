@@ -76,6 +76,9 @@ from lrulm.kernels.common import step as recurrence_step
 CHANNELS = 128  # a warpgroup's threads: one channel each
 _COPY_ALIGN = 128  # bytes: a copy's size must be a multiple of the warpgroup's size
 _MAX_CHUNK = 256  # the TMA's largest box extent
+# With halves=2 a thread holds its half's local states and decay products in registers
+# until the exchange: 4 float32 registers a step for complex values, so 32 steps a half.
+_MAX_HALVES_CHUNK = 64
 _SMEM_BYTES = 200 * 1024  # of an H100's 227 KiB per block, leaving room for the rest
 
 
@@ -124,12 +127,14 @@ def _interpret_params():
 def _shape(length, chunk, stages, streams, itemsize, keep, halves=1):
     """(chunk, stages): the chunk within the TMA's limits (with a keep stream, a whole
     number of 128-byte keep copies: 32 float32 or 64 bfloat16 steps; at least one step
-    per half); then, until the ring of `streams` rows of CHANNELS // halves per step fits
-    in SMEM, fewer slots down to two (one scanned, one filling), then shorter chunks. Two
-    slots of the largest kernel (a complex backward: 4 streams, 32 float32 steps of 128
-    channels with resets) take 128 KiB."""
+    per half, at most _MAX_HALVES_CHUNK with halves=2); then, until the ring of
+    `streams` rows of CHANNELS // halves per step fits in SMEM, fewer slots down to two
+    (one scanned, one filling), then shorter chunks. Two slots of the largest kernel (a
+    complex backward: 4 streams, 32 float32 steps of 128 channels with resets) take
+    128 KiB."""
     unit = max(_COPY_ALIGN // itemsize if keep else 1, halves)
-    chunk = min(_MAX_CHUNK * halves, chunk, max(unit, pl.next_power_of_2(length)))
+    longest = _MAX_CHUNK if halves == 1 else _MAX_HALVES_CHUNK
+    chunk = min(longest, chunk, max(unit, pl.next_power_of_2(length)))
     chunk = max(unit, chunk - chunk % unit)
     width = CHANNELS // halves
     too_big = lambda: stages * streams * chunk * width * itemsize > _SMEM_BYTES
