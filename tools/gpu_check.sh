@@ -54,9 +54,10 @@ if [ -s "$BEST" ]; then
   echo "   LRULM_PALLAS_GPU_TUNING=$LRULM_PALLAS_GPU_TUNING"
 fi
 # The Mosaic GPU kernels' own tests, compiled, first: they have never run on hardware
-# (forward with resets and h0, the fused backward in float32 and bfloat16, the time split).
+# (forward with resets and h0, the fused backward in float32 and bfloat16, a full a, two
+# thread groups a program (halves=2), the time split).
 parallel=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
-run tests_mosaic 40 env PYTHONUNBUFFERED=1 LRULM_TEST_PALLAS_COMPILED=1 "$PY" -m pytest -q \
+run tests_mosaic 60 env PYTHONUNBUFFERED=1 LRULM_TEST_PALLAS_COMPILED=1 "$PY" -m pytest -q \
   -p no:cacheprovider -rfE $parallel tests/test_scan_pallas_gpu.py -k mosaic
 # One long sequence (125m's width): unsplit (segments=1) against the time split.
 tuning=${LRULM_PALLAS_GPU_TUNING:-32,1,128,prefetch}
@@ -71,7 +72,7 @@ run bench 240 "$PY" tools/bench.py --methods associative,chunked,pallas --preset
 # the hardware, with short chunks: each test compiles in seconds, where the full chunk
 # takes ~10 s a kernel (the sweep checked the chosen launch shape at full size).
 # pytest-xdist (when there) compiles in 8 processes; each takes GPU memory as it needs it.
-run tests 70 env PYTHONUNBUFFERED=1 LRULM_TEST_PALLAS_COMPILED=1 \
+run tests 50 env PYTHONUNBUFFERED=1 LRULM_TEST_PALLAS_COMPILED=1 \
   LRULM_PALLAS_GPU_TUNING=32,1,16,prefetch "$PY" -m pytest -q -p no:cacheprovider -rfE \
   $parallel tests/test_scan_pallas.py tests/test_scan_pallas_gpu.py
 
