@@ -434,10 +434,10 @@ class _Halves:
     both halves), each half's keep position, and the masks of the walk's second half."""
 
     def __init__(self, sel, parts, reverse):
-        (n0, off0), (n1, off1) = parts
-        self.m = max(n0, n1)
+        (n0, _), (n1, _) = parts
+        self.m = max(n0, n1)  # the first half's rows
         self.reverse = reverse
-        self.n_first, self.n_second = (n1, n0) if reverse else (n0, n1)
+        self.n_second = n0 if reverse else n1
         self.second = (sel < 0.5) if reverse else (sel > 0.5)  # the walk's second half
         self.sel, self.parts = sel, parts
 
