@@ -35,12 +35,13 @@ what is in flight no longer depends on registers or threads:
   that scan the two halves of every chunk at once ((2, 64) arrays; each half of a slot
   is its own TMA copy). The half the walk reaches first starts from the state entering
   the chunk; the other starts from zero and also carries P, the product of its steps'
-  decays (keep included). One exchange through SMEM (`_swap`) gives each group the
-  other's end state, and the second half's rows are fixed up, h + P E, as they are
-  stored. So B x N / 64 programs for the same bytes (at B=8, N=1024: 128 for 132 SMs
-  instead of 64), at the cost of the exchange and a complex multiply-add per row. In the
-  backward a step's decay is the row before's (the other half's last, exchanged, for
-  the second half's first row), and da is summed in the fix-up from the true g.
+  decays (keep included). One exchange through SMEM gives each group the other's end
+  state, and the second half's rows are fixed up, h + P E, as they are stored
+  (lrulm.kernels.mosaic_halves). So B x N / 64 programs for the same bytes (at B=8,
+  N=1024: 128 for 132 SMs instead of 64), at the cost of the exchange and a complex
+  multiply-add per row. In the backward a step's decay is the row before's (the other
+  half's last, exchanged, for the second half's first row), and da is summed in the
+  fix-up from the true g.
 - h is written over b on request and g always over dh, as the Triton kernels do
   (lrulm.kernels.common.write_over_b): a chunk's rows are stored only after the whole
   chunk was copied in, and the copies in flight are of other chunks. `plgpu.kernel` takes
@@ -70,7 +71,8 @@ try:  # a jaxlib built without Mosaic GPU's bindings still runs everything else
 except ImportError as e:
     plgpu, _IMPORT_ERROR = None, e
 
-from lrulm.kernels.common import Parts, conj, group_refs, mul, mul_conj, write_over_b
+from lrulm.kernels import mosaic_halves as halves_lib
+from lrulm.kernels.common import Parts, conj, group_refs, mul_conj, write_over_b
 from lrulm.kernels.common import step as recurrence_step
 
 CHANNELS = 128  # a warpgroup's threads: one channel each
@@ -338,7 +340,8 @@ def _launch(kernel, programs, out_type, interpret, aliases, name):
     # of a complex scan). The kernels synchronise where it is needed themselves: after a
     # copy's barrier wait (each thread waits), and in commit_smem / wait_smem_to_gmem (a
     # warpgroup barrier each) before a slot is copied out, refilled or written again, or
-    # an exchange buffer read (_swap); no thread otherwise reads SMEM another one wrote.
+    # an exchange buffer read (mosaic_halves.swap); no thread otherwise reads SMEM that
+    # another one wrote.
     params = plgpu.CompilerParams(unsafe_no_auto_barriers=True)
     grid, grid_names = (programs,), ("p",)
     interpret = _interpret_params() if interpret else False
@@ -391,190 +394,6 @@ def ring_copy(x: Parts, *, chunk, stages, interpret, halves=1) -> Parts:
     return tuple(launch(*x))
 
 
-# ----------------------------------------------------------------------------------
-# Two thread groups per program (halves=2): 64 channels a program, each chunk scanned
-# as two halves at once. The walk's first half starts from the state entering the
-# chunk; the second starts from zero and carries P, the product of its steps' decays,
-# so that once the first half's end state E is known (one exchange through SMEM), its
-# rows are fixed up as h + P E. Twice the programs of halves=1 for the same bytes.
-# ----------------------------------------------------------------------------------
-
-
-def _selector(width: int) -> jax.Array:
-    """(2, width) float32: 0 in the first half's row, 1 in the second's (loaded like a
-    vector, it tells each thread group which half it scans)."""
-    return jnp.repeat(jnp.arange(2, dtype=jnp.float32)[:, None], width, axis=1)
-
-
-def _pick(mask, x: Parts, y: Parts) -> Parts:
-    return tuple(jnp.where(mask, p, q) for p, q in zip(x, y))
-
-
-def _add(x: Parts, y: Parts) -> Parts:
-    return tuple(p + q for p, q in zip(x, y))
-
-
-def _swap(values: Parts, buffers) -> Parts:
-    """Each (2, width) value with its halves exchanged: stored twice into a (4, width)
-    SMEM buffer and read back one row down, with a warpgroup barrier between. (The next
-    exchange is after the chunk's commit_smem, a warpgroup barrier too.)"""
-    for buf, v in zip(buffers, values):
-        buf[pl.ds(0, 2)] = v
-        buf[pl.ds(2, 2)] = v
-    plgpu.commit_smem()
-    return tuple(buf[pl.ds(1, 2)] for buf in buffers)
-
-
-def _swap_buffers(count: int, width: int):
-    return [plgpu.SMEM((4, width), jnp.float32) for _ in range(count)]
-
-
-class _Halves:
-    """What the split scans share for one chunk: the walk's row per step (the same in
-    both halves), each half's keep position, and the masks of the walk's second half."""
-
-    def __init__(self, sel, parts, reverse):
-        (n0, _), (n1, _) = parts
-        self.m = max(n0, n1)  # the first half's rows
-        self.reverse = reverse
-        self.n_second = n0 if reverse else n1
-        self.second = (sel < 0.5) if reverse else (sel > 0.5)  # the walk's second half
-        self.sel, self.parts = sel, parts
-
-    def row(self, s):
-        return self.m - 1 - s if self.reverse else s
-
-    def keep(self, keep_slot, s):
-        """keep at walk step s, per half (a blend of two scalars: no per-channel loads)."""
-        last = keep_slot.shape[0] - 1
-        base = (0, self.parts[0][0])
-        q = [min(max(base[j] + self.row(s) - self.parts[j][1], 0), last) for j in (0, 1)]
-        k0, k1 = (keep_slot[i].astype(jnp.float32) for i in q)
-        return k0 + self.sel * (k1 - k0)
-
-    def dummy(self, s):
-        """Whether walk step s is past the second half's rows (an odd tail's last step)."""
-        return s >= self.n_second
-
-    def last(self, values, empty):
-        """Each half's value after its last row (`empty` for a second half of no rows)."""
-        first = values[self.m - 1]
-        if self.n_second == self.m:
-            return first
-        second = values[self.n_second - 1] if self.n_second else empty
-        return _pick(self.second, second, first)
-
-
-def _forward_halves(*, num_parts, num_keep, full_a, a_vec, sel, reverse, buffers):
-    """The forward's `_stream` scan for halves=2: b (and a) slots (2, chunk / 2, 64)."""
-    streams = num_parts * (1 + full_a)
-    zeros = (0.0 * sel,) * num_parts
-    ones = (0.0 * sel + 1.0,) + zeros[1:]
-
-    def scan(carry, slot, parts):
-        c = _Halves(sel, parts, reverse)
-        x, p = _pick(c.second, zeros, carry), ones  # the second half starts from zero
-        xs, ps = [], []
-        for s in range(c.m):
-            r = c.row(s)
-            bt = tuple(ref[:, r, :].astype(jnp.float32) for ref in slot[:num_parts])
-            at = tuple(ref[:, r, :].astype(jnp.float32) for ref in slot[num_parts:streams])
-            at = at or a_vec
-            if num_keep:
-                k = c.keep(slot[streams], s)
-                x, p = tuple(k * v for v in x), tuple(k * v for v in p)
-            x, p = recurrence_step(x, at, bt), mul(at, p)
-            xs.append(x)
-            ps.append(p)
-        own_e, own_p = c.last(xs, zeros), c.last(ps, ones)
-        other = _swap(own_e + own_p, buffers)
-        other_e, other_p = other[:num_parts], other[num_parts:]
-        e_first = _pick(c.second, other_e, own_e)  # the true state after the first half
-        if c.n_second:
-            e_second = _pick(c.second, own_e, other_e)
-            p_second = _pick(c.second, own_p, other_p)
-            carry = _add(e_second, mul(p_second, e_first))
-        else:
-            carry = e_first
-        fix = _pick(c.second, e_first, zeros)
-        for s in range(c.m):
-            h = _add(xs[s], mul(ps[s], fix))
-            for ref, v in zip(slot, h):  # written over b
-                ref[:, c.row(s), :] = v.astype(ref.dtype)
-        return carry
-
-    return scan
-
-
-def _backward_halves(*, num_parts, num_keep, full_a, a_vec, sel, reverse, buffers):
-    """The backward's `_stream` scan for halves=2 (`reverse`: the walk's direction): dh
-    and h (or a, for a full a) slots. The walk computes g_t = conj(a_{t+1}) keep_{t+1}
-    g_{t+1} + dh_t, the decay of a step being that of the row before it in the walk (the
-    other half's last, or the chunk before's, for a half's first row: carried, or
-    exchanged). For an (N,) a the fix-up pass also sums da = keep_{t+1} g_{t+1}
-    conj(h_t) over its rows. Carry: (g, a and keep of the last row walked, da)."""
-    zeros = (0.0 * sel,) * num_parts
-    ones = (0.0 * sel + 1.0,) + zeros[1:]
-    decay = lambda at, k: tuple(k * v for v in conj(at))
-
-    def scan(carry, slot, parts):
-        g_in, a_in, k_in, da = carry
-        c = _Halves(sel, parts, reverse)
-        dh_slot, x_slot = slot[:num_parts], slot[num_parts : 2 * num_parts]
-        x, p = _pick(c.second, zeros, g_in), ones
-        a_prev, k_prev = a_in, k_in
-        xs, ps, ks, a_rows = [], [], [], []
-        for s in range(c.m):
-            r = c.row(s)
-            dht = tuple(ref[:, r, :].astype(jnp.float32) for ref in dh_slot)
-            alpha = decay(a_prev if full_a else a_vec, k_prev)
-            if s == 0:  # the second half's first decay comes after the exchange
-                alpha = _pick(c.second, ones, alpha)
-            x, p = _add(mul(alpha, x), dht), mul(alpha, p)
-            k_prev = c.keep(slot[-1], s) if num_keep else k_prev
-            if full_a:
-                a_prev = tuple(ref[:, r, :].astype(jnp.float32) for ref in x_slot)
-            xs.append(x)
-            ps.append(p)
-            ks.append(k_prev)
-            a_rows.append(a_prev)
-        own = c.last(xs, zeros) + c.last(ps, ones) + (c.last([(k,) for k in ks], (ones[0],)))
-        if full_a:
-            own += c.last(a_rows, ones)
-        other = _swap(own, buffers)
-        mine = lambda i, n=num_parts: own[i : i + n]
-        theirs = lambda i, n=num_parts: other[i : i + n]
-        first = lambda i, n=num_parts: _pick(c.second, theirs(i, n), mine(i, n))
-        second = lambda i, n=num_parts: _pick(c.second, mine(i, n), theirs(i, n))
-        e_first, (k_b,) = first(0), first(2 * num_parts, 1)
-        a_b = first(2 * num_parts + 1) if full_a else a_vec
-        fix = mul(decay(a_b, k_b), e_first)  # into the second half's first row
-        if c.n_second:
-            carry_out = _add(second(0), mul(second(num_parts), fix))
-            (k_out,) = second(2 * num_parts, 1)
-            a_out = second(2 * num_parts + 1) if full_a else a_in
-        else:
-            carry_out, k_out, a_out = e_first, k_b, (a_b if full_a else a_in)
-        fix = _pick(c.second, fix, zeros)
-        g_prev = _pick(c.second, e_first, g_in)  # true g of the row walked before
-        k_before = jnp.where(c.second, k_b, k_in)
-        for s in range(c.m):
-            r = c.row(s)
-            g = _add(xs[s], mul(ps[s], fix))
-            if not full_a:
-                ht = tuple(ref[:, r, :].astype(jnp.float32) for ref in x_slot)
-                term = mul_conj(tuple(k_before * v for v in g_prev), ht)
-                if c.dummy(s):
-                    term = _pick(c.second, zeros, term)
-                da = _add(da, term)
-            for ref, v in zip(dh_slot, g):  # written over dh
-                ref[:, r, :] = v.astype(ref.dtype)
-            g_prev, k_before = g, ks[s]
-        return carry_out, a_out, k_out, da
-
-    return scan
-
-
 def forward(
     a, b, h0, keep, *, chunk, reverse, interpret, stages=3, over_b=False, halves=1
 ) -> Parts:
@@ -589,7 +408,7 @@ def forward(
     chunk, stages = _shape(length, chunk, stages, streams, dtype.itemsize, num_keep, halves)
     keep = _pad_keep(keep, length, chunk)
     width = CHANNELS // halves
-    sel = (_selector(width),) if halves > 1 else ()
+    sel = (halves_lib.selector(width),) if halves > 1 else ()
 
     def kernel(*refs):
         a_refs, b_refs, h0_refs, keep_refs, sel_refs, h_refs = group_refs(
@@ -621,7 +440,7 @@ def forward(
                 smem, (num_parts, streams - num_parts, num_keep)
             )
             if halves > 1:
-                scan = _forward_halves(
+                scan = halves_lib.forward_scan(
                     num_parts=num_parts, num_keep=num_keep, full_a=full_a, a_vec=a_vec,
                     sel=selector[0], reverse=reverse, buffers=buffers,
                 )  # fmt: skip
@@ -639,7 +458,7 @@ def forward(
                 halves=halves,
             )
 
-        buffers = _swap_buffers(2 * num_parts, width) if halves > 1 else []
+        buffers = halves_lib.swap_buffers(2 * num_parts, width) if halves > 1 else []
         pl.run_scoped(scoped, *_rings(stages, chunk, dtype, streams, keep, halves), *buffers)
 
     out_type = [jax.ShapeDtypeStruct(b[0].shape, dtype)] * num_parts
@@ -659,7 +478,7 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret, stages=3, halves=
     chunk, stages = _shape(length, chunk, stages, 2 * num_parts, dtype.itemsize, num_keep, halves)
     padded_keep = _pad_keep(keep, length, chunk)
     width = CHANNELS // halves
-    sel = (_selector(width),) if halves > 1 else ()
+    sel = (halves_lib.selector(width),) if halves > 1 else ()
 
     def kernel(*refs):
         if full_a:  # neither h nor h0: its da is formed after the kernel
@@ -711,7 +530,7 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret, stages=3, halves=
             zeros = (0.0 * vectors[0],) * num_parts
             k_one = 0.0 * vectors[0] + 1.0 if halves > 1 else jnp.float32(1)
             if halves > 1:
-                scan = _backward_halves(
+                scan = halves_lib.backward_scan(
                     num_parts=num_parts, num_keep=num_keep, full_a=full_a, a_vec=a_vec,
                     sel=selector[0], reverse=not reverse, buffers=buffers,
                 )  # fmt: skip
@@ -738,11 +557,10 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret, stages=3, halves=
                 g = tuple(k_first * x for x in g)
             last = mul_conj(g, h_init)  # the forward's first row, after h0
             if halves > 1:  # added once, then the two halves' sums added together
-                last = _pick(selector[0] > 0.5, zeros, last)
-                da = _add(da, last)
-                da = _add(da, _swap(da, buffers))
-            else:
-                da = _add(da, last)
+                last = halves_lib.pick(selector[0] > 0.5, zeros, last)
+            da = halves_lib.add(da, last)
+            if halves > 1:
+                da = halves_lib.add(da, halves_lib.swap(da, buffers))
             for s, x in zip(da_smem, da):
                 s[...] = x
             plgpu.commit_smem()
@@ -758,7 +576,7 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret, stages=3, halves=
             scoped,
             *_rings(stages, chunk, dtype, 2 * num_parts, padded_keep, halves),
             *[plgpu.SMEM(da_shape, jnp.float32) for _ in range(num_parts * (not full_a))],
-            *_swap_buffers(swaps, width),
+            *halves_lib.swap_buffers(swaps, width),
         )
 
     out_type = [jax.ShapeDtypeStruct(dh[0].shape, dtype)] * num_parts
