@@ -1,9 +1,11 @@
 """What the Pallas recurrence kernels share: values as parts, the output-over-input
-aliases, the cost estimate, and complex arithmetic on (real, imag) pairs."""
+aliases, the cost estimate, complex arithmetic on (real, imag) pairs, and a full a's
+cotangent from a kernel's g."""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 Parts = tuple[jax.Array, ...]  # (x,) for real values, (real, imag) for complex ones
@@ -71,3 +73,15 @@ def step(h: Parts, a: Parts, b: Parts) -> Parts:
     # Grouped so that each new part is two dependent fused multiply-adds away from the
     # previous state (the recurrence's critical path), not three operations.
     return (ar * hr + (br - ai * hi), ar * hi + (bi + ai * hr))
+
+
+def full_da(g: Parts, h: Parts, h0: Parts, keep: Parts, reverse: bool) -> Parts:
+    """da_t = keep_t g_t conj(h_{t-1}) for a full a, h_{t-1} being h0 at the forward's
+    first position (the last for `reverse`), in float32: one elementwise XLA pass over
+    a kernel's g (lrulm.kernels.mosaic_gpu.backward)."""
+    f32 = lambda x: x.astype(jnp.float32)
+    shift = lambda x, x0: jnp.concatenate(
+        [x[:, 1:], x0[:, None]] if reverse else [x0[:, None], x[:, :-1]], axis=1
+    )
+    da = mul_conj(tuple(map(f32, g)), tuple(shift(f32(x), f32(x0)) for x, x0 in zip(h, h0)))
+    return tuple(f32(keep[0])[..., None] * x for x in da) if keep else da

@@ -72,7 +72,7 @@ except ImportError as e:
     plgpu, _IMPORT_ERROR = None, e
 
 from lrulm.kernels import mosaic_halves as halves_lib
-from lrulm.kernels.common import Parts, conj, group_refs, mul_conj, write_over_b
+from lrulm.kernels.common import Parts, conj, full_da, group_refs, mul_conj, write_over_b
 from lrulm.kernels.common import step as recurrence_step
 
 CHANNELS = 128  # a warpgroup's threads: one channel each
@@ -589,15 +589,4 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret, stages=3, halves=
         out = launch(*a, *dh, *h, *h0, *padded_keep, *sel)
         return tuple(out[:num_parts]), tuple(out[num_parts:])
     g = tuple(launch(*a, *dh, *padded_keep, *sel))
-    return g, _full_da(g, h, h0, keep, reverse)
-
-
-def _full_da(g: Parts, h: Parts, h0: Parts, keep: Parts, reverse: bool) -> Parts:
-    """da_t = keep_t g_t conj(h_{t-1}) for a full a, h_{t-1} being h0 at the forward's
-    first position (the last for `reverse`), in float32: one elementwise pass."""
-    f32 = lambda x: x.astype(jnp.float32)
-    shift = lambda x, x0: jnp.concatenate(
-        [x[:, 1:], x0[:, None]] if reverse else [x0[:, None], x[:, :-1]], axis=1
-    )
-    da = mul_conj(tuple(map(f32, g)), tuple(shift(f32(x), f32(x0)) for x, x0 in zip(h, h0)))
-    return tuple(f32(keep[0])[..., None] * x for x in da) if keep else da
+    return g, full_da(g, h, h0, keep, reverse)
