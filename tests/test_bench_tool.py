@@ -155,6 +155,21 @@ def test_gpu_kernel_sweep_checks_times_and_picks_a_launch_shape(tmp_path, full_a
     assert "best (fwd+bwd, correct)" in out.stdout
 
 
+def test_gpu_kernel_sweep_starts_no_row_past_its_budget(tmp_path):
+    """--budget_s: rows not started in time are reported as skipped, never chosen, and
+    the table still prints (gpu_check.sh's step limit would otherwise cut it off)."""
+    path, best = tmp_path / "sweep.json", tmp_path / "best.txt"
+    out = _bench(
+        "--shape", "1,32,128", "--configs", "32,1,8 mosaic,16,2", "--repeats", "1",
+        "--budget_s", "0", "--json", str(path), "--best_out", str(best),
+        tool="tools/gpu_kernel_sweep.py",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["ok"], "past the 0 s budget" in r["error"]) for r in rows] == [(False, True)] * 2
+    assert "best (fwd+bwd, correct): None" in out.stdout and not best.exists()
+
+
 # Stands in for python3 in tools/gpu_check.sh, on a machine without a GPU: each step's
 # command line is checked the way the real tool would check it, with nothing compiled or
 # timed, so that a GPU session (15 minutes in all) is not spent finding a typo.

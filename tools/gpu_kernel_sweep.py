@@ -129,15 +129,20 @@ def _error(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
-def sweep(B, L, N, configs, *, repeats, rtol, threads=8, full_a=False, log=print):
+def sweep(
+    B, L, N, configs, *, repeats, rtol, threads=8, full_a=False, budget_s=None, log=print
+):
     """Lowers every configuration, compiles them `threads` at a time in the background
     (XLA compiles with the GIL released; Triton takes ~10 s for each of these unrolled
     kernels), and checks and times each as soon as its programs are compiled, in order,
-    so that a run cut short still has its first rows."""
+    so that a run cut short still has its first rows. After `budget_s` seconds (from the
+    start) no new row is started: the rest are reported as skipped, and the winner is
+    named from the rows measured."""
     configs = [str(gpu.Tuning.parse(c)) for c in configs]
     a, b = bench_scan.make_inputs(B, L, N, full_a=full_a)
     dh = bench_scan.cotangent(b)
     a, b, dh = (a.real, a.imag), (b.real, b.imag), (dh.real, dh.imag)
+    start = time.perf_counter()
     array_bytes = B * L * N * 8
     bandwidth = bench_scan.copy_bandwidth(array_bytes, repeats)
     ref_fwd, ref_fwd_bwd = (x.compile() for x in _programs(a, b, dh, "associative"))
@@ -147,7 +152,6 @@ def sweep(B, L, N, configs, *, repeats, rtol, threads=8, full_a=False, log=print
         "backend": jax.default_backend(),
         "rows": [],
     }
-    start = time.perf_counter()
     lowered = _lower_all(configs, a, b, dh)
     rings = _ring_copies(configs, b)
     log(f"lowered {len(configs)} configurations in {time.perf_counter() - start:.0f} s")
@@ -174,6 +178,8 @@ def sweep(B, L, N, configs, *, repeats, rtol, threads=8, full_a=False, log=print
         for config in configs:
             row = {"config": config}
             try:
+                if budget_s is not None and time.perf_counter() - start > budget_s:
+                    raise TimeoutError(f"skipped: past the {budget_s:.0f} s budget")
                 if isinstance(lowered[config], Exception):
                     raise lowered[config]
                 row["launch"] = _launch_line(lowered[config][0])
@@ -248,6 +254,12 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--rtol", type=float, default=1e-3, help="max error relative to the max")
     p.add_argument("--threads", type=int, default=8, help="compiles at a time")
+    p.add_argument(
+        "--budget_s",
+        type=float,
+        default=None,
+        help="start no new row after this many seconds (the table and winner still print)",
+    )
     p.add_argument("--json", default="")
     p.add_argument("--best_out", default="", help="write the winning tuning here")
     p.add_argument(
@@ -280,6 +292,7 @@ def main(argv=None):
         rtol=args.rtol,
         threads=args.threads,
         full_a=args.full_a,
+        budget_s=args.budget_s,
         log=lambda s: print(s, file=sys.stderr, flush=True),
     )
     result["seconds"] = time.perf_counter() - start
