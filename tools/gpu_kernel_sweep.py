@@ -129,9 +129,7 @@ def _error(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
-def sweep(
-    B, L, N, configs, *, repeats, rtol, threads=8, full_a=False, budget_s=None, log=print
-):
+def sweep(B, L, N, configs, *, repeats, rtol, threads=8, full_a=False, budget_s=None, log=print):
     """Lowers every configuration, compiles them `threads` at a time in the background
     (XLA compiles with the GIL released; Triton takes ~10 s for each of these unrolled
     kernels), and checks and times each as soon as its programs are compiled, in order,
