@@ -361,6 +361,45 @@ def test_mosaic_kernels_lower_a_full_a_for_cuda(gpu_tuning, mosaic_calls):
     ]
 
 
+@pytest.mark.skipif(COMPILED, reason="lowers for CUDA from the host")
+@pytest.mark.parametrize("gpu_tuning", ["mosaic,32,6", "mosaic,32,6,halves=2"], indirect=True)
+def test_mosaic_scopes_return_no_constants(gpu_tuning, mosaic_calls, monkeypatch):
+    """jax >= 0.11's Mosaic GPU lowering rejects a run_scoped whose result holds a
+    constant ("Shaped arrays must be represented by ir.Values", first seen on an H100):
+    a loop carry the walk never changes (the backward's keep of one without resets, the
+    ring copy's carry) lowers to the constant that went in. This host's jax lets it
+    through, so each scope's lowered results are checked here, lowering for CUDA the
+    LRU's gradient without resets and the ring copy."""
+    from jax._src.lib.mlir import ir  # jax internals: this check's alone
+    from jax._src.pallas.mosaic_gpu import lowering as mosaic_lowering
+    from jax._src.pallas.primitives import run_scoped_p
+    from jax.experimental.mosaic import gpu as mgpu
+
+    scopes = []  # each run_scoped's lowered results that are neither values nor arrays
+    for rules in mosaic_lowering.mosaic_lowering_rules.values():
+        if run_scoped_p in rules:
+
+            def checked(ctx, *args, _rule=rules[run_scoped_p], **params):
+                outs = _rule(ctx, *args, **params)
+                values = (ir.Value, mgpu.FragmentedArray)  # a scalar, an array
+                scopes.append([type(x).__name__ for x in outs if not isinstance(x, values)])
+                return outs
+
+            monkeypatch.setitem(rules, run_scoped_p, checked)
+    a = (jnp.zeros((1024,)),) * 2
+    b = (jax.ShapeDtypeStruct((8, 2048, 1024), jnp.float32),) * 2
+    loss = lambda a, b: sum(
+        jnp.sum(x**2) for x in scan_lib.linear_scan_planar(a, b, method="pallas")
+    )
+    jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1))), platforms=["cuda"])(a, b)
+    assert set(mosaic_calls) == {"forward", "backward"}
+    ring = functools.partial(
+        mosaic_kernels.ring_copy, chunk=32, stages=6, halves=gpu_tuning.halves, interpret=False
+    )
+    jax.export.export(jax.jit(ring), platforms=["cuda"])(b)
+    assert len(scopes) >= 4 and not any(scopes), scopes
+
+
 @pytest.mark.parametrize("gpu_tuning", ["mosaic,16,2"], indirect=True)
 def test_mosaic_keeps_b_that_is_still_needed(gpu_tuning, mosaic_calls):
     """h written over b by the Mosaic GPU forward (2 chunks and a tail): a b the program

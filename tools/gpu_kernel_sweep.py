@@ -107,7 +107,7 @@ def _ring(t: gpu.Tuning) -> tuple[int, int, int]:
 
 
 def _ring_copies(configs, b):
-    """{ring shape: the Mosaic GPU ring's copy of b, lowered} for the Mosaic GPU
+    """{ring shape: the Mosaic GPU ring's copy of b, lowered, or the exception} for the Mosaic GPU
     configurations (a time split leaves the ring as it is: one per ring shape)."""
     rings = {}
     interpret = jax.default_backend() != "gpu"
@@ -121,7 +121,10 @@ def _ring_copies(configs, b):
                 halves=t.halves,
                 interpret=interpret,
             )
-            rings[_ring(t)] = jax.jit(copy).lower(b)
+            try:
+                rings[_ring(t)] = jax.jit(copy).lower(b)
+            except Exception as e:  # noqa: BLE001 - reported in the ring column
+                rings[_ring(t)] = e
     return rings
 
 
@@ -164,6 +167,8 @@ def sweep(B, L, N, configs, *, repeats, rtol, threads=8, full_a=False, budget_s=
         """The Mosaic GPU ring's copy of b for tuning t: checked, then timed (once)."""
         if _ring(t) not in ring_times:
             try:
+                if isinstance(rings[_ring(t)], Exception):
+                    raise rings[_ring(t)]
                 copy = rings[_ring(t)].compile()
                 if not all(bool(jnp.all(x == y)) for x, y in zip(copy(b), b)):
                     raise AssertionError("the ring's copy differs from its input")

@@ -383,7 +383,7 @@ def ring_copy(x: Parts, *, chunk, stages, interpret, halves=1) -> Parts:
                 length=length,
                 reverse=False,
                 scan=lambda c, slot, parts: c,
-                carry=jnp.int32(0),
+                carry=(),
                 halves=halves,
             )
 
@@ -528,7 +528,11 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret, stages=3, halves=
             # Zeros in a loaded row's register layout (a loop carry keeps its layout; a
             # constant's is a splat), from a's real part: a decay, always finite.
             zeros = (0.0 * vectors[0],) * num_parts
-            k_one = 0.0 * vectors[0] + 1.0 if halves > 1 else jnp.float32(1)
+            # No constant in the carry: one the walk never changes (keep without resets)
+            # comes out of fori_loop as that constant, which jax >= 0.11's Mosaic GPU
+            # lowering rejects as a result of run_scoped.
+            k_one = jnp.float32(1) if num_keep else ()
+            k_one = 0.0 * vectors[0] + 1.0 if halves > 1 else k_one
             if halves > 1:
                 scan = halves_lib.backward_scan(
                     num_parts=num_parts, num_keep=num_keep, full_a=full_a, a_vec=a_vec,
