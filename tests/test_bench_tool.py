@@ -223,7 +223,7 @@ def test_gpu_check_script_passes_each_tool_arguments_it_takes(tmp_path, best):
     assert run.returncode == 0, run.stderr[-3000:]
     steps = [line.split() for line in (out_dir / "rc.txt").read_text().splitlines()]
     assert [(name, rc) for name, rc, _ in steps] == [
-        (name, "0") for name in ("sweep", "tests_mosaic", "sweep_long", "bench", "tests")
+        (name, "0") for name in ("sweep", "tests_mosaic", "sweep_long", "bench", "long", "tests")
     ], (steps, run.stdout[-3000:])
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     tools = {c["args"][0]: c for c in calls if c["args"][0].startswith("tools/")}
@@ -235,4 +235,9 @@ def test_gpu_check_script_passes_each_tool_arguments_it_takes(tmp_path, best):
     summary = run.stdout[run.stdout.index("== summary") :]
     for name, _, _ in steps:
         assert re.search(rf"^{name} +ok, \d+ s$", summary, re.M), summary
-    assert "no benchmark results" in summary  # the stub writes none
+    assert "no bench results" in summary and "no long results" in summary  # the stub: none
+    long_row = [c for c in calls if c["args"][0] == "tools/bench.py" and "--long" in c["args"]]
+    assert [c["args"][c["args"].index("--long") + 1] for c in long_row] == [
+        "125m:65536:pallas,125m:65536:associative"
+    ]
+    assert sorted(os.listdir(out_dir)) == ["logs.tgz", "rc.txt"]  # + the tools' JSON

@@ -363,41 +363,82 @@ def test_mosaic_kernels_lower_a_full_a_for_cuda(gpu_tuning, mosaic_calls):
 
 @pytest.mark.skipif(COMPILED, reason="lowers for CUDA from the host")
 @pytest.mark.parametrize("gpu_tuning", ["mosaic,32,6", "mosaic,32,6,halves=2"], indirect=True)
-def test_mosaic_scopes_return_no_constants(gpu_tuning, mosaic_calls, monkeypatch):
-    """jax >= 0.11's Mosaic GPU lowering rejects a run_scoped whose result holds a
-    constant ("Shaped arrays must be represented by ir.Values", first seen on an H100):
-    a loop carry the walk never changes (the backward's keep of one without resets, the
-    ring copy's carry) lowers to the constant that went in. This host's jax lets it
-    through, so each scope's lowered results are checked here, lowering for CUDA the
-    LRU's gradient without resets and the ring copy."""
+def test_mosaic_lowering_gives_every_result_a_value(gpu_tuning, mosaic_calls, monkeypatch):
+    """jax >= 0.11's Mosaic GPU lowering requires every primitive's lowered result to be
+    a value ("Shaped arrays must be represented by ir.Values", first seen on an H100,
+    from a run_scoped: a loop carry the walk never changes, such as the backward's keep
+    of one without resets or the ring copy's, lowers to the constant that went in).
+    This host's jax lets constants through, so each lowering rule's results are checked
+    here, lowering for CUDA: the gradients of an (N,) a and of a bfloat16 full a, both
+    without resets, and the ring copy."""
     from jax._src.lib.mlir import ir  # jax internals: this check's alone
     from jax._src.pallas.mosaic_gpu import lowering as mosaic_lowering
-    from jax._src.pallas.primitives import run_scoped_p
     from jax.experimental.mosaic import gpu as mgpu
 
-    scopes = []  # each run_scoped's lowered results that are neither values nor arrays
+    results, constants = [0], []  # every rule's results counted; those not values
     for rules in mosaic_lowering.mosaic_lowering_rules.values():
-        if run_scoped_p in rules:
+        for primitive, rule in list(rules.items()):
 
-            def checked(ctx, *args, _rule=rules[run_scoped_p], **params):
-                outs = _rule(ctx, *args, **params)
+            def checked(ctx, *args, _rule=rule, _primitive=primitive, **params):
+                out = _rule(ctx, *args, **params)
+                outs = out if _primitive.multiple_results else [out]
+                results[0] += len(outs)
                 values = (ir.Value, mgpu.FragmentedArray)  # a scalar, an array
-                scopes.append([type(x).__name__ for x in outs if not isinstance(x, values)])
-                return outs
+                constants.extend(
+                    (_primitive.name, type(x).__name__) for x in outs if not isinstance(x, values)
+                )
+                return out
 
-            monkeypatch.setitem(rules, run_scoped_p, checked)
-    a = (jnp.zeros((1024,)),) * 2
-    b = (jax.ShapeDtypeStruct((8, 2048, 1024), jnp.float32),) * 2
-    loss = lambda a, b: sum(
-        jnp.sum(x**2) for x in scan_lib.linear_scan_planar(a, b, method="pallas")
-    )
-    jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1))), platforms=["cuda"])(a, b)
+            monkeypatch.setitem(rules, primitive, checked)
+
+    def lower_grad(a, b):
+        loss = lambda a, b: sum(
+            jnp.sum(x.astype(jnp.float32) ** 2)
+            for x in scan_lib.linear_scan_planar(a, b, method="pallas")
+        )
+        jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1))), platforms=["cuda"])(a, b)
+
+    shape = (8, 2048, 1024)
+    b = (jax.ShapeDtypeStruct(shape, jnp.float32),) * 2
+    lower_grad((jnp.zeros((1024,)),) * 2, b)
+    assert set(mosaic_calls) == {"forward", "backward"}
+    mosaic_calls.clear()
+    full = (jax.ShapeDtypeStruct(shape, jnp.bfloat16),) * 2
+    lower_grad(full, full)
     assert set(mosaic_calls) == {"forward", "backward"}
     ring = functools.partial(
         mosaic_kernels.ring_copy, chunk=32, stages=6, halves=gpu_tuning.halves, interpret=False
     )
     jax.export.export(jax.jit(ring), platforms=["cuda"])(b)
-    assert len(scopes) >= 4 and not any(scopes), scopes
+    assert results[0] > 100 and constants == [], constants
+
+
+@pytest.mark.parametrize(
+    "gpu_tuning", ["32,1,8", "mosaic,16,2", "mosaic,32,2,halves=2"], indirect=True
+)
+def test_bfloat16_full_a_gradients_through_linear_scan(gpu_tuning):
+    """A bfloat16 full (input-dependent) complex a, as planes, with resets and h0,
+    through linear_scan_planar(method="pallas"): every kernel writes a full a's da in
+    dh's dtype, so the backends' branches of the dispatch agree (they once did not:
+    float32 from the GPU kernels, bfloat16 from the TPU one, and tracing failed), and the
+    gradients match the associative scan's on the same rounded inputs, in float32."""
+    a, b, h0 = base._inputs(11, (2,), 40, 128, complex_=True, full_a=True)
+    parts = lambda x: (x.real.astype(jnp.bfloat16), x.imag.astype(jnp.bfloat16))
+    a, b, h0 = parts(a), parts(b), parts(h0)
+    resets = base._resets(5, (2, 40))
+
+    def loss(a, b, h0, method):
+        h = scan_lib.linear_scan_planar(a, b, h0=h0, resets=resets, method=method)
+        w = jnp.linspace(-1.0, 2.0, 128)
+        return jnp.sum(w * h[0].astype(jnp.float32)) - jnp.sum(h[1].astype(jnp.float32) ** 2)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnames="method")
+    f32 = lambda x: jax.tree.map(lambda p: p.astype(jnp.float32), x)
+    got, want = grad(a, b, h0, "pallas"), grad(f32(a), f32(b), f32(h0), "associative")
+    for name, x, y in zip(("a", "b", "h0"), got, want):
+        assert {p.dtype for p in x} == {jnp.dtype(jnp.bfloat16)}, name
+        err = max(base._rel(p, q) for p, q in zip(x, y))
+        assert err <= 2e-2, (name, err)
 
 
 @pytest.mark.parametrize("gpu_tuning", ["mosaic,16,2"], indirect=True)

@@ -10,20 +10,23 @@
 #    is exported (LRULM_PALLAS_GPU_TUNING) for the benchmark; the Mosaic GPU kernels'
 #    compiled tests; then one 65,536-step sequence of 768 channels unsplit and split in
 #    time;
-# 2. tools/bench.py: the scan methods at the DESIGN.md §4 size (B=8, L=2048, N=1024,
-#    complex64, and the planar form), an LRU layer (H=N=1024, 8 x 2048 bf16), the 350m
-#    train step at 8 x 2048 with associative vs pallas, and 125m at 1 x 65536 (remat full,
-#    vocabulary-blocked loss) with each: does a 64k context fit?
+# 2. tools/bench.py: the scan methods at the DESIGN.md §4 size (B=8, L=2048, N=1024, the
+#    planar form the kernels run, then complex64), an LRU layer (H=N=1024, 8 x 2048
+#    bf16), the 350m train step at 8 x 2048 with associative vs pallas; then, on its own,
+#    125m at 1 x 65536 (remat full, vocabulary-blocked loss) with each: does a 64k
+#    context fit?
 # 3. tests/test_scan_pallas{,_gpu}.py on the compiled kernels (not the interpreters).
-# Outputs go to $OUT if set, else a temporary folder: 9 files (env.txt, rc.txt,
-# {sweep,tests_mosaic,sweep_long,bench,tests}.log, sweep.json, bench.json). The step
-# limits add up to 550 s, so that the summary is printed inside a 570 s call. The summary ends with the
+# Outputs go to $OUT if set, else a temporary folder: rc.txt, sweep.json, bench.json,
+# long.json and logs.tgz (each step's log, repacked after every step: a lent machine
+# returns at most 8 files). The step limits add up to 540 s, so that the summary is
+# printed inside a 570 s call; it lists each test failure with its error, then the
 # sweeps' and bench.py's tables. Each step has a time limit and the tools print or save
 # as they go, so the script always reaches the tables with what was measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$(mktemp -d)}"
-mkdir -p "$OUT"
+LOGS="$OUT/logs"  # packed into $OUT/logs.tgz after each step: a lent machine returns 8 files
+mkdir -p "$OUT" "$LOGS"
 BEST="${TMPDIR:-/tmp}/lrulm_best_tuning.txt"
 rm -f "$BEST"
 PY="${PYTHON:-python3}"
@@ -31,50 +34,58 @@ export JAX_PLATFORMS=cuda TF_CPP_MIN_LOG_LEVEL=3
 # Keep XLA from taking 75% of the GPU up front, so the benchmarks' peak memory is real.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 
-run() {  # run NAME SECONDS CMD...: logs to $OUT/NAME.log, records the exit code
+run() {  # run NAME SECONDS CMD...: logs to $LOGS/NAME.log, records the exit code
   local name=$1 limit=$2
   shift 2
   echo "== $name: $*"
   local start=$SECONDS
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout "$limit" "$@" >"$LOGS/$name.log" 2>&1
   local rc=$?
   echo "$name $rc $((SECONDS - start))" >>"$OUT/rc.txt"
-  tail -n 3 "$OUT/$name.log"
+  tar czf "$OUT/logs.tgz" -C "$LOGS" .
+  tail -n 3 "$LOGS/$name.log"
   echo "   (exit $rc, $((SECONDS - start)) s)"
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/env.txt"
-"$PY" -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/env.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$LOGS/env.txt"
+"$PY" -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$LOGS/env.txt"
 
 # The kernel's launch shapes at the bench size, checked against associative; the fastest
 # correct one is exported so that the benchmark uses it.
-run sweep 130 "$PY" tools/gpu_kernel_sweep.py --budget_s 105 --json "$OUT/sweep.json" --best_out "$BEST"
+run sweep 120 "$PY" tools/gpu_kernel_sweep.py --budget_s 95 --json "$OUT/sweep.json" --best_out "$BEST"
 if [ -s "$BEST" ]; then
   export LRULM_PALLAS_GPU_TUNING=$(cat "$BEST")
   echo "   LRULM_PALLAS_GPU_TUNING=$LRULM_PALLAS_GPU_TUNING"
 fi
-# The Mosaic GPU kernels' own tests, compiled, first: they have never run on hardware
+# pytest-xdist (when there) compiles in 8 processes; each takes GPU memory as it needs it.
+# pytest-timeout (when there) ends a test that hangs, so that the step still reports
+# which tests failed and why (xdist prints them only at the end).
+parallel=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
+per_test=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 45")
+# The Mosaic GPU kernels' own tests, compiled, first: they have never passed on hardware
 # (forward with resets and h0, the fused backward in float32 and bfloat16, a full a, two
 # thread groups a program (halves=2), the time split).
-parallel=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
 run tests_mosaic 60 env PYTHONUNBUFFERED=1 LRULM_TEST_PALLAS_COMPILED=1 "$PY" -m pytest -q \
-  -p no:cacheprovider -rfE $parallel tests/test_scan_pallas_gpu.py -k mosaic
+  -p no:cacheprovider -rfE --tb=short $parallel $per_test tests/test_scan_pallas_gpu.py -k mosaic
 # One long sequence (125m's width): unsplit (segments=1) against the time split.
 tuning=${LRULM_PALLAS_GPU_TUNING:-32,1,128,prefetch}
 tuning=${tuning%%,segments=*}
-run sweep_long 70 "$PY" tools/gpu_kernel_sweep.py --shape 1,65536,768 --repeats 3 --budget_s 55 \
+run sweep_long 50 "$PY" tools/gpu_kernel_sweep.py --shape 1,65536,768 --repeats 3 --budget_s 35 \
   --configs "$tuning,segments=1 $tuning $tuning,segments=4 $tuning,segments=32"
-# Budgets: a section starts no new row after its budget; the timeout is the hard limit.
-run bench 240 "$PY" tools/bench.py --methods associative,chunked,pallas --presets 350m \
-  --scan_methods associative,pallas --long 125m:65536:pallas,125m:65536:associative \
-  --budget_s scan=40,lru=25,train=150 --json "$OUT/bench.json"
+# Budgets: a section starts no new row after its budget (a row started just before it
+# runs on: its compiles take ~10-30 s); the timeout is the hard limit.
+run bench 180 "$PY" tools/bench.py --methods associative,pallas --presets 350m \
+  --scan_methods associative,pallas --budget_s scan=35,lru=20,train=65 --json "$OUT/bench.json"
+# A 65,536-token context for 125m (remat full, vocabulary-blocked loss) with each scan:
+# does it fit, and how fast? A step of its own, so that the rows above cannot starve it.
+run long 80 "$PY" tools/bench.py --sections train --presets "" \
+  --long 125m:65536:pallas,125m:65536:associative --budget_s train=45 --json "$OUT/long.json"
 # The kernels' code paths (resets, h0, reverse, ragged blocks, bf16, the time split) on
 # the hardware, with short chunks: each test compiles in seconds, where the full chunk
 # takes ~10 s a kernel (the sweep checked the chosen launch shape at full size).
-# pytest-xdist (when there) compiles in 8 processes; each takes GPU memory as it needs it.
 run tests 50 env PYTHONUNBUFFERED=1 LRULM_TEST_PALLAS_COMPILED=1 \
   LRULM_PALLAS_GPU_TUNING=32,1,16,prefetch "$PY" -m pytest -q -p no:cacheprovider -rfE \
-  $parallel tests/test_scan_pallas.py tests/test_scan_pallas_gpu.py
+  --tb=short $parallel $per_test tests/test_scan_pallas.py tests/test_scan_pallas_gpu.py
 
 echo
 echo "== summary ($OUT)"
@@ -82,16 +93,21 @@ while read -r name rc secs; do
   case $rc in 0) status=ok ;; 124) status="TIMED OUT" ;; *) status="FAILED (exit $rc)" ;; esac
   printf '%-8s %s, %s s\n' "$name" "$status" "$secs"
 done <"$OUT/rc.txt"
-echo "tests_mosaic: $(tail -n 1 "$OUT/tests_mosaic.log")"
-echo "tests: $(tail -n 1 "$OUT/tests.log")"
+for name in tests_mosaic tests; do  # the outcome line, then each failure and its error
+  echo "$name: $(tail -n 1 "$LOGS/$name.log")"
+  grep -E '^(FAILED|ERROR) |^E ' "$LOGS/$name.log" | cut -c1-240 | head -n 30
+done
 echo
 for name in sweep sweep_long; do  # the table, or (cut short) the rows logged as measured
-  grep -q '^device' "$OUT/$name.log" && sed -n '/^device/,$p' "$OUT/$name.log" ||
-    grep '^|' "$OUT/$name.log"
+  grep -q '^device' "$LOGS/$name.log" && sed -n '/^device/,$p' "$LOGS/$name.log" ||
+    grep '^|' "$LOGS/$name.log"
   echo
 done
-if [ -s "$OUT/bench.json" ]; then
-  "$PY" tools/bench.py --render "$OUT/bench.json"
-else
-  echo "no benchmark results (see $OUT/bench.log)"
-fi
+for name in bench long; do
+  if [ -s "$OUT/$name.json" ]; then
+    "$PY" tools/bench.py --render "$OUT/$name.json"
+  else
+    echo "no $name results (see $LOGS/$name.log)"
+  fi
+done
+rm -rf "$LOGS"  # in logs.tgz

@@ -77,11 +77,13 @@ def step(h: Parts, a: Parts, b: Parts) -> Parts:
 
 def full_da(g: Parts, h: Parts, h0: Parts, keep: Parts, reverse: bool) -> Parts:
     """da_t = keep_t g_t conj(h_{t-1}) for a full a, h_{t-1} being h0 at the forward's
-    first position (the last for `reverse`), in float32: one elementwise XLA pass over
-    a kernel's g (lrulm.kernels.mosaic_gpu.backward)."""
+    first position (the last for `reverse`), computed in float32 and returned in g's
+    dtype (as every kernel writes a full a's da): one elementwise XLA pass over a
+    kernel's g (lrulm.kernels.mosaic_gpu.backward)."""
     f32 = lambda x: x.astype(jnp.float32)
     shift = lambda x, x0: jnp.concatenate(
         [x[:, 1:], x0[:, None]] if reverse else [x0[:, None], x[:, :-1]], axis=1
     )
     da = mul_conj(tuple(map(f32, g)), tuple(shift(f32(x), f32(x0)) for x, x0 in zip(h, h0)))
-    return tuple(f32(keep[0])[..., None] * x for x in da) if keep else da
+    da = tuple(f32(keep[0])[..., None] * x for x in da) if keep else da
+    return tuple(x.astype(g[0].dtype) for x in da)

@@ -370,7 +370,8 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret):
     for da when the backward is the forward kernel run backwards.
 
     Returns:
-      (g parts (rows, L, N), da parts: (rows, N) partial sums or (rows, L, N)).
+      (g parts (rows, L, N), da parts: (rows, N) float32 partial sums, or (rows, L, N)
+      in dh's dtype for a full a (one product a step, as every kernel writes it).
     """
     rows, length, n = dh[0].shape
     num_parts, full_a = len(dh), a[0].ndim == 3
@@ -436,7 +437,7 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret):
     out = pl.pallas_call(
         kernel,
         out_shape=[jax.ShapeDtypeStruct(dh[0].shape, dtype)] * num_parts
-        + [jax.ShapeDtypeStruct(da_shape, jnp.float32)] * num_parts,
+        + [jax.ShapeDtypeStruct(da_shape, dtype if full_a else jnp.float32)] * num_parts,
         grid=(rows * num_blocks,),
         in_specs=in_specs,
         out_specs=[seq_spec] * num_parts + [seq_spec if full_a else state_spec] * num_parts,

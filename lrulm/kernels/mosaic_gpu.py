@@ -471,7 +471,7 @@ def forward(
 def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret, stages=3, halves=1):
     """The fused backward of `forward` (lrulm.kernels.gpu.backward's contract): returns
     (g parts (rows, L, N), written over dh, and da parts: (rows, N) per-row partial sums
-    for an (N,) a, float32 (rows, L, N) for a full one)."""
+    for an (N,) a; (rows, L, N) in dh's dtype for a full one)."""
     rows, length, n = dh[0].shape
     num_parts, num_keep, dtype = len(dh), len(keep), dh[0].dtype
     full_a = a[0].ndim == 3

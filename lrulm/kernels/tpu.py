@@ -320,7 +320,8 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret):
     read g and h again for da when the backward is the forward kernel plus XLA.
 
     Returns:
-      (g parts (rows, L, N), da parts: (rows, N) float32 partial sums or (rows, L, N)).
+      (g parts (rows, L, N), da parts: (rows, N) float32 partial sums, or (rows, L, N)
+      in dh's dtype for a full a).
     """
     rows, length, n = dh[0].shape
     num_parts, full_a = len(dh), a[0].ndim == 3
