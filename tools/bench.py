@@ -443,6 +443,7 @@ def train_section(args, result, save) -> None:
             if row["status"] == "ok" and len(scan_methods) > 1:
                 first = first or row
                 row["speedup"] = first["step_time_ms"] / row["step_time_ms"]
+                save()  # section.run saved the row before its speedup was known
     for preset, seq_len, m in args.long_rows:
         label = dict(name=f"{preset} long", batch=1, seq_len=seq_len, scan_method=m)
         # On one device: the question is whether this context fits on one chip. The
