@@ -107,8 +107,9 @@ def _ring(t: gpu.Tuning) -> tuple[int, int, int]:
 
 
 def _ring_copies(configs, b):
-    """{ring shape: the Mosaic GPU ring's copy of b, lowered, or the exception} for the Mosaic GPU
-    configurations (a time split leaves the ring as it is: one per ring shape)."""
+    """{ring shape: the Mosaic GPU ring's copy of b, lowered (or the exception)} for the
+    Mosaic GPU configurations (a time split leaves the ring as it is: one per ring
+    shape)."""
     rings = {}
     interpret = jax.default_backend() != "gpu"
     for config in configs:

@@ -531,8 +531,10 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret, stages=3, halves=
             # No constant in the carry: one the walk never changes (keep without resets)
             # comes out of fori_loop as that constant, which jax >= 0.11's Mosaic GPU
             # lowering rejects as a result of run_scoped.
-            k_one = jnp.float32(1) if num_keep else ()
-            k_one = 0.0 * vectors[0] + 1.0 if halves > 1 else k_one
+            if halves > 1:
+                k_one = 0.0 * vectors[0] + 1.0
+            else:
+                k_one = jnp.float32(1) if num_keep else ()
             if halves > 1:
                 scan = halves_lib.backward_scan(
                     num_parts=num_parts, num_keep=num_keep, full_a=full_a, a_vec=a_vec,
