@@ -84,7 +84,8 @@ _INTERPRET_CHUNK = 8
 def _gpu_kernel(triton: Callable, name: str, **options) -> Callable:
     """The GPU kernel the tuning names (lrulm.kernels.gpu.Tuning.kernel): Mosaic GPU's
     `name` (lrulm.kernels.mosaic_gpu) for the operands it supports (N a multiple of
-    128) when asked for, else the Triton kernel; both with `options`."""
+    128, or of 64 with halves=2) when asked for, else the Triton kernel; both with
+    `options`."""
 
     def run(a, *groups, chunk, reverse, interpret):
         t = gpu.tuning()
