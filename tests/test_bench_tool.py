@@ -200,12 +200,9 @@ else:
 """
 
 
-@pytest.mark.parametrize("best", ["mosaic,16,4,segments=1", "32,1,128,prefetch"])
-def test_gpu_check_script_passes_each_tool_arguments_it_takes(tmp_path, best):
-    """tools/gpu_check.sh on this host, with python3 standing in (_GPU_CHECK_STUB):
-    every step's arguments are accepted by its tool, each pytest selection collects
-    tests, the sweep's winner reaches the long sweep (its time splits) and the
-    benchmark, and the summary prints every step."""
+def _run_gpu_check(tmp_path, best, *mode):
+    """tools/gpu_check.sh [mode] with python3 standing in (_GPU_CHECK_STUB): its stdout,
+    the steps in rc.txt as (name, rc, seconds), the stub's calls, and the output folder."""
     stub = tmp_path / "stub.py"
     stub.write_text(_GPU_CHECK_STUB)
     python = tmp_path / "python3"
@@ -217,22 +214,33 @@ def test_gpu_check_script_passes_each_tool_arguments_it_takes(tmp_path, best):
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
     env.pop("LRULM_PALLAS_GPU_TUNING", None)
     run = subprocess.run(
-        ["bash", "tools/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=600,
+        ["bash", "tools/gpu_check.sh", *mode], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     steps = [line.split() for line in (out_dir / "rc.txt").read_text().splitlines()]
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    return run.stdout, steps, calls, out_dir
+
+
+@pytest.mark.parametrize("best", ["mosaic,16,4,segments=1", "32,1,128,prefetch"])
+def test_gpu_check_script_passes_each_tool_arguments_it_takes(tmp_path, best):
+    """tools/gpu_check.sh on this host, with python3 standing in (_GPU_CHECK_STUB):
+    every step's arguments are accepted by its tool, each pytest selection collects
+    tests, the sweep's winner reaches the long sweep (its time splits) and the
+    benchmark, and the summary prints every step."""
+    stdout, steps, calls, out_dir = _run_gpu_check(tmp_path, best)
+    steps = [line.split() for line in (out_dir / "rc.txt").read_text().splitlines()]
     assert [(name, rc) for name, rc, _ in steps] == [
         (name, "0") for name in ("sweep", "tests_mosaic", "sweep_long", "bench", "long", "tests")
-    ], (steps, run.stdout[-3000:])
-    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    ], (steps, stdout[-3000:])
     tools = {c["args"][0]: c for c in calls if c["args"][0].startswith("tools/")}
     long = [c for c in calls if "--shape" in c["args"] and "1,65536,768" in c["args"]]
     configs = long[0]["args"][long[0]["args"].index("--configs") + 1].split()
     base = best.split(",segments=")[0]
     assert configs == [f"{base},segments=1", base, f"{base},segments=4", f"{base},segments=32"]
     assert tools["tools/bench.py"]["tuning"] == best
-    summary = run.stdout[run.stdout.index("== summary") :]
+    summary = stdout[stdout.index("== summary") :]
     for name, _, _ in steps:
         assert re.search(rf"^{name} +ok, \d+ s$", summary, re.M), summary
     assert "no bench results" in summary and "no long results" in summary  # the stub: none
@@ -241,3 +249,28 @@ def test_gpu_check_script_passes_each_tool_arguments_it_takes(tmp_path, best):
         "125m:65536:pallas,125m:65536:associative"
     ]
     assert sorted(os.listdir(out_dir)) == ["logs.tgz", "rc.txt"]  # + the tools' JSON
+
+
+def test_gpu_check_quick_runs_the_sweep_mosaic_tests_and_kernel_rows(tmp_path):
+    """`gpu_check.sh quick` (for a session with ~5 minutes of device time left): the
+    sweep, the Mosaic GPU tests and bench.py's scan and layer rows with the sweep's
+    winner; no train step, no long sequence; the summary lists only those steps."""
+    best = "mosaic,32,6,segments=1"
+    stdout, steps, calls, _ = _run_gpu_check(tmp_path, best, "quick")
+    assert [(name, rc) for name, rc, _ in steps] == [
+        ("sweep", "0"), ("tests_mosaic", "0"), ("bench", "0")
+    ], (steps, stdout[-3000:])
+    bench = [c for c in calls if c["args"][0] == "tools/bench.py"]
+    assert len(bench) == 1 and bench[0]["tuning"] == best
+    assert bench[0]["args"][bench[0]["args"].index("--sections") + 1] == "scan,lru"
+    sweep = next(c["args"] for c in calls if c["args"][0] == "tools/gpu_kernel_sweep.py")
+    assert int(sweep[sweep.index("--budget_s") + 1]) <= 85
+    summary = stdout[stdout.index("== summary") :]
+    assert not re.search(r"^(sweep_long|long|tests)\b", summary, re.M), summary
+    assert "no bench results" in summary
+
+
+def test_gpu_check_rejects_an_unknown_mode():
+    run = subprocess.run(["bash", "tools/gpu_check.sh", "fast"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert run.returncode == 2 and "usage" in run.stderr

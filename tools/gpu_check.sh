@@ -2,7 +2,9 @@
 # GPU check of the Pallas recurrence kernels (Triton and Mosaic GPU): launch-shape sweeps,
 # the benchmark table, compiled tests.
 #
-#   bash tools/gpu_check.sh    # on a CUDA machine; at most ~10 minutes
+#   bash tools/gpu_check.sh        # on a CUDA machine; at most ~10 minutes
+#   bash tools/gpu_check.sh quick  # at most ~4.5 minutes: the sweep, the Mosaic GPU
+#                                  # tests, the scan and layer rows (no train step)
 #   (a lent machine without grain / ml-collections: see tools/device_wheels.sh)
 #
 # 1. tools/gpu_kernel_sweep.py: the Triton and Mosaic GPU kernels' launch shapes at B=8,
@@ -24,6 +26,8 @@
 # as they go, so the script always reaches the tables with what was measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+MODE=${1:-full}
+case $MODE in full | quick) ;; *) echo "usage: $0 [full|quick]" >&2; exit 2 ;; esac
 OUT="${OUT:-$(mktemp -d)}"
 LOGS="$OUT/logs"  # packed into $OUT/logs.tgz after each step: a lent machine returns 8 files
 mkdir -p "$OUT" "$LOGS"
@@ -52,7 +56,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 
 # The kernel's launch shapes at the bench size, checked against associative; the fastest
 # correct one is exported so that the benchmark uses it.
-run sweep 120 "$PY" tools/gpu_kernel_sweep.py --budget_s 95 --json "$OUT/sweep.json" --best_out "$BEST"
+if [ "$MODE" = quick ]; then sweep_s=(110 85); else sweep_s=(120 95); fi
+run sweep "${sweep_s[0]}" "$PY" tools/gpu_kernel_sweep.py --budget_s "${sweep_s[1]}" --json "$OUT/sweep.json" --best_out "$BEST"
 if [ -s "$BEST" ]; then
   export LRULM_PALLAS_GPU_TUNING=$(cat "$BEST")
   echo "   LRULM_PALLAS_GPU_TUNING=$LRULM_PALLAS_GPU_TUNING"
@@ -67,25 +72,30 @@ per_test=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 45")
 # thread groups a program (halves=2), the time split).
 run tests_mosaic 60 env PYTHONUNBUFFERED=1 LRULM_TEST_PALLAS_COMPILED=1 "$PY" -m pytest -q \
   -p no:cacheprovider -rfE --tb=short $parallel $per_test tests/test_scan_pallas_gpu.py -k mosaic
-# One long sequence (125m's width): unsplit (segments=1) against the time split.
-tuning=${LRULM_PALLAS_GPU_TUNING:-32,1,128,prefetch}
-tuning=${tuning%%,segments=*}
-run sweep_long 50 "$PY" tools/gpu_kernel_sweep.py --shape 1,65536,768 --repeats 3 --budget_s 35 \
-  --configs "$tuning,segments=1 $tuning $tuning,segments=4 $tuning,segments=32"
-# Budgets: a section starts no new row after its budget (a row started just before it
-# runs on: its compiles take ~10-30 s); the timeout is the hard limit.
-run bench 180 "$PY" tools/bench.py --methods associative,pallas --presets 350m \
-  --scan_methods associative,pallas --budget_s scan=35,lru=20,train=65 --json "$OUT/bench.json"
-# A 65,536-token context for 125m (remat full, vocabulary-blocked loss) with each scan:
-# does it fit, and how fast? A step of its own, so that the rows above cannot starve it.
-run long 80 "$PY" tools/bench.py --sections train --presets "" \
-  --long 125m:65536:pallas,125m:65536:associative --budget_s train=45 --json "$OUT/long.json"
-# The kernels' code paths (resets, h0, reverse, ragged blocks, bf16, the time split) on
-# the hardware, with short chunks: each test compiles in seconds, where the full chunk
-# takes ~10 s a kernel (the sweep checked the chosen launch shape at full size).
-run tests 50 env PYTHONUNBUFFERED=1 LRULM_TEST_PALLAS_COMPILED=1 \
-  LRULM_PALLAS_GPU_TUNING=32,1,16,prefetch "$PY" -m pytest -q -p no:cacheprovider -rfE \
-  --tb=short $parallel $per_test tests/test_scan_pallas.py tests/test_scan_pallas_gpu.py
+if [ "$MODE" = quick ]; then
+  run bench 80 "$PY" tools/bench.py --sections scan,lru --methods associative,pallas \
+    --scan_methods associative,pallas --budget_s scan=35,lru=25 --json "$OUT/bench.json"
+else
+  # One long sequence (125m's width): unsplit (segments=1) against the time split.
+  tuning=${LRULM_PALLAS_GPU_TUNING:-32,1,128,prefetch}
+  tuning=${tuning%%,segments=*}
+  run sweep_long 50 "$PY" tools/gpu_kernel_sweep.py --shape 1,65536,768 --repeats 3 --budget_s 35 \
+    --configs "$tuning,segments=1 $tuning $tuning,segments=4 $tuning,segments=32"
+  # Budgets: a section starts no new row after its budget (a row started just before it
+  # runs on: its compiles take ~10-30 s); the timeout is the hard limit.
+  run bench 180 "$PY" tools/bench.py --methods associative,pallas --presets 350m \
+    --scan_methods associative,pallas --budget_s scan=35,lru=20,train=65 --json "$OUT/bench.json"
+  # A 65,536-token context for 125m (remat full, vocabulary-blocked loss) with each scan:
+  # does it fit, and how fast? A step of its own, so that the rows above cannot starve it.
+  run long 80 "$PY" tools/bench.py --sections train --presets "" \
+    --long 125m:65536:pallas,125m:65536:associative --budget_s train=45 --json "$OUT/long.json"
+  # The kernels' code paths (resets, h0, reverse, ragged blocks, bf16, the time split) on
+  # the hardware, with short chunks: each test compiles in seconds, where the full chunk
+  # takes ~10 s a kernel (the sweep checked the chosen launch shape at full size).
+  run tests 50 env PYTHONUNBUFFERED=1 LRULM_TEST_PALLAS_COMPILED=1 \
+    LRULM_PALLAS_GPU_TUNING=32,1,16,prefetch "$PY" -m pytest -q -p no:cacheprovider -rfE \
+    --tb=short $parallel $per_test tests/test_scan_pallas.py tests/test_scan_pallas_gpu.py
+fi
 
 echo
 echo "== summary ($OUT)"
@@ -94,16 +104,19 @@ while read -r name rc secs; do
   printf '%-8s %s, %s s\n' "$name" "$status" "$secs"
 done <"$OUT/rc.txt"
 for name in tests_mosaic tests; do  # the outcome line, then each failure and its error
+  [ -f "$LOGS/$name.log" ] || continue
   echo "$name: $(tail -n 1 "$LOGS/$name.log")"
   grep -E '^(FAILED|ERROR) |^E ' "$LOGS/$name.log" | cut -c1-240 | head -n 30
 done
 echo
 for name in sweep sweep_long; do  # the table, or (cut short) the rows logged as measured
+  [ -f "$LOGS/$name.log" ] || continue
   grep -q '^device' "$LOGS/$name.log" && sed -n '/^device/,$p' "$LOGS/$name.log" ||
     grep '^|' "$LOGS/$name.log"
   echo
 done
 for name in bench long; do
+  [ -f "$LOGS/$name.log" ] || continue
   if [ -s "$OUT/$name.json" ]; then
     "$PY" tools/bench.py --render "$OUT/$name.json"
   else
