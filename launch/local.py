@@ -125,8 +125,10 @@ class _Job:
                 env=env,
                 stdin=subprocess.DEVNULL,
                 # A pipe per stream, each pumped by whole lines: on one shared pipe, a line
-                # that native code writes to stderr (gloo's, from its own thread) can land
-                # in the middle of one that Python writes to stdout unbuffered.
+                # that native code writes to stderr from its own thread can land in the
+                # middle of one that Python writes to stdout unbuffered. (Within one stream
+                # nothing can be separated: gloo also writes "[Gloo] Rank ..." lines to
+                # stdout, so a line the command prints in pieces can still be split.)
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 # Own process group: signals reach the command's whole tree (e.g. a shell and

@@ -114,6 +114,11 @@ _KERNELS: dict[tuple[str, str], Callable] = {
     ("forward_over_b", "tpu"): functools.partial(tpu.forward, over_b=True),
     ("backward", "gpu"): _gpu_kernel(gpu.backward, "backward"),
     ("backward", "tpu"): tpu.backward,
+    # The Triton kernels whatever the tuning: what the interpreter runs where Mosaic GPU's
+    # interpreter cannot be lowered (see _dispatch).
+    ("forward", "triton"): gpu.forward,
+    ("forward_over_b", "triton"): functools.partial(gpu.forward, over_b=True),
+    ("backward", "triton"): gpu.backward,
 }
 # The operand and result groups of each operation, each group a tuple of parts, by kind:
 # "a" the decays ((N,) or b's shape), "seq" (..., L, N), "state" (..., N), "keep"
@@ -143,13 +148,19 @@ def _run(op, groups, *, kernel, interpret, chunk, reverse):
     return tuple(tuple(p.reshape(shapes[k]) for p in g) for k, g in zip(_RESULTS[op], out))
 
 
-def _dispatch(op, groups, chunk, reverse, interpret, kernel):
-    """Picks the kernel variant, and whether to interpret it."""
+def _dispatch(op, groups, chunk, reverse, interpret, kernel, cpu_mosaic=False):
+    """Picks the kernel variant, and whether to interpret it. Where that is decided at
+    lowering (interpret and kernel None), the CPU's interpreter runs the Triton kernels
+    unless `cpu_mosaic`: Pallas's Mosaic GPU interpreter orders its steps with I/O
+    callbacks (an ordered effect), and platform_dependent traces every branch, so on a
+    GPU too the call would carry that effect, which a custom_partitioning call cannot
+    lower (KeyError: OrderedIOEffect). The unpartitioned path (_mosaic_interpreted)
+    passes cpu_mosaic=True, so that a CPU run of a Mosaic GPU tuning interprets it."""
     run = functools.partial(_run, op, chunk=chunk, reverse=reverse)
 
     def interpreted(groups, kernel):
         # The GPU kernel unrolls its chunk (see _INTERPRET_CHUNK); the TPU one loops.
-        short = min(chunk, _INTERPRET_CHUNK) if kernel == "gpu" else chunk
+        short = min(chunk, _INTERPRET_CHUNK) if kernel != "tpu" else chunk
         return _run(op, groups, chunk=short, reverse=reverse, kernel=kernel, interpret=True)
 
     if interpret is None and kernel is None:
@@ -157,7 +168,7 @@ def _dispatch(op, groups, chunk, reverse, interpret, kernel):
         # TPU (or GPU) from a CPU host picks that device's kernel.
         return jax.lax.platform_dependent(
             groups,
-            cpu=functools.partial(interpreted, kernel="gpu"),
+            cpu=functools.partial(interpreted, kernel="gpu" if cpu_mosaic else "triton"),
             tpu=functools.partial(run, kernel="tpu", interpret=False),
             default=functools.partial(run, kernel="gpu", interpret=False),
         )
@@ -311,7 +322,7 @@ def _call(op, chunk, reverse, interpret, kernel):
         if _mosaic_interpreted(interpret, kernel):
             # Pallas's Mosaic GPU interpreter orders its steps with I/O callbacks, which a
             # custom_partitioning call cannot lower: it runs unpartitioned (a test path).
-            run = lambda *gs: _DISPATCH[op](*gs, chunk, reverse, interpret, kernel)
+            run = lambda *gs: _DISPATCH[op](*gs, chunk, reverse, interpret, kernel, cpu_mosaic=True)
         else:
             sharded = _sharded(op, groups[0][0].ndim > 1, len(groups[1]), len(groups[-1]))
             run = lambda *gs: sharded(*gs, chunk, reverse, interpret, kernel)

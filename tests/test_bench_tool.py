@@ -258,7 +258,9 @@ def test_gpu_check_quick_runs_the_sweep_mosaic_tests_and_kernel_rows(tmp_path):
     best = "mosaic,32,6,segments=1"
     stdout, steps, calls, _ = _run_gpu_check(tmp_path, best, "quick")
     assert [(name, rc) for name, rc, _ in steps] == [
-        ("sweep", "0"), ("tests_mosaic", "0"), ("bench", "0")
+        ("sweep", "0"),
+        ("tests_mosaic", "0"),
+        ("bench", "0"),
     ], (steps, stdout[-3000:])
     bench = [c for c in calls if c["args"][0] == "tools/bench.py"]
     assert len(bench) == 1 and bench[0]["tuning"] == best

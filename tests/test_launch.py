@@ -63,14 +63,31 @@ def _text(lines):
     return "\n".join(text for _, text in lines)
 
 
+# The children's scripts print through say(): one write per line. gloo writes its own lines
+# ("[Gloo] Rank 1 is connected to ...") to the same stdout from its own thread, and print()
+# under the launcher's PYTHONUNBUFFERED writes each argument and the newline separately,
+# so one of gloo's lines could land inside one of ours (seen in CI: "[p1] sum[Gloo] ...").
+_SAY = """
+import os as _os
+def say(*args):
+    _os.write(1, (" ".join(map(str, args)) + "\\n").encode())
+"""
+
+
+def _child_script(path, body):
+    """Writes a child's script: say(), then the dedented body."""
+    path.write_text(_SAY + textwrap.dedent(body))
+    return path
+
+
 # --- launch/local.py -------------------------------------------------------------------------
 
 
 @pytest.mark.multiprocess
 def test_two_processes_share_one_global_array(tmp_path):
-    script = tmp_path / "collective.py"
-    script.write_text(
-        textwrap.dedent("""
+    script = _child_script(
+        tmp_path / "collective.py",
+        """
         import os
         import jax, jax.numpy as jnp, numpy as np
         from jax.experimental import multihost_utils
@@ -80,17 +97,17 @@ def test_two_processes_share_one_global_array(tmp_path):
         distributed.initialize()
         distributed.initialize()  # idempotent
         i = jax.process_index()
-        print("count", jax.process_count(), jax.device_count(), jax.local_device_count())
-        print("flags", os.environ["XLA_FLAGS"])
+        say("count", jax.process_count(), jax.device_count(), jax.local_device_count())
+        say("flags", os.environ["XLA_FLAGS"])
         mesh = jax.make_mesh((jax.device_count(),), ("d",))
         # Process i holds rows [10**i, 2 * 10**i]: the sum 33 needs both processes' rows.
         local = np.array([1.0, 2.0], np.float32) * 10.0**i
         arr = jax.make_array_from_process_local_data(NamedSharding(mesh, P("d")), local)
         total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(arr)
         ids = multihost_utils.process_allgather(np.int32(i))
-        print("sum", float(total), "ids", ids.tolist())
+        say("sum", float(total), "ids", ids.tolist())
         distributed.barrier("done")
-        """)
+        """,
     )
     args = ["--num_processes", "2", "--devices_per_process", "2", "--timeout_s", "60"]
     # The launcher must replace the device count it inherits and keep the other flags.
@@ -172,9 +189,9 @@ SLACK_S = 3
     ids=["exception", "exit3", "sigkill"],
 )
 def test_failed_process_stops_the_job(tmp_path, death, survivor, code, reason):
-    script = tmp_path / "fail.py"
-    script.write_text(
-        textwrap.dedent(f"""
+    script = _child_script(
+        tmp_path / "fail.py",
+        f"""
         import os, time
         import jax
         from lrulm import distributed
@@ -182,11 +199,11 @@ def test_failed_process_stops_the_job(tmp_path, death, survivor, code, reason):
         distributed.barrier("up")
         if jax.process_index() == 1:
             time.sleep(0.3)
-            print("dying", flush=True)
+            say("dying")
             {death}
         {survivor}
-        print("survivor done", flush=True)
-        """)
+        say("survivor done")
+        """,
     )
     args = ["--num_processes", "2", "--devices_per_process", "1", "--grace_s", str(GRACE_S)]
     with _launcher(*args, "--timeout_s", "60", "--", sys.executable, str(script)) as proc:
@@ -202,23 +219,23 @@ def test_failed_process_stops_the_job(tmp_path, death, survivor, code, reason):
 
 @pytest.mark.multiprocess
 def test_sigterm_is_forwarded_and_processes_save_at_the_same_step(tmp_path):
-    script = tmp_path / "preempt.py"
-    script.write_text(
-        textwrap.dedent("""
+    script = _child_script(
+        tmp_path / "preempt.py",
+        """
         import sys, time
         from jax.experimental import multihost_utils
         from lrulm import distributed
         distributed.initialize()
         distributed.barrier("up")
-        print("ready", flush=True)
+        say("ready")
         for step in range(100000):
             if multihost_utils.reached_preemption_sync_point(step):
-                print(f"saving at step {step}", flush=True)
+                say(f"saving at step {step}")
                 distributed.barrier("saved")
                 sys.exit(0)
             time.sleep(0.01)
         sys.exit(5)
-        """)
+        """,
     )
     args = ["--num_processes", "2", "--timeout_s", "60", "--", sys.executable, str(script)]
     with _launcher(*args) as proc:

@@ -333,6 +333,38 @@ def test_mosaic_kernels_lower_for_cuda(gpu_tuning, dtype, over_b, mosaic_calls):
 
 
 @pytest.mark.skipif(COMPILED, reason="lowers for CUDA from the host")
+@pytest.mark.parametrize("gpu_tuning", ["mosaic,32,6", "32,1,128,prefetch"], indirect=True)
+def test_kernels_lower_for_cuda_partitioned_as_on_a_gpu_host(gpu_tuning, mosaic_calls, monkeypatch):
+    """On a GPU host the call goes through custom_partitioning, whose lowering threads no
+    effect tokens, with platform_dependent's CPU branch traced too. That branch used to
+    interpret a Mosaic GPU tuning with Pallas's Mosaic GPU interpreter, whose ordered I/O
+    effect then failed every Mosaic GPU lowering on an H100 (KeyError: OrderedIOEffect).
+    Here the GPU host's path (not _mosaic_interpreted), lowered for CUDA: the kernels
+    the tuning names, and no effect in the exported program."""
+    monkeypatch.setattr(scan_pallas, "_mosaic_interpreted", lambda *args: False)
+    a = (jnp.zeros((1024,), jnp.float32),) * 2
+    b = (jax.ShapeDtypeStruct((8, 2048, 1024), jnp.float32),) * 2
+    resets = jax.ShapeDtypeStruct((8, 2048), jnp.bool_)
+
+    def loss(a, b, resets):
+        h = scan_lib.linear_scan_planar(a, b, resets=resets, method="pallas")
+        return sum(jnp.sum(x**2) for x in h)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    exported = jax.export.export(grad, platforms=["cuda"], disabled_checks=[triton])(a, b, resets)
+    assert not exported.ordered_effects and not exported.unordered_effects
+    text = exported.mlir_module()
+    mosaic = text.count("stablehlo.custom_call @mosaic_gpu")
+    if gpu_tuning.kernel == "mosaic":
+        assert mosaic == 2 and "triton" not in text
+        assert set(mosaic_calls) == {"forward", "backward"}
+    else:
+        assert mosaic == 0 and text.count("custom_call @__gpu$xla.gpu.triton") == 2
+        assert not mosaic_calls
+
+
+@pytest.mark.skipif(COMPILED, reason="lowers for CUDA from the host")
 @pytest.mark.parametrize("gpu_tuning", ["mosaic,32,6"], indirect=True)
 def test_mosaic_kernels_lower_a_full_a_for_cuda(gpu_tuning, mosaic_calls):
     """A full (input-dependent) complex a at 8 x 2048 x 1024 with resets, lowered for
