@@ -276,3 +276,35 @@ def test_gpu_check_rejects_an_unknown_mode():
     run = subprocess.run(["bash", "tools/gpu_check.sh", "fast"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)  # fmt: skip
     assert run.returncode == 2 and "usage" in run.stderr
+
+
+def test_gpu_kernel_sweep_saves_every_row_and_logs_where_a_row_failed(monkeypatch):
+    """A row that fails says where (a KeyError's key alone said nothing on the H100), its
+    traceback is logged once, and the result so far (with the best row measured) is
+    handed over after every row, so a sweep killed at its time limit has still saved it."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "tools"))
+    import gpu_kernel_sweep as sweep_tool
+
+    from lrulm.kernels import gpu
+
+    programs = sweep_tool._programs
+
+    def failing(a, b, dh, method):
+        if method == "pallas" and os.environ.get(gpu.TUNING_ENV, "").startswith("16,"):
+            raise KeyError(object())  # like jax's KeyError: <OrderedIOEffect object at ...>
+        return programs(a, b, dh, method)
+
+    monkeypatch.setattr(sweep_tool, "_programs", failing)
+    saved, logged = [], []
+    configs = ["32,1,8", "16,1,8", "16,1,8,segments=2"]
+    result = sweep_tool.sweep(
+        1, 32, 128, configs, repeats=1, rtol=1e-3, log=logged.append,
+        on_row=lambda r: saved.append(json.loads(json.dumps(r))),
+    )  # fmt: skip
+    assert [len(r["rows"]) for r in saved] == [1, 2, 3]
+    assert [r["best"] for r in saved] == ["32,1,8"] * 3 == [result["best"]] * 3
+    errors = [r["error"] for r in result["rows"][1:]]
+    assert all(e.startswith("KeyError: <object object at") for e in errors), errors
+    assert all("(at test_bench_tool.py:" in e and " failing" in e for e in errors), errors
+    tracebacks = [s for s in logged if "Traceback (most recent call last)" in s]
+    assert len(tracebacks) == 1 and tracebacks[0].startswith("16,1,8 failed:"), logged

@@ -36,6 +36,7 @@ import os
 import re
 import sys
 import time
+import traceback
 
 import bench_scan
 import jax
@@ -130,17 +131,37 @@ def _ring_copies(configs, b):
 
 
 def _error(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    """One line: the exception and where it was raised (the innermost frame, and the
+    innermost in lrulm when that is another), e.g. a KeyError's bare key says nothing."""
+    text = (str(e).splitlines() or [""])[0][:200]
+    frames = traceback.extract_tb(e.__traceback__)
+    ours = [f for f in frames[:-1] if "lrulm" in f.filename][-1:]
+    at = "; ".join(
+        f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in frames[-1:] + ours
+    )
+    return f"{type(e).__name__}: {text}" + (f" (at {at})" if at else "")
 
 
-def sweep(B, L, N, configs, *, repeats, rtol, threads=8, full_a=False, budget_s=None, log=print):
+def _best(rows) -> str | None:
+    """The correct row with the highest forward+backward bandwidth."""
+    good = [r for r in rows if r["ok"]]
+    return max(good, key=lambda r: r["fwd_bwd_GBps"])["config"] if good else None
+
+
+def sweep(
+    B, L, N, configs, *, repeats, rtol, threads=8, full_a=False, budget_s=None, log=print,
+    on_row=None,
+):  # fmt: skip
     """Lowers every configuration, compiles them `threads` at a time in the background
     (XLA compiles with the GIL released; Triton takes ~10 s for each of these unrolled
     kernels), and checks and times each as soon as its programs are compiled, in order,
     so that a run cut short still has its first rows. After `budget_s` seconds (from the
     start) no new row is started: the rest are reported as skipped, and the winner is
-    named from the rows measured."""
+    named from the rows measured. on_row(result) is called after every row (the result
+    so far, its "best" among the rows measured), so that a run killed at its time limit
+    has still saved them. The first traceback of each kind of failure is logged."""
     configs = [str(gpu.Tuning.parse(c)) for c in configs]
+    logged = set()  # failures whose traceback was logged
     a, b = bench_scan.make_inputs(B, L, N, full_a=full_a)
     dh = bench_scan.cotangent(b)
     a, b, dh = (a.real, a.imag), (b.real, b.imag), (dh.real, dh.imag)
@@ -208,13 +229,20 @@ def sweep(B, L, N, configs, *, repeats, rtol, threads=8, full_a=False, budget_s=
                         row["ring_pct_copy"] = 100 * 2 * array_bytes / t_ring / bandwidth
             except Exception as e:  # noqa: BLE001 - one launch shape failing is a result too
                 row.update(ok=False, error=_error(e))
+                kind = (type(e).__name__, row["error"].split(" (at ")[-1])
+                if not isinstance(e, TimeoutError) and kind not in logged:
+                    logged.add(kind)
+                    trace = "".join(traceback.format_exception(e)).splitlines()
+                    log(f"{config} failed:\n" + "\n".join(trace[-25:]))
             result["rows"].append(row)
+            result["best"] = _best(result["rows"])
             log(_line(row))
+            if on_row is not None:
+                on_row(result)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
     result["compile_s"] = time.perf_counter() - start
-    good = [r for r in result["rows"] if r["ok"]]
-    result["best"] = max(good, key=lambda r: r["fwd_bwd_GBps"])["config"] if good else None
+    result["best"] = _best(result["rows"])
     return result
 
 
@@ -287,6 +315,16 @@ def main(argv=None):
     args = parse_args(argv)
     B, L, N = args.B, args.L, args.N
     start = time.perf_counter()
+
+    def save(result):  # after every row, and at the end
+        result["seconds"] = time.perf_counter() - start
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        if args.best_out and result["best"]:
+            with open(args.best_out, "w") as f:
+                f.write(result["best"] + "\n")
+
     result = sweep(
         B,
         L,
@@ -298,15 +336,10 @@ def main(argv=None):
         full_a=args.full_a,
         budget_s=args.budget_s,
         log=lambda s: print(s, file=sys.stderr, flush=True),
+        on_row=save,
     )
-    result["seconds"] = time.perf_counter() - start
+    save(result)
     print(table(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    if args.best_out and result["best"]:
-        with open(args.best_out, "w") as f:
-            f.write(result["best"] + "\n")
 
 
 if __name__ == "__main__":
