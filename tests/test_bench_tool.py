@@ -308,3 +308,26 @@ def test_gpu_kernel_sweep_saves_every_row_and_logs_where_a_row_failed(monkeypatc
     assert all("(at test_bench_tool.py:" in e and " failing" in e for e in errors), errors
     tracebacks = [s for s in logged if "Traceback (most recent call last)" in s]
     assert len(tracebacks) == 1 and tracebacks[0].startswith("16,1,8 failed:"), logged
+
+
+def test_pytest_failures_at_once_prints_each_failure_before_the_session_ends(tmp_path):
+    """tools/pytest_failures_at_once.py (gpu_check.sh's test steps): a failed test's line,
+    with its E lines, is printed when the test fails, before a later test runs, so a step
+    killed at its time limit still says why."""
+    (tmp_path / "test_x.py").write_text(
+        "import sys\n"
+        "def test_bad():\n    assert {'a': 1}['a'] == 2, 'the value'\n"
+        "def test_later():\n    sys.stderr.write('LATER\\n')\n"
+        "def test_setup_error(nosuch):\n    pass\n"
+    )  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "tools"))
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-p",
+         "pytest_failures_at_once", str(tmp_path / "test_x.py")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 1, out.stdout + out.stderr
+    lines = out.stderr.splitlines()
+    bad = "FAILED test_x.py::test_bad (call) - E AssertionError: the value | E assert 1 == 2"
+    assert bad in lines and lines.index(bad) < lines.index("LATER"), out.stderr
+    assert any(x.startswith("FAILED test_x.py::test_setup_error (setup) - ") for x in lines)

@@ -67,11 +67,15 @@ fi
 # which tests failed and why (xdist prints them only at the end).
 parallel=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
 per_test=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 45")
+# Each failure as it happens (tools/pytest_failures_at_once.py): a step cut off at its
+# time limit still says which tests failed and why.
+pytest_opts="-p no:cacheprovider -rfE --tb=short -p pytest_failures_at_once"
+export PYTHONPATH="$PWD/tools${PYTHONPATH:+:$PYTHONPATH}"
 # The Mosaic GPU kernels' own tests, compiled, first: they have never passed on hardware
 # (forward with resets and h0, the fused backward in float32 and bfloat16, a full a, two
 # thread groups a program (halves=2), the time split).
 run tests_mosaic 60 env PYTHONUNBUFFERED=1 LRULM_TEST_PALLAS_COMPILED=1 "$PY" -m pytest -q \
-  -p no:cacheprovider -rfE --tb=short $parallel $per_test tests/test_scan_pallas_gpu.py -k mosaic
+  $pytest_opts $parallel $per_test tests/test_scan_pallas_gpu.py -k mosaic
 if [ "$MODE" = quick ]; then
   run bench 80 "$PY" tools/bench.py --sections scan,lru --methods associative,pallas \
     --scan_methods associative,pallas --budget_s scan=35,lru=25 --json "$OUT/bench.json"
@@ -93,8 +97,8 @@ else
   # the hardware, with short chunks: each test compiles in seconds, where the full chunk
   # takes ~10 s a kernel (the sweep checked the chosen launch shape at full size).
   run tests 50 env PYTHONUNBUFFERED=1 LRULM_TEST_PALLAS_COMPILED=1 \
-    LRULM_PALLAS_GPU_TUNING=32,1,16,prefetch "$PY" -m pytest -q -p no:cacheprovider -rfE \
-    --tb=short $parallel $per_test tests/test_scan_pallas.py tests/test_scan_pallas_gpu.py
+    LRULM_PALLAS_GPU_TUNING=32,1,16,prefetch "$PY" -m pytest -q $pytest_opts $parallel \
+    $per_test tests/test_scan_pallas.py tests/test_scan_pallas_gpu.py
 fi
 
 echo
