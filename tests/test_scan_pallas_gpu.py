@@ -333,7 +333,11 @@ def test_mosaic_kernels_lower_for_cuda(gpu_tuning, dtype, over_b, mosaic_calls):
 
 
 @pytest.mark.skipif(COMPILED, reason="lowers for CUDA from the host")
-@pytest.mark.parametrize("gpu_tuning", ["mosaic,32,6", "32,1,128,prefetch"], indirect=True)
+@pytest.mark.parametrize(
+    "gpu_tuning",
+    ["mosaic,32,6", "mosaic,32,6,halves=2,segments=2", "32,1,128,prefetch", "32,1,128,segments=4"],
+    indirect=True,
+)
 def test_kernels_lower_for_cuda_partitioned_as_on_a_gpu_host(gpu_tuning, mosaic_calls, monkeypatch):
     """On a GPU host the call goes through custom_partitioning, whose lowering threads no
     effect tokens, with platform_dependent's CPU branch traced too. That branch used to
@@ -356,12 +360,45 @@ def test_kernels_lower_for_cuda_partitioned_as_on_a_gpu_host(gpu_tuning, mosaic_
     assert not exported.ordered_effects and not exported.unordered_effects
     text = exported.mlir_module()
     mosaic = text.count("stablehlo.custom_call @mosaic_gpu")
+    # Split in time (segments=T): each kernel runs once over T times the rows.
+    segments = max(1, gpu_tuning.segments)
+    assert f"tensor<{8 * segments}x{2048 // segments}x1024xf32>" in text
     if gpu_tuning.kernel == "mosaic":
         assert mosaic == 2 and "triton" not in text
         assert set(mosaic_calls) == {"forward", "backward"}
     else:
         assert mosaic == 0 and text.count("custom_call @__gpu$xla.gpu.triton") == 2
         assert not mosaic_calls
+
+
+@pytest.mark.skipif(COMPILED, reason="lowers for CUDA from the host")
+@pytest.mark.parametrize("gpu_tuning", ["mosaic,32,6"], indirect=True)
+def test_lru_layer_lowers_mosaic_kernels_for_cuda_as_on_a_gpu_host(
+    gpu_tuning, mosaic_calls, monkeypatch
+):
+    """What bench.py's layer and train rows run on a GPU: an LRU layer's gradient in
+    bfloat16 with document resets, on the GPU host's path, lowered for CUDA: one Mosaic
+    GPU forward and one backward, no effect."""
+    from flax import nnx
+
+    from lrulm.lru import LRU
+
+    monkeypatch.setattr(scan_pallas, "_mosaic_interpreted", lambda *args: False)
+    model = LRU(d_model=256, d_state=256, scan_method="pallas", rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    u = jax.ShapeDtypeStruct((4, 1024, 256), jnp.bfloat16)
+    resets = jax.ShapeDtypeStruct((4, 1024), jnp.bool_)
+
+    def loss(params, u, resets):
+        y = nnx.merge(graphdef, params)(u, resets=resets)
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    exported = jax.export.export(grad, platforms=["cuda"])(params, u, resets)
+    assert not exported.ordered_effects and not exported.unordered_effects
+    text = exported.mlir_module()
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 2 and "triton" not in text
+    assert set(mosaic_calls) == {"forward", "backward"}
 
 
 @pytest.mark.skipif(COMPILED, reason="lowers for CUDA from the host")
