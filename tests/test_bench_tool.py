@@ -287,6 +287,7 @@ def test_gpu_kernel_sweep_saves_every_row_and_logs_where_a_row_failed(monkeypatc
 
     from lrulm.kernels import gpu
 
+    monkeypatch.delenv(gpu.TUNING_ENV, raising=False)
     programs = sweep_tool._programs
 
     def failing(a, b, dh, method):
@@ -301,6 +302,7 @@ def test_gpu_kernel_sweep_saves_every_row_and_logs_where_a_row_failed(monkeypatc
         1, 32, 128, configs, repeats=1, rtol=1e-3, log=logged.append,
         on_row=lambda r: saved.append(json.loads(json.dumps(r))),
     )  # fmt: skip
+    assert gpu.TUNING_ENV not in os.environ  # the lowering thread restored it, and ended
     assert [len(r["rows"]) for r in saved] == [1, 2, 3]
     assert [r["best"] for r in saved] == ["32,1,8"] * 3 == [result["best"]] * 3
     errors = [r["error"] for r in result["rows"][1:]]

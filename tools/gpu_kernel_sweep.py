@@ -35,12 +35,12 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 import traceback
 
 import bench_scan
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lrulm import scan_pallas
@@ -87,47 +87,67 @@ def _launch_line(lowered) -> str:
     return f"grid {found[1]}, {found[2]} warps" if found else ""
 
 
-def _lower_all(configs, a, b, dh):
-    """{config: (fwd, fwd_bwd) lowered, or the exception}. The tuning is read while
-    tracing, so each configuration is traced alone, with every cached trace dropped."""
-    lowered = {}
-    for config in configs:
-        os.environ[gpu.TUNING_ENV] = config
-        scan_pallas.forget_traces()
-        try:
-            lowered[config] = _programs(a, b, dh, "pallas")
-        except Exception as e:  # noqa: BLE001 - one launch shape failing is a result too
-            lowered[config] = e
-    os.environ.pop(gpu.TUNING_ENV, None)
-    return lowered
-
-
 def _ring(t: gpu.Tuning) -> tuple[int, int, int]:
     """The ring shape of a Mosaic GPU tuning: (chunk, stages, halves)."""
     return t.chunk, t.stages, t.halves
 
 
-def _ring_copies(configs, b):
-    """{ring shape: the Mosaic GPU ring's copy of b, lowered (or the exception)} for the
-    Mosaic GPU configurations (a time split leaves the ring as it is: one per ring
-    shape)."""
-    rings = {}
-    interpret = jax.default_backend() != "gpu"
-    for config in configs:
-        t = gpu.Tuning.parse(config)
-        if t.kernel == "mosaic" and _ring(t) not in rings:
-            copy = functools.partial(
-                mosaic_gpu.ring_copy,
-                chunk=t.chunk,
-                stages=t.stages,
-                halves=t.halves,
-                interpret=interpret,
-            )
-            try:
-                rings[_ring(t)] = jax.jit(copy).lower(b)
-            except Exception as e:  # noqa: BLE001 - reported in the ring column
-                rings[_ring(t)] = e
-    return rings
+def _ring_copy(t: gpu.Tuning, b):
+    """The Mosaic GPU ring's copy of b for tuning t, lowered (a time split leaves the
+    ring as it is: one per ring shape)."""
+    copy = functools.partial(
+        mosaic_gpu.ring_copy,
+        chunk=t.chunk,
+        stages=t.stages,
+        halves=t.halves,
+        interpret=jax.default_backend() != "gpu",
+    )
+    return jax.jit(copy).lower(b)
+
+
+class _Lowering(threading.Thread):
+    """Lowers the configurations in row order, one at a time (the tuning is read from the
+    environment while tracing, with every cached trace dropped), submitting each one's
+    compiles to `pool` as soon as it is lowered, so that the first rows are timed while
+    later ones are still being lowered. programs[config] resolves to (fwd lowered,
+    [compile futures]), rings[ring shape] to the ring's copy lowered (Mosaic GPU), or
+    either to the exception; after stop() the rest resolve to a TimeoutError."""
+
+    def __init__(self, configs, a, b, dh, pool):
+        super().__init__(daemon=True)
+        self.configs, self.args, self.pool = configs, (a, b, dh), pool
+        self.programs = {c: concurrent.futures.Future() for c in configs}
+        tunings = [gpu.Tuning.parse(c) for c in configs]
+        self.rings = {
+            _ring(t): concurrent.futures.Future() for t in tunings if t.kernel == "mosaic"
+        }
+        self._ending = threading.Event()
+
+    def stop(self):
+        self._ending.set()
+
+    def run(self):
+        b = self.args[1]
+        try:
+            for config in self.configs:
+                if self._ending.is_set():
+                    self.programs[config].set_exception(TimeoutError("the sweep ended"))
+                    continue
+                os.environ[gpu.TUNING_ENV] = config
+                scan_pallas.forget_traces()
+                _resolve(self.programs[config], self._lower)
+                t = gpu.Tuning.parse(config)
+                if t.kernel == "mosaic" and not self.rings[_ring(t)].done():
+                    _resolve(self.rings[_ring(t)], functools.partial(_ring_copy, t, b))
+        finally:
+            os.environ.pop(gpu.TUNING_ENV, None)
+            for future in (*self.programs.values(), *self.rings.values()):
+                if not future.done():
+                    future.set_exception(TimeoutError("the sweep ended"))
+
+    def _lower(self):
+        fwd, fwd_bwd = _programs(*self.args, "pallas")
+        return fwd, [self.pool.submit(p.compile) for p in (fwd, fwd_bwd)]
 
 
 def _error(e: Exception) -> str:
@@ -148,18 +168,26 @@ def _best(rows) -> str | None:
     return max(good, key=lambda r: r["fwd_bwd_GBps"])["config"] if good else None
 
 
+def _resolve(future, fn):
+    try:
+        future.set_result(fn())
+    except Exception as e:  # noqa: BLE001 - one launch shape failing is a result too
+        future.set_exception(e)
+
+
 def sweep(
     B, L, N, configs, *, repeats, rtol, threads=8, full_a=False, budget_s=None, log=print,
     on_row=None,
 ):  # fmt: skip
-    """Lowers every configuration, compiles them `threads` at a time in the background
-    (XLA compiles with the GIL released; Triton takes ~10 s for each of these unrolled
-    kernels), and checks and times each as soon as its programs are compiled, in order,
-    so that a run cut short still has its first rows. After `budget_s` seconds (from the
-    start) no new row is started: the rest are reported as skipped, and the winner is
-    named from the rows measured. on_row(result) is called after every row (the result
-    so far, its "best" among the rows measured), so that a run killed at its time limit
-    has still saved them. The first traceback of each kind of failure is logged."""
+    """Lowers the configurations in order in the background, compiles them `threads` at a
+    time as they are lowered (XLA compiles with the GIL released; Triton takes ~10 s for
+    each of these unrolled kernels), and checks and times each as soon as its programs
+    are compiled, in order, so that a run cut short still has its first rows. After
+    `budget_s` seconds (from the start) no new row is started: the rest are reported as
+    skipped, and the winner is named from the rows measured. on_row(result) is called
+    after every row (the result so far, its "best" among the rows measured), so that a
+    run killed at its time limit has still saved them. The first traceback of each kind
+    of failure is logged."""
     configs = [str(gpu.Tuning.parse(c)) for c in configs]
     logged = set()  # failures whose traceback was logged
     a, b = bench_scan.make_inputs(B, L, N, full_a=full_a)
@@ -175,24 +203,18 @@ def sweep(
         "backend": jax.default_backend(),
         "rows": [],
     }
-    lowered = _lower_all(configs, a, b, dh)
-    rings = _ring_copies(configs, b)
-    log(f"lowered {len(configs)} configurations in {time.perf_counter() - start:.0f} s")
     pool = concurrent.futures.ThreadPoolExecutor(threads)
-    compiled = {
-        c: [pool.submit(p.compile) for p in ps]
-        for c, ps in lowered.items() if not isinstance(ps, Exception)
-    }  # fmt: skip
+    lowering = _Lowering(configs, a, b, dh, pool)
+    lowering.start()
     ring_times = {}  # ring shape: seconds per copy, or the error
 
     def ring_time(t):
         """The Mosaic GPU ring's copy of b for tuning t: checked, then timed (once)."""
         if _ring(t) not in ring_times:
             try:
-                if isinstance(rings[_ring(t)], Exception):
-                    raise rings[_ring(t)]
-                copy = rings[_ring(t)].compile()
-                if not all(bool(jnp.all(x == y)) for x, y in zip(copy(b), b)):
+                copy = lowering.rings[_ring(t)].result().compile()
+                # numpy: jnp would trace, while the lowering thread drops jax's caches
+                if not all(np.array_equal(x, y) for x, y in zip(copy(b), b)):
                     raise AssertionError("the ring's copy differs from its input")
                 ring_times[_ring(t)] = bench_scan._time(copy, b, repeats=repeats)
             except Exception as e:  # noqa: BLE001 - recorded in the row
@@ -205,10 +227,9 @@ def sweep(
             try:
                 if budget_s is not None and time.perf_counter() - start > budget_s:
                     raise TimeoutError(f"skipped: past the {budget_s:.0f} s budget")
-                if isinstance(lowered[config], Exception):
-                    raise lowered[config]
-                row["launch"] = _launch_line(lowered[config][0])
-                fwd, fwd_bwd = (f.result() for f in compiled[config])
+                lowered, compiles = lowering.programs[config].result()
+                row["launch"] = _launch_line(lowered)
+                fwd, fwd_bwd = (f.result() for f in compiles)
                 row["compiled_after_s"] = time.perf_counter() - start
                 got = jax.tree.leaves((fwd(b), fwd_bwd(a, b, dh)))
                 row["max_rel_err"] = max(_max_rel_err(x, y) for x, y in zip(got, want))
@@ -240,7 +261,9 @@ def sweep(
             if on_row is not None:
                 on_row(result)
     finally:
+        lowering.stop()
         pool.shutdown(wait=False, cancel_futures=True)
+        lowering.join()  # it restores the environment's tuning
     result["compile_s"] = time.perf_counter() - start
     result["best"] = _best(result["rows"])
     return result
