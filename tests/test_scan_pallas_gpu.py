@@ -48,6 +48,7 @@ def gpu_tuning(request):
         ("64,2,12,stages=3", False, True, True),
         ("16,1,128,prefetch", True, True, False),
         ("128,2,40,prefetch", True, False, False),
+        ("32,1,12,prefetch,bwd=40", True, True, True),  # the backward's own chunk
     ],
     indirect=["gpu_tuning"],
 )
@@ -533,8 +534,10 @@ def test_gpu_tuning_parses_and_rejects_bad_text():
     assert parse("32,1,64,prefetch") == gpu_kernels.Tuning(32, 1, 64, True, 1)
     assert parse("32,1,64,stages=3") == gpu_kernels.Tuning(32, 1, 64, False, 3)
     assert parse("32,1,64,segments=8").segments == 8
-    for text in ("32,1,64,prefetch", "32,1,64,prefetch,stages=2,segments=4", "16,1,8"):
+    for text in ("32,1,64,prefetch", "32,1,64,prefetch,stages=2,segments=4", "16,1,8",
+                 "32,1,128,prefetch,bwd=192,segments=2"):  # fmt: skip
         assert str(parse(text)) == text
+    assert parse("32,1,128,prefetch,bwd=192").backward_load_registers == 192
     assert str(gpu_kernels.Tuning()) == "32,1,128,prefetch"  # the measured default
     mosaic = parse("mosaic,64,3,segments=2")
     assert (mosaic.kernel, mosaic.chunk, mosaic.stages, mosaic.segments) == ("mosaic", 64, 3, 2)
@@ -549,7 +552,17 @@ def test_gpu_tuning_parses_and_rejects_bad_text():
     wrong = ("32,1", "32,1,x", "32,1,64,fast", "48,1,64", "32,0,64", "32,1,64,stages=0",
              "32,1,64,segments=", "32,1,64,segments=-2", "mosaic,32", "mosaic,0,2",
              "mosaic,32,2,prefetch", "triton,32,1,64", "mosaic,32,2,halves=3",
-             "32,1,64,halves=2")  # fmt: skip
+             "32,1,64,halves=2", "32,1,64,bwd=-1", "32,1,64,bwd=",
+             "mosaic,32,2,bwd=64")  # fmt: skip
     for bad in wrong:
         with pytest.raises(ValueError, match=gpu_kernels.TUNING_ENV):
             parse(bad)
+
+
+@pytest.mark.parametrize("gpu_tuning", ["32,1,128,prefetch,bwd=192"], indirect=True)
+def test_backward_load_registers_set_the_backward_chunk_only(gpu_tuning):
+    """bwd=R: the backward (dh and h: 4 values a step for complex parts) loads R
+    registers' worth a thread, the forward (b: 2) keeps LOAD_REGISTERS. With prefetch
+    each holds two chunks: 128 // (2 * 2) = 32 steps forward, 192 // (4 * 2) = 24 back."""
+    chunk = lambda per_row, backward: gpu_kernels._launch(1024, 2048, per_row, 64, backward)[2]
+    assert (chunk(2, False), chunk(4, True), chunk(4, False)) == (32, 24, 16)

@@ -41,7 +41,8 @@ _GPU_MIN_SEGMENT = 1024  # steps: a shorter segment would spend more on its exit
 # Overrides all of the above: tools/gpu_kernel_sweep.py times alternatives on the device.
 TUNING_ENV = "LRULM_PALLAS_GPU_TUNING"
 _TUNING_FORMAT = (
-    "CHANNELS,WARPS,LOAD_REGISTERS[,prefetch][,stages=S][,segments=T], e.g. 32,1,128,prefetch "
+    "CHANNELS,WARPS,LOAD_REGISTERS[,prefetch][,stages=S][,bwd=R][,segments=T], e.g. "
+    "32,1,128,prefetch "
     "(Triton), or mosaic,CHUNK,STAGES[,halves=2][,segments=T], e.g. mosaic,32,6 (Mosaic GPU)"
 )
 
@@ -70,15 +71,23 @@ class Tuning:
     # Mosaic GPU only: 2 = two thread groups per program, each scanning half of every
     # chunk (64 channels a program: twice the programs, for launches with too few).
     halves: int = 1
+    # Triton: the backward's load registers (0: load_registers). It streams dh and h
+    # where the forward streams b, so with the same registers it has the same bytes in
+    # flight for 3/2 the bytes to move; more registers may pay there.
+    backward_load_registers: int = 0
 
     def __post_init__(self):
         if self.channels < 1 or self.channels & (self.channels - 1):
             raise ValueError(f"{TUNING_ENV}: channels must be a power of two, got {self.channels}")
         if self.kernel not in ("triton", "mosaic") or self.chunk < 1 or self.halves not in (1, 2):
             raise ValueError(f"{TUNING_ENV}: expected {_TUNING_FORMAT}; got {self}")
-        if min(self.warps, self.load_registers, self.stages) < 1 or self.segments < 0:
+        if (
+            min(self.warps, self.load_registers, self.stages) < 1
+            or min(self.segments, self.backward_load_registers) < 0
+        ):
             raise ValueError(
-                f"{TUNING_ENV}: warps, load registers and stages must be >= 1, segments >= 0; "
+                f"{TUNING_ENV}: warps, load registers and stages must be >= 1, segments and "
+                f"bwd >= 0; "
                 f"got {self}"
             )
 
@@ -105,6 +114,7 @@ class Tuning:
                 chunk=chunk,
                 halves=flags["halves"],
             )
+        flags["backward_load_registers"] = flags.pop("bwd")
         return cls(*numbers, **flags)
 
     def triton(self) -> Tuning:
@@ -120,13 +130,16 @@ class Tuning:
         text = f"{self.channels},{self.warps},{self.load_registers}"
         text += ",prefetch" if self.prefetch else ""
         text += f",stages={self.stages}" if self.stages > 1 else ""
+        text += f",bwd={self.backward_load_registers}" if self.backward_load_registers else ""
         return text + (f",segments={self.segments}" if self.segments else "")
 
 
 def _flags(fields, *, mosaic: bool) -> dict:
-    """The optional fields of a tuning: [prefetch] and stages=S (Triton), halves=H
+    """The optional fields of a tuning: [prefetch], stages=S and bwd=R (Triton), halves=H
     (Mosaic GPU), segments=T."""
-    flags = dict(segments=0, halves=1) if mosaic else dict(prefetch=False, stages=1, segments=0)
+    flags = (
+        dict(segments=0, halves=1) if mosaic else dict(prefetch=False, stages=1, bwd=0, segments=0)
+    )
     prefetch = not mosaic
     for flag in fields:
         name, _, value = flag.partition("=")
@@ -182,9 +195,12 @@ def time_segments(rows: int, length: int, n: int, *, backend: str, sms: int | No
     return segments
 
 
-def _launch(n, length, per_row, chunk):
-    """(channel block, number of blocks, chunk, prefetch, compiler params) for N channels."""
+def _launch(n, length, per_row, chunk, backward=False):
+    """(channel block, number of blocks, chunk, prefetch, compiler params) for N channels,
+    for the forward or the `backward` kernel."""
     t = tuning().triton()
+    if backward and t.backward_load_registers:
+        t = dataclasses.replace(t, load_registers=t.backward_load_registers)
     bn = min(t.channels, pl.next_power_of_2(n))  # Triton blocks are powers of two
     # Registers per load: one value per thread per channel the thread holds; prefetching
     # holds two chunks at once.
@@ -376,7 +392,7 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret):
     rows, length, n = dh[0].shape
     num_parts, full_a = len(dh), a[0].ndim == 3
     per_row = num_parts * (2 + full_a) + len(keep)  # dh, h_{t-1} (and a) per step
-    bn, num_blocks, chunk, prefetch, params = _launch(n, length, per_row, chunk)
+    bn, num_blocks, chunk, prefetch, params = _launch(n, length, per_row, chunk, backward=True)
     first = length - 1 if reverse else 0  # the forward's first row: h0 precedes it
     before = (lambda t: t + 1) if reverse else (lambda t: t - 1)
 
