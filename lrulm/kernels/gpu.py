@@ -41,9 +41,9 @@ _GPU_MIN_SEGMENT = 1024  # steps: a shorter segment would spend more on its exit
 # Overrides all of the above: tools/gpu_kernel_sweep.py times alternatives on the device.
 TUNING_ENV = "LRULM_PALLAS_GPU_TUNING"
 _TUNING_FORMAT = (
-    "CHANNELS,WARPS,LOAD_REGISTERS[,prefetch][,stages=S][,bwd=R][,segments=T], e.g. "
-    "32,1,128,prefetch "
-    "(Triton), or mosaic,CHUNK,STAGES[,halves=2][,segments=T], e.g. mosaic,32,6 (Mosaic GPU)"
+    "CHANNELS,WARPS,LOAD_REGISTERS[,prefetch][,stages=S][,bwd=R][,segments=T], "
+    "e.g. 32,1,128,prefetch (Triton), or mosaic,CHUNK,STAGES[,halves=2][,segments=T], "
+    "e.g. mosaic,32,6 (Mosaic GPU)"
 )
 
 
@@ -87,8 +87,7 @@ class Tuning:
         ):
             raise ValueError(
                 f"{TUNING_ENV}: warps, load registers and stages must be >= 1, segments and "
-                f"bwd >= 0; "
-                f"got {self}"
+                f"bwd >= 0; got {self}"
             )
 
     @classmethod
