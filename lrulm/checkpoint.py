@@ -29,6 +29,7 @@ import jax
 import orbax.checkpoint as ocp
 
 import lrulm
+from lrulm import metrics as metrics_lib
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +125,9 @@ class Checkpointer:
                     type(e).__name__,
                     e,
                 )
-                print(
+                metrics_lib.say(
                     f"lrulm: checkpoint {path} is damaged ({type(e).__name__}: {e}); "
-                    "falling back to the previous one",
-                    flush=True,
+                    "falling back to the previous one"
                 )
                 self._quarantine(step)
         return None
@@ -159,7 +159,7 @@ class Checkpointer:
             dst = os.path.join(dst_dir, f"{step}-{int(time.time())}")
             if os.path.exists(src):
                 shutil.move(src, dst)
-                print(f"lrulm: moved the damaged checkpoint to {dst}", flush=True)
+                metrics_lib.say(f"lrulm: moved the damaged checkpoint to {dst}")
         jax.experimental.multihost_utils.sync_global_devices(f"lrulm_quarantined_{step}")
         self.manager.reload()
 

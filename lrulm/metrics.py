@@ -26,6 +26,16 @@ PEAK_FLOPS = {
 }
 
 
+def say(message: str, *, file=None) -> None:
+    """Writes `message` and its newline to stdout (or `file`) in one write, flushed.
+    print() writes them separately, and unbuffered (as every process under
+    launch/local.py is) a line that another thread writes to the same stream between
+    them (gloo writes "[Gloo] Rank ..." lines to stdout) would land inside this one."""
+    stream = sys.stdout if file is None else file
+    stream.write(message + "\n")
+    stream.flush()
+
+
 def peak_flops(device: jax.Device | None = None) -> float | None:
     """The device's peak bf16 FLOP/s, or None when unknown (e.g. CPU)."""
     kind = (device or jax.devices()[0]).device_kind

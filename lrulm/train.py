@@ -439,14 +439,14 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
         state = restored.state
         if not restored.data_restored:  # step-indexed pipeline: position it from the step
             train_iter.set_state({"next_index": int(restored.step)})
-        print(f"lrulm: resumed from {checkpointer.directory}/{restored.step}", flush=True)
+        metrics_lib.say(f"lrulm: resumed from {checkpointer.directory}/{restored.step}")
     else:
         init = jax.jit(exp.init_fn, out_shardings=exp.state_shardings)
         state = init(jax.random.key(t.seed))
         if c.init_from:
             params, from_step = ckpt_lib.restore_params(c.init_from, exp.abstract_state["params"])
             state["params"] = params
-            print(f"lrulm: parameters from {c.init_from} (step {from_step})", flush=True)
+            metrics_lib.say(f"lrulm: parameters from {c.init_from} (step {from_step})")
     step = int(jax.device_get(state["step"]))
 
     # ---- Step functions ----------------------------------------------------------------
@@ -462,11 +462,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
         if entropy is not None:
             info["data/unigram_entropy"] = entropy
         writer.write(0, info)
-    print(
+    metrics_lib.say(
         f"lrulm: {num_params:,} parameters, mesh {dict(mesh.shape)}, "
         f"{mesh.devices.size} devices, {jax.process_count()} processes; "
-        f"step {step} of {t.steps}",
-        flush=True,
+        f"step {step} of {t.steps}"
     )
 
     def eval_batches(split="eval"):
@@ -502,7 +501,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
     try:
         while step < t.steps:
             if preemption.reached(step):
-                print(f"lrulm: preemption signal; saving step {step} and exiting", flush=True)
+                metrics_lib.say(f"lrulm: preemption signal; saving step {step} and exiting")
                 save(step)
                 checkpointer.wait()
                 break
