@@ -135,8 +135,7 @@ class _Lowering(threading.Thread):
         try:
             for config in self.configs:
                 if self._ending.is_set():
-                    self.programs[config].set_exception(TimeoutError("the sweep ended"))
-                    continue
+                    break  # the rest resolve to a TimeoutError below
                 os.environ[gpu.TUNING_ENV] = config
                 scan_pallas.forget_traces()
                 _resolve(self.programs[config], self._lower)
@@ -206,6 +205,7 @@ def sweep(
         **bench_scan.header(B, L, N, bandwidth, full_a=full_a),
         "backend": jax.default_backend(),
         "rows": [],
+        "best": None,  # the best row so far, updated after every row
     }
     pool = concurrent.futures.ThreadPoolExecutor(threads)
     lowering = _Lowering(configs, a, b, dh, pool)
@@ -269,7 +269,6 @@ def sweep(
         pool.shutdown(wait=False, cancel_futures=True)
         lowering.join()  # it restores the environment's tuning
     result["compile_s"] = time.perf_counter() - start
-    result["best"] = _best(result["rows"])
     return result
 
 
