@@ -24,7 +24,9 @@ memory latency. Time is sequential within a program, so all parallelism comes fr
   capped at 128 registers' worth (shorter chunks when `a` is full), split into two
   chunks of 32 complex rows: the next chunk's loads are issued before the current one
   is scanned, so they are always in flight (on an H200 this took forward+backward from
-  29% to 52% of the copy bandwidth; lrulm.kernels.gpu.Tuning has the measurements). The
+  29% to 52% of the copy bandwidth; lrulm.kernels.gpu.Tuning has the measurements);
+  the `pingpong` tuning walks two chunks an iteration so that both are in flight (the
+  one-chunk loop's register moves wait for each prefetched chunk: its SASS). The
   program loops over the chunks itself (Triton programs cannot pass each other a carry)
   and finishes with a shorter static tail: no padding or masking in time. A launch of
   fewer programs than SMs (one long sequence) is split in time first

@@ -333,3 +333,59 @@ def test_pytest_failures_at_once_prints_each_failure_before_the_session_ends(tmp
     bad = "FAILED test_x.py::test_bad (call) - E AssertionError: the value | E assert 1 == 2"
     assert bad in lines and lines.index(bad) < lines.index("LATER"), out.stderr
     assert any(x.startswith("FAILED test_x.py::test_setup_error (setup) - ") for x in lines)
+
+
+# SASS as cuobjdump prints it (sm_90): a loop whose end moves two of its loads (R4, the
+# second half of the 64-bit load R6/R7), one register reloaded and then overwritten
+# before its move (R5), and one never loaded (R12); a forward branch that is no loop.
+_SASS = """
+        /*0000*/                   LDG.E R4, desc[UR4][R2.64] ;          /* 0x0 */
+        /*0010*/                   BRA 0x0050 ;                           /* 0x0 */
+        /*0020*/                   MOV R9, R4 ;                           /* 0x0 */
+        /*0030*/                   LDG.E R4, desc[UR4][R2.64] ;          /* 0x0 */
+        /*0040*/                   LDG.E R5, desc[UR4][R2.64] ;          /* 0x0 */
+        /*0050*/                   LDG.E.64 R6, desc[UR4][R2.64] ;       /* 0x0 */
+        /*0060*/                   FFMA R5, R8, R8, R5 ;                 /* 0x0 */
+        /*0070*/                   STG.E desc[UR4][R2.64], R5 ;          /* 0x0 */
+        /*0080*/                   MOV R10, R4 ;                          /* 0x0 */
+        /*0090*/                   MOV R11, R5 ;                          /* 0x0 */
+        /*00a0*/                   MOV R13, R7 ;                          /* 0x0 */
+        /*00b0*/                   MOV R14, R12 ;                         /* 0x0 */
+        /*00c0*/               @P0 BRA 0x30 ;                             /* 0x0 */
+        /*00d0*/                   EXIT ;                                 /* 0x0 */
+"""
+
+
+def test_triton_sass_counts_the_loops_moves_that_wait_for_its_loads(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "tools"))
+    import triton_sass
+
+    report = triton_sass.loop_report(_SASS)
+    assert report == dict(loop=True, loop_ldg=3, loop_stg=1, waiting_moves=2)
+    assert triton_sass.loop_report(_SASS.replace("@P0 BRA 0x30", "NOP"))["loop"] is False
+    usage = "Function linear_scan_gpu:\n  REG:159 STACK:0 SHARED:0 LOCAL:16 CONSTANT[0]:608"
+    assert triton_sass.resource_usage(usage) == dict(regs=159, local=16)
+
+
+def test_triton_sass_captures_each_kernels_triton_ir_as_a_gpu_host_lowers_it(monkeypatch):
+    """The Triton IR the tool compiles: the forward and the backward kernel of the tuning
+    asked for (pingpong: twice prefetch's loads), the launch it names, the environment
+    left as it was."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "tools"))
+    import triton_sass
+
+    from lrulm.kernels import gpu
+
+    monkeypatch.delenv(gpu.TUNING_ENV, raising=False)
+    loads = {}
+    for tuning in ("32,1,128,prefetch", "32,1,128,pingpong", "64,2,64,stages=3"):
+        modules = triton_sass.capture(tuning, (2, 512, 64), resets=True)
+        assert [m["name"] for m in modules] == ["linear_scan_gpu", "linear_scan_gpu_bwd"]
+        t = gpu.Tuning.parse(tuning)
+        assert all((m["num_warps"], m["num_stages"]) == (t.warps, t.stages) for m in modules)
+        loads[tuning] = [m["ttir"].count("tt.load") for m in modules]
+    assert gpu.TUNING_ENV not in os.environ
+    prefetch, pingpong = loads["32,1,128,prefetch"], loads["32,1,128,pingpong"]
+    assert all(1.7 < y / x < 2.3 for x, y in zip(prefetch, pingpong)), loads
+    with pytest.raises(SystemExit, match="only Triton"):
+        triton_sass.capture("mosaic,32,6", (2, 512, 128), resets=False)

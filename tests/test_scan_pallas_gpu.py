@@ -49,6 +49,10 @@ def gpu_tuning(request):
         ("16,1,128,prefetch", True, True, False),
         ("128,2,40,prefetch", True, False, False),
         ("32,1,12,prefetch,bwd=40", True, True, True),  # the backward's own chunk
+        # Two chunks a loop iteration, with resets: forward 10 chunks of 2 steps (two left
+        # after the loop), backward 21 of 1 (complex) and 7 of 3 (real, full a): one left.
+        ("32,1,12,pingpong", True, False, True),
+        ("32,1,12,pingpong,bwd=24", False, True, False),
     ],
     indirect=["gpu_tuning"],
 )
@@ -58,6 +62,34 @@ def test_gpu_launch_shapes_agree(gpu_tuning, complex_, full_a, reverse):
     case = ((2,), 21, 40, complex_, full_a, reverse)
     base.test_kernel_keep_mask("gpu", *case, True)
     base.test_backward_kernel("gpu", *case, True, jnp.float32)
+
+
+# 0 to 5 whole chunks of 3 steps, with and without a tail: the pingpong loop (prefetch
+# 2) walks chunks in pairs, then one or two chunks after it.
+@pytest.mark.parametrize("length", [1, 2, 3, 5, 6, 9, 12, 13, 16, 17])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_chunk_walk_scans_every_row_once_in_order_with_its_own_loads(length, reverse, prefetch):
+    """The GPU kernels' time loop (lrulm.kernels.gpu._walk_chunks): every row scanned
+    once, in walk order, each with the values loaded for it."""
+
+    def load(rows):
+        return [(jnp.int32(t), 1000 + jnp.int32(t)) for t in rows]
+
+    def scan(carry, rows, loaded):
+        order, position, mismatches = carry
+        for t, (row, value) in zip(rows, loaded):
+            order = order.at[position].set(row)
+            mismatches += (row != t) + (value != 1000 + t)
+            position += 1
+        return order, position, mismatches
+
+    carry = (jnp.full((length,), -1, jnp.int32), jnp.int32(0), jnp.int32(0))
+    walk = functools.partial(gpu_kernels._walk_chunks, chunk=3, reverse=reverse, prefetch=prefetch)
+    order, position, mismatches = jax.jit(lambda c: walk(load, scan, c, length))(carry)
+    expected = np.arange(length)[::-1] if reverse else np.arange(length)
+    np.testing.assert_array_equal(order, expected)
+    assert int(position) == length and int(mismatches) == 0
 
 
 @pytest.mark.skipif(COMPILED and jax.default_backend() != "gpu", reason="the GPU kernel")
@@ -538,6 +570,13 @@ def test_gpu_tuning_parses_and_rejects_bad_text():
                  "32,1,128,prefetch,bwd=192,segments=2"):  # fmt: skip
         assert str(parse(text)) == text
     assert parse("32,1,128,prefetch,bwd=192").backward_load_registers == 192
+    # pingpong is a way to prefetch: it implies prefetch, whichever way it is written.
+    pingpong = gpu_kernels.Tuning(32, 1, 128, True, pingpong=True)
+    assert parse("32,1,128,pingpong") == parse("32,1,128,prefetch,pingpong") == pingpong
+    assert str(pingpong) == "32,1,128,pingpong"
+    assert str(parse("32,1,128,pingpong,bwd=192,segments=2")) == "32,1,128,pingpong,bwd=192,segments=2"
+    with pytest.raises(ValueError, match="pingpong"):
+        gpu_kernels.Tuning(32, 1, 128, False, pingpong=True)
     assert str(gpu_kernels.Tuning()) == "32,1,128,prefetch"  # the measured default
     mosaic = parse("mosaic,64,3,segments=2")
     assert (mosaic.kernel, mosaic.chunk, mosaic.stages, mosaic.segments) == ("mosaic", 64, 3, 2)
@@ -553,7 +592,7 @@ def test_gpu_tuning_parses_and_rejects_bad_text():
              "32,1,64,segments=", "32,1,64,segments=-2", "mosaic,32", "mosaic,0,2",
              "mosaic,32,2,prefetch", "triton,32,1,64", "mosaic,32,2,halves=3",
              "32,1,64,halves=2", "32,1,64,bwd=-1", "32,1,64,bwd=",
-             "mosaic,32,2,bwd=64")  # fmt: skip
+             "mosaic,32,2,bwd=64", "mosaic,32,2,pingpong", "32,1,64,pingpong=1")  # fmt: skip
     for bad in wrong:
         with pytest.raises(ValueError, match=gpu_kernels.TUNING_ENV):
             parse(bad)

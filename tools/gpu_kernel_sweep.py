@@ -6,10 +6,13 @@
     python tools/gpu_kernel_sweep.py --full_a               # a (B, L, N) decay, as a gated
                                                             # recurrence (RG-LRU) has
 
-Each configuration is CHANNELS,WARPS,LOAD_REGISTERS[,prefetch][,stages=S][,segments=T]
-(lrulm.kernels.gpu.Tuning): channels and warps per program, the values per thread a chunk
-may hold in flight (the chunk length follows from it), whether the next chunk's loads are
-issued before the current one is scanned, Triton's software-pipelining stages, and the
+Each configuration is CHANNELS,WARPS,LOAD_REGISTERS[,prefetch|,pingpong][,stages=S]
+[,bwd=R][,segments=T] (lrulm.kernels.gpu.Tuning): channels and warps per program, the
+values per thread a chunk may hold in flight (the chunk length follows from it), whether
+the next chunk's loads are issued before the current one is scanned (pingpong: two
+chunks a loop iteration in two register sets taken in turn, so that both are in
+flight), Triton's software-pipelining stages (no change to the kernels' SASS in Triton
+3.9: tools/triton_sass.py), the backward's own load registers, and the
 time split; or mosaic,CHUNK,STAGES[,halves=2][,segments=T] for the Mosaic GPU kernels
 (steps per TMA copy, slots in the ring, two thread groups of 64 channels a program).
 All are lowered one after another (the tuning is read while tracing) and compiled

@@ -29,7 +29,10 @@ from lrulm.kernels.common import (
 # 128 registers of loads per thread, split into two chunks so that the next chunk's loads
 # are in flight while the current one is scanned. Prefetching took forward+backward from
 # 0.609 to 0.334 ms (29% to 52% of the copy bandwidth) and the forward from 0.137 to 0.124
-# ms; two warps of 64 channels measured the same as one of 32.
+# ms; two warps of 64 channels measured the same as one of 32. Its sm_90 SASS
+# (tools/triton_sass.py) shows why the gain stopped there: the loop ends in 63 register
+# moves of the chunk just loaded, each waiting for its load, so one chunk is in flight,
+# not two. `pingpong` (two chunks an iteration, no moves) is the candidate that keeps two.
 _GPU_CHANNELS = 32
 _GPU_WARPS = 1
 _GPU_LOAD_REGISTERS = 128  # of a thread's 255, so that nothing spills
@@ -41,7 +44,7 @@ _GPU_MIN_SEGMENT = 1024  # steps: a shorter segment would spend more on its exit
 # Overrides all of the above: tools/gpu_kernel_sweep.py times alternatives on the device.
 TUNING_ENV = "LRULM_PALLAS_GPU_TUNING"
 _TUNING_FORMAT = (
-    "CHANNELS,WARPS,LOAD_REGISTERS[,prefetch][,stages=S][,bwd=R][,segments=T], "
+    "CHANNELS,WARPS,LOAD_REGISTERS[,prefetch|,pingpong][,stages=S][,bwd=R][,segments=T], "
     "e.g. 32,1,128,prefetch (Triton), or mosaic,CHUNK,STAGES[,halves=2][,segments=T], "
     "e.g. mosaic,32,6 (Mosaic GPU)"
 )
@@ -75,11 +78,21 @@ class Tuning:
     # where the forward streams b, so with the same registers it has the same bytes in
     # flight for 3/2 the bytes to move; more registers may pay there.
     backward_load_registers: int = 0
+    # Prefetch with the two chunks' registers taken in turn, two chunks a loop iteration
+    # (`_walk_chunks`): both chunks are in flight at once, where the one-chunk loop's
+    # register moves wait for each prefetched chunk to arrive (one in flight). Twice the
+    # kernel's code. Implies prefetch.
+    pingpong: bool = False
 
     def __post_init__(self):
         if self.channels < 1 or self.channels & (self.channels - 1):
             raise ValueError(f"{TUNING_ENV}: channels must be a power of two, got {self.channels}")
-        if self.kernel not in ("triton", "mosaic") or self.chunk < 1 or self.halves not in (1, 2):
+        if (
+            self.kernel not in ("triton", "mosaic")
+            or self.chunk < 1
+            or self.halves not in (1, 2)
+            or (self.pingpong and not self.prefetch)
+        ):
             raise ValueError(f"{TUNING_ENV}: expected {_TUNING_FORMAT}; got {self}")
         if (
             min(self.warps, self.load_registers, self.stages) < 1
@@ -114,6 +127,7 @@ class Tuning:
                 halves=flags["halves"],
             )
         flags["backward_load_registers"] = flags.pop("bwd")
+        flags["prefetch"] |= flags["pingpong"]
         return cls(*numbers, **flags)
 
     def triton(self) -> Tuning:
@@ -127,24 +141,23 @@ class Tuning:
             text += f",halves={self.halves}" if self.halves > 1 else ""
             return text + (f",segments={self.segments}" if self.segments else "")
         text = f"{self.channels},{self.warps},{self.load_registers}"
-        text += ",prefetch" if self.prefetch else ""
+        text += ",pingpong" if self.pingpong else ",prefetch" if self.prefetch else ""
         text += f",stages={self.stages}" if self.stages > 1 else ""
         text += f",bwd={self.backward_load_registers}" if self.backward_load_registers else ""
         return text + (f",segments={self.segments}" if self.segments else "")
 
 
 def _flags(fields, *, mosaic: bool) -> dict:
-    """The optional fields of a tuning: [prefetch], stages=S and bwd=R (Triton), halves=H
-    (Mosaic GPU), segments=T."""
-    flags = (
-        dict(segments=0, halves=1) if mosaic else dict(prefetch=False, stages=1, bwd=0, segments=0)
-    )
-    prefetch = not mosaic
+    """The optional fields of a tuning: [prefetch|pingpong], stages=S and bwd=R (Triton),
+    halves=H (Mosaic GPU), segments=T."""
+    switches = () if mosaic else ("prefetch", "pingpong")
+    flags = dict(segments=0, halves=1) if mosaic else dict(stages=1, bwd=0, segments=0)
+    flags.update(dict.fromkeys(switches, False))
     for flag in fields:
         name, _, value = flag.partition("=")
-        if flag == "prefetch" and prefetch:
-            flags["prefetch"] = True
-        elif name in flags and name != "prefetch" and value:
+        if flag in switches:
+            flags[flag] = True
+        elif name in flags and name not in switches and value:
             flags[name] = int(value)
         else:
             raise ValueError(flag)
@@ -196,7 +209,7 @@ def time_segments(rows: int, length: int, n: int, *, backend: str, sms: int | No
 
 def _launch(n, length, per_row, chunk, backward=False):
     """(channel block, number of blocks, chunk, prefetch, compiler params) for N channels,
-    for the forward or the `backward` kernel."""
+    for the forward or the `backward` kernel; prefetch as `_walk_chunks` takes it."""
     t = tuning().triton()
     if backward and t.backward_load_registers:
         t = dataclasses.replace(t, load_registers=t.backward_load_registers)
@@ -206,7 +219,7 @@ def _launch(n, length, per_row, chunk, backward=False):
     per_thread = max(1, bn // (32 * t.warps)) * (1 + t.prefetch)
     chunk = max(1, min(chunk, length, t.load_registers // (per_row * per_thread)))
     params = plt.CompilerParams(num_warps=t.warps, num_stages=t.stages)
-    return bn, pl.cdiv(n, bn), chunk, t.prefetch, params
+    return bn, pl.cdiv(n, bn), chunk, t.prefetch + t.pingpong, params
 
 
 def _load_rows(rows, a_refs, b_refs, load, keep=None):
@@ -289,39 +302,66 @@ def _memory_ops(n, bn, num_blocks):
     return load, store, load_all, store_all
 
 
-def _walk_chunks(load, scan, carry, length, chunk, reverse, prefetch=False):
+def _walk_chunks(load, scan, carry, length, chunk, reverse, prefetch=0):
     """carry <- scan(carry, rows, load(rows)) over the sequence, `chunk` rows at a time in
     walk order: a fori_loop over whole chunks, then a shorter static tail (no padding in
-    time). With `prefetch`, the loop loads chunk k+1 before scanning chunk k, whose
-    values it carries from the previous iteration; the last whole chunk is scanned after
-    the loop, so nothing is loaded twice."""
+    time). Nothing is loaded twice.
+
+    Args:
+      prefetch: 0: load a chunk, then scan it. 1: issue chunk k+1's loads, then scan
+        chunk k, whose values the loop carries from the iteration before. 2 ("pingpong"):
+        two chunks an iteration in two sets of registers taken in turn, each set reloaded
+        right after it was scanned. With 1, both chunks are live at the loop's end, so
+        it compiles to register moves of the values just loaded (seen in the sm_90 SASS
+        of Triton's build, tools/triton_sass.py), and a move waits for its load: each
+        iteration waits for chunk k+1 before issuing chunk k+2's loads, one chunk in
+        flight. With 2 there are no moves and both chunks are in flight while the
+        older one is awaited; the price is twice the code.
+    """
     num_chunks, tail = divmod(length, chunk)
 
-    def chunk_rows(start, count):
-        """Row indices of `count` steps beginning `start` steps into the walk."""
+    def chunk_rows(k, count=chunk):
+        """Row indices of `count` steps from chunk k's first step in walk order."""
+        start = k * chunk
         if reverse:
             return [length - 1 - start - i for i in range(count)]
         return [start + i for i in range(count)]
 
-    if num_chunks and prefetch:
+    if num_chunks and prefetch == 2:
+
+        def body(j, state):
+            c, x = state  # x: chunk 2j, loaded by the iteration before
+            y = load(chunk_rows(2 * j + 1))
+            c = scan(c, chunk_rows(2 * j), x)
+            x = load(chunk_rows(2 * j + 2))  # into the registers chunk 2j has left
+            return scan(c, chunk_rows(2 * j + 1), y), x
+
+        pairs = (num_chunks - 1) // 2  # so that no iteration loads past the last chunk
+        carry, x = jax.lax.fori_loop(0, pairs, body, (carry, load(chunk_rows(0))))
+        k = 2 * pairs
+        if num_chunks - k == 2:
+            y = load(chunk_rows(k + 1))
+            carry = scan(scan(carry, chunk_rows(k), x), chunk_rows(k + 1), y)
+        else:
+            carry = scan(carry, chunk_rows(k), x)
+    elif num_chunks and prefetch:
 
         def body(k, state):
             c, current = state
-            upcoming = load(chunk_rows((k + 1) * chunk, chunk))  # in flight during the scan
-            return scan(c, chunk_rows(k * chunk, chunk), current), upcoming
+            upcoming = load(chunk_rows(k + 1))  # in flight during the scan
+            return scan(c, chunk_rows(k), current), upcoming
 
-        state = (carry, load(chunk_rows(0, chunk)))
-        carry, last = jax.lax.fori_loop(0, num_chunks - 1, body, state)
-        carry = scan(carry, chunk_rows((num_chunks - 1) * chunk, chunk), last)
+        carry, last = jax.lax.fori_loop(0, num_chunks - 1, body, (carry, load(chunk_rows(0))))
+        carry = scan(carry, chunk_rows(num_chunks - 1), last)
     elif num_chunks:
 
         def body(k, c):
-            rows = chunk_rows(k * chunk, chunk)
+            rows = chunk_rows(k)
             return scan(c, rows, load(rows))
 
         carry = jax.lax.fori_loop(0, num_chunks, body, carry)
     if tail:
-        rows = chunk_rows(num_chunks * chunk, tail)
+        rows = chunk_rows(num_chunks, tail)
         carry = scan(carry, rows, load(rows))
     return carry
 
@@ -402,19 +442,25 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret):
         h0 = load_all(h0_refs)
         a_const = None if full_a else load_all(a_refs)
 
-        def previous_state(t):  # h_{t-1} in the forward's order; h0 before its first row
+        def previous_state(t, may_be_first):
+            """h_{t-1} in the forward's order; h0 before its first row."""
             if isinstance(t, int):
                 return h0 if t == first else tuple(load(r, before(t)) for r in h_refs)
+            if not may_be_first:
+                return tuple(load(r, before(t)) for r in h_refs)
             row = jnp.clip(before(t), 0, length - 1)
             return tuple(jnp.where(t == first, x0, load(r, row)) for x0, r in zip(h0, h_refs))
 
-        def inputs(t):
+        def inputs(t, may_be_first):
             at = a_const if a_const is not None else tuple(load(r, t) for r in a_refs)
             kt = keep_refs[0][t].astype(jnp.float32) if keep else ()
-            return at, tuple(load(r, t) for r in dh_refs), previous_state(t), kt
+            return at, tuple(load(r, t) for r in dh_refs), previous_state(t, may_be_first), kt
 
-        def load_chunk(rows):  # the whole chunk's loads in flight together
-            return [inputs(t) for t in rows]
+        def load_chunk(rows):
+            """The whole chunk's loads in flight together. The forward's first row is the
+            walk's last, so only a chunk's last row can be it: the others load h_{t-1}
+            with no clamp or select (which cost registers and instructions a row)."""
+            return [inputs(t, i == len(rows) - 1) for i, t in enumerate(rows)]
 
         def scan(carry, rows, loaded):
             g, a_next, k_next, da = carry
