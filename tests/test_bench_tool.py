@@ -337,7 +337,8 @@ def test_pytest_failures_at_once_prints_each_failure_before_the_session_ends(tmp
 
 # SASS as cuobjdump prints it (sm_90): a loop whose end moves two of its loads (R4, the
 # second half of the 64-bit load R6/R7), one register reloaded and then overwritten
-# before its move (R5), and one never loaded (R12); a forward branch that is no loop.
+# before its move (R5), and one never loaded (R12), with a register spilled and reloaded;
+# a forward branch that is no loop.
 _SASS = """
         /*0000*/                   LDG.E R4, desc[UR4][R2.64] ;          /* 0x0 */
         /*0010*/                   BRA 0x0050 ;                           /* 0x0 */
@@ -347,6 +348,8 @@ _SASS = """
         /*0050*/                   LDG.E.64 R6, desc[UR4][R2.64] ;       /* 0x0 */
         /*0060*/                   FFMA R5, R8, R8, R5 ;                 /* 0x0 */
         /*0070*/                   STG.E desc[UR4][R2.64], R5 ;          /* 0x0 */
+        /*0074*/                   STL [R1+0x8], R9 ;                    /* 0x0 */
+        /*0078*/                   LDL R9, [R1+0x8] ;                    /* 0x0 */
         /*0080*/                   MOV R10, R4 ;                          /* 0x0 */
         /*0090*/                   MOV R11, R5 ;                          /* 0x0 */
         /*00a0*/                   MOV R13, R7 ;                          /* 0x0 */
@@ -361,10 +364,10 @@ def test_triton_sass_counts_the_loops_moves_that_wait_for_its_loads(monkeypatch)
     import triton_sass
 
     report = triton_sass.loop_report(_SASS)
-    assert report == dict(loop=True, loop_ldg=3, loop_stg=1, waiting_moves=2)
+    assert report == dict(loop=True, loop_ldg=3, loop_stg=1, loop_spills=2, waiting_moves=2)
     assert triton_sass.loop_report(_SASS.replace("@P0 BRA 0x30", "NOP"))["loop"] is False
-    usage = "Function linear_scan_gpu:\n  REG:159 STACK:0 SHARED:0 LOCAL:16 CONSTANT[0]:608"
-    assert triton_sass.resource_usage(usage) == dict(regs=159, local=16)
+    usage = "Function linear_scan_gpu:\n  REG:255 STACK:632 SHARED:0 LOCAL:16 CONSTANT[0]:608"
+    assert triton_sass.resource_usage(usage) == dict(regs=255, stack=648)
 
 
 def test_triton_sass_captures_each_kernels_triton_ir_as_a_gpu_host_lowers_it(monkeypatch):
@@ -389,3 +392,8 @@ def test_triton_sass_captures_each_kernels_triton_ir_as_a_gpu_host_lowers_it(mon
     assert all(1.7 < y / x < 2.3 for x, y in zip(prefetch, pingpong)), loads
     with pytest.raises(SystemExit, match="only Triton"):
         triton_sass.capture("mosaic,32,6", (2, 512, 128), resets=False)
+    # Without Triton (not an lrulm dependency) it says what to install, before lowering.
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.setattr(sys, "argv", ["triton_sass.py"])
+    with pytest.raises(SystemExit, match="pip install triton"):
+        triton_sass.main()

@@ -12,8 +12,11 @@ sm_90 by the installed `triton` package, whose version may differ from the Trito
 the GPU's jaxlib (so the numbers describe the kernel's structure, not jaxlib's exact
 build), and its SASS is read (cuobjdump):
 
-- regs / local: registers per thread and local-memory bytes (spills; 0 is wanted);
-- loop LDG / STG: global loads and stores in the time loop's body (the backward branch);
+- regs / stack B: registers per thread and the per-thread stack frame plus static local
+  memory, in bytes: where registers spill (0 is wanted: a kernel at the 255-register cap
+  usually spills);
+- loop LDG / STG / spills: global loads, global stores and spill accesses (LDL + STL) in
+  the time loop's body (the backward branch);
 - waiting moves: MOVs in that body from a register loaded in the same iteration and not
   written since. A move needs its value, so it waits for the load: a loop that ends in
   such moves waits there for every load it issued (lrulm.kernels.gpu._walk_chunks).
@@ -64,7 +67,8 @@ def read_sass(sass: str) -> list[tuple[int, str, list[str]]]:
 
 def loop_report(sass: str) -> dict:
     """The time loop's body (the longest backward branch's span) of one kernel's SASS:
-    its LDG and STG counts and the moves that wait for a load of the same iteration."""
+    its LDG, STG and spill (LDL + STL) counts and the moves that wait for a load of the
+    same iteration."""
     code = read_sass(sass)
     loops = []
     for address, opcode, operands in code:
@@ -73,7 +77,7 @@ def loop_report(sass: str) -> dict:
             if target < address:
                 loops.append((address - target, target, address))
     if not loops:
-        return dict(loop=False, loop_ldg=0, loop_stg=0, waiting_moves=0)
+        return dict(loop=False, loop_ldg=0, loop_stg=0, loop_spills=0, waiting_moves=0)
     _, start, end = max(loops)
     body = [(op, operands) for address, op, operands in code if start <= address <= end]
     loaded: set[str] = set()  # registers holding a load of this iteration
@@ -92,15 +96,17 @@ def loop_report(sass: str) -> dict:
         loop=True,
         loop_ldg=sum(op.startswith("LDG") for op, _ in body),
         loop_stg=sum(op.startswith("STG") for op, _ in body),
+        loop_spills=sum(op.startswith(("LDL", "STL")) for op, _ in body),
         waiting_moves=waiting,
     )
 
 
 def resource_usage(text: str) -> dict:
-    """regs and local (spill) bytes from `cuobjdump -res-usage`'s last function line."""
+    """Registers and the bytes registers spill to (the stack frame, which ptxas grows
+    for spills, plus static local memory) from `cuobjdump -res-usage`'s last function."""
     line = [x for x in text.splitlines() if "REG:" in x][-1]
     fields = dict(re.findall(r"(\w+):(\d+)", line))
-    return dict(regs=int(fields["REG"]), local=int(fields["LOCAL"]))
+    return dict(regs=int(fields["REG"]), stack=int(fields["STACK"]) + int(fields["LOCAL"]))
 
 
 def capture(tuning: str, shape: tuple[int, int, int], resets: bool) -> list[dict]:
@@ -197,16 +203,17 @@ def _triton_tool(name: str) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| tuning | kernel | regs | local B | loop LDG | loop STG | waiting moves | compile s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| tuning | kernel | regs | stack B | loop LDG | loop STG | loop spills "
+        "| waiting moves | compile s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['tuning']} | {r['kernel']} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {r['tuning']} | {r['kernel']} | failed: {r['error']} | | | | | | |")
             continue
         lines.append(
-            f"| {r['tuning']} | {r['kernel']} | {r['regs']} | {r['local']} | {r['loop_ldg']} "
-            f"| {r['loop_stg']} | {r['waiting_moves']} | {r['compile_s']:.0f} |"
+            f"| {r['tuning']} | {r['kernel']} | {r['regs']} | {r['stack']} | {r['loop_ldg']} "
+            f"| {r['loop_stg']} | {r['loop_spills']} | {r['waiting_moves']} | {r['compile_s']:.0f} |"
         )
     return "\n".join(lines)
 
