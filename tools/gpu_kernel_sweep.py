@@ -188,7 +188,8 @@ def sweep(
     """Lowers the configurations in order in the background, compiles them `threads` at a
     time as they are lowered (XLA compiles with the GIL released; Triton takes ~10 s for
     each of these unrolled kernels), and checks and times each as soon as its programs
-    are compiled, in order, so that a run cut short still has its first rows. After
+    are compiled: the first compiled in the configurations' order, so that a run cut
+    short still has its first rows, and a slow compile holds back none after it. After
     `budget_s` seconds (from the start) no new row is started: the rest are reported as
     skipped, and the winner is named from the rows measured. on_row(result) is called
     after every row (the result so far, its "best" among the rows measured), so that a
@@ -228,8 +229,11 @@ def sweep(
                 ring_times[_ring(t)] = e
         return ring_times[_ring(t)]
 
+    pending = list(configs)
     try:
-        for config in configs:
+        while pending:
+            config = _next_ready(pending, lowering.programs, start, budget_s)
+            pending.remove(config)
             row = {"config": config}
             try:
                 if budget_s is not None and time.perf_counter() - start > budget_s:
@@ -272,7 +276,32 @@ def sweep(
         pool.shutdown(wait=False, cancel_futures=True)
         lowering.join()  # it restores the environment's tuning
     result["compile_s"] = time.perf_counter() - start
+    result["rows"].sort(key=lambda r: configs.index(r["config"]))
     return result
+
+
+def _next_ready(pending, programs, start, budget_s):
+    """The first of the pending configurations (in their order) whose programs are
+    lowered and compiled, or failed, waiting for one: a slow compile (a pingpong kernel
+    takes several times the default's) holds back no row compiled after it. Once the
+    budget is spent, the first pending one (which is then skipped) without waiting."""
+    while True:
+        waiting = []
+        for config in pending:
+            future = programs[config]
+            if not future.done():
+                waiting.append(future)
+                continue
+            if future.exception() is not None:
+                return config
+            undone = [f for f in future.result()[1] if not f.done()]
+            if not undone:
+                return config
+            waiting += undone
+        left = None if budget_s is None else start + budget_s - time.perf_counter()
+        if left is not None and left <= 0:
+            return pending[0]
+        concurrent.futures.wait(waiting, timeout=left, return_when="FIRST_COMPLETED")
 
 
 def _line(r: dict) -> str:
