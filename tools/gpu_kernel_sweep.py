@@ -54,8 +54,8 @@ from lrulm.scan import linear_scan_planar
 # is spent: the default (H100: 69% / 59% of copy forward / forward+backward; H200: 57% /
 # 52%); pingpong, whose loop ends in no move waiting for its loads (the default's ends in
 # ~63: one chunk in flight, not two; tools/triton_sass.py), with the backward's loads at
-# 96 registers (at 128 it hits the 255-register cap and spills: 632 B of stack, 158 spill
-# accesses a loop iteration); the Mosaic GPU kernels (TMA copies into a ring of
+# 112 registers (168 in all, as at 96; at 128 it hits the 255-register cap and spills:
+# 632 B of stack, 158 spill accesses a loop iteration); the Mosaic GPU kernels (TMA copies into a ring of
 # shared-memory slots, so what is in flight no longer depends on registers:
 # lrulm.kernels.mosaic_gpu) with the ring filling SMEM (complex forward: 6 x 32 steps =
 # 192 KiB; at B=8, N=1024 64 programs, split in two in time by default) and unsplit; the
@@ -68,7 +68,7 @@ from lrulm.scan import linear_scan_planar
 # two warps a program, and with 2x the loads (may spill). (The default split in two in
 # time measured slower on the H100: 54% / 51%.)
 DEFAULT_CONFIGS = (
-    "32,1,128,prefetch 32,1,128,pingpong,bwd=96 mosaic,32,6 mosaic,32,6,segments=1 "
+    "32,1,128,prefetch 32,1,128,pingpong,bwd=112 mosaic,32,6 mosaic,32,6,segments=1 "
     "32,1,128,prefetch,bwd=192 "
     "mosaic,32,6,halves=2,segments=1 mosaic,16,12,segments=1 32,1,192,prefetch "
     "mosaic,32,12,halves=2,segments=1 mosaic,16,6 mosaic,16,6,segments=1 mosaic,32,3 "
