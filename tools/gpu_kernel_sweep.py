@@ -50,23 +50,23 @@ from lrulm import scan_pallas
 from lrulm.kernels import gpu, mosaic_gpu
 from lrulm.scan import linear_scan_planar
 
-# In order of promise, as the rows are taken in order (each once compiled) until the budget
-# is spent: the default (H100: 69% / 59% of copy forward / forward+backward; H200: 57% /
-# 52%); pingpong, whose loop ends in no move waiting for its loads (the default's ends in
-# ~63: one chunk in flight, not two; tools/triton_sass.py), with the backward's loads at
-# 112 registers (168 in all, as at 96; at 128 it hits the 255-register cap and spills:
-# 632 B of stack, 158 spill accesses a loop iteration); the Mosaic GPU kernels (TMA copies into a ring of
-# shared-memory slots, so what is in flight no longer depends on registers:
-# lrulm.kernels.mosaic_gpu) with the ring filling SMEM (complex forward: 6 x 32 steps =
-# 192 KiB; at B=8, N=1024 64 programs, split in two in time by default) and unsplit; the
-# Triton backward with 1.5x the loads in flight (bwd=192: it moves 3 arrays to the
-# forward's 2 with the same registers of loads, and measured 55% of its floor where the
-# forward measured 69%; 254 registers, no spills); two thread groups of 64 channels a
-# program (halves=2: 128 programs unsplit, for the same bytes) with 6 slots of 32 steps;
-# 12 x 16 steps unsplit; 1.5x the loads both ways; halves=2 with 12 slots; 6 x 16 (96
-# KiB forward: two programs per SM), a shallow ring; then Triton without prefetch, with
-# two warps a program, and with 2x the loads (may spill). (The default split in two in
-# time measured slower on the H100: 54% / 51%.)
+# In order of promise, as the rows are taken in order (each once compiled) until the
+# budget is spent: the default (H100: 69% / 59% of copy forward / forward+backward;
+# H200: 57% / 52%); pingpong, whose loop ends in no move waiting for its loads (the
+# default's ends in ~63: one chunk in flight, not two; tools/triton_sass.py), with the
+# backward's loads at 112 registers (168 in all, as at 96; at 128 it hits the
+# 255-register cap and spills: 632 B of stack, 158 spill accesses a loop iteration); the
+# Mosaic GPU kernels (TMA copies into a ring of shared-memory slots, so what is in
+# flight no longer depends on registers: lrulm.kernels.mosaic_gpu) with the ring filling
+# SMEM (complex forward: 6 x 32 steps = 192 KiB; at B=8, N=1024 64 programs, split in
+# two in time by default) and unsplit; the Triton backward with 1.5x the loads in flight
+# (bwd=192: it moves 3 arrays to the forward's 2 with the same registers of loads, and
+# measured 55% of its floor where the forward measured 69%; 254 registers, no spills);
+# two thread groups of 64 channels a program (halves=2: 128 programs unsplit, for the
+# same bytes) with 6 slots of 32 steps; 12 x 16 steps unsplit; 1.5x the loads both ways;
+# halves=2 with 12 slots; 6 x 16 (96 KiB forward: two programs per SM), a shallow ring;
+# then Triton without prefetch, with two warps a program, and with 2x the loads (may
+# spill). (The default split in two in time measured slower on the H100: 54% / 51%.)
 DEFAULT_CONFIGS = (
     "32,1,128,prefetch 32,1,128,pingpong,bwd=112 mosaic,32,6 mosaic,32,6,segments=1 "
     "32,1,128,prefetch,bwd=192 "

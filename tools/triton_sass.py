@@ -130,9 +130,7 @@ def capture(tuning: str, shape: tuple[int, int, int], resets: bool) -> list[dict
         result = lower(*args, **kwargs)
         op = result.module.operation
         name = re.search(r"tt\.func public @(\w+)", op.get_asm()).group(1)
-        modules.append(
-            dict(name=name, ttir=op.get_asm(), num_warps=t.warps, num_stages=t.stages)
-        )
+        modules.append(dict(name=name, ttir=op.get_asm(), num_warps=t.warps, num_stages=t.stages))
         return result
 
     B, L, N = shape
@@ -213,7 +211,8 @@ def table(rows: list[dict]) -> str:
             continue
         lines.append(
             f"| {r['tuning']} | {r['kernel']} | {r['regs']} | {r['stack']} | {r['loop_ldg']} "
-            f"| {r['loop_stg']} | {r['loop_spills']} | {r['waiting_moves']} | {r['compile_s']:.0f} |"
+            f"| {r['loop_stg']} | {r['loop_spills']} | {r['waiting_moves']} "
+            f"| {r['compile_s']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -231,7 +230,9 @@ def main():
     try:
         _triton_tool("cuobjdump")
     except ImportError:
-        raise SystemExit("needs the triton package (with ptxas for sm_90): pip install triton")
+        raise SystemExit(
+            "needs the triton package (with ptxas for sm_90): pip install triton"
+        ) from None
     shape = tuple(int(x) for x in args.shape.split(","))
     out = args.out or tempfile.mkdtemp(prefix="triton_sass_")
     os.makedirs(out, exist_ok=True)
@@ -241,7 +242,8 @@ def main():
             kernel = "backward" if m["name"].endswith("_bwd") else "forward"
             if kernel not in args.kernels.split(","):
                 continue
-            path = os.path.join(out, f"{tuning.replace(',', '_').replace('=', '')}_{m['name']}.ttir")
+            stem = tuning.replace(",", "_").replace("=", "")
+            path = os.path.join(out, f"{stem}_{m['name']}.ttir")
             with open(path, "w") as f:
                 f.write(m["ttir"])
             jobs.append((dict(tuning=tuning, kernel=kernel), path, m["num_warps"], m["num_stages"]))
