@@ -419,6 +419,75 @@ def test_triton_sass_counts_the_loops_moves_that_wait_for_its_loads(monkeypatch)
     assert triton_sass.resource_usage(usage) == dict(regs=255, stack=648)
 
 
+def _nvdisasm(sass: str) -> str:
+    """_SASS as nvdisasm prints it: branch targets named by labels, not addresses."""
+    out = []
+    for line in sass.splitlines():
+        for address, label in (("0030", ".L_x_1"), ("0050", ".L_x_0")):
+            if f"/*{address}*/" in line:
+                out.append(f"{label}:")
+        out.append(line.replace("BRA 0x0050", "BRA `(.L_x_0)").replace("BRA 0x30", "BRA `(.L_x_1)"))
+    return "\n".join(out)
+
+
+def test_triton_sass_reads_nvdisasm_and_ptxas_as_it_reads_cuobjdump(monkeypatch, tmp_path):
+    """The XLA compiler's path: SASS from nvdisasm (labels for branch targets), registers
+    and stack from ptxas -v, and the plugin found in a folder or not at all."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "tools"))
+    import triton_sass
+
+    labelled = _nvdisasm(_SASS)
+    assert "`(.L_x_1)" in labelled and "0x30" not in labelled
+    assert triton_sass.loop_report(labelled) == triton_sass.loop_report(_SASS)
+    verbose = (
+        "ptxas info    : Compiling entry function 'linear_scan_gpu' for 'sm_90a'\n"
+        "ptxas info    : Function properties for linear_scan_gpu\n"
+        "    152 bytes stack frame, 148 bytes spill stores, 148 bytes spill loads\n"
+        "ptxas info    : Used 255 registers, used 0 barriers, 152 bytes cumulative stack size\n"
+    )
+    assert triton_sass.ptxas_usage(verbose) == dict(regs=255, stack=152)
+    with pytest.raises(ValueError, match="no register count"):
+        triton_sass.ptxas_usage("ptxas fatal   : Unresolved extern function")
+    assert triton_sass.find_plugin(str(tmp_path)) is None
+    (tmp_path / "jax_plugins" / "xla_cuda12").mkdir(parents=True)
+    assert triton_sass.find_plugin(str(tmp_path)) == str(tmp_path)
+    # Asked for XLA's compiler without the plugin, it says what to install, before lowering.
+    monkeypatch.setattr(sys, "argv", ["triton_sass.py", "--compiler", "xla",
+                                      "--plugin", str(tmp_path / "jax_plugins")])  # fmt: skip
+    with pytest.raises(SystemExit, match="jax-cuda12-plugin"):
+        triton_sass.main()
+
+
+@pytest.mark.skipif(
+    not os.environ.get("LRULM_JAX_CUDA_PLUGIN"),
+    reason="needs jax's CUDA plugin in $LRULM_JAX_CUDA_PLUGIN (.ci/run installs it)",
+)
+def test_triton_sass_compiles_the_kernels_with_xla_for_an_h100_without_one(tmp_path):
+    """XLA's own GPU pipeline (deviceless, for an H100) on the default tuning and on
+    pingpong: neither spills; the default's loop ends in moves that wait for the chunk
+    just loaded (one chunk in flight), pingpong's has none and twice the loads."""
+    result = subprocess.run(
+        [sys.executable, "tools/triton_sass.py", "--shape", "2,512,64", "--jobs", "2",
+         "--tunings", "32,1,128,prefetch 32,1,128,pingpong", "--out", str(tmp_path),
+         "--json", str(tmp_path / "rows.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.load(open(tmp_path / "rows.json"))
+    assert rows["compiler"] == "xla"
+    by = {(r["tuning"], r["kernel"]): r for r in rows["rows"]}
+    assert sorted(by) == sorted(
+        (t, k) for t in ("32,1,128,prefetch", "32,1,128,pingpong") for k in ("forward", "backward")
+    ), rows
+    for (tuning, _), r in by.items():
+        assert r["stack"] == 0 and r["loop_spills"] == 0 and r["regs"] <= 255, r
+        pingpong = tuning.endswith("pingpong")
+        # forward: 128 load registers = two chunks of b (re, im); backward: of dh and h
+        assert r["loop_ldg"] == (128 if pingpong else 64), r
+        assert (r["waiting_moves"] == 0) == pingpong, r
+    assert "| 32,1,128,pingpong | forward |" in result.stdout
+
+
 def test_triton_sass_captures_each_kernels_triton_ir_as_a_gpu_host_lowers_it(monkeypatch):
     """The Triton IR the tool compiles: the forward and the backward kernel of the tuning
     asked for (pingpong: twice prefetch's loads), the launch it names, the environment
@@ -443,6 +512,6 @@ def test_triton_sass_captures_each_kernels_triton_ir_as_a_gpu_host_lowers_it(mon
         triton_sass.capture("mosaic,32,6", (2, 512, 128), resets=False)
     # Without Triton (not an lrulm dependency) it says what to install, before lowering.
     monkeypatch.setitem(sys.modules, "triton", None)
-    monkeypatch.setattr(sys, "argv", ["triton_sass.py"])
+    monkeypatch.setattr(sys, "argv", ["triton_sass.py", "--compiler", "triton"])
     with pytest.raises(SystemExit, match="pip install triton"):
         triton_sass.main()

@@ -1,16 +1,31 @@
-"""What Triton makes of the GPU scan kernels, read from their sm_90 machine code, on a host
-without a GPU: registers, spills, and what the time loop's loads wait for.
+"""What the GPU's compiler makes of the Triton scan kernels, read from their sm_90 machine
+code on a host without a GPU: registers, spills, and what the time loop's loads wait for.
 
-    pip install triton                       # not an lrulm dependency: Triton + ptxas
-    python tools/triton_sass.py              # the default tuning and the candidates
+    pip install --target /opt/jax-cuda jax-cuda12-plugin==JAXLIB_VERSION nvidia-cuda-nvcc-cu12 \
+        nvidia-cuda-nvdisasm              # XLA's own Triton and ptxas, a disassembler
+    python tools/triton_sass.py --plugin /opt/jax-cuda  # the default tuning and candidates
     python tools/triton_sass.py --tunings "32,1,128,prefetch 32,1,128,pingpong" --resets
 
-Each tuning (lrulm.kernels.gpu.Tuning) is lowered here the way a GPU host lowers it
-(jax.export for CUDA: the gradient of `linear_scan_planar(method="pallas")` at --shape,
-float32 planes), which yields each Pallas kernel's Triton IR. That IR is compiled for
-sm_90 by the installed `triton` package, whose version may differ from the Triton inside
-the GPU's jaxlib (so the numbers describe the kernel's structure, not jaxlib's exact
-build), and its SASS is read (cuobjdump):
+Each tuning (lrulm.kernels.gpu.Tuning) is compiled the way a GPU host compiles it: the
+gradient of `linear_scan_planar(method="pallas")` at --shape, float32 planes. Two
+compilers (--compiler):
+
+- xla (the default where jax's CUDA plugin is found, in this environment or --plugin):
+  XLA compiles the whole program for an H100 without a GPU (jax's deviceless
+  ahead-of-time path, `topologies.get_topology_desc(platform="cuda", target_config=...)`),
+  in a child process that alone sees the plugin (installed into this environment, the
+  plugin would try to open a GPU at every `import jax`). That is the jaxlib's own Triton
+  pipeline, as the device runs it, up to the jaxlib version. XLA's dump gives each
+  kernel's PTX, which ptxas (from nvidia-cuda-nvcc-cu12, or on PATH) turns into sm_90a
+  machine code as XLA does. compile s: XLA's compile of the whole gradient.
+- triton: the kernels' Triton IR (captured by exporting the gradient for CUDA), compiled
+  for sm_90 by the `triton` package (pip install triton: brings ptxas and cuobjdump),
+  whose version differs from the jaxlib's: its register allocation differs too (3.9
+  spills the pingpong backward at 128 load registers, XLA's 0.10.2 Triton does not), and
+  its coalescing pass grows with the square of a kernel's memory operations (minutes a
+  kernel). compile s: one kernel's.
+
+The SASS (cuobjdump, or nvdisasm) is read for:
 
 - regs / stack B: registers per thread and the per-thread stack frame plus static local
   memory, in bytes: where registers spill (0 is wanted: a kernel at the 255-register cap
@@ -20,22 +35,25 @@ build), and its SASS is read (cuobjdump):
 - waiting moves: MOVs in that body from a register loaded in the same iteration and not
   written since. A move needs its value, so it waits for the load: a loop that ends in
   such moves waits there for every load it issued (lrulm.kernels.gpu._walk_chunks).
-
-Compiling one kernel takes minutes (Triton's coalescing pass grows with the square of a
-kernel's memory operations); --jobs compiles several at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import glob
+import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TOOLS)
 
 # Registers an instruction writes: its first operand, for the instructions that write
 # one (not stores, branches, barriers; a predicate destination is not a register).
@@ -55,10 +73,23 @@ def _width(opcode: str) -> int:
     return {"64": 2, "128": 4}.get(opcode.rsplit(".", 1)[-1], 1)
 
 
+def _resolve_labels(sass: str) -> str:
+    """nvdisasm names branch targets (BRA `(.L_x_0)) where cuobjdump gives addresses
+    (BRA 0x620): each label becomes the address of the instruction after it."""
+    addresses, pending = {}, []
+    for line in sass.splitlines():
+        if label := re.match(r"\s*(\.L_\w+):", line):
+            pending.append(label.group(1))
+        elif pending and (address := re.search(r"/\*([0-9a-f]{4,})\*/", line)):
+            addresses.update(dict.fromkeys(pending, address.group(1)))
+            pending = []
+    return re.sub(r"`\((\.L_\w+)\)", lambda m: f"0x{addresses.get(m.group(1), '0')}", sass)
+
+
 def read_sass(sass: str) -> list[tuple[int, str, list[str]]]:
     """(address, opcode, operands) per instruction, predicates dropped."""
     out = []
-    for address, text in _INSTRUCTION.findall(sass):
+    for address, text in _INSTRUCTION.findall(_resolve_labels(sass)):
         text = re.sub(r"^@!?U?P\w+\s+", "", text)
         opcode, _, rest = text.partition(" ")
         out.append((int(address, 16), opcode, [x.strip() for x in rest.split(",")] if rest else []))
@@ -109,14 +140,31 @@ def resource_usage(text: str) -> dict:
     return dict(regs=int(fields["REG"]), stack=int(fields["STACK"]) + int(fields["LOCAL"]))
 
 
+def gradient(shape: tuple[int, int, int], resets: bool, sharding=None):
+    """The program both compilers see, and its abstract arguments: the gradient (in a and
+    b) of a loss of the Pallas scan of float32 planes, (B, L, N) = shape."""
+    import jax
+    import jax.numpy as jnp
+
+    from lrulm import scan as scan_lib
+
+    spec = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    B, L, N = shape
+    args = (spec(N),) * 2, (spec(B, L, N),) * 2, spec(B, L, dtype=jnp.bool_)
+
+    def loss(a, b, keep):
+        h = scan_lib.linear_scan_planar(a, b, resets=keep if resets else None, method="pallas")
+        return sum(jnp.sum(x**2) for x in h)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1))), args
+
+
 def capture(tuning: str, shape: tuple[int, int, int], resets: bool) -> list[dict]:
     """The Triton IR of each Triton kernel in the CUDA lowering of the scan's gradient
     under `tuning`, with the launch it asks for: [{name, ttir, num_warps, num_stages}]."""
     import jax
-    import jax.numpy as jnp
     from jax._src.pallas.triton import pallas_call_registration as registration
 
-    from lrulm import scan as scan_lib
     from lrulm import scan_pallas
     from lrulm.kernels import gpu
 
@@ -133,23 +181,14 @@ def capture(tuning: str, shape: tuple[int, int, int], resets: bool) -> list[dict
         modules.append(dict(name=name, ttir=op.get_asm(), num_warps=t.warps, num_stages=t.stages))
         return result
 
-    B, L, N = shape
-    a = (jnp.zeros((N,), jnp.float32),) * 2
-    b = (jax.ShapeDtypeStruct((B, L, N), jnp.float32),) * 2
-    keep = jax.ShapeDtypeStruct((B, L), jnp.bool_)
-
-    def loss(a, b, keep):
-        h = scan_lib.linear_scan_planar(a, b, resets=keep if resets else None, method="pallas")
-        return sum(jnp.sum(x**2) for x in h)
-
     registration.lowering.lower_jaxpr_to_triton_module = spy
     old = os.environ.get(gpu.TUNING_ENV)
     os.environ[gpu.TUNING_ENV] = tuning  # read while tracing
     scan_pallas.forget_traces()
     try:
         triton_call = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
-        grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
-        jax.export.export(grad, platforms=["cuda"], disabled_checks=[triton_call])(a, b, keep)
+        grad, args = gradient(shape, resets)
+        jax.export.export(grad, platforms=["cuda"], disabled_checks=[triton_call])(*args)
     finally:
         registration.lowering.lower_jaxpr_to_triton_module = lower
         if old is None:
@@ -199,6 +238,142 @@ def _triton_tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
+# ==========================================================================================
+# XLA: the jaxlib's own Triton pipeline, compiling for an H100 without one.
+# ==========================================================================================
+
+# An H100 SXM as XLA describes a GPU to compile for (a GpuTargetConfigProto, in the text
+# form --xla_gpu_target_config_filename reads): the card of DESIGN.md §4.
+H100_TARGET = """
+gpu_device_info {
+  cuda_compute_capability { major: 9 minor: 0 }
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_block_optin: 232448
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: 84929347584
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 8 }
+runtime_version { major: 12 minor: 9 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+_PLUGINS = ("xla_cuda12", "xla_cuda13")
+_INSTALL = (
+    "pip install --target DIR jax-cuda12-plugin==JAXLIB_VERSION nvidia-cuda-nvcc-cu12 "
+    "nvidia-cuda-nvdisasm, then --plugin DIR"
+)
+
+
+def find_plugin(path: str = "") -> str | None:
+    """Where jax's CUDA plugin is: `path` when it holds one, "" when this environment
+    does, None when neither."""
+    if path:
+        found = any(os.path.isdir(os.path.join(path, "jax_plugins", n)) for n in _PLUGINS)
+        return path if found else None
+    spec = importlib.util.find_spec("jax_plugins")
+    places = spec.submodule_search_locations if spec else []
+    return "" if any(os.path.isdir(os.path.join(d, n)) for d in places for n in _PLUGINS) else None
+
+
+def nvidia_tool(name: str, plugin: str = "") -> str | None:
+    """A CUDA tool (ptxas, cuobjdump, nvdisasm): on PATH, in NVIDIA's pip wheels
+    (nvidia/*/bin) next to the plugin or on sys.path, or the one triton brings."""
+    if found := shutil.which(name):
+        return found
+    for base in filter(None, [plugin, *sys.path]):
+        candidates = sorted(glob.glob(os.path.join(base, "nvidia", "*", "bin", name)))
+        candidates.append(os.path.join(base, "triton", "backends", "nvidia", "bin", name))
+        for found in candidates:
+            if os.path.isfile(found) and os.access(found, os.X_OK):
+                return found
+    return None
+
+
+def ptxas_usage(text: str) -> dict:
+    """Registers and stack bytes (spills and local memory) from `ptxas -v`."""
+    regs = re.findall(r"Used (\d+) registers", text)
+    if not regs:
+        raise ValueError(f"no register count in ptxas's output: {text[-300:]!r}")
+    stack = re.findall(r"(\d+) bytes stack frame", text)
+    lmem = re.findall(r"(\d+) bytes lmem", text)
+    return dict(regs=int(regs[-1]), stack=int((stack or [0])[-1]) + int((lmem or [0])[-1]))
+
+
+def compile_for_h100(shape: str, resets: str) -> None:
+    """The child process's work (the plugin on its path; the tuning and XLA's dump folder
+    in its environment): compiles the gradient for an H100, prints the seconds taken."""
+    import jax
+    from jax.experimental import topologies
+
+    topology = topologies.get_topology_desc(
+        platform="cuda", target_config=H100_TARGET, topology="1x1x1"
+    )
+    sharding = jax.sharding.SingleDeviceSharding(topology.devices[0])
+    grad, args = gradient(tuple(int(x) for x in shape.split(",")), resets == "1", sharding)
+    start = time.perf_counter()
+    grad.lower(*args).compile()
+    print(json.dumps(dict(compile_s=time.perf_counter() - start)))
+
+
+def _disassemble(cubin: str, plugin: str) -> str:
+    if cuobjdump := nvidia_tool("cuobjdump", plugin):
+        command = [cuobjdump, "-sass", cubin]
+    else:
+        command = [nvidia_tool("nvdisasm", plugin), cubin]
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+
+def xla_compile(tuning: str, shape, resets: bool, out: str, plugin: str) -> list[dict]:
+    """The Triton kernels of `tuning` as XLA compiles the gradient for an H100 (in a child
+    process that alone sees the plugin): one row per kernel, forward first."""
+    from lrulm.kernels import gpu
+
+    if gpu.Tuning.parse(tuning).kernel != "triton":
+        raise SystemExit(f"{tuning}: only Triton tunings compile to Triton kernels")
+    dump = os.path.join(out, tuning.replace(",", "_").replace("=", ""))
+    shutil.rmtree(dump, ignore_errors=True)
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump}".strip()
+    path = os.pathsep.join(filter(None, [plugin, TOOLS, ROOT, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path, XLA_FLAGS=flags, **{gpu.TUNING_ENV: tuning})
+    env["JAX_PLATFORMS"] = "cpu"  # the plugin compiles for the topology; no GPU is opened
+    child = "import sys, triton_sass; triton_sass.compile_for_h100(*sys.argv[1:])"
+    shape_text = ",".join(map(str, shape))
+    done = subprocess.run([sys.executable, "-c", child, shape_text, str(int(resets))],
+                          capture_output=True, text=True, env=env)  # fmt: skip
+    if done.returncode:
+        return [dict(kernel="forward+backward", error=done.stderr.strip().splitlines()[-1])]
+    compile_s = json.loads(done.stdout.strip().splitlines()[-1])["compile_s"]
+    rows = []
+    for ptx in sorted(glob.glob(os.path.join(dump, "*.ptx"))):
+        text = open(ptx).read()
+        if not (entry := re.search(r"\.entry (linear_scan\w*)", text)):
+            continue
+        cubin = os.path.join(dump, entry.group(1) + ".cubin")
+        arch = re.search(r"\.target (sm_\w+)", text).group(1)
+        command = [nvidia_tool("ptxas", plugin), f"-arch={arch}", "-O3", "-v", ptx, "-o", cubin]
+        built = subprocess.run(command, capture_output=True, text=True, check=True)
+        sass = _disassemble(cubin, plugin)
+        with open(cubin[: -len(".cubin")] + ".sass", "w") as f:
+            f.write(sass)
+        kernel = "backward" if entry.group(1).endswith("_bwd") else "forward"
+        usage = ptxas_usage(built.stdout + built.stderr)
+        rows.append(dict(kernel=kernel, **usage, **loop_report(sass), compile_s=compile_s))
+    return sorted(rows, key=lambda r: r["kernel"] == "backward")
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| tuning | kernel | regs | stack B | loop LDG | loop STG | loop spills "
@@ -217,25 +392,8 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tunings", default="32,1,128,prefetch 32,1,128,pingpong")
-    p.add_argument("--shape", default="8,2048,1024", help="B,L,N")
-    p.add_argument("--resets", action="store_true", help="with a (B, L) reset mask")
-    p.add_argument("--kernels", default="forward,backward", help="which of them to compile")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--out", default="", help="keep the IR, cubins and SASS here")
-    p.add_argument("--json", default="")
-    args = p.parse_args()
-    try:
-        _triton_tool("cuobjdump")
-    except ImportError:
-        raise SystemExit(
-            "needs the triton package (with ptxas for sm_90): pip install triton"
-        ) from None
-    shape = tuple(int(x) for x in args.shape.split(","))
-    out = args.out or tempfile.mkdtemp(prefix="triton_sass_")
-    os.makedirs(out, exist_ok=True)
+def _triton_jobs(args, shape, out) -> list[tuple[dict, tuple]]:
+    """Triton: one compile per kernel, of the Triton IR captured for it."""
     jobs = []
     for tuning in args.tunings.split():
         for m in capture(tuning, shape, args.resets):
@@ -246,18 +404,68 @@ def main():
             path = os.path.join(out, f"{stem}_{m['name']}.ttir")
             with open(path, "w") as f:
                 f.write(m["ttir"])
-            jobs.append((dict(tuning=tuning, kernel=kernel), path, m["num_warps"], m["num_stages"]))
-    print(f"compiling {len(jobs)} kernels for sm_90, {args.jobs} at a time, in {out}", flush=True)
+            jobs.append((dict(tuning=tuning, kernel=kernel),
+                         (_compile, path, m["num_warps"], m["num_stages"])))  # fmt: skip
+    return jobs
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tunings", default="32,1,128,prefetch 32,1,128,pingpong")
+    p.add_argument("--shape", default="8,2048,1024", help="B,L,N")
+    p.add_argument("--resets", action="store_true", help="with a (B, L) reset mask")
+    p.add_argument("--kernels", default="forward,backward", help="which of them to report")
+    p.add_argument("--compiler", choices=("xla", "triton"), default=None,
+                   help="default: xla where jax's CUDA plugin is found, else triton")  # fmt: skip
+    p.add_argument("--plugin", default=os.environ.get("LRULM_JAX_CUDA_PLUGIN", ""),
+                   help="a folder holding jax's CUDA plugin (pip install --target); default: "
+                   "$LRULM_JAX_CUDA_PLUGIN, else this environment")  # fmt: skip
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--out", default="", help="keep the IR, PTX, cubins and SASS here")
+    p.add_argument("--json", default="")
+    args = p.parse_args()
+    plugin = find_plugin(args.plugin)
+    compiler = args.compiler or ("xla" if plugin is not None else "triton")
+    if compiler == "xla":
+        missing = [x for x in ("ptxas",) if not nvidia_tool(x, plugin or "")]
+        if not (nvidia_tool("cuobjdump", plugin or "") or nvidia_tool("nvdisasm", plugin or "")):
+            missing.append("cuobjdump or nvdisasm")
+        if plugin is None or missing:
+            what = "jax's CUDA plugin" if plugin is None else " and ".join(missing)
+            raise SystemExit(f"--compiler xla needs {what}: {_INSTALL}")
+    else:
+        try:
+            _triton_tool("cuobjdump")
+        except ImportError:
+            raise SystemExit(
+                "needs the triton package (with ptxas for sm_90): pip install triton, "
+                f"or for XLA's own pipeline: {_INSTALL}"
+            ) from None
+    shape = tuple(int(x) for x in args.shape.split(","))
+    out = args.out or tempfile.mkdtemp(prefix="triton_sass_")
+    os.makedirs(out, exist_ok=True)
+    if compiler == "xla":
+        jobs = [(dict(tuning=t), (xla_compile, t, shape, args.resets, out, plugin))
+                for t in args.tunings.split()]  # fmt: skip
+    else:
+        jobs = _triton_jobs(args, shape, out)
+    target = "an H100 (XLA)" if compiler == "xla" else "sm_90 (triton)"
+    print(f"compiling {len(jobs)} jobs for {target}, {args.jobs} at a time, in {out}", flush=True)
+    rows = []
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(_compile, *job[1:]) for job in jobs]
-        rows = []
-        for (row, *_), future in zip(jobs, futures):
-            rows.append({**row, **future.result()})
-            print(table(rows[-1:]).splitlines()[-1], flush=True)
+        futures = [pool.submit(*job) for _, job in jobs]
+        for (row, _), future in zip(jobs, futures):
+            result = future.result()
+            new = [{**row, **r} for r in (result if isinstance(result, list) else [result])]
+            new = [r for r in new if r.get("kernel") in args.kernels.split(",") or "error" in r]
+            rows += new
+            for line in table(new).splitlines()[2:]:
+                print(line, flush=True)
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(shape=shape, resets=args.resets, rows=rows), f, indent=1)
+            json.dump(dict(shape=shape, resets=args.resets, compiler=compiler, rows=rows), f,
+                      indent=1)  # fmt: skip
 
 
 if __name__ == "__main__":
