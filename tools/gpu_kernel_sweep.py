@@ -50,29 +50,31 @@ from lrulm import scan_pallas
 from lrulm.kernels import gpu, mosaic_gpu
 from lrulm.scan import linear_scan_planar
 
-# In order of promise, as the rows are taken in order (each once compiled) until the
-# budget is spent: the default (H100: 69% / 59% of copy forward / forward+backward;
-# H200: 57% / 52%); pingpong, whose loop ends in no move waiting for its loads (the
-# default's ends in ~63: one chunk in flight, not two; tools/triton_sass.py), with the
-# backward's loads at 112 registers (168 in all, as at 96; at 128 it hits the
-# 255-register cap and spills: 632 B of stack, 158 spill accesses a loop iteration); the
-# Mosaic GPU kernels (TMA copies into a ring of shared-memory slots, so what is in
-# flight no longer depends on registers: lrulm.kernels.mosaic_gpu) with the ring filling
-# SMEM (complex forward: 6 x 32 steps = 192 KiB; at B=8, N=1024 64 programs, split in
-# two in time by default) and unsplit; the Triton backward with 1.5x the loads in flight
-# (bwd=192: it moves 3 arrays to the forward's 2 with the same registers of loads, and
-# measured 55% of its floor where the forward measured 69%; 254 registers, no spills);
-# two thread groups of 64 channels a program (halves=2: 128 programs unsplit, for the
-# same bytes) with 6 slots of 32 steps; 12 x 16 steps unsplit; 1.5x the loads both ways;
-# halves=2 with 12 slots; 6 x 16 (96 KiB forward: two programs per SM), a shallow ring;
-# then Triton without prefetch, with two warps a program, and with 2x the loads (may
-# spill). (The default split in two in time measured slower on the H100: 54% / 51%.)
+# In order of promise (rows are timed as their compiles finish, the first ready in this
+# order, until the budget is spent). Registers and loop structure from XLA's own Triton
+# pipeline for an H100 (tools/triton_sass.py, jaxlib 0.10.2, ptxas 12.9; none of these
+# spills unless said): the default (H100: 69% / 59% of copy forward / forward+backward;
+# H200: 57% / 52%), whose loop ends in 62 (backward 58) moves waiting for the chunk just
+# loaded: one chunk in flight, not two; pingpong, whose loop ends in none (168 / 168
+# registers, 2x the default's loads in flight; compiles in ~5x the default's time);
+# pingpong with 1.25x that forward and 1.5x backward (252 / 255 registers); the Mosaic
+# GPU kernels (TMA copies into a ring of shared-memory slots, so what is in flight no
+# longer depends on registers: lrulm.kernels.mosaic_gpu) with the ring filling SMEM
+# (complex forward: 6 x 32 steps = 192 KiB; at B=8, N=1024 64 programs, split in two in
+# time by default) and unsplit; pingpong with the backward's 1.5x alone; the Triton
+# backward with 1.5x the loads (it moves 3 arrays to the forward's 2; measured 55% of its
+# floor where the forward measured 69%; 92 waiting moves); two thread groups of 64
+# channels a program (halves=2: 128 programs unsplit, for the same bytes) with 6 slots of
+# 32 steps; 12 x 16 steps unsplit; 1.5x the loads both ways; halves=2 with 12 slots; 6 x
+# 16 (96 KiB forward: two programs per SM), a shallow ring; then Triton without prefetch
+# (128 loads, then the scan) and with two warps a program. (The default split in two in
+# time measured slower on the H100: 54% / 51%.)
 DEFAULT_CONFIGS = (
-    "32,1,128,prefetch 32,1,128,pingpong,bwd=112 mosaic,32,6 mosaic,32,6,segments=1 "
-    "32,1,128,prefetch,bwd=192 "
+    "32,1,128,prefetch 32,1,128,pingpong 32,1,160,pingpong,bwd=192 mosaic,32,6 "
+    "mosaic,32,6,segments=1 32,1,128,pingpong,bwd=192 32,1,128,prefetch,bwd=192 "
     "mosaic,32,6,halves=2,segments=1 mosaic,16,12,segments=1 32,1,192,prefetch "
     "mosaic,32,12,halves=2,segments=1 mosaic,16,6 mosaic,16,6,segments=1 mosaic,32,3 "
-    "32,1,128 64,2,192,prefetch 32,1,256,prefetch"
+    "32,1,128 64,2,192,prefetch"
 )
 
 

@@ -29,10 +29,12 @@ from lrulm.kernels.common import (
 # 128 registers of loads per thread, split into two chunks so that the next chunk's loads
 # are in flight while the current one is scanned. Prefetching took forward+backward from
 # 0.609 to 0.334 ms (29% to 52% of the copy bandwidth) and the forward from 0.137 to 0.124
-# ms; two warps of 64 channels measured the same as one of 32. Its sm_90 SASS
-# (tools/triton_sass.py) shows why the gain stopped there: the loop ends in 63 register
-# moves of the chunk just loaded, each waiting for its load, so one chunk is in flight,
-# not two. `pingpong` (two chunks an iteration, no moves) is the candidate that keeps two.
+# ms; two warps of 64 channels measured the same as one of 32. Its SASS as XLA compiles
+# it for an H100 (tools/triton_sass.py) shows why the gain stopped there: the loop ends
+# in 62 register moves (backward 58) of the chunk just loaded, each waiting for its load,
+# so one chunk is in flight, not two. `pingpong` (two chunks an iteration, no moves, no
+# spills up to 160 load registers forward and 192 backward) is the candidate that keeps
+# two.
 _GPU_CHANNELS = 32
 _GPU_WARPS = 1
 _GPU_LOAD_REGISTERS = 128  # of a thread's 255, so that nothing spills
