@@ -1,10 +1,15 @@
-"""`lrulm compile`: compile the train and eval steps for a TPU topology, on any machine.
+"""`lrulm compile`: compile the train and eval steps for a TPU topology or a GPU host, on any
+machine.
 
 Uses JAX's ahead-of-time path: libtpu describes the chips of a slice
 (`jax.experimental.topologies`), the trainer builds its mesh, model and shardings
 abstractly over them (`train.build`), and XLA compiles the exact jitted steps the
 trainer runs for ShapeDtypeStruct inputs. No parameter is materialised anywhere, so a
-laptop can tell whether a 1.3B model fits a v5e-16 before a TPU is rented.
+laptop can tell whether a 1.3B model fits a v5e-16 before a TPU is rented. For GPUs
+(`h100:8`: up to 8 of one kind in a host) jax's CUDA plugin describes them instead
+(`gpu_devices`) and XLA's GPU compiler, with its Triton, compiles the steps; it reports
+a peak but no FLOPs or bytes, and the fit is against the card's whole memory (a running
+jax preallocates 75% of it unless XLA_PYTHON_CLIENT_PREALLOCATE=false).
 
 What the report holds, per chip (SPMD programs are per device; on v4 and v5p one JAX
 device is one chip, its two TensorCores fused as a "megacore"):
@@ -41,6 +46,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 
 from lrulm.topologies import Topology, parse_topology
@@ -85,6 +91,135 @@ def topology_devices(topology: Topology, num_slices: int = 1) -> list:
 
 
 # ==========================================================================================
+# GPUs, compiled for without one: jax's CUDA plugin describes them (deviceless).
+# ==========================================================================================
+
+PLUGIN_ENV = "LRULM_JAX_CUDA_PLUGIN"
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuKind:
+    """A GPU model, as XLA is told about it (its GpuTargetConfigProto) and the report
+    counts it."""
+
+    name: str  # as --topology spells it: "h100"
+    description: str  # the device_kind XLA reports (what metrics.PEAK_FLOPS matches)
+    memory_bytes: int  # the device memory CUDA reports
+    hbm_bytes_per_s: float
+    sms: int = 132
+
+    @property
+    def hbm_gib(self) -> float:
+        return self.memory_bytes / GIB
+
+    def target_config(self) -> str:
+        """XLA's description of the GPU to compile for: what
+        --xla_gpu_target_config_filename reads, and jax passes as `target_config`."""
+        return f"""gpu_device_info {{
+  cuda_compute_capability {{ major: 9 minor: 0 }}
+  threads_per_block_limit: 1024  threads_per_warp: 32
+  shared_memory_per_block: 49152  shared_memory_per_block_optin: 232448
+  shared_memory_per_core: 233472  threads_per_core_limit: 2048
+  core_count: {self.sms}  fpus_per_core: 128
+  block_dim_limit_x: 2147483647  block_dim_limit_y: 65535  block_dim_limit_z: 65535
+  memory_bandwidth: {int(self.hbm_bytes_per_s)}  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98  device_memory_size: {self.memory_bytes}
+  registers_per_core_limit: 65536  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 }}
+runtime_version {{ major: 12 minor: 9 }}
+device_description_str: "{self.description}"
+"""
+
+
+# Hopper SXM cards: 80 GB HBM3 at 3.35 TB/s, 141 GB HBM3e at 4.8 TB/s (NVIDIA's data
+# sheets), 132 SMs; memory as CUDA reports it (the H100's as XLA's own H100 spec has it).
+GPU_KINDS = {
+    k.name: k
+    for k in (
+        GpuKind("h100", "NVIDIA H100 80GB HBM3", 84_929_347_584, 3.35e12),
+        GpuKind("h200", "NVIDIA H200", 150_754_820_096, 4.8e12),
+    )
+}
+MAX_GPUS_PER_HOST = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuTopology:
+    """`count` GPUs of one kind in one host (one process drives them all)."""
+
+    generation: GpuKind
+    count: int
+
+    @property
+    def chips(self) -> int:
+        return self.count
+
+    @property
+    def name(self) -> str:
+        return f"{self.generation.name}:{self.count}"
+
+    @property
+    def accelerator_type(self) -> str:
+        return f"{self.count} x {self.generation.name.upper()}"
+
+
+def parse_target(text: str) -> Topology | GpuTopology:
+    """A TPU topology (`parse_topology`) or GPUs: "h100" (one), "h100:8" (a host of 8)."""
+    kind, _, count = text.lower().partition(":")
+    if kind not in GPU_KINDS:
+        try:
+            return parse_topology(text)
+        except ValueError as e:
+            gpus = ", ".join(f"{k}[:N]" for k in GPU_KINDS)
+            raise ValueError(f"{e}\n  or GPUs, N to a host: {gpus}") from None
+    if not count.isdigit() or not 1 <= int(count or 0) <= MAX_GPUS_PER_HOST:
+        if count:
+            raise ValueError(
+                f"{text!r}: GPUs are compiled for one host at a time: "
+                f"{kind}:N with N from 1 to {MAX_GPUS_PER_HOST}"
+            )
+        count = "1"
+    return GpuTopology(GPU_KINDS[kind], int(count))
+
+
+def gpu_devices(topology: GpuTopology) -> list:
+    """Compile-only devices for GPUs this machine need not have.
+
+    jax's CUDA plugin provides them; installed into the environment it would try to open
+    a GPU at every start, so it may live in a folder of its own ($LRULM_JAX_CUDA_PLUGIN,
+    from `pip install --target`), which joins sys.path here. Its start-up check of the
+    local GPU's CUDA libraries is skipped (none is used), and without JAX_PLATFORMS set
+    jax runs on the CPU (nothing runs: only the compile is wanted).
+    """
+    import jax
+
+    if (path := os.environ.get(PLUGIN_ENV)) and path not in sys.path:
+        sys.path.append(path)
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    if not os.environ.get("JAX_PLATFORMS"):
+        jax.config.update("jax_platforms", "cpu")
+    from jax.experimental import topologies
+
+    try:
+        desc = topologies.get_topology_desc(
+            platform="cuda",
+            target_config=topology.generation.target_config(),
+            topology=f"1x1x{topology.count}",
+        )
+    except (NotImplementedError, RuntimeError) as e:
+        import jaxlib
+
+        raise ValueError(
+            f"compiling for {topology.name} without a GPU needs jax's CUDA plugin ({e}): "
+            f"pip install --target DIR jax-cuda12-plugin=={jaxlib.__version__}, then "
+            f"{PLUGIN_ENV}=DIR lrulm compile ..."
+        ) from None
+    return list(desc.devices)
+
+
+# ==========================================================================================
 # The report.
 # ==========================================================================================
 
@@ -109,6 +244,9 @@ class StepReport:
     oom_message: str = ""
     # XLA's peak of simultaneously live buffers, arguments included (None: not reported)
     xla_peak_bytes: int | None = None
+    # custom calls in the compiled HLO by target (static counts): the Pallas kernels are
+    # tpu_custom_call on a TPU, __gpu$xla.gpu.triton (Triton) or mosaic_gpu_v2 on a GPU
+    custom_calls: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def summed_bytes(self) -> int:
@@ -225,6 +363,14 @@ def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
     return out
 
 
+def custom_calls(hlo_text: str) -> dict[str, int]:
+    """{target: count} of the custom calls in compiled HLO text."""
+    counts: dict[str, int] = {}
+    for target in re.findall(r'custom_call_target="([^"]+)"', hlo_text):
+        counts[target] = counts.get(target, 0) + 1
+    return counts
+
+
 def _sharded_bytes(tree) -> int:
     """Bytes per device of a tree of ShapeDtypeStructs with shardings (the largest shard)."""
     import jax
@@ -294,6 +440,7 @@ def _compile_step(jitted, args, measure_overflow: bool) -> tuple[StepReport, int
     mem, text = compiled.memory_analysis(), compiled.as_text()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one per module
+    cost = cost or {}  # a GPU compiled for without one reports none
     return StepReport(
         argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
         alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
@@ -301,28 +448,34 @@ def _compile_step(jitted, args, measure_overflow: bool) -> tuple[StepReport, int
         xla_peak_bytes=getattr(mem, "peak_memory_in_bytes", 0) or None,
         xla_flops=cost.get("flops"), xla_bytes_accessed=cost.get("bytes accessed"),
         has_loops=" while(" in text, collectives=collectives(text), **times,
+        custom_calls=custom_calls(text),
     ), usable  # fmt: skip
 
 
-def _for_target(config):
-    """A copy of the config whose "auto" scan method is resolved for TPU, not for this
-    host's backend (lrulm.scan picks by jax.default_backend() at trace time)."""
+def _for_target(config, backend: str = "tpu"):
+    """A copy of the config whose "auto" scan method is resolved for the target's
+    backend, not for this host's (lrulm.scan picks by jax.default_backend() at trace time)."""
     from lrulm import scan
 
     config = config.copy_and_resolve_references()
     if config.model.scan_method in (None, "auto"):
-        config.model.scan_method = scan.resolve("auto", backend="tpu").value
+        config.model.scan_method = scan.resolve("auto", backend=backend).value
     return config
 
 
 def compile_for_topology(
-    config, topology: str | Topology, *, include_eval: bool = True, measure_overflow: bool = True
+    config,
+    topology: str | Topology | GpuTopology,
+    *,
+    include_eval: bool = True,
+    measure_overflow: bool = True,
 ) -> Report:
-    """Compiles the trainer's train (and eval) step for a TPU topology; see the module doc.
+    """Compiles the trainer's train (and eval) step for a TPU topology or a GPU host; see
+    the module doc.
 
     Args:
       config: an experiment config (as `lrulm train` takes).
-      topology: "v5p-128", "v5p:4x4x4", ... (`parse_topology`).
+      topology: "v5p-128", "v5p:4x4x4", ... (`parse_topology`), or "h100:8" (`parse_target`).
       include_eval: also compile the eval step (when the train step fits).
       measure_overflow: when XLA refuses a step for lack of HBM, recompile it with
         `xla_tpu_no_crash_on_oom` to measure what it needs (slow for large models);
@@ -339,10 +492,13 @@ def compile_for_topology(
 
     from lrulm import metrics, tasks, train
 
-    topo = topology if isinstance(topology, Topology) else parse_topology(topology)
-    config = _for_target(config)
+    topo = parse_target(topology) if isinstance(topology, str) else topology
+    gpus = isinstance(topo, GpuTopology)
+    config = _for_target(config, "gpu" if gpus else "tpu")
     num_slices = config.mesh.dcn_data * config.mesh.dcn_fsdp
-    devices = topology_devices(topo, num_slices)
+    if gpus and num_slices > 1:
+        raise ValueError(f"{topo.name} is one host: set --config.mesh.dcn_data=1 dcn_fsdp=1")
+    devices = gpu_devices(topo) if gpus else topology_devices(topo, num_slices)
     try:
         mesh = train.make_mesh(config, devices)
     except ValueError as e:
@@ -495,8 +651,8 @@ def format_report(report: Report) -> str:
             f"{r.train.xla_bytes_accessed:.3e}"
             + ("  [loops counted once: an undercount]" if r.train.has_loops else "")
         )
-        if r.train.measured
-        else "  XLA FLOPs: not compiled",
+        if r.train.xla_flops is not None
+        else "  XLA FLOPs: " + ("not reported" if r.train.measured else "not compiled"),
         f"  step time >= {r.step_time_lower_bound_s * 1e3:.2f} ms ({r.bound_by}-bound at "
         f"{r.peak_flops / 1e12:g} TFLOP/s, {r.hbm_bytes_per_s / 1e9:g} GB/s): "
         f"MFU <= {100 * r.mfu_bound:.1f}%",
@@ -509,6 +665,9 @@ def format_report(report: Report) -> str:
             lines.append(f"  {op:<19}{c['count']:>5}{size(c['bytes']):>12}{largest:>12}")
     if not any(c["count"] for c in r.train.collectives.values()):
         lines.append("  none" if r.train.collectives else "  (not compiled)")
+    if r.train.custom_calls:
+        calls = ", ".join(f"{k} x {n}" for k, n in sorted(r.train.custom_calls.items()))
+        lines += ["", f"custom calls in the train step (the kernels): {calls}"]
     times = ", ".join(f"{n} {s.lower_s + s.compile_s:.1f} s" for n, s in steps)
     lines += ["", f"compile time: {times}", ""]
     if r.fits:

@@ -5,7 +5,7 @@ lrulm eval     --config CONFIG.py[:ARG] --workdir DIR [--config.a.b=VALUE ...]
 lrulm generate --workdir DIR --prompt TEXT [--max_new_tokens N] [--temperature T]
                [--top_p P] [--top_k K] [--seed S]
 lrulm lra-report DIR [DIR ...] [--plot FILE.png]
-lrulm compile  --config CONFIG.py[:ARG] --topology v5p-128 [--config.a.b=VALUE ...]
+lrulm compile  --config CONFIG.py[:ARG] --topology v5p-128|h100:8 [--config.a.b=VALUE ...]
 lrulm tokenizer train --input GLOB[,GLOB] --output FILE.model [--vocab_size V]
 """
 
@@ -40,9 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("workdirs", nargs="+")
     r.add_argument("--plot", default="", help="also write a bar chart to this PNG")
 
-    c = sub.add_parser("compile", help="compile the train step for a TPU topology (AOT)")
+    c = sub.add_parser(
+        "compile", help="compile the train step for a TPU topology or GPU host (AOT)"
+    )
     c.add_argument("--config", required=True, help="CONFIG.py[:ARG]")
-    c.add_argument("--topology", required=True, help="e.g. v5p-128 or v5p:4x4x4")
+    c.add_argument("--topology", required=True, help="e.g. v5p-128, v5p:4x4x4 or h100:8")
     c.add_argument("--json", default="", help="also write the report as JSON here")
 
     t = sub.add_parser("tokenizer", help="tokenizer tools")
