@@ -490,7 +490,7 @@ def compile_for_topology(
     """
     import jax
 
-    from lrulm import metrics, tasks, train
+    from lrulm import metrics, target, tasks, train
 
     topo = parse_target(topology) if isinstance(topology, str) else topology
     gpus = isinstance(topo, GpuTopology)
@@ -505,23 +505,25 @@ def compile_for_topology(
         raise ValueError(f"{topo.accelerator_type} ({len(devices)} chips): {e}") from None
     task = tasks.make_task(config, None, prepare_data=False)
     live_before = sum(a.nbytes for a in jax.live_arrays())
-    exp = train.build(config, task, mesh)
-    train_jit, eval_jit = train.jit_steps(exp)
-    batch = {
-        k: jax.ShapeDtypeStruct(shape, dtype, sharding=exp.batch_shardings[k])
-        for k, (shape, dtype) in exp.batch_spec.items()
-    }
-    leaves = jax.tree.leaves((exp.abstract_state, batch))
-    if not all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
-        raise AssertionError("compile inputs must be abstract (ShapeDtypeStruct) only")
+    # traced for the target: its "auto" method, kernels, time split (lrulm.target)
+    with target.compiling_for("gpu" if gpus else "tpu"):
+        exp = train.build(config, task, mesh)
+        train_jit, eval_jit = train.jit_steps(exp)
+        batch = {
+            k: jax.ShapeDtypeStruct(shape, dtype, sharding=exp.batch_shardings[k])
+            for k, (shape, dtype) in exp.batch_spec.items()
+        }
+        leaves = jax.tree.leaves((exp.abstract_state, batch))
+        if not all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
+            raise AssertionError("compile inputs must be abstract (ShapeDtypeStruct) only")
 
-    usable = []
-    train_step, u = _compile_step(train_jit, (exp.abstract_state, batch), measure_overflow)
-    usable.append(u)
-    eval_step = None
-    if include_eval and train_step.compiler_fits:  # else the config must change anyway
-        eval_step, u = _compile_step(eval_jit, (exp.abstract_state, batch), measure_overflow)
+        usable = []
+        train_step, u = _compile_step(train_jit, (exp.abstract_state, batch), measure_overflow)
         usable.append(u)
+        eval_step = None
+        if include_eval and train_step.compiler_fits:  # else the config must change anyway
+            eval_step, u = _compile_step(eval_jit, (exp.abstract_state, batch), measure_overflow)
+            usable.append(u)
     # Building and compiling must not have put a parameter on any device (a few key
     # bytes from jax.random.key in the abstract init are fine).
     grown = sum(a.nbytes for a in jax.live_arrays()) - live_before

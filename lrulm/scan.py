@@ -32,6 +32,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from lrulm import target
+
 
 class ScanMethod(enum.Enum):
     """How the recurrence is computed. All give the same result."""
@@ -78,7 +80,7 @@ def resolve(method: str | ScanMethod, backend: str | None = None) -> ScanMethod:
             raise ValueError(f"unknown scan method {method!r}; use one of {names}") from None
     match method:
         case ScanMethod.AUTO:
-            backend = backend or jax.default_backend()
+            backend = backend or target.backend()
             return _AUTO_BY_BACKEND.get(backend, ScanMethod.ASSOCIATIVE)
         case _:
             return method
@@ -459,7 +461,7 @@ def linear_scan_planar(
 def _planar_recurrence(a, b, h0, keep, method, chunk_size, reverse, overwrite_b):
     """The planar scan with the recurrence gradient; the GPU kernel's scans that would
     launch too few programs split the sequence in time (lrulm.kernels.gpu.time_segments)."""
-    backend = jax.default_backend()
+    backend = target.backend()
     if method is ScanMethod.PALLAS and a[0].ndim == 1 and backend != "tpu":
         from lrulm import sequence_parallel
         from lrulm.kernels import gpu

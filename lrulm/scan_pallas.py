@@ -70,6 +70,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lrulm import target
 from lrulm.kernels import gpu, mosaic_gpu, tpu
 from lrulm.kernels.common import Parts
 
@@ -174,7 +175,7 @@ def _dispatch(op, groups, chunk, reverse, interpret, kernel, cpu_mosaic=False):
             tpu=functools.partial(run, kernel="tpu", interpret=False),
             default=functools.partial(run, kernel="gpu", interpret=False),
         )
-    backend = jax.default_backend()
+    backend = target.backend()
     kernel = kernel or ("tpu" if backend == "tpu" else "gpu")
     if backend == "cpu" if interpret is None else interpret:
         return interpreted(groups, kernel=kernel)
@@ -312,7 +313,7 @@ def forget_traces() -> None:
 
 def _mosaic_interpreted(interpret, kernel) -> bool:
     """Whether a GPU kernel call may run the Mosaic GPU kernels in their interpreter."""
-    interpreted = jax.default_backend() == "cpu" if interpret is None else interpret
+    interpreted = target.backend() == "cpu" if interpret is None else interpret
     return interpreted and kernel in (None, "gpu") and gpu.tuning().kernel == "mosaic"
 
 

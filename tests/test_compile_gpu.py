@@ -72,3 +72,31 @@ def test_the_lm_train_step_with_the_pallas_scan_compiles_for_four_h100s(tmp_path
     assert report["train"]["collectives"]["all-reduce"]["count"] > 0
     assert 0 < report["train"]["total_bytes"] < 2 * 1024**3
     assert report["eval"] is not None
+
+
+def test_traces_made_for_a_gpu_take_the_gpus_choices_on_this_host(monkeypatch):
+    """Under target.compiling_for("gpu") the choices made while tracing are the GPU's: its
+    "auto" method, and a single long sequence split in time (too few programs for the
+    GPU's SMs otherwise), as in the program a GPU host would compile. Caches are dropped
+    on the way in and out."""
+    import jax
+    import jax.numpy as jnp
+
+    from lrulm import scan, scan_pallas, target
+
+    forgotten = []
+    monkeypatch.setattr(scan_pallas, "forget_traces", lambda: forgotten.append(1))
+    a = (jnp.full((64,), 0.9),) * 2
+    b = (jax.ShapeDtypeStruct((1, 4096, 64), jnp.float32),) * 2
+    jaxpr = lambda: str(jax.make_jaxpr(lambda b: scan.linear_scan_planar(a, b, method="pallas"))(b))
+    assert target.backend() == "cpu"
+    here = jaxpr()
+    with target.compiling_for("gpu"):
+        assert target.backend() == "gpu" and len(forgotten) == 1
+        assert scan.resolve("auto") is scan.resolve("auto", backend="gpu")
+        on_gpu = jaxpr()
+    assert target.backend() == "cpu" and len(forgotten) == 2
+    # 2 programs of 32 channels for 132 SMs: 4 segments of 1024 steps
+    assert "f32[1,4,1024,64]" in on_gpu and "f32[1,4,1024,64]" not in here
+    monkeypatch.undo()
+    scan_pallas.forget_traces()  # none of the GPU's traces for the tests after this one

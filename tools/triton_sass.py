@@ -12,7 +12,7 @@ compilers (--compiler):
 
 - xla (the default where jax's CUDA plugin is found, in this environment or --plugin):
   XLA compiles the whole program for an H100 without a GPU (jax's deviceless
-  ahead-of-time path, `topologies.get_topology_desc(platform="cuda", target_config=...)`),
+  ahead-of-time path, as `lrulm compile --topology h100` takes it: lrulm.compile.gpu_devices),
   in a child process that alone sees the plugin (installed into this environment, the
   plugin would try to open a GPU at every `import jax`). That is the jaxlib's own Triton
   pipeline, as the device runs it, up to the jaxlib version. XLA's dump gives each
@@ -242,34 +242,6 @@ def _triton_tool(name: str) -> str:
 # XLA: the jaxlib's own Triton pipeline, compiling for an H100 without one.
 # ==========================================================================================
 
-# An H100 SXM as XLA describes a GPU to compile for (a GpuTargetConfigProto, in the text
-# form --xla_gpu_target_config_filename reads): the card of DESIGN.md §4.
-H100_TARGET = """
-gpu_device_info {
-  cuda_compute_capability { major: 9 minor: 0 }
-  threads_per_block_limit: 1024
-  threads_per_warp: 32
-  shared_memory_per_block: 49152
-  shared_memory_per_block_optin: 232448
-  shared_memory_per_core: 233472
-  threads_per_core_limit: 2048
-  core_count: 132
-  fpus_per_core: 128
-  block_dim_limit_x: 2147483647
-  block_dim_limit_y: 65535
-  block_dim_limit_z: 65535
-  memory_bandwidth: 3352320000000
-  l2_cache_size: 52428800
-  clock_rate_ghz: 1.98
-  device_memory_size: 84929347584
-  registers_per_core_limit: 65536
-  registers_per_block_limit: 65536
-}
-platform_name: "CUDA"
-dnn_version_info { major: 9 minor: 8 }
-runtime_version { major: 12 minor: 9 }
-device_description_str: "NVIDIA H100 80GB HBM3"
-"""
 _PLUGINS = ("xla_cuda12", "xla_cuda13")
 _INSTALL = (
     "pip install --target DIR jax-cuda12-plugin==JAXLIB_VERSION nvidia-cuda-nvcc-cu12 "
@@ -316,15 +288,16 @@ def compile_for_h100(shape: str, resets: str) -> None:
     """The child process's work (the plugin on its path; the tuning and XLA's dump folder
     in its environment): compiles the gradient for an H100, prints the seconds taken."""
     import jax
-    from jax.experimental import topologies
 
-    topology = topologies.get_topology_desc(
-        platform="cuda", target_config=H100_TARGET, topology="1x1x1"
-    )
-    sharding = jax.sharding.SingleDeviceSharding(topology.devices[0])
-    grad, args = gradient(tuple(int(x) for x in shape.split(",")), resets == "1", sharding)
-    start = time.perf_counter()
-    grad.lower(*args).compile()
+    from lrulm import compile as compile_lib
+    from lrulm import target
+
+    h100 = compile_lib.gpu_devices(compile_lib.parse_target("h100"))[0]
+    sharding = jax.sharding.SingleDeviceSharding(h100)
+    with target.compiling_for("gpu"):  # traced as a GPU host traces it
+        grad, args = gradient(tuple(int(x) for x in shape.split(",")), resets == "1", sharding)
+        start = time.perf_counter()
+        grad.lower(*args).compile()
     print(json.dumps(dict(compile_s=time.perf_counter() - start)))
 
 
