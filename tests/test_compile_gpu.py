@@ -100,3 +100,24 @@ def test_traces_made_for_a_gpu_take_the_gpus_choices_on_this_host(monkeypatch):
     assert "f32[1,4,1024,64]" in on_gpu and "f32[1,4,1024,64]" not in here
     monkeypatch.undo()
     scan_pallas.forget_traces()  # none of the GPU's traces for the tests after this one
+
+
+def test_the_fit_table_says_gpu_hosts_and_gives_no_mfu_for_them(monkeypatch):
+    """tools/tpu_fit_table.py for GPU hosts (docs/gpu_fit.md): its title and memory note
+    are the GPU's, and no MFU ceiling is printed where XLA's GPU compiler counts no FLOPs."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "tools"))
+    import tpu_fit_table
+
+    row = dict(layout="data parallel", fits=True, mesh=dict(data=8, fsdp=1), remat="none",
+               accum=1, params=150e6, chips=8, hbm=84_929_347_584, limit=84_929_347_584,
+               resident=9 * 2**30, state=2**30, temp=7 * 2**30, measured=True,
+               mfu_bound=0.93, rejected=[])  # fmt: skip
+    gpu = tpu_fit_table.markdown({"125m@h100:8": row}, 8, 2048, gpus=True)
+    tpu = tpu_fit_table.markdown({"125m@v5e-16": {**row, "chips": 16}}, 8, 2048)
+    assert gpu.startswith("# Which LM presets fit which GPU hosts")
+    assert "nothing ran on a GPU" in gpu and "XLA_PYTHON_CLIENT_PREALLOCATE" in gpu
+    assert "| 125m | 150M | h100:8 | 8 | 79.0966 | yes | data parallel | 8 x 1 | 9.00 |" in gpu
+    assert "| 93% |" not in gpu and "| 93% |" in tpu
+    assert tpu.startswith("# Which LM presets fit which TPU slices")
+    with pytest.raises(SystemExit, match="one kind to a table"):
+        tpu_fit_table.main(["--slices", "v5e-16,h100:8", "--out", os.devnull])
