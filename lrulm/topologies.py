@@ -1,4 +1,5 @@
 """TPU generations and slices: names, shapes, hosts, chips; the one table (standard library only).
+Also the GPU hosts `lrulm compile` can target (h100:8): what XLA is told about each card.
 
 The launchers (launch/*.py, on a workstation without jax) and `lrulm compile` both read it.
 Sources: Cloud TPU docs ("TPU v4", "TPU v5e", "TPU v5p", "TPU v6e" system architecture pages,
@@ -253,6 +254,98 @@ def tpu_slice(accelerator_type: str, topology: str | None = None) -> TpuSlice:
         machine_type=f"{gen.machine_prefix}-{t.chips_per_host}t",
         runtime_version=gen.runtime_version,
     )
+
+
+# ==========================================================================================
+# GPU hosts (`lrulm compile --topology h100:8`): what XLA is told about each card.
+# ==========================================================================================
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuKind:
+    """A GPU model, as XLA is told about it (its GpuTargetConfigProto) and the report
+    counts it."""
+
+    name: str  # as --topology spells it: "h100"
+    description: str  # the device_kind XLA reports (what metrics.PEAK_FLOPS matches)
+    memory_bytes: int  # the device memory CUDA reports
+    hbm_bytes_per_s: float
+    sms: int = 132
+
+    @property
+    def hbm_gib(self) -> float:
+        return self.memory_bytes / 1024**3
+
+    def target_config(self) -> str:
+        """XLA's description of the GPU to compile for: what
+        --xla_gpu_target_config_filename reads, and jax passes as `target_config`."""
+        return f"""gpu_device_info {{
+  cuda_compute_capability {{ major: 9 minor: 0 }}
+  threads_per_block_limit: 1024  threads_per_warp: 32
+  shared_memory_per_block: 49152  shared_memory_per_block_optin: 232448
+  shared_memory_per_core: 233472  threads_per_core_limit: 2048
+  core_count: {self.sms}  fpus_per_core: 128
+  block_dim_limit_x: 2147483647  block_dim_limit_y: 65535  block_dim_limit_z: 65535
+  memory_bandwidth: {int(self.hbm_bytes_per_s)}  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98  device_memory_size: {self.memory_bytes}
+  registers_per_core_limit: 65536  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 }}
+runtime_version {{ major: 12 minor: 9 }}
+device_description_str: "{self.description}"
+"""
+
+
+# Hopper SXM cards: 80 GB HBM3 at 3.35 TB/s, 141 GB HBM3e at 4.8 TB/s (NVIDIA's data
+# sheets), 132 SMs; memory as CUDA reports it (the H100's as XLA's own H100 spec has it).
+GPU_KINDS = {
+    k.name: k
+    for k in (
+        GpuKind("h100", "NVIDIA H100 80GB HBM3", 84_929_347_584, 3.35e12),
+        GpuKind("h200", "NVIDIA H200", 150_754_820_096, 4.8e12),
+    )
+}
+MAX_GPUS_PER_HOST = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuTopology:
+    """`count` GPUs of one kind in one host (one process drives them all)."""
+
+    generation: GpuKind
+    count: int
+
+    @property
+    def chips(self) -> int:
+        return self.count
+
+    @property
+    def name(self) -> str:
+        return f"{self.generation.name}:{self.count}"
+
+    @property
+    def accelerator_type(self) -> str:
+        return f"{self.count} x {self.generation.name.upper()}"
+
+
+def parse_target(text: str) -> Topology | GpuTopology:
+    """A TPU topology (`parse_topology`) or GPUs: "h100" (one), "h100:8" (a host of 8)."""
+    kind, _, count = text.lower().partition(":")
+    if kind not in GPU_KINDS:
+        try:
+            return parse_topology(text)
+        except ValueError as e:
+            gpus = ", ".join(f"{k}[:N]" for k in GPU_KINDS)
+            raise ValueError(f"{e}\n  or GPUs, N to a host: {gpus}") from None
+    if not count.isdigit() or not 1 <= int(count or 0) <= MAX_GPUS_PER_HOST:
+        if count:
+            raise ValueError(
+                f"{text!r}: GPUs are compiled for one host at a time: "
+                f"{kind}:N with N from 1 to {MAX_GPUS_PER_HOST}"
+            )
+        count = "1"
+    return GpuTopology(GPU_KINDS[kind], int(count))
 
 
 if __name__ == "__main__":
