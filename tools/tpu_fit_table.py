@@ -147,7 +147,9 @@ def markdown(rows: dict, per_chip_batch: int, seq_len: int, gpus: bool = False) 
         "no recomputation first, then least communication — data parallel; FSDP over the whole "
         "slice (`--config.mesh.data=1 --config.mesh.fsdp=-1`); data parallel with "
         "`--config.model.remat=full`; FSDP with remat; that with "
-        "`--config.optim.grad_accum_steps=4` — and the first that XLA accepts is shown. "
+        "`--config.optim.grad_accum_steps=4` — and the first that "
+        + ("fits" if gpus else "XLA accepts")
+        + " is shown. "
         "The 1.3b preset has `remat=full` already. Only the train step is compiled (the "
         "eval step needs less).",
         "",
