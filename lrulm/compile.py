@@ -6,7 +6,7 @@ Uses JAX's ahead-of-time path: libtpu describes the chips of a slice
 abstractly over them (`train.build`), and XLA compiles the exact jitted steps the
 trainer runs for ShapeDtypeStruct inputs. No parameter is materialised anywhere, so a
 laptop can tell whether a 1.3B model fits a v5e-16 before a TPU is rented. For GPUs
-(`h100:8`: up to 8 of one kind in a host) jax's CUDA plugin describes them instead
+(`h100:8`, a host of 8; `h100:8x4`, 4 such hosts) jax's CUDA plugin describes them
 (`gpu_devices`) and XLA's GPU compiler, with its Triton, compiles the steps; it reports
 a peak but no FLOPs or bytes, and the fit is against the card's whole memory (a running
 jax preallocates 75% of it unless XLA_PYTHON_CLIENT_PREALLOCATE=false).
@@ -124,7 +124,7 @@ def gpu_devices(topology: GpuTopology) -> list:
         desc = topologies.get_topology_desc(
             platform="cuda",
             target_config=topology.generation.target_config(),
-            topology=f"1x1x{topology.count}",
+            topology=f"1x{topology.hosts}x{topology.count}",  # slices x hosts x GPUs
         )
     except (NotImplementedError, RuntimeError) as e:
         import jaxlib
@@ -415,7 +415,10 @@ def compile_for_topology(
     config = _for_target(config, "gpu" if gpus else "tpu")
     num_slices = config.mesh.dcn_data * config.mesh.dcn_fsdp
     if gpus and num_slices > 1:
-        raise ValueError(f"{topo.name} is one host: set --config.mesh.dcn_data=1 dcn_fsdp=1")
+        raise ValueError(
+            f"{topo.name}: the mesh spans every GPU of every host; "
+            "set --config.mesh.dcn_data=1 --config.mesh.dcn_fsdp=1"
+        )
     devices = gpu_devices(topo) if gpus else topology_devices(topo, num_slices)
     try:
         mesh = train.make_mesh(config, devices)

@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
         "compile", help="compile the train step for a TPU topology or GPU host (AOT)"
     )
     c.add_argument("--config", required=True, help="CONFIG.py[:ARG]")
-    c.add_argument("--topology", required=True, help="e.g. v5p-128, v5p:4x4x4 or h100:8")
+    c.add_argument("--topology", required=True, help="e.g. v5p-128, v5p:4x4x4, h100:8 or h100:8x4")
     c.add_argument("--json", default="", help="also write the report as JSON here")
 
     t = sub.add_parser("tokenizer", help="tokenizer tools")

@@ -311,41 +311,46 @@ MAX_GPUS_PER_HOST = 8
 
 @dataclasses.dataclass(frozen=True)
 class GpuTopology:
-    """`count` GPUs of one kind in one host (one process drives them all)."""
+    """`count` GPUs of one kind in each of `hosts` hosts (a process per host)."""
 
     generation: GpuKind
     count: int
+    hosts: int = 1
 
     @property
     def chips(self) -> int:
-        return self.count
+        return self.count * self.hosts
 
     @property
     def name(self) -> str:
-        return f"{self.generation.name}:{self.count}"
+        return f"{self.generation.name}:{self.count}" + (f"x{self.hosts}" if self.hosts > 1 else "")
 
     @property
     def accelerator_type(self) -> str:
-        return f"{self.count} x {self.generation.name.upper()}"
+        hosts = f"{self.hosts} hosts x " if self.hosts > 1 else ""
+        return f"{hosts}{self.count} x {self.generation.name.upper()}"
 
 
 def parse_target(text: str) -> Topology | GpuTopology:
-    """A TPU topology (`parse_topology`) or GPUs: "h100" (one), "h100:8" (a host of 8)."""
-    kind, _, count = text.lower().partition(":")
+    """A TPU topology (`parse_topology`) or GPUs: "h100" (one), "h100:8" (a host of 8),
+    "h100:8x4" (4 hosts of 8)."""
+    kind, _, shape = text.lower().partition(":")
     if kind not in GPU_KINDS:
         try:
             return parse_topology(text)
         except ValueError as e:
-            gpus = ", ".join(f"{k}[:N]" for k in GPU_KINDS)
-            raise ValueError(f"{e}\n  or GPUs, N to a host: {gpus}") from None
-    if not count.isdigit() or not 1 <= int(count or 0) <= MAX_GPUS_PER_HOST:
-        if count:
-            raise ValueError(
-                f"{text!r}: GPUs are compiled for one host at a time: "
-                f"{kind}:N with N from 1 to {MAX_GPUS_PER_HOST}"
-            )
-        count = "1"
-    return GpuTopology(GPU_KINDS[kind], int(count))
+            gpus = ", ".join(f"{k}[:N[xHOSTS]]" for k in GPU_KINDS)
+            raise ValueError(f"{e}\n  or GPUs (N to a host): {gpus}") from None
+    count, x, hosts = (shape or "1").partition("x")
+    hosts = hosts if x else "1"
+    if not (count.isdigit() and 1 <= int(count) <= MAX_GPUS_PER_HOST) or not (
+        hosts.isdigit() and int(hosts) >= 1
+    ):
+        raise ValueError(
+            f"{text!r}: GPUs are {kind}:N or {kind}:NxHOSTS, N GPUs to a host "
+            f"(1 to {MAX_GPUS_PER_HOST}), e.g. {kind}:8x4 for 4 hosts of 8"
+        )
+    return GpuTopology(GPU_KINDS[kind], int(count), int(hosts))
 
 
 if __name__ == "__main__":

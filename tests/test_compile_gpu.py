@@ -17,7 +17,10 @@ def test_gpu_targets_parse_and_bad_ones_say_what_is_valid():
     h100 = compile_lib.parse_target("h100")
     assert (h100.name, h100.chips, h100.accelerator_type) == ("h100:1", 1, "1 x H100")
     h200 = compile_lib.parse_target("H200:8")
-    assert (h200.generation.name, h200.chips) == ("h200", 8)
+    assert (h200.generation.name, h200.chips, h200.hosts) == ("h200", 8, 1)
+    pod = compile_lib.parse_target("h100:8x4")  # 4 hosts of 8
+    assert (pod.chips, pod.hosts, pod.name) == (32, 4, "h100:8x4")
+    assert pod.accelerator_type == "4 hosts x 8 x H100"
     assert h200.generation.hbm_gib > 139 > h100.generation.hbm_gib > 79
     # what XLA is told: the card's SMs, memory and name (its device_kind)
     config = h100.generation.target_config()
@@ -25,10 +28,10 @@ def test_gpu_targets_parse_and_bad_ones_say_what_is_valid():
               'device_description_str: "NVIDIA H100 80GB HBM3"')  # fmt: skip
     assert all(field in config for field in fields), config
     assert compile_lib.parse_target("v5e:2x2").chips == 4  # TPUs as before
-    for bad in ("h100:0", "h100:9", "h100:x"):
-        with pytest.raises(ValueError, match="one host at a time: h100:N with N from 1 to 8"):
+    for bad in ("h100:0", "h100:9", "h100:x", "h100:8x0", "h100:9x2", "h100:8x"):
+        with pytest.raises(ValueError, match=r"h100:N or h100:NxHOSTS, N GPUs to a host \(1 to"):
             compile_lib.parse_target(bad)
-    with pytest.raises(ValueError, match=r"or GPUs, N to a host: h100\[:N\], h200\[:N\]"):
+    with pytest.raises(ValueError, match=r"or GPUs \(N to a host\): h100\[:N\[xHOSTS\]\]"):
         compile_lib.parse_target("a100")
 
 
@@ -54,18 +57,19 @@ def test_compiling_for_a_gpu_without_the_plugin_says_what_to_install(tmp_path):
 @pytest.mark.skipif(
     not PLUGIN, reason=f"needs jax's CUDA plugin in ${compile_lib.PLUGIN_ENV} (.ci/run installs it)"
 )
-def test_the_lm_train_step_with_the_pallas_scan_compiles_for_four_h100s(tmp_path):
-    """XLA's whole GPU pipeline on the trainer's steps, sharded data x tensor over 4 H100s:
-    the Triton kernels in the program, the gradients reduced across devices, and the
-    report's card, memory and verdict."""
+def test_the_lm_train_step_with_the_pallas_scan_compiles_for_two_hosts_of_two_h100s(tmp_path):
+    """XLA's whole GPU pipeline on the trainer's steps, sharded data (across the hosts) x
+    tensor over 2 hosts of 2 H100s: the Triton kernels in the program, the gradients
+    reduced across devices, and the report's card, memory and verdict."""
     out = tmp_path / "report.json"
     mesh = ("--config.mesh.data=2", "--config.mesh.tensor=2")
-    result = _compile("--topology", "h100:4", *mesh, "--config.model.scan_method=pallas",
+    result = _compile("--topology", "h100:2x2", *mesh, "--config.model.scan_method=pallas",
                       "--json", str(out), plugin=PLUGIN)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "custom calls in the train step (the kernels): __gpu$xla.gpu.triton" in result.stdout
     report = json.loads(out.read_text())
     assert report["device_kind"] == "NVIDIA H100 80GB HBM3" and report["chips"] == 4
+    assert report["topology"] == "h100:2x2"
     assert report["mesh"] == dict(data=2, fsdp=1, sequence=1, tensor=2)
     assert report["hbm_bytes"] == 84_929_347_584 and report["fits"]
     assert report["train"]["custom_calls"]["__gpu$xla.gpu.triton"] >= 2  # forward, backward
