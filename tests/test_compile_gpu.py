@@ -35,11 +35,12 @@ def test_gpu_targets_parse_and_bad_ones_say_what_is_valid():
         compile_lib.parse_target("a100")
 
 
-def _compile(*args, plugin: str | None):
+def _compile(*args, plugin: str | None, tuning: str = ""):
     env = {k: v for k, v in os.environ.items() if k != compile_lib.PLUGIN_ENV}
     if plugin:
         env[compile_lib.PLUGIN_ENV] = plugin
     env.pop("JAX_PLATFORMS", None)  # the command picks the CPU itself
+    env["LRULM_PALLAS_GPU_TUNING"] = tuning  # "": the default (Triton)
     return subprocess.run(
         [sys.executable, "-m", "lrulm", "compile", "--config", "configs/lm/tiny.py", *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
@@ -60,14 +61,21 @@ def test_compiling_for_a_gpu_without_the_plugin_says_what_to_install(tmp_path):
 def test_the_lm_train_step_with_the_pallas_scan_compiles_for_two_hosts_of_two_h100s(tmp_path):
     """XLA's whole GPU pipeline on the trainer's steps, sharded data (across the hosts) x
     tensor over 2 hosts of 2 H100s: the Triton kernels in the program, the gradients
-    reduced across devices, and the report's card, memory and verdict."""
-    out = tmp_path / "report.json"
+    reduced across devices, and the report's card, memory and verdict. Then the Mosaic
+    GPU kernels (never yet run on hardware) through the same sharded step: they lower
+    and partition as Triton's do (the same collectives: no activation gathered)."""
     mesh = ("--config.mesh.data=2", "--config.mesh.tensor=2")
-    result = _compile("--topology", "h100:2x2", *mesh, "--config.model.scan_method=pallas",
-                      "--json", str(out), plugin=PLUGIN)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "custom calls in the train step (the kernels): __gpu$xla.gpu.triton" in result.stdout
-    report = json.loads(out.read_text())
+    # 128 state channels a device: what a Mosaic GPU program takes
+    args = ("--topology", "h100:2x2", *mesh, "--config.model.scan_method=pallas",
+            "--config.model.d_state=256")  # fmt: skip
+    reports = {}
+    for tuning in ("", "mosaic,32,6"):
+        out = tmp_path / f"report{tuning}.json"
+        result = _compile(*args, "--json", str(out), plugin=PLUGIN, tuning=tuning)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "custom calls in the train step (the kernels): " in result.stdout
+        reports[tuning] = json.loads(out.read_text())
+    report = reports[""]
     assert report["device_kind"] == "NVIDIA H100 80GB HBM3" and report["chips"] == 4
     assert report["topology"] == "h100:2x2"
     assert report["mesh"] == dict(data=2, fsdp=1, sequence=1, tensor=2)
@@ -76,6 +84,46 @@ def test_the_lm_train_step_with_the_pallas_scan_compiles_for_two_hosts_of_two_h1
     assert report["train"]["collectives"]["all-reduce"]["count"] > 0
     assert 0 < report["train"]["total_bytes"] < 2 * 1024**3
     assert report["eval"] is not None
+    mosaic = reports["mosaic,32,6"]["train"]
+    assert mosaic["custom_calls"].get("mosaic_gpu_v2", 0) >= 2, mosaic["custom_calls"]
+    assert "__gpu$xla.gpu.triton" not in mosaic["custom_calls"]
+    assert mosaic["collectives"] == report["train"]["collectives"]
+
+
+_SHARDED_SCAN = """
+import json, jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from lrulm import compile as compile_lib, scan, target
+devices = compile_lib.gpu_devices(compile_lib.parse_target("h100:4"))
+mesh = jax.sharding.Mesh(np.array(devices).reshape(2, 2), ("data", "tensor"))
+spec = lambda shape, *axes: jax.ShapeDtypeStruct(shape, jnp.float32,
+                                                 sharding=NamedSharding(mesh, P(*axes)))
+a, b = (spec((256,), "tensor"),) * 2, (spec((4, 512, 256), "data", None, "tensor"),) * 2
+loss = lambda a, b: sum(jnp.sum(h**2) for h in scan.linear_scan_planar(a, b, method="pallas"))
+with target.compiling_for("gpu"):
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(a, b).compile().as_text()
+ops = {k: v["count"] for k, v in compile_lib.collectives(text).items() if v["count"]}
+print(json.dumps(dict(calls=compile_lib.custom_calls(text), collectives=ops)))
+"""
+
+
+@pytest.mark.skipif(
+    not PLUGIN, reason=f"needs jax's CUDA plugin in ${compile_lib.PLUGIN_ENV} (.ci/run installs it)"
+)
+@pytest.mark.parametrize("tuning, kernel", [("", "__gpu$xla.gpu.triton"),
+                                            ("mosaic,32,6", "mosaic_gpu_v2")])  # fmt: skip
+def test_a_scan_sharded_by_its_inputs_runs_its_gpu_kernel_per_device(tuning, kernel):
+    """linear_scan on NamedSharding inputs (no trainer mesh): the partitioner runs the
+    kernel per device (custom_partitioning), for Triton and for Mosaic GPU, and only the
+    decay's gradient crosses devices: no activation is gathered. (The Mosaic GPU rows
+    failed on an H100 in this path, at lowering, before; traced for the host instead of
+    the GPU it gathered a and b onto every device.)"""
+    env = dict(os.environ, LRULM_PALLAS_GPU_TUNING=tuning)
+    result = subprocess.run([sys.executable, "-c", _SHARDED_SCAN], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found == dict(calls={kernel: 2}, collectives={"all-reduce": 1}), found
 
 
 def test_traces_made_for_a_gpu_take_the_gpus_choices_on_this_host(monkeypatch):
