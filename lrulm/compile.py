@@ -110,11 +110,19 @@ def gpu_devices(topology: GpuTopology) -> list:
     from `pip install --target`), which joins sys.path here. Its start-up check of the
     local GPU's CUDA libraries is skipped (none is used), and without JAX_PLATFORMS set
     jax runs on the CPU (nothing runs: only the compile is wanted).
+
+    XLA's compile also compiles the Mosaic GPU kernels (the plugin's custom call does,
+    when XLA instantiates it: Mosaic's passes, LLVM's PTX, ptxas, and its host-side
+    launcher JIT-linked against Mosaic's runtime library). jax points Mosaic at that
+    library when `jax.experimental.mosaic.gpu` is first imported with the plugin on the
+    path; imported before this (lrulm.kernels.mosaic_gpu, at import), it had none, so it
+    is pointed at here (`_point_mosaic_at_its_runtime`).
     """
     import jax
 
     if (path := os.environ.get(PLUGIN_ENV)) and path not in sys.path:
         sys.path.append(path)
+    _point_mosaic_at_its_runtime()
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     if not os.environ.get("JAX_PLATFORMS"):
         jax.config.update("jax_platforms", "cpu")
@@ -135,6 +143,31 @@ def gpu_devices(topology: GpuTopology) -> list:
             f"{PLUGIN_ENV}=DIR lrulm compile ..."
         ) from None
     return list(desc.devices)
+
+
+MOSAIC_RUNTIME_ENV = "MOSAIC_GPU_RUNTIME_LIB_PATH"
+
+
+def _point_mosaic_at_its_runtime() -> None:
+    """Sets $MOSAIC_GPU_RUNTIME_LIB_PATH, unless set, to the CUDA plugin's Mosaic GPU
+    runtime (libmosaic_gpu_runtime.so beside jax_cuda1x_plugin's extension), as importing
+    jax.experimental.mosaic.gpu does when the plugin is importable then. Without it a
+    Mosaic GPU kernel compiles to a cubin and then fails at XLA's compile: "Failed to
+    lookup host symbol"."""
+    import importlib.util
+
+    if os.environ.get(MOSAIC_RUNTIME_ENV):
+        return
+    for name in ("jax_cuda13_plugin", "jax_cuda12_plugin"):
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        for folder in spec.submodule_search_locations if spec else []:
+            library = os.path.join(folder, "libmosaic_gpu_runtime.so")
+            if os.path.isfile(library):
+                os.environ[MOSAIC_RUNTIME_ENV] = library
+                return
 
 
 # ==========================================================================================

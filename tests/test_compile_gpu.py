@@ -94,6 +94,7 @@ _SHARDED_SCAN = """
 import json, jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from lrulm import compile as compile_lib, scan, target
+from lrulm.kernels import mosaic_gpu  # before the plugin is on the path (as lrulm compile)
 devices = compile_lib.gpu_devices(compile_lib.parse_target("h100:4"))
 mesh = jax.sharding.Mesh(np.array(devices).reshape(2, 2), ("data", "tensor"))
 spec = lambda shape, *axes: jax.ShapeDtypeStruct(shape, jnp.float32,
@@ -117,7 +118,9 @@ def test_a_scan_sharded_by_its_inputs_runs_its_gpu_kernel_per_device(tuning, ker
     kernel per device (custom_partitioning), for Triton and for Mosaic GPU, and only the
     decay's gradient crosses devices: no activation is gathered. (The Mosaic GPU rows
     failed on an H100 in this path, at lowering, before; traced for the host instead of
-    the GPU it gathered a and b onto every device.)"""
+    the GPU it gathered a and b onto every device.) XLA's compile compiles the Mosaic
+    GPU kernels too, host launcher included, which needs Mosaic's runtime library found
+    though jax's Mosaic GPU module was imported before the plugin was on the path."""
     env = dict(os.environ, LRULM_PALLAS_GPU_TUNING=tuning)
     result = subprocess.run([sys.executable, "-c", _SHARDED_SCAN], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)  # fmt: skip

@@ -12,7 +12,7 @@ values per thread a chunk may hold in flight (the chunk length follows from it),
 the next chunk's loads are issued before the current one is scanned (pingpong: two
 chunks a loop iteration in two register sets taken in turn, so that both are in
 flight), Triton's software-pipelining stages (no change to the kernels' SASS in Triton
-3.9: tools/triton_sass.py), the backward's own load registers, and the
+3.9: tools/gpu_sass.py), the backward's own load registers, and the
 time split; or mosaic,CHUNK,STAGES[,halves=2][,segments=T] for the Mosaic GPU kernels
 (steps per TMA copy, slots in the ring, two thread groups of 64 channels a program).
 All are lowered one after another (the tuning is read while tracing) and compiled
@@ -52,7 +52,7 @@ from lrulm.scan import linear_scan_planar
 
 # In order of promise (rows are timed as their compiles finish, the first ready in this
 # order, until the budget is spent). Registers and loop structure from XLA's own Triton
-# pipeline for an H100 (tools/triton_sass.py, jaxlib 0.10.2, ptxas 12.9; none of these
+# pipeline for an H100 (tools/gpu_sass.py, jaxlib 0.10.2, ptxas 12.9; none of these
 # spills unless said): the default (H100: 69% / 59% of copy forward / forward+backward;
 # H200: 57% / 52%), whose loop ends in 62 (backward 58) moves waiting for the chunk just
 # loaded: one chunk in flight, not two; pingpong, whose loop ends in none (168 / 168

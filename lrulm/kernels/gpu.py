@@ -30,7 +30,7 @@ from lrulm.kernels.common import (
 # are in flight while the current one is scanned. Prefetching took forward+backward from
 # 0.609 to 0.334 ms (29% to 52% of the copy bandwidth) and the forward from 0.137 to 0.124
 # ms; two warps of 64 channels measured the same as one of 32. Its SASS as XLA compiles
-# it for an H100 (tools/triton_sass.py) shows why the gain stopped there: the loop ends
+# it for an H100 (tools/gpu_sass.py) shows why the gain stopped there: the loop ends
 # in 62 register moves (backward 58) of the chunk just loaded, each waiting for its load,
 # so one chunk is in flight, not two. `pingpong` (two chunks an iteration, no moves, no
 # spills up to 160 load registers forward and 192 backward) is the candidate that keeps
@@ -315,7 +315,7 @@ def _walk_chunks(load, scan, carry, length, chunk, reverse, prefetch=0):
         two chunks an iteration in two sets of registers taken in turn, each set reloaded
         right after it was scanned. With 1, both chunks are live at the loop's end, so
         it compiles to register moves of the values just loaded (seen in the sm_90 SASS
-        of Triton's build, tools/triton_sass.py), and a move waits for its load: each
+        of Triton's build, tools/gpu_sass.py), and a move waits for its load: each
         iteration waits for chunk k+1 before issuing chunk k+2's loads, one chunk in
         flight. With 2 there are no moves and both chunks are in flight while the
         older one is awaited; the price is twice the code.

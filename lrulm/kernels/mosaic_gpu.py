@@ -50,7 +50,8 @@ what is in flight no longer depends on registers or threads:
   buffers through `plgpu.kernel`.
 
 Pallas's Mosaic GPU interpreter runs these kernels on a CPU (tests/test_scan_pallas_gpu.py);
-jax.export lowers them for CUDA on a machine without a GPU.
+jax.export lowers them for CUDA on a machine without a GPU, and jax's CUDA plugin compiles them
+there for an H100, to sm_90a machine code (tools/gpu_sass.py reads it).
 """
 
 from __future__ import annotations

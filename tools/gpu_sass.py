@@ -1,40 +1,48 @@
-"""What the GPU's compiler makes of the Triton scan kernels, read from their sm_90 machine
-code on a host without a GPU: registers, spills, and what the time loop's loads wait for.
+"""What the GPU's compiler makes of the scan kernels, read from their sm_90a machine code on
+a host without a GPU: registers, spills, and what the time loop loads, stores and waits for.
 
     pip install --target /opt/jax-cuda jax-cuda12-plugin==JAXLIB_VERSION nvidia-cuda-nvcc-cu12 \
         nvidia-cuda-nvdisasm              # XLA's own Triton and ptxas, a disassembler
-    python tools/triton_sass.py --plugin /opt/jax-cuda  # the default tuning and candidates
-    python tools/triton_sass.py --tunings "32,1,128,prefetch 32,1,128,pingpong" --resets
+    python tools/gpu_sass.py --plugin /opt/jax-cuda  # the default tuning and candidates
+    python tools/gpu_sass.py --tunings "32,1,128,prefetch mosaic,32,6" --resets
+    python tools/gpu_sass.py --tunings "mosaic,32,6,halves=2" --full_a --dtype bfloat16
 
-Each tuning (lrulm.kernels.gpu.Tuning) is compiled the way a GPU host compiles it: the
-gradient of `linear_scan_planar(method="pallas")` at --shape, float32 planes. Two
-compilers (--compiler):
+Each tuning (lrulm.kernels.gpu.Tuning, Triton or Mosaic GPU) is compiled the way a GPU
+host compiles it: the gradient of `linear_scan_planar(method="pallas")` at --shape (real
+and imaginary planes; --full_a: a per-step complex decay, as Griffin's RG-LRU; --resets: a
+(B, L) reset mask). Two compilers (--compiler):
 
 - xla (the default where jax's CUDA plugin is found, in this environment or --plugin):
   XLA compiles the whole program for an H100 without a GPU (jax's deviceless
   ahead-of-time path, as `lrulm compile --topology h100` takes it: lrulm.compile.gpu_devices),
   in a child process that alone sees the plugin (installed into this environment, the
   plugin would try to open a GPU at every `import jax`). That is the jaxlib's own Triton
-  pipeline, as the device runs it, up to the jaxlib version. XLA's dump gives each
-  kernel's PTX, which ptxas (from nvidia-cuda-nvcc-cu12, or on PATH) turns into sm_90a
-  machine code as XLA does. compile s: XLA's compile of the whole gradient.
-- triton: the kernels' Triton IR (captured by exporting the gradient for CUDA), compiled
-  for sm_90 by the `triton` package (pip install triton: brings ptxas and cuobjdump),
-  whose version differs from the jaxlib's: its register allocation differs too (3.9
-  spills the pingpong backward at 128 load registers, XLA's 0.10.2 Triton does not), and
-  its coalescing pass grows with the square of a kernel's memory operations (minutes a
-  kernel). compile s: one kernel's.
+  pipeline, as the device runs it, up to the jaxlib version; XLA's dump gives each Triton
+  kernel's PTX. The Mosaic GPU kernels are compiled too, by the plugin's custom call when
+  XLA instantiates it (Mosaic's passes, LLVM's PTX, ptxas: a kernel that cannot compile
+  fails here as on the device), and $MOSAIC_GPU_DUMP_TO gives their PTX. ptxas (from
+  nvidia-cuda-nvcc-cu12, or on PATH) turns each PTX into sm_90a machine code as XLA and
+  Mosaic do. compile s: XLA's compile of the whole gradient.
+- triton (Triton tunings only): the kernels' Triton IR (captured by exporting the
+  gradient for CUDA), compiled for sm_90 by the `triton` package (pip install triton:
+  brings ptxas and cuobjdump), whose version differs from the jaxlib's: its register
+  allocation differs too (3.9 spills the pingpong backward at 128 load registers, XLA's
+  0.10.2 Triton does not), and its coalescing pass grows with the square of a kernel's
+  memory operations (minutes a kernel). compile s: one kernel's.
 
 The SASS (cuobjdump, or nvdisasm) is read for:
 
 - regs / stack B: registers per thread and the per-thread stack frame plus static local
   memory, in bytes: where registers spill (0 is wanted: a kernel at the 255-register cap
   usually spills);
-- loop LDG / STG / spills: global loads, global stores and spill accesses (LDL + STL) in
-  the time loop's body (the backward branch);
-- waiting moves: MOVs in that body from a register loaded in the same iteration and not
-  written since. A move needs its value, so it waits for the load: a loop that ends in
-  such moves waits there for every load it issued (lrulm.kernels.gpu._walk_chunks).
+- the time loop's body (the longest backward branch before the kernel's last EXIT; the
+  mbarrier retry loops Mosaic places after it are not the time loop): its global loads
+  and stores (LDG / STG: Triton), TMA copies in and out (UTMALDG / UTMASTG: Mosaic GPU,
+  through shared memory), shared-memory loads and stores (LDS / STS), mbarrier waits
+  (SYNCS.PHASECHK: a chunk's copy awaited) and spill accesses (LDL + STL);
+- waiting moves: MOVs in that body from a register loaded (LDG) in the same iteration and
+  not written since. A move needs its value, so it waits for the load: a loop that ends
+  in such moves waits there for every load it issued (lrulm.kernels.gpu._walk_chunks).
 """
 
 from __future__ import annotations
@@ -58,6 +66,17 @@ ROOT = os.path.dirname(TOOLS)
 # Registers an instruction writes: its first operand, for the instructions that write
 # one (not stores, branches, barriers; a predicate destination is not a register).
 _NO_DESTINATION = re.compile(r"^(ST|RED|ATOM|BRA|EXIT|BAR|MEMBAR|DEPBAR|NOP|RET|CALL|WARPSYNC)")
+# What loop_report counts in the time loop, by opcode prefix.
+_LOOP_COUNTS = {
+    "loop_ldg": ("LDG",),
+    "loop_stg": ("STG",),
+    "loop_tma_in": ("UTMALDG",),
+    "loop_tma_out": ("UTMASTG",),
+    "loop_lds": ("LDS",),
+    "loop_sts": ("STS",),
+    "loop_waits": ("SYNCS.PHASECHK",),
+    "loop_spills": ("LDL", "STL"),
+}
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 
 
@@ -97,18 +116,21 @@ def read_sass(sass: str) -> list[tuple[int, str, list[str]]]:
 
 
 def loop_report(sass: str) -> dict:
-    """The time loop's body (the longest backward branch's span) of one kernel's SASS:
-    its LDG, STG and spill (LDL + STL) counts and the moves that wait for a load of the
-    same iteration."""
+    """The time loop's body (the longest backward branch's span, among the branches
+    before the kernel's last EXIT) of one kernel's SASS: its memory operations, mbarrier
+    waits and spill accesses, and the moves that wait for an LDG of the same iteration."""
     code = read_sass(sass)
+    exits = [address for address, opcode, _ in code if opcode == "EXIT"]
+    end_of_kernel = exits[-1] if exits else float("inf")
     loops = []
     for address, opcode, operands in code:
-        if opcode.startswith("BRA") and operands:
+        if opcode.startswith("BRA") and operands and address < end_of_kernel:
             target = int(operands[-1].split()[-1], 16)
             if target < address:
                 loops.append((address - target, target, address))
+    counts = {name: 0 for name in _LOOP_COUNTS}
     if not loops:
-        return dict(loop=False, loop_ldg=0, loop_stg=0, loop_spills=0, waiting_moves=0)
+        return dict(loop=False, **counts, waiting_moves=0)
     _, start, end = max(loops)
     body = [(op, operands) for address, op, operands in code if start <= address <= end]
     loaded: set[str] = set()  # registers holding a load of this iteration
@@ -123,13 +145,9 @@ def loop_report(sass: str) -> dict:
             loaded.update(written)
         else:
             loaded.difference_update(written)
-    return dict(
-        loop=True,
-        loop_ldg=sum(op.startswith("LDG") for op, _ in body),
-        loop_stg=sum(op.startswith("STG") for op, _ in body),
-        loop_spills=sum(op.startswith(("LDL", "STL")) for op, _ in body),
-        waiting_moves=waiting,
-    )
+    for name, prefixes in _LOOP_COUNTS.items():
+        counts[name] = sum(op.startswith(prefixes) for op, _ in body)
+    return dict(loop=True, **counts, waiting_moves=waiting)
 
 
 def resource_usage(text: str) -> dict:
@@ -140,26 +158,30 @@ def resource_usage(text: str) -> dict:
     return dict(regs=int(fields["REG"]), stack=int(fields["STACK"]) + int(fields["LOCAL"]))
 
 
-def gradient(shape: tuple[int, int, int], resets: bool, sharding=None):
+def gradient(shape: tuple[int, int, int], resets: bool, sharding=None, *, full_a: bool = False,
+             dtype: str = "float32"):  # fmt: skip
     """The program both compilers see, and its abstract arguments: the gradient (in a and
-    b) of a loss of the Pallas scan of float32 planes, (B, L, N) = shape."""
+    b) of a loss of the Pallas scan of real and imaginary planes of `dtype`, (B, L, N) =
+    shape; a is (N,), or (B, L, N) with full_a."""
     import jax
     import jax.numpy as jnp
 
     from lrulm import scan as scan_lib
 
-    spec = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    planes = jnp.dtype(dtype)
+    spec = lambda *shape, dtype=planes: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
     B, L, N = shape
-    args = (spec(N),) * 2, (spec(B, L, N),) * 2, spec(B, L, dtype=jnp.bool_)
+    a = (spec(B, L, N) if full_a else spec(N),) * 2
+    args = a, (spec(B, L, N),) * 2, spec(B, L, dtype=jnp.bool_)
 
     def loss(a, b, keep):
         h = scan_lib.linear_scan_planar(a, b, resets=keep if resets else None, method="pallas")
-        return sum(jnp.sum(x**2) for x in h)
+        return sum(jnp.sum(x.astype(jnp.float32) ** 2) for x in h)
 
     return jax.jit(jax.grad(loss, argnums=(0, 1))), args
 
 
-def capture(tuning: str, shape: tuple[int, int, int], resets: bool) -> list[dict]:
+def capture(tuning: str, shape: tuple[int, int, int], resets: bool, **variant) -> list[dict]:
     """The Triton IR of each Triton kernel in the CUDA lowering of the scan's gradient
     under `tuning`, with the launch it asks for: [{name, ttir, num_warps, num_stages}]."""
     import jax
@@ -187,7 +209,7 @@ def capture(tuning: str, shape: tuple[int, int, int], resets: bool) -> list[dict
     scan_pallas.forget_traces()
     try:
         triton_call = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
-        grad, args = gradient(shape, resets)
+        grad, args = gradient(shape, resets, **variant)
         jax.export.export(grad, platforms=["cuda"], disabled_checks=[triton_call])(*args)
     finally:
         registration.lowering.lower_jaxpr_to_triton_module = lower
@@ -284,9 +306,10 @@ def ptxas_usage(text: str) -> dict:
     return dict(regs=int(regs[-1]), stack=int((stack or [0])[-1]) + int((lmem or [0])[-1]))
 
 
-def compile_for_h100(shape: str, resets: str) -> None:
-    """The child process's work (the plugin on its path; the tuning and XLA's dump folder
-    in its environment): compiles the gradient for an H100, prints the seconds taken."""
+def compile_for_h100(case: str) -> None:
+    """The child process's work (the plugin on its path; the tuning and the dump folders
+    in its environment): compiles the gradient of `case` (gradient's arguments, as JSON)
+    for an H100, prints the seconds taken."""
     import jax
 
     from lrulm import compile as compile_lib
@@ -294,8 +317,9 @@ def compile_for_h100(shape: str, resets: str) -> None:
 
     h100 = compile_lib.gpu_devices(compile_lib.parse_target("h100"))[0]
     sharding = jax.sharding.SingleDeviceSharding(h100)
+    case = json.loads(case)
     with target.compiling_for("gpu"):  # traced as a GPU host traces it
-        grad, args = gradient(tuple(int(x) for x in shape.split(",")), resets == "1", sharding)
+        grad, args = gradient(tuple(case.pop("shape")), case.pop("resets"), sharding, **case)
         start = time.perf_counter()
         grad.lower(*args).compile()
     print(json.dumps(dict(compile_s=time.perf_counter() - start)))
@@ -309,67 +333,75 @@ def _disassemble(cubin: str, plugin: str) -> str:
     return subprocess.run(command, capture_output=True, text=True, check=True).stdout
 
 
-def xla_compile(tuning: str, shape, resets: bool, out: str, plugin: str) -> list[dict]:
-    """The Triton kernels of `tuning` as XLA compiles the gradient for an H100 (in a child
-    process that alone sees the plugin): one row per kernel, forward first."""
+def xla_compile(tuning: str, case: dict, out: str, plugin: str) -> list[dict]:
+    """The kernels of `tuning` (Triton, or Mosaic GPU and any Triton it leaves) as XLA
+    compiles the gradient of `case` for an H100, in a child process that alone sees the
+    plugin: one row per kernel, forward first."""
     from lrulm.kernels import gpu
 
-    if gpu.Tuning.parse(tuning).kernel != "triton":
-        raise SystemExit(f"{tuning}: only Triton tunings compile to Triton kernels")
     dump = os.path.join(out, tuning.replace(",", "_").replace("=", ""))
     shutil.rmtree(dump, ignore_errors=True)
+    os.makedirs(mosaic_dump := os.path.join(dump, "mosaic"))
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump}".strip()
     path = os.pathsep.join(filter(None, [plugin, TOOLS, ROOT, os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, PYTHONPATH=path, XLA_FLAGS=flags, **{gpu.TUNING_ENV: tuning})
+    env = dict(os.environ, PYTHONPATH=path, XLA_FLAGS=flags, MOSAIC_GPU_DUMP_TO=mosaic_dump,
+               **{gpu.TUNING_ENV: tuning})  # fmt: skip
     env["JAX_PLATFORMS"] = "cpu"  # the plugin compiles for the topology; no GPU is opened
-    child = "import sys, triton_sass; triton_sass.compile_for_h100(*sys.argv[1:])"
-    shape_text = ",".join(map(str, shape))
-    done = subprocess.run([sys.executable, "-c", child, shape_text, str(int(resets))],
+    child = "import sys, gpu_sass; gpu_sass.compile_for_h100(sys.argv[1])"
+    done = subprocess.run([sys.executable, "-c", child, json.dumps(case)],
                           capture_output=True, text=True, env=env)  # fmt: skip
     if done.returncode:
         return [dict(kernel="forward+backward", error=done.stderr.strip().splitlines()[-1])]
     compile_s = json.loads(done.stdout.strip().splitlines()[-1])["compile_s"]
+    for log in glob.glob(os.path.join(mosaic_dump, "*.mlir-passes.log")):
+        os.remove(log)  # Mosaic's IR after each pass: megabytes a kernel
     rows = []
-    for ptx in sorted(glob.glob(os.path.join(dump, "*.ptx"))):
+    for ptx in sorted(glob.glob(os.path.join(dump, "*.ptx")) + glob.glob(mosaic_dump + "/*.ptx")):
         text = open(ptx).read()
         if not (entry := re.search(r"\.entry (linear_scan\w*)", text)):
             continue
-        cubin = os.path.join(dump, entry.group(1) + ".cubin")
+        cubin = os.path.join(os.path.dirname(ptx), entry.group(1) + ".cubin")
         arch = re.search(r"\.target (sm_\w+)", text).group(1)
         command = [nvidia_tool("ptxas", plugin), f"-arch={arch}", "-O3", "-v", ptx, "-o", cubin]
         built = subprocess.run(command, capture_output=True, text=True, check=True)
         sass = _disassemble(cubin, plugin)
         with open(cubin[: -len(".cubin")] + ".sass", "w") as f:
             f.write(sass)
-        kernel = "backward" if entry.group(1).endswith("_bwd") else "forward"
-        usage = ptxas_usage(built.stdout + built.stderr)
-        rows.append(dict(kernel=kernel, **usage, **loop_report(sass), compile_s=compile_s))
-    return sorted(rows, key=lambda r: r["kernel"] == "backward")
+        name = entry.group(1)
+        rows.append(dict(kernel="backward" if "_bwd" in name else "forward",
+                         code="mosaic" if "mosaic" in name else "triton",
+                         **ptxas_usage(built.stdout + built.stderr), **loop_report(sass),
+                         compile_s=compile_s))  # fmt: skip
+    return sorted(rows, key=lambda r: (r["kernel"] == "backward", r["code"]))
+
+
+_COLUMNS = (  # (heading, row key) after tuning and kernel
+    ("regs", "regs"), ("stack B", "stack"), ("loop LDG", "loop_ldg"), ("loop STG", "loop_stg"),
+    ("loop TMA in", "loop_tma_in"), ("loop TMA out", "loop_tma_out"), ("loop LDS", "loop_lds"),
+    ("loop STS", "loop_sts"), ("loop waits", "loop_waits"), ("loop spills", "loop_spills"),
+    ("waiting moves", "waiting_moves"),
+)  # fmt: skip
 
 
 def table(rows: list[dict]) -> str:
-    lines = [
-        "| tuning | kernel | regs | stack B | loop LDG | loop STG | loop spills "
-        "| waiting moves | compile s |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    headings = ["tuning", "kernel", *(h for h, _ in _COLUMNS), "compile s"]
+    lines = ["| " + " | ".join(headings) + " |", "|" + "---|" * len(headings)]
     for r in rows:
+        kernel = r["kernel"] + (" (Triton)" if r.get("code") == "triton" and
+                                r["tuning"].startswith("mosaic") else "")  # fmt: skip
         if "error" in r:
-            lines.append(f"| {r['tuning']} | {r['kernel']} | failed: {r['error']} | | | | | | |")
-            continue
-        lines.append(
-            f"| {r['tuning']} | {r['kernel']} | {r['regs']} | {r['stack']} | {r['loop_ldg']} "
-            f"| {r['loop_stg']} | {r['loop_spills']} | {r['waiting_moves']} "
-            f"| {r['compile_s']:.0f} |"
-        )
+            cells = [f"failed: {r['error']}"] + [""] * len(_COLUMNS)
+        else:
+            cells = [str(r.get(key, "")) for _, key in _COLUMNS] + [f"{r['compile_s']:.0f}"]
+        lines.append("| " + " | ".join([r["tuning"], kernel, *cells]) + " |")
     return "\n".join(lines)
 
 
-def _triton_jobs(args, shape, out) -> list[tuple[dict, tuple]]:
+def _triton_jobs(args, shape, variant, out) -> list[tuple[dict, tuple]]:
     """Triton: one compile per kernel, of the Triton IR captured for it."""
     jobs = []
     for tuning in args.tunings.split():
-        for m in capture(tuning, shape, args.resets):
+        for m in capture(tuning, shape, args.resets, **variant):
             kernel = "backward" if m["name"].endswith("_bwd") else "forward"
             if kernel not in args.kernels.split(","):
                 continue
@@ -387,6 +419,8 @@ def main():
     p.add_argument("--tunings", default="32,1,128,prefetch 32,1,128,pingpong")
     p.add_argument("--shape", default="8,2048,1024", help="B,L,N")
     p.add_argument("--resets", action="store_true", help="with a (B, L) reset mask")
+    p.add_argument("--full_a", action="store_true", help="a per-step decay, (B, L, N)")
+    p.add_argument("--dtype", default="float32", help="of a, b and h (float32, bfloat16)")
     p.add_argument("--kernels", default="forward,backward", help="which of them to report")
     p.add_argument("--compiler", choices=("xla", "triton"), default=None,
                    help="default: xla where jax's CUDA plugin is found, else triton")  # fmt: skip
@@ -415,13 +449,15 @@ def main():
                 f"or for XLA's own pipeline: {_INSTALL}"
             ) from None
     shape = tuple(int(x) for x in args.shape.split(","))
-    out = args.out or tempfile.mkdtemp(prefix="triton_sass_")
+    variant = dict(full_a=args.full_a, dtype=args.dtype)
+    out = args.out or tempfile.mkdtemp(prefix="gpu_sass_")
     os.makedirs(out, exist_ok=True)
     if compiler == "xla":
-        jobs = [(dict(tuning=t), (xla_compile, t, shape, args.resets, out, plugin))
+        case = dict(shape=shape, resets=args.resets, **variant)
+        jobs = [(dict(tuning=t), (xla_compile, t, case, out, plugin))
                 for t in args.tunings.split()]  # fmt: skip
     else:
-        jobs = _triton_jobs(args, shape, out)
+        jobs = _triton_jobs(args, shape, variant, out)
     target = "an H100 (XLA)" if compiler == "xla" else "sm_90 (triton)"
     print(f"compiling {len(jobs)} jobs for {target}, {args.jobs} at a time, in {out}", flush=True)
     rows = []
@@ -437,8 +473,8 @@ def main():
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(shape=shape, resets=args.resets, compiler=compiler, rows=rows), f,
-                      indent=1)  # fmt: skip
+            json.dump(dict(shape=shape, resets=args.resets, **variant, compiler=compiler,
+                           rows=rows), f, indent=1)  # fmt: skip
 
 
 if __name__ == "__main__":
