@@ -14,7 +14,7 @@ and imaginary planes; --full_a: a per-step complex decay, as Griffin's RG-LRU; -
 
 - xla (the default where jax's CUDA plugin is found, in this environment or --plugin):
   XLA compiles the whole program for an H100 without a GPU (jax's deviceless
-  ahead-of-time path, as `lrulm compile --topology h100` takes it: lrulm.compile.gpu_devices),
+  ahead-of-time path, as `lrulm compile --topology h100` takes it: lrulm.devices.gpu_devices),
   in a child process that alone sees the plugin (installed into this environment, the
   plugin would try to open a GPU at every `import jax`). That is the jaxlib's own Triton
   pipeline, as the device runs it, up to the jaxlib version; XLA's dump gives each Triton
@@ -59,6 +59,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from lrulm.devices import PLUGIN_ENV
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TOOLS)
@@ -343,9 +345,11 @@ def xla_compile(tuning: str, case: dict, out: str, plugin: str) -> list[dict]:
     shutil.rmtree(dump, ignore_errors=True)
     os.makedirs(mosaic_dump := os.path.join(dump, "mosaic"))
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump}".strip()
-    path = os.pathsep.join(filter(None, [plugin, TOOLS, ROOT, os.environ.get("PYTHONPATH")]))
+    path = os.pathsep.join(filter(None, [TOOLS, ROOT, os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, PYTHONPATH=path, XLA_FLAGS=flags, MOSAIC_GPU_DUMP_TO=mosaic_dump,
                **{gpu.TUNING_ENV: tuning})  # fmt: skip
+    if plugin:  # a folder of its own: lrulm.devices.gpu_devices puts it on the path
+        env[PLUGIN_ENV] = plugin
     env["JAX_PLATFORMS"] = "cpu"  # the plugin compiles for the topology; no GPU is opened
     child = "import sys, gpu_sass; gpu_sass.compile_for_h100(sys.argv[1])"
     done = subprocess.run([sys.executable, "-c", child, json.dumps(case)],
@@ -424,7 +428,7 @@ def main():
     p.add_argument("--kernels", default="forward,backward", help="which of them to report")
     p.add_argument("--compiler", choices=("xla", "triton"), default=None,
                    help="default: xla where jax's CUDA plugin is found, else triton")  # fmt: skip
-    p.add_argument("--plugin", default=os.environ.get("LRULM_JAX_CUDA_PLUGIN", ""),
+    p.add_argument("--plugin", default=os.environ.get(PLUGIN_ENV, ""),
                    help="a folder holding jax's CUDA plugin (pip install --target); default: "
                    "$LRULM_JAX_CUDA_PLUGIN, else this environment")  # fmt: skip
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
