@@ -63,7 +63,8 @@ def test_the_lm_train_step_with_the_pallas_scan_compiles_for_two_hosts_of_two_h1
     tensor over 2 hosts of 2 H100s: the Triton kernels in the program, the gradients
     reduced across devices, and the report's card, memory and verdict. Then the Mosaic
     GPU kernels (never yet run on hardware) through the same sharded step: they lower
-    and partition as Triton's do (the same collectives: no activation gathered)."""
+    and partition as Triton's do (the same collectives: no activation gathered), and
+    compile, to sm_90a code, in the plugin (tools/gpu_sass.py reads that code)."""
     mesh = ("--config.mesh.data=2", "--config.mesh.tensor=2")
     # 128 state channels a device: what a Mosaic GPU program takes
     args = ("--topology", "h100:2x2", *mesh, "--config.model.scan_method=pallas",
