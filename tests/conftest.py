@@ -1,10 +1,22 @@
-"""Test set-up: 8 simulated CPU devices, so sharding tests see a real mesh."""
+"""Test set-up: 8 simulated CPU devices, so sharding tests see a real mesh; one XLA
+compilation cache for the session, shared with the processes the tests start."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Dozens of `lrulm train` processes compile the same small programs: each compiles once a
+# session (checkpoint tests ~25% faster). Fresh each session, removed at exit.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _XLA_CACHE = tempfile.mkdtemp(prefix="lrulm-tests-xla-cache-")
+    atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 
 import json  # noqa: E402

@@ -351,6 +351,8 @@ def xla_compile(tuning: str, case: dict, out: str, plugin: str) -> list[dict]:
     if plugin:  # a folder of its own: lrulm.devices.gpu_devices puts it on the path
         env[PLUGIN_ENV] = plugin
     env["JAX_PLATFORMS"] = "cpu"  # the plugin compiles for the topology; no GPU is opened
+    # Compiled afresh: a program from a persistent compilation cache dumps no kernels.
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
     child = "import sys, gpu_sass; gpu_sass.compile_for_h100(sys.argv[1])"
     done = subprocess.run([sys.executable, "-c", child, json.dumps(case)],
                           capture_output=True, text=True, env=env)  # fmt: skip
