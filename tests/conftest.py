@@ -2,6 +2,7 @@
 compilation cache for the session, shared with the processes the tests start."""
 
 import atexit
+import glob
 import os
 import shutil
 import tempfile
@@ -23,6 +24,23 @@ import json  # noqa: E402
 
 import pytest  # noqa: E402
 
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_mosaic_gpu_scratch():
+    """jax's CUDA plugin (0.10.2) compiles each Mosaic GPU kernel through a scratch folder
+    /tmp/mosaic-gpu-XXXXXX (ptxas's kernel.bin, read back at once) that it never removes:
+    the GPU-compile tests leave ~16 a session. Those made during this session by this
+    user, holding the finished kernel.bin alone, are removed at its end."""
+    before = set(glob.glob("/tmp/mosaic-gpu-*"))
+    yield
+    for path in set(glob.glob("/tmp/mosaic-gpu-*")) - before:
+        try:
+            if os.stat(path).st_uid == os.getuid() and os.listdir(path) == ["kernel.bin"]:
+                shutil.rmtree(path)
+        except OSError:
+            pass  # gone already, or not ours to read
+
+
 TINY = "configs/lm/tiny.py:test"
 
 
@@ -39,3 +57,40 @@ def corpus(tmp_path_factory):
                 text = open(path, encoding="utf-8", errors="replace").read()
                 f.write(json.dumps({"text": text}) + "\n")
     return {"train": str(d / "train.jsonl"), "eval": str(d / "eval.jsonl")}
+
+
+@pytest.fixture
+def gpu_tuning(request):
+    """Sets lrulm.kernels.gpu's launch shape (text, as $LRULM_PALLAS_GPU_TUNING) for one
+    test; yields the parsed Tuning. The kernels read it while tracing, so every cached
+    trace is dropped before and after."""
+    from lrulm import scan_pallas
+    from lrulm.kernels import gpu as gpu_kernels
+
+    old = os.environ.get(gpu_kernels.TUNING_ENV)
+    os.environ[gpu_kernels.TUNING_ENV] = request.param
+    scan_pallas.forget_traces()
+    yield gpu_kernels.tuning()
+    if old is None:
+        os.environ.pop(gpu_kernels.TUNING_ENV)
+    else:
+        os.environ[gpu_kernels.TUNING_ENV] = old
+    scan_pallas.forget_traces()
+
+
+@pytest.fixture
+def mosaic_calls(monkeypatch):
+    """Counts the Mosaic GPU kernels traced, so that a test knows they ran (the dispatch
+    falls back to Triton for operands they do not support)."""
+    from lrulm.kernels import mosaic_gpu as mosaic_kernels
+
+    calls = []
+    for name in ("forward", "backward"):
+        original = getattr(mosaic_kernels, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(mosaic_kernels, name, spy)
+    return calls

@@ -73,9 +73,11 @@ pytest_opts="-p no:cacheprovider -rfE --tb=short -p pytest_failures_at_once"
 export PYTHONPATH="$PWD/tools${PYTHONPATH:+:$PYTHONPATH}"
 # The Mosaic GPU kernels' own tests, compiled, first: they have never passed on hardware
 # (forward with resets and h0, the fused backward in float32 and bfloat16, a full a, two
-# thread groups a program (halves=2), the time split).
+# thread groups a program (halves=2), and the time split's Mosaic GPU case in
+# test_scan_pallas_gpu.py).
 run tests_mosaic 60 env PYTHONUNBUFFERED=1 LRULM_TEST_PALLAS_COMPILED=1 "$PY" -m pytest -q \
-  $pytest_opts $parallel $per_test tests/test_scan_pallas_gpu.py -k mosaic
+  $pytest_opts $parallel $per_test tests/test_scan_pallas_mosaic_gpu.py \
+  tests/test_scan_pallas_gpu.py -k mosaic
 if [ "$MODE" = quick ]; then
   run bench 80 "$PY" tools/bench.py --sections scan,lru --methods associative,pallas \
     --scan_methods associative,pallas --budget_s scan=35,lru=25 --json "$OUT/bench.json"
