@@ -24,16 +24,24 @@ import json  # noqa: E402
 
 import pytest  # noqa: E402
 
+# jax's CUDA plugin (0.10.2) compiles each Mosaic GPU kernel through a scratch folder
+# /tmp/mosaic-gpu-XXXXXX (ptxas's kernel.bin, read back at once) that it never removes:
+# the GPU-compile tests leave ~16 a session. Those made during the session by this user,
+# holding the finished kernel.bin alone, are removed at its end, by the process that ran
+# the session (with pytest-xdist, the controller, once every worker is done).
+_MOSAIC_SCRATCH = "/tmp/mosaic-gpu-*"
 
-@pytest.fixture(scope="session", autouse=True)
-def _remove_mosaic_gpu_scratch():
-    """jax's CUDA plugin (0.10.2) compiles each Mosaic GPU kernel through a scratch folder
-    /tmp/mosaic-gpu-XXXXXX (ptxas's kernel.bin, read back at once) that it never removes:
-    the GPU-compile tests leave ~16 a session. Those made during this session by this
-    user, holding the finished kernel.bin alone, are removed at its end."""
-    before = set(glob.glob("/tmp/mosaic-gpu-*"))
-    yield
-    for path in set(glob.glob("/tmp/mosaic-gpu-*")) - before:
+
+def pytest_sessionstart(session):
+    if not hasattr(session.config, "workerinput"):
+        session.config._mosaic_scratch_before = set(glob.glob(_MOSAIC_SCRATCH))
+
+
+def pytest_sessionfinish(session):
+    before = getattr(session.config, "_mosaic_scratch_before", None)
+    if before is None:  # an xdist worker
+        return
+    for path in set(glob.glob(_MOSAIC_SCRATCH)) - before:
         try:
             if os.stat(path).st_uid == os.getuid() and os.listdir(path) == ["kernel.bin"]:
                 shutil.rmtree(path)
