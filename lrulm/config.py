@@ -205,6 +205,10 @@ def base_config() -> ConfigDict:
     # LM loss over vocabulary blocks of this size (0 = whole logits): the (b, l, v) f32
     # logits and their gradient otherwise dominate activation memory at long contexts.
     c.train.loss_vocab_block = 0
+    # A jax.profiler trace of train.profile_steps steps after step profile_start_step (never
+    # the compiling first step of a run) on process 0, into WORKDIR/tensorboard; 0 = off.
+    c.train.profile_steps = 0
+    c.train.profile_start_step = 1
 
     c.mesh = ConfigDict()
     c.mesh.data = -1  # -1 = all remaining devices

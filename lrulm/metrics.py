@@ -1,4 +1,5 @@
-"""Run outputs on process 0: metrics.jsonl, TensorBoard events, a progress line; and MFU."""
+"""Run outputs on process 0: metrics.jsonl, TensorBoard events, a progress line, a
+profiler trace of a window of steps; and MFU."""
 
 from __future__ import annotations
 
@@ -110,3 +111,53 @@ class Throughput:
         dt = (now - self._t) / steps
         self._t, self._step = now, step
         return {"perf/step_time_s": dt, "perf/tokens_per_s": tokens_per_step / dt}
+
+
+class ProfileWindow:
+    """A jax.profiler trace of train steps `begin + 1 .. end` (steps as metrics.jsonl counts
+    them) into `logdir`: TensorBoard's profile tab reads it there (`tensorboard --logdir
+    WORKDIR/tensorboard`, with the xprof / tensorboard-plugin-profile package), and
+    Perfetto (ui.perfetto.dev) opens its `*.trace.json.gz`.
+
+    From the config's `train.profile_start_step` S and `train.profile_steps` N the window
+    is the N steps after step S, never the first step of a run (it compiles): a run that
+    starts (or resumes) at step R traces steps max(S, R + 1) + 1 .. S + N, and nothing when
+    that range is empty. Call `before(step, state)` before each step and `after(step,
+    state)` after it, with `step` the steps done; both wait for `state` at the window's
+    edges, so work dispatched before the window stays out of it and the steps inside it
+    are in it. `close()` in a `finally:` writes a trace cut short (preemption, an error).
+    """
+
+    def __init__(self, logdir, *, start_step, num_steps, run_from, total_steps, enabled=True):
+        self.logdir = logdir
+        begin, end = max(start_step, run_from + 1), min(start_step + num_steps, total_steps)
+        self.window = (begin, end) if enabled and num_steps > 0 and end > begin else None
+        self.active = False
+        if enabled and num_steps > 0 and self.window is None:
+            say(
+                f"lrulm: no profile: steps {start_step + 1}..{start_step + num_steps} "
+                f"(train.profile_start_step, train.profile_steps) are not after this run's "
+                f"first step {run_from + 1}, the one that compiles"
+            )
+
+    def before(self, step: int, state) -> None:
+        if self.window is not None and step == self.window[0] and not self.active:
+            jax.block_until_ready(state)
+            jax.profiler.start_trace(self.logdir)
+            self.active = True
+            say(f"lrulm: profiling steps {step + 1}..{self.window[1]}")
+
+    def after(self, step: int, state) -> None:
+        if self.active and step >= self.window[1]:
+            jax.block_until_ready(state)
+            self._stop(step)
+
+    def close(self) -> None:
+        if self.active:
+            self._stop(None)
+
+    def _stop(self, step) -> None:
+        self.active = False
+        jax.profiler.stop_trace()
+        what = f"steps {self.window[0] + 1}..{step}" if step else "the steps it ran (cut short)"
+        say(f"lrulm: profile of {what} written under {self.logdir}/plugins/profile")

@@ -113,6 +113,16 @@ def validate(config, mesh) -> None:
     for name in ("steps", "log_every", "global_batch_size", "seq_len"):
         if t[name] < 1:
             raise ValueError(f"train.{name} must be positive; got {t[name]}")
+    if t.profile_steps < 0 or t.profile_start_step < 0:
+        raise ValueError(
+            f"train.profile_steps ({t.profile_steps}) and train.profile_start_step "
+            f"({t.profile_start_step}) must be >= 0 (profile_steps=0: no profile)"
+        )
+    if t.profile_steps and t.profile_start_step >= t.steps:
+        raise ValueError(
+            f"train.profile_start_step {t.profile_start_step} is not before the last step "
+            f"(train.steps={t.steps}): no step would be profiled; lower it"
+        )
 
 
 def make_mesh(config, devices=None):
@@ -287,11 +297,12 @@ def jit_steps(exp: Experiment):
     replicated = NamedSharding(exp.mesh, PartitionSpec())
 
     def with_mesh(fn):  # activation constraints are traced against this mesh
-        @functools.wraps(fn)
         def wrapped(*args):
             with sharding.activation_sharding(exp.mesh):
                 return fn(*args)
 
+        # Named after the step (jit_train_step in profiles, HLO dumps and compile reports).
+        wrapped.__name__ = wrapped.__qualname__ = fn.func.__name__
         return wrapped
 
     train_jit = jax.jit(
@@ -495,6 +506,14 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
 
     # ---- Loop ------------------------------------------------------------------------
     preemption = _Preemption()
+    profile = metrics_lib.ProfileWindow(
+        os.path.join(workdir, "tensorboard"),
+        start_step=t.profile_start_step,
+        num_steps=t.profile_steps,
+        run_from=step,
+        total_steps=t.steps,
+        enabled=is_main,
+    )
     throughput = metrics_lib.Throughput()
     throughput.start(step)
     last_eval: dict = {}
@@ -505,9 +524,11 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
                 save(step)
                 checkpointer.wait()
                 break
+            profile.before(step, state)
             batch = to_global(next(train_iter), exp)
             state, metrics = train_jit(state, batch)
             step += 1
+            profile.after(step, state)
             if step % t.log_every == 0 or step == t.steps:
                 check_finite()
                 row = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -536,6 +557,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
                 best, exp, eval_jit, eval_batches("test"), writer, step, workdir
             )
     finally:
+        profile.close()
         preemption.close()
         writer.close()
         checkpointer.close()

@@ -1,7 +1,10 @@
 """The LM trainer: sharding changes layout not math, accumulation, optimizer groups, errors."""
 
+import glob
+import gzip
 import json
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from lrulm import config as config_lib
+from lrulm import metrics as metrics_lib
 from lrulm import optim, tasks, train
 
 TINY = "configs/lm/tiny.py:test"
@@ -168,6 +172,8 @@ def test_schedule_warms_up_and_decays():
             "matches no files",
         ),
         (["train.seq_len=50000000"], "fewer than one sequence"),
+        (["train.profile_steps=-1"], "must be >= 0"),
+        (["train.profile_steps=2", "train.profile_start_step=20"], "no step would be profiled"),
     ],
 )
 def test_bad_input_fails_before_compiling(tmp_path, corpus, overrides, message):
@@ -180,6 +186,56 @@ def test_bad_input_fails_before_compiling(tmp_path, corpus, overrides, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         train.train_and_evaluate(config, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run" / "checkpoints" / "0")
+
+
+@pytest.mark.parametrize(
+    "start, count, run_from, total, window",
+    [
+        (1, 2, 0, 20, (1, 3)),  # the default start: after the compiling first step
+        (0, 2, 0, 20, (1, 2)),  # step 1 compiles, so it is never traced
+        (5, 3, 0, 6, (5, 6)),  # cut at the last step
+        (5, 3, 6, 20, (7, 8)),  # resumed inside the window: after its compiling step
+        (5, 3, 8, 20, None),  # resumed after the window
+        (5, 0, 0, 20, None),  # off
+    ],
+)
+def test_profile_window_steps(start, count, run_from, total, window):
+    profile = metrics_lib.ProfileWindow(
+        "unused", start_step=start, num_steps=count, run_from=run_from, total_steps=total
+    )
+    assert profile.window == window
+
+
+def _dispatches(trace_file, name):
+    """How many times `name` was called in a trace (each call logs nested events)."""
+    events = json.load(gzip.open(trace_file))["traceEvents"]
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == name)
+    outer, end = 0, -1.0
+    for start, stop in spans:
+        if start >= end:
+            outer, end = outer + 1, stop
+    return outer
+
+
+def test_profile_traces_the_steps_of_the_window(tmp_path, corpus, capsys):
+    """A trace TensorBoard and Perfetto read, holding exactly the window's train steps; a
+    resumed run traces from the step after the one it compiles at."""
+    workdir = str(tmp_path / "run")
+    common = ["train.log_every=1", "train.eval_every=0", "checkpoint.every_steps=4"]
+    profile = ["train.profile_start_step=1", "train.profile_steps=2"]
+    train.train_and_evaluate(_config("train.steps=4", *common, *profile, corpus=corpus), workdir)
+    traces = glob.glob(f"{workdir}/tensorboard/plugins/profile/*/*.trace.json.gz")
+    assert len(traces) == 1 and glob.glob(f"{workdir}/tensorboard/plugins/profile/*/*.xplane.pb")
+    assert _dispatches(traces[0], "PjitFunction(train_step)") == 2
+    assert "profile of steps 2..3 written" in capsys.readouterr().out
+
+    time.sleep(1.1)  # trace folders are named by the second
+    profile = ["train.profile_start_step=4", "train.profile_steps=3"]  # steps 5..7
+    train.train_and_evaluate(_config("train.steps=8", *common, *profile, corpus=corpus), workdir)
+    new = set(glob.glob(f"{workdir}/tensorboard/plugins/profile/*/*.trace.json.gz")) - set(traces)
+    assert len(new) == 1
+    assert _dispatches(new.pop(), "PjitFunction(train_step)") == 2  # step 5 compiled
+    assert "profile of steps 6..7 written" in capsys.readouterr().out
 
 
 def test_unknown_config_key():
