@@ -58,10 +58,11 @@ _AUTO_BY_BACKEND = {
     # The Pallas kernels (lrulm/scan_pallas.py) read b and write h once, where
     # associative_scan makes log2(L) passes (DESIGN.md §4). On an H200 (tools/
     # gpu_check.sh, 2026-11-27) the GPU kernel made an LRU layer 1.16x and the 350m step
-    # 1.02x faster, but one 65,536-token sequence 1.35x slower (too few programs; the time
-    # split for that case is untimed): until it wins every case, opt in with
-    # model.scan_method=pallas. On TPU the kernels compile (Mosaic, ahead of time) but
-    # have never run.
+    # 1.02x faster, but one 65,536-token sequence 1.35x slower (too few programs). Such
+    # launches are now split in time (4.2x faster than unsplit on an H100), not yet timed
+    # in that train step against associative: until it wins every case, opt in with
+    # model.scan_method=pallas (docs/kernels.md). On TPU the kernels compile (Mosaic,
+    # ahead of time) but have never run.
     "gpu": ScanMethod.ASSOCIATIVE,
     "cuda": ScanMethod.ASSOCIATIVE,
     "rocm": ScanMethod.ASSOCIATIVE,
