@@ -1,5 +1,7 @@
 """tools/bench.py through its command line: the quick table, failing and skipped rows."""
 
+import glob
+import gzip
 import json
 import math
 import os
@@ -93,6 +95,19 @@ def test_quick_table_has_every_section_and_reports_a_failing_row(tmp_path):
     path.write_text(json.dumps({**result, "gpu_tuning": "mosaic,32,3"}))
     gpu = _bench("--render", str(path), timeout=120)
     assert gpu.stdout.splitlines()[0].endswith(", pallas GPU tuning mosaic,32,3"), gpu.stdout
+
+
+def test_bench_train_traces_steps_after_the_timed_ones(tmp_path):
+    out = _bench(
+        *("--preset", "test", "--batch", "2", "--seq_len", "64", "--steps", "2"),
+        *("--profile", str(tmp_path / "prof")),
+        tool="tools/bench_train.py",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "tokens/s" in out.stdout and "profile of 3 steps" in out.stdout
+    (trace,) = glob.glob(str(tmp_path / "prof/plugins/profile/*/*.trace.json.gz"))
+    events = json.load(gzip.open(trace))["traceEvents"]
+    assert any("train_step" in e.get("name", "") for e in events)
 
 
 def test_unknown_methods_and_presets_stop_before_anything_runs():

@@ -2,6 +2,7 @@
 
     python tools/bench_train.py --preset tiny --batch 16 --seq_len 256
     python tools/bench_train.py --preset 350m --batch 8 --seq_len 2048 --json out.json  # one H100
+    python tools/bench_train.py --preset 125m --profile /tmp/prof  # + a trace of 3 steps
 
 Runs the real jitted train step (the same one `lrulm train` runs, via lrulm.train.build
 and jit_steps) on random tokens over all local devices (data parallel unless --mesh says
@@ -63,12 +64,14 @@ def make_config(
     return config
 
 
-def run(config, steps: int, devices=None) -> dict:
+def run(config, steps: int, devices=None, profile_dir: str = "", profile_steps: int = 3) -> dict:
     """Compiles the train step of `config`, runs it `steps` times; returns the figures.
 
     Memory: arguments and temporaries per device from the compiled step's
     memory_analysis(); peak_bytes_in_use from the device's allocator where it has one
     (a process-lifetime peak: run one benchmark per process for a per-config figure).
+    With `profile_dir`, `profile_steps` more steps are traced there after the timed ones
+    (so the trace costs the figures nothing): TensorBoard's profile tab, or Perfetto.
     """
     mesh = train.make_mesh(config, devices)
     task = tasks.make_task(config, None, prepare_data=False)
@@ -92,6 +95,12 @@ def run(config, steps: int, devices=None) -> dict:
         state, m = compiled(state, batch)
     jax.block_until_ready(m)
     dt = (time.perf_counter() - start) / steps
+    if profile_dir:
+        jax.profiler.start_trace(profile_dir)
+        for _ in range(profile_steps):
+            state, m = compiled(state, batch)
+        jax.block_until_ready((state, m))
+        jax.profiler.stop_trace()
     b, seq_len = config.train.global_batch_size, config.train.seq_len
     tokens = b * seq_len
     fpt = task.model_config.flops_per_token(seq_len)
@@ -161,6 +170,12 @@ def main():
         help="model field overrides, e.g. num_layers=6,d_state=256,d_ff=0,norm=layer",
     )
     p.add_argument("--json", default="")
+    p.add_argument(
+        "--profile",
+        default="",
+        metavar="DIR",
+        help="trace 3 more steps after the timed ones into DIR (tensorboard --logdir DIR)",
+    )
     args = p.parse_args()
     config = make_config(
         args.preset,
@@ -173,8 +188,10 @@ def main():
         model=args.model,
         loss_vocab_block=args.loss_vocab_block,
     )
-    result = run(config, args.steps)
+    result = run(config, args.steps, profile_dir=args.profile)
     print(report(result))
+    if args.profile:
+        print(f"  profile of 3 steps: {args.profile}/plugins/profile/")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
