@@ -22,8 +22,13 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lrulm", description="Train deep LRU models with JAX.")
     sub = p.add_subparsers(dest="command", required=True)
 
+    overrides = (
+        "Any key of the config can follow as --config.KEY=VALUE (e.g. --config.optim.lr=3e-4 "
+        "--config.mesh.fsdp=4); a misspelt key fails at once, naming the closest one. The "
+        "keys and their defaults: lrulm/config.py (base_config) and the config file."
+    )
     for name, help_ in [("train", "train or resume"), ("eval", "evaluate the newest checkpoint")]:
-        s = sub.add_parser(name, help=help_)
+        s = sub.add_parser(name, help=help_, epilog=overrides)
         s.add_argument("--config", required=True, help="CONFIG.py[:ARG]")
         s.add_argument("--workdir", required=True)
 
@@ -41,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--plot", default="", help="also write a bar chart to this PNG")
 
     c = sub.add_parser(
-        "compile", help="compile the train step for a TPU topology or GPU host (AOT)"
+        "compile",
+        help="compile the train step for a TPU topology or GPU host (AOT)",
+        epilog=overrides,
     )
     c.add_argument("--config", required=True, help="CONFIG.py[:ARG]")
     c.add_argument("--topology", required=True, help="e.g. v5p-128, v5p:4x4x4, h100:8 or h100:8x4")

@@ -78,3 +78,6 @@ def test_cli_errors_are_clear(tmp_path):
     assert out.returncode == 2 and "not a training workdir" in out.stderr
     out = _lrulm("generate", "--workdir", str(tmp_path), "--prompt", "x", "--top_p", "1.5")
     assert out.returncode == 2 and "top_p must be in (0, 1]" in out.stderr
+    for command in ("train", "eval", "compile"):
+        out = _lrulm(command, "--help")
+        assert out.returncode == 0 and "--config.KEY=VALUE" in out.stdout, command
