@@ -130,10 +130,14 @@ class ProfileWindow:
 
     def __init__(self, logdir, *, start_step, num_steps, run_from, total_steps, enabled=True):
         self.logdir = logdir
-        begin, end = max(start_step, run_from + 1), min(start_step + num_steps, total_steps)
-        self.window = (begin, end) if enabled and num_steps > 0 and end > begin else None
         self.active = False
-        if enabled and num_steps > 0 and self.window is None:
+        self.window = None
+        if not enabled or num_steps <= 0:
+            return
+        begin, end = max(start_step, run_from + 1), min(start_step + num_steps, total_steps)
+        if end > begin:
+            self.window = (begin, end)
+        else:
             say(
                 f"lrulm: no profile: steps {start_step + 1}..{start_step + num_steps} "
                 f"(train.profile_start_step, train.profile_steps) are not after this run's "
@@ -141,7 +145,7 @@ class ProfileWindow:
             )
 
     def before(self, step: int, state) -> None:
-        if self.window is not None and step == self.window[0] and not self.active:
+        if self.window is not None and step == self.window[0]:
             jax.block_until_ready(state)
             jax.profiler.start_trace(self.logdir)
             self.active = True
@@ -159,5 +163,7 @@ class ProfileWindow:
     def _stop(self, step) -> None:
         self.active = False
         jax.profiler.stop_trace()
-        what = f"steps {self.window[0] + 1}..{step}" if step else "the steps it ran (cut short)"
+        what = f"steps {self.window[0] + 1}..{step}"
+        if step is None:
+            what = "the steps it ran (cut short)"
         say(f"lrulm: profile of {what} written under {self.logdir}/plugins/profile")

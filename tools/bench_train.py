@@ -64,13 +64,16 @@ def make_config(
     return config
 
 
-def run(config, steps: int, devices=None, profile_dir: str = "", profile_steps: int = 3) -> dict:
+PROFILE_STEPS = 3  # traced by --profile, after the timed steps
+
+
+def run(config, steps: int, devices=None, profile_dir: str = "") -> dict:
     """Compiles the train step of `config`, runs it `steps` times; returns the figures.
 
     Memory: arguments and temporaries per device from the compiled step's
     memory_analysis(); peak_bytes_in_use from the device's allocator where it has one
     (a process-lifetime peak: run one benchmark per process for a per-config figure).
-    With `profile_dir`, `profile_steps` more steps are traced there after the timed ones
+    With `profile_dir`, PROFILE_STEPS more steps are traced there after the timed ones
     (so the trace costs the figures nothing): TensorBoard's profile tab, or Perfetto.
     """
     mesh = train.make_mesh(config, devices)
@@ -97,7 +100,7 @@ def run(config, steps: int, devices=None, profile_dir: str = "", profile_steps: 
     dt = (time.perf_counter() - start) / steps
     if profile_dir:
         jax.profiler.start_trace(profile_dir)
-        for _ in range(profile_steps):
+        for _ in range(PROFILE_STEPS):
             state, m = compiled(state, batch)
         jax.block_until_ready((state, m))
         jax.profiler.stop_trace()
@@ -174,7 +177,8 @@ def main():
         "--profile",
         default="",
         metavar="DIR",
-        help="trace 3 more steps after the timed ones into DIR (tensorboard --logdir DIR)",
+        help=f"trace {PROFILE_STEPS} more steps after the timed ones into DIR "
+        "(tensorboard --logdir DIR)",
     )
     args = p.parse_args()
     config = make_config(
@@ -191,7 +195,7 @@ def main():
     result = run(config, args.steps, profile_dir=args.profile)
     print(report(result))
     if args.profile:
-        print(f"  profile of 3 steps: {args.profile}/plugins/profile/")
+        print(f"  profile of {PROFILE_STEPS} steps: {args.profile}/plugins/profile/")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
