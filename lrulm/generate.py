@@ -142,11 +142,13 @@ def generate(
     top_p: float = 1.0,
     top_k: int = 0,
     seed: int = 0,
+    key: jax.Array | None = None,
     stop_ids: tuple[int, ...] = (tok.EOS_ID,),
     prefill_chunk: int = 2048,
 ) -> list[list[int]]:
     """Continues each prompt (a list of token ids). Works on a sharded model too: the
     parameters keep their shardings and jit places the computation accordingly.
+    Sampling draws from `key`, or from `jax.random.key(seed)` when key is None.
 
     Returns, per prompt, the new tokens up to and excluding the first stop token.
     """
@@ -160,7 +162,7 @@ def generate(
         params,
         logits,
         states,
-        jax.random.key(seed),
+        jax.random.key(seed) if key is None else key,
         jnp.asarray(stop_ids, jnp.int32),
         max_new_tokens=max_new_tokens,
         temperature=float(temperature),
@@ -178,8 +180,17 @@ def generate(
     return result
 
 
-def load_model(workdir: str):
-    """(model with the newest checkpoint's parameters, tokenizer, step) of a workdir."""
+def checkpoint_steps(workdir: str) -> list[int]:
+    """The steps saved in workdir/checkpoints, oldest first."""
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(checkpoints):
+        return []
+    return sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit())
+
+
+def load_model(workdir: str, step: int | None = None):
+    """(model with the parameters of checkpoint `step` (None: the newest), tokenizer, step)
+    of a workdir."""
     config_path = os.path.join(workdir, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{workdir} is not a training workdir (no config.json)")
@@ -190,8 +201,14 @@ def load_model(workdir: str):
             f"{workdir} trained task {config.task!r}; generation needs a language model"
         )
     checkpoints = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(checkpoints) or not any(d.isdigit() for d in os.listdir(checkpoints)):
+    steps = checkpoint_steps(workdir)
+    if not steps:
         raise FileNotFoundError(f"no checkpoint in {checkpoints}; run `lrulm train` first")
+    if step is not None and step not in steps:
+        raise FileNotFoundError(
+            f"no checkpoint of step {step} in {checkpoints}; its steps: "
+            + ", ".join(map(str, steps))
+        )
     sp = tok.load_tokenizer(os.path.join(workdir, "tokenizer.model"))
     vocab = tasks.lm_vocab_size(sp, config.model.vocab_size)
     model_cfg = tasks.resolve_model_config(config.model, vocab_size=vocab)
@@ -202,33 +219,114 @@ def load_model(workdir: str):
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
         nnx.to_pure_dict(abstract_params),
     )
-    params, step = ckpt_lib.restore_params(workdir, target)
+    source = checkpoints if step is None else os.path.join(checkpoints, str(step))
+    params, step = ckpt_lib.restore_params(source, target)
     return nnx.merge(graphdef, params), sp, step
 
 
-def generate_from_workdir(
+def read_prompts(path: str) -> list[str]:
+    """`--prompt_file`: JSON lines with a "prompt" (or "text") field, one prompt per line;
+    any other file: each non-empty line is a prompt."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--prompt_file {path} does not exist")
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            if not path.endswith((".jsonl", ".json")):
+                prompts.append(line)
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e}); one object per line") from None
+            text = record.get("prompt", record.get("text")) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise ValueError(f'{path}:{n}: needs a "prompt" (or "text") string field')
+            prompts.append(text)
+    if not prompts:
+        raise ValueError(f"--prompt_file {path} holds no prompts")
+    return prompts
+
+
+def generate_texts(
     workdir: str,
-    prompt: str,
+    prompts: list[str],
     *,
+    num_samples: int = 1,
+    step: int | None = None,
+    batch_size: int = 32,
     max_new_tokens: int = 200,
     temperature: float = 0.8,
     top_p: float = 0.95,
     top_k: int = 0,
     seed: int = 0,
-) -> str:
-    """`lrulm generate`: the prompt followed by its continuation, as text."""
+) -> list[dict]:
+    """`lrulm generate`: num_samples continuations of each prompt from checkpoint `step`
+    (None: the newest), decoded batch_size rows at a time.
+
+    Returns one dict per sample, prompt by prompt: prompt, completion (the new text only),
+    prompt_index, sample, step. The same arguments give the same texts.
+    """
     check_sampling(temperature, top_p, top_k, max_new_tokens)
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be positive; got {num_samples}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive; got {batch_size}")
+    if not prompts:
+        raise ValueError("no prompt given; use --prompt TEXT or --prompt_file FILE")
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(f"prompt {i + 1} is empty; give some text to continue")
+    model, sp, step = load_model(workdir, step)
+    encoded = [sp.encode(p) for p in prompts]
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise ValueError(f"prompt {i + 1} ({prompts[i]!r}) encodes to no tokens")
+    rows = [(i, s) for i in range(len(prompts)) for s in range(num_samples)]
+    width = min(batch_size, len(rows))
+    key = jax.random.key(seed)
+    results = []
+    for n, start in enumerate(range(0, len(rows), width)):
+        batch = rows[start : start + width]
+        # The last batch is filled up with its first row, so every batch has one shape and
+        # the decode loop compiles once.
+        ids = [encoded[i] for i, _ in batch] + [encoded[batch[0][0]]] * (width - len(batch))
+        new = generate(
+            model,
+            ids,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            key=jax.random.fold_in(key, n),
+        )
+        for (i, s), tokens in zip(batch, new):
+            results.append(
+                dict(
+                    prompt=prompts[i],
+                    completion=_completion(sp, encoded[i], tokens),
+                    prompt_index=i,
+                    sample=s,
+                    step=step,
+                )
+            )
+    return results
+
+
+def _completion(sp, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """The text new_ids add after the prompt. Decoded with the prompt, since a tokenizer
+    may drop a leading space when it decodes new_ids alone (add_dummy_prefix)."""
+    prompt, whole = sp.decode(prompt_ids), sp.decode(prompt_ids + new_ids)
+    return whole[len(prompt) :] if whole.startswith(prompt) else sp.decode(new_ids)
+
+
+def generate_from_workdir(workdir: str, prompt: str, **kwargs) -> str:
+    """The prompt followed by one continuation, as text (keyword arguments as
+    `generate_texts`)."""
     if not prompt:
         raise ValueError("--prompt is empty; give some text to continue")
-    model, sp, _ = load_model(workdir)
-    ids = sp.encode(prompt)
-    new = generate(
-        model,
-        [ids],
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        seed=seed,
-    )[0]
-    return prompt + sp.decode(new)
+    (result,) = generate_texts(workdir, [prompt], num_samples=1, **kwargs)
+    return result["prompt"] + result["completion"]

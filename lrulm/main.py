@@ -2,8 +2,9 @@
 
 lrulm train    --config CONFIG.py[:ARG] --workdir DIR [--config.a.b=VALUE ...]
 lrulm eval     --config CONFIG.py[:ARG] --workdir DIR [--config.a.b=VALUE ...]
-lrulm generate --workdir DIR --prompt TEXT [--max_new_tokens N] [--temperature T]
-               [--top_p P] [--top_k K] [--seed S]
+lrulm generate --workdir DIR (--prompt TEXT ... | --prompt_file FILE) [--num_samples K]
+               [--step S] [--max_new_tokens N] [--temperature T] [--top_p P] [--top_k K]
+               [--seed S] [--batch_size B] [--output FILE.jsonl]
 lrulm lra-report DIR [DIR ...] [--plot FILE.png]
 lrulm compile  --config CONFIG.py[:ARG] --topology v5p-128|h100:8 [--config.a.b=VALUE ...]
 lrulm tokenizer train --input GLOB[,GLOB] --output FILE.model [--vocab_size V]
@@ -34,12 +35,25 @@ def _parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="sample from a trained language model")
     g.add_argument("--workdir", required=True)
-    g.add_argument("--prompt", required=True)
+    g.add_argument(
+        "--prompt", action="append", default=[], help="text to continue; repeat for more"
+    )
+    g.add_argument(
+        "--prompt_file",
+        default="",
+        help='prompts, one per line (a .jsonl file: objects with a "prompt" or "text" field)',
+    )
+    g.add_argument("--num_samples", type=int, default=1, help="continuations of each prompt")
+    g.add_argument("--step", type=int, default=None, help="the checkpoint (default: newest)")
     g.add_argument("--max_new_tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     g.add_argument("--top_p", type=float, default=0.95)
-    g.add_argument("--top_k", type=int, default=0)
+    g.add_argument("--top_k", type=int, default=0, help="0 = off")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch_size", type=int, default=32, help="samples decoded at once")
+    g.add_argument(
+        "--output", default="", help="also write one JSON object per sample to this .jsonl"
+    )
 
     r = sub.add_parser("lra-report", help="LRA accuracy beside the paper's table")
     r.add_argument("workdirs", nargs="+")
@@ -91,18 +105,25 @@ def main(argv: list[str]) -> int:
             case "generate":
                 from lrulm import distributed, generate
 
+                prompts = list(args.prompt)
+                if args.prompt_file:
+                    prompts += generate.read_prompts(args.prompt_file)
+                if not prompts:
+                    parser.error("give --prompt TEXT (repeatable) or --prompt_file FILE")
                 distributed.initialize()
-                print(
-                    generate.generate_from_workdir(
-                        args.workdir,
-                        args.prompt,
-                        max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature,
-                        top_p=args.top_p,
-                        top_k=args.top_k,
-                        seed=args.seed,
-                    )
+                samples = generate.generate_texts(
+                    args.workdir,
+                    prompts,
+                    num_samples=args.num_samples,
+                    step=args.step,
+                    batch_size=args.batch_size,
+                    max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature,
+                    top_p=args.top_p,
+                    top_k=args.top_k,
+                    seed=args.seed,
                 )
+                _print_samples(samples, args.output)
             case "lra-report":
                 from lrulm import lra_report
 
@@ -132,6 +153,21 @@ def main(argv: list[str]) -> int:
             os._exit(2)
         return 2
     return 0
+
+
+def _print_samples(samples: list[dict], output: str) -> None:
+    """One sample: its text alone (prompt and continuation); more: each under a header."""
+    for sample in samples:
+        if len(samples) > 1:
+            print(f"=== prompt {sample['prompt_index'] + 1}, sample {sample['sample'] + 1} ===")
+        print(sample["prompt"] + sample["completion"])
+    if output:
+        tmp = output + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for sample in samples:
+                f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+        os.replace(tmp, output)
+        print(f"wrote {len(samples)} samples to {output}", file=sys.stderr)
 
 
 def _multi_process() -> bool:
