@@ -132,6 +132,15 @@ class Checkpointer:
                 self._quarantine(step)
         return None
 
+    def restore(self, step: int, abstract_state) -> Restored:
+        """Restores checkpoint `step` (the state only), or fails naming the steps there."""
+        if step not in self.steps():
+            raise FileNotFoundError(
+                f"no checkpoint of step {step} in {self.directory}; its steps: "
+                + (", ".join(map(str, self.steps())) or "none")
+            )
+        return self._restore(step, abstract_state, None)
+
     def _restore(self, step, abstract_state, iterator) -> Restored:
         items = {STATE: ocp.args.StandardRestore(abstract_state)}
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))

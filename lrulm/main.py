@@ -1,7 +1,7 @@
 """The `lrulm` command line: parses flags, starts the distributed runtime, calls the library.
 
 lrulm train    --config CONFIG.py[:ARG] --workdir DIR [--config.a.b=VALUE ...]
-lrulm eval     --config CONFIG.py[:ARG] --workdir DIR [--config.a.b=VALUE ...]
+lrulm eval     --config CONFIG.py[:ARG] --workdir DIR [--step S] [--config.a.b=VALUE ...]
 lrulm generate --workdir DIR (--prompt TEXT ... | --prompt_file FILE) [--num_samples K]
                [--step S] [--max_new_tokens N] [--temperature T] [--top_p P] [--top_k K]
                [--seed S] [--batch_size B] [--output FILE.jsonl]
@@ -28,10 +28,12 @@ def _parser() -> argparse.ArgumentParser:
         "--config.mesh.fsdp=4); a misspelt key fails at once, naming the closest one. The "
         "keys and their defaults: lrulm/config.py (base_config) and the config file."
     )
-    for name, help_ in [("train", "train or resume"), ("eval", "evaluate the newest checkpoint")]:
+    for name, help_ in [("train", "train or resume"), ("eval", "evaluate a checkpoint")]:
         s = sub.add_parser(name, help=help_, epilog=overrides)
         s.add_argument("--config", required=True, help="CONFIG.py[:ARG]")
         s.add_argument("--workdir", required=True)
+        if name == "eval":
+            s.add_argument("--step", type=int, default=None, help="default: the newest")
 
     g = sub.add_parser("generate", help="sample from a trained language model")
     g.add_argument("--workdir", required=True)
@@ -101,7 +103,7 @@ def main(argv: list[str]) -> int:
                 if args.command == "train":
                     train.train_and_evaluate(config, args.workdir)
                 else:
-                    print(json.dumps(train.evaluate_workdir(config, args.workdir)))
+                    print(json.dumps(train.evaluate_workdir(config, args.workdir, args.step)))
             case "generate":
                 from lrulm import distributed, generate
 

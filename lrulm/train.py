@@ -566,14 +566,17 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
     return last_eval
 
 
-def evaluate_workdir(config, workdir: str) -> dict:
-    """`lrulm eval`: the newest checkpoint of workdir on the eval data."""
+def evaluate_workdir(config, workdir: str, step: int | None = None) -> dict:
+    """`lrulm eval`: checkpoint `step` of workdir (None: the newest) on the eval data."""
     mesh = make_mesh(config)
     task = tasks.make_task(config, workdir)
     exp = build(config, task, mesh)
     checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
     try:
-        restored = checkpointer.restore_latest(exp.abstract_state)
+        if step is None:
+            restored = checkpointer.restore_latest(exp.abstract_state)
+        else:
+            restored = checkpointer.restore(step, exp.abstract_state)
     finally:
         checkpointer.close()
     if restored is None:

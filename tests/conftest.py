@@ -102,3 +102,25 @@ def mosaic_calls(monkeypatch):
 
         monkeypatch.setattr(mosaic_kernels, name, spy)
     return calls
+
+
+@pytest.fixture(scope="session")
+def lm_workdir(tmp_path_factory, corpus):
+    """A real run of configs/lm/tiny.py:test with checkpoints at steps 4 and 8."""
+    from lrulm import config as config_lib
+    from lrulm import train
+
+    workdir = str(tmp_path_factory.mktemp("run"))
+    overrides = dict(
+        data__train_files=corpus["train"],
+        data__eval_files=corpus["eval"],
+        train__steps="8",
+        train__eval_every="8",
+        checkpoint__every_steps="4",
+        checkpoint__async_save="false",
+    )
+    config = config_lib.load_with_overrides(
+        "configs/lm/tiny.py:test", [(k.replace("__", "."), v) for k, v in overrides.items()]
+    )
+    train.train_and_evaluate(config, workdir)
+    return workdir

@@ -81,3 +81,17 @@ def test_cli_errors_are_clear(tmp_path):
     for command in ("train", "eval", "compile"):
         out = _lrulm(command, "--help")
         assert out.returncode == 0 and "--config.KEY=VALUE" in out.stdout, command
+
+
+def test_eval_step_flag(lm_workdir, corpus):
+    data = [f"--config.data.train_files={corpus['train']}"]
+    data += [f"--config.data.eval_files={corpus['eval']}"]
+    out = _lrulm(
+        "eval", "--config", "configs/lm/tiny.py:test", "--workdir", lm_workdir, "--step", "4", *data
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["step"] == 4
+    out = _lrulm(
+        "eval", "--config", "configs/lm/tiny.py:test", "--workdir", lm_workdir, "--step", "5", *data
+    )
+    assert out.returncode == 2 and "no checkpoint of step 5" in out.stderr

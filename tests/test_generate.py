@@ -150,70 +150,48 @@ def test_generation_on_a_sharded_model(model):
     assert got == want
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory, corpus):
-    """A real run of configs/lm/tiny.py:test with checkpoints at steps 4 and 8."""
-    from lrulm import config as config_lib
-    from lrulm import train
-
-    workdir = str(tmp_path_factory.mktemp("run"))
-    overrides = dict(
-        data__train_files=corpus["train"],
-        data__eval_files=corpus["eval"],
-        train__steps="8",
-        train__eval_every="8",
-        checkpoint__every_steps="4",
-        checkpoint__async_save="false",
-    )
-    config = config_lib.load_with_overrides(
-        "configs/lm/tiny.py:test", [(k.replace("__", "."), v) for k, v in overrides.items()]
-    )
-    train.train_and_evaluate(config, workdir)
-    return workdir
-
-
-def test_batched_samples_from_any_checkpoint(workdir):
+def test_batched_samples_from_any_checkpoint(lm_workdir):
     """Several prompts x samples, decoded in batches (the last one filled up), equal each
     prompt's own greedy decoding; --step picks the checkpoint; samples differ by seed."""
     prompts = ["def f(x", "import os\n", "class A:\n    def __init__(self"]
     kwargs = dict(max_new_tokens=12, temperature=0.0, top_p=1.0)
     gen._decode.clear_cache()
-    greedy = gen.generate_texts(workdir, prompts, num_samples=2, batch_size=4, **kwargs)
+    greedy = gen.generate_texts(lm_workdir, prompts, num_samples=2, batch_size=4, **kwargs)
     assert gen._decode._cache_size() == 1  # batches of 4, 2 and 4 rows: one program
     assert [(r["prompt_index"], r["sample"], r["step"]) for r in greedy] == [
         (i, s, 8) for i in range(3) for s in range(2)
     ]
-    model, sp, step = gen.load_model(workdir)
+    model, sp, step = gen.load_model(lm_workdir)
     assert step == 8
     for r in greedy:
         (alone,) = gen.generate(model, [sp.encode(r["prompt"])], **kwargs)
         assert r["prompt"] == prompts[r["prompt_index"]]
         assert r["completion"] == sp.decode(sp.encode(r["prompt"]) + alone)[len(r["prompt"]) :]
-        whole = gen.generate_from_workdir(workdir, r["prompt"], **kwargs)
+        whole = gen.generate_from_workdir(lm_workdir, r["prompt"], **kwargs)
         assert whole == r["prompt"] + r["completion"]
-    early = gen.generate_texts(workdir, prompts[:1], step=4, **kwargs)
+    early = gen.generate_texts(lm_workdir, prompts[:1], step=4, **kwargs)
     assert early[0]["step"] == 4
-    model4, _, _ = gen.load_model(workdir, step=4)
+    model4, _, _ = gen.load_model(lm_workdir, step=4)
     (alone,) = gen.generate(model4, [sp.encode(prompts[0])], **kwargs)
     assert early[0]["completion"] == sp.decode(sp.encode(prompts[0]) + alone)[len(prompts[0]) :]
     hot = dict(max_new_tokens=12, temperature=1.5, top_p=1.0)
-    a = gen.generate_texts(workdir, prompts[:1], num_samples=3, seed=1, **hot)
-    b = gen.generate_texts(workdir, prompts[:1], num_samples=3, seed=1, **hot)
-    c = gen.generate_texts(workdir, prompts[:1], num_samples=3, seed=2, **hot)
+    a = gen.generate_texts(lm_workdir, prompts[:1], num_samples=3, seed=1, **hot)
+    b = gen.generate_texts(lm_workdir, prompts[:1], num_samples=3, seed=1, **hot)
+    c = gen.generate_texts(lm_workdir, prompts[:1], num_samples=3, seed=2, **hot)
     texts = [r["completion"] for r in a]
     assert texts == [r["completion"] for r in b] and texts != [r["completion"] for r in c]
     assert len(set(texts)) > 1  # the samples of one prompt are not copies
 
 
-def test_generate_errors(workdir, tmp_path):
+def test_generate_errors(lm_workdir, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint of step 5 .* its steps: 4, 8"):
-        gen.generate_texts(workdir, ["x"], step=5)
+        gen.generate_texts(lm_workdir, ["x"], step=5)
     with pytest.raises(ValueError, match="prompt 2 is empty"):
-        gen.generate_texts(workdir, ["x", ""])
+        gen.generate_texts(lm_workdir, ["x", ""])
     with pytest.raises(ValueError, match="num_samples must be positive"):
-        gen.generate_texts(workdir, ["x"], num_samples=0)
+        gen.generate_texts(lm_workdir, ["x"], num_samples=0)
     with pytest.raises(ValueError, match="no prompt given"):
-        gen.generate_texts(workdir, [])
+        gen.generate_texts(lm_workdir, [])
     bad = tmp_path / "prompts.jsonl"
     bad.write_text('{"prompt": "a"}\n{"txt": "b"}\n')
     with pytest.raises(ValueError, match=r'prompts.jsonl:2: needs a "prompt"'):
@@ -228,7 +206,7 @@ def test_generate_errors(workdir, tmp_path):
         gen.read_prompts(str(tmp_path / "blank.txt"))
 
 
-def test_generate_command_writes_jsonl(workdir, tmp_path):
+def test_generate_command_writes_jsonl(lm_workdir, tmp_path):
     import json
     import subprocess
     import sys
@@ -238,7 +216,7 @@ def test_generate_command_writes_jsonl(workdir, tmp_path):
     )
     out_file = tmp_path / "samples.jsonl"
     out = subprocess.run(
-        [sys.executable, "-m", "lrulm", "generate", "--workdir", workdir,
+        [sys.executable, "-m", "lrulm", "generate", "--workdir", lm_workdir,
          "--prompt", "import sys", "--prompt_file", str(tmp_path / "p.jsonl"),
          "--num_samples", "2", "--max_new_tokens", "8", "--step", "4",
          "--output", str(out_file)],
@@ -253,7 +231,7 @@ def test_generate_command_writes_jsonl(workdir, tmp_path):
     for r in rows:
         assert r["prompt"] + r["completion"] in out.stdout
     none = subprocess.run(
-        [sys.executable, "-m", "lrulm", "generate", "--workdir", workdir],
+        [sys.executable, "-m", "lrulm", "generate", "--workdir", lm_workdir],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert none.returncode == 2 and "give --prompt TEXT" in none.stderr

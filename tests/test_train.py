@@ -389,3 +389,18 @@ def test_vocab_blocked_loss_saves_memory():
         sizes[block] = lowered.compile().memory_analysis().temp_size_in_bytes
     print({b: f"{t / 2**20:.0f} MiB" for b, t in sizes.items()})
     assert sizes[512] < 0.5 * sizes[0], sizes
+
+
+def test_eval_any_checkpoint(lm_workdir):
+    """`lrulm eval --step`: the newest by default, equal to the run's own eval there."""
+    with open(os.path.join(lm_workdir, "config.json")) as f:
+        config = config_lib.from_dict(json.load(f))
+    rows = [json.loads(line) for line in open(os.path.join(lm_workdir, "metrics.jsonl"))]
+    logged = {r["step"]: r["eval/loss"] for r in rows if "eval/loss" in r}
+    newest = train.evaluate_workdir(config, lm_workdir)
+    assert newest["step"] == 8 and abs(newest["eval/loss"] - logged[8]) < 1e-4
+    assert train.evaluate_workdir(config, lm_workdir, step=8) == newest
+    early = train.evaluate_workdir(config, lm_workdir, step=4)
+    assert early["step"] == 4 and early["eval/loss"] > newest["eval/loss"]
+    with pytest.raises(FileNotFoundError, match="no checkpoint of step 5 .* its steps: 4, 8"):
+        train.evaluate_workdir(config, lm_workdir, step=5)
