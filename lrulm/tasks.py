@@ -71,6 +71,7 @@ class LMTask:
         self.loss_vocab_block = config.train.get("loss_vocab_block", 0)
         self.train_stream = self.eval_stream = None  # token streams (text inputs)
         self.train_source = self.eval_source = None  # packed sequences, from either input
+        self.eval_source_all = None  # eval_source with its tail (a full pass)
         vocab = config.model.vocab_size
         if prepare_data:
             self._prepare(workdir)
@@ -122,6 +123,7 @@ class LMTask:
                 )
             self.train_source = lm_data.ArrayRecordSequences(train_files, self.seq_len)
             self.eval_source = lm_data.ArrayRecordSequences(eval_files, self.seq_len)
+            self.eval_source_all = self.eval_source
             return
         if any(packed):
             raise ValueError(
@@ -143,6 +145,9 @@ class LMTask:
                 )
         self.train_source = lm_data.PackedSequences(self.train_stream, self.seq_len)
         self.eval_source = lm_data.PackedSequences(self.eval_stream, self.seq_len)
+        self.eval_source_all = lm_data.PackedSequences(
+            self.eval_stream, self.seq_len, keep_tail=True
+        )
 
     def unigram_entropy(self) -> float | None:
         """Entropy (nats) of the training tokens' unigram distribution: the loss a
@@ -168,16 +173,22 @@ class LMTask:
         )
 
     def eval_batches(self, split, *, global_batch, row_offset, local_batch, num_batches):
-        """The first num_batches global batches of the held-out stream, in order
-        (fewer if the stream is short)."""
+        """The first num_batches global batches of the held-out stream, in order (fewer if
+        the stream is short); num_batches <= 0: all of it, every token a target once (the
+        last sequence and batch filled up with PAD, which the loss weighs 0)."""
         if split != "eval":
             raise ValueError(f"a language model has one held-out split, 'eval'; not {split!r}")
-        source = self.eval_source
-        available = len(source) // global_batch
+        if num_batches is None or num_batches <= 0:
+            source = lm_data.PaddedRows(self.eval_source_all, global_batch, self.seq_len)
+            num_batches = available = len(source) // global_batch
+        else:
+            source = self.eval_source
+            available = len(source) // global_batch
         if available == 0:
             raise ValueError(
                 f"the eval split has {len(source)} sequences of {self.seq_len} tokens, fewer "
-                f"than one global batch of {global_batch}; use more eval data or a smaller batch"
+                f"than one global batch of {global_batch}; use more eval data, a smaller "
+                "batch, or --config.train.eval_steps=0 (the whole split, padded)"
             )
         it = lm_data.batches(
             source,
@@ -216,6 +227,7 @@ class LMTask:
             "loss": loss,
             "perplexity": math.exp(min(loss, 50.0)),
             "accuracy": sums["accuracy"] / max(sums["weight"], 1.0),
+            "tokens": sums["weight"],  # the targets scored
         }
         if self.eval_stream is not None:
             out["bits_per_byte"] = loss / math.log(2) / self.eval_stream.bytes_per_token

@@ -404,3 +404,42 @@ def test_eval_any_checkpoint(lm_workdir):
     assert early["step"] == 4 and early["eval/loss"] > newest["eval/loss"]
     with pytest.raises(FileNotFoundError, match="no checkpoint of step 5 .* its steps: 4, 8"):
         train.evaluate_workdir(config, lm_workdir, step=5)
+
+
+def test_full_eval_pass_scores_every_token_once(lm_workdir):
+    """train.eval_steps <= 0: every token of the eval split is a target exactly once, in
+    order, split over processes' rows as any batch is; the padding weighs nothing."""
+    with open(os.path.join(lm_workdir, "config.json")) as f:
+        config = config_lib.from_dict(json.load(f))
+    config.train.eval_steps = 0
+    task = tasks.make_task(config, lm_workdir)
+    stream = np.asarray(task.eval_stream.tokens())
+    assert (stream.size - 1) % config.train.seq_len  # the split ends in a partial sequence
+    for global_batch, local_batch in [(8, 8), (8, 4), (5, 5)]:
+        rows = {}
+        for offset in range(0, global_batch, local_batch):
+            batches = task.eval_batches(
+                "eval",
+                global_batch=global_batch,
+                row_offset=offset,
+                local_batch=local_batch,
+                num_batches=0,
+            )
+            for step, batch in enumerate(batches):
+                for j in range(local_batch):
+                    rows[step * global_batch + offset + j] = (
+                        batch["inputs"][j],
+                        batch["targets"][j],
+                    )
+        inputs = np.concatenate([rows[i][0] for i in sorted(rows)])
+        targets = np.concatenate([rows[i][1] for i in sorted(rows)])
+        real = targets != 0
+        assert real.sum() == stream.size - 1 and not real[real.sum() :].any()
+        np.testing.assert_array_equal(targets[real], stream[1:])
+        np.testing.assert_array_equal(inputs[real], stream[:-1])
+    full = train.evaluate_workdir(config, lm_workdir)
+    assert full["eval/tokens"] == stream.size - 1
+    config.train.eval_steps = 2
+    part = train.evaluate_workdir(config, lm_workdir)
+    assert part["eval/tokens"] == 2 * config.train.global_batch_size * config.train.seq_len
+    assert abs(full["eval/loss"] - part["eval/loss"]) < 0.5 and full["step"] == part["step"]

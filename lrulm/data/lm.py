@@ -181,11 +181,15 @@ def prepare_split(files, sp, tokenizer_path, cache_dir, name) -> TokenStream:
 
 
 class PackedSequences(grain.sources.RandomAccessDataSource):
-    """Sequence i of a token stream: inputs tokens[iL : iL+L], targets one step later."""
+    """Sequence i of a token stream: inputs tokens[iL : iL+L], targets one step later.
 
-    def __init__(self, stream: TokenStream, seq_len: int):
+    With keep_tail, a last, shorter sequence holds the tokens left over, padded with
+    PAD (which the loss weighs 0), so that every token is a target exactly once."""
+
+    def __init__(self, stream: TokenStream, seq_len: int, *, keep_tail: bool = False):
         self._path, self._seq_len = stream.path, seq_len
-        self._len = max(0, (stream.num_tokens - 1) // seq_len)
+        targets = stream.num_tokens - 1
+        self._len = max(0, -(-targets // seq_len) if keep_tail else targets // seq_len)
         self._tokens = None
 
     def __len__(self) -> int:
@@ -196,6 +200,10 @@ class PackedSequences(grain.sources.RandomAccessDataSource):
             self._tokens = np.load(self._path, mmap_mode="r")
         start = int(i) * self._seq_len
         window = np.asarray(self._tokens[start : start + self._seq_len + 1], np.int32)
+        if window.size < self._seq_len + 1:  # the tail (keep_tail)
+            window = np.pad(
+                window, (0, self._seq_len + 1 - window.size), constant_values=tok.PAD_ID
+            )
         return {"inputs": window[:-1], "targets": window[1:]}
 
     def __getstate__(self):
@@ -226,6 +234,24 @@ class ArrayRecordSequences(grain.sources.RandomAccessDataSource):
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         window = self._decode(self._source[int(i)]).astype(np.int32)
         return {"inputs": window[:-1], "targets": window[1:]}
+
+
+class PaddedRows(grain.sources.RandomAccessDataSource):
+    """A source of sequences followed by all-PAD rows (weight 0 in the loss) up to a
+    multiple of `multiple` rows: a full pass in whole global batches."""
+
+    def __init__(self, source, multiple: int, seq_len: int):
+        self._source, self._seq_len = source, seq_len
+        self._len = -(-len(source) // multiple) * multiple
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        if int(i) < len(self._source):
+            return self._source[int(i)]
+        pad = np.full((self._seq_len,), tok.PAD_ID, np.int32)
+        return {"inputs": pad, "targets": pad}
 
 
 class _ProcessRows(grain.MapDataset):
