@@ -10,8 +10,10 @@ Saves are asynchronous: arrays are copied off the devices, then written by a bac
 thread while training continues. A save is committed by Orbax's atomic rename of its
 temporary directory, so a checkpoint killed mid-write is never listed. A listed
 checkpoint that fails to restore (truncated or missing files) is reported with its path,
-moved to WORKDIR/corrupt_checkpoints/ (kept for inspection, never deleted) and the
-previous one is tried.
+moved to WORKDIR/corrupt_checkpoints/ (kept for inspection, never deleted; `lrulm eval`
+only skips it) and the previous one is tried. A checkpoint whose arrays do not fit the
+run's state (its model or optimizer config changed) is not damage: that is an error
+naming the arrays, and nothing is moved.
 """
 
 from __future__ import annotations
@@ -48,6 +50,28 @@ class _IteratorSnapshot:
 
     def get_state(self) -> bytes:
         return self._state
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint that reads back but does not fit this run's state."""
+
+
+def _flatten(tree):
+    return jax.tree_util.tree_flatten_with_path(tree)[0]
+
+
+def _path(keys) -> str:
+    """A key path as "a/b/0/c", whether its nodes are dicts, sequences or named tuples (the
+    saved metadata has dicts where the live optimizer state has named tuples)."""
+    parts = []
+    for k in keys:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
 
 
 @dataclass
@@ -103,20 +127,28 @@ class Checkpointer:
         """Blocks until every started save has committed."""
         self.manager.wait_until_finished()
 
-    def restore_latest(self, abstract_state, iterator=None) -> Restored | None:
+    def restore_latest(
+        self, abstract_state, iterator=None, *, quarantine: bool = True
+    ) -> Restored | None:
         """Restores the newest checkpoint that reads back, into abstract_state's shardings.
 
         Args:
           abstract_state: a pytree of jax.ShapeDtypeStruct with `.sharding` set: each
             array is read directly into that sharding (any mesh, any device count).
           iterator: the Grain iterator to restore in place; None to skip the data.
+          quarantine: move a damaged checkpoint aside (a run that saves again); False
+            (e.g. `lrulm eval`) only skips it.
 
-        Returns None when there is no usable checkpoint.
+        Returns None when there is no usable checkpoint. Raises CheckpointMismatch,
+        touching nothing, when a checkpoint reads but holds another model's or
+        optimizer's arrays (the run's config changed): that is not damage.
         """
         for step in reversed(self.steps()):
             try:
                 return self._restore(step, abstract_state, iterator)
-            except Exception as e:  # noqa: BLE001 - any failure to read means damage
+            except CheckpointMismatch:
+                raise
+            except Exception as e:  # noqa: BLE001 - any other failure to read means damage
                 path = os.path.join(self.directory, str(step))
                 log.error(
                     "checkpoint %s cannot be restored (%s: %s); falling back to the "
@@ -129,8 +161,36 @@ class Checkpointer:
                     f"lrulm: checkpoint {path} is damaged ({type(e).__name__}: {e}); "
                     "falling back to the previous one"
                 )
-                self._quarantine(step)
+                if quarantine:
+                    self._quarantine(step)
         return None
+
+    def check_fits(self, step: int, abstract_state) -> None:
+        """Raises CheckpointMismatch if checkpoint `step`'s state tree (read from its
+        metadata) has other arrays or shapes than abstract_state. Returns quietly when
+        they fit, or when the metadata does not read (damage is the caller's case)."""
+        try:
+            saved = self.manager.item_metadata(step)[STATE]
+            saved_shapes = {_path(k): tuple(v.shape) for k, v in _flatten(saved)}
+        except Exception:  # noqa: BLE001 - unreadable metadata is damage, not a mismatch
+            return
+        want = {_path(k): tuple(v.shape) for k, v in _flatten(abstract_state)}
+        problems = [
+            f"{name}: checkpoint {saved_shapes[name]} vs this run {shape}"
+            for name, shape in want.items()
+            if name in saved_shapes and saved_shapes[name] != shape
+        ]
+        problems += [f"{name}: not in the checkpoint" for name in want if name not in saved_shapes]
+        problems += [f"{name}: only in the checkpoint" for name in saved_shapes if name not in want]
+        if problems:
+            raise CheckpointMismatch(
+                f"{os.path.join(self.directory, str(step))} was saved by a run with another "
+                f"model or optimizer config ({len(problems)} arrays differ):\n  "
+                + "\n  ".join(sorted(problems, key=lambda p: (not p.startswith("params"), p))[:10])
+                + f"\nresume with the config in {os.path.join(self.workdir, 'config.json')}, "
+                "or start a new workdir (--config.checkpoint.init_from can take the "
+                "parameters); nothing was changed"
+            )
 
     def restore(self, step: int, abstract_state) -> Restored:
         """Restores checkpoint `step` (the state only), or fails naming the steps there."""
@@ -142,6 +202,7 @@ class Checkpointer:
         return self._restore(step, abstract_state, None)
 
     def _restore(self, step, abstract_state, iterator) -> Restored:
+        self.check_fits(step, abstract_state)  # before Orbax reads (and fails) array by array
         items = {STATE: ocp.args.StandardRestore(abstract_state)}
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         data_restored = False

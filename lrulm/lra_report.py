@@ -33,6 +33,10 @@ PAPER: dict[str, dict[str, float]] = {
 MISSING = "–"
 
 
+class NotLRARun(ValueError):
+    """A workdir of another task (e.g. a language model)."""
+
+
 @dataclass(frozen=True)
 class Run:
     """One finished LRA run, accuracies as fractions in [0, 1]."""
@@ -43,6 +47,7 @@ class Run:
     test_accuracy: float
     eval_accuracy: float | None  # best validation accuracy, None if not recorded
     best_step: int | None
+    test_examples: int | None = None
 
 
 def _read_json(path: str) -> dict:
@@ -69,20 +74,25 @@ def load_run(workdir: str) -> Run:
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"{workdir}: no such run directory")
     results_path = os.path.join(workdir, "results.json")
-    if not os.path.exists(results_path):
+    config_path = os.path.join(workdir, "config.json")
+    results = _read_json(results_path) if os.path.exists(results_path) else None
+    # results.json names the task its numbers are for; config.json is the last config a
+    # run started with.
+    task = (results or {}).get("task")
+    if task is None and os.path.exists(config_path):
+        task = _read_json(config_path).get("task")
+    if task is not None and task not in TASK_NAMES:
+        raise NotLRARun(
+            f"{workdir} is a {task!r} run; lra-report reads LRA runs: {', '.join(TASK_NAMES)}"
+        )
+    if results is None:
         raise FileNotFoundError(
             f"{workdir} has no results.json: the trainer writes it after the last step, with "
             "the test accuracy of the best-validation checkpoint. Finish the run (re-running "
             "the same `lrulm train` command resumes it) or leave this directory out"
         )
-    results = _read_json(results_path)
-    config_path = os.path.join(workdir, "config.json")
-    task = _read_json(config_path).get("task") if os.path.exists(config_path) else None
-    task = task or results.get("task")
-    if task not in TASK_NAMES:
-        raise ValueError(
-            f"{workdir} is a {task!r} run; lra-report reads LRA runs: {', '.join(TASK_NAMES)}"
-        )
+    if task is None:
+        raise ValueError(f"{results_path} does not name its task")
     if "test/accuracy" not in results:
         raise ValueError(f"{results_path} has no 'test/accuracy'; keys: {sorted(results)}")
     best_step = results.get("best/step")
@@ -93,6 +103,7 @@ def load_run(workdir: str) -> Run:
         test_accuracy=float(results["test/accuracy"]),
         eval_accuracy=results.get("best/eval_accuracy"),
         best_step=None if best_step is None else int(best_step),
+        test_examples=None if "test/examples" not in results else int(results["test/examples"]),
     )
 
 
@@ -143,7 +154,7 @@ def table(runs: Sequence[Run]) -> str:
         "",
         "### Runs",
         "",
-        _row(["task", "workdir", "step", "best val acc (step)", "test acc", "reported"]),
+        _row(["task", "workdir", "step", "best val acc (step)", "test acc (examples)", "reported"]),
         _row(["---"] * 6),
     ]
     order = list(TASK_NAMES)
@@ -159,7 +170,8 @@ def table(runs: Sequence[Run]) -> str:
                     run.workdir,
                     str(run.step),
                     val,
-                    f"{100 * run.test_accuracy:.1f}",
+                    f"{100 * run.test_accuracy:.1f}"
+                    + ("" if run.test_examples is None else f" ({run.test_examples})"),
                     mark,
                 ]
             )
@@ -213,13 +225,29 @@ def report(workdirs: Sequence[str], plot: str | None = None) -> str:
       The markdown report (the table beside the paper's LRU, S4 and S5, then each run).
 
     Raises:
-      FileNotFoundError: a directory or its results.json is missing.
-      ValueError: no workdirs, malformed files, or a run that is not an LRA task.
+      FileNotFoundError: a directory or its results.json is missing (one workdir given).
+      ValueError: no workdirs, malformed files, or a run that is not an LRA task (one
+        workdir given); with several, such directories are left out and listed, and
+        only none usable is an error.
     """
     if not workdirs:
         raise ValueError("give at least one run directory")
-    runs = [load_run(w) for w in workdirs]
+    if len(workdirs) == 1:
+        runs, skipped = [load_run(workdirs[0])], []
+    else:  # e.g. `runs/*`: LM runs and unfinished runs are left out, and listed
+        runs, skipped = [], []
+        for workdir in workdirs:
+            try:
+                runs.append(load_run(workdir))
+            except (FileNotFoundError, ValueError) as e:
+                skipped.append(str(e))
+        if not runs:
+            raise ValueError(
+                "none of the directories is a finished LRA run:\n  " + "\n  ".join(skipped)
+            )
     text = table(runs)
+    if skipped:
+        text += "\n\nLeft out:\n" + "\n".join(f"- {reason}" for reason in skipped)
     if plot:
         bar_chart(runs, plot)
         text += f"\n\nBar chart: {plot}"

@@ -404,6 +404,37 @@ def _final_test(best, exp, eval_jit, test_batches, writer, step, workdir) -> dic
 # ==========================================================================================
 
 
+def _write_config(config, workdir: str, *, resumed: bool) -> None:
+    """Writes WORKDIR/config.json; on a resume, first says which keys changed."""
+    path = os.path.join(workdir, "config.json")
+    new = config_lib.to_dict(config)
+    if resumed and os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        changed = [
+            f"{key}: {old_value!r} -> {new_value!r}"
+            for key, old_value, new_value in _changed_keys(old, new)
+        ]
+        if changed:
+            metrics_lib.say(
+                "lrulm: resuming with a config that differs from the run's config.json "
+                "(now rewritten): " + "; ".join(changed)
+            )
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(new, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = ""):
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            yield from _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            yield f"{prefix}{key}", a, b
+
+
 def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
     """Trains (or resumes) the experiment in workdir; returns the last eval metrics.
 
@@ -421,9 +452,6 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
         )
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config_lib.to_dict(config), f, indent=2)
 
     # ---- Mesh ------------------------------------------------------------------------
     mesh = make_mesh(config, devices)
@@ -459,6 +487,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
             state["params"] = params
             metrics_lib.say(f"lrulm: parameters from {c.init_from} (step {from_step})")
     step = int(jax.device_get(state["step"]))
+    if is_main:  # only now: a run that fails to start leaves the workdir's config as it was
+        _write_config(config, workdir, resumed=restored is not None)
 
     # ---- Step functions ----------------------------------------------------------------
     train_jit, eval_jit = jit_steps(exp)
@@ -574,7 +604,7 @@ def evaluate_workdir(config, workdir: str, step: int | None = None) -> dict:
     checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
     try:
         if step is None:
-            restored = checkpointer.restore_latest(exp.abstract_state)
+            restored = checkpointer.restore_latest(exp.abstract_state, quarantine=False)
         else:
             restored = checkpointer.restore(step, exp.abstract_state)
     finally:

@@ -138,6 +138,12 @@ def test_damaged_checkpoint_is_named_and_skipped(tmp_path, corpus):
     partial = workdir / "checkpoints" / "12.orbax-checkpoint-tmp-1234567"
     partial.mkdir()
     (partial / "state").mkdir()
+    # `lrulm eval` skips it but moves nothing: it only reads.
+    config = config_lib.load_with_overrides(
+        TINY, [("data.train_files", corpus["train"]), ("data.eval_files", corpus["eval"])]
+    )
+    assert train.evaluate_workdir(config, str(workdir))["step"] == 4
+    assert not (workdir / "corrupt_checkpoints").exists()
     out = _run(workdir, corpus, "train.steps=10", "checkpoint.every_steps=4")
     assert f"checkpoint {workdir}/checkpoints/8 is damaged" in out
     assert f"resumed from {workdir}/checkpoints/4" in out
@@ -145,6 +151,44 @@ def test_damaged_checkpoint_is_named_and_skipped(tmp_path, corpus):
     assert kept, "the damaged checkpoint must be kept for inspection, not deleted"
     assert max(_losses(workdir)) == 10
     assert not os.path.exists(workdir / "checkpoints" / "12")  # the partial one was never used
+
+
+def test_changed_config_is_an_error_not_damage(tmp_path, corpus):
+    """A resume (or eval) with another model's config names the differing arrays and
+    changes nothing: no checkpoint moved, the workdir's config.json kept. A resume with
+    compatible changes says which keys changed."""
+    workdir = tmp_path / "run"
+    _run(workdir, corpus, "train.steps=4", "checkpoint.every_steps=2")
+    config_before = (workdir / "config.json").read_text()
+    bad = subprocess.run(
+        _cmd(workdir, corpus, "train.steps=6", "checkpoint.every_steps=2", "model.d_model=48"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2, bad.stderr[-3000:]
+    assert "checkpoints/4 was saved by a run with another model or optimizer config" in (bad.stderr)
+    assert "params/embed/embedding: checkpoint (512, 32) vs this run (512, 48)" in bad.stderr
+    assert "nothing was changed" in bad.stderr and "damaged" not in bad.stderr + bad.stdout
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+    assert not (workdir / "corrupt_checkpoints").exists()
+    assert (workdir / "config.json").read_text() == config_before
+    config = config_lib.load_with_overrides(
+        TINY,
+        [
+            ("data.train_files", corpus["train"]),
+            ("data.eval_files", corpus["eval"]),
+            ("model.d_state", "48"),
+        ],
+    )
+    with pytest.raises(ckpt_lib.CheckpointMismatch, match="arrays differ"):
+        train.evaluate_workdir(config, str(workdir))
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+    out = _run(workdir, corpus, "train.steps=6", "checkpoint.every_steps=2", "optim.lr=0.002")
+    assert f"resumed from {workdir}/checkpoints/4" in out
+    assert "differs from the run's config.json" in out and "train.steps: 4 -> 6" in out
+    assert "optim.lr: 0.006 -> 0.002" in out
+    assert json.loads((workdir / "config.json").read_text())["optim"]["lr"] == 0.002
 
 
 def test_restore_onto_other_meshes(tmp_path, corpus):

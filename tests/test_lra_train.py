@@ -218,6 +218,29 @@ def test_report_errors_name_the_directory(tmp_path, capsys):
     # The command line prints the message and exits 2.
     assert main.main(["lra-report", str(tmp_path / "missing")]) == 2
     assert "no such run directory" in capsys.readouterr().err
+    # An LM run that wrote no results.json is named as such, not as unfinished.
+    os.remove(os.path.join(lm_run, "results.json"))
+    with pytest.raises(ValueError, match="is a 'lm' run"):
+        lra_report.report([lm_run])
+    # `lra-report runs/*`: other runs are left out and listed; none usable is an error.
+    good = _fake_run(tmp_path / "good", "text", test=0.8, val=0.8)
+    text = lra_report.report([lm_run, str(unfinished), good])
+    assert "| lrulm | – | 80.0 |" in text
+    left_out = text.split("Left out:\n")[1].splitlines()
+    assert len(left_out) == 2 and "is a 'lm' run" in left_out[0]
+    assert "unfinished has no results.json" in left_out[1]
+    with pytest.raises(ValueError, match="none of the directories is a finished LRA run"):
+        lra_report.report([lm_run, str(unfinished)])
+
+
+def test_report_takes_the_task_from_results(tmp_path):
+    """A later failed start with another task's config rewrote nothing the report uses:
+    results.json names the task its numbers are for."""
+    run = _fake_run(tmp_path / "a", "listops", test=0.5, val=0.5)
+    with open(os.path.join(run, "config.json"), "w") as f:
+        json.dump({"task": "text"}, f)
+    text = lra_report.report([run])
+    assert "| lrulm | 50.0 | – |" in text
 
 
 # -- bad input fails before anything compiles -------------------------------------------------
