@@ -37,6 +37,7 @@ _SPLITS = {"train": "train", "eval": "val", "test": "test"}
 class _Weighted:
     """A source's records plus a "weight": 1 for its rows, then weight-0 copies of its
     first rows up to `size` (so the last global batch is full and counts nothing extra).
+    A record that turned out unreadable (on_error="skip") has weight 0 too.
 
     The padding rows are real records rather than zeros, so no row can produce a
     non-finite value that a zero weight would not cancel (0 * nan = nan).
@@ -52,8 +53,9 @@ class _Weighted:
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         index = int(index)
-        record = dict(self._source[index % self._len])
-        record["weight"] = np.float32(index < self._len)
+        record, readable = self._source.read(index % self._len)
+        record = dict(record)
+        record["weight"] = np.float32(index < self._len and readable)
         return record
 
     def __repr__(self) -> str:  # grain keys iterator checkpoints on the source's repr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import pickle
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lrulm import lra_task
 from lrulm.data import lra
 from lrulm.data.lra import generate, image, listops
 from lrulm.data.lra import synthetic as fx
@@ -93,7 +95,7 @@ def test_unknown_names_list_the_valid_ones(tmp_path, args, match):
 
 def test_bad_on_error_and_seq_len_are_rejected(tmp_path):
     fx.write_listops(str(tmp_path))
-    with pytest.raises(ValueError, match="on_error='ignore'; use one of"):
+    with pytest.raises(ValueError, match="data.on_error='ignore'; use one of"):
         lra.load_split("listops", str(tmp_path), "train", on_error="ignore")
     with pytest.raises(ValueError, match="seq_len=0; use a positive integer"):
         lra.load_split("listops", str(tmp_path), "train", seq_len=0)
@@ -166,12 +168,20 @@ def test_listops_bad_rows_name_file_and_line(tmp_path, caplog, line, why):
     with pytest.raises(ValueError) as e:
         lra.load_split("listops", str(tmp_path), "train")
     assert f"{path}, line 3: {why}" in str(e.value)  # Line 1 is the header.
-    assert "on_error='skip'" in str(e.value)
+    assert "--config.data.on_error=skip" in str(e.value)
     with caplog.at_level(logging.WARNING):
         src = lra.load_split("listops", str(tmp_path), "train", on_error="skip")
     assert src.num_skipped == 1 and len(src) == 2
     assert [int(src[i]["label"]) for i in range(2)] == [9, 2]
     assert "skipped 1 bad record" in caplog.text and "line 3" in caplog.text
+
+
+def test_listops_header_with_a_byte_order_mark(tmp_path):
+    path = tmp_path / "listops-1000" / "basic_train.tsv"
+    path.parent.mkdir()
+    path.write_bytes(b"\xef\xbb\xbfSource\tTarget\n( ( ( [MAX 2 ) 9 ) ] )\t9\n")
+    src = lra.load_split("listops", str(tmp_path), "train")
+    assert len(src) == 1 and int(src[0]["label"]) == 9
 
 
 def test_listops_missing_file_names_the_expected_layout(tmp_path):
@@ -216,6 +226,12 @@ def test_text_missing_and_empty_reviews(tmp_path, caplog):
     empty.write_bytes(b"")
     with pytest.raises(ValueError, match=f"{empty}: empty review"):
         lra.load_split("text", str(tmp_path), "train")
+    src = lra.load_split("text", str(tmp_path / "aclImdb"), "train", on_error="skip")
+    assert src.num_skipped == 1 and len(src) == 4
+    empty.unlink()
+    (tmp_path / "aclImdb" / "train" / "pos" / "folder.txt").mkdir()
+    with pytest.raises(ValueError, match="folder.txt: not a file"):
+        lra.load_split("text", str(tmp_path), "train", on_error="raise")
     src = lra.load_split("text", str(tmp_path / "aclImdb"), "train", on_error="skip")
     assert src.num_skipped == 1 and len(src) == 4
 
@@ -394,12 +410,21 @@ def test_pathfinder_bad_inputs(tmp_path, caplog):
     assert sum(len(s) for s in sizes) == 18 and sum(s.num_skipped for s in sizes) == 2
     # Skipping a bad line moves no other image into another split.
     assert all(set(src.images) <= clean[s] for s, src in zip(fx.SPLITS, sizes))
-    # A corrupt PNG is named when it is read.
+    # A PNG damaged after the listing is named when it is read; with on_error="skip" the
+    # next record stands in for it, and the trainer weighs it 0.
     src = sizes[0]
     victim = root / src.images[0]
     victim.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    with pytest.raises(ValueError, match=f"{victim}: unreadable image"):
-        src[0]
+    strict = copy.copy(src)
+    strict.on_error = "raise"
+    with pytest.raises(ValueError, match=f"{victim}: unreadable image.*on_error=skip"):
+        strict[0]
+    with caplog.at_level(logging.WARNING):
+        record, readable = src.read(0)
+    assert not readable and "skipped an unreadable record" in caplog.text
+    np.testing.assert_array_equal(record["inputs"], src[1]["inputs"])
+    weighted = lra_task._Weighted(src)
+    assert weighted[0]["weight"] == 0 and weighted[1]["weight"] == 1
 
 
 # ----------------------------------------------------------------------- Generators

@@ -13,9 +13,12 @@ log = logging.getLogger("lrulm.data.lra")
 
 ON_ERROR = ("raise", "skip")
 SPLITS = ("train", "val", "test")
-SKIP_HINT = "or pass on_error='skip' to drop bad records and count them"
+SKIP_HINT = "or set --config.data.on_error=skip to drop bad records and count them"
 # How many bad records a warning or error names before it only counts.
 _NAMED = 5
+
+
+_STAND_IN_TRIES = 100  # records tried as the stand-in for an unreadable one
 
 
 class LRASource:
@@ -31,16 +34,37 @@ class LRASource:
     path: str
     seq_len: int
     num_skipped: int = 0
+    on_error: str = "raise"
     _size: int = 0
 
     def __len__(self) -> int:
         return self._size
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return self.read(index)[0]
+
+    def read(self, index: int) -> tuple[dict[str, np.ndarray], bool]:
+        """(record, True). A record that cannot be read (a file damaged after the source
+        was listed) raises; with on_error="skip" it is logged and stands in as
+        (the next readable record, False), which the trainer weighs 0."""
         index = operator.index(index)
         if not 0 <= index < self._size:
             raise IndexError(f"index {index} out of range for {self!r}")
-        return self._record(index)
+        try:
+            return self._record(index), True
+        except ValueError as e:
+            if self.on_error != "skip":
+                raise ValueError(f"{e}; {SKIP_HINT}") from e
+            log.warning("%s: skipped an unreadable record (on_error='skip'): %s", self, e)
+            for step in range(1, min(self._size, _STAND_IN_TRIES)):
+                try:
+                    return self._record((index + step) % self._size), False
+                except ValueError:
+                    continue
+            raise ValueError(
+                f"{self!r}: record {index} and the {_STAND_IN_TRIES - 1} after it are all "
+                "unreadable; check the files"
+            ) from e
 
     def _record(self, index: int) -> dict[str, np.ndarray]:
         raise NotImplementedError
@@ -58,7 +82,7 @@ class BadRecords:
 
     def __init__(self, on_error: str, what: str):
         if on_error not in ON_ERROR:
-            raise ValueError(f"on_error={on_error!r}; use one of {ON_ERROR}")
+            raise ValueError(f"data.on_error={on_error!r}; use one of {ON_ERROR}")
         self.on_error = on_error
         self.what = what
         self.count = 0
@@ -76,7 +100,7 @@ class BadRecords:
           ValueError: when on_error is "raise".
         """
         if self.on_error == "raise":
-            raise ValueError(f"{where}: {why}. {fix}; {SKIP_HINT}.")
+            raise ValueError(f"{where}: {why}. {fix[:1].upper()}{fix[1:]}; {SKIP_HINT}.")
         self.count += 1
         if len(self._named) < _NAMED:
             self._named.append(f"{where}: {why}")
@@ -98,7 +122,7 @@ def check_args(split: str, on_error: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if on_error not in ON_ERROR:
-        raise ValueError(f"on_error={on_error!r}; use one of {ON_ERROR}")
+        raise ValueError(f"data.on_error={on_error!r}; use one of {ON_ERROR}")
 
 
 def check_nonempty(size: int, what: str, why: str) -> None:

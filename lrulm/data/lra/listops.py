@@ -81,6 +81,8 @@ class ListOpsSource(common.LRASource):
         with open(path, "rb") as f:
             for lineno, line in enumerate(f, 1):
                 line = line.rstrip(b"\r\n")
+                if lineno == 1:
+                    line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
                 if (lineno == 1 and line == HEADER) or not line.strip():
                     continue
                 where = f"{path}, line {lineno}"

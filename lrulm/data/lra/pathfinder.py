@@ -77,6 +77,7 @@ class PathfinderSource(common.LRASource):
 
     def __init__(self, root: str, task: str, split: str, resolution: int, on_error: str):
         self.task, self.split, self.path = task, split, root
+        self.on_error = on_error
         self.resolution = resolution
         self.seq_len = resolution * resolution
         bad = common.BadRecords(on_error, f"{task} {split} ({root})")

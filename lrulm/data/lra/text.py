@@ -30,6 +30,7 @@ class TextSource(common.LRASource):
 
     def __init__(self, root: str, split: str, seq_len: int, on_error: str):
         self.task, self.split, self.seq_len = "text", split, seq_len
+        self.on_error = on_error
         self.path = os.path.join(root, SPLIT_DIRS[split])
         bad = common.BadRecords(on_error, f"Text {split} ({self.path})")
         files, labels = [], []
@@ -45,6 +46,9 @@ class TextSource(common.LRASource):
             if not entries:
                 raise FileNotFoundError(f"{folder} holds no *.txt reviews; re-extract {_ORIGIN}")
             for entry in entries:
+                if not entry.is_file():
+                    bad.bad(entry.path, "not a file", "remove it")
+                    continue
                 if entry.stat().st_size == 0:
                     bad.bad(entry.path, "empty review", "re-extract the archive or delete it")
                     continue
