@@ -28,6 +28,17 @@ def test_tokenizer_round_trips_code_exactly(sp):
     assert (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id()) == (0, 1, 2, 3)
 
 
+def test_tokenizer_vocab_too_small_for_the_characters(tmp_path):
+    texts = ["".join(chr(0x4E00 + i) for i in range(j, j + 50)) for j in range(0, 600, 50)]
+    with pytest.raises(
+        ValueError, match=r"vocab_size 300 is too small for this corpus: .* need 861"
+    ):
+        tok.train_tokenizer(texts, str(tmp_path / "t.model"), vocab_size=300)
+    assert tok.train_tokenizer(texts, str(tmp_path / "t.model"), vocab_size=861)
+    with pytest.raises(ValueError, match="use at least 300"):
+        tok.train_tokenizer(texts, str(tmp_path / "t.model"), vocab_size=256)
+
+
 def test_default_corpus_is_deterministic_and_split():
     train, held = lm_data.default_corpus()
     train2, held2 = lm_data.default_corpus()

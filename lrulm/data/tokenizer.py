@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import re
 from collections.abc import Iterable, Iterator
 
 import sentencepiece as spm
@@ -60,28 +61,38 @@ def train_tokenizer(
     lines = list(_lines(texts, max_lines, seed))
     if not lines:
         raise ValueError("cannot train a tokenizer on an empty corpus (no non-blank lines)")
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        character_coverage=1.0,
-        byte_fallback=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        add_dummy_prefix=False,
-        split_digits=True,
-        user_defined_symbols=["\n"],
-        pad_id=PAD_ID,
-        unk_id=UNK_ID,
-        bos_id=BOS_ID,
-        eos_id=EOS_ID,
-        hard_vocab_limit=False,  # small corpora: take what there is rather than fail
-        num_threads=max(1, min(8, os.cpu_count() or 1)),
-        shuffle_input_sentence=False,  # the sample above is already seeded
-        minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=1.0,
+            byte_fallback=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            add_dummy_prefix=False,
+            split_digits=True,
+            user_defined_symbols=["\n"],
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            hard_vocab_limit=False,  # small corpora: take what there is rather than fail
+            num_threads=max(1, min(8, os.cpu_count() or 1)),
+            shuffle_input_sentence=False,  # the sample above is already seeded
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        needed = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
+        if needed is None:
+            raise
+        raise ValueError(
+            f"vocab_size {vocab_size} is too small for this corpus: its distinct characters "
+            f"and the byte and control pieces need {needed.group(1)}; use at least that "
+            "(--config.data.vocab_size, or `lrulm tokenizer train --vocab_size`)"
+        ) from None
     tmp = output_path + ".tmp"
     with open(tmp, "wb") as f:
         f.write(model.getvalue())
