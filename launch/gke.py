@@ -10,12 +10,21 @@ from which `lrulm.distributed.initialize()` finds the other processes. On preemp
 SIGTERM (the trainer saves and exits 0) and JobSet restarts the whole slice up to --max_restarts
 times; the restarted command resumes from the shared workdir. --dry_run prints the manifest;
 --print_xpk prints the equivalent `xpk workload create` command; otherwise `kubectl apply -f -`.
+
+The pods share only the volumes mounted in them, so the workdir must be on one: every bucket
+that a /gcs/BUCKET/... path in the command names (or --gcs_bucket) is mounted there with the
+GKE Cloud Storage FUSE CSI driver (enabled on the cluster; --service_account names a
+Kubernetes service account allowed to use the bucket through Workload Identity; pods on host
+networking, as here, need a GKE version whose driver supports them), and --pvc CLAIM:/path
+mounts a PersistentVolumeClaim (Filestore, NFS). A multi-host run with its workdir on no
+mount is refused.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import sys
 
@@ -37,6 +46,9 @@ def jobset(
     namespace: str = "default",
     max_restarts: int = 3,
     termination_grace_s: int = 120,
+    gcs_buckets: list[str] = (),
+    claims: dict[str, str] | None = None,
+    service_account: str | None = None,
 ) -> dict:
     """The JobSet manifest as a dict (one replicated job of `slice_.hosts` pods).
 
@@ -49,6 +61,10 @@ def jobset(
       namespace: Kubernetes namespace.
       max_restarts: Whole-slice restarts after a failure or preemption.
       termination_grace_s: Seconds between SIGTERM and SIGKILL: time for the final checkpoint.
+      gcs_buckets: Buckets mounted at /gcs/BUCKET in every pod (GCS FUSE CSI driver).
+      claims: {PersistentVolumeClaim: mount path} (e.g. Filestore), mounted in every pod.
+      service_account: The pods' Kubernetes service account (Workload Identity: the one
+        allowed to read and write the buckets).
 
     Returns:
       The manifest, ready to serialise.
@@ -65,6 +81,23 @@ def jobset(
             "limits": {"google.com/tpu": slice_.chips_per_host},
         },
     }
+    volumes, mounts = [], []
+    for i, bucket in enumerate(gcs_buckets):
+        volumes.append(
+            {
+                "name": f"gcs-{i}",
+                "csi": {
+                    "driver": "gcsfuse.csi.storage.gke.io",
+                    "volumeAttributes": {"bucketName": bucket, "mountOptions": "implicit-dirs"},
+                },
+            }
+        )
+        mounts.append({"name": f"gcs-{i}", "mountPath": f"/gcs/{bucket}"})
+    for i, (claim, path) in enumerate((claims or {}).items()):
+        volumes.append({"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim}})
+        mounts.append({"name": f"pvc-{i}", "mountPath": path})
+    if mounts:
+        container["volumeMounts"] = mounts
     pod = {
         "restartPolicy": "Never",
         # Host networking: the TPU runtime's cross-host traffic skips the pod network.
@@ -77,6 +110,13 @@ def jobset(
         },
         "containers": [container],
     }
+    if volumes:
+        pod["volumes"] = volumes
+    if service_account:
+        pod["serviceAccountName"] = service_account
+    pod_template = {"spec": pod}
+    if gcs_buckets:  # the GCS FUSE CSI driver's webhook adds its sidecar to annotated pods
+        pod_template = {"metadata": {"annotations": {"gke-gcsfuse/volumes": "true"}}, "spec": pod}
     return {
         "apiVersion": "jobset.x-k8s.io/v1alpha2",
         "kind": "JobSet",
@@ -99,7 +139,7 @@ def jobset(
                             "parallelism": slice_.hosts,
                             "completions": slice_.hosts,
                             "backoffLimit": 0,
-                            "template": {"spec": pod},
+                            "template": pod_template,
                         }
                     },
                 }
@@ -157,6 +197,45 @@ def xpk_command(args: argparse.Namespace, slice_: TpuSlice, command: list[str]) 
     return [*xpk, "--command", shlex.join(command)]
 
 
+def buckets_in(command: list[str]) -> list[str]:
+    """The buckets that /gcs/BUCKET/... paths anywhere in the command name, in order."""
+    found: list[str] = []
+    for arg in command:
+        for bucket in re.findall(r"(?:^|[=,:])/gcs/([a-z0-9][a-z0-9._-]*[a-z0-9])(?=/|$|,)", arg):
+            if bucket not in found:
+                found.append(bucket)
+    return found
+
+
+def parse_claims(pairs: list[str] | None) -> dict[str, str]:
+    """`["CLAIM:/mount/path", ...]` from repeated --pvc flags, as a dict."""
+    claims = {}
+    for pair in pairs or []:
+        claim, sep, path = pair.partition(":")
+        if not sep or not claim or not path.startswith("/"):
+            sys.exit(f"error: --pvc {pair!r} is not CLAIM:/mount/path")
+        claims[claim] = path
+    return claims
+
+
+def check_workdir_mounted(command: list[str], mounts: list[str], hosts: int) -> None:
+    """A pod's own filesystem is gone when it ends and seen by no other pod: the workdir
+    must be on a volume the JobSet mounts (an error on several hosts, a warning on one)."""
+    workdir = common.workdir_of(command)
+    if workdir is None or any(
+        workdir == m or workdir.startswith(m.rstrip("/") + "/") for m in mounts
+    ):
+        return
+    message = (
+        f"--workdir {workdir} is on no mounted volume ({', '.join(mounts) or 'none'}): each "
+        "pod would write its own copy, lost when the pod ends, and a restart could not resume. "
+        "Use /gcs/BUCKET/... (mounted with GCS FUSE) or a --pvc CLAIM:/path mount"
+    )
+    if hosts > 1:
+        sys.exit(f"error: {message}")
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
     own, command = common.split_command(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
@@ -174,6 +253,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--workdir", help="for the default command; a shared mount, e.g. /gcs/BUCKET/run"
     )
+    parser.add_argument(
+        "--gcs_bucket",
+        action="append",
+        default=[],
+        help="mount gs://BUCKET at /gcs/BUCKET in every pod (repeatable; buckets named by "
+        "/gcs/BUCKET/... paths in the command are mounted without it)",
+    )
+    parser.add_argument(
+        "--pvc", action="append", help="CLAIM:/mount/path, a PersistentVolumeClaim (repeatable)"
+    )
+    parser.add_argument("--service_account", help="the pods' Kubernetes service account")
     parser.add_argument("--cluster", help="GKE cluster name, for --print_xpk")
     parser.add_argument("--project", help="for --print_xpk")
     parser.add_argument("--zone", help="for --print_xpk")
@@ -182,10 +272,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(own)
     command = common.resolve_command(command, args.config, args.workdir)
     slice_ = tpu_slice(args.accelerator_type, args.topology)
-    common.check_shared_workdir(command, slice_.hosts)
+    buckets = list(dict.fromkeys([*args.gcs_bucket, *buckets_in(command)]))
+    claims = parse_claims(args.pvc)
     if args.print_xpk:
         print(shlex.join(xpk_command(args, slice_, command)))
+        if buckets or claims:
+            print(
+                "note: the pods need "
+                + ", ".join([*(f"gs://{b} at /gcs/{b}" for b in buckets), *claims.values()])
+                + " mounted: attach them to the cluster with xpk's storage commands",
+                file=sys.stderr,
+            )
         return
+    check_workdir_mounted(
+        command, [*(f"/gcs/{b}" for b in buckets), *claims.values()], slice_.hosts
+    )
     manifest = jobset(
         args.name,
         slice_,
@@ -195,6 +296,9 @@ def main(argv: list[str] | None = None) -> None:
         namespace=args.namespace,
         max_restarts=args.max_restarts,
         termination_grace_s=args.termination_grace_s,
+        gcs_buckets=buckets,
+        claims=claims,
+        service_account=args.service_account,
     )
     text = (
         f"# {slice_.accelerator_type}: {slice_.hosts} pods x {slice_.chips_per_host} chips, "

@@ -19,6 +19,7 @@ import ctypes
 import os
 import queue
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -272,9 +273,6 @@ def run(
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "--" not in argv and "-h" not in argv and "--help" not in argv:
-        print("usage: local.py [options] -- COMMAND [ARGS ...]  (see --help)", file=sys.stderr)
-        return 2
     split = argv.index("--") if "--" in argv else len(argv)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -288,12 +286,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--grace_s", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL"
     )
+    parser.add_argument("--config", help="without a command: lrulm train --config ...")
+    parser.add_argument("--workdir", help="without a command: lrulm train ... --workdir ...")
+    parser.add_argument(
+        "--dry_run", action="store_true", help="print each process's environment and command"
+    )
     args = parser.parse_args(argv[:split])
     command = argv[split + 1 :]
     if not command:
-        parser.error("no command given after --")
+        if not (args.config and args.workdir):
+            parser.error("give the command after --, or --config and --workdir for lrulm train")
+        command = ["lrulm", "train", "--config", args.config, "--workdir", args.workdir]
     if args.num_processes < 1 or args.devices_per_process < 1:
         parser.error("--num_processes and --devices_per_process must be at least 1")
+    if args.dry_run:
+        port = args.port or free_port()
+        for i in range(args.num_processes):
+            env = child_env({}, port=port, num=args.num_processes, index=i,
+                            devices=args.devices_per_process)  # fmt: skip
+            env.pop("PYTHONUNBUFFERED")
+            assignments = [f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())]
+            print(f"# process {i}\n" + " ".join([*assignments, shlex.join(command)]))
+        return 0
     return run(
         command,
         num_processes=args.num_processes,

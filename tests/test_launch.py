@@ -288,7 +288,21 @@ def test_local_usage_errors():
         text=True,
         timeout=30,
     )
-    assert result.returncode == 2 and "-- COMMAND" in result.stderr
+    assert result.returncode == 2 and "give the command after --" in result.stderr
+
+
+def test_local_dry_run_and_default_command():
+    out, _ = _dry(
+        "local.py", "--num_processes", "2", "--devices_per_process", "3", "--port", "4321",
+        "--config", "configs/lm/tiny.py", "--workdir", "runs/x", "--dry_run",
+    )  # fmt: skip
+    lines = out.splitlines()
+    assert lines[0] == "# process 0" and lines[2] == "# process 1"
+    for i in (0, 1):
+        line = lines[2 * i + 1]
+        assert "LRULM_COORDINATOR_ADDRESS=127.0.0.1:4321 LRULM_NUM_PROCESSES=2" in line
+        assert f"LRULM_PROCESS_ID={i} " in line and "device_count=3" in line
+        assert line.endswith("lrulm train --config configs/lm/tiny.py --workdir runs/x")
 
 
 def test_child_env_replaces_device_count_and_sets_identity():
@@ -412,6 +426,48 @@ def test_gke_jobset_dry_run():
     assert container["resources"]["limits"] == {"google.com/tpu": 4}
     assert container["resources"]["requests"] == {"google.com/tpu": 4}
     assert {"name": "A", "value": "1"} in container["env"]
+    # The workdir's bucket is mounted where the command looks for it.
+    template = spec["template"]
+    assert template["metadata"]["annotations"] == {"gke-gcsfuse/volumes": "true"}
+    assert container["volumeMounts"] == [{"name": "gcs-0", "mountPath": "/gcs/bkt"}]
+    assert pod["volumes"][0]["csi"]["driver"] == "gcsfuse.csi.storage.gke.io"
+    assert pod["volumes"][0]["csi"]["volumeAttributes"]["bucketName"] == "bkt"
+
+
+def test_gke_mounts_the_volumes_the_command_uses():
+    yaml = pytest.importorskip("yaml")
+    base = ["--name", "lru", "--image", "img", "--accelerator_type", "v5p-16", "--dry_run"]
+    command = [
+        *TRAIN[:-1],
+        "/fs/runs/a",
+        "--config.data.train_files=/gcs/data-1/lm/*.jsonl,/gcs/bkt/more",
+    ]
+    out, _ = _dry(
+        "gke.py", *base, "--pvc", "filestore:/fs", "--service_account", "ksa", "--", *command
+    )
+    pod = yaml.safe_load(out)["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    mounts = pod["containers"][0]["volumeMounts"]
+    assert [m["mountPath"] for m in mounts] == ["/gcs/data-1", "/gcs/bkt", "/fs"]
+    assert [v["csi"]["volumeAttributes"]["bucketName"] for v in pod["volumes"][:2]] == [
+        "data-1",
+        "bkt",
+    ]
+    assert pod["volumes"][2]["persistentVolumeClaim"] == {"claimName": "filestore"}
+    assert pod["serviceAccountName"] == "ksa"
+    # A multi-host run whose workdir is on no mount is refused; on one host, a warning.
+    local = [*TRAIN[:-1], "/local/run"]
+    refused = subprocess.run(
+        [sys.executable, str(LAUNCH / "gke.py"), *base, "--", *local],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert refused.returncode == 1 and "--workdir /local/run is on no mounted volume" in (
+        refused.stderr
+    )
+    one_host = [a if a != "v5p-16" else "v6e-8" for a in base]
+    out, err = _dry("gke.py", *one_host, "--", *local)
+    assert "warning: --workdir /local/run is on no mounted volume" in err and "JobSet" in out
 
 
 def test_gke_single_host_and_xpk():
@@ -431,7 +487,7 @@ def test_gke_single_host_and_xpk():
     spec = yaml.safe_load(out)["spec"]["replicatedJobs"][0]["template"]["spec"]
     assert spec["parallelism"] == 1
     assert spec["template"]["spec"]["containers"][0]["resources"]["limits"] == {"google.com/tpu": 8}
-    out, _ = _dry(
+    out, err = _dry(
         "gke.py",
         "--name",
         "lru",
@@ -450,6 +506,7 @@ def test_gke_single_host_and_xpk():
     assert out.startswith("xpk workload create --cluster c1 --workload lru --tpu-type v5p-128")
     assert "--docker-image img" in out and "--env A=1" in out
     assert "--command 'lrulm train --config configs/lm/tiny.py --workdir /gcs/bkt/run'" in out
+    assert "gs://bkt at /gcs/bkt mounted" in err
 
 
 def test_slurm_dry_run():
