@@ -87,6 +87,14 @@ class MetricWriter:
         end = "\r" if sys.stderr.isatty() else "\n"
         print(line, end=end, file=sys.stderr, flush=True)
 
+    def summary_line(self, label: str, metrics: dict) -> None:
+        """One line on the console, e.g. an evaluation's metrics (the progress line stays)."""
+        if not self.progress:
+            return
+        parts = [f"{k.split('/')[-1]} {float(v):.4g}" for k, v in metrics.items()]
+        newline = "\n" if sys.stderr.isatty() else ""  # below the bar's \r-updated line
+        print(f"{newline}{label}: " + " ".join(parts), file=sys.stderr, flush=True)
+
     def close(self) -> None:
         if self.progress and sys.stderr.isatty():
             print(file=sys.stderr)

@@ -393,6 +393,7 @@ def _final_test(best, exp, eval_jit, test_batches, writer, step, workdir) -> dic
     result = {f"test/{k}": v for k, v in test.items()}
     result.update({f"best/eval_{best.metric}": best.value, "best/step": restored.step})
     writer.write(step, result)
+    writer.summary_line(f"test with the best eval checkpoint (step {restored.step})", test)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump({"task": exp.task.name, "step": step, **result}, f, indent=2)
@@ -574,6 +575,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
             if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
                 last_eval = evaluate(exp, eval_jit, state, eval_batches())
                 writer.write(step, {f"eval/{k}": v for k, v in last_eval.items()})
+                writer.summary_line(f"eval at step {step}", last_eval)
                 if best is not None:
                     check_finite()
                     best.update(step, last_eval, state)

@@ -188,6 +188,7 @@ def test_changed_config_is_an_error_not_damage(tmp_path, corpus):
     assert f"resumed from {workdir}/checkpoints/4" in out
     assert "differs from the run's config.json" in out and "train.steps: 4 -> 6" in out
     assert "optim.lr: 0.006 -> 0.002" in out
+    assert "eval at step 6: loss " in out  # each evaluation is also a console line
     assert json.loads((workdir / "config.json").read_text())["optim"]["lr"] == 0.002
 
 
