@@ -174,6 +174,8 @@ class Checkpointer:
             saved_shapes = {_path(k): tuple(v.shape) for k, v in _flatten(saved)}
         except Exception:  # noqa: BLE001 - unreadable metadata is damage, not a mismatch
             return
+        if not saved_shapes:  # Orbax reads a missing tree description as an empty tree
+            return
         want = {_path(k): tuple(v.shape) for k, v in _flatten(abstract_state)}
         problems = [
             f"{name}: checkpoint {saved_shapes[name]} vs this run {shape}"
@@ -299,17 +301,33 @@ def find_checkpoint_dir(path: str) -> tuple[str, int]:
     return path, steps[-1]
 
 
+def saved_tree(item_dir: str) -> dict:
+    """The tree of array metadata (shapes, dtypes) of a checkpoint's state item; a
+    ValueError naming the directory when it does not read (a damaged checkpoint)."""
+    item_dir = os.path.abspath(item_dir)  # Orbax reads no metadata from a relative path
+    # The item's metadata is complete; absl warns that the step's own file is elsewhere.
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    try:
+        saved = ocp.PyTreeCheckpointer().metadata(item_dir)
+        saved = saved.item_metadata if hasattr(saved, "item_metadata") else saved
+        tree = saved.tree
+    except Exception as e:  # noqa: BLE001 - missing or unreadable files
+        raise ValueError(
+            f"{item_dir}: the checkpoint's array metadata does not read ({type(e).__name__}: "
+            f"{e}); it is damaged, use another step"
+        ) from None
+    if not tree:
+        raise ValueError(f"{item_dir}: the checkpoint lists no arrays; it is damaged")
+    return tree
+
+
 def restore_params(path: str, abstract_params):
     """Reads only the parameters of another run's checkpoint into abstract_params'
     shapes and shardings (fine-tuning); a clear error when the shapes do not fit."""
     directory, step = find_checkpoint_dir(path)
     item_dir = os.path.join(directory, str(step), STATE)
     checkpointer = ocp.PyTreeCheckpointer()
-    # The item's metadata is complete; absl warns that the step's own file is elsewhere.
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    saved = checkpointer.metadata(item_dir)
-    saved_tree = saved.item_metadata.tree if hasattr(saved, "item_metadata") else saved.tree
-    saved_params = saved_tree["params"]
+    saved_params = saved_tree(item_dir)["params"]
     mismatches = []
     flat_saved = dict(jax.tree_util.tree_flatten_with_path(saved_params)[0])
     for key, want in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
@@ -320,8 +338,8 @@ def restore_params(path: str, abstract_params):
         elif tuple(got.shape) != tuple(want.shape):
             mismatches.append(f"{name}: checkpoint {tuple(got.shape)} vs model {tuple(want.shape)}")
     if mismatches:
-        raise ValueError(
-            f"checkpoint.init_from={path}: step {step}'s parameters do not fit this model:\n  "
+        raise CheckpointMismatch(
+            f"{path}: step {step}'s parameters do not fit this model:\n  "
             + "\n  ".join(mismatches[:10])
             + "\nuse the same model config (preset, widths, vocab) as the run you start from"
         )

@@ -23,6 +23,7 @@ from flax import nnx
 
 from lrulm import checkpoint as ckpt_lib
 from lrulm import config as config_lib
+from lrulm import metrics as metrics_lib
 from lrulm import tasks
 from lrulm.data import tokenizer as tok
 from lrulm.model import LanguageModel
@@ -105,13 +106,28 @@ def prefill(model: LanguageModel, prompts: list[list[int]], *, chunk_size: int =
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p", "top_k"),
+    static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p", "top_k", "num_tokens"),
 )
 def _decode(
-    graphdef, params, logits, states, key, stop_ids, *, max_new_tokens, temperature, top_p, top_k
+    graphdef,
+    params,
+    logits,
+    states,
+    key,
+    stop_ids,
+    *,
+    max_new_tokens,
+    temperature,
+    top_p,
+    top_k,
+    num_tokens,
 ):
     model = nnx.merge(graphdef, params)
     b = logits.shape[0]
+    vocab = logits.shape[-1]
+    # The model's vocabulary may be padded past the tokenizer's (tasks.lm_vocab_size):
+    # those rows were never targets, and ids there decode to nothing.
+    real = jnp.arange(vocab) < (vocab if num_tokens is None else num_tokens)
     out = jnp.full((b, max_new_tokens), tok.PAD_ID, jnp.int32)
 
     def cond(carry):
@@ -121,6 +137,7 @@ def _decode(
     def body(carry):
         i, logits, states, done, out, key = carry
         key, sub = jax.random.split(key)
+        logits = jnp.where(real, logits, -jnp.inf)
         token = sample_logits(sub, logits, temperature=temperature, top_p=top_p, top_k=top_k)
         token = jnp.where(done, tok.PAD_ID, token)
         out = out.at[:, i].set(token)
@@ -145,10 +162,12 @@ def generate(
     key: jax.Array | None = None,
     stop_ids: tuple[int, ...] = (tok.EOS_ID,),
     prefill_chunk: int = 2048,
+    num_tokens: int | None = None,
 ) -> list[list[int]]:
     """Continues each prompt (a list of token ids). Works on a sharded model too: the
     parameters keep their shardings and jit places the computation accordingly.
-    Sampling draws from `key`, or from `jax.random.key(seed)` when key is None.
+    Sampling draws from `key`, or from `jax.random.key(seed)` when key is None, among the
+    ids below num_tokens (the tokenizer's size; None: the model's whole vocabulary).
 
     Returns, per prompt, the new tokens up to and excluding the first stop token.
     """
@@ -168,6 +187,7 @@ def generate(
         temperature=float(temperature),
         top_p=float(top_p),
         top_k=int(top_k),
+        num_tokens=num_tokens,
     )
     result = []
     for row in np.asarray(out):
@@ -219,9 +239,21 @@ def load_model(workdir: str, step: int | None = None):
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
         nnx.to_pure_dict(abstract_params),
     )
-    source = checkpoints if step is None else os.path.join(checkpoints, str(step))
-    params, step = ckpt_lib.restore_params(source, target)
-    return nnx.merge(graphdef, params), sp, step
+    errors = []
+    for candidate in [step] if step is not None else reversed(steps):
+        try:
+            params, _ = ckpt_lib.restore_params(os.path.join(checkpoints, str(candidate)), target)
+            return nnx.merge(graphdef, params), sp, candidate
+        except ckpt_lib.CheckpointMismatch:
+            raise
+        except Exception as e:  # noqa: BLE001 - a damaged checkpoint: try the one before
+            errors.append(f"step {candidate}: {type(e).__name__}: {e}")
+            if step is None:
+                metrics_lib.say(
+                    f"lrulm: checkpoint {candidate} does not read ({type(e).__name__}); "
+                    "trying the one before"
+                )
+    raise ValueError(f"no checkpoint in {checkpoints} reads back:\n  " + "\n  ".join(errors))
 
 
 def read_prompts(path: str) -> list[str]:
@@ -302,6 +334,7 @@ def generate_texts(
             top_p=top_p,
             top_k=top_k,
             key=jax.random.fold_in(key, n),
+            num_tokens=sp.get_piece_size(),
         )
         for (i, s), tokens in zip(batch, new):
             results.append(

@@ -97,6 +97,16 @@ def test_stop_tokens_per_sequence_and_seed(model):
         assert cut == full[: len(cut)]
 
 
+def test_only_the_tokenizers_ids_are_sampled(model):
+    """A model vocabulary padded past the tokenizer's: the padded ids are never drawn."""
+    prompts = _prompts([3, 9])
+    hot = dict(max_new_tokens=40, temperature=5.0, top_p=1.0, seed=0, stop_ids=())
+    free = gen.generate(model, prompts, **hot)
+    assert max(max(row) for row in free) >= 50  # without the limit, they would be
+    limited = gen.generate(model, prompts, num_tokens=50, **hot)
+    assert all(len(row) == 40 and max(row) < 50 for row in limited)
+
+
 def test_decode_loop_compiles_once(model):
     gen._decode.clear_cache()
     for seed in range(3):

@@ -443,3 +443,24 @@ def test_full_eval_pass_scores_every_token_once(lm_workdir):
     part = train.evaluate_workdir(config, lm_workdir)
     assert part["eval/tokens"] == 2 * config.train.global_batch_size * config.train.seq_len
     assert abs(full["eval/loss"] - part["eval/loss"]) < 0.5 and full["step"] == part["step"]
+
+
+@pytest.mark.parametrize("damage", ["_METADATA", "manifest.ocdbt"])
+def test_reading_commands_skip_a_damaged_newest_checkpoint(lm_workdir, tmp_path, damage):
+    """`lrulm eval` and `lrulm generate` fall back to the previous checkpoint and move
+    nothing, whichever file of the newest one is lost; a step asked for by name fails."""
+    import shutil
+
+    from lrulm import generate as gen
+
+    workdir = str(tmp_path / "run")
+    shutil.copytree(lm_workdir, workdir)
+    os.remove(os.path.join(workdir, "checkpoints", "8", "state", damage))
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = config_lib.from_dict(json.load(f))
+    assert train.evaluate_workdir(config, workdir)["step"] == 4
+    _, _, step = gen.load_model(workdir)
+    assert step == 4
+    with pytest.raises(ValueError, match="no checkpoint in .* reads back:\n  step 8"):
+        gen.load_model(workdir, step=8)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]

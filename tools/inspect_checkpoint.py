@@ -15,7 +15,8 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
+
+from lrulm import checkpoint as ckpt_lib
 
 
 def _dir_bytes(path: str) -> int:
@@ -56,8 +57,7 @@ def describe(workdir: str, step: int | None = None, show_all: bool = False) -> s
                 with open(os.path.join(data_dir, name)) as f:
                     state = json.load(f)
                 lines.append(f"  data iterator {name}: {state}")
-    tree = ocp.PyTreeCheckpointer().metadata(os.path.join(path, "state"))
-    tree = tree.item_metadata.tree if hasattr(tree, "item_metadata") else tree.tree
+    tree = ckpt_lib.saved_tree(os.path.join(path, "state"))
     groups = (
         tree.keys() if show_all else [k for k in ("step", "params", "model_state") if k in tree]
     )
