@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lrulm import metrics as metrics_lib
 from lrulm import model_config as mc
 from lrulm.data import lm as lm_data
 from lrulm.data import tokenizer as tok
@@ -56,6 +57,18 @@ def lm_vocab_size(sp, configured: int | None) -> int:
     if configured is not None and configured < needed:
         raise ValueError(f"model.vocab_size={configured} is smaller than the tokenizer's {needed}")
     return configured or -(-needed // 128) * 128
+
+
+def _tokenizer_next_to(path: str) -> str:
+    """The tokenizer.model of the run a checkpoint path (workdir, its checkpoints/ or one
+    step) belongs to, or "" if there is none."""
+    path = os.path.abspath(path)
+    for _ in range(3):
+        candidate = os.path.join(path, "tokenizer.model")
+        if os.path.isfile(candidate):
+            return candidate
+        path = os.path.dirname(path)
+    return ""
 
 
 class LMTask:
@@ -101,11 +114,24 @@ class LMTask:
         self.train_files, self.eval_files = train_files, eval_files
         main = jax.process_index() == 0
         tok_path = os.path.join(workdir, "tokenizer.model")
+        tokenizer = data.tokenizer
+        init_from = self.config.checkpoint.get("init_from", "")
+        if not tokenizer and init_from:
+            # The parameters' embedding rows are that run's token ids: keep its tokenizer.
+            tokenizer = _tokenizer_next_to(init_from)
+            if main and not tokenizer:
+                metrics_lib.say(
+                    f"lrulm: warning: no tokenizer.model next to checkpoint.init_from="
+                    f"{init_from}; a new tokenizer's ids will not match its embeddings "
+                    "(set --config.data.tokenizer to the one it was trained with)"
+                )
+            elif main and not os.path.exists(tok_path):
+                metrics_lib.say(f"lrulm: the tokenizer of checkpoint.init_from: {tokenizer}")
         if main:
-            if data.tokenizer:
-                tok.load_tokenizer(data.tokenizer)  # fail early on a bad file
-                if os.path.abspath(data.tokenizer) != os.path.abspath(tok_path):
-                    shutil.copyfile(data.tokenizer, tok_path)
+            if tokenizer:
+                tok.load_tokenizer(tokenizer)  # fail early on a bad file
+                if os.path.abspath(tokenizer) != os.path.abspath(tok_path):
+                    shutil.copyfile(tokenizer, tok_path)
             elif not os.path.exists(tok_path):
                 log.info(
                     "training a %d-piece tokenizer on %d files", data.vocab_size, len(train_files)
@@ -116,7 +142,7 @@ class LMTask:
         self.sp = tok.load_tokenizer(tok_path)
         packed = [f.endswith(".arrayrecord") for f in train_files + eval_files]
         if all(packed):  # pre-packed by tools/prepare_data.py: nothing to tokenize
-            if not data.tokenizer:
+            if not tokenizer:
                 raise ValueError(
                     "ArrayRecord data needs the tokenizer it was prepared with: "
                     "set --config.data.tokenizer"

@@ -280,8 +280,16 @@ def test_nonfinite_loss_stops_and_keeps_the_good_checkpoint(tmp_path, corpus):
 def test_init_from_checks_shapes(tmp_path, corpus):
     base = tmp_path / "base"
     _run(base, corpus, "train.steps=2", "checkpoint.every_steps=2")
-    out = _run(tmp_path / "finetune", corpus, "train.steps=2", f"checkpoint.init_from={base}")
-    assert f"parameters from {base} (step 2)" in out
+    # Fine-tuning on other data: the source run's tokenizer comes along (its embedding rows
+    # are that tokenizer's ids), whichever path names the checkpoint.
+    other = {"train": corpus["eval"], "eval": corpus["eval"]}
+    step_dir = base / "checkpoints" / "2"
+    out = _run(tmp_path / "finetune", other, "train.steps=2", f"checkpoint.init_from={step_dir}")
+    assert f"parameters from {step_dir} (step 2)" in out
+    assert f"the tokenizer of checkpoint.init_from: {base}/tokenizer.model" in out
+    assert (tmp_path / "finetune" / "tokenizer.model").read_bytes() == (
+        base / "tokenizer.model"
+    ).read_bytes()
     bad = subprocess.run(
         _cmd(
             tmp_path / "bad",
