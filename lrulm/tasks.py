@@ -204,6 +204,14 @@ class LMTask:
         last sequence and batch filled up with PAD, which the loss weighs 0)."""
         if split != "eval":
             raise ValueError(f"a language model has one held-out split, 'eval'; not {split!r}")
+        source, count = self._eval_source(global_batch, num_batches)
+        return self._eval_iter(source, count, global_batch, row_offset, local_batch)
+
+    def check_eval(self, global_batch: int, num_batches: int) -> None:
+        """Raises now (not at the first evaluation) if the eval split cannot fill a batch."""
+        self._eval_source(global_batch, num_batches)
+
+    def _eval_source(self, global_batch, num_batches):
         if num_batches is None or num_batches <= 0:
             source = lm_data.PaddedRows(self.eval_source_all, global_batch, self.seq_len)
             num_batches = available = len(source) // global_batch
@@ -216,6 +224,9 @@ class LMTask:
                 f"than one global batch of {global_batch}; use more eval data, a smaller "
                 "batch, or --config.train.eval_steps=0 (the whole split, padded)"
             )
+        return source, min(num_batches, available)
+
+    def _eval_iter(self, source, count, global_batch, row_offset, local_batch):
         it = lm_data.batches(
             source,
             global_batch=global_batch,
@@ -226,7 +237,7 @@ class LMTask:
             repeat=False,
             num_threads=1,
         )
-        for _ in range(min(num_batches, available)):
+        for _ in range(count):
             yield next(it)
 
     # -- model, loss, metrics ---------------------------------------------------------

@@ -113,6 +113,15 @@ def validate(config, mesh) -> None:
     for name in ("steps", "log_every", "global_batch_size", "seq_len"):
         if t[name] < 1:
             raise ValueError(f"train.{name} must be positive; got {t[name]}")
+    if config.checkpoint.every_steps < 1:
+        raise ValueError(
+            f"checkpoint.every_steps must be positive; got {config.checkpoint.every_steps} "
+            "(the last step is always saved: a value above train.steps saves only that)"
+        )
+    if t.eval_every < 0:
+        raise ValueError(
+            f"train.eval_every must be >= 0 (0: only after the last step); got {t.eval_every}"
+        )
     if t.profile_steps < 0 or t.profile_start_step < 0:
         raise ValueError(
             f"train.profile_steps ({t.profile_steps}) and train.profile_start_step "
@@ -469,6 +478,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
         global_batch=t.global_batch_size, row_offset=row_offset, local_batch=local_batch
     )
     train_iter = task.train_batches(seed=t.seed, **batch_args)
+    if hasattr(task, "check_eval"):  # fail now, not at the first evaluation
+        task.check_eval(t.global_batch_size, t.eval_steps)
 
     # ---- Model & optimizer: sharded init, or restore ---------------------------------
     checkpointer = ckpt_lib.Checkpointer(
