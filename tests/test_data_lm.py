@@ -167,6 +167,14 @@ def test_bad_json_lines_name_the_line(tmp_path):
     bad.write_text('{"text": "ok"}\n{"txt": "no"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: expected a JSON object with a 'text'"):
         list(lm_data.read_documents(str(bad)))
+    bad.write_text('{"text": "ok"}\n\n{"text": null}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: the 'text' field is a NoneType"):
+        list(lm_data.read_documents(str(bad)))
+    bad.write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not UTF-8 text"):
+        list(lm_data.read_documents(str(bad)))
+    bad.write_text('{"text": "caf\u00e9"}\r\n{"text": ""}\n')
+    assert list(lm_data.read_documents(str(bad))) == ["café"]
 
 
 def test_tokenizer_cli(tmp_path, corpus):

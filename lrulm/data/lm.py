@@ -77,8 +77,12 @@ def expand_globs(patterns: str | Sequence[str], what: str) -> list[str]:
 def read_documents(path: str) -> Iterator[str]:
     """Documents in a file: each JSON line's "text" for .jsonl/.json, else the whole file."""
     if path.endswith((".jsonl", ".json")):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not UTF-8 text ({e})") from None
                 if not line.strip():
                     continue
                 try:
@@ -89,7 +93,12 @@ def read_documents(path: str) -> Iterator[str]:
                         f"{path}:{lineno}: expected a JSON object with a {TEXT_FIELD!r} string "
                         f"field per line ({type(e).__name__}: {e})"
                     ) from None
-                if isinstance(text, str) and text:
+                if not isinstance(text, str):
+                    raise ValueError(
+                        f"{path}:{lineno}: the {TEXT_FIELD!r} field is a "
+                        f"{type(text).__name__}, not a string"
+                    )
+                if text:
                     yield text
         return
     with open(path, encoding="utf-8", errors="replace") as f:
