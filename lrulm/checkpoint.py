@@ -189,9 +189,9 @@ class Checkpointer:
                 f"{os.path.join(self.directory, str(step))} was saved by a run with another "
                 f"model or optimizer config ({len(problems)} arrays differ):\n  "
                 + "\n  ".join(sorted(problems, key=lambda p: (not p.startswith("params"), p))[:10])
-                + f"\nresume with the config in {os.path.join(self.workdir, 'config.json')}, "
-                "or start a new workdir (--config.checkpoint.init_from can take the "
-                "parameters); nothing was changed"
+                + "\nresume or evaluate it with the run's own config "
+                f"({os.path.join(self.workdir, 'config.json')}), or start a new workdir "
+                "(--config.checkpoint.init_from can take the parameters); nothing was changed"
             )
 
     def restore(self, step: int, abstract_state) -> Restored:

@@ -63,12 +63,18 @@ def _parse(text: str, current):
         try:
             return int(text)
         except ValueError:
-            value = float(text)  # 1e5 for an int field
-            if value != int(value):
+            try:
+                value = float(text)  # 1e5 for an int field
+            except ValueError:
+                value = None
+            if value is None or not value.is_integer():
                 raise ConfigError(f"expected an integer, got {text!r}") from None
             return int(value)
     if isinstance(current, float):
-        return float(text)
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"expected a number, got {text!r}") from None
     if isinstance(current, str):
         return text
     if isinstance(current, (tuple, list)):

@@ -499,7 +499,12 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
             state["params"] = params
             metrics_lib.say(f"lrulm: parameters from {c.init_from} (step {from_step})")
     step = int(jax.device_get(state["step"]))
-    if is_main:  # only now: a run that fails to start leaves the workdir's config as it was
+    if step > t.steps:
+        metrics_lib.say(
+            f"lrulm: the run is at step {step}, past train.steps={t.steps}: nothing to train "
+            "(raise train.steps to continue it)"
+        )
+    elif is_main:  # only now: a run that fails to start leaves the workdir's config as it was
         _write_config(config, workdir, resumed=restored is not None)
 
     # ---- Step functions ----------------------------------------------------------------

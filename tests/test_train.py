@@ -244,6 +244,13 @@ def test_profile_traces_the_steps_of_the_window(tmp_path, corpus, capsys):
 def test_unknown_config_key():
     with pytest.raises(config_lib.ConfigError, match="did you mean 'train.steps'"):
         _config("train.stpes=3")
+    with pytest.raises(config_lib.ConfigError, match="train.steps=abc: expected an integer"):
+        _config("train.steps=abc")
+    with pytest.raises(config_lib.ConfigError, match="train.steps=2.5: expected an integer"):
+        _config("train.steps=2.5")
+    with pytest.raises(config_lib.ConfigError, match="optim.lr=fast: expected a number"):
+        _config("optim.lr=fast")
+    assert _config("train.steps=1e3").train.steps == 1000
 
 
 def test_empty_data_file(tmp_path):
