@@ -1,7 +1,7 @@
 """The `lrulm` command line: parses flags, starts the distributed runtime, calls the library.
 
 lrulm train    --config CONFIG.py[:ARG] --workdir DIR [--config.a.b=VALUE ...]
-lrulm eval     --config CONFIG.py[:ARG] --workdir DIR [--step S] [--config.a.b=VALUE ...]
+lrulm eval     --workdir DIR [--config CONFIG.py[:ARG]] [--step S] [--config.a.b=VALUE ...]
 lrulm generate --workdir DIR (--prompt TEXT ... | --prompt_file FILE) [--num_samples K]
                [--step S] [--max_new_tokens N] [--temperature T] [--top_p P] [--top_k K]
                [--seed S] [--batch_size B] [--output FILE.jsonl]
@@ -30,7 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     for name, help_ in [("train", "train or resume"), ("eval", "evaluate a checkpoint")]:
         s = sub.add_parser(name, help=help_, epilog=overrides)
-        s.add_argument("--config", required=True, help="CONFIG.py[:ARG]")
+        if name == "eval":
+            s.add_argument(
+                "--config", help="CONFIG.py[:ARG]; default: the run's own (WORKDIR/config.json)"
+            )
+        else:
+            s.add_argument("--config", required=True, help="CONFIG.py[:ARG]")
         s.add_argument("--workdir", required=True)
         if name == "eval":
             s.add_argument("--step", type=int, default=None, help="default: the newest")
@@ -82,7 +87,17 @@ def _parser() -> argparse.ArgumentParser:
 def _config(args, extra):
     from lrulm import config as config_lib
 
-    return config_lib.load_with_overrides(args.config, config_lib.parse_overrides(extra))
+    overrides = config_lib.parse_overrides(extra)
+    if args.config:
+        return config_lib.load_with_overrides(args.config, overrides)
+    path = os.path.join(args.workdir, "config.json")  # `lrulm eval` without --config
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{args.workdir} has no config.json; give --config")
+    with open(path) as f:
+        config = config_lib.from_dict(json.load(f))
+    for key, value in overrides:
+        config_lib.override(config, key, value)
+    return config
 
 
 def main(argv: list[str]) -> int:
