@@ -74,6 +74,26 @@ def _path(keys) -> str:
     return "/".join(parts)
 
 
+def _differences(saved, want, *, extra: bool) -> list[str]:
+    """How two trees of arrays differ: shapes, arrays missing from `saved` and (extra)
+    arrays only in `saved`; parameters first."""
+    saved_shapes = {_path(k): tuple(v.shape) for k, v in _flatten(saved)}
+    want_shapes = {_path(k): tuple(v.shape) for k, v in _flatten(want)}
+    problems = [
+        f"{name}: checkpoint {saved_shapes[name]} vs this run {shape}"
+        for name, shape in want_shapes.items()
+        if name in saved_shapes and saved_shapes[name] != shape
+    ]
+    problems += [
+        f"{name}: not in the checkpoint" for name in want_shapes if name not in saved_shapes
+    ]
+    if extra:
+        problems += [
+            f"{name}: only in the checkpoint" for name in saved_shapes if name not in want_shapes
+        ]
+    return sorted(problems, key=lambda p: (not p.startswith("params"), p))
+
+
 @dataclass
 class Restored:
     step: int
@@ -171,24 +191,16 @@ class Checkpointer:
         they fit, or when the metadata does not read (damage is the caller's case)."""
         try:
             saved = self.manager.item_metadata(step)[STATE]
-            saved_shapes = {_path(k): tuple(v.shape) for k, v in _flatten(saved)}
+            if not _flatten(saved):  # Orbax reads a lost tree description as an empty tree
+                return
         except Exception:  # noqa: BLE001 - unreadable metadata is damage, not a mismatch
             return
-        if not saved_shapes:  # Orbax reads a missing tree description as an empty tree
-            return
-        want = {_path(k): tuple(v.shape) for k, v in _flatten(abstract_state)}
-        problems = [
-            f"{name}: checkpoint {saved_shapes[name]} vs this run {shape}"
-            for name, shape in want.items()
-            if name in saved_shapes and saved_shapes[name] != shape
-        ]
-        problems += [f"{name}: not in the checkpoint" for name in want if name not in saved_shapes]
-        problems += [f"{name}: only in the checkpoint" for name in saved_shapes if name not in want]
+        problems = _differences(saved, abstract_state, extra=True)
         if problems:
             raise CheckpointMismatch(
                 f"{os.path.join(self.directory, str(step))} was saved by a run with another "
                 f"model or optimizer config ({len(problems)} arrays differ):\n  "
-                + "\n  ".join(sorted(problems, key=lambda p: (not p.startswith("params"), p))[:10])
+                + "\n  ".join(problems[:10])
                 + "\nresume or evaluate it with the run's own config "
                 f"({os.path.join(self.workdir, 'config.json')}), or start a new workdir "
                 "(--config.checkpoint.init_from can take the parameters); nothing was changed"
@@ -327,16 +339,7 @@ def restore_params(path: str, abstract_params):
     directory, step = find_checkpoint_dir(path)
     item_dir = os.path.join(directory, str(step), STATE)
     checkpointer = ocp.PyTreeCheckpointer()
-    saved_params = saved_tree(item_dir)["params"]
-    mismatches = []
-    flat_saved = dict(jax.tree_util.tree_flatten_with_path(saved_params)[0])
-    for key, want in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
-        got = flat_saved.get(key)
-        name = jax.tree_util.keystr(key)
-        if got is None:
-            mismatches.append(f"{name}: missing from the checkpoint")
-        elif tuple(got.shape) != tuple(want.shape):
-            mismatches.append(f"{name}: checkpoint {tuple(got.shape)} vs model {tuple(want.shape)}")
+    mismatches = _differences(saved_tree(item_dir)["params"], abstract_params, extra=False)
     if mismatches:
         raise CheckpointMismatch(
             f"{path}: step {step}'s parameters do not fit this model:\n  "
