@@ -209,6 +209,19 @@ def test_profile_window_steps(start, count, run_from, total, window):
     assert profile.window == window
 
 
+def test_console_lines_read_as_numbers(tmp_path, capsys):
+    writer = metrics_lib.MetricWriter(str(tmp_path), enabled=True)
+    metrics = {"train/loss": 3.75183, "perf/tokens_per_s": 10040.4, "eval/tokens": 32768.0}
+    writer.progress_line(20, 40, metrics)
+    writer.summary_line("eval at step 20", {**metrics, "eval/loss": float("nan")})
+    writer.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].endswith("20/40 loss 3.752 tokens_per_s 10,040 tokens 32,768")
+    assert lines[1].endswith(
+        "eval at step 20: loss 3.752 tokens_per_s 10,040 tokens 32,768 loss nan"
+    )
+
+
 def _dispatches(trace_file, name):
     """How many times `name` was called in a trace (each call logs nested events)."""
     events = json.load(gzip.open(trace_file))["traceEvents"]
