@@ -102,7 +102,12 @@ def override(config: ConfigDict, key: str, text: str) -> None:
             node = node[part]
     current = node[leaf]
     if isinstance(current, ConfigDict):
-        raise ConfigError(f"{key!r} is a group of settings; set one of its fields")
+        fields = ", ".join(sorted(current.keys())[:12])
+        more = ", ..." if len(current) > 12 else ""
+        raise ConfigError(
+            f"{key!r} is a group of settings; set one of its fields "
+            f"(--config.{key}.FIELD=VALUE; fields: {fields}{more})"
+        )
     try:
         node[leaf] = _parse(text, current)
     except (ValueError, TypeError, SyntaxError) as e:

@@ -263,6 +263,8 @@ def test_unknown_config_key():
         _config("train.steps=2.5")
     with pytest.raises(config_lib.ConfigError, match="optim.lr=fast: expected a number"):
         _config("optim.lr=fast")
+    with pytest.raises(config_lib.ConfigError, match=r"group of settings.*fields: .*num_layers"):
+        _config("model=3")
     assert _config("train.steps=1e3").train.steps == 1000
 
 
