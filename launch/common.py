@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import re
 import shlex
 import subprocess
 import sys
@@ -41,8 +42,13 @@ def parse_env(pairs: list[str] | None) -> dict[str, str]:
     env = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
-            sys.exit(f"error: --env {pair!r} is not KEY=VALUE")
+        # The key goes unquoted into shell lines (`export K=V`, `K=V command`): a name with a
+        # space or a quote in it would run something else.
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            sys.exit(
+                f"error: --env {pair!r} is not KEY=VALUE with KEY a variable name "
+                "(letters, digits, _; not starting with a digit)"
+            )
         env[key] = value
     return env
 

@@ -12,12 +12,12 @@ times; the restarted command resumes from the shared workdir. --dry_run prints t
 --print_xpk prints the equivalent `xpk workload create` command; otherwise `kubectl apply -f -`.
 
 The pods share only the volumes mounted in them, so the workdir must be on one: every bucket
-that a /gcs/BUCKET/... path in the command names (or --gcs_bucket) is mounted there with the
-GKE Cloud Storage FUSE CSI driver (enabled on the cluster; --service_account names a
-Kubernetes service account allowed to use the bucket through Workload Identity; pods on host
-networking, as here, need a GKE version whose driver supports them), and --pvc CLAIM:/path
-mounts a PersistentVolumeClaim (Filestore, NFS). A multi-host run with its workdir on no
-mount is refused.
+that a /gcs/BUCKET/... path in the command or an --env value names (or --gcs_bucket) is
+mounted there with the GKE Cloud Storage FUSE CSI driver (enabled on the cluster;
+--service_account names a Kubernetes service account allowed to use the bucket through Workload
+Identity; pods on host networking, as here, need a GKE version whose driver supports them),
+and --pvc CLAIM:/path mounts a PersistentVolumeClaim (Filestore, NFS). A multi-host run with
+its workdir on no mount is refused.
 """
 
 from __future__ import annotations
@@ -271,8 +271,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dry_run", action="store_true", help="print the manifest only")
     args = parser.parse_args(own)
     command = common.resolve_command(command, args.config, args.workdir)
-    slice_ = tpu_slice(args.accelerator_type, args.topology)
-    buckets = list(dict.fromkeys([*args.gcs_bucket, *buckets_in(command)]))
+    try:
+        slice_ = tpu_slice(args.accelerator_type, args.topology)
+    except ValueError as e:
+        parser.error(str(e))
+    env = common.parse_env(args.env)
+    # e.g. --env JAX_COMPILATION_CACHE_DIR=/gcs/BUCKET/xla-cache: mounted like the command's
+    buckets = list(
+        dict.fromkeys([*args.gcs_bucket, *buckets_in(command), *buckets_in(list(env.values()))])
+    )
     claims = parse_claims(args.pvc)
     if args.print_xpk:
         print(shlex.join(xpk_command(args, slice_, command)))
@@ -292,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         slice_,
         image=args.image,
         command=command,
-        env=common.parse_env(args.env),
+        env=env,
         namespace=args.namespace,
         max_restarts=args.max_restarts,
         termination_grace_s=args.termination_grace_s,

@@ -299,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         command = ["lrulm", "train", "--config", args.config, "--workdir", args.workdir]
     if args.num_processes < 1 or args.devices_per_process < 1:
         parser.error("--num_processes and --devices_per_process must be at least 1")
+    if args.port is not None and not 0 < args.port < 65536:
+        parser.error(f"--port {args.port} is not a TCP port (1-65535)")
     if args.dry_run:
         port = args.port or free_port()
         for i in range(args.num_processes):

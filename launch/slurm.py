@@ -8,9 +8,14 @@
 SLURM_PROCID, SLURM_STEP_NODELIST; the coordinator is the first node). The script exports
 JAX_LOCAL_DEVICE_IDS because that detection otherwise gives each task only one GPU. When a task
 fails, `--kill-on-bad-exit` ends the others. SIGTERM arrives --signal_s seconds before the time
-limit (and on preemption), the trainer saves and exits 0, and with --requeue SLURM restarts the
-job, which resumes from the same workdir (on a filesystem every node shares). --dry_run prints
-the script; otherwise it is piped to `sbatch`.
+limit (and on preemption), and the trainer saves and exits 0. SLURM requeues a --requeue job by
+itself only after a preemption or a node failure, not at its time limit, so with --requeue the
+script itself requeues the job after the trainers have stopped for the time limit: it runs srun
+in the background and, on the USR1 SLURM sends it --signal_s seconds before the limit, sends
+the tasks SIGTERM (`scancel --signal=TERM`), waits for them to save and exit 0, and calls
+`scontrol requeue`. The requeued job resumes from the same workdir (on a filesystem every node
+shares) and appends to the same log. --dry_run prints the script; otherwise it is piped to
+`sbatch`.
 """
 
 from __future__ import annotations
@@ -41,15 +46,17 @@ def sbatch_script(args: argparse.Namespace, command: list[str], env: dict[str, s
         "cpus-per-task": args.cpus_per_task,
         "time": args.time,
         "output": args.output,
-        # Without "B:", SLURM signals the job steps (the trainers), not the batch shell.
-        "signal": f"TERM@{args.signal_s}",
+        # Without "B:", SLURM signals the job steps (the trainers), not the batch shell; with
+        # --requeue the batch shell takes the signal, stops the trainers and requeues the job.
+        "signal": f"B:USR1@{args.signal_s}" if args.requeue else f"TERM@{args.signal_s}",
         "partition": args.partition,
         "account": args.account,
     }
     lines = ["#!/bin/bash"]
     lines += [f"#SBATCH --{k}={v}" for k, v in directives.items() if v is not None]
     if args.requeue:
-        lines.append("#SBATCH --requeue")
+        # A requeued job writes the same log file: keep the earlier runs' lines.
+        lines += ["#SBATCH --requeue", "#SBATCH --open-mode=append"]
     lines += ["", "set -eo pipefail", ""]
     lines += list(args.setup or [])
     lines.append(
@@ -59,8 +66,30 @@ def sbatch_script(args: argparse.Namespace, command: list[str], env: dict[str, s
     device_ids = ",".join(str(i) for i in range(args.gpus_per_node))
     lines.append(f"export JAX_LOCAL_DEVICE_IDS={device_ids}")
     lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
-    lines += ["", f"srun --kill-on-bad-exit=1 {shlex.join(command)}", ""]
+    srun = f"srun --kill-on-bad-exit=1 {shlex.join(command)}"
+    lines += ["", *(_REQUEUE.format(srun=srun) if args.requeue else srun).splitlines(), ""]
     return "\n".join(lines)
+
+
+# SLURM requeues a --requeue job after a preemption or a node failure, never at its time limit:
+# a job whose trainers saved and exited 0 there would just end. So the batch shell takes the
+# time-limit signal (USR1, --signal=B:...), has SLURM send SIGTERM to every task (scancel
+# --signal signals the steps, not this shell; a SIGTERM to srun itself would make it SIGKILL
+# the tasks), and once they have saved and exited 0, requeues the job. `wait` returns early
+# when a trapped signal arrives, hence the loop until srun has really exited.
+_REQUEUE = """\
+time_limit=
+trap 'time_limit=1; scancel --signal=TERM "$SLURM_JOB_ID" || true' USR1
+{srun} &
+srun_pid=$!
+until wait "$srun_pid"; status=$?; [ "$status" -lt 128 ] || ! kill -0 "$srun_pid" 2>/dev/null
+do :; done
+if [ -n "$time_limit" ] && [ "$status" -eq 0 ]; then
+  echo "lrulm: stopped for the time limit; requeueing job $SLURM_JOB_ID to resume" >&2
+  scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$status"
+"""
 
 
 def main(argv: list[str] | None = None) -> None:

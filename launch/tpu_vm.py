@@ -166,6 +166,11 @@ def main(argv: list[str] | None = None) -> None:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     args = parser.parse_args(own)
+    if args.accelerator_type:
+        try:  # before anything is created
+            tpu_slice(args.accelerator_type)
+        except ValueError as e:
+            parser.error(str(e))
     if args.action == "up" and args.detach and args.delete_after:
         parser.error("--delete_after would delete the slice under a --detach'ed run")
     run = common.Runner(args.dry_run)

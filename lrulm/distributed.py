@@ -81,6 +81,18 @@ def _int_env(found: tuple[str, str]) -> int:
         raise ValueError(f"{name}={value!r} is not an integer; set it to a whole number") from None
 
 
+def _address_env(found: tuple[str, str]) -> str:
+    """The coordinator address `host:port` (or `[ipv6]:port`) of an explicit variable."""
+    name, value = found
+    host, sep, port = value.rpartition(":")
+    if not (sep and host.strip("[]") and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(
+            f"{name}={value!r} is not host:port; set it to process 0's host and a free port "
+            "(1-65535), e.g. 10.0.0.2:1234"
+        )
+    return value
+
+
 def _timeout_env(name: str, default: int) -> int:
     value = os.environ.get(name, "").strip()
     return _int_env((name, value)) if value else default
@@ -151,10 +163,10 @@ def detect() -> Environment:
         num_processes, process_id = _int_env(num), _int_env(pid)
         if not 0 <= process_id < num_processes:
             raise ValueError(f"{pid[0]}={process_id} must be in [0, {num[0]}={num_processes})")
-        return Environment("env", num_processes, process_id, address[1])
+        return Environment("env", num_processes, process_id, _address_env(address))
     if address:
         # Only the address: jax finds the process count and index in the cluster environment.
-        return Environment("env", coordinator_address=address[1])
+        return Environment("env", coordinator_address=_address_env(address))
     env = os.environ
     if "OMPI_MCA_orte_hnp_uri" in env and int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
         return Environment(

@@ -44,7 +44,14 @@ def _axis_sizes(spec: dict[str, int], num_devices: int) -> dict[str, int]:
     sizes = {axis: int(spec.get(axis, 1)) for axis in MESH_AXES}
     rest = [axis for axis, size in sizes.items() if size == -1]
     if len(rest) > 1:
-        raise ValueError(f"only one mesh axis may be -1 (the rest); got {rest}")
+        given = " and ".join(f"mesh.{axis}=-1" for axis in rest)
+        keep = "sequence" if "sequence" in rest else rest[-1]
+        others = ", ".join(f"mesh.{axis}=1" for axis in rest if axis != keep)
+        default = " (mesh.data defaults to -1)" if "data" in rest else ""
+        raise ValueError(
+            f"only one mesh axis may be -1 (the rest); got {given}{default}: give the others "
+            f"a size, e.g. --config.{others.replace(', ', ' --config.')}"
+        )
     for axis, size in sizes.items():
         if size == 0 or size < -1:
             raise ValueError(f"mesh.{axis}={size}; use a positive size or -1 for the rest")

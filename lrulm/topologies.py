@@ -353,8 +353,20 @@ def parse_target(text: str) -> Topology | GpuTopology:
     return GpuTopology(GPU_KINDS[kind], int(count), int(hosts))
 
 
+def describe(text: str) -> TpuSlice:
+    """The slice an accelerator type (`v5p-128`) or a topology (`v5p:4x4x4`) names."""
+    if ":" not in text:
+        return tpu_slice(text)
+    topo = parse_topology(text)
+    gen = topo.generation
+    return tpu_slice(f"{gen.accelerator_name}-{topo.chips * gen.cores_per_name_unit}", topo.shape)
+
+
 if __name__ == "__main__":
     import sys
 
     for arg in sys.argv[1:] or ["v4-32", "v5p-128", "v5litepod-8", "v5litepod-16", "v6e-256"]:
-        print(tpu_slice(arg))
+        try:
+            print(describe(arg))
+        except ValueError as e:
+            sys.exit(f"error: {e}")

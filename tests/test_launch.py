@@ -315,6 +315,30 @@ def test_child_env_replaces_device_count_and_sets_identity():
     assert env["JAX_PLATFORMS"] == "cpu" and "JAX_PROCESS_ID" not in env
 
 
+@pytest.mark.parametrize("address", ["localhost", "10.0.0.1:70000", "10.0.0.1:", ":1234"])
+def test_a_coordinator_address_without_a_usable_port_is_refused(monkeypatch, address):
+    """What the launchers and launch/README.md's table set: a missing or out-of-range port
+    is a ValueError naming the variable (it was an int() error, or an OverflowError
+    traceback from process 0's port check), before jax is started."""
+    from lrulm import distributed
+
+    for name in (*_JOB_VARS, "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LRULM_COORDINATOR_ADDRESS", address)
+    monkeypatch.setenv("LRULM_NUM_PROCESSES", "2")
+    monkeypatch.setenv("LRULM_PROCESS_ID", "0")
+    with pytest.raises(ValueError, match=r"LRULM_COORDINATOR_ADDRESS=.* is not host:port"):
+        distributed.detect()
+    monkeypatch.setenv("LRULM_COORDINATOR_ADDRESS", "[::1]:1234")
+    assert distributed.detect().coordinator_address == "[::1]:1234"
+    result = subprocess.run(
+        [sys.executable, str(LAUNCH / "local.py"), "--num_processes", "2", "--port", "70000",
+         "--dry_run", "--", "true"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2 and "--port 70000 is not a TCP port" in result.stderr
+
+
 # --- dry runs of the cluster launchers -------------------------------------------------------
 
 
@@ -454,6 +478,15 @@ def test_gke_mounts_the_volumes_the_command_uses():
     ]
     assert pod["volumes"][2]["persistentVolumeClaim"] == {"claimName": "filestore"}
     assert pod["serviceAccountName"] == "ksa"
+    # A bucket only an --env value names (launch/README.md: the compilation cache) too.
+    cache = ["--env", "JAX_COMPILATION_CACHE_DIR=/gcs/cache-bkt/xla"]
+    out, _ = _dry("gke.py", *base, *cache, "--", *TRAIN)
+    pod = yaml.safe_load(out)["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    mounts = pod["containers"][0]["volumeMounts"]
+    assert [m["mountPath"] for m in mounts] == ["/gcs/bkt", "/gcs/cache-bkt"]
+    assert {"name": "JAX_COMPILATION_CACHE_DIR", "value": "/gcs/cache-bkt/xla"} in (
+        pod["containers"][0]["env"]
+    )
     # A multi-host run whose workdir is on no mount is refused; on one host, a warning.
     local = [*TRAIN[:-1], "/local/run"]
     refused = subprocess.run(
@@ -534,10 +567,89 @@ def test_slurm_dry_run():
         "--gpus-per-node=8",
         "--partition=gpu",
         "--time=2:00:00",
-        "--signal=TERM@300",
+        "--signal=B:USR1@300",  # to the batch shell, which stops the trainers and requeues
         "--requeue",
+        "--open-mode=append",
     ):
         assert f"#SBATCH {directive}\n" in out
     assert "export JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7\n" in out
     assert "export X=1\n" in out
     assert "srun --kill-on-bad-exit=1 " + " ".join(TRAIN) in out
+    # Without --requeue the trainers themselves get SIGTERM before the time limit.
+    out, _ = _dry("slurm.py", "--nodes", "2", "--dry_run", "--", *TRAIN)
+    assert "#SBATCH --signal=TERM@300\n" in out and "requeue" not in out
+    assert "\nsrun --kill-on-bad-exit=1 " + " ".join(TRAIN) + "\n" in out
+
+
+_FAKE_SRUN = """#!/bin/bash
+echo $$ > "$LOG.srun_pid"
+echo "srun $*" >> "$LOG"
+trap 'echo "srun got TERM" >> "$LOG"; sleep 0.3; exit 0' TERM  # the trainers save, exit 0
+for _ in $(seq 30); do sleep 0.05; done
+echo "srun finished" >> "$LOG"
+"""
+
+
+@pytest.mark.parametrize("time_limit", [True, False])
+def test_slurm_requeue_script_requeues_after_the_time_limit_signal(tmp_path, time_limit):
+    """SLURM requeues a --requeue job only after a preemption, not at the time limit: the
+    script itself must stop the trainers when SLURM signals it and requeue the job, and
+    leave a job that finished on its own alone. Run with bash and stand-in srun, scancel
+    and scontrol."""
+    script, _ = _dry("slurm.py", "--nodes", "2", "--requeue", "--dry_run", "--", *TRAIN)
+    bin_dir, log = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(_FAKE_SRUN)
+    (bin_dir / "scontrol").write_text('#!/bin/bash\necho "scontrol $*" >> "$LOG"\n')
+    # scancel --signal=TERM: SLURM signals the tasks (here the stand-in srun), not the script
+    scancel = '#!/bin/bash\necho "scancel $*" >> "$LOG"\nkill -TERM "$(cat "$LOG.srun_pid")"\n'
+    (bin_dir / "scancel").write_text(scancel)
+    for name in ("srun", "scontrol", "scancel"):
+        (bin_dir / name).chmod(0o755)
+    (tmp_path / "job.sh").write_text(script)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", LOG=str(log))
+    env["SLURM_JOB_ID"] = "4242"
+    proc = subprocess.Popen(["bash", str(tmp_path / "job.sh")], env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 10
+    while not (log.exists() and "srun " in log.read_text()):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    if time_limit:
+        os.kill(proc.pid, signal.SIGUSR1)  # what --signal=B:USR1@N sends the batch shell
+    _, err = proc.communicate(timeout=20)
+    lines = log.read_text().splitlines()
+    assert proc.returncode == 0, err
+    assert lines[0] == "srun --kill-on-bad-exit=1 " + " ".join(TRAIN)
+    if time_limit:
+        expected = ["scancel --signal=TERM 4242", "srun got TERM", "scontrol requeue 4242"]
+        assert lines[1:] == expected, lines
+        assert b"requeueing job 4242" in err
+    else:
+        assert lines[1:] == ["srun finished"], lines
+
+
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("gke.py", ["--name", "a", "--image", "i", "--accelerator_type", "v5p-127"],
+         "v5p-127 is not a whole number of chips"),
+        ("gke.py", ["--name", "a", "--image", "i", "--accelerator_type", "v5p-128",
+                    "--topology", "4x4x5"], "topology 4x4x5 does not have the 64 chips"),
+        ("tpu_vm.py", ["up", "--name", "a", "--zone", "z", "--project", "p",
+                       "--accelerator_type", "v5e-12"], "no default topology"),
+        ("tpu_vm.py", ["run", "--name", "a", "--zone", "z", "--project", "p",
+                       "--accelerator_type", "tpu-8"], "unknown TPU accelerator type 'tpu-8'"),
+        ("slurm.py", ["--nodes", "2", "--env", "A B=1"], "is not KEY=VALUE"),
+        ("tpu_vm.py", ["run", "--name", "a", "--zone", "z", "--project", "p",
+                       "--env", "X;rm -rf ~=1"], "is not KEY=VALUE"),
+    ],
+)  # fmt: skip
+def test_launchers_refuse_bad_flags_with_a_message(script, args, message):
+    """A misspelt slice or an --env name that is no variable name (it goes unquoted into
+    shell lines) is an error message before anything runs, not a traceback."""
+    result = subprocess.run(
+        [sys.executable, str(LAUNCH / script), *args, "--dry_run", "--", *TRAIN],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode in (1, 2) and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""

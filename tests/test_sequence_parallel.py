@@ -215,12 +215,21 @@ def test_training_with_a_sequence_axis_gives_the_same_losses(tmp_path, corpus):
         workdir = str(tmp_path / name)
         train.train_and_evaluate(config, workdir, devices=devices)
         rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-        return [r["train/loss"] for r in rows if "train/loss" in r]
+        return [(r["train/loss"], r["train/grad_norm"]) for r in rows if "train/loss" in r]
 
+    # the gradients' norms too: the first step's loss does not depend on the backward pass
     full = losses("dp2", [("mesh.data", "2")], jax.devices()[:2])
     split = losses("dp2_sp4", [("mesh.data", "2"), ("mesh.sequence", "4")], None)
     assert len(full) == 4
     np.testing.assert_allclose(split, full, rtol=1e-5)
+
+
+def test_a_sequence_axis_of_the_rest_says_to_size_the_data_axis():
+    """mesh.data defaults to -1, so `--config.mesh.sequence=-1` alone names two axes "the
+    rest": the error says which flag to add."""
+    with pytest.raises(ValueError, match=r"mesh.data=-1 and mesh.sequence=-1 .*mesh.data=1$"):
+        sharding.make_mesh(dict(data=-1, sequence=-1))
+    assert dict(sharding.make_mesh(dict(data=1, sequence=-1)).shape)["sequence"] == 8
 
 
 def test_split_layer_needs_no_more_memory_than_unsplit():

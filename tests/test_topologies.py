@@ -117,3 +117,21 @@ def test_launchers_need_only_the_standard_library(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "16 pods x 4 chips, topology 4x4x4" in result.stdout
+
+
+def test_topologies_cli_takes_both_spellings_and_says_what_is_wrong():
+    """`python -m lrulm.topologies` (launch/README.md) prints the slice of an accelerator
+    type or a GENERATION:SHAPE topology, and a bad name is a one-line error, no traceback."""
+    run = lambda *names: subprocess.run(
+        [sys.executable, "-m", "lrulm.topologies", *names], capture_output=True, text=True,
+        timeout=30,
+    )  # fmt: skip
+    result = run("v5p:4x4x4", "v5e:4x4")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "accelerator_type='v5p-128'" in lines[0] and "hosts=16" in lines[0]
+    assert "accelerator_type='v5litepod-16'" in lines[1] and "hosts=4" in lines[1]
+    assert topologies.describe("v5p:4x4x12") == topologies.tpu_slice("v5p-384", "4x4x12")
+    result = run("v5p-127")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: v5p-127 is not a whole number of chips")
