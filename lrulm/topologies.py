@@ -161,6 +161,12 @@ def parse_topology(text: str) -> Topology:
         gen = _BY_NAME.get(m.group(1))
         ndim = gen.dims if gen is not None else 2
         if gen is not None and len(m.group(2).split("x")) == ndim and "x0" not in "x" + m[2]:
+            chips = math.prod(int(d) for d in m.group(2).split("x"))
+            if chips > gen.max_chips:
+                raise ValueError(
+                    f"TPU topology {text!r} has {chips} chips; the largest {gen.name} slice "
+                    f"has {gen.max_chips}"
+                )
             return Topology(gen, m.group(2))
         if gen is not None:
             raise ValueError(

@@ -83,6 +83,12 @@ def test_bad_topology_names_list_the_valid_forms(text):
     assert "v5litepod-16" in str(e.value) and "TensorCores" in str(e.value)
 
 
+@pytest.mark.parametrize("text, chips", [("v5e:16x32", 512), ("v5p:16x16x32", 8192)])
+def test_a_shape_larger_than_the_largest_slice_is_refused(text, chips):
+    with pytest.raises(ValueError, match=f"has {chips} chips; the largest .* slice has"):
+        topologies.parse_topology(text)
+
+
 def test_shape_table_doubles_the_last_smallest_side():
     for dims, shapes in topologies.SHAPES.items():
         previous = None
