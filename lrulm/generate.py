@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 
 import jax
@@ -30,8 +31,8 @@ from lrulm.model import LanguageModel
 
 
 def check_sampling(temperature: float, top_p: float, top_k: int, max_new_tokens: int) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy); got {temperature}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy); got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1]; got {top_p}")
     if top_k < 0:
@@ -46,7 +47,7 @@ def sample_logits(key, logits, *, temperature: float, top_p: float, top_k: int):
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
-    if top_k:
+    if 0 < top_k < logits.shape[-1]:  # a top_k as large as the vocabulary keeps it all
         kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if top_p < 1.0:
@@ -88,7 +89,9 @@ def prefill(model: LanguageModel, prompts: list[list[int]], *, chunk_size: int =
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     longest = max(len(p) for p in prompts)
-    chunk = min(chunk_size, longest)
+    # Chunks of a power of two: batches of other lengths reuse the compiled chunk (the
+    # left padding costs a little compute, no correctness: the resets drop its state).
+    chunk = min(chunk_size, 1 << (longest - 1).bit_length())
     tokens, resets = _left_pad(prompts, chunk)
     graphdef, params = nnx.split(model)
     states = model.init_state(len(prompts))
@@ -120,14 +123,17 @@ def _decode(
     temperature,
     top_p,
     top_k,
-    num_tokens,
+    num_tokens=None,
 ):
     model = nnx.merge(graphdef, params)
     b = logits.shape[0]
     vocab = logits.shape[-1]
     # The model's vocabulary may be padded past the tokenizer's (tasks.lm_vocab_size):
-    # those rows were never targets, and ids there decode to nothing.
-    real = jnp.arange(vocab) < (vocab if num_tokens is None else num_tokens)
+    # those rows were never targets, and ids there decode to nothing. Nor is PAD ever a
+    # target (the loss weighs it 0), and here it marks a finished row: drawn, it would
+    # end the row's text where the model has not stopped.
+    ids = jnp.arange(vocab)
+    real = (ids < (vocab if num_tokens is None else num_tokens)) & (ids != tok.PAD_ID)
     out = jnp.full((b, max_new_tokens), tok.PAD_ID, jnp.int32)
 
     def cond(carry):
@@ -229,7 +235,15 @@ def load_model(workdir: str, step: int | None = None):
             f"no checkpoint of step {step} in {checkpoints}; its steps: "
             + ", ".join(map(str, steps))
         )
-    sp = tok.load_tokenizer(os.path.join(workdir, "tokenizer.model"))
+    sp_path = os.path.join(workdir, "tokenizer.model")
+    if not os.path.exists(sp_path):
+        # A tokenizer trained now would not number pieces as the embeddings do.
+        given = f" (data.tokenizer={config.data.tokenizer})" if config.data.tokenizer else ""
+        raise FileNotFoundError(
+            f"no tokenizer at {sp_path}; copy there the tokenizer this run was trained "
+            f"with{given}: a new one would not match the model's embeddings"
+        )
+    sp = tok.load_tokenizer(sp_path)
     vocab = tasks.lm_vocab_size(sp, config.model.vocab_size)
     model_cfg = tasks.resolve_model_config(config.model, vocab_size=vocab)
     abstract = nnx.eval_shape(lambda: LanguageModel(model_cfg, rngs=nnx.Rngs(0)))
@@ -259,25 +273,32 @@ def load_model(workdir: str, step: int | None = None):
 def read_prompts(path: str) -> list[str]:
     """`--prompt_file`: JSON lines with a "prompt" (or "text") field, one prompt per line;
     any other file: each non-empty line is a prompt."""
+    if os.path.isdir(path):
+        raise ValueError(f"--prompt_file {path} is a directory; give a file of prompts")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--prompt_file {path} does not exist")
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            if not path.endswith((".jsonl", ".json")):
-                prompts.append(line)
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e}); one object per line") from None
-            text = record.get("prompt", record.get("text")) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise ValueError(f'{path}:{n}: needs a "prompt" (or "text") string field')
-            prompts.append(text)
+    # utf-8-sig: editors on Windows start files with a byte-order mark, not part of a prompt.
+    with open(path, encoding="utf-8-sig") as f:
+        try:
+            lines = list(f)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--prompt_file {path} is not UTF-8 text ({e})") from None
+    for n, line in enumerate(lines, 1):
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if not path.endswith((".jsonl", ".json")):
+            prompts.append(line)
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not JSON ({e}); one object per line") from None
+        text = record.get("prompt", record.get("text")) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise ValueError(f'{path}:{n}: needs a "prompt" (or "text") string field')
+        prompts.append(text)
     if not prompts:
         raise ValueError(f"--prompt_file {path} holds no prompts")
     return prompts

@@ -127,6 +127,13 @@ def main(argv: list[str]) -> int:
                     prompts += generate.read_prompts(args.prompt_file)
                 if not prompts:
                     parser.error("give --prompt TEXT (repeatable) or --prompt_file FILE")
+                if args.output:  # before generating anything: not after minutes of it
+                    parent = os.path.dirname(os.path.abspath(args.output))
+                    if os.path.isdir(args.output) or not os.access(parent, os.W_OK):
+                        parser.error(
+                            f"--output {args.output}: give a file in an existing, writable "
+                            "directory"
+                        )
                 distributed.initialize()
                 samples = generate.generate_texts(
                     args.workdir,

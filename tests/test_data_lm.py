@@ -214,3 +214,75 @@ def test_tokenizer_cli(tmp_path, corpus):
         text=True,
     )
     assert bad.returncode == 2 and "matches no files" in bad.stderr
+
+
+def test_tokenizer_learns_from_long_lines(tmp_path):
+    """SentencePiece drops sentences over 4192 bytes: a corpus of long lines (a paragraph
+    per line) crashed it, or left its words out of the vocabulary."""
+    words = ["lorem", "ipsum", "dolor", "sit", "amet", "consectetur"]
+    line = " ".join(words[i % 6] for i in range(3000))  # ~18 KB on one line
+    sp = tok.train_tokenizer([line, "a short line\n"], str(tmp_path / "t.model"), vocab_size=320)
+    assert len(sp.encode(" consectetur")) == 1  # a word of the long lines is one piece
+    for limit in (16, 64):
+        text = "wörd " * 40 + "日本語" * 30 + "x" * 100
+        pieces = list(tok._split_long(text, limit))
+        assert "".join(pieces) == text and len(pieces) > 1
+        assert all(len(p.encode("utf-8")) <= limit for p in pieces)
+
+
+def test_tokenizer_output_paths(tmp_path):
+    texts = ["def f(x):\n    return x\n"] * 20
+    with pytest.raises(ValueError, match="is a directory; give a file path"):
+        tok.train_tokenizer(texts, str(tmp_path), vocab_size=300)
+    assert tok.train_tokenizer(texts, str(tmp_path / "new" / "t.model"), vocab_size=300)
+
+
+def test_lone_surrogate_names_the_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": "a\\ud800b"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: the 'text' field is not valid Unicode"):
+        list(lm_data.read_documents(str(bad)))
+
+
+def test_prepare_data_bad_arguments(tmp_path, sp, monkeypatch):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    import prepare_data
+
+    class BoundedWriter(prepare_data.ArrayRecordWriter):
+        """Fails a run that would write the same record until the disk is full."""
+
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.count = 0
+
+        def write(self, record):
+            self.count += 1
+            assert self.count < 10_000, "writes without end"
+            super().write(record)
+
+    monkeypatch.setattr(prepare_data, "ArrayRecordWriter", BoundedWriter)
+    texts = ["x = 1\n" * 50]
+    for kwargs, message in [
+        (dict(seq_len=0, num_shards=1), "--seq_len must be positive"),  # it looped forever
+        (dict(seq_len=8, num_shards=0), "--num_shards must be positive"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            prepare_data.write_shards(texts, sp, output=str(tmp_path / "a"), **kwargs)
+        for f in os.listdir(tmp_path):
+            os.remove(tmp_path / f)
+    with pytest.raises(ValueError, match="fewer than one sequence"):
+        prepare_data.write_shards(texts, sp, seq_len=4096, output=str(tmp_path / "b"), num_shards=2)
+    assert os.listdir(tmp_path) == []  # no empty shards left for a glob to pick up
+    bad = iter(texts * 3 + [None])  # a failure after some sequences are written
+    with pytest.raises(TypeError):
+        prepare_data.write_shards(bad, sp, seq_len=8, output=str(tmp_path / "c"), num_shards=2)
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(ValueError, match="--output is a path prefix, not a directory"):
+        prepare_data.write_shards(texts, sp, seq_len=8, output=str(tmp_path), num_shards=2)
+    out = subprocess.run(
+        [sys.executable, "tools/prepare_data.py", "--input", str(tmp_path / "none*"),
+         "--tokenizer", str(tmp_path / "t.model"), "--seq_len", "8", "--output", "x"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "prepare_data: error: no tokenizer at" in out.stderr

@@ -1,5 +1,7 @@
 """Recurrent generation: step-by-step decoding equals the parallel model; sampling; errors."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -245,3 +247,105 @@ def test_generate_command_writes_jsonl(lm_workdir, tmp_path):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert none.returncode == 2 and "give --prompt TEXT" in none.stderr
+    for bad in (tmp_path, tmp_path / "missing" / "s.jsonl"):  # refused before generating
+        refused = subprocess.run(
+            [sys.executable, "-m", "lrulm", "generate", "--workdir", lm_workdir,
+             "--prompt", "x", "--output", str(bad)],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert refused.returncode == 2 and "existing, writable directory" in refused.stderr
+
+
+def test_pad_is_never_sampled():
+    """PAD marks a finished row: drawn mid-text it cut the row short though no stop id
+    came (a vocabulary of 8 makes it likely at every step)."""
+    small = LanguageModel(from_preset("test", vocab_size=8), rngs=nnx.Rngs(0))
+    out = gen.generate(
+        small, [[5, 6, 7]] * 4, max_new_tokens=30, temperature=3.0, seed=0, stop_ids=()
+    )
+    assert [len(row) for row in out] == [30] * 4
+    assert all(0 not in row for row in out)
+
+
+def test_top_k_past_the_vocabulary_keeps_it_all():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    keys = jax.random.split(jax.random.key(0), 64)
+
+    def draw(top_k):
+        sample = functools.partial(gen.sample_logits, temperature=1.0, top_p=1.0, top_k=top_k)
+        return jax.vmap(lambda k: sample(k, logits)[0])(keys)
+
+    np.testing.assert_array_equal(draw(100), draw(0))
+    np.testing.assert_array_equal(draw(4), draw(0))
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf")])
+def test_non_finite_temperature(model, temperature):
+    with pytest.raises(ValueError, match="temperature must be a number >= 0"):
+        gen.generate(model, _prompts([3]), temperature=temperature)
+
+
+def test_prefill_compiles_once_for_nearby_prompt_lengths(model):
+    gen._prefill_chunk.clear_cache()
+    for n in (5, 6, 7, 8):
+        gen.prefill(model, _prompts([n, 2], seed=n))
+    assert gen._prefill_chunk._cache_size() == 1
+
+
+def test_prompt_file_edge_cases(tmp_path):
+    bom = tmp_path / "p.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\n')  # a byte-order mark (Windows editors)
+    assert gen.read_prompts(str(bom)) == ["a"]
+    (tmp_path / "p.txt").write_bytes(b"\xef\xbb\xbfone\r\ntwo\n")
+    assert gen.read_prompts(str(tmp_path / "p.txt")) == ["one", "two"]
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n")
+    with pytest.raises(ValueError, match="latin1.txt is not UTF-8 text"):
+        gen.read_prompts(str(tmp_path / "latin1.txt"))
+    with pytest.raises(ValueError, match="is a directory"):
+        gen.read_prompts(str(tmp_path))
+
+
+def test_missing_tokenizer_is_not_sent_to_train_a_new_one(lm_workdir, tmp_path):
+    import shutil
+
+    shutil.copy(f"{lm_workdir}/config.json", tmp_path / "config.json")
+    (tmp_path / "checkpoints" / "8").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="copy there the tokenizer this run was trained"):
+        gen.load_model(str(tmp_path))
+
+
+def test_inspect_checkpoint(lm_workdir, tmp_path):
+    import os
+    import shutil
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    import inspect_checkpoint
+
+    text = inspect_checkpoint.describe(lm_workdir)
+    assert "steps [4, 8]" in text and "step 8 " in text
+    assert "data iterator process_0-of-1.json: {'next_index': 8}" in text
+    for name in ("nu_log", "theta_log", "gamma_log", "B_re", "C_im", "['embed']['embedding']"):
+        assert name in text
+    assert "opt_state" not in text and "opt_state" in inspect_checkpoint.describe(
+        lm_workdir, 4, show_all=True
+    )
+    with pytest.raises(ValueError, match="no checkpoint at step 5; there are"):
+        inspect_checkpoint.describe(lm_workdir, 5)
+    shutil.copytree(f"{lm_workdir}/checkpoints/4", tmp_path / "checkpoints" / "4")
+    (tmp_path / "checkpoints/4/data/process_0-of-1.json").write_text("{oops")
+    assert "process_0-of-1.json: does not read" in inspect_checkpoint.describe(str(tmp_path))
+
+
+def test_bench_generate_runs():
+    """tools/bench_generate.py drives prefill and the decode loop directly."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "tools/bench_generate.py", "--preset", "test", "--contexts", "16",
+         "--new_tokens", "4"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| 16 |" in out.stdout

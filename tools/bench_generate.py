@@ -53,6 +53,8 @@ def main():
     rows = []
     for ctx in [int(c) for c in args.contexts.split(",")]:
         prompts = [rng.integers(4, vocab, ctx).tolist() for _ in range(args.batch)]
+        warm = gen.prefill(model, prompts, chunk_size=args.prefill_chunk)  # compiles
+        jax.block_until_ready(warm)
         start = time.perf_counter()
         logits, states = gen.prefill(model, prompts, chunk_size=args.prefill_chunk)
         jax.block_until_ready(states)

@@ -55,7 +55,10 @@ def describe(workdir: str, step: int | None = None, show_all: bool = False) -> s
         for name in sorted(os.listdir(data_dir)):
             if name.startswith("process_"):
                 with open(os.path.join(data_dir, name)) as f:
-                    state = json.load(f)
+                    try:
+                        state = json.load(f)
+                    except json.JSONDecodeError as e:
+                        state = f"does not read ({e}): damaged"
                 lines.append(f"  data iterator {name}: {state}")
     tree = ckpt_lib.saved_tree(os.path.join(path, "state"))
     groups = (

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
@@ -29,11 +30,21 @@ from lrulm.data import tokenizer as tok
 def write_shards(texts, sp, *, seq_len: int, output: str, num_shards: int) -> dict:
     """Packs the documents' tokens (EOS after each) into windows of seq_len + 1 and writes
     them round-robin to num_shards ArrayRecord files `output-XXXXX-of-NNNNN.arrayrecord`."""
+    if seq_len < 1:
+        raise ValueError(f"--seq_len must be positive; got {seq_len}")
+    if num_shards < 1:
+        raise ValueError(f"--num_shards must be positive; got {num_shards}")
+    if os.path.isdir(output) or output.endswith(os.sep):
+        raise ValueError(
+            f"--output is a path prefix, not a directory: e.g. {os.path.join(output, 'train')} "
+            "writes train-00000-of-NNNNN.arrayrecord there"
+        )
     os.makedirs(os.path.dirname(os.path.abspath(output)) or ".", exist_ok=True)
     paths = [f"{output}-{i:05d}-of-{num_shards:05d}.arrayrecord" for i in range(num_shards)]
     writers = [ArrayRecordWriter(p, "group_size:1") for p in paths]
     buffer = np.zeros((0,), np.uint32)
     count = num_tokens = 0
+    done = False
     try:
         for text in texts:
             ids = np.asarray(sp.encode(text) + [tok.EOS_ID], np.uint32)
@@ -44,9 +55,14 @@ def write_shards(texts, sp, *, seq_len: int, output: str, num_shards: int) -> di
                 writers[count % num_shards].write(buffer[: seq_len + 1].tobytes())
                 buffer = buffer[seq_len:]
                 count += 1
+        done = True
     finally:
         for w in writers:
             w.close()
+        if not done or count == 0:  # leave no partial or empty shards for a glob to find
+            for path in paths:
+                if os.path.exists(path):
+                    os.remove(path)
     if count == 0:
         raise ValueError(
             f"the corpus has {num_tokens} tokens, fewer than one sequence of "
@@ -63,12 +79,16 @@ def main():
     p.add_argument("--output", required=True, help="path prefix of the shards")
     p.add_argument("--num_shards", type=int, default=8)
     args = p.parse_args()
-    sp = tok.load_tokenizer(args.tokenizer)
-    files = lm_data.expand_globs(args.input, "--input")
-    texts = (d for f in files for d in lm_data.read_documents(f))
-    info = write_shards(
-        texts, sp, seq_len=args.seq_len, output=args.output, num_shards=args.num_shards
-    )
+    try:
+        sp = tok.load_tokenizer(args.tokenizer)
+        files = lm_data.expand_globs(args.input, "--input")
+        texts = (d for f in files for d in lm_data.read_documents(f))
+        info = write_shards(
+            texts, sp, seq_len=args.seq_len, output=args.output, num_shards=args.num_shards
+        )
+    except (FileNotFoundError, ValueError) as e:
+        print(f"prepare_data: error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(
         f"wrote {info['sequences']} sequences of {args.seq_len} + 1 tokens "
         f"({info['tokens']} tokens) to {len(info['files'])} shards {args.output}-*"

@@ -98,6 +98,12 @@ def read_documents(path: str) -> Iterator[str]:
                         f"{path}:{lineno}: the {TEXT_FIELD!r} field is a "
                         f"{type(text).__name__}, not a string"
                     )
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:  # a lone surrogate escape, e.g. "\ud800"
+                    raise ValueError(
+                        f"{path}:{lineno}: the {TEXT_FIELD!r} field is not valid Unicode ({e})"
+                    ) from None
                 if text:
                     yield text
         return

@@ -17,14 +17,41 @@ import sentencepiece as spm
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
+# SentencePiece skips, without a word, every training sentence longer than its
+# max_sentence_length (4192 bytes by default): long lines (a paragraph per line, minified
+# code, JSON) are cut into pieces of at most this many bytes instead, and the limit
+# passed is 4x that, room for whitespace escaped to the 3-byte U+2581.
+_MAX_LINE_BYTES = 4096
+
+
+def _split_long(line: str, limit: int = _MAX_LINE_BYTES) -> Iterator[str]:
+    """The line in pieces of at most `limit` UTF-8 bytes, cut after whitespace where
+    there is some in the second half of a piece, and never inside a character."""
+    if len(line) <= limit // 4:  # at most 4 bytes a character: short enough
+        yield line
+        return
+    data = line.encode("utf-8")
+    while len(data) > limit:
+        cut = limit
+        while data[cut] & 0xC0 == 0x80:  # a continuation byte: back to the character start
+            cut -= 1
+        space = max(data.rfind(b" ", 0, cut), data.rfind(b"\t", 0, cut))
+        if space >= limit // 2:
+            cut = space + 1
+        yield data[:cut].decode("utf-8")
+        data = data[cut:]
+    if data:
+        yield data.decode("utf-8")
+
 
 def _lines(texts: Iterable[str], max_lines: int, seed: int) -> Iterator[str]:
-    """Non-blank lines of the texts, a seeded reservoir sample if there are too many."""
+    """Non-blank lines of the texts (long ones in pieces), a seeded reservoir sample if
+    there are too many."""
     rng = random.Random(seed)
     sample: list[str] = []
     seen = 0
     for text in texts:
-        for line in text.split("\n"):
+        for line in (p for whole in text.split("\n") for p in _split_long(whole)):
             if not line.strip():
                 continue
             seen += 1
@@ -52,6 +79,11 @@ def train_tokenizer(
     at the start of a line tokenizes the same way inside a whole document as in
     training. Newlines are a user-defined symbol: one token each.
     """
+    if os.path.isdir(output_path) or output_path.endswith(os.sep):
+        raise ValueError(
+            f"the tokenizer output {output_path} is a directory; give a file path, e.g. "
+            f"{os.path.join(output_path, 'tokenizer.model')}"
+        )
     if vocab_size < 300:
         raise ValueError(
             f"vocab_size {vocab_size} is too small: byte fallback alone needs 260 "
@@ -74,6 +106,7 @@ def train_tokenizer(
             allow_whitespace_only_pieces=True,
             add_dummy_prefix=False,
             split_digits=True,
+            max_sentence_length=4 * _MAX_LINE_BYTES,
             user_defined_symbols=["\n"],
             pad_id=PAD_ID,
             unk_id=UNK_ID,
@@ -93,6 +126,7 @@ def train_tokenizer(
             f"and the byte and control pieces need {needed.group(1)}; use at least that "
             "(--config.data.vocab_size, or `lrulm tokenizer train --vocab_size`)"
         ) from None
+    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
     tmp = output_path + ".tmp"
     with open(tmp, "wb") as f:
         f.write(model.getvalue())
