@@ -364,8 +364,7 @@ def describe(text: str) -> TpuSlice:
     if ":" not in text:
         return tpu_slice(text)
     topo = parse_topology(text)
-    gen = topo.generation
-    return tpu_slice(f"{gen.accelerator_name}-{topo.chips * gen.cores_per_name_unit}", topo.shape)
+    return tpu_slice(topo.accelerator_type, topo.shape)
 
 
 if __name__ == "__main__":

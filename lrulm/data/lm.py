@@ -74,6 +74,14 @@ def expand_globs(patterns: str | Sequence[str], what: str) -> list[str]:
     return files
 
 
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def read_documents(path: str) -> Iterator[str]:
     """Documents in a file: each JSON line's "text" for .jsonl/.json, else the whole file."""
     if path.endswith((".jsonl", ".json")):
@@ -98,12 +106,11 @@ def read_documents(path: str) -> Iterator[str]:
                         f"{path}:{lineno}: the {TEXT_FIELD!r} field is a "
                         f"{type(text).__name__}, not a string"
                     )
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError as e:  # a lone surrogate escape, e.g. "\ud800"
+                if not text.isascii() and not _encodes(text):  # a lone surrogate, "\ud800"
                     raise ValueError(
-                        f"{path}:{lineno}: the {TEXT_FIELD!r} field is not valid Unicode ({e})"
-                    ) from None
+                        f"{path}:{lineno}: the {TEXT_FIELD!r} field is not valid Unicode "
+                        "(a lone surrogate escape)"
+                    )
                 if text:
                     yield text
         return
