@@ -399,3 +399,59 @@ def test_pytest_failures_at_once_prints_each_failure_before_the_session_ends(tmp
     bad = "FAILED test_x.py::test_bad (call) - E AssertionError: the value | E assert 1 == 2"
     assert bad in lines and lines.index(bad) < lines.index("LATER"), out.stderr
     assert any(x.startswith("FAILED test_x.py::test_setup_error (setup) - ") for x in lines)
+
+
+def test_baseline_reference_lru_computes_what_lrulm_computes(monkeypatch):
+    """tools/bench_baseline.py's reference layer (complex parameters, associative_scan,
+    one example at a time) and lrulm.lru.LRU give the same values and gradients with the
+    same parameters, so the benchmark compares two ways of computing one model."""
+    from flax import nnx
+
+    from lrulm.lru import LRU
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "tools"))
+    import bench_baseline
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    h, n, l = 8, 6, 37
+    ref = bench_baseline.ReferenceLRU(h, n)
+    u = jax.random.normal(jax.random.key(1), (3, l, h))
+    params = ref.init(jax.random.key(2), u[0])["params"]
+    # A layer with other random parameters; the reference's are put in its place.
+    graph, state = nnx.split(LRU(h, n, scan_method="sequential", rngs=nnx.Rngs(7)))
+    assert set(nnx.to_pure_dict(state)) == set(params)
+
+    def lrulm_loss(p, u):
+        nnx.replace_by_pure_dict(state, p)
+        y = nnx.merge(graph, state)(u)
+        return jnp.sum(jnp.sin(y)), y
+
+    def ref_loss(p, u):
+        y = jax.vmap(lambda x: ref.apply({"params": p}, x))(u)
+        return jnp.sum(jnp.sin(y)), y
+
+    (g_p, g_u), y = jax.grad(lrulm_loss, argnums=(0, 1), has_aux=True)(dict(params), u)
+    (r_p, r_u), y_ref = jax.grad(ref_loss, argnums=(0, 1), has_aux=True)(params, u)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(g_u, r_u, rtol=1e-4, atol=1e-5)
+    for name in params:
+        np.testing.assert_allclose(g_p[name], r_p[name], rtol=1e-3, atol=1e-4, err_msg=name)
+
+
+def test_baseline_tool_times_both_steps_and_states_the_ratio():
+    out = _bench("--size", "tiny", "--steps", "2", "--json", tool="tools/bench_baseline.py")
+    assert out.returncode == 0, out.stderr[-3000:]
+    (row,) = [json.loads(line) for line in out.stdout.splitlines()]
+    _positive(row, "reference_step_s", "lrulm_step_s", "reference_tokens_per_s", "ratio")
+    assert row["ratio"] == pytest.approx(row["reference_step_s"] / row["lrulm_step_s"])
+    # Both models start near chance on 10 classes (log 10 = 2.3 nats).
+    assert 1.0 < row["reference_loss"] < 4.0 and 1.0 < row["lrulm_loss"] < 4.0, row
+    out = _bench("--size", "tiny", "--steps", "1", tool="tools/bench_baseline.py")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert re.search(
+        r"\| tiny \| 2 x 64, 16, 8 \| [\d.,]+ \| [\d.,]+ \| [\d,]+ \| [\d.]+x", out.stdout
+    )
+    bad = _bench("--size", "huge", tool="tools/bench_baseline.py")
+    assert bad.returncode == 2 and "unknown size(s) ['huge']" in bad.stderr
