@@ -43,7 +43,8 @@ def check_sampling(temperature: float, top_p: float, top_k: int, max_new_tokens:
 
 def sample_logits(key, logits, *, temperature: float, top_p: float, top_k: int):
     """Samples token ids (b,) from logits (b, v): greedy at temperature 0, else
-    temperature-scaled, restricted to the top_k and to the top_p probability mass."""
+    temperature-scaled, restricted to the top_k and to the top_p probability mass.
+    `key` is one key for the whole batch or a (b,) array of keys, one per row."""
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
@@ -61,7 +62,15 @@ def sample_logits(key, logits, *, temperature: float, top_p: float, top_k: int):
             .at[jnp.arange(logits.shape[0])[:, None], order]
             .set(sorted_logits)
         )
+    if key.ndim:  # a key per row: a row's draw does not depend on the other rows
+        return jax.vmap(jax.random.categorical)(key, logits).astype(jnp.int32)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def row_keys(key, rows) -> jax.Array:
+    """One sampling key per row: `key` folded with each row's index (a sequence of ints),
+    so a row's sample is the same whatever batch it is decoded in."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(list(rows), jnp.uint32))
 
 
 def _left_pad(prompts: list[list[int]], multiple: int):
@@ -116,7 +125,7 @@ def _decode(
     params,
     logits,
     states,
-    key,
+    keys,
     stop_ids,
     *,
     max_new_tokens,
@@ -137,22 +146,22 @@ def _decode(
     out = jnp.full((b, max_new_tokens), tok.PAD_ID, jnp.int32)
 
     def cond(carry):
-        i, _, _, done, _, _ = carry
+        i, _, _, done, _ = carry
         return (i < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        i, logits, states, done, out, key = carry
-        key, sub = jax.random.split(key)
+        i, logits, states, done, out = carry
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
         logits = jnp.where(real, logits, -jnp.inf)
-        token = sample_logits(sub, logits, temperature=temperature, top_p=top_p, top_k=top_k)
+        token = sample_logits(step_keys, logits, temperature=temperature, top_p=top_p, top_k=top_k)
         token = jnp.where(done, tok.PAD_ID, token)
         out = out.at[:, i].set(token)
         done = done | jnp.isin(token, stop_ids)
         step_logits, states = model(token[:, None], h0=states, return_state=True)
-        return i + 1, step_logits[:, 0], states, done, out, key
+        return i + 1, step_logits[:, 0], states, done, out
 
-    init = (0, logits, states, jnp.zeros((b,), bool), out, key)
-    _, _, _, _, out, _ = jax.lax.while_loop(cond, body, init)
+    init = (0, logits, states, jnp.zeros((b,), bool), out)
+    _, _, _, _, out = jax.lax.while_loop(cond, body, init)
     return out
 
 
@@ -166,14 +175,16 @@ def generate(
     top_k: int = 0,
     seed: int = 0,
     key: jax.Array | None = None,
+    rows: list[int] | None = None,
     stop_ids: tuple[int, ...] = (tok.EOS_ID,),
     prefill_chunk: int = 2048,
     num_tokens: int | None = None,
 ) -> list[list[int]]:
     """Continues each prompt (a list of token ids). Works on a sharded model too: the
     parameters keep their shardings and jit places the computation accordingly.
-    Sampling draws from `key`, or from `jax.random.key(seed)` when key is None, among the
-    ids below num_tokens (the tokenizer's size; None: the model's whole vocabulary).
+    Sampling draws among the ids below num_tokens (the tokenizer's size; None: the model's
+    whole vocabulary), prompt i from `key` (default `jax.random.key(seed)`) folded with
+    rows[i] (default i): the same key and row give the same sample in any batch.
 
     Returns, per prompt, the new tokens up to and excluding the first stop token.
     """
@@ -187,7 +198,10 @@ def generate(
         params,
         logits,
         states,
-        jax.random.key(seed) if key is None else key,
+        row_keys(
+            jax.random.key(seed) if key is None else key,
+            range(len(prompts)) if rows is None else rows,
+        ),
         jnp.asarray(stop_ids, jnp.int32),
         max_new_tokens=max_new_tokens,
         temperature=float(temperature),
@@ -321,7 +335,8 @@ def generate_texts(
     (None: the newest), decoded batch_size rows at a time.
 
     Returns one dict per sample, prompt by prompt: prompt, completion (the new text only),
-    prompt_index, sample, step. The same arguments give the same texts.
+    prompt_index, sample, step. The same arguments give the same texts, whatever
+    batch_size.
     """
     check_sampling(temperature, top_p, top_k, max_new_tokens)
     if num_samples < 1:
@@ -340,13 +355,16 @@ def generate_texts(
             raise ValueError(f"prompt {i + 1} ({prompts[i]!r}) encodes to no tokens")
     rows = [(i, s) for i in range(len(prompts)) for s in range(num_samples)]
     width = min(batch_size, len(rows))
-    key = jax.random.key(seed)
     results = []
-    for n, start in enumerate(range(0, len(rows), width)):
+    for start in range(0, len(rows), width):
         batch = rows[start : start + width]
         # The last batch is filled up with its first row, so every batch has one shape and
         # the decode loop compiles once.
         ids = [encoded[i] for i, _ in batch] + [encoded[batch[0][0]]] * (width - len(batch))
+        # Each sample draws from its own key (its index among all samples): the texts do
+        # not depend on batch_size.
+        index = list(range(start, start + len(batch)))
+        index += [start] * (width - len(batch))
         new = generate(
             model,
             ids,
@@ -354,7 +372,8 @@ def generate_texts(
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,
-            key=jax.random.fold_in(key, n),
+            seed=seed,
+            rows=index,
             num_tokens=sp.get_piece_size(),
         )
         for (i, s), tokens in zip(batch, new):

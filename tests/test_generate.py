@@ -193,6 +193,11 @@ def test_batched_samples_from_any_checkpoint(lm_workdir):
     texts = [r["completion"] for r in a]
     assert texts == [r["completion"] for r in b] and texts != [r["completion"] for r in c]
     assert len(set(texts)) > 1  # the samples of one prompt are not copies
+    # Each sample has its own key: decoded one at a time or with other prompts, the same.
+    alone = gen.generate_texts(lm_workdir, prompts[:1], num_samples=3, seed=1, batch_size=1, **hot)
+    assert [r["completion"] for r in alone] == texts
+    mixed = gen.generate_texts(lm_workdir, prompts, num_samples=3, seed=1, batch_size=5, **hot)
+    assert [r["completion"] for r in mixed[:3]] == texts
 
 
 def test_generate_errors(lm_workdir, tmp_path):

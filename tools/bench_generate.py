@@ -62,13 +62,12 @@ def main():
         graphdef, params = nnx.split(model)
         kw = dict(max_new_tokens=args.new_tokens, temperature=1.0, top_p=1.0, top_k=0)
         stop = jax.numpy.asarray([-1], jax.numpy.int32)  # never stop: time every token
-        decode = gen._decode.lower(
-            graphdef, params, logits, states, jax.random.key(0), stop, **kw
-        ).compile()
+        keys = [gen.row_keys(jax.random.key(seed), range(args.batch)) for seed in (0, 1)]
+        decode = gen._decode.lower(graphdef, params, logits, states, keys[0], stop, **kw).compile()
         mem = decode.memory_analysis()
-        jax.block_until_ready(decode(params, logits, states, jax.random.key(0), stop))
+        jax.block_until_ready(decode(params, logits, states, keys[0], stop))
         start = time.perf_counter()
-        jax.block_until_ready(decode(params, logits, states, jax.random.key(1), stop))
+        jax.block_until_ready(decode(params, logits, states, keys[1], stop))
         decode_s = time.perf_counter() - start
         kind, peak = _peak_memory()
         rows.append(
