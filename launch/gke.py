@@ -7,8 +7,9 @@ One pod per TPU VM host (parallelism = completions = hosts), each requesting all
 host (`google.com/tpu`) on a node pool selected by `cloud.google.com/gke-tpu-accelerator` and
 `cloud.google.com/gke-tpu-topology`. GKE gives every pod TPU_WORKER_ID / TPU_WORKER_HOSTNAMES,
 from which `lrulm.distributed.initialize()` finds the other processes. On preemption the pods get
-SIGTERM (the trainer saves and exits 0) and JobSet restarts the whole slice up to --max_restarts
-times; the restarted command resumes from the shared workdir. --dry_run prints the manifest;
+SIGTERM (the trainer saves and exits 75, lrulm.preemption: a failed pod, not a finished one)
+and JobSet restarts the whole slice up to --max_restarts times; the restarted command resumes
+from the shared workdir. --dry_run prints the manifest;
 --print_xpk prints the equivalent `xpk workload create` command; otherwise `kubectl apply -f -`.
 
 The pods share only the volumes mounted in them, so the workdir must be on one: every bucket

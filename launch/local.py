@@ -8,7 +8,8 @@ Each process gets LRULM_COORDINATOR_ADDRESS / LRULM_NUM_PROCESSES / LRULM_PROCES
 streamed line by line with a `[pN] ` prefix. When a process fails, the others are stopped
 (SIGTERM, then SIGKILL after --grace_s) and the launcher exits with the failing process's code
 (128 + signal for a signal). SIGTERM / SIGINT sent to the launcher are forwarded to every process
-(a second one kills them). Standard library only.
+(a second one kills them); trainers that saved and stopped for it exit 75 (lrulm.preemption),
+and so does the launcher once they all have. Standard library only.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ import sys
 import threading
 import time
 
+# `lrulm train`'s exit code after it saved and stopped for a preemption signal
+# (lrulm.preemption.EXIT_CODE; this file imports only the standard library).
+PREEMPTED_EXIT_CODE = 75
 _DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=\S*")
 # Variables that would make a child join some other job instead of this one.
 _FOREIGN_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
@@ -197,8 +201,8 @@ def run(
       timeout_s: Stop everything after this many seconds (None: no limit).
 
     Returns:
-      0 when all succeed; the first failure's exit code (128 + signal for a signal); 124 on
-      timeout.
+      0 when all succeed; 75 when all stopped for a preemption signal (some may have
+      finished); the first failure's exit code (128 + signal for a signal); 124 on timeout.
     """
     envs = [
         child_env(os.environ, port=port, num=num_processes, index=i, devices=devices)
@@ -230,6 +234,7 @@ def run(
         # (a collective loses its partner), so later entries are usually consequences.
         failures: list[tuple[int, int]] = []
         stopped: list[int] = []
+        preempted: list[int] = []
         remaining = num_processes
         while remaining:
             wait_s = 0.2 if deadline is None else min(0.2, max(deadline - time.monotonic(), 0))
@@ -244,6 +249,9 @@ def run(
                 continue
             remaining -= 1
             if returncode == 0:
+                continue
+            if returncode == PREEMPTED_EXIT_CODE and not failures:
+                preempted.append(index)  # saved; the others stop at the same step
                 continue
             if failures and returncode in (-signal.SIGTERM, -signal.SIGKILL):
                 stopped.append(index)  # by us
@@ -262,6 +270,13 @@ def run(
                 message += f"; stopped process {', '.join(map(str, sorted(stopped)))}"
             _log(message)
             return _exit_code(returncode)
+        if preempted:
+            _log(
+                f"process {', '.join(map(str, sorted(preempted)))} stopped for the preemption "
+                f"signal after saving (exit {PREEMPTED_EXIT_CODE}); run the same command to "
+                "resume"
+            )
+            return PREEMPTED_EXIT_CODE
         _log(f"all {num_processes} processes exited 0")
         return 0
     finally:

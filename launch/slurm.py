@@ -8,14 +8,14 @@
 SLURM_PROCID, SLURM_STEP_NODELIST; the coordinator is the first node). The script exports
 JAX_LOCAL_DEVICE_IDS because that detection otherwise gives each task only one GPU. When a task
 fails, `--kill-on-bad-exit` ends the others. SIGTERM arrives --signal_s seconds before the time
-limit (and on preemption), and the trainer saves and exits 0. SLURM requeues a --requeue job by
-itself only after a preemption or a node failure, not at its time limit, so with --requeue the
-script itself requeues the job after the trainers have stopped for the time limit: it runs srun
-in the background and, on the USR1 SLURM sends it --signal_s seconds before the limit, sends
-the tasks SIGTERM (`scancel --signal=TERM`), waits for them to save and exit 0, and calls
-`scontrol requeue`. The requeued job resumes from the same workdir (on a filesystem every node
-shares) and appends to the same log. --dry_run prints the script; otherwise it is piped to
-`sbatch`.
+limit (and on preemption), and the trainer saves and exits 75 (lrulm.preemption). SLURM requeues
+a --requeue job by itself only after a preemption or a node failure, not at its time limit, so
+with --requeue the script itself requeues the job after the trainers have stopped for the time
+limit: it runs srun in the background and, on the USR1 SLURM sends it --signal_s seconds before
+the limit, sends the tasks SIGTERM (`scancel --signal=TERM`), waits for them to save and exit
+75, and calls `scontrol requeue`. The requeued job resumes from the same workdir (on a
+filesystem every node shares) and appends to the same log. --dry_run prints the script;
+otherwise it is piped to `sbatch`.
 """
 
 from __future__ import annotations
@@ -72,11 +72,13 @@ def sbatch_script(args: argparse.Namespace, command: list[str], env: dict[str, s
 
 
 # SLURM requeues a --requeue job after a preemption or a node failure, never at its time limit:
-# a job whose trainers saved and exited 0 there would just end. So the batch shell takes the
+# a job whose trainers saved and stopped there would just end. So the batch shell takes the
 # time-limit signal (USR1, --signal=B:...), has SLURM send SIGTERM to every task (scancel
 # --signal signals the steps, not this shell; a SIGTERM to srun itself would make it SIGKILL
-# the tasks), and once they have saved and exited 0, requeues the job. `wait` returns early
-# when a trapped signal arrives, hence the loop until srun has really exited.
+# the tasks), and once they have saved and stopped, requeues the job: the trainers exit 75
+# (lrulm.preemption), or a signal's code where --kill-on-bad-exit ended the last ones after
+# the first had exited (every process has saved before any exits). `wait` returns early when
+# a trapped signal arrives, hence the loop until srun has really exited.
 _REQUEUE = """\
 time_limit=
 trap 'time_limit=1; scancel --signal=TERM "$SLURM_JOB_ID" || true' USR1
@@ -84,9 +86,10 @@ trap 'time_limit=1; scancel --signal=TERM "$SLURM_JOB_ID" || true' USR1
 srun_pid=$!
 until wait "$srun_pid"; status=$?; [ "$status" -lt 128 ] || ! kill -0 "$srun_pid" 2>/dev/null
 do :; done
-if [ -n "$time_limit" ] && [ "$status" -eq 0 ]; then
+if [ -n "$time_limit" ] && {{ [ "$status" -eq 75 ] || [ "$status" -gt 128 ]; }}; then
   echo "lrulm: stopped for the time limit; requeueing job $SLURM_JOB_ID to resume" >&2
   scontrol requeue "$SLURM_JOB_ID"
+  exit 0
 fi
 exit "$status"
 """

@@ -8,6 +8,9 @@ lrulm generate --workdir DIR (--prompt TEXT ... | --prompt_file FILE) [--num_sam
 lrulm lra-report DIR [DIR ...] [--plot FILE.png]
 lrulm compile  --config CONFIG.py[:ARG] --topology v5p-128|h100:8 [--config.a.b=VALUE ...]
 lrulm tokenizer train --input GLOB[,GLOB] --output FILE.model [--vocab_size V]
+
+Exit codes: 0 done; 2 a bad config, flag or input file (one line says which); 75 `train`
+stopped for a preemption signal after saving (lrulm.preemption: run it again to resume).
 """
 
 from __future__ import annotations
@@ -118,7 +121,13 @@ def main(argv: list[str]) -> int:
 
                 distributed.initialize()
                 if args.command == "train":
-                    train.train_and_evaluate(config, args.workdir)
+                    from lrulm import preemption
+
+                    try:
+                        train.train_and_evaluate(config, args.workdir)
+                    except preemption.Preempted as e:
+                        print(f"lrulm train: {e} (exit {preemption.EXIT_CODE})", file=sys.stderr)
+                        return preemption.EXIT_CODE
                 else:
                     print(json.dumps(train.evaluate_workdir(config, args.workdir, args.step)))
             case "generate":

@@ -17,7 +17,6 @@ import functools
 import json
 import logging
 import os
-import signal
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,8 +28,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lrulm import checkpoint as ckpt_lib
 from lrulm import config as config_lib
+from lrulm import distributed, optim, preemption, sharding, tasks
 from lrulm import metrics as metrics_lib
-from lrulm import optim, sharding, tasks
 
 log = logging.getLogger(__name__)
 
@@ -362,38 +361,6 @@ def evaluate(exp: Experiment, eval_jit, state, batches) -> dict:
     return exp.task.finalize(sums) if sums else {}
 
 
-class _Preemption:
-    """SIGTERM (what TPU VMs and SLURM send before preemption) -> save, then exit 0.
-
-    With several processes, jax's preemption sync point (jax owns SIGTERM once
-    jax.distributed is initialised) makes every process agree on the same step; with
-    one, this handler's flag is enough. Call `reached` at every step on every process.
-    """
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-        if not jax.distributed.is_initialized():
-            try:
-                self._previous = signal.signal(signal.SIGTERM, self._handler)
-            except ValueError:  # not the main thread (e.g. inside a test runner thread)
-                self._previous = None
-
-    def _handler(self, signum, frame):
-        self.requested = True
-
-    def reached(self, step: int) -> bool:
-        if jax.distributed.is_initialized():
-            from jax.experimental import multihost_utils
-
-            return bool(multihost_utils.reached_preemption_sync_point(step))
-        return self.requested
-
-    def close(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
 def _final_test(best, exp, eval_jit, test_batches, writer, step, workdir) -> dict:
     """The "test" split evaluated with the best-on-"eval" checkpoint (LRA reports test
     accuracy at the best validation accuracy, as the paper does); also results.json."""
@@ -452,6 +419,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
       config: the experiment ConfigDict (lrulm.config).
       workdir: where config.json, metrics.jsonl, checkpoints/ and the tokenizer go.
       devices: the devices to build the mesh from (default: all of them).
+
+    Raises:
+      preemption.Preempted: a preemption signal (SIGTERM) stopped the run before
+        train.steps, after every process saved that step; call again to resume.
     """
     # ---- Set-up ----------------------------------------------------------------------
     t, c = config.train, config.checkpoint
@@ -552,7 +523,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
         checkpointer.save(at_step, state, train_iter, meta)
 
     # ---- Loop ------------------------------------------------------------------------
-    preemption = _Preemption()
+    watcher = preemption.Watcher()
+    preempted = False
     profile = metrics_lib.ProfileWindow(
         os.path.join(workdir, "tensorboard"),
         start_step=t.profile_start_step,
@@ -566,10 +538,11 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
     last_eval: dict = {}
     try:
         while step < t.steps:
-            if preemption.reached(step):
+            if watcher.reached(step):
                 metrics_lib.say(f"lrulm: preemption signal; saving step {step} and exiting")
                 save(step)
                 checkpointer.wait()
+                preempted = True
                 break
             profile.before(step, state)
             batch = to_global(next(train_iter), exp)
@@ -606,11 +579,15 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
             )
     finally:
         profile.close()
-        preemption.close()
+        watcher.close()
         writer.close()
         checkpointer.close()
         if best is not None:
             best.close()
+    if preempted:
+        # No process leaves (and no launcher stops the rest) before all have saved.
+        distributed.barrier("lrulm_preempted")
+        raise preemption.Preempted(step, t.steps)
     return last_eval
 
 

@@ -249,6 +249,7 @@ def test_sigterm_is_forwarded_and_processes_save_at_the_same_step(tmp_path):
         tmp_path / "preempt.py",
         """
         import sys, time
+        import jax
         from jax.experimental import multihost_utils
         from lrulm import distributed
         distributed.initialize()
@@ -258,7 +259,10 @@ def test_sigterm_is_forwarded_and_processes_save_at_the_same_step(tmp_path):
             if multihost_utils.reached_preemption_sync_point(step):
                 say(f"saving at step {step}")
                 distributed.barrier("saved")
-                sys.exit(0)
+                if jax.process_index() == 0:  # the last to leave is not stopped
+                    time.sleep(0.5)
+                    say("left last")
+                sys.exit(75)  # lrulm.preemption.EXIT_CODE
             time.sleep(0.01)
         sys.exit(5)
         """,
@@ -275,8 +279,10 @@ def test_sigterm_is_forwarded_and_processes_save_at_the_same_step(tmp_path):
         proc.send_signal(signal.SIGTERM)
         rest, _ = _timed_lines(proc, 30)
     out = _text(lines + rest)
-    assert proc.returncode == 0, out
+    assert proc.returncode == 75, out  # stopped for preemption: not finished, not failed
     assert "received SIGTERM; forwarding it" in out
+    assert "[p0] left last" in out and "FAILED" not in out
+    assert "process 0, 1 stopped for the preemption signal after saving (exit 75)" in out
     steps = {text.split("] ")[1] for _, text in rest if "saving at step" in text}
     assert len(steps) == 1 and "[p0] saving" in out and "[p1] saving" in out, out
 

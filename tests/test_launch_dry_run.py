@@ -271,14 +271,20 @@ def test_slurm_dry_run():
 _FAKE_SRUN = """#!/bin/bash
 echo $$ > "$LOG.srun_pid"
 echo "srun $*" >> "$LOG"
-trap 'echo "srun got TERM" >> "$LOG"; sleep 0.3; exit 0' TERM  # the trainers save, exit 0
+# The trainers save and exit 75 (lrulm.preemption), or srun reports a signal when
+# --kill-on-bad-exit ended the last ones after the first had exited.
+trap 'echo "srun got TERM" >> "$LOG"; sleep 0.3; exit ${STOP_STATUS:-75}' TERM
 for _ in $(seq 30); do sleep 0.05; done
 echo "srun finished" >> "$LOG"
 """
 
 
-@pytest.mark.parametrize("time_limit", [True, False])
-def test_slurm_requeue_script_requeues_after_the_time_limit_signal(tmp_path, time_limit):
+@pytest.mark.parametrize(
+    "time_limit, stop_status", [(True, 75), (True, 137), (True, 1), (False, 75)]
+)
+def test_slurm_requeue_script_requeues_after_the_time_limit_signal(
+    tmp_path, time_limit, stop_status
+):
     """SLURM requeues a --requeue job only after a preemption, not at the time limit: the
     script itself must stop the trainers when SLURM signals it and requeue the job, and
     leave a job that finished on its own alone. Run with bash and stand-in srun, scancel
@@ -295,7 +301,7 @@ def test_slurm_requeue_script_requeues_after_the_time_limit_signal(tmp_path, tim
         (bin_dir / name).chmod(0o755)
     (tmp_path / "job.sh").write_text(script)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", LOG=str(log))
-    env["SLURM_JOB_ID"] = "4242"
+    env.update(SLURM_JOB_ID="4242", STOP_STATUS=str(stop_status))
     proc = subprocess.Popen(["bash", str(tmp_path / "job.sh")], env=env, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 10
     while not (log.exists() and "srun " in log.read_text()):
@@ -305,8 +311,12 @@ def test_slurm_requeue_script_requeues_after_the_time_limit_signal(tmp_path, tim
         os.kill(proc.pid, signal.SIGUSR1)  # what --signal=B:USR1@N sends the batch shell
     _, err = proc.communicate(timeout=20)
     lines = log.read_text().splitlines()
-    assert proc.returncode == 0, err
     assert lines[0] == "srun --kill-on-bad-exit=1 " + " ".join(TRAIN)
+    if time_limit and stop_status == 1:  # a trainer failed: no requeue, the job fails
+        assert lines[1:] == ["scancel --signal=TERM 4242", "srun got TERM"], lines
+        assert proc.returncode == 1 and b"requeueing" not in err
+        return
+    assert proc.returncode == 0, err
     if time_limit:
         expected = ["scancel --signal=TERM 4242", "srun got TERM", "scontrol requeue 4242"]
         assert lines[1:] == expected, lines

@@ -1,0 +1,63 @@
+"""Preemption: a SIGTERM makes the trainer save at an agreed step and stop with exit code 75.
+
+TPU VMs, GKE, SLURM and `launch/local.py` send SIGTERM before taking the machines away.
+The trainer then saves at the next step (the same step on every process) and stops before
+`train.steps`; `lrulm train` exits with `EXIT_CODE`, 75 (sysexits' EX_TEMPFAIL: try
+again), not 0, so that whatever runs it sees an unfinished run: JobSet restarts the slice,
+the SLURM `--requeue` script requeues the job, a shell loop
+(`until lrulm train ...; do sleep 60; done`) runs it again, and `lrulm train ... && lrulm
+eval ...` does not evaluate a half-trained model. The same command resumes from the saved
+step.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import jax
+
+EXIT_CODE = 75
+
+
+class Preempted(Exception):
+    """Raised by `train.train_and_evaluate` once every process has saved `step` and
+    stopped for a preemption signal."""
+
+    def __init__(self, step: int, total: int):
+        super().__init__(
+            f"stopped at step {step} of {total} for a preemption signal; step {step} is saved, "
+            "and the same command resumes from it"
+        )
+        self.step = step
+
+
+class Watcher:
+    """Whether a preemption signal has arrived, agreed by every process.
+
+    With several processes, jax's preemption sync point (jax owns SIGTERM once
+    jax.distributed is initialised) makes every process agree on the same step; with one,
+    this handler's flag is enough. Call `reached` at every step on every process.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        if not jax.distributed.is_initialized():
+            try:
+                self._previous = signal.signal(signal.SIGTERM, self._handler)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread)
+                self._previous = None
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def reached(self, step: int) -> bool:
+        if jax.distributed.is_initialized():
+            from jax.experimental import multihost_utils
+
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        return self.requested
+
+    def close(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
