@@ -8,8 +8,9 @@ host (`google.com/tpu`) on a node pool selected by `cloud.google.com/gke-tpu-acc
 `cloud.google.com/gke-tpu-topology`. GKE gives every pod TPU_WORKER_ID / TPU_WORKER_HOSTNAMES,
 from which `lrulm.distributed.initialize()` finds the other processes. On preemption the pods get
 SIGTERM (the trainer saves and exits 75, lrulm.preemption: a failed pod, not a finished one)
-and JobSet restarts the whole slice up to --max_restarts times; the restarted command resumes
-from the shared workdir. --dry_run prints the manifest;
+and JobSet restarts the whole slice, without counting it against --max_restarts (which bounds
+restarts after real failures; --count_preemptions counts both, for JobSet < 0.6); the
+restarted command resumes from the shared workdir. --dry_run prints the manifest;
 --print_xpk prints the equivalent `xpk workload create` command; otherwise `kubectl apply -f -`.
 
 The pods share only the volumes mounted in them, so the workdir must be on one: every bucket
@@ -33,6 +34,10 @@ import common  # first: puts the checkout on sys.path for lrulm
 
 from lrulm.topologies import TpuSlice, tpu_slice
 
+# `lrulm train`'s exit code after it saved and stopped for a preemption signal
+# (lrulm.preemption.EXIT_CODE; the launchers import only the standard library and lrulm's
+# topology tables).
+PREEMPTED_EXIT_CODE = 75
 # Ports of the TPU runtime (8471), its health checks (8080) and jax's coordinator on TPU (8482).
 PORTS = (8471, 8080, 8482)
 
@@ -46,6 +51,7 @@ def jobset(
     env: dict[str, str],
     namespace: str = "default",
     max_restarts: int = 3,
+    count_preemptions: bool = False,
     termination_grace_s: int = 120,
     gcs_buckets: list[str] = (),
     claims: dict[str, str] | None = None,
@@ -60,7 +66,12 @@ def jobset(
       command: The command every pod runs.
       env: Extra environment variables of the container.
       namespace: Kubernetes namespace.
-      max_restarts: Whole-slice restarts after a failure or preemption.
+      max_restarts: Whole-slice restarts after a failure (and after a preemption when
+        count_preemptions).
+      count_preemptions: Count preemptions against max_restarts too. By default a pod that
+        stopped for a preemption (exit 75, or evicted: condition DisruptionTarget) fails
+        its Job through a pod failure policy, and a JobSet rule restarts the slice for
+        that without counting it (JobSet >= 0.6); True leaves the rules out (older JobSet).
       termination_grace_s: Seconds between SIGTERM and SIGKILL: time for the final checkpoint.
       gcs_buckets: Buckets mounted at /gcs/BUCKET in every pod (GCS FUSE CSI driver).
       claims: {PersistentVolumeClaim: mount path} (e.g. Filestore), mounted in every pod.
@@ -118,6 +129,40 @@ def jobset(
     pod_template = {"spec": pod}
     if gcs_buckets:  # the GCS FUSE CSI driver's webhook adds its sidecar to annotated pods
         pod_template = {"metadata": {"annotations": {"gke-gcsfuse/volumes": "true"}}, "spec": pod}
+    job = {
+        "parallelism": slice_.hosts,
+        "completions": slice_.hosts,
+        "backoffLimit": 0,
+        "template": pod_template,
+    }
+    failure_policy = {"maxRestarts": max_restarts}
+    if not count_preemptions:
+        # A preempted pod fails its Job with reason PodFailurePolicy (not BackoffLimitExceeded,
+        # as a crash does), and that reason restarts the slice without using up max_restarts:
+        # spot capacity can be reclaimed any number of times, a bug should not loop forever.
+        job["podFailurePolicy"] = {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": container["name"],
+                        "operator": "In",
+                        "values": [PREEMPTED_EXIT_CODE],
+                    },
+                },
+                {
+                    "action": "FailJob",
+                    "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+                },
+            ]
+        }
+        failure_policy["rules"] = [
+            {
+                "name": "preemption",
+                "action": "RestartJobSetAndIgnoreMaxRestarts",
+                "onJobFailureReasons": ["PodFailurePolicy"],
+            }
+        ]
     return {
         "apiVersion": "jobset.x-k8s.io/v1alpha2",
         "kind": "JobSet",
@@ -130,21 +175,8 @@ def jobset(
             },
         },
         "spec": {
-            "failurePolicy": {"maxRestarts": max_restarts},
-            "replicatedJobs": [
-                {
-                    "name": "slice",
-                    "replicas": 1,
-                    "template": {
-                        "spec": {
-                            "parallelism": slice_.hosts,
-                            "completions": slice_.hosts,
-                            "backoffLimit": 0,
-                            "template": pod_template,
-                        }
-                    },
-                }
-            ],
+            "failurePolicy": failure_policy,
+            "replicatedJobs": [{"name": "slice", "replicas": 1, "template": {"spec": job}}],
         },
     }
 
@@ -247,7 +279,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--accelerator_type", required=True, help="e.g. v5p-128, v6e-64")
     parser.add_argument("--topology", help="chip arrangement when not the default, e.g. 4x4x12")
     parser.add_argument("--namespace", default="default")
-    parser.add_argument("--max_restarts", type=int, default=3, help="restarts resume the run")
+    parser.add_argument(
+        "--max_restarts",
+        type=int,
+        default=3,
+        help="restarts after a failure (preemptions restart without counting); they resume",
+    )
+    parser.add_argument(
+        "--count_preemptions",
+        action="store_true",
+        help="count preemptions against --max_restarts too: leaves out the JobSet failure "
+        "rules, which need JobSet >= 0.6",
+    )
     parser.add_argument("--termination_grace_s", type=int, default=120, help="time to save")
     parser.add_argument("--env", action="append", help="KEY=VALUE in the container (repeatable)")
     parser.add_argument("--config", help="for the default command: lrulm train --config ...")
@@ -303,6 +346,7 @@ def main(argv: list[str] | None = None) -> None:
         env=env,
         namespace=args.namespace,
         max_restarts=args.max_restarts,
+        count_preemptions=args.count_preemptions,
         termination_grace_s=args.termination_grace_s,
         gcs_buckets=buckets,
         claims=claims,

@@ -143,6 +143,33 @@ def test_gke_jobset_dry_run():
     assert container["volumeMounts"] == [{"name": "gcs-0", "mountPath": "/gcs/bkt"}]
     assert pod["volumes"][0]["csi"]["driver"] == "gcsfuse.csi.storage.gke.io"
     assert pod["volumes"][0]["csi"]["volumeAttributes"]["bucketName"] == "bkt"
+    # A pod that saved and stopped for a preemption (exit 75) or was evicted fails its Job
+    # with reason PodFailurePolicy, which restarts the slice without counting the restart.
+    rules = spec["podFailurePolicy"]["rules"]
+    assert {"containerName": "lrulm", "operator": "In", "values": [75]} in [
+        r.get("onExitCodes") for r in rules if r["action"] == "FailJob"
+    ]
+    assert [{"type": "DisruptionTarget", "status": "True"}] in [
+        r.get("onPodConditions") for r in rules if r["action"] == "FailJob"
+    ]
+    assert pod["restartPolicy"] == "Never"  # what a pod failure policy requires
+    assert manifest["spec"]["failurePolicy"] == {
+        "maxRestarts": 3,
+        "rules": [
+            {
+                "name": "preemption",
+                "action": "RestartJobSetAndIgnoreMaxRestarts",
+                "onJobFailureReasons": ["PodFailurePolicy"],
+            }
+        ],
+    }
+    out, _ = _dry(
+        "gke.py", "--name", "lru", "--image", "i", "--accelerator_type", "v5litepod-16",
+        "--count_preemptions", "--max_restarts", "9", "--dry_run", "--", *TRAIN,
+    )  # fmt: skip
+    manifest = yaml.safe_load(out)
+    assert manifest["spec"]["failurePolicy"] == {"maxRestarts": 9}
+    assert "podFailurePolicy" not in manifest["spec"]["replicatedJobs"][0]["template"]["spec"]
 
 
 def test_gke_mounts_the_volumes_the_command_uses():
@@ -350,3 +377,15 @@ def test_launchers_refuse_bad_flags_with_a_message(script, args, message):
     )  # fmt: skip
     assert result.returncode in (1, 2) and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_launchers_know_the_trainers_preemption_exit_code():
+    """The launchers import only the standard library: their copies of lrulm train's
+    preemption exit code must match it (and the SLURM script's requeue test)."""
+    from lrulm import preemption
+
+    script, _ = _dry("slurm.py", "--nodes", "2", "--requeue", "--dry_run", "--", *TRAIN)
+    assert f'[ "$status" -eq {preemption.EXIT_CODE} ]' in script
+    for name in ("gke.py", "local.py"):
+        text = (LAUNCH / name).read_text()
+        assert f"\nPREEMPTED_EXIT_CODE = {preemption.EXIT_CODE}\n" in text, name
