@@ -122,7 +122,7 @@ class Report:
     chips: int
     hbm_bytes: int
     hbm_usable_bytes: int | None  # what XLA said it may use, when it said (on OOM)
-    mesh: dict[str, int]
+    mesh: dict[str, int]  # each axis's whole size (across slices too)
     preset: str
     num_params: int
     global_batch: int
@@ -140,6 +140,9 @@ class Report:
     step_time_lower_bound_s: float
     bound_by: str  # "compute" or "memory"
     mfu_bound: float
+    # Each axis's size across slices (mesh.dcn_*); an axis's size within a slice (the
+    # config's mesh.<axis>) is mesh[axis] // dcn[axis].
+    dcn: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def steps(self) -> list[StepReport]:
@@ -346,15 +349,19 @@ def compile_for_topology(
             "set --config.mesh.dcn_data=1 --config.mesh.dcn_fsdp=1"
         )
     devices = gpu_devices(topo) if gpus else topology_devices(topo, num_slices)
+    where = f"{topo.accelerator_type} ({len(devices)} chips)"
     try:
         mesh = train.make_mesh(config, devices)
     except ValueError as e:
-        raise ValueError(f"{topo.accelerator_type} ({len(devices)} chips): {e}") from None
+        raise ValueError(f"{where}: {e}") from None
     task = tasks.make_task(config, None, prepare_data=False)
     live_before = sum(a.nbytes for a in jax.live_arrays())
     # traced for the target: its "auto" method, kernels, time split (lrulm.target)
     with target.compiling_for("gpu" if gpus else "tpu"):
-        exp = train.build(config, task, mesh)
+        try:  # the batch and sequence checks against this mesh (train.validate)
+            exp = train.build(config, task, mesh)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
         train_jit, eval_jit = train.jit_steps(exp)
         batch = {
             k: jax.ShapeDtypeStruct(shape, dtype, sharding=exp.batch_shardings[k])
@@ -396,6 +403,7 @@ def compile_for_topology(
         accelerator_type=topo.accelerator_type, device_kind=devices[0].device_kind,
         chips=chips, hbm_bytes=int(topo.generation.hbm_gib * GIB),
         hbm_usable_bytes=next((u for u in usable if u), None), mesh=dict(mesh.shape),
+        dcn={"data": config.mesh.dcn_data, "fsdp": config.mesh.dcn_fsdp},
         preset=config.model.preset, num_params=mc.num_params(),
         global_batch=config.train.global_batch_size, seq_len=config.train.seq_len,
         grad_accum_steps=config.optim.grad_accum_steps, remat=mc.remat, dtype=mc.dtype,
@@ -421,13 +429,24 @@ def suggestions(report: Report) -> list[str]:
     room = limit - step.working_bytes
     out_state, out_temp = [], []
     shardable = report.chips // (m["tensor"] * m["sequence"])  # data x fsdp
-    if m["fsdp"] < shardable:
+    dcn_data, dcn_fsdp = report.dcn.get("data", 1), report.dcn.get("fsdp", 1)
+    # Whole FSDP sizes the slices allow: a multiple of dcn_fsdp dividing data x fsdp, the
+    # rest of which splits into dcn_data slices.
+    larger = [
+        f
+        for f in range(m["fsdp"] + 1, shardable + 1)
+        if not shardable % f and not f % dcn_fsdp and not (shardable // f) % dcn_data
+    ]
+    if larger:
         # The state shrinks ~1/fsdp; aim for it to fit beside today's temporaries.
         need = math.ceil(step.argument_bytes * m["fsdp"] / room) if room > 0 else shardable
-        fsdp = next(f for f in range(max(need, m["fsdp"] + 1), shardable + 1) if not shardable % f)
+        fsdp = next((f for f in larger if f >= need), larger[-1])
+        # Both sizes written out (per slice, as the config takes them): a "-1" here could
+        # clash with another axis the config sizes as -1.
         out_state.append(
             f"shard the parameters and optimizer state over more chips (FSDP): "
-            f"--config.mesh.fsdp={fsdp} --config.mesh.data=-1"
+            f"--config.mesh.fsdp={fsdp // dcn_fsdp} "
+            f"--config.mesh.data={shardable // fsdp // dcn_data}"
         )
     elif step.argument_bytes > limit / 2:
         out_state.append(

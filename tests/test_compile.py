@@ -135,6 +135,12 @@ def test_too_large_is_reported_with_the_shortfall(capsys, tmp_path):
 def test_bad_mesh_fails_before_compiling():
     with pytest.raises(ValueError, match="multiply to 3 but there are 4 devices"):
         compile_lib.compile_for_topology(_config(data=3), "v5e:2x2")
+    # A batch the slice's data axis cannot split names the slice too.
+    config = _config(data=4)
+    with config.unlocked():
+        config.train.global_batch_size = 6
+    with pytest.raises(ValueError, match=r"^v5e-4 \(4 chips\): global batch 6 .* 4"):
+        compile_lib.compile_for_topology(config, "v5e:2x2")
 
 
 def test_devices_are_chips():
@@ -157,3 +163,40 @@ def test_collectives_parser():
     two = compile_lib.collectives(hlo + "  %ag2 = f32[64,1024]{1,0} all-gather(f32[8,1024] %q)\n")
     assert two["all-gather"] == {"count": 2, "bytes": 16384 + 262144, "largest": 262144}
     assert c["reduce-scatter"]["count"] == 0 and c["all-to-all"]["count"] == 0
+
+
+@pytest.mark.parametrize(
+    "mesh, dcn, want",
+    [
+        # One slice of 16 chips, data parallel: FSDP over 4 is the smallest that fits.
+        (dict(data=16, fsdp=1, tensor=1, sequence=1), {}, "fsdp=4 --config.mesh.data=4"),
+        # Tensor is sized -1 in the config: both sizes written out, no second -1.
+        (dict(data=8, fsdp=1, tensor=2, sequence=1), {}, "fsdp=4 --config.mesh.data=2"),
+        # Two slices over data (dcn_data=2): per-slice data 2 x 2 slices x fsdp 4 = 16.
+        (dict(data=16, fsdp=1, tensor=1, sequence=1), {"data": 2}, "fsdp=4 --config.mesh.data=2"),
+        # FSDP across 2 slices (state 30 GiB at fsdp 2): the whole fsdp 8 is 4 per slice.
+        (dict(data=8, fsdp=2, tensor=1, sequence=1), {"fsdp": 2}, "fsdp=4 --config.mesh.data=2"),
+    ],
+)
+def test_fsdp_suggestion_names_sizes_per_slice(mesh, dcn, want):
+    """The advice to shard the state writes out data and fsdp as the config takes them
+    (within a slice) instead of data=-1, which clashed with an axis sized -1 and ignored
+    the slices."""
+    import dataclasses
+
+    gib = compile_lib.GIB
+    fields = {f.name: None for f in dataclasses.fields(compile_lib.StepReport)}
+    step = compile_lib.StepReport(**{
+        **fields, "argument_bytes": 30 * gib, "output_bytes": 0, "alias_bytes": 0,
+        "temp_bytes": 2 * gib, "code_bytes": 0, "collectives": {}, "compiler_fits": False,
+        "has_loops": False,
+    })  # fmt: skip
+    rfields = {f.name: None for f in dataclasses.fields(compile_lib.Report)}
+    report = compile_lib.Report(**{
+        **rfields, "chips": 16, "hbm_bytes": 16 * gib, "mesh": mesh, "dcn": dcn,
+        "train": step, "remat": "full", "dtype": "bfloat16", "global_batch": 16,
+        "grad_accum_steps": 1,
+    })  # fmt: skip
+    advice = compile_lib.suggestions(report)
+    assert any(f"--config.mesh.{want}" in line for line in advice), advice
+    assert not any("=-1" in line for line in advice), advice
