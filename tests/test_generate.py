@@ -321,6 +321,7 @@ def test_missing_tokenizer_is_not_sent_to_train_a_new_one(lm_workdir, tmp_path):
 
 def test_inspect_checkpoint(lm_workdir, tmp_path):
     import os
+    import re
     import shutil
     import sys
 
@@ -337,6 +338,20 @@ def test_inspect_checkpoint(lm_workdir, tmp_path):
     )
     with pytest.raises(ValueError, match="no checkpoint at step 5; there are"):
         inspect_checkpoint.describe(lm_workdir, 5)
+    # The step counter is a scalar: named by its group, not a blank.
+    assert re.search(r"\n    step +\(\) +int32", text), text
+    params = sum(
+        int(x.size) for x in jax.tree.leaves(nnx.state(gen.load_model(lm_workdir)[0], nnx.Param))
+    )
+    assert f"parameters: {params:,} (" in text
+    # One checkpoint's directory, or the checkpoints directory, instead of the workdir.
+    one = inspect_checkpoint.describe(f"{lm_workdir}/checkpoints/4")
+    assert "step 4 " in one and "step 8 " not in one
+    assert "step 8 " in inspect_checkpoint.describe(f"{lm_workdir}/checkpoints")
+    with pytest.raises(ValueError, match="checkpoint of step 4, not 8"):
+        inspect_checkpoint.describe(f"{lm_workdir}/checkpoints/4", 8)
+    with pytest.raises(FileNotFoundError, match="is no workdir"):
+        inspect_checkpoint.describe(str(tmp_path))
     shutil.copytree(f"{lm_workdir}/checkpoints/4", tmp_path / "checkpoints" / "4")
     (tmp_path / "checkpoints/4/data/process_0-of-1.json").write_text("{oops")
     assert "process_0-of-1.json: does not read" in inspect_checkpoint.describe(str(tmp_path))

@@ -1,6 +1,7 @@
 """Lists a run's checkpoints, their items, and the parameter tree with shapes and sizes.
 
     python tools/inspect_checkpoint.py WORKDIR [STEP] [--all]
+    python tools/inspect_checkpoint.py WORKDIR/checkpoints/STEP      # or the checkpoints dir
 
 Reads only what Orbax wrote (metadata, not the arrays), so it is quick on any machine,
 whatever devices wrote the checkpoint. --all also lists the optimizer state.
@@ -31,10 +32,28 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} PiB"
 
 
+def _locate(path: str, step: int | None) -> tuple[str, int | None]:
+    """(the checkpoints directory, step) from a workdir, its checkpoints directory or one
+    checkpoint's directory (whose name is the step)."""
+    path = os.path.normpath(path)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return os.path.join(path, "checkpoints"), step
+    name = os.path.basename(path)
+    if name.isdigit() and os.path.isdir(os.path.join(path, "state")):
+        if step is not None and step != int(name):
+            raise ValueError(f"{path} is the checkpoint of step {name}, not {step}")
+        return os.path.dirname(path), int(name)
+    if os.path.isdir(path) and any(d.isdigit() for d in os.listdir(path)):
+        return path, step
+    raise FileNotFoundError(
+        f"{path} is no workdir (no checkpoints/ in it), checkpoints directory or checkpoint"
+    )
+
+
 def describe(workdir: str, step: int | None = None, show_all: bool = False) -> str:
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no checkpoints directory in {workdir}")
+    """The text the tool prints: workdir may also be its checkpoints directory or one
+    checkpoint's directory."""
+    directory, step = _locate(workdir, step)
     steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit())
     if not steps:
         raise FileNotFoundError(f"{directory} holds no checkpoints")
@@ -64,7 +83,7 @@ def describe(workdir: str, step: int | None = None, show_all: bool = False) -> s
     groups = (
         tree.keys() if show_all else [k for k in ("step", "params", "model_state") if k in tree]
     )
-    total = 0
+    total = count = 0
     for group in groups:
         leaves = jax.tree_util.tree_flatten_with_path(tree[group])[0]
         if not leaves:
@@ -76,18 +95,20 @@ def describe(workdir: str, step: int | None = None, show_all: bool = False) -> s
             size = int(np.prod(shape)) * dtype.itemsize
             sharding = getattr(leaf, "sharding", None)
             spec = getattr(sharding, "partition_spec", None) or getattr(sharding, "spec", None)
-            total += size if group == "params" else 0
+            if group == "params":
+                total, count = total + size, count + int(np.prod(shape))
+            name = jax.tree_util.keystr(key) or group  # a scalar group (step) has no path
             lines.append(
-                f"    {jax.tree_util.keystr(key):60s} {str(shape):18s} {dtype.name:9s} "
+                f"    {name:60s} {str(shape):18s} {dtype.name:9s} "
                 f"{_fmt_bytes(size):>10s}  {spec if spec is not None else ''}"
             )
-    lines.append(f"  parameters: {_fmt_bytes(total)}")
+    lines.append(f"  parameters: {count:,} ({_fmt_bytes(total)})")
     return "\n".join(lines)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("workdir")
+    p.add_argument("workdir", help="a workdir, its checkpoints/ or one checkpoint's directory")
     p.add_argument("step", nargs="?", type=int)
     p.add_argument("--all", action="store_true", help="include the optimizer state")
     args = p.parse_args()
