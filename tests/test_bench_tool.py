@@ -440,7 +440,7 @@ def test_baseline_reference_lru_computes_what_lrulm_computes(monkeypatch):
         np.testing.assert_allclose(g_p[name], r_p[name], rtol=1e-3, atol=1e-4, err_msg=name)
 
 
-def test_baseline_tool_times_both_steps_and_states_the_ratio():
+def test_baseline_tool_times_both_steps_and_states_the_ratio(monkeypatch):
     out = _bench("--size", "tiny", "--steps", "2", "--json", tool="tools/bench_baseline.py")
     assert out.returncode == 0, out.stderr[-3000:]
     (row,) = [json.loads(line) for line in out.stdout.splitlines()]
@@ -448,10 +448,25 @@ def test_baseline_tool_times_both_steps_and_states_the_ratio():
     assert row["ratio"] == pytest.approx(row["reference_step_s"] / row["lrulm_step_s"])
     # Both models start near chance on 10 classes (log 10 = 2.3 nats).
     assert 1.0 < row["reference_loss"] < 4.0 and 1.0 < row["lrulm_loss"] < 4.0, row
-    out = _bench("--size", "tiny", "--steps", "1", tool="tools/bench_baseline.py")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert re.search(
-        r"\| tiny \| 2 x 64, 16, 8 \| [\d.,]+ \| [\d.,]+ \| [\d,]+ \| [\d.]+x", out.stdout
-    )
-    bad = _bench("--size", "huge", tool="tools/bench_baseline.py")
-    assert bad.returncode == 2 and "unknown size(s) ['huge']" in bad.stderr
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "tools"))
+    import bench_baseline
+
+    table = bench_baseline.markdown([row])
+    assert re.search(r"\| tiny \| 2 x 64, 16, 8 \| [\d.,]+ \| [\d.,]+ \| [\d,]+ \| [\d.]+x", table)
+    assert ("(met)" in table) == (row["ratio"] >= 2.0)
+    with pytest.raises(SystemExit) as e:
+        bench_baseline.main(["--size", "huge"])
+    assert e.value.code == 2
+
+
+def test_gpu_check_baseline_mode_times_both_scans_at_the_paper_sizes(tmp_path):
+    """`gpu_check.sh baseline`: only tools/bench_baseline.py, at the ListOps and sCIFAR
+    sizes with associative and pallas, arguments the tool accepts (the stub parses them)."""
+    stdout, steps, calls, _ = _run_gpu_check(tmp_path, "32,1,128,prefetch", "baseline")
+    assert [(name, rc) for name, rc, _ in steps] == [("baseline", "0")], stdout[-3000:]
+    (call,) = [c for c in calls if c["args"][0].startswith("tools/")]
+    args = call["args"]
+    assert args[0] == "tools/bench_baseline.py"
+    assert args[args.index("--size") + 1] == "listops,scifar"
+    assert args[args.index("--scan_methods") + 1] == "associative,pallas"
+    assert "baseline exit 0" in stdout[stdout.index("== summary") :]

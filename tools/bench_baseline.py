@@ -3,6 +3,7 @@
     python tools/bench_baseline.py                      # the CPU row: 8 x 1024, H 128, N 256
     python tools/bench_baseline.py --size listops       # 32 x 2048, H 128, N 256 (GPU)
     python tools/bench_baseline.py --size scifar --json # 50 x 1024 pixels, H 512, N 384 (GPU)
+    python tools/bench_baseline.py --size listops,scifar --scan_methods auto,pallas   # GPU
 
 DESIGN.md §4 states lrulm's throughput target as at least twice that of the public
 reference implementation of the LRU (minimal-LRU: Flax Linen, `jax.lax.associative_scan`,
@@ -36,6 +37,7 @@ import optax
 
 from lrulm import config as config_lib
 from lrulm import lru as lru_lib
+from lrulm import scan as scan_lib
 from lrulm import tasks, train
 from lrulm.data import lra
 
@@ -245,12 +247,13 @@ def _time(step, state, batch, steps: int) -> tuple[float, float, float]:
     return compile_s, statistics.median(times), loss
 
 
-def bench(name: str, *, steps: int, scan_method: str = "") -> dict:
-    """Times the reference and lrulm at SIZES[name]; returns one row."""
+def bench(name: str, *, steps: int, scan_methods: tuple[str, ...] = ("auto",)) -> list[dict]:
+    """Times the reference and lrulm (with each scan method) at SIZES[name]; one row per
+    method, sharing the reference's timing."""
     size = SIZES[name]
     spec = lra.TASKS[size.task]
     host = random_batch(size, spec)
-    row = {
+    base = {
         "size": name,
         "device": jax.devices()[0].device_kind,
         "batch": size.batch,
@@ -258,71 +261,93 @@ def bench(name: str, *, steps: int, scan_method: str = "") -> dict:
         "d_model": size.d_model,
         "d_state": size.d_state,
         "num_layers": size.num_layers,
+        "target_ratio": TARGET_RATIO,
+        "design_reference_ms": size.design_ms,
     }
     dev = {k: jnp.asarray(host[k]) for k in ("inputs", "mask", "label")}
     ref, ref_state = reference_step(size, spec, dev)
     c, s, loss = _time(ref, ref_state, dev, steps)
     del ref_state
-    row.update(reference_compile_s=c, reference_step_s=s, reference_loss=loss)
-    step, state, batch = lrulm_step(size, host, scan_method)
-    c, s, loss = _time(step, state, batch, steps)
-    row.update(lrulm_compile_s=c, lrulm_step_s=s, lrulm_loss=loss)
-    for who in ("reference", "lrulm"):
-        if not np.isfinite(row[f"{who}_loss"]):
-            raise RuntimeError(f"{name}: non-finite {who} loss in the benchmark step")
+    if not np.isfinite(loss):
+        raise RuntimeError(f"{name}: non-finite reference loss in the benchmark step")
+    base.update(reference_compile_s=c, reference_step_s=s, reference_loss=loss)
     tokens = size.batch * size.seq_len
-    row["reference_tokens_per_s"] = tokens / row["reference_step_s"]
-    row["lrulm_tokens_per_s"] = tokens / row["lrulm_step_s"]
-    row["ratio"] = row["reference_step_s"] / row["lrulm_step_s"]
-    row["target_ratio"] = TARGET_RATIO
-    row["design_reference_ms"] = size.design_ms
-    row["scan_method"] = scan_method or "auto"
-    return row
+    base["reference_tokens_per_s"] = tokens / s
+    rows = []
+    for method in scan_methods:
+        step, state, batch = lrulm_step(size, host, "" if method == "auto" else method)
+        c, s, loss = _time(step, state, batch, steps)
+        del state
+        if not np.isfinite(loss):
+            raise RuntimeError(f"{name}: non-finite lrulm loss ({method} scan)")
+        if method == "auto":  # say what it picked on this backend
+            method = f"auto ({scan_lib.resolve('auto').value})"
+        row = dict(base, scan_method=method, lrulm_compile_s=c, lrulm_step_s=s, lrulm_loss=loss)
+        row["lrulm_tokens_per_s"] = tokens / s
+        row["ratio"] = base["reference_step_s"] / s
+        rows.append(row)
+    return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ["size", "b x l, H, N", "reference ms/step", "lrulm ms/step", "tokens/s lrulm", "ratio"]
+    """The rows as a markdown table and a line on how they were measured."""
+    head = ["size", "b x l, H, N", "reference ms/step", "lrulm scan", "lrulm ms/step",
+            "tokens/s lrulm", "ratio"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         met = "met" if r["ratio"] >= TARGET_RATIO else "below"
         lines.append(
             f"| {r['size']} | {r['batch']} x {r['seq_len']}, {r['d_model']}, {r['d_state']} "
-            f"| {r['reference_step_s'] * 1e3:,.1f} | {r['lrulm_step_s'] * 1e3:,.1f} "
-            f"| {r['lrulm_tokens_per_s']:,.0f} | {r['ratio']:.2f}x ({met}) |"
+            f"| {r['reference_step_s'] * 1e3:,.1f} | {r['scan_method']} "
+            f"| {r['lrulm_step_s'] * 1e3:,.1f} | {r['lrulm_tokens_per_s']:,.0f} "
+            f"| {r['ratio']:.2f}x ({met}) |"
         )
     device = rows[0]["device"] if rows else "?"
+    layers = rows[0]["num_layers"] if rows else 6
     return "\n".join(
         lines
         + [
-            f"\nDevice: {device}, one device, float32, {rows[0]['num_layers'] if rows else 6} "
-            f"layers, median step after compile and warm-up; lrulm scan "
-            f"{rows[0]['scan_method'] if rows else 'auto'}. Target (DESIGN.md §4): "
-            f"ratio >= {TARGET_RATIO:g}x."
+            f"\nDevice: {device}, one device, float32, {layers} layers, median step after "
+            f"compile and warm-up. Target (DESIGN.md §4): ratio >= {TARGET_RATIO:g}x."
         ]
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line, checked before anything compiles."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="cpu", help=f"comma-separated: {', '.join(SIZES)}")
     parser.add_argument("--steps", type=int, default=5, help="timed steps after warm-up")
-    parser.add_argument("--scan_method", default="", help="lrulm's model.scan_method (auto)")
+    parser.add_argument(
+        "--scan_methods",
+        default="auto",
+        help="comma-separated model.scan_method values for lrulm's step (auto: the backend's)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON lines instead")
     args = parser.parse_args(argv)
-    names = [s.strip() for s in args.size.split(",") if s.strip()]
-    unknown = [s for s in names if s not in SIZES]
-    if unknown or not names:
+    args.sizes = [s.strip() for s in args.size.split(",") if s.strip()]
+    unknown = [s for s in args.sizes if s not in SIZES]
+    if unknown or not args.sizes:
         parser.error(f"unknown size(s) {unknown}; use some of {', '.join(SIZES)}")
+    args.methods = tuple(m.strip() for m in args.scan_methods.split(",") if m.strip())
+    known = [m.value for m in scan_lib.ScanMethod]
+    if not args.methods or any(m not in known for m in args.methods):
+        parser.error(f"--scan_methods {args.scan_methods!r}: use some of {', '.join(known)}")
     if args.steps < 1:
         parser.error("--steps must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     rows = []
-    for name in names:
-        row = bench(name, steps=args.steps, scan_method=args.scan_method)
-        rows.append(row)
-        if args.json:
-            print(json.dumps(row), flush=True)
+    for name in args.sizes:
+        for row in bench(name, steps=args.steps, scan_methods=args.methods):
+            rows.append(row)
+            if args.json:
+                print(json.dumps(row), flush=True)
     if not args.json:
-        print(markdown(rows))
+        print(markdown(rows), flush=True)
 
 
 if __name__ == "__main__":

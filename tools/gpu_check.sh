@@ -5,6 +5,10 @@
 #   bash tools/gpu_check.sh        # on a CUDA machine; at most ~10 minutes
 #   bash tools/gpu_check.sh quick  # at most ~4.5 minutes: the sweep, the Mosaic GPU
 #                                  # tests, the scan and layer rows (no train step)
+#   bash tools/gpu_check.sh baseline  # at most ~3 minutes: DESIGN.md §4's throughput
+#                                  # target, lrulm's LRA step (associative and pallas)
+#                                  # beside the minimal-LRU-style reference at the ListOps
+#                                  # and sCIFAR paper sizes (tools/bench_baseline.py)
 #   (a lent machine without grain / ml-collections: see tools/device_wheels.sh)
 #
 # 1. tools/gpu_kernel_sweep.py: the Triton and Mosaic GPU kernels' launch shapes at B=8,
@@ -27,7 +31,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-full}
-case $MODE in full | quick) ;; *) echo "usage: $0 [full|quick]" >&2; exit 2 ;; esac
+case $MODE in full | quick | baseline) ;; *) echo "usage: $0 [full|quick|baseline]" >&2; exit 2 ;; esac
 OUT="${OUT:-$(mktemp -d)}"
 LOGS="$OUT/logs"  # packed into $OUT/logs.tgz after each step: a lent machine returns 8 files
 mkdir -p "$OUT" "$LOGS"
@@ -53,6 +57,20 @@ run() {  # run NAME SECONDS CMD...: logs to $LOGS/NAME.log, records the exit cod
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$LOGS/env.txt"
 "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$LOGS/env.txt"
+
+if [ "$MODE" = baseline ]; then
+  # The kernels' default launch shape (no sweep): each size compiles the reference once
+  # and lrulm's step once per scan method (~10-20 s each on an H100).
+  run baseline 170 "$PY" tools/bench_baseline.py --size listops,scifar --steps 10 \
+    --scan_methods associative,pallas
+  echo
+  echo "== summary ($OUT)"
+  read -r name rc secs <"$OUT/rc.txt"
+  echo "$name exit $rc, $secs s"
+  grep -E '^(\||Device)' "$LOGS/baseline.log" || tail -n 20 "$LOGS/baseline.log"
+  rm -rf "$LOGS"
+  exit 0
+fi
 
 # The kernel's launch shapes at the bench size, checked against associative; the fastest
 # correct one is exported so that the benchmark uses it.
