@@ -97,11 +97,16 @@ class Runner:
 
     def __call__(self, argv: list[str], *, stdin: str | None = None) -> None:
         """Prints `argv` (and `stdin` in a dry run); runs it and exits on failure otherwise."""
+        returncode = self.status(argv, stdin=stdin)
+        if returncode:
+            sys.exit(f"error: {argv[0]} exited with code {returncode}")
+
+    def status(self, argv: list[str], *, stdin: str | None = None) -> int:
+        """Prints `argv` (and `stdin` in a dry run); runs it and returns its exit code (0
+        in a dry run)."""
         print(shlex.join(argv), flush=True)
         if self.dry_run:
             if stdin is not None:
                 print(stdin, end="" if stdin.endswith("\n") else "\n", flush=True)
-            return
-        returncode = subprocess.run(argv, input=stdin, text=True).returncode
-        if returncode:
-            sys.exit(f"error: {argv[0]} exited with code {returncode}")
+            return 0
+        return subprocess.run(argv, input=stdin, text=True).returncode

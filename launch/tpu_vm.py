@@ -10,8 +10,11 @@ process and `lrulm.distributed.initialize()` finds the others), `delete`, and `u
 --delete_after deletes the slice when the run ends). The command comes after `--` and defaults to
 `lrulm train --config C --workdir W`. On a multi-host slice the workdir must be on storage all
 hosts mount (GCS FUSE: /gcs/BUCKET/...): the hosts write one checkpoint together. Re-running
-`run` with the same workdir resumes.
---dry_run prints every command instead of running it.
+`run` with the same workdir resumes. `up --max_restarts N` does that by itself, up to N times:
+when the command stops for a preemption (lrulm train exits 75 after saving) or the ssh session
+ends because the slice went away, it asks the slice's state; a slice still READY runs the
+command again, a preempted one (or a SUSPENDED / FAILED queued resource) is deleted, created,
+set up and run again. --dry_run prints every command instead of running it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,12 @@ from lrulm.topologies import tpu_slice
 REMOTE_REPO = "$HOME/lrulm"
 REMOTE_VENV = "$HOME/lrulm-venv"
 REMOTE_LOG = "$HOME/lrulm-run.log"
+# `lrulm train`'s exit code after it saved and stopped for a preemption signal
+# (lrulm.preemption.EXIT_CODE; the launchers import only the standard library and lrulm's
+# topology tables).
+PREEMPTED_EXIT_CODE = 75
+# What `gcloud ... ssh` returns when the connection is lost (e.g. the VM was preempted).
+SSH_LOST = 255
 EXCLUDES = (".git", "__pycache__", "*.egg-info", ".venv", ".pytest_cache", ".ruff_cache", "runs")
 
 
@@ -114,7 +123,9 @@ def setup(args: argparse.Namespace, run: common.Runner) -> None:
     run(_ssh_all(args, f"set -e; {fetch} && {install}"))
 
 
-def run_command(args: argparse.Namespace, run: common.Runner, command: list[str]) -> None:
+def run_command(args: argparse.Namespace, run: common.Runner, command: list[str]) -> int:
+    """Runs the command on every worker; returns its exit code (the first failing
+    worker's, as `ssh --worker=all` reports it)."""
     if args.accelerator_type:
         common.check_shared_workdir(command, tpu_slice(args.accelerator_type).hosts)
     line = common.shell_line(command, common.parse_env(args.env))
@@ -123,7 +134,46 @@ def run_command(args: argparse.Namespace, run: common.Runner, command: list[str]
         # Survives the ssh session: the job keeps running if this machine disconnects.
         remote = f"nohup bash -c {shlex.quote(remote)} > {REMOTE_LOG} 2>&1 < /dev/null &"
         run.note(f"detached; logs in {REMOTE_LOG} on each worker")
-    run(_ssh_all(args, remote))
+    return run.status(_ssh_all(args, remote))
+
+
+def slice_state(args: argparse.Namespace, run: common.Runner) -> str:
+    """The queued resource's state (ACTIVE, SUSPENDED, ...) with --queued, else the TPU
+    VM's (READY, PREEMPTED, ...); "UNKNOWN" when gcloud cannot say."""
+    if args.queued:
+        words, field = ("queued-resources", "describe", args.name), "value(state.state)"
+    else:
+        words, field = ("tpu-vm", "describe", args.name), "value(state)"
+    argv = _gcloud(args, *words) + ["--format", field]
+    print(shlex.join(argv), flush=True)
+    if run.dry_run:
+        return "READY"
+    out = subprocess.run(argv, capture_output=True, text=True)
+    return (out.stdout.strip() or "UNKNOWN") if out.returncode == 0 else "UNKNOWN"
+
+
+def up(args: argparse.Namespace, run: common.Runner, command: list[str]) -> int:
+    """setup and run on the created slice; with --max_restarts, again after each
+    preemption. Returns the command's last exit code."""
+    setup(args, run)
+    restarts = 0
+    while True:
+        code = run_command(args, run, command)
+        if code == 0 or args.detach:
+            return code
+        if code not in (PREEMPTED_EXIT_CODE, SSH_LOST) or restarts >= args.max_restarts:
+            return code
+        state = slice_state(args, run)
+        restarts += 1
+        if state in ("READY", "ACTIVE"):  # a maintenance event: the hosts are still there
+            run.note(f"stopped (exit {code}), slice {state}: restart {restarts} runs it again")
+            continue
+        if code == SSH_LOST and state == "UNKNOWN":
+            return code  # not known to be a preemption: leave the slice as it is
+        run.note(f"slice {state} (exit {code}): restart {restarts} recreates it")
+        delete(args, run)
+        create(args, run)
+        setup(args, run)
 
 
 def delete(args: argparse.Namespace, run: common.Runner) -> None:
@@ -153,6 +203,12 @@ def main(argv: list[str] | None = None) -> None:
     shared.add_argument("--env", action="append", help="KEY=VALUE for the command (repeatable)")
     shared.add_argument("--detach", action="store_true", help="run under nohup, log to a file")
     shared.add_argument("--delete_after", action="store_true", help="`up`: delete at the end")
+    shared.add_argument(
+        "--max_restarts",
+        type=int,
+        default=0,
+        help="`up`: after a preemption, run again (recreating a preempted slice) up to N times",
+    )
     shared.add_argument("--dry_run", action="store_true", help="print the commands only")
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -173,7 +229,12 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(str(e))
     if args.action == "up" and args.detach and args.delete_after:
         parser.error("--delete_after would delete the slice under a --detach'ed run")
+    if args.max_restarts < 0 or (args.max_restarts and args.action != "up"):
+        parser.error("--max_restarts N (N >= 0) is for `up`")
+    if args.max_restarts and args.detach:
+        parser.error("--max_restarts needs the run attached: a --detach'ed run's end is not seen")
     run = common.Runner(args.dry_run)
+    code = 0
     if args.action in ("run", "up"):
         command = common.resolve_command(command, args.config, args.workdir)
     match args.action:
@@ -182,17 +243,20 @@ def main(argv: list[str] | None = None) -> None:
         case "setup":
             setup(args, run)
         case "run":
-            run_command(args, run, command)
+            code = run_command(args, run, command)
         case "delete":
             delete(args, run)
         case "up":
-            create(args, run)
+            create(args, run)  # outside the try: a name already taken is not deleted
             try:
-                setup(args, run)
-                run_command(args, run, command)
+                code = up(args, run, command)
             finally:
                 if args.delete_after:
                     delete(args, run)
+    if code:
+        hint = " (stopped for a preemption: run it again to resume)"
+        preempted = code == PREEMPTED_EXIT_CODE
+        sys.exit(f"error: the command exited with code {code}" + hint * preempted)
 
 
 if __name__ == "__main__":

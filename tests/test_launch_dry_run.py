@@ -389,3 +389,76 @@ def test_launchers_know_the_trainers_preemption_exit_code():
     for name in ("gke.py", "local.py"):
         text = (LAUNCH / name).read_text()
         assert f"\nPREEMPTED_EXIT_CODE = {preemption.EXIT_CODE}\n" in text, name
+
+
+# A stand-in gcloud: logs each call; `ssh` of the run command exits with the next code of
+# $RUN_CODES, `describe` prints the next state of $STATES (exit 1 for "fail").
+_FAKE_GCLOUD = r"""#!/usr/bin/env python3
+import os, sys
+args = sys.argv[1:]
+running = "ssh" in args and "lrulm train" in args[-1]
+with open(os.environ["LOG"], "a") as f:
+    f.write(" ".join(args[:4]) + " RUN" * running + "\n")
+def take(name):
+    values = os.environ[name].split(",")
+    counter = os.environ["LOG"] + "." + name
+    n = int(open(counter).read()) if os.path.exists(counter) else 0
+    open(counter, "w").write(str(n + 1))
+    return values[min(n, len(values) - 1)]
+if "describe" in args:
+    state = take("STATES")
+    if state == "fail":
+        sys.exit(1)
+    print(state)
+elif running:
+    sys.exit(int(take("RUN_CODES")))
+"""
+
+
+@pytest.mark.parametrize(
+    "codes, states, restarts, want_rc, want_calls",
+    [
+        # Preempted: the slice is recreated, set up and the command run again.
+        ("75,0", "PREEMPTED", 2, 0, ["create", "setup", "run", "describe", "delete", "create",
+                                     "setup", "run"]),
+        # The ssh session lost with the VM: the same.
+        ("255,0", "PREEMPTED", 2, 0, ["create", "setup", "run", "describe", "delete", "create",
+                                      "setup", "run"]),
+        # A maintenance event on a slice still READY: run again on it.
+        ("75,0", "READY", 2, 0, ["create", "setup", "run", "describe", "run"]),
+        # A failure is not retried.
+        ("1", "READY", 2, 1, ["create", "setup", "run"]),
+        # Out of restarts: the preemption's code, with a hint.
+        ("75,75", "READY", 1, 75, ["create", "setup", "run", "describe", "run"]),
+        # ssh lost and gcloud cannot say why: the slice is left alone.
+        ("255", "fail", 2, 255, ["create", "setup", "run", "describe"]),
+    ],
+)  # fmt: skip
+def test_tpu_vm_up_restarts_after_a_preemption(
+    tmp_path, codes, states, restarts, want_rc, want_calls
+):
+    bin_dir, log = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text(_FAKE_GCLOUD)
+    (bin_dir / "gcloud").chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", LOG=str(log))
+    env.update(RUN_CODES=codes, STATES=states)
+    result = subprocess.run(
+        [sys.executable, str(LAUNCH / "tpu_vm.py"), "up", "--name", "v", "--zone", "z",
+         "--project", "p", "--accelerator_type", "v5litepod-8", "--repo_url", "https://x/l.git",
+         "--max_restarts", str(restarts), "--", *TRAIN],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == (1 if want_rc else 0), result.stderr
+    if want_rc:
+        assert f"the command exited with code {want_rc}" in result.stderr
+        assert ("run it again to resume" in result.stderr) == (want_rc == 75)
+    kinds = {"tpu-vm create": "create", "tpu-vm delete": "delete", "tpu-vm describe": "describe"}
+    calls = []
+    for line in log.read_text().splitlines():
+        words = line.split()
+        kind = kinds.get(" ".join(words[2:4]))
+        if words[2:4] == ["tpu-vm", "ssh"]:
+            kind = "run" if words[-1] == "RUN" else "setup"
+        calls.append(kind)
+    assert calls == want_calls, (calls, result.stdout)
