@@ -12,9 +12,9 @@ process and `lrulm.distributed.initialize()` finds the others), `delete`, and `u
 hosts mount (GCS FUSE: /gcs/BUCKET/...): the hosts write one checkpoint together. Re-running
 `run` with the same workdir resumes. `up --max_restarts N` does that by itself, up to N times:
 when the command stops for a preemption (lrulm train exits 75 after saving) or the ssh session
-ends because the slice went away, it asks the slice's state; a slice still READY runs the
-command again, a preempted one (or a SUSPENDED / FAILED queued resource) is deleted, created,
-set up and run again. --dry_run prints every command instead of running it.
+ends because the slice went away, it asks the slice's state; a slice still READY after an exit
+75 runs the command again, a preempted one (or a SUSPENDED / FAILED queued resource) is
+deleted, created, set up and run again. --dry_run prints every command instead of running it.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ REMOTE_LOG = "$HOME/lrulm-run.log"
 PREEMPTED_EXIT_CODE = 75
 # What `gcloud ... ssh` returns when the connection is lost (e.g. the VM was preempted).
 SSH_LOST = 255
+# States of a TPU VM, or a queued resource, whose hosts are gone: recreate to go on.
+GONE = ("PREEMPTED", "TERMINATED", "SUSPENDED", "FAILED")
 EXCLUDES = (".git", "__pycache__", "*.egg-info", ".venv", ".pytest_cache", ".ruff_cache", "runs")
 
 
@@ -165,11 +167,14 @@ def up(args: argparse.Namespace, run: common.Runner, command: list[str]) -> int:
             return code
         state = slice_state(args, run)
         restarts += 1
-        if state in ("READY", "ACTIVE"):  # a maintenance event: the hosts are still there
+        if state in ("READY", "ACTIVE") and code == PREEMPTED_EXIT_CODE:
+            # A maintenance event: the trainers saved and the hosts are still there.
             run.note(f"stopped (exit {code}), slice {state}: restart {restarts} runs it again")
             continue
-        if code == SSH_LOST and state == "UNKNOWN":
-            return code  # not known to be a preemption: leave the slice as it is
+        if state not in GONE:
+            # ssh lost to a slice still up (its trainers may still run), or a state gcloud
+            # could not tell: not known to be a preemption, so the slice is left as it is.
+            return code
         run.note(f"slice {state} (exit {code}): restart {restarts} recreates it")
         delete(args, run)
         create(args, run)

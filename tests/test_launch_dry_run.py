@@ -430,8 +430,10 @@ elif running:
         ("1", "READY", 2, 1, ["create", "setup", "run"]),
         # Out of restarts: the preemption's code, with a hint.
         ("75,75", "READY", 1, 75, ["create", "setup", "run", "describe", "run"]),
-        # ssh lost and gcloud cannot say why: the slice is left alone.
+        # ssh lost and gcloud cannot say why, or to a slice still up (its trainers may still
+        # run): the slice is left alone.
         ("255", "fail", 2, 255, ["create", "setup", "run", "describe"]),
+        ("255", "READY", 2, 255, ["create", "setup", "run", "describe"]),
     ],
 )  # fmt: skip
 def test_tpu_vm_up_restarts_after_a_preemption(
