@@ -452,7 +452,12 @@ def test_baseline_tool_times_both_steps_and_states_the_ratio(monkeypatch):
     import bench_baseline
 
     table = bench_baseline.markdown([row])
-    assert re.search(r"\| tiny \| 2 x 64, 16, 8 \| [\d.,]+ \| [\d.,]+ \| [\d,]+ \| [\d.]+x", table)
+    number = r"[\d.,]+"
+    assert re.search(
+        rf"\| tiny \| 2 x 64, 16, 8 \| {number} \| auto \(sequential\) \| {number} \| "
+        rf"{number} \| {number}x",
+        table,
+    )
     assert ("(met)" in table) == (row["ratio"] >= 2.0)
     with pytest.raises(SystemExit) as e:
         bench_baseline.main(["--size", "huge"])
