@@ -12,9 +12,12 @@ process and `lrulm.distributed.initialize()` finds the others), `delete`, and `u
 hosts mount (GCS FUSE: /gcs/BUCKET/...): the hosts write one checkpoint together. Re-running
 `run` with the same workdir resumes. `up --max_restarts N` does that by itself, up to N times:
 when the command stops for a preemption (lrulm train exits 75 after saving) or the ssh session
-ends because the slice went away, it asks the slice's state; a slice still READY after an exit
-75 runs the command again, a preempted one (or a SUSPENDED / FAILED queued resource) is
-deleted, created, set up and run again. --dry_run prints every command instead of running it.
+ends because the slice went away, it watches the slice's state for --settle_s seconds; a slice
+still READY after an exit 75 runs the command again, a preempted one (or a SUSPENDED / FAILED
+queued resource) is deleted, created, set up and run again. The command holds a lock on each
+worker while it runs, so that a second one (gcloud re-runs an ssh command that lost its
+connection) exits 74 instead of starting. `run` and `up` exit with the command's exit code.
+--dry_run prints every command instead of running it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ from lrulm.topologies import tpu_slice
 REMOTE_REPO = "$HOME/lrulm"
 REMOTE_VENV = "$HOME/lrulm-venv"
 REMOTE_LOG = "$HOME/lrulm-run.log"
+# Held by the running command on each worker: gcloud re-runs an ssh command that ended with
+# 255 (up to 10 times), and a second trainer beside a live one would share its workdir.
+REMOTE_LOCK = "$HOME/lrulm-run.lock"
+LOCKED_EXIT_CODE = 74  # the command was already running on a worker: this one did not start
 # `lrulm train`'s exit code after it saved and stopped for a preemption signal
 # (lrulm.preemption.EXIT_CODE; the launchers import only the standard library and lrulm's
 # topology tables).
@@ -131,7 +138,10 @@ def run_command(args: argparse.Namespace, run: common.Runner, command: list[str]
     if args.accelerator_type:
         common.check_shared_workdir(command, tpu_slice(args.accelerator_type).hosts)
     line = common.shell_line(command, common.parse_env(args.env))
-    remote = f"cd {REMOTE_REPO} && . {REMOTE_VENV}/bin/activate && {line}"
+    remote = (
+        f"cd {REMOTE_REPO} && . {REMOTE_VENV}/bin/activate && "
+        f"flock -n -E {LOCKED_EXIT_CODE} {REMOTE_LOCK} bash -c {shlex.quote(line)}"
+    )
     if args.detach:
         # Survives the ssh session: the job keeps running if this machine disconnects.
         remote = f"nohup bash -c {shlex.quote(remote)} > {REMOTE_LOG} 2>&1 < /dev/null &"
@@ -154,6 +164,23 @@ def slice_state(args: argparse.Namespace, run: common.Runner) -> str:
     return (out.stdout.strip() or "UNKNOWN") if out.returncode == 0 else "UNKNOWN"
 
 
+def settled_state(args: argparse.Namespace, run: common.Runner) -> str:
+    """The slice's state once it has stopped changing: a preempted VM still says READY
+    for a while after its trainers saved and exited. Polls for --settle_s seconds, and
+    as long as the state is a passing one (STOPPING, ...); returns at once when it is
+    gone (GONE)."""
+    deadline = time.monotonic() + args.settle_s
+    poll_s = max(0.05, min(15.0, args.settle_s / 8))
+    state = slice_state(args, run)
+    while state not in GONE and not run.dry_run:
+        passing = state not in ("READY", "ACTIVE", "UNKNOWN")
+        if time.monotonic() >= deadline + (10 * args.settle_s if passing else 0):
+            break
+        time.sleep(poll_s)
+        state = slice_state(args, run)
+    return state
+
+
 def up(args: argparse.Namespace, run: common.Runner, command: list[str]) -> int:
     """setup and run on the created slice; with --max_restarts, again after each
     preemption. Returns the command's last exit code."""
@@ -165,16 +192,17 @@ def up(args: argparse.Namespace, run: common.Runner, command: list[str]) -> int:
             return code
         if code not in (PREEMPTED_EXIT_CODE, SSH_LOST) or restarts >= args.max_restarts:
             return code
-        state = slice_state(args, run)
-        restarts += 1
+        state = settled_state(args, run)
         if state in ("READY", "ACTIVE") and code == PREEMPTED_EXIT_CODE:
             # A maintenance event: the trainers saved and the hosts are still there.
+            restarts += 1
             run.note(f"stopped (exit {code}), slice {state}: restart {restarts} runs it again")
             continue
         if state not in GONE:
             # ssh lost to a slice still up (its trainers may still run), or a state gcloud
             # could not tell: not known to be a preemption, so the slice is left as it is.
             return code
+        restarts += 1
         run.note(f"slice {state} (exit {code}): restart {restarts} recreates it")
         delete(args, run)
         create(args, run)
@@ -214,6 +242,13 @@ def main(argv: list[str] | None = None) -> None:
         default=0,
         help="`up`: after a preemption, run again (recreating a preempted slice) up to N times",
     )
+    shared.add_argument(
+        "--settle_s",
+        type=float,
+        default=120.0,
+        help="`up --max_restarts`: watch the slice's state this long after the command "
+        "stopped before taking it as still up (a preempted VM says READY for a while)",
+    )
     shared.add_argument("--dry_run", action="store_true", help="print the commands only")
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -234,6 +269,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(str(e))
     if args.action == "up" and args.detach and args.delete_after:
         parser.error("--delete_after would delete the slice under a --detach'ed run")
+    if args.settle_s < 0:
+        parser.error("--settle_s must be >= 0")
     if args.max_restarts < 0 or (args.max_restarts and args.action != "up"):
         parser.error("--max_restarts N (N >= 0) is for `up`")
     if args.max_restarts and args.detach:
@@ -258,10 +295,13 @@ def main(argv: list[str] | None = None) -> None:
             finally:
                 if args.delete_after:
                     delete(args, run)
-    if code:
-        hint = " (stopped for a preemption: run it again to resume)"
-        preempted = code == PREEMPTED_EXIT_CODE
-        sys.exit(f"error: the command exited with code {code}" + hint * preempted)
+    if code:  # the command's own code, so that a wrapper can tell a preemption (75)
+        hint = {
+            PREEMPTED_EXIT_CODE: " (stopped for a preemption: run it again to resume)",
+            LOCKED_EXIT_CODE: f" (the command was already running: {REMOTE_LOCK} is held)",
+        }.get(code, "")
+        print(f"error: the command exited with code {code}{hint}", file=sys.stderr)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,12 @@ def test_tpu_vm_up_dry_run():
     assert len(ssh) == 2 and all("--worker=all" in line for line in ssh)
     assert "pip install" in ssh[0] and "[tpu]" in ssh[0]
     remote = shlex.split(ssh[1])[-1]  # the --command value, as the workers' shell gets it
-    assert remote.endswith("A='1 2' lrulm train --config configs/lm/tiny.py --workdir /gcs/bkt/run")
+    # Under a lock: gcloud re-runs a command whose ssh connection dropped, and a second
+    # trainer must not start beside a live one.
+    *start, lock, bash, dash_c, line = shlex.split(remote)
+    assert start[-4:] == ["flock", "-n", "-E", "74"] and lock == "$HOME/lrulm-run.lock"
+    assert (bash, dash_c) == ("bash", "-c")
+    assert line == "A='1 2' lrulm train --config configs/lm/tiny.py --workdir /gcs/bkt/run"
     assert (
         rest[-1] == "gcloud compute tpus tpu-vm delete lru --zone us-east5-a --project proj --quiet"
     )
@@ -386,7 +391,7 @@ def test_launchers_know_the_trainers_preemption_exit_code():
 
     script, _ = _dry("slurm.py", "--nodes", "2", "--requeue", "--dry_run", "--", *TRAIN)
     assert f'[ "$status" -eq {preemption.EXIT_CODE} ]' in script
-    for name in ("gke.py", "local.py"):
+    for name in ("gke.py", "local.py", "tpu_vm.py"):
         text = (LAUNCH / name).read_text()
         assert f"\nPREEMPTED_EXIT_CODE = {preemption.EXIT_CODE}\n" in text, name
 
@@ -434,10 +439,12 @@ elif running:
         # run): the slice is left alone.
         ("255", "fail", 2, 255, ["create", "setup", "run", "describe"]),
         ("255", "READY", 2, 255, ["create", "setup", "run", "describe"]),
+        # Already running on a worker (the lock is held): not started twice, not retried.
+        ("74", "READY", 2, 74, ["create", "setup", "run"]),
     ],
 )  # fmt: skip
 def test_tpu_vm_up_restarts_after_a_preemption(
-    tmp_path, codes, states, restarts, want_rc, want_calls
+    tmp_path, codes, states, restarts, want_rc, want_calls, settle_s=0.0
 ):
     bin_dir, log = tmp_path / "bin", tmp_path / "log"
     bin_dir.mkdir()
@@ -448,13 +455,15 @@ def test_tpu_vm_up_restarts_after_a_preemption(
     result = subprocess.run(
         [sys.executable, str(LAUNCH / "tpu_vm.py"), "up", "--name", "v", "--zone", "z",
          "--project", "p", "--accelerator_type", "v5litepod-8", "--repo_url", "https://x/l.git",
-         "--max_restarts", str(restarts), "--", *TRAIN],
+         "--max_restarts", str(restarts), "--settle_s", str(settle_s), "--", *TRAIN],
         env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert result.returncode == (1 if want_rc else 0), result.stderr
+    # The command's own code: a wrapper can tell a preemption (75) from a failure.
+    assert result.returncode == want_rc, result.stderr
     if want_rc:
         assert f"the command exited with code {want_rc}" in result.stderr
         assert ("run it again to resume" in result.stderr) == (want_rc == 75)
+        assert ("lrulm-run.lock is held" in result.stderr) == (want_rc == 74)
     kinds = {"tpu-vm create": "create", "tpu-vm delete": "delete", "tpu-vm describe": "describe"}
     calls = []
     for line in log.read_text().splitlines():
@@ -464,3 +473,15 @@ def test_tpu_vm_up_restarts_after_a_preemption(
             kind = "run" if words[-1] == "RUN" else "setup"
         calls.append(kind)
     assert calls == want_calls, (calls, result.stdout)
+
+
+def test_tpu_vm_up_waits_for_a_preempted_slice_to_say_so(tmp_path):
+    """A spot VM still says READY for a while after its trainers saved and exited 75:
+    `up` watches the state for --settle_s before taking the slice as still up, so one
+    preemption costs one restart, a recreation, not a run on hosts about to go."""
+    test_tpu_vm_up_restarts_after_a_preemption(
+        tmp_path, "75,0", "READY,STOPPING,PREEMPTED", 1, 0,
+        ["create", "setup", "run", "describe", "describe", "describe", "delete", "create",
+         "setup", "run"],
+        settle_s=2.0,
+    )  # fmt: skip
