@@ -424,171 +424,179 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
       preemption.Preempted: a preemption signal (SIGTERM) stopped the run before
         train.steps, after every process saved that step; call again to resume.
     """
-    # ---- Set-up ----------------------------------------------------------------------
-    t, c = config.train, config.checkpoint
-    if "://" in workdir:
-        raise ValueError(
-            f"workdir {workdir}: lrulm writes its workdir with ordinary file I/O; mount the "
-            "bucket (GCS FUSE: gcsfuse BUCKET /gcs/BUCKET) and use the mount path"
-        )
-    is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
-
-    # ---- Mesh ------------------------------------------------------------------------
-    mesh = make_mesh(config, devices)
-    validate(config, mesh)  # before the data is prepared: errors come at once
-
-    # ---- Data ------------------------------------------------------------------------
-    task = tasks.make_task(config, workdir)
-    exp = build(config, task, mesh)
-    first_key = next(iter(exp.batch_spec))
-    row_offset, local_batch = process_rows(
-        exp.batch_shardings[first_key], exp.batch_spec[first_key][0]
-    )
-    batch_args = dict(
-        global_batch=t.global_batch_size, row_offset=row_offset, local_batch=local_batch
-    )
-    train_iter = task.train_batches(seed=t.seed, **batch_args)
-    if hasattr(task, "check_eval"):  # fail now, not at the first evaluation
-        task.check_eval(t.global_batch_size, t.eval_steps)
-
-    # ---- Model & optimizer: sharded init, or restore ---------------------------------
-    checkpointer = ckpt_lib.Checkpointer(
-        workdir, max_to_keep=c.max_to_keep, keep_period=c.keep_period, async_save=c.async_save
-    )
-    restored = checkpointer.restore_latest(exp.abstract_state, train_iter)
-    if restored is not None:
-        state = restored.state
-        if not restored.data_restored:  # step-indexed pipeline: position it from the step
-            train_iter.set_state({"next_index": int(restored.step)})
-        metrics_lib.say(f"lrulm: resumed from {checkpointer.directory}/{restored.step}")
-    else:
-        init = jax.jit(exp.init_fn, out_shardings=exp.state_shardings)
-        state = init(jax.random.key(t.seed))
-        if c.init_from:
-            params, from_step = ckpt_lib.restore_params(c.init_from, exp.abstract_state["params"])
-            state["params"] = params
-            metrics_lib.say(f"lrulm: parameters from {c.init_from} (step {from_step})")
-    step = int(jax.device_get(state["step"]))
-    if step > t.steps:
-        metrics_lib.say(
-            f"lrulm: the run is at step {step}, past train.steps={t.steps}: nothing to train "
-            "(raise train.steps to continue it)"
-        )
-    elif is_main:  # only now: a run that fails to start leaves the workdir's config as it was
-        _write_config(config, workdir, resumed=restored is not None)
-
-    # ---- Step functions ----------------------------------------------------------------
-    train_jit, eval_jit = jit_steps(exp)
-    writer = metrics_lib.MetricWriter(workdir, enabled=is_main, progress=t.progress)
-    num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-    tokens_per_step = t.global_batch_size * task.tokens_per_example()
-    flops_per_token = task.model_config.flops_per_token(t.seq_len)
-    peak = metrics_lib.peak_flops()
-    if step == 0:
-        info = {"model/num_params": num_params, "perf/flops_per_token": flops_per_token}
-        entropy = task.unigram_entropy() if hasattr(task, "unigram_entropy") else None
-        if entropy is not None:
-            info["data/unigram_entropy"] = entropy
-        writer.write(0, info)
-    metrics_lib.say(
-        f"lrulm: {num_params:,} parameters, mesh {dict(mesh.shape)}, "
-        f"{mesh.devices.size} devices, {jax.process_count()} processes; "
-        f"step {step} of {t.steps}"
-    )
-
-    def eval_batches(split="eval"):
-        return task.eval_batches(split, num_batches=t.eval_steps, **batch_args)
-
-    best = ckpt_lib.BestCheckpoint(workdir, *task.best_metric) if task.best_metric else None
-
-    def check_finite():
-        bad = int(jax.device_get(state["nonfinite_step"]))
-        if bad >= 0:
-            raise NonFiniteLoss(bad)
-
-    last_saved = restored.step if restored is not None else None
-
-    def save(at_step):
-        nonlocal last_saved
-        if at_step == last_saved:
-            return
-        last_saved = at_step
-        check_finite()  # a non-finite state never overwrites a good checkpoint
-        meta = {
-            "config": config_lib.to_dict(config),
-            "mesh": dict(mesh.shape),
-            "model": vars(task.model_config) if hasattr(task.model_config, "__dict__") else {},
-        }
-        checkpointer.save(at_step, state, train_iter, meta)
-
-    # ---- Loop ------------------------------------------------------------------------
+    # From the start: a SIGTERM while the data is prepared, the state restored or the step
+    # compiled (minutes) still ends in a save and a clean stop at the loop's first step.
     watcher = preemption.Watcher()
-    preempted = False
-    profile = metrics_lib.ProfileWindow(
-        os.path.join(workdir, "tensorboard"),
-        start_step=t.profile_start_step,
-        num_steps=t.profile_steps,
-        run_from=step,
-        total_steps=t.steps,
-        enabled=is_main,
-    )
-    throughput = metrics_lib.Throughput()
-    throughput.start(step)
-    last_eval: dict = {}
     try:
-        while step < t.steps:
-            if watcher.reached(step):
-                metrics_lib.say(f"lrulm: preemption signal; saving step {step} and exiting")
-                save(step)
-                checkpointer.wait()
-                preempted = True
-                break
-            profile.before(step, state)
-            batch = to_global(next(train_iter), exp)
-            state, metrics = train_jit(state, batch)
-            step += 1
-            profile.after(step, state)
-            if step % t.log_every == 0 or step == t.steps:
-                check_finite()
-                row = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                row.update(throughput.measure(step, tokens_per_step))
-                if peak:
-                    row["perf/mfu"] = (
-                        flops_per_token * row["perf/tokens_per_s"] / (peak * exp.mesh.devices.size)
-                    )
-                writer.write(step, row)
-                writer.progress_line(
-                    step, t.steps, {k: row[k] for k in ("train/loss", "perf/tokens_per_s")}
-                )
-            if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
-                last_eval = evaluate(exp, eval_jit, state, eval_batches())
-                writer.write(step, {f"eval/{k}": v for k, v in last_eval.items()})
-                writer.summary_line(f"eval at step {step}", last_eval)
-                if best is not None:
-                    check_finite()
-                    best.update(step, last_eval, state)
-            if step % c.every_steps == 0 or step == t.steps:
-                save(step)
-            if step % t.log_every == 0:
-                throughput.start(step)  # eval and checkpoint time is not step time
-        checkpointer.wait()
-        if best is not None and step >= t.steps:
-            last_eval = _final_test(
-                best, exp, eval_jit, eval_batches("test"), writer, step, workdir
+        # ---- Set-up ----------------------------------------------------------------------
+        t, c = config.train, config.checkpoint
+        if "://" in workdir:
+            raise ValueError(
+                f"workdir {workdir}: lrulm writes its workdir with ordinary file I/O; mount the "
+                "bucket (GCS FUSE: gcsfuse BUCKET /gcs/BUCKET) and use the mount path"
             )
+        is_main = jax.process_index() == 0
+        os.makedirs(workdir, exist_ok=True)
+
+        # ---- Mesh ------------------------------------------------------------------------
+        mesh = make_mesh(config, devices)
+        validate(config, mesh)  # before the data is prepared: errors come at once
+
+        # ---- Data ------------------------------------------------------------------------
+        task = tasks.make_task(config, workdir)
+        exp = build(config, task, mesh)
+        first_key = next(iter(exp.batch_spec))
+        row_offset, local_batch = process_rows(
+            exp.batch_shardings[first_key], exp.batch_spec[first_key][0]
+        )
+        batch_args = dict(
+            global_batch=t.global_batch_size, row_offset=row_offset, local_batch=local_batch
+        )
+        train_iter = task.train_batches(seed=t.seed, **batch_args)
+        if hasattr(task, "check_eval"):  # fail now, not at the first evaluation
+            task.check_eval(t.global_batch_size, t.eval_steps)
+
+        # ---- Model & optimizer: sharded init, or restore ---------------------------------
+        checkpointer = ckpt_lib.Checkpointer(
+            workdir, max_to_keep=c.max_to_keep, keep_period=c.keep_period, async_save=c.async_save
+        )
+        restored = checkpointer.restore_latest(exp.abstract_state, train_iter)
+        if restored is not None:
+            state = restored.state
+            if not restored.data_restored:  # step-indexed pipeline: position it from the step
+                train_iter.set_state({"next_index": int(restored.step)})
+            metrics_lib.say(f"lrulm: resumed from {checkpointer.directory}/{restored.step}")
+        else:
+            init = jax.jit(exp.init_fn, out_shardings=exp.state_shardings)
+            state = init(jax.random.key(t.seed))
+            if c.init_from:
+                params, from_step = ckpt_lib.restore_params(
+                    c.init_from, exp.abstract_state["params"]
+                )
+                state["params"] = params
+                metrics_lib.say(f"lrulm: parameters from {c.init_from} (step {from_step})")
+        step = int(jax.device_get(state["step"]))
+        if step > t.steps:
+            metrics_lib.say(
+                f"lrulm: the run is at step {step}, past train.steps={t.steps}: nothing to train "
+                "(raise train.steps to continue it)"
+            )
+        elif is_main:  # only now: a run that fails to start leaves the workdir's config as it was
+            _write_config(config, workdir, resumed=restored is not None)
+
+        # ---- Step functions ----------------------------------------------------------------
+        train_jit, eval_jit = jit_steps(exp)
+        writer = metrics_lib.MetricWriter(workdir, enabled=is_main, progress=t.progress)
+        num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+        tokens_per_step = t.global_batch_size * task.tokens_per_example()
+        flops_per_token = task.model_config.flops_per_token(t.seq_len)
+        peak = metrics_lib.peak_flops()
+        if step == 0:
+            info = {"model/num_params": num_params, "perf/flops_per_token": flops_per_token}
+            entropy = task.unigram_entropy() if hasattr(task, "unigram_entropy") else None
+            if entropy is not None:
+                info["data/unigram_entropy"] = entropy
+            writer.write(0, info)
+        metrics_lib.say(
+            f"lrulm: {num_params:,} parameters, mesh {dict(mesh.shape)}, "
+            f"{mesh.devices.size} devices, {jax.process_count()} processes; "
+            f"step {step} of {t.steps}"
+        )
+
+        def eval_batches(split="eval"):
+            return task.eval_batches(split, num_batches=t.eval_steps, **batch_args)
+
+        best = ckpt_lib.BestCheckpoint(workdir, *task.best_metric) if task.best_metric else None
+
+        def check_finite():
+            bad = int(jax.device_get(state["nonfinite_step"]))
+            if bad >= 0:
+                raise NonFiniteLoss(bad)
+
+        last_saved = restored.step if restored is not None else None
+
+        def save(at_step):
+            nonlocal last_saved
+            if at_step == last_saved:
+                return
+            last_saved = at_step
+            check_finite()  # a non-finite state never overwrites a good checkpoint
+            meta = {
+                "config": config_lib.to_dict(config),
+                "mesh": dict(mesh.shape),
+                "model": vars(task.model_config) if hasattr(task.model_config, "__dict__") else {},
+            }
+            checkpointer.save(at_step, state, train_iter, meta)
+
+        # ---- Loop ------------------------------------------------------------------------
+        preempted = False
+        profile = metrics_lib.ProfileWindow(
+            os.path.join(workdir, "tensorboard"),
+            start_step=t.profile_start_step,
+            num_steps=t.profile_steps,
+            run_from=step,
+            total_steps=t.steps,
+            enabled=is_main,
+        )
+        throughput = metrics_lib.Throughput()
+        throughput.start(step)
+        last_eval: dict = {}
+        try:
+            while step < t.steps:
+                if watcher.reached(step):
+                    metrics_lib.say(f"lrulm: preemption signal; saving step {step} and exiting")
+                    save(step)
+                    checkpointer.wait()
+                    preempted = True
+                    break
+                profile.before(step, state)
+                batch = to_global(next(train_iter), exp)
+                state, metrics = train_jit(state, batch)
+                step += 1
+                profile.after(step, state)
+                if step % t.log_every == 0 or step == t.steps:
+                    check_finite()
+                    row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    row.update(throughput.measure(step, tokens_per_step))
+                    if peak:
+                        row["perf/mfu"] = (
+                            flops_per_token
+                            * row["perf/tokens_per_s"]
+                            / (peak * exp.mesh.devices.size)
+                        )
+                    writer.write(step, row)
+                    writer.progress_line(
+                        step, t.steps, {k: row[k] for k in ("train/loss", "perf/tokens_per_s")}
+                    )
+                if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+                    last_eval = evaluate(exp, eval_jit, state, eval_batches())
+                    writer.write(step, {f"eval/{k}": v for k, v in last_eval.items()})
+                    writer.summary_line(f"eval at step {step}", last_eval)
+                    if best is not None:
+                        check_finite()
+                        best.update(step, last_eval, state)
+                if step % c.every_steps == 0 or step == t.steps:
+                    save(step)
+                if step % t.log_every == 0:
+                    throughput.start(step)  # eval and checkpoint time is not step time
+            checkpointer.wait()
+            if best is not None and step >= t.steps:
+                last_eval = _final_test(
+                    best, exp, eval_jit, eval_batches("test"), writer, step, workdir
+                )
+        finally:
+            profile.close()
+            writer.close()
+            checkpointer.close()
+            if best is not None:
+                best.close()
+        if preempted:
+            # No process leaves (and no launcher stops the rest) before all have saved.
+            distributed.barrier("lrulm_preempted")
+            raise preemption.Preempted(step, t.steps)
+        return last_eval
     finally:
-        profile.close()
         watcher.close()
-        writer.close()
-        checkpointer.close()
-        if best is not None:
-            best.close()
-    if preempted:
-        # No process leaves (and no launcher stops the rest) before all have saved.
-        distributed.barrier("lrulm_preempted")
-        raise preemption.Preempted(step, t.steps)
-    return last_eval
 
 
 def evaluate_workdir(config, workdir: str, step: int | None = None) -> dict:

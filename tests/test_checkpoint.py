@@ -120,6 +120,35 @@ def test_sigterm_saves_and_exits_75_then_resumes(tmp_path, corpus):
     assert max(_losses(workdir)) == saved + 3
 
 
+def test_sigterm_while_the_data_is_prepared_still_saves_and_stops(tmp_path, corpus):
+    """A SIGTERM before the first step (data preparation, restore, compilation: minutes
+    on a pod) is held until the loop's first step, which saves and stops with 75; it
+    used to kill the process (143), which the launchers count as a failure."""
+    script = f"""
+import os, signal, sys
+from lrulm import config as config_lib, preemption, train
+real = train.tasks.make_task
+def make_task(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)  # a preemption while the data is prepared
+    return real(*args, **kwargs)
+train.tasks.make_task = make_task
+config = config_lib.load_with_overrides("configs/lm/tiny.py", [
+    ("data.train_files", {str(corpus["train"])!r}), ("data.eval_files", {str(corpus["eval"])!r}),
+    ("train.steps", "50"), ("train.eval_every", "0")])
+try:
+    train.train_and_evaluate(config, {str(tmp_path / "run")!r})
+except preemption.Preempted as e:
+    print("preempted at", e.step)
+    sys.exit(preemption.EXIT_CODE)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 75, out.stderr[-3000:]
+    assert "preempted at 0" in out.stdout
+    assert os.path.isdir(tmp_path / "run" / "checkpoints" / "0")
+
+
 def test_damaged_checkpoint_is_named_and_skipped(tmp_path, corpus):
     workdir = tmp_path / "run"
     _run(workdir, corpus, "train.steps=8", "checkpoint.every_steps=4")
