@@ -440,7 +440,7 @@ def test_baseline_reference_lru_computes_what_lrulm_computes(monkeypatch):
         np.testing.assert_allclose(g_p[name], r_p[name], rtol=1e-3, atol=1e-4, err_msg=name)
 
 
-def test_baseline_tool_times_both_steps_and_states_the_ratio(monkeypatch):
+def test_baseline_tool_times_both_steps_and_states_the_ratio(monkeypatch, tmp_path):
     out = _bench("--size", "tiny", "--steps", "2", "--json", tool="tools/bench_baseline.py")
     assert out.returncode == 0, out.stderr[-3000:]
     (row,) = [json.loads(line) for line in out.stdout.splitlines()]
@@ -451,6 +451,9 @@ def test_baseline_tool_times_both_steps_and_states_the_ratio(monkeypatch):
     monkeypatch.syspath_prepend(os.path.join(ROOT, "tools"))
     import bench_baseline
 
+    log = tmp_path / "log"  # --render reads the rows back from a log with other lines
+    log.write_text("starting\n" + out.stdout + "warning: x\n")
+    assert bench_baseline.read_rows(str(log)) == [row]
     table = bench_baseline.markdown([row])
     number = r"[\d.,]+"
     assert re.search(
@@ -469,9 +472,10 @@ def test_gpu_check_baseline_mode_times_both_scans_at_the_paper_sizes(tmp_path):
     sizes with associative and pallas, arguments the tool accepts (the stub parses them)."""
     stdout, steps, calls, _ = _run_gpu_check(tmp_path, "32,1,128,prefetch", "baseline")
     assert [(name, rc) for name, rc, _ in steps] == [("baseline", "0")], stdout[-3000:]
-    (call,) = [c for c in calls if c["args"][0].startswith("tools/")]
-    args = call["args"]
-    assert args[0] == "tools/bench_baseline.py"
-    assert args[args.index("--size") + 1] == "listops,scifar"
-    assert args[args.index("--scan_methods") + 1] == "associative,pallas"
+    timed, render = [c["args"] for c in calls if c["args"][0].startswith("tools/")]
+    assert timed[0] == render[0] == "tools/bench_baseline.py"
+    assert timed[timed.index("--size") + 1] == "listops,scifar"
+    assert timed[timed.index("--scan_methods") + 1] == "associative,pallas"
+    assert "--json" in timed  # rows saved as measured: a step cut off keeps them
+    assert render[1] == "--render" and render[2].endswith("baseline.log")
     assert "baseline exit 0" in stdout[stdout.index("== summary") :]

@@ -247,9 +247,9 @@ def _time(step, state, batch, steps: int) -> tuple[float, float, float]:
     return compile_s, statistics.median(times), loss
 
 
-def bench(name: str, *, steps: int, scan_methods: tuple[str, ...] = ("auto",)) -> list[dict]:
-    """Times the reference and lrulm (with each scan method) at SIZES[name]; one row per
-    method, sharing the reference's timing."""
+def bench(name: str, *, steps: int, scan_methods: tuple[str, ...] = ("auto",)):
+    """Times the reference and lrulm (with each scan method) at SIZES[name]; yields one
+    row per method as it is measured, sharing the reference's timing."""
     size = SIZES[name]
     spec = lra.TASKS[size.task]
     host = random_batch(size, spec)
@@ -273,7 +273,6 @@ def bench(name: str, *, steps: int, scan_methods: tuple[str, ...] = ("auto",)) -
     base.update(reference_compile_s=c, reference_step_s=s, reference_loss=loss)
     tokens = size.batch * size.seq_len
     base["reference_tokens_per_s"] = tokens / s
-    rows = []
     for method in scan_methods:
         step, state, batch = lrulm_step(size, host, "" if method == "auto" else method)
         c, s, loss = _time(step, state, batch, steps)
@@ -285,8 +284,7 @@ def bench(name: str, *, steps: int, scan_methods: tuple[str, ...] = ("auto",)) -
         row = dict(base, scan_method=method, lrulm_compile_s=c, lrulm_step_s=s, lrulm_loss=loss)
         row["lrulm_tokens_per_s"] = tokens / s
         row["ratio"] = base["reference_step_s"] / s
-        rows.append(row)
-    return rows
+        yield row
 
 
 def markdown(rows: list[dict]) -> str:
@@ -324,6 +322,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="comma-separated model.scan_method values for lrulm's step (auto: the backend's)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON lines instead")
+    parser.add_argument(
+        "--render", metavar="FILE", help="print the table of the JSON lines in FILE; time nothing"
+    )
     args = parser.parse_args(argv)
     args.sizes = [s.strip() for s in args.size.split(",") if s.strip()]
     unknown = [s for s in args.sizes if s not in SIZES]
@@ -338,8 +339,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def read_rows(path: str) -> list[dict]:
+    """The rows among a file's lines (a log may hold other lines too)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.startswith('{"size"')]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.render:
+        rows = read_rows(args.render)
+        print(markdown(rows) if rows else f"no rows in {args.render}")
+        return
     rows = []
     for name in args.sizes:
         for row in bench(name, steps=args.steps, scan_methods=args.methods):

@@ -61,13 +61,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 if [ "$MODE" = baseline ]; then
   # The kernels' default launch shape (no sweep): each size compiles the reference once
   # and lrulm's step once per scan method (~10-20 s each on an H100).
+  # JSON lines as each row is measured: a run cut off at its limit keeps what it timed.
   run baseline 170 "$PY" tools/bench_baseline.py --size listops,scifar --steps 10 \
-    --scan_methods associative,pallas
+    --scan_methods associative,pallas --json
   echo
   echo "== summary ($OUT)"
   read -r name rc secs <"$OUT/rc.txt"
   echo "$name exit $rc, $secs s"
-  grep -E '^(\||Device)' "$LOGS/baseline.log" || tail -n 20 "$LOGS/baseline.log"
+  "$PY" tools/bench_baseline.py --render "$LOGS/baseline.log" || tail -n 20 "$LOGS/baseline.log"
   rm -rf "$LOGS"
   exit 0
 fi
