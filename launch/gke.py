@@ -140,6 +140,9 @@ def jobset(
         # A preempted pod fails its Job with reason PodFailurePolicy (not BackoffLimitExceeded,
         # as a crash does), and that reason restarts the slice without using up max_restarts:
         # spot capacity can be reclaimed any number of times, a bug should not loop forever.
+        # DisruptionTarget covers a trainer killed before it saved (a spot VM gives ~30 s);
+        # kubelet also sets it for node-pressure evictions, so a host memory leak that gets
+        # pods evicted restarts without limit too (each restart resumes from a checkpoint).
         job["podFailurePolicy"] = {
             "rules": [
                 {

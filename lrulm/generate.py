@@ -62,7 +62,10 @@ def sample_logits(key, logits, *, temperature: float, top_p: float, top_k: int):
             .at[jnp.arange(logits.shape[0])[:, None], order]
             .set(sorted_logits)
         )
-    if key.ndim:  # a key per row: a row's draw does not depend on the other rows
+    # A key per row (typed keys (b,), or raw uint32 keys (b, 2)): a row's draw does not
+    # depend on the other rows. One key: typed (), or raw (2,) from jax.random.PRNGKey.
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    if key.ndim == (1 if typed else 2):
         return jax.vmap(jax.random.categorical)(key, logits).astype(jnp.int32)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
@@ -335,8 +338,9 @@ def generate_texts(
     (None: the newest), decoded batch_size rows at a time.
 
     Returns one dict per sample, prompt by prompt: prompt, completion (the new text only),
-    prompt_index, sample, step. The same arguments give the same texts, whatever
-    batch_size.
+    prompt_index, sample, step. The same arguments give the same texts; each sample draws
+    from its own key, so batch_size changes none on CPU (on an accelerator, the logits of
+    other batch shapes may differ in their last bits, which can change a rare draw).
     """
     check_sampling(temperature, top_p, top_k, max_new_tokens)
     if num_samples < 1:

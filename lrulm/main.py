@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top_k", type=int, default=0, help="0 = off")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument(
-        "--batch_size", type=int, default=32, help="samples decoded at once (same texts at any)"
+        "--batch_size", type=int, default=32, help="samples decoded at once (each has its own key)"
     )
     g.add_argument(
         "--output", default="", help="also write one JSON object per sample to this .jsonl"

@@ -86,6 +86,20 @@ def test_sampling_filters():
     assert nucleus[2] == nucleus[3] == 0  # 0.5 + 0.3 covers 0.7
 
 
+@pytest.mark.parametrize("raw", [False, True])
+def test_sampling_takes_one_key_or_a_key_per_row(raw):
+    """One key for the batch, typed or raw (jax.random.PRNGKey), or a key per row: a
+    row's draw then depends on its own key only."""
+    logits = jax.random.normal(jax.random.key(1), (3, 50))
+    kw = dict(temperature=1.0, top_p=1.0, top_k=0)
+    make = jax.random.PRNGKey if raw else jax.random.key
+    assert gen.sample_logits(make(0), logits, **kw).shape == (3,)
+    keys = jnp.stack([make(i) for i in (5, 6, 7)])
+    rows = gen.sample_logits(keys, logits, **kw)
+    for i in range(3):  # each row alone, with its key, draws the same
+        assert int(gen.sample_logits(keys[i : i + 1], logits[i : i + 1], **kw)[0]) == rows[i]
+
+
 def test_stop_tokens_per_sequence_and_seed(model):
     prompts = _prompts([5, 8, 2])
     a = gen.generate(model, prompts, max_new_tokens=20, temperature=1.0, seed=3, stop_ids=())
