@@ -149,6 +149,32 @@ def from_dict(data: dict) -> ConfigDict:
     return config
 
 
+def write_run_config(config: ConfigDict, workdir: str, *, resumed: bool) -> list[str]:
+    """Writes WORKDIR/config.json (atomically). On a resume, returns what changed against
+    the config.json there, as "key: old -> new" lines."""
+    path = os.path.join(workdir, "config.json")
+    new = to_dict(config)
+    changed = []
+    if resumed and os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        changed = [f"{key}: {a!r} -> {b!r}" for key, a, b in _changed_keys(old, new)]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(new, f, indent=2)
+    os.replace(tmp, path)
+    return changed
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = ""):
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            yield from _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            yield f"{prefix}{key}", a, b
+
+
 def base_config() -> ConfigDict:
     """Every key the trainer, launch scripts and docs rely on, with neutral defaults.
 

@@ -381,37 +381,6 @@ def _final_test(best, exp, eval_jit, test_batches, writer, step, workdir) -> dic
 # ==========================================================================================
 
 
-def _write_config(config, workdir: str, *, resumed: bool) -> None:
-    """Writes WORKDIR/config.json; on a resume, first says which keys changed."""
-    path = os.path.join(workdir, "config.json")
-    new = config_lib.to_dict(config)
-    if resumed and os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        changed = [
-            f"{key}: {old_value!r} -> {new_value!r}"
-            for key, old_value, new_value in _changed_keys(old, new)
-        ]
-        if changed:
-            metrics_lib.say(
-                "lrulm: resuming with a config that differs from the run's config.json "
-                "(now rewritten): " + "; ".join(changed)
-            )
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(new, f, indent=2)
-    os.replace(tmp, path)
-
-
-def _changed_keys(old: dict, new: dict, prefix: str = ""):
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            yield from _changed_keys(a, b, f"{prefix}{key}.")
-        elif a != b:
-            yield f"{prefix}{key}", a, b
-
-
 def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
     """Trains (or resumes) the experiment in workdir; returns the last eval metrics.
 
@@ -482,7 +451,12 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
                 "(raise train.steps to continue it)"
             )
         elif is_main:  # only now: a run that fails to start leaves the workdir's config as it was
-            _write_config(config, workdir, resumed=restored is not None)
+            changed = config_lib.write_run_config(config, workdir, resumed=restored is not None)
+            if changed:
+                metrics_lib.say(
+                    "lrulm: resuming with a config that differs from the run's config.json "
+                    "(now rewritten): " + "; ".join(changed)
+                )
 
         # ---- Step functions ----------------------------------------------------------------
         train_jit, eval_jit = jit_steps(exp)
