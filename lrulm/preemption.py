@@ -36,7 +36,8 @@ class Watcher:
 
     With several processes, jax's preemption sync point (jax owns SIGTERM once
     jax.distributed is initialised) makes every process agree on the same step; with one,
-    this handler's flag is enough. Call `reached` at every step on every process.
+    this handler's flag is enough. Call `reached` at every step on every process; use
+    it as a context manager (or call `close`) to put the previous handler back.
     """
 
     def __init__(self):
@@ -59,5 +60,13 @@ class Watcher:
         return self.requested
 
     def close(self):
+        """Puts back the SIGTERM handler there was before."""
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def __enter__(self) -> Watcher:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

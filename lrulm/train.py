@@ -395,8 +395,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
     """
     # From the start: a SIGTERM while the data is prepared, the state restored or the step
     # compiled (minutes) still ends in a save and a clean stop at the loop's first step.
-    watcher = preemption.Watcher()
-    try:
+    with preemption.Watcher() as watcher:
         # ---- Set-up ----------------------------------------------------------------------
         t, c = config.train, config.checkpoint
         if "://" in workdir:
@@ -569,8 +568,6 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
             distributed.barrier("lrulm_preempted")
             raise preemption.Preempted(step, t.steps)
         return last_eval
-    finally:
-        watcher.close()
 
 
 def evaluate_workdir(config, workdir: str, step: int | None = None) -> dict:
