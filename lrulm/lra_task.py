@@ -139,6 +139,10 @@ class ClassificationTask:
         """Examples in a split ("train", "eval" or "test")."""
         return len(self._source(split))
 
+    def train_size(self) -> int:
+        """Examples in the train split (what a resume checks is unchanged)."""
+        return self.split_size("train")
+
     def batch_spec(self, global_batch: int) -> dict:
         """{name: (global shape, numpy dtype)} of one global batch (module docstring)."""
         b, l = global_batch, self.seq_len

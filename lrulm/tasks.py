@@ -188,6 +188,10 @@ class LMTask:
         shape = (global_batch, self.seq_len)
         return {"inputs": (shape, np.int32), "targets": (shape, np.int32)}
 
+    def train_size(self) -> int:
+        """Sequences in the train split (what a resume checks is unchanged)."""
+        return len(self.train_source)
+
     def train_batches(self, *, global_batch, row_offset, local_batch, seed):
         return lm_data.batches(
             self.train_source,

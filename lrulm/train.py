@@ -429,6 +429,29 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
             workdir, max_to_keep=c.max_to_keep, keep_period=c.keep_period, async_save=c.async_save
         )
         restored = checkpointer.restore_latest(exp.abstract_state, train_iter)
+        data_signature = {
+            "global_batch": t.global_batch_size,
+            "seq_len": t.seq_len,
+            "seed": t.seed,
+            "train_examples": task.train_size(),
+        }
+        if restored is not None and not c.allow_data_change:
+            try:
+                saved = checkpointer.metadata(restored.step).get("data")
+            except Exception:  # noqa: BLE001 - unreadable metadata: nothing to compare
+                saved = None
+            changed = [f"{k} {saved[k]:,} -> {v:,}" for k, v in data_signature.items()
+                       if saved and k in saved and saved[k] != v]  # fmt: skip
+            if changed:
+                checkpointer.close()
+                raise ValueError(
+                    f"checkpoint {restored.step} was trained with other data settings ("
+                    + ", ".join(changed)
+                    + "): its step would point at another place in the data. Put them "
+                    "back, resume anyway with --config.checkpoint.allow_data_change=true, "
+                    "or start a new workdir with --config.checkpoint.init_from="
+                    f"{checkpointer.directory}/{restored.step}"
+                )
         if restored is not None:
             state = restored.state
             if not restored.data_restored:  # step-indexed pipeline: position it from the step
@@ -495,6 +518,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
             last_saved = at_step
             check_finite()  # a non-finite state never overwrites a good checkpoint
             meta = {
+                "data": data_signature,
                 "config": config_lib.to_dict(config),
                 "mesh": dict(mesh.shape),
                 "model": vars(task.model_config) if hasattr(task.model_config, "__dict__") else {},

@@ -223,6 +223,35 @@ def test_changed_config_is_an_error_not_damage(tmp_path, corpus):
     assert json.loads((workdir / "config.json").read_text())["optim"]["lr"] == 0.002
 
 
+def test_resume_with_other_data_settings_is_refused(tmp_path, corpus):
+    """A checkpoint positions the data by step: resumed with another global batch (or a
+    train split that grew) it would read from another place. That is refused before
+    anything changes, unless checkpoint.allow_data_change says to go on."""
+    workdir = tmp_path / "run"
+    _run(workdir, corpus, "train.steps=4", "checkpoint.every_steps=2")
+    config_before = (workdir / "config.json").read_text()
+    bigger = tmp_path / "bigger.txt"  # the corpus grew: more train sequences
+    bigger.write_text(open(corpus["train"]).read() * 2)
+    for change, message in [
+        (["train.global_batch_size=16"], "global_batch 8 -> 16"),
+        ([f"data.train_files={bigger}"], "train_examples "),
+    ]:
+        bad = subprocess.run(
+            _cmd(workdir, corpus, "train.steps=6", *change), capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+        assert bad.returncode == 2, bad.stderr[-3000:]
+        assert "checkpoint 4 was trained with other data settings (" in bad.stderr
+        assert message in bad.stderr and "allow_data_change=true" in bad.stderr
+        assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+        assert (workdir / "config.json").read_text() == config_before
+    out = _run(
+        workdir, corpus, "train.steps=6", "train.global_batch_size=16",
+        "checkpoint.allow_data_change=true",
+    )  # fmt: skip
+    assert f"resumed from {workdir}/checkpoints/4" in out
+
+
 def test_restore_onto_other_meshes(tmp_path, corpus):
     def cfg(*mesh):
         pairs = [
