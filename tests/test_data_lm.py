@@ -28,6 +28,21 @@ def test_tokenizer_round_trips_code_exactly(sp):
     assert (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id()) == (0, 1, 2, 3)
 
 
+def test_a_tokenizer_with_other_special_ids_is_refused(tmp_path, corpus):
+    """A stock SentencePiece model (unk 0, bos 1, eos 2) would make id 3, an ordinary
+    piece, the document end: refused by name with what to do."""
+    import sentencepiece as spm
+
+    prefix = str(tmp_path / "stock")
+    spm.SentencePieceTrainer.train(
+        input=corpus["train"], model_prefix=prefix, vocab_size=300, minloglevel=2
+    )
+    with pytest.raises(
+        ValueError, match=r"numbers pad, unk, bos, eos as -1, 0, 1, 2; .*0, 1, 2, 3"
+    ):
+        tok.load_tokenizer(prefix + ".model")
+
+
 def test_tokenizer_vocab_too_small_for_the_characters(tmp_path):
     texts = ["".join(chr(0x4E00 + i) for i in range(j, j + 50)) for j in range(0, 600, 50)]
     with pytest.raises(

@@ -143,6 +143,15 @@ def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
         sp.Load(path)
     except (OSError, RuntimeError) as e:
         raise ValueError(f"{path} is not a SentencePiece model: {e}") from e
-    if sp.eos_id() < 0:
-        raise ValueError(f"tokenizer {path} has no end-of-sequence id; lrulm needs one")
+    # The data, the loss (PAD weighs 0), document resets (at EOS) and generation (stops at
+    # EOS, never draws PAD) use these ids; another numbering would turn ordinary pieces
+    # into document ends.
+    ids = (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id())
+    if ids != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
+        raise ValueError(
+            f"tokenizer {path} numbers pad, unk, bos, eos as {', '.join(map(str, ids))}; "
+            f"lrulm needs {PAD_ID}, {UNK_ID}, {BOS_ID}, {EOS_ID} (-1 = none). Train one with "
+            "`lrulm tokenizer train`, or train SentencePiece with --pad_id=0 --unk_id=1 "
+            "--bos_id=2 --eos_id=3"
+        )
     return sp
