@@ -16,6 +16,8 @@ task names of lrulm.data.lra.TASKS). Each provides
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -93,6 +95,38 @@ class LMTask:
 
     # -- data -----------------------------------------------------------------------
 
+    def _tokenizer_spec(self, train_files: list[str]) -> dict:
+        """What the workdir's own tokenizer is trained from (kept beside it as
+        tokenizer.json): the vocabulary asked for and the train files' names and sizes."""
+        files = sorted((f, os.path.getsize(f)) for f in train_files)
+        digest = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+        return {"vocab_size": self.config.data.vocab_size, "files": len(files), "digest": digest}
+
+    def _stale_tokenizer(self, tok_path: str, spec: dict, workdir: str) -> bool:
+        """Whether the tokenizer an earlier run trained in this workdir was trained for
+        another vocab_size or corpus and no checkpoint's embeddings use it, so that it is
+        trained again. With checkpoints it is kept, and the difference is said."""
+        spec_path = os.path.splitext(tok_path)[0] + ".json"
+        if not os.path.exists(spec_path):  # given by the user, or from before the record
+            return False
+        with open(spec_path) as f:
+            old = json.load(f)
+        changed = [f"{k} {old.get(k)} -> {v}" for k, v in spec.items() if old.get(k) != v]
+        if not changed:
+            return False
+        checkpoints = os.path.join(workdir, "checkpoints")
+        if os.path.isdir(checkpoints) and any(d.isdigit() for d in os.listdir(checkpoints)):
+            metrics_lib.say(
+                f"lrulm: keeping {tok_path}, which this run's checkpoints were trained with, "
+                f"though it was made for other data ({', '.join(changed)})"
+            )
+            return False
+        metrics_lib.say(
+            f"lrulm: {tok_path} was made for other data ({', '.join(changed)}) and no "
+            "checkpoint uses it: training a new one"
+        )
+        return True
+
     def _prepare(self, workdir: str) -> None:
         data = self.config.data
         if data.train_files:
@@ -127,17 +161,23 @@ class LMTask:
                 )
             elif main and not os.path.exists(tok_path):
                 metrics_lib.say(f"lrulm: the tokenizer of checkpoint.init_from: {tokenizer}")
+        spec_path = os.path.join(workdir, "tokenizer.json")
+        spec = self._tokenizer_spec(train_files)
         if main:
             if tokenizer:
                 tok.load_tokenizer(tokenizer)  # fail early on a bad file
                 if os.path.abspath(tokenizer) != os.path.abspath(tok_path):
                     shutil.copyfile(tokenizer, tok_path)
-            elif not os.path.exists(tok_path):
+                    if os.path.exists(spec_path):  # it described the tokenizer replaced
+                        os.remove(spec_path)
+            elif not os.path.exists(tok_path) or self._stale_tokenizer(tok_path, spec, workdir):
                 log.info(
                     "training a %d-piece tokenizer on %d files", data.vocab_size, len(train_files)
                 )
                 docs = (d for f in train_files for d in lm_data.read_documents(f))
                 tok.train_tokenizer(docs, tok_path, vocab_size=data.vocab_size)
+                with open(spec_path, "w") as f:
+                    json.dump(spec, f)
         _barrier("lrulm_tokenizer")
         self.sp = tok.load_tokenizer(tok_path)
         packed = [f.endswith(".arrayrecord") for f in train_files + eval_files]

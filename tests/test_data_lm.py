@@ -43,6 +43,34 @@ def test_a_tokenizer_with_other_special_ids_is_refused(tmp_path, corpus):
         tok.load_tokenizer(prefix + ".model")
 
 
+def test_workdir_tokenizer_made_for_other_data_is_trained_again(tmp_path, corpus):
+    """A fresh run in a workdir whose tokenizer an earlier run made for another
+    vocab_size or corpus trains a new one (it was reused as it was); once checkpoints use
+    it, it is kept and the difference said."""
+    from lrulm import config as config_lib
+    from lrulm import tasks
+
+    def task(vocab, train_file):
+        config = config_lib.load_with_overrides(
+            "configs/lm/tiny.py:test",
+            [("data.train_files", train_file), ("data.eval_files", corpus["eval"]),
+             ("data.vocab_size", str(vocab))],
+        )  # fmt: skip
+        return tasks.make_task(config, str(tmp_path / "run"))
+
+    assert task(400, corpus["train"]).sp.get_piece_size() == 400
+    assert json.loads((tmp_path / "run" / "tokenizer.json").read_text())["vocab_size"] == 400
+    assert task(500, corpus["train"]).sp.get_piece_size() == 500
+    other = tmp_path / "other.jsonl"  # same vocabulary, another corpus
+    other.write_text("".join(open(corpus["train"]).readlines()[:20]))
+    model = tmp_path / "run" / "tokenizer.model"
+    before = model.read_bytes()
+    task(500, str(other))
+    assert model.read_bytes() != before
+    (tmp_path / "run" / "checkpoints" / "10").mkdir(parents=True)  # now a run uses it
+    assert task(600, str(other)).sp.get_piece_size() == 500
+
+
 def test_tokenizer_vocab_too_small_for_the_characters(tmp_path):
     texts = ["".join(chr(0x4E00 + i) for i in range(j, j + 50)) for j in range(0, 600, 50)]
     with pytest.raises(
