@@ -86,6 +86,10 @@ def test_default_corpus_is_deterministic_and_split():
     train, held = lm_data.default_corpus()
     train2, held2 = lm_data.default_corpus()
     assert train == train2 and held == held2
+    # No file of the interpreter's own build (its paths and compiler flags).
+    names = [os.path.basename(f) for f in train + held]
+    assert not any(n.startswith("_sysconfigdata") for n in names)
+    assert not any(os.sep + "config-" in f for f in train + held)
     assert not set(train) & set(held) and 0.01 < len(held) / len(train) < 0.05
     assert all(f.endswith(".py") and "site-packages" not in f for f in train + held)
 

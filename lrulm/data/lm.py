@@ -42,13 +42,19 @@ _EVAL_EVERY = 50  # default corpus: every 50th file (sorted order) is held out
 
 def default_corpus() -> tuple[list[str], list[str]]:
     """The embedded default: the standard library's .py files (tests excluded), sorted,
-    split deterministically into (train, eval): every 50th file is held out."""
+    split deterministically into (train, eval): every 50th file is held out. The files
+    an interpreter's build writes (`_sysconfigdata_*.py`, `config-3.*/`: its build paths
+    and flags) are left out, so that installs of one Python version read the same text."""
     root = sysconfig.get_paths()["stdlib"]
     skip = {"site-packages", "__pycache__", "test", "tests", "idle_test"}
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in skip)
-        files += [os.path.join(dirpath, f) for f in filenames if f.endswith(".py")]
+        dirnames[:] = sorted(d for d in dirnames if d not in skip and not d.startswith("config-"))
+        files += [
+            os.path.join(dirpath, f)
+            for f in filenames
+            if f.endswith(".py") and not f.startswith("_sysconfigdata")
+        ]
     files.sort(key=lambda p: os.path.relpath(p, root))
     if not files:
         raise FileNotFoundError(f"no .py files under the standard library at {root}")
