@@ -222,6 +222,14 @@ def test_bad_json_lines_name_the_line(tmp_path):
         list(lm_data.read_documents(str(bad)))
     bad.write_text('{"text": "caf\u00e9"}\r\n{"text": ""}\n')
     assert list(lm_data.read_documents(str(bad))) == ["café"]
+    # Plain text too: Latin-1 bytes are an error naming the file, not U+FFFD trained on;
+    # line ends stay as written.
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("Café naïve\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin.txt is not UTF-8 text \(byte 3: .*iconv"):
+        list(lm_data.read_documents(str(latin)))
+    latin.write_bytes("Café\r\nnaïve\n".encode())
+    assert list(lm_data.read_documents(str(latin))) == ["Café\r\nnaïve\n"]
 
 
 def test_tokenizer_cli(tmp_path, corpus):

@@ -120,8 +120,16 @@ def read_documents(path: str) -> Iterator[str]:
                 if text:
                     yield text
         return
-    with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read()
+    # Strict, as for JSON lines: replacing bad bytes would train on U+FFFD unseen. Line
+    # ends are kept as they are (newline=""), as JSON lines keep theirs.
+    with open(path, encoding="utf-8", newline="") as f:
+        try:
+            text = f.read()
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); convert it, e.g. "
+                f"iconv -f latin1 -t utf-8 {path}"
+            ) from None
     if text:
         yield text
 
