@@ -420,6 +420,12 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
         batch_args = dict(
             global_batch=t.global_batch_size, row_offset=row_offset, local_batch=local_batch
         )
+        if task.train_size() < t.global_batch_size and is_main:
+            metrics_lib.say(
+                f"lrulm: warning: the train split has {task.train_size():,} examples, fewer "
+                f"than one global batch of {t.global_batch_size}: each batch holds some of "
+                "them twice (give more data or a smaller --config.train.global_batch_size)"
+            )
         train_iter = task.train_batches(seed=t.seed, **batch_args)
         if hasattr(task, "check_eval"):  # fail now, not at the first evaluation
             task.check_eval(t.global_batch_size, t.eval_steps)

@@ -41,7 +41,7 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("task", list(lra.TASKS))
-def test_tiny_config_trains_and_reports_test_accuracy(task, data_dir, tmp_path):
+def test_tiny_config_trains_and_reports_test_accuracy(task, data_dir, tmp_path, capsys):
     # 8 simulated devices on the data axis: every tiny batch (8 or 32) divides by 8.
     config = _config(
         task,
@@ -55,6 +55,10 @@ def test_tiny_config_trains_and_reports_test_accuracy(task, data_dir, tmp_path):
     )
     workdir = str(tmp_path / task)
     train.train_and_evaluate(config, workdir)
+    # A train split smaller than the batch (here some tasks' tiny data) is said, not silent.
+    n_train = len(lra.load_split(task, data_dir, "train", seq_len=config.train.seq_len))
+    warned = "each batch holds some of them twice" in capsys.readouterr().out
+    assert warned == (n_train < config.train.global_batch_size), n_train
 
     with open(os.path.join(workdir, "results.json")) as f:
         results = json.load(f)
