@@ -195,6 +195,7 @@ def base_config() -> ConfigDict:
         ("d_ff", int),
         ("vocab_size", int),
         ("dropout", float),
+        ("dropout_over_length", bool),
         ("r_min", float),
         ("r_max", float),
         ("max_phase", float),

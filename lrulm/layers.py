@@ -151,9 +151,13 @@ class BatchNorm(nnx.Module):
         return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
 
 
-def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    """Inverted dropout; the identity when rate is 0 or key is None (evaluation)."""
+def dropout(
+    x: jax.Array, rate: float, key: jax.Array | None, *, shared_axes: tuple[int, ...] = ()
+) -> jax.Array:
+    """Inverted dropout; the identity when rate is 0 or key is None (evaluation). The
+    mask is drawn once along `shared_axes` (e.g. (1,): the same at every position)."""
     if rate <= 0.0 or key is None:
         return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    shape = tuple(1 if i in shared_axes else d for i, d in enumerate(x.shape))
+    keep = jax.random.bernoulli(key, 1.0 - rate, shape)
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype)).astype(x.dtype)

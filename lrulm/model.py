@@ -89,6 +89,11 @@ class Block(nnx.Module):
         state to start from. Returns y (b, l, h), and the LRU's final state if asked."""
         rate = self.cfg.dropout if train else 0.0
         keys = [None] * 4 if key is None else list(jax.random.split(key, 4))
+        shared = (1,) if self.cfg.dropout_over_length else ()  # one mask along l
+
+        def drop(z, k):
+            return layers.dropout(z, rate, k, shared_axes=shared)
+
         z = self.norm(x, mask=mask, train=train)
         state = None
         if return_state:
@@ -96,17 +101,17 @@ class Block(nnx.Module):
         else:
             z = self.lru(z, resets=resets, h0=h0, axis_name=axis_name)
         z = checkpoint_name(z, "lru_out")
-        z = layers.dropout(jax.nn.gelu(z), rate, keys[0])
+        z = drop(jax.nn.gelu(z), keys[0])
         value = z if self.glu_value is None else self.glu_value(z)
         z = value * jax.nn.sigmoid(self.glu_gate(z))
-        x = x + layers.dropout(z, rate, keys[1])
+        x = x + drop(z, keys[1])
         x = constrain(x, ACT)
         if self.cfg.d_ff:
             z = self.mlp_norm(x, mask=mask, train=train)
             z = self.mlp_in(z)
             z = constrain(z, ("batch", "length", "act_mlp"))
-            z = self.mlp_out(layers.dropout(jax.nn.gelu(z), rate, keys[2]))
-            x = constrain(x + layers.dropout(z, rate, keys[3]), ACT)
+            z = self.mlp_out(drop(jax.nn.gelu(z), keys[2]))
+            x = constrain(x + drop(z, keys[3]), ACT)
         return (x, state) if return_state else x
 
 

@@ -26,6 +26,9 @@ class ModelConfig:
       glu: "full" (two Dense) or "half" (one Dense; the paper's Path-X model).
       norm: "rms", "layer" or "batch" (the paper's LRA models use batch norm).
       dropout: rate after the recurrence and after the GLU / MLP.
+      dropout_over_length: one dropout mask per example and channel, the same at every
+        position (S5 / minimal-LRU: `nn.Dropout(broadcast_dims=[0])` on an (l, h)
+        sequence, the LRU paper's LRA runs), instead of one per element.
       r_min, r_max, max_phase: the ring Λ is initialised on (paper Table 8/9).
       bidirectional: each LRU also runs backwards (Pathfinder, Path-X).
       tie_embeddings: the LM head is the transposed embedding.
@@ -44,6 +47,7 @@ class ModelConfig:
     glu: str = "full"
     norm: str = "rms"
     dropout: float = 0.0
+    dropout_over_length: bool = False
     r_min: float = 0.0
     r_max: float = 0.99
     max_phase: float = 2 * math.pi

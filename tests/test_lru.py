@@ -188,3 +188,33 @@ def test_one_state_sized_residual_per_layer(method):
         f = lambda state, u, r=resets: jnp.sum(nnx.merge(graph, state)(u, resets=r))
         big = [x for x, _ in saved_residuals(f, state, u) if x.shape[-2:] == (length, n)]
         assert [(x.shape, x.dtype) for x in big] == [((b, length, n), jnp.float32)] * 2, big
+
+
+def test_dropout_over_length_keeps_one_mask_per_channel():
+    """model.dropout_over_length (the LRA configs, as S5 / minimal-LRU): a dropped channel
+    is dropped at every position of its sequence; otherwise elements drop independently."""
+    from lrulm import layers
+
+    x = jnp.ones((3, 50, 16))
+    key = jax.random.key(0)
+    shared = layers.dropout(x, 0.5, key, shared_axes=(1,))
+    dropped = shared == 0
+    assert jnp.all(dropped == dropped[:, :1])  # the same along the length
+    assert 0.2 < dropped[:, 0].mean() < 0.8  # and a real draw per (example, channel)
+    assert set(np.unique(np.asarray(shared)).tolist()) == {0.0, 2.0}  # inverted scaling
+    free = layers.dropout(x, 0.5, key) == 0
+    assert not jnp.all(free == free[:, :1])
+    assert layers.dropout(x, 0.5, None, shared_axes=(1,)) is x  # evaluation: identity
+
+
+def test_lra_configs_use_the_papers_dropout_and_no_clipping():
+    """The LRA runs of the paper (S5 / minimal-LRU code): channel dropout shared along the
+    sequence, AdamW without gradient clipping."""
+    from lrulm import config as config_lib
+    from lrulm.data import lra
+
+    for task in lra.TASKS:
+        config = config_lib.load(f"configs/lra/{task}.py")
+        assert config.model.dropout_over_length is True, task
+        assert config.optim.grad_clip == 0.0, task
+    assert config_lib.load("configs/lm/tiny.py").model.dropout_over_length is None  # preset

@@ -44,6 +44,7 @@ def get_config(arg=None):
     m.norm = "batch"
     m.glu = "full"
     m.dropout = 0.1
+    m.dropout_over_length = True  # S5 / minimal-LRU: one mask per channel per sequence
     m.r_min, m.r_max = 0.9, 0.999  # long memory: 1024 steps per image
     m.max_phase = 2 * math.pi
     m.bidirectional = False
@@ -59,6 +60,7 @@ def get_config(arg=None):
     c.optim.lr = 4.5e-3
     c.optim.lr_factor = 0.25  # paper Table 8/9
     c.optim.weight_decay = 0.05  # paper App. D.2, every LRA task
+    c.optim.grad_clip = 0.0  # the paper's AdamW (App. D.2), S5 and minimal-LRU clip nothing
 
     c.train.steps = 180_000  # paper Table 8/9 (200 epochs of 45k images)
     c.train.global_batch_size = 50  # paper Table 8/9

@@ -47,6 +47,7 @@ def get_config(arg=None):
     m.norm = "batch"
     m.glu = "full"
     m.dropout = 0.0
+    m.dropout_over_length = True  # S5 / minimal-LRU: one mask per channel per sequence
     m.r_min, m.r_max = 0.0, 0.99  # ListOps needs fast-decaying modes too
     m.max_phase = 2 * math.pi
     m.bidirectional = False
@@ -62,6 +63,7 @@ def get_config(arg=None):
     c.optim.lr = 3e-3
     c.optim.lr_factor = 0.5  # paper Table 8/9: ν, θ, γ, B at lr x 0.5
     c.optim.weight_decay = 0.05  # paper App. D.2, every LRA task
+    c.optim.grad_clip = 0.0  # the paper's AdamW (App. D.2), S5 and minimal-LRU clip nothing
 
     c.train.steps = 80_000  # paper Table 8/9 (~27 epochs of 96k)
     c.train.global_batch_size = 32  # paper Table 8/9

@@ -46,6 +46,7 @@ def get_config(arg=None):
     m.norm = "batch"
     m.glu = "half"  # paper: Path-X uses the half-GLU
     m.dropout = 0.0
+    m.dropout_over_length = True  # S5 / minimal-LRU: one mask per channel per sequence
     m.r_min, m.r_max = 0.999, 0.9999  # memory over 16k steps
     m.max_phase = math.pi / 10  # paper Table 8/9: small phases for the long sequence
     m.bidirectional = True  # the paper runs Pathfinder and Path-X bidirectionally
@@ -61,6 +62,7 @@ def get_config(arg=None):
     c.optim.lr = 1.8e-3
     c.optim.lr_factor = 0.25  # paper Table 8/9
     c.optim.weight_decay = 0.05  # paper App. D.2, every LRA task
+    c.optim.grad_clip = 0.0  # the paper's AdamW (App. D.2), S5 and minimal-LRU clip nothing
 
     c.train.steps = 250_000  # paper Table 8/9 (50 epochs of 160k images)
     c.train.global_batch_size = 32  # paper Table 8/9

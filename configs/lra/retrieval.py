@@ -45,6 +45,7 @@ def get_config(arg=None):
     m.norm = "batch"
     m.glu = "full"
     m.dropout = 0.1
+    m.dropout_over_length = True  # S5 / minimal-LRU: one mask per channel per sequence
     m.r_min, m.r_max = 0.5, 0.9
     m.max_phase = 2 * math.pi
     m.bidirectional = False
@@ -60,6 +61,7 @@ def get_config(arg=None):
     c.optim.lr = 2e-3
     c.optim.lr_factor = 0.5  # paper Table 8/9
     c.optim.weight_decay = 0.05  # paper App. D.2, every LRA task
+    c.optim.grad_clip = 0.0  # the paper's AdamW (App. D.2), S5 and minimal-LRU clip nothing
 
     c.train.steps = 100_000  # paper Table 8/9 (~43 epochs of 147k pairs)
     c.train.global_batch_size = 64  # paper Table 8/9
