@@ -136,6 +136,14 @@ class LMTask:
             elif len(train_files) >= 2:  # hold out every 50th file, as for the default
                 eval_files = train_files[::50]
                 train_files = [f for f in train_files if f not in set(eval_files)]
+                if jax.process_index() == 0:
+                    metrics_lib.say(
+                        f"lrulm: data.eval_files is empty: holding out {len(eval_files)} of "
+                        f"the {len(train_files) + len(eval_files)} train files for evaluation "
+                        f"({', '.join(os.path.basename(f) for f in eval_files[:3])}"
+                        f"{', ...' if len(eval_files) > 3 else ''}); set "
+                        "--config.data.eval_files to choose"
+                    )
             else:
                 raise ValueError(
                     "data.eval_files is empty and data.train_files names one "

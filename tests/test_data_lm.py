@@ -341,3 +341,23 @@ def test_prepare_data_bad_arguments(tmp_path, sp, monkeypatch):
     )  # fmt: skip
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "prepare_data: error: no tokenizer at" in out.stderr
+
+
+def test_eval_files_held_out_from_train_files_are_named(tmp_path, corpus, capsys):
+    """Without data.eval_files, every 50th train file is held out, and which is said (with
+    two files that is half the data)."""
+    from lrulm import config as config_lib
+    from lrulm import tasks
+
+    docs = open(corpus["train"]).readlines()
+    for i in range(2):
+        (tmp_path / f"part{i}.jsonl").write_text("".join(docs[i::2]))
+    config = config_lib.load_with_overrides(
+        "configs/lm/tiny.py:test",
+        [("data.train_files", str(tmp_path / "part*.jsonl")), ("data.vocab_size", "400")],
+    )
+    task = tasks.make_task(config, str(tmp_path / "run"))
+    assert task.eval_files == [str(tmp_path / "part0.jsonl")]
+    assert task.train_files == [str(tmp_path / "part1.jsonl")]
+    out = capsys.readouterr().out
+    assert "holding out 1 of the 2 train files for evaluation (part0.jsonl)" in out
