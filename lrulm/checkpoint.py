@@ -253,6 +253,27 @@ class Checkpointer:
         )
         return dict(restored[METADATA])
 
+    def data_change(self, step: int, signature: dict) -> str:
+        """What differs between the data settings checkpoint `step` was trained with (in
+        its metadata, "data") and `signature`, as an error message; "" when nothing does
+        (or the checkpoint recorded none). The data position is a step count, so another
+        global batch or train split would resume at another place in the data."""
+        try:
+            saved = self.metadata(step).get("data") or {}
+        except Exception:  # noqa: BLE001 - unreadable metadata: nothing to compare
+            saved = {}
+        changed = [
+            f"{k} {saved[k]:,} -> {v:,}" for k, v in signature.items() if saved.get(k, v) != v
+        ]
+        if not changed:
+            return ""
+        return (
+            f"checkpoint {step} was trained with other data settings ({', '.join(changed)}): "
+            "its step would point at another place in the data. Put them back, resume "
+            "anyway with --config.checkpoint.allow_data_change=true, or start a new workdir "
+            f"with --config.checkpoint.init_from={self.directory}/{step}"
+        )
+
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()

@@ -441,23 +441,11 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
             "seed": t.seed,
             "train_examples": task.train_size(),
         }
-        if restored is not None and not c.allow_data_change:
-            try:
-                saved = checkpointer.metadata(restored.step).get("data")
-            except Exception:  # noqa: BLE001 - unreadable metadata: nothing to compare
-                saved = None
-            changed = [f"{k} {saved[k]:,} -> {v:,}" for k, v in data_signature.items()
-                       if saved and k in saved and saved[k] != v]  # fmt: skip
-            if changed:
-                checkpointer.close()
-                raise ValueError(
-                    f"checkpoint {restored.step} was trained with other data settings ("
-                    + ", ".join(changed)
-                    + "): its step would point at another place in the data. Put them "
-                    "back, resume anyway with --config.checkpoint.allow_data_change=true, "
-                    "or start a new workdir with --config.checkpoint.init_from="
-                    f"{checkpointer.directory}/{restored.step}"
-                )
+        check_data = restored is not None and not c.allow_data_change
+        problem = checkpointer.data_change(restored.step, data_signature) if check_data else ""
+        if problem:
+            checkpointer.close()  # nothing moved: the same command works once fixed
+            raise ValueError(problem)
         if restored is not None:
             state = restored.state
             if not restored.data_restored:  # step-indexed pipeline: position it from the step
