@@ -171,15 +171,20 @@ def test_arrayrecord_windows_equal_the_token_stream(tmp_path, sp, corpus):
     packed = lm_data.ArrayRecordSequences(info["files"], 16)
     stream = lm_data.prepare_split(files, sp, sp_path(sp, tmp_path), str(tmp_path / "c"), "ev")
     ref = lm_data.PackedSequences(stream, 16)
-    assert len(packed) == len(ref) == info["sequences"]
+    # Every full window, then the partial last one filled up with PAD.
+    assert len(packed) == len(ref) + 1 == info["sequences"]
     # Round-robin shards: record r of shard s is window r * 3 + s of the stream.
     got = {}
     for s, path in enumerate(info["files"]):
         one = lm_data.ArrayRecordSequences([path], 16)
         for r in range(len(one)):
-            got[r * 3 + s] = one[r]["inputs"]
+            got[r * 3 + s] = one[r]
     for i in range(len(ref)):
-        np.testing.assert_array_equal(got[i], ref[i]["inputs"])
+        np.testing.assert_array_equal(got[i]["inputs"], ref[i]["inputs"])
+    real = got[len(ref)]["targets"] != tok.PAD_ID
+    # Every target of the stream is scored once: the full windows' and the tail's.
+    assert 16 * len(ref) + real.sum() == stream.num_tokens - 1
+    assert real[: real.sum()].all()  # the PAD comes after the real tokens
     with pytest.raises(ValueError, match="train.seq_len is 32"):
         lm_data.ArrayRecordSequences(info["files"], 32)
 

@@ -5,7 +5,8 @@
 
 Each record is one packed sequence of seq_len + 1 uint32 tokens (inputs and targets
 shifted by one), exactly the windows `lrulm train` cuts from a token stream, documents
-separated by EOS. Then train from them without tokenizing again:
+separated by EOS; the last, partial window is filled up with PAD (not scored). Then train
+from them without tokenizing again:
 
     lrulm train ... --config.data.train_files='data/train-*.arrayrecord' \\
         --config.data.eval_files='data/eval-*.arrayrecord' --config.data.tokenizer=tok.model
@@ -55,6 +56,13 @@ def write_shards(texts, sp, *, seq_len: int, output: str, num_shards: int) -> di
                 writers[count % num_shards].write(buffer[: seq_len + 1].tobytes())
                 buffer = buffer[seq_len:]
                 count += 1
+        if count and buffer.size > 1:
+            # The last, partial window, PAD after it (weight 0 in the loss): a full
+            # evaluation pass then scores every token, as on the text path.
+            tail = np.full((seq_len + 1,), tok.PAD_ID, np.uint32)
+            tail[: buffer.size] = buffer
+            writers[count % num_shards].write(tail.tobytes())
+            count += 1
         done = True
     finally:
         for w in writers:
