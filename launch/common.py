@@ -15,6 +15,11 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+# `lrulm train`'s exit code after it saved and stopped for a preemption signal: a copy of
+# lrulm.preemption.EXIT_CODE, which imports jax (local.py, standard library only, has its
+# own; tests check both).
+PREEMPTED_EXIT_CODE = 75
+
 
 def split_command(argv: list[str]) -> tuple[list[str], list[str]]:
     """Splits `[launcher flags] -- command ...` into the two parts (command may be empty)."""

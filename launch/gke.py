@@ -34,10 +34,6 @@ import common  # first: puts the checkout on sys.path for lrulm
 
 from lrulm.topologies import TpuSlice, tpu_slice
 
-# `lrulm train`'s exit code after it saved and stopped for a preemption signal
-# (lrulm.preemption.EXIT_CODE; the launchers import only the standard library and lrulm's
-# topology tables).
-PREEMPTED_EXIT_CODE = 75
 # Ports of the TPU runtime (8471), its health checks (8080) and jax's coordinator on TPU (8482).
 PORTS = (8471, 8080, 8482)
 
@@ -150,7 +146,7 @@ def jobset(
                     "onExitCodes": {
                         "containerName": container["name"],
                         "operator": "In",
-                        "values": [PREEMPTED_EXIT_CODE],
+                        "values": [common.PREEMPTED_EXIT_CODE],
                     },
                 },
                 {

@@ -67,7 +67,9 @@ def sbatch_script(args: argparse.Namespace, command: list[str], env: dict[str, s
     lines.append(f"export JAX_LOCAL_DEVICE_IDS={device_ids}")
     lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
     srun = f"srun --kill-on-bad-exit=1 {shlex.join(command)}"
-    lines += ["", *(_REQUEUE.format(srun=srun) if args.requeue else srun).splitlines(), ""]
+    if args.requeue:
+        srun = _REQUEUE.format(srun=srun, preempted=common.PREEMPTED_EXIT_CODE)
+    lines += ["", *srun.splitlines(), ""]
     return "\n".join(lines)
 
 
@@ -86,7 +88,7 @@ trap 'time_limit=1; scancel --signal=TERM "$SLURM_JOB_ID" || true' USR1
 srun_pid=$!
 until wait "$srun_pid"; status=$?; [ "$status" -lt 128 ] || ! kill -0 "$srun_pid" 2>/dev/null
 do :; done
-if [ -n "$time_limit" ] && {{ [ "$status" -eq 75 ] || [ "$status" -gt 128 ]; }}; then
+if [ -n "$time_limit" ] && {{ [ "$status" -eq {preempted} ] || [ "$status" -gt 128 ]; }}; then
   echo "lrulm: stopped for the time limit; requeueing job $SLURM_JOB_ID to resume" >&2
   scontrol requeue "$SLURM_JOB_ID"
   exit 0

@@ -40,10 +40,7 @@ REMOTE_LOG = "$HOME/lrulm-run.log"
 # 255 (up to 10 times), and a second trainer beside a live one would share its workdir.
 REMOTE_LOCK = "$HOME/lrulm-run.lock"
 LOCKED_EXIT_CODE = 74  # the command was already running on a worker: this one did not start
-# `lrulm train`'s exit code after it saved and stopped for a preemption signal
-# (lrulm.preemption.EXIT_CODE; the launchers import only the standard library and lrulm's
-# topology tables).
-PREEMPTED_EXIT_CODE = 75
+PREEMPTED_EXIT_CODE = common.PREEMPTED_EXIT_CODE
 # What `gcloud ... ssh` returns when the connection is lost (e.g. the VM was preempted).
 SSH_LOST = 255
 # States of a TPU VM, or a queued resource, whose hosts are gone: recreate to go on.

@@ -391,7 +391,7 @@ def test_launchers_know_the_trainers_preemption_exit_code():
 
     script, _ = _dry("slurm.py", "--nodes", "2", "--requeue", "--dry_run", "--", *TRAIN)
     assert f'[ "$status" -eq {preemption.EXIT_CODE} ]' in script
-    for name in ("gke.py", "local.py", "tpu_vm.py"):
+    for name in ("common.py", "local.py"):  # gke.py, tpu_vm.py, slurm.py use common's
         text = (LAUNCH / name).read_text()
         assert f"\nPREEMPTED_EXIT_CODE = {preemption.EXIT_CODE}\n" in text, name
 
