@@ -101,6 +101,14 @@ class Restored:
     data_restored: bool
 
 
+def checkpoint_steps(workdir: str) -> list[int]:
+    """The steps saved in workdir/checkpoints, oldest first (no Orbax manager needed)."""
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(checkpoints):
+        return []
+    return sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit())
+
+
 class Checkpointer:
     """Saves and restores a run's checkpoints (all processes call every method)."""
 

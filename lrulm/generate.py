@@ -223,14 +223,6 @@ def generate(
     return result
 
 
-def checkpoint_steps(workdir: str) -> list[int]:
-    """The steps saved in workdir/checkpoints, oldest first."""
-    checkpoints = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(checkpoints):
-        return []
-    return sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit())
-
-
 def load_model(workdir: str, step: int | None = None):
     """(model with the parameters of checkpoint `step` (None: the newest), tokenizer, step)
     of a workdir."""
@@ -244,7 +236,7 @@ def load_model(workdir: str, step: int | None = None):
             f"{workdir} trained task {config.task!r}; generation needs a language model"
         )
     checkpoints = os.path.join(workdir, "checkpoints")
-    steps = checkpoint_steps(workdir)
+    steps = ckpt_lib.checkpoint_steps(workdir)
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {checkpoints}; run `lrulm train` first")
     if step is not None and step not in steps:

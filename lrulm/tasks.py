@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lrulm import checkpoint as ckpt_lib
 from lrulm import metrics as metrics_lib
 from lrulm import model_config as mc
 from lrulm.data import lm as lm_data
@@ -102,11 +103,11 @@ class LMTask:
         digest = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
         return {"vocab_size": self.config.data.vocab_size, "files": len(files), "digest": digest}
 
-    def _stale_tokenizer(self, tok_path: str, spec: dict, workdir: str) -> bool:
+    def _stale_tokenizer(self, tok_path: str, spec_path: str, spec: dict, workdir: str) -> bool:
         """Whether the tokenizer an earlier run trained in this workdir was trained for
-        another vocab_size or corpus and no checkpoint's embeddings use it, so that it is
-        trained again. With checkpoints it is kept, and the difference is said."""
-        spec_path = os.path.splitext(tok_path)[0] + ".json"
+        another vocab_size or corpus (spec_path holds what it was) and no checkpoint's
+        embeddings use it, so that it is trained again. With checkpoints it is kept, and
+        the difference is said."""
         if not os.path.exists(spec_path):  # given by the user, or from before the record
             return False
         with open(spec_path) as f:
@@ -114,8 +115,7 @@ class LMTask:
         changed = [f"{k} {old.get(k)} -> {v}" for k, v in spec.items() if old.get(k) != v]
         if not changed:
             return False
-        checkpoints = os.path.join(workdir, "checkpoints")
-        if os.path.isdir(checkpoints) and any(d.isdigit() for d in os.listdir(checkpoints)):
+        if ckpt_lib.checkpoint_steps(workdir):
             metrics_lib.say(
                 f"lrulm: keeping {tok_path}, which this run's checkpoints were trained with, "
                 f"though it was made for other data ({', '.join(changed)})"
@@ -170,7 +170,6 @@ class LMTask:
             elif main and not os.path.exists(tok_path):
                 metrics_lib.say(f"lrulm: the tokenizer of checkpoint.init_from: {tokenizer}")
         spec_path = os.path.join(workdir, "tokenizer.json")
-        spec = self._tokenizer_spec(train_files)
         if main:
             if tokenizer:
                 tok.load_tokenizer(tokenizer)  # fail early on a bad file
@@ -178,14 +177,21 @@ class LMTask:
                     shutil.copyfile(tokenizer, tok_path)
                     if os.path.exists(spec_path):  # it described the tokenizer replaced
                         os.remove(spec_path)
-            elif not os.path.exists(tok_path) or self._stale_tokenizer(tok_path, spec, workdir):
-                log.info(
-                    "training a %d-piece tokenizer on %d files", data.vocab_size, len(train_files)
+            else:
+                spec = self._tokenizer_spec(train_files)
+                stale = os.path.exists(tok_path) and self._stale_tokenizer(
+                    tok_path, spec_path, spec, workdir
                 )
-                docs = (d for f in train_files for d in lm_data.read_documents(f))
-                tok.train_tokenizer(docs, tok_path, vocab_size=data.vocab_size)
-                with open(spec_path, "w") as f:
-                    json.dump(spec, f)
+                if stale or not os.path.exists(tok_path):
+                    log.info(
+                        "training a %d-piece tokenizer on %d files",
+                        data.vocab_size,
+                        len(train_files),
+                    )
+                    docs = (d for f in train_files for d in lm_data.read_documents(f))
+                    tok.train_tokenizer(docs, tok_path, vocab_size=data.vocab_size)
+                    with open(spec_path, "w") as f:
+                        json.dump(spec, f)
         _barrier("lrulm_tokenizer")
         self.sp = tok.load_tokenizer(tok_path)
         packed = [f.endswith(".arrayrecord") for f in train_files + eval_files]
