@@ -129,7 +129,9 @@ def main(argv: list[str]) -> int:
                         print(f"lrulm train: {e} (exit {preemption.EXIT_CODE})", file=sys.stderr)
                         return preemption.EXIT_CODE
                 else:
-                    print(json.dumps(train.evaluate_workdir(config, args.workdir, args.step)))
+                    from lrulm import evaluation
+
+                    print(json.dumps(evaluation.evaluate_workdir(config, args.workdir, args.step)))
             case "generate":
                 from lrulm import distributed, generate
 

@@ -345,6 +345,12 @@ def process_rows(batch_sharding, global_shape) -> tuple[int, int]:
     return lo, hi - lo
 
 
+def local_rows(exp: Experiment) -> tuple[int, int]:
+    """(first row, number of rows) of each global batch this process reads."""
+    name = next(iter(exp.batch_spec))
+    return process_rows(exp.batch_shardings[name], exp.batch_spec[name][0])
+
+
 def to_global(local: dict, exp: Experiment) -> dict:
     return {
         k: jax.make_array_from_process_local_data(exp.batch_shardings[k], local[k], shape)
@@ -413,16 +419,14 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
         # ---- Data ------------------------------------------------------------------------
         task = tasks.make_task(config, workdir)
         exp = build(config, task, mesh)
-        first_key = next(iter(exp.batch_spec))
-        row_offset, local_batch = process_rows(
-            exp.batch_shardings[first_key], exp.batch_spec[first_key][0]
-        )
+        row_offset, local_batch = local_rows(exp)
         batch_args = dict(
             global_batch=t.global_batch_size, row_offset=row_offset, local_batch=local_batch
         )
-        if task.train_size() < t.global_batch_size and is_main:
+        train_size = task.train_size()
+        if train_size < t.global_batch_size and is_main:
             metrics_lib.say(
-                f"lrulm: warning: the train split has {task.train_size():,} examples, fewer "
+                f"lrulm: warning: the train split has {train_size:,} examples, fewer "
                 f"than one global batch of {t.global_batch_size}: each batch holds some of "
                 "them twice (give more data or a smaller --config.train.global_batch_size)"
             )
@@ -439,7 +443,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
             "global_batch": t.global_batch_size,
             "seq_len": t.seq_len,
             "seed": t.seed,
-            "train_examples": task.train_size(),
+            "train_examples": train_size,
         }
         check_data = restored is not None and not c.allow_data_change
         problem = checkpointer.data_change(restored.step, data_signature) if check_data else ""
@@ -586,38 +590,3 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
             distributed.barrier("lrulm_preempted")
             raise preemption.Preempted(step, t.steps)
         return last_eval
-
-
-def evaluate_workdir(config, workdir: str, step: int | None = None) -> dict:
-    """`lrulm eval`: checkpoint `step` of workdir (None: the newest) on the eval data."""
-    mesh = make_mesh(config)
-    task = tasks.make_task(config, workdir)
-    exp = build(config, task, mesh)
-    checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
-    try:
-        if step is None:
-            restored = checkpointer.restore_latest(exp.abstract_state, quarantine=False)
-        else:
-            restored = checkpointer.restore(step, exp.abstract_state)
-    finally:
-        checkpointer.close()
-    if restored is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints; train first")
-    first_key = next(iter(exp.batch_spec))
-    row_offset, local_batch = process_rows(
-        exp.batch_shardings[first_key], exp.batch_spec[first_key][0]
-    )
-    _, eval_jit = jit_steps(exp)
-    result = {"step": restored.step}
-    for split in ("eval", "test") if task.best_metric else ("eval",):
-        batches = task.eval_batches(
-            split,
-            global_batch=config.train.global_batch_size,
-            row_offset=row_offset,
-            local_batch=local_batch,
-            num_batches=config.train.eval_steps,
-        )
-        result.update(
-            {f"{split}/{k}": v for k, v in evaluate(exp, eval_jit, restored.state, batches).items()}
-        )
-    return result

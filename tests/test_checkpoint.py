@@ -16,7 +16,7 @@ import pytest
 
 from lrulm import checkpoint as ckpt_lib
 from lrulm import config as config_lib
-from lrulm import tasks, train
+from lrulm import evaluation, tasks, train
 
 TINY = "configs/lm/tiny.py:test"
 
@@ -173,7 +173,7 @@ def test_damaged_checkpoint_is_named_and_skipped(tmp_path, corpus):
     config = config_lib.load_with_overrides(
         TINY, [("data.train_files", corpus["train"]), ("data.eval_files", corpus["eval"])]
     )
-    assert train.evaluate_workdir(config, str(workdir))["step"] == 4
+    assert evaluation.evaluate_workdir(config, str(workdir))["step"] == 4
     assert not (workdir / "corrupt_checkpoints").exists()
     out = _run(workdir, corpus, "train.steps=10", "checkpoint.every_steps=4")
     assert f"checkpoint {workdir}/checkpoints/8 is damaged" in out
@@ -213,7 +213,7 @@ def test_changed_config_is_an_error_not_damage(tmp_path, corpus):
         ],
     )
     with pytest.raises(ckpt_lib.CheckpointMismatch, match="arrays differ"):
-        train.evaluate_workdir(config, str(workdir))
+        evaluation.evaluate_workdir(config, str(workdir))
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
     out = _run(workdir, corpus, "train.steps=6", "checkpoint.every_steps=2", "optim.lr=0.002")
     assert f"resumed from {workdir}/checkpoints/4" in out

@@ -14,8 +14,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from lrulm import config as config_lib
+from lrulm import evaluation, optim, tasks, train
 from lrulm import metrics as metrics_lib
-from lrulm import optim, tasks, train
 
 TINY = "configs/lm/tiny.py:test"
 
@@ -422,13 +422,13 @@ def test_eval_any_checkpoint(lm_workdir):
         config = config_lib.from_dict(json.load(f))
     rows = [json.loads(line) for line in open(os.path.join(lm_workdir, "metrics.jsonl"))]
     logged = {r["step"]: r["eval/loss"] for r in rows if "eval/loss" in r}
-    newest = train.evaluate_workdir(config, lm_workdir)
+    newest = evaluation.evaluate_workdir(config, lm_workdir)
     assert newest["step"] == 8 and abs(newest["eval/loss"] - logged[8]) < 1e-4
-    assert train.evaluate_workdir(config, lm_workdir, step=8) == newest
-    early = train.evaluate_workdir(config, lm_workdir, step=4)
+    assert evaluation.evaluate_workdir(config, lm_workdir, step=8) == newest
+    early = evaluation.evaluate_workdir(config, lm_workdir, step=4)
     assert early["step"] == 4 and early["eval/loss"] > newest["eval/loss"]
     with pytest.raises(FileNotFoundError, match="no checkpoint of step 5 .* its steps: 4, 8"):
-        train.evaluate_workdir(config, lm_workdir, step=5)
+        evaluation.evaluate_workdir(config, lm_workdir, step=5)
 
 
 def test_full_eval_pass_scores_every_token_once(lm_workdir):
@@ -462,10 +462,10 @@ def test_full_eval_pass_scores_every_token_once(lm_workdir):
         assert real.sum() == stream.size - 1 and not real[real.sum() :].any()
         np.testing.assert_array_equal(targets[real], stream[1:])
         np.testing.assert_array_equal(inputs[real], stream[:-1])
-    full = train.evaluate_workdir(config, lm_workdir)
+    full = evaluation.evaluate_workdir(config, lm_workdir)
     assert full["eval/tokens"] == stream.size - 1
     config.train.eval_steps = 2
-    part = train.evaluate_workdir(config, lm_workdir)
+    part = evaluation.evaluate_workdir(config, lm_workdir)
     assert part["eval/tokens"] == 2 * config.train.global_batch_size * config.train.seq_len
     assert abs(full["eval/loss"] - part["eval/loss"]) < 0.5 and full["step"] == part["step"]
 
@@ -483,7 +483,7 @@ def test_reading_commands_skip_a_damaged_newest_checkpoint(lm_workdir, tmp_path,
     os.remove(os.path.join(workdir, "checkpoints", "8", "state", damage))
     with open(os.path.join(workdir, "config.json")) as f:
         config = config_lib.from_dict(json.load(f))
-    assert train.evaluate_workdir(config, workdir)["step"] == 4
+    assert evaluation.evaluate_workdir(config, workdir)["step"] == 4
     _, _, step = gen.load_model(workdir)
     assert step == 4
     with pytest.raises(ValueError, match="no checkpoint in .* reads back:\n  step 8"):
