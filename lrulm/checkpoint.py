@@ -261,26 +261,47 @@ class Checkpointer:
         )
         return dict(restored[METADATA])
 
-    def data_change(self, step: int, signature: dict) -> str:
-        """What differs between the data settings checkpoint `step` was trained with (in
-        its metadata, "data") and `signature`, as an error message; "" when nothing does
-        (or the checkpoint recorded none). The data position is a step count, so another
-        global batch or train split would resume at another place in the data."""
+    def _saved_data(self, step: int) -> dict:
+        """Checkpoint `step`'s data settings and position (its metadata's "data")."""
         try:
-            saved = self.metadata(step).get("data") or {}
-        except Exception:  # noqa: BLE001 - unreadable metadata: nothing to compare
-            saved = {}
+            return dict(self.metadata(step).get("data") or {})
+        except Exception:  # noqa: BLE001 - unreadable metadata: nothing recorded
+            return {}
+
+    def data_change(self, step: int, signature: dict) -> str:
+        """What differs between the data settings checkpoint `step` was trained with and
+        `signature`, as an error message; "" when nothing does (or none were recorded).
+
+        The saved position counts rows of the shuffled train order, so the global batch
+        may change (unless the checkpoint predates that and counted steps); another
+        seq_len, seed or train split would be another order, not the same one resumed."""
+        saved = self._saved_data(step)
+        counts_rows = "rows" in saved
         changed = [
-            f"{k} {saved[k]:,} -> {v:,}" for k, v in signature.items() if saved.get(k, v) != v
+            f"{k} {saved[k]:,} -> {v:,}"
+            for k, v in signature.items()
+            if saved.get(k, v) != v and not (k == "global_batch" and counts_rows)
         ]
         if not changed:
             return ""
         return (
             f"checkpoint {step} was trained with other data settings ({', '.join(changed)}): "
-            "its step would point at another place in the data. Put them back, resume "
-            "anyway with --config.checkpoint.allow_data_change=true, or start a new workdir "
-            f"with --config.checkpoint.init_from={self.directory}/{step}"
+            "its data position would point into another order of the data. Put them back, "
+            "resume anyway with --config.checkpoint.allow_data_change=true, or start a new "
+            f"workdir with --config.checkpoint.init_from={self.directory}/{step}"
         )
+
+    def data_position(self, step: int) -> dict:
+        """The train stream's position after checkpoint `step`, from its metadata (for a
+        restore whose per-process iterator files do not fit, e.g. another number of
+        processes): {"rows": R}, or for older checkpoints the step and its global batch."""
+        saved = self._saved_data(step)
+        if "rows" in saved:
+            return {"rows": saved["rows"]}
+        return {
+            "next_index": step,
+            **({"global_batch": saved["global_batch"]} if "global_batch" in saved else {}),
+        }
 
     def close(self) -> None:
         self.manager.wait_until_finished()

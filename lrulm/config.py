@@ -262,8 +262,8 @@ def base_config() -> ConfigDict:
     c.checkpoint.keep_period = 0  # keep every checkpoint at a multiple of this; 0 = none
     c.checkpoint.init_from = ""  # another run's checkpoint dir: start from its parameters
     c.checkpoint.async_save = True
-    # A resume positions the data by step (step x global batch rows into the shuffled train
-    # split): with another global batch, seq_len, seed or train split it would read from
-    # another place, so it is refused unless this is set.
+    # A resume goes on at the row of the shuffled train order where the checkpoint left
+    # off, with any global batch; with another seq_len, seed or train split that order is
+    # another one, so such a resume is refused unless this is set.
     c.checkpoint.allow_data_change = False
     return c

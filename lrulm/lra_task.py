@@ -160,8 +160,9 @@ class ClassificationTask:
         }
 
     def train_batches(self, *, global_batch, row_offset, local_batch, seed):
-        """This process's rows of each global training batch; element s is step s."""
-        return lm_data.batches(
+        """This process's rows of each global training batch, positioned by rows consumed
+        (`lrulm.data.lm.TrainStream`)."""
+        return lm_data.TrainStream(
             _Weighted(self._source("train")),
             global_batch=global_batch,
             row_offset=row_offset,

@@ -247,7 +247,7 @@ class LMTask:
         return len(self.train_source)
 
     def train_batches(self, *, global_batch, row_offset, local_batch, seed):
-        return lm_data.batches(
+        return lm_data.TrainStream(
             self.train_source,
             global_batch=global_batch,
             row_offset=row_offset,

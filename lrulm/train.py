@@ -452,8 +452,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
             raise ValueError(problem)
         if restored is not None:
             state = restored.state
-            if not restored.data_restored:  # step-indexed pipeline: position it from the step
-                train_iter.set_state({"next_index": int(restored.step)})
+            if not restored.data_restored:  # e.g. another number of processes
+                train_iter.set_state(checkpointer.data_position(restored.step))
             metrics_lib.say(f"lrulm: resumed from {checkpointer.directory}/{restored.step}")
         else:
             init = jax.jit(exp.init_fn, out_shardings=exp.state_shardings)
@@ -516,7 +516,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
             last_saved = at_step
             check_finite()  # a non-finite state never overwrites a good checkpoint
             meta = {
-                "data": data_signature,
+                "data": {**data_signature, "rows": train_iter.rows},
                 "config": config_lib.to_dict(config),
                 "mesh": dict(mesh.shape),
                 "model": vars(task.model_config) if hasattr(task.model_config, "__dict__") else {},

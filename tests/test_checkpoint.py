@@ -10,6 +10,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -223,18 +224,37 @@ def test_changed_config_is_an_error_not_damage(tmp_path, corpus):
     assert json.loads((workdir / "config.json").read_text())["optim"]["lr"] == 0.002
 
 
+def test_resume_with_another_global_batch_goes_on_at_the_same_row(tmp_path, corpus):
+    """The data position is rows of the shuffled order consumed: a resume with a bigger
+    global batch goes on where the run left off, with nothing to allow."""
+    workdir = tmp_path / "run"
+    _run(workdir, corpus, "train.steps=4", "checkpoint.every_steps=2")
+    out = _run(workdir, corpus, "train.steps=6", "train.global_batch_size=16")
+    assert f"resumed from {workdir}/checkpoints/4" in out
+    ckpt = ckpt_lib.Checkpointer(str(workdir))
+    try:
+        assert ckpt.metadata(4)["data"]["rows"] == 4 * 8
+        assert ckpt.metadata(6)["data"]["rows"] == 4 * 8 + 2 * 16
+        assert ckpt.metadata(6)["data"]["global_batch"] == 16
+        assert ckpt.data_position(6) == {"rows": 64}
+    finally:
+        ckpt.close()
+    files = list((workdir / "checkpoints" / "6" / "data").glob("process_*.json"))
+    assert [json.loads(f.read_text()) for f in files] == [{"rows": 64, "global_batch": 16}]
+
+
 def test_resume_with_other_data_settings_is_refused(tmp_path, corpus):
-    """A checkpoint positions the data by step: resumed with another global batch (or a
-    train split that grew) it would read from another place. That is refused before
-    anything changes, unless checkpoint.allow_data_change says to go on."""
+    """Another train split (or seq_len, or seed) is another order of the data: a resume
+    would not continue the run's order. That is refused before anything changes, unless
+    checkpoint.allow_data_change says to go on."""
     workdir = tmp_path / "run"
     _run(workdir, corpus, "train.steps=4", "checkpoint.every_steps=2")
     config_before = (workdir / "config.json").read_text()
     bigger = tmp_path / "bigger.txt"  # the corpus grew: more train sequences
     bigger.write_text(open(corpus["train"]).read() * 2)
     for change, message in [
-        (["train.global_batch_size=16"], "global_batch 8 -> 16"),
         ([f"data.train_files={bigger}"], "train_examples "),
+        (["train.seed=1"], "seed 0 -> 1"),
     ]:
         bad = subprocess.run(
             _cmd(workdir, corpus, "train.steps=6", *change), capture_output=True, text=True,
@@ -246,10 +266,28 @@ def test_resume_with_other_data_settings_is_refused(tmp_path, corpus):
         assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
         assert (workdir / "config.json").read_text() == config_before
     out = _run(
-        workdir, corpus, "train.steps=6", "train.global_batch_size=16",
-        "checkpoint.allow_data_change=true",
+        workdir, corpus, "train.steps=6", "train.seed=1", "checkpoint.allow_data_change=true",
     )  # fmt: skip
     assert f"resumed from {workdir}/checkpoints/4" in out
+
+
+def test_checkpoints_that_counted_steps_still_check_the_global_batch(tmp_path):
+    """Before positions were rows, a checkpoint's data position was its step: such a
+    checkpoint (no "rows") still refuses another global batch, and positions by steps of
+    its own batch."""
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
+    try:
+        state = {"step": jnp.zeros((), jnp.int32)}
+        old = {"global_batch": 8, "seq_len": 16, "seed": 0, "train_examples": 40}
+        ckpt.save(3, state, metadata={"data": old})
+        ckpt.save(5, state, metadata={"data": {**old, "rows": 40}})
+        assert "global_batch 8 -> 16" in ckpt.data_change(3, {**old, "global_batch": 16})
+        assert ckpt.data_change(5, {**old, "global_batch": 16}) == ""
+        assert "seed 0 -> 2" in ckpt.data_change(5, {**old, "seed": 2})
+        assert ckpt.data_position(3) == {"next_index": 3, "global_batch": 8}
+        assert ckpt.data_position(5) == {"rows": 40}
+    finally:
+        ckpt.close()
 
 
 def test_restore_onto_other_meshes(tmp_path, corpus):

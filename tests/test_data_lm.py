@@ -159,6 +159,53 @@ def test_iterator_state_resumes_exactly():
         np.testing.assert_array_equal(next(fresh)["inputs"], want)
 
 
+def _stream(global_batch, row_offset=0, local_batch=None, n=40):
+    return lm_data.TrainStream(
+        _source(n), global_batch=global_batch, row_offset=row_offset,
+        local_batch=local_batch or global_batch, seed=5,
+    )  # fmt: skip
+
+
+def test_train_stream_resumes_at_the_same_row_with_another_batch_size():
+    """The position is rows consumed: 7 steps of 8 then batches of 12 (or 2 processes of
+    6) read on exactly where batches of 8 would have, across epoch ends, every row once."""
+    reference = _stream(8)
+    order = np.concatenate([next(reference)["inputs"][:, 0] for _ in range(20)])
+    first = _stream(8)
+    seen = [next(first)["inputs"][:, 0] for _ in range(7)]
+    state = json.loads(json.dumps(first.get_state()))  # as a checkpoint writes it
+    assert state == {"rows": 56, "global_batch": 8}
+    bigger = _stream(12)
+    bigger.set_state(state)
+    halves = [_stream(12, o, 6) for o in (0, 6)]
+    for h in halves:
+        h.set_state(json.dumps(state).encode())  # Grain's handler passes bytes
+    for _ in range(7):
+        batch = next(bigger)["inputs"][:, 0]
+        np.testing.assert_array_equal(
+            np.concatenate([next(h)["inputs"][:, 0] for h in halves]), batch
+        )
+        seen.append(batch)
+    np.testing.assert_array_equal(np.concatenate(seen), order[: 56 + 84])
+    assert bigger.get_state() == {"rows": 140, "global_batch": 12}
+    # 140 rows = 3.5 epochs of 40: each epoch is a permutation, and they differ.
+    assert sorted(order[:40]) == sorted(order[40:80]) == list(range(40))
+
+
+def test_train_stream_reads_positions_of_older_checkpoints_and_refuses_bad_ones():
+    old = _stream(8)
+    old.set_state({"next_index": 3})  # steps of this stream's batch
+    new = _stream(8)
+    new.set_state({"rows": 24})
+    np.testing.assert_array_equal(next(old)["inputs"], next(new)["inputs"])
+    other = _stream(12)
+    other.set_state({"next_index": 3, "global_batch": 8})  # steps of 8 rows
+    assert other.rows == 24
+    for bad in ({"step": 3}, {"rows": -1}):
+        with pytest.raises(ValueError, match="data position"):
+            other.set_state(bad)
+
+
 def test_arrayrecord_windows_equal_the_token_stream(tmp_path, sp, corpus):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
     import prepare_data

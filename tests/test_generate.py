@@ -344,7 +344,7 @@ def test_inspect_checkpoint(lm_workdir, tmp_path):
 
     text = inspect_checkpoint.describe(lm_workdir)
     assert "steps [4, 8]" in text and "step 8 " in text
-    assert "data iterator process_0-of-1.json: {'next_index': 8}" in text
+    assert "data iterator process_0-of-1.json: {'rows': 64, 'global_batch': 8}" in text
     for name in ("nu_log", "theta_log", "gamma_log", "B_re", "C_im", "['embed']['embedding']"):
         assert name in text
     assert "opt_state" not in text and "opt_state" in inspect_checkpoint.describe(

@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -134,6 +135,34 @@ def test_two_processes_match_one(two_process_run, single_process_run):
         f for f in os.listdir(workdir / "checkpoints" / "8" / "data") if f.startswith("process_")
     )
     assert data == ["process_0-of-2.json", "process_1-of-2.json"], data
+
+
+def test_two_process_checkpoint_resumes_in_one_process(tmp_path, corpus, two_process_run):
+    """Restored by one process, the two processes' iterator files do not fit: the data
+    position comes from the checkpoint's metadata, and the run goes on as the two-process
+    run did (same batches, so the same losses and parameters)."""
+    reference, _ = two_process_run
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    shutil.rmtree(workdir / "checkpoints" / "8")
+    (workdir / "metrics.jsonl").write_text("")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = {k: v for k, v in env.items() if not k.startswith("LRULM_")}
+    out = subprocess.run(
+        _train_args(workdir, corpus, "train.steps=8", "checkpoint.every_steps=4"),
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"resumed from {workdir}/checkpoints/4" in out.stdout + out.stderr
+    two, one = _losses(reference), _losses(workdir)
+    assert sorted(one) == [5, 6, 7, 8]
+    np.testing.assert_allclose([one[s] for s in one], [two[s] for s in one], rtol=1e-5)
+    for a, b in zip(_params(workdir, 8), _params(reference, 8)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    data = sorted((workdir / "checkpoints" / "8" / "data").glob("process_*"))
+    assert [(f.name, json.loads(f.read_text())) for f in data] == [
+        ("process_0-of-1.json", {"rows": 64, "global_batch": 8})
+    ]
 
 
 def test_killed_job_resumes_to_the_same_parameters(tmp_path, corpus, two_process_run):

@@ -12,7 +12,9 @@ Pipeline:
   4. Shuffled with a seed (a new order every epoch), and sliced per process: at step s
      process p reads only rows [s*G + off_p, s*G + off_p + G_p) of the global order,
      the rows its devices hold, so the global batch is identical whatever the number
-     of processes. Grain iterator state = the step, so resume is exact.
+     of processes. The position saved with a checkpoint is the number of rows of that
+     order consumed (`TrainStream`), so a resume is exact, also with another global
+     batch size or number of processes.
 """
 
 from __future__ import annotations
@@ -291,23 +293,29 @@ class PaddedRows(grain.sources.RandomAccessDataSource):
 
 
 class _ProcessRows(grain.MapDataset):
-    """Row k of this process = global row (k // n) * G + offset + k % n, n local rows."""
+    """Row k of this process = global row first + (k // n) * G + offset + k % n, n local
+    rows of each global batch of G, from global row `first` on."""
 
-    def __init__(self, parent: grain.MapDataset, global_batch: int, offset: int, local: int):
+    def __init__(
+        self, parent: grain.MapDataset, global_batch: int, offset: int, local: int, first: int
+    ):
         super().__init__(parent)
-        self._g, self._off, self._n = global_batch, offset, local
+        self._g, self._off, self._n, self._first = global_batch, offset, local, first
 
     def __len__(self) -> int:
-        return (len(self._parent) // self._g) * self._n
+        return max(0, (len(self._parent) - self._first) // self._g) * self._n
 
     def __getitem__(self, k):
         if isinstance(k, slice):
             return self.slice(k)
         step, j = divmod(int(k), self._n)
-        return self._parent[step * self._g + self._off + j]
+        return self._parent[self._first + step * self._g + self._off + j]
 
     def __str__(self) -> str:
-        return f"_ProcessRows(global={self._g}, offset={self._off}, local={self._n})"
+        return (
+            f"_ProcessRows(global={self._g}, offset={self._off}, local={self._n}, "
+            f"first={self._first})"
+        )
 
 
 def batches(
@@ -320,18 +328,76 @@ def batches(
     shuffle: bool = True,
     repeat: bool = True,
     num_threads: int = 2,
+    first_row: int = 0,
 ) -> grain.DatasetIterator:
     """An iterator of this process's share of each global batch (dicts of (n, L) int32).
 
-    Element s of the iterator is step s; its state ({"next_index": s}) is what a
-    checkpoint stores.
+    Element s holds global rows [first_row + s*G, first_row + (s+1)*G) of the (shuffled,
+    repeated) order, this process's rows of them.
     """
     ds = grain.MapDataset.source(source)
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if repeat:
         ds = ds.repeat(None)
-    ds = _ProcessRows(ds, global_batch, row_offset, local_batch)
+    ds = _ProcessRows(ds, global_batch, row_offset, local_batch, first_row)
     ds = ds.batch(local_batch, drop_remainder=True)
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4)
     return iter(ds.to_iter_dataset(read))
+
+
+class TrainStream:
+    """This process's share of consecutive global training batches, positioned by rows.
+
+    The state a checkpoint stores is {"rows": R, "global_batch": G}: R rows of the
+    shuffled, repeated order consumed so far. A stream given that state goes on at row R
+    whatever its own global batch size, so a resume with another batch size (or another
+    number of processes) reads every row exactly once, in order. States of checkpoints
+    written before the position was kept in rows ({"next_index": steps}) count steps of
+    their "global_batch" (else of this stream's).
+
+    Grain's checkpoint handler saves and restores it (get_state / set_state, as bytes).
+    """
+
+    def __init__(self, source, *, global_batch, row_offset, local_batch, seed, num_threads=2):
+        self._make = lambda first_row: batches(
+            source,
+            global_batch=global_batch,
+            row_offset=row_offset,
+            local_batch=local_batch,
+            seed=seed,
+            num_threads=num_threads,
+            first_row=first_row,
+        )
+        self.global_batch = global_batch
+        self.rows = 0
+        self._it = None  # started at the first batch: a restored position builds no pipeline
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._it is None:
+            self._it = self._make(self.rows)
+        batch = next(self._it)
+        self.rows += self.global_batch
+        return batch
+
+    def get_state(self) -> dict:
+        return {"rows": self.rows, "global_batch": self.global_batch}
+
+    def set_state(self, state) -> None:
+        if isinstance(state, bytes | str):
+            state = json.loads(state)
+        if "rows" in state:
+            rows = int(state["rows"])
+        elif "next_index" in state:
+            rows = int(state["next_index"]) * int(state.get("global_batch", self.global_batch))
+        else:
+            raise ValueError(f"not a data position (no 'rows'): {state}")
+        if rows < 0:
+            raise ValueError(f"a data position counts rows from 0; got {rows}")
+        self.rows, self._it = rows, None
+
+    def start_prefetch(self) -> None:
+        """Grain's handler calls this after a restore; the pipeline starts at next()."""
