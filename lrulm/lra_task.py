@@ -11,9 +11,10 @@ One global batch (`ClassificationTask.batch_spec`):
 
 Training batches are the train split shuffled with `train.seed` (a new order every
 epoch), repeated forever, each process reading only its rows of every global batch
-(`lrulm.data.lm.TrainStream`, positioned by rows read). Evaluation reads the validation ("eval") or "test" split in
-file order: with `train.eval_steps <= 0` every example exactly once (the last global
-batch padded with weight-0 rows), else the first `eval_steps` batches.
+(`lrulm.data.lm.TrainStream`, positioned by rows read). Evaluation reads the validation
+("eval") or "test" split in file order: with `train.eval_steps <= 0` every example
+exactly once (the last global batch padded with weight-0 rows), else the first
+`eval_steps` batches.
 """
 
 from __future__ import annotations
