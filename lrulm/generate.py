@@ -7,7 +7,9 @@ from that state: the work and memory per token are independent of the context le
 with no cache that grows. The decode loop is one `lax.while_loop`, compiled once.
 
 Prompts of different lengths share a batch left-padded; a reset at each prompt's first
-token zeroes the state the padding produced, so each row is exactly its own prompt.
+token zeroes the state the padding produced, so each row is exactly its own prompt. As in
+training (`data.reset_at_doc_boundaries`), the state is also zeroed after each EOS, in the
+prompt or generated: a new document starts there.
 """
 
 from __future__ import annotations
@@ -76,16 +78,18 @@ def row_keys(key, rows) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(list(rows), jnp.uint32))
 
 
-def _left_pad(prompts: list[list[int]], multiple: int):
+def _left_pad(prompts: list[list[int]], multiple: int, reset_after: tuple[int, ...] = ()):
     """(b, L) left-padded tokens, L a multiple of `multiple`, and (b, L) resets marking
-    each prompt's first token."""
+    each prompt's first token and each token that follows one of `reset_after`."""
     longest = max(len(p) for p in prompts)
     length = -(-longest // multiple) * multiple
     tokens = np.full((len(prompts), length), tok.PAD_ID, np.int32)
     resets = np.zeros((len(prompts), length), bool)
     for i, p in enumerate(prompts):
-        tokens[i, length - len(p) :] = p
-        resets[i, length - len(p)] = True
+        start = length - len(p)
+        tokens[i, start:] = p
+        resets[i, start] = True
+        resets[i, start + 1 :] |= np.isin(np.asarray(p[:-1], np.int64), reset_after)
     return jnp.asarray(tokens), jnp.asarray(resets)
 
 
@@ -96,15 +100,22 @@ def _prefill_chunk(graphdef, params, tokens, resets, states):
     return logits[:, -1], states
 
 
-def prefill(model: LanguageModel, prompts: list[list[int]], *, chunk_size: int = 2048):
-    """Runs the prompts in parallel chunks. Returns (last logits (b, v), states (k, b, n))."""
+def prefill(
+    model: LanguageModel,
+    prompts: list[list[int]],
+    *,
+    chunk_size: int = 2048,
+    reset_after: tuple[int, ...] = (tok.EOS_ID,),
+):
+    """Runs the prompts in parallel chunks, the state zeroed after each token of
+    `reset_after`. Returns (last logits (b, v), states (k, b, n))."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     longest = max(len(p) for p in prompts)
     # Chunks of a power of two: batches of other lengths reuse the compiled chunk (the
     # left padding costs a little compute, no correctness: the resets drop its state).
     chunk = min(chunk_size, 1 << (longest - 1).bit_length())
-    tokens, resets = _left_pad(prompts, chunk)
+    tokens, resets = _left_pad(prompts, chunk, tuple(reset_after))
     graphdef, params = nnx.split(model)
     states = model.init_state(len(prompts))
     logits = None
@@ -130,6 +141,8 @@ def _decode(
     states,
     keys,
     stop_ids,
+    reset_ids,
+    after_reset,
     *,
     max_new_tokens,
     temperature,
@@ -147,25 +160,32 @@ def _decode(
     ids = jnp.arange(vocab)
     real = (ids < (vocab if num_tokens is None else num_tokens)) & (ids != tok.PAD_ID)
     out = jnp.full((b, max_new_tokens), tok.PAD_ID, jnp.int32)
+    logprobs = jnp.zeros((b, max_new_tokens), jnp.float32)
 
     def cond(carry):
-        i, _, _, done, _ = carry
+        i, _, _, done, _, _, _ = carry
         return (i < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        i, logits, states, done, out = carry
+        i, logits, states, done, out, logprobs, reset = carry
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
-        logits = jnp.where(real, logits, -jnp.inf)
+        logits = jnp.where(real, logits.astype(jnp.float32), -jnp.inf)
         token = sample_logits(step_keys, logits, temperature=temperature, top_p=top_p, top_k=top_k)
         token = jnp.where(done, tok.PAD_ID, token)
         out = out.at[:, i].set(token)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
+        logprobs = logprobs.at[:, i].set(jnp.where(done, 0.0, logp))
         done = done | jnp.isin(token, stop_ids)
-        step_logits, states = model(token[:, None], h0=states, return_state=True)
-        return i + 1, step_logits[:, 0], states, done, out
+        # `reset`: the previous token ended a document, so this one starts from zero.
+        step_logits, states = model(
+            token[:, None], resets=reset[:, None], h0=states, return_state=True
+        )
+        next_reset = jnp.isin(token, reset_ids)
+        return i + 1, step_logits[:, 0], states, done, out, logprobs, next_reset
 
-    init = (0, logits, states, jnp.zeros((b,), bool), out)
-    _, _, _, _, out = jax.lax.while_loop(cond, body, init)
-    return out
+    init = (0, logits, states, jnp.zeros((b,), bool), out, logprobs, after_reset)
+    _, _, _, _, out, logprobs, _ = jax.lax.while_loop(cond, body, init)
+    return out, logprobs
 
 
 def generate(
@@ -180,23 +200,31 @@ def generate(
     key: jax.Array | None = None,
     rows: list[int] | None = None,
     stop_ids: tuple[int, ...] = (tok.EOS_ID,),
+    reset_after: tuple[int, ...] = (tok.EOS_ID,),
     prefill_chunk: int = 2048,
     num_tokens: int | None = None,
-) -> list[list[int]]:
+    return_logprobs: bool = False,
+):
     """Continues each prompt (a list of token ids). Works on a sharded model too: the
     parameters keep their shardings and jit places the computation accordingly.
     Sampling draws among the ids below num_tokens (the tokenizer's size; None: the model's
     whole vocabulary), prompt i from `key` (default `jax.random.key(seed)`) folded with
     rows[i] (default i): the same key and row give the same sample in any batch.
+    After each token of `reset_after` (in the prompt or generated) the recurrent state
+    is zeroed, as training does at document ends; () for a model trained without
+    (`data.reset_at_doc_boundaries=False`).
 
-    Returns, per prompt, the new tokens up to and excluding the first stop token.
+    Returns, per prompt, the new tokens up to and excluding the first stop token; with
+    return_logprobs, also (per prompt) each new token's log-probability under the model
+    (at temperature 1, among the ids that can be drawn), as a second list.
     """
     check_sampling(temperature, top_p, top_k, max_new_tokens)
     if model.cfg.bidirectional:
         raise ValueError("a bidirectional model cannot generate: it needs the future")
-    logits, states = prefill(model, prompts, chunk_size=prefill_chunk)
+    reset_after = tuple(reset_after)
+    logits, states = prefill(model, prompts, chunk_size=prefill_chunk, reset_after=reset_after)
     graphdef, params = nnx.split(model)
-    out = _decode(
+    out, logprobs = _decode(
         graphdef,
         params,
         logits,
@@ -206,6 +234,8 @@ def generate(
             range(len(prompts)) if rows is None else rows,
         ),
         jnp.asarray(stop_ids, jnp.int32),
+        jnp.asarray(reset_after, jnp.int32),
+        jnp.isin(jnp.asarray([p[-1] for p in prompts]), jnp.asarray(reset_after, jnp.int32)),
         max_new_tokens=max_new_tokens,
         temperature=float(temperature),
         top_p=float(top_p),
@@ -220,17 +250,29 @@ def generate(
                 break
             ids.append(t)
         result.append(ids)
+    if return_logprobs:
+        return result, [lp[: len(ids)].tolist() for lp, ids in zip(np.asarray(logprobs), result)]
     return result
+
+
+def run_config(workdir: str):
+    """The config a workdir's run was trained with (its config.json)."""
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{workdir} is not a training workdir (no config.json)")
+    with open(config_path) as f:
+        return config_lib.from_dict(json.load(f))
+
+
+def reset_ids(config) -> tuple[int, ...]:
+    """The tokens after which the run's model zeroes its state (`generate`'s reset_after)."""
+    return (tok.EOS_ID,) if config.data.reset_at_doc_boundaries else ()
 
 
 def load_model(workdir: str, step: int | None = None):
     """(model with the parameters of checkpoint `step` (None: the newest), tokenizer, step)
     of a workdir."""
-    config_path = os.path.join(workdir, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{workdir} is not a training workdir (no config.json)")
-    with open(config_path) as f:
-        config = config_lib.from_dict(json.load(f))
+    config = run_config(workdir)
     if config.task != "lm":
         raise ValueError(
             f"{workdir} trained task {config.task!r}; generation needs a language model"
@@ -345,6 +387,7 @@ def generate_texts(
         if not prompt:
             raise ValueError(f"prompt {i + 1} is empty; give some text to continue")
     model, sp, step = load_model(workdir, step)
+    reset_after = reset_ids(run_config(workdir))
     encoded = [sp.encode(p) for p in prompts]
     for i, ids in enumerate(encoded):
         if not ids:
@@ -370,6 +413,7 @@ def generate_texts(
             top_k=top_k,
             seed=seed,
             rows=index,
+            reset_after=reset_after,
             num_tokens=sp.get_piece_size(),
         )
         for (i, s), tokens in zip(batch, new):

@@ -55,6 +55,47 @@ def test_greedy_continuation_equals_argmax_of_the_parallel_model(model):
             seq.append(token)
 
 
+def _training_view_logits(model, seq):
+    """The logits of the whole sequence with the resets training uses (a new document
+    after each EOS): (len(seq), v)."""
+    tokens = jnp.asarray([seq])
+    resets = jnp.pad(tokens[:, :-1] == gen.tok.EOS_ID, ((0, 0), (1, 0)))
+    return model(tokens, resets=resets)[0]
+
+
+def test_generation_zeroes_the_state_after_eos_as_training_does(model):
+    """EOS inside the prompt, at its end, and drawn while decoding: each new token's
+    log-probability equals the whole sequence's under training's resets, and each draw is
+    the one those logits give with the same key. Only ids 1-4 can be drawn (EOS is 3), so
+    EOS comes often."""
+    eos = gen.tok.EOS_ID
+    prompts = [[9, 40, eos, 17, 5], [30, 31, eos], [12]]
+    seed, steps = 4, 24
+    out, logprobs = gen.generate(
+        model, prompts, max_new_tokens=steps, temperature=1.0, seed=seed, stop_ids=(),
+        num_tokens=5, return_logprobs=True,
+    )  # fmt: skip
+    real = (jnp.arange(128) < 5) & (jnp.arange(128) != gen.tok.PAD_ID)
+    keys = gen.row_keys(jax.random.key(seed), range(len(prompts)))
+    for row, (p, new) in enumerate(zip(prompts, out)):
+        assert len(new) == steps and eos in new[:-1]  # a drawn EOS is followed by draws
+        logits = jnp.where(real, _training_view_logits(model, p + new)[len(p) - 1 : -1], -jnp.inf)
+        want = jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(new)[:, None], 1)
+        np.testing.assert_allclose(logprobs[row], want[:, 0], rtol=1e-4, atol=1e-4)
+        for i, token in enumerate(new):
+            key = jax.random.fold_in(keys[row], i)[None]
+            draw = gen.sample_logits(key, logits[i][None], temperature=1.0, top_p=1.0, top_k=0)
+            assert int(draw[0]) == token, (row, i)
+    # A model trained with data.reset_at_doc_boundaries=False generates without resets.
+    (plain,) = gen.generate(
+        model, prompts[:1], max_new_tokens=4, temperature=0.0, stop_ids=(), reset_after=()
+    )
+    seq = list(prompts[0])
+    for token in plain:
+        assert int(jnp.argmax(model(jnp.asarray([seq]))[0, -1])) == token
+        seq.append(token)
+
+
 def test_sampling_filters():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
     key = jax.random.key(0)

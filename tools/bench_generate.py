@@ -63,11 +63,14 @@ def main():
         kw = dict(max_new_tokens=args.new_tokens, temperature=1.0, top_p=1.0, top_k=0)
         stop = jax.numpy.asarray([-1], jax.numpy.int32)  # never stop: time every token
         keys = [gen.row_keys(jax.random.key(seed), range(args.batch)) for seed in (0, 1)]
-        decode = gen._decode.lower(graphdef, params, logits, states, keys[0], stop, **kw).compile()
+        # The state is zeroed after EOS, as in `lrulm generate`.
+        resets = (jax.numpy.asarray([gen.tok.EOS_ID]), jax.numpy.zeros((args.batch,), bool))
+        inputs = [(params, logits, states, key, stop, *resets) for key in keys]
+        decode = gen._decode.lower(graphdef, *inputs[0], **kw).compile()
         mem = decode.memory_analysis()
-        jax.block_until_ready(decode(params, logits, states, keys[0], stop))
+        jax.block_until_ready(decode(*inputs[0]))
         start = time.perf_counter()
-        jax.block_until_ready(decode(params, logits, states, keys[1], stop))
+        jax.block_until_ready(decode(*inputs[1]))
         decode_s = time.perf_counter() - start
         kind, peak = _peak_memory()
         rows.append(
