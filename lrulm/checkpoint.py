@@ -186,7 +186,7 @@ class Checkpointer:
                     e,
                 )
                 metrics_lib.say(
-                    f"lrulm: checkpoint {path} is damaged ({type(e).__name__}: {e}); "
+                    f"lrulm: checkpoint {path} is damaged ({metrics_lib.brief(e)}); "
                     "falling back to the previous one"
                 )
                 if quarantine:
@@ -375,8 +375,8 @@ def saved_tree(item_dir: str) -> dict:
         tree = saved.tree
     except Exception as e:  # noqa: BLE001 - missing or unreadable files
         raise ValueError(
-            f"{item_dir}: the checkpoint's array metadata does not read ({type(e).__name__}: "
-            f"{e}); it is damaged, use another step"
+            f"{item_dir}: the checkpoint's array metadata does not read "
+            f"({metrics_lib.brief(e)}); it is damaged, use another step"
         ) from None
     if not tree:
         raise ValueError(f"{item_dir}: the checkpoint lists no arrays; it is damaged")

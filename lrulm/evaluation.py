@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import os
+
 from lrulm import checkpoint as ckpt_lib
+from lrulm import metrics as metrics_lib
 from lrulm import tasks, train
 
 
 def evaluate_workdir(config, workdir: str, step: int | None = None) -> dict:
     """Checkpoint `step` of workdir (None: the newest that reads back) on the eval data;
     for LRA also on the test split. Returns {"step": S, "eval/<metric>": ..., ...}."""
+    directory = os.path.join(workdir, "checkpoints")
+    steps = ckpt_lib.checkpoint_steps(workdir)  # before anything is written to workdir
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {directory}; train first")
+    if step is not None and step not in steps:
+        raise FileNotFoundError(
+            f"no checkpoint of step {step} in {directory}; its steps: " + ", ".join(map(str, steps))
+        )
     mesh = train.make_mesh(config)
     task = tasks.make_task(config, workdir)
     exp = train.build(config, task, mesh)
@@ -18,10 +29,21 @@ def evaluate_workdir(config, workdir: str, step: int | None = None) -> dict:
             restored = checkpointer.restore_latest(exp.abstract_state, quarantine=False)
         else:
             restored = checkpointer.restore(step, exp.abstract_state)
+    except ckpt_lib.CheckpointMismatch:
+        raise
+    except Exception as e:  # noqa: BLE001 - the asked-for checkpoint does not read back
+        raise ValueError(
+            f"checkpoint {directory}/{step} does not read back ({metrics_lib.brief(e)}): it "
+            "is damaged; give another --step (" + ", ".join(map(str, steps)) + ")"
+        ) from None
     finally:
         checkpointer.close()
     if restored is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints; train first")
+        raise ValueError(
+            f"no checkpoint in {directory} reads back (steps "
+            + ", ".join(map(str, steps))
+            + "): all are damaged"
+        )
     row_offset, local_batch = train.local_rows(exp)
     _, eval_jit = train.jit_steps(exp)
     result = {"step": restored.step}

@@ -39,8 +39,14 @@ def check_sampling(temperature: float, top_p: float, top_k: int, max_new_tokens:
         raise ValueError(f"top_p must be in (0, 1]; got {top_p}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 = off); got {top_k}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be positive; got {max_new_tokens}")
+    if not 1 <= max_new_tokens < 2**31:
+        raise ValueError(f"max_new_tokens must be in [1, 2**31); got {max_new_tokens}")
+
+
+def check_seed(seed: int) -> None:
+    # jax.random.key keeps 32 bits (without jax_enable_x64): 2**32 would sample as 0.
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32); got {seed}")
 
 
 def sample_logits(key, logits, *, temperature: float, top_p: float, top_k: int):
@@ -49,7 +55,8 @@ def sample_logits(key, logits, *, temperature: float, top_p: float, top_k: int):
     `key` is one key for the whole batch or a (b,) array of keys, one per row."""
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
+    # Shifted first: a tiny temperature then sends all but the best to -inf, not to inf.
+    logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
     if 0 < top_k < logits.shape[-1]:  # a top_k as large as the vocabulary keeps it all
         kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
@@ -219,6 +226,8 @@ def generate(
     (at temperature 1, among the ids that can be drawn), as a second list.
     """
     check_sampling(temperature, top_p, top_k, max_new_tokens)
+    if key is None:
+        check_seed(seed)
     if model.cfg.bidirectional:
         raise ValueError("a bidirectional model cannot generate: it needs the future")
     reset_after = tuple(reset_after)
@@ -312,7 +321,7 @@ def load_model(workdir: str, step: int | None = None):
         except ckpt_lib.CheckpointMismatch:
             raise
         except Exception as e:  # noqa: BLE001 - a damaged checkpoint: try the one before
-            errors.append(f"step {candidate}: {type(e).__name__}: {e}")
+            errors.append(f"step {candidate}: {metrics_lib.brief(e)}")
             if step is None:
                 metrics_lib.say(
                     f"lrulm: checkpoint {candidate} does not read ({type(e).__name__}); "
@@ -377,6 +386,7 @@ def generate_texts(
     other batch shapes may differ in their last bits, which can change a rare draw).
     """
     check_sampling(temperature, top_p, top_k, max_new_tokens)
+    check_seed(seed)
     if num_samples < 1:
         raise ValueError(f"num_samples must be positive; got {num_samples}")
     if batch_size < 1:

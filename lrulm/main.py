@@ -96,6 +96,8 @@ def _config(args, extra):
     if args.config:
         return config_lib.load_with_overrides(args.config, overrides)
     path = os.path.join(args.workdir, "config.json")  # `lrulm eval` without --config
+    if not os.path.isdir(args.workdir):
+        raise FileNotFoundError(f"workdir {args.workdir} does not exist")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{args.workdir} has no config.json; give --config")
     with open(path) as f:
@@ -113,6 +115,10 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from lrulm import config as config_lib
 
+    if args.command in ("eval", "generate"):  # their stdout is the result
+        from lrulm import metrics as metrics_lib
+
+        metrics_lib.messages_to_stderr()
     try:
         match args.command:
             case "train" | "eval":

@@ -27,14 +27,36 @@ PEAK_FLOPS = {
 }
 
 
+_MESSAGES_TO_STDERR = False
+
+
+def messages_to_stderr(on: bool = True) -> None:
+    """Sends `say`'s messages to stderr: for commands whose stdout is their result
+    (`lrulm eval` prints JSON, `lrulm generate` the texts)."""
+    global _MESSAGES_TO_STDERR
+    _MESSAGES_TO_STDERR = on
+
+
 def say(message: str, *, file=None) -> None:
-    """Writes `message` and its newline to stdout (or `file`) in one write, flushed.
-    print() writes them separately, and unbuffered (as every process under
-    launch/local.py is) a line that another thread writes to the same stream between
-    them (gloo writes "[Gloo] Rank ..." lines to stdout) would land inside this one."""
-    stream = sys.stdout if file is None else file
-    stream.write(message + "\n")
-    stream.flush()
+    """Writes `message` and its newline to stdout (stderr after `messages_to_stderr()`;
+    or `file`) in one write, flushed. print() writes them separately, and unbuffered (as
+    every process under launch/local.py is) a line that another thread writes to the
+    same stream between them (gloo writes "[Gloo] Rank ..." lines to stdout) would land
+    inside this one."""
+    if file is None:
+        file = sys.stderr if _MESSAGES_TO_STDERR else sys.stdout
+    file.write(message + "\n")
+    file.flush()
+
+
+def brief(error: BaseException, limit: int = 300) -> str:
+    """An exception as one short line: its type and the start of its first line (Orbax
+    and TensorStore errors carry whole array specs)."""
+    text = str(error).strip().splitlines()
+    first = text[0] if text else ""
+    if len(first) > limit:
+        first = first[: limit - 3] + "..."
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def peak_flops(device: jax.Device | None = None) -> float | None:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -100,3 +101,34 @@ def test_eval_step_flag(lm_workdir, corpus):
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["step"] == 8 and result["eval/tokens"] == 8 * 64
+
+
+def test_eval_prints_only_its_result_and_names_damaged_checkpoints(
+    lm_workdir, tmp_path, damage_checkpoint
+):
+    """stdout is the JSON result alone (messages go to stderr), so `> result.json` and
+    `| jq` work; damaged checkpoints get one line each and an exit code of 2."""
+    workdir = tmp_path / "run"
+    shutil.copytree(lm_workdir, workdir)
+    damage_checkpoint(workdir / "checkpoints" / "8")
+    out = _lrulm("eval", "--workdir", str(workdir), "--config.train.eval_steps=1")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)["step"] == 4  # the newest that reads back
+    assert f"checkpoint {workdir}/checkpoints/8 is damaged (" in out.stderr
+    out = _lrulm("eval", "--workdir", str(workdir), "--step", "8")
+    # No traceback of lrulm's (TensorStore may print "Event loop is closed" ones from its
+    # own threads, for the reads still in flight when the first one failed).
+    assert out.returncode == 2 and "/lrulm/" not in out.stderr, out.stderr[-2000:]
+    (message,) = [x for x in out.stderr.splitlines() if x.startswith("lrulm eval: error:")]
+    assert f"checkpoint {workdir}/checkpoints/8 does not read back (" in message
+    assert 0 < message.find("it is damaged; give another --step (4, 8)") < 600  # one short line
+    damage_checkpoint(workdir / "checkpoints" / "4")
+    out = _lrulm("eval", "--workdir", str(workdir))
+    assert out.returncode == 2 and out.stdout == "", out.stderr[-2000:]
+    assert "reads back (steps 4, 8): all are damaged" in out.stderr
+    # A mistyped workdir: an error, and nothing created there.
+    typo = tmp_path / "rnu"
+    out = _lrulm("eval", "--config", "configs/lm/tiny.py:test", "--workdir", str(typo))
+    assert out.returncode == 2 and "no checkpoint in" in out.stderr and not typo.exists()
+    out = _lrulm("eval", "--workdir", str(typo))
+    assert out.returncode == 2 and f"workdir {typo} does not exist" in out.stderr

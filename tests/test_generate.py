@@ -100,6 +100,9 @@ def test_sampling_filters():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
     key = jax.random.key(0)
     assert int(gen.sample_logits(key, logits, temperature=0.0, top_p=1.0, top_k=0)[0]) == 0
+    for tiny in (1e-6, 1e-38, 1e-45):  # a temperature near 0 is greedy, not an overflow
+        best_last = logits[:, ::-1] + 5  # positive logits: the old overflow picked id 0
+        assert int(gen.sample_logits(key, best_last, temperature=tiny, top_p=1.0, top_k=0)[0]) == 3
     keys = jax.random.split(key, 4000)
     free = (
         np.bincount(
@@ -177,7 +180,10 @@ def test_decode_loop_compiles_once(model):
         (dict(top_p=0.0), "top_p must be in"),
         (dict(top_p=1.5), "top_p must be in"),
         (dict(temperature=-1.0), "temperature must be"),
-        (dict(max_new_tokens=0), "max_new_tokens must be positive"),
+        (dict(max_new_tokens=0), r"max_new_tokens must be in \[1, 2\*\*31\)"),
+        (dict(max_new_tokens=2**31), r"max_new_tokens must be in \[1, 2\*\*31\)"),
+        (dict(seed=-1), r"seed must be in \[0, 2\*\*32\)"),
+        (dict(seed=2**32), r"seed must be in \[0, 2\*\*32\)"),  # would sample as seed 0
     ],
 )
 def test_bad_sampling_arguments(model, kwargs, message):
