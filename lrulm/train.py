@@ -241,19 +241,27 @@ def train_step(state, batch, *, graphdef, task, tx, schedule, accum: int):
             lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch
         )
 
+        # Every micro-batch starts from the step's model state (BatchNorm's running
+        # statistics) and the new states are averaged: one moving-average update a step,
+        # with the mean of the micro-batches' statistics, as without accumulation.
+        floating = lambda x: jnp.issubdtype(x.dtype, jnp.inexact)
+
         def body(carry, xs):
-            g_acc, l_acc, w_acc, aux_acc, ms = carry
-            (l, (w, aux, ms)), g = grad_fn(params, ms, *xs)
+            g_acc, l_acc, w_acc, aux_acc, ms_acc = carry
+            (l, (w, aux, ms)), g = grad_fn(params, state["model_state"], *xs)
             add = lambda a, b: jax.tree.map(jnp.add, a, b)
-            return (add(g_acc, g), l_acc + l, w_acc + w, add(aux_acc, aux), ms), None
+            ms_acc = jax.tree.map(lambda a, m: a + m if floating(m) else m, ms_acc, ms)
+            return (add(g_acc, g), l_acc + l, w_acc + w, add(aux_acc, aux), ms_acc), None
 
         first = jax.tree.map(lambda x: x[0], micro)
         _, (_, aux0, _) = jax.eval_shape(loss_fn, params, state["model_state"], first, key)
         zeros = lambda t: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), t)
-        init = (zeros(params), 0.0, 0.0, zeros(aux0), state["model_state"])
+        ms0 = jax.tree.map(lambda m: jnp.zeros_like(m) if floating(m) else m, state["model_state"])
+        init = (zeros(params), 0.0, 0.0, zeros(aux0), ms0)
         (grads, loss_sum, weight, aux, model_state), _ = jax.lax.scan(
             body, init, (micro, jax.random.split(key, accum))
         )
+        model_state = jax.tree.map(lambda m: m / accum if floating(m) else m, model_state)
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     loss = loss_sum / denom

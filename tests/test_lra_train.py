@@ -80,6 +80,44 @@ def test_tiny_config_trains_and_reports_test_accuracy(task, data_dir, tmp_path, 
     assert kept == [str(results["best/step"])]
 
 
+def test_accumulation_moves_batchnorm_statistics_once_a_step(data_dir, tmp_path):
+    """With micro-batches, BatchNorm's running statistics take one step of the moving
+    average a step (towards the micro-batches' mean statistics), not one per micro-batch.
+    The first layer's inputs do not depend on the normalisation, so its running mean is
+    the whole batch's exactly; deeper layers see micro-batch normalisation, so theirs are
+    only close (one update per micro-batch made them about 3.4x larger)."""
+    from lrulm import tasks
+
+    means = {}
+    for accum in (1, 4):
+        config = _config(
+            "listops", f"data.data_dir={data_dir}", "mesh.data=2", "train.global_batch_size=16",
+            f"optim.grad_accum_steps={accum}", "model.dropout=0.0",
+        )  # fmt: skip
+        mesh = train.make_mesh(config, jax.devices()[:2])
+        exp = train.build(config, tasks.make_task(config, str(tmp_path)), mesh)
+        state = jax.jit(exp.init_fn, out_shardings=exp.state_shardings)(jax.random.key(0))
+        rng = np.random.default_rng(0)
+        batch = {}
+        for k, (shape, dtype) in exp.batch_spec.items():
+            high = {"inputs": 12, "label": 10}.get(k)  # tokens; the 10 classes
+            x = rng.integers(0 if k == "label" else 1, high, shape) if high else np.ones(shape)
+            batch[k] = jax.device_put(x.astype(dtype), exp.batch_shardings[k])
+        state, metrics = train.jit_steps(exp)[0](state, batch)
+        assert np.isfinite(jax.device_get(metrics["train/loss"]))
+        means[accum] = [
+            x
+            for p, x in jax.tree_util.tree_leaves_with_path(jax.device_get(state["model_state"]))
+            if "mean" in str(p)
+        ]
+    blocks = [i for i, m in enumerate(means[1]) if m.ndim == 2]  # (layers, width): scanned
+    assert len(blocks) == 1 and len(means[1]) == 2  # the blocks' norms and the final one
+    np.testing.assert_allclose(means[4][blocks[0]][0], means[1][blocks[0]][0], rtol=1e-5)
+    for m4, m1 in zip(means[4], means[1]):
+        assert np.abs(m1).max() > 1e-3  # they moved
+        assert 0.6 < np.linalg.norm(m4) / np.linalg.norm(m1) < 1.6
+
+
 # -- the batches: shuffled per epoch, split across processes, full eval passes ---------------
 
 
