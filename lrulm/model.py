@@ -164,25 +164,33 @@ class Stack(nnx.Module):
         kw = dict(
             mask=mask, resets=resets, train=train, axis_name=axis_name, return_state=return_state
         )
-        if not cfg.scan_layers:
-            states = []
-            for i, block in enumerate(self.blocks):
-                layer_h0 = None if h0 is None else h0[i]
-                out = block(x, key=None if keys is None else keys[i], h0=layer_h0, **kw)
-                x, state = out if return_state else (out, None)
-                states.append(state)
-            return (x, jnp.stack(states)) if return_state else x
-        graphdef, params, rest = nnx.split(self.blocks, nnx.Param, ...)
 
-        def body(x, xs):
-            layer_params, layer_rest, layer_key, layer_h0 = xs
+        def layer(graphdef, x, layer_params, layer_rest, layer_key, layer_h0):
             block = nnx.merge(graphdef, layer_params, layer_rest)
             out = block(x, key=layer_key, h0=layer_h0, **kw)
             x, state = out if return_state else (out, None)
             return x, (nnx.state(block, nnx.Not(nnx.Param)), state)
 
-        if cfg.remat != "none":
-            body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
+        def remat(fn, in_scan):
+            if cfg.remat == "none":
+                return fn
+            # Inside a scan nothing can be common-subexpression-eliminated across layers.
+            return jax.checkpoint(fn, policy=_REMAT[cfg.remat], prevent_cse=not in_scan)
+
+        if not cfg.scan_layers:
+            states = []
+            for i, block in enumerate(self.blocks):
+                graphdef, params, rest = nnx.split(block, nnx.Param, ...)
+                run = remat(functools.partial(layer, graphdef), in_scan=False)
+                layer_key = None if keys is None else keys[i]
+                x, (new_rest, state) = run(
+                    x, params, rest, layer_key, None if h0 is None else h0[i]
+                )
+                nnx.update(block, new_rest)
+                states.append(state)
+            return (x, jnp.stack(states)) if return_state else x
+        graphdef, params, rest = nnx.split(self.blocks, nnx.Param, ...)
+        body = remat(lambda x, xs: layer(graphdef, x, *xs), in_scan=True)
         x, (new_rest, states) = jax.lax.scan(body, x, (params, rest, keys, h0))
         nnx.update(self.blocks, new_rest)
         return (x, states) if return_state else x

@@ -37,6 +37,9 @@ class ModelConfig:
       remat: what the backward pass recomputes: "none"; "full" (save only block
         inputs); "dots" (save matmul outputs); "lru" (save the LRU outputs only).
       scan_layers: stack blocks with a scan over depth (compile time independent of k).
+        Unrolled (False), each block is rematerialised on its own; XLA's CPU compiler
+        then schedules the recomputation early and saves no memory (2026-12-04; the scan
+        form saves it on every backend).
     """
 
     vocab_size: int = 2048
