@@ -154,6 +154,24 @@ def tree_shardings(abstract_tree, axes_tree, mesh: Mesh, rules=RULES):
     return treedef.unflatten(shardings)
 
 
+def indivisible(abstract_tree, axes_tree, mesh: Mesh, rules=RULES) -> list[tuple]:
+    """The arrays that the rules would split over a mesh axis but `spec_for` keeps whole
+    there, because the dimension does not divide by the axis's size: a list of
+    (path, shape, dimension, mesh axes, their size)."""
+    found = []
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_tree)
+    axes = treedef.flatten_up_to(axes_tree)
+    for (path, x), names in zip(leaves, axes):
+        wanted = spec_for(names, mesh, None, rules)  # what the rules ask for, sizes aside
+        got = spec_for(names, mesh, x.shape, rules)
+        for dim, (w, g) in enumerate(zip(wanted, got)):
+            if w is not None and g is None:
+                mesh_axes = (w,) if isinstance(w, str) else tuple(w)
+                size = math.prod(mesh.shape[a] for a in mesh_axes)
+                found.append((jax.tree_util.keystr(path), x.shape, dim, mesh_axes, size))
+    return found
+
+
 # -- activation constraints ---------------------------------------------------------------
 
 _ctx = threading.local()

@@ -3,6 +3,7 @@
 import glob
 import gzip
 import json
+import math
 import os
 import time
 
@@ -328,6 +329,36 @@ def test_depth_is_a_scan_so_the_program_does_not_grow():
     assert abs(sizes[8] - sizes[2]) < 0.02 * sizes[2], sizes
     unrolled = len(_step_program("model.num_layers=8", "model.scan_layers=False")[2].as_text())
     assert unrolled > 2 * sizes[8]
+
+
+@pytest.mark.parametrize(
+    "mesh, widths, warned",
+    [
+        (["mesh.data=1", "mesh.fsdp=8"], [], False),
+        (["mesh.data=1", "mesh.fsdp=8"], ["model.d_model=36"], True),
+        (["mesh.data=4", "mesh.tensor=2"], [], False),
+        (["mesh.data=1", "mesh.tensor=8"], ["model.d_state=36", "model.d_ff=36"], True),
+    ],
+)
+def test_sizes_that_do_not_divide_the_mesh_are_said(mesh, widths, warned, capsys):
+    """spec_for keeps an array whole on an axis its dimension does not divide by; when
+    that leaves much of the model unsplit, the run says so (not a silent replica)."""
+    config = _config("model.vocab_size=512", *mesh, *widths)
+    exp = train.build(
+        config, tasks.make_task(config, None, prepare_data=False), train.make_mesh(config)
+    )
+    out = capsys.readouterr().out
+    assert ("are not split over the mesh axes meant to split them" in out) == warned, out
+    if warned:
+        axis = "fsdp=8" if "mesh.fsdp=8" in mesh else "tensor=8"
+        assert f"(36) over {axis}" in out
+    # The warning tells the truth: the share of the parameters' bytes on one device.
+    sizes = lambda f: [f(s, x) for s, x in zip(*map(jax.tree.leaves, (shardings, abstract)))]
+    shardings, abstract = exp.state_shardings["params"], exp.abstract_state["params"]
+    held = sum(sizes(lambda s, x: math.prod(s.shard_shape(x.shape))))
+    share = held / sum(sizes(lambda s, x: math.prod(x.shape)))
+    split = exp.mesh.shape["fsdp"] * exp.mesh.shape["tensor"]
+    assert share > 2 / split if warned else share < 1.5 / split, share
 
 
 def test_remat_policies_change_memory_not_math():
