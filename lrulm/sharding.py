@@ -96,7 +96,26 @@ def make_mesh(
 
     if num_slices > 1:
         dcn_shape = tuple(dcn_sizes[a] for a in MESH_AXES)
-        grid = mesh_utils.create_hybrid_device_mesh(shape, dcn_shape, devices)
+        # TPU slices, or else (GPU or CPU hosts) processes, are what DCN connects.
+        by_slice = all(d.platform == "tpu" for d in devices)
+        granule = "TPU slice" if by_slice else "process"
+        count = len({d.slice_index if by_slice else d.process_index for d in devices})
+        if count != num_slices:
+            plural = granule + ("es" if granule == "process" else "s")
+            where = f"one {granule}" if count == 1 else f"{count} {plural}"
+            fix = (
+                "set mesh.dcn_data and mesh.dcn_fsdp to 1 (a multi-slice mesh needs "
+                f"several {plural})"
+                if count == 1
+                else f"make mesh.dcn_data x mesh.dcn_fsdp {count}, or both 1"
+            )
+            raise ValueError(
+                f"mesh.dcn_data x mesh.dcn_fsdp = {num_slices}, but the {len(devices)} "
+                f"devices are in {where}, what DCN connects here: {fix}"
+            )
+        grid = mesh_utils.create_hybrid_device_mesh(
+            shape, dcn_shape, devices, process_is_granule=not by_slice
+        )
     else:
         try:
             grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)

@@ -238,3 +238,49 @@ def test_survivor_exits_within_heartbeat_when_a_peer_dies(tmp_path, victim):
     assert "ready" in out
     assert survivor.returncode != 0, out
     assert elapsed < HEARTBEAT_S + SLACK_S, f"survivor took {elapsed:.1f} s\n{out}"
+
+
+@pytest.mark.multiprocess
+def test_dcn_axes_span_processes_where_devices_have_no_slices(tmp_path):
+    """GPU and CPU hosts have no TPU slice_index: mesh.dcn_* then groups devices by process
+    (each process a granule), so the data axis's DCN factor goes across processes, and a
+    collective over the mesh adds up both processes' shards."""
+    script = tmp_path / "dcn.py"
+    script.write_text(
+        textwrap.dedent("""
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        from lrulm import distributed, sharding
+        distributed.initialize(timeout_s=60)
+        mesh = sharding.make_mesh({"data": 1, "fsdp": 2}, dcn={"data": 2})
+        owners = np.vectorize(lambda d: d.process_index)(mesh.devices)
+        rows = jax.make_array_from_callback(
+            (4,), NamedSharding(mesh, P(("data", "fsdp"))),
+            lambda index: np.arange(4, dtype=np.float32)[index],
+        )
+        total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(rows)
+        print("owners", owners.reshape(2, -1).tolist(), "total", float(total), flush=True)
+        """)
+    )
+    address = f"127.0.0.1:{_free_port()}"
+    envs = [
+        _env(
+            LRULM_COORDINATOR_ADDRESS=address,
+            LRULM_NUM_PROCESSES="2",
+            LRULM_PROCESS_ID=str(i),
+            XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        )
+        for i in range(2)
+    ]
+    with _processes(script, envs) as procs:
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    for proc, out in zip(procs, outs):
+        assert proc.returncode == 0, out[-3000:]
+        assert "owners [[0, 0], [1, 1]] total 6.0" in out, out[-3000:]
+
+
+def test_dcn_axes_in_one_process_are_a_clear_error():
+    from lrulm import sharding
+
+    with pytest.raises(ValueError, match=r"devices are in one process, .*set mesh.dcn_data and"):
+        sharding.make_mesh({"data": 1, "fsdp": 2}, devices=jax.devices()[:4], dcn={"data": 2})
