@@ -392,7 +392,12 @@ class Classifier(nnx.Module):
         if cfg.vocab_size:
             self.encoder = layers.Embed(cfg.vocab_size, h, rngs=rngs)
         else:
-            self.encoder = layers.Dense(input_channels, h, axes=(None, "embed"), rngs=rngs)
+            # BatchNorm takes out any constant per channel, on every path from the encoder
+            # (each block's norm, the final norm): a bias would get zero gradient and
+            # move only by Adam's noise, shifting the eval-time statistics.
+            self.encoder = layers.Dense(
+                input_channels, h, axes=(None, "embed"), use_bias=cfg.norm != "batch", rngs=rngs
+            )
         self.stack = Stack(cfg, rngs=rngs)
         self.final_norm = _norm(cfg)
         width = 4 * h if dual else h

@@ -80,6 +80,22 @@ def test_tiny_config_trains_and_reports_test_accuracy(task, data_dir, tmp_path, 
     assert kept == [str(results["best/step"])]
 
 
+def test_pixel_encoder_has_no_bias_under_batchnorm():
+    """BatchNorm removes a constant per channel on every path from the encoder, so a bias
+    there gets no gradient (Adam would move it by noise alone): there is none. Under
+    layer norm, which does not remove it, the bias stays."""
+    from flax import nnx
+
+    from lrulm.model import Classifier
+    from lrulm.model_config import ModelConfig
+
+    for norm, has_bias in (("batch", False), ("layer", True)):
+        cfg = ModelConfig(vocab_size=0, d_model=16, d_state=8, num_layers=2, norm=norm)
+        model = Classifier(cfg, num_classes=2, rngs=nnx.Rngs(0))
+        names = set(nnx.to_pure_dict(nnx.state(model.encoder, nnx.Param)))
+        assert ("bias" in names) == has_bias, (norm, names)
+
+
 def test_accumulation_moves_batchnorm_statistics_once_a_step(data_dir, tmp_path):
     """With micro-batches, BatchNorm's running statistics take one step of the moving
     average a step (towards the micro-batches' mean statistics), not one per micro-batch.
