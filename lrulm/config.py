@@ -239,6 +239,7 @@ def base_config() -> ConfigDict:
     c.train.log_every = 10
     c.train.eval_every = 100
     c.train.eval_steps = 10  # batches per evaluation; <= 0: the whole eval split, once
+    # (LRA's final test split is always read whole)
     c.train.progress = True  # a progress line with tokens/s on process 0
     # LM loss over vocabulary blocks of this size (0 = whole logits): the (b, l, v) f32
     # logits and their gradient otherwise dominate activation memory at long contexts.

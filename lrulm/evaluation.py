@@ -53,7 +53,7 @@ def evaluate_workdir(config, workdir: str, step: int | None = None) -> dict:
             global_batch=config.train.global_batch_size,
             row_offset=row_offset,
             local_batch=local_batch,
-            num_batches=config.train.eval_steps,
+            num_batches=config.train.eval_steps if split == "eval" else 0,  # test: whole
         )
         metrics = train.evaluate(exp, eval_jit, restored.state, batches)
         result.update({f"{split}/{k}": v for k, v in metrics.items()})

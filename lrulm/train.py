@@ -533,7 +533,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
         )
 
         def eval_batches(split="eval"):
-            return task.eval_batches(split, num_batches=t.eval_steps, **batch_args)
+            # The test split is always read whole: its accuracy is the reported number.
+            steps = t.eval_steps if split == "eval" else 0
+            return task.eval_batches(split, num_batches=steps, **batch_args)
 
         best = ckpt_lib.BestCheckpoint(workdir, *task.best_metric) if task.best_metric else None
 

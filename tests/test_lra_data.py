@@ -147,6 +147,19 @@ def test_listops_truncation_and_archive_layout(tmp_path, caplog):
     assert src.path.endswith(os.path.join("lra_release", "listops-1000", "basic_train.tsv"))
 
 
+def test_one_data_dir_for_every_task_of_the_unpacked_archive(tmp_path):
+    """The archive unpacks to lra_release/lra_release/{listops-1000, tsv_data,
+    pathfinder32, pathfinder128}: data_dir = the folder holding lra_release/ serves all."""
+    nested = str(tmp_path / "lra_release" / "lra_release")
+    fx.write_listops(nested, num=4)
+    fx.write_aan(nested, num=4)
+    fx.write_pathfinder(str(tmp_path), 32, num=10, nested=True)
+    for task in ("listops", "retrieval", "pathfinder"):
+        src = lra.load_split(task, str(tmp_path), "train", seq_len=None)
+        assert os.path.join("lra_release", "lra_release") in src.path, task
+        assert len(src) > 0
+
+
 @pytest.mark.parametrize(
     "line, why",
     [
@@ -196,23 +209,37 @@ def test_listops_missing_file_names_the_expected_layout(tmp_path):
 def test_text_records_are_review_bytes_plus_one(tmp_path):
     written = fx.write_imdb(str(tmp_path), num_per_class=3)
     train = lra.load_split("text", str(tmp_path), "train")
-    assert len(train) == 6 and [int(train[i]["label"]) for i in range(6)] == [0, 0, 0, 1, 1, 1]
-    for i, (_, text, label) in enumerate(written["train"]):
-        r = train[i]
+    assert len(train) == 6 and sorted(train.files) == [path for path, _, _ in written["train"]]
+    by_path = {path: i for i, path in enumerate(train.files)}
+    for path, text, label in written["train"]:
+        r = train[by_path[path]]
         assert r["inputs"].shape == r["mask"].shape == (4096,) and r["inputs"].dtype == np.int32
         data = text.encode("utf-8")[:4096]
         assert _bytes(r["inputs"], r["mask"]) == data and int(r["label"]) == label
         assert r["mask"].sum() == len(data) and not r["inputs"][len(data) :].any()
         assert r["inputs"][r["mask"]].min() >= 1
     # The 5,000-byte review is cut at 4096 bytes, mid-way through the two bytes of "é".
-    long_one = train[3]
+    long_one = train[by_path[written["train"][3][0]]]
     assert long_one["mask"].all() and long_one["inputs"][-1] == 0xC3 + 1
     # IMDB has no validation split: val and test are both aclImdb/test.
     val, test = (lra.load_split("text", str(tmp_path), s, seq_len=64) for s in ("val", "test"))
     assert len(val) == len(test) == 6
+    texts = {path: text for path, text, _ in written["test"]}
     for i in range(6):
         np.testing.assert_array_equal(val[i]["inputs"], test[i]["inputs"])
-        assert _bytes(test[i]["inputs"], test[i]["mask"]) == written["test"][i][1].encode()[:64]
+        assert _bytes(test[i]["inputs"], test[i]["mask"]) == texts[test.files[i]].encode()[:64]
+
+
+def test_text_records_mix_the_classes_in_a_fixed_order(tmp_path):
+    """Reviews come neg/ then pos/ on disk; the records are one fixed permutation, so the
+    first batches of a split (an evaluation with train.eval_steps > 0) hold both classes."""
+    fx.write_imdb(str(tmp_path), num_per_class=20, long_review=False)
+    test = lra.load_split("text", str(tmp_path), "test", seq_len=16)
+    labels = [int(test[i]["label"]) for i in range(len(test))]
+    assert sorted(labels) == [0] * 20 + [1] * 20
+    assert 0 in labels[:8] and 1 in labels[:8]
+    again = lra.load_split("text", str(tmp_path), "test", seq_len=16)
+    assert again.files == test.files  # the same order every time
 
 
 def test_text_missing_and_empty_reviews(tmp_path, caplog):
@@ -403,11 +430,21 @@ def test_pathfinder_bad_inputs(tmp_path, caplog):
     with pytest.raises(ValueError, match=f"{meta}, line 4: label 'maybe' is not 0 or 1"):
         lra.load_split("pathfinder", str(tmp_path), "test")
     os.remove(root / "imgs" / "0" / "sample_5.png")
-    with pytest.raises(ValueError, match=r"0.npy, line 6: the image .*imgs/0/sample_5.png does"):
+    with pytest.raises(
+        ValueError, match=r"0.npy, line 6: the image .*imgs/0/sample_5.png does not exist\. Re-ext"
+    ):
         lra.load_split("pathfinder", str(tmp_path), "test")
+    # An empty PNG (the release has such files) is found when the split is listed, not
+    # when training first draws it.
+    fx.write_pathfinder(str(tmp_path / "e"), 32, num=20, per_folder=10)
+    other = tmp_path / "e" / "pathfinder32" / "curv_contour_length_14"
+    (other / "imgs" / "1" / "sample_7.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"1.npy, line 8: the image .*sample_7.png is empty"):
+        lra.load_split("pathfinder", str(tmp_path / "e"), "train")
+    (root / "imgs" / "1" / "sample_7.png").write_bytes(b"")
     with caplog.at_level(logging.WARNING):
         sizes = [lra.load_split("pathfinder", str(tmp_path), s, on_error="skip") for s in fx.SPLITS]
-    assert sum(len(s) for s in sizes) == 18 and sum(s.num_skipped for s in sizes) == 2
+    assert sum(len(s) for s in sizes) == 17 and sum(s.num_skipped for s in sizes) == 3
     # Skipping a bad line moves no other image into another split.
     assert all(set(src.images) <= clean[s] for s, src in zip(fx.SPLITS, sizes))
     # A PNG damaged after the listing is named when it is read; with on_error="skip" the
@@ -527,3 +564,5 @@ def test_every_source_is_a_picklable_grain_source(tmp_path):
         assert batch["label"].shape == (4,) and batch["label"].dtype == np.int32
         with pytest.raises(IndexError):
             src[len(src)]
+        skipping = lra.load_split(task, str(tmp_path), "train", seq_len=seq_len, on_error="skip")
+        assert skipping.on_error == "skip", task  # what a record that fails to read does

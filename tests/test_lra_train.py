@@ -80,6 +80,24 @@ def test_tiny_config_trains_and_reports_test_accuracy(task, data_dir, tmp_path, 
     assert kept == [str(results["best/step"])]
 
 
+def test_final_test_reads_the_whole_split_whatever_eval_steps(data_dir, tmp_path):
+    """train.eval_steps shortens the validation passes; the test accuracy, the number
+    reported beside the paper's, is always over every test example."""
+    config = _config(
+        "text", f"data.data_dir={data_dir}", "mesh.data=8", "train.steps=1",
+        "train.eval_steps=1", "train.eval_every=0", "train.progress=False",
+    )  # fmt: skip
+    workdir = str(tmp_path / "text")
+    train.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
+    n_test = len(lra.load_split("text", data_dir, "test", seq_len=config.train.seq_len))
+    assert n_test > config.train.global_batch_size  # one batch would not hold them all
+    assert results["test/examples"] == n_test
+    (evals,) = [r for r in _rows(workdir) if "eval/examples" in r]
+    assert evals["eval/examples"] == config.train.global_batch_size  # eval_steps=1
+
+
 def test_pixel_encoder_has_no_bias_under_batchnorm():
     """BatchNorm removes a constant per channel on every path from the encoder, so a bias
     there gets no gradient (Adam would move it by noise alone): there is none. Under

@@ -5,7 +5,7 @@ same layout generated from scratch (96k/2k/2k, the LRA generator's rules):
 
     python tools/make_lra_data.py listops --out DATA     # or unpack lra_release into DATA
     lrulm train --config configs/lra/listops.py --workdir runs/listops \\
-        --config.data.data_dir=DATA        # holds listops-1000/ or lra_release/listops-1000/
+        --config.data.data_dir=DATA        # holds lra_release/ (unpacked) or listops-1000/
     lrulm eval --config configs/lra/listops.py --workdir runs/listops \\
         --config.data.data_dir=DATA
     lrulm lra-report runs/listops

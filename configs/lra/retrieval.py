@@ -5,7 +5,7 @@ Two documents go through one 6-block tower; their pooled features are combined a
 (columns label, id1, id2, text1, text2) as in the lra_release archive.
 
     lrulm train --config configs/lra/retrieval.py --workdir runs/retrieval \\
-        --config.data.data_dir=DATA        # holds tsv_data/ or lra_release/tsv_data/
+        --config.data.data_dir=DATA        # holds lra_release/ (unpacked) or tsv_data/
     lrulm eval --config configs/lra/retrieval.py --workdir runs/retrieval \\
         --config.data.data_dir=DATA
     lrulm lra-report runs/retrieval

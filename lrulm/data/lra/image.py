@@ -114,6 +114,7 @@ class ImageSource(common.LRASource):
 
     def __init__(self, root: str, split: str, on_error: str):
         self.task, self.split, self.path, self.seq_len = "image", split, root, SEQ_LEN
+        self.on_error = on_error
         bad = common.BadRecords(on_error, f"Image {split} ({root})")
         files = TEST_FILES if split == "test" else TRAIN_FILES
         parts = [read_batch(os.path.join(root, name), bad) for name in files]

@@ -75,6 +75,7 @@ class ListOpsSource(common.LRASource):
 
     def __init__(self, path: str, split: str, seq_len: int, on_error: str):
         self.task, self.split, self.path, self.seq_len = "listops", split, path, seq_len
+        self.on_error = on_error
         bad = common.BadRecords(on_error, f"ListOps {split} ({path})")
         chunks, labels = [], []
         fix = "each line must be an expression, a tab, and its value 0-9"
@@ -136,8 +137,9 @@ def load(
     """The ListOps split `split` from `data_dir/listops-1000/basic_{split}.tsv`.
 
     Args:
-      data_dir: the folder holding `listops-1000/` (or `lra_release/listops-1000/`, or the
-        `basic_*.tsv` files themselves).
+      data_dir: the folder holding `listops-1000/`, or the one holding the unpacked
+        archive (`lra_release/lra_release/listops-1000/` or `lra_release/listops-1000/`),
+        or the `basic_*.tsv` files themselves.
       split: "train", "val" or "test".
       seq_len: record length L; default 2000. Longer expressions are truncated (warned).
       on_error: "raise" at the first malformed line, or "skip" and count them.
@@ -149,7 +151,12 @@ def load(
     name = FILES[split]
     path = common.locate(
         data_dir,
-        [f"listops-1000/{name}", f"lra_release/listops-1000/{name}", name],
+        [
+            f"listops-1000/{name}",
+            f"lra_release/lra_release/listops-1000/{name}",  # the archive's nested copy
+            f"lra_release/listops-1000/{name}",
+            name,
+        ],
         what=f"ListOps {split} split",
         origin=_ORIGIN,
     )

@@ -81,15 +81,16 @@ class PathfinderSource(common.LRASource):
         self.resolution = resolution
         self.seq_len = resolution * resolution
         bad = common.BadRecords(on_error, f"{task} {split} ({root})")
-        fix = "each metadata line is: folder, file name, index, label (0/1), ..."
-        listings: dict[str, set[str]] = {}
+        line_fix = "each metadata line is: folder, file name, index, label (0/1), ..."
+        image_fix = "re-extract the archive, or delete the image's metadata line"
+        listings: dict[str, dict[str, os.DirEntry]] = {}
         slots: list[tuple[str, int]] = []  # (image relative to root, label) per line.
-        problems: dict[int, tuple[str, str]] = {}  # slot -> (where, why) for bad lines.
+        problems: dict[int, tuple[str, str, str]] = {}  # slot -> (where, why, fix)
         for meta in _metadata_files(root):
             for lineno, fields in enumerate(read_metadata(meta), 1):
                 if not fields:
                     continue
-                where, why = f"{meta}, line {lineno}", None
+                where, why, fix = f"{meta}, line {lineno}", None, line_fix
                 if len(fields) < 4:
                     why = f"{len(fields)} fields, expected at least 4"
                 elif fields[3] not in ("0", "1"):
@@ -98,18 +99,26 @@ class PathfinderSource(common.LRASource):
                     folder = fields[0]
                     if folder not in listings:
                         full = os.path.join(root, folder)
-                        listings[folder] = set(os.listdir(full)) if os.path.isdir(full) else set()
-                    if fields[1] not in listings[folder]:
-                        why = f"the image {os.path.join(root, folder, fields[1])} does not exist"
+                        listings[folder] = (
+                            {e.name: e for e in os.scandir(full)} if os.path.isdir(full) else {}
+                        )
+                    image = os.path.join(root, folder, fields[1])
+                    entry = listings[folder].get(fields[1])
+                    # An empty file (the release has some) would fail only when first drawn.
+                    fix = image_fix
+                    if entry is None:
+                        why = f"the image {image} does not exist"
+                    elif entry.stat().st_size == 0:
+                        why = f"the image {image} is empty"
                 if why is not None:
-                    problems[len(slots)] = (where, why)
+                    problems[len(slots)] = (where, why, fix)
                     slots.append(("", -1))
                 else:
                     slots.append((f"{fields[0]}/{fields[1]}", int(fields[3])))
         if not slots:
             raise ValueError(f"{root}/metadata lists no images; re-extract it")
         if problems and on_error == "raise":  # Whichever split the bad line falls in.
-            bad.bad(*problems[min(problems)], fix)
+            bad.bad(*problems[min(problems)])
         # Bad lines keep their slot in the permutation, so skipping them moves no other
         # image to another split.
         order = np.random.default_rng(SPLIT_SEED).permutation(len(slots))
@@ -123,7 +132,7 @@ class PathfinderSource(common.LRASource):
         images, labels = [], []
         for slot in order[lo:hi]:
             if slot in problems:
-                bad.bad(*problems[slot], fix)
+                bad.bad(*problems[slot])
                 continue
             images.append(slots[slot][0])
             labels.append(slots[slot][1])

@@ -47,6 +47,7 @@ class RetrievalSource(common.LRASource):
 
     def __init__(self, path: str, split: str, seq_len: int, on_error: str):
         self.task, self.split, self.path, self.seq_len = "retrieval", split, path, seq_len
+        self.on_error = on_error
         bad = common.BadRecords(on_error, f"Retrieval {split} ({path})")
         fix = "each line must be label (0/1), id1, id2, text1, text2, tab-separated"
         starts, ends, labels = [], [], []
@@ -100,7 +101,8 @@ def load(
     """The AAN split `split` ("val" reads `new_aan_pairs.eval.tsv`).
 
     Args:
-      data_dir: the folder holding `tsv_data/` (or `lra_release/tsv_data/`, or the TSVs).
+      data_dir: the folder holding `tsv_data/`, or the one holding the unpacked archive
+        (`lra_release/lra_release/tsv_data/` or `lra_release/tsv_data/`), or the TSVs.
       split: "train", "val" or "test".
       seq_len: bytes per document L; default 4000. Longer documents are truncated.
       on_error: "raise" at the first malformed line, or "skip" and count them.
@@ -112,7 +114,12 @@ def load(
     name = FILES[split]
     path = common.locate(
         data_dir,
-        [f"tsv_data/{name}", f"lra_release/tsv_data/{name}", name],
+        [
+            f"tsv_data/{name}",
+            f"lra_release/lra_release/tsv_data/{name}",  # the archive's nested copy
+            f"lra_release/tsv_data/{name}",
+            name,
+        ],
         what=f"Retrieval {split} split",
         origin=_ORIGIN,
     )

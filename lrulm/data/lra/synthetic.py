@@ -89,8 +89,9 @@ def write_imdb(
       long_review: make the first positive training review 5,000 bytes (> 4096).
 
     Returns:
-      {"train"/"test": [(path relative to aclImdb/<split>, text, label), ...]} in the
-      loader's order: neg then pos, each sorted by file name.
+      {"train"/"test": [(path relative to aclImdb/<split>, text, label), ...]}, neg then
+      pos, each sorted by file name (the loader's records are in a fixed permutation of
+      this order: match them by `TextSource.files`).
     """
     rng = random.Random(seed)
     written = {}

@@ -18,14 +18,20 @@ SEQ_LEN = 4096
 VOCAB_SIZE = 257  # Byte value + 1; 0 is padding.
 SPLIT_DIRS = {"train": "train", "val": "test", "test": "test"}
 LABELS = (("neg", 0), ("pos", 1))
+_ORDER_SEED = 0x1DB  # fixed forever: the record order of every split
 _ORIGIN = "the Large Movie Review Dataset (aclImdb_v1.tar.gz, unpacked: aclImdb/{train,test}/...)"
 
 
 class TextSource(common.LRASource):
     """One split of IMDB: records {"inputs": int32 (L,), "mask": bool (L,), "label": int32}.
 
-    Record order: every `neg/*.txt` then every `pos/*.txt`, each in sorted file-name
-    order. Files are listed at construction and read in `__getitem__`.
+    Record order: the `neg/*.txt` and `pos/*.txt` files (each list sorted by name) in one
+    fixed permutation, so that any first part of the split (an evaluation with
+    `train.eval_steps > 0`) holds both classes. Files are listed at construction and read
+    in `__getitem__`.
+
+    Attributes:
+      files: the split's reviews, relative to `path` ("neg/0_3.txt"), in record order.
     """
 
     def __init__(self, root: str, split: str, seq_len: int, on_error: str):
@@ -56,12 +62,13 @@ class TextSource(common.LRASource):
                 labels.append(label)
         self.num_skipped = bad.finish()
         common.check_nonempty(len(files), f"Text {split} ({self.path})", "every review skipped")
-        self._files = files
-        self._labels = np.array(labels, np.int32)
+        order = np.random.default_rng(_ORDER_SEED).permutation(len(files))
+        self.files = [files[i] for i in order]
+        self._labels = np.array(labels, np.int32)[order]
         self._size = len(files)
 
     def _record(self, index: int) -> dict[str, np.ndarray]:
-        path = os.path.join(self.path, self._files[index])
+        path = os.path.join(self.path, self.files[index])
         try:
             with open(path, "rb") as f:
                 data = f.read(self.seq_len)
