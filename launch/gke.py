@@ -219,6 +219,8 @@ def xpk_command(args: argparse.Namespace, slice_: TpuSlice, command: list[str]) 
     xpk = ["xpk", "workload", "create", "--cluster", args.cluster or "CLUSTER"]
     xpk += ["--workload", args.name, "--tpu-type", slice_.accelerator_type, "--num-slices", "1"]
     xpk += ["--docker-image", args.image, "--max-restarts", str(args.max_restarts)]
+    # xpk restarts on 42 and 127-255 only; without this a preempted run (75) would end.
+    xpk += ["--restart-on-exit-codes", str(common.PREEMPTED_EXIT_CODE)]
     xpk += ["--termination-grace-period-seconds", str(args.termination_grace_s)]
     for key, value in common.parse_env(args.env).items():
         xpk += ["--env", f"{key}={value}"]
@@ -325,6 +327,23 @@ def main(argv: list[str] | None = None) -> None:
     )
     claims = parse_claims(args.pvc)
     if args.print_xpk:
+        if args.topology:
+            parser.error(
+                "--topology has no `xpk workload create` equivalent (xpk takes the shape "
+                "from --tpu-type and the cluster's node pools): leave it out with --print_xpk, "
+                "or apply the JobSet instead"
+            )
+        dropped = [
+            flag
+            for flag, given in (
+                ("--namespace", args.namespace != "default"),
+                ("--service_account", args.service_account),
+                ("--count_preemptions", args.count_preemptions),
+            )
+            if given
+        ]
+        if dropped:
+            print(f"note: {', '.join(dropped)} not passed on to xpk", file=sys.stderr)
         print(shlex.join(xpk_command(args, slice_, command)))
         if buckets or claims:
             print(

@@ -318,12 +318,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--port {args.port} is not a TCP port (1-65535)")
     if args.dry_run:
         port = args.port or free_port()
+        base = dict(os.environ)
         for i in range(args.num_processes):
-            env = child_env({}, port=port, num=args.num_processes, index=i,
+            env = child_env(base, port=port, num=args.num_processes, index=i,
                             devices=args.devices_per_process)  # fmt: skip
-            env.pop("PYTHONUNBUFFERED")
-            assignments = [f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())]
-            print(f"# process {i}\n" + " ".join([*assignments, shlex.join(command)]))
+            # What differs from this environment: the line runs process i as `run` would.
+            unset = [f"-u {k}" for k in sorted(base) if k not in env]
+            changed = sorted(k for k, v in env.items() if base.get(k) != v)
+            assignments = [f"{k}={shlex.quote(env[k])}" for k in changed]
+            words = ["env", *unset, *assignments, shlex.join(command)]
+            print(f"# process {i}\n" + " ".join(words))
         return 0
     return run(
         command,

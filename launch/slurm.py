@@ -66,7 +66,10 @@ def sbatch_script(args: argparse.Namespace, command: list[str], env: dict[str, s
     device_ids = ",".join(str(i) for i in range(args.gpus_per_node))
     lines.append(f"export JAX_LOCAL_DEVICE_IDS={device_ids}")
     lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
-    srun = f"srun --kill-on-bad-exit=1 {shlex.join(command)}"
+    # Since SLURM 22.05 srun does not inherit sbatch's --cpus-per-task: without it here the
+    # trainer (and its data threads) would be bound to one core.
+    cpus = f" --cpus-per-task={args.cpus_per_task}" if args.cpus_per_task else ""
+    srun = f"srun --kill-on-bad-exit=1{cpus} {shlex.join(command)}"
     if args.requeue:
         srun = _REQUEUE.format(srun=srun, preempted=common.PREEMPTED_EXIT_CODE)
     lines += ["", *srun.splitlines(), ""]

@@ -187,8 +187,10 @@ def up(args: argparse.Namespace, run: common.Runner, command: list[str]) -> int:
         code = run_command(args, run, command)
         if code == 0 or args.detach:
             return code
-        if code not in (PREEMPTED_EXIT_CODE, SSH_LOST) or restarts >= args.max_restarts:
+        if code == LOCKED_EXIT_CODE or restarts >= args.max_restarts:
             return code
+        # Any other failure may be a preemption too: a run started on a slice that turned
+        # PREEMPTED meanwhile gets gcloud's own error (exit 1, "unusable terminal state").
         state = settled_state(args, run)
         if state in ("READY", "ACTIVE") and code == PREEMPTED_EXIT_CODE:
             # A maintenance event: the trainers saved and the hosts are still there.

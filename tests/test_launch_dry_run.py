@@ -2,6 +2,7 @@
 manifests and batch scripts they would run or submit; SLURM's requeue logic run in bash
 with stand-in commands."""
 
+import json
 import os
 import pathlib
 import shlex
@@ -26,18 +27,38 @@ def _dry(script, *args):
 TRAIN = ["lrulm", "train", "--config", "configs/lm/tiny.py", "--workdir", "/gcs/bkt/run"]
 
 
-def test_local_dry_run_and_default_command():
-    out, _ = _dry(
-        "local.py", "--num_processes", "2", "--devices_per_process", "3", "--port", "4321",
-        "--config", "configs/lm/tiny.py", "--workdir", "runs/x", "--dry_run",
+def test_local_dry_run_and_default_command(tmp_path):
+    """Each printed line runs its process as the launcher would: the variables that differ
+    from this environment set, the ones it drops unset (a real child's env, compared)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_dump_to=/tmp/x", JAX_PROCESS_ID="3")
+    result = subprocess.run(
+        [sys.executable, str(LAUNCH / "local.py"), "--num_processes", "2",
+         "--devices_per_process", "3", "--port", "4321", "--config", "configs/lm/tiny.py",
+         "--workdir", "runs/x", "--dry_run"],
+        capture_output=True, text=True, timeout=30, env=env,
     )  # fmt: skip
-    lines = out.splitlines()
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
     assert lines[0] == "# process 0" and lines[2] == "# process 1"
     for i in (0, 1):
         line = lines[2 * i + 1]
+        assert line.startswith("env -u JAX_PROCESS_ID ")
         assert "LRULM_COORDINATOR_ADDRESS=127.0.0.1:4321 LRULM_NUM_PROCESSES=2" in line
-        assert f"LRULM_PROCESS_ID={i} " in line and "device_count=3" in line
+        assert f"LRULM_PROCESS_ID={i} " in line
+        assert "XLA_FLAGS='--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=3'" in line
         assert line.endswith("lrulm train --config configs/lm/tiny.py --workdir runs/x")
+    # The printed line, run with `env` in this environment, gives what a real child gets.
+    sys.path.insert(0, str(LAUNCH))
+    import local
+
+    want = local.child_env(env, port=4321, num=2, index=1, devices=3)
+    words = shlex.split(lines[3])
+    printed = subprocess.run(
+        [*words[: words.index("lrulm")], sys.executable, "-c",
+         "import json, os; print(json.dumps(dict(os.environ)))"],
+        capture_output=True, text=True, timeout=30, env=env,
+    )  # fmt: skip
+    assert json.loads(printed.stdout) == want
 
 
 def test_tpu_vm_up_dry_run():
@@ -257,8 +278,18 @@ def test_gke_single_host_and_xpk():
     )
     assert out.startswith("xpk workload create --cluster c1 --workload lru --tpu-type v5p-128")
     assert "--docker-image img" in out and "--env A=1" in out
+    # xpk restarts on 42 and 127-255 only: a preempted run (75) is added.
+    assert "--max-restarts 3 --restart-on-exit-codes 75 " in out
     assert "--command 'lrulm train --config configs/lm/tiny.py --workdir /gcs/bkt/run'" in out
     assert "gs://bkt at /gcs/bkt mounted" in err
+    xpk = ["gke.py", "--name", "lru", "--image", "img", "--accelerator_type", "v5p-128"]
+    bad = subprocess.run(
+        [sys.executable, str(LAUNCH / xpk[0]), *xpk[1:], "--topology", "2x4x8", "--print_xpk",
+         "--", *TRAIN], capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--topology has no `xpk workload create` equiv" in bad.stderr
+    _, err = _dry(*xpk, "--service_account", "ksa", "--print_xpk", "--", *TRAIN)
+    assert "note: --service_account not passed on to xpk" in err
 
 
 def test_slurm_dry_run():
@@ -294,6 +325,10 @@ def test_slurm_dry_run():
     assert "export JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7\n" in out
     assert "export X=1\n" in out
     assert "srun --kill-on-bad-exit=1 " + " ".join(TRAIN) in out
+    # srun (SLURM >= 22.05) does not inherit sbatch's --cpus-per-task: it is given again.
+    out, _ = _dry("slurm.py", "--nodes", "2", "--cpus_per_task", "32", "--dry_run", "--", *TRAIN)
+    assert "#SBATCH --cpus-per-task=32\n" in out
+    assert "\nsrun --kill-on-bad-exit=1 --cpus-per-task=32 " + " ".join(TRAIN) + "\n" in out
     # Without --requeue the trainers themselves get SIGTERM before the time limit.
     out, _ = _dry("slurm.py", "--nodes", "2", "--dry_run", "--", *TRAIN)
     assert "#SBATCH --signal=TERM@300\n" in out and "requeue" not in out
@@ -431,8 +466,12 @@ elif running:
                                       "setup", "run"]),
         # A maintenance event on a slice still READY: run again on it.
         ("75,0", "READY", 2, 0, ["create", "setup", "run", "describe", "run"]),
-        # A failure is not retried.
-        ("1", "READY", 2, 1, ["create", "setup", "run"]),
+        # A failure on a slice still up is not retried (its state is looked at first).
+        ("1", "READY", 2, 1, ["create", "setup", "run", "describe"]),
+        # A run started again on a slice that turned PREEMPTED meanwhile: gcloud refuses
+        # with exit 1 before connecting; the slice is recreated all the same.
+        ("75,1,0", "READY,PREEMPTED", 3, 0, ["create", "setup", "run", "describe", "run",
+                                             "describe", "delete", "create", "setup", "run"]),
         # Out of restarts: the preemption's code, with a hint.
         ("75,75", "READY", 1, 75, ["create", "setup", "run", "describe", "run"]),
         # ssh lost and gcloud cannot say why, or to a slice still up (its trainers may still
