@@ -53,6 +53,20 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _peer_envs(num, **extra):
+    """The environments of `num` processes of one job, coordinated on a free local port."""
+    address = f"127.0.0.1:{_free_port()}"
+    return [
+        _env(
+            LRULM_COORDINATOR_ADDRESS=address,
+            LRULM_NUM_PROCESSES=str(num),
+            LRULM_PROCESS_ID=str(i),
+            **extra,
+        )
+        for i in range(num)
+    ]
+
+
 @contextlib.contextmanager
 def _processes(script, envs):
     """Starts one `python script` per env, each in its own session; always kills them all."""
@@ -217,16 +231,7 @@ def test_survivor_exits_within_heartbeat_when_a_peer_dies(tmp_path, victim):
         time.sleep(120)
         """)
     )
-    address = f"127.0.0.1:{_free_port()}"
-    envs = [
-        _env(
-            LRULM_COORDINATOR_ADDRESS=address,
-            LRULM_NUM_PROCESSES="2",
-            LRULM_PROCESS_ID=str(i),
-            LRULM_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S),
-        )
-        for i in range(2)
-    ]
+    envs = _peer_envs(2, LRULM_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S))
     with _processes(script, envs) as procs:
         procs[victim].wait(timeout=60)
         died = time.monotonic()
@@ -262,16 +267,7 @@ def test_dcn_axes_span_processes_where_devices_have_no_slices(tmp_path):
         print("owners", owners.reshape(2, -1).tolist(), "total", float(total), flush=True)
         """)
     )
-    address = f"127.0.0.1:{_free_port()}"
-    envs = [
-        _env(
-            LRULM_COORDINATOR_ADDRESS=address,
-            LRULM_NUM_PROCESSES="2",
-            LRULM_PROCESS_ID=str(i),
-            XLA_FLAGS="--xla_force_host_platform_device_count=2",
-        )
-        for i in range(2)
-    ]
+    envs = _peer_envs(2, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     with _processes(script, envs) as procs:
         outs = [p.communicate(timeout=120)[0] for p in procs]
     for proc, out in zip(procs, outs):
