@@ -49,6 +49,22 @@ def ring_init(key, d_state: int, r_min: float, r_max: float, max_phase: float):
     return nu_log, theta_log
 
 
+def _next_segment_starts(resets: jax.Array, axis_name: str | None) -> jax.Array:
+    """resets[..., :1] of the sequence's next segment, (..., 1): whether a document starts
+    right after this one's end. Past the end of the sequence, or without a split (no
+    axis_name), nothing follows: True (the reverse scan starts there from zero)."""
+    last = jnp.ones_like(resets[..., :1])
+    if axis_name is None:
+        return last
+    size = jax.lax.axis_size(axis_name)
+    if size == 1:
+        return last
+    # Segment i + 1 sends its first reset to segment i; the last segment receives nothing
+    # (ppermute gives it zeros), so it takes True.
+    following = jax.lax.ppermute(resets[..., :1], axis_name, [(i + 1, i) for i in range(size - 1)])
+    return jnp.where(jax.lax.axis_index(axis_name) == size - 1, last, following)
+
+
 class LRU(nnx.Module):
     """One LRU layer: (b, l, h) -> (b, l, h).
 
@@ -211,7 +227,7 @@ class LRU(nnx.Module):
             rev_resets = None
             if resets is not None:  # going backwards, a document ends where the next starts
                 rev_resets = jnp.concatenate(
-                    [resets[..., 1:], jnp.ones_like(resets[..., :1])], axis=-1
+                    [resets[..., 1:], _next_segment_starts(resets, axis_name)], axis=-1
                 )
             xr = self.reverse._scan(self.reverse._input(u), rev_resets, None, True, axis_name)
             y = y + self.reverse._output(xr, u)

@@ -155,6 +155,29 @@ def test_bidirectional_stack_split_equals_unsplit(shards):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b)) + 1))
 
 
+@pytest.mark.parametrize("shards", [2, 4])
+def test_bidirectional_layer_with_axis_name_takes_resets_across_segments(shards):
+    """Called inside shard_map with axis_name, a bidirectional LRU's reverse half needs
+    the first reset of the next segment (a document ends where the next one starts): a
+    reset at a segment's first position and one inside a segment, against unsplit."""
+    from lrulm.lru import LRU
+
+    layer = LRU(4, 6, bidirectional=True, scan_method="sequential", rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(layer)
+    u = jax.random.normal(jax.random.key(1), (2, 16, 4))
+    resets = jnp.zeros((2, 16), bool).at[0, 8].set(True).at[1, 5].set(True)
+    want = nnx.merge(graphdef, params)(u, resets=resets)
+    mesh = sharding.make_mesh(dict(data=8 // shards, sequence=shards))
+    split = jax.shard_map(
+        lambda u, r: nnx.merge(graphdef, params)(u, resets=r, axis_name="sequence"),
+        mesh=mesh,
+        in_specs=(jax.P(None, "sequence", None), jax.P(None, "sequence")),
+        out_specs=jax.P(None, "sequence", None),
+        check_vma=False,
+    )
+    np.testing.assert_allclose(jax.jit(split)(u, resets), want, rtol=1e-5, atol=1e-5)
+
+
 def _collective_bytes(hlo: str, op: str) -> int:
     """Sum of the result sizes of `op` instructions in compiled HLO text."""
     sizes = {"c64": 8, "f32": 4, "bf16": 2, "s32": 4}
