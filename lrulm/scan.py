@@ -100,6 +100,16 @@ def _resolve_grad(grad: str | GradMethod) -> GradMethod:
         raise ValueError(f"unknown scan grad {grad!r}; use one of {names}") from None
 
 
+def _check_chunk_size(chunk_size) -> None:
+    if isinstance(chunk_size, bool) or not hasattr(chunk_size, "__index__"):
+        raise ValueError(
+            f"chunk_size must be a positive integer; got {chunk_size!r} "
+            f"({type(chunk_size).__name__})"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer; got {chunk_size}")
+
+
 def _check_shapes(a, b, h0):
     if b.ndim < 2:
         raise ValueError(f"b must have shape (..., L, N); got shape {b.shape}")
@@ -442,6 +452,12 @@ def linear_scan_planar(
     afterwards (the LRU's B projection); if b is still needed, or is an argument of the
     jitted function that was not donated, XLA copies it first: correct, one more pass.
     """
+    for name, x in (("a", a), ("b", b), ("h0", h0)):
+        if x is not None and not isinstance(x, tuple | list):
+            raise ValueError(
+                f"linear_scan_planar takes {name} as a tuple of parts, (real, imag) or (x,); "
+                f"got {type(x).__name__} (for one complex or real array use linear_scan)"
+            )
     a, b = tuple(map(jnp.asarray, a)), tuple(map(jnp.asarray, b))
     h0 = None if h0 is None else tuple(map(jnp.asarray, h0))
     counts = {len(a), len(b)} | (set() if h0 is None else {len(h0)})
@@ -457,8 +473,7 @@ def linear_scan_planar(
         if x is not None and len({p.shape for p in x}) != 1:
             raise ValueError(f"the parts of {name} must share a shape; got {[p.shape for p in x]}")
     _check_shapes(a[0], b[0], None if h0 is None else h0[0])
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer; got {chunk_size}")
+    _check_chunk_size(chunk_size)
     method, grad = resolve(method), _resolve_grad(grad)
     dtype = jnp.result_type(*parts)
     a, b = tuple(x.astype(dtype) for x in a), tuple(x.astype(dtype) for x in b)
@@ -543,8 +558,7 @@ def linear_scan(
     a, b = jnp.asarray(a), jnp.asarray(b)
     h0 = None if h0 is None else jnp.asarray(h0)
     _check_shapes(a, b, h0)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer; got {chunk_size}")
+    _check_chunk_size(chunk_size)
     method = resolve(method)
     grad = _resolve_grad(grad)
     dtype = jnp.result_type(a, b) if h0 is None else jnp.result_type(a, b, h0)

@@ -144,6 +144,8 @@ def test_recurrence_grad_saves_memory_at_4096():
         (dict(a=np.ones((3,)), b=np.ones((4, 3)), method="fast"), "unknown scan method 'fast'"),
         (dict(a=np.ones((3,)), b=np.ones((4, 3)), grad="magic"), "unknown scan grad"),
         (dict(a=np.ones((3,)), b=np.ones((4, 3)), chunk_size=0), "chunk_size"),
+        (dict(a=np.ones((3,)), b=np.ones((4, 3)), chunk_size=2.5), r"positive integer; got 2\.5"),
+        (dict(a=np.ones((3,)), b=np.ones((4, 3)), chunk_size=None), "positive integer; got None"),
     ],
 )
 def test_bad_input(kwargs, message):
@@ -252,6 +254,8 @@ def test_planar_errors():
     a, b, h0 = _inputs(11, (2,), 20, 3, complex_=False, full_a=False)
     with pytest.raises(ValueError, match="parts"):
         scan_lib.linear_scan_planar((a, a), (b,))
+    with pytest.raises(ValueError, match="takes b as a tuple of parts.*use linear_scan"):
+        scan_lib.linear_scan_planar((a,), b)
     with pytest.raises(ValueError, match="real arrays"):
         scan_lib.linear_scan_planar((a + 0j,), (b + 0j,))
     with pytest.raises(ValueError, match="share a shape"):
