@@ -100,6 +100,22 @@ def _resolve_grad(grad: str | GradMethod) -> GradMethod:
         raise ValueError(f"unknown scan grad {grad!r}; use one of {names}") from None
 
 
+def _vary_like(x: jax.Array, ref: jax.Array) -> jax.Array:
+    """x, made to vary over the mesh axes `ref` varies over (inside `shard_map` with
+    check_vma, e.g. a replicated a beside a batch-sharded b), so that the custom VJPs'
+    cotangents have x's type (jax sums them over those axes); elsewhere x itself."""
+    missing = tuple(sorted(_varying_axes(ref) - _varying_axes(x)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _varying_axes(x) -> frozenset:
+    """The manual mesh axes x varies over (empty outside shard_map); the attribute moved
+    between jax versions (`manual_axis_type.varying`, before that `vma`)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
+
+
 def _check_chunk_size(chunk_size) -> None:
     if isinstance(chunk_size, bool) or not hasattr(chunk_size, "__index__"):
         raise ValueError(
@@ -134,7 +150,7 @@ def _check_shapes(a, b, h0):
 
 
 def _sequential(a, b, h0, reverse=False):
-    h0 = jnp.zeros(b.shape[:-2] + b.shape[-1:], b.dtype) if h0 is None else h0
+    h0 = jnp.zeros_like(b[..., 0, :]) if h0 is None else h0  # b's sharding (and vma)
     bt = jnp.moveaxis(b, -2, 0)
     if a.ndim == 1:
 
@@ -339,7 +355,7 @@ def _sequential_parts(a: Parts, b: Parts, h0, keep, reverse) -> Parts:
         return h, out
 
     if h0 is None:
-        h0 = tuple(jnp.zeros(x.shape[:-2] + x.shape[-1:], x.dtype) for x in b)
+        h0 = tuple(jnp.zeros_like(x[..., 0, :]) for x in b)
     return jax.lax.fori_loop(0, length, body, (h0, b))[1]
 
 
@@ -476,8 +492,9 @@ def linear_scan_planar(
     _check_chunk_size(chunk_size)
     method, grad = resolve(method), _resolve_grad(grad)
     dtype = jnp.result_type(*parts)
-    a, b = tuple(x.astype(dtype) for x in a), tuple(x.astype(dtype) for x in b)
-    h0 = None if h0 is None else tuple(x.astype(dtype) for x in h0)
+    a = tuple(_vary_like(x.astype(dtype), b[0]) for x in a)
+    b = tuple(x.astype(dtype) for x in b)
+    h0 = None if h0 is None else tuple(_vary_like(x.astype(dtype), b[0]) for x in h0)
     keep = None
     if resets is not None:
         resets = jnp.asarray(resets)
@@ -562,8 +579,8 @@ def linear_scan(
     method = resolve(method)
     grad = _resolve_grad(grad)
     dtype = jnp.result_type(a, b) if h0 is None else jnp.result_type(a, b, h0)
-    a, b = a.astype(dtype), b.astype(dtype)
-    h0 = None if h0 is None else h0.astype(dtype)
+    a, b = _vary_like(a.astype(dtype), b), b.astype(dtype)
+    h0 = None if h0 is None else _vary_like(h0.astype(dtype), b)
     if axis_name is not None and a.ndim == 1 and grad is GradMethod.RECURRENCE:
         kw = dict(method=method, chunk_size=chunk_size, axis_name=axis_name)
         h0 = None if h0 is None else _split(h0)

@@ -296,3 +296,29 @@ def test_split_layer_needs_no_more_memory_than_unsplit():
     split = temporaries(dict(data=1, sequence=4), 8, 32768)
     unsplit = temporaries(dict(data=4, sequence=1), 32, 8192)
     assert unsplit > 512 * 2**20 and split <= 1.05 * unsplit, (split, unsplit)
+
+
+@pytest.mark.parametrize("method", ["sequential", "associative", "chunked"])
+@pytest.mark.parametrize("split", ["batch", "sequence"])
+def test_scans_inside_shard_map_with_its_type_checks(method, split):
+    """jax.shard_map checks by default which values vary over which mesh axes: a
+    replicated decay beside a sharded b (the usual case) scans, and its gradient is summed
+    over the devices, by batch or (with axis_name) by sequence, equal to one device's."""
+    a_full, b, h0 = _inputs(3, (8, 16, 4))
+    a = a_full[0, 0]  # one decay per channel, replicated
+    sizes = dict(data=8) if split == "batch" else dict(data=2, sequence=4)
+    mesh = sharding.make_mesh(sizes)
+    spec = jax.P("data") if split == "batch" else jax.P(None, "sequence")
+    kw = dict(method=method, chunk_size=4, axis_name=None if split == "batch" else "sequence")
+
+    def loss(a, b, scan):
+        h = scan(a, b)
+        return jnp.sum(jnp.abs(h) ** 2)
+
+    local = lambda a, b: linear_scan(a, b, **kw)
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(jax.P(), spec), out_specs=spec)
+    plain = lambda a, b: linear_scan(a, b, method=method, chunk_size=4)
+    want = jax.grad(loss, argnums=(0, 1))(a, b, plain)
+    got = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(a, b, sharded)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(w))))
