@@ -191,6 +191,30 @@ def indivisible(abstract_tree, axes_tree, mesh: Mesh, rules=RULES) -> list[tuple
     return found
 
 
+def indivisible_warning(abstract_params, axes_tree, mesh: Mesh, share: float = 0.05) -> str:
+    """A warning when more than `share` of the parameters' bytes stay whole on a mesh axis
+    meant to split them (`indivisible`): such a run holds that much more memory per
+    device than its mesh suggests. "" when they do not."""
+    found = indivisible(abstract_params, axes_tree, mesh)
+    nbytes = lambda shape: math.prod(shape) * 4
+    total = sum(nbytes(x.shape) for x in jax.tree.leaves(abstract_params))
+    whole = {path: shape for path, shape, *_ in found}
+    lost = sum(nbytes(shape) for shape in whole.values())
+    if not found or lost <= share * total:
+        return ""
+    found.sort(key=lambda f: -nbytes(f[1]))
+    examples = "; ".join(
+        f"{path} {tuple(shape)}: dimension {dim} ({shape[dim]}) over {'x'.join(axes)}={size}"
+        for path, shape, dim, axes, size in found[:3]
+    )
+    return (
+        f"{len(whole)} parameter arrays ({lost / total:.0%} of the parameters' bytes) are "
+        "not split over the mesh axes meant to split them, because their sizes do not "
+        f"divide: {examples}. Each device holds them whole; choose model widths that divide "
+        "by mesh.fsdp and mesh.tensor, or smaller mesh sizes"
+    )
+
+
 # -- activation constraints ---------------------------------------------------------------
 
 _ctx = threading.local()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -134,30 +133,6 @@ def validate(config, mesh) -> None:
         )
 
 
-def _warn_indivisible(abstract_params, param_axes, mesh, share: float = 0.05) -> None:
-    """Says so when more than `share` of the parameters' bytes stay whole on a mesh axis
-    that should split them (fsdp, tensor), because their sizes do not divide by it: such
-    a run holds that much more memory per device than its mesh suggests."""
-    found = sharding.indivisible(abstract_params, param_axes, mesh)
-    nbytes = lambda shape: math.prod(shape) * 4
-    total = sum(nbytes(x.shape) for x in jax.tree.leaves(abstract_params))
-    whole = {path: shape for path, shape, *_ in found}
-    lost = sum(nbytes(shape) for shape in whole.values())
-    if not found or lost <= share * total:
-        return
-    found.sort(key=lambda f: -nbytes(f[1]))
-    examples = "; ".join(
-        f"{path} {tuple(shape)}: dimension {dim} ({shape[dim]}) over {'x'.join(axes)}={size}"
-        for path, shape, dim, axes, size in found[:3]
-    )
-    metrics_lib.say(
-        f"lrulm: warning: {len(whole)} parameter arrays ({lost / total:.0%} of the "
-        f"parameters' bytes) are not split over the mesh axes meant to split them, because "
-        f"their sizes do not divide: {examples}. Each device holds them whole; choose model "
-        "widths that divide by mesh.fsdp and mesh.tensor, or smaller mesh sizes"
-    )
-
-
 def make_mesh(config, devices=None):
     """The configured mesh over `devices` (default: every device of every process)."""
     m = config.mesh
@@ -210,8 +185,9 @@ def build(config, task, mesh) -> Experiment:
         "opt_state": _opt_state_axes(abstract["opt_state"], param_axes),
     }
     state_shardings = sharding.tree_shardings(abstract, axes, mesh)
-    if jax.process_index() == 0:
-        _warn_indivisible(abstract["params"], param_axes, mesh)
+    warning = sharding.indivisible_warning(abstract["params"], param_axes, mesh)
+    if warning and jax.process_index() == 0:
+        metrics_lib.say(f"lrulm: warning: {warning}")
     abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_shardings
     )
