@@ -372,6 +372,44 @@ def test_sharded_inputs_are_scanned_per_device():
         assert _rel(x, y) <= 1e-5
 
 
+@pytest.mark.skipif(COMPILED, reason="lowers for devices this machine does not have")
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (the CPU suite simulates 8)")
+def test_kernels_inside_a_type_checked_shard_map_lower_for_gpu_and_tpu():
+    """jax.shard_map's type checks (check_vma, its default) ask every pallas_call result
+    to say which mesh axes it varies over; the kernels' results vary as b does, so a
+    user's own shard_map around method="pallas" lowers for a GPU and compiles for a TPU,
+    with the replicated decay's gradient summed over the devices (one all-reduce).
+    Pallas's CPU interpreter cannot run under those checks (jax 0.10: its block indices
+    vary over no mesh axis): there the shard_map needs check_vma=False, as jax says."""
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from lrulm import sharding, target
+
+    def grad_fn(mesh):
+        def loss(a, b):
+            local = lambda a, b: linear_scan(a, b, method="pallas", chunk_size=256)
+            scan = jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data"))
+            return jnp.sum(jnp.abs(scan(a, b)) ** 2)
+
+        return jax.grad(loss, argnums=(0, 1))
+
+    a, b, _ = _inputs(5, (8,), 64, 256, complex_=True, full_a=False)
+    text = _cuda_text(grad_fn(sharding.make_mesh(dict(data=8))), a, b)
+    assert text.count("__gpu$xla.gpu.triton") == 2 and text.count("all_reduce") == 1
+
+    try:
+        devices = compile_lib.topology_devices(compile_lib.parse_topology("v5e:2x2"))
+    except Exception as e:  # no libtpu wheel, or a libtpu without the topology API
+        pytest.skip(f"TPU topology API unavailable (install jax[tpu] for libtpu): {e}")
+    mesh = Mesh(np.array(devices), ("data",))
+    spec = lambda shape, s: jax.ShapeDtypeStruct(shape, a.dtype, sharding=NamedSharding(mesh, s))
+    with target.compiling_for("tpu"):
+        lowered = jax.jit(grad_fn(mesh)).lower(spec(a.shape, P()), spec((8, 1024, 256), P("data")))
+        text = lowered.compile().as_text()
+    assert text.count('custom_call_target="tpu_custom_call"') == 2 and "all-reduce" in text
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_b_still_needed_after_the_scan_is_not_overwritten(kernel):
     """The kernels write h over b (and g over dh); when the program uses b afterwards,

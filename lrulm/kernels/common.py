@@ -4,11 +4,28 @@ cotangent from a kernel's g."""
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 Parts = tuple[jax.Array, ...]  # (x,) for real values, (real, imag) for complex ones
+
+_TYPE_FIELDS = inspect.signature(jax.ShapeDtypeStruct).parameters
+
+
+def out_struct(shape, dtype, like: jax.Array) -> jax.ShapeDtypeStruct:
+    """A kernel result's type: `shape` and `dtype`, varying over the manual mesh axes
+    `like` varies over (jax.shard_map's type checks, `check_vma`, ask every pallas_call
+    result to say so; lrulm.scan makes a scan's operands vary alike first). The field is
+    `manual_axis_type` in jax 0.10-0.11 and was `vma` before."""
+    like_type = jax.typeof(like)
+    if "manual_axis_type" in _TYPE_FIELDS:
+        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=like_type.manual_axis_type)
+    if "vma" in _TYPE_FIELDS:
+        return jax.ShapeDtypeStruct(shape, dtype, vma=like_type.vma)
+    return jax.ShapeDtypeStruct(shape, dtype)
 
 
 def write_over_b(num_parts: int) -> dict[int, int]:

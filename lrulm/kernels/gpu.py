@@ -19,6 +19,7 @@ from lrulm.kernels.common import (
     cost,
     group_refs,
     mul_conj,
+    out_struct,
     split_refs,
     step,
     write_over_b,
@@ -401,7 +402,7 @@ def forward(
     return tuple(
         pl.pallas_call(
             kernel,
-            out_shape=[jax.ShapeDtypeStruct(b[0].shape, dtype)] * num_parts,
+            out_shape=[out_struct(b[0].shape, dtype, b[0])] * num_parts,
             grid=(rows * num_blocks,),
             in_specs=in_specs,
             out_specs=[seq_spec] * num_parts,
@@ -499,8 +500,8 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret):
     da_shape = (rows, length, n) if full_a else (rows, n)
     out = pl.pallas_call(
         kernel,
-        out_shape=[jax.ShapeDtypeStruct(dh[0].shape, dtype)] * num_parts
-        + [jax.ShapeDtypeStruct(da_shape, dtype if full_a else jnp.float32)] * num_parts,
+        out_shape=[out_struct(dh[0].shape, dtype, dh[0])] * num_parts
+        + [out_struct(da_shape, dtype if full_a else jnp.float32, dh[0])] * num_parts,
         grid=(rows * num_blocks,),
         in_specs=in_specs,
         out_specs=[seq_spec] * num_parts + [seq_spec if full_a else state_spec] * num_parts,

@@ -73,7 +73,15 @@ except ImportError as e:
     plgpu, _IMPORT_ERROR = None, e
 
 from lrulm.kernels import mosaic_halves as halves_lib
-from lrulm.kernels.common import Parts, conj, full_da, group_refs, mul_conj, write_over_b
+from lrulm.kernels.common import (
+    Parts,
+    conj,
+    full_da,
+    group_refs,
+    mul_conj,
+    out_struct,
+    write_over_b,
+)
 from lrulm.kernels.common import step as recurrence_step
 
 CHANNELS = 128  # a warpgroup's threads: one channel each
@@ -390,7 +398,7 @@ def ring_copy(x: Parts, *, chunk, stages, interpret, halves=1) -> Parts:
 
         pl.run_scoped(scoped, *_rings(stages, chunk, x[0].dtype, len(x), halves=halves))
 
-    out_type = [jax.ShapeDtypeStruct(x[0].shape, x[0].dtype)] * len(x)
+    out_type = [out_struct(x[0].shape, x[0].dtype, x[0])] * len(x)
     launch = _launch(kernel, rows * n // width, out_type, interpret, {}, "ring_copy_mosaic_gpu")
     return tuple(launch(*x))
 
@@ -462,7 +470,7 @@ def forward(
         buffers = halves_lib.swap_buffers(2 * num_parts, width) if halves > 1 else []
         pl.run_scoped(scoped, *_rings(stages, chunk, dtype, streams, keep, halves), *buffers)
 
-    out_type = [jax.ShapeDtypeStruct(b[0].shape, dtype)] * num_parts
+    out_type = [out_struct(b[0].shape, dtype, b[0])] * num_parts
     aliases = write_over_b(num_parts) if over_b else {}
     programs = rows * n // width
     launch = _launch(kernel, programs, out_type, interpret, aliases, "linear_scan_mosaic_gpu")
@@ -586,9 +594,9 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret, stages=3, halves=
             *halves_lib.swap_buffers(swaps, width),
         )
 
-    out_type = [jax.ShapeDtypeStruct(dh[0].shape, dtype)] * num_parts
+    out_type = [out_struct(dh[0].shape, dtype, dh[0])] * num_parts
     if not full_a:
-        out_type += [jax.ShapeDtypeStruct((rows, n), jnp.float32)] * num_parts
+        out_type += [out_struct((rows, n), jnp.float32, dh[0])] * num_parts
     aliases = write_over_b(num_parts)  # g over dh (dh is operands num_parts..)
     programs = rows * n // width
     launch = _launch(kernel, programs, out_type, interpret, aliases, "linear_scan_mosaic_gpu_bwd")

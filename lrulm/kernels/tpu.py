@@ -15,6 +15,7 @@ from lrulm.kernels.common import (
     group_refs,
     mul,
     mul_conj,
+    out_struct,
     split_refs,
     write_over_b,
 )
@@ -256,7 +257,7 @@ def forward(
     in_specs += [pl.BlockSpec((None, chunk, 1), lambda r, j, k: (r, block_of(k), 0))] * len(keep)
     out = pl.pallas_call(
         kernel,
-        out_shape=[jax.ShapeDtypeStruct((rows, padded, n), dtype)] * num_parts,
+        out_shape=[out_struct((rows, padded, n), dtype, b[0])] * num_parts,
         grid=(rows, n // bn, num_chunks),
         in_specs=in_specs,
         out_specs=[seq_spec] * num_parts,
@@ -430,8 +431,8 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret):
     da_shape = (rows, padded, n) if full_a else (rows, 1, n)
     out = pl.pallas_call(
         kernel,
-        out_shape=[jax.ShapeDtypeStruct((rows, padded, n), dtype)] * num_parts
-        + [jax.ShapeDtypeStruct(da_shape, dtype if full_a else jnp.float32)] * num_parts,
+        out_shape=[out_struct((rows, padded, n), dtype, dh[0])] * num_parts
+        + [out_struct(da_shape, dtype if full_a else jnp.float32, dh[0])] * num_parts,
         grid=(rows, n // bn, num_chunks),
         in_specs=in_specs,
         out_specs=[seq_spec] * num_parts + [seq_spec if full_a else state_spec] * num_parts,
