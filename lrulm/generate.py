@@ -28,6 +28,7 @@ from lrulm import checkpoint as ckpt_lib
 from lrulm import config as config_lib
 from lrulm import metrics as metrics_lib
 from lrulm import tasks
+from lrulm.data import lm as lm_data
 from lrulm.data import tokenizer as tok
 from lrulm.model import LanguageModel
 
@@ -331,8 +332,8 @@ def load_model(workdir: str, step: int | None = None):
 
 
 def read_prompts(path: str) -> list[str]:
-    """`--prompt_file`: JSON lines with a "prompt" (or "text") field, one prompt per line;
-    any other file: each non-empty line is a prompt."""
+    """`--prompt_file`: JSON lines (.jsonl, .json, .ndjson, .jsonlines) with a "prompt"
+    (or "text") field, one prompt per line; any other file: each non-empty line is a prompt."""
     if os.path.isdir(path):
         raise ValueError(f"--prompt_file {path} is a directory; give a file of prompts")
     if not os.path.isfile(path):
@@ -348,7 +349,7 @@ def read_prompts(path: str) -> list[str]:
         line = line.rstrip("\n")
         if not line.strip():
             continue
-        if not path.endswith((".jsonl", ".json")):
+        if not path.lower().endswith(lm_data.JSON_SUFFIXES):
             prompts.append(line)
             continue
         try:

@@ -74,6 +74,35 @@ def _tokenizer_next_to(path: str) -> str:
     return ""
 
 
+def _check_same_tokenizer(given: str, own: str, workdir: str) -> None:
+    """Refuses data.tokenizer where the workdir's checkpoints were trained with another
+    tokenizer (their embedding rows are its ids), before anything is replaced."""
+    if not os.path.exists(own) or not ckpt_lib.checkpoint_steps(workdir):
+        return
+    with open(given, "rb") as f, open(own, "rb") as g:
+        if f.read() == g.read():
+            return
+    raise ValueError(
+        f"data.tokenizer={given} is not {own}, the tokenizer this workdir's checkpoints "
+        "were trained with (their embeddings are its ids); nothing was changed. Resume "
+        "without data.tokenizer, or train with the new tokenizer in another --workdir"
+    )
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _copy_atomic(src: str, dst: str) -> None:
+    """src copied to dst whole or not at all (a crash mid-copy leaves dst as it was)."""
+    tmp = f"{dst}.tmp"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
 class LMTask:
     """Next-token prediction on packed text."""
 
@@ -135,7 +164,8 @@ class LMTask:
                 eval_files = lm_data.expand_globs(data.eval_files, "data.eval_files")
             elif len(train_files) >= 2:  # hold out every 50th file, as for the default
                 eval_files = train_files[::50]
-                train_files = [f for f in train_files if f not in set(eval_files)]
+                held = set(eval_files)
+                train_files = [f for f in train_files if f not in held]
                 if jax.process_index() == 0:
                     metrics_lib.say(
                         f"lrulm: data.eval_files is empty: holding out {len(eval_files)} of "
@@ -153,7 +183,18 @@ class LMTask:
             if data.eval_files:
                 raise ValueError("data.eval_files is set but data.train_files is not")
             train_files, eval_files = lm_data.default_corpus()
+        lm_data.check_disjoint(train_files, eval_files)
         self.train_files, self.eval_files = train_files, eval_files
+        packed = [f.lower().endswith(".arrayrecord") for f in train_files + eval_files]
+        if any(packed) and not all(packed):
+            raise ValueError(
+                "data.train_files / eval_files mix .arrayrecord and text files; use one kind"
+            )
+        if all(packed) and not data.tokenizer:
+            raise ValueError(
+                "ArrayRecord data needs the tokenizer it was prepared with: "
+                "set --config.data.tokenizer"
+            )
         main = jax.process_index() == 0
         tok_path = os.path.join(workdir, "tokenizer.model")
         tokenizer = data.tokenizer
@@ -174,7 +215,8 @@ class LMTask:
             if tokenizer:
                 tok.load_tokenizer(tokenizer)  # fail early on a bad file
                 if os.path.abspath(tokenizer) != os.path.abspath(tok_path):
-                    shutil.copyfile(tokenizer, tok_path)
+                    _check_same_tokenizer(tokenizer, tok_path, workdir)
+                    _copy_atomic(tokenizer, tok_path)
                     if os.path.exists(spec_path):  # it described the tokenizer replaced
                         os.remove(spec_path)
             else:
@@ -190,25 +232,14 @@ class LMTask:
                     )
                     docs = (d for f in train_files for d in lm_data.read_documents(f))
                     tok.train_tokenizer(docs, tok_path, vocab_size=data.vocab_size)
-                    with open(spec_path, "w") as f:
-                        json.dump(spec, f)
+                    _write_atomic(spec_path, json.dumps(spec))
         _barrier("lrulm_tokenizer")
         self.sp = tok.load_tokenizer(tok_path)
-        packed = [f.endswith(".arrayrecord") for f in train_files + eval_files]
         if all(packed):  # pre-packed by tools/prepare_data.py: nothing to tokenize
-            if not tokenizer:
-                raise ValueError(
-                    "ArrayRecord data needs the tokenizer it was prepared with: "
-                    "set --config.data.tokenizer"
-                )
             self.train_source = lm_data.ArrayRecordSequences(train_files, self.seq_len)
             self.eval_source = lm_data.ArrayRecordSequences(eval_files, self.seq_len)
             self.eval_source_all = self.eval_source
             return
-        if any(packed):
-            raise ValueError(
-                "data.train_files / eval_files mix .arrayrecord and text files; use one kind"
-            )
         cache = os.path.join(workdir, "data")
         streams = {}
         for turn in ("main", "others"):  # process 0 tokenizes, the others then read

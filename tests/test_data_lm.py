@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -270,7 +271,7 @@ def test_bad_json_lines_name_the_line(tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl:3: the 'text' field is a NoneType"):
         list(lm_data.read_documents(str(bad)))
     bad.write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: not UTF-8 text"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2 is not UTF-8 text \(byte 10: .*iconv"):
         list(lm_data.read_documents(str(bad)))
     bad.write_text('{"text": "caf\u00e9"}\r\n{"text": ""}\n')
     assert list(lm_data.read_documents(str(bad))) == ["café"]
@@ -413,3 +414,114 @@ def test_eval_files_held_out_from_train_files_are_named(tmp_path, corpus, capsys
     assert task.train_files == [str(tmp_path / "part1.jsonl")]
     out = capsys.readouterr().out
     assert "holding out 1 of the 2 train files for evaluation (part0.jsonl)" in out
+
+
+def test_json_lines_by_any_suffix_compressed_or_with_a_byte_order_mark(tmp_path):
+    """JSON lines are found by .jsonl/.json/.ndjson/.jsonlines in any case (they were
+    read as plain text: the model trained on JSON syntax), gzip files are read through,
+    a byte-order mark is not text, and a JSON array or an ArrayRecord file named as text
+    says what to do."""
+    import gzip
+
+    lines = '{"text": "def f():\\n    return 1\\n", "id": 7}\n{"text": "x = 2\\n"}\n'
+    want = ["def f():\n    return 1\n", "x = 2\n"]
+    for name in ("a.JSONL", "a.ndjson", "a.jsonlines", "a.Json"):
+        (tmp_path / name).write_text(lines)
+        assert list(lm_data.read_documents(str(tmp_path / name))) == want, name
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
+        f.write(lines)
+    assert list(lm_data.read_documents(str(tmp_path / "a.jsonl.gz"))) == want
+    with gzip.open(tmp_path / "b.txt.gz", "wt") as f:
+        f.write("plain\ntext\n")
+    assert list(lm_data.read_documents(str(tmp_path / "b.txt.gz"))) == ["plain\ntext\n"]
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + lines.encode())
+    assert list(lm_data.read_documents(str(tmp_path / "bom.jsonl"))) == want
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfhello\n")
+    assert list(lm_data.read_documents(str(tmp_path / "bom.txt"))) == ["hello\n"]
+    (tmp_path / "array.json").write_text('[\n  {"text": "a"}\n]\n')
+    with pytest.raises(ValueError, match=r"array.json holds a JSON array; .* jq -c '\.\[\]'"):
+        list(lm_data.read_documents(str(tmp_path / "array.json")))
+    (tmp_path / "p.arrayrecord").write_bytes(b"\x00\x01binary")
+    with pytest.raises(ValueError, match=r"p.arrayrecord is ArrayRecord .*, not text"):
+        list(lm_data.read_documents(str(tmp_path / "p.arrayrecord")))
+
+
+def test_globs_list_a_file_once_and_eval_files_must_not_be_train_files(tmp_path):
+    for name in ("part0.jsonl", "part1.jsonl"):
+        (tmp_path / name).write_text('{"text": "x"}\n')
+    pattern = f"{tmp_path}/*.jsonl,{tmp_path}/part0.jsonl"
+    assert lm_data.expand_globs(pattern, "data.train_files") == [
+        str(tmp_path / "part0.jsonl"),
+        str(tmp_path / "part1.jsonl"),
+    ]
+    lm_data.check_disjoint([str(tmp_path / "part1.jsonl")], [str(tmp_path / "part0.jsonl")])
+    with pytest.raises(ValueError, match=r"share 1 file\(s\) \(.*part0.jsonl\): their evaluation"):
+        lm_data.check_disjoint(
+            lm_data.expand_globs(pattern, "t"), [str(tmp_path / "." / "part0.jsonl")]
+        )
+
+
+def test_prepare_data_replaces_an_earlier_runs_shards(tmp_path, sp):
+    """A second prepare_data run with another shard count removes the first run's shards
+    (the glob `train-*.arrayrecord` read both: the corpus twice, or a failure mid-training
+    with another seq_len); shards of two runs given together are refused, and every
+    file's sequence length is checked, not only the first's."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    import prepare_data
+
+    texts = ["def f(x):\n    return x + 1\n" * 40]
+    out = str(tmp_path / "train")
+    other = str(tmp_path / "train-2")  # another prefix that a loose glob would match
+    kept = prepare_data.write_shards(texts, sp, seq_len=16, output=other, num_shards=2)["files"]
+    first = prepare_data.write_shards(texts, sp, seq_len=16, output=out, num_shards=3)
+    second = prepare_data.write_shards(texts, sp, seq_len=16, output=out, num_shards=2)
+    assert second["removed"] == first["files"]
+    left = sorted(str(p) for p in tmp_path.iterdir())
+    assert left == sorted(second["files"] + kept)
+    assert len(lm_data.ArrayRecordSequences(second["files"], 16)) == first["sequences"]
+    stale = str(tmp_path / "train-00002-of-00003.arrayrecord")
+    shutil.copy(kept[0], stale)  # as if an older run's shard had been left
+    with pytest.raises(ValueError, match=r"shards of 2 tools/prepare_data.py runs"):
+        lm_data.ArrayRecordSequences(second["files"] + [stale], 16)
+    longer = prepare_data.write_shards(
+        texts, sp, seq_len=32, output=str(tmp_path / "l"), num_shards=1
+    )
+    with pytest.raises(ValueError, match=r"l-00000-of-00001.arrayrecord holds sequences of 32"):
+        lm_data.ArrayRecordSequences(second["files"] + longer["files"], 16)
+
+
+def test_a_resume_given_another_tokenizer_changes_nothing(tmp_path, corpus, sp):
+    """data.tokenizer naming another tokenizer than the one a workdir's checkpoints were
+    trained with is refused before the workdir's own is replaced (it was overwritten, and
+    the run could then not be resumed as it was); ArrayRecord data without a tokenizer
+    says so before any tokenizer is trained on its bytes."""
+    from lrulm import config as config_lib
+    from lrulm import tasks
+
+    def task(*pairs):
+        config = config_lib.load_with_overrides(
+            "configs/lm/tiny.py:test",
+            [("data.train_files", corpus["train"]), ("data.eval_files", corpus["eval"]),
+             ("data.vocab_size", "400"), *pairs],
+        )  # fmt: skip
+        return tasks.make_task(config, str(tmp_path / "run"))
+
+    task()
+    own = tmp_path / "run" / "tokenizer.model"
+    before = own.read_bytes()
+    task(("data.tokenizer", sp_path(sp, tmp_path)))  # no checkpoint yet: it is replaced
+    assert own.read_bytes() != before
+    own.write_bytes(before)
+    (tmp_path / "run" / "tokenizer.json").write_text("{}")
+    (tmp_path / "run" / "checkpoints" / "10").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"is not .*tokenizer.model, the tokenizer this workdir"):
+        task(("data.tokenizer", sp_path(sp, tmp_path)))
+    assert own.read_bytes() == before and (tmp_path / "run" / "tokenizer.json").exists()
+    same = tmp_path / "same.model"
+    same.write_bytes(before)
+    assert task(("data.tokenizer", str(same))).sp.get_piece_size() == 400
+    for name in ("x", "y"):
+        (tmp_path / f"{name}-00000-of-00001.arrayrecord").write_bytes(b"\x00")
+    with pytest.raises(ValueError, match="ArrayRecord data needs the tokenizer it was prepared"):
+        task(("data.train_files", str(tmp_path / "x-*.arrayrecord")),
+             ("data.eval_files", str(tmp_path / "y-*.arrayrecord")))  # fmt: skip

@@ -18,6 +18,7 @@ Records are assigned to shards round-robin, so any process reads any record dire
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import sys
 
@@ -26,6 +27,11 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from lrulm.data import lm as lm_data
 from lrulm.data import tokenizer as tok
+
+
+def _prefix(path: str) -> str | None:
+    m = lm_data.SHARD_NAME.match(path)
+    return m["prefix"] if m else None
 
 
 def write_shards(texts, sp, *, seq_len: int, output: str, num_shards: int) -> dict:
@@ -42,7 +48,10 @@ def write_shards(texts, sp, *, seq_len: int, output: str, num_shards: int) -> di
         )
     os.makedirs(os.path.dirname(os.path.abspath(output)) or ".", exist_ok=True)
     paths = [f"{output}-{i:05d}-of-{num_shards:05d}.arrayrecord" for i in range(num_shards)]
-    writers = [ArrayRecordWriter(p, "group_size:1") for p in paths]
+    # Written under temporary names, renamed when complete: an interrupted run leaves the
+    # previous shards as they were, and a glob never finds half a set.
+    partial = [f"{p}.partial" for p in paths]
+    writers = [ArrayRecordWriter(p, "group_size:1") for p in partial]
     buffer = np.zeros((0,), np.uint32)
     count = num_tokens = 0
     done = False
@@ -68,7 +77,7 @@ def write_shards(texts, sp, *, seq_len: int, output: str, num_shards: int) -> di
         for w in writers:
             w.close()
         if not done or count == 0:  # leave no partial or empty shards for a glob to find
-            for path in paths:
+            for path in partial:
                 if os.path.exists(path):
                     os.remove(path)
     if count == 0:
@@ -76,7 +85,15 @@ def write_shards(texts, sp, *, seq_len: int, output: str, num_shards: int) -> di
             f"the corpus has {num_tokens} tokens, fewer than one sequence of "
             f"{seq_len} + 1; use a shorter --seq_len or more data"
         )
-    return {"sequences": count, "tokens": num_tokens, "files": paths}
+    # An earlier run's shards of this prefix (another shard count) would be read too by
+    # the glob that names these: they go.
+    candidates = glob.glob(f"{glob.escape(output)}-*-of-*.arrayrecord")
+    older = {p for p in candidates if _prefix(p) == output} - set(paths)
+    for path in sorted(older):
+        os.remove(path)
+    for tmp, path in zip(partial, paths):
+        os.replace(tmp, path)
+    return {"sequences": count, "tokens": num_tokens, "files": paths, "removed": sorted(older)}
 
 
 def main():
@@ -97,6 +114,8 @@ def main():
     except (FileNotFoundError, ValueError) as e:
         print(f"prepare_data: error: {e}", file=sys.stderr)
         sys.exit(2)
+    if info["removed"]:
+        print(f"removed {len(info['removed'])} shards of an earlier run: {info['removed'][0]}, ...")
     print(
         f"wrote {info['sequences']} sequences of {args.seq_len} + 1 tokens "
         f"({info['tokens']} tokens) to {len(info['files'])} shards {args.output}-*"

@@ -20,10 +20,12 @@ Pipeline:
 from __future__ import annotations
 
 import glob
+import gzip
 import hashlib
 import json
 import logging
 import os
+import re
 import sysconfig
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -66,20 +68,39 @@ def default_corpus() -> tuple[list[str], list[str]]:
 
 
 def expand_globs(patterns: str | Sequence[str], what: str) -> list[str]:
-    """Expands comma-separated / listed globs; errors name the pattern that matched nothing."""
+    """Expands comma-separated / listed globs; errors name the pattern that matched nothing.
+    A file two patterns match is listed once (at its first match), not read twice."""
     if isinstance(patterns, str):
         patterns = [p for p in patterns.split(",") if p.strip()]
     files: list[str] = []
+    seen: set[str] = set()
     for pattern in patterns:
         matched = sorted(glob.glob(os.path.expanduser(pattern.strip()), recursive=True))
         matched = [f for f in matched if os.path.isfile(f)]
         if not matched:
             raise FileNotFoundError(f"{what}: the glob {pattern!r} matches no files")
-        files += matched
+        for f in matched:
+            if os.path.realpath(f) not in seen:
+                seen.add(os.path.realpath(f))
+                files.append(f)
     empty = [f for f in files if os.path.getsize(f) == 0]
     if empty and len(empty) == len(files):
         raise ValueError(f"{what}: every file is empty ({', '.join(empty[:3])})")
     return files
+
+
+def check_disjoint(train_files: Sequence[str], eval_files: Sequence[str]) -> None:
+    """Refuses held-out files that are also train files: their evaluation would score
+    text the model was trained on."""
+    train = {os.path.realpath(f) for f in train_files}
+    shared = [f for f in eval_files if os.path.realpath(f) in train]
+    if shared:
+        raise ValueError(
+            f"data.eval_files and data.train_files share {len(shared)} file(s) "
+            f"({', '.join(shared[:3])}{', ...' if len(shared) > 3 else ''}): their evaluation "
+            "would score text the model trained on. Leave them out of data.train_files, or "
+            "leave data.eval_files empty to hold out every 50th train file"
+        )
 
 
 def _encodes(text: str) -> bool:
@@ -90,17 +111,56 @@ def _encodes(text: str) -> bool:
     return True
 
 
+# JSON lines, by suffix (any case; before a .gz): one {"text": ...} object per line.
+JSON_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonlines")
+
+
+def _is_json_lines(path: str) -> bool:
+    name = path.lower().removesuffix(".gz")
+    return name.endswith(JSON_SUFFIXES)
+
+
+def _open_bytes(path: str):
+    """The file's bytes, decompressed for .gz (gzip's own magic number, whatever the name)."""
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic == b"\x1f\x8b":
+        return gzip.open(path, "rb")
+    if path.lower().endswith(".arrayrecord"):
+        raise ValueError(
+            f"{path} is ArrayRecord (packed by tools/prepare_data.py), not text: give "
+            "ArrayRecord files as data.train_files/eval_files with the data.tokenizer they "
+            "were prepared with"
+        )
+    return open(path, "rb")
+
+
+def _not_utf8(path: str, e: UnicodeDecodeError, lineno: int | None = None) -> ValueError:
+    where = f"{path}:{lineno}" if lineno else path
+    return ValueError(
+        f"{where} is not UTF-8 text (byte {e.start}: {e.reason}); convert it, e.g. "
+        f"iconv -f latin1 -t utf-8 {path}"
+    )
+
+
 def read_documents(path: str) -> Iterator[str]:
-    """Documents in a file: each JSON line's "text" for .jsonl/.json, else the whole file."""
-    if path.endswith((".jsonl", ".json")):
-        with open(path, "rb") as f:
+    """Documents in a file: each JSON line's "text" for .jsonl/.json/.ndjson/.jsonlines
+    (any case), else the whole file as one document; gzip-compressed files are read
+    through (`.gz`). A UTF-8 byte-order mark at the start is not text."""
+    if _is_json_lines(path):
+        with _open_bytes(path) as f:
             for lineno, raw in enumerate(f, 1):
                 try:
-                    line = raw.decode("utf-8")
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 except UnicodeDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not UTF-8 text ({e})") from None
+                    raise _not_utf8(path, e, lineno) from None
                 if not line.strip():
                     continue
+                if lineno == 1 and line.lstrip().startswith("["):
+                    raise ValueError(
+                        f"{path} holds a JSON array; JSON lines are one object per line: "
+                        f"convert it, e.g. jq -c '.[]' {path} > {path}l"
+                    )
                 try:
                     record = json.loads(line)
                     text = record[TEXT_FIELD]
@@ -123,15 +183,13 @@ def read_documents(path: str) -> Iterator[str]:
                     yield text
         return
     # Strict, as for JSON lines: replacing bad bytes would train on U+FFFD unseen. Line
-    # ends are kept as they are (newline=""), as JSON lines keep theirs.
-    with open(path, encoding="utf-8", newline="") as f:
-        try:
-            text = f.read()
-        except UnicodeDecodeError as e:
-            raise ValueError(
-                f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); convert it, e.g. "
-                f"iconv -f latin1 -t utf-8 {path}"
-            ) from None
+    # ends are kept as they are, as JSON lines keep theirs.
+    with _open_bytes(path) as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
     if text:
         yield text
 
@@ -248,19 +306,48 @@ class PackedSequences(grain.sources.RandomAccessDataSource):
         return {"_path": self._path, "_seq_len": self._seq_len, "_len": self._len, "_tokens": None}
 
 
+SHARD_NAME = re.compile(r"^(?P<prefix>.*)-\d{5}-of-(?P<count>\d{5})\.arrayrecord$")
+
+
+def check_shard_sets(paths: Sequence[str]) -> None:
+    """Refuses shards of one prefix (tools/prepare_data.py's `PREFIX-XXXXX-of-NNNNN`) from
+    more than one run: an older run's shards left beside a newer one's, which a glob would
+    read as well. (A subset of one run's shards is fine: a shorter run, say.)"""
+    counts: dict[str, set[int]] = {}
+    for path in paths:
+        m = SHARD_NAME.match(path)
+        if m:
+            counts.setdefault(m["prefix"], set()).add(int(m["count"]))
+    for prefix, sizes in counts.items():
+        if len(sizes) > 1:
+            raise ValueError(
+                f"{prefix}-*.arrayrecord are shards of {len(sizes)} tools/prepare_data.py "
+                f"runs ({' and '.join(f'-of-{n:05d}' for n in sorted(sizes))}); delete the "
+                "older run's shards"
+            )
+
+
 class ArrayRecordSequences(grain.sources.RandomAccessDataSource):
     """Pre-packed sequences of L+1 tokens written by tools/prepare_data.py."""
 
     def __init__(self, paths: Sequence[str], seq_len: int):
+        check_shard_sets(paths)
         self._source = grain.sources.ArrayRecordDataSource(list(paths))
         if not len(self._source):
             raise ValueError(f"the ArrayRecord files {list(paths)[:3]} hold no sequences")
-        first = self._decode(self._source[0])
-        if first.size != seq_len + 1:
-            raise ValueError(
-                f"{paths[0]} holds sequences of {first.size - 1} tokens but train.seq_len is "
-                f"{seq_len}; prepare the data again with --seq_len {seq_len}"
-            )
+        from array_record.python.array_record_module import ArrayRecordReader
+
+        for path in paths:  # each file's first record: files of another run differ
+            reader = ArrayRecordReader(path)
+            try:
+                first = self._decode(reader.read([0])[0]) if reader.num_records() else None
+            finally:
+                reader.close()
+            if first is not None and first.size != seq_len + 1:
+                raise ValueError(
+                    f"{path} holds sequences of {first.size - 1} tokens but train.seq_len is "
+                    f"{seq_len}; prepare the data again with --seq_len {seq_len}"
+                )
 
     @staticmethod
     def _decode(record: bytes) -> np.ndarray:

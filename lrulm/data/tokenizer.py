@@ -2,7 +2,9 @@
 
 Ids 0-3 are reserved: 0 pad, 1 unk, 2 bos, 3 eos. The models are trained for source
 code and prose alike: identity normalisation, whitespace kept as it is (indentation
-matters in Python), byte fallback so every string round-trips, digits split.
+matters in Python), byte fallback so that any character can be encoded, digits split.
+Every string round-trips except for U+2581 ("▁"), SentencePiece's own escape for a
+space, which decodes as a space.
 """
 
 from __future__ import annotations
@@ -31,17 +33,18 @@ def _split_long(line: str, limit: int = _MAX_LINE_BYTES) -> Iterator[str]:
         yield line
         return
     data = line.encode("utf-8")
-    while len(data) > limit:
-        cut = limit
+    start = 0  # an offset, not a slice of the rest: linear in the line's length
+    while len(data) - start > limit:
+        cut = start + limit
         while data[cut] & 0xC0 == 0x80:  # a continuation byte: back to the character start
             cut -= 1
-        space = max(data.rfind(b" ", 0, cut), data.rfind(b"\t", 0, cut))
-        if space >= limit // 2:
+        space = max(data.rfind(b" ", start, cut), data.rfind(b"\t", start, cut))
+        if space >= start + limit // 2:
             cut = space + 1
-        yield data[:cut].decode("utf-8")
-        data = data[cut:]
-    if data:
-        yield data.decode("utf-8")
+        yield data[start:cut].decode("utf-8")
+        start = cut
+    if start < len(data):
+        yield data[start:].decode("utf-8")
 
 
 def _lines(texts: Iterable[str], max_lines: int, seed: int) -> Iterator[str]:
