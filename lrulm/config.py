@@ -108,6 +108,10 @@ def override(config: ConfigDict, key: str, text: str) -> None:
             f"{key!r} is a group of settings; set one of its fields "
             f"(--config.{key}.FIELD=VALUE; fields: {fields}{more})"
         )
+    if current is None:  # a placeholder (e.g. model.*: the preset's value): its declared type
+        declared = node.get_ref(leaf).get_type()
+        if declared in (bool, int, float, str) and text.strip().lower() != "none":
+            current = declared()
     try:
         node[leaf] = _parse(text, current)
     except (ValueError, TypeError, SyntaxError) as e:

@@ -134,6 +134,11 @@ def main(argv: list[str]) -> int:
                     except preemption.Preempted as e:
                         print(f"lrulm train: {e} (exit {preemption.EXIT_CODE})", file=sys.stderr)
                         return preemption.EXIT_CODE
+                    except train.NonFiniteLoss as e:  # the run diverged: not a usage error
+                        if os.environ.get("LRULM_TRACEBACK"):
+                            raise
+                        print(f"lrulm train: error: {e}", file=sys.stderr)
+                        return 1
                 else:
                     from lrulm import evaluation
 

@@ -69,20 +69,28 @@ def peak_flops(device: jax.Device | None = None) -> float | None:
 
 
 class MetricWriter:
-    """Appends {"step": s, ...} rows to metrics.jsonl and TensorBoard (process 0 only)."""
+    """Appends {"step": s, ...} rows to metrics.jsonl and TensorBoard (process 0 only).
 
-    def __init__(self, workdir: str, *, enabled: bool, progress: bool = True):
+    A run that starts at step S (a resume, or a fresh start) first moves the rows after S
+    out of metrics.jsonl, into metrics.superseded.jsonl: rows an interrupted run wrote
+    after its last checkpoint, which the resumed run writes again. TensorBoard hides
+    them too (purge_step)."""
+
+    def __init__(self, workdir: str, *, enabled: bool, progress: bool = True, start_step=0):
         self.enabled = enabled
         self.progress = progress and enabled
         self._jsonl = None
         self._tb = None
         if enabled:
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+            path = os.path.join(workdir, "metrics.jsonl")
+            superseded = _supersede_rows_after(path, start_step)
+            self._jsonl = open(path, "a", buffering=1)
             try:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                purge = {"purge_step": start_step + 1} if superseded else {}
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), **purge)
             except ImportError:  # TensorBoard is optional; metrics.jsonl is the record
                 self._tb = None
 
@@ -134,6 +142,35 @@ class MetricWriter:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _supersede_rows_after(path: str, step: int) -> int:
+    """Moves metrics.jsonl's rows with a step above `step` to metrics.superseded.jsonl
+    beside it (appended: nothing is lost); returns how many moved."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    keep, moved = [], []
+    for line in lines:
+        try:
+            later = int(json.loads(line)["step"]) > step
+        except (ValueError, KeyError, TypeError):  # a line cut short by a crash, say
+            later = True
+        (moved if later else keep).append(line if line.endswith("\n") else line + "\n")
+    if moved:
+        aside = os.path.join(os.path.dirname(path), "metrics.superseded.jsonl")
+        with open(aside, "a") as f:
+            f.writelines(moved)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+        say(
+            f"lrulm: {len(moved)} rows of metrics.jsonl after step {step} (written after the "
+            "last checkpoint) moved to metrics.superseded.jsonl"
+        )
+    return len(moved)
 
 
 class Throughput:

@@ -71,11 +71,21 @@ class ModelConfig:
         ]:
             if value not in allowed:
                 raise ValueError(f"model.{name}={value!r} is not one of {allowed}")
-        for name in ("d_model", "d_state", "num_layers"):
+        for name in ("d_model", "d_state", "num_layers", "chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be positive; got {getattr(self, name)}")
+        for name in ("d_ff", "vocab_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.{name} must be >= 0; got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1); got {self.dropout}")
+        from lrulm import lru, scan  # jax-heavy: only once a config is made
+
+        lru.check_ring(self.r_min, self.r_max, self.max_phase)
+        try:
+            scan.resolve(self.scan_method, "cpu")
+        except ValueError as e:
+            raise ValueError(f"model.scan_method: {e}") from None
 
     def num_params(self, *, include_embedding: bool = True) -> int:
         """Parameter count, computed from the shapes (checked against the real tree)."""

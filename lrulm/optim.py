@@ -8,6 +8,8 @@ to ~1e-7.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import optax
 
@@ -56,10 +58,15 @@ def make_optimizer(
       warmup_fraction: share of the steps spent warming up.
       grad_clip: clip the global gradient norm to this value; 0 disables.
     """
-    if lr <= 0 or lr_factor <= 0:
-        raise ValueError(f"optim.lr and optim.lr_factor must be positive; got {lr}, {lr_factor}")
-    if not 0.0 <= warmup_fraction <= 1.0:
-        raise ValueError(f"optim.warmup_fraction must be in [0, 1]; got {warmup_fraction}")
+    check_arguments(
+        lr=lr,
+        lr_factor=lr_factor,
+        weight_decay=weight_decay,
+        warmup_fraction=warmup_fraction,
+        grad_clip=grad_clip,
+        b1=b1,
+        b2=b2,
+    )
     if total_steps < 1:
         raise ValueError(f"train.steps must be positive; got {total_steps}")
     base = schedule(lr, total_steps, warmup_fraction)
@@ -74,6 +81,22 @@ def make_optimizer(
     if grad_clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
     return tx, base
+
+
+def check_arguments(*, lr, lr_factor, weight_decay, warmup_fraction, grad_clip, b1, b2) -> None:
+    """Raises ValueError naming the optim.* value that is out of range (NaN included)."""
+    ranges = [
+        ("lr", lr, lr > 0, "positive"),
+        ("lr_factor", lr_factor, lr_factor > 0, "positive"),
+        ("weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
+        ("warmup_fraction", warmup_fraction, 0 <= warmup_fraction <= 1, "in [0, 1]"),
+        ("grad_clip", grad_clip, grad_clip >= 0, ">= 0 (0: no clipping)"),
+        ("b1", b1, 0 <= b1 < 1, "in [0, 1)"),
+        ("b2", b2, 0 <= b2 < 1, "in [0, 1)"),
+    ]
+    for name, value, ok, want in ranges:
+        if not (ok and math.isfinite(value)):
+            raise ValueError(f"optim.{name} must be {want}; got {value}")
 
 
 def _labels(tree):

@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -131,6 +132,19 @@ def validate(config, mesh) -> None:
             f"train.profile_start_step {t.profile_start_step} is not before the last step "
             f"(train.steps={t.steps}): no step would be profiled; lower it"
         )
+    if not 0 <= t.seed < 2**32:
+        raise ValueError(f"train.seed must be in [0, 2**32); got {t.seed}")
+    o = config.optim
+    optim.check_arguments(
+        lr=o.lr,
+        lr_factor=o.lr_factor,
+        weight_decay=o.weight_decay,
+        warmup_fraction=o.warmup_fraction,
+        grad_clip=o.grad_clip,
+        b1=o.b1,
+        b2=o.b2,
+    )
+    tasks.resolve_model_config(config.model)  # the model's fields, before the data
 
 
 def make_mesh(config, devices=None):
@@ -380,7 +394,18 @@ def evaluate(exp: Experiment, eval_jit, state, batches) -> dict:
 
 def _final_test(best, exp, eval_jit, test_batches, writer, step, workdir) -> dict:
     """The "test" split evaluated with the best-on-"eval" checkpoint (LRA reports test
-    accuracy at the best validation accuracy, as the paper does); also results.json."""
+    accuracy at the best validation accuracy, as the paper does); also results.json.
+    A finished run run again reads its result back rather than testing (and logging) it
+    twice: delete results.json to test again."""
+    done = _results_at(workdir, step)
+    skip = done is not None
+    if jax.process_count() > 1:  # process 0's file decides: every process tests, or none
+        from jax.experimental import multihost_utils
+
+        skip = bool(multihost_utils.broadcast_one_to_all(np.int32(skip)))
+    if skip:
+        metrics_lib.say(f"lrulm: the test result of step {step} is in {workdir}/results.json")
+        return done or {}
     restored = best.restore(exp.abstract_state)
     test = evaluate(exp, eval_jit, restored.state, test_batches)
     result = {f"test/{k}": v for k, v in test.items()}
@@ -391,6 +416,18 @@ def _final_test(best, exp, eval_jit, test_batches, writer, step, workdir) -> dic
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump({"task": exp.task.name, "step": step, **result}, f, indent=2)
     return result
+
+
+def _results_at(workdir: str, step: int) -> dict | None:
+    """results.json's test result if it is of `step` (else None)."""
+    try:
+        with open(os.path.join(workdir, "results.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if saved.get("step") != step or saved.get("task") is None:
+        return None
+    return {k: v for k, v in saved.items() if k not in ("task", "step")}
 
 
 # ==========================================================================================
@@ -491,7 +528,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
 
         # ---- Step functions ----------------------------------------------------------------
         train_jit, eval_jit = jit_steps(exp)
-        writer = metrics_lib.MetricWriter(workdir, enabled=is_main, progress=t.progress)
+        writer = metrics_lib.MetricWriter(
+            workdir, enabled=is_main, progress=t.progress, start_step=step
+        )
         num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
         tokens_per_step = t.global_batch_size * task.tokens_per_example()
         flops_per_token = task.model_config.flops_per_token(t.seq_len)
@@ -576,7 +615,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
                     writer.progress_line(
                         step, t.steps, {k: row[k] for k in ("train/loss", "perf/tokens_per_s")}
                     )
+                restart_timer = step % t.log_every == 0
                 if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+                    restart_timer = True
                     last_eval = evaluate(exp, eval_jit, state, eval_batches())
                     writer.write(step, {f"eval/{k}": v for k, v in last_eval.items()})
                     writer.summary_line(f"eval at step {step}", last_eval)
@@ -584,9 +625,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
                         check_finite()
                         best.update(step, last_eval, state)
                 if step % c.every_steps == 0 or step == t.steps:
+                    restart_timer = True
                     save(step)
-                if step % t.log_every == 0:
-                    throughput.start(step)  # eval and checkpoint time is not step time
+                if restart_timer:  # eval and checkpoint time is not step time: timing starts
+                    throughput.start(step)  # again after them (both wait for the steps before)
             checkpointer.wait()
             if best is not None and step >= t.steps:
                 last_eval = _final_test(

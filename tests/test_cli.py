@@ -84,6 +84,21 @@ def test_cli_errors_are_clear(tmp_path):
         assert out.returncode == 0 and "--config.KEY=VALUE" in out.stdout, command
 
 
+def test_a_diverging_run_ends_with_one_line_and_exit_1(tmp_path, corpus):
+    """The non-finite-loss stop is a failed run, not bad input (2) or a crash: one line
+    saying what to do, exit 1, no traceback."""
+    out = _lrulm(
+        "train", "--config", "configs/lm/tiny.py:test", "--workdir", str(tmp_path / "run"),
+        f"--config.data.train_files={corpus['train']}",
+        f"--config.data.eval_files={corpus['eval']}",
+        "--config.optim.lr=1e30", "--config.optim.warmup_fraction=0", "--config.train.steps=5",
+        "--config.train.log_every=1",
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "became non-finite at step" in out.stderr and "Lower optim.lr" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_eval_step_flag(lm_workdir, corpus):
     data = [f"--config.data.train_files={corpus['train']}"]
     data += [f"--config.data.eval_files={corpus['eval']}"]

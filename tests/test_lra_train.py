@@ -96,6 +96,11 @@ def test_final_test_reads_the_whole_split_whatever_eval_steps(data_dir, tmp_path
     assert results["test/examples"] == n_test
     (evals,) = [r for r in _rows(workdir) if "eval/examples" in r]
     assert evals["eval/examples"] == config.train.global_batch_size  # eval_steps=1
+    # Run again once finished: the result is read back, not tested and logged twice.
+    rows = _rows(workdir)
+    again = train.train_and_evaluate(config, workdir)
+    assert _rows(workdir) == rows
+    assert again == {k: v for k, v in results.items() if k not in ("task", "step")}
 
 
 def test_pixel_encoder_has_no_bias_under_batchnorm():

@@ -210,6 +210,24 @@ def test_profile_window_steps(start, count, run_from, total, window):
     assert profile.window == window
 
 
+def test_a_resumed_run_moves_the_rows_after_its_checkpoint_aside(tmp_path, capsys):
+    """Rows a crashed run wrote after its last checkpoint would be written again by the
+    resumed run: they move to metrics.superseded.jsonl (nothing is deleted)."""
+    writer = metrics_lib.MetricWriter(str(tmp_path), enabled=True, progress=False)
+    for step in (0, 5, 10, 15):
+        writer.write(step, {"train/loss": 1.0})
+    writer.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2')  # a line cut short by the crash
+    metrics_lib.MetricWriter(str(tmp_path), enabled=True, start_step=10).close()
+    steps = lambda name: [json.loads(line)["step"] for line in open(tmp_path / name)]
+    assert steps("metrics.jsonl") == [0, 5, 10]
+    assert open(tmp_path / "metrics.superseded.jsonl").read().splitlines()[1] == '{"step": 2'
+    assert "2 rows of metrics.jsonl after step 10" in capsys.readouterr().out
+    metrics_lib.MetricWriter(str(tmp_path), enabled=True, start_step=10).close()
+    assert steps("metrics.jsonl") == [0, 5, 10]  # nothing more to move
+
+
 def test_console_lines_read_as_numbers(tmp_path, capsys):
     writer = metrics_lib.MetricWriter(str(tmp_path), enabled=True)
     metrics = {"train/loss": 3.75183, "perf/tokens_per_s": 10040.4, "eval/tokens": 32768.0}
@@ -267,6 +285,65 @@ def test_unknown_config_key():
     with pytest.raises(config_lib.ConfigError, match=r"group of settings.*fields: .*num_layers"):
         _config("model=3")
     assert _config("train.steps=1e3").train.steps == 1000
+    # model.* fields are placeholders (the preset fills them): parsed by their own type
+    assert _config("model.num_layers=1e1").model.num_layers == 10
+    assert _config("model.tie_embeddings=0").model.tie_embeddings is False
+    assert _config("model.d_model=None").model.d_model is None
+    with pytest.raises(config_lib.ConfigError, match="model.num_layers=abc: expected an integer"):
+        _config("model.num_layers=abc")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=nan", "optim.lr must be positive; got nan"),
+        ("optim.weight_decay=-1", "optim.weight_decay must be >= 0"),
+        ("optim.grad_clip=-1", r"optim.grad_clip must be >= 0 \(0: no clipping\)"),
+        ("optim.b2=1.5", r"optim.b2 must be in \[0, 1\)"),
+        ("optim.warmup_fraction=1.5", r"optim.warmup_fraction must be in \[0, 1\]"),
+        ("train.seed=-1", r"train.seed must be in \[0, 2\*\*32\)"),
+        ("model.d_ff=-5", "model.d_ff must be >= 0"),
+        ("model.r_max=1.0", "r_max=1.0 would let"),
+        ("model.scan_method=foo", "model.scan_method: unknown scan method 'foo'"),
+    ],
+)
+def test_bad_optimizer_and_model_values_fail_before_the_data_is_prepared(
+    tmp_path, corpus, override, message
+):
+    """Checked with the mesh, before a tokenizer is trained or the corpus tokenized into
+    the workdir (they came after both, or not at all: NaN, negative decay or clipping)."""
+    config = _config(override, corpus=corpus)
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert os.listdir(tmp_path / "run") == []
+
+
+def test_base_config_takes_only_a_size():
+    """A misspelt argument started the 125m run; now it is an error naming the sizes."""
+    assert config_lib.load("configs/lm/base.py:size=350m").model.preset == "350m"
+    assert config_lib.load("configs/lm/base.py:1.3b").model.preset == "1.3b"
+    assert config_lib.load("configs/lm/base.py").model.preset == "125m"
+    for bad in ("sise=350m", "size=350m,steps=10", "350M"):
+        with pytest.raises(ValueError, match=r"takes size=S or S, S one of 125m, 350m, 1.3b"):
+            config_lib.load(f"configs/lm/base.py:{bad}")
+
+
+def test_step_time_leaves_out_evaluation_and_saving(tmp_path, corpus, monkeypatch):
+    """Evaluations and saves between two log steps were timed as train steps."""
+    real = train.evaluate
+
+    def slow_evaluate(*args):
+        time.sleep(1.0)
+        return real(*args)
+
+    monkeypatch.setattr(train, "evaluate", slow_evaluate)
+    overrides = ["train.steps=10", "train.log_every=5", "train.eval_every=3", "train.eval_steps=1"]
+    config = _config(*overrides, "checkpoint.every_steps=4", corpus=corpus)
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    times = {r["step"]: r["perf/step_time_s"] for r in rows if "perf/step_time_s" in r}
+    assert sorted(times) == [5, 10] and max(times.values()) < 0.5, times
 
 
 def test_empty_data_file(tmp_path):

@@ -39,10 +39,15 @@ SIZES = {
 
 
 def get_config(arg=None):
-    args = dict(kv.split("=", 1) for kv in (arg or "size=125m").split(",") if kv)
-    size = args.get("size", "125m")
+    """arg: "size=S" or just "S" (S in SIZES); none: 125m."""
+    size = arg or "125m"
+    if size.startswith("size="):
+        size = size.removeprefix("size=")
     if size not in SIZES:
-        raise ValueError(f"configs/lm/base.py: size must be one of {sorted(SIZES)}; got {size!r}")
+        raise ValueError(
+            f"configs/lm/base.py takes size=S or S, S one of {', '.join(SIZES)}; got {arg!r} "
+            "(other settings are overrides: --config.train.steps=...)"
+        )
     preset, steps, batch, fsdp, lr = SIZES[size]
     c = base_config()
     c.task = "lm"
