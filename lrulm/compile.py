@@ -24,12 +24,14 @@ device is one chip, its two TensorCores fused as a "megacore"):
   125m at 5 x 65,536 tokens per v5e chip they sum to 21 GiB of a 16 GiB chip, and XLA
   accepts the program, whose peak is 14.9 GiB. Backends without a peak get the sum.
   XLA's TPU compiler refuses a program that exceeds the HBM it may use (a little under
-  the chip's HBM); the report then recompiles with `xla_tpu_no_crash_on_oom` to measure
-  the overflow.
+  the chip's HBM); the report then gives the need XLA's refusal states (marked `~`, its
+  estimate before its own rematerialisation). `measure_overflow` recompiles with
+  `xla_tpu_no_crash_on_oom` to measure it instead, which libtpu 0.0.42 refuses for every
+  over-HBM step tried ("Invalid TPU program", even 0.7% over), so it is off by default.
 - FLOPs and bytes from XLA's cost analysis. Caveat: XLA counts each while-loop body
   once, and the layer stack, the chunked recurrence and gradient accumulation are
   loops, so these undercount; the report flags it.
-- an MFU bound: model FLOPs per step (ModelConfig.flops_per_token x tokens, the usual
+- an MFU bound: model FLOPs per step (the task's flops_per_token x tokens, the usual
   6N-style count, recomputation not counted) over chips x peak x t_min, with
   t_min = max(per-chip FLOPs / peak, per-chip bytes / HBM bandwidth), per-chip FLOPs =
   max(executed FLOPs / chips, XLA FLOPs) (executed = model FLOPs x 4/3 under
@@ -139,7 +141,8 @@ class Report:
     hbm_bytes_per_s: float
     step_time_lower_bound_s: float
     bound_by: str  # "compute" or "memory"
-    mfu_bound: float
+    mfu_bound: float | None  # None when the train step did not compile
+    shape: str = ""  # layers, widths: what the model is (LRA configs name no preset)
     # Each axis's size across slices (mesh.dcn_*); an axis's size within a slice (the
     # config's mesh.<axis>) is mesh[axis] // dcn[axis].
     dcn: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -315,7 +318,7 @@ def compile_for_topology(
     topology: str | Topology | GpuTopology,
     *,
     include_eval: bool = True,
-    measure_overflow: bool = True,
+    measure_overflow: bool = False,
 ) -> Report:
     """Compiles the trainer's train (and eval) step for a TPU topology or a GPU host; see
     the module doc.
@@ -325,8 +328,8 @@ def compile_for_topology(
       topology: "v5p-128", "v5p:4x4x4", ... (`parse_topology`), or "h100:8" (`parse_target`).
       include_eval: also compile the eval step (when the train step fits).
       measure_overflow: when XLA refuses a step for lack of HBM, recompile it with
-        `xla_tpu_no_crash_on_oom` to measure what it needs (slow for large models);
-        without it only the state's size and XLA's message are reported.
+        `xla_tpu_no_crash_on_oom` to measure what it needs (a second compile; see the
+        module doc); without it, the state's size and XLA's estimate are reported.
 
     Returns:
       A Report.
@@ -386,9 +389,8 @@ def compile_for_topology(
 
     mc = task.model_config
     chips = len(devices)
-    tokens = config.train.global_batch_size * getattr(task, "tokens_per_example",
-                                                      lambda: config.train.seq_len)()  # fmt: skip
-    model_flops = mc.flops_per_token(config.train.seq_len) * tokens
+    tokens = config.train.global_batch_size * task.tokens_per_example()
+    model_flops = task.flops_per_token(config.train.seq_len) * tokens
     peak = metrics.peak_flops(devices[0])  # every TPU kind is in metrics.PEAK_FLOPS
     bandwidth = topo.generation.hbm_bytes_per_s
     s = train_step
@@ -404,14 +406,16 @@ def compile_for_topology(
         chips=chips, hbm_bytes=int(topo.generation.hbm_gib * GIB),
         hbm_usable_bytes=next((u for u in usable if u), None), mesh=dict(mesh.shape),
         dcn={"data": config.mesh.dcn_data, "fsdp": config.mesh.dcn_fsdp},
-        preset=config.model.preset, num_params=mc.num_params(),
+        preset=config.model.preset if config.task == "lm" else config.task,
+        shape=f"{mc.num_layers} layers, H {mc.d_model}, N {mc.d_state}",
+        num_params=task.num_params(),
         global_batch=config.train.global_batch_size, seq_len=config.train.seq_len,
         grad_accum_steps=config.optim.grad_accum_steps, remat=mc.remat, dtype=mc.dtype,
         state_bytes=_sharded_bytes(exp.abstract_state), batch_bytes=_sharded_bytes(batch),
         train=train_step, eval=eval_step, model_flops_per_step=model_flops, peak_flops=peak,
         hbm_bytes_per_s=bandwidth, step_time_lower_bound_s=t_min,
         bound_by="compute" if t_compute >= t_memory else "memory",
-        mfu_bound=model_flops / (chips * peak * t_min),
+        mfu_bound=model_flops / (chips * peak * t_min) if train_step.measured else None,
     )  # fmt: skip
 
 
@@ -487,7 +491,8 @@ def format_report(report: Report) -> str:
     lines = [
         f"{r.accelerator_type} ({r.topology}): {r.chips} x {r.device_kind}, "
         f"{r.hbm_bytes / GIB:g} GiB HBM per chip",
-        f"model    {r.preset}: {r.num_params / 1e6:.2f}M parameters, remat={r.remat}, "
+        f"model    {r.preset} ({r.shape}): {r.num_params / 1e6:.2f}M parameters, "
+        f"remat={r.remat}, "
         f"dtype={r.dtype}",
         f"batch    {r.global_batch} x {r.seq_len} tokens, grad_accum_steps={r.grad_accum_steps}",
         f"mesh     {mesh}",
@@ -521,9 +526,7 @@ def format_report(report: Report) -> str:
         )
         if r.train.xla_flops is not None
         else "  XLA FLOPs: " + ("not reported" if r.train.measured else "not compiled"),
-        f"  step time >= {r.step_time_lower_bound_s * 1e3:.2f} ms ({r.bound_by}-bound at "
-        f"{r.peak_flops / 1e12:g} TFLOP/s, {r.hbm_bytes_per_s / 1e9:g} GB/s): "
-        f"MFU <= {100 * r.mfu_bound:.1f}%",
+        _bound_line(r),
         "",
         f"collectives in the train step (static count, {uname} per chip: all, largest)",
     ]
@@ -561,8 +564,21 @@ def format_report(report: Report) -> str:
     return "\n".join(lines)
 
 
+def _bound_line(r: Report) -> str:
+    if r.mfu_bound is None:
+        return "  MFU bound: none (the train step did not compile)"
+    line = (
+        f"  step time >= {r.step_time_lower_bound_s * 1e3:.2f} ms ({r.bound_by}-bound at "
+        f"{r.peak_flops / 1e12:g} TFLOP/s, {r.hbm_bytes_per_s / 1e9:g} GB/s): "
+        f"MFU <= {100 * r.mfu_bound:.1f}%"
+    )
+    if r.train.xla_bytes_accessed is None:  # e.g. XLA's GPU compiler: no cost analysis
+        line += " (bytes: the arguments and outputs alone; XLA gave no cost analysis)"
+    return line
+
+
 def main(
-    config, topology: str, json_path: str | None = None, *, measure_overflow: bool = True
+    config, topology: str, json_path: str | None = None, *, measure_overflow: bool = False
 ) -> int:
     """`lrulm compile`: prints the report; 0 if the steps fit the chips' HBM, 1 if not.
 

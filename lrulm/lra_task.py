@@ -233,3 +233,26 @@ class ClassificationTask:
     def tokens_per_example(self) -> int:
         """Sequence positions one example feeds the model (both documents for Retrieval)."""
         return self.seq_len * (2 if self.spec.dual else 1)
+
+    def _head_sizes(self) -> tuple[int, int, int]:
+        """(encoder weights per position, head weights per example, encoder bias)."""
+        mc, h = self.model_config, self.model_config.d_model
+        pixel = 0 if mc.vocab_size else (self.spec.input_channels or 1) * h
+        head = (4 * h * h if self.spec.dual else 0) + h * self.spec.num_classes
+        bias = h if not mc.vocab_size and mc.norm != "batch" else 0
+        return pixel, head, bias
+
+    def num_params(self) -> int:
+        """The classifier's parameter count (model.Classifier), from the shapes."""
+        mc, h = self.model_config, self.model_config.d_model
+        pixel, head, bias = self._head_sizes()
+        encoder = mc.vocab_size * h if mc.vocab_size else pixel + bias
+        head += (h if self.spec.dual else 0) + self.spec.num_classes  # biases
+        return mc.stack_params() + encoder + head
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per position: the stack's, a pixel encoder's matmul, and the
+        head's per example spread over its positions (no vocabulary-sized head)."""
+        pixel, head, _ = self._head_sizes()
+        per_example = 3 * 2 * head / self.tokens_per_example()
+        return self.model_config.flops_per_token(seq_len, lm_head=False) + 6 * pixel + per_example

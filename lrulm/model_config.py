@@ -87,9 +87,9 @@ class ModelConfig:
         except ValueError as e:
             raise ValueError(f"model.scan_method: {e}") from None
 
-    def num_params(self, *, include_embedding: bool = True) -> int:
-        """Parameter count, computed from the shapes (checked against the real tree)."""
-        h, n, f, v = self.d_model, self.d_state, self.d_ff, self.vocab_size
+    def stack_params(self) -> int:
+        """Parameters of the blocks and the final norm (no embedding or head)."""
+        h, n, f = self.d_model, self.d_state, self.d_ff
         lru = 4 * n * h + 3 * n + h
         if self.bidirectional:
             lru += 4 * n * h + 3 * n
@@ -97,24 +97,31 @@ class ModelConfig:
         norm = h if self.norm == "rms" else 2 * h
         mlp = (2 * h * f + f + h + norm) if f else 0
         block = lru + glu + norm + mlp
-        total = self.num_layers * block + norm  # + final norm
+        return self.num_layers * block + norm  # + final norm
+
+    def num_params(self, *, include_embedding: bool = True) -> int:
+        """A language model's parameter count, computed from the shapes (checked against
+        the real tree; LRA classifiers: lrulm.lra_task.LRATask.num_params)."""
+        h, v = self.d_model, self.vocab_size
+        total = self.stack_params()
         if include_embedding:
             total += v * h * (1 if self.tie_embeddings else 2)
         elif not self.tie_embeddings:
             total += v * h  # the head is a matmul even when the embedding is excluded
         return total
 
-    def flops_per_token(self, seq_len: int) -> float:
+    def flops_per_token(self, seq_len: int, *, lm_head: bool = True) -> float:
         """Training FLOPs per token (forward + backward = 3x forward).
 
         Matmuls: 2 FLOPs per weight per token (B and C projections count real and
-        imaginary parts, the head v*h). The recurrence: ~8 real FLOPs per complex
-        multiply-add per channel per token, forward and backward. The embedding lookup
-        is free. seq_len is accepted for API symmetry with attention models: an LRU's
-        cost per token does not depend on it.
+        imaginary parts, and with `lm_head` the head's v*h). The recurrence: ~8 real
+        FLOPs per complex multiply-add per channel per token, forward and backward. The
+        embedding lookup is free. seq_len is accepted for API symmetry with attention
+        models: an LRU's cost per token does not depend on it.
         """
         del seq_len
-        h, n, f, v = self.d_model, self.d_state, self.d_ff, self.vocab_size
+        h, n, f = self.d_model, self.d_state, self.d_ff
+        v = self.vocab_size if lm_head else 0
         dirs = 2 if self.bidirectional else 1
         per_layer = dirs * (4 * n * h * 2 + 8 * n)
         per_layer += (2 if self.glu == "full" else 1) * 2 * h * h

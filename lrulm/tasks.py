@@ -362,6 +362,12 @@ class LMTask:
     def tokens_per_example(self) -> int:
         return self.seq_len
 
+    def num_params(self) -> int:
+        return self.model_config.num_params()
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return self.model_config.flops_per_token(seq_len)
+
 
 def make_task(config, workdir: str | None, *, prepare_data: bool = True):
     """The task a config names; prepare_data=False builds only what compiling needs."""

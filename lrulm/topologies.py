@@ -108,6 +108,24 @@ class Topology:
     generation: Generation
     shape: str
 
+    def __post_init__(self):
+        """Refuses shapes no slice has: a single VM holds one of the listed sizes, and
+        larger slices are built of 4-chip VMs (2x2 chips, x1 on a 3D torus), so both of
+        the first two sides are even."""
+        gen, dims = self.generation, [int(d) for d in self.shape.split("x")]
+        single = [c for c in gen.shapes if c <= gen.max_single_host_chips]
+        if self.chips <= gen.max_single_host_chips:
+            ok = self.chips in single
+        else:
+            ok = dims[0] % 2 == 0 and dims[1] % 2 == 0
+        if not ok:
+            raise ValueError(
+                f"TPU topology {self.name} ({self.chips} chips) is no {gen.name} slice: one VM "
+                f"holds {', '.join(map(str, single))} chips, and larger slices are built of "
+                f"4-chip VMs ({'2x2x1' if gen.dims == 3 else '2x2'}), so their first two sides "
+                "are even"
+            )
+
     @property
     def chips(self) -> int:
         return math.prod(int(d) for d in self.shape.split("x"))

@@ -533,7 +533,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
         )
         num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
         tokens_per_step = t.global_batch_size * task.tokens_per_example()
-        flops_per_token = task.model_config.flops_per_token(t.seq_len)
+        flops_per_token = task.flops_per_token(t.seq_len)
         peak = metrics_lib.peak_flops()
         if step == 0:
             info = {"model/num_params": num_params, "perf/flops_per_token": flops_per_token}

@@ -112,13 +112,18 @@ def test_bench_train_traces_steps_after_the_timed_ones(tmp_path):
 
 
 def test_unknown_methods_and_presets_stop_before_anything_runs():
-    """A misspelt scan method or preset is refused with the names to use, before the
-    copy bandwidth is measured or anything compiled (not as a failed row minutes later)."""
+    """A misspelt scan method or preset, or a count or budget out of range, is refused
+    (with the names to use) before the copy bandwidth is measured or anything compiled,
+    not as a failed row minutes later."""
     for args, message in (
         (("--long", "nosuch:64"), "--long: unknown preset 'nosuch'; use tiny, test"),
         (("--presets", "test,350M"), "--presets: unknown preset '350M'"),
         (("--scan_methods", "associative,palas"), "--scan_methods: unknown scan method 'palas'"),
         (("--methods", "assoc"), "--methods: unknown scan method 'assoc'; use sequential"),
+        (("--budget_s", "foo"), "--budget_s: 'foo' is not a positive number of seconds"),
+        (("--budget_s", "scan=abc"), "--budget_s: 'abc' is not a positive number"),
+        (("--steps", "0"), "--steps must be positive; got 0"),
+        (("--repeats", "0"), "--repeats must be positive; got 0"),
     ):
         out = _bench("--quick", *args, timeout=120)
         assert out.returncode != 0 and message in out.stderr, (args, out.stderr[-2000:])

@@ -116,16 +116,18 @@ def test_too_large_is_reported_with_the_shortfall(capsys, tmp_path):
         "configs/lm/tiny.py",
         [("model.preset", "1.3b"), ("train.seq_len", "2048"), ("train.global_batch_size", "32")],
     )
-    # measure_overflow=False: XLA refuses it in seconds; measuring the overflow takes minutes.
+    # XLA refuses it in seconds (measure_overflow, off by default, would compile it again).
     path = tmp_path / "report.json"
-    code = compile_lib.main(config, "v5e-4", json_path=str(path), measure_overflow=False)
+    code = compile_lib.main(config, "v5e-4", json_path=str(path))
     out = capsys.readouterr().out
     assert code == 1
     assert "DOES NOT FIT" in out and "GiB over" in out
     # The state alone: 1.34B float32 parameters + AdamW's mu and nu, replicated.
     assert "arguments 15.0" in out
     assert "--config.mesh.fsdp=" in out  # sharding the 15 GiB of state is the way out
+    assert "MFU bound: none (the train step did not compile)" in out
     saved = json.loads(path.read_text())
+    assert saved["mfu_bound"] is None
     assert saved["fits"] is False and saved["shortfall_bytes"] > 0 and saved["chips"] == 4
     # XLA's figure in its refusal is the whole peak, arguments included: not added to them.
     needed, _ = compile_lib._parse_oom(saved["train"]["oom_message"])

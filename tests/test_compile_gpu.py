@@ -75,6 +75,8 @@ def test_the_lm_train_step_with_the_pallas_scan_compiles_for_two_hosts_of_two_h1
         result = _compile(*args, "--json", str(out), plugin=PLUGIN, tuning=tuning)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "custom calls in the train step (the kernels): " in result.stdout
+        # no cost analysis on GPU: the bound says what its bytes are
+        assert "(bytes: the arguments and outputs alone; XLA gave no" in result.stdout
         reports[tuning] = json.loads(out.read_text())
     report = reports[""]
     assert report["device_kind"] == "NVIDIA H100 80GB HBM3" and report["chips"] == 4
@@ -177,3 +179,31 @@ def test_the_fit_table_says_gpu_hosts_and_gives_no_mfu_for_them(monkeypatch):
     assert tpu.startswith("# Which LM presets fit which TPU slices")
     with pytest.raises(SystemExit, match="one kind to a table"):
         tpu_fit_table.main(["--slices", "v5e-16,h100:8", "--out", os.devnull])
+
+
+def test_the_fit_table_keeps_the_last_compiled_layout_when_a_later_one_cannot_be_built(
+    monkeypatch,
+):
+    """A layout the batch cannot split (here the micro-batches) is a rejected layout,
+    not the row: the row stays the last one that compiled and did not fit, with its
+    memory (it said "error" and lost every estimate)."""
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "tools"))
+    import tpu_fit_table
+
+    step = SimpleNamespace(total_bytes=20 * 2**30, temp_bytes=2**30, measured=False)
+
+    def compile_for_topology(config, topology, **kwargs):
+        if config.optim.grad_accum_steps > 1:
+            raise ValueError("global batch 1 is not divisible by 1 x 4 accumulation steps")
+        return SimpleNamespace(
+            fits=False, mesh=dict(config.mesh), remat=config.model.remat,
+            grad_accum_steps=1, num_params=1, chips=1, hbm_bytes=16 * 2**30,
+            limit_bytes=16 * 2**30, train=step, state_bytes=2**30, mfu_bound=None,
+        )  # fmt: skip
+
+    monkeypatch.setattr(compile_lib, "compile_for_topology", compile_for_topology)
+    row = tpu_fit_table.fit("tiny", "v5e-1", 1, 1 << 20)
+    assert "error" not in row and row["layout"] == "FSDP + remat" and not row["fits"]
+    assert row["resident"] == 20 * 2**30

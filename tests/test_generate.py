@@ -429,4 +429,12 @@ def test_bench_generate_runs():
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "| 16 |" in out.stdout
+    assert "| 16 |" in out.stdout and "| ms/step |" in out.stdout  # a step: --batch tokens
+    for args, message in ((("--contexts", ""), "positive prompt lengths"),
+                          (("--contexts", "1k"), "comma-separated prompt lengths"),
+                          (("--new_tokens", "0"), "--new_tokens must be positive")):  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "tools/bench_generate.py", *args],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]

@@ -356,3 +356,55 @@ def test_bad_input_fails_before_compiling(task, overrides, error, message, data_
     with pytest.raises(error, match=message):
         train.train_and_evaluate(config, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def _matmul_flops(jaxpr) -> int:
+    """FLOPs of the dot_generals a jaxpr runs (2 per multiply-add), a scan's body times
+    its length, through nested calls."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += (
+                2
+                * int(np.prod(eqn.outvars[0].aval.shape))
+                * int(np.prod([lhs[d] for d in contract]))
+            )
+        times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            total += times * _matmul_flops(sub)
+    return total
+
+
+@pytest.mark.parametrize("task_name", ["lm", *lra.TASKS])
+def test_parameter_and_flop_counts_match_the_model(task_name):
+    """num_params equals the real parameter tree and flops_per_token the matmuls the
+    forward runs (x3 for training) plus the recurrence, for the LM and every LRA
+    classifier (they were counted with an LM's vocabulary-sized head)."""
+    from flax import nnx
+
+    from lrulm import tasks
+
+    if task_name == "lm":
+        config = config_lib.load(os.path.join(REPO, "configs", "lm", "tiny.py:test"))
+    else:
+        config = _config(task_name)
+    task = tasks.make_task(config, None, prepare_data=False)
+    model = nnx.eval_shape(lambda: task.make_model(nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    assert task.num_params() == sum(x.size for x in jax.tree.leaves(params))
+
+    batch = {
+        k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in task.batch_spec(2).items()
+    }
+
+    def forward(params, rest, batch):
+        return task.loss(nnx.merge(graphdef, params, rest), batch, train=False, key=None)
+
+    jaxpr = jax.make_jaxpr(forward)(params, rest, batch).jaxpr
+    mc = task.model_config
+    recurrence = 3 * mc.num_layers * (2 if mc.bidirectional else 1) * 8 * mc.d_state
+    tokens = 2 * task.tokens_per_example()
+    counted = (task.flops_per_token(config.train.seq_len) - recurrence) * tokens
+    assert counted == pytest.approx(3 * _matmul_flops(jaxpr), rel=1e-6)

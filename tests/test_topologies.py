@@ -89,6 +89,15 @@ def test_a_shape_larger_than_the_largest_slice_is_refused(text, chips):
         topologies.parse_topology(text)
 
 
+@pytest.mark.parametrize("text", ["v5e:3x3", "v6e:2x5", "v5e:3x1", "v5p:1x2x1", "v4:3x4x4"])
+def test_shapes_no_slice_has_are_refused(text):
+    """A multi-host slice is built of 4-chip VMs, a single VM holds a listed size: 3x3 was
+    described as 2 hosts of 4 chips (9 chips), 2x5 as a 5-chip machine type."""
+    with pytest.raises(ValueError, match=r"is no v\d[ep]? slice: one VM holds .* 4-chip VMs"):
+        topologies.describe(text)
+    assert topologies.describe("v5p:4x4x12").hosts == 48  # custom, but whole 2x2x1 hosts
+
+
 def test_shape_table_doubles_the_last_smallest_side():
     for dims, shapes in topologies.SHAPES.items():
         previous = None

@@ -310,16 +310,26 @@ def _ints(text: str, n: int, what: str) -> list[int]:
     return values
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0:
+        raise SystemExit(f"--budget_s: {text!r} is not a positive number of seconds")
+    return value
+
+
 def _budgets(text: str) -> dict[str, float]:
     """ "120" (every section) or "scan=60,train=200" (the rest unlimited)."""
     if "=" not in text:
-        return dict.fromkeys(SECTIONS, float(text))
+        return dict.fromkeys(SECTIONS, _seconds(text))
     budgets = dict.fromkeys(SECTIONS, math.inf)
     for pair in text.split(","):
-        key, value = pair.split("=")
+        key, _, value = pair.partition("=")
         if key not in SECTIONS:
             raise SystemExit(f"--budget_s: unknown section {key!r}; use {', '.join(SECTIONS)}")
-        budgets[key] = float(value)
+        budgets[key] = _seconds(value)
     return budgets
 
 
@@ -366,6 +376,9 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.profile = profile
+    for name in ("batch", "seq_len", "steps", "repeats", "chunk_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be positive; got {getattr(args, name)}")
     args.sections = [s for s in args.sections.split(",") if s]
     unknown = set(args.sections) - set(SECTIONS)
     if unknown:

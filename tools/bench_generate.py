@@ -44,6 +44,15 @@ def main():
     p.add_argument("--prefill_chunk", type=int, default=4096)
     p.add_argument("--json", default="")
     args = p.parse_args()
+    try:
+        contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
+    except ValueError:
+        p.error(f"--contexts takes comma-separated prompt lengths; got {args.contexts!r}")
+    for name in ("new_tokens", "batch", "prefill_chunk"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be positive; got {getattr(args, name)}")
+    if not contexts or min(contexts) < 1:
+        p.error(f"--contexts takes positive prompt lengths; got {args.contexts!r}")
     if args.workdir:
         model, _, _ = gen.load_model(args.workdir)
     else:
@@ -51,7 +60,7 @@ def main():
     vocab = model.cfg.vocab_size
     rng = np.random.default_rng(0)
     rows = []
-    for ctx in [int(c) for c in args.contexts.split(",")]:
+    for ctx in contexts:
         prompts = [rng.integers(4, vocab, ctx).tolist() for _ in range(args.batch)]
         warm = gen.prefill(model, prompts, chunk_size=args.prefill_chunk)  # compiles
         jax.block_until_ready(warm)
@@ -79,7 +88,7 @@ def main():
                 "prefill_s": prefill_s,
                 "prefill_tokens_per_s": ctx * args.batch / prefill_s,
                 "decode_tokens_per_s": args.new_tokens * args.batch / decode_s,
-                "decode_ms_per_token": 1e3 * decode_s / args.new_tokens,
+                "decode_ms_per_step": 1e3 * decode_s / args.new_tokens,  # batch tokens a step
                 "decode_program_bytes": mem.argument_size_in_bytes + mem.temp_size_in_bytes,
                 "state_bytes": states.size * states.dtype.itemsize,
                 "peak_kind": kind,
@@ -91,14 +100,14 @@ def main():
         f"{model.cfg.d_state}, batch {args.batch}, {jax.devices()[0].device_kind}"
     )
     print(
-        "| context | prefill tok/s | decode tok/s | ms/token | decode program | state | "
+        "| context | prefill tok/s | decode tok/s | ms/step | decode program | state | "
         f"{rows[0]['peak_kind']} |"
     )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['context']:,} | {r['prefill_tokens_per_s']:,.0f} | "
-            f"{r['decode_tokens_per_s']:,.1f} | {r['decode_ms_per_token']:.2f} | "
+            f"{r['decode_tokens_per_s']:,.1f} | {r['decode_ms_per_step']:.2f} | "
             f"{r['decode_program_bytes'] / 2**20:.2f} MiB | {r['state_bytes'] / 2**10:.1f} KiB | "
             f"{r['peak_bytes'] / 2**20:.0f} MiB |"
         )

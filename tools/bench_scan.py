@@ -231,6 +231,8 @@ def main():
     p.add_argument("--json", default="")
     args = p.parse_args()
     methods = [m for m in args.methods.split(",") if m] or default_methods()
+    if args.repeats < 1:
+        p.error(f"--repeats must be positive; got {args.repeats}")
     result = run(args.B, args.L, args.N, methods, args.repeats, args.chunk_size)
     print(table(result))
     if args.json:

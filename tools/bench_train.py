@@ -105,14 +105,14 @@ def run(config, steps: int, devices=None, profile_dir: str = "") -> dict:
         jax.block_until_ready((state, m))
         jax.profiler.stop_trace()
     b, seq_len = config.train.global_batch_size, config.train.seq_len
-    tokens = b * seq_len
-    fpt = task.model_config.flops_per_token(seq_len)
+    tokens = b * task.tokens_per_example()
+    fpt = task.flops_per_token(seq_len)
     peak = metrics.peak_flops()
     result = {
         "device": jax.devices()[0].device_kind,
         "devices": mesh.devices.size,
         "preset": config.model.preset,
-        "params": task.model_config.num_params(),
+        "params": task.num_params(),
         "batch": b,
         "seq_len": seq_len,
         "dtype": task.model_config.dtype,
@@ -192,6 +192,8 @@ def main():
         model=args.model,
         loss_vocab_block=args.loss_vocab_block,
     )
+    if args.steps < 1:
+        p.error(f"--steps must be positive; got {args.steps}")
     result = run(config, args.steps, profile_dir=args.profile)
     print(report(result))
     if args.profile:

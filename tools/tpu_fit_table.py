@@ -84,7 +84,8 @@ def fit(preset: str, topology: str, per_chip_batch: int, seq_len: int) -> dict:
                 config, topology, include_eval=False, measure_overflow=False
             )
         except ValueError as e:  # e.g. a batch the mesh cannot split
-            row = dict(layout=label, fits=False, error=str(e))
+            if not row:  # else the last layout that compiled (and did not fit) stays the row
+                row = dict(layout=label, fits=False, error=str(e))
             rejected.append((label, None))
             continue
         row = dict(
