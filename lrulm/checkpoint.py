@@ -18,6 +18,7 @@ naming the arrays, and nothing is moved.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -50,6 +51,35 @@ class _IteratorSnapshot:
 
     def get_state(self) -> bytes:
         return self._state
+
+
+class CheckpointUnavailable(ValueError):
+    """A checkpoint could not be read for a reason outside it (I/O, permissions, device
+    memory): nothing is moved or skipped."""
+
+
+class CheckpointsDamaged(ValueError):
+    """Every checkpoint of a run was damaged (and moved aside)."""
+
+
+# Failures of the storage or the devices, not of a checkpoint's contents (TensorStore and
+# XLA name them by status code; OSError by errno).
+_UNAVAILABLE = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "PERMISSION_DENIED",
+                "Permission denied", "Input/output error", "Stale file handle")  # fmt: skip
+_DAMAGE_ERRNOS = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
+
+
+def _unavailable(e: BaseException) -> bool:
+    """Whether e (or what caused it) is an I/O, permission or memory failure."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None and e.errno not in _DAMAGE_ERRNOS:
+            return True
+        if any(code in str(e) for code in _UNAVAILABLE):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 class CheckpointMismatch(ValueError):
@@ -171,6 +201,7 @@ class Checkpointer:
         touching nothing, when a checkpoint reads but holds another model's or
         optimizer's arrays (the run's config changed): that is not damage.
         """
+        damaged = []
         for step in reversed(self.steps()):
             try:
                 return self._restore(step, abstract_state, iterator)
@@ -178,6 +209,13 @@ class Checkpointer:
                 raise
             except Exception as e:  # noqa: BLE001 - any other failure to read means damage
                 path = os.path.join(self.directory, str(step))
+                if _unavailable(e):  # the storage or the devices, not the checkpoint
+                    raise CheckpointUnavailable(
+                        f"checkpoint {path} could not be read ({metrics_lib.brief(e)}); that "
+                        "is not damage, so nothing was moved: check the storage (or the "
+                        "devices' memory) and run again"
+                    ) from e
+                damaged.append(step)
                 log.error(
                     "checkpoint %s cannot be restored (%s: %s); falling back to the "
                     "previous checkpoint",
@@ -187,10 +225,17 @@ class Checkpointer:
                 )
                 metrics_lib.say(
                     f"lrulm: checkpoint {path} is damaged ({metrics_lib.brief(e)}); "
-                    "falling back to the previous one"
+                    "trying the one before"
                 )
                 if quarantine:
                     self._quarantine(step)
+        if damaged and quarantine:
+            raise CheckpointsDamaged(
+                f"no checkpoint in {self.directory} reads back (steps "
+                f"{', '.join(map(str, sorted(damaged)))} are damaged, now in "
+                f"{os.path.join(self.workdir, 'corrupt_checkpoints')}); the run did not start "
+                "over on its own: run the same command again to train from step 0"
+            )
         return None
 
     def check_fits(self, step: int, abstract_state) -> None:
@@ -221,7 +266,15 @@ class Checkpointer:
                 f"no checkpoint of step {step} in {self.directory}; its steps: "
                 + (", ".join(map(str, self.steps())) or "none")
             )
-        return self._restore(step, abstract_state, None)
+        try:
+            return self._restore(step, abstract_state, None)
+        except Exception as e:
+            if isinstance(e, CheckpointMismatch) or not _unavailable(e):
+                raise
+            raise CheckpointUnavailable(
+                f"checkpoint {os.path.join(self.directory, str(step))} could not be read "
+                f"({metrics_lib.brief(e)}); check the storage (or the devices' memory)"
+            ) from e
 
     def _restore(self, step, abstract_state, iterator) -> Restored:
         self.check_fits(step, abstract_state)  # before Orbax reads (and fails) array by array
@@ -278,7 +331,10 @@ class Checkpointer:
         saved = self._saved_data(step)
         counts_rows = "rows" in saved
         changed = [
-            f"{k} {saved[k]:,} -> {v:,}"
+            "the train data's content (its sampled examples differ: other files, another "
+            "order of them, or edited text)"
+            if k == "train_fingerprint"
+            else f"{k} {saved[k]:,} -> {v:,}"
             for k, v in signature.items()
             if saved.get(k, v) != v and not (k == "global_batch" and counts_rows)
         ]
@@ -322,7 +378,17 @@ class BestCheckpoint:
         self.value, self.step = None, None
         steps = self.ckpt.steps()
         if steps:
-            self.value, self.step = self.ckpt.metadata(steps[-1]).get("best_value"), steps[-1]
+            try:
+                self.value = self.ckpt.metadata(steps[-1])["best_value"]
+                self.step = steps[-1]
+            except Exception as e:  # noqa: BLE001 - damaged metadata: the next eval saves anew
+                if _unavailable(e):
+                    raise
+                metrics_lib.say(
+                    f"lrulm: the best checkpoint {self.ckpt.directory}/{steps[-1]} is damaged "
+                    f"({metrics_lib.brief(e)}); the next evaluation saves a new one"
+                )
+                self.ckpt._quarantine(steps[-1])
 
     def update(self, step: int, metrics: dict, state) -> bool:
         """Saves state if metrics[metric] is the best so far; returns whether it was."""
@@ -332,11 +398,15 @@ class BestCheckpoint:
         ):
             return False
         self.value, self.step = value, step
+        if step in self.ckpt.steps():  # saved before a resume from an earlier checkpoint
+            self.ckpt.manager.delete(step)
         self.ckpt.save(step, state, metadata={"best_value": value, "metric": self.metric})
         self.ckpt.wait()
         return True
 
     def restore(self, abstract_state) -> Restored:
+        """The best checkpoint's state. Raises FileNotFoundError when there is none, and
+        CheckpointsDamaged (having moved it aside) when it does not read back."""
         restored = self.ckpt.restore_latest(abstract_state)
         if restored is None:
             raise FileNotFoundError(f"no best checkpoint under {self.ckpt.directory}")

@@ -9,6 +9,27 @@ from lrulm import metrics as metrics_lib
 from lrulm import tasks, train
 
 
+def _mesh(config):
+    """The run's mesh, or where its sizes do not fit these devices (a pod run scored on
+    one host), data parallelism over all of them: checkpoints restore onto any mesh, and
+    evaluation gives the same numbers on each."""
+    import jax
+
+    try:
+        return train.make_mesh(config)
+    except ValueError as e:
+        m = config.mesh
+        if m.data == -1 and m.fsdp == m.tensor == m.sequence == m.dcn_data == m.dcn_fsdp == 1:
+            raise  # already the fallback: the error is about something else
+        metrics_lib.say(
+            f"lrulm: the run's mesh does not fit these {jax.device_count()} devices "
+            f"({metrics_lib.brief(e)}); evaluating data-parallel over all of them"
+        )
+    m = config.mesh
+    m.data, m.fsdp, m.tensor, m.sequence, m.dcn_data, m.dcn_fsdp = -1, 1, 1, 1, 1, 1
+    return train.make_mesh(config)
+
+
 def evaluate_workdir(config, workdir: str, step: int | None = None) -> dict:
     """Checkpoint `step` of workdir (None: the newest that reads back) on the eval data;
     for LRA also on the test split. Returns {"step": S, "eval/<metric>": ..., ...}."""
@@ -20,7 +41,7 @@ def evaluate_workdir(config, workdir: str, step: int | None = None) -> dict:
         raise FileNotFoundError(
             f"no checkpoint of step {step} in {directory}; its steps: " + ", ".join(map(str, steps))
         )
-    mesh = train.make_mesh(config)
+    mesh = _mesh(config)
     task = tasks.make_task(config, workdir)
     exp = train.build(config, task, mesh)
     checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
@@ -29,7 +50,7 @@ def evaluate_workdir(config, workdir: str, step: int | None = None) -> dict:
             restored = checkpointer.restore_latest(exp.abstract_state, quarantine=False)
         else:
             restored = checkpointer.restore(step, exp.abstract_state)
-    except ckpt_lib.CheckpointMismatch:
+    except (ckpt_lib.CheckpointMismatch, ckpt_lib.CheckpointUnavailable):
         raise
     except Exception as e:  # noqa: BLE001 - the asked-for checkpoint does not read back
         raise ValueError(

@@ -144,6 +144,10 @@ class ClassificationTask:
         """Examples in the train split (what a resume checks is unchanged)."""
         return self.split_size("train")
 
+    def train_fingerprint(self) -> str:
+        """A digest of sampled train examples (what a resume checks is unchanged too)."""
+        return lm_data.sample_fingerprint(self._source("train"))
+
     def batch_spec(self, global_batch: int) -> dict:
         """{name: (global shape, numpy dtype)} of one global batch (module docstring)."""
         b, l = global_batch, self.seq_len

@@ -277,6 +277,10 @@ class LMTask:
         """Sequences in the train split (what a resume checks is unchanged)."""
         return len(self.train_source)
 
+    def train_fingerprint(self) -> str:
+        """A digest of sampled train sequences (what a resume checks is unchanged too)."""
+        return lm_data.sample_fingerprint(self.train_source)
+
     def train_batches(self, *, global_batch, row_offset, local_batch, seed):
         return lm_data.TrainStream(
             self.train_source,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -392,7 +393,7 @@ def evaluate(exp: Experiment, eval_jit, state, batches) -> dict:
     return exp.task.finalize(sums) if sums else {}
 
 
-def _final_test(best, exp, eval_jit, test_batches, writer, step, workdir) -> dict:
+def _final_test(best, exp, eval_jit, test_batches, writer, step, workdir, state) -> dict:
     """The "test" split evaluated with the best-on-"eval" checkpoint (LRA reports test
     accuracy at the best validation accuracy, as the paper does); also results.json.
     A finished run run again reads its result back rather than testing (and logging) it
@@ -406,12 +407,20 @@ def _final_test(best, exp, eval_jit, test_batches, writer, step, workdir) -> dic
     if skip:
         metrics_lib.say(f"lrulm: the test result of step {step} is in {workdir}/results.json")
         return done or {}
-    restored = best.restore(exp.abstract_state)
-    test = evaluate(exp, eval_jit, restored.state, test_batches)
+    try:
+        restored = best.restore(exp.abstract_state)
+        best_state, best_step, best_value = restored.state, restored.step, best.value
+    except (ckpt_lib.CheckpointsDamaged, FileNotFoundError) as e:  # not stuck for ever
+        metrics_lib.say(
+            f"lrulm: warning: {metrics_lib.brief(e)}; testing the final state (step {step}) "
+            "instead of the best one"
+        )
+        best_state, best_step, best_value = state, step, math.nan
+    test = evaluate(exp, eval_jit, best_state, test_batches)
     result = {f"test/{k}": v for k, v in test.items()}
-    result.update({f"best/eval_{best.metric}": best.value, "best/step": restored.step})
+    result.update({f"best/eval_{best.metric}": best_value, "best/step": best_step})
     writer.write(step, result)
-    writer.summary_line(f"test with the best eval checkpoint (step {restored.step})", test)
+    writer.summary_line(f"test with the best eval checkpoint (step {best_step})", test)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump({"task": exp.task.name, "step": step, **result}, f, indent=2)
@@ -492,6 +501,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
             "seq_len": t.seq_len,
             "seed": t.seed,
             "train_examples": train_size,
+            "train_fingerprint": task.train_fingerprint(),
         }
         check_data = restored is not None and not c.allow_data_change
         problem = checkpointer.data_change(restored.step, data_signature) if check_data else ""
@@ -632,7 +642,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
             checkpointer.wait()
             if best is not None and step >= t.steps:
                 last_eval = _final_test(
-                    best, exp, eval_jit, eval_batches("test"), writer, step, workdir
+                    best, exp, eval_jit, eval_batches("test"), writer, step, workdir, state
                 )
         finally:
             profile.close()

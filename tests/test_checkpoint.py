@@ -389,3 +389,96 @@ def test_init_from_checks_shapes(tmp_path, corpus):
     )
     assert bad.returncode != 0
     assert "do not fit this model" in bad.stderr and "(2, 32, 32)" in bad.stderr
+
+
+def _train(workdir, corpus_files, *overrides):
+    """train_and_evaluate in this process (tiny:test, 8 devices on the data axis)."""
+    train_files, eval_file = corpus_files
+    pairs = [("data.train_files", train_files), ("data.eval_files", eval_file),
+             ("train.log_every", "1"), ("train.eval_every", "0"),
+             ("checkpoint.async_save", "false"), *(o.split("=", 1) for o in overrides)]  # fmt: skip
+    return train.train_and_evaluate(config_lib.load_with_overrides(TINY, pairs), str(workdir))
+
+
+def test_a_resume_into_other_train_data_of_the_same_size_is_refused(tmp_path, corpus):
+    """The same files in another order (or edited text) give as many sequences, and the
+    saved row position would point into other data: refused by a digest of sampled
+    sequences, as another seq_len is; allow_data_change still resumes."""
+    docs = open(corpus["train"]).readlines()
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(docs[::2]))
+    b.write_text("".join(docs[1::2]))
+    run = tmp_path / "run"
+    _train(run, (f"{a},{b}", corpus["eval"]), "train.steps=4", "checkpoint.every_steps=4")
+    with pytest.raises(ValueError, match=r"other data settings \(the train data's content"):
+        _train(run, (f"{b},{a}", corpus["eval"]), "train.steps=6")
+    assert ckpt_lib.checkpoint_steps(str(run)) == [4]
+    _train(run, (f"{b},{a}", corpus["eval"]), "train.steps=6",
+           "checkpoint.allow_data_change=true")  # fmt: skip
+    assert ckpt_lib.checkpoint_steps(str(run))[-1] == 6
+
+
+def test_unreadable_storage_is_not_damage_and_all_damaged_does_not_restart(
+    tmp_path, corpus, damage_checkpoint, monkeypatch
+):
+    """An I/O error (EIO on a network mount, say) moved every good checkpoint aside and
+    trained from step 0 again; now it stops and moves nothing. When every checkpoint is
+    really damaged they are moved aside and the run stops saying so; the same command
+    then starts over."""
+    import errno
+
+    run = tmp_path / "run"
+    files = (corpus["train"], corpus["eval"])
+    _train(run, files, "train.steps=4", "checkpoint.every_steps=2")
+    real = ckpt_lib.Checkpointer._restore
+
+    def unreadable(self, *args):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(ckpt_lib.Checkpointer, "_restore", unreadable)
+    with pytest.raises(ckpt_lib.CheckpointUnavailable, match="is not damage, so nothing"):
+        _train(run, files, "train.steps=6")
+    assert ckpt_lib.checkpoint_steps(str(run)) == [2, 4]
+    assert not (run / "corrupt_checkpoints").exists()
+    monkeypatch.setattr(ckpt_lib.Checkpointer, "_restore", real)
+    for step in (2, 4):
+        damage_checkpoint(run / "checkpoints" / str(step))
+    with pytest.raises(ckpt_lib.CheckpointsDamaged, match=r"steps 2, 4 are damaged, now in"):
+        _train(run, files, "train.steps=6")
+    assert ckpt_lib.checkpoint_steps(str(run)) == []
+    _train(run, files, "train.steps=2", "checkpoint.every_steps=2")  # starts over
+    assert ckpt_lib.checkpoint_steps(str(run)) == [2]
+
+
+def test_best_checkpoint_survives_a_step_saved_twice_and_damaged_metadata(tmp_path):
+    """A resume from before the best checkpoint's step saves that step again (Orbax
+    refused: "already exists", on every rerun); damaged metadata at start moves it aside
+    and the next evaluation saves a new best."""
+    state = {"w": jnp.arange(4.0)}
+    best = ckpt_lib.BestCheckpoint(str(tmp_path), "accuracy", "max")
+    assert best.update(25, {"accuracy": 0.5}, state)
+    best.close()
+    best = ckpt_lib.BestCheckpoint(str(tmp_path), "accuracy", "max")  # resumed at step 20
+    best.value = None  # the resumed run's history: its step-25 eval is a new best
+    assert best.update(25, {"accuracy": 0.6}, {"w": jnp.ones(4)})
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+    np.testing.assert_array_equal(best.restore(abstract).state["w"], np.ones(4))
+    best.close()
+    (tmp_path / "best" / "checkpoints" / "25" / "metadata" / "metadata").write_text("{oops")
+    best = ckpt_lib.BestCheckpoint(str(tmp_path), "accuracy", "max")
+    assert best.value is None and best.ckpt.steps() == []
+    assert glob.glob(str(tmp_path / "best" / "corrupt_checkpoints" / "25-*"))
+    best.close()
+
+
+def test_eval_scores_a_run_whose_mesh_does_not_fit_these_devices(lm_workdir):
+    """A run trained on a larger mesh (here 16-way FSDP) is evaluated data-parallel on
+    the devices there are, with the same numbers."""
+    with open(os.path.join(lm_workdir, "config.json")) as f:
+        config = config_lib.from_dict(json.load(f))
+    want = evaluation.evaluate_workdir(config, lm_workdir, 8)
+    config.mesh.data, config.mesh.fsdp = 1, 16
+    got = evaluation.evaluate_workdir(config, lm_workdir, 8)
+    assert got["eval/loss"] == pytest.approx(want["eval/loss"], rel=1e-5)

@@ -416,6 +416,14 @@ def test_inspect_checkpoint(lm_workdir, tmp_path):
     shutil.copytree(f"{lm_workdir}/checkpoints/4", tmp_path / "checkpoints" / "4")
     (tmp_path / "checkpoints/4/data/process_0-of-1.json").write_text("{oops")
     assert "process_0-of-1.json: does not read" in inspect_checkpoint.describe(str(tmp_path))
+    # Damaged metadata is said in its place; a checkpoint moved aside as damaged opens too.
+    (tmp_path / "checkpoints/4/metadata/metadata").write_text("{oops")
+    text = inspect_checkpoint.describe(str(tmp_path))
+    assert "metadata/metadata does not read" in text and "nu_log" in text
+    aside = tmp_path / "corrupt_checkpoints" / "4-1796413169"
+    shutil.copytree(tmp_path / "checkpoints" / "4", aside)
+    text = inspect_checkpoint.describe(str(aside))
+    assert "steps ['4-1796413169']" in text and "nu_log" in text
 
 
 def test_bench_generate_runs():

@@ -103,6 +103,27 @@ def test_final_test_reads_the_whole_split_whatever_eval_steps(data_dir, tmp_path
     assert again == {k: v for k, v in results.items() if k not in ("task", "step")}
 
 
+def test_a_damaged_best_checkpoint_falls_back_to_the_final_state(
+    data_dir, tmp_path, damage_checkpoint, capsys
+):
+    """The best-on-eval checkpoint found damaged at the final test was an error on that
+    run and every rerun; now the final state is tested instead, and it is said."""
+    config = _config(
+        "text", f"data.data_dir={data_dir}", "mesh.data=8", "train.steps=2",
+        "train.eval_every=1", "train.progress=False",
+    )  # fmt: skip
+    workdir = str(tmp_path / "text")
+    train.train_and_evaluate(config, workdir)
+    (best_step,) = os.listdir(os.path.join(workdir, "best", "checkpoints"))
+    damage_checkpoint(os.path.join(workdir, "best", "checkpoints", best_step))
+    os.remove(os.path.join(workdir, "results.json"))  # as if the test had not run yet
+    result = train.train_and_evaluate(config, workdir)
+    assert "testing the final state (step 2) instead of the best one" in capsys.readouterr().out
+    assert result["best/step"] == 2 and np.isnan(result["best/eval_accuracy"])
+    with open(os.path.join(workdir, "results.json")) as f:
+        assert json.load(f)["test/examples"] == result["test/examples"] > 0
+
+
 def test_pixel_encoder_has_no_bias_under_batchnorm():
     """BatchNorm removes a constant per channel on every path from the encoder, so a bias
     there gets no gradient (Adam would move it by noise alone): there is none. Under

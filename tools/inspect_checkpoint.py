@@ -32,19 +32,28 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} PiB"
 
 
-def _locate(path: str, step: int | None) -> tuple[str, int | None]:
-    """(the checkpoints directory, step) from a workdir, its checkpoints directory or one
-    checkpoint's directory (whose name is the step)."""
+def _locate(path: str, step: int | None) -> tuple[str, list[str], str]:
+    """(the directory listed, its checkpoints' names, the one to describe) from a workdir,
+    its checkpoints directory or one checkpoint's directory: named by its step, or moved
+    aside as damaged (corrupt_checkpoints/STEP-TIME)."""
     path = os.path.normpath(path)
     if os.path.isdir(os.path.join(path, "checkpoints")):
-        return os.path.join(path, "checkpoints"), step
+        path = os.path.join(path, "checkpoints")
     name = os.path.basename(path)
-    if name.isdigit() and os.path.isdir(os.path.join(path, "state")):
-        if step is not None and step != int(name):
-            raise ValueError(f"{path} is the checkpoint of step {name}, not {step}")
-        return os.path.dirname(path), int(name)
-    if os.path.isdir(path) and any(d.isdigit() for d in os.listdir(path)):
-        return path, step
+    if os.path.isdir(os.path.join(path, "state")):  # one checkpoint
+        saved = name.split("-")[0]
+        if step is not None and saved.isdigit() and step != int(saved):
+            raise ValueError(f"{path} is the checkpoint of step {saved}, not {step}")
+        parent = os.path.dirname(path)
+        siblings = sorted((d for d in os.listdir(parent) if d.isdigit()), key=int)
+        return parent, siblings if name.isdigit() else [name], path
+    names = (
+        sorted((d for d in os.listdir(path) if d.isdigit()), key=int) if os.path.isdir(path) else []
+    )
+    if names:
+        if step is not None and str(step) not in names:
+            raise ValueError(f"no checkpoint at step {step}; there are {list(map(int, names))}")
+        return path, names, os.path.join(path, str(step) if step is not None else names[-1])
     raise FileNotFoundError(
         f"{path} is no workdir (no checkpoints/ in it), checkpoints directory or checkpoint"
     )
@@ -53,22 +62,22 @@ def _locate(path: str, step: int | None) -> tuple[str, int | None]:
 def describe(workdir: str, step: int | None = None, show_all: bool = False) -> str:
     """The text the tool prints: workdir may also be its checkpoints directory or one
     checkpoint's directory."""
-    directory, step = _locate(workdir, step)
-    steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit())
-    if not steps:
-        raise FileNotFoundError(f"{directory} holds no checkpoints")
+    directory, names, path = _locate(workdir, step)
+    steps = [int(n) if n.isdigit() else n for n in names]
     lines = [f"{directory}: steps {steps}"]
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise ValueError(f"no checkpoint at step {step}; there are {steps}")
-    path = os.path.join(directory, str(step))
     items = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
-    lines.append(f"step {step} ({_fmt_bytes(_dir_bytes(path))}): items {items}")
+    lines.append(f"step {os.path.basename(path)} ({_fmt_bytes(_dir_bytes(path))}): items {items}")
     meta_file = os.path.join(path, "metadata", "metadata")
     if os.path.exists(meta_file):
         with open(meta_file) as f:
-            meta = json.load(f)
-        lines.append(f"  written by lrulm {meta.get('lrulm_version')} on mesh {meta.get('mesh')}")
+            try:
+                meta = json.load(f)
+            except json.JSONDecodeError as e:
+                meta = None
+                lines.append(f"  metadata {meta_file} does not read ({e}): damaged")
+        if meta is not None:
+            version, mesh = meta.get("lrulm_version"), meta.get("mesh")
+            lines.append(f"  written by lrulm {version} on mesh {mesh}")
     data_dir = os.path.join(path, "data")
     if os.path.isdir(data_dir):
         for name in sorted(os.listdir(data_dir)):
