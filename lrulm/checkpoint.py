@@ -230,11 +230,10 @@ class Checkpointer:
                 if quarantine:
                     self._quarantine(step)
         if damaged and quarantine:
+            listed = ", ".join(map(str, sorted(damaged)))
             raise CheckpointsDamaged(
-                f"no checkpoint in {self.directory} reads back (steps "
-                f"{', '.join(map(str, sorted(damaged)))} are damaged, now in "
-                f"{os.path.join(self.workdir, 'corrupt_checkpoints')}); the run did not start "
-                "over on its own: run the same command again to train from step 0"
+                f"no checkpoint in {self.directory} reads back (step{'s' * (len(damaged) > 1)} "
+                f"{listed} damaged, now in {os.path.join(self.workdir, 'corrupt_checkpoints')})"
             )
         return None
 

@@ -109,7 +109,10 @@ def override(config: ConfigDict, key: str, text: str) -> None:
             f"(--config.{key}.FIELD=VALUE; fields: {fields}{more})"
         )
     if current is None:  # a placeholder (e.g. model.*: the preset's value): its declared type
-        declared = node.get_ref(leaf).get_type()
+        try:
+            declared = node.get_ref(leaf).get_type()
+        except ValueError:  # a plain None (a config read back from config.json): no type
+            declared = None
         if declared in (bool, int, float, str) and text.strip().lower() != "none":
             current = declared()
     try:

@@ -71,12 +71,14 @@ def peak_flops(device: jax.Device | None = None) -> float | None:
 class MetricWriter:
     """Appends {"step": s, ...} rows to metrics.jsonl and TensorBoard (process 0 only).
 
-    A run that starts at step S (a resume, or a fresh start) first moves the rows after S
-    out of metrics.jsonl, into metrics.superseded.jsonl: rows an interrupted run wrote
-    after its last checkpoint, which the resumed run writes again. TensorBoard hides
-    them too (purge_step)."""
+    A run resumed at step S first moves the rows after S out of metrics.jsonl, into
+    metrics.superseded.jsonl: rows an interrupted run wrote after its last checkpoint,
+    which the resumed run writes again; a `fresh` run (no checkpoint) moves every row
+    there, an earlier run's. TensorBoard hides them too (purge_step)."""
 
-    def __init__(self, workdir: str, *, enabled: bool, progress: bool = True, start_step=0):
+    def __init__(
+        self, workdir: str, *, enabled: bool, progress: bool = True, start_step=0, fresh=False
+    ):
         self.enabled = enabled
         self.progress = progress and enabled
         self._jsonl = None
@@ -84,12 +86,12 @@ class MetricWriter:
         if enabled:
             os.makedirs(workdir, exist_ok=True)
             path = os.path.join(workdir, "metrics.jsonl")
-            superseded = _supersede_rows_after(path, start_step)
+            superseded = _supersede_rows_after(path, None if fresh else start_step)
             self._jsonl = open(path, "a", buffering=1)
             try:
                 from tensorboardX import SummaryWriter
 
-                purge = {"purge_step": start_step + 1} if superseded else {}
+                purge = {"purge_step": 0 if fresh else start_step + 1} if superseded else {}
                 self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), **purge)
             except ImportError:  # TensorBoard is optional; metrics.jsonl is the record
                 self._tb = None
@@ -144,9 +146,9 @@ class MetricWriter:
             self._tb.close()
 
 
-def _supersede_rows_after(path: str, step: int) -> int:
-    """Moves metrics.jsonl's rows with a step above `step` to metrics.superseded.jsonl
-    beside it (appended: nothing is lost); returns how many moved."""
+def _supersede_rows_after(path: str, step: int | None) -> int:
+    """Moves metrics.jsonl's rows with a step above `step` (None: every row) to
+    metrics.superseded.jsonl beside it (appended: nothing is lost); returns how many."""
     if not os.path.exists(path):
         return 0
     with open(path) as f:
@@ -154,7 +156,7 @@ def _supersede_rows_after(path: str, step: int) -> int:
     keep, moved = [], []
     for line in lines:
         try:
-            later = int(json.loads(line)["step"]) > step
+            later = step is None or int(json.loads(line)["step"]) > step
         except (ValueError, KeyError, TypeError):  # a line cut short by a crash, say
             later = True
         (moved if later else keep).append(line if line.endswith("\n") else line + "\n")
@@ -166,10 +168,12 @@ def _supersede_rows_after(path: str, step: int) -> int:
         with open(tmp, "w") as f:
             f.writelines(keep)
         os.replace(tmp, path)
-        say(
-            f"lrulm: {len(moved)} rows of metrics.jsonl after step {step} (written after the "
-            "last checkpoint) moved to metrics.superseded.jsonl"
+        why = (
+            "an earlier run's, with no checkpoint left"
+            if step is None
+            else f"after step {step}, written after the last checkpoint"
         )
+        say(f"lrulm: {len(moved)} rows of metrics.jsonl ({why}) moved to metrics.superseded.jsonl")
     return len(moved)
 
 

@@ -393,12 +393,12 @@ def evaluate(exp: Experiment, eval_jit, state, batches) -> dict:
     return exp.task.finalize(sums) if sums else {}
 
 
-def _final_test(best, exp, eval_jit, test_batches, writer, step, workdir, state) -> dict:
+def _final_test(best, exp, eval_jit, test_batches, writer, step, workdir, state, *, trained):
     """The "test" split evaluated with the best-on-"eval" checkpoint (LRA reports test
     accuracy at the best validation accuracy, as the paper does); also results.json.
-    A finished run run again reads its result back rather than testing (and logging) it
-    twice: delete results.json to test again."""
-    done = _results_at(workdir, step)
+    A finished run run again (`trained` False: no step this time) reads its result back
+    rather than testing (and logging) it twice: delete results.json to test again."""
+    done = None if trained else _results_at(workdir, step)
     skip = done is not None
     if jax.process_count() > 1:  # process 0's file decides: every process tests, or none
         from jax.experimental import multihost_utils
@@ -495,7 +495,14 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
         checkpointer = ckpt_lib.Checkpointer(
             workdir, max_to_keep=c.max_to_keep, keep_period=c.keep_period, async_save=c.async_save
         )
-        restored = checkpointer.restore_latest(exp.abstract_state, train_iter)
+        try:
+            restored = checkpointer.restore_latest(exp.abstract_state, train_iter)
+        except ckpt_lib.CheckpointsDamaged as e:
+            checkpointer.close()
+            raise ckpt_lib.CheckpointsDamaged(
+                f"{e}; the run did not start over on its own: run the same command again to "
+                "train from step 0"
+            ) from None
         data_signature = {
             "global_batch": t.global_batch_size,
             "seq_len": t.seq_len,
@@ -539,8 +546,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
         # ---- Step functions ----------------------------------------------------------------
         train_jit, eval_jit = jit_steps(exp)
         writer = metrics_lib.MetricWriter(
-            workdir, enabled=is_main, progress=t.progress, start_step=step
-        )
+            workdir, enabled=is_main, progress=t.progress, start_step=step,
+            fresh=restored is None,
+        )  # fmt: skip
+        start_step = step
         num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
         tokens_per_step = t.global_batch_size * task.tokens_per_example()
         flops_per_token = task.flops_per_token(t.seq_len)
@@ -642,8 +651,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
             checkpointer.wait()
             if best is not None and step >= t.steps:
                 last_eval = _final_test(
-                    best, exp, eval_jit, eval_batches("test"), writer, step, workdir, state
-                )
+                    best, exp, eval_jit, eval_batches("test"), writer, step, workdir, state,
+                    trained=step > start_step,
+                )  # fmt: skip
         finally:
             profile.close()
             writer.close()

@@ -120,8 +120,8 @@ def test_unknown_methods_and_presets_stop_before_anything_runs():
         (("--presets", "test,350M"), "--presets: unknown preset '350M'"),
         (("--scan_methods", "associative,palas"), "--scan_methods: unknown scan method 'palas'"),
         (("--methods", "assoc"), "--methods: unknown scan method 'assoc'; use sequential"),
-        (("--budget_s", "foo"), "--budget_s: 'foo' is not a positive number of seconds"),
-        (("--budget_s", "scan=abc"), "--budget_s: 'abc' is not a positive number"),
+        (("--budget_s", "foo"), "--budget_s: 'foo' is not a number of seconds (>= 0)"),
+        (("--budget_s", "scan=-1"), "--budget_s: '-1' is not a number of seconds"),
         (("--steps", "0"), "--steps must be positive; got 0"),
         (("--repeats", "0"), "--repeats must be positive; got 0"),
     ):

@@ -368,7 +368,9 @@ def test_init_from_checks_shapes(tmp_path, corpus):
     _run(base, corpus, "train.steps=2", "checkpoint.every_steps=2")
     # Fine-tuning on other data: the source run's tokenizer comes along (its embedding rows
     # are that tokenizer's ids), whichever path names the checkpoint.
-    other = {"train": corpus["eval"], "eval": corpus["eval"]}
+    held = tmp_path / "held.jsonl"  # its own held-out file (one may not be both)
+    held.write_text("".join(open(corpus["train"]).readlines()[:12]))
+    other = {"train": corpus["eval"], "eval": str(held)}
     step_dir = base / "checkpoints" / "2"
     out = _run(tmp_path / "finetune", other, "train.steps=2", f"checkpoint.init_from={step_dir}")
     assert f"parameters from {step_dir} (step 2)" in out
@@ -443,7 +445,10 @@ def test_unreadable_storage_is_not_damage_and_all_damaged_does_not_restart(
     monkeypatch.setattr(ckpt_lib.Checkpointer, "_restore", real)
     for step in (2, 4):
         damage_checkpoint(run / "checkpoints" / str(step))
-    with pytest.raises(ckpt_lib.CheckpointsDamaged, match=r"steps 2, 4 are damaged, now in"):
+    with pytest.raises(
+        ckpt_lib.CheckpointsDamaged,
+        match=r"steps 2, 4 damaged, now in .*run the same command again to train from step 0",
+    ):
         _train(run, files, "train.steps=6")
     assert ckpt_lib.checkpoint_steps(str(run)) == []
     _train(run, files, "train.steps=2", "checkpoint.every_steps=2")  # starts over

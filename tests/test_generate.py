@@ -413,6 +413,10 @@ def test_inspect_checkpoint(lm_workdir, tmp_path):
         inspect_checkpoint.describe(f"{lm_workdir}/checkpoints/4", 8)
     with pytest.raises(FileNotFoundError, match="is no workdir"):
         inspect_checkpoint.describe(str(tmp_path))
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)  # all moved aside as damaged
+    (tmp_path / "empty" / "corrupt_checkpoints").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no checkpoints; damaged ones were moved"):
+        inspect_checkpoint.describe(str(tmp_path / "empty"))
     shutil.copytree(f"{lm_workdir}/checkpoints/4", tmp_path / "checkpoints" / "4")
     (tmp_path / "checkpoints/4/data/process_0-of-1.json").write_text("{oops")
     assert "process_0-of-1.json: does not read" in inspect_checkpoint.describe(str(tmp_path))

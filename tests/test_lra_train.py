@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -101,6 +102,10 @@ def test_final_test_reads_the_whole_split_whatever_eval_steps(data_dir, tmp_path
     again = train.train_and_evaluate(config, workdir)
     assert _rows(workdir) == rows
     assert again == {k: v for k, v in results.items() if k not in ("task", "step")}
+    # Trained again from step 0 (its checkpoints gone): tested again, not read back.
+    shutil.rmtree(os.path.join(workdir, "checkpoints"))
+    train.train_and_evaluate(config, workdir)
+    assert [r["step"] for r in _rows(workdir) if "test/accuracy" in r] == [1]
 
 
 def test_a_damaged_best_checkpoint_falls_back_to_the_final_state(

@@ -223,9 +223,17 @@ def test_a_resumed_run_moves_the_rows_after_its_checkpoint_aside(tmp_path, capsy
     steps = lambda name: [json.loads(line)["step"] for line in open(tmp_path / name)]
     assert steps("metrics.jsonl") == [0, 5, 10]
     assert open(tmp_path / "metrics.superseded.jsonl").read().splitlines()[1] == '{"step": 2'
-    assert "2 rows of metrics.jsonl after step 10" in capsys.readouterr().out
+    assert (
+        "2 rows of metrics.jsonl (after step 10, written after the last" in capsys.readouterr().out
+    )
     metrics_lib.MetricWriter(str(tmp_path), enabled=True, start_step=10).close()
     assert steps("metrics.jsonl") == [0, 5, 10]  # nothing more to move
+    # A fresh run (no checkpoint) in the same workdir: every row is an earlier run's.
+    metrics_lib.MetricWriter(str(tmp_path), enabled=True, fresh=True).close()
+    assert steps("metrics.jsonl") == []
+    moved = open(tmp_path / "metrics.superseded.jsonl").read().splitlines()[-3:]
+    assert [json.loads(line)["step"] for line in moved] == [0, 5, 10]
+    assert "3 rows of metrics.jsonl (an earlier run's" in capsys.readouterr().out
 
 
 def test_console_lines_read_as_numbers(tmp_path, capsys):
@@ -291,6 +299,11 @@ def test_unknown_config_key():
     assert _config("model.d_model=None").model.d_model is None
     with pytest.raises(config_lib.ConfigError, match="model.num_layers=abc: expected an integer"):
         _config("model.num_layers=abc")
+    # A run's config.json read back (`lrulm eval --workdir`): its null fields take overrides.
+    saved = config_lib.from_dict(config_lib.to_dict(_config()))
+    config_lib.override(saved, "model.scan_method", "sequential")
+    config_lib.override(saved, "model.remat", "full")
+    assert (saved.model.scan_method, saved.model.remat) == ("sequential", "full")
 
 
 @pytest.mark.parametrize(

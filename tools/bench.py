@@ -315,8 +315,8 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not value > 0:
-        raise SystemExit(f"--budget_s: {text!r} is not a positive number of seconds")
+    if not value >= 0:  # 0: no row after the first of each section
+        raise SystemExit(f"--budget_s: {text!r} is not a number of seconds (>= 0)")
     return value
 
 

@@ -54,6 +54,10 @@ def _locate(path: str, step: int | None) -> tuple[str, list[str], str]:
         if step is not None and str(step) not in names:
             raise ValueError(f"no checkpoint at step {step}; there are {list(map(int, names))}")
         return path, names, os.path.join(path, str(step) if step is not None else names[-1])
+    if os.path.basename(path) == "checkpoints":
+        aside = os.path.join(os.path.dirname(path), "corrupt_checkpoints")
+        moved = f"; damaged ones were moved to {aside}" if os.path.isdir(aside) else ""
+        raise FileNotFoundError(f"{path} holds no checkpoints{moved}")
     raise FileNotFoundError(
         f"{path} is no workdir (no checkpoints/ in it), checkpoints directory or checkpoint"
     )
