@@ -15,6 +15,8 @@ import urllib.request
 import jax
 from jax.experimental import multihost_utils
 
+from lrulm import preemption
+
 logger = logging.getLogger(__name__)
 
 # Explicit configuration; the LRULM_ name wins over the JAX-standard one. jax itself only reads
@@ -93,9 +95,18 @@ def _address_env(found: tuple[str, str]) -> str:
     return value
 
 
-def _timeout_env(name: str, default: int) -> int:
-    value = os.environ.get(name, "").strip()
-    return _int_env((name, value)) if value else default
+def _timeout(given: int | None, name: str, default: int) -> int:
+    """Seconds: `given`, else $name, else the default; at least 1 (jax takes 0 as "at
+    once": every process is declared dead at the first heartbeat)."""
+    if given is None:
+        value = os.environ.get(name, "").strip()
+        given = _int_env((name, value)) if value else default
+        source = name
+    else:
+        source = "the timeout"
+    if given < 1:
+        raise ValueError(f"{source}={given}: give a number of seconds, at least 1")
+    return given
 
 
 def _gce_metadata(key: str, timeout_s: float = 5.0) -> str | None:
@@ -302,12 +313,12 @@ def initialize(
     env = detect()
     if not env.is_multi_process:
         return
-    timeout_s = timeout_s or _timeout_env(INIT_TIMEOUT_VAR, DEFAULT_INIT_TIMEOUT_S)
-    heartbeat_timeout_s = heartbeat_timeout_s or _timeout_env(
-        HEARTBEAT_TIMEOUT_VAR, DEFAULT_HEARTBEAT_TIMEOUT_S
+    timeout_s = _timeout(timeout_s, INIT_TIMEOUT_VAR, DEFAULT_INIT_TIMEOUT_S)
+    heartbeat_timeout_s = _timeout(
+        heartbeat_timeout_s, HEARTBEAT_TIMEOUT_VAR, DEFAULT_HEARTBEAT_TIMEOUT_S
     )
-    shutdown_timeout_s = shutdown_timeout_s or _timeout_env(
-        SHUTDOWN_TIMEOUT_VAR, DEFAULT_SHUTDOWN_TIMEOUT_S
+    shutdown_timeout_s = _timeout(
+        shutdown_timeout_s, SHUTDOWN_TIMEOUT_VAR, DEFAULT_SHUTDOWN_TIMEOUT_S
     )
     if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -317,7 +328,11 @@ def initialize(
     if explicit and env.process_id == 0:
         _check_port_free(env.coordinator_address)
     elif explicit:
-        _wait_for_coordinator(env.coordinator_address, timeout_s, env)
+        # Pods and tasks start apart: this wait can be minutes, and a SIGTERM in it ends the
+        # process with exit 75 ("try again"), not 143. (Inside jax's join below, which
+        # signals cannot interrupt, it keeps its default action.)
+        with preemption.stop_before_start():
+            _wait_for_coordinator(env.coordinator_address, timeout_s, env)
     remaining = max(int(timeout_s - (time.monotonic() - start)), 1)
     logger.info(
         "joining %s job as process %s of %s (coordinator %s, timeout %d s)",

@@ -123,12 +123,18 @@ def main(argv: list[str]) -> int:
         match args.command:
             case "train" | "eval":
                 config = _config(args, extra)
-                from lrulm import distributed, train
+                from lrulm import distributed, preemption, train
 
-                distributed.initialize()
+                try:
+                    distributed.initialize()
+                except preemption.SignalBeforeStart:
+                    print(
+                        f"lrulm {args.command}: a preemption signal came before the run "
+                        f"started; nothing to save (exit {preemption.EXIT_CODE})",
+                        file=sys.stderr,
+                    )
+                    return preemption.EXIT_CODE
                 if args.command == "train":
-                    from lrulm import preemption
-
                     try:
                         train.train_and_evaluate(config, args.workdir)
                     except preemption.Preempted as e:

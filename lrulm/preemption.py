@@ -12,6 +12,7 @@ step.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 
 import jax
@@ -31,6 +32,33 @@ class Preempted(Exception):
         self.step = step
 
 
+class SignalBeforeStart(Exception):
+    """A preemption signal came before the run started (while joining the other
+    processes): nothing to save; exit with EXIT_CODE all the same."""
+
+
+@contextlib.contextmanager
+def stop_before_start():
+    """Around Python code that waits before the run starts (for the coordinator: minutes
+    where pods start apart): a SIGTERM there raises SignalBeforeStart, so that the process
+    exits with EXIT_CODE ("try again"), not killed by the signal (143, which launchers
+    take for a failure). Not around a call into C++ that blocks (jax's join): Python runs
+    a handler only between its own instructions, so the signal would wait for the call."""
+
+    def handler(signum, frame):
+        raise SignalBeforeStart()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 class Watcher:
     """Whether a preemption signal has arrived, agreed by every process.
 
@@ -38,12 +66,22 @@ class Watcher:
     jax.distributed is initialised) makes every process agree on the same step; with one,
     this handler's flag is enough. Call `reached` at every step on every process; use
     it as a context manager (or call `close`) to put the previous handler back.
+
+    `start_step`: the step the run starts from (its newest checkpoint's). jax agrees on
+    one past the largest step any process has reported, and on 1 before any report: a
+    signal during the set-up (data, restore, compile) of a run resuming at step S > 0
+    agreed on a step its loop never reaches, so it never stopped. Told S at once, the
+    processes agree on S + 1.
     """
 
-    def __init__(self):
+    def __init__(self, start_step: int = 0):
         self.requested = False
         self._previous = None
-        if not jax.distributed.is_initialized():
+        if jax.distributed.is_initialized():
+            from jax.experimental import multihost_utils
+
+            multihost_utils.reached_preemption_sync_point(start_step)
+        else:
             try:
                 self._previous = signal.signal(signal.SIGTERM, self._handler)
             except ValueError:  # not the main thread (e.g. inside a test runner thread)

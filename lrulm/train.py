@@ -14,6 +14,7 @@ naming that step, without overwriting a good checkpoint.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -427,6 +428,25 @@ def _final_test(best, exp, eval_jit, test_batches, writer, step, workdir, state,
     return result
 
 
+def _check_processes_agree(config) -> None:
+    """Every process must run the config process 0 runs (each builds its own from its
+    command line): refused on all of them at once, before anything is read or written,
+    when any differs (one lr on one host and another on the next trained a mixture)."""
+    if jax.process_count() < 2:
+        return
+    from jax.experimental import multihost_utils
+
+    text = json.dumps(config_lib.to_dict(config), sort_keys=True)
+    digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint32)
+    every = np.asarray(multihost_utils.process_allgather(digest)).reshape(-1, digest.size)
+    differ = [i for i in range(len(every)) if not np.array_equal(every[i], every[0])]
+    if differ:
+        raise ValueError(
+            f"process(es) {', '.join(map(str, differ))} run another config than process 0 "
+            "(their resolved configs differ): give every process the same command line"
+        )
+
+
 def _results_at(workdir: str, step: int) -> dict | None:
     """results.json's test result if it is of `step` (else None)."""
     try:
@@ -458,7 +478,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
     """
     # From the start: a SIGTERM while the data is prepared, the state restored or the step
     # compiled (minutes) still ends in a save and a clean stop at the loop's first step.
-    with preemption.Watcher() as watcher:
+    latest = max(ckpt_lib.checkpoint_steps(workdir), default=0)  # where a resume starts
+    with preemption.Watcher(start_step=latest) as watcher:
         # ---- Set-up ----------------------------------------------------------------------
         t, c = config.train, config.checkpoint
         if "://" in workdir:
@@ -467,6 +488,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
                 "bucket (GCS FUSE: gcsfuse BUCKET /gcs/BUCKET) and use the mount path"
             )
         is_main = jax.process_index() == 0
+        _check_processes_agree(config)
         os.makedirs(workdir, exist_ok=True)
 
         # ---- Mesh ------------------------------------------------------------------------

@@ -280,3 +280,71 @@ def test_dcn_axes_in_one_process_are_a_clear_error():
 
     with pytest.raises(ValueError, match=r"devices are in one process, .*set mesh.dcn_data and"):
         sharding.make_mesh({"data": 1, "fsdp": 2}, devices=jax.devices()[:4], dcn={"data": 2})
+
+
+def test_sigterm_while_waiting_for_the_coordinator_exits_75(tmp_path):
+    """A process waiting for a coordinator that starts later (pods start apart) and told
+    to stop exits 75, "try again", not 143, which launchers take for a failure."""
+    port = _free_port()  # nothing listens there yet
+    env = _env(
+        LRULM_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", LRULM_NUM_PROCESSES="2",
+        LRULM_PROCESS_ID="1", LRULM_INIT_TIMEOUT_S="120",
+    )  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lrulm", "train", "--config", "configs/lm/tiny.py:test",
+         "--workdir", str(tmp_path / "run")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    time.sleep(6)  # imports, then the wait
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 75, out[-2000:]
+    assert "a preemption signal came before the run started; nothing to save" in out
+
+
+def test_bad_timeouts_are_refused(clean_env, monkeypatch):
+    """0 made jax declare every process dead at its first heartbeat."""
+    monkeypatch.setenv("LRULM_HEARTBEAT_TIMEOUT_S", "0")
+    with pytest.raises(ValueError, match="LRULM_HEARTBEAT_TIMEOUT_S=0: give a number of seconds"):
+        distributed._timeout(None, "LRULM_HEARTBEAT_TIMEOUT_S", 60)
+    with pytest.raises(ValueError, match="the timeout=-5"):
+        distributed._timeout(-5, "LRULM_INIT_TIMEOUT_S", 300)
+    monkeypatch.delenv("LRULM_HEARTBEAT_TIMEOUT_S")
+    assert distributed._timeout(None, "LRULM_HEARTBEAT_TIMEOUT_S", 60) == 60
+
+
+def test_a_resumed_run_tells_jax_its_step_before_setting_up(monkeypatch):
+    """jax agrees on one past the largest step reported (1 before any report): a SIGTERM
+    during a resumed run's set-up agreed on step 1, which the loop, starting at its
+    checkpoint's step, never reached, so the run never saved or stopped."""
+    from jax.experimental import multihost_utils
+
+    from lrulm import preemption
+
+    reported = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", reported.append)
+    with preemption.Watcher(start_step=432) as watcher:
+        assert reported == [432]
+        watcher.reached(433)
+    assert reported == [432, 433]
+
+
+def test_processes_with_other_configs_are_refused(monkeypatch):
+    """Each process builds its config from its own command line; one lr on one host and
+    another on the next trained a mixture, silently."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from lrulm import config as config_lib
+    from lrulm import train
+
+    config = config_lib.load("configs/lm/tiny.py:test")
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    same = lambda x: np.stack([x, x])
+    monkeypatch.setattr(multihost_utils, "process_allgather", same)
+    train._check_processes_agree(config)
+    other = lambda x: np.stack([x, x + 1])
+    monkeypatch.setattr(multihost_utils, "process_allgather", other)
+    with pytest.raises(ValueError, match=r"process\(es\) 1 run another config than process 0"):
+        train._check_processes_agree(config)
