@@ -136,17 +136,14 @@ def validate(config, mesh) -> None:
         )
     if not 0 <= t.seed < 2**32:
         raise ValueError(f"train.seed must be in [0, 2**32); got {t.seed}")
-    o = config.optim
-    optim.check_arguments(
-        lr=o.lr,
-        lr_factor=o.lr_factor,
-        weight_decay=o.weight_decay,
-        warmup_fraction=o.warmup_fraction,
-        grad_clip=o.grad_clip,
-        b1=o.b1,
-        b2=o.b2,
-    )
+    optim.check_arguments(**_optimizer_args(config))
     tasks.resolve_model_config(config.model)  # the model's fields, before the data
+
+
+def _optimizer_args(config) -> dict:
+    """config.optim's arguments of optim.make_optimizer (the schedule's length aside)."""
+    names = ("lr", "lr_factor", "weight_decay", "warmup_fraction", "grad_clip", "b1", "b2")
+    return {name: config.optim[name] for name in names}
 
 
 def make_mesh(config, devices=None):
@@ -166,17 +163,7 @@ def build(config, task, mesh) -> Experiment:
     graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
     param_axes = sharding.logical_axes_tree(abs_params)
     rest_axes = sharding.logical_axes_tree(abs_rest)
-    o = config.optim
-    tx, schedule = optim.make_optimizer(
-        lr=o.lr,
-        total_steps=config.train.steps,
-        lr_factor=o.lr_factor,
-        weight_decay=o.weight_decay,
-        warmup_fraction=o.warmup_fraction,
-        grad_clip=o.grad_clip,
-        b1=o.b1,
-        b2=o.b2,
-    )
+    tx, schedule = optim.make_optimizer(total_steps=config.train.steps, **_optimizer_args(config))
 
     def init_fn(key):
         model = task.make_model(nnx.Rngs(params=key))
