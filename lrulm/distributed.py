@@ -141,9 +141,13 @@ def _tpu_environment() -> Environment | None:
     if not on_tpu or "TPU_SKIP_MDS_QUERY" in os.environ:
         return None
     endpoints = _gce_metadata("worker-network-endpoints")
-    if endpoints is None:
-        # Cannot count the workers: let jax's own detection decide (a single worker is fine).
-        return Environment("tpu")
+    if endpoints is None:  # jax's own detection would ask the same server, and fail
+        raise ValueError(
+            "this is a Cloud TPU VM, but its metadata server did not answer "
+            "(worker-network-endpoints), so the slice's hosts are unknown: set "
+            "TPU_SKIP_MDS_QUERY=1 to run on this host alone, or TPU_WORKER_HOSTNAMES="
+            "host0,host1,... (every host of the slice, in order) for a multi-host slice"
+        )
     return Environment("tpu", num_processes=len(endpoints.split(",")) * slices)
 
 

@@ -147,6 +147,20 @@ def test_gke_tpu_pod_counts_workers(clean_env):
     assert (env.kind, env.num_processes, env.process_id) == ("tpu", 8, None)
 
 
+def test_a_tpu_vm_whose_metadata_does_not_answer_says_what_to_set(clean_env):
+    """jax's own detection asks the same metadata server: it ended in a ConnectionError
+    traceback. A slice whose hosts answer is counted."""
+    clean_env.setattr(distributed, "_on_cloud_tpu_vm", lambda: True)
+    clean_env.delenv("TPU_SKIP_MDS_QUERY", raising=False)
+    clean_env.setattr(distributed, "_gce_metadata", lambda key: None)
+    with pytest.raises(ValueError, match="set TPU_SKIP_MDS_QUERY=1 to run on this host alone"):
+        distributed.detect()
+    clean_env.setattr(distributed, "_gce_metadata", lambda key: "a,b,c,d")
+    assert distributed.detect().num_processes == 4
+    clean_env.setenv("TPU_SKIP_MDS_QUERY", "1")
+    assert distributed.detect().kind == "single"
+
+
 def test_single_process_initialize_is_an_idempotent_no_op(clean_env):
     distributed.initialize()
     distributed.initialize(timeout_s=1)
