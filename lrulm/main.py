@@ -114,6 +114,7 @@ def main(argv: list[str]) -> int:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from lrulm import config as config_lib
+    from lrulm import preemption
 
     if args.command in ("eval", "generate"):  # their stdout is the result
         from lrulm import metrics as metrics_lib
@@ -123,17 +124,9 @@ def main(argv: list[str]) -> int:
         match args.command:
             case "train" | "eval":
                 config = _config(args, extra)
-                from lrulm import distributed, preemption, train
+                from lrulm import distributed, train
 
-                try:
-                    distributed.initialize()
-                except preemption.SignalBeforeStart:
-                    print(
-                        f"lrulm {args.command}: a preemption signal came before the run "
-                        f"started; nothing to save (exit {preemption.EXIT_CODE})",
-                        file=sys.stderr,
-                    )
-                    return preemption.EXIT_CODE
+                distributed.initialize()
                 if args.command == "train":
                     try:
                         train.train_and_evaluate(config, args.workdir)
@@ -195,6 +188,13 @@ def main(argv: list[str]) -> int:
                 docs = (d for f in files for d in lm_data.read_documents(f))
                 sp = tok.train_tokenizer(docs, args.output, vocab_size=args.vocab_size)
                 print(f"wrote {args.output}: {sp.get_piece_size()} pieces")
+    except preemption.SignalBeforeStart:  # while waiting for the other processes
+        print(
+            f"lrulm {args.command}: a preemption signal came before the run started; "
+            f"nothing to save (exit {preemption.EXIT_CODE})",
+            file=sys.stderr,
+        )
+        return preemption.EXIT_CODE
     except (config_lib.ConfigError, ValueError, FileNotFoundError) as e:
         if os.environ.get("LRULM_TRACEBACK"):
             raise

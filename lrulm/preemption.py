@@ -15,8 +15,6 @@ from __future__ import annotations
 import contextlib
 import signal
 
-import jax
-
 EXIT_CODE = 75
 
 
@@ -77,6 +75,8 @@ class Watcher:
     def __init__(self, start_step: int = 0):
         self.requested = False
         self._previous = None
+        import jax  # here: `lrulm` imports this module before it needs jax
+
         if jax.distributed.is_initialized():
             from jax.experimental import multihost_utils
 
@@ -91,6 +91,8 @@ class Watcher:
         self.requested = True
 
     def reached(self, step: int) -> bool:
+        import jax
+
         if jax.distributed.is_initialized():
             from jax.experimental import multihost_utils
 

@@ -415,6 +415,15 @@ def _final_test(best, exp, eval_jit, test_batches, writer, step, workdir, state,
     return result
 
 
+# Settings a process may have of its own (reader threads), or that only process 0 acts on.
+_PER_PROCESS_KEYS = (
+    ("data", "num_threads"),
+    ("train", "progress"),
+    ("train", "profile_start_step"),
+    ("train", "profile_steps"),
+)
+
+
 def _check_processes_agree(config) -> None:
     """Every process must run the config process 0 runs (each builds its own from its
     command line): refused on all of them at once, before anything is read or written,
@@ -423,7 +432,10 @@ def _check_processes_agree(config) -> None:
         return
     from jax.experimental import multihost_utils
 
-    text = json.dumps(config_lib.to_dict(config), sort_keys=True)
+    settings = config_lib.to_dict(config)
+    for group, key in _PER_PROCESS_KEYS:  # may differ: each process's own, or process 0's
+        settings.get(group, {}).pop(key, None)
+    text = json.dumps(settings, sort_keys=True)
     digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint32)
     every = np.asarray(multihost_utils.process_allgather(digest)).reshape(-1, digest.size)
     differ = [i for i in range(len(every)) if not np.array_equal(every[i], every[0])]
