@@ -28,13 +28,17 @@ per-chip throughput at least twice the minimal-LRU baseline of DESIGN.md §4.
 
 from lrulm.config import base_config
 
-# size -> (preset, steps, global batch, fsdp, peak lr). Learning rates follow the usual
-# width scaling of GPT-style models (GPT-3 Table 2.1: 6e-4 at 125M, 3e-4 at 350M, 2e-4
-# at 1.3B); the LRU's recurrent parameters train at lr x 0.5.
+# size -> (preset, steps, global batch, fsdp, peak lr, remat). Learning rates follow the
+# usual width scaling of GPT-style models (GPT-3 Table 2.1: 6e-4 at 125M, 3e-4 at 350M,
+# 2e-4 at 1.3B); the LRU's recurrent parameters train at lr x 0.5. remat: the least
+# recomputation with which the train step fits the hardware it is sized for (`lrulm
+# compile`, 2026-12-04; without it 125m needs ~62.7 GiB a v5e chip, 350m ~157 GiB a v5p
+# chip): 125m "lru" 6.9 of 16 GiB on v5e-8 ("dots" ~21.6, over); 350m "dots" 46.3 of 95
+# GiB on v5p-32; 1.3b its preset's "full", 7.0 GiB on v5p-128.
 SIZES = {
-    "125m": ("125m", 6_000, 256, 1, 6e-4),
-    "350m": ("350m", 8_000, 512, 4, 3e-4),
-    "1.3b": ("1.3b", 13_000, 1024, 16, 2e-4),
+    "125m": ("125m", 6_000, 256, 1, 6e-4, "lru"),
+    "350m": ("350m", 8_000, 512, 4, 3e-4, "dots"),
+    "1.3b": ("1.3b", 13_000, 1024, 16, 2e-4, None),
 }
 
 
@@ -48,10 +52,11 @@ def get_config(arg=None):
             f"configs/lm/base.py takes size=S or S, S one of {', '.join(SIZES)}; got {arg!r} "
             "(other settings are overrides: --config.train.steps=...)"
         )
-    preset, steps, batch, fsdp, lr = SIZES[size]
+    preset, steps, batch, fsdp, lr, remat = SIZES[size]
     c = base_config()
     c.task = "lm"
     c.model.preset = preset
+    c.model.remat = remat  # None: the preset's
     c.data.vocab_size = 32000  # when the tokenizer is trained into the workdir
     c.optim.lr = lr
     c.optim.lr_factor = 0.5
