@@ -281,31 +281,6 @@ def test_profile_traces_the_steps_of_the_window(tmp_path, corpus, capsys):
     assert "profile of steps 6..7 written" in capsys.readouterr().out
 
 
-def test_unknown_config_key():
-    with pytest.raises(config_lib.ConfigError, match="did you mean 'train.steps'"):
-        _config("train.stpes=3")
-    with pytest.raises(config_lib.ConfigError, match="train.steps=abc: expected an integer"):
-        _config("train.steps=abc")
-    with pytest.raises(config_lib.ConfigError, match="train.steps=2.5: expected an integer"):
-        _config("train.steps=2.5")
-    with pytest.raises(config_lib.ConfigError, match="optim.lr=fast: expected a number"):
-        _config("optim.lr=fast")
-    with pytest.raises(config_lib.ConfigError, match=r"group of settings.*fields: .*num_layers"):
-        _config("model=3")
-    assert _config("train.steps=1e3").train.steps == 1000
-    # model.* fields are placeholders (the preset fills them): parsed by their own type
-    assert _config("model.num_layers=1e1").model.num_layers == 10
-    assert _config("model.tie_embeddings=0").model.tie_embeddings is False
-    assert _config("model.d_model=None").model.d_model is None
-    with pytest.raises(config_lib.ConfigError, match="model.num_layers=abc: expected an integer"):
-        _config("model.num_layers=abc")
-    # A run's config.json read back (`lrulm eval --workdir`): its null fields take overrides.
-    saved = config_lib.from_dict(config_lib.to_dict(_config()))
-    config_lib.override(saved, "model.scan_method", "sequential")
-    config_lib.override(saved, "model.remat", "full")
-    assert (saved.model.scan_method, saved.model.remat) == ("sequential", "full")
-
-
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -329,16 +304,6 @@ def test_bad_optimizer_and_model_values_fail_before_the_data_is_prepared(
     with pytest.raises(ValueError, match=message):
         train.train_and_evaluate(config, str(tmp_path / "run"))
     assert os.listdir(tmp_path / "run") == []
-
-
-def test_base_config_takes_only_a_size():
-    """A misspelt argument started the 125m run; now it is an error naming the sizes."""
-    assert config_lib.load("configs/lm/base.py:size=350m").model.preset == "350m"
-    assert config_lib.load("configs/lm/base.py:1.3b").model.preset == "1.3b"
-    assert config_lib.load("configs/lm/base.py").model.preset == "125m"
-    for bad in ("sise=350m", "size=350m,steps=10", "350M"):
-        with pytest.raises(ValueError, match=r"takes size=S or S, S one of 125m, 350m, 1.3b"):
-            config_lib.load(f"configs/lm/base.py:{bad}")
 
 
 def test_step_time_leaves_out_evaluation_and_saving(tmp_path, corpus, monkeypatch):
