@@ -1,18 +1,23 @@
 """`lrulm lra-report`: LRA test accuracy of finished runs beside the LRU paper's Table 3.
 
 Each workdir holds the `results.json` the trainer writes after the last step (test
-accuracy of the best-validation checkpoint) and the `config.json` naming its task.
+accuracy of the best-validation checkpoint) and the `config.json` it ran with.
 When several runs of one task are given, the table reports the one with the best
 validation accuracy, the way the paper selects (picking on test accuracy would
-overstate it); every run is listed below the table.
+overstate it); every run is listed below the table, with what keeps its number from
+being comparable with the paper's: settings other than the paper's Table 8/9 (a
+smaller model, fewer steps), a run extended past its results, or a final state tested
+in place of a lost best checkpoint.
 """
 
 from __future__ import annotations
 
+import glob
 import json
+import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Paper order and display names.
 TASK_NAMES = {
@@ -32,6 +37,36 @@ PAPER: dict[str, dict[str, float]] = {
 }
 MISSING = "–"
 
+# The paper's settings (Tables 8/9, App. D.2) as config.json keys: depth 6, BatchNorm,
+# AdamW with weight decay 0.05 and 10% warm-up everywhere; configs/lra/*.py set them
+# (tests/test_lra_train.py checks the two agree).
+_COMMON = {
+    "model.num_layers": 6,
+    "model.norm": "batch",
+    "optim.weight_decay": 0.05,
+    "optim.warmup_fraction": 0.1,
+}
+_KEYS = (
+    "model.d_model", "model.d_state", "train.steps", "train.global_batch_size",
+    "optim.lr_factor", "model.dropout", "model.r_min", "model.r_max", "model.max_phase",
+    "train.seq_len", "model.bidirectional", "model.glu",
+)  # fmt: skip
+PAPER_SETTINGS: dict[str, dict[str, object]] = {
+    task: {**_COMMON, **dict(zip(_KEYS, values))}
+    for task, values in {
+        "listops": (128, 256, 80_000, 32, 0.5, 0.0, 0.0, 0.99, 2 * math.pi, 2000, False, "full"),
+        "text": (256, 192, 50_000, 32, 0.1, 0.1, 0.5, 0.9, 2 * math.pi, 4096, False, "full"),
+        "retrieval": (128, 256, 100_000, 64, 0.5, 0.1, 0.5, 0.9, 2 * math.pi, 4000, False, "full"),
+        "image": (512, 384, 180_000, 50, 0.25, 0.1, 0.9, 0.999, 2 * math.pi, 1024, False, "full"),
+        "pathfinder": (
+            192, 256, 500_000, 64, 0.25, 0.0, 0.9, 0.999, 2 * math.pi, 1024, True, "full"
+        ),
+        "pathx": (
+            128, 256, 250_000, 32, 0.25, 0.0, 0.999, 0.9999, math.pi / 10, 16384, True, "half"
+        ),
+    }.items()
+}  # fmt: skip
+
 
 class NotLRARun(ValueError):
     """A workdir of another task (e.g. a language model)."""
@@ -48,6 +83,8 @@ class Run:
     eval_accuracy: float | None  # best validation accuracy, None if not recorded
     best_step: int | None
     test_examples: int | None = None
+    # Why the number is not comparable with the paper's (empty: it is).
+    notes: tuple[str, ...] = field(default=())
 
 
 def _read_json(path: str) -> dict:
@@ -64,8 +101,70 @@ def _read_json(path: str) -> dict:
     return data
 
 
+def _lookup(config: dict, key: str):
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(key)
+        node = node[part]
+    return node
+
+
+def _same(value, paper) -> bool:
+    if isinstance(paper, (bool, str)):
+        return value == paper
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return number and math.isclose(value, paper, rel_tol=1e-6, abs_tol=1e-12)
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def differences(task: str, config: dict) -> list[str]:
+    """The paper settings (PAPER_SETTINGS) a run's config.json does not have, as
+    "key value≠paper" strings ("key unknown" where config.json lacks the key)."""
+    out = []
+    for key, paper in PAPER_SETTINGS[task].items():
+        name = key.split(".", 1)[1]
+        try:
+            value = _lookup(config, key)
+        except KeyError:
+            out.append(f"{name} unknown")
+            continue
+        if not _same(value, paper):
+            out.append(f"{name} {_short(value)}≠{_short(paper)}")
+    return out
+
+
+def _fraction(path: str, results: dict, key: str, *, optional: bool = False) -> float | None:
+    """results[key] checked to be an accuracy in [0, 1] (NaN or null: None if optional)."""
+    value = results.get(key)
+    if optional and (value is None or (isinstance(value, float) and math.isnan(value))):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(
+            f"{path}: {key} is {value!r}, not an accuracy in [0, 1]; the trainer writes this "
+            "file: rerun the run's `lrulm train` command after deleting it"
+        )
+    return float(value)
+
+
+def _count(path: str, results: dict, key: str) -> int | None:
+    value = results.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"{path}: {key} is {value!r}, not a count")
+    return int(value)
+
+
+def _finished_runs_below(workdir: str) -> bool:
+    return bool(glob.glob(os.path.join(glob.escape(workdir), "*", "results.json")))
+
+
 def load_run(workdir: str) -> Run:
-    """Reads one workdir's results.json (and config.json for the task).
+    """Reads one workdir's results.json (and config.json for the task and settings).
 
     Raises:
       FileNotFoundError: the directory or its results.json does not exist.
@@ -76,16 +175,22 @@ def load_run(workdir: str) -> Run:
     results_path = os.path.join(workdir, "results.json")
     config_path = os.path.join(workdir, "config.json")
     results = _read_json(results_path) if os.path.exists(results_path) else None
+    config = _read_json(config_path) if os.path.exists(config_path) else None
     # results.json names the task its numbers are for; config.json is the last config a
     # run started with.
     task = (results or {}).get("task")
-    if task is None and os.path.exists(config_path):
-        task = _read_json(config_path).get("task")
-    if task is not None and task not in TASK_NAMES:
+    if task is None and config is not None:
+        task = config.get("task")
+    if task is not None and (not isinstance(task, str) or task not in TASK_NAMES):
         raise NotLRARun(
             f"{workdir} is a {task!r} run; lra-report reads LRA runs: {', '.join(TASK_NAMES)}"
         )
     if results is None:
+        if config is None and _finished_runs_below(workdir):
+            raise FileNotFoundError(
+                f"{workdir} holds runs rather than being one: give them, e.g. "
+                f"`lrulm lra-report {os.path.join(workdir, '*')}`"
+            )
         raise FileNotFoundError(
             f"{workdir} has no results.json: the trainer writes it after the last step, with "
             "the test accuracy of the best-validation checkpoint. Finish the run (re-running "
@@ -95,25 +200,45 @@ def load_run(workdir: str) -> Run:
         raise ValueError(f"{results_path} does not name its task")
     if "test/accuracy" not in results:
         raise ValueError(f"{results_path} has no 'test/accuracy'; keys: {sorted(results)}")
-    best_step = results.get("best/step")
+    step = _count(results_path, results, "step") or 0
+    best_step = _count(results_path, results, "best/step")
+    eval_accuracy = _fraction(results_path, results, "best/eval_accuracy", optional=True)
+    notes = []
+    if config is None:
+        notes.append("no config.json: settings unknown")
+    else:
+        if config.get("task") == task:
+            notes += differences(task, config)
+        else:  # a later start with another task's config rewrote config.json
+            notes.append(f"config.json is now a {config.get('task')!r} run: settings unknown")
+        steps = (config.get("train") or {}).get("steps")
+        if config.get("task") == task and isinstance(steps, int) and steps != step:
+            notes.append(f"results.json is of step {step} but the run now trains {steps} steps")
+    if results.get("best/fallback") or eval_accuracy is None and "best/eval_accuracy" in results:
+        notes.append(f"the final state (step {step}) tested: the best checkpoint was lost")
     return Run(
         workdir=workdir,
         task=task,
-        step=int(results.get("step", 0)),
-        test_accuracy=float(results["test/accuracy"]),
-        eval_accuracy=results.get("best/eval_accuracy"),
-        best_step=None if best_step is None else int(best_step),
-        test_examples=None if "test/examples" not in results else int(results["test/examples"]),
+        step=step,
+        test_accuracy=_fraction(results_path, results, "test/accuracy"),
+        eval_accuracy=eval_accuracy,
+        best_step=best_step,
+        test_examples=_count(results_path, results, "test/examples"),
+        notes=tuple(notes),
     )
 
 
 def select(runs: Sequence[Run]) -> dict[str, Run]:
-    """Per task, the run with the best validation accuracy (the first on ties)."""
+    """Per task, the run with the best validation accuracy (the first on ties) among
+    those comparable with the paper (no notes), or among all if none is."""
+
+    def rank(run: Run) -> tuple[bool, float]:
+        return (not run.notes, -1.0 if run.eval_accuracy is None else run.eval_accuracy)
+
     chosen: dict[str, Run] = {}
     for run in runs:
         best = chosen.get(run.task)
-        score = -1.0 if run.eval_accuracy is None else run.eval_accuracy
-        if best is None or score > (-1.0 if best.eval_accuracy is None else best.eval_accuracy):
+        if best is None or rank(run) > rank(best):
             chosen[run.task] = run
     return chosen
 
@@ -137,7 +262,9 @@ def table(runs: Sequence[Run]) -> str:
     ours = {t: 100 * r.test_accuracy for t, r in chosen.items()}
     header = ["model", *TASK_NAMES.values(), "Avg"]
     lines = ["## LRA test accuracy (%)", "", _row(header), _row(["---"] * len(header))]
-    lines.append(_row(["lrulm", *(_pct(ours.get(t)) for t in TASK_NAMES), _pct(_average(ours))]))
+    starred = {t for t, r in chosen.items() if r.notes}
+    cells = [_pct(ours.get(t)) + ("*" if t in starred else "") for t in TASK_NAMES]
+    lines.append(_row(["lrulm", *cells, _pct(_average(ours))]))
     for model, scores in PAPER.items():
         cells = [_pct(scores[t]) for t in TASK_NAMES]
         lines.append(_row([f"{model} (paper)", *cells, _pct(_average(scores))]))
@@ -151,11 +278,28 @@ def table(runs: Sequence[Run]) -> str:
         f"lrulm: {len(runs)} run(s); per task the run with the best validation accuracy. "
         f"Paper numbers: Orvieto et al. 2023, Table 3. {MISSING} = not run; Avg only when "
         "all six tasks ran.",
+    ]
+    if starred:
+        lines.append(
+            "\n* not comparable with the paper's number: the run's notes below say why "
+            "(settings other than the paper's Table 8/9, or not final)."
+        )
+    lines += [
         "",
         "### Runs",
         "",
-        _row(["task", "workdir", "step", "best val acc (step)", "test acc (examples)", "reported"]),
-        _row(["---"] * 6),
+        _row(
+            [
+                "task",
+                "workdir",
+                "step",
+                "best val acc (step)",
+                "test acc (examples)",
+                "reported",
+                "notes",
+            ]
+        ),
+        _row(["---"] * 7),
     ]
     order = list(TASK_NAMES)
     for run in sorted(runs, key=lambda r: order.index(r.task)):
@@ -173,6 +317,7 @@ def table(runs: Sequence[Run]) -> str:
                     f"{100 * run.test_accuracy:.1f}"
                     + ("" if run.test_examples is None else f" ({run.test_examples})"),
                     mark,
+                    "; ".join(run.notes) or "paper settings",
                 ]
             )
         )
@@ -232,6 +377,19 @@ def report(workdirs: Sequence[str], plot: str | None = None) -> str:
     """
     if not workdirs:
         raise ValueError("give at least one run directory")
+    if plot:  # before reading anything: a bad path must not cost the table
+        parent = os.path.dirname(os.path.abspath(plot))
+        while not os.path.isdir(parent) and os.path.dirname(parent) != parent:
+            parent = os.path.dirname(parent)  # the chart's folder is made if missing
+        if os.path.isdir(plot) or not os.access(parent, os.W_OK):
+            raise ValueError(f"--plot {plot}: give a .png file in a writable directory")
+    seen, unique = set(), []
+    for workdir in workdirs:  # `runs/a runs/a/ runs/*` names runs/a three times
+        key = os.path.realpath(workdir)
+        if key not in seen:
+            seen.add(key)
+            unique.append(workdir)
+    workdirs = unique
     if len(workdirs) == 1:
         runs, skipped = [load_run(workdirs[0])], []
     else:  # e.g. `runs/*`: LM runs and unfinished runs are left out, and listed
@@ -249,6 +407,9 @@ def report(workdirs: Sequence[str], plot: str | None = None) -> str:
     if skipped:
         text += "\n\nLeft out:\n" + "\n".join(f"- {reason}" for reason in skipped)
     if plot:
-        bar_chart(runs, plot)
+        try:
+            bar_chart(runs, plot)
+        except OSError as e:
+            raise ValueError(f"--plot {plot}: cannot write it ({e}); the table:\n\n{text}") from e
         text += f"\n\nBar chart: {plot}"
     return text

@@ -89,7 +89,8 @@ def _check_same_tokenizer(given: str, own: str, workdir: str) -> None:
     )
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
+    """text written to path whole or not at all (a crash mid-write leaves path as it was)."""
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         f.write(text)
@@ -232,7 +233,7 @@ class LMTask:
                     )
                     docs = (d for f in train_files for d in lm_data.read_documents(f))
                     tok.train_tokenizer(docs, tok_path, vocab_size=data.vocab_size)
-                    _write_atomic(spec_path, json.dumps(spec))
+                    write_atomic(spec_path, json.dumps(spec))
         _barrier("lrulm_tokenizer")
         self.sp = tok.load_tokenizer(tok_path)
         if all(packed):  # pre-packed by tools/prepare_data.py: nothing to tokenize

@@ -17,7 +17,6 @@ import functools
 import hashlib
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -403,15 +402,24 @@ def _final_test(best, exp, eval_jit, test_batches, writer, step, workdir, state,
             f"lrulm: warning: {metrics_lib.brief(e)}; testing the final state (step {step}) "
             "instead of the best one"
         )
-        best_state, best_step, best_value = state, step, math.nan
+        best_state, best_step, best_value = state, step, None
     test = evaluate(exp, eval_jit, best_state, test_batches)
     result = {f"test/{k}": v for k, v in test.items()}
-    result.update({f"best/eval_{best.metric}": best_value, "best/step": best_step})
+    result["best/step"] = best_step
     writer.write(step, result)
-    writer.summary_line(f"test with the best eval checkpoint (step {best_step})", test)
+    # The value is None (JSON null) when the final state stood in for the best checkpoint:
+    # its own eval value is not known here, and NaN is not JSON.
+    result[f"best/eval_{best.metric}"] = best_value
+    if best_value is None:
+        result["best/fallback"] = "final_state"
+        writer.summary_line(f"test with the final state (step {step})", test)
+    else:
+        writer.summary_line(f"test with the best eval checkpoint (step {best_step})", test)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump({"task": exp.task.name, "step": step, **result}, f, indent=2)
+        tasks.write_atomic(
+            os.path.join(workdir, "results.json"),
+            json.dumps({"task": exp.task.name, "step": step, **result}, indent=2),
+        )
     return result
 
 
