@@ -4,7 +4,8 @@ Notation: b batch, l length, h model width (d_model), n state size (d_state).
 
     x_k = Λ x_{k-1} + exp(γ_log) ⊙ (B u_k)        x ∈ C^n, u ∈ R^h
     y_k = Re(C x_k) + D ⊙ u_k                     y ∈ R^h
-    Λ = diag(exp(-exp(ν_log) + i exp(θ_log)))     so |λ| < 1 whatever ν_log is.
+    Λ = diag(exp(-exp(ν_log) + i exp(θ_log)))     so |λ| < 1 whatever ν_log is
+                                                  (in float32 too: see _lambda_parts).
 
 Parameters carry the names of the paper's reference code (nu_log, theta_log, gamma_log,
 B_re, B_im, C_re, C_im, D) so trees map both ways. They and the recurrence stay in
@@ -23,12 +24,15 @@ from lrulm import scan as scan_lib
 from lrulm import sequence_parallel, sharding
 from lrulm.layers import param
 
+# The least decay rate -log|λ|: float32's exp(-rate) is below 1 from here up.
+_MIN_DECAY_RATE = 2.0**-23
+
 
 def check_ring(r_min: float, r_max: float, max_phase: float) -> None:
     """Raises ValueError unless 0 <= r_min < r_max < 1 and max_phase > 0."""
     if not 0.0 <= r_min < r_max:
         raise ValueError(f"the LRU ring needs 0 <= r_min < r_max; got r_min={r_min}, r_max={r_max}")
-    if r_max >= 1.0:
+    if r_max >= 1.0 or 1.0 - r_max**2 < 2 * _MIN_DECAY_RATE:  # float32 rounds it to 1
         raise ValueError(
             f"r_max={r_max} would let |λ| reach 1 and the state grow without bound; "
             "use r_max < 1 (the paper uses at most 0.9999)"
@@ -136,7 +140,10 @@ class LRU(nnx.Module):
 
     def _lambda_parts(self) -> tuple[jax.Array, jax.Array]:
         """Λ's real and imaginary parts, float32 (n,) each."""
-        magnitude = jnp.exp(-jnp.exp(self.nu_log[...]))
+        # exp(-exp(ν)) rounds to 1.0 in float32 once exp(ν) < 2**-24 (ν_log < ~-16.6),
+        # and a mode with |λ| = 1 never forgets: the decay rate is kept at least 2**-23
+        # (|λ| <= 1 - 2**-23, a memory of ~8M steps), a floor no ring init reaches.
+        magnitude = jnp.exp(-jnp.maximum(jnp.exp(self.nu_log[...]), _MIN_DECAY_RATE))
         phase = jnp.exp(self.theta_log[...])
         return magnitude * jnp.cos(phase), magnitude * jnp.sin(phase)
 

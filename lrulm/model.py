@@ -84,7 +84,8 @@ class Block(nnx.Module):
         h0=None,
         return_state=False,
     ):
-        """x: (b, l, h); mask: (b, l) valid positions (batch-norm statistics); resets:
+        """x: (b, l, h); mask: (b, l) valid positions (batch-norm statistics, the LRU's
+        input zeroed elsewhere); resets:
         (b, l) document starts; key: dropout key (None = no dropout); h0: (b, n) LRU
         state to start from. Returns y (b, l, h), and the LRU's final state if asked."""
         rate = self.cfg.dropout if train else 0.0
@@ -95,6 +96,11 @@ class Block(nnx.Module):
             return layers.dropout(z, rate, k, shared_axes=shared)
 
         z = self.norm(x, mask=mask, train=train)
+        if mask is not None:
+            # Padding feeds the recurrence zeros, so its state stays exactly zero there: a
+            # scan that runs through the padding before the real tokens (the reverse one of
+            # a bidirectional layer, past right padding) carries nothing from it.
+            z = jnp.where(mask[..., None], z, jnp.zeros((), z.dtype))
         state = None
         if return_state:
             z, state = self.lru(z, resets=resets, h0=h0, return_state=True, axis_name=axis_name)
@@ -202,6 +208,8 @@ class LanguageModel(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         if cfg.vocab_size < 2:
             raise ValueError(f"a language model needs model.vocab_size >= 2; got {cfg.vocab_size}")
+        if cfg.norm == "batch":  # also checked with the config (train.validate)
+            raise ValueError("a language model cannot use batch norm (it would see later tokens)")
         self.cfg = cfg
         self.embed = layers.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs)
         self.stack = Stack(cfg, rngs=rngs)
@@ -254,8 +262,12 @@ class LanguageModel(nnx.Module):
             x, states = self.features(tokens, return_state=True, **kw)
         else:
             x, states = self.features(tokens, **kw), None
-        logits = jnp.einsum("blh,hv->blv", x, self.head_weight(x.dtype))
-        logits = constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
+        # float32 logits from the matmul itself (not rounded to a bfloat16 x's dtype):
+        # the same numbers the loss is trained on (cross_entropy).
+        logits = jnp.einsum(
+            "blh,hv->blv", x, self.head_weight(x.dtype), preferred_element_type=jnp.float32
+        )
+        logits = constrain(logits, ("batch", "length", "act_vocab"))
         return (logits, states) if return_state else logits
 
     def init_state(self, batch_size: int) -> jax.Array:
@@ -285,7 +297,7 @@ def cross_entropy(x, w, targets, *, vocab_block: int = 0):
     """
     v = w.shape[1]
     if not vocab_block or vocab_block >= v:
-        logits = jnp.einsum("blh,hv->blv", x, w).astype(jnp.float32)
+        logits = jnp.einsum("blh,hv->blv", x, w, preferred_element_type=jnp.float32)
         logits = constrain(logits, ("batch", "length", "act_vocab"))
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
         return losses, jnp.argmax(logits, -1) == targets

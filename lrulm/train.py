@@ -136,7 +136,13 @@ def validate(config, mesh) -> None:
     if not 0 <= t.seed < 2**32:
         raise ValueError(f"train.seed must be in [0, 2**32); got {t.seed}")
     optim.check_arguments(**_optimizer_args(config))
-    tasks.resolve_model_config(config.model)  # the model's fields, before the data
+    model = tasks.resolve_model_config(config.model)  # the model's fields, before the data
+    if config.task == "lm" and model.norm == "batch":
+        raise ValueError(
+            "model.norm='batch' is for the LRA classifiers: in a language model its batch "
+            "statistics pool over every position, so each token would see the ones after "
+            "it; use 'rms' or 'layer'"
+        )
 
 
 def _optimizer_args(config) -> dict:

@@ -8,6 +8,7 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -146,6 +147,28 @@ def test_pixel_encoder_has_no_bias_under_batchnorm():
         model = Classifier(cfg, num_classes=2, rngs=nnx.Rngs(0))
         names = set(nnx.to_pure_dict(nnx.state(model.encoder, nnx.Param)))
         assert ("bias" in names) == has_bias, (norm, names)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_padding_changes_nothing_real(bidirectional):
+    """Variable-length tasks pad at the end. A bidirectional layer's reverse scan runs
+    through the padding before the real tokens: the padding must carry nothing into
+    them, so a padded row scores as it does alone, whatever the padding holds."""
+    from flax import nnx
+
+    from lrulm.model import Classifier
+    from lrulm.model_config import from_preset
+
+    cfg = from_preset("test", vocab_size=16, norm="batch", bidirectional=bidirectional, d_ff=0)
+    model = Classifier(cfg, num_classes=3, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 16, (2, 48))
+    mask = np.arange(48)[None] < np.array([[20], [48]])
+    zeros, junk = np.where(mask, tokens, 0), np.where(mask, tokens, rng.integers(1, 16, (2, 48)))
+    logits = model(jnp.asarray(zeros), jnp.asarray(mask))
+    np.testing.assert_array_equal(logits, model(jnp.asarray(junk), jnp.asarray(mask)))
+    alone = model(jnp.asarray(tokens[:1, :20]), jnp.ones((1, 20), bool))
+    np.testing.assert_allclose(logits[0], alone[0], rtol=1e-5, atol=1e-5)
 
 
 def test_accumulation_moves_batchnorm_statistics_once_a_step(data_dir, tmp_path):

@@ -293,6 +293,7 @@ def test_profile_traces_the_steps_of_the_window(tmp_path, corpus, capsys):
         ("model.d_ff=-5", "model.d_ff must be >= 0"),
         ("model.r_max=1.0", "r_max=1.0 would let"),
         ("model.scan_method=foo", "model.scan_method: unknown scan method 'foo'"),
+        ("model.norm=batch", "model.norm='batch' is for the LRA classifiers"),
     ],
 )
 def test_bad_optimizer_and_model_values_fail_before_the_data_is_prepared(
@@ -458,7 +459,8 @@ def test_remat_wraps_each_layer_when_layers_are_not_scanned():
 
 
 @pytest.mark.parametrize(
-    "block,dtype", [(0, "float32"), (128, "float32"), (300, "float32"), (300, "bfloat16")]
+    "block,dtype",
+    [(0, "float32"), (128, "float32"), (300, "float32"), (0, "bfloat16"), (300, "bfloat16")],
 )
 def test_vocab_blocked_loss_equals_the_full_softmax(block, dtype):
     """The blocked loss (its hand-written VJP) against optax on the whole logits; the
@@ -492,6 +494,30 @@ def test_vocab_blocked_loss_equals_the_full_softmax(block, dtype):
         assert a.dtype == b.dtype == jnp.dtype(dtype)
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         np.testing.assert_allclose(a, b, rtol=10 * tol, atol=tol * np.abs(b).max())
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_bfloat16_model_logits_are_the_ones_the_loss_trains(tie):
+    """Generation and `lrulm eval` read the model's logits; training reads cross_entropy
+    (blocked or not). In a bfloat16 model all three are the float32 product of the
+    bfloat16 features and head: none is rounded to bfloat16 first."""
+    from flax import nnx
+
+    from lrulm.model import LanguageModel, cross_entropy
+    from lrulm.model_config import from_preset
+
+    cfg = from_preset("test", vocab_size=512, dtype="bfloat16", tie_embeddings=tie)
+    model = LanguageModel(cfg, rngs=nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 16)), jnp.int32)
+    targets = jnp.roll(tokens, -1, axis=1)
+    scale = 8.0  # logits of a trained model's size: bf16 rounding would cost ~0.03 nats
+    logits = scale * model(tokens)
+    from_logits = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    x = model.features(tokens)
+    w = model.head_weight(x.dtype) * jnp.asarray(scale, x.dtype)
+    for block in (0, 128):
+        losses, _ = cross_entropy(x, w, targets, vocab_block=block)
+        np.testing.assert_allclose(losses, from_logits, rtol=1e-5, atol=1e-5)
 
 
 def test_vocab_blocked_loss_gradient_has_no_scatter():
