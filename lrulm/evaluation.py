@@ -30,11 +30,19 @@ def _mesh(config):
     return train.make_mesh(config)
 
 
-def evaluate_workdir(config, workdir: str, step: int | None = None) -> dict:
+def evaluate_workdir(config, workdir: str, step: int | None = None, *, best: bool = False) -> dict:
     """Checkpoint `step` of workdir (None: the newest that reads back) on the eval data;
-    for LRA also on the test split. Returns {"step": S, "eval/<metric>": ..., ...}."""
-    directory = os.path.join(workdir, "checkpoints")
-    steps = ckpt_lib.checkpoint_steps(workdir)  # before anything is written to workdir
+    for LRA also on the test split. Returns {"step": S, "eval/<metric>": ..., ...}.
+    With best, the best-on-eval checkpoint an LRA run keeps (WORKDIR/best/): the one
+    its results.json and `lrulm lra-report` report."""
+    saved = os.path.join(workdir, "best") if best else workdir
+    directory = os.path.join(saved, "checkpoints")
+    steps = ckpt_lib.checkpoint_steps(saved)  # before anything is written to workdir
+    if not steps and best:
+        raise FileNotFoundError(
+            f"no best checkpoint in {directory}: LRA runs keep one from their first "
+            "evaluation on (language models keep none); leave out --best"
+        )
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {directory}; train first")
     if step is not None and step not in steps:
@@ -44,7 +52,7 @@ def evaluate_workdir(config, workdir: str, step: int | None = None) -> dict:
     mesh = _mesh(config)
     task = tasks.make_task(config, workdir)
     exp = train.build(config, task, mesh)
-    checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
+    checkpointer = ckpt_lib.Checkpointer(saved, async_save=False)
     try:
         if step is None:
             restored = checkpointer.restore_latest(exp.abstract_state, quarantine=False)

@@ -1,7 +1,7 @@
 """The `lrulm` command line: parses flags, starts the distributed runtime, calls the library.
 
 lrulm train    --config CONFIG.py[:ARG] --workdir DIR [--config.a.b=VALUE ...]
-lrulm eval     --workdir DIR [--config CONFIG.py[:ARG]] [--step S] [--config.a.b=VALUE ...]
+lrulm eval     --workdir DIR [--config CONFIG.py[:ARG]] [--step S] [--best] [--config.a.b=VALUE ...]
 lrulm generate --workdir DIR (--prompt TEXT ... | --prompt_file FILE) [--num_samples K]
                [--step S] [--max_new_tokens N] [--temperature T] [--top_p P] [--top_k K]
                [--seed S] [--batch_size B] [--output FILE.jsonl]
@@ -42,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--workdir", required=True)
         if name == "eval":
             s.add_argument("--step", type=int, default=None, help="default: the newest")
+            s.add_argument(
+                "--best",
+                action="store_true",
+                help="the best-on-eval checkpoint an LRA run keeps (what lra-report reports)",
+            )
 
     g = sub.add_parser("generate", help="sample from a trained language model")
     g.add_argument("--workdir", required=True)
@@ -141,7 +146,10 @@ def main(argv: list[str]) -> int:
                 else:
                     from lrulm import evaluation
 
-                    print(json.dumps(evaluation.evaluate_workdir(config, args.workdir, args.step)))
+                    result = evaluation.evaluate_workdir(
+                        config, args.workdir, args.step, best=args.best
+                    )
+                    print(json.dumps(result))
             case "generate":
                 from lrulm import distributed, generate
 

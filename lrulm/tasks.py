@@ -89,6 +89,9 @@ def _check_same_tokenizer(given: str, own: str, workdir: str) -> None:
     )
 
 
+_COUNT_SLICE = 1 << 24  # tokens counted at once by LMTask.unigram_entropy
+
+
 def write_atomic(path: str, text: str) -> None:
     """text written to path whole or not at all (a crash mid-write leaves path as it was)."""
     tmp = f"{path}.tmp"
@@ -266,7 +269,13 @@ class LMTask:
         model that ignores context cannot beat. None for pre-packed data."""
         if self.train_stream is None:
             return None
-        counts = np.bincount(np.asarray(self.train_stream.tokens()), minlength=1)
+        tokens = self.train_stream.tokens()  # on disk: counted a slice at a time, not
+        counts = np.zeros(1, np.int64)  # copied whole as int64 (8 bytes a token)
+        for start in range(0, len(tokens), _COUNT_SLICE):
+            part = np.bincount(np.asarray(tokens[start : start + _COUNT_SLICE]))
+            if len(part) > len(counts):
+                counts = np.pad(counts, (0, len(part) - len(counts)))
+            counts[: len(part)] += part
         p = counts[counts > 0] / counts.sum()
         return float(-(p * np.log(p)).sum())
 

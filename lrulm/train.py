@@ -591,7 +591,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
         peak = metrics_lib.peak_flops()
         if step == 0:
             info = {"model/num_params": num_params, "perf/flops_per_token": flops_per_token}
-            entropy = task.unigram_entropy() if hasattr(task, "unigram_entropy") else None
+            entropy = None  # a pass over the corpus: where it is written (process 0) only
+            if jax.process_index() == 0 and hasattr(task, "unigram_entropy"):
+                entropy = task.unigram_entropy()
             if entropy is not None:
                 info["data/unigram_entropy"] = entropy
             writer.write(0, info)

@@ -484,3 +484,30 @@ def test_gpu_check_baseline_mode_times_both_scans_at_the_paper_sizes(tmp_path):
     assert "--json" in timed  # rows saved as measured: a step cut off keeps them
     assert render[1] == "--render" and render[2].endswith("baseline.log")
     assert "baseline exit 0" in stdout[stdout.index("== summary") :]
+
+
+def test_bench_lra_table_and_arguments(monkeypatch, capsys):
+    """The LRA step-time table: steps/s beside the paper's A100 rate, the device named in
+    the projection's column, and an extrapolated (smaller-batch) row starred as such."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "tools"))
+    import bench_lra
+
+    row = dict(
+        task="listops", device="NVIDIA H100", params=1, measured_batch=8, paper_batch=32,
+        seq_len=2000, compile_s=1.0, step_s_measured=0.1, step_s_paper_batch=0.4, scaled=True,
+        tokens_per_s=1.0, iterations=80_000, projected_run_h=0.4 * 80_000 / 3600,
+        paper_a100_steps_per_s=2.1, paper_a100_run_h=80_000 / 2.1 / 3600,
+    )  # fmt: skip
+    text = bench_lra.markdown([row])
+    assert "| steps/s at paper batch |" in text and "projected full run (NVIDIA H100)" in text
+    assert "| listops | 8 of 32 | 0.10 | 2.5 * | 80,000 | 8.9 h | 2.1 (10.6 h) |" in text
+    assert "rough extrapolation" in text
+    assert "extrapolation" not in bench_lra.markdown([{**row, "scaled": False}])
+    for args, message in (
+        (["--max_tokens", "-1"], "--max_tokens must be >= 0"),
+        (["--tasks", "listop"], "unknown task(s) ['listop']"),
+        (["--steps", "0"], "--steps must be at least 1"),
+    ):
+        with pytest.raises(SystemExit):
+            bench_lra.main(args)
+        assert message in capsys.readouterr().err

@@ -111,6 +111,8 @@ def test_eval_step_flag(lm_workdir, corpus):
         "eval", "--config", "configs/lm/tiny.py:test", "--workdir", lm_workdir, "--step", "5", *data
     )
     assert out.returncode == 2 and "no checkpoint of step 5" in out.stderr
+    out = _lrulm("eval", "--workdir", lm_workdir, "--best")
+    assert out.returncode == 2 and "language models keep none); leave out --best" in out.stderr
     # Without --config: the run's own config.json (its data files included).
     out = _lrulm("eval", "--workdir", lm_workdir, "--config.train.eval_steps=1")
     assert out.returncode == 0, out.stderr[-2000:]

@@ -525,3 +525,21 @@ def test_a_resume_given_another_tokenizer_changes_nothing(tmp_path, corpus, sp):
     with pytest.raises(ValueError, match="ArrayRecord data needs the tokenizer it was prepared"):
         task(("data.train_files", str(tmp_path / "x-*.arrayrecord")),
              ("data.eval_files", str(tmp_path / "y-*.arrayrecord")))  # fmt: skip
+
+
+def test_unigram_entropy_counts_a_slice_at_a_time(monkeypatch):
+    """The step-0 entropy counts the on-disk tokens in slices (not one int64 copy of the
+    whole corpus), with the same result however they are sliced."""
+    import types
+
+    from lrulm import tasks
+
+    tokens = np.random.default_rng(0).integers(0, 3000, 100_003).astype(np.uint16)
+    tokens[-1] = 4000  # the largest id in the last slice only
+    fake = types.SimpleNamespace(train_stream=types.SimpleNamespace(tokens=lambda: tokens))
+    counts = np.bincount(tokens)
+    p = counts[counts > 0] / counts.sum()
+    expected = float(-(p * np.log(p)).sum())
+    for size in (1 << 24, 1000, 7):
+        monkeypatch.setattr(tasks, "_COUNT_SLICE", size)
+        assert tasks.LMTask.unigram_entropy(fake) == pytest.approx(expected, rel=1e-12)

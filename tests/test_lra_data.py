@@ -415,6 +415,20 @@ def test_pathx_prefers_the_nested_archive_copy(tmp_path):
     assert len(src) == 8 and src[0]["inputs"].shape == (16384, 1)
     px = {p: x for p, _, x in written}[src.images[0]]
     np.testing.assert_allclose(src[0]["inputs"][:, 0], px.reshape(-1) / 127.5 - 1.0, atol=1e-6)
+    # With only the (broken) top-level copy, its bad images say where the good one is.
+    top = tmp_path / "top"
+    fx.write_pathfinder(str(top / "lra_release"), 128, num=10)
+    os.remove(
+        top
+        / "lra_release"
+        / "pathfinder128"
+        / "curv_contour_length_14"
+        / "imgs"
+        / "0"
+        / "sample_2.png"
+    )
+    with pytest.raises(ValueError, match="top-level pathfinder128 copy, which is broken"):
+        lra.load_split("pathx", str(top), "train")
 
 
 def test_pathfinder_bad_inputs(tmp_path, caplog):
@@ -537,6 +551,15 @@ def test_cli_writes_loadable_data(tmp_path):
     )
     assert len(lra.load_split("listops", str(tmp_path), "train")) == 5
     assert len(lra.load_split("pathfinder", str(tmp_path), "train")) == 8
+    # Counts out of range are usage errors: exit 2 and one line, no traceback.
+    for bad, message in (
+        (["listops", *args, "--num_train", "-3"], "--num_train must be at least 1; got -3"),
+        (["pathfinder", *args, "--per_folder", "0"], "--per_folder must be at least 1; got 0"),
+        (["listops", *args, "--min_length", "60", "--max_length", "10"], "need 0 <= min_length"),
+    ):
+        out = subprocess.run([sys.executable, tool, *bad], capture_output=True, text=True)
+        assert out.returncode == 2 and message in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
 
 
 # ----------------------------------------------------------------- Source contract

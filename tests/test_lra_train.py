@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from lrulm import config as config_lib
-from lrulm import lra_report, lra_task, train
+from lrulm import evaluation, lra_report, lra_task, train
 from lrulm.data import lra
 from lrulm.data.lra import generate
 from lrulm.data.lra import synthetic as fx
@@ -98,6 +98,11 @@ def test_final_test_reads_the_whole_split_whatever_eval_steps(data_dir, tmp_path
     assert results["test/examples"] == n_test
     (evals,) = [r for r in _rows(workdir) if "eval/examples" in r]
     assert evals["eval/examples"] == config.train.global_batch_size  # eval_steps=1
+    # `lrulm eval --best` scores the checkpoint results.json is from, to the same numbers.
+    rescored = evaluation.evaluate_workdir(config, workdir, best=True)
+    assert rescored["step"] == results["best/step"]
+    assert rescored["test/accuracy"] == pytest.approx(results["test/accuracy"], abs=1e-6)
+    assert rescored["test/loss"] == pytest.approx(results["test/loss"], rel=1e-5)
     # Run again once finished: the result is read back, not tested and logged twice.
     rows = _rows(workdir)
     again = train.train_and_evaluate(config, workdir)

@@ -47,6 +47,21 @@ def main(argv: list[str] | None = None) -> None:
     sy.add_argument("--seed", type=int, default=0)
 
     args = parser.parse_args(argv)
+    counts = {
+        "listops": ("num_train", "num_val", "num_test", "max_length", "max_depth", "max_args"),
+        "pathfinder": ("num", "per_folder", "resolution"),
+        "synthetic": ("num",),
+    }[args.kind]  # fmt: skip
+    for name in counts:  # every split needs examples, every image a pixel
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1; got {getattr(args, name)}")
+    try:
+        _write(args)
+    except ValueError as e:  # the generators' own checks: a flag out of their range
+        parser.error(str(e))
+
+
+def _write(args) -> None:
     if args.kind == "synthetic":
         write = {
             "listops": lambda: synthetic.write_listops(args.out, num=args.num, seed=args.seed),

@@ -5,7 +5,7 @@ first 45,000 training images, validation the last 5,000, test `test_batch`.
 
     lrulm train --config configs/lra/image.py --workdir runs/image \\
         --config.data.data_dir=DATA             # the folder holding cifar-10-batches-py/
-    lrulm eval --config configs/lra/image.py --workdir runs/image --config.data.data_dir=DATA
+    lrulm eval --workdir runs/image --best    # the checkpoint lra-report reports
     lrulm lra-report runs/image
 
 Sized for one A100/H100-class GPU (the paper: 15.9 steps/s on an A100, ~3 h for 180k

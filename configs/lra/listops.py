@@ -6,8 +6,7 @@ same layout generated from scratch (96k/2k/2k, the LRA generator's rules):
     python tools/make_lra_data.py listops --out DATA     # or unpack lra_release into DATA
     lrulm train --config configs/lra/listops.py --workdir runs/listops \\
         --config.data.data_dir=DATA        # holds lra_release/ (unpacked) or listops-1000/
-    lrulm eval --config configs/lra/listops.py --workdir runs/listops \\
-        --config.data.data_dir=DATA
+    lrulm eval --workdir runs/listops --best    # the checkpoint lra-report reports
     lrulm lra-report runs/listops
 
 Sized for one A100/H100-class GPU (the paper: 2.1 steps/s on an A100, ~11 h for 80k

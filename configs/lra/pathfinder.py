@@ -7,8 +7,7 @@ or the same layout generated from scratch.
     python tools/make_lra_data.py pathfinder --out DATA --resolution 32 --num 200000
     lrulm train --config configs/lra/pathfinder.py --workdir runs/pathfinder \\
         --config.data.data_dir=DATA             # the folder holding lra_release/ or pathfinder32/
-    lrulm eval --config configs/lra/pathfinder.py --workdir runs/pathfinder \\
-        --config.data.data_dir=DATA
+    lrulm eval --workdir runs/pathfinder --best    # the checkpoint lra-report reports
     lrulm lra-report runs/pathfinder
 
 Sized for one A100/H100-class GPU (the paper: 15.5 steps/s on an A100, ~9 h for 500k

@@ -8,7 +8,7 @@ with a fixed seed; or the same layout generated.
 
     lrulm train --config configs/lra/pathx.py --workdir runs/pathx \\
         --config.data.data_dir=DATA             # the folder holding lra_release/
-    lrulm eval --config configs/lra/pathx.py --workdir runs/pathx --config.data.data_dir=DATA
+    lrulm eval --workdir runs/pathx --best    # the checkpoint lra-report reports
     lrulm lra-report runs/pathx
 
 Sized for one A100/H100-class GPU (the paper: 2.4 steps/s on an A100, ~29 h for 250k

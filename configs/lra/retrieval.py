@@ -6,8 +6,7 @@ Two documents go through one 6-block tower; their pooled features are combined a
 
     lrulm train --config configs/lra/retrieval.py --workdir runs/retrieval \\
         --config.data.data_dir=DATA        # holds lra_release/ (unpacked) or tsv_data/
-    lrulm eval --config configs/lra/retrieval.py --workdir runs/retrieval \\
-        --config.data.data_dir=DATA
+    lrulm eval --workdir runs/retrieval --best    # the checkpoint lra-report reports
     lrulm lra-report runs/retrieval
 
 Sized for one A100/H100-class GPU (the paper: 5.7 steps/s on an A100, ~5 h for 100k

@@ -6,7 +6,7 @@ reviews serve as both, so the "best validation" checkpoint is chosen on test dat
 
     lrulm train --config configs/lra/text.py --workdir runs/text \\
         --config.data.data_dir=DATA             # the folder holding aclImdb/
-    lrulm eval --config configs/lra/text.py --workdir runs/text --config.data.data_dir=DATA
+    lrulm eval --workdir runs/text --best    # the checkpoint lra-report reports
     lrulm lra-report runs/text
 
 Sized for one A100/H100-class GPU (the paper: 14.7 steps/s on an A100, ~1 h for 50k

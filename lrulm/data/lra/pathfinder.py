@@ -83,6 +83,13 @@ class PathfinderSource(common.LRASource):
         bad = common.BadRecords(on_error, f"{task} {split} ({root})")
         line_fix = "each metadata line is: folder, file name, index, label (0/1), ..."
         image_fix = "re-extract the archive, or delete the image's metadata line"
+        top_level = os.path.normpath(root).endswith(os.path.normpath(candidates(resolution)[1]))
+        if top_level:  # the archive's broken top-level copy, for want of the nested one
+            image_fix = (
+                f"this is the archive's top-level pathfinder{resolution} copy, which is broken; "
+                f"the good one is lra_release/lra_release/pathfinder{resolution}: extract it "
+                "beside this one (data.data_dir stays the folder holding lra_release/)"
+            )
         listings: dict[str, dict[str, os.DirEntry]] = {}
         slots: list[tuple[str, int]] = []  # (image relative to root, label) per line.
         problems: dict[int, tuple[str, str, str]] = {}  # slot -> (where, why, fix)
