@@ -216,7 +216,8 @@ else:
     parsed = __import__(tool).parse_args(args[1:])
     if tool == "gpu_kernel_sweep":
         print("device stub\n" + "\n".join(parsed.configs))
-        if parsed.best_out:
+        kind = "mosaic" if os.environ["STUB_BEST"].startswith("mosaic") else "triton"
+        if parsed.best_out and parsed.best_kernel in ("any", kind):
             with open(parsed.best_out, "w") as f:
                 f.write(os.environ["STUB_BEST"] + "\n")
 """
@@ -224,7 +225,7 @@ else:
 
 def _run_gpu_check(tmp_path, best, *mode):
     """tools/gpu_check.sh [mode] with python3 standing in (_GPU_CHECK_STUB): its stdout,
-    the steps in rc.txt as (name, rc, seconds), the stub's calls, and the output folder."""
+    the steps in rc_MODE.txt as (name, rc, seconds), the stub's calls, and the output folder."""
     stub = tmp_path / "stub.py"
     stub.write_text(_GPU_CHECK_STUB)
     python = tmp_path / "python3"
@@ -240,7 +241,8 @@ def _run_gpu_check(tmp_path, best, *mode):
         text=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
-    steps = [line.split() for line in (out_dir / "rc.txt").read_text().splitlines()]
+    rc = out_dir / f"rc_{mode[0] if mode else 'full'}.txt"
+    steps = [line.split() for line in rc.read_text().splitlines()]
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     return run.stdout, steps, calls, out_dir
 
@@ -248,20 +250,24 @@ def _run_gpu_check(tmp_path, best, *mode):
 def test_gpu_check_script_passes_each_tool_arguments_it_takes(tmp_path):
     """tools/gpu_check.sh on this host, with python3 standing in (_GPU_CHECK_STUB):
     every step's arguments are accepted by its tool, each pytest selection collects
-    tests, the sweep's winner (here a Mosaic GPU one with its own time split) reaches the
-    long sweep (its time splits) and the benchmark, and the summary prints every step."""
-    best = "mosaic,16,4,segments=1"
+    tests, the sweep's Triton winner (here with its own time split) reaches the benchmark
+    as it is and the 64k rows and the long sweep without its split, and the summary
+    prints every step. The headline rows come first."""
+    best = "32,1,128,prefetch,segments=1"
     stdout, steps, calls, out_dir = _run_gpu_check(tmp_path, best)
-    steps = [line.split() for line in (out_dir / "rc.txt").read_text().splitlines()]
+    steps = [line.split() for line in (out_dir / "rc_full.txt").read_text().splitlines()]
     assert [(name, rc) for name, rc, _ in steps] == [
-        (name, "0") for name in ("sweep", "tests_mosaic", "sweep_long", "bench", "long", "tests")
+        (name, "0") for name in ("sweep", "bench", "long", "sweep_long", "tests_mosaic", "tests")
     ], (steps, stdout[-3000:])
-    tools = {c["args"][0]: c for c in calls if c["args"][0].startswith("tools/")}
+    sweep = next(c["args"] for c in calls if c["args"][0] == "tools/gpu_kernel_sweep.py")
+    assert sweep[sweep.index("--best_kernel") + 1] == "triton"  # Mosaic GPU: untested yet
     long = [c for c in calls if "--shape" in c["args"] and "1,65536,768" in c["args"]]
     configs = long[0]["args"][long[0]["args"].index("--configs") + 1].split()
     base = best.split(",segments=")[0]
     assert configs == [f"{base},segments=1", base, f"{base},segments=4", f"{base},segments=32"]
-    assert tools["tools/bench.py"]["tuning"] == best
+    bench, long_row = [c for c in calls if c["args"][0] == "tools/bench.py"]
+    assert bench["tuning"] == best and long_row["tuning"] == base
+    assert long_row["args"][long_row["args"].index("--steps") + 1] == "2"
     summary = stdout[stdout.index("== summary") :]
     for name, _, _ in steps:
         assert re.search(rf"^{name} +ok, \d+ s$", summary, re.M), summary
@@ -270,7 +276,12 @@ def test_gpu_check_script_passes_each_tool_arguments_it_takes(tmp_path):
     assert [c["args"][c["args"].index("--long") + 1] for c in long_row] == [
         "125m:65536:pallas,125m:65536:associative"
     ]
-    assert sorted(os.listdir(out_dir)) == ["logs.tgz", "rc.txt"]  # + the tools' JSON
+    assert sorted(os.listdir(out_dir)) == ["logs_full.tgz", "rc_full.txt"]  # + the tools' JSON
+    # A Mosaic GPU winner (its tests have not passed on hardware) is not exported.
+    (tmp_path / "mosaic").mkdir()
+    _, _, calls, _ = _run_gpu_check(tmp_path / "mosaic", "mosaic,16,4")
+    bench, long_row = [c for c in calls if c["args"][0] == "tools/bench.py"]
+    assert bench["tuning"] == "" and long_row["tuning"] == "32,1,128,prefetch"
 
 
 def test_gpu_check_quick_runs_the_sweep_mosaic_tests_and_kernel_rows(tmp_path):
@@ -282,8 +293,8 @@ def test_gpu_check_quick_runs_the_sweep_mosaic_tests_and_kernel_rows(tmp_path):
     stdout, steps, calls, _ = _run_gpu_check(tmp_path, best, "quick")
     assert [(name, rc) for name, rc, _ in steps] == [
         ("sweep", "0"),
-        ("tests_mosaic", "0"),
         ("bench", "0"),
+        ("tests_mosaic", "0"),
     ], (steps, stdout[-3000:])
     bench = [c for c in calls if c["args"][0] == "tools/bench.py"]
     assert len(bench) == 1 and bench[0]["tuning"] == best
@@ -470,6 +481,34 @@ def test_baseline_tool_times_both_steps_and_states_the_ratio(monkeypatch, tmp_pa
     with pytest.raises(SystemExit) as e:
         bench_baseline.main(["--size", "huge"])
     assert e.value.code == 2
+
+
+def test_baseline_tool_reports_a_failing_step_as_a_row(monkeypatch):
+    """An out-of-memory or a kernel that does not lower, on the reference or on one scan
+    method, is a row with its error; the other methods are still timed."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "tools"))
+    import bench_baseline
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory\n(the whole spec)")
+
+    real_step = bench_baseline.lrulm_step
+    monkeypatch.setattr(bench_baseline, "reference_step", no_memory)
+    monkeypatch.setattr(
+        bench_baseline,
+        "lrulm_step",
+        lambda size, host, method: (no_memory if method == "pallas" else real_step)(
+            size, host, method
+        ),
+    )
+    rows = list(bench_baseline.bench("tiny", steps=1, scan_methods=("pallas", "sequential")))
+    assert [r["scan_method"] for r in rows] == ["pallas", "sequential"]
+    assert rows[0]["lrulm_step_s"] is None and "RESOURCE_EXHAUSTED" in rows[0]["error"]
+    assert rows[1]["lrulm_step_s"] > 0 and rows[1]["ratio"] is None  # no reference time
+    table = bench_baseline.markdown(rows)
+    assert "| tiny | 2 x 64, 16, 8 | failed | pallas | failed | – | – |" in table
+    assert "- failed: tiny reference: RuntimeError: RESOURCE_EXHAUSTED: out of memory" in table
+    assert "- failed: tiny pallas: RuntimeError" in table and "whole spec" not in table
 
 
 def test_gpu_check_baseline_mode_times_both_scans_at_the_paper_sizes(tmp_path):

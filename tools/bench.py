@@ -262,7 +262,8 @@ def render(result: dict) -> str:
         lines += [
             "",
             "## Train step: per device; arguments and temporaries from the compiled step, "
-            "peak = the allocator's peak so far in this process",
+            "peak = the allocator's peak where this row raised it (– where an earlier row in "
+            "the process had reached more)",
             "",
         ]
 

@@ -265,26 +265,39 @@ def bench(name: str, *, steps: int, scan_methods: tuple[str, ...] = ("auto",)):
         "design_reference_ms": size.design_ms,
     }
     dev = {k: jnp.asarray(host[k]) for k in ("inputs", "mask", "label")}
-    ref, ref_state = reference_step(size, spec, dev)
-    c, s, loss = _time(ref, ref_state, dev, steps)
-    del ref_state
-    if not np.isfinite(loss):
-        raise RuntimeError(f"{name}: non-finite reference loss in the benchmark step")
-    base.update(reference_compile_s=c, reference_step_s=s, reference_loss=loss)
     tokens = size.batch * size.seq_len
-    base["reference_tokens_per_s"] = tokens / s
-    for method in scan_methods:
-        step, state, batch = lrulm_step(size, host, "" if method == "auto" else method)
-        c, s, loss = _time(step, state, batch, steps)
-        del state
+    try:  # a failure (out of memory, a kernel that does not lower) is a row, not the end
+        ref, ref_state = reference_step(size, spec, dev)
+        c, s, loss = _time(ref, ref_state, dev, steps)
+        del ref_state
         if not np.isfinite(loss):
-            raise RuntimeError(f"{name}: non-finite lrulm loss ({method} scan)")
-        if method == "auto":  # say what it picked on this backend
-            method = f"auto ({scan_lib.resolve('auto').value})"
-        row = dict(base, scan_method=method, lrulm_compile_s=c, lrulm_step_s=s, lrulm_loss=loss)
+            raise RuntimeError("non-finite reference loss in the benchmark step")
+        base.update(reference_compile_s=c, reference_step_s=s, reference_loss=loss)
+        base["reference_tokens_per_s"] = tokens / s
+    except Exception as e:  # noqa: BLE001
+        base.update(reference_step_s=None, reference_error=_brief(e))
+    for method in scan_methods:
+        shown = f"auto ({scan_lib.resolve('auto').value})" if method == "auto" else method
+        try:
+            step, state, batch = lrulm_step(size, host, "" if method == "auto" else method)
+            c, s, loss = _time(step, state, batch, steps)
+            del state
+            if not np.isfinite(loss):
+                raise RuntimeError(f"non-finite lrulm loss ({method} scan)")
+        except Exception as e:  # noqa: BLE001
+            yield dict(base, scan_method=shown, lrulm_step_s=None, error=_brief(e))
+            continue
+        row = dict(base, scan_method=shown, lrulm_compile_s=c, lrulm_step_s=s, lrulm_loss=loss)
         row["lrulm_tokens_per_s"] = tokens / s
-        row["ratio"] = base["reference_step_s"] / s
+        ref_s = base["reference_step_s"]
+        row["ratio"] = None if ref_s is None else ref_s / s
         yield row
+
+
+def _brief(e: BaseException) -> str:
+    """An error as one line of at most 300 characters."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def markdown(rows: list[dict]) -> str:
@@ -292,14 +305,25 @@ def markdown(rows: list[dict]) -> str:
     head = ["size", "b x l, H, N", "reference ms/step", "lrulm scan", "lrulm ms/step",
             "tokens/s lrulm", "ratio"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    errors = []
     for r in rows:
-        met = "met" if r["ratio"] >= TARGET_RATIO else "below"
+        ref = r.get("reference_step_s")
+        ref_ms = "failed" if ref is None else f"{ref * 1e3:,.1f}"
+        if r.get("lrulm_step_s") is None:
+            ours = ["failed", "–"]
+        else:
+            ours = [f"{r['lrulm_step_s'] * 1e3:,.1f}", f"{r['lrulm_tokens_per_s']:,.0f}"]
+        ratio = r.get("ratio")
+        ratio = "–" if ratio is None else (
+            f"{ratio:.2f}x ({'met' if ratio >= TARGET_RATIO else 'below'})"
+        )  # fmt: skip
         lines.append(
             f"| {r['size']} | {r['batch']} x {r['seq_len']}, {r['d_model']}, {r['d_state']} "
-            f"| {r['reference_step_s'] * 1e3:,.1f} | {r['scan_method']} "
-            f"| {r['lrulm_step_s'] * 1e3:,.1f} | {r['lrulm_tokens_per_s']:,.0f} "
-            f"| {r['ratio']:.2f}x ({met}) |"
+            f"| {ref_ms} | {r['scan_method']} | {ours[0]} | {ours[1]} | {ratio} |"
         )
+        for key, what in (("reference_error", "reference"), ("error", r["scan_method"])):
+            if r.get(key) and f"{r['size']} {what}: {r[key]}" not in errors:
+                errors.append(f"{r['size']} {what}: {r[key]}")
     device = rows[0]["device"] if rows else "?"
     layers = rows[0]["num_layers"] if rows else 6
     return "\n".join(
@@ -308,6 +332,7 @@ def markdown(rows: list[dict]) -> str:
             f"\nDevice: {device}, one device, float32, {layers} layers, median step after "
             f"compile and warm-up. Target (DESIGN.md §4): ratio >= {TARGET_RATIO:g}x."
         ]
+        + [f"- failed: {e}" for e in errors]
     )
 
 

@@ -71,12 +71,14 @@ def run(config, steps: int, devices=None, profile_dir: str = "") -> dict:
     """Compiles the train step of `config`, runs it `steps` times; returns the figures.
 
     Memory: arguments and temporaries per device from the compiled step's
-    memory_analysis(); peak_bytes_in_use from the device's allocator where it has one
-    (a process-lifetime peak: run one benchmark per process for a per-config figure).
+    memory_analysis(); peak_bytes_in_use from the device's allocator where it has one.
+    That peak is the process's: it is reported only where this run raised it (None where
+    an earlier run in the process had reached more; run one per process for each figure).
     With `profile_dir`, PROFILE_STEPS more steps are traced there after the timed ones
     (so the trace costs the figures nothing): TensorBoard's profile tab, or Perfetto.
     """
     mesh = train.make_mesh(config, devices)
+    peak_before = (mesh.devices.flat[0].memory_stats() or {}).get("peak_bytes_in_use", 0)
     task = tasks.make_task(config, None, prepare_data=False)
     exp = train.build(config, task, mesh)
     state = jax.jit(exp.init_fn, out_shardings=exp.state_shardings)(jax.random.key(0))
@@ -130,7 +132,8 @@ def run(config, steps: int, devices=None, profile_dir: str = "") -> dict:
     }
     stats = mesh.devices.flat[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
-        result["peak_bytes_in_use"] = stats["peak_bytes_in_use"]
+        raised = stats["peak_bytes_in_use"] > peak_before
+        result["peak_bytes_in_use"] = stats["peak_bytes_in_use"] if raised else None
     return result
 
 
