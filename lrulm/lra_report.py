@@ -281,7 +281,7 @@ def table(runs: Sequence[Run]) -> str:
     ]
     if starred:
         lines.append(
-            "\n* not comparable with the paper's number: the run's notes below say why "
+            "\n\\* not comparable with the paper's number: the run's notes below say why "
             "(settings other than the paper's Table 8/9, or not final)."
         )
     lines += [

@@ -34,8 +34,8 @@ def check_ring(r_min: float, r_max: float, max_phase: float) -> None:
         raise ValueError(f"the LRU ring needs 0 <= r_min < r_max; got r_min={r_min}, r_max={r_max}")
     if r_max >= 1.0 or 1.0 - r_max**2 < 2 * _MIN_DECAY_RATE:  # float32 rounds it to 1
         raise ValueError(
-            f"r_max={r_max} would let |λ| reach 1 and the state grow without bound; "
-            "use r_max < 1 (the paper uses at most 0.9999)"
+            f"r_max={r_max} would let |λ| reach 1 (in float32) and the state grow without "
+            "bound; use r_max <= 1 - 2**-23 (the paper uses at most 0.9999)"
         )
     if not max_phase > 0.0:
         raise ValueError(f"max_phase must be positive (the paper uses 2π or π/10); got {max_phase}")
@@ -140,7 +140,7 @@ class LRU(nnx.Module):
 
     def _lambda_parts(self) -> tuple[jax.Array, jax.Array]:
         """Λ's real and imaginary parts, float32 (n,) each."""
-        # exp(-exp(ν)) rounds to 1.0 in float32 once exp(ν) < 2**-24 (ν_log < ~-16.6),
+        # exp(-exp(ν)) rounds to 1.0 in float32 once exp(ν) < ~2**-25 (ν_log < ~-17.3),
         # and a mode with |λ| = 1 never forgets: the decay rate is kept at least 2**-23
         # (|λ| <= 1 - 2**-23, a memory of ~8M steps), a floor no ring init reaches.
         magnitude = jnp.exp(-jnp.maximum(jnp.exp(self.nu_log[...]), _MIN_DECAY_RATE))

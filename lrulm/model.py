@@ -264,16 +264,39 @@ class LanguageModel(nnx.Module):
             x, states = self.features(tokens, **kw), None
         # float32 logits from the matmul itself (not rounded to a bfloat16 x's dtype):
         # the same numbers the loss is trained on (cross_entropy).
-        logits = jnp.einsum(
-            "blh,hv->blv", x, self.head_weight(x.dtype), preferred_element_type=jnp.float32
+        logits = constrain(
+            head_logits(x, self.head_weight(x.dtype)), ("batch", "length", "act_vocab")
         )
-        logits = constrain(logits, ("batch", "length", "act_vocab"))
         return (logits, states) if return_state else logits
 
     def init_state(self, batch_size: int) -> jax.Array:
         """Zero recurrent state, (k, b, n) complex64."""
         c = self.cfg
         return jnp.zeros((c.num_layers, batch_size, c.d_state), jnp.complex64)
+
+
+@jax.custom_vjp
+def head_logits(x, w):
+    """(b, l, h) x (h, v) -> float32 (b, l, v) logits, accumulated in float32 and not
+    rounded to x's dtype (bfloat16 logits would cost a trained model ~0.03 nats). The
+    backward multiplies in x's dtype with float32 accumulation, as the blocked loss does:
+    autodiff of the float32 product would run both backward matmuls in float32."""
+    return jnp.einsum("blh,hv->blv", x, w, preferred_element_type=jnp.float32)
+
+
+def _head_logits_forward(x, w):
+    return head_logits(x, w), (x, w)
+
+
+def _head_logits_backward(residuals, g):
+    x, w = residuals
+    g = g.astype(x.dtype)
+    dx = jnp.einsum("blv,hv->blh", g, w, preferred_element_type=jnp.float32)
+    dw = jnp.einsum("blh,blv->hv", x, g, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+head_logits.defvjp(_head_logits_forward, _head_logits_backward)
 
 
 def cross_entropy(x, w, targets, *, vocab_block: int = 0):
@@ -297,8 +320,7 @@ def cross_entropy(x, w, targets, *, vocab_block: int = 0):
     """
     v = w.shape[1]
     if not vocab_block or vocab_block >= v:
-        logits = jnp.einsum("blh,hv->blv", x, w, preferred_element_type=jnp.float32)
-        logits = constrain(logits, ("batch", "length", "act_vocab"))
+        logits = constrain(head_logits(x, w), ("batch", "length", "act_vocab"))
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
         return losses, jnp.argmax(logits, -1) == targets
     losses, best_id = _blocked_cross_entropy(x, w, targets, vocab_block)

@@ -412,10 +412,10 @@ def _final_test(best, exp, eval_jit, test_batches, writer, step, workdir, state,
     test = evaluate(exp, eval_jit, best_state, test_batches)
     result = {f"test/{k}": v for k, v in test.items()}
     result["best/step"] = best_step
-    writer.write(step, result)
     # The value is None (JSON null) when the final state stood in for the best checkpoint:
     # its own eval value is not known here, and NaN is not JSON.
     result[f"best/eval_{best.metric}"] = best_value
+    writer.write(step, {k: v for k, v in result.items() if v is not None})
     if best_value is None:
         result["best/fallback"] = "final_state"
         writer.summary_line(f"test with the final state (step {step})", test)

@@ -429,6 +429,16 @@ def test_pathx_prefers_the_nested_archive_copy(tmp_path):
     )
     with pytest.raises(ValueError, match="top-level pathfinder128 copy, which is broken"):
         lra.load_split("pathx", str(top), "train")
+    with pytest.raises(ValueError, match="top-level pathfinder128 copy"):  # data_dir one lower
+        lra.load_split("pathx", str(top / "lra_release"), "train")
+    # A bad image in the nested (good) copy is not blamed on the top-level one, whichever
+    # of the two folders data_dir names.
+    nested = tmp_path / "lra_release" / "lra_release" / "pathfinder128" / "curv_contour_length_14"
+    os.remove(nested / "imgs" / "0" / "sample_2.png")
+    for data_dir in (tmp_path, tmp_path / "lra_release"):
+        with pytest.raises(ValueError, match="sample_2.png does not exist") as e:
+            lra.load_split("pathx", str(data_dir), "train")
+        assert "top-level" not in str(e.value)
 
 
 def test_pathfinder_bad_inputs(tmp_path, caplog):

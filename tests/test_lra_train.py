@@ -98,6 +98,8 @@ def test_final_test_reads_the_whole_split_whatever_eval_steps(data_dir, tmp_path
     assert results["test/examples"] == n_test
     (evals,) = [r for r in _rows(workdir) if "eval/examples" in r]
     assert evals["eval/examples"] == config.train.global_batch_size  # eval_steps=1
+    (tested,) = [r for r in _rows(workdir) if "test/accuracy" in r]
+    assert tested["best/eval_accuracy"] == results["best/eval_accuracy"] is not None
     # `lrulm eval --best` scores the checkpoint results.json is from, to the same numbers.
     rescored = evaluation.evaluate_workdir(config, workdir, best=True)
     assert rescored["step"] == results["best/step"]

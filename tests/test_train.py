@@ -518,6 +518,23 @@ def test_bfloat16_model_logits_are_the_ones_the_loss_trains(tie):
     for block in (0, 128):
         losses, _ = cross_entropy(x, w, targets, vocab_block=block)
         np.testing.assert_allclose(losses, from_logits, rtol=1e-5, atol=1e-5)
+        # ... and the gradient's matmuls stay bfloat16 (float32 accumulation): autodiff of
+        # a float32 product would make both backward matmuls float32.
+        grad = jax.grad(lambda x, w, b=block: cross_entropy(x, w, targets, vocab_block=b)[0].sum())
+        dots = _equations(jax.make_jaxpr(grad)(x, w).jaxpr, "dot_general")
+        assert dots and {str(v.aval.dtype) for e in dots for v in e.invars} == {"bfloat16"}
+
+
+def _equations(jaxpr, name: str) -> list:
+    """The equations of a primitive in jaxpr and every jaxpr inside it."""
+    found = [e for e in jaxpr.eqns if e.primitive.name == name]
+    for e in jaxpr.eqns:
+        for param in e.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _equations(inner, name)
+    return found
 
 
 def test_vocab_blocked_loss_gradient_has_no_scatter():

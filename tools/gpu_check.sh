@@ -139,7 +139,7 @@ fi
 echo
 echo "== summary ($OUT)"
 while read -r name rc secs; do
-  case $rc in 0) status=ok ;; 124) status="TIMED OUT" ;; *) status="FAILED (exit $rc)" ;; esac
+  case $rc in 0) status=ok ;; 124 | 137) status="TIMED OUT" ;; *) status="FAILED (exit $rc)" ;; esac
   printf '%-8s %s, %s s\n' "$name" "$status" "$secs"
 done <"$RC"
 for name in tests_mosaic tests; do  # the outcome line, then each failure and its error
@@ -159,7 +159,7 @@ for name in bench long; do
   if [ -s "$OUT/$name.json" ]; then
     "$PY" tools/bench.py --render "$OUT/$name.json"
   else
-    echo "no $name results (see $LOGS/$name.log)"
+    echo "no $name results (see $name.log in $OUT/logs_$MODE.tgz)"
   fi
 done
 rm -rf "$LOGS"  # in logs_$MODE.tgz

@@ -134,6 +134,11 @@ def make_listops(
     """
     if not 0 <= min_length < max_length - 1:
         raise ValueError(f"need 0 <= min_length < max_length - 1, got {min_length}, {max_length}")
+    if max_args < 2 or max_depth < 1:
+        raise ValueError(
+            f"need max_args >= 2 (an operator takes 2 to max_args arguments) and max_depth >= 1; "
+            f"got {max_args}, {max_depth}"
+        )
     rng = random.Random(seed)
     attempts = max_attempts if max_attempts is not None else 10_000 * num + 100_000
     examples: dict[str, int] = {}  # Insertion-ordered: deterministic output order.

@@ -36,6 +36,18 @@ def candidates(resolution: int, difficulty: str = DIFFICULTY) -> list[str]:
     return [f"lra_release/lra_release/{sub}", f"lra_release/{sub}", sub]
 
 
+def _archive_top_level(root: str, resolution: int) -> bool:
+    """Whether root (.../pathfinder128/<difficulty>) is the lra_release archive's broken
+    top-level Path-X copy, `lra_release/pathfinder128`, rather than the nested
+    `lra_release/lra_release/pathfinder128` (the archive's 32x32 copies are both whole)."""
+    parent = os.path.dirname(os.path.dirname(os.path.abspath(root)))
+    return (
+        resolution == 128
+        and os.path.basename(parent) == "lra_release"
+        and os.path.basename(os.path.dirname(parent)) != "lra_release"
+    )
+
+
 def read_metadata(path: str) -> list[list[str]]:
     """The whitespace-separated fields of each line of one metadata file (blank lines kept)."""
     with open(path, "rb") as f:
@@ -83,12 +95,12 @@ class PathfinderSource(common.LRASource):
         bad = common.BadRecords(on_error, f"{task} {split} ({root})")
         line_fix = "each metadata line is: folder, file name, index, label (0/1), ..."
         image_fix = "re-extract the archive, or delete the image's metadata line"
-        top_level = os.path.normpath(root).endswith(os.path.normpath(candidates(resolution)[1]))
-        if top_level:  # the archive's broken top-level copy, for want of the nested one
+        if _archive_top_level(root, resolution):  # chosen for want of the nested copy
             image_fix = (
-                f"this is the archive's top-level pathfinder{resolution} copy, which is broken; "
-                f"the good one is lra_release/lra_release/pathfinder{resolution}: extract it "
-                "beside this one (data.data_dir stays the folder holding lra_release/)"
+                f"this looks like the lra_release archive's top-level pathfinder{resolution} "
+                f"copy, which is broken; the good one is lra_release/lra_release/"
+                f"pathfinder{resolution}: extract it beside this one (data.data_dir stays "
+                "the folder holding lra_release/)"
             )
         listings: dict[str, dict[str, os.DirEntry]] = {}
         slots: list[tuple[str, int]] = []  # (image relative to root, label) per line.
