@@ -544,13 +544,17 @@ def test_tpu_kernels_schedule_under_the_hbm_time(tmp_path):
         pytest.skip(f"TPU topology API unavailable (install jax[tpu] for libtpu): {e}")
     out = tmp_path / "rows.json"
     args = ["--shape", "2,1024,768", "--json", str(out)]
+    scratch = tmp_path / "tmp"  # where the compiler's dump goes, and is removed from
+    scratch.mkdir()
     run = subprocess.run(
         [sys.executable, "tools/tpu_kernel_schedule.py", *args],
         capture_output=True,
         text=True,
         timeout=600,
+        env=dict(os.environ, TMPDIR=str(scratch)),
     )
     assert run.returncode == 0, run.stderr[-3000:]
+    assert os.listdir(scratch) == []
     rows = json.load(open(out))
     cases = {r["case"] for r in rows}
     assert len(rows) == len(cases) == 7, cases  # one kernel found per compiled variant

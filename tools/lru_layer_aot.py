@@ -3,10 +3,12 @@
     python tools/lru_layer_aot.py --topology v5e:2x2 --shape 8,2048,768,768
 
 No TPU needed: libtpu compiles for the topology (as `lrulm compile` does). For each
-method the table gives XLA's temporaries and bytes accessed, both also in units of one
-(B, L, N) complex64 array, and the number of relayout copies of an activation-sized
-array around the recurrence: static figures of the compiled program, not timings (those
-come from tools/bench.py on the device).
+method the table gives the memory the program needs beyond its arguments and outputs
+(XLA's peak less those: libtpu reports no temporaries for some of these programs) and
+XLA's bytes accessed, both also in units of one (B, L, N) complex64 array, and the
+number of relayout copies of an activation-sized array around the recurrence: static
+figures of the compiled program, not timings (those come from tools/bench.py on the
+device).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from jax.sharding import SingleDeviceSharding
 
 from lrulm import compile as compile_lib
 from lrulm import lru as lru_lib
+from lrulm import scan as scan_lib
 
 
 def measure(device, method: str, b: int, l: int, h: int, n: int, resets: bool) -> dict:
@@ -44,7 +47,9 @@ def measure(device, method: str, b: int, l: int, h: int, n: int, resets: bool) -
         if math.prod(map(int, dims.split(","))) == b * l * n
     ]
     unit = b * l * n * 8
-    temp = compiled.memory_analysis().temp_size_in_bytes
+    mem = compiled.memory_analysis()
+    peak = getattr(mem, "peak_memory_in_bytes", 0) or 0
+    temp = max(mem.temp_size_in_bytes, peak - mem.argument_size_in_bytes - mem.output_size_in_bytes)
     moved = compiled.cost_analysis()["bytes accessed"]
     return dict(
         method=method,
@@ -64,13 +69,25 @@ def main():
     p.add_argument("--no_resets", action="store_true", help="without document resets")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
-    b, l, h, n = map(int, args.shape.split(","))
-    device = compile_lib.topology_devices(compile_lib.parse_topology(args.topology))[0]
+    try:
+        b, l, h, n = map(int, args.shape.split(","))
+    except ValueError:
+        p.error(f"--shape takes B,L,H,N (four integers); got {args.shape!r}")
+    if min(b, l, h, n) < 1:
+        p.error(f"--shape: every size must be positive; got {args.shape}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    known = [m.value for m in scan_lib.ScanMethod if m.value != "auto"]
+    if not methods or any(m not in known for m in methods):
+        p.error(f"--methods {args.methods!r}: use some of {', '.join(known)}")
+    try:
+        device = compile_lib.topology_devices(compile_lib.parse_topology(args.topology))[0]
+    except ValueError as e:
+        p.error(f"--topology: {e}")
     print(f"LRU layer forward+backward, B={b} L={l} H={h} N={n}, on {device.device_kind}")
     print("unit = one (B, L, N) complex64 array")
-    print(f"{'method':<12} {'temp MiB':>9} {'units':>6} {'bytes GB':>9} {'units':>6} {'copies':>7}")
+    print(f"{'method':<12} {'work MiB':>9} {'units':>6} {'bytes GB':>9} {'units':>6} {'copies':>7}")
     rows = []
-    for method in args.methods.split(","):
+    for method in methods:
         r = measure(device, method, b, l, h, n, not args.no_resets)
         rows.append(r)
         print(

@@ -20,14 +20,18 @@ not in them.
 from __future__ import annotations
 
 import argparse
+import atexit
 import glob
 import json
 import os
 import re
+import shutil
 import tempfile
 
 # The dump flags must be in place before libtpu loads (at the first topology query).
+# The dump (~130 MB a run) is read here and removed at exit.
 _DUMP = tempfile.mkdtemp(prefix="lrulm_llo_")
+atexit.register(shutil.rmtree, _DUMP, True)
 os.environ["LIBTPU_INIT_ARGS"] = (
     os.environ.get("LIBTPU_INIT_ARGS", "")
     + f" --xla_jf_dump_to={_DUMP} --xla_jf_dump_llo_text=true"
