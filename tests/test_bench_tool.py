@@ -550,3 +550,46 @@ def test_bench_lra_table_and_arguments(monkeypatch, capsys):
         with pytest.raises(SystemExit):
             bench_lra.main(args)
         assert message in capsys.readouterr().err
+
+
+def test_peak_flops_by_device_kind():
+    """MFU's denominator: dense bf16 peaks, the longest matching device name first (an
+    H100 PCIe or NVL card is not an SXM one); none for a CPU."""
+    import types
+
+    from lrulm import metrics
+
+    def peak(kind):
+        return metrics.peak_flops(types.SimpleNamespace(device_kind=kind))
+
+    assert peak("NVIDIA H100 80GB HBM3") == peak("NVIDIA H200") == 989e12
+    assert peak("NVIDIA H100 PCIe") == 756e12 and peak("NVIDIA H100 NVL") == 835e12
+    assert peak("NVIDIA H200 NVL") == 835e12 and peak("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak("TPU v5 lite") == 197e12 and peak("TPU v5") == 459e12
+    assert peak("TPU v6 lite") == 918e12 and peak("TPU v4") == 275e12
+    assert peak("cpu") is None
+
+
+@pytest.mark.parametrize(
+    "tool, args, message",
+    [
+        ("bench_scan", ["--methods", "bogus"], "--methods 'bogus': use some of sequential"),
+        ("bench_scan", ["--B", "0"], "--B must be positive; got 0"),
+        ("bench_scan", ["--json", "/nonexistent/x.json"], "existing, writable directory"),
+        ("bench_checkpoint", ["--steps", "0"], "--steps must be positive; got 0"),
+        ("bench_checkpoint", ["--preset", "bogus"], "--preset 'bogus': use one of tiny"),
+        ("bench_generate", ["--workdir", "/nonexistent"], "no checkpoints/ there"),
+        ("seq_parallel_memory", ["--lengths", "256,256"], "two different positive lengths"),
+        ("seq_parallel_memory", ["--lengths", "256"], "--lengths takes two context lengths"),
+        ("lru_layer_aot", ["--shape", "1,2"], "--shape takes B,L,H,N"),
+    ],
+)
+def test_tools_refuse_bad_arguments_before_measuring(monkeypatch, capsys, tool, args, message):
+    """A usage error (exit 2, one line) before anything is compiled or timed; NaN-filled
+    JSON (bench_checkpoint --steps 0) and tracebacks after the measurement are gone."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "tools"))
+    module = __import__(tool)
+    monkeypatch.setattr(sys, "argv", [f"{tool}.py", *args])
+    with pytest.raises(SystemExit) as e:
+        module.main()
+    assert e.value.code == 2 and message in capsys.readouterr().err

@@ -218,3 +218,27 @@ def test_gpu_sass_captures_each_kernels_triton_ir_as_a_gpu_host_lowers_it(monkey
     monkeypatch.setattr(sys, "argv", ["gpu_sass.py", "--compiler", "triton"])
     with pytest.raises(SystemExit, match="pip install triton"):
         gpu_sass.main()
+
+
+def test_gpu_sass_names_the_error_and_checks_its_arguments(monkeypatch):
+    """A failed compile's row names its error (not jax's note on filtered frames that
+    ends the traceback); a bad tuning, shape or plugin folder is a usage error."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "tools"))
+    import gpu_sass
+
+    stderr = (
+        "Traceback (most recent call last):\n  ...\n"
+        "ValueError: LRULM_PALLAS_GPU_TUNING='x': expected CHANNELS,WARPS,...\n"
+        "--------------------\n"
+        "For simplicity, JAX has removed its internal frames from the traceback\n"
+    )
+    assert gpu_sass._child_error(stderr).startswith("ValueError: LRULM_PALLAS_GPU_TUNING='x'")
+    assert gpu_sass._child_error("killed\n") == "killed"
+    for args, message in (
+        (["--tunings", "bogus"], "--tunings: LRULM_PALLAS_GPU_TUNING='bogus': expected"),
+        (["--shape", "1,2"], "--shape takes B,L,N"),
+        (["--plugin", "/nonexistent"], "/nonexistent: no jax CUDA plugin there"),
+    ):
+        run = subprocess.run([sys.executable, "tools/gpu_sass.py", *args], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert run.returncode == 2 and message in run.stderr, (args, run.stderr[-1000:])

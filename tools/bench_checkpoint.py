@@ -1,6 +1,6 @@
 """Does checkpointing stall training? Step time with a save every step vs with none.
 
-    python tools/bench_checkpoint.py                      # ~100M-parameter LM state
+    python tools/bench_checkpoint.py                      # 125m preset: 150M parameters
     python tools/bench_checkpoint.py --preset 125m --steps 6 --json out.json
 
 Runs the real train step (lrulm.train.build / jit_steps, random tokens) of an LM preset
@@ -22,6 +22,7 @@ import time
 
 import jax
 import numpy as np
+import tool_args
 
 from lrulm import checkpoint as ckpt_lib
 from lrulm import config as config_lib
@@ -79,6 +80,9 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--json", default="")
     args = p.parse_args()
+    tool_args.preset(p, args.preset)
+    tool_args.positive(p, args, "batch", "seq_len", "steps")
+    tool_args.writable(p, args.json)
     task, state, train_jit, batch = _setup(args.preset, args.batch, args.seq_len)
     n = sum(x.size for x in jax.tree.leaves(state["params"]))
     nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))

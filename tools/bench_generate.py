@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import time
 
 import jax
 import numpy as np
+import tool_args
 from flax import nnx
 
 from lrulm import generate as gen
@@ -48,11 +50,14 @@ def main():
         contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
     except ValueError:
         p.error(f"--contexts takes comma-separated prompt lengths; got {args.contexts!r}")
-    for name in ("new_tokens", "batch", "prefill_chunk"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be positive; got {getattr(args, name)}")
+    tool_args.positive(p, args, "new_tokens", "batch", "prefill_chunk")
     if not contexts or min(contexts) < 1:
         p.error(f"--contexts takes positive prompt lengths; got {args.contexts!r}")
+    tool_args.writable(p, args.json)
+    if args.workdir and not os.path.isdir(os.path.join(args.workdir, "checkpoints")):
+        p.error(f"--workdir {args.workdir}: no checkpoints/ there (train an LM into it first)")
+    if not args.workdir:
+        tool_args.preset(p, args.preset)
     if args.workdir:
         model, _, _ = gen.load_model(args.workdir)
     else:

@@ -25,6 +25,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tool_args
 
 from lrulm import scan as scan_lib
 from lrulm.scan import ScanMethod, linear_scan
@@ -231,8 +232,11 @@ def main():
     p.add_argument("--json", default="")
     args = p.parse_args()
     methods = [m for m in args.methods.split(",") if m] or default_methods()
-    if args.repeats < 1:
-        p.error(f"--repeats must be positive; got {args.repeats}")
+    known = [m.value for m in ScanMethod if m != ScanMethod.AUTO]
+    if any(m not in known for m in methods):
+        p.error(f"--methods {args.methods!r}: use some of {', '.join(known)}")
+    tool_args.positive(p, args, "B", "L", "N", "chunk_size", "repeats")
+    tool_args.writable(p, args.json)
     result = run(args.B, args.L, args.N, methods, args.repeats, args.chunk_size)
     print(table(result))
     if args.json:

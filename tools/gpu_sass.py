@@ -246,7 +246,7 @@ def _compile(path: str, num_warps: int, num_stages: int) -> dict:
     )
     seconds = time.perf_counter() - start
     if done.returncode:
-        return dict(error=done.stderr.strip().splitlines()[-1], compile_s=seconds)
+        return dict(error=_child_error(done.stderr), compile_s=seconds)
     cuobjdump = _triton_tool("cuobjdump")
     cubin = path + ".cubin"
     usage = subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True)
@@ -357,7 +357,7 @@ def xla_compile(tuning: str, case: dict, out: str, plugin: str) -> list[dict]:
     done = subprocess.run([sys.executable, "-c", child, json.dumps(case)],
                           capture_output=True, text=True, env=env)  # fmt: skip
     if done.returncode:
-        return [dict(kernel="forward+backward", error=done.stderr.strip().splitlines()[-1])]
+        return [dict(kernel="forward+backward", error=_child_error(done.stderr))]
     compile_s = json.loads(done.stdout.strip().splitlines()[-1])["compile_s"]
     for log in glob.glob(os.path.join(mosaic_dump, "*.mlir-passes.log")):
         os.remove(log)  # Mosaic's IR after each pass: megabytes a kernel
@@ -420,6 +420,14 @@ def _triton_jobs(args, shape, variant, out) -> list[tuple[dict, tuple]]:
     return jobs
 
 
+def _child_error(stderr: str) -> str:
+    """A failed child's error line: the last `SomeError: ...` line (jax ends a traceback
+    with a note on its filtered frames), else the last line."""
+    lines = stderr.strip().splitlines() or ["(no output)"]
+    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Exit)\b", line)]
+    return (errors or lines)[-1]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tunings", default="32,1,128,prefetch 32,1,128,pingpong")
@@ -437,7 +445,22 @@ def main():
     p.add_argument("--out", default="", help="keep the IR, PTX, cubins and SASS here")
     p.add_argument("--json", default="")
     args = p.parse_args()
+    from lrulm.kernels import gpu
+
+    for tuning in args.tunings.split():
+        try:
+            gpu.Tuning.parse(tuning)
+        except ValueError as e:
+            p.error(f"--tunings: {e}")
+    try:
+        shape = tuple(int(x) for x in args.shape.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        p.error(f"--shape takes B,L,N (three positive integers); got {args.shape!r}")
     plugin = find_plugin(args.plugin)
+    if args.plugin and plugin is None:
+        p.error(f"--plugin / ${PLUGIN_ENV} {args.plugin}: no jax CUDA plugin there ({_INSTALL})")
     compiler = args.compiler or ("xla" if plugin is not None else "triton")
     if compiler == "xla":
         missing = [x for x in ("ptxas",) if not nvidia_tool(x, plugin or "")]
@@ -454,7 +477,6 @@ def main():
                 "needs the triton package (with ptxas for sm_90): pip install triton, "
                 f"or for XLA's own pipeline: {_INSTALL}"
             ) from None
-    shape = tuple(int(x) for x in args.shape.split(","))
     variant = dict(full_a=args.full_a, dtype=args.dtype)
     out = args.out or tempfile.mkdtemp(prefix="gpu_sass_")
     os.makedirs(out, exist_ok=True)

@@ -1,6 +1,6 @@
 """Longest trainable context: one device versus the sequence split across S devices.
 
-    python tools/seq_parallel_memory.py --preset 125m --shards 8 --hbm_gib 80
+    python tools/seq_parallel_memory.py --preset 125m --shards 8 --hbm_gib 79.1
 
 Compiles the real train step (lrulm.train.build / jit_steps) with abstract inputs on
 simulated CPU devices, batch 1, once on one device and once with mesh.sequence = S,
@@ -20,6 +20,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import tool_args  # noqa: E402
 
 from lrulm import config as config_lib  # noqa: E402
 from lrulm import tasks, train  # noqa: E402
@@ -53,13 +54,28 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="125m")
     p.add_argument("--shards", type=int, default=8)
-    p.add_argument("--hbm_gib", type=float, default=80.0, help="device memory (H100: 80)")
+    p.add_argument(
+        "--hbm_gib",
+        type=float,
+        default=79.1,
+        help="device memory, GiB (an H100 80GB: 79.1, as CUDA reports it)",
+    )
     p.add_argument("--lengths", default="32768,65536", help="two context lengths to fit")
     p.add_argument("--remat", default="full")
     p.add_argument("--loss_vocab_block", type=int, default=4096, help="0 = whole logits")
     p.add_argument("--json", default="")
     args = p.parse_args()
-    l1, l2 = (int(x) for x in args.lengths.split(","))
+    try:
+        l1, l2 = sorted(int(x) for x in args.lengths.split(","))
+    except ValueError:
+        p.error(f"--lengths takes two context lengths, e.g. 32768,65536; got {args.lengths!r}")
+    if not 0 < l1 < l2:
+        p.error(f"--lengths: two different positive lengths; got {args.lengths}")
+    tool_args.preset(p, args.preset)
+    tool_args.positive(p, args, "shards")
+    if not args.hbm_gib > 0:
+        p.error(f"--hbm_gib must be positive; got {args.hbm_gib}")
+    tool_args.writable(p, args.json)
     budget = args.hbm_gib * 2**30
     rows = []
     for shards in (1, args.shards):
@@ -67,7 +83,8 @@ def main():
         b2 = per_device_bytes(args.preset, l2, shards, args.remat, args.loss_vocab_block)
         per_token = (b2 - b1) / (l2 - l1)
         fixed = b1 - per_token * l1
-        longest = int((budget - fixed) / per_token) if per_token > 0 else None
+        # None: the two lengths took the same memory (nothing grows with the context).
+        longest = max(0, int((budget - fixed) / per_token)) if per_token > 0 else None
         rows.append(
             {
                 "shards": shards,
@@ -85,9 +102,14 @@ def main():
     print("| devices on the sequence | fixed (params, opt) | per context token | longest context |")
     print("|---|---|---|---|")
     for r in rows:
+        longest = r["longest_context"]
+        if longest is None:
+            longest = "n/a (no growth with the context between these lengths)"
+        else:
+            longest = f"{longest:,} tokens" if longest else "does not fit"
         print(
             f"| {r['shards']} | {r['fixed_GiB']:.2f} GiB | {r['KiB_per_token']:.1f} KiB | "
-            f"{r['longest_context']:,} tokens |"
+            f"{longest} |"
         )
     if args.json:
         with open(args.json, "w") as f:
