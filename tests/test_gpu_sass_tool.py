@@ -90,7 +90,7 @@ def _nvdisasm(sass: str) -> str:
     return "\n".join(out)
 
 
-def test_gpu_sass_reads_nvdisasm_and_ptxas_as_it_reads_cuobjdump(monkeypatch, tmp_path):
+def test_gpu_sass_reads_nvdisasm_and_ptxas_as_it_reads_cuobjdump(monkeypatch, tmp_path, capsys):
     """The XLA compiler's path: SASS from nvdisasm (labels for branch targets), registers
     and stack from ptxas -v, and the plugin found in a folder or not at all."""
     monkeypatch.syspath_prepend(os.path.join(ROOT, "tools"))
@@ -114,8 +114,9 @@ def test_gpu_sass_reads_nvdisasm_and_ptxas_as_it_reads_cuobjdump(monkeypatch, tm
     # Asked for XLA's compiler without the plugin, it says what to install, before lowering.
     monkeypatch.setattr(sys, "argv", ["gpu_sass.py", "--compiler", "xla",
                                       "--plugin", str(tmp_path / "jax_plugins")])  # fmt: skip
-    with pytest.raises(SystemExit, match="jax-cuda12-plugin"):
+    with pytest.raises(SystemExit) as e:
         gpu_sass.main()
+    assert e.value.code == 2 and "jax-cuda12-plugin" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(
