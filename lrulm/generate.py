@@ -309,7 +309,9 @@ def load_model(workdir: str, step: int | None = None):
     model_cfg = tasks.resolve_model_config(config.model, vocab_size=vocab)
     abstract = nnx.eval_shape(lambda: LanguageModel(model_cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-    replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # One of this process's own devices: every process of a multi-process run decodes
+    # the same samples on its own (process 0 prints them).
+    replicated = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
         nnx.to_pure_dict(abstract_params),

@@ -178,7 +178,10 @@ def main(argv: list[str]) -> int:
                     top_k=args.top_k,
                     seed=args.seed,
                 )
-                _print_samples(samples, args.output)
+                import jax
+
+                if jax.process_index() == 0:  # every process decoded the same samples
+                    _print_samples(samples, args.output)
             case "lra-report":
                 from lrulm import lra_report
 

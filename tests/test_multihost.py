@@ -137,6 +137,22 @@ def test_two_processes_match_one(two_process_run, single_process_run):
     assert data == ["process_0-of-2.json", "process_1-of-2.json"], data
 
 
+def test_generate_runs_as_two_processes(two_process_run, tmp_path):
+    """`lrulm generate` under launch/local.py: each process restores the parameters onto
+    a device of its own (process 1 cannot address process 0's) and decodes; process 0
+    alone prints and writes the samples."""
+    workdir, _ = two_process_run
+    output = tmp_path / "samples.jsonl"
+    cmd = [sys.executable, "-m", "lrulm", "generate", "--workdir", str(workdir),
+           "--prompt", "def f", "--max_new_tokens", "4", "--temperature", "0",
+           "--output", str(output)]  # fmt: skip
+    out = _finish(_launch(cmd))
+    assert "FAILED" not in out and "error" not in out, out[-3000:]
+    assert out.count("[p0] def f") == 1 and "[p1] def f" not in out, out[-3000:]
+    (sample,) = [json.loads(line) for line in output.read_text().splitlines()]
+    assert sample["prompt"] == "def f"
+
+
 def test_two_process_checkpoint_resumes_in_one_process(tmp_path, corpus, two_process_run):
     """Restored by one process, the two processes' iterator files do not fit: the data
     position comes from the checkpoint's metadata, and the run goes on as the two-process
