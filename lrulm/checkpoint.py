@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -131,6 +132,24 @@ class Restored:
     data_restored: bool
 
 
+def quiet_orphaned_reads() -> None:
+    """Called before a restore. When one fails (a damaged checkpoint), the reads it had
+    in flight complete into an event loop Orbax has closed, and Python reports each
+    ("Event loop is closed": hundreds of tracebacks, no harm done). Those reports are
+    dropped from then on; any other unraisable exception is reported as before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_lrulm_quiet", False):
+        return
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook._lrulm_quiet = True
+    sys.unraisablehook = hook
+
+
 def checkpoint_steps(workdir: str) -> list[int]:
     """The steps saved in workdir/checkpoints, oldest first (no Orbax manager needed)."""
     checkpoints = os.path.join(workdir, "checkpoints")
@@ -216,13 +235,7 @@ class Checkpointer:
                         "devices' memory) and run again"
                     ) from e
                 damaged.append(step)
-                log.error(
-                    "checkpoint %s cannot be restored (%s: %s); falling back to the "
-                    "previous checkpoint",
-                    path,
-                    type(e).__name__,
-                    e,
-                )
+                log.debug("checkpoint %s cannot be restored: %r", path, e)  # the whole spec
                 metrics_lib.say(
                     f"lrulm: checkpoint {path} is damaged ({metrics_lib.brief(e)}); "
                     "trying the one before"
@@ -277,6 +290,7 @@ class Checkpointer:
 
     def _restore(self, step, abstract_state, iterator) -> Restored:
         self.check_fits(step, abstract_state)  # before Orbax reads (and fails) array by array
+        quiet_orphaned_reads()
         items = {STATE: ocp.args.StandardRestore(abstract_state)}
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         data_restored = False
@@ -457,6 +471,7 @@ def restore_params(path: str, abstract_params):
     shapes and shardings (fine-tuning); a clear error when the shapes do not fit."""
     directory, step = find_checkpoint_dir(path)
     item_dir = os.path.join(directory, str(step), STATE)
+    quiet_orphaned_reads()
     checkpointer = ocp.PyTreeCheckpointer()
     mismatches = _differences(saved_tree(item_dir)["params"], abstract_params, extra=False)
     if mismatches:

@@ -487,3 +487,24 @@ def test_eval_scores_a_run_whose_mesh_does_not_fit_these_devices(lm_workdir):
     config.mesh.data, config.mesh.fsdp = 1, 16
     got = evaluation.evaluate_workdir(config, lm_workdir, 8)
     assert got["eval/loss"] == pytest.approx(want["eval/loss"], rel=1e-5)
+
+
+def test_a_failed_restore_does_not_flood_the_log(monkeypatch):
+    """A damaged checkpoint's restore leaves reads in flight that complete into Orbax's
+    closed event loop: hundreds of "Event loop is closed" tracebacks. From the first
+    restore on, those (and only those) unraisable reports are dropped."""
+    import sys
+    import types
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(str(u.exc_value)))
+    ckpt_lib.quiet_orphaned_reads()
+    ckpt_lib.quiet_orphaned_reads()  # once is enough: not wrapped twice
+
+    def report(error):
+        sys.unraisablehook(types.SimpleNamespace(exc_value=error, exc_type=type(error)))
+
+    report(RuntimeError("Event loop is closed"))
+    report(RuntimeError("something else"))
+    report(ValueError("Event loop is closed"))
+    assert seen == ["something else", "Event loop is closed"]
