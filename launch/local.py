@@ -7,9 +7,10 @@ Each process gets LRULM_COORDINATOR_ADDRESS / LRULM_NUM_PROCESSES / LRULM_PROCES
 `lrulm.distributed.initialize()`), JAX_PLATFORMS=cpu and D simulated CPU devices. Output is
 streamed line by line with a `[pN] ` prefix. When a process fails, the others are stopped
 (SIGTERM, then SIGKILL after --grace_s) and the launcher exits with the failing process's code
-(128 + signal for a signal). SIGTERM / SIGINT sent to the launcher are forwarded to every process
-(a second one kills them); trainers that saved and stopped for it exit 75 (lrulm.preemption),
-and so does the launcher once they all have. Standard library only.
+(128 + signal for a signal). A SIGTERM or SIGINT (Ctrl-C) sent to the launcher reaches every
+process as SIGTERM, the preemption signal (a second one kills them); trainers that saved and
+stopped for it exit 75 (lrulm.preemption), and so does the launcher once they all have.
+Standard library only.
 """
 
 from __future__ import annotations
@@ -215,9 +216,12 @@ def run(
         received.append(signum)
         if job is None:
             return  # forwarded once the processes exist
-        if len(received) == 1:
-            _log(f"received {signal.Signals(signum).name}; forwarding it to every process")
-            job.signal_all(signum)
+        if len(received) == 1:  # Ctrl-C too: the trainers save and stop on SIGTERM
+            _log(
+                f"received {signal.Signals(signum).name}; sending SIGTERM to every process "
+                "(a second signal kills them)"
+            )
+            job.signal_all(signal.SIGTERM)
         else:
             _log("second signal; killing every process")
             job.signal_all(signal.SIGKILL)
@@ -227,7 +231,7 @@ def run(
     try:
         job = _Job(command, envs)
         if received:
-            job.signal_all(received[0])
+            job.signal_all(signal.SIGTERM)
         _log(f"started {num_processes} processes x {devices} devices on 127.0.0.1:{port}")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         # Failures in the order seen. When a process dies, its peers often fail a few ms later

@@ -199,6 +199,9 @@ def main(argv: list[str]) -> int:
                 docs = (d for f in files for d in lm_data.read_documents(f))
                 sp = tok.train_tokenizer(docs, args.output, vocab_size=args.vocab_size)
                 print(f"wrote {args.output}: {sp.get_piece_size()} pieces")
+    except KeyboardInterrupt:  # a second Ctrl-C: the first asks train to save and stop
+        print(f"lrulm {args.command}: interrupted", file=sys.stderr)
+        return 130
     except preemption.SignalBeforeStart:  # while waiting for the other processes
         print(
             f"lrulm {args.command}: a preemption signal came before the run started; "

@@ -74,7 +74,7 @@ class Watcher:
 
     def __init__(self, start_step: int = 0):
         self.requested = False
-        self._previous = None
+        self._previous = self._previous_int = None
         import jax  # here: `lrulm` imports this module before it needs jax
 
         if jax.distributed.is_initialized():
@@ -84,11 +84,25 @@ class Watcher:
         else:
             try:
                 self._previous = signal.signal(signal.SIGTERM, self._handler)
+                # One process: Ctrl-C saves and stops too (a second one interrupts). With
+                # several, launch/local.py turns the launcher's SIGINT into SIGTERM.
+                self._previous_int = signal.signal(signal.SIGINT, self._interrupt)
             except ValueError:  # not the main thread (e.g. inside a test runner thread)
-                self._previous = None
+                self._previous = self._previous_int = None
 
     def _handler(self, signum, frame):
         self.requested = True
+
+    def _interrupt(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        from lrulm import metrics as metrics_lib
+
+        metrics_lib.say(
+            "lrulm: interrupted (Ctrl-C): saving at the next step, then stopping; "
+            "Ctrl-C again stops at once, without saving"
+        )
 
     def reached(self, step: int) -> bool:
         import jax
@@ -100,10 +114,13 @@ class Watcher:
         return self.requested
 
     def close(self):
-        """Puts back the SIGTERM handler there was before."""
+        """Puts back the SIGTERM and SIGINT handlers there were before."""
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
+        if self._previous_int is not None:
+            signal.signal(signal.SIGINT, self._previous_int)
+            self._previous_int = None
 
     def __enter__(self) -> Watcher:
         return self

@@ -103,12 +103,15 @@ def test_sigkill_then_resume_is_bitwise_exact(tmp_path, corpus):
         np.testing.assert_array_equal(x, y)
 
 
-def test_sigterm_saves_and_exits_75_then_resumes(tmp_path, corpus):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_saves_and_exits_75_then_resumes(tmp_path, corpus, signum):
+    """A preemption (SIGTERM), or Ctrl-C (SIGINT) in a one-process run, saves the step it
+    reached, exits 75, and the same command resumes there."""
     workdir = tmp_path / "run"
     cmd = _cmd(workdir, corpus, "train.steps=100000", "checkpoint.every_steps=5")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _wait_for(workdir / "checkpoints" / "5", proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     out, _ = proc.communicate(timeout=120)
     # 75, not 0: whatever runs the trainer must not take the run for a finished one.
     assert proc.returncode == 75, out[-2000:]

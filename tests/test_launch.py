@@ -280,7 +280,7 @@ def test_sigterm_is_forwarded_and_processes_save_at_the_same_step(tmp_path):
         rest, _ = _timed_lines(proc, 30)
     out = _text(lines + rest)
     assert proc.returncode == 75, out  # stopped for preemption: not finished, not failed
-    assert "received SIGTERM; forwarding it" in out
+    assert "received SIGTERM; sending SIGTERM to every process" in out
     assert "[p0] left last" in out and "FAILED" not in out
     assert "process 0, 1 stopped for the preemption signal after saving (exit 75)" in out
     steps = {text.split("] ")[1] for _, text in rest if "saving at step" in text}

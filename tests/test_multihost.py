@@ -200,7 +200,10 @@ def test_killed_job_resumes_to_the_same_parameters(tmp_path, corpus, two_process
         np.testing.assert_array_equal(a, b)
 
 
-def test_sigterm_to_the_launcher_saves_on_every_process(tmp_path, corpus):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_to_the_launcher_saves_on_every_process(tmp_path, corpus, signum):
+    """SIGTERM (a preemption) or SIGINT (Ctrl-C) to the launcher: every process gets
+    SIGTERM, saves at one agreed step and stops; the launcher exits 75."""
     workdir = tmp_path / "run"
     proc = _launch(_train_args(workdir, corpus, "train.steps=100000", "checkpoint.every_steps=5"))
     start = time.time()
@@ -208,7 +211,7 @@ def test_sigterm_to_the_launcher_saves_on_every_process(tmp_path, corpus):
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         assert time.time() - start < 300
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)  # the launcher forwards it to both processes
+    proc.send_signal(signum)  # the launcher sends both processes SIGTERM
     out = _finish(proc, timeout=180)
     assert proc.returncode == 75, out[-3000:]  # lrulm.preemption.EXIT_CODE
     assert "stopped for the preemption signal after saving" in out and "FAILED" not in out
