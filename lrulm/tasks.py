@@ -171,12 +171,15 @@ class LMTask:
                 held = set(eval_files)
                 train_files = [f for f in train_files if f not in held]
                 if jax.process_index() == 0:
+                    size = lambda files: sum(os.path.getsize(f) for f in files)
+                    share = size(eval_files) / max(size(eval_files) + size(train_files), 1)
+                    large = " (a large share: with few files, give held-out files)" * (share > 0.1)
                     metrics_lib.say(
                         f"lrulm: data.eval_files is empty: holding out {len(eval_files)} of "
                         f"the {len(train_files) + len(eval_files)} train files for evaluation "
                         f"({', '.join(os.path.basename(f) for f in eval_files[:3])}"
-                        f"{', ...' if len(eval_files) > 3 else ''}); set "
-                        "--config.data.eval_files to choose"
+                        f"{', ...' if len(eval_files) > 3 else ''}; {share:.0%} of the "
+                        f"bytes{large}); set --config.data.eval_files to choose"
                     )
             else:
                 raise ValueError(

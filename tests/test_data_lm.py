@@ -413,7 +413,8 @@ def test_eval_files_held_out_from_train_files_are_named(tmp_path, corpus, capsys
     assert task.eval_files == [str(tmp_path / "part0.jsonl")]
     assert task.train_files == [str(tmp_path / "part1.jsonl")]
     out = capsys.readouterr().out
-    assert "holding out 1 of the 2 train files for evaluation (part0.jsonl)" in out
+    assert "holding out 1 of the 2 train files for evaluation (part0.jsonl; 41" in out
+    assert "% of the bytes (a large share: with few files, give held-out files)" in out
 
 
 def test_json_lines_by_any_suffix_compressed_or_with_a_byte_order_mark(tmp_path):
