@@ -191,6 +191,11 @@ def load_run(workdir: str) -> Run:
                 f"{workdir} holds runs rather than being one: give them, e.g. "
                 f"`lrulm lra-report {os.path.join(workdir, '*')}`"
             )
+        if config is None:
+            raise FileNotFoundError(
+                f"{workdir} is not a run's workdir: it has neither the config.json a run "
+                "writes when it starts nor results.json"
+            )
         raise FileNotFoundError(
             f"{workdir} has no results.json: the trainer writes it after the last step, with "
             "the test accuracy of the best-validation checkpoint. Finish the run (re-running "

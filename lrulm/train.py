@@ -13,6 +13,7 @@ naming that step, without overwriting a good checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -489,6 +490,19 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
       preemption.Preempted: a preemption signal (SIGTERM) stopped the run before
         train.steps, after every process saved that step; call again to resume.
     """
+    created = not os.path.exists(workdir)
+    try:
+        return _train_and_evaluate(config, workdir, devices)
+    except BaseException:
+        # A run that failed at its start (a bad config, missing data) leaves no empty
+        # workdir behind to pass for a run; anything written is kept.
+        if created and os.path.isdir(workdir) and not os.listdir(workdir):
+            with contextlib.suppress(OSError):  # another process removed it first
+                os.rmdir(workdir)
+        raise
+
+
+def _train_and_evaluate(config, workdir: str, devices) -> dict:
     # From the start: a SIGTERM while the data is prepared, the state restored or the step
     # compiled (minutes) still ends in a save and a clean stop at the loop's first step.
     latest = max(ckpt_lib.checkpoint_steps(workdir), default=0)  # where a resume starts
