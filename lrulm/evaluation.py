@@ -46,8 +46,12 @@ def evaluate_workdir(config, workdir: str, step: int | None = None, *, best: boo
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {directory}; train first")
     if step is not None and step not in steps:
+        best_steps = [] if best else ckpt_lib.checkpoint_steps(os.path.join(workdir, "best"))
+        hint = f" (step {step} is the best-on-eval checkpoint: add --best)" * (step in best_steps)
         raise FileNotFoundError(
-            f"no checkpoint of step {step} in {directory}; its steps: " + ", ".join(map(str, steps))
+            f"no checkpoint of step {step} in {directory}; its steps: "
+            + ", ".join(map(str, steps))
+            + hint
         )
     mesh = _mesh(config)
     task = tasks.make_task(config, workdir)

@@ -198,7 +198,14 @@ def main(argv: list[str]) -> int:
                 files = lm_data.expand_globs(args.input, "--input")
                 docs = (d for f in files for d in lm_data.read_documents(f))
                 sp = tok.train_tokenizer(docs, args.output, vocab_size=args.vocab_size)
-                print(f"wrote {args.output}: {sp.get_piece_size()} pieces")
+                short = sp.get_piece_size() < args.vocab_size
+                print(
+                    f"wrote {args.output}: {sp.get_piece_size()} pieces"
+                    + (
+                        f", fewer than the {args.vocab_size} asked for: the text holds no more"
+                        * short
+                    )
+                )
     except KeyboardInterrupt:  # a second Ctrl-C: the first asks train to save and stop
         print(f"lrulm {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -18,6 +18,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -461,6 +462,18 @@ def _check_processes_agree(config) -> None:
         )
 
 
+def _schedule_lr(workdir: str, step: int) -> float | None:
+    """The peak-lr schedule's value at step under the workdir's config.json (None if
+    there is none)."""
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            saved = json.load(f)
+        o = saved["optim"]
+        return float(optim.schedule(o["lr"], saved["train"]["steps"], o["warmup_fraction"])(step))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _results_at(workdir: str, step: int) -> dict | None:
     """results.json's test result if it is of `step` (else None)."""
     try:
@@ -585,11 +598,19 @@ def _train_and_evaluate(config, workdir: str, devices) -> dict:
                 "(raise train.steps to continue it)"
             )
         elif is_main:  # only now: a run that fails to start leaves the workdir's config as it was
+            before = _schedule_lr(workdir, step) if restored is not None else None
             changed = config_lib.write_run_config(config, workdir, resumed=restored is not None)
             if changed:
                 metrics_lib.say(
                     "lrulm: resuming with a config that differs from the run's config.json "
                     "(now rewritten): " + "; ".join(changed)
+                )
+            now = _schedule_lr(workdir, step)
+            if before is not None and not math.isclose(before, now, rel_tol=1e-3):
+                # An extended run's cosine is stretched over the new length: lr goes back up.
+                metrics_lib.say(
+                    f"lrulm: the learning-rate schedule changed with it: at step {step} the "
+                    f"rate was {before:.3g} and is now {now:.3g}"
                 )
 
         # ---- Step functions ----------------------------------------------------------------

@@ -121,6 +121,8 @@ def test_sigterm_saves_and_exits_75_then_resumes(tmp_path, corpus, signum):
     assert saved >= 5 and os.path.isdir(workdir / "checkpoints" / str(saved))
     out = _run(workdir, corpus, f"train.steps={saved + 3}", "checkpoint.every_steps=5")
     assert f"resumed from {workdir}/checkpoints/{saved}" in out
+    # train.steps 100000 -> saved + 3: the schedule is squeezed, and the jump is said.
+    assert re.search(rf"at step {saved} the rate was [\d.e-]+ and is now [\d.e-]+", out), out
     assert max(_losses(workdir)) == saved + 3
 
 

@@ -214,3 +214,16 @@ def test_report_arguments(tmp_path, capsys):
     # A chart path that cannot be written is refused before anything is read.
     assert main.main(["lra-report", run, "--plot", str(tmp_path)]) == 2
     assert "give a .png file in a writable directory" in capsys.readouterr().err
+
+
+def test_eval_of_the_best_step_without_best_says_to_add_it(tmp_path):
+    """An LRA run's best-on-eval checkpoint lives in best/, not checkpoints/: asking
+    `lrulm eval --step S` for it names --best."""
+    from lrulm import evaluation
+
+    (tmp_path / "checkpoints" / "20").mkdir(parents=True)
+    (tmp_path / "best" / "checkpoints" / "10").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"its steps: 20 \(step 10 is the best-on-eval"):
+        evaluation.evaluate_workdir(None, str(tmp_path), 10)
+    with pytest.raises(FileNotFoundError, match="its steps: 20$"):
+        evaluation.evaluate_workdir(None, str(tmp_path), 5)
