@@ -605,6 +605,12 @@ def _train_and_evaluate(config, workdir: str, devices) -> dict:
                     "lrulm: resuming with a config that differs from the run's config.json "
                     "(now rewritten): " + "; ".join(changed)
                 )
+            if t.eval_steps and any(c.startswith("train.global_batch_size:") for c in changed):
+                metrics_lib.say(
+                    f"lrulm: train.eval_steps={t.eval_steps} batches of the new size score other "
+                    "examples than before: eval metrics before and after this step are not "
+                    "comparable (train.eval_steps=0 scores the whole eval split)"
+                )
             now = _schedule_lr(workdir, step)
             if before is not None and not math.isclose(before, now, rel_tol=1e-3):
                 # An extended run's cosine is stretched over the new length: lr goes back up.
