@@ -222,9 +222,7 @@ def test_resume_with_another_global_batch_goes_on_at_the_same_row(tmp_path, corp
     global batch goes on where the run left off, with nothing to allow."""
     workdir = tmp_path / "run"
     _run(workdir, corpus, "train.steps=4", "checkpoint.every_steps=2")
-    out = _run(
-        workdir, corpus, "train.steps=6", "train.global_batch_size=16", "train.eval_steps=2"
-    )
+    out = _run(workdir, corpus, "train.steps=6", "train.global_batch_size=16", "train.eval_steps=2")
     assert f"resumed from {workdir}/checkpoints/4" in out
     assert "eval metrics before and after this step are not comparable" in out
     ckpt = ckpt_lib.Checkpointer(str(workdir))
