@@ -193,8 +193,8 @@ def load_run(workdir: str) -> Run:
             )
         if config is None:
             raise FileNotFoundError(
-                f"{workdir} is not a run's workdir: it has neither the config.json a run "
-                "writes when it starts nor results.json"
+                f"{workdir} has no config.json (written once a run's set-up is done) and no "
+                "results.json: not a run, or one stopped before its set-up finished"
             )
         raise FileNotFoundError(
             f"{workdir} has no results.json: the trainer writes it after the last step, with "

@@ -134,7 +134,7 @@ def main(argv: list[str]) -> int:
                 distributed.initialize()
                 if args.command == "train":
                     try:
-                        train.train_and_evaluate(config, args.workdir)
+                        train.train_and_evaluate(config, args.workdir, ctrl_c=True)
                     except preemption.Preempted as e:
                         print(f"lrulm train: {e} (exit {preemption.EXIT_CODE})", file=sys.stderr)
                         return preemption.EXIT_CODE
@@ -208,6 +208,10 @@ def main(argv: list[str]) -> int:
                 )
     except KeyboardInterrupt:  # a second Ctrl-C: the first asks train to save and stop
         print(f"lrulm {args.command}: interrupted", file=sys.stderr)
+        if _multi_process():  # not into jax's shutdown barrier: peers may be mid-collective
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         return 130
     except preemption.SignalBeforeStart:  # while waiting for the other processes
         print(

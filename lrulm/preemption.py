@@ -65,6 +65,8 @@ class Watcher:
     this handler's flag is enough. Call `reached` at every step on every process; use
     it as a context manager (or call `close`) to put the previous handler back.
 
+    `ctrl_c`: in one process, the first SIGINT (Ctrl-C) requests a save and stop too.
+
     `start_step`: the step the run starts from (its newest checkpoint's). jax agrees on
     one past the largest step any process has reported, and on 1 before any report: a
     signal during the set-up (data, restore, compile) of a run resuming at step S > 0
@@ -72,7 +74,7 @@ class Watcher:
     processes agree on S + 1.
     """
 
-    def __init__(self, start_step: int = 0):
+    def __init__(self, start_step: int = 0, *, ctrl_c: bool = False):
         self.requested = False
         self._previous = self._previous_int = None
         import jax  # here: `lrulm` imports this module before it needs jax
@@ -84,9 +86,12 @@ class Watcher:
         else:
             try:
                 self._previous = signal.signal(signal.SIGTERM, self._handler)
-                # One process: Ctrl-C saves and stops too (a second one interrupts). With
-                # several, launch/local.py turns the launcher's SIGINT into SIGTERM.
-                self._previous_int = signal.signal(signal.SIGINT, self._interrupt)
+                # `lrulm train` in one process: Ctrl-C saves and stops too (a second one
+                # interrupts). Not where SIGINT is ignored (a shell's `cmd &`) or handled by
+                # the caller (a test runner); with several processes, launch/local.py turns
+                # the launcher's SIGINT into SIGTERM.
+                if ctrl_c and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                    self._previous_int = signal.signal(signal.SIGINT, self._interrupt)
             except ValueError:  # not the main thread (e.g. inside a test runner thread)
                 self._previous = self._previous_int = None
 

@@ -462,15 +462,22 @@ def _check_processes_agree(config) -> None:
         )
 
 
-def _schedule_lr(workdir: str, step: int) -> float | None:
-    """The peak-lr schedule's value at step under the workdir's config.json (None if
-    there is none)."""
+def _trained_config(checkpointer, step: int) -> dict | None:
+    """The config checkpoint `step` was saved with (its metadata; config.json can be newer:
+    a resume that stopped before its first save rewrote it). None if not recorded."""
     try:
-        with open(os.path.join(workdir, "config.json")) as f:
-            saved = json.load(f)
-        o = saved["optim"]
-        return float(optim.schedule(o["lr"], saved["train"]["steps"], o["warmup_fraction"])(step))
-    except (OSError, ValueError, KeyError, TypeError):
+        config = checkpointer.metadata(step).get("config")
+    except Exception:  # noqa: BLE001 - unreadable metadata: nothing to compare with
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def _schedule_lr(config: dict | None, step: int) -> float | None:
+    """The learning-rate schedule's value at step under a config dict (None if unknown)."""
+    try:
+        o = config["optim"]
+        return float(optim.schedule(o["lr"], config["train"]["steps"], o["warmup_fraction"])(step))
+    except (KeyError, TypeError, ValueError):
         return None
 
 
@@ -491,13 +498,15 @@ def _results_at(workdir: str, step: int) -> dict | None:
 # ==========================================================================================
 
 
-def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
+def train_and_evaluate(config, workdir: str, *, devices=None, ctrl_c: bool = False) -> dict:
     """Trains (or resumes) the experiment in workdir; returns the last eval metrics.
 
     Args:
       config: the experiment ConfigDict (lrulm.config).
       workdir: where config.json, metrics.jsonl, checkpoints/ and the tokenizer go.
       devices: the devices to build the mesh from (default: all of them).
+      ctrl_c: in one process, a first Ctrl-C saves and stops as a preemption does
+        (`lrulm train`); otherwise SIGINT is left to the caller.
 
     Raises:
       preemption.Preempted: a preemption signal (SIGTERM) stopped the run before
@@ -505,7 +514,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
     """
     created = not os.path.exists(workdir)
     try:
-        return _train_and_evaluate(config, workdir, devices)
+        return _train_and_evaluate(config, workdir, devices, ctrl_c)
     except BaseException:
         # A run that failed at its start (a bad config, missing data) leaves no empty
         # workdir behind to pass for a run; anything written is kept.
@@ -515,11 +524,11 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
         raise
 
 
-def _train_and_evaluate(config, workdir: str, devices) -> dict:
+def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
     # From the start: a SIGTERM while the data is prepared, the state restored or the step
     # compiled (minutes) still ends in a save and a clean stop at the loop's first step.
     latest = max(ckpt_lib.checkpoint_steps(workdir), default=0)  # where a resume starts
-    with preemption.Watcher(start_step=latest) as watcher:
+    with preemption.Watcher(start_step=latest, ctrl_c=ctrl_c) as watcher:
         # ---- Set-up ----------------------------------------------------------------------
         t, c = config.train, config.checkpoint
         if "://" in workdir:
@@ -577,11 +586,13 @@ def _train_and_evaluate(config, workdir: str, devices) -> dict:
         if problem:
             checkpointer.close()  # nothing moved: the same command works once fixed
             raise ValueError(problem)
+        trained = None  # the config the resumed checkpoint was trained with
         if restored is not None:
             state = restored.state
             if not restored.data_restored:  # e.g. another number of processes
                 train_iter.set_state(checkpointer.data_position(restored.step))
             metrics_lib.say(f"lrulm: resumed from {checkpointer.directory}/{restored.step}")
+            trained = _trained_config(checkpointer, restored.step)
         else:
             init = jax.jit(exp.init_fn, out_shardings=exp.state_shardings)
             state = init(jax.random.key(t.seed))
@@ -598,20 +609,23 @@ def _train_and_evaluate(config, workdir: str, devices) -> dict:
                 "(raise train.steps to continue it)"
             )
         elif is_main:  # only now: a run that fails to start leaves the workdir's config as it was
-            before = _schedule_lr(workdir, step) if restored is not None else None
             changed = config_lib.write_run_config(config, workdir, resumed=restored is not None)
             if changed:
                 metrics_lib.say(
                     "lrulm: resuming with a config that differs from the run's config.json "
                     "(now rewritten): " + "; ".join(changed)
                 )
-            if t.eval_steps and any(c.startswith("train.global_batch_size:") for c in changed):
+            old_batch = ((trained or {}).get("train") or {}).get("global_batch_size")
+            if t.eval_steps and old_batch not in (None, t.global_batch_size):
                 metrics_lib.say(
                     f"lrulm: train.eval_steps={t.eval_steps} batches of the new size score other "
                     "examples than before: eval metrics before and after this step are not "
                     "comparable (train.eval_steps=0 scores the whole eval split)"
                 )
-            now = _schedule_lr(workdir, step)
+            before, now = (
+                _schedule_lr(trained, step),
+                _schedule_lr(config_lib.to_dict(config), step),
+            )
             if before is not None and not math.isclose(before, now, rel_tol=1e-3):
                 # An extended run's cosine is stretched over the new length: lr goes back up.
                 metrics_lib.say(

@@ -514,3 +514,26 @@ def test_a_failed_restore_does_not_flood_the_log(monkeypatch):
     report(RuntimeError("something else"))
     report(ValueError("Event loop is closed"))
     assert seen == ["something else", "Event loop is closed"]
+
+
+def test_ctrl_c_is_taken_only_when_asked_and_not_ignored():
+    """`lrulm train` (ctrl_c=True) takes SIGINT from Python's default handler; a library
+    caller (a test runner) keeps it, as does a shell's `cmd &` that ignores it."""
+    from lrulm import preemption
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with preemption.Watcher():
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with preemption.Watcher(ctrl_c=True) as watcher:
+        assert signal.getsignal(signal.SIGINT) == watcher._interrupt
+        watcher._interrupt(signal.SIGINT, None)  # the first: save and stop
+        assert watcher.reached(1)
+        with pytest.raises(KeyboardInterrupt):  # the second: at once
+            watcher._interrupt(signal.SIGINT, None)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with preemption.Watcher(ctrl_c=True):
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -90,7 +90,7 @@ def test_report_table_and_plot(tmp_path):
 def test_report_errors_name_the_directory(tmp_path, capsys):
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
-    with pytest.raises(FileNotFoundError, match="unfinished is not a run's workdir"):
+    with pytest.raises(FileNotFoundError, match="unfinished has no config.json .* not a run"):
         lra_report.report([str(unfinished)])
     (unfinished / "config.json").write_text(json.dumps(_paper_config("text")))
     with pytest.raises(FileNotFoundError, match="unfinished has no results.json"):
