@@ -268,6 +268,7 @@ def test_gpu_check_script_passes_each_tool_arguments_it_takes(tmp_path):
     bench, long_row = [c for c in calls if c["args"][0] == "tools/bench.py"]
     assert bench["tuning"] == best and long_row["tuning"] == base
     assert long_row["args"][long_row["args"].index("--steps") + 1] == "2"
+    assert "lrulm imports: ok" in stdout  # grain, ml_collections: said before any step
     summary = stdout[stdout.index("== summary") :]
     for name, _, _ in steps:
         assert re.search(rf"^{name} +ok, \d+ s$", summary, re.M), summary

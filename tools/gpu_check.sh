@@ -65,6 +65,10 @@ run() {  # run NAME SECONDS CMD...: logs to $LOGS/NAME.log, records the exit cod
 timeout 30 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader |
   tee "$LOGS/env.txt"
 timeout 90 "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$LOGS/env.txt"
+# The train rows need grain and ml_collections (tools/device_wheels.sh): say now if they
+# do not import (e.g. an older protobuf than grain's), not as failed rows minutes later.
+timeout 90 "$PY" -c "import grain, ml_collections, lrulm.train; print('lrulm imports: ok')" 2>&1 |
+  tail -n 1 | tee -a "$LOGS/env.txt"
 
 if [ "$MODE" = baseline ]; then
   # The kernels' default launch shape (no sweep): each size compiles the reference once
