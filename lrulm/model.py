@@ -288,11 +288,18 @@ def _head_logits_forward(x, w):
     return head_logits(x, w), (x, w)
 
 
+def _logit_grads(x, w, d):
+    """The gradients of x @ w for d(logits) d, in x's dtype with float32 accumulation:
+    (dx, dw), float32 each."""
+    d = d.astype(x.dtype)
+    dx = jnp.einsum("blv,hv->blh", d, w, preferred_element_type=jnp.float32)
+    dw = jnp.einsum("blh,blv->hv", x, d, preferred_element_type=jnp.float32)
+    return dx, dw
+
+
 def _head_logits_backward(residuals, g):
     x, w = residuals
-    g = g.astype(x.dtype)
-    dx = jnp.einsum("blv,hv->blh", g, w, preferred_element_type=jnp.float32)
-    dw = jnp.einsum("blh,blv->hv", x, g, preferred_element_type=jnp.float32)
+    dx, dw = _logit_grads(x, w, g)
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
@@ -388,10 +395,8 @@ def _blocked_backward(vocab_block, residuals, cotangents):
         logits, ids = _block_logits(x, *block, v)
         p = jnp.exp(logits - lse[..., None])  # softmax; 0 in padding columns
         d = g[..., None] * (p - (ids == targets[..., None]).astype(jnp.float32))
-        d = d.astype(x.dtype)
-        dx = dx + jnp.einsum("blv,hv->blh", d, block[0], preferred_element_type=jnp.float32)
-        dw = jnp.einsum("blh,blv->hv", x, d, preferred_element_type=jnp.float32)
-        return dx, dw.astype(w.dtype)
+        dx_block, dw = _logit_grads(x, block[0], d)
+        return dx + dx_block, dw.astype(w.dtype)
 
     dx, dw = jax.lax.scan(body, jnp.zeros(x.shape, jnp.float32), (blocks, offsets))
     dw = dw.transpose(1, 0, 2).reshape(w.shape[0], -1)[:, :v]
