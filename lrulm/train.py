@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lrulm import checkpoint as ckpt_lib
 from lrulm import config as config_lib
-from lrulm import distributed, optim, preemption, sharding, tasks
+from lrulm import distributed, optim, preemption, run_config, sharding, tasks
 from lrulm import metrics as metrics_lib
 
 log = logging.getLogger(__name__)
@@ -431,56 +429,6 @@ def _final_test(best, exp, eval_jit, test_batches, writer, step, workdir, state,
     return result
 
 
-# Settings a process may have of its own (reader threads), or that only process 0 acts on.
-_PER_PROCESS_KEYS = (
-    ("data", "num_threads"),
-    ("train", "progress"),
-    ("train", "profile_start_step"),
-    ("train", "profile_steps"),
-)
-
-
-def _check_processes_agree(config) -> None:
-    """Every process must run the config process 0 runs (each builds its own from its
-    command line): refused on all of them at once, before anything is read or written,
-    when any differs (one lr on one host and another on the next trained a mixture)."""
-    if jax.process_count() < 2:
-        return
-    from jax.experimental import multihost_utils
-
-    settings = config_lib.to_dict(config)
-    for group, key in _PER_PROCESS_KEYS:  # may differ: each process's own, or process 0's
-        settings.get(group, {}).pop(key, None)
-    text = json.dumps(settings, sort_keys=True)
-    digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint32)
-    every = np.asarray(multihost_utils.process_allgather(digest)).reshape(-1, digest.size)
-    differ = [i for i in range(len(every)) if not np.array_equal(every[i], every[0])]
-    if differ:
-        raise ValueError(
-            f"process(es) {', '.join(map(str, differ))} run another config than process 0 "
-            "(their resolved configs differ): give every process the same command line"
-        )
-
-
-def _trained_config(checkpointer, step: int) -> dict | None:
-    """The config checkpoint `step` was saved with (its metadata; config.json can be newer:
-    a resume that stopped before its first save rewrote it). None if not recorded."""
-    try:
-        config = checkpointer.metadata(step).get("config")
-    except Exception:  # noqa: BLE001 - unreadable metadata: nothing to compare with
-        return None
-    return config if isinstance(config, dict) else None
-
-
-def _schedule_lr(config: dict | None, step: int) -> float | None:
-    """The learning-rate schedule's value at step under a config dict (None if unknown)."""
-    try:
-        o = config["optim"]
-        return float(optim.schedule(o["lr"], config["train"]["steps"], o["warmup_fraction"])(step))
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
 def _results_at(workdir: str, step: int) -> dict | None:
     """results.json's test result if it is of `step` (else None)."""
     try:
@@ -537,7 +485,7 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
                 "bucket (GCS FUSE: gcsfuse BUCKET /gcs/BUCKET) and use the mount path"
             )
         is_main = jax.process_index() == 0
-        _check_processes_agree(config)
+        run_config.check_processes_agree(config)
         os.makedirs(workdir, exist_ok=True)
 
         # ---- Mesh ------------------------------------------------------------------------
@@ -592,7 +540,7 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
             if not restored.data_restored:  # e.g. another number of processes
                 train_iter.set_state(checkpointer.data_position(restored.step))
             metrics_lib.say(f"lrulm: resumed from {checkpointer.directory}/{restored.step}")
-            trained = _trained_config(checkpointer, restored.step)
+            trained = run_config.trained_config(checkpointer, restored.step)
         else:
             init = jax.jit(exp.init_fn, out_shardings=exp.state_shardings)
             state = init(jax.random.key(t.seed))
@@ -609,29 +557,7 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
                 "(raise train.steps to continue it)"
             )
         elif is_main:  # only now: a run that fails to start leaves the workdir's config as it was
-            changed = config_lib.write_run_config(config, workdir, resumed=restored is not None)
-            if changed:
-                metrics_lib.say(
-                    "lrulm: resuming with a config that differs from the run's config.json "
-                    "(now rewritten): " + "; ".join(changed)
-                )
-            old_batch = ((trained or {}).get("train") or {}).get("global_batch_size")
-            if t.eval_steps and old_batch not in (None, t.global_batch_size):
-                metrics_lib.say(
-                    f"lrulm: train.eval_steps={t.eval_steps} batches of the new size score other "
-                    "examples than before: eval metrics before and after this step are not "
-                    "comparable (train.eval_steps=0 scores the whole eval split)"
-                )
-            before, now = (
-                _schedule_lr(trained, step),
-                _schedule_lr(config_lib.to_dict(config), step),
-            )
-            if before is not None and not math.isclose(before, now, rel_tol=1e-3):
-                # An extended run's cosine is stretched over the new length: lr goes back up.
-                metrics_lib.say(
-                    f"lrulm: the learning-rate schedule changed with it: at step {step} the "
-                    f"rate was {before:.3g} and is now {now:.3g}"
-                )
+            run_config.record(config, workdir, trained, step, resumed=restored is not None)
 
         # ---- Step functions ----------------------------------------------------------------
         train_jit, eval_jit = jit_steps(exp)

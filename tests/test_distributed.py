@@ -351,21 +351,21 @@ def test_processes_with_other_configs_are_refused(monkeypatch):
     from jax.experimental import multihost_utils
 
     from lrulm import config as config_lib
-    from lrulm import train
+    from lrulm import run_config
 
     config = config_lib.load("configs/lm/tiny.py:test")
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     same = lambda x: np.stack([x, x])
     monkeypatch.setattr(multihost_utils, "process_allgather", same)
-    train._check_processes_agree(config)
+    run_config.check_processes_agree(config)
     other = lambda x: np.stack([x, x + 1])
     monkeypatch.setattr(multihost_utils, "process_allgather", other)
     with pytest.raises(ValueError, match=r"process\(es\) 1 run another config than process 0"):
-        train._check_processes_agree(config)
+        run_config.check_processes_agree(config)
     # A process's own reader threads (or process 0's console and profile) may differ.
     seen = []
     monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: seen.append(x) or same(x))
-    train._check_processes_agree(config)
+    run_config.check_processes_agree(config)
     config.data.num_threads, config.train.progress = 2, not config.train.progress
-    train._check_processes_agree(config)
+    run_config.check_processes_agree(config)
     np.testing.assert_array_equal(seen[0], seen[1])

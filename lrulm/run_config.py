@@ -1,0 +1,92 @@
+"""The run's config across processes and starts: every process runs process 0's; a resume
+records it in WORKDIR/config.json and says what changed against the checkpoint it resumes
+(the schedule's jump, eval metrics that stop being comparable)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import jax
+import numpy as np
+
+from lrulm import config as config_lib
+from lrulm import metrics as metrics_lib
+from lrulm import optim
+
+# Settings a process may have of its own (reader threads), or that only process 0 acts on.
+_PER_PROCESS_KEYS = (
+    ("data", "num_threads"),
+    ("train", "progress"),
+    ("train", "profile_start_step"),
+    ("train", "profile_steps"),
+)
+
+
+def check_processes_agree(config) -> None:
+    """Every process must run the config process 0 runs (each builds its own from its
+    command line): refused on all of them at once, before anything is read or written,
+    when any differs (one lr on one host and another on the next trained a mixture)."""
+    if jax.process_count() < 2:
+        return
+    from jax.experimental import multihost_utils
+
+    settings = config_lib.to_dict(config)
+    for group, key in _PER_PROCESS_KEYS:  # may differ: each process's own, or process 0's
+        settings.get(group, {}).pop(key, None)
+    text = json.dumps(settings, sort_keys=True)
+    digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint32)
+    every = np.asarray(multihost_utils.process_allgather(digest)).reshape(-1, digest.size)
+    differ = [i for i in range(len(every)) if not np.array_equal(every[i], every[0])]
+    if differ:
+        raise ValueError(
+            f"process(es) {', '.join(map(str, differ))} run another config than process 0 "
+            "(their resolved configs differ): give every process the same command line"
+        )
+
+
+def trained_config(checkpointer, step: int) -> dict | None:
+    """The config checkpoint `step` was saved with (its metadata; config.json can be newer:
+    a resume that stopped before its first save rewrote it). None if not recorded."""
+    try:
+        config = checkpointer.metadata(step).get("config")
+    except Exception:  # noqa: BLE001 - unreadable metadata: nothing to compare with
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def _schedule_lr(config: dict | None, step: int) -> float | None:
+    """The learning-rate schedule's value at step under a config dict (None if unknown)."""
+    try:
+        o = config["optim"]
+        return float(optim.schedule(o["lr"], config["train"]["steps"], o["warmup_fraction"])(step))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def record(config, workdir: str, trained: dict | None, step: int, *, resumed: bool) -> None:
+    """Writes config.json (process 0) and says how a resumed run's config differs: from
+    config.json, and against `trained` (the resumed checkpoint's own config) what that
+    does to the learning rate at `step` and to the eval metrics."""
+    t = config.train
+    changed = config_lib.write_run_config(config, workdir, resumed=resumed)
+    if changed:
+        metrics_lib.say(
+            "lrulm: resuming with a config that differs from the run's config.json "
+            "(now rewritten): " + "; ".join(changed)
+        )
+    old_batch = ((trained or {}).get("train") or {}).get("global_batch_size")
+    if t.eval_steps and old_batch not in (None, t.global_batch_size):
+        metrics_lib.say(
+            f"lrulm: train.eval_steps={t.eval_steps} batches of the new size score other "
+            "examples than before: eval metrics before and after this step are not "
+            "comparable (train.eval_steps=0 scores the whole eval split)"
+        )
+    before, now = _schedule_lr(trained, step), _schedule_lr(config_lib.to_dict(config), step)
+    if before is not None and not math.isclose(before, now, rel_tol=1e-3):
+        # An extended run's cosine is stretched over the new length: lr goes back up.
+        metrics_lib.say(
+            f"lrulm: the learning-rate schedule changed with it: at step {step} the "
+            f"rate was {before:.3g} and is now {now:.3g}"
+        )
