@@ -33,13 +33,22 @@ def resolve_command(command: list[str], config: str | None, workdir: str | None)
     """The command to run: the one after `--`, else `lrulm train --config C --workdir W`.
 
     Raises:
-      SystemExit: neither a command nor both --config and --workdir were given.
+      SystemExit: neither a command nor both --config and --workdir were given, or the
+        workdir is a URL (`gs://...`), which lrulm cannot write.
     """
-    if command:
-        return command
-    if not (config and workdir):
-        sys.exit("error: give the command after `--`, or --config and --workdir for lrulm train")
-    return ["lrulm", "train", "--config", config, "--workdir", workdir]
+    if not command:
+        if not (config and workdir):
+            sys.exit(
+                "error: give the command after `--`, or --config and --workdir for lrulm train"
+            )
+        command = ["lrulm", "train", "--config", config, "--workdir", workdir]
+    url = workdir_of(command) or ""
+    if "://" in url:  # refused here, before a slice or a job is paid for
+        sys.exit(
+            f"error: --workdir {url}: lrulm writes its workdir with ordinary file I/O; mount the "
+            "bucket (GCS FUSE: /gcs/BUCKET) and give the mount path"
+        )
+    return command
 
 
 def parse_env(pairs: list[str] | None) -> dict[str, str]:

@@ -215,6 +215,19 @@ def delete(args: argparse.Namespace, run: common.Runner) -> None:
         run(_gcloud(args, "tpu-vm", "delete", args.name) + ["--quiet"])
 
 
+ACTIONS = {
+    "create": "create the TPU VM slice (or a queued resource with --queued; --spot for spot "
+    "capacity). Needs --accelerator_type.",
+    "setup": "copy this checkout to every worker (or git clone --repo_url at --ref) and install "
+    "lrulm in a virtualenv there.",
+    "run": "run the command after `--` (default: lrulm train --config C --workdir W) on every "
+    "worker, one JAX process each; exits with its exit code (75: preempted, run it again).",
+    "delete": "delete the slice (or the queued resource).",
+    "up": "create + setup + run; --max_restarts N runs again after a preemption (recreating a "
+    "preempted slice), --delete_after deletes the slice at the end.",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     own, command = common.split_command(sys.argv[1:] if argv is None else argv)
     shared = argparse.ArgumentParser(add_help=False)
@@ -253,13 +266,8 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="action", required=True)
-    for action in ("create", "setup", "run", "delete", "up"):
-        sub.add_parser(
-            action,
-            parents=[shared],
-            description=__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
+    for action, what in ACTIONS.items():
+        sub.add_parser(action, parents=[shared], help=what, description=what)
     args = parser.parse_args(own)
     if args.accelerator_type:
         try:  # before anything is created

@@ -2,7 +2,7 @@
 
 Layout: WORKDIR/checkpoints/<step>/{state, data, metadata}, a standard Orbax
 CheckpointManager directory: `state` is a StandardCheckpointHandler pytree
-({"step", "rng", "params", "model_state", "opt_state"}) readable with the plain
+({"step", "rng", "params", "model_state", "opt_state", "nonfinite_step"}) readable with the plain
 orbax.checkpoint API; `data` holds one JSON file per process (Grain's iterator state);
 `metadata` the config, mesh and lrulm version.
 

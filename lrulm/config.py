@@ -220,7 +220,7 @@ def base_config() -> ConfigDict:
 
     c.data = ConfigDict()
     c.data.train_files = ""  # globs, comma-separated; "" = the embedded default corpus
-    c.data.eval_files = ""  # "" = the default corpus's held-out files
+    c.data.eval_files = ""  # "" = held-out files: every 50th train file (or the default's)
     c.data.tokenizer = ""  # a sentencepiece .model; "" = train one into the workdir
     c.data.vocab_size = 2048  # of the tokenizer trained when data.tokenizer is ""
     c.data.reset_at_doc_boundaries = True  # zero the recurrent state at each new document

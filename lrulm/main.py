@@ -1,7 +1,7 @@
 """The `lrulm` command line: parses flags, starts the distributed runtime, calls the library.
 
 lrulm train    --config CONFIG.py[:ARG] --workdir DIR [--config.a.b=VALUE ...]
-lrulm eval     --workdir DIR [--config CONFIG.py[:ARG]] [--step S] [--best] [--config.a.b=VALUE ...]
+lrulm eval     --workdir DIR [--config CONFIG.py[:ARG]] [--step S | --best] [--config.a.b=VALUE ...]
 lrulm generate --workdir DIR (--prompt TEXT ... | --prompt_file FILE) [--num_samples K]
                [--step S] [--max_new_tokens N] [--temperature T] [--top_p P] [--top_k K]
                [--seed S] [--batch_size B] [--output FILE.jsonl]
@@ -9,8 +9,10 @@ lrulm lra-report DIR [DIR ...] [--plot FILE.png]
 lrulm compile  --config CONFIG.py[:ARG] --topology v5p-128|h100:8 [--config.a.b=VALUE ...]
 lrulm tokenizer train --input GLOB[,GLOB] --output FILE.model [--vocab_size V]
 
-Exit codes: 0 done; 2 a bad config, flag or input file (one line says which); 75 `train`
-stopped for a preemption signal after saving (lrulm.preemption: run it again to resume).
+Exit codes: 0 done; 1 `train` stopped because the loss or a gradient became non-finite (the
+message names the step; the last good checkpoint is kept); 2 a bad config, flag or input
+file (one line says which); 75 `train` stopped for a preemption signal or Ctrl-C after saving
+(lrulm.preemption: run it again to resume); 130 a second Ctrl-C stopped it without saving.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--config", required=True, help="CONFIG.py[:ARG]")
         s.add_argument("--workdir", required=True)
         if name == "eval":
-            s.add_argument("--step", type=int, default=None, help="default: the newest")
-            s.add_argument(
+            which = s.add_mutually_exclusive_group()
+            which.add_argument("--step", type=int, default=None, help="default: the newest")
+            which.add_argument(
                 "--best",
                 action="store_true",
                 help="the best-on-eval checkpoint an LRA run keeps (what lra-report reports)",
@@ -58,15 +61,20 @@ def _parser() -> argparse.ArgumentParser:
         default="",
         help='prompts, one per line (a .jsonl file: objects with a "prompt" or "text" field)',
     )
-    g.add_argument("--num_samples", type=int, default=1, help="continuations of each prompt")
-    g.add_argument("--step", type=int, default=None, help="the checkpoint (default: newest)")
-    g.add_argument("--max_new_tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    g.add_argument("--top_p", type=float, default=0.95)
-    g.add_argument("--top_k", type=int, default=0, help="0 = off")
-    g.add_argument("--seed", type=int, default=0)
     g.add_argument(
-        "--batch_size", type=int, default=32, help="samples decoded at once (each has its own key)"
+        "--num_samples", type=int, default=1, help="continuations of each prompt (default: 1)"
+    )
+    g.add_argument("--step", type=int, default=None, help="the checkpoint (default: newest)")
+    g.add_argument("--max_new_tokens", type=int, default=200, help="default: 200")
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    g.add_argument("--top_p", type=float, default=0.95, help="nucleus mass (default: 0.95)")
+    g.add_argument("--top_k", type=int, default=0, help="0 = off (default: 0)")
+    g.add_argument("--seed", type=int, default=0, help="default: 0")
+    g.add_argument(
+        "--batch_size",
+        type=int,
+        default=32,
+        help="samples decoded at once (each has its own key; default: 32)",
     )
     g.add_argument(
         "--output", default="", help="also write one JSON object per sample to this .jsonl"
@@ -90,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     tt = tsub.add_parser("train", help="train a sentencepiece tokenizer")
     tt.add_argument("--input", required=True, help="globs of text / JSON-lines files")
     tt.add_argument("--output", required=True)
-    tt.add_argument("--vocab_size", type=int, default=32000)
+    tt.add_argument("--vocab_size", type=int, default=32000, help="default: 32000")
     return p
 
 

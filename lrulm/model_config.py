@@ -101,7 +101,7 @@ class ModelConfig:
 
     def num_params(self, *, include_embedding: bool = True) -> int:
         """A language model's parameter count, computed from the shapes (checked against
-        the real tree; LRA classifiers: lrulm.lra_task.LRATask.num_params)."""
+        the real tree; LRA classifiers: lrulm.lra_task.ClassificationTask.num_params)."""
         h, v = self.d_model, self.vocab_size
         total = self.stack_params()
         if include_embedding:

@@ -594,3 +594,34 @@ def test_tools_refuse_bad_arguments_before_measuring(monkeypatch, capsys, tool, 
     with pytest.raises(SystemExit) as e:
         module.main()
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "tool, args, shown",
+    [
+        ("bench_scan", ["--help"], ["--B B", "default: 4", "default: 1024"]),
+        ("make_lra_data", ["listops", "--help"], ["default: 500", "default: 2000"]),
+        ("bench_generate", ["--help"], ["default: tiny"]),
+    ],
+)
+def test_tools_help_shows_each_options_default(monkeypatch, capsys, tool, args, shown):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "tools"))
+    module = __import__(tool)
+    monkeypatch.setattr(sys, "argv", [f"{tool}.py", *args])
+    with pytest.raises(SystemExit) as e:
+        module.main()
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and all(s in out for s in shown), out
+
+
+def test_show_defaults_keeps_a_default_the_help_names():
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import tool_args
+
+    p = tool_args.argparse.ArgumentParser()
+    p.add_argument("--a", type=int, default=3, help="count")
+    p.add_argument("--b", default="x", help="x (default: x)")
+    p.add_argument("--c", action="store_true", help="flag")
+    p.add_argument("--d", default="", help="empty")
+    text = tool_args.show_defaults(p).format_help()
+    assert "count (default: 3)" in text and text.count("default") == 2, text

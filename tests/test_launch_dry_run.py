@@ -419,6 +419,36 @@ def test_launchers_refuse_bad_flags_with_a_message(script, args, message):
     assert "Traceback" not in result.stderr and result.stdout == ""
 
 
+@pytest.mark.parametrize(
+    "script, args",
+    [
+        ("tpu_vm.py", ["up", "--name", "a", "--zone", "z", "--project", "p",
+                       "--accelerator_type", "v5p-128"]),
+        ("gke.py", ["--name", "a", "--image", "i", "--accelerator_type", "v5p-128"]),
+        ("slurm.py", ["--nodes", "2"]),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("default_command", [True, False])
+def test_launchers_refuse_a_bucket_url_workdir_before_creating_anything(
+    script, args, default_command
+):
+    """lrulm writes its workdir with file I/O: a `gs://` workdir would fail on every worker
+    only after the slice was created and set up, so the launcher refuses it first."""
+    workdir = ["--workdir", "gs://bkt/run"]
+    tail = (
+        ["--config", "configs/lm/tiny.py", *workdir]
+        if default_command
+        else ["--", *TRAIN[:-2], *workdir]
+    )
+    result = subprocess.run(
+        [sys.executable, str(LAUNCH / script), *args, "--dry_run", *tail],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "gs://bkt/run" in result.stderr and "mount the bucket" in result.stderr
+    assert result.stdout == "" and "Traceback" not in result.stderr
+
+
 def test_launchers_know_the_trainers_preemption_exit_code():
     """The launchers import only the standard library: their copies of lrulm train's
     preemption exit code must match it (and the SLURM script's requeue test)."""

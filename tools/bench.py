@@ -43,6 +43,7 @@ import bench_scan  # noqa: E402
 import bench_train  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import tool_args
 from flax import nnx  # noqa: E402
 
 from lrulm.kernels import gpu as gpu_kernels  # noqa: E402
@@ -366,7 +367,7 @@ def parse_args(argv=None):
     p.add_argument("--budget_s", help='per section: "120" or "scan=60,lru=60,train=150"')
     p.add_argument("--json", default="", help="write every row here (after each row)")
     p.add_argument("--render", default="", help="print the table of a saved JSON and exit")
-    args = p.parse_args(argv)
+    args = tool_args.show_defaults(p).parse_args(argv)
     if args.render:
         return args
     if args.quick:

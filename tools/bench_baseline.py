@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tool_args
 
 from lrulm import config as config_lib
 from lrulm import lru as lru_lib
@@ -350,7 +351,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--render", metavar="FILE", help="print the table of the JSON lines in FILE; time nothing"
     )
-    args = parser.parse_args(argv)
+    args = tool_args.show_defaults(parser).parse_args(argv)
     args.sizes = [s.strip() for s in args.size.split(",") if s.strip()]
     unknown = [s for s in args.sizes if s not in SIZES]
     if unknown or not args.sizes:

@@ -79,7 +79,7 @@ def main():
     p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--json", default="")
-    args = p.parse_args()
+    args = tool_args.show_defaults(p).parse_args()
     tool_args.preset(p, args.preset)
     tool_args.positive(p, args, "batch", "seq_len", "steps")
     tool_args.writable(p, args.json)

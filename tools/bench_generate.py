@@ -45,7 +45,7 @@ def main():
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prefill_chunk", type=int, default=4096)
     p.add_argument("--json", default="")
-    args = p.parse_args()
+    args = tool_args.show_defaults(p).parse_args()
     try:
         contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
     except ValueError:

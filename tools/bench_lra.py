@@ -22,6 +22,7 @@ import time
 
 import jax
 import numpy as np
+import tool_args
 
 from lrulm import config as config_lib
 from lrulm import tasks, train
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         "batch; default: the paper's batch on GPU/TPU, 16384 on CPU)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON lines instead")
-    args = parser.parse_args(argv)
+    args = tool_args.show_defaults(parser).parse_args(argv)
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in names if t not in lra.TASKS]
     if unknown or not names:

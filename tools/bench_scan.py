@@ -230,7 +230,7 @@ def main():
         "--methods", default="", help="comma-separated; default: every method this backend supports"
     )
     p.add_argument("--json", default="")
-    args = p.parse_args()
+    args = tool_args.show_defaults(p).parse_args()
     methods = [m for m in args.methods.split(",") if m] or default_methods()
     known = [m.value for m in ScanMethod if m != ScanMethod.AUTO]
     if any(m not in known for m in methods):

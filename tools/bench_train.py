@@ -18,6 +18,7 @@ import time
 
 import jax
 import numpy as np
+import tool_args
 
 from lrulm import config as config_lib
 from lrulm import metrics, tasks, train
@@ -183,7 +184,7 @@ def main():
         help=f"trace {PROFILE_STEPS} more steps after the timed ones into DIR "
         "(tensorboard --logdir DIR)",
     )
-    args = p.parse_args()
+    args = tool_args.show_defaults(p).parse_args()
     config = make_config(
         args.preset,
         args.batch,

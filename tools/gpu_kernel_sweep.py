@@ -45,6 +45,7 @@ import traceback
 import bench_scan
 import jax
 import numpy as np
+import tool_args
 
 from lrulm import scan_pallas
 from lrulm.kernels import gpu, mosaic_gpu
@@ -376,7 +377,7 @@ def parse_args(argv=None):
         action="store_true",
         help="a full (B, L, N) decay (an input-dependent gate) instead of the LRU's (N,) one",
     )
-    args = p.parse_args(argv)
+    args = tool_args.show_defaults(p).parse_args(argv)
     try:
         args.B, args.L, args.N = (int(x) for x in args.shape.split(","))
     except ValueError:

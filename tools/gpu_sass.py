@@ -60,6 +60,8 @@ import sys
 import tempfile
 import time
 
+import tool_args
+
 from lrulm.devices import PLUGIN_ENV
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
@@ -444,7 +446,7 @@ def main():
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", default="", help="keep the IR, PTX, cubins and SASS here")
     p.add_argument("--json", default="")
-    args = p.parse_args()
+    args = tool_args.show_defaults(p).parse_args()
     from lrulm.kernels import gpu
 
     for tuning in args.tunings.split():

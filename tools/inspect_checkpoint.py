@@ -16,6 +16,7 @@ import sys
 
 import jax
 import numpy as np
+import tool_args
 
 from lrulm import checkpoint as ckpt_lib
 
@@ -124,7 +125,7 @@ def main():
     p.add_argument("workdir", help="a workdir, its checkpoints/ or one checkpoint's directory")
     p.add_argument("step", nargs="?", type=int)
     p.add_argument("--all", action="store_true", help="include the optimizer state")
-    args = p.parse_args()
+    args = tool_args.show_defaults(p).parse_args()
     try:
         print(describe(args.workdir, args.step, args.all))
     except (FileNotFoundError, ValueError) as e:

@@ -20,6 +20,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import tool_args
 from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
@@ -68,7 +69,7 @@ def main():
     p.add_argument("--methods", default="pallas,associative,chunked")
     p.add_argument("--no_resets", action="store_true", help="without document resets")
     p.add_argument("--json", help="also write the rows here")
-    args = p.parse_args()
+    args = tool_args.show_defaults(p).parse_args()
     try:
         b, l, h, n = map(int, args.shape.split(","))
     except ValueError:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import tool_args
+
 from lrulm.data.lra import generate, synthetic
 
 
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     sy.add_argument("--num", type=int, default=20, help="examples per class / batch / split")
     sy.add_argument("--seed", type=int, default=0)
 
-    args = parser.parse_args(argv)
+    args = tool_args.show_defaults(parser).parse_args(argv)
     counts = {
         "listops": ("num_train", "num_val", "num_test", "max_length", "max_depth", "max_args"),
         "pathfinder": ("num", "per_folder", "resolution"),

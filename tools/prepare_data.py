@@ -23,6 +23,7 @@ import os
 import sys
 
 import numpy as np
+import tool_args
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from lrulm.data import lm as lm_data
@@ -103,7 +104,7 @@ def main():
     p.add_argument("--seq_len", type=int, required=True)
     p.add_argument("--output", required=True, help="path prefix of the shards")
     p.add_argument("--num_shards", type=int, default=8)
-    args = p.parse_args()
+    args = tool_args.show_defaults(p).parse_args()
     try:
         sp = tok.load_tokenizer(args.tokenizer)
         files = lm_data.expand_globs(args.input, "--input")

@@ -64,7 +64,7 @@ def main():
     p.add_argument("--remat", default="full")
     p.add_argument("--loss_vocab_block", type=int, default=4096, help="0 = whole logits")
     p.add_argument("--json", default="")
-    args = p.parse_args()
+    args = tool_args.show_defaults(p).parse_args()
     try:
         l1, l2 = sorted(int(x) for x in args.lengths.split(","))
     except ValueError:

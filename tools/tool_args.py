@@ -28,3 +28,21 @@ def writable(parser: argparse.ArgumentParser, path: str, flag: str = "--json") -
         os.path.isdir(path) or not os.access(os.path.dirname(os.path.abspath(path)) or ".", os.W_OK)
     ):
         parser.error(f"{flag} {path}: give a file in an existing, writable directory")
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds each option's default to its --help line (and its subcommands' options'),
+    unless the help names one already; flags without a value and empty defaults are left."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                show_defaults(sub)
+            continue
+        shown = action.default not in (None, "", False, argparse.SUPPRESS)
+        if not action.option_strings or action.nargs == 0 or not shown:
+            continue
+        if action.help is None:
+            action.help = "default: %(default)s"
+        elif "default" not in action.help:
+            action.help += " (default: %(default)s)"
+    return parser

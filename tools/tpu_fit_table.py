@@ -23,6 +23,8 @@ import os
 import sys
 import time
 
+import tool_args
+
 from lrulm import compile as compile_lib
 from lrulm import config as config_lib
 from lrulm import model_config
@@ -152,7 +154,11 @@ def markdown(rows: dict, per_chip_batch: int, seq_len: int, gpus: bool = False) 
         + ("fits" if gpus else "XLA accepts")
         + " is shown. "
         "The 1.3b preset has `remat=full` already. Only the train step is compiled (the "
-        "eval step needs less).",
+        "eval step needs less). These rows are the bare presets (`lrulm.model_config.PRESETS`), "
+        "not `configs/lm/base.py`, whose batches are larger and whose remat (`lru` for 125m, "
+        "`dots` for 350m) lies between none and full: check that config on its own "
+        f"{'host' if gpus else 'slice'} with `lrulm compile --config "
+        "configs/lm/base.py:size=S --topology T`.",
         "",
         "Memory is per chip: resident = XLA's peak of the buffers live at once (arguments, "
         f"outputs, the temporaries live at that moment), {checks}; "
@@ -196,7 +202,7 @@ def main(argv=None) -> int:
     p.add_argument("--seq_len", type=int, default=2048)
     p.add_argument("--out", default="docs/tpu_fit.md")
     p.add_argument("--cache", default="", help="keep finished cells here (resumable runs)")
-    args = p.parse_args(argv)
+    args = tool_args.show_defaults(p).parse_args(argv)
     targets = [compile_lib.parse_target(t) for t in args.slices.split(",")]
     gpus = [isinstance(t, compile_lib.GpuTopology) for t in targets]
     if any(gpus) and not all(gpus):

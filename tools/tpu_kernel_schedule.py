@@ -39,6 +39,7 @@ os.environ["LIBTPU_INIT_ARGS"] = (
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import tool_args  # noqa: E402
 from jax.sharding import SingleDeviceSharding  # noqa: E402
 
 from lrulm import compile as compile_lib  # noqa: E402
@@ -203,7 +204,7 @@ def main():
     p.add_argument("--chunk", type=int, default=512, help="time steps per grid step (at most)")
     p.add_argument("--clock_ghz", type=float, help="TensorCore clock, for other generations")
     p.add_argument("--json", help="also write the rows here")
-    args = p.parse_args()
+    args = tool_args.show_defaults(p).parse_args()
     shape = tuple(map(int, args.shape.split(",")))
     topo = compile_lib.parse_topology(args.topology)
     device = compile_lib.topology_devices(topo)[0]

@@ -13,17 +13,19 @@
 Sizes (lrulm.model_config.PRESETS; tokens per step = global batch x 2048):
 
   size   params  hardware it is sized for           mesh            batch  tokens/step
-  125m   150M    one host: 8 x H100 / v5e-8 / v4-16  data            256    0.5M
-  350m   390M    v5p-32 / v4-64 (16-32 chips)        data x fsdp=4   512    1.0M
+  125m   150M    8 chips: 8 x H100 or v5e-8 (one     data            256    0.5M
+                 host), v4-16 (two hosts)
+  350m   395M    v5p-32 / v4-64 (16-32 chips)        data x fsdp=4   512    1.0M
   1.3b   1.3B    v5p-128 / v5e-256 (64-256 chips)    data x fsdp=16  1024   2.1M
 
 (parameter counts include the untied 32k-vocab embedding and head.) Steps are set for
 ~20 tokens per parameter (Chinchilla-style), e.g. 350m: 8k steps x 1.0M tokens. Check
 the fit of a size on a slice before paying for it: `lrulm compile` (docs/tpu_fit.md has
-the table). No reference loss has been measured with lrulm at these sizes yet; the
-expected result is a loss curve close to a same-size Transformer's on the same data
-(the LRU paper's claim for long-range tasks; untested here for language at scale), and
-per-chip throughput at least twice the minimal-LRU baseline of DESIGN.md §4.
+a table of the bare presets at 8 sequences per chip; the remat below is this file's).
+No reference loss has been measured with lrulm at these sizes yet; the expected result
+is a loss curve close to a same-size Transformer's on the same data (the LRU paper's
+claim for long-range tasks; untested here for language at scale), and per-chip
+throughput at least twice the minimal-LRU baseline of DESIGN.md §4.
 """
 
 from lrulm.config import base_config
