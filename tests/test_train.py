@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from lrulm import config as config_lib
-from lrulm import evaluation, optim, tasks, train
+from lrulm import evaluation, tasks, train
 from lrulm import metrics as metrics_lib
 
 TINY = "configs/lm/tiny.py:test"
@@ -132,33 +132,6 @@ def test_gradient_accumulation_equals_big_batch(corpus, tmp_path):
     np.testing.assert_allclose(m4["train/grad_norm"], m1["train/grad_norm"], rtol=1e-4)
     for a, b in zip(jax.tree.leaves(p4), jax.tree.leaves(p1)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
-def test_recurrent_parameters_get_reduced_lr_and_no_weight_decay():
-    params = {
-        "lru": {
-            name: jnp.full((3,), 2.0)
-            for name in ("nu_log", "theta_log", "gamma_log", "B_re", "B_im", "C_re", "D")
-        },
-        "glu_gate": {"kernel": jnp.full((3,), 2.0)},
-    }
-    lr, factor, wd = 0.1, 0.25, 0.5
-    tx, _ = optim.make_optimizer(
-        lr=lr, total_steps=10, lr_factor=factor, weight_decay=wd, warmup_fraction=0.0
-    )
-    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
-    updates, _ = tx.update(grads, tx.init(params), params)
-    # Adam's first step moves each weight by lr (m / sqrt(v) = 1), plus lr * wd * weight.
-    for name in ("nu_log", "theta_log", "gamma_log", "B_re", "B_im"):
-        np.testing.assert_allclose(updates["lru"][name], -lr * factor, rtol=1e-4)
-    for u in (updates["lru"]["C_re"], updates["lru"]["D"], updates["glu_gate"]["kernel"]):
-        np.testing.assert_allclose(u, -lr * (1 + wd * 2.0), rtol=1e-4)
-
-
-def test_schedule_warms_up_and_decays():
-    _, sched = optim.make_optimizer(lr=1e-3, total_steps=100, warmup_fraction=0.1)
-    assert sched(0) < 1e-6 and abs(sched(10) - 1e-3) < 1e-9 and sched(99) < 1e-5
-    assert sched(5) < sched(10) and sched(50) < sched(10)
 
 
 @pytest.mark.parametrize(
@@ -470,7 +443,10 @@ def test_vocab_blocked_loss_equals_the_full_softmax(block, dtype):
     rng = np.random.default_rng(block)
     x = jnp.asarray(rng.normal(size=(2, 9, 16)), dtype)
     w = jnp.asarray(rng.normal(size=(16, 1024)), dtype)
-    targets = jnp.asarray(rng.integers(0, 1024, (2, 9)), jnp.int32)
+    targets = rng.integers(0, 1024, (2, 9))
+    best = np.asarray(jnp.einsum("blh,hv->blv", x, w, preferred_element_type=jnp.float32))
+    targets[:, ::2] = best[:, ::2].argmax(-1)  # right predictions, from several blocks
+    targets = jnp.asarray(targets, jnp.int32)
 
     weights = jnp.linspace(0.5, 1.5, 9)
 
@@ -489,6 +465,7 @@ def test_vocab_blocked_loss_equals_the_full_softmax(block, dtype):
     )
     np.testing.assert_allclose(got, ref, rtol=1e-5)
     np.testing.assert_array_equal(ok, ref_ok)
+    assert ok[:, ::2].all() and not ok[:, 1::2].any()
     tol = 1e-5 if dtype == "float32" else 1e-2  # bf16 gradients: relative to their scale
     for a, b in zip(grads, ref_grads):
         assert a.dtype == b.dtype == jnp.dtype(dtype)

@@ -1,0 +1,83 @@
+"""The optimizer: the paper's parameter groups on a real model's tree, the schedule's shape,
+and gradient clipping before Adam."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lrulm import optim
+from lrulm.model import LanguageModel
+from lrulm.model_config import from_preset
+
+LRU_PARAMS = ("nu_log", "theta_log", "gamma_log", "B_re", "B_im", "C_re", "C_im", "D")
+
+
+def test_recurrent_parameters_get_reduced_lr_and_no_weight_decay():
+    params = {
+        "lru": {name: jnp.full((3,), 2.0) for name in LRU_PARAMS},
+        "glu_gate": {"kernel": jnp.full((3,), 2.0)},
+    }
+    lr, factor, wd = 0.1, 0.25, 0.5
+    tx, _ = optim.make_optimizer(
+        lr=lr, total_steps=10, lr_factor=factor, weight_decay=wd, warmup_fraction=0.0
+    )
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    # Adam's first step moves each weight by lr (m / sqrt(v) = 1), plus lr * wd * weight.
+    for name in ("nu_log", "theta_log", "gamma_log", "B_re", "B_im"):
+        np.testing.assert_allclose(updates["lru"][name], -lr * factor, rtol=1e-4)
+    for u in (*(updates["lru"][n] for n in ("C_re", "C_im", "D")), updates["glu_gate"]["kernel"]):
+        np.testing.assert_allclose(u, -lr * (1 + wd * 2.0), rtol=1e-4)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_a_real_models_groups_are_the_papers(scan_layers):
+    """On the tree a LanguageModel really has (stacked or per-layer): ν, θ, γ and B of every
+    layer are recurrent; C, D, the embedding, the norms and the MLP are not."""
+    config = from_preset("test", vocab_size=64, scan_layers=scan_layers)
+    params = nnx.to_pure_dict(nnx.state(LanguageModel(config, rngs=nnx.Rngs(0)), nnx.Param))
+    labels = optim._labels(params)
+    by_name = {}
+    for path, label in jax.tree_util.tree_flatten_with_path(labels)[0]:
+        by_name.setdefault(str(path[-1].key), set()).add(label)
+    for name in LRU_PARAMS:
+        want = "recurrent" if name in optim.RECURRENT_PARAMS else "default"
+        assert by_name.pop(name) == {want}, name
+    assert by_name and all(v == {"default"} for v in by_name.values()), by_name
+
+
+def test_schedule_warms_up_and_decays():
+    lr, total, warmup = 1e-3, 100, 10
+    _, sched = optim.make_optimizer(lr=lr, total_steps=total, warmup_fraction=0.1)
+    assert sched(0) < 1e-6 and abs(sched(warmup) - lr) < 1e-9
+    np.testing.assert_allclose(sched(5), lr / 2, rtol=1e-3)  # linear warm-up
+    # A cosine over the steps after the warm-up, to ~1e-7 at the last step.
+    for step in (30, 55, 80, 95):
+        cosine = 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+        np.testing.assert_allclose(sched(step), cosine, rtol=1e-2, atol=2e-7)
+    assert sched(total) < 2e-7
+
+
+def test_gradients_are_clipped_before_adam():
+    """A spike is clipped before it reaches Adam's moments: two steps with grad_clip=1
+    move the weights as an unclipped optimizer does on the gradients scaled to norm <= 1."""
+    kwargs = dict(lr=0.1, total_steps=10, weight_decay=0.0, warmup_fraction=0.0)
+    clipped, _ = optim.make_optimizer(grad_clip=1.0, **kwargs)
+    plain, _ = optim.make_optimizer(**kwargs)
+    params = {"w": jnp.zeros((2,))}
+    grads = [{"w": jnp.asarray([60.0, 80.0])}, {"w": jnp.asarray([0.3, -0.4])}]
+    scaled = [{"w": g["w"] / max(1.0, float(jnp.linalg.norm(g["w"])))} for g in grads]
+
+    def moves(tx, gs):
+        state, out = tx.init(params), []
+        for g in gs:
+            u, state = tx.update(g, state, params)
+            out.append(u["w"])
+        return out
+
+    for a, b in zip(moves(clipped, grads), moves(plain, scaled)):
+        np.testing.assert_allclose(a, b, rtol=1e-5)

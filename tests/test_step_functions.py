@@ -1,0 +1,133 @@
+"""train_step, eval_step and the language-model task's loss and metrics, on hand-made
+inputs where the right answer is known without running the code under test."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from lrulm import config as config_lib
+from lrulm import tasks, train
+from lrulm.data import tokenizer as tok
+from lrulm.data.lm import TokenStream
+from lrulm.model import Classifier, LanguageModel
+from lrulm.model_config import from_preset
+
+
+def _lm_task(*overrides):
+    config = config_lib.load_with_overrides(
+        "configs/lm/tiny.py:test", [tuple(o.split("=", 1)) for o in overrides]
+    )
+    return tasks.LMTask(config, None, prepare_data=False)
+
+
+class _DrawTask:
+    """A task whose loss scales the weights by a draw from the step's key (as dropout
+    would); the draw is reported."""
+
+    def loss(self, model, batch, *, train, key):
+        draw = jax.random.uniform(key)
+        return jnp.sum(model.w[...]) * draw, 1.0, {"draw": draw}
+
+
+class _Weights(nnx.Module):
+    def __init__(self):
+        self.w = nnx.Param(jnp.ones((3,)))
+
+
+def test_each_step_draws_its_own_dropout_key():
+    """The key is folded with the step: a new draw each step, the same one for the same
+    step and seed (what makes a resumed run bit-identical)."""
+    graphdef, params = nnx.split(_Weights(), nnx.Param)
+    params = nnx.to_pure_dict(params)
+    tx = optax.sgd(0.0)
+
+    def draws(seed, steps):
+        state = dict(
+            step=jnp.int32(0),
+            rng=jax.random.key_data(jax.random.key(seed)),
+            params=params,
+            model_state={},
+            opt_state=tx.init(params),
+            nonfinite_step=jnp.int32(-1),
+        )
+        out = []
+        for _ in range(steps):
+            state, m = train.train_step(
+                state, {}, graphdef=graphdef, task=_DrawTask(), tx=tx,
+                schedule=lambda s: 0.0, accum=1,
+            )  # fmt: skip
+            out.append(float(m["train/draw"]))
+        return out
+
+    first = draws(0, 3)
+    assert len(set(first)) == 3, first
+    assert draws(0, 3) == first and draws(1, 3) != first
+
+
+def test_eval_step_uses_the_running_statistics():
+    """A batch-norm classifier evaluates with its running statistics (train=False): a
+    row's logits do not depend on the other rows of the batch."""
+    cfg = from_preset("test", vocab_size=16, norm="batch", d_ff=0)
+    graphdef, params, rest = nnx.split(
+        Classifier(cfg, num_classes=3, rngs=nnx.Rngs(0)), nnx.Param, ...
+    )
+    state = {"params": nnx.to_pure_dict(params), "model_state": nnx.to_pure_dict(rest)}
+
+    class FirstRow:
+        def loss(self, model, batch, *, train, key):
+            logits = model(batch["inputs"], batch["mask"], train=train, key=key)
+            return jnp.sum(logits[0]), 1.0, {}
+
+    rng = np.random.default_rng(0)
+    inputs = rng.integers(1, 16, (4, 32))
+    mask = jnp.ones((4, 32), bool)
+    losses = []
+    for scale in (1, 3):
+        inputs[1:] = rng.integers(1, 16 // scale, (3, 32))  # other rows, other statistics
+        batch = {"inputs": jnp.asarray(inputs), "mask": mask}
+        losses.append(
+            float(train.eval_step(state, batch, graphdef=graphdef, task=FirstRow())["loss"])
+        )
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
+
+
+def test_lm_loss_starts_a_new_document_after_each_eos():
+    """With data.reset_at_doc_boundaries the loss of a packed row is the sum of its
+    documents' losses, each document scored alone from a zero state; the EOS itself
+    still belongs to the document it ends (its logits predict the next one's first token)."""
+    task = _lm_task()
+    model = LanguageModel(from_preset("test", vocab_size=64), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    row = rng.integers(4, 64, 25)
+    row[[6, 15]] = tok.EOS_ID  # documents: [0..6], [7..15], [16..24]
+    inputs, targets = jnp.asarray(row[None, :-1]), jnp.asarray(row[None, 1:])
+    total, weight, _ = task.loss(
+        model, {"inputs": inputs, "targets": targets}, train=False, key=None
+    )
+    parts = 0.0
+    for start, stop in ((0, 7), (7, 16), (16, 24)):
+        logits = model(inputs[:, start:stop])
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+        parts -= float(jnp.take_along_axis(logp, targets[:, start:stop, None], -1).sum())
+    assert float(weight) == 24
+    np.testing.assert_allclose(float(total), parts, rtol=1e-5)
+    # Without resets the state runs through the EOS: another (larger-context) loss.
+    plain = _lm_task("data.reset_at_doc_boundaries=False")
+    other, _, _ = plain.loss(model, {"inputs": inputs, "targets": targets}, train=False, key=None)
+    assert abs(float(other) - parts) > 1e-3
+
+
+@pytest.mark.parametrize("bytes_per_token", [1.0, 3.5])
+def test_lm_metrics_from_summed_statistics(bytes_per_token):
+    task = _lm_task()
+    tokens = 1000
+    task.eval_stream = TokenStream("", tokens, int(tokens * bytes_per_token), num_docs=1)
+    out = task.finalize({"loss": 2.0 * 50, "weight": 50.0, "accuracy": 20.0})
+    assert out["loss"] == 2.0 and out["accuracy"] == 0.4 and out["tokens"] == 50
+    np.testing.assert_allclose(out["perplexity"], math.exp(2.0))
+    np.testing.assert_allclose(out["bits_per_byte"], 2.0 / math.log(2) / bytes_per_token)
