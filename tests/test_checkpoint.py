@@ -461,6 +461,26 @@ def test_unreadable_storage_is_not_damage_and_all_damaged_does_not_restart(
     assert ckpt_lib.checkpoint_steps(str(run)) == [2]
 
 
+@pytest.mark.parametrize("mode, values, best_step", [("max", (0.5, 0.9, 0.7), 20),
+                                                      ("min", (0.5, 0.9, 0.3), 30)])  # fmt: skip
+def test_best_checkpoint_keeps_the_best_value_and_its_state(tmp_path, mode, values, best_step):
+    """Only a better value saves (max: higher; min: lower); the kept state and value are
+    the best step's, also after a resume reads them back."""
+    best = ckpt_lib.BestCheckpoint(str(tmp_path), "m", mode)
+    saved = [best.update(s, {"m": v}, {"w": jnp.full(2, float(s))}) for s, v in
+             zip((10, 20, 30), values)]  # fmt: skip
+    assert saved == [True, best_step == 20, best_step == 30]
+    best.close()
+    best = ckpt_lib.BestCheckpoint(str(tmp_path), "m", mode)
+    assert best.step == best_step and best.value == values[best_step // 10 - 1]
+    abstract = {"w": jax.ShapeDtypeStruct((2,), jnp.float32, sharding=jnp.zeros(2).sharding)}
+    restored = best.restore(abstract)
+    assert restored.step == best_step
+    np.testing.assert_array_equal(restored.state["w"], np.full(2, float(best_step)))
+    assert not best.update(40, {"m": values[0]}, {"w": jnp.zeros(2)})  # worse than the best
+    best.close()
+
+
 def test_best_checkpoint_survives_a_step_saved_twice_and_damaged_metadata(tmp_path):
     """A resume from before the best checkpoint's step saves that step again (Orbax
     refused: "already exists", on every rerun); damaged metadata at start moves it aside

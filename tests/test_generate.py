@@ -23,8 +23,16 @@ def _prompts(lengths, seed=0):
     return [rng.integers(4, 128, n).tolist() for n in lengths]
 
 
+@pytest.fixture(scope="module")
+def unscanned_model():
+    """Layers as a Python loop (model.scan_layers=False): each takes its own h0."""
+    return LanguageModel(from_preset("test", vocab_size=128, scan_layers=False), rngs=nnx.Rngs(0))
+
+
 @pytest.mark.parametrize("lengths", [[1], [5, 5], [3, 17, 9], [40, 1, 23, 64]])
-def test_prefill_with_mixed_lengths_matches_each_prompt_alone(model, lengths):
+@pytest.mark.parametrize("scanned", [True, False])
+def test_prefill_with_mixed_lengths_matches_each_prompt_alone(request, lengths, scanned):
+    model = request.getfixturevalue("model" if scanned else "unscanned_model")
     prompts = _prompts(lengths, seed=len(lengths))
     logits, states = gen.prefill(model, prompts, chunk_size=16)  # several chunks
     for i, p in enumerate(prompts):
@@ -34,7 +42,9 @@ def test_prefill_with_mixed_lengths_matches_each_prompt_alone(model, lengths):
 
 
 @pytest.mark.parametrize("batch, length", [(1, 12), (3, 30)])
-def test_step_by_step_equals_parallel_at_every_position(model, batch, length):
+@pytest.mark.parametrize("scanned", [True, False])
+def test_step_by_step_equals_parallel_at_every_position(request, batch, length, scanned):
+    model = request.getfixturevalue("model" if scanned else "unscanned_model")
     tokens = jnp.asarray(_prompts([length] * batch, seed=length))
     parallel = model(tokens)
     states = model.init_state(batch)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lrulm import checkpoint as ckpt_lib
 from lrulm import config as config_lib
 from lrulm import evaluation, lra_report, lra_task, train
 from lrulm.data import lra
@@ -116,6 +117,31 @@ def test_final_test_reads_the_whole_split_whatever_eval_steps(data_dir, tmp_path
     assert [r["step"] for r in _rows(workdir) if "test/accuracy" in r] == [1]
 
 
+def test_the_test_split_is_scored_with_the_best_checkpoint_not_the_last(
+    data_dir, tmp_path, monkeypatch
+):
+    """When an earlier evaluation was the best (forced here: only step 1's is taken), the
+    reported test numbers are that checkpoint's, not the final state's."""
+    update = ckpt_lib.BestCheckpoint.update
+    monkeypatch.setattr(
+        ckpt_lib.BestCheckpoint,
+        "update",
+        lambda self, step, *a: step == 1 and update(self, step, *a),
+    )
+    config = _config(
+        "text", f"data.data_dir={data_dir}", "mesh.data=8", "train.steps=2",
+        "train.eval_every=1", "train.progress=False", "checkpoint.every_steps=1",
+    )  # fmt: skip
+    workdir = str(tmp_path / "text")
+    result = train.train_and_evaluate(config, workdir)
+    assert result["best/step"] == 1
+    best = evaluation.evaluate_workdir(config, workdir, best=True)
+    final = evaluation.evaluate_workdir(config, workdir, 2)
+    assert best["step"] == 1 and final["step"] == 2
+    assert result["test/loss"] == pytest.approx(best["test/loss"], rel=1e-5)
+    assert abs(result["test/loss"] - final["test/loss"]) > 1e-4 * abs(final["test/loss"])
+
+
 def test_a_damaged_best_checkpoint_falls_back_to_the_final_state(
     data_dir, tmp_path, damage_checkpoint, capsys
 ):
@@ -156,8 +182,9 @@ def test_pixel_encoder_has_no_bias_under_batchnorm():
         assert ("bias" in names) == has_bias, (norm, names)
 
 
-@pytest.mark.parametrize("bidirectional", [False, True])
-def test_padding_changes_nothing_real(bidirectional):
+@pytest.mark.parametrize("bidirectional, pooling", [(False, "mean"), (True, "mean"),
+                                                    (False, "last")])  # fmt: skip
+def test_padding_changes_nothing_real(bidirectional, pooling):
     """Variable-length tasks pad at the end. A bidirectional layer's reverse scan runs
     through the padding before the real tokens: the padding must carry nothing into
     them, so a padded row scores as it does alone, whatever the padding holds."""
@@ -167,15 +194,20 @@ def test_padding_changes_nothing_real(bidirectional):
     from lrulm.model_config import from_preset
 
     cfg = from_preset("test", vocab_size=16, norm="batch", bidirectional=bidirectional, d_ff=0)
-    model = Classifier(cfg, num_classes=3, rngs=nnx.Rngs(0))
+    model = Classifier(cfg, num_classes=3, pooling=pooling, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
     tokens = rng.integers(1, 16, (2, 48))
     mask = np.arange(48)[None] < np.array([[20], [48]])
     zeros, junk = np.where(mask, tokens, 0), np.where(mask, tokens, rng.integers(1, 16, (2, 48)))
     logits = model(jnp.asarray(zeros), jnp.asarray(mask))
     np.testing.assert_array_equal(logits, model(jnp.asarray(junk), jnp.asarray(mask)))
-    alone = model(jnp.asarray(tokens[:1, :20]), jnp.ones((1, 20), bool))
+    alone = model(jnp.asarray(tokens[:, :20]), jnp.ones((2, 20), bool))
     np.testing.assert_allclose(logits[0], alone[0], rtol=1e-5, atol=1e-5)
+    if pooling == "last":  # the unpadded row's last position, a prefix's last one
+        assert np.isfinite(logits).all()
+        assert np.abs(logits[1] - alone[1]).max() > 1e-3
+        whole = model(jnp.asarray(tokens[1:]), jnp.ones((1, 48), bool))
+        np.testing.assert_allclose(logits[1], whole[0], rtol=1e-5, atol=1e-5)
 
 
 def test_accumulation_moves_batchnorm_statistics_once_a_step(data_dir, tmp_path):

@@ -52,6 +52,19 @@ def test_bidirectional_matches_numpy():
     np.testing.assert_allclose(layer(jnp.asarray(u)), ref, rtol=2e-4, atol=2e-4)
 
 
+def test_bidirectional_resets_separate_documents_both_ways():
+    """With resets a bidirectional layer sees each document alone: the forward scan
+    starts at each reset, the reverse one ends its document just before the next reset."""
+    layer = LRU(4, 8, bidirectional=True, rngs=nnx.Rngs(2))
+    u = jnp.asarray(np.random.default_rng(4).normal(size=(2, 15, 4)).astype(np.float32))
+    starts = (0, 6, 11)
+    resets = jnp.zeros((2, 15), bool).at[:, starts].set(True)
+    alone = [layer(u[:, a:b]) for a, b in zip(starts, (*starts[1:], 15))]
+    np.testing.assert_allclose(
+        layer(u, resets=resets), jnp.concatenate(alone, 1), rtol=1e-5, atol=1e-5
+    )
+
+
 def test_parameter_shapes_and_dtypes():
     layer = LRU(16, 32, rngs=nnx.Rngs(0))
     shapes = {k: (v.shape, v.dtype) for k, v in _params(layer).items()}

@@ -474,6 +474,21 @@ def test_vocab_blocked_loss_equals_the_full_softmax(block, dtype):
 
 
 @pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("preset", ["test", "tiny"])
+def test_initial_logits_have_unit_scale(tie, preset):
+    """Tied embeddings (N(0, 1)) are scaled by d_model**-0.5 in the head, as the untied
+    head's init is: the first loss is near ln(vocab), whatever the width."""
+    from flax import nnx
+
+    from lrulm.model import LanguageModel
+    from lrulm.model_config import from_preset
+
+    model = LanguageModel(from_preset(preset, vocab_size=512, tie_embeddings=tie), rngs=nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 512, (4, 64)))
+    assert 0.8 < float(jnp.std(model(tokens))) < 1.25
+
+
+@pytest.mark.parametrize("tie", [False, True])
 def test_bfloat16_model_logits_are_the_ones_the_loss_trains(tie):
     """Generation and `lrulm eval` read the model's logits; training reads cross_entropy
     (blocked or not). In a bfloat16 model all three are the float32 product of the
