@@ -54,7 +54,9 @@ def evaluate_workdir(config, workdir: str, step: int | None = None, *, best: boo
             + hint
         )
     mesh = _mesh(config)
-    task = tasks.make_task(config, workdir)
+    task = tasks.make_task(config, workdir, eval_only=True)
+    if hasattr(task, "check_eval"):
+        task.check_eval(config.train.global_batch_size, config.train.eval_steps)
     exp = train.build(config, task, mesh)
     checkpointer = ckpt_lib.Checkpointer(saved, async_save=False)
     try:

@@ -113,7 +113,12 @@ class LMTask:
     name = "lm"
     best_metric = None  # language models report the last evaluation
 
-    def __init__(self, config, workdir: str | None, *, prepare_data: bool = True):
+    def __init__(
+        self, config, workdir: str | None, *, prepare_data: bool = True, eval_only: bool = False
+    ):
+        """eval_only (`lrulm eval`): only the held-out split is prepared (data.eval_files, or
+        the run's own held-out files), with the tokenizer the run trained with; nothing
+        of the train split is read or tokenized, and the workdir's tokenizer is kept."""
         self.config = config
         self.seq_len = config.train.seq_len
         self.reset_at_docs = config.data.reset_at_doc_boundaries
@@ -123,7 +128,7 @@ class LMTask:
         self.eval_source_all = None  # eval_source with its tail (a full pass)
         vocab = config.model.vocab_size
         if prepare_data:
-            self._prepare(workdir)
+            self._prepare(workdir, eval_only)
             vocab = lm_vocab_size(self.sp, vocab)
         self.model_config = resolve_model_config(config.model, vocab_size=vocab)
 
@@ -160,9 +165,11 @@ class LMTask:
         )
         return True
 
-    def _prepare(self, workdir: str) -> None:
+    def _prepare(self, workdir: str, eval_only: bool) -> None:
         data = self.config.data
-        if data.train_files:
+        if eval_only and data.eval_files:  # the train files are not needed (nor there)
+            train_files, eval_files = [], lm_data.expand_globs(data.eval_files, "data.eval_files")
+        elif data.train_files:
             train_files = lm_data.expand_globs(data.train_files, "data.train_files")
             if data.eval_files:
                 eval_files = lm_data.expand_globs(data.eval_files, "data.eval_files")
@@ -170,7 +177,7 @@ class LMTask:
                 eval_files = train_files[::50]
                 held = set(eval_files)
                 train_files = [f for f in train_files if f not in held]
-                if jax.process_index() == 0:
+                if jax.process_index() == 0 and not eval_only:
                     size = lambda files: sum(os.path.getsize(f) for f in files)
                     share = size(eval_files) / max(size(eval_files) + size(train_files), 1)
                     large = " (a large share: with few files, give held-out files)" * (share > 0.1)
@@ -202,6 +209,56 @@ class LMTask:
                 "ArrayRecord data needs the tokenizer it was prepared with: "
                 "set --config.data.tokenizer"
             )
+        if eval_only:
+            own = os.path.join(workdir, "tokenizer.model")
+            tok_path = data.tokenizer or own
+            if not os.path.exists(tok_path):
+                raise FileNotFoundError(
+                    f"no tokenizer {tok_path}: evaluation needs the tokenizer the run was "
+                    "trained with (give it with --config.data.tokenizer)"
+                )
+            if data.tokenizer:
+                _check_same_tokenizer(data.tokenizer, own, workdir)
+        else:
+            tok_path = self._tokenizer(workdir, train_files)
+        self.sp = tok.load_tokenizer(tok_path)
+        if all(packed):  # pre-packed by tools/prepare_data.py: nothing to tokenize
+            if not eval_only:
+                self.train_source = lm_data.ArrayRecordSequences(train_files, self.seq_len)
+            self.eval_source = lm_data.ArrayRecordSequences(eval_files, self.seq_len)
+            self.eval_source_all = self.eval_source
+            return
+        cache = os.path.join(workdir, "data")
+        # An evaluation on other files keeps the run's own eval cache (a name of its own).
+        splits = {"eval": (lm_data.cache_name(eval_files, tok_path, cache, "eval"), eval_files)}
+        if not eval_only:
+            splits["train"] = ("train", train_files)
+        streams = {}
+        main = jax.process_index() == 0
+        for turn in ("main", "others"):  # process 0 tokenizes, the others then read
+            if (turn == "main") == main:
+                for split, (name, files) in splits.items():
+                    streams[split] = lm_data.prepare_split(files, self.sp, tok_path, cache, name)
+            _barrier(f"lrulm_tokens_{turn}")
+        self.train_stream, self.eval_stream = streams.get("train"), streams["eval"]
+        for name, stream in streams.items():
+            if stream.num_tokens < self.seq_len + 1:
+                raise ValueError(
+                    f"the {name} split has {stream.num_tokens} tokens, fewer than one sequence "
+                    f"of train.seq_len={self.seq_len} (+1); use a shorter sequence or more data"
+                )
+        if not eval_only:
+            self.train_source = lm_data.PackedSequences(self.train_stream, self.seq_len)
+        self.eval_source = lm_data.PackedSequences(self.eval_stream, self.seq_len)
+        self.eval_source_all = lm_data.PackedSequences(
+            self.eval_stream, self.seq_len, keep_tail=True
+        )
+
+    def _tokenizer(self, workdir: str, train_files: list[str]) -> str:
+        """The workdir's tokenizer.model, made ready for training: data.tokenizer (or the
+        init_from run's) copied in, else one trained on the train files (or kept: it was
+        trained for these). Returns its path."""
+        data = self.config.data
         main = jax.process_index() == 0
         tok_path = os.path.join(workdir, "tokenizer.model")
         tokenizer = data.tokenizer
@@ -241,31 +298,7 @@ class LMTask:
                     tok.train_tokenizer(docs, tok_path, vocab_size=data.vocab_size)
                     write_atomic(spec_path, json.dumps(spec))
         _barrier("lrulm_tokenizer")
-        self.sp = tok.load_tokenizer(tok_path)
-        if all(packed):  # pre-packed by tools/prepare_data.py: nothing to tokenize
-            self.train_source = lm_data.ArrayRecordSequences(train_files, self.seq_len)
-            self.eval_source = lm_data.ArrayRecordSequences(eval_files, self.seq_len)
-            self.eval_source_all = self.eval_source
-            return
-        cache = os.path.join(workdir, "data")
-        streams = {}
-        for turn in ("main", "others"):  # process 0 tokenizes, the others then read
-            if (turn == "main") == main:
-                for name, files in (("train", train_files), ("eval", eval_files)):
-                    streams[name] = lm_data.prepare_split(files, self.sp, tok_path, cache, name)
-            _barrier(f"lrulm_tokens_{turn}")
-        self.train_stream, self.eval_stream = streams["train"], streams["eval"]
-        for name, stream in streams.items():
-            if stream.num_tokens < self.seq_len + 1:
-                raise ValueError(
-                    f"the {name} split has {stream.num_tokens} tokens, fewer than one sequence "
-                    f"of train.seq_len={self.seq_len} (+1); use a shorter sequence or more data"
-                )
-        self.train_source = lm_data.PackedSequences(self.train_stream, self.seq_len)
-        self.eval_source = lm_data.PackedSequences(self.eval_stream, self.seq_len)
-        self.eval_source_all = lm_data.PackedSequences(
-            self.eval_stream, self.seq_len, keep_tail=True
-        )
+        return tok_path
 
     def unigram_entropy(self) -> float | None:
         """Entropy (nats) of the training tokens' unigram distribution: the loss a
@@ -314,8 +347,14 @@ class LMTask:
         return self._eval_iter(source, count, global_batch, row_offset, local_batch)
 
     def check_eval(self, global_batch: int, num_batches: int) -> None:
-        """Raises now (not at the first evaluation) if the eval split cannot fill a batch."""
-        self._eval_source(global_batch, num_batches)
+        """Raises now (not at the first evaluation) if the eval split cannot fill a batch;
+        says when it holds fewer batches than train.eval_steps asks for."""
+        _, count = self._eval_source(global_batch, num_batches)
+        if num_batches and num_batches > count and jax.process_index() == 0:
+            metrics_lib.say(
+                f"lrulm: train.eval_steps={num_batches}, but the eval split holds {count} "
+                f"batches of {global_batch}: each evaluation scores those {count}"
+            )
 
     def _eval_source(self, global_batch, num_batches):
         if num_batches is None or num_batches <= 0:
@@ -386,10 +425,11 @@ class LMTask:
         return self.model_config.flops_per_token(seq_len)
 
 
-def make_task(config, workdir: str | None, *, prepare_data: bool = True):
-    """The task a config names; prepare_data=False builds only what compiling needs."""
+def make_task(config, workdir: str | None, *, prepare_data: bool = True, eval_only: bool = False):
+    """The task a config names; prepare_data=False builds only what compiling needs;
+    eval_only a language model's held-out split alone (LRA reads its splits lazily)."""
     if config.task == "lm":
-        return LMTask(config, workdir, prepare_data=prepare_data)
+        return LMTask(config, workdir, prepare_data=prepare_data, eval_only=eval_only)
     from lrulm import lra_task
 
     return lra_task.ClassificationTask(config, workdir, prepare_data=prepare_data)

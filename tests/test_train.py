@@ -5,6 +5,7 @@ import gzip
 import json
 import math
 import os
+import shutil
 import time
 
 import jax
@@ -571,6 +572,42 @@ def test_eval_any_checkpoint(lm_workdir):
     assert early["step"] == 4 and early["eval/loss"] > newest["eval/loss"]
     with pytest.raises(FileNotFoundError, match="no checkpoint of step 5 .* its steps: 4, 8"):
         evaluation.evaluate_workdir(config, lm_workdir, step=5)
+
+
+def test_eval_on_other_text_reads_only_the_held_out_split(lm_workdir, tmp_path, capsys):
+    """`lrulm eval` prepares the held-out split alone, with the run's tokenizer: the train
+    files are not read (here: gone) nor tokenized; other eval files get a cache of their
+    own, so the run's own eval cache is kept; a default-corpus run takes eval files too."""
+    from lrulm.data import lm as lm_data
+
+    run = str(tmp_path / "run")
+    shutil.copytree(lm_workdir, run)
+    with open(os.path.join(run, "config.json")) as f:
+        config = config_lib.from_dict(json.load(f))
+    config.data.train_files = str(tmp_path / "gone" / "*.jsonl")
+    data = os.path.join(run, "data")
+    for name in ("train.tokens.npy", "train.meta.json"):
+        os.remove(os.path.join(data, name))
+    own_cache = {f: os.stat(os.path.join(data, f)).st_mtime_ns for f in os.listdir(data)}
+    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    logged = [r["eval/loss"] for r in rows if "eval/loss" in r][-1]
+    own = evaluation.evaluate_workdir(config, run)
+    assert own["eval/loss"] == pytest.approx(logged, abs=1e-4)
+
+    other = tmp_path / "other.jsonl"
+    with open(other, "w") as f:
+        for path in lm_data.default_corpus()[0][200:203]:
+            f.write(json.dumps({"text": open(path, errors="replace").read()}) + "\n")
+    config.data.eval_files = str(other)
+    config.train.eval_steps = 10**6
+    elsewhere = evaluation.evaluate_workdir(config, run)
+    assert abs(elsewhere["eval/loss"] - own["eval/loss"]) > 1e-3
+    assert "train.eval_steps=1000000, but the eval split holds" in capsys.readouterr().out
+    config.data.train_files = ""  # as a run on the embedded default corpus has it
+    assert evaluation.evaluate_workdir(config, run)["eval/loss"] == elsewhere["eval/loss"]
+    added = set(os.listdir(data)) - set(own_cache)
+    assert len(added) == 2 and all(f.startswith("eval-") for f in added), added
+    assert {f: os.stat(os.path.join(data, f)).st_mtime_ns for f in own_cache} == own_cache
 
 
 def test_full_eval_pass_scores_every_token_once(lm_workdir):

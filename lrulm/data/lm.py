@@ -253,6 +253,18 @@ class TokenStream:
         return np.load(self.path, mmap_mode="r")
 
 
+def cache_name(files, tokenizer_path, cache_dir, name) -> str:
+    """`name`, or `name-<digest>` where cache_dir's `name` holds other files' tokens: an
+    evaluation on other text keeps the run's own cached split."""
+    meta_path = os.path.join(cache_dir, f"{name}.meta.json")
+    if not os.path.exists(meta_path):
+        return name
+    with open(meta_path) as f:
+        cached = json.load(f).get("fingerprint")
+    fp = _fingerprint(files, tokenizer_path)
+    return name if cached == fp else f"{name}-{fp[:12]}"
+
+
 def prepare_split(files, sp, tokenizer_path, cache_dir, name) -> TokenStream:
     """Tokenizes a split into cache_dir unless an up-to-date copy is there."""
     os.makedirs(cache_dir, exist_ok=True)
