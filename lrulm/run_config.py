@@ -4,16 +4,18 @@ records it in WORKDIR/config.json and says what changed against the checkpoint i
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
+import os
 
 import jax
 import numpy as np
 
 from lrulm import config as config_lib
 from lrulm import metrics as metrics_lib
-from lrulm import optim
+from lrulm import optim, tasks
 
 # Settings a process may have of its own (reader threads), or that only process 0 acts on.
 _PER_PROCESS_KEYS = (
@@ -65,11 +67,15 @@ def _schedule_lr(config: dict | None, step: int) -> float | None:
         return None
 
 
-def record(config, workdir: str, trained: dict | None, step: int, *, resumed: bool) -> None:
-    """Writes config.json (process 0) and says how a resumed run's config differs: from
-    config.json, and against `trained` (the resumed checkpoint's own config) what that
-    does to the learning rate at `step` and to the eval metrics."""
+def record(config, workdir: str, trained: dict | None, step: int, *, resumed: bool, task) -> None:
+    """Writes config.json and model.json (process 0) and says how a resumed run's config
+    differs: from config.json, and against `trained` (the resumed checkpoint's own
+    config) what that does to the learning rate at `step` and to the eval metrics."""
     t = config.train
+    # config.json holds the config as given (model.* left unset: the preset's); model.json
+    # the model those resolve to, with its parameter count.
+    model = {**dataclasses.asdict(task.model_config), "num_params": int(task.num_params())}
+    tasks.write_atomic(os.path.join(workdir, "model.json"), json.dumps(model, indent=2))
     changed = config_lib.write_run_config(config, workdir, resumed=resumed)
     if changed:
         metrics_lib.say(

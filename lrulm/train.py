@@ -557,7 +557,9 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
                 "(raise train.steps to continue it)"
             )
         elif is_main:  # only now: a run that fails to start leaves the workdir's config as it was
-            run_config.record(config, workdir, trained, step, resumed=restored is not None)
+            run_config.record(
+                config, workdir, trained, step, resumed=restored is not None, task=task
+            )
 
         # ---- Step functions ----------------------------------------------------------------
         train_jit, eval_jit = jit_steps(exp)

@@ -1,5 +1,6 @@
-"""The LM trainer: sharding changes layout not math, accumulation, optimizer groups, errors."""
+"""The LM trainer: sharding changes layout not math, accumulation, evaluation, errors."""
 
+import dataclasses
 import glob
 import gzip
 import json
@@ -572,6 +573,21 @@ def test_eval_any_checkpoint(lm_workdir):
     assert early["step"] == 4 and early["eval/loss"] > newest["eval/loss"]
     with pytest.raises(FileNotFoundError, match="no checkpoint of step 5 .* its steps: 4, 8"):
         evaluation.evaluate_workdir(config, lm_workdir, step=5)
+
+
+def test_model_json_holds_the_resolved_model(lm_workdir):
+    """config.json keeps model.* as given (unset: the preset's); model.json says what
+    they resolved to, and the parameter count the run logged."""
+    with open(os.path.join(lm_workdir, "model.json")) as f:
+        model = json.load(f)
+    rows = [json.loads(line) for line in open(os.path.join(lm_workdir, "metrics.jsonl"))]
+    (logged,) = [r["model/num_params"] for r in rows if "model/num_params" in r]
+    assert model["num_params"] == logged
+    with open(os.path.join(lm_workdir, "config.json")) as f:
+        config = config_lib.from_dict(json.load(f))
+    resolved = tasks.resolve_model_config(config.model, vocab_size=model["vocab_size"])
+    assert model == {**dataclasses.asdict(resolved), "num_params": logged}
+    assert model["d_model"] > 0 and model["num_layers"] > 0
 
 
 def test_eval_on_other_text_reads_only_the_held_out_split(lm_workdir, tmp_path, capsys):
