@@ -45,7 +45,10 @@ _COMMON = {
     "model.norm": "batch",
     "optim.weight_decay": 0.05,
     "optim.warmup_fraction": 0.1,
+    "optim.schedule": "cosine",
 }
+# Keys added after runs were made: a config.json without one had this value.
+_ADDED_KEYS = {"optim.schedule": "cosine"}
 _KEYS = (
     "model.d_model", "model.d_state", "train.steps", "train.global_batch_size",
     "optim.lr_factor", "model.dropout", "model.r_min", "model.r_max", "model.max_phase",
@@ -130,8 +133,10 @@ def differences(task: str, config: dict) -> list[str]:
         try:
             value = _lookup(config, key)
         except KeyError:
-            out.append(f"{name} unknown")
-            continue
+            if key not in _ADDED_KEYS:
+                out.append(f"{name} unknown")
+                continue
+            value = _ADDED_KEYS[key]
         if not _same(value, paper):
             out.append(f"{name} {_short(value)}≠{_short(paper)}")
     return out

@@ -3,7 +3,7 @@
 Paper App. D.2: the recurrent parameters (ν, θ, γ and B) train at lr x lr_factor with
 no weight decay; everything else at lr with weight decay. The learning rate warms up
 linearly from ~1e-7 over the first warmup_fraction of the steps, then follows a cosine
-to ~1e-7.
+to ~1e-7 (optim.schedule: also linear, constant, or wsd: warm-up, stable, decay).
 """
 
 from __future__ import annotations
@@ -24,17 +24,44 @@ def is_recurrent(path) -> bool:
     return bool(names & RECURRENT_PARAMS)
 
 
-def schedule(lr: float, total_steps: int, warmup_fraction: float) -> optax.Schedule:
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
+
+
+def schedule(
+    lr: float,
+    total_steps: int,
+    warmup_fraction: float,
+    kind: str = "cosine",
+    decay_fraction: float = 0.2,
+) -> optax.Schedule:
+    """A linear warm-up from ~1e-7 to lr over warmup_fraction of the steps, then (kind):
+    "cosine" to ~1e-7 at total_steps (the paper's); "linear" to ~1e-7; "constant" at lr;
+    "wsd" (warm-up, stable, decay) at lr until the last decay_fraction of the steps, then
+    linearly to ~1e-7 (a run extended before its decay continues at lr, and any stable
+    step's checkpoint can be cooled down in a short run of its own)."""
     warmup = int(round(warmup_fraction * total_steps))
     if warmup >= total_steps:
         return optax.linear_schedule(_END_LR, lr, max(warmup, 1))
-    return optax.warmup_cosine_decay_schedule(
-        init_value=_END_LR,
-        peak_value=lr,
-        warmup_steps=warmup,
-        decay_steps=total_steps,
-        end_value=_END_LR,
-    )
+    if kind == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=_END_LR,
+            peak_value=lr,
+            warmup_steps=warmup,
+            decay_steps=total_steps,
+            end_value=_END_LR,
+        )
+    decay = {
+        "linear": total_steps - warmup,
+        "constant": 0,
+        "wsd": min(int(round(decay_fraction * total_steps)), total_steps - warmup),
+    }[kind]
+    stable = total_steps - warmup - decay
+    parts = [optax.linear_schedule(_END_LR, lr, max(warmup, 1)), optax.constant_schedule(lr)]
+    boundaries = [warmup]
+    if decay:
+        parts.append(optax.linear_schedule(lr, _END_LR, decay))
+        boundaries.append(warmup + stable)
+    return optax.join_schedules(parts, boundaries)
 
 
 def make_optimizer(
@@ -47,6 +74,8 @@ def make_optimizer(
     grad_clip: float = 0.0,
     b1: float = 0.9,
     b2: float = 0.999,
+    schedule_kind: str = "cosine",
+    decay_fraction: float = 0.2,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer and its (base) learning-rate schedule.
 
@@ -57,6 +86,7 @@ def make_optimizer(
       weight_decay: decoupled weight decay of the non-recurrent parameters.
       warmup_fraction: share of the steps spent warming up.
       grad_clip: clip the global gradient norm to this value; 0 disables.
+      schedule_kind, decay_fraction: the schedule after the warm-up (`schedule`).
     """
     check_arguments(
         lr=lr,
@@ -66,10 +96,12 @@ def make_optimizer(
         grad_clip=grad_clip,
         b1=b1,
         b2=b2,
+        schedule_kind=schedule_kind,
+        decay_fraction=decay_fraction,
     )
     if total_steps < 1:
         raise ValueError(f"train.steps must be positive; got {total_steps}")
-    base = schedule(lr, total_steps, warmup_fraction)
+    base = schedule(lr, total_steps, warmup_fraction, schedule_kind, decay_fraction)
     recurrent = lambda step: base(step) * lr_factor
     tx = optax.multi_transform(
         {
@@ -83,8 +115,20 @@ def make_optimizer(
     return tx, base
 
 
-def check_arguments(*, lr, lr_factor, weight_decay, warmup_fraction, grad_clip, b1, b2) -> None:
+def check_arguments(
+    *, lr, lr_factor, weight_decay, warmup_fraction, grad_clip, b1, b2,
+    schedule_kind="cosine", decay_fraction=0.2,
+) -> None:  # fmt: skip
     """Raises ValueError naming the optim.* value that is out of range (NaN included)."""
+    if schedule_kind not in SCHEDULES:
+        raise ValueError(
+            f"optim.schedule must be one of {', '.join(SCHEDULES)}; got {schedule_kind!r}"
+        )
+    if schedule_kind == "wsd" and not (0 < decay_fraction <= 1 - warmup_fraction):
+        raise ValueError(
+            f"optim.decay_fraction must be in (0, 1 - optim.warmup_fraction = "
+            f"{1 - warmup_fraction:g}] for the wsd schedule; got {decay_fraction}"
+        )
     ranges = [
         ("lr", lr, lr > 0, "positive"),
         ("lr_factor", lr_factor, lr_factor > 0, "positive"),

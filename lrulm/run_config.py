@@ -62,7 +62,9 @@ def _schedule_lr(config: dict | None, step: int) -> float | None:
     """The learning-rate schedule's value at step under a config dict (None if unknown)."""
     try:
         o = config["optim"]
-        return float(optim.schedule(o["lr"], config["train"]["steps"], o["warmup_fraction"])(step))
+        kind, decay = o.get("schedule", "cosine"), o.get("decay_fraction", 0.2)
+        steps = config["train"]["steps"]
+        return float(optim.schedule(o["lr"], steps, o["warmup_fraction"], kind, decay)(step))
     except (KeyError, TypeError, ValueError):
         return None
 

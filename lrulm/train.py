@@ -148,7 +148,12 @@ def validate(config, mesh) -> None:
 def _optimizer_args(config) -> dict:
     """config.optim's arguments of optim.make_optimizer (the schedule's length aside)."""
     names = ("lr", "lr_factor", "weight_decay", "warmup_fraction", "grad_clip", "b1", "b2")
-    return {name: config.optim[name] for name in names}
+    o = config.optim
+    # A config.json from before these keys has the paper's cosine.
+    kinds = dict(
+        schedule_kind=o.get("schedule", "cosine"), decay_fraction=o.get("decay_fraction", 0.2)
+    )
+    return {**{name: o[name] for name in names}, **kinds}
 
 
 def make_mesh(config, devices=None):

@@ -62,6 +62,37 @@ def test_schedule_warms_up_and_decays():
     assert sched(total) < 2e-7
 
 
+@pytest.mark.parametrize(
+    "kind, points",
+    [
+        ("linear", {10: 1.0, 55: 0.5, 100: 0.0}),
+        ("constant", {10: 1.0, 60: 1.0, 100: 1.0}),
+        # Warm-up 10, stable to step 80, then linearly to ~0 at 100.
+        ("wsd", {10: 1.0, 50: 1.0, 80: 1.0, 90: 0.5, 95: 0.25, 100: 0.0}),
+    ],
+)
+def test_schedules_after_the_warm_up(kind, points):
+    lr = 1e-3
+    _, sched = optim.make_optimizer(
+        lr=lr, total_steps=100, warmup_fraction=0.1, schedule_kind=kind, decay_fraction=0.2
+    )
+    np.testing.assert_allclose(sched(5), lr / 2, rtol=1e-3)  # the same warm-up for all
+    for step, fraction in points.items():
+        np.testing.assert_allclose(sched(step), fraction * lr, rtol=1e-3, atol=2e-7)
+
+
+def test_a_resume_compares_the_schedule_it_was_trained_with():
+    """The learning rate a resumed checkpoint's config had (run_config._schedule_lr) under
+    each schedule; a config from before optim.schedule existed is the cosine."""
+    from lrulm import run_config
+
+    trained = {"optim": {"lr": 1e-3, "warmup_fraction": 0.1}, "train": {"steps": 100}}
+    _, cosine = optim.make_optimizer(lr=1e-3, total_steps=100, warmup_fraction=0.1)
+    assert run_config._schedule_lr(trained, 55) == pytest.approx(float(cosine(55)))
+    trained["optim"].update(schedule="wsd", decay_fraction=0.2)
+    assert run_config._schedule_lr(trained, 55) == pytest.approx(1e-3)
+
+
 def test_gradients_are_clipped_before_adam():
     """A spike is clipped before it reaches Adam's moments: two steps with grad_clip=1
     move the weights as an unclipped optimizer does on the gradients scaled to norm <= 1."""

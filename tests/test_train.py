@@ -264,6 +264,8 @@ def test_profile_traces_the_steps_of_the_window(tmp_path, corpus, capsys):
         ("optim.grad_clip=-1", r"optim.grad_clip must be >= 0 \(0: no clipping\)"),
         ("optim.b2=1.5", r"optim.b2 must be in \[0, 1\)"),
         ("optim.warmup_fraction=1.5", r"optim.warmup_fraction must be in \[0, 1\]"),
+        ("optim.schedule=cosin", "optim.schedule must be one of cosine, linear, constant, wsd"),
+        ("optim.schedule=wsd,optim.decay_fraction=0.95", r"decay_fraction must be in \(0, 1 -"),
         ("train.seed=-1", r"train.seed must be in \[0, 2\*\*32\)"),
         ("model.d_ff=-5", "model.d_ff must be >= 0"),
         ("model.r_max=1.0", "r_max=1.0 would let"),
@@ -276,7 +278,7 @@ def test_bad_optimizer_and_model_values_fail_before_the_data_is_prepared(
 ):
     """Checked with the mesh, before a tokenizer is trained or the corpus tokenized into
     the workdir (they came after both, or not at all: NaN, negative decay or clipping)."""
-    config = _config(override, corpus=corpus)
+    config = _config(*override.split(","), corpus=corpus)
     with pytest.raises(ValueError, match=message):
         train.train_and_evaluate(config, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run")  # nothing written, no empty workdir left
