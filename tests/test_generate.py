@@ -1,6 +1,10 @@
 """Recurrent generation: step-by-step decoding equals the parallel model; sampling; errors."""
 
 import functools
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -388,6 +392,35 @@ def test_missing_tokenizer_is_not_sent_to_train_a_new_one(lm_workdir, tmp_path):
     (tmp_path / "checkpoints" / "8").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="copy there the tokenizer this run was trained"):
         gen.load_model(str(tmp_path))
+
+
+def test_export_params_writes_the_checkpoints_parameters(lm_workdir, tmp_path):
+    """tools/export_params.py: every parameter (not the optimizer state) as a numpy array
+    named by its path, equal to the checkpoint's; the step and the resolved model."""
+    from lrulm.checkpoint import read_numpy
+
+    out = tmp_path / "params.npz"
+    tool = os.path.join(os.path.dirname(__file__), "..", "tools", "export_params.py")
+    run = lambda *a: subprocess.run(
+        [sys.executable, tool, lm_workdir, *a], capture_output=True, text=True, timeout=120
+    )
+    done = run("--step", "4", "--output", str(out))
+    assert done.returncode == 0, done.stderr
+    saved = read_numpy(os.path.join(lm_workdir, "checkpoints", "4", "state"))["params"]
+    flat = {
+        "/".join(str(k.key) for k in path): v
+        for path, v in jax.tree_util.tree_flatten_with_path(saved)[0]
+    }
+    with np.load(out) as z:
+        assert set(z.files) == {*flat, "__step__", "__model__"}
+        for name, value in flat.items():
+            np.testing.assert_array_equal(z[name], value)
+        assert int(z["__step__"]) == 4 and json.loads(str(z["__model__"]))["num_layers"] >= 1
+    assert {"stack/blocks/lru/nu_log", "stack/blocks/lru/C_im"} <= set(flat)
+    assert f"{len(flat)} arrays" in done.stdout and "step 4" in done.stdout
+    missing = run("--best", "--output", str(out))
+    assert missing.returncode == 1 and "language models keep none" in missing.stderr
+    assert "its steps: 4, 8" in run("--step", "5", "--output", str(out)).stderr
 
 
 def test_inspect_checkpoint(lm_workdir, tmp_path):

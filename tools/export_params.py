@@ -1,0 +1,94 @@
+"""Writes a checkpoint's parameters to one .npz file, for use outside lrulm.
+
+    python tools/export_params.py WORKDIR [--step S | --best] --output params.npz
+
+Keys are the parameter paths joined by "/" (e.g. `stack/blocks/lru/nu_log`); a stack of
+scanned layers holds each array with the layer as its first axis, an unscanned one has
+`stack/blocks/<i>/...`. The LRU's parameters keep the paper reference code's names
+(`nu_log, theta_log, gamma_log, B_re, B_im, C_re, C_im, D`; DESIGN.md §1), so a tree can be
+mapped onto it. `__step__` holds the step, and `__model__` the run's model.json (the
+resolved model config, as JSON text) where the workdir has one. Only the parameters are
+read (not the optimizer state), as numpy arrays on the host, whatever devices wrote them;
+`np.load(FILE)` reads them back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import tool_args
+
+from lrulm import checkpoint as ckpt_lib
+
+
+def read_params(workdir: str, step: int | None = None, *, best: bool = False) -> tuple[dict, int]:
+    """The parameters of a run's checkpoint (default: the newest; best: the LRA
+    best-on-eval one) as a flat {"a/b/c": np.ndarray} dict, and the step."""
+    import orbax.checkpoint as ocp
+
+    saved = os.path.join(workdir, "best") if best else workdir
+    steps = ckpt_lib.checkpoint_steps(saved)
+    if not steps:
+        raise FileNotFoundError(
+            f"no checkpoints in {os.path.join(saved, 'checkpoints')}"
+            + (" (LRA runs keep a best one; language models keep none: leave out --best)" * best)
+        )
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise FileNotFoundError(
+            f"no checkpoint of step {step} in {saved}/checkpoints; its steps: "
+            + ", ".join(map(str, steps))
+        )
+    item = os.path.abspath(os.path.join(saved, "checkpoints", str(step), ckpt_lib.STATE))
+    tree = ckpt_lib.saved_tree(item)["params"]
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    ckpt_lib.quiet_orphaned_reads()
+    restored = ocp.PyTreeCheckpointer().restore(
+        item,
+        args=ocp.args.PyTreeRestore(
+            item={"params": tree}, restore_args={"params": as_numpy}, partial_restore=True
+        ),
+    )
+    flat = {}
+    for path, value in jax.tree_util.tree_flatten_with_path(restored["params"])[0]:
+        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        flat[name] = np.asarray(value)
+    return flat, step
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("workdir", help="a run's workdir")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, default=None, help="default: the newest checkpoint")
+    which.add_argument("--best", action="store_true", help="an LRA run's best-on-eval checkpoint")
+    p.add_argument("--output", required=True, help="the .npz file to write")
+    args = tool_args.show_defaults(p).parse_args(argv)
+    if not args.output.endswith(".npz"):
+        p.error(f"--output {args.output}: give a .npz file name")
+    tool_args.writable(p, args.output, "--output")
+    if not os.path.isdir(args.workdir):
+        p.error(f"{args.workdir} is not a directory")
+    try:
+        params, step = read_params(args.workdir, args.step, best=args.best)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    extra = {"__step__": np.asarray(step)}
+    model_json = os.path.join(args.workdir, "model.json")
+    if os.path.exists(model_json):
+        with open(model_json) as f:
+            extra["__model__"] = np.asarray(json.dumps(json.load(f)))
+    tmp = args.output + ".tmp.npz"
+    np.savez(tmp, **params, **extra)
+    os.replace(tmp, args.output)
+    total = sum(v.size for v in params.values())
+    print(f"wrote {args.output}: {len(params)} arrays, {total:,} parameters, step {step}")
+
+
+if __name__ == "__main__":
+    main()
