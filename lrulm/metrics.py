@@ -181,20 +181,51 @@ def _supersede_rows_after(path: str, step: int | None) -> int:
 
 
 class Throughput:
-    """Tokens/s and step time between two log points (host wall clock)."""
+    """Tokens/s and step time between two log points (host wall clock), and the part of
+    a step the host waited for its batch (`waited`: the input pipeline's share; the steps
+    themselves run asynchronously, so a step time well above it is device time)."""
 
     def __init__(self):
-        self._t, self._step = time.perf_counter(), None
+        self._t, self._step, self._waited = time.perf_counter(), None, 0.0
 
     def start(self, step: int) -> None:
-        self._t, self._step = time.perf_counter(), step
+        self._t, self._step, self._waited = time.perf_counter(), step, 0.0
+
+    def waited(self, seconds: float) -> None:
+        self._waited += seconds
 
     def measure(self, step: int, tokens_per_step: int) -> dict:
         now = time.perf_counter()
         steps = max(step - (self._step if self._step is not None else step), 1)
         dt = (now - self._t) / steps
-        self._t, self._step = now, step
-        return {"perf/step_time_s": dt, "perf/tokens_per_s": tokens_per_step / dt}
+        wait = self._waited / steps
+        self._t, self._step, self._waited = now, step, 0.0
+        return {
+            "perf/step_time_s": dt,
+            "perf/tokens_per_s": tokens_per_step / dt,
+            "perf/data_wait_s": wait,
+        }
+
+
+def device_memory(devices) -> dict:
+    """The memory figures (GiB) of the most loaded of `devices` where the backend reports
+    them (GPU, TPU; CPUs report none): in use now, the peak so far, and that peak as a
+    fraction of the device's limit."""
+    stats = []
+    for d in devices:
+        try:
+            stats.append(d.memory_stats() or {})
+        except Exception:  # noqa: BLE001 - a backend without memory statistics
+            stats.append({})
+    stats = [s for s in stats if "bytes_in_use" in s]
+    if not stats:
+        return {}
+    top = max(stats, key=lambda s: s.get("peak_bytes_in_use", s["bytes_in_use"]))
+    peak = top.get("peak_bytes_in_use", top["bytes_in_use"])
+    out = {"perf/memory_gib": top["bytes_in_use"] / 2**30, "perf/peak_memory_gib": peak / 2**30}
+    if top.get("bytes_limit"):
+        out["perf/peak_memory_fraction"] = peak / top["bytes_limit"]
+    return out
 
 
 class ProfileWindow:

@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -641,7 +642,9 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
                     preempted = True
                     break
                 profile.before(step, state)
+                fetch = time.perf_counter()
                 batch = to_global(next(train_iter), exp)
+                throughput.waited(time.perf_counter() - fetch)
                 state, metrics = train_jit(state, batch)
                 step += 1
                 profile.after(step, state)
@@ -649,6 +652,7 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
                     check_finite()
                     row = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     row.update(throughput.measure(step, tokens_per_step))
+                    row.update(metrics_lib.device_memory(jax.local_devices()))
                     if peak:
                         row["perf/mfu"] = (
                             flops_per_token

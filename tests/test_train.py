@@ -285,21 +285,53 @@ def test_bad_optimizer_and_model_values_fail_before_the_data_is_prepared(
 
 
 def test_step_time_leaves_out_evaluation_and_saving(tmp_path, corpus, monkeypatch):
-    """Evaluations and saves between two log steps were timed as train steps."""
-    real = train.evaluate
+    """Evaluations and saves between two log steps were timed as train steps; the time
+    the host waits for each batch (here a slow input pipeline: 0.1 s) is its own figure."""
+    real, real_to_global = train.evaluate, train.to_global
 
     def slow_evaluate(*args):
         time.sleep(1.0)
         return real(*args)
 
+    def slow_batch(*args):
+        time.sleep(0.1)
+        return real_to_global(*args)
+
     monkeypatch.setattr(train, "evaluate", slow_evaluate)
+    monkeypatch.setattr(train, "to_global", slow_batch)
     overrides = ["train.steps=10", "train.log_every=5", "train.eval_every=3", "train.eval_steps=1"]
     config = _config(*overrides, "checkpoint.every_steps=4", corpus=corpus)
     train.train_and_evaluate(config, str(tmp_path / "run"))
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
     times = {r["step"]: r["perf/step_time_s"] for r in rows if "perf/step_time_s" in r}
-    assert sorted(times) == [5, 10] and max(times.values()) < 0.5, times
+    assert sorted(times) == [5, 10] and max(times.values()) < 0.6, times
+    waits = {r["step"]: r["perf/data_wait_s"] for r in rows if "perf/data_wait_s" in r}
+    assert all(0.1 <= waits[s] <= times[s] for s in times), (waits, times)
+    assert not any("perf/memory_gib" in r for r in rows)  # CPUs report no memory figures
+
+
+def test_device_memory_reports_the_most_loaded_device():
+    class Device:
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_stats(self):
+            if isinstance(self.stats, Exception):
+                raise self.stats
+            return self.stats
+
+    gib = 2**30
+    devices = [
+        Device({"bytes_in_use": 1 * gib, "peak_bytes_in_use": 3 * gib, "bytes_limit": 8 * gib}),
+        Device({"bytes_in_use": 2 * gib, "peak_bytes_in_use": 2 * gib, "bytes_limit": 8 * gib}),
+        Device(None),
+        Device(NotImplementedError()),
+    ]
+    assert metrics_lib.device_memory(devices) == {
+        "perf/memory_gib": 1.0, "perf/peak_memory_gib": 3.0, "perf/peak_memory_fraction": 0.375
+    }  # fmt: skip
+    assert metrics_lib.device_memory(devices[2:]) == {}
 
 
 def test_empty_data_file(tmp_path):
