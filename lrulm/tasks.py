@@ -32,7 +32,7 @@ from lrulm import metrics as metrics_lib
 from lrulm import model_config as mc
 from lrulm.data import lm as lm_data
 from lrulm.data import tokenizer as tok
-from lrulm.model import LanguageModel, cross_entropy
+from lrulm.model import LanguageModel, cross_entropy_and_lse
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,7 @@ class LMTask:
         self.seq_len = config.train.seq_len
         self.reset_at_docs = config.data.reset_at_doc_boundaries
         self.loss_vocab_block = config.train.get("loss_vocab_block", 0)
+        self.z_loss = config.train.get("z_loss", 0.0)
         self.train_stream = self.eval_stream = None  # token streams (text inputs)
         self.train_source = self.eval_source = None  # packed sequences, from either input
         self.eval_source_all = None  # eval_source with its tail (a full pass)
@@ -396,12 +397,16 @@ class LMTask:
         if self.reset_at_docs:  # a document starts after each EOS
             resets = jnp.pad(inputs[:, :-1] == tok.EOS_ID, ((0, 0), (1, 0)))
         x = model.features(inputs, resets=resets, train=train, key=key)
-        losses, correct = cross_entropy(
+        losses, lse, correct = cross_entropy_and_lse(
             x, model.head_weight(x.dtype), targets, vocab_block=self.loss_vocab_block
         )
         weights = (targets != tok.PAD_ID).astype(jnp.float32)
-        correct = correct.astype(jnp.float32)
-        return jnp.sum(losses * weights), jnp.sum(weights), {"accuracy": jnp.sum(correct * weights)}
+        aux = {"accuracy": jnp.sum(correct.astype(jnp.float32) * weights)}
+        loss = jnp.sum(losses * weights)
+        if train and self.z_loss:  # trained, not evaluated: eval/loss is the cross-entropy
+            aux["z_loss"] = self.z_loss * jnp.sum(jnp.square(lse) * weights)
+            loss = loss + aux["z_loss"]
+        return loss, jnp.sum(weights), aux
 
     def finalize(self, sums: dict) -> dict:
         loss = sums["loss"] / max(sums["weight"], 1.0)

@@ -17,6 +17,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -136,6 +137,11 @@ def validate(config, mesh) -> None:
         )
     if not 0 <= t.seed < 2**32:
         raise ValueError(f"train.seed must be in [0, 2**32); got {t.seed}")
+    z_loss = t.get("z_loss", 0.0)
+    if not (z_loss >= 0 and math.isfinite(z_loss)):
+        raise ValueError(f"train.z_loss must be >= 0 (0: off); got {z_loss}")
+    if z_loss and config.task != "lm":
+        raise ValueError("train.z_loss is for language models (a classifier has few logits)")
     optim.check_arguments(**_optimizer_args(config))
     model = tasks.resolve_model_config(config.model)  # the model's fields, before the data
     if config.task == "lm" and model.norm == "batch":

@@ -131,3 +131,22 @@ def test_lm_metrics_from_summed_statistics(bytes_per_token):
     assert out["loss"] == 2.0 and out["accuracy"] == 0.4 and out["tokens"] == 50
     np.testing.assert_allclose(out["perplexity"], math.exp(2.0))
     np.testing.assert_allclose(out["bits_per_byte"], 2.0 / math.log(2) / bytes_per_token)
+
+
+def test_z_loss_is_trained_not_evaluated():
+    """train.z_loss adds z * (log Z)**2 a scored token to the trained loss, reported as
+    z_loss; an evaluation scores the plain cross-entropy."""
+    task = _lm_task("train.z_loss=0.01")
+    model = LanguageModel(from_preset("test", vocab_size=64), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(4, 64, (2, 17))
+    tokens[1, 12:] = tok.PAD_ID  # padding: not scored
+    batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:])}
+    trained, weight, aux = task.loss(model, batch, train=True, key=jax.random.key(0))
+    evaluated, _, eval_aux = task.loss(model, batch, train=False, key=None)
+    logits = model(batch["inputs"]).astype(jnp.float32)
+    weights = batch["targets"] != tok.PAD_ID
+    want = 0.01 * jnp.sum(jnp.where(weights, jax.nn.logsumexp(logits, -1) ** 2, 0.0))
+    np.testing.assert_allclose(aux["z_loss"], want, rtol=1e-5)
+    np.testing.assert_allclose(trained - evaluated, want, rtol=1e-4)
+    assert "z_loss" not in eval_aux and float(weight) == weights.sum()

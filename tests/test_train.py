@@ -264,6 +264,7 @@ def test_profile_traces_the_steps_of_the_window(tmp_path, corpus, capsys):
         ("optim.grad_clip=-1", r"optim.grad_clip must be >= 0 \(0: no clipping\)"),
         ("optim.b2=1.5", r"optim.b2 must be in \[0, 1\)"),
         ("optim.warmup_fraction=1.5", r"optim.warmup_fraction must be in \[0, 1\]"),
+        ("train.z_loss=-1", r"train.z_loss must be >= 0 \(0: off\)"),
         ("optim.schedule=cosin", "optim.schedule must be one of cosine, linear, constant, wsd"),
         ("optim.schedule=wsd,optim.decay_fraction=0.95", r"decay_fraction must be in \(0, 1 -"),
         ("train.seed=-1", r"train.seed must be in \[0, 2\*\*32\)"),
@@ -474,7 +475,7 @@ def test_remat_wraps_each_layer_when_layers_are_not_scanned():
 def test_vocab_blocked_loss_equals_the_full_softmax(block, dtype):
     """The blocked loss (its hand-written VJP) against optax on the whole logits; the
     per-position weights make the cotangent differ between positions."""
-    from lrulm.model import cross_entropy
+    from lrulm.model import cross_entropy_and_lse
 
     rng = np.random.default_rng(block)
     x = jnp.asarray(rng.normal(size=(2, 9, 16)), dtype)
@@ -485,15 +486,17 @@ def test_vocab_blocked_loss_equals_the_full_softmax(block, dtype):
     targets = jnp.asarray(targets, jnp.int32)
 
     weights = jnp.linspace(0.5, 1.5, 9)
+    z = 0.01  # a z-loss on log Z: its gradient goes through the log-partition output
 
     def total(x, w, block):
-        losses, correct = cross_entropy(x, w, targets, vocab_block=block)
-        return jnp.sum(losses * weights), correct
+        losses, lse, correct = cross_entropy_and_lse(x, w, targets, vocab_block=block)
+        return jnp.sum((losses + z * lse**2) * weights), correct
 
     def reference(x, w):  # optax on the whole logits, in float32
         logits = jnp.einsum("blh,hv->blv", x, w, preferred_element_type=jnp.float32)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-        return jnp.sum(losses * weights), jnp.argmax(logits, -1) == targets
+        lse = jax.nn.logsumexp(logits, -1)
+        return jnp.sum((losses + z * lse**2) * weights), jnp.argmax(logits, -1) == targets
 
     (ref, ref_ok), ref_grads = jax.value_and_grad(reference, (0, 1), has_aux=True)(x, w)
     (got, ok), grads = jax.jit(jax.value_and_grad(total, (0, 1), has_aux=True), static_argnums=2)(
