@@ -307,7 +307,16 @@ head_logits.defvjp(_head_logits_forward, _head_logits_backward)
 
 
 def cross_entropy(x, w, targets, *, vocab_block: int = 0):
-    """Per-position cross-entropy and argmax-correctness of logits x @ w, (b, l) each.
+    """Per-position cross-entropy and argmax-correctness of logits x @ w, (b, l) each
+    (`cross_entropy_and_lse` without the log-partition)."""
+    losses, _, correct = cross_entropy_and_lse(x, w, targets, vocab_block=vocab_block)
+    return losses, correct
+
+
+def cross_entropy_and_lse(x, w, targets, *, vocab_block: int = 0):
+    """Per-position cross-entropy, log-partition log Z = logsumexp(logits) (what a z-loss
+    keeps near 0) and argmax-correctness of logits x @ w, (b, l) each; the first two are
+    differentiable.
 
     With vocab_block > 0 the (b, l, v) logits are never materialised: a scan over blocks
     of the vocabulary keeps a running max, sum of exponentials, the target's logit and
@@ -329,9 +338,10 @@ def cross_entropy(x, w, targets, *, vocab_block: int = 0):
     if not vocab_block or vocab_block >= v:
         logits = constrain(head_logits(x, w), ("batch", "length", "act_vocab"))
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-        return losses, jnp.argmax(logits, -1) == targets
-    losses, best_id = _blocked_cross_entropy(x, w, targets, vocab_block)
-    return losses, best_id == targets
+        lse = jax.nn.logsumexp(logits, -1)
+        return losses, lse, jnp.argmax(logits, -1) == targets
+    losses, lse, best_id = _blocked_cross_entropy(x, w, targets, vocab_block)
+    return losses, lse, best_id == targets
 
 
 def _vocab_blocks(w, vocab_block: int):
@@ -382,19 +392,21 @@ def _blocked_forward(x, w, targets, vocab_block):
 
     (m, s, target_logit, _, best_id), _ = jax.lax.scan(body, init, (blocks, offsets))
     lse = m + jnp.log(s)
-    return (lse - target_logit, best_id), (x, w, targets, lse)
+    return (lse - target_logit, lse, best_id), (x, w, targets, lse)
 
 
 def _blocked_backward(vocab_block, residuals, cotangents):
     x, w, targets, lse = residuals
-    g = cotangents[0].astype(jnp.float32)
+    g = cotangents[0].astype(jnp.float32)  # of the losses: softmax - onehot
+    g_lse = cotangents[1].astype(jnp.float32)  # of log Z: softmax
     v = w.shape[1]
     blocks, offsets = _vocab_blocks(w, vocab_block)
 
     def body(dx, block):
         logits, ids = _block_logits(x, *block, v)
         p = jnp.exp(logits - lse[..., None])  # softmax; 0 in padding columns
-        d = g[..., None] * (p - (ids == targets[..., None]).astype(jnp.float32))
+        onehot = (ids == targets[..., None]).astype(jnp.float32)
+        d = (g + g_lse)[..., None] * p - g[..., None] * onehot
         dx_block, dw = _logit_grads(x, block[0], d)
         return dx + dx_block, dw.astype(w.dtype)
 
