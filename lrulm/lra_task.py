@@ -9,7 +9,7 @@ One global batch (`ClassificationTask.batch_spec`):
     label   int32 (b,)
     weight  float32 (b,)   1 for real rows; 0 for the rows that pad the last eval batch
 
-Training batches are the train split shuffled with `train.seed` (a new order every
+Training batches are the train split shuffled with `data.seed` (-1: `train.seed`) (a new order every
 epoch), repeated forever, each process reading only its rows of every global batch
 (`lrulm.data.lm.TrainStream`, positioned by rows read). Evaluation reads the validation
 ("eval") or "test" split in file order: with `train.eval_steps <= 0` every example

@@ -94,6 +94,13 @@ def _opt_state_axes(abstract_opt_state, param_axes):
     return jax.tree_util.tree_map_with_path(axes_for, abstract_opt_state)
 
 
+def data_seed(config) -> int:
+    """The seed of the train data's order: data.seed, or train.seed where it is -1 (as
+    before data.seed existed: a resumed run keeps its order)."""
+    seed = config.data.get("seed", -1)
+    return config.train.seed if seed == -1 else seed
+
+
 def validate(config, mesh) -> None:
     """Checks that need the mesh, before anything compiles."""
     t = config.train
@@ -137,6 +144,10 @@ def validate(config, mesh) -> None:
         )
     if not 0 <= t.seed < 2**32:
         raise ValueError(f"train.seed must be in [0, 2**32); got {t.seed}")
+    if not -1 <= data_seed(config) < 2**32:
+        raise ValueError(
+            f"data.seed must be in [0, 2**32), or -1 (train.seed's); got {config.data.seed}"
+        )
     z_loss = t.get("z_loss", 0.0)
     if not (z_loss >= 0 and math.isfinite(z_loss)):
         raise ValueError(f"train.z_loss must be >= 0 (0: off); got {z_loss}")
@@ -518,7 +529,7 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
                 f"than one global batch of {t.global_batch_size}: each batch holds some of "
                 "them twice (give more data or a smaller --config.train.global_batch_size)"
             )
-        train_iter = task.train_batches(seed=t.seed, **batch_args)
+        train_iter = task.train_batches(seed=data_seed(config), **batch_args)
         if hasattr(task, "check_eval"):  # fail now, not at the first evaluation
             task.check_eval(t.global_batch_size, t.eval_steps)
 
@@ -537,7 +548,7 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
         data_signature = {
             "global_batch": t.global_batch_size,
             "seq_len": t.seq_len,
-            "seed": t.seed,
+            "seed": data_seed(config),
             "train_examples": train_size,
             "train_fingerprint": task.train_fingerprint(),
         }

@@ -264,6 +264,7 @@ def test_profile_traces_the_steps_of_the_window(tmp_path, corpus, capsys):
         ("optim.grad_clip=-1", r"optim.grad_clip must be >= 0 \(0: no clipping\)"),
         ("optim.b2=1.5", r"optim.b2 must be in \[0, 1\)"),
         ("optim.warmup_fraction=1.5", r"optim.warmup_fraction must be in \[0, 1\]"),
+        ("data.seed=-2", r"data.seed must be in \[0, 2\*\*32\), or -1"),
         ("train.z_loss=-1", r"train.z_loss must be >= 0 \(0: off\)"),
         ("optim.schedule=cosin", "optim.schedule must be one of cosine, linear, constant, wsd"),
         ("optim.schedule=wsd,optim.decay_fraction=0.95", r"decay_fraction must be in \(0, 1 -"),
@@ -283,6 +284,27 @@ def test_bad_optimizer_and_model_values_fail_before_the_data_is_prepared(
     with pytest.raises(ValueError, match=message):
         train.train_and_evaluate(config, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run")  # nothing written, no empty workdir left
+
+
+@pytest.mark.parametrize("seeds, want", [((0, -1), 0), ((0, 7), 7), ((3, -1), 3)])
+def test_data_order_has_its_own_seed(tmp_path, corpus, monkeypatch, seeds, want):
+    """data.seed orders the train data, train.seed initialises the model: either can vary
+    alone; -1 (the default) takes train.seed, as runs did before data.seed existed."""
+    seen = []
+    real = tasks.LMTask.train_batches
+
+    def spy(self, *, seed, **kw):
+        seen.append(seed)
+        return real(self, seed=seed, **kw)
+
+    monkeypatch.setattr(tasks.LMTask, "train_batches", spy)
+    train_seed, seed = seeds
+    config = _config(
+        f"train.seed={train_seed}", f"data.seed={seed}", "train.steps=1", corpus=corpus
+    )
+    assert train.data_seed(config) == want
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert seen == [want]
 
 
 def test_step_time_leaves_out_evaluation_and_saving(tmp_path, corpus, monkeypatch):
