@@ -127,6 +127,7 @@ class LMTask:
         self.train_stream = self.eval_stream = None  # token streams (text inputs)
         self.train_source = self.eval_source = None  # packed sequences, from either input
         self.eval_source_all = None  # eval_source with its tail (a full pass)
+        self._packed_bytes_per_token = None  # of ArrayRecord eval shards, if recorded
         vocab = config.model.vocab_size
         if prepare_data:
             self._prepare(workdir, eval_only)
@@ -228,6 +229,7 @@ class LMTask:
                 self.train_source = lm_data.ArrayRecordSequences(train_files, self.seq_len)
             self.eval_source = lm_data.ArrayRecordSequences(eval_files, self.seq_len)
             self.eval_source_all = self.eval_source
+            self._packed_bytes_per_token = lm_data.shards_bytes_per_token(eval_files)
             return
         cache = os.path.join(workdir, "data")
         # An evaluation on other files keeps the run's own eval cache (a name of its own).
@@ -416,9 +418,16 @@ class LMTask:
             "accuracy": sums["accuracy"] / max(sums["weight"], 1.0),
             "tokens": sums["weight"],  # the targets scored
         }
-        if self.eval_stream is not None:
-            out["bits_per_byte"] = loss / math.log(2) / self.eval_stream.bytes_per_token
+        if self.bytes_per_token:
+            out["bits_per_byte"] = loss / math.log(2) / self.bytes_per_token
         return out
+
+    @property
+    def bytes_per_token(self) -> float | None:
+        """The eval text's UTF-8 bytes per token (over the whole split; None if unknown)."""
+        if self.eval_stream is not None:
+            return self.eval_stream.bytes_per_token
+        return self._packed_bytes_per_token
 
     def tokens_per_example(self) -> int:
         return self.seq_len

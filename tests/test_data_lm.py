@@ -235,6 +235,10 @@ def test_arrayrecord_windows_equal_the_token_stream(tmp_path, sp, corpus):
     assert real[: real.sum()].all()  # the PAD comes after the real tokens
     with pytest.raises(ValueError, match="train.seq_len is 32"):
         lm_data.ArrayRecordSequences(info["files"], 32)
+    # The set's meta.json: the text's bytes per token, as the token stream counts them.
+    assert lm_data.shards_bytes_per_token(info["files"][:1]) == stream.bytes_per_token
+    os.remove(lm_data.shards_meta_path(str(tmp_path / "ev")))  # shards from before it
+    assert lm_data.shards_bytes_per_token(info["files"]) is None
 
 
 def test_training_from_arrayrecord(tmp_path, sp, corpus):
@@ -259,7 +263,12 @@ def test_training_from_arrayrecord(tmp_path, sp, corpus):
     ]
     config = config_lib.load_with_overrides("configs/lm/tiny.py:test", pairs)
     result = train.train_and_evaluate(config, str(tmp_path / "run"))
-    assert np.isfinite(result["loss"]) and "bits_per_byte" not in result
+    assert np.isfinite(result["loss"])
+    text = lm_data.prepare_split(
+        [corpus["eval"]], sp, sp_path(sp, tmp_path), str(tmp_path / "c"), "e"
+    )
+    want = result["loss"] / np.log(2) / text.bytes_per_token
+    assert result["bits_per_byte"] == pytest.approx(want, rel=1e-6)
 
 
 def test_bad_json_lines_name_the_line(tmp_path):

@@ -12,13 +12,15 @@ from them without tokenizing again:
         --config.data.eval_files='data/eval-*.arrayrecord' --config.data.tokenizer=tok.model
 
 Records are assigned to shards round-robin, so any process reads any record directly
-(Grain's ArrayRecordDataSource), and each process reads only its share.
+(Grain's ArrayRecordDataSource), and each process reads only its share. `OUTPUT.meta.json`
+beside them holds the token and byte counts (eval/bits_per_byte of an eval set).
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import sys
 
@@ -54,12 +56,13 @@ def write_shards(texts, sp, *, seq_len: int, output: str, num_shards: int) -> di
     partial = [f"{p}.partial" for p in paths]
     writers = [ArrayRecordWriter(p, "group_size:1") for p in partial]
     buffer = np.zeros((0,), np.uint32)
-    count = num_tokens = 0
+    count = num_tokens = num_bytes = 0
     done = False
     try:
         for text in texts:
             ids = np.asarray(sp.encode(text) + [tok.EOS_ID], np.uint32)
             num_tokens += ids.size
+            num_bytes += len(text.encode("utf-8"))
             buffer = np.concatenate([buffer, ids])
             # Windows overlap by one token: targets of one are inputs of the next.
             while buffer.size >= seq_len + 1:
@@ -94,6 +97,11 @@ def write_shards(texts, sp, *, seq_len: int, output: str, num_shards: int) -> di
         os.remove(path)
     for tmp, path in zip(partial, paths):
         os.replace(tmp, path)
+    # Beside the shards: the text's bytes per token, for eval/bits_per_byte.
+    meta = {"tokens": num_tokens, "bytes": num_bytes, "sequences": count, "seq_len": seq_len}
+    with open(lm_data.shards_meta_path(output) + ".tmp", "w") as f:
+        json.dump({**meta, "num_shards": num_shards}, f)
+    os.replace(lm_data.shards_meta_path(output) + ".tmp", lm_data.shards_meta_path(output))
     return {"sequences": count, "tokens": num_tokens, "files": paths, "removed": sorted(older)}
 
 

@@ -334,6 +334,25 @@ class PackedSequences(grain.sources.RandomAccessDataSource):
 SHARD_NAME = re.compile(r"^(?P<prefix>.*)-\d{5}-of-(?P<count>\d{5})\.arrayrecord$")
 
 
+def shards_meta_path(prefix: str) -> str:
+    """tools/prepare_data.py's record of a shard set's token and byte counts."""
+    return f"{prefix}.meta.json"
+
+
+def shards_bytes_per_token(paths: Sequence[str]) -> float | None:
+    """The text bytes per token of the shard sets the paths belong to (from each set's
+    meta.json); None where a set has none (written before it was recorded)."""
+    tokens = num_bytes = 0
+    for prefix in sorted({m["prefix"] for m in map(SHARD_NAME.match, paths) if m}):
+        try:
+            with open(shards_meta_path(prefix)) as f:
+                meta = json.load(f)
+            tokens, num_bytes = tokens + int(meta["tokens"]), num_bytes + int(meta["bytes"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return num_bytes / tokens if tokens else None
+
+
 def check_shard_sets(paths: Sequence[str]) -> None:
     """Refuses shards of one prefix (tools/prepare_data.py's `PREFIX-XXXXX-of-NNNNN`) from
     more than one run: an older run's shards left beside a newer one's, which a glob would
