@@ -1,14 +1,17 @@
 """AdamW with the LRU paper's parameter groups, warm-up + cosine schedule and clipping.
 
 Paper App. D.2: the recurrent parameters (ν, θ, γ and B) train at lr x lr_factor with
-no weight decay; everything else at lr with weight decay. The learning rate warms up
-linearly from ~1e-7 over the first warmup_fraction of the steps, then follows a cosine
-to ~1e-7 (optim.schedule: also linear, constant, or wsd: warm-up, stable, decay).
+no weight decay; everything else at lr with weight decay (but what optim.no_decay
+names). The learning rate warms up linearly from ~1e-7 over the first warmup_fraction of
+the steps, then follows a cosine to ~1e-7 (optim.schedule: also linear, constant, or wsd:
+warm-up, stable, decay).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 
 import jax
 import optax
@@ -76,6 +79,7 @@ def make_optimizer(
     b2: float = 0.999,
     schedule_kind: str = "cosine",
     decay_fraction: float = 0.2,
+    no_decay: str = "",
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer and its (base) learning-rate schedule.
 
@@ -87,6 +91,9 @@ def make_optimizer(
       warmup_fraction: share of the steps spent warming up.
       grad_clip: clip the global gradient norm to this value; 0 disables.
       schedule_kind, decay_fraction: the schedule after the warm-up (`schedule`).
+      no_decay: comma-separated regular expressions; a non-recurrent parameter whose path
+        ("stack/blocks/norm/scale") one of them finds (re.search) gets no weight decay,
+        e.g. "scale,bias,embed" for the norms, biases and the embedding.
     """
     check_arguments(
         lr=lr,
@@ -98,17 +105,20 @@ def make_optimizer(
         b2=b2,
         schedule_kind=schedule_kind,
         decay_fraction=decay_fraction,
+        no_decay=no_decay,
     )
     if total_steps < 1:
         raise ValueError(f"train.steps must be positive; got {total_steps}")
     base = schedule(lr, total_steps, warmup_fraction, schedule_kind, decay_fraction)
     recurrent = lambda step: base(step) * lr_factor
+    patterns = [re.compile(p.strip()) for p in no_decay.split(",") if p.strip()]
     tx = optax.multi_transform(
         {
             "recurrent": optax.adamw(recurrent, b1=b1, b2=b2, weight_decay=0.0),
             "default": optax.adamw(base, b1=b1, b2=b2, weight_decay=weight_decay),
+            "no_decay": optax.adamw(base, b1=b1, b2=b2, weight_decay=0.0),
         },
-        _labels,
+        functools.partial(_labels, no_decay=patterns),
     )
     if grad_clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
@@ -117,9 +127,16 @@ def make_optimizer(
 
 def check_arguments(
     *, lr, lr_factor, weight_decay, warmup_fraction, grad_clip, b1, b2,
-    schedule_kind="cosine", decay_fraction=0.2,
+    schedule_kind="cosine", decay_fraction=0.2, no_decay="",
 ) -> None:  # fmt: skip
     """Raises ValueError naming the optim.* value that is out of range (NaN included)."""
+    for pattern in no_decay.split(","):
+        try:
+            re.compile(pattern.strip())
+        except re.error as e:
+            raise ValueError(
+                f"optim.no_decay: {pattern.strip()!r} is no regular expression ({e})"
+            ) from None
     if schedule_kind not in SCHEDULES:
         raise ValueError(
             f"optim.schedule must be one of {', '.join(SCHEDULES)}; got {schedule_kind!r}"
@@ -143,7 +160,11 @@ def check_arguments(
             raise ValueError(f"optim.{name} must be {want}; got {value}")
 
 
-def _labels(tree):
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: "recurrent" if is_recurrent(path) else "default", tree
-    )
+def _labels(tree, no_decay=()):
+    def label(path, _):
+        if is_recurrent(path):
+            return "recurrent"
+        name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        return "no_decay" if any(p.search(name) for p in no_decay) else "default"
+
+    return jax.tree_util.tree_map_with_path(label, tree)

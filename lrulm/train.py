@@ -167,9 +167,11 @@ def _optimizer_args(config) -> dict:
     """config.optim's arguments of optim.make_optimizer (the schedule's length aside)."""
     names = ("lr", "lr_factor", "weight_decay", "warmup_fraction", "grad_clip", "b1", "b2")
     o = config.optim
-    # A config.json from before these keys has the paper's cosine.
+    # A config.json from before these keys: the paper's cosine, decay on all but ν, θ, γ, B.
     kinds = dict(
-        schedule_kind=o.get("schedule", "cosine"), decay_fraction=o.get("decay_fraction", 0.2)
+        schedule_kind=o.get("schedule", "cosine"),
+        decay_fraction=o.get("decay_fraction", 0.2),
+        no_decay=o.get("no_decay", ""),
     )
     return {**{name: o[name] for name in names}, **kinds}
 

@@ -132,6 +132,13 @@ def test_paper_settings_are_the_configs():
     for task in lra.TASKS:
         config = config_lib.load(os.path.join(REPO, "configs", "lra", f"{task}.py"))
         assert lra_report.differences(task, json.loads(config.to_json())) == [], task
+    # A config.json from before optim.schedule and optim.no_decay had the paper's; a run
+    # with another schedule or fewer decayed weights differs from it.
+    old = json.loads(config.to_json())
+    del old["optim"]["schedule"], old["optim"]["no_decay"]
+    assert lra_report.differences(task, old) == []
+    old["optim"].update(schedule="wsd", no_decay="scale")
+    assert lra_report.differences(task, old) == ["schedule wsd≠cosine", "no_decay scale≠"]
 
 
 def test_runs_unlike_the_paper_are_starred_with_their_differences(tmp_path):

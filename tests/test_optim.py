@@ -34,6 +34,27 @@ def test_recurrent_parameters_get_reduced_lr_and_no_weight_decay():
         np.testing.assert_allclose(u, -lr * (1 + wd * 2.0), rtol=1e-4)
 
 
+def test_no_decay_patterns_leave_out_what_they_name():
+    """optim.no_decay: the norms' scales and biases (named by path regexes) move by Adam's
+    step alone; other non-recurrent weights still decay; recurrent ones are unchanged."""
+    params = {
+        "stack": {"norm": {"scale": jnp.full((3,), 2.0)}, "mlp_in": {"kernel": jnp.full((3,), 2.0),
+                  "bias": jnp.full((3,), 2.0)}, "lru": {"nu_log": jnp.full((3,), 2.0)}},
+    }  # fmt: skip
+    lr, wd = 0.1, 0.5
+    tx, _ = optim.make_optimizer(
+        lr=lr, total_steps=10, weight_decay=wd, warmup_fraction=0.0, no_decay="scale$, bias$"
+    )
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    s = updates["stack"]
+    for u in (s["norm"]["scale"], s["mlp_in"]["bias"], s["lru"]["nu_log"]):
+        np.testing.assert_allclose(u, -lr, rtol=1e-4)
+    np.testing.assert_allclose(s["mlp_in"]["kernel"], -lr * (1 + wd * 2.0), rtol=1e-4)
+    with pytest.raises(ValueError, match=r"optim.no_decay: 'norm\[' is no regular expression"):
+        optim.make_optimizer(lr=lr, total_steps=10, no_decay="bias,norm[")
+
+
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_a_real_models_groups_are_the_papers(scan_layers):
     """On the tree a LanguageModel really has (stacked or per-layer): ν, θ, γ and B of every
