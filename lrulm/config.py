@@ -165,7 +165,14 @@ def write_run_config(config: ConfigDict, workdir: str, *, resumed: bool) -> list
     if resumed and os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
-        changed = [f"{key}: {a!r} -> {b!r}" for key, a, b in _changed_keys(old, new)]
+        # A key added to lrulm since the run started, at its default: the run's behaviour.
+        defaults = dict(_leaves(to_dict(base_config())))
+        show = lambda v: "unset" if v is _MISSING else repr(v)
+        changed = [
+            f"{key}: {show(a)} -> {show(b)}"
+            for key, a, b in _changed_keys(old, new)
+            if not (a is _MISSING and key in defaults and defaults[key] == b)
+        ]
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(new, f, indent=2)
@@ -173,9 +180,21 @@ def write_run_config(config: ConfigDict, workdir: str, *, resumed: bool) -> list
     return changed
 
 
+_MISSING = object()
+
+
+def _leaves(tree: dict, prefix: str = ""):
+    """("a.b.c", value) for each leaf of a nested dict."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 def _changed_keys(old: dict, new: dict, prefix: str = ""):
     for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
+        a, b = old.get(key, _MISSING), new.get(key, _MISSING)
         if isinstance(a, dict) and isinstance(b, dict):
             yield from _changed_keys(a, b, f"{prefix}{key}.")
         elif a != b:

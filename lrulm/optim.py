@@ -61,8 +61,8 @@ def schedule(
     stable = total_steps - warmup - decay
     parts = [optax.linear_schedule(_END_LR, lr, max(warmup, 1)), optax.constant_schedule(lr)]
     boundaries = [warmup]
-    if decay:
-        parts.append(optax.linear_schedule(lr, _END_LR, decay))
+    if decay:  # from lr at its first step to ~1e-7 at the last trained one (total - 1)
+        parts.append(optax.linear_schedule(lr, _END_LR, max(decay - 1, 1)))
         boundaries.append(warmup + stable)
     return optax.join_schedules(parts, boundaries)
 
@@ -112,14 +112,13 @@ def make_optimizer(
     base = schedule(lr, total_steps, warmup_fraction, schedule_kind, decay_fraction)
     recurrent = lambda step: base(step) * lr_factor
     patterns = [re.compile(p.strip()) for p in no_decay.split(",") if p.strip()]
-    tx = optax.multi_transform(
-        {
-            "recurrent": optax.adamw(recurrent, b1=b1, b2=b2, weight_decay=0.0),
-            "default": optax.adamw(base, b1=b1, b2=b2, weight_decay=weight_decay),
-            "no_decay": optax.adamw(base, b1=b1, b2=b2, weight_decay=0.0),
-        },
-        functools.partial(_labels, no_decay=patterns),
-    )
+    groups = {
+        "recurrent": optax.adamw(recurrent, b1=b1, b2=b2, weight_decay=0.0),
+        "default": optax.adamw(base, b1=b1, b2=b2, weight_decay=weight_decay),
+    }
+    if patterns:  # only then: the optimizer state of every other run keeps its tree
+        groups["no_decay"] = optax.adamw(base, b1=b1, b2=b2, weight_decay=0.0)
+    tx = optax.multi_transform(groups, functools.partial(_labels, no_decay=patterns))
     if grad_clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
     return tx, base

@@ -16,6 +16,7 @@ task names of lrulm.data.lra.TASKS). Each provides
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -84,8 +85,9 @@ def _check_same_tokenizer(given: str, own: str, workdir: str) -> None:
             return
     raise ValueError(
         f"data.tokenizer={given} is not {own}, the tokenizer this workdir's checkpoints "
-        "were trained with (their embeddings are its ids); nothing was changed. Resume "
-        "without data.tokenizer, or train with the new tokenizer in another --workdir"
+        "were trained with (their embeddings are its ids); nothing was changed. Leave out "
+        "data.tokenizer to resume or evaluate, or train with the new tokenizer in another "
+        "--workdir"
     )
 
 
@@ -169,8 +171,12 @@ class LMTask:
 
     def _prepare(self, workdir: str, eval_only: bool) -> None:
         data = self.config.data
-        if eval_only and data.eval_files:  # the train files are not needed (nor there)
-            train_files, eval_files = [], lm_data.expand_globs(data.eval_files, "data.eval_files")
+        if eval_only and data.eval_files:  # the train files are not read (nor need be there)
+            eval_files = lm_data.expand_globs(data.eval_files, "data.eval_files")
+            train_files = []  # their names, where still there: evaluating train text is refused
+            if data.train_files:
+                with contextlib.suppress(FileNotFoundError, ValueError):
+                    train_files = lm_data.expand_globs(data.train_files, "data.train_files")
         elif data.train_files:
             train_files = lm_data.expand_globs(data.train_files, "data.train_files")
             if data.eval_files:
@@ -206,20 +212,20 @@ class LMTask:
             raise ValueError(
                 "data.train_files / eval_files mix .arrayrecord and text files; use one kind"
             )
-        if all(packed) and not data.tokenizer:
+        own = os.path.join(workdir, "tokenizer.model")
+        if all(packed) and not data.tokenizer and not (eval_only and os.path.exists(own)):
             raise ValueError(
                 "ArrayRecord data needs the tokenizer it was prepared with: "
                 "set --config.data.tokenizer"
             )
-        if eval_only:
-            own = os.path.join(workdir, "tokenizer.model")
-            tok_path = data.tokenizer or own
-            if not os.path.exists(tok_path):
+        if eval_only:  # the workdir's copy of the tokenizer the run trained with
+            tok_path = own if os.path.exists(own) else data.tokenizer
+            if not tok_path or not os.path.exists(tok_path):
                 raise FileNotFoundError(
-                    f"no tokenizer {tok_path}: evaluation needs the tokenizer the run was "
-                    "trained with (give it with --config.data.tokenizer)"
+                    f"no tokenizer {tok_path or own}: evaluation needs the tokenizer the run "
+                    "was trained with (give it with --config.data.tokenizer)"
                 )
-            if data.tokenizer:
+            if data.tokenizer and os.path.exists(data.tokenizer):
                 _check_same_tokenizer(data.tokenizer, own, workdir)
         else:
             tok_path = self._tokenizer(workdir, train_files)
@@ -232,8 +238,10 @@ class LMTask:
             self._packed_bytes_per_token = lm_data.shards_bytes_per_token(eval_files)
             return
         cache = os.path.join(workdir, "data")
-        # An evaluation on other files keeps the run's own eval cache (a name of its own).
-        splits = {"eval": (lm_data.cache_name(eval_files, tok_path, cache, "eval"), eval_files)}
+        # Training (re)makes its eval split as "eval"; an evaluation reads that where it
+        # holds these files' tokens, else it tokenizes them under a name of their own.
+        name = lm_data.cache_name(eval_files, tok_path, cache, "eval") if eval_only else "eval"
+        splits = {"eval": (name, eval_files)}
         if not eval_only:
             splits["train"] = ("train", train_files)
         streams = {}

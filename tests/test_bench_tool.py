@@ -623,5 +623,8 @@ def test_show_defaults_keeps_a_default_the_help_names():
     p.add_argument("--b", default="x", help="x (default: x)")
     p.add_argument("--c", action="store_true", help="flag")
     p.add_argument("--d", default="", help="empty")
+    p.add_argument("--e", type=float, default=0.0, help="scale")
+    p.add_argument("--f", type=int, default=0, help="the defaults of other tools")
     text = tool_args.show_defaults(p).format_help()
-    assert "count (default: 3)" in text and text.count("default") == 2, text
+    assert "count (default: 3)" in text and "scale (default: 0.0)" in text, text
+    assert "other tools (default: 0)" in text and text.count("default") == 5, text

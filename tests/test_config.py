@@ -44,3 +44,22 @@ def test_base_config_takes_only_a_size():
     for bad in ("sise=350m", "size=350m,steps=10", "350M"):
         with pytest.raises(ValueError, match=r"takes size=S or S, S one of 125m, 350m, 1.3b"):
             config_lib.load(f"configs/lm/base.py:{bad}")
+
+
+def test_a_resume_names_real_changes_not_keys_added_since(tmp_path):
+    """A run started before a key existed resumes with it at its default: that is the
+    run's own behaviour, not a change; a changed or removed value is named."""
+    import json
+
+    config = config_lib.load_with_overrides("configs/lm/tiny.py", [("train.steps", "5")])
+    config_lib.write_run_config(config, str(tmp_path), resumed=False)
+    path = tmp_path / "config.json"
+    old = json.loads(path.read_text())
+    del old["optim"]["schedule"], old["data"]["seed"]  # as written before they existed
+    old["train"]["made_up"] = 1
+    path.write_text(json.dumps(old))
+    config = config_lib.load_with_overrides(
+        "configs/lm/tiny.py", [("train.steps", "9"), ("data.seed", "3")]
+    )
+    changed = config_lib.write_run_config(config, str(tmp_path), resumed=True)
+    assert changed == ["data.seed: unset -> 3", "train.made_up: 1 -> unset", "train.steps: 5 -> 9"]

@@ -86,10 +86,11 @@ def test_schedule_warms_up_and_decays():
 @pytest.mark.parametrize(
     "kind, points",
     [
-        ("linear", {10: 1.0, 55: 0.5, 100: 0.0}),
+        # Down from step 10 to ~0 at 99, the last step trained.
+        ("linear", {10: 1.0, 10 + 89 / 2: 0.5, 99: 0.0, 100: 0.0}),
         ("constant", {10: 1.0, 60: 1.0, 100: 1.0}),
-        # Warm-up 10, stable to step 80, then linearly to ~0 at 100.
-        ("wsd", {10: 1.0, 50: 1.0, 80: 1.0, 90: 0.5, 95: 0.25, 100: 0.0}),
+        # Warm-up 10, stable to step 80, then linearly to ~0 at step 99.
+        ("wsd", {10: 1.0, 50: 1.0, 80: 1.0, 80 + 19 / 2: 0.5, 99: 0.0}),
     ],
 )
 def test_schedules_after_the_warm_up(kind, points):
@@ -100,6 +101,17 @@ def test_schedules_after_the_warm_up(kind, points):
     np.testing.assert_allclose(sched(5), lr / 2, rtol=1e-3)  # the same warm-up for all
     for step, fraction in points.items():
         np.testing.assert_allclose(sched(step), fraction * lr, rtol=1e-3, atol=2e-7)
+
+
+def test_the_default_optimizer_state_keeps_its_tree():
+    """The parameter groups of the default optimizer are the paper's two: a third group
+    (optim.no_decay) exists only when asked for, so checkpoints of earlier runs restore."""
+    params = {"lru": {"nu_log": jnp.ones(2)}, "mlp": {"kernel": jnp.ones(2)}}
+    for no_decay, groups in (("", {"recurrent", "default"}), ("kernel", {"recurrent",
+                             "default", "no_decay"})):  # fmt: skip
+        tx, _ = optim.make_optimizer(lr=0.1, total_steps=10, grad_clip=1.0, no_decay=no_decay)
+        (state,) = [s for s in tx.init(params) if hasattr(s, "inner_states")]
+        assert set(state.inner_states) == groups
 
 
 def test_a_resume_compares_the_schedule_it_was_trained_with():

@@ -649,7 +649,7 @@ def test_model_json_holds_the_resolved_model(lm_workdir):
     assert model["d_model"] > 0 and model["num_layers"] > 0
 
 
-def test_eval_on_other_text_reads_only_the_held_out_split(lm_workdir, tmp_path, capsys):
+def test_eval_on_other_text_reads_only_the_held_out_split(lm_workdir, corpus, tmp_path, capsys):
     """`lrulm eval` prepares the held-out split alone, with the run's tokenizer: the train
     files are not read (here: gone) nor tokenized; other eval files get a cache of their
     own, so the run's own eval cache is kept; a default-corpus run takes eval files too."""
@@ -683,6 +683,10 @@ def test_eval_on_other_text_reads_only_the_held_out_split(lm_workdir, tmp_path, 
     added = set(os.listdir(data)) - set(own_cache)
     assert len(added) == 2 and all(f.startswith("eval-") for f in added), added
     assert {f: os.stat(os.path.join(data, f)).st_mtime_ns for f in own_cache} == own_cache
+    # Text the run trained on is refused, as at training time.
+    config.data.train_files, config.data.eval_files = corpus["train"], corpus["train"]
+    with pytest.raises(ValueError, match="share 1 file"):
+        evaluation.evaluate_workdir(config, run)
 
 
 def test_full_eval_pass_scores_every_token_once(lm_workdir):

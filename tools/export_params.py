@@ -6,8 +6,8 @@ Keys are the parameter paths joined by "/" (e.g. `stack/blocks/lru/nu_log`); a s
 scanned layers holds each array with the layer as its first axis, an unscanned one has
 `stack/blocks/<i>/...`. The LRU's parameters keep the paper reference code's names
 (`nu_log, theta_log, gamma_log, B_re, B_im, C_re, C_im, D`; DESIGN.md §1), so a tree can be
-mapped onto it. `__step__` holds the step, and `__model__` the run's model.json (the
-resolved model config, as JSON text) where the workdir has one. Only the parameters are
+mapped onto it. `__step__` holds the step, and `__model__` the resolved model config the
+checkpoint was saved with (JSON text, from its metadata). Only the parameters are
 read (not the optimizer state), as numpy arrays on the host, whatever devices wrote them;
 `np.load(FILE)` reads them back.
 """
@@ -61,6 +61,18 @@ def read_params(workdir: str, step: int | None = None, *, best: bool = False) ->
     return flat, step
 
 
+def checkpoint_model(workdir: str, step: int, *, best: bool = False) -> dict | None:
+    """The resolved model config the checkpoint was saved with (its metadata), or None."""
+    saved = os.path.join(workdir, "best") if best else workdir
+    checkpointer = ckpt_lib.Checkpointer(saved, async_save=False)
+    try:
+        return checkpointer.metadata(step).get("model") or None
+    except Exception:  # noqa: BLE001 - no or unreadable metadata: the arrays still export
+        return None
+    finally:
+        checkpointer.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("workdir", help="a run's workdir")
@@ -79,10 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     extra = {"__step__": np.asarray(step)}
-    model_json = os.path.join(args.workdir, "model.json")
-    if os.path.exists(model_json):
-        with open(model_json) as f:
-            extra["__model__"] = np.asarray(json.dumps(json.load(f)))
+    model = checkpoint_model(args.workdir, step, best=args.best)
+    if model:
+        extra["__model__"] = np.asarray(json.dumps(model))
     tmp = args.output + ".tmp.npz"
     np.savez(tmp, **params, **extra)
     os.replace(tmp, args.output)

@@ -38,11 +38,13 @@ def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             for sub in action.choices.values():
                 show_defaults(sub)
             continue
-        shown = action.default not in (None, "", False, argparse.SUPPRESS)
+        default = action.default  # 0 and 0.0 are shown (they == False)
+        shown = not (default is None or default is False or default is argparse.SUPPRESS)
+        shown = shown and default != ""
         if not action.option_strings or action.nargs == 0 or not shown:
             continue
         if action.help is None:
             action.help = "default: %(default)s"
-        elif "default" not in action.help:
+        elif "default:" not in action.help and "%(default)" not in action.help:
             action.help += " (default: %(default)s)"
     return parser

@@ -254,14 +254,14 @@ class TokenStream:
 
 
 def cache_name(files, tokenizer_path, cache_dir, name) -> str:
-    """`name`, or `name-<digest>` where cache_dir's `name` holds other files' tokens: an
-    evaluation on other text keeps the run's own cached split."""
-    meta_path = os.path.join(cache_dir, f"{name}.meta.json")
-    if not os.path.exists(meta_path):
-        return name
-    with open(meta_path) as f:
-        cached = json.load(f).get("fingerprint")
+    """`name` where cache_dir's `name` holds these files' tokens, else `name-<digest>`:
+    an evaluation on other text leaves the run's own cached split as it is."""
     fp = _fingerprint(files, tokenizer_path)
+    try:
+        with open(os.path.join(cache_dir, f"{name}.meta.json")) as f:
+            cached = json.load(f).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        cached = None
     return name if cached == fp else f"{name}-{fp[:12]}"
 
 
