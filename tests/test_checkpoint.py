@@ -557,3 +557,24 @@ def test_ctrl_c_is_taken_only_when_asked_and_not_ignored():
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize(
+    "spec, golden",
+    [("configs/lm/tiny.py:test", "state_tree_lm_tiny_test.txt"),
+     ("configs/lra/listops.py:tiny", "state_tree_lra_listops_tiny.txt")],
+)  # fmt: skip
+def test_the_saved_state_tree_is_the_one_earlier_versions_saved(spec, golden):
+    """The train state's tree (paths, shapes, dtypes) of a default config is the one
+    lrulm saved before (tests/golden, written by the version of 2026-11-26): a new config
+    key that changes it at its default would stop every earlier checkpoint restoring.
+    Change the golden file only with a way for old checkpoints to restore."""
+    config = config_lib.load_with_overrides(spec, [])
+    task = tasks.make_task(config, None, prepare_data=False)
+    exp = train.build(config, task, train.make_mesh(config, jax.devices()[:1]))
+    lines = [
+        f"{jax.tree_util.keystr(path)} {tuple(x.shape)} {x.dtype}"
+        for path, x in jax.tree_util.tree_flatten_with_path(exp.abstract_state)[0]
+    ]
+    with open(os.path.join(os.path.dirname(__file__), "golden", golden)) as f:
+        assert lines == f.read().splitlines()
