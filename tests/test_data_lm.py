@@ -482,15 +482,15 @@ def test_prepare_data_replaces_an_earlier_runs_shards(tmp_path, sp):
     texts = ["def f(x):\n    return x + 1\n" * 40]
     out = str(tmp_path / "train")
     other = str(tmp_path / "train-2")  # another prefix that a loose glob would match
-    kept = prepare_data.write_shards(texts, sp, seq_len=16, output=other, num_shards=2)["files"]
+    kept = prepare_data.write_shards(texts, sp, seq_len=16, output=other, num_shards=2)
     first = prepare_data.write_shards(texts, sp, seq_len=16, output=out, num_shards=3)
     second = prepare_data.write_shards(texts, sp, seq_len=16, output=out, num_shards=2)
     assert second["removed"] == first["files"]
     left = sorted(str(p) for p in tmp_path.iterdir())
-    assert left == sorted(second["files"] + kept)
+    assert left == sorted(second["files"] + kept["files"] + [second["meta"], kept["meta"]])
     assert len(lm_data.ArrayRecordSequences(second["files"], 16)) == first["sequences"]
     stale = str(tmp_path / "train-00002-of-00003.arrayrecord")
-    shutil.copy(kept[0], stale)  # as if an older run's shard had been left
+    shutil.copy(kept["files"][0], stale)  # as if an older run's shard had been left
     with pytest.raises(ValueError, match=r"shards of 2 tools/prepare_data.py runs"):
         lm_data.ArrayRecordSequences(second["files"] + [stale], 16)
     longer = prepare_data.write_shards(

@@ -102,7 +102,13 @@ def write_shards(texts, sp, *, seq_len: int, output: str, num_shards: int) -> di
     with open(lm_data.shards_meta_path(output) + ".tmp", "w") as f:
         json.dump({**meta, "num_shards": num_shards}, f)
     os.replace(lm_data.shards_meta_path(output) + ".tmp", lm_data.shards_meta_path(output))
-    return {"sequences": count, "tokens": num_tokens, "files": paths, "removed": sorted(older)}
+    return {
+        "sequences": count,
+        "tokens": num_tokens,
+        "files": paths,
+        "meta": lm_data.shards_meta_path(output),
+        "removed": sorted(older),
+    }
 
 
 def main():
