@@ -379,12 +379,15 @@ def generate_texts(
     top_p: float = 0.95,
     top_k: int = 0,
     seed: int = 0,
+    stop: tuple[str, ...] = (),
 ) -> list[dict]:
     """`lrulm generate`: num_samples continuations of each prompt from checkpoint `step`
     (None: the newest), decoded batch_size rows at a time.
 
     Returns one dict per sample, prompt by prompt: prompt, completion (the new text only),
-    prompt_index, sample, step. The same arguments give the same texts; each sample draws
+    prompt_index, sample, step; with `stop` texts, each completion is cut where the first
+    of them begins, and `stopped` names it (None where none occurs; decoding itself runs to
+    EOS or max_new_tokens). The same arguments give the same texts; each sample draws
     from its own key, so batch_size changes none on CPU (on an accelerator, the logits of
     other batch shapes may differ in their last bits, which can change a rare draw).
     """
@@ -396,6 +399,8 @@ def generate_texts(
         raise ValueError(f"batch_size must be positive; got {batch_size}")
     if not prompts:
         raise ValueError("no prompt given; use --prompt TEXT or --prompt_file FILE")
+    if any(not text for text in stop):
+        raise ValueError("a stop text is empty; give --stop TEXT with some text")
     for i, prompt in enumerate(prompts):
         if not prompt:
             raise ValueError(f"prompt {i + 1} is empty; give some text to continue")
@@ -430,16 +435,22 @@ def generate_texts(
             num_tokens=sp.get_piece_size(),
         )
         for (i, s), tokens in zip(batch, new):
-            results.append(
-                dict(
-                    prompt=prompts[i],
-                    completion=_completion(sp, encoded[i], tokens),
-                    prompt_index=i,
-                    sample=s,
-                    step=step,
-                )
-            )
+            completion = _completion(sp, encoded[i], tokens)
+            sample = dict(prompt=prompts[i], completion=completion, prompt_index=i, sample=s)
+            if stop:
+                sample["completion"], sample["stopped"] = cut_at_stop(completion, stop)
+            results.append({**sample, "step": step})
     return results
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, str | None]:
+    """text up to where the first of the stop texts begins, and that stop text (None, and
+    the whole text, where none occurs). Of two starting at one place, the longer."""
+    found = [(text.find(s), -len(s), s) for s in stop if s in text]
+    if not found:
+        return text, None
+    at, _, which = min(found)
+    return text[:at], which
 
 
 def _completion(sp, prompt_ids: list[int], new_ids: list[int]) -> str:

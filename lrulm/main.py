@@ -4,7 +4,7 @@ lrulm train    --config CONFIG.py[:ARG] --workdir DIR [--config.a.b=VALUE ...]
 lrulm eval     --workdir DIR [--config CONFIG.py[:ARG]] [--step S | --best] [--config.a.b=VALUE ...]
 lrulm generate --workdir DIR (--prompt TEXT ... | --prompt_file FILE) [--num_samples K]
                [--step S] [--max_new_tokens N] [--temperature T] [--top_p P] [--top_k K]
-               [--seed S] [--batch_size B] [--output FILE.jsonl]
+               [--seed S] [--batch_size B] [--output FILE.jsonl] [--stop TEXT ...]
 lrulm lra-report DIR [DIR ...] [--plot FILE.png]
 lrulm compile  --config CONFIG.py[:ARG] --topology v5p-128|h100:8 [--config.a.b=VALUE ...]
 lrulm tokenizer train --input GLOB[,GLOB] --output FILE.model [--vocab_size V]
@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 
 
@@ -79,6 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--output", default="", help="also write one JSON object per sample to this .jsonl"
     )
+    g.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        help="cut each completion where this text begins (repeatable; e.g. '\\n\\n')",
+    )
 
     r = sub.add_parser("lra-report", help="LRA accuracy beside the paper's table")
     r.add_argument("workdirs", nargs="+")
@@ -100,6 +107,12 @@ def _parser() -> argparse.ArgumentParser:
     tt.add_argument("--output", required=True)
     tt.add_argument("--vocab_size", type=int, default=32000, help="default: 32000")
     return p
+
+
+def _unescape(text: str) -> str:
+    """A flag's text with \\n, \\t and \\\\ read as a newline, a tab and a backslash (a
+    shell passes them literally)."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t"}.get(m[1], "\\"), text)
 
 
 def _config(args, extra):
@@ -185,6 +198,7 @@ def main(argv: list[str]) -> int:
                     top_p=args.top_p,
                     top_k=args.top_k,
                     seed=args.seed,
+                    stop=tuple(_unescape(t) for t in args.stop),
                 )
                 import jax
 

@@ -394,6 +394,28 @@ def test_missing_tokenizer_is_not_sent_to_train_a_new_one(lm_workdir, tmp_path):
         gen.load_model(str(tmp_path))
 
 
+def test_stop_texts_cut_each_completion(lm_workdir):
+    """--stop: a completion ends where the first stop text begins (`stopped` names it);
+    one without any is whole (`stopped` None); the decoding is the same."""
+    from lrulm.main import _unescape
+
+    kw = dict(max_new_tokens=24, temperature=0.0, num_samples=1)
+    (whole,) = gen.generate_texts(lm_workdir, ["def f(x"], **kw)
+    text = whole["completion"]
+    assert len(text) > 8
+    stop = text[4:7]
+    first = text.find(stop)
+    (cut,) = gen.generate_texts(lm_workdir, ["def f(x"], stop=(stop, "\x00never"), **kw)
+    assert cut["completion"] == text[:first] and cut["stopped"] == stop
+    (none,) = gen.generate_texts(lm_workdir, ["def f(x"], stop=("\x00never",), **kw)
+    assert none["completion"] == text and none["stopped"] is None
+    assert gen.cut_at_stop("a: b:: c", (":", "::")) == ("a", ":")
+    assert gen.cut_at_stop("a b:: c", (":", "::")) == ("a b", "::")  # the longer at one place
+    with pytest.raises(ValueError, match="a stop text is empty"):
+        gen.generate_texts(lm_workdir, ["x"], stop=("",), **kw)
+    assert _unescape("a\\nb\\\\n") == "a\nb\\n"  # as a shell passes '\n' and '\\n'
+
+
 def test_export_params_writes_the_checkpoints_parameters(lm_workdir, tmp_path):
     """tools/export_params.py: every parameter (not the optimizer state) as a numpy array
     named by its path, equal to the checkpoint's; the step and the resolved model."""
