@@ -268,6 +268,7 @@ def base_config() -> ConfigDict:
     c.train.seed = 0
     c.train.log_every = 10
     c.train.eval_every = 100
+    c.train.eval_at_start = False  # also evaluate the initial state (step 0) of a new run
     c.train.eval_steps = 10  # batches per evaluation; <= 0: the whole eval split, once
     # (LRA's final test split is always read whole)
     c.train.progress = True  # a progress line with tokens/s on process 0

@@ -653,6 +653,11 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
         throughput.start(step)
         last_eval: dict = {}
         try:
+            if step == 0 and t.get("eval_at_start", False):  # the initial state's baseline
+                start_eval = evaluate(exp, eval_jit, state, eval_batches())
+                writer.write(0, {f"eval/{k}": v for k, v in start_eval.items()})
+                writer.summary_line("eval at step 0", start_eval)
+                throughput.start(step)
             while step < t.steps:
                 if watcher.reached(step):
                     metrics_lib.say(f"lrulm: preemption signal; saving step {step} and exiting")

@@ -307,6 +307,21 @@ def test_data_order_has_its_own_seed(tmp_path, corpus, monkeypatch, seeds, want)
     assert seen == [want]
 
 
+def test_eval_at_start_scores_the_initial_state_once(tmp_path, corpus):
+    """train.eval_at_start: an evaluation at step 0 (near ln(vocab): the initial logits have
+    unit scale), before any step; a resumed run does not repeat it."""
+    run = str(tmp_path / "run")
+    common = ["train.eval_at_start=True", "train.eval_every=2", "checkpoint.every_steps=2"]
+    train.train_and_evaluate(_config(*common, "train.steps=2", corpus=corpus), run)
+    train.train_and_evaluate(_config(*common, "train.steps=4", corpus=corpus), run)
+    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    evals = {r["step"]: r["eval/loss"] for r in rows if "eval/loss" in r}
+    assert sorted(evals) == [0, 2, 4], evals
+    with open(os.path.join(run, "model.json")) as f:
+        vocab = json.load(f)["vocab_size"]
+    assert abs(evals[0] - math.log(vocab)) < 1.0 and evals[4] < evals[0]
+
+
 def test_step_time_leaves_out_evaluation_and_saving(tmp_path, corpus, monkeypatch):
     """Evaluations and saves between two log steps were timed as train steps; the time
     the host waits for each batch (here a slow input pipeline: 0.1 s) is its own figure."""
