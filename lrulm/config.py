@@ -246,6 +246,9 @@ def base_config() -> ConfigDict:
     c.data.data_dir = ""  # LRA: where the task's files are (DESIGN.md §2 layouts)
     c.data.on_error = "raise"  # LRA: "raise" on malformed records, or "skip" and count
     c.data.num_threads = 2  # Grain read threads per process
+    # A folder runs share (sweeps on one corpus): tokenizers and tokenized splits kept by
+    # their content, made once. "" = each workdir's own data/.
+    c.data.cache_dir = ""
     c.data.seed = -1  # the train data's shuffling order; -1 = train.seed (which inits the model)
 
     c.optim = ConfigDict()

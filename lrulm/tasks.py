@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import shutil
+import uuid
 
 import jax
 import jax.numpy as jnp
@@ -104,7 +105,7 @@ def write_atomic(path: str, text: str) -> None:
 
 def _copy_atomic(src: str, dst: str) -> None:
     """src copied to dst whole or not at all (a crash mid-copy leaves dst as it was)."""
-    tmp = f"{dst}.tmp"
+    tmp = f"{dst}.{uuid.uuid4().hex[:8]}.tmp"  # its own: runs sharing data.cache_dir race
     shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
 
@@ -237,13 +238,23 @@ class LMTask:
             self.eval_source_all = self.eval_source
             self._packed_bytes_per_token = lm_data.shards_bytes_per_token(eval_files)
             return
-        cache = os.path.join(workdir, "data")
-        # Training (re)makes its eval split as "eval"; an evaluation reads that where it
-        # holds these files' tokens, else it tokenizes them under a name of their own.
-        name = lm_data.cache_name(eval_files, tok_path, cache, "eval") if eval_only else "eval"
-        splits = {"eval": (name, eval_files)}
-        if not eval_only:
-            splits["train"] = ("train", train_files)
+        shared = data.get("cache_dir", "")
+        if shared:  # splits named by their content: any run of the same files reads them
+            cache = shared
+            splits = {"eval": (lm_data.content_name(eval_files, tok_path, "eval"), eval_files)}
+            if not eval_only:
+                splits["train"] = (
+                    lm_data.content_name(train_files, tok_path, "train"),
+                    train_files,
+                )
+        else:
+            cache = os.path.join(workdir, "data")
+            # Training (re)makes its eval split as "eval"; an evaluation reads that where
+            # it holds these files' tokens, else it tokenizes them under a name of their own.
+            name = lm_data.cache_name(eval_files, tok_path, cache, "eval") if eval_only else "eval"
+            splits = {"eval": (name, eval_files)}
+            if not eval_only:
+                splits["train"] = ("train", train_files)
         streams = {}
         main = jax.process_index() == 0
         for turn in ("main", "others"):  # process 0 tokenizes, the others then read
@@ -264,6 +275,14 @@ class LMTask:
         self.eval_source_all = lm_data.PackedSequences(
             self.eval_stream, self.seq_len, keep_tail=True
         )
+
+    def _shared_tokenizer(self, spec: dict) -> str | None:
+        """Where data.cache_dir keeps the tokenizer trained for `spec` (None: no cache)."""
+        cache_dir = self.config.data.get("cache_dir", "")
+        if not cache_dir:
+            return None
+        os.makedirs(cache_dir, exist_ok=True)
+        return os.path.join(cache_dir, f"tokenizer-{spec['vocab_size']}-{spec['digest']}.model")
 
     def _tokenizer(self, workdir: str, train_files: list[str]) -> str:
         """The workdir's tokenizer.model, made ready for training: data.tokenizer (or the
@@ -300,13 +319,20 @@ class LMTask:
                     tok_path, spec_path, spec, workdir
                 )
                 if stale or not os.path.exists(tok_path):
-                    log.info(
-                        "training a %d-piece tokenizer on %d files",
-                        data.vocab_size,
-                        len(train_files),
-                    )
-                    docs = (d for f in train_files for d in lm_data.read_documents(f))
-                    tok.train_tokenizer(docs, tok_path, vocab_size=data.vocab_size)
+                    shared = self._shared_tokenizer(spec)
+                    if shared and os.path.exists(shared):  # trained by another run already
+                        _copy_atomic(shared, tok_path)
+                        metrics_lib.say(f"lrulm: the tokenizer from data.cache_dir: {shared}")
+                    else:
+                        log.info(
+                            "training a %d-piece tokenizer on %d files",
+                            data.vocab_size,
+                            len(train_files),
+                        )
+                        docs = (d for f in train_files for d in lm_data.read_documents(f))
+                        tok.train_tokenizer(docs, tok_path, vocab_size=data.vocab_size)
+                        if shared:
+                            _copy_atomic(tok_path, shared)
                     write_atomic(spec_path, json.dumps(spec))
         _barrier("lrulm_tokenizer")
         return tok_path

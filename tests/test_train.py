@@ -307,6 +307,48 @@ def test_data_order_has_its_own_seed(tmp_path, corpus, monkeypatch, seeds, want)
     assert seen == [want]
 
 
+def test_runs_sharing_a_cache_dir_prepare_the_data_once(tmp_path, corpus, monkeypatch, capsys):
+    """data.cache_dir: the second run of a sweep on the same corpus copies the tokenizer
+    the first trained and reads its tokenized splits (nothing trained or tokenized again,
+    no data/ in its workdir)."""
+    from lrulm.data import lm as lm_data
+    from lrulm.data import tokenizer as tok
+
+    calls = {"tokenizer": 0, "tokenize": 0}
+    real_train, real_tokenize = tok.train_tokenizer, lm_data.tokenize_files
+
+    def count(name, fn):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+
+        return wrapped
+
+    monkeypatch.setattr(tok, "train_tokenizer", count("tokenizer", real_train))
+    monkeypatch.setattr(lm_data, "tokenize_files", count("tokenize", real_tokenize))
+    cache = tmp_path / "cache"
+    for run, lr in (("a", "1e-3"), ("b", "3e-3")):  # a sweep over the learning rate
+        config = _config(
+            "train.steps=1", f"optim.lr={lr}", f"data.cache_dir={cache}", corpus=corpus
+        )
+        train.train_and_evaluate(config, str(tmp_path / run))
+        if run == "a":
+            assert calls == {"tokenizer": 1, "tokenize": 2}
+    assert calls == {"tokenizer": 1, "tokenize": 2}, calls
+    assert "the tokenizer from data.cache_dir" in capsys.readouterr().out
+    a, b = (open(tmp_path / r / "tokenizer.model", "rb").read() for r in "ab")
+    assert (
+        a == b and not (tmp_path / "a" / "data").exists() and not (tmp_path / "b" / "data").exists()
+    )
+    names = sorted(p.name for p in cache.iterdir())
+    assert len([n for n in names if n.endswith(".tokens.npy")]) == 2 and not any(
+        "tmp" in n for n in names
+    )
+    # `lrulm eval` of run b reads the shared eval split too.
+    evaluation.evaluate_workdir(config, str(tmp_path / "b"))
+    assert calls["tokenize"] == 2
+
+
 def test_eval_at_start_scores_the_initial_state_once(tmp_path, corpus):
     """train.eval_at_start: an evaluation at step 0 (near ln(vocab): the initial logits have
     unit scale), before any step; a resumed run does not repeat it."""

@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import sysconfig
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -230,7 +231,7 @@ def tokenize_files(files: Sequence[str], sp, out_path: str) -> dict:
                 flush()
     flush()
     tokens = np.concatenate(chunks) if chunks else np.zeros((0,), dtype)
-    tmp = out_path + ".tmp.npy"
+    tmp = f"{out_path}.{uuid.uuid4().hex[:8]}.tmp.npy"  # its own: runs may share a cache
     np.save(tmp, tokens)
     os.replace(tmp, out_path)
     return dict(num_tokens=int(tokens.size), num_bytes=num_bytes, num_docs=num_docs)
@@ -253,6 +254,11 @@ class TokenStream:
         return np.load(self.path, mmap_mode="r")
 
 
+def content_name(files, tokenizer_path, name) -> str:
+    """`name-<digest>` of the files (paths, sizes, times) and the tokenizer's bytes."""
+    return f"{name}-{_fingerprint(files, tokenizer_path)[:16]}"
+
+
 def cache_name(files, tokenizer_path, cache_dir, name) -> str:
     """`name` where cache_dir's `name` holds these files' tokens, else `name-<digest>`:
     an evaluation on other text leaves the run's own cached split as it is."""
@@ -262,7 +268,7 @@ def cache_name(files, tokenizer_path, cache_dir, name) -> str:
             cached = json.load(f).get("fingerprint")
     except (OSError, ValueError, AttributeError):
         cached = None
-    return name if cached == fp else f"{name}-{fp[:12]}"
+    return name if cached == fp else content_name(files, tokenizer_path, name)
 
 
 def prepare_split(files, sp, tokenizer_path, cache_dir, name) -> TokenStream:
@@ -279,9 +285,10 @@ def prepare_split(files, sp, tokenizer_path, cache_dir, name) -> TokenStream:
     log.info("tokenizing %d %s files into %s", len(files), name, out)
     meta = tokenize_files(files, sp, out)
     meta.update(fingerprint=fp, files=len(files))
-    with open(meta_path + ".tmp", "w") as f:
+    tmp = f"{meta_path}.{uuid.uuid4().hex[:8]}.tmp"
+    with open(tmp, "w") as f:
         json.dump(meta, f)
-    os.replace(meta_path + ".tmp", meta_path)
+    os.replace(tmp, meta_path)
     return TokenStream(out, meta["num_tokens"], meta["num_bytes"], meta["num_docs"])
 
 
