@@ -5,6 +5,7 @@ lrulm eval     --workdir DIR [--config CONFIG.py[:ARG]] [--step S | --best] [--c
 lrulm generate --workdir DIR (--prompt TEXT ... | --prompt_file FILE) [--num_samples K]
                [--step S] [--max_new_tokens N] [--temperature T] [--top_p P] [--top_k K]
                [--seed S] [--batch_size B] [--output FILE.jsonl] [--stop TEXT ...]
+lrulm score    --workdir DIR (--text TEXT ... | --input FILE ...) [--step S] [--output FILE.jsonl]
 lrulm lra-report DIR [DIR ...] [--plot FILE.png]
 lrulm compile  --config CONFIG.py[:ARG] --topology v5p-128|h100:8 [--config.a.b=VALUE ...]
 lrulm tokenizer train --input GLOB[,GLOB] --output FILE.model [--vocab_size V]
@@ -87,6 +88,23 @@ def _parser() -> argparse.ArgumentParser:
         help="cut each completion where this text begins (repeatable; e.g. '\\n\\n')",
     )
 
+    sc = sub.add_parser("score", help="a language model's log-likelihood of texts")
+    sc.add_argument("--workdir", required=True)
+    sc.add_argument("--text", action="append", default=[], help="a text to score; repeatable")
+    sc.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        help="files of texts (globs): plain text (one text a file) or JSON lines with a "
+        '"text" field (one a line); .gz too',
+    )
+    sc.add_argument("--step", type=int, default=None, help="the checkpoint (default: newest)")
+    sc.add_argument("--batch_size", type=int, default=8, help="texts at once (default: 8)")
+    sc.add_argument(
+        "--chunk", type=int, default=2048, help="tokens a text is read by (default: 2048)"
+    )
+    sc.add_argument("--output", default="", help="also write the results to this .jsonl")
+
     r = sub.add_parser("lra-report", help="LRA accuracy beside the paper's table")
     r.add_argument("workdirs", nargs="+")
     r.add_argument("--plot", default="", help="also write a bar chart to this PNG")
@@ -107,6 +125,13 @@ def _parser() -> argparse.ArgumentParser:
     tt.add_argument("--output", required=True)
     tt.add_argument("--vocab_size", type=int, default=32000, help="default: 32000")
     return p
+
+
+def _check_output(parser, path: str) -> None:
+    """--output (if given) can be written: checked before the work, not after it."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if path and (os.path.isdir(path) or not os.access(parent, os.W_OK)):
+        parser.error(f"--output {path}: give a file in an existing, writable directory")
 
 
 def _unescape(text: str) -> str:
@@ -142,7 +167,7 @@ def main(argv: list[str]) -> int:
     from lrulm import config as config_lib
     from lrulm import preemption
 
-    if args.command in ("eval", "generate"):  # their stdout is the result
+    if args.command in ("eval", "generate", "score"):  # their stdout is the result
         from lrulm import metrics as metrics_lib
 
         metrics_lib.messages_to_stderr()
@@ -179,13 +204,7 @@ def main(argv: list[str]) -> int:
                     prompts += generate.read_prompts(args.prompt_file)
                 if not prompts:
                     parser.error("give --prompt TEXT (repeatable) or --prompt_file FILE")
-                if args.output:  # before generating anything: not after minutes of it
-                    parent = os.path.dirname(os.path.abspath(args.output))
-                    if os.path.isdir(args.output) or not os.access(parent, os.W_OK):
-                        parser.error(
-                            f"--output {args.output}: give a file in an existing, writable "
-                            "directory"
-                        )
+                _check_output(parser, args.output)  # before minutes of generating
                 distributed.initialize()
                 samples = generate.generate_texts(
                     args.workdir,
@@ -204,6 +223,37 @@ def main(argv: list[str]) -> int:
 
                 if jax.process_index() == 0:  # every process decoded the same samples
                     _print_samples(samples, args.output)
+            case "score":
+                from lrulm import distributed, score
+                from lrulm.data import lm as lm_data
+
+                texts = list(args.text)
+                for pattern in args.input:
+                    for path in lm_data.expand_globs(pattern, "--input"):
+                        texts += list(lm_data.read_documents(path))
+                if not texts:
+                    parser.error("give --text TEXT (repeatable) or --input FILE")
+                _check_output(parser, args.output)
+                distributed.initialize()
+                results = score.score_texts(
+                    args.workdir, texts, step=args.step, batch_size=args.batch_size,
+                    chunk=args.chunk,
+                )  # fmt: skip
+                import jax
+
+                if jax.process_index() == 0:  # every process scored the same texts
+                    lines = [json.dumps(r) for r in results]
+                    print("\n".join(lines))
+                    if args.output:
+                        with open(args.output + ".tmp", "w") as f:
+                            f.write("".join(line + "\n" for line in lines))
+                        os.replace(args.output + ".tmp", args.output)
+                    total = score.summary(results)
+                    print(
+                        f"lrulm score: {total['texts']} texts, {total['tokens']} tokens: loss "
+                        f"{total['loss']:.4f} a token, {total['bits_per_byte']:.4f} bits a byte",
+                        file=sys.stderr,
+                    )
             case "lra-report":
                 from lrulm import lra_report
 

@@ -1,0 +1,110 @@
+"""`lrulm score`: the log-likelihood a trained language model gives each of some texts.
+
+Each text is scored as a document of the training stream: after an EOS (from a zero state,
+with the run's reset after each EOS), every token of it and the EOS that ends it are
+targets, exactly the tokens and losses `lrulm train` counts for such a document (a test
+checks this against the task's loss). A text of any length is read in chunks of
+`chunk` tokens with the recurrent state carried from one to the next, so memory does not
+grow with the text: the O(1)-state property of the LRU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lrulm import generate
+from lrulm.data import tokenizer as tok
+
+_ROUND = 128  # chunk lengths are multiples of this: few shapes to compile
+
+
+def score_texts(
+    workdir: str,
+    texts: list[str],
+    *,
+    step: int | None = None,
+    batch_size: int = 8,
+    chunk: int = 2048,
+) -> list[dict]:
+    """One dict per text, in order: index, tokens (targets scored: the text's tokens and
+    its EOS), bytes (UTF-8), logprob (natural log, summed), loss (per token), perplexity,
+    bits_per_byte, step (the checkpoint's)."""
+    if batch_size < 1 or chunk < 1:
+        raise ValueError(f"batch_size and chunk must be positive; got {batch_size}, {chunk}")
+    if not texts:
+        raise ValueError("no text given; use --text TEXT or --input FILE")
+    model, sp, step = generate.load_model(workdir, step)
+    resets_after = generate.reset_ids(generate.run_config(workdir))
+    docs = [[tok.EOS_ID, *sp.encode(t), tok.EOS_ID] for t in texts]
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def chunk_logprob(params, inputs, targets, resets, state):
+        m = nnx.merge(graphdef, params)
+        logits, state = m(inputs, resets=resets, h0=state, return_state=True)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+        picked = jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
+        return jnp.sum(jnp.where(targets != tok.PAD_ID, picked, 0.0), -1), state
+
+    logprob = np.zeros(len(docs))
+    order = sorted(range(len(docs)), key=lambda i: len(docs[i]))  # similar lengths together
+    width = min(batch_size, len(docs))
+    for start in range(0, len(order), width):
+        rows = order[start : start + width]
+        rows += [rows[0]] * (width - len(rows))  # one batch shape throughout
+        longest = max(len(docs[i]) - 1 for i in rows)
+        size = min(chunk, -(-longest // _ROUND) * _ROUND)
+        total = -(-longest // size) * size
+        seqs = np.full((width, total + 1), tok.PAD_ID, np.int32)
+        for r, i in enumerate(rows):
+            seqs[r, : len(docs[i])] = docs[i]
+        inputs, targets = seqs[:, :-1], seqs[:, 1:]
+        resets = np.zeros_like(inputs, bool)
+        if resets_after:  # as training: a new document starts after each EOS
+            resets[:, 1:] = np.isin(inputs[:, :-1], resets_after)
+        state = model.init_state(width)
+        sums = np.zeros(width)
+        for at in range(0, total, size):
+            part = slice(at, at + size)
+            got, state = chunk_logprob(
+                params, inputs[:, part], targets[:, part], resets[:, part], state
+            )
+            sums += np.asarray(got, np.float64)
+        for r, i in enumerate(rows[: len(order[start : start + width])]):
+            logprob[i] = sums[r]
+    results = []
+    for i, (text, doc) in enumerate(zip(texts, docs)):
+        n, num_bytes = len(doc) - 1, len(text.encode("utf-8"))
+        loss = -logprob[i] / n
+        results.append(
+            dict(
+                index=i,
+                tokens=n,
+                bytes=num_bytes,
+                logprob=float(logprob[i]),
+                loss=float(loss),
+                perplexity=math.exp(min(loss, 50.0)),
+                bits_per_byte=float(-logprob[i] / math.log(2) / max(num_bytes, 1)),
+                step=step,
+            )
+        )
+    return results
+
+
+def summary(results: list[dict]) -> dict:
+    """The texts together: tokens, bytes, loss per token, bits per byte."""
+    tokens = sum(r["tokens"] for r in results)
+    num_bytes = sum(r["bytes"] for r in results)
+    logprob = sum(r["logprob"] for r in results)
+    return dict(
+        texts=len(results),
+        tokens=tokens,
+        bytes=num_bytes,
+        loss=-logprob / tokens,
+        bits_per_byte=-logprob / math.log(2) / max(num_bytes, 1),
+    )
