@@ -285,7 +285,8 @@ def load_model(workdir: str, step: int | None = None):
     config = run_config(workdir)
     if config.task != "lm":
         raise ValueError(
-            f"{workdir} trained task {config.task!r}; generation needs a language model"
+            f"{workdir} trained task {config.task!r}; generating and scoring text needs a "
+            "language model"
         )
     checkpoints = os.path.join(workdir, "checkpoints")
     steps = ckpt_lib.checkpoint_steps(workdir)

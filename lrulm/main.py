@@ -6,6 +6,7 @@ lrulm generate --workdir DIR (--prompt TEXT ... | --prompt_file FILE) [--num_sam
                [--step S] [--max_new_tokens N] [--temperature T] [--top_p P] [--top_k K]
                [--seed S] [--batch_size B] [--output FILE.jsonl] [--stop TEXT ...]
 lrulm score    --workdir DIR (--text TEXT ... | --input FILE ...) [--step S] [--output FILE.jsonl]
+               [--batch_size B] [--chunk TOKENS]
 lrulm lra-report DIR [DIR ...] [--plot FILE.png]
 lrulm compile  --config CONFIG.py[:ARG] --topology v5p-128|h100:8 [--config.a.b=VALUE ...]
 lrulm tokenizer train --input GLOB[,GLOB] --output FILE.model [--vocab_size V]
@@ -227,12 +228,25 @@ def main(argv: list[str]) -> int:
                 from lrulm import distributed, score
                 from lrulm.data import lm as lm_data
 
-                texts = list(args.text)
+                # Each text with where it is from: --text K, or FILE:LINE of a JSON line.
+                named = [(f"--text {k}", t) for k, t in enumerate(args.text, 1)]
                 for pattern in args.input:
                     for path in lm_data.expand_globs(pattern, "--input"):
-                        texts += list(lm_data.read_documents(path))
-                if not texts:
+                        named += [(f"{path}:{n}", t) for n, t in lm_data.read_records(path)]
+                if not named:
                     parser.error("give --text TEXT (repeatable) or --input FILE")
+                skipped = [src for src, t in named if not t]
+                if skipped:
+                    print(
+                        f"lrulm score: skipping {len(skipped)} empty texts ({skipped[0]}"
+                        + (", ..." if len(skipped) > 1 else "")
+                        + ")",
+                        file=sys.stderr,
+                    )
+                named = [(src, t) for src, t in named if t]
+                if not named:
+                    parser.error("every text given is empty")
+                sources, texts = [src for src, _ in named], [t for _, t in named]
                 _check_output(parser, args.output)
                 distributed.initialize()
                 results = score.score_texts(
@@ -242,7 +256,7 @@ def main(argv: list[str]) -> int:
                 import jax
 
                 if jax.process_index() == 0:  # every process scored the same texts
-                    lines = [json.dumps(r) for r in results]
+                    lines = [json.dumps({"source": s, **r}) for s, r in zip(sources, results)]
                     print("\n".join(lines))
                     if args.output:
                         with open(args.output + ".tmp", "w") as f:

@@ -1,11 +1,13 @@
 """`lrulm score`: the log-likelihood a trained language model gives each of some texts.
 
-Each text is scored as a document of the training stream: after an EOS (from a zero state,
-with the run's reset after each EOS), every token of it and the EOS that ends it are
-targets, exactly the tokens and losses `lrulm train` counts for such a document (a test
-checks this against the task's loss). A text of any length is read in chunks of
-`chunk` tokens with the recurrent state carried from one to the next, so memory does not
-grow with the text: the O(1)-state property of the LRU.
+Each text is scored as a document at the start of a training row: after an EOS (from a
+zero state, with the run's reset after each EOS), every token of it and the EOS that ends
+it are targets, with training's own loss code (the vocabulary-blocked loss where the run
+used one), so the numbers are those `lrulm train` computes for such a row (a test checks
+this against the task's loss). Mid-stream, training's EOS step still holds the previous
+document's state, which moves a document's first target slightly. A text of any length is
+read in chunks of `chunk` tokens with the recurrent state carried from one to the next, so
+memory does not grow with the text: the O(1)-state property of the LRU.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from flax import nnx
 
 from lrulm import generate
 from lrulm.data import tokenizer as tok
+from lrulm.model import cross_entropy_and_lse
 
 _ROUND = 128  # chunk lengths are multiples of this: few shapes to compile
 
@@ -38,18 +41,24 @@ def score_texts(
         raise ValueError(f"batch_size and chunk must be positive; got {batch_size}, {chunk}")
     if not texts:
         raise ValueError("no text given; use --text TEXT or --input FILE")
+    empty = [i for i, t in enumerate(texts) if not t]
+    if empty:  # no bytes: no bits per byte (training reads no empty documents either)
+        raise ValueError(f"text {empty[0] + 1} is empty; leave it out")
     model, sp, step = generate.load_model(workdir, step)
-    resets_after = generate.reset_ids(generate.run_config(workdir))
+    config = generate.run_config(workdir)
+    resets_after = generate.reset_ids(config)
+    vocab_block = config.train.get("loss_vocab_block", 0)
     docs = [[tok.EOS_ID, *sp.encode(t), tok.EOS_ID] for t in texts]
     graphdef, params = nnx.split(model)
 
     @jax.jit
     def chunk_logprob(params, inputs, targets, resets, state):
         m = nnx.merge(graphdef, params)
-        logits, state = m(inputs, resets=resets, h0=state, return_state=True)
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-        picked = jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
-        return jnp.sum(jnp.where(targets != tok.PAD_ID, picked, 0.0), -1), state
+        x, state = m.features(inputs, resets=resets, h0=state, return_state=True)
+        losses, _, _ = cross_entropy_and_lse(
+            x, m.head_weight(x.dtype), targets, vocab_block=vocab_block
+        )
+        return -jnp.sum(jnp.where(targets != tok.PAD_ID, losses, 0.0), -1), state
 
     logprob = np.zeros(len(docs))
     order = sorted(range(len(docs)), key=lambda i: len(docs[i]))  # similar lengths together
@@ -89,7 +98,7 @@ def score_texts(
                 logprob=float(logprob[i]),
                 loss=float(loss),
                 perplexity=math.exp(min(loss, 50.0)),
-                bits_per_byte=float(-logprob[i] / math.log(2) / max(num_bytes, 1)),
+                bits_per_byte=float(-logprob[i] / math.log(2) / num_bytes),
                 step=step,
             )
         )

@@ -653,7 +653,8 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
         throughput.start(step)
         last_eval: dict = {}
         try:
-            if step == 0 and t.get("eval_at_start", False):  # the initial state's baseline
+            # The initial state's baseline: a new run's, not one resumed at step 0.
+            if restored is None and t.get("eval_at_start", False):
                 start_eval = evaluate(exp, eval_jit, state, eval_batches())
                 writer.write(0, {f"eval/{k}": v for k, v in start_eval.items()})
                 writer.summary_line("eval at step 0", start_eval)

@@ -16,7 +16,7 @@ from lrulm.data import tokenizer as tok
 TEXTS = [
     "def f(x):\n    return x + 1\n",
     "import os\n\nprint(os.getcwd())\n" * 12,  # longer than the small chunks below
-    "",
+    " \n",
     "x",
 ]
 
@@ -50,8 +50,10 @@ def test_chunks_and_batches_change_nothing(lm_workdir, chunk, batch_size):
 
 
 def test_score_command(lm_workdir, tmp_path):
+    """Each row says where its text is from (an empty record is skipped, and said)."""
     corpus = tmp_path / "texts.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:2]))
+    records = [json.dumps({"text": t}) for t in (TEXTS[0], "", TEXTS[1])]
+    corpus.write_text(records[0] + "\n\n" + records[1] + "\n" + records[2] + "\n")
     out = tmp_path / "scores.jsonl"
     run = lambda *a: subprocess.run(
         [sys.executable, "-m", "lrulm", "score", "--workdir", lm_workdir, *a],
@@ -60,6 +62,8 @@ def test_score_command(lm_workdir, tmp_path):
     done = run("--input", str(corpus), "--text", "x", "--output", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["source"] for r in rows] == ["--text 1", f"{corpus}:1", f"{corpus}:4"]
+    assert f"skipping 1 empty texts ({corpus}:3)" in done.stderr
     # --text first, then the texts of --input, in order.
     assert [r["index"] for r in rows] == [0, 1, 2] and [r["bytes"] for r in rows] == [
         1,
@@ -70,3 +74,5 @@ def test_score_command(lm_workdir, tmp_path):
     bad = run("--text", "x", "--output", str(tmp_path))
     assert bad.returncode == 2 and "give a file in an existing, writable directory" in bad.stderr
     assert run().returncode == 2
+    with pytest.raises(ValueError, match="text 2 is empty; leave it out"):
+        score.score_texts(lm_workdir, ["x", ""])

@@ -327,6 +327,11 @@ def test_runs_sharing_a_cache_dir_prepare_the_data_once(tmp_path, corpus, monkey
     monkeypatch.setattr(tok, "train_tokenizer", count("tokenizer", real_train))
     monkeypatch.setattr(lm_data, "tokenize_files", count("tokenize", real_tokenize))
     cache = tmp_path / "cache"
+    own = {}  # a copy of the corpus: this test edits it
+    for split, path in corpus.items():
+        own[split] = str(tmp_path / os.path.basename(path))
+        shutil.copyfile(path, own[split])
+    corpus = own
     for run, lr in (("a", "1e-3"), ("b", "3e-3")):  # a sweep over the learning rate
         config = _config(
             "train.steps=1", f"optim.lr={lr}", f"data.cache_dir={cache}", corpus=corpus
@@ -347,6 +352,10 @@ def test_runs_sharing_a_cache_dir_prepare_the_data_once(tmp_path, corpus, monkey
     # `lrulm eval` of run b reads the shared eval split too.
     evaluation.evaluate_workdir(config, str(tmp_path / "b"))
     assert calls["tokenize"] == 2
+    # An edited corpus (here: only its time) gets a tokenizer and a split of its own.
+    os.utime(corpus["train"])
+    train.train_and_evaluate(config, str(tmp_path / "c"))
+    assert calls == {"tokenizer": 2, "tokenize": 3}, calls
 
 
 def test_eval_at_start_scores_the_initial_state_once(tmp_path, corpus):

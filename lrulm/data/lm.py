@@ -147,7 +147,14 @@ def _not_utf8(path: str, e: UnicodeDecodeError, lineno: int | None = None) -> Va
 def read_documents(path: str) -> Iterator[str]:
     """Documents in a file: each JSON line's "text" for .jsonl/.json/.ndjson/.jsonlines
     (any case), else the whole file as one document; gzip-compressed files are read
-    through (`.gz`). A UTF-8 byte-order mark at the start is not text."""
+    through (`.gz`). A UTF-8 byte-order mark at the start is not text. Empty texts are
+    left out."""
+    return (text for _, text in read_records(path) if text)
+
+
+def read_records(path: str) -> Iterator[tuple[int, str]]:
+    """(line, text) of each record of a file as `read_documents` reads them, empty texts
+    included (blank lines of JSON lines are no records); a plain text file is line 1."""
     if _is_json_lines(path):
         with _open_bytes(path) as f:
             for lineno, raw in enumerate(f, 1):
@@ -180,8 +187,7 @@ def read_documents(path: str) -> Iterator[str]:
                         f"{path}:{lineno}: the {TEXT_FIELD!r} field is not valid Unicode "
                         "(a lone surrogate escape)"
                     )
-                if text:
-                    yield text
+                yield lineno, text
         return
     # Strict, as for JSON lines: replacing bad bytes would train on U+FFFD unseen. Line
     # ends are kept as they are, as JSON lines keep theirs.
@@ -191,18 +197,21 @@ def read_documents(path: str) -> Iterator[str]:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise _not_utf8(path, e) from None
-    if text:
-        yield text
+    yield 1, text
 
 
 # -- tokenization cache ---------------------------------------------------------------------
 
 
-def _fingerprint(files: Sequence[str], tokenizer_path: str) -> str:
-    h = hashlib.sha256()
+def _hash_files(h, files: Sequence[str]):
     for f in files:
         st = os.stat(f)
         h.update(f"{os.path.abspath(f)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h
+
+
+def _fingerprint(files: Sequence[str], tokenizer_path: str) -> str:
+    h = _hash_files(hashlib.sha256(), files)  # as before: caches made earlier stay valid
     with open(tokenizer_path, "rb") as f:
         h.update(hashlib.sha256(f.read()).digest())
     return h.hexdigest()
@@ -252,6 +261,11 @@ class TokenStream:
 
     def tokens(self) -> np.ndarray:
         return np.load(self.path, mmap_mode="r")
+
+
+def files_fingerprint(files: Sequence[str]) -> str:
+    """A digest of the files' absolute paths, sizes and modification times."""
+    return _hash_files(hashlib.sha256(), files).hexdigest()
 
 
 def content_name(files, tokenizer_path, name) -> str:
