@@ -5,6 +5,7 @@ lrulm eval     --workdir DIR [--config CONFIG.py[:ARG]] [--step S | --best] [--c
 lrulm generate --workdir DIR (--prompt TEXT ... | --prompt_file FILE) [--num_samples K]
                [--step S] [--max_new_tokens N] [--temperature T] [--top_p P] [--top_k K]
                [--seed S] [--batch_size B] [--output FILE.jsonl] [--stop TEXT ...]
+lrulm config   --config CONFIG.py[:ARG] [--config.a.b=VALUE ...]
 lrulm score    --workdir DIR (--text TEXT ... | --input FILE ...) [--step S] [--output FILE.jsonl]
                [--batch_size B] [--chunk TOKENS]
 lrulm lra-report DIR [DIR ...] [--plot FILE.png]
@@ -20,6 +21,7 @@ file (one line says which); 75 `train` stopped for a preemption signal or Ctrl-C
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -88,6 +90,11 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         help="cut each completion where this text begins (repeatable; e.g. '\\n\\n')",
     )
+
+    cf = sub.add_parser(
+        "config", help="print a config with its overrides and the model it makes", epilog=overrides
+    )
+    cf.add_argument("--config", required=True, help="CONFIG.py[:ARG]")
 
     sc = sub.add_parser("score", help="a language model's log-likelihood of texts")
     sc.add_argument("--workdir", required=True)
@@ -162,13 +169,13 @@ def _config(args, extra):
 def main(argv: list[str]) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in ("train", "eval", "compile"):
+    if extra and args.command not in ("train", "eval", "compile", "config"):
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from lrulm import config as config_lib
     from lrulm import preemption
 
-    if args.command in ("eval", "generate", "score"):  # their stdout is the result
+    if args.command in ("eval", "generate", "score", "config"):  # their stdout is the result
         from lrulm import metrics as metrics_lib
 
         metrics_lib.messages_to_stderr()
@@ -224,6 +231,16 @@ def main(argv: list[str]) -> int:
 
                 if jax.process_index() == 0:  # every process decoded the same samples
                     _print_samples(samples, args.output)
+            case "config":
+                from lrulm import config as config_lib
+                from lrulm import tasks
+
+                config = _config(args, extra)
+                task = tasks.make_task(config, None, prepare_data=False)
+                model = dataclasses.asdict(task.model_config)
+                out = {"config": config_lib.to_dict(config), "model": model}
+                out["model"]["num_params"] = int(task.num_params())
+                print(json.dumps(out, indent=2))
             case "score":
                 from lrulm import distributed, score
                 from lrulm.data import lm as lm_data

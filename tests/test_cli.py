@@ -154,3 +154,19 @@ def test_eval_prints_only_its_result_and_names_damaged_checkpoints(
     assert out.returncode == 2 and "no checkpoint in" in out.stderr and not typo.exists()
     out = _lrulm("eval", "--workdir", str(typo))
     assert out.returncode == 2 and f"workdir {typo} does not exist" in out.stderr
+
+
+def test_config_command_prints_the_config_and_its_model():
+    """`lrulm config`: the config with its overrides, and the model it resolves to (what
+    model.json will hold), as JSON on stdout; no data is read."""
+    from lrulm.model_config import from_preset
+
+    out = _lrulm("config", "--config", "configs/lm/base.py:size=350m", "--config.optim.lr=1e-4")
+    assert out.returncode == 0, out.stderr[-2000:]
+    printed = json.loads(out.stdout)
+    assert printed["config"]["optim"]["lr"] == 1e-4
+    preset = from_preset("350m")
+    assert printed["model"]["d_model"] == preset.d_model
+    assert printed["model"]["num_params"] == preset.num_params() == 394_566_656
+    bad = _lrulm("config", "--config", "configs/lm/tiny.py", "--config.optim.lrr=1")
+    assert bad.returncode == 2 and "did you mean 'optim.lr'" in bad.stderr
