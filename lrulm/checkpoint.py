@@ -494,13 +494,22 @@ def restore_params(path: str, abstract_params):
     return restored["params"], step
 
 
-def read_numpy(item_dir: str):
-    """A saved pytree item (e.g. CHECKPOINT/state) as host numpy arrays, whatever the
-    devices or processes that wrote it. Only the orbax API is used."""
+def read_numpy(item_dir: str, key: str | None = None):
+    """A saved pytree item (e.g. CHECKPOINT/state), or only its subtree `key` (e.g.
+    "params": the optimizer state is not read), as host numpy arrays, whatever the devices
+    or processes that wrote it. Only the orbax API is used."""
     import numpy as np
 
     checkpointer = ocp.PyTreeCheckpointer()
+    item_dir = os.path.abspath(item_dir)  # Orbax reads no metadata from a relative path
     meta = checkpointer.metadata(item_dir)
     tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    return checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    as_numpy = lambda t: jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), t)
+    if key is None:
+        return checkpointer.restore(
+            item_dir, args=ocp.args.PyTreeRestore(restore_args=as_numpy(tree))
+        )
+    args = ocp.args.PyTreeRestore(
+        item={key: tree[key]}, restore_args={key: as_numpy(tree[key])}, partial_restore=True
+    )
+    return checkpointer.restore(item_dir, args=args)[key]

@@ -273,12 +273,10 @@ def main(argv: list[str]) -> int:
                 import jax
 
                 if jax.process_index() == 0:  # every process scored the same texts
-                    lines = [json.dumps({"source": s, **r}) for s, r in zip(sources, results)]
-                    print("\n".join(lines))
+                    rows = [{"source": s, **r} for s, r in zip(sources, results)]
+                    print("\n".join(json.dumps(r) for r in rows))
                     if args.output:
-                        with open(args.output + ".tmp", "w") as f:
-                            f.write("".join(line + "\n" for line in lines))
-                        os.replace(args.output + ".tmp", args.output)
+                        _write_jsonl(args.output, rows)
                     total = score.summary(results)
                     print(
                         f"lrulm score: {total['texts']} texts, {total['tokens']} tokens: loss "
@@ -344,12 +342,15 @@ def _print_samples(samples: list[dict], output: str) -> None:
             print(f"=== prompt {sample['prompt_index'] + 1}, sample {sample['sample'] + 1} ===")
         print(sample["prompt"] + sample["completion"])
     if output:
-        tmp = output + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for sample in samples:
-                f.write(json.dumps(sample, ensure_ascii=False) + "\n")
-        os.replace(tmp, output)
+        _write_jsonl(output, samples)
         print(f"wrote {len(samples)} samples to {output}", file=sys.stderr)
+
+
+def _write_jsonl(path: str, rows: list[dict]) -> None:
+    """One JSON object a line, written whole or not at all."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    os.replace(path + ".tmp", path)
 
 
 def _multi_process() -> bool:

@@ -64,8 +64,8 @@ def score_texts(
     order = sorted(range(len(docs)), key=lambda i: len(docs[i]))  # similar lengths together
     width = min(batch_size, len(docs))
     for start in range(0, len(order), width):
-        rows = order[start : start + width]
-        rows += [rows[0]] * (width - len(rows))  # one batch shape throughout
+        real = order[start : start + width]
+        rows = real + [real[0]] * (width - len(real))  # one batch shape throughout
         longest = max(len(docs[i]) - 1 for i in rows)
         size = min(chunk, -(-longest // _ROUND) * _ROUND)
         total = -(-longest // size) * size
@@ -84,8 +84,7 @@ def score_texts(
                 params, inputs[:, part], targets[:, part], resets[:, part], state
             )
             sums += np.asarray(got, np.float64)
-        for r, i in enumerate(rows[: len(order[start : start + width])]):
-            logprob[i] = sums[r]
+        logprob[real] = sums[: len(real)]
     results = []
     for i, (text, doc) in enumerate(zip(texts, docs)):
         n, num_bytes = len(doc) - 1, len(text.encode("utf-8"))
@@ -115,5 +114,5 @@ def summary(results: list[dict]) -> dict:
         tokens=tokens,
         bytes=num_bytes,
         loss=-logprob / tokens,
-        bits_per_byte=-logprob / math.log(2) / max(num_bytes, 1),
+        bits_per_byte=-logprob / math.log(2) / num_bytes,
     )

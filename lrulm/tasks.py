@@ -276,7 +276,7 @@ class LMTask:
             self.eval_stream, self.seq_len, keep_tail=True
         )
 
-    def _shared_tokenizer(self, spec: dict, train_files: list[str]) -> str | None:
+    def _shared_tokenizer(self, train_files: list[str]) -> str | None:
         """Where data.cache_dir keeps the tokenizer trained for `spec` (None: no cache)."""
         cache_dir = self.config.data.get("cache_dir", "")
         if not cache_dir:
@@ -284,7 +284,7 @@ class LMTask:
         os.makedirs(cache_dir, exist_ok=True)
         # Keyed by the files' sizes and times too: an edited corpus trains its own.
         digest = lm_data.files_fingerprint(train_files)[:16]
-        return os.path.join(cache_dir, f"tokenizer-{spec['vocab_size']}-{digest}.model")
+        return os.path.join(cache_dir, f"tokenizer-{self.config.data.vocab_size}-{digest}.model")
 
     def _tokenizer(self, workdir: str, train_files: list[str]) -> str:
         """The workdir's tokenizer.model, made ready for training: data.tokenizer (or the
@@ -321,7 +321,7 @@ class LMTask:
                     tok_path, spec_path, spec, workdir
                 )
                 if stale or not os.path.exists(tok_path):
-                    shared = self._shared_tokenizer(spec, train_files)
+                    shared = self._shared_tokenizer(train_files)
                     if shared and os.path.exists(shared):  # trained by another run already
                         _copy_atomic(shared, tok_path)
                         metrics_lib.say(f"lrulm: the tokenizer from data.cache_dir: {shared}")

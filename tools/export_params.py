@@ -29,8 +29,6 @@ from lrulm import checkpoint as ckpt_lib
 def read_params(workdir: str, step: int | None = None, *, best: bool = False) -> tuple[dict, int]:
     """The parameters of a run's checkpoint (default: the newest; best: the LRA
     best-on-eval one) as a flat {"a/b/c": np.ndarray} dict, and the step."""
-    import orbax.checkpoint as ocp
-
     saved = os.path.join(workdir, "best") if best else workdir
     steps = ckpt_lib.checkpoint_steps(saved)
     if not steps:
@@ -44,18 +42,12 @@ def read_params(workdir: str, step: int | None = None, *, best: bool = False) ->
             f"no checkpoint of step {step} in {saved}/checkpoints; its steps: "
             + ", ".join(map(str, steps))
         )
-    item = os.path.abspath(os.path.join(saved, "checkpoints", str(step), ckpt_lib.STATE))
-    tree = ckpt_lib.saved_tree(item)["params"]
-    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    item = os.path.join(saved, "checkpoints", str(step), ckpt_lib.STATE)
+    ckpt_lib.saved_tree(item)  # a damaged checkpoint: an error naming it
     ckpt_lib.quiet_orphaned_reads()
-    restored = ocp.PyTreeCheckpointer().restore(
-        item,
-        args=ocp.args.PyTreeRestore(
-            item={"params": tree}, restore_args={"params": as_numpy}, partial_restore=True
-        ),
-    )
+    params = ckpt_lib.read_numpy(item, "params")
     flat = {}
-    for path, value in jax.tree_util.tree_flatten_with_path(restored["params"])[0]:
+    for path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
         name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
         flat[name] = np.asarray(value)
     return flat, step
