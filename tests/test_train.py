@@ -1,12 +1,10 @@
 """The LM trainer: sharding changes layout not math, accumulation, evaluation, errors."""
 
-import dataclasses
 import glob
 import gzip
 import json
 import math
 import os
-import shutil
 import time
 
 import jax
@@ -15,21 +13,12 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import PartitionSpec as P
+from run_helpers import TINY
+from run_helpers import tiny_config as _config
 
 from lrulm import config as config_lib
-from lrulm import evaluation, tasks, train
 from lrulm import metrics as metrics_lib
-
-TINY = "configs/lm/tiny.py:test"
-
-
-def _config(*overrides, corpus=None):
-    pairs = [tuple(o.split("=", 1)) for o in overrides]
-    if corpus is not None:
-        pairs += [("data.train_files", corpus["train"]), ("data.eval_files", corpus["eval"])]
-    return config_lib.load_with_overrides(
-        TINY, [(k.removeprefix("--config."), v) for k, v in pairs]
-    )
+from lrulm import tasks, train
 
 
 def _losses(workdir):
@@ -284,93 +273,6 @@ def test_bad_optimizer_and_model_values_fail_before_the_data_is_prepared(
     with pytest.raises(ValueError, match=message):
         train.train_and_evaluate(config, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run")  # nothing written, no empty workdir left
-
-
-@pytest.mark.parametrize("seeds, want", [((0, -1), 0), ((0, 7), 7), ((3, -1), 3)])
-def test_data_order_has_its_own_seed(tmp_path, corpus, monkeypatch, seeds, want):
-    """data.seed orders the train data, train.seed initialises the model: either can vary
-    alone; -1 (the default) takes train.seed, as runs did before data.seed existed."""
-    seen = []
-    real = tasks.LMTask.train_batches
-
-    def spy(self, *, seed, **kw):
-        seen.append(seed)
-        return real(self, seed=seed, **kw)
-
-    monkeypatch.setattr(tasks.LMTask, "train_batches", spy)
-    train_seed, seed = seeds
-    config = _config(
-        f"train.seed={train_seed}", f"data.seed={seed}", "train.steps=1", corpus=corpus
-    )
-    assert train.data_seed(config) == want
-    train.train_and_evaluate(config, str(tmp_path / "run"))
-    assert seen == [want]
-
-
-def test_runs_sharing_a_cache_dir_prepare_the_data_once(tmp_path, corpus, monkeypatch, capsys):
-    """data.cache_dir: the second run of a sweep on the same corpus copies the tokenizer
-    the first trained and reads its tokenized splits (nothing trained or tokenized again,
-    no data/ in its workdir)."""
-    from lrulm.data import lm as lm_data
-    from lrulm.data import tokenizer as tok
-
-    calls = {"tokenizer": 0, "tokenize": 0}
-    real_train, real_tokenize = tok.train_tokenizer, lm_data.tokenize_files
-
-    def count(name, fn):
-        def wrapped(*a, **k):
-            calls[name] += 1
-            return fn(*a, **k)
-
-        return wrapped
-
-    monkeypatch.setattr(tok, "train_tokenizer", count("tokenizer", real_train))
-    monkeypatch.setattr(lm_data, "tokenize_files", count("tokenize", real_tokenize))
-    cache = tmp_path / "cache"
-    own = {}  # a copy of the corpus: this test edits it
-    for split, path in corpus.items():
-        own[split] = str(tmp_path / os.path.basename(path))
-        shutil.copyfile(path, own[split])
-    corpus = own
-    for run, lr in (("a", "1e-3"), ("b", "3e-3")):  # a sweep over the learning rate
-        config = _config(
-            "train.steps=1", f"optim.lr={lr}", f"data.cache_dir={cache}", corpus=corpus
-        )
-        train.train_and_evaluate(config, str(tmp_path / run))
-        if run == "a":
-            assert calls == {"tokenizer": 1, "tokenize": 2}
-    assert calls == {"tokenizer": 1, "tokenize": 2}, calls
-    assert "the tokenizer from data.cache_dir" in capsys.readouterr().out
-    a, b = (open(tmp_path / r / "tokenizer.model", "rb").read() for r in "ab")
-    assert (
-        a == b and not (tmp_path / "a" / "data").exists() and not (tmp_path / "b" / "data").exists()
-    )
-    names = sorted(p.name for p in cache.iterdir())
-    assert len([n for n in names if n.endswith(".tokens.npy")]) == 2 and not any(
-        "tmp" in n for n in names
-    )
-    # `lrulm eval` of run b reads the shared eval split too.
-    evaluation.evaluate_workdir(config, str(tmp_path / "b"))
-    assert calls["tokenize"] == 2
-    # An edited corpus (here: only its time) gets a tokenizer and a split of its own.
-    os.utime(corpus["train"])
-    train.train_and_evaluate(config, str(tmp_path / "c"))
-    assert calls == {"tokenizer": 2, "tokenize": 3}, calls
-
-
-def test_eval_at_start_scores_the_initial_state_once(tmp_path, corpus):
-    """train.eval_at_start: an evaluation at step 0 (near ln(vocab): the initial logits have
-    unit scale), before any step; a resumed run does not repeat it."""
-    run = str(tmp_path / "run")
-    common = ["train.eval_at_start=True", "train.eval_every=2", "checkpoint.every_steps=2"]
-    train.train_and_evaluate(_config(*common, "train.steps=2", corpus=corpus), run)
-    train.train_and_evaluate(_config(*common, "train.steps=4", corpus=corpus), run)
-    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
-    evals = {r["step"]: r["eval/loss"] for r in rows if "eval/loss" in r}
-    assert sorted(evals) == [0, 2, 4], evals
-    with open(os.path.join(run, "model.json")) as f:
-        vocab = json.load(f)["vocab_size"]
-    assert abs(evals[0] - math.log(vocab)) < 1.0 and evals[4] < evals[0]
 
 
 def test_step_time_leaves_out_evaluation_and_saving(tmp_path, corpus, monkeypatch):
@@ -683,133 +585,3 @@ def test_vocab_blocked_loss_saves_memory():
         sizes[block] = lowered.compile().memory_analysis().temp_size_in_bytes
     print({b: f"{t / 2**20:.0f} MiB" for b, t in sizes.items()})
     assert sizes[512] < 0.5 * sizes[0], sizes
-
-
-def test_eval_any_checkpoint(lm_workdir):
-    """`lrulm eval --step`: the newest by default, equal to the run's own eval there."""
-    with open(os.path.join(lm_workdir, "config.json")) as f:
-        config = config_lib.from_dict(json.load(f))
-    rows = [json.loads(line) for line in open(os.path.join(lm_workdir, "metrics.jsonl"))]
-    logged = {r["step"]: r["eval/loss"] for r in rows if "eval/loss" in r}
-    newest = evaluation.evaluate_workdir(config, lm_workdir)
-    assert newest["step"] == 8 and abs(newest["eval/loss"] - logged[8]) < 1e-4
-    assert evaluation.evaluate_workdir(config, lm_workdir, step=8) == newest
-    early = evaluation.evaluate_workdir(config, lm_workdir, step=4)
-    assert early["step"] == 4 and early["eval/loss"] > newest["eval/loss"]
-    with pytest.raises(FileNotFoundError, match="no checkpoint of step 5 .* its steps: 4, 8"):
-        evaluation.evaluate_workdir(config, lm_workdir, step=5)
-
-
-def test_model_json_holds_the_resolved_model(lm_workdir):
-    """config.json keeps model.* as given (unset: the preset's); model.json says what
-    they resolved to, and the parameter count the run logged."""
-    with open(os.path.join(lm_workdir, "model.json")) as f:
-        model = json.load(f)
-    rows = [json.loads(line) for line in open(os.path.join(lm_workdir, "metrics.jsonl"))]
-    (logged,) = [r["model/num_params"] for r in rows if "model/num_params" in r]
-    assert model["num_params"] == logged
-    with open(os.path.join(lm_workdir, "config.json")) as f:
-        config = config_lib.from_dict(json.load(f))
-    resolved = tasks.resolve_model_config(config.model, vocab_size=model["vocab_size"])
-    assert model == {**dataclasses.asdict(resolved), "num_params": logged}
-    assert model["d_model"] > 0 and model["num_layers"] > 0
-
-
-def test_eval_on_other_text_reads_only_the_held_out_split(lm_workdir, corpus, tmp_path, capsys):
-    """`lrulm eval` prepares the held-out split alone, with the run's tokenizer: the train
-    files are not read (here: gone) nor tokenized; other eval files get a cache of their
-    own, so the run's own eval cache is kept; a default-corpus run takes eval files too."""
-    from lrulm.data import lm as lm_data
-
-    run = str(tmp_path / "run")
-    shutil.copytree(lm_workdir, run)
-    with open(os.path.join(run, "config.json")) as f:
-        config = config_lib.from_dict(json.load(f))
-    config.data.train_files = str(tmp_path / "gone" / "*.jsonl")
-    data = os.path.join(run, "data")
-    for name in ("train.tokens.npy", "train.meta.json"):
-        os.remove(os.path.join(data, name))
-    own_cache = {f: os.stat(os.path.join(data, f)).st_mtime_ns for f in os.listdir(data)}
-    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
-    logged = [r["eval/loss"] for r in rows if "eval/loss" in r][-1]
-    own = evaluation.evaluate_workdir(config, run)
-    assert own["eval/loss"] == pytest.approx(logged, abs=1e-4)
-
-    other = tmp_path / "other.jsonl"
-    with open(other, "w") as f:
-        for path in lm_data.default_corpus()[0][200:203]:
-            f.write(json.dumps({"text": open(path, errors="replace").read()}) + "\n")
-    config.data.eval_files = str(other)
-    config.train.eval_steps = 10**6
-    elsewhere = evaluation.evaluate_workdir(config, run)
-    assert abs(elsewhere["eval/loss"] - own["eval/loss"]) > 1e-3
-    assert "train.eval_steps=1000000, but the eval split holds" in capsys.readouterr().out
-    config.data.train_files = ""  # as a run on the embedded default corpus has it
-    assert evaluation.evaluate_workdir(config, run)["eval/loss"] == elsewhere["eval/loss"]
-    added = set(os.listdir(data)) - set(own_cache)
-    assert len(added) == 2 and all(f.startswith("eval-") for f in added), added
-    assert {f: os.stat(os.path.join(data, f)).st_mtime_ns for f in own_cache} == own_cache
-    # Text the run trained on is refused, as at training time.
-    config.data.train_files, config.data.eval_files = corpus["train"], corpus["train"]
-    with pytest.raises(ValueError, match="share 1 file"):
-        evaluation.evaluate_workdir(config, run)
-
-
-def test_full_eval_pass_scores_every_token_once(lm_workdir):
-    """train.eval_steps <= 0: every token of the eval split is a target exactly once, in
-    order, split over processes' rows as any batch is; the padding weighs nothing."""
-    with open(os.path.join(lm_workdir, "config.json")) as f:
-        config = config_lib.from_dict(json.load(f))
-    config.train.eval_steps = 0
-    task = tasks.make_task(config, lm_workdir)
-    stream = np.asarray(task.eval_stream.tokens())
-    assert (stream.size - 1) % config.train.seq_len  # the split ends in a partial sequence
-    for global_batch, local_batch in [(8, 8), (8, 4), (5, 5)]:
-        rows = {}
-        for offset in range(0, global_batch, local_batch):
-            batches = task.eval_batches(
-                "eval",
-                global_batch=global_batch,
-                row_offset=offset,
-                local_batch=local_batch,
-                num_batches=0,
-            )
-            for step, batch in enumerate(batches):
-                for j in range(local_batch):
-                    rows[step * global_batch + offset + j] = (
-                        batch["inputs"][j],
-                        batch["targets"][j],
-                    )
-        inputs = np.concatenate([rows[i][0] for i in sorted(rows)])
-        targets = np.concatenate([rows[i][1] for i in sorted(rows)])
-        real = targets != 0
-        assert real.sum() == stream.size - 1 and not real[real.sum() :].any()
-        np.testing.assert_array_equal(targets[real], stream[1:])
-        np.testing.assert_array_equal(inputs[real], stream[:-1])
-    full = evaluation.evaluate_workdir(config, lm_workdir)
-    assert full["eval/tokens"] == stream.size - 1
-    config.train.eval_steps = 2
-    part = evaluation.evaluate_workdir(config, lm_workdir)
-    assert part["eval/tokens"] == 2 * config.train.global_batch_size * config.train.seq_len
-    assert abs(full["eval/loss"] - part["eval/loss"]) < 0.5 and full["step"] == part["step"]
-
-
-@pytest.mark.parametrize("damage", ["_METADATA", "manifest.ocdbt"])
-def test_reading_commands_skip_a_damaged_newest_checkpoint(lm_workdir, tmp_path, damage):
-    """`lrulm eval` and `lrulm generate` fall back to the previous checkpoint and move
-    nothing, whichever file of the newest one is lost; a step asked for by name fails."""
-    import shutil
-
-    from lrulm import generate as gen
-
-    workdir = str(tmp_path / "run")
-    shutil.copytree(lm_workdir, workdir)
-    os.remove(os.path.join(workdir, "checkpoints", "8", "state", damage))
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = config_lib.from_dict(json.load(f))
-    assert evaluation.evaluate_workdir(config, workdir)["step"] == 4
-    _, _, step = gen.load_model(workdir)
-    assert step == 4
-    with pytest.raises(ValueError, match="no checkpoint in .* reads back:\n  step 8"):
-        gen.load_model(workdir, step=8)
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]

@@ -1,0 +1,81 @@
+"""How runs read their data: the order's own seed, a cache shared by a sweep."""
+
+import os
+import shutil
+
+import pytest
+from run_helpers import tiny_config as _config
+
+from lrulm import evaluation, tasks, train
+
+
+@pytest.mark.parametrize("seeds, want", [((0, -1), 0), ((0, 7), 7), ((3, -1), 3)])
+def test_data_order_has_its_own_seed(tmp_path, corpus, monkeypatch, seeds, want):
+    """data.seed orders the train data, train.seed initialises the model: either can vary
+    alone; -1 (the default) takes train.seed, as runs did before data.seed existed."""
+    seen = []
+    real = tasks.LMTask.train_batches
+
+    def spy(self, *, seed, **kw):
+        seen.append(seed)
+        return real(self, seed=seed, **kw)
+
+    monkeypatch.setattr(tasks.LMTask, "train_batches", spy)
+    train_seed, seed = seeds
+    config = _config(
+        f"train.seed={train_seed}", f"data.seed={seed}", "train.steps=1", corpus=corpus
+    )
+    assert train.data_seed(config) == want
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert seen == [want]
+
+
+def test_runs_sharing_a_cache_dir_prepare_the_data_once(tmp_path, corpus, monkeypatch, capsys):
+    """data.cache_dir: the second run of a sweep on the same corpus copies the tokenizer
+    the first trained and reads its tokenized splits (nothing trained or tokenized again,
+    no data/ in its workdir)."""
+    from lrulm.data import lm as lm_data
+    from lrulm.data import tokenizer as tok
+
+    calls = {"tokenizer": 0, "tokenize": 0}
+    real_train, real_tokenize = tok.train_tokenizer, lm_data.tokenize_files
+
+    def count(name, fn):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+
+        return wrapped
+
+    monkeypatch.setattr(tok, "train_tokenizer", count("tokenizer", real_train))
+    monkeypatch.setattr(lm_data, "tokenize_files", count("tokenize", real_tokenize))
+    cache = tmp_path / "cache"
+    own = {}  # a copy of the corpus: this test edits it
+    for split, path in corpus.items():
+        own[split] = str(tmp_path / os.path.basename(path))
+        shutil.copyfile(path, own[split])
+    corpus = own
+    for run, lr in (("a", "1e-3"), ("b", "3e-3")):  # a sweep over the learning rate
+        config = _config(
+            "train.steps=1", f"optim.lr={lr}", f"data.cache_dir={cache}", corpus=corpus
+        )
+        train.train_and_evaluate(config, str(tmp_path / run))
+        if run == "a":
+            assert calls == {"tokenizer": 1, "tokenize": 2}
+    assert calls == {"tokenizer": 1, "tokenize": 2}, calls
+    assert "the tokenizer from data.cache_dir" in capsys.readouterr().out
+    a, b = (open(tmp_path / r / "tokenizer.model", "rb").read() for r in "ab")
+    assert (
+        a == b and not (tmp_path / "a" / "data").exists() and not (tmp_path / "b" / "data").exists()
+    )
+    names = sorted(p.name for p in cache.iterdir())
+    assert len([n for n in names if n.endswith(".tokens.npy")]) == 2 and not any(
+        "tmp" in n for n in names
+    )
+    # `lrulm eval` of run b reads the shared eval split too.
+    evaluation.evaluate_workdir(config, str(tmp_path / "b"))
+    assert calls["tokenize"] == 2
+    # An edited corpus (here: only its time) gets a tokenizer and a split of its own.
+    os.utime(corpus["train"])
+    train.train_and_evaluate(config, str(tmp_path / "c"))
+    assert calls == {"tokenizer": 2, "tokenize": 3}, calls
