@@ -250,6 +250,15 @@ class Checkpointer:
             )
         return None
 
+    def saved_keys(self, step: int) -> set[str] | None:
+        """The top-level keys of checkpoint `step`'s state ("params", "opt_state", ...);
+        None when its metadata does not read (damage is the restore's to report)."""
+        try:
+            saved = self.manager.item_metadata(step)[STATE]
+            return set(saved) if _flatten(saved) else None
+        except Exception:  # noqa: BLE001 - unreadable metadata
+            return None
+
     def check_fits(self, step: int, abstract_state) -> None:
         """Raises CheckpointMismatch if checkpoint `step`'s state tree (read from its
         metadata) has other arrays or shapes than abstract_state. Returns quietly when
@@ -466,14 +475,38 @@ def saved_tree(item_dir: str) -> dict:
     return tree
 
 
-def restore_params(path: str, abstract_params):
+WEIGHTS = ("auto", "ema", "raw")
+
+
+class NoWeightAverage(ValueError):
+    """The weight average was asked for, and the checkpoint keeps none."""
+
+
+def weights_key(tree: dict, weights: str = "auto") -> str:
+    """Which of a saved state's trees holds the weights to use: "ema_params" (the moving
+    average of optim.ema) or "params". weights: "auto" (the average where the checkpoint
+    keeps one), "ema" (it, or a ValueError) or "raw" (the trained weights)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}; got {weights!r}")
+    if weights == "ema" and "ema_params" not in tree:
+        raise NoWeightAverage(
+            "the checkpoint keeps no weight average (its run had optim.ema=0); leave out "
+            "--weights ema"
+        )
+    return "ema_params" if weights != "raw" and "ema_params" in tree else "params"
+
+
+def restore_params(path: str, abstract_params, weights: str = "raw"):
     """Reads only the parameters of another run's checkpoint into abstract_params'
-    shapes and shardings (fine-tuning); a clear error when the shapes do not fit."""
+    shapes and shardings (fine-tuning; `weights_key` says which: "raw" = the trained
+    ones); a clear error when the shapes do not fit. Returns (params, step, the key read)."""
     directory, step = find_checkpoint_dir(path)
     item_dir = os.path.join(directory, str(step), STATE)
     quiet_orphaned_reads()
     checkpointer = ocp.PyTreeCheckpointer()
-    mismatches = _differences(saved_tree(item_dir)["params"], abstract_params, extra=False)
+    tree = saved_tree(item_dir)
+    key = weights_key(tree, weights)
+    mismatches = _differences(tree[key], abstract_params, extra=False)
     if mismatches:
         raise CheckpointMismatch(
             f"{path}: step {step}'s parameters do not fit this model:\n  "
@@ -486,12 +519,12 @@ def restore_params(path: str, abstract_params):
     restored = checkpointer.restore(
         item_dir,
         args=ocp.args.PyTreeRestore(
-            item={"params": abstract_params},
-            restore_args={"params": restore_args},
+            item={key: abstract_params},
+            restore_args={key: restore_args},
             partial_restore=True,
         ),
     )
-    return restored["params"], step
+    return restored[key], step, key
 
 
 def read_numpy(item_dir: str, key: str | None = None):

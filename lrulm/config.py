@@ -263,6 +263,9 @@ def base_config() -> ConfigDict:
     c.optim.grad_accum_steps = 1
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
+    # An exponential moving average of the weights with this decay (e.g. 0.999; 0 = none),
+    # evaluated, kept in checkpoints and used by generate/score/export in their place.
+    c.optim.ema = 0.0
 
     c.train = ConfigDict()
     c.train.steps = 1000

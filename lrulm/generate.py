@@ -279,9 +279,10 @@ def reset_ids(config) -> tuple[int, ...]:
     return (tok.EOS_ID,) if config.data.reset_at_doc_boundaries else ()
 
 
-def load_model(workdir: str, step: int | None = None):
+def load_model(workdir: str, step: int | None = None, weights: str = "auto"):
     """(model with the parameters of checkpoint `step` (None: the newest), tokenizer, step)
-    of a workdir."""
+    of a workdir. weights: "auto" (the weight average of optim.ema where the checkpoint
+    keeps one, else the trained weights), "ema" or "raw" (checkpoint.weights_key)."""
     config = run_config(workdir)
     if config.task != "lm":
         raise ValueError(
@@ -320,9 +321,11 @@ def load_model(workdir: str, step: int | None = None):
     errors = []
     for candidate in [step] if step is not None else reversed(steps):
         try:
-            params, _ = ckpt_lib.restore_params(os.path.join(checkpoints, str(candidate)), target)
+            params, _, _ = ckpt_lib.restore_params(
+                os.path.join(checkpoints, str(candidate)), target, weights
+            )
             return nnx.merge(graphdef, params), sp, candidate
-        except ckpt_lib.CheckpointMismatch:
+        except (ckpt_lib.CheckpointMismatch, ckpt_lib.NoWeightAverage):
             raise
         except Exception as e:  # noqa: BLE001 - a damaged checkpoint: try the one before
             errors.append(f"step {candidate}: {metrics_lib.brief(e)}")
@@ -381,9 +384,11 @@ def generate_texts(
     top_k: int = 0,
     seed: int = 0,
     stop: tuple[str, ...] = (),
+    weights: str = "auto",
 ) -> list[dict]:
     """`lrulm generate`: num_samples continuations of each prompt from checkpoint `step`
-    (None: the newest), decoded batch_size rows at a time.
+    (None: the newest), decoded batch_size rows at a time, with its weight average
+    (optim.ema) where it keeps one (weights: "auto", "ema", "raw": `load_model`).
 
     Returns one dict per sample, prompt by prompt: prompt, completion (the new text only),
     prompt_index, sample, step; with `stop` texts, each completion is cut where the first
@@ -405,7 +410,7 @@ def generate_texts(
     for i, prompt in enumerate(prompts):
         if not prompt:
             raise ValueError(f"prompt {i + 1} is empty; give some text to continue")
-    model, sp, step = load_model(workdir, step)
+    model, sp, step = load_model(workdir, step, weights)
     reset_after = reset_ids(run_config(workdir))
     encoded = [sp.encode(p) for p in prompts]
     for i, ids in enumerate(encoded):

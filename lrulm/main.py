@@ -70,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
         "--num_samples", type=int, default=1, help="continuations of each prompt (default: 1)"
     )
     g.add_argument("--step", type=int, default=None, help="the checkpoint (default: newest)")
+    _weights_argument(g)
     g.add_argument("--max_new_tokens", type=int, default=200, help="default: 200")
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
     g.add_argument("--top_p", type=float, default=0.95, help="nucleus mass (default: 0.95)")
@@ -107,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
         '"text" field (one a line); .gz too',
     )
     sc.add_argument("--step", type=int, default=None, help="the checkpoint (default: newest)")
+    _weights_argument(sc)
     sc.add_argument("--batch_size", type=int, default=8, help="texts at once (default: 8)")
     sc.add_argument(
         "--chunk", type=int, default=2048, help="tokens a text is read by (default: 2048)"
@@ -166,6 +168,16 @@ def _config(args, extra):
     return config
 
 
+def _weights_argument(parser) -> None:
+    parser.add_argument(
+        "--weights",
+        choices=("auto", "ema", "raw"),
+        default="auto",
+        help="the weight average of optim.ema (ema) or the trained weights (raw); default "
+        "auto: the average where the checkpoint keeps one",
+    )
+
+
 def main(argv: list[str]) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
@@ -219,6 +231,7 @@ def main(argv: list[str]) -> int:
                     prompts,
                     num_samples=args.num_samples,
                     step=args.step,
+                    weights=args.weights,
                     batch_size=args.batch_size,
                     max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature,
@@ -268,7 +281,7 @@ def main(argv: list[str]) -> int:
                 distributed.initialize()
                 results = score.score_texts(
                     args.workdir, texts, step=args.step, batch_size=args.batch_size,
-                    chunk=args.chunk,
+                    chunk=args.chunk, weights=args.weights,
                 )  # fmt: skip
                 import jax
 

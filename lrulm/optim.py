@@ -14,6 +14,7 @@ import math
 import re
 
 import jax
+import jax.numpy as jnp
 import optax
 
 # The paper's reference code names: ν, θ, γ and the input matrix B.
@@ -122,6 +123,19 @@ def make_optimizer(
     if grad_clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
     return tx, base
+
+
+def ema_decay(step, decay: float):
+    """The weight average's decay at optimizer step `step` (from 0): min(decay, (1 + step)
+    / (10 + step)), TensorFlow's ExponentialMovingAverage with num_updates, so the average
+    of a short or young run is not dominated by its initial weights."""
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def update_ema(ema, params, step, decay: float):
+    """One step of the weight average: ema * d + params * (1 - d), in the weights' dtypes."""
+    d = ema_decay(step, decay)
+    return jax.tree.map(lambda e, p: (e * d + p * (1 - d)).astype(e.dtype), ema, params)
 
 
 def check_arguments(

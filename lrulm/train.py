@@ -5,7 +5,8 @@ step functions -> loop. The train state is one pytree,
 
     {"step", "rng", "params", "model_state", "opt_state", "nonfinite_step"}
 
-sharded by the logical axis rules (lrulm.sharding) and donated to each step.
+(with "ema_params", the weights' moving average, when optim.ema is set), sharded by the
+logical axis rules (lrulm.sharding) and donated to each step.
 `nonfinite_step` records the first step whose loss or gradient was not finite; from
 then on the step leaves the state unchanged and the loop stops at the next check,
 naming that step, without overwriting a good checkpoint.
@@ -154,6 +155,9 @@ def validate(config, mesh) -> None:
     if z_loss and config.task != "lm":
         raise ValueError("train.z_loss is for language models (a classifier has few logits)")
     optim.check_arguments(**_optimizer_args(config))
+    ema = ema_of(config)
+    if not (0 <= ema < 1):
+        raise ValueError(f"optim.ema must be in [0, 1) (0: no weight average); got {ema}")
     model = tasks.resolve_model_config(config.model)  # the model's fields, before the data
     if config.task == "lm" and model.norm == "batch":
         raise ValueError(
@@ -174,6 +178,45 @@ def _optimizer_args(config) -> dict:
         no_decay=o.get("no_decay", ""),
     )
     return {**{name: o[name] for name in names}, **kinds}
+
+
+def ema_of(config) -> float:
+    """optim.ema (0.0 in a config.json from before the key)."""
+    return config.optim.get("ema", 0.0)
+
+
+def restore_target(exp: Experiment, checkpointer, step: int | None) -> dict:
+    """exp.abstract_state as checkpoint `step` (None: none) keeps it: with "ema_params"
+    (sharded as the parameters) where it keeps a weight average, without where it does
+    not, whatever optim.ema says now (switched on or off since: `match_ema`)."""
+    target = dict(exp.abstract_state)
+    saved = checkpointer.saved_keys(step) if step is not None else None
+    if saved is None:
+        return target
+    if "ema_params" in saved and "ema_params" not in target:
+        target["ema_params"] = target["params"]
+    elif "ema_params" not in saved:
+        target.pop("ema_params", None)
+    return target
+
+
+def match_ema(state: dict, exp: Experiment, step: int) -> dict:
+    """A restored state with a weight average exactly where optim.ema asks for one: a
+    new average starts from the restored weights; one no longer asked for is dropped."""
+    wanted = "ema_params" in exp.abstract_state
+    if wanted == ("ema_params" in state):
+        return state
+    state = dict(state)
+    if wanted:
+        state["ema_params"] = jax.tree.map(jnp.copy, state["params"])
+        metrics_lib.say(f"lrulm: optim.ema: the weight average starts from step {step}'s weights")
+    else:
+        del state["ema_params"]
+        metrics_lib.say(
+            f"lrulm: optim.ema is 0: the weight average of step {step}'s checkpoint is not "
+            "carried on (its checkpoints keep it; set optim.ema to go on with it)"
+        )
+    return state
 
 
 def make_mesh(config, devices=None):
@@ -206,6 +249,8 @@ def build(config, task, mesh) -> Experiment:
             "model_state": nnx.to_pure_dict(rest),
             "opt_state": tx.init(params),
             "nonfinite_step": jnp.full((), -1, jnp.int32),
+            # Only with a weight average: every other run's state keeps its tree.
+            **({"ema_params": params} if ema_of(config) else {}),
         }
 
     abstract = jax.eval_shape(init_fn, jax.random.key(0))
@@ -216,6 +261,7 @@ def build(config, task, mesh) -> Experiment:
         "params": param_axes,
         "model_state": rest_axes,
         "opt_state": _opt_state_axes(abstract["opt_state"], param_axes),
+        **({"ema_params": param_axes} if "ema_params" in abstract else {}),
     }
     state_shardings = sharding.tree_shardings(abstract, axes, mesh)
     warning = sharding.indivisible_warning(abstract["params"], param_axes, mesh)
@@ -254,8 +300,9 @@ def _merge(graphdef, params, model_state):
     return nnx.merge(graphdef, params, model_state) if model_state else nnx.merge(graphdef, params)
 
 
-def train_step(state, batch, *, graphdef, task, tx, schedule, accum: int):
-    """One optimizer step on a global batch (optionally in `accum` micro-batches)."""
+def train_step(state, batch, *, graphdef, task, tx, schedule, accum: int, ema: float = 0.0):
+    """One optimizer step on a global batch (optionally in `accum` micro-batches); with
+    `ema` (and the state's "ema_params"), the weights' moving average follows."""
     step = state["step"]
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
     params = state["params"]
@@ -317,6 +364,10 @@ def train_step(state, batch, *, graphdef, task, tx, schedule, accum: int):
             (state["nonfinite_step"] < 0) & ~finite, step, state["nonfinite_step"]
         ),
     }
+    if ema:
+        new_state["ema_params"] = keep(
+            optim.update_ema(state["ema_params"], new_params, step, ema), state["ema_params"]
+        )
     metrics = {
         "train/loss": loss,
         "train/grad_norm": grad_norm,
@@ -328,8 +379,9 @@ def train_step(state, batch, *, graphdef, task, tx, schedule, accum: int):
 
 
 def eval_step(state, batch, *, graphdef, task):
-    """Summed loss statistics of one global batch."""
-    model = _merge(graphdef, state["params"], state["model_state"])
+    """Summed loss statistics of one global batch, with the weights' moving average where
+    the state keeps one (optim.ema)."""
+    model = _merge(graphdef, state.get("ema_params", state["params"]), state["model_state"])
     loss_sum, weight, aux = task.loss(model, batch, train=False, key=None)
     return {"loss": loss_sum, "weight": weight, **aux}
 
@@ -344,6 +396,7 @@ def jit_steps(exp: Experiment):
         tx=exp.tx,
         schedule=exp.schedule,
         accum=accum,
+        ema=ema_of(exp.config),
     )
     eval_fn = functools.partial(eval_step, graphdef=exp.graphdef, task=exp.task)
     replicated = NamedSharding(exp.mesh, PartitionSpec())
@@ -402,7 +455,20 @@ def to_global(local: dict, exp: Experiment) -> dict:
     }
 
 
+def evaluated_state(state: dict, exp: Experiment) -> dict:
+    """A restored state in the tree eval_jit takes, evaluating the checkpoint's weight
+    average where it keeps one (whatever optim.ema says now) and its weights otherwise."""
+    wanted, kept = "ema_params" in exp.abstract_state, "ema_params" in state
+    if kept and not wanted:
+        state = {**state, "params": state["ema_params"]}
+        del state["ema_params"]
+    elif wanted and not kept:
+        state = {**state, "ema_params": state["params"]}
+    return state
+
+
 def evaluate(exp: Experiment, eval_jit, state, batches) -> dict:
+    state = evaluated_state(state, exp)
     sums: dict[str, float] = {}
     for local in batches:
         out = jax.device_get(eval_jit(state, to_global(local, exp)))
@@ -426,7 +492,9 @@ def _final_test(best, exp, eval_jit, test_batches, writer, step, workdir, state,
         metrics_lib.say(f"lrulm: the test result of step {step} is in {workdir}/results.json")
         return done or {}
     try:
-        restored = best.restore(exp.abstract_state)
+        # The best checkpoint's own tree: its weight average, if it keeps one, is evaluated.
+        target = restore_target(exp, best.ckpt, best.step)
+        restored = best.restore(target)
         best_state, best_step, best_value = restored.state, restored.step, best.value
     except (ckpt_lib.CheckpointsDamaged, FileNotFoundError) as e:  # not stuck for ever
         metrics_lib.say(
@@ -540,7 +608,8 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
             workdir, max_to_keep=c.max_to_keep, keep_period=c.keep_period, async_save=c.async_save
         )
         try:
-            restored = checkpointer.restore_latest(exp.abstract_state, train_iter)
+            target = restore_target(exp, checkpointer, max(checkpointer.steps(), default=None))
+            restored = checkpointer.restore_latest(target, train_iter)
         except ckpt_lib.CheckpointsDamaged as e:
             checkpointer.close()
             raise ckpt_lib.CheckpointsDamaged(
@@ -561,7 +630,7 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
             raise ValueError(problem)
         trained = None  # the config the resumed checkpoint was trained with
         if restored is not None:
-            state = restored.state
+            state = match_ema(restored.state, exp, restored.step)
             if not restored.data_restored:  # e.g. another number of processes
                 train_iter.set_state(checkpointer.data_position(restored.step))
             metrics_lib.say(f"lrulm: resumed from {checkpointer.directory}/{restored.step}")
@@ -570,11 +639,15 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
             init = jax.jit(exp.init_fn, out_shardings=exp.state_shardings)
             state = init(jax.random.key(t.seed))
             if c.init_from:
-                params, from_step = ckpt_lib.restore_params(
-                    c.init_from, exp.abstract_state["params"]
+                # The weights that run evaluated: its average, where it kept one.
+                params, from_step, key = ckpt_lib.restore_params(
+                    c.init_from, exp.abstract_state["params"], weights="auto"
                 )
                 state["params"] = params
-                metrics_lib.say(f"lrulm: parameters from {c.init_from} (step {from_step})")
+                if "ema_params" in state:
+                    state["ema_params"] = jax.tree.map(jnp.copy, params)
+                which = "; its weight average" if key == "ema_params" else ""
+                metrics_lib.say(f"lrulm: parameters from {c.init_from} (step {from_step}{which})")
         step = int(jax.device_get(state["step"]))
         if step > t.steps:
             metrics_lib.say(

@@ -434,7 +434,7 @@ def test_export_params_writes_the_checkpoints_parameters(lm_workdir, tmp_path):
         for path, v in jax.tree_util.tree_flatten_with_path(saved)[0]
     }
     with np.load(out) as z:
-        assert set(z.files) == {*flat, "__step__", "__model__"}
+        assert set(z.files) == {*flat, "__step__", "__model__", "__weights__"}
         for name, value in flat.items():
             np.testing.assert_array_equal(z[name], value)
         assert int(z["__step__"]) == 4 and json.loads(str(z["__model__"]))["num_layers"] >= 1

@@ -1,6 +1,6 @@
 """Writes a checkpoint's parameters to one .npz file, for use outside lrulm.
 
-    python tools/export_params.py WORKDIR [--step S | --best] --output params.npz
+    python tools/export_params.py WORKDIR [--step S | --best] [--weights W] --output params.npz
 
 Keys are the parameter paths joined by "/" (e.g. `stack/blocks/lru/nu_log`); a stack of
 scanned layers holds each array with the layer as its first axis, an unscanned one has
@@ -8,7 +8,8 @@ scanned layers holds each array with the layer as its first axis, an unscanned o
 (`nu_log, theta_log, gamma_log, B_re, B_im, C_re, C_im, D`; DESIGN.md §1), so a tree can be
 mapped onto it. `__step__` holds the step, and `__model__` the resolved model config the
 checkpoint was saved with (JSON text, from its metadata). Only the parameters are
-read (not the optimizer state), as numpy arrays on the host, whatever devices wrote them;
+read (not the optimizer state; the weight average of `optim.ema` where the checkpoint keeps
+one, unless `--weights raw`; `__weights__` says which), as numpy arrays on the host, whatever devices wrote them;
 `np.load(FILE)` reads them back.
 """
 
@@ -26,9 +27,12 @@ import tool_args
 from lrulm import checkpoint as ckpt_lib
 
 
-def read_params(workdir: str, step: int | None = None, *, best: bool = False) -> tuple[dict, int]:
+def read_params(
+    workdir: str, step: int | None = None, *, best: bool = False, weights: str = "auto"
+) -> tuple[dict, int, str]:
     """The parameters of a run's checkpoint (default: the newest; best: the LRA
-    best-on-eval one) as a flat {"a/b/c": np.ndarray} dict, and the step."""
+    best-on-eval one; weights: `checkpoint.weights_key`'s) as a flat {"a/b/c": np.ndarray}
+    dict, the step and the state's key read ("params" or "ema_params")."""
     saved = os.path.join(workdir, "best") if best else workdir
     steps = ckpt_lib.checkpoint_steps(saved)
     if not steps:
@@ -43,14 +47,14 @@ def read_params(workdir: str, step: int | None = None, *, best: bool = False) ->
             + ", ".join(map(str, steps))
         )
     item = os.path.join(saved, "checkpoints", str(step), ckpt_lib.STATE)
-    ckpt_lib.saved_tree(item)  # a damaged checkpoint: an error naming it
+    key = ckpt_lib.weights_key(ckpt_lib.saved_tree(item), weights)  # damaged: an error
     ckpt_lib.quiet_orphaned_reads()
-    params = ckpt_lib.read_numpy(item, "params")
+    params = ckpt_lib.read_numpy(item, key)
     flat = {}
     for path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
         name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
         flat[name] = np.asarray(value)
-    return flat, step
+    return flat, step, key
 
 
 def checkpoint_model(workdir: str, step: int, *, best: bool = False) -> dict | None:
@@ -71,6 +75,13 @@ def main(argv: list[str] | None = None) -> None:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--step", type=int, default=None, help="default: the newest checkpoint")
     which.add_argument("--best", action="store_true", help="an LRA run's best-on-eval checkpoint")
+    p.add_argument(
+        "--weights",
+        choices=ckpt_lib.WEIGHTS,
+        default="auto",
+        help="ema: the weight average of optim.ema; raw: the trained weights; auto: the "
+        "average where the checkpoint keeps one",
+    )
     p.add_argument("--output", required=True, help="the .npz file to write")
     args = tool_args.show_defaults(p).parse_args(argv)
     if not args.output.endswith(".npz"):
@@ -79,10 +90,10 @@ def main(argv: list[str] | None = None) -> None:
     if not os.path.isdir(args.workdir):
         p.error(f"{args.workdir} is not a directory")
     try:
-        params, step = read_params(args.workdir, args.step, best=args.best)
+        params, step, key = read_params(args.workdir, args.step, best=args.best, weights=args.weights)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    extra = {"__step__": np.asarray(step)}
+    extra = {"__step__": np.asarray(step), "__weights__": np.asarray(key)}
     model = checkpoint_model(args.workdir, step, best=args.best)
     if model:
         extra["__model__"] = np.asarray(json.dumps(model))
@@ -90,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     np.savez(tmp, **params, **extra)
     os.replace(tmp, args.output)
     total = sum(v.size for v in params.values())
-    print(f"wrote {args.output}: {len(params)} arrays, {total:,} parameters, step {step}")
+    which = "the weight average" if key == "ema_params" else "the trained weights"
+    print(f"wrote {args.output}: {len(params)} arrays, {total:,} parameters ({which}), step {step}")
 
 
 if __name__ == "__main__":
