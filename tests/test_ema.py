@@ -173,3 +173,18 @@ def test_plain_orbax_reads_the_average(ema_run):
         os.path.join(workdir, "checkpoints", "6", "state")
     )
     assert set(restored) >= {"params", "ema_params", "opt_state"}
+
+
+def test_init_from_a_run_with_an_average_starts_from_the_average(ema_run, tmp_path, corpus):
+    workdir, _, _ = ema_run
+    config = tiny_config(
+        "train.steps=1", "train.eval_every=0", "checkpoint.async_save=false",
+        "optim.lr=1e-12", "optim.weight_decay=0", f"checkpoint.init_from={workdir}",
+        corpus=corpus,
+    )  # fmt: skip
+    train.train_and_evaluate(config, str(tmp_path / "tuned"))
+    started = _saved(str(tmp_path / "tuned"), 1, "params")
+    for a, b in zip(jax.tree.leaves(started), jax.tree.leaves(_saved(workdir, 6, "ema_params"))):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    raw = jax.tree.leaves(_saved(workdir, 6, "params"))
+    assert max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(started), raw)) > 1e-3
