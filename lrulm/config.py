@@ -240,6 +240,9 @@ def base_config() -> ConfigDict:
     c.data = ConfigDict()
     c.data.train_files = ""  # globs, comma-separated; "" = the embedded default corpus
     c.data.eval_files = ""  # "" = held-out files: every 50th train file (or the default's)
+    # More held-out sets, each evaluated and logged apart (eval/NAME/loss, ...):
+    # "NAME=GLOBS;NAME=GLOBS", e.g. "code=held/code/*.jsonl;prose=held/books/*.txt".
+    c.data.eval_sets = ""
     c.data.tokenizer = ""  # a sentencepiece .model; "" = train one into the workdir
     c.data.vocab_size = 2048  # of the tokenizer trained when data.tokenizer is ""
     c.data.reset_at_doc_boundaries = True  # zero the recurrent state at each new document

@@ -31,8 +31,9 @@ def _mesh(config):
 
 
 def evaluate_workdir(config, workdir: str, step: int | None = None, *, best: bool = False) -> dict:
-    """Checkpoint `step` of workdir (None: the newest that reads back) on the eval data;
-    for LRA also on the test split. Returns {"step": S, "eval/<metric>": ..., ...}.
+    """Checkpoint `step` of workdir (None: the newest that reads back) on the eval data
+    (and a language model's data.eval_sets); for LRA also on the test split. Returns
+    {"step": S, "eval/<metric>": ..., "eval/<set>/<metric>": ..., ...}.
     With best, the best-on-eval checkpoint an LRA run keeps (WORKDIR/best/): the one
     its results.json and `lrulm lra-report` report."""
     saved = os.path.join(workdir, "best") if best else workdir
@@ -83,15 +84,19 @@ def evaluate_workdir(config, workdir: str, step: int | None = None, *, best: boo
         )
     row_offset, local_batch = train.local_rows(exp)
     _, eval_jit = train.jit_steps(exp)
-    result = {"step": restored.step}
-    for split in ("eval", "test") if task.best_metric else ("eval",):
-        batches = task.eval_batches(
+
+    def batches_of(split):
+        return task.eval_batches(
             split,
             global_batch=config.train.global_batch_size,
             row_offset=row_offset,
             local_batch=local_batch,
-            num_batches=config.train.eval_steps if split == "eval" else 0,  # test: whole
+            num_batches=config.train.eval_steps if split != "test" else 0,  # test: whole
         )
-        metrics = train.evaluate(exp, eval_jit, restored.state, batches)
-        result.update({f"{split}/{k}": v for k, v in metrics.items()})
+
+    result = {"step": restored.step}
+    result.update(train.evaluate_splits(exp, eval_jit, restored.state, batches_of))
+    if task.best_metric:  # LRA: also the test split, as the run's final test scores it
+        test = train.evaluate(exp, eval_jit, restored.state, batches_of("test"), "test")
+        result.update({f"test/{k}": v for k, v in test.items()})
     return result

@@ -225,7 +225,9 @@ class ClassificationTask:
         correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
         return jnp.sum(losses * weight), jnp.sum(weight), {"accuracy": jnp.sum(correct * weight)}
 
-    def finalize(self, sums: dict) -> dict:
+    eval_splits = ("eval",)  # what each evaluation scores (the test split: at the end)
+
+    def finalize(self, sums: dict, split: str = "eval") -> dict:
         """Mean loss and accuracy over the evaluated examples, and how many there were."""
         n = max(sums["weight"], 1.0)
         return {

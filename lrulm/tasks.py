@@ -17,6 +17,7 @@ task names of lrulm.data.lra.TASKS). Each provides
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -110,6 +111,24 @@ def _copy_atomic(src: str, dst: str) -> None:
     os.replace(tmp, dst)
 
 
+@dataclasses.dataclass
+class HeldOut:
+    """A held-out split of a language model: its packed sequences (`source`: whole ones;
+    `source_all`: with the tail, for a full pass), its UTF-8 bytes per token over the
+    whole split (None: not known) and its token stream (None: ArrayRecord shards)."""
+
+    files: list
+    source: object
+    source_all: object
+    bytes_per_token: float | None
+    stream: lm_data.TokenStream | None = None
+
+
+def metric_prefix(split: str) -> str:
+    """Where a split's metrics are logged: eval/, test/, or eval/NAME/ for data.eval_sets."""
+    return split if split in ("eval", "test") else f"eval/{split}"
+
+
 class LMTask:
     """Next-token prediction on packed text."""
 
@@ -127,10 +146,10 @@ class LMTask:
         self.reset_at_docs = config.data.reset_at_doc_boundaries
         self.loss_vocab_block = config.train.get("loss_vocab_block", 0)
         self.z_loss = config.train.get("z_loss", 0.0)
-        self.train_stream = self.eval_stream = None  # token streams (text inputs)
-        self.train_source = self.eval_source = None  # packed sequences, from either input
-        self.eval_source_all = None  # eval_source with its tail (a full pass)
-        self._packed_bytes_per_token = None  # of ArrayRecord eval shards, if recorded
+        self.train_stream = None  # the train split's token stream (text inputs)
+        self.train_source = None  # its packed sequences, from either input
+        self.held_out: dict[str, HeldOut] = {}  # "eval", then data.eval_sets' sets
+        self.piece_bytes = None  # bytes a target decodes to, where that is exact
         vocab = config.model.vocab_size
         if prepare_data:
             self._prepare(workdir, eval_only)
@@ -208,13 +227,20 @@ class LMTask:
             train_files, eval_files = lm_data.default_corpus()
         lm_data.check_disjoint(train_files, eval_files)
         self.train_files, self.eval_files = train_files, eval_files
-        packed = [f.lower().endswith(".arrayrecord") for f in train_files + eval_files]
-        if any(packed) and not all(packed):
+        held = {"eval": eval_files}  # the held-out splits: the run's, then data.eval_sets'
+        for name, globs in lm_data.parse_eval_sets(data.get("eval_sets", "")).items():
+            held[name] = lm_data.expand_globs(globs, f"data.eval_sets {name}")
+            lm_data.check_disjoint(train_files, held[name], f"data.eval_sets {name}")
+        packed = lm_data.is_packed(train_files + eval_files)
+        if not packed and any(lm_data.is_packed([f]) for f in train_files + eval_files):
             raise ValueError(
                 "data.train_files / eval_files mix .arrayrecord and text files; use one kind"
             )
+        for name, files in held.items():
+            if not lm_data.is_packed(files) and any(lm_data.is_packed([f]) for f in files):
+                raise ValueError(f"data.eval_sets {name} mixes .arrayrecord and text files")
         own = os.path.join(workdir, "tokenizer.model")
-        if all(packed) and not data.tokenizer and not (eval_only and os.path.exists(own)):
+        if packed and not data.tokenizer and not (eval_only and os.path.exists(own)):
             raise ValueError(
                 "ArrayRecord data needs the tokenizer it was prepared with: "
                 "set --config.data.tokenizer"
@@ -231,50 +257,68 @@ class LMTask:
         else:
             tok_path = self._tokenizer(workdir, train_files)
         self.sp = tok.load_tokenizer(tok_path)
-        if all(packed):  # pre-packed by tools/prepare_data.py: nothing to tokenize
-            if not eval_only:
-                self.train_source = lm_data.ArrayRecordSequences(train_files, self.seq_len)
-            self.eval_source = lm_data.ArrayRecordSequences(eval_files, self.seq_len)
-            self.eval_source_all = self.eval_source
-            self._packed_bytes_per_token = lm_data.shards_bytes_per_token(eval_files)
-            return
-        shared = data.get("cache_dir", "")
-        if shared:  # splits named by their content: any run of the same files reads them
-            cache = shared
-            splits = {"eval": (lm_data.content_name(eval_files, tok_path, "eval"), eval_files)}
-            if not eval_only:
-                splits["train"] = (
-                    lm_data.content_name(train_files, tok_path, "train"),
-                    train_files,
+        text = {split: files for split, files in held.items() if not lm_data.is_packed(files)}
+        if not eval_only and not packed:
+            text = {"train": train_files, **text}
+        streams = self._tokenize(text, tok_path, workdir, eval_only)
+        if not eval_only:
+            self.train_stream = streams.get("train")
+            self.train_source = (
+                lm_data.ArrayRecordSequences(train_files, self.seq_len)
+                if packed  # pre-packed by tools/prepare_data.py: nothing to tokenize
+                else lm_data.PackedSequences(self.train_stream, self.seq_len)
+            )
+        for split, files in held.items():
+            if split in streams:
+                stream = streams[split]
+                self.held_out[split] = HeldOut(
+                    files,
+                    lm_data.PackedSequences(stream, self.seq_len),
+                    lm_data.PackedSequences(stream, self.seq_len, keep_tail=True),
+                    stream.bytes_per_token,
+                    stream,
                 )
-        else:
-            cache = os.path.join(workdir, "data")
-            # Training (re)makes its eval split as "eval"; an evaluation reads that where
-            # it holds these files' tokens, else it tokenizes them under a name of their own.
-            name = lm_data.cache_name(eval_files, tok_path, cache, "eval") if eval_only else "eval"
-            splits = {"eval": (name, eval_files)}
-            if not eval_only:
-                splits["train"] = ("train", train_files)
+            else:
+                source = lm_data.ArrayRecordSequences(files, self.seq_len)
+                per_token = lm_data.shards_bytes_per_token(files)
+                self.held_out[split] = HeldOut(files, source, source, per_token)
+        # Bits per byte of the targets scored (a partial evaluation's own bytes), where the
+        # tokenizer's pieces add up to each split's bytes; else the split's mean.
+        table = lm_data.piece_bytes(self.sp)
+        text_splits = [h.stream for h in self.held_out.values() if h.stream is not None]
+        if text_splits and all(lm_data.counts_bytes_exactly(table, st) for st in text_splits):
+            self.piece_bytes = table
+
+    def _tokenize(self, splits: dict, tok_path: str, workdir: str, eval_only: bool) -> dict:
+        """{split: TokenStream} of text splits ({split: files}), tokenized once into the
+        workdir's data/ (or data.cache_dir, named by content) by process 0 and read by all."""
+        shared = self.config.data.get("cache_dir", "")
+        cache = shared or os.path.join(workdir, "data")
+
+        def cache_name(split, files):
+            stem = split if split in ("train", "eval") else f"eval-{split}"
+            if shared:  # named by their content: any run of the same files reads them
+                return lm_data.content_name(files, tok_path, stem)
+            if eval_only:  # the run's copy where it holds these files' tokens, else its own
+                return lm_data.cache_name(files, tok_path, cache, stem)
+            return stem  # training (re)makes its splits under their own names
+
         streams = {}
         main = jax.process_index() == 0
         for turn in ("main", "others"):  # process 0 tokenizes, the others then read
             if (turn == "main") == main:
-                for split, (name, files) in splits.items():
+                for split, files in splits.items():
+                    name = cache_name(split, files)
                     streams[split] = lm_data.prepare_split(files, self.sp, tok_path, cache, name)
             _barrier(f"lrulm_tokens_{turn}")
-        self.train_stream, self.eval_stream = streams.get("train"), streams["eval"]
-        for name, stream in streams.items():
+        for split, stream in streams.items():
             if stream.num_tokens < self.seq_len + 1:
+                what = split if split in ("train", "eval") else f"data.eval_sets {split}"
                 raise ValueError(
-                    f"the {name} split has {stream.num_tokens} tokens, fewer than one sequence "
+                    f"the {what} split has {stream.num_tokens} tokens, fewer than one sequence "
                     f"of train.seq_len={self.seq_len} (+1); use a shorter sequence or more data"
                 )
-        if not eval_only:
-            self.train_source = lm_data.PackedSequences(self.train_stream, self.seq_len)
-        self.eval_source = lm_data.PackedSequences(self.eval_stream, self.seq_len)
-        self.eval_source_all = lm_data.PackedSequences(
-            self.eval_stream, self.seq_len, keep_tail=True
-        )
+        return streams
 
     def _shared_tokenizer(self, train_files: list[str]) -> str | None:
         """Where data.cache_dir keeps the tokenizer trained for `spec` (None: no cache)."""
@@ -376,35 +420,48 @@ class LMTask:
             num_threads=self.config.data.num_threads,
         )
 
+    @property
+    def eval_splits(self) -> tuple[str, ...]:
+        """The held-out splits each evaluation scores: "eval", then data.eval_sets' names."""
+        return tuple(self.held_out) or ("eval",)
+
     def eval_batches(self, split, *, global_batch, row_offset, local_batch, num_batches):
-        """The first num_batches global batches of the held-out stream, in order (fewer if
-        the stream is short); num_batches <= 0: all of it, every token a target once (the
-        last sequence and batch filled up with PAD, which the loss weighs 0)."""
-        if split != "eval":
-            raise ValueError(f"a language model has one held-out split, 'eval'; not {split!r}")
-        source, count = self._eval_source(global_batch, num_batches)
+        """The first num_batches global batches of a held-out split ("eval" or a name of
+        data.eval_sets), in order (fewer if it is short); num_batches <= 0: all of it, every
+        token a target once (the last sequence and batch filled up with PAD, which the
+        loss weighs 0)."""
+        if split not in self.held_out:
+            raise ValueError(
+                f"a language model's held-out splits are {', '.join(self.eval_splits)}; "
+                f"not {split!r}"
+            )
+        source, count = self._eval_source(split, global_batch, num_batches)
         return self._eval_iter(source, count, global_batch, row_offset, local_batch)
 
     def check_eval(self, global_batch: int, num_batches: int) -> None:
-        """Raises now (not at the first evaluation) if the eval split cannot fill a batch;
-        says when it holds fewer batches than train.eval_steps asks for."""
-        _, count = self._eval_source(global_batch, num_batches)
-        if num_batches and num_batches > count and jax.process_index() == 0:
-            metrics_lib.say(
-                f"lrulm: train.eval_steps={num_batches}, but the eval split holds {count} "
-                f"batches of {global_batch}: each evaluation scores those {count}"
-            )
+        """Raises now (not at the first evaluation) if a held-out split cannot fill a
+        batch; says when one holds fewer batches than train.eval_steps asks for."""
+        for split in self.held_out:
+            _, count = self._eval_source(split, global_batch, num_batches)
+            if num_batches and num_batches > count and jax.process_index() == 0:
+                what = "eval split" if split == "eval" else f"eval set {split}"
+                metrics_lib.say(
+                    f"lrulm: train.eval_steps={num_batches}, but the {what} holds {count} "
+                    f"batches of {global_batch}: each evaluation scores those {count}"
+                )
 
-    def _eval_source(self, global_batch, num_batches):
+    def _eval_source(self, split, global_batch, num_batches):
+        held = self.held_out[split]
         if num_batches is None or num_batches <= 0:
-            source = lm_data.PaddedRows(self.eval_source_all, global_batch, self.seq_len)
+            source = lm_data.PaddedRows(held.source_all, global_batch, self.seq_len)
             num_batches = available = len(source) // global_batch
         else:
-            source = self.eval_source
+            source = held.source
             available = len(source) // global_batch
         if available == 0:
+            what = "eval split" if split == "eval" else f"eval set {split}"
             raise ValueError(
-                f"the eval split has {len(source)} sequences of {self.seq_len} tokens, fewer "
+                f"the {what} has {len(source)} sequences of {self.seq_len} tokens, fewer "
                 f"than one global batch of {global_batch}; use more eval data, a smaller "
                 "batch, or --config.train.eval_steps=0 (the whole split, padded)"
             )
@@ -440,13 +497,20 @@ class LMTask:
         )
         weights = (targets != tok.PAD_ID).astype(jnp.float32)
         aux = {"accuracy": jnp.sum(correct.astype(jnp.float32) * weights)}
+        if not train and self.piece_bytes is not None:  # the text the targets decode to
+            table = jnp.asarray(self.piece_bytes, jnp.float32)
+            aux["bytes"] = jnp.sum(table[jnp.minimum(targets, len(self.piece_bytes) - 1)] * weights)
         loss = jnp.sum(losses * weights)
         if train and self.z_loss:  # trained, not evaluated: eval/loss is the cross-entropy
             aux["z_loss"] = self.z_loss * jnp.sum(jnp.square(lse) * weights)
             loss = loss + aux["z_loss"]
         return loss, jnp.sum(weights), aux
 
-    def finalize(self, sums: dict) -> dict:
+    def finalize(self, sums: dict, split: str = "eval") -> dict:
+        """Per-token loss, perplexity and accuracy of a held-out split's summed statistics,
+        the targets scored, and bits per byte: of the bytes those targets decode to where
+        the tokenizer counts them exactly (`piece_bytes`), else with the split's mean
+        bytes per token (ArrayRecord shards, or a tokenizer with a dummy prefix)."""
         loss = sums["loss"] / max(sums["weight"], 1.0)
         out = {
             "loss": loss,
@@ -454,16 +518,16 @@ class LMTask:
             "accuracy": sums["accuracy"] / max(sums["weight"], 1.0),
             "tokens": sums["weight"],  # the targets scored
         }
-        if self.bytes_per_token:
-            out["bits_per_byte"] = loss / math.log(2) / self.bytes_per_token
+        if sums.get("bytes"):
+            out["bits_per_byte"] = sums["loss"] / math.log(2) / sums["bytes"]
+        elif self.bytes_per_token(split):
+            out["bits_per_byte"] = loss / math.log(2) / self.bytes_per_token(split)
         return out
 
-    @property
-    def bytes_per_token(self) -> float | None:
-        """The eval text's UTF-8 bytes per token (over the whole split; None if unknown)."""
-        if self.eval_stream is not None:
-            return self.eval_stream.bytes_per_token
-        return self._packed_bytes_per_token
+    def bytes_per_token(self, split: str = "eval") -> float | None:
+        """A held-out split's UTF-8 bytes per token (over the whole split; None if unknown)."""
+        held = self.held_out.get(split)
+        return held.bytes_per_token if held is not None else None
 
     def tokens_per_example(self) -> int:
         return self.seq_len

@@ -35,6 +35,7 @@ from lrulm import checkpoint as ckpt_lib
 from lrulm import config as config_lib
 from lrulm import distributed, optim, preemption, run_config, sharding, tasks
 from lrulm import metrics as metrics_lib
+from lrulm.data import lm as lm_data
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,10 @@ def validate(config, mesh) -> None:
         raise ValueError(f"train.z_loss must be >= 0 (0: off); got {z_loss}")
     if z_loss and config.task != "lm":
         raise ValueError("train.z_loss is for language models (a classifier has few logits)")
+    eval_sets = config.data.get("eval_sets", "")
+    if eval_sets and config.task != "lm":
+        raise ValueError("data.eval_sets is for language models (LRA has its own splits)")
+    lm_data.parse_eval_sets(eval_sets)  # its syntax, before the data is read
     optim.check_arguments(**_optimizer_args(config))
     ema = ema_of(config)
     if not (0 <= ema < 1):
@@ -467,14 +472,33 @@ def evaluated_state(state: dict, exp: Experiment) -> dict:
     return state
 
 
-def evaluate(exp: Experiment, eval_jit, state, batches) -> dict:
+def evaluate(exp: Experiment, eval_jit, state, batches, split: str = "eval") -> dict:
+    """The task's metrics of one split's batches (`finalize` of the summed statistics)."""
     state = evaluated_state(state, exp)
     sums: dict[str, float] = {}
     for local in batches:
         out = jax.device_get(eval_jit(state, to_global(local, exp)))
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(v)
-    return exp.task.finalize(sums) if sums else {}
+    return exp.task.finalize(sums, split) if sums else {}
+
+
+def evaluate_splits(exp: Experiment, eval_jit, state, batches_of) -> dict:
+    """Every split an evaluation scores (task.eval_splits: "eval", then a language model's
+    data.eval_sets), as one row of logged names (eval/loss, eval/NAME/loss, ...)."""
+    row = {}
+    for split in exp.task.eval_splits:
+        metrics = evaluate(exp, eval_jit, state, batches_of(split), split)
+        row.update({f"{tasks.metric_prefix(split)}/{k}": v for k, v in metrics.items()})
+    return row
+
+
+def _say_eval(writer, step: int, row: dict) -> None:
+    """The console lines of an evaluation: the eval split's, then each eval set's."""
+    for prefix in sorted({k.rsplit("/", 1)[0] for k in row}, key=lambda p: (p != "eval", p)):
+        metrics = {k.rsplit("/", 1)[1]: v for k, v in row.items() if k.rsplit("/", 1)[0] == prefix}
+        where = "" if prefix == "eval" else f" {prefix.removeprefix('eval/')}"
+        writer.summary_line(f"eval{where} at step {step}", metrics)
 
 
 def _final_test(best, exp, eval_jit, test_batches, writer, step, workdir, state, *, trained):
@@ -686,7 +710,7 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
 
         def eval_batches(split="eval"):
             # The test split is always read whole: its accuracy is the reported number.
-            steps = t.eval_steps if split == "eval" else 0
+            steps = t.eval_steps if split != "test" else 0
             return task.eval_batches(split, num_batches=steps, **batch_args)
 
         best = ckpt_lib.BestCheckpoint(workdir, *task.best_metric) if task.best_metric else None
@@ -728,9 +752,9 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
         try:
             # The initial state's baseline: a new run's, not one resumed at step 0.
             if restored is None and t.get("eval_at_start", False):
-                start_eval = evaluate(exp, eval_jit, state, eval_batches())
-                writer.write(0, {f"eval/{k}": v for k, v in start_eval.items()})
-                writer.summary_line("eval at step 0", start_eval)
+                start_eval = evaluate_splits(exp, eval_jit, state, eval_batches)
+                writer.write(0, start_eval)
+                _say_eval(writer, 0, start_eval)
                 throughput.start(step)
             while step < t.steps:
                 if watcher.reached(step):
@@ -764,9 +788,11 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
                 restart_timer = step % t.log_every == 0
                 if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
                     restart_timer = True
-                    last_eval = evaluate(exp, eval_jit, state, eval_batches())
-                    writer.write(step, {f"eval/{k}": v for k, v in last_eval.items()})
-                    writer.summary_line(f"eval at step {step}", last_eval)
+                    row = evaluate_splits(exp, eval_jit, state, eval_batches)
+                    writer.write(step, row)
+                    _say_eval(writer, step, row)
+                    # What a run returns: the eval split's metrics (eval/NAME/... as keys)
+                    last_eval = {k.removeprefix("eval/"): v for k, v in row.items()}
                     if best is not None:
                         check_finite()
                         best.update(step, last_eval, state)

@@ -92,7 +92,7 @@ def test_full_eval_pass_scores_every_token_once(lm_workdir):
         config = config_lib.from_dict(json.load(f))
     config.train.eval_steps = 0
     task = tasks.make_task(config, lm_workdir)
-    stream = np.asarray(task.eval_stream.tokens())
+    stream = np.asarray(task.held_out["eval"].stream.tokens())
     assert (stream.size - 1) % config.train.seq_len  # the split ends in a partial sequence
     for global_batch, local_batch in [(8, 8), (8, 4), (5, 5)]:
         rows = {}

@@ -126,7 +126,8 @@ def test_lm_loss_starts_a_new_document_after_each_eos():
 def test_lm_metrics_from_summed_statistics(bytes_per_token):
     task = _lm_task()
     tokens = 1000
-    task.eval_stream = TokenStream("", tokens, int(tokens * bytes_per_token), num_docs=1)
+    stream = TokenStream("", tokens, int(tokens * bytes_per_token), num_docs=1)
+    task.held_out["eval"] = tasks.HeldOut([], None, None, stream.bytes_per_token, stream)
     out = task.finalize({"loss": 2.0 * 50, "weight": 50.0, "accuracy": 20.0})
     assert out["loss"] == 2.0 and out["accuracy"] == 0.4 and out["tokens"] == 50
     np.testing.assert_allclose(out["perplexity"], math.exp(2.0))

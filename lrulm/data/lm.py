@@ -90,18 +90,82 @@ def expand_globs(patterns: str | Sequence[str], what: str) -> list[str]:
     return files
 
 
-def check_disjoint(train_files: Sequence[str], eval_files: Sequence[str]) -> None:
+def check_disjoint(
+    train_files: Sequence[str], eval_files: Sequence[str], what: str = "data.eval_files"
+) -> None:
     """Refuses held-out files that are also train files: their evaluation would score
     text the model was trained on."""
     train = {os.path.realpath(f) for f in train_files}
     shared = [f for f in eval_files if os.path.realpath(f) in train]
     if shared:
-        raise ValueError(
-            f"data.eval_files and data.train_files share {len(shared)} file(s) "
-            f"({', '.join(shared[:3])}{', ...' if len(shared) > 3 else ''}): their evaluation "
-            "would score text the model trained on. Leave them out of data.train_files, or "
-            "leave data.eval_files empty to hold out every 50th train file"
+        hint = (
+            ", or leave data.eval_files empty to hold out every 50th train file"
+            if what == "data.eval_files"
+            else ""
         )
+        raise ValueError(
+            f"{what} and data.train_files share {len(shared)} file(s) "
+            f"({', '.join(shared[:3])}{', ...' if len(shared) > 3 else ''}): their evaluation "
+            f"would score text the model trained on. Leave them out of data.train_files{hint}"
+        )
+
+
+_RESERVED_SPLITS = ("train", "eval", "test")
+
+
+def parse_eval_sets(text: str) -> dict[str, str]:
+    """data.eval_sets, "NAME=GLOBS;NAME=GLOBS" (GLOBS comma-separated, as data.eval_files),
+    as {NAME: GLOBS} in the order given; a ValueError says what is malformed."""
+    sets: dict[str, str] = {}
+    for item in (part.strip() for part in text.split(";")):
+        if not item:
+            continue
+        name, sep, globs = (x.strip() for x in item.partition("="))
+        if not sep or not globs:
+            raise ValueError(
+                f"data.eval_sets: {item!r} is not NAME=GLOBS; write e.g. "
+                "'code=held/code/*.jsonl;prose=held/books/*.txt'"
+            )
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in _RESERVED_SPLITS:
+            raise ValueError(
+                f"data.eval_sets: {name!r} cannot name a set (letters, digits, '_', '.', '-'; "
+                f"not {', '.join(_RESERVED_SPLITS)})"
+            )
+        if name in sets:
+            raise ValueError(f"data.eval_sets names {name!r} twice")
+        sets[name] = globs
+    return sets
+
+
+def is_packed(files: Sequence[str]) -> bool:
+    """Whether files are ArrayRecord shards of tools/prepare_data.py (else text)."""
+    return bool(files) and all(f.lower().endswith(".arrayrecord") for f in files)
+
+
+def piece_bytes(sp) -> np.ndarray:
+    """The UTF-8 bytes each piece of a tokenizer decodes to, when decoding is the
+    concatenation of pieces (as for lrulm's own: no dummy prefix, no normalisation):
+    control and unknown pieces 0, byte pieces 1, others their text (▁ a space)."""
+    out = np.zeros(sp.get_piece_size(), np.int32)
+    for i in range(sp.get_piece_size()):
+        if sp.is_byte(i):
+            out[i] = 1
+        elif not (sp.is_control(i) or sp.is_unknown(i)):
+            out[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+    return out
+
+
+def counts_bytes_exactly(table: np.ndarray, stream: TokenStream) -> bool:
+    """Whether the piece table's bytes of every token of a tokenized split add up to the
+    split's own UTF-8 bytes (then any slice of it is counted exactly)."""
+    tokens = stream.tokens()
+    total = 0
+    for start in range(0, len(tokens), 1 << 24):
+        part = np.bincount(np.asarray(tokens[start : start + (1 << 24)]), minlength=len(table))
+        if len(part) > len(table):
+            return False  # ids the table does not have: another tokenizer's tokens
+        total += int(part @ table.astype(np.int64))
+    return total == stream.num_bytes
 
 
 def _encodes(text: str) -> bool:
