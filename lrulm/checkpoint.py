@@ -354,7 +354,7 @@ class Checkpointer:
         counts_rows = "rows" in saved
         changed = [
             "the train data's content (its sampled examples differ: other files, another "
-            "order of them, or edited text)"
+            "order of them, edited text, or other data.mixture weights)"
             if k == "train_fingerprint"
             else f"{k} {saved[k]:,} -> {v:,}"
             for k, v in signature.items()

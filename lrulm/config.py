@@ -239,6 +239,9 @@ def base_config() -> ConfigDict:
 
     c.data = ConfigDict()
     c.data.train_files = ""  # globs, comma-separated; "" = the embedded default corpus
+    # Train data from several sources in fixed proportions, in place of data.train_files:
+    # "NAME=GLOBS@WEIGHT;...", e.g. "web=data/web/*.jsonl@0.7;code=data/code/*.jsonl@0.3".
+    c.data.mixture = ""
     c.data.eval_files = ""  # "" = held-out files: every 50th train file (or the default's)
     # More held-out sets, each evaluated and logged apart (eval/NAME/loss, ...):
     # "NAME=GLOBS;NAME=GLOBS", e.g. "code=held/code/*.jsonl;prose=held/books/*.txt".

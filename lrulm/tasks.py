@@ -93,9 +93,6 @@ def _check_same_tokenizer(given: str, own: str, workdir: str) -> None:
     )
 
 
-_COUNT_SLICE = 1 << 24  # tokens counted at once by LMTask.unigram_entropy
-
-
 def write_atomic(path: str, text: str) -> None:
     """text written to path whole or not at all (a crash mid-write leaves path as it was)."""
     tmp = f"{path}.tmp"
@@ -147,6 +144,7 @@ class LMTask:
         self.loss_vocab_block = config.train.get("loss_vocab_block", 0)
         self.z_loss = config.train.get("z_loss", 0.0)
         self.train_stream = None  # the train split's token stream (text inputs)
+        self.train_streams = {}  # every train part's ({"train": ...} without a mixture)
         self.train_source = None  # its packed sequences, from either input
         self.held_out: dict[str, HeldOut] = {}  # "eval", then data.eval_sets' sets
         self.piece_bytes = None  # bytes a target decodes to, where that is exact
@@ -191,21 +189,41 @@ class LMTask:
 
     def _prepare(self, workdir: str, eval_only: bool) -> None:
         data = self.config.data
+        mixture = lm_data.parse_mixture(data.get("mixture", ""))
+        if mixture and data.train_files:
+            raise ValueError(
+                "data.train_files and data.mixture are both set; give the train data once "
+                "(data.mixture's parts, or data.train_files)"
+            )
+        specs = [(name, globs, f"data.mixture {name}") for name, globs, _ in mixture]
+        if data.train_files:
+            specs = [("train", data.train_files, "data.train_files")]
+        self.mixture_weights = {name: weight for name, _, weight in mixture}
         if eval_only and data.eval_files:  # the train files are not read (nor need be there)
             eval_files = lm_data.expand_globs(data.eval_files, "data.eval_files")
-            train_files = []  # their names, where still there: evaluating train text is refused
-            if data.train_files:
+            parts = {}  # their names, where still there: evaluating train text is refused
+            for name, globs, what in specs:
                 with contextlib.suppress(FileNotFoundError, ValueError):
-                    train_files = lm_data.expand_globs(data.train_files, "data.train_files")
-        elif data.train_files:
-            train_files = lm_data.expand_globs(data.train_files, "data.train_files")
+                    parts[name] = lm_data.expand_globs(globs, what)
+        elif specs:
+            parts = {name: lm_data.expand_globs(globs, what) for name, globs, what in specs}
             if data.eval_files:
                 eval_files = lm_data.expand_globs(data.eval_files, "data.eval_files")
-            elif len(train_files) >= 2:  # hold out every 50th file, as for the default
-                eval_files = train_files[::50]
+            else:  # hold out every 50th file (of each part of a mixture), as for the default
+                eval_files = [f for files in parts.values() if len(files) >= 2 for f in files[::50]]
+                if not eval_files:
+                    what = "each part of data.mixture" if mixture else "data.train_files"
+                    raise ValueError(
+                        f"data.eval_files is empty and {what} names one file; give "
+                        "held-out files with --config.data.eval_files"
+                    )
                 held = set(eval_files)
-                train_files = [f for f in train_files if f not in held]
+                parts = {name: [f for f in files if f not in held] for name, files in parts.items()}
+                empty = [name for name, files in parts.items() if not files]
+                if empty:  # cannot happen with >= 2 files a part: [::50] keeps one in 50
+                    raise ValueError(f"data.mixture {empty[0]}: no train file left")
                 if jax.process_index() == 0 and not eval_only:
+                    train_files = [f for files in parts.values() for f in files]
                     size = lambda files: sum(os.path.getsize(f) for f in files)
                     share = size(eval_files) / max(size(eval_files) + size(train_files), 1)
                     large = " (a large share: with few files, give held-out files)" * (share > 0.1)
@@ -216,15 +234,13 @@ class LMTask:
                         f"{', ...' if len(eval_files) > 3 else ''}; {share:.0%} of the "
                         f"bytes{large}); set --config.data.eval_files to choose"
                     )
-            else:
-                raise ValueError(
-                    "data.eval_files is empty and data.train_files names one "
-                    "file; give held-out files with --config.data.eval_files"
-                )
         else:
             if data.eval_files:
                 raise ValueError("data.eval_files is set but data.train_files is not")
             train_files, eval_files = lm_data.default_corpus()
+            parts = {"train": train_files}
+        self.train_parts = parts  # {"train": files}, or data.mixture's {name: files}
+        train_files = [f for files in parts.values() for f in files]
         lm_data.check_disjoint(train_files, eval_files)
         self.train_files, self.eval_files = train_files, eval_files
         held = {"eval": eval_files}  # the held-out splits: the run's, then data.eval_sets'
@@ -257,20 +273,29 @@ class LMTask:
         else:
             tok_path = self._tokenizer(workdir, train_files)
         self.sp = tok.load_tokenizer(tok_path)
-        text = {split: files for split, files in held.items() if not lm_data.is_packed(files)}
+        # Cache stems: train (or train-PART of a mixture), eval, eval-SET.
+        stem = lambda split: "eval" if split == "eval" else f"eval-{split}"
+        text = {stem(split): f for split, f in held.items() if not lm_data.is_packed(f)}
+        train_stems = {name: "train" if name == "train" else f"train-{name}" for name in parts}
         if not eval_only and not packed:
-            text = {"train": train_files, **text}
+            text = {**{train_stems[name]: parts[name] for name in parts}, **text}
         streams = self._tokenize(text, tok_path, workdir, eval_only)
         if not eval_only:
-            self.train_stream = streams.get("train")
+            sources = {}
+            for name, files in parts.items():
+                sources[name] = (
+                    lm_data.ArrayRecordSequences(files, self.seq_len)
+                    if packed  # pre-packed by tools/prepare_data.py: nothing to tokenize
+                    else lm_data.PackedSequences(streams[train_stems[name]], self.seq_len)
+                )
+            self.train_streams = {n: streams[train_stems[n]] for n in parts if not packed}
+            self.train_stream = self.train_streams.get("train")
             self.train_source = (
-                lm_data.ArrayRecordSequences(train_files, self.seq_len)
-                if packed  # pre-packed by tools/prepare_data.py: nothing to tokenize
-                else lm_data.PackedSequences(self.train_stream, self.seq_len)
+                lm_data.Mixture(sources, self.mixture_weights) if mixture else sources["train"]
             )
         for split, files in held.items():
-            if split in streams:
-                stream = streams[split]
+            if stem(split) in streams:
+                stream = streams[stem(split)]
                 self.held_out[split] = HeldOut(
                     files,
                     lm_data.PackedSequences(stream, self.seq_len),
@@ -290,13 +315,13 @@ class LMTask:
             self.piece_bytes = table
 
     def _tokenize(self, splits: dict, tok_path: str, workdir: str, eval_only: bool) -> dict:
-        """{split: TokenStream} of text splits ({split: files}), tokenized once into the
-        workdir's data/ (or data.cache_dir, named by content) by process 0 and read by all."""
+        """{stem: TokenStream} of text splits ({stem: files}; stems as "train", "eval",
+        "eval-SET"), tokenized once into the workdir's data/ (or data.cache_dir, named by
+        content) by process 0 and read by all."""
         shared = self.config.data.get("cache_dir", "")
         cache = shared or os.path.join(workdir, "data")
 
-        def cache_name(split, files):
-            stem = split if split in ("train", "eval") else f"eval-{split}"
+        def cache_name(stem, files):
             if shared:  # named by their content: any run of the same files reads them
                 return lm_data.content_name(files, tok_path, stem)
             if eval_only:  # the run's copy where it holds these files' tokens, else its own
@@ -307,13 +332,16 @@ class LMTask:
         main = jax.process_index() == 0
         for turn in ("main", "others"):  # process 0 tokenizes, the others then read
             if (turn == "main") == main:
-                for split, files in splits.items():
-                    name = cache_name(split, files)
-                    streams[split] = lm_data.prepare_split(files, self.sp, tok_path, cache, name)
+                for stem, files in splits.items():
+                    name = cache_name(stem, files)
+                    streams[stem] = lm_data.prepare_split(files, self.sp, tok_path, cache, name)
             _barrier(f"lrulm_tokens_{turn}")
-        for split, stream in streams.items():
+        for stem, stream in streams.items():
             if stream.num_tokens < self.seq_len + 1:
-                what = split if split in ("train", "eval") else f"data.eval_sets {split}"
+                kind, _, name = stem.partition("-")
+                what = (
+                    f"data.{'mixture' if kind == 'train' else 'eval_sets'} {name}" if name else stem
+                )
                 raise ValueError(
                     f"the {what} split has {stream.num_tokens} tokens, fewer than one sequence "
                     f"of train.seq_len={self.seq_len} (+1); use a shorter sequence or more data"
@@ -384,18 +412,18 @@ class LMTask:
         return tok_path
 
     def unigram_entropy(self) -> float | None:
-        """Entropy (nats) of the training tokens' unigram distribution: the loss a
-        model that ignores context cannot beat. None for pre-packed data."""
-        if self.train_stream is None:
+        """Entropy (nats) of the training tokens' unigram distribution (of a mixture: its
+        parts' distributions mixed by their weights): the loss a model that ignores
+        context cannot beat. None for pre-packed data."""
+        if not self.train_streams:
             return None
-        tokens = self.train_stream.tokens()  # on disk: counted a slice at a time, not
-        counts = np.zeros(1, np.int64)  # copied whole as int64 (8 bytes a token)
-        for start in range(0, len(tokens), _COUNT_SLICE):
-            part = np.bincount(np.asarray(tokens[start : start + _COUNT_SLICE]))
-            if len(part) > len(counts):
-                counts = np.pad(counts, (0, len(part) - len(counts)))
-            counts[: len(part)] += part
-        p = counts[counts > 0] / counts.sum()
+        weights = self.mixture_weights or {"train": 1.0}
+        total = sum(weights.values())
+        p = np.zeros(self.sp.get_piece_size())
+        for name, stream in self.train_streams.items():
+            counts = lm_data.token_counts(stream)[: len(p)]
+            p[: len(counts)] += weights[name] / total * counts / max(counts.sum(), 1)
+        p = p[p > 0]
         return float(-(p * np.log(p)).sum())
 
     def batch_spec(self, global_batch: int) -> dict:
@@ -408,6 +436,8 @@ class LMTask:
 
     def train_fingerprint(self) -> str:
         """A digest of sampled train sequences (what a resume checks is unchanged too)."""
+        if isinstance(self.train_source, lm_data.Mixture):
+            return self.train_source.fingerprint()
         return lm_data.sample_fingerprint(self.train_source)
 
     def train_batches(self, *, global_batch, row_offset, local_batch, seed):

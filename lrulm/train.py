@@ -159,6 +159,10 @@ def validate(config, mesh) -> None:
     if eval_sets and config.task != "lm":
         raise ValueError("data.eval_sets is for language models (LRA has its own splits)")
     lm_data.parse_eval_sets(eval_sets)  # its syntax, before the data is read
+    mixture = config.data.get("mixture", "")
+    if mixture and config.task != "lm":
+        raise ValueError("data.mixture is for language models (LRA reads its task's files)")
+    lm_data.parse_mixture(mixture)
     optim.check_arguments(**_optimizer_args(config))
     ema = ema_of(config)
     if not (0 <= ema < 1):

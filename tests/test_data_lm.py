@@ -1,6 +1,7 @@
 """LM data: tokenizer round trips, packing, per-process rows, resume, ArrayRecord, errors."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -539,17 +540,27 @@ def test_a_resume_given_another_tokenizer_changes_nothing(tmp_path, corpus, sp):
 
 def test_unigram_entropy_counts_a_slice_at_a_time(monkeypatch):
     """The step-0 entropy counts the on-disk tokens in slices (not one int64 copy of the
-    whole corpus), with the same result however they are sliced."""
+    whole corpus), with the same result however they are sliced; a mixture's is that of
+    its parts' distributions mixed by the weights."""
     import types
 
     from lrulm import tasks
 
     tokens = np.random.default_rng(0).integers(0, 3000, 100_003).astype(np.uint16)
     tokens[-1] = 4000  # the largest id in the last slice only
-    fake = types.SimpleNamespace(train_stream=types.SimpleNamespace(tokens=lambda: tokens))
+    stream = types.SimpleNamespace(tokens=lambda: tokens)
+    sp = types.SimpleNamespace(get_piece_size=lambda: 4096)
+    fake = types.SimpleNamespace(train_streams={"train": stream}, mixture_weights={}, sp=sp)
     counts = np.bincount(tokens)
     p = counts[counts > 0] / counts.sum()
     expected = float(-(p * np.log(p)).sum())
     for size in (1 << 24, 1000, 7):
-        monkeypatch.setattr(tasks, "_COUNT_SLICE", size)
+        monkeypatch.setattr(lm_data, "COUNT_SLICE", size)
         assert tasks.LMTask.unigram_entropy(fake) == pytest.approx(expected, rel=1e-12)
+    # Two parts of disjoint ids, weighted 3:1: H = H(3/4, 1/4) + 3/4 H(a) + 1/4 H(b).
+    other = types.SimpleNamespace(tokens=lambda: np.full(10, 4095, np.uint16))
+    mixed = types.SimpleNamespace(
+        train_streams={"a": stream, "b": other}, mixture_weights={"a": 3.0, "b": 1.0}, sp=sp
+    )
+    want = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25)) + 0.75 * expected
+    assert tasks.LMTask.unigram_entropy(mixed) == pytest.approx(want, rel=1e-9)

@@ -169,9 +169,7 @@ def test_a_bad_decay_is_refused_before_anything_runs(tmp_path, corpus):
 
 def test_plain_orbax_reads_the_average(ema_run):
     workdir, _, _ = ema_run
-    restored = ocp.PyTreeCheckpointer().restore(
-        os.path.join(workdir, "checkpoints", "6", "state")
-    )
+    restored = ocp.PyTreeCheckpointer().restore(os.path.join(workdir, "checkpoints", "6", "state"))
     assert set(restored) >= {"params", "ema_params", "opt_state"}
 
 

@@ -7,10 +7,10 @@ scanned layers holds each array with the layer as its first axis, an unscanned o
 `stack/blocks/<i>/...`. The LRU's parameters keep the paper reference code's names
 (`nu_log, theta_log, gamma_log, B_re, B_im, C_re, C_im, D`; DESIGN.md §1), so a tree can be
 mapped onto it. `__step__` holds the step, and `__model__` the resolved model config the
-checkpoint was saved with (JSON text, from its metadata). Only the parameters are
-read (not the optimizer state; the weight average of `optim.ema` where the checkpoint keeps
-one, unless `--weights raw`; `__weights__` says which), as numpy arrays on the host, whatever devices wrote them;
-`np.load(FILE)` reads them back.
+checkpoint was saved with (JSON text, from its metadata). Only the parameters are read
+(not the optimizer state; the weight average of `optim.ema` where the checkpoint keeps one,
+unless `--weights raw`; `__weights__` says which), as numpy arrays on the host, whatever
+devices wrote them; `np.load(FILE)` reads them back.
 """
 
 from __future__ import annotations
@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     if not os.path.isdir(args.workdir):
         p.error(f"{args.workdir} is not a directory")
     try:
-        params, step, key = read_params(args.workdir, args.step, best=args.best, weights=args.weights)
+        params, step, key = read_params(
+            args.workdir, args.step, best=args.best, weights=args.weights
+        )
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     extra = {"__step__": np.asarray(step), "__weights__": np.asarray(key)}

@@ -24,6 +24,7 @@ import gzip
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import sysconfig
@@ -126,15 +127,50 @@ def parse_eval_sets(text: str) -> dict[str, str]:
                 f"data.eval_sets: {item!r} is not NAME=GLOBS; write e.g. "
                 "'code=held/code/*.jsonl;prose=held/books/*.txt'"
             )
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in _RESERVED_SPLITS:
-            raise ValueError(
-                f"data.eval_sets: {name!r} cannot name a set (letters, digits, '_', '.', '-'; "
-                f"not {', '.join(_RESERVED_SPLITS)})"
-            )
-        if name in sets:
-            raise ValueError(f"data.eval_sets names {name!r} twice")
+        _check_name(name, sets, "data.eval_sets", "a set")
         sets[name] = globs
     return sets
+
+
+def _check_name(name: str, taken, key: str, what: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in _RESERVED_SPLITS:
+        raise ValueError(
+            f"{key}: {name!r} cannot name {what} (letters, digits, '_', '.', '-'; "
+            f"not {', '.join(_RESERVED_SPLITS)})"
+        )
+    if name in taken:
+        raise ValueError(f"{key} names {name!r} twice")
+
+
+def parse_mixture(text: str) -> list[tuple[str, str, float]]:
+    """data.mixture, "NAME=GLOBS@WEIGHT;..." (GLOBS comma-separated), as (name, globs,
+    weight) in the order given; a ValueError says what is malformed."""
+    parts: list[tuple[str, str, float]] = []
+    for item in (x.strip() for x in text.split(";")):
+        if not item:
+            continue
+        name, sep, rest = (x.strip() for x in item.partition("="))
+        globs, at, weight_text = (x.strip() for x in rest.rpartition("@"))
+        try:
+            weight = float(weight_text)
+        except ValueError:
+            weight = math.nan
+        if not (sep and at and globs):
+            raise ValueError(
+                f"data.mixture: {item!r} is not NAME=GLOBS@WEIGHT; write e.g. "
+                "'web=data/web/*.jsonl@0.7;code=data/code/*.jsonl@0.3'"
+            )
+        if not (weight > 0 and math.isfinite(weight)):
+            raise ValueError(
+                f"data.mixture {name}: the weight must be positive; got {weight_text!r}"
+            )
+        _check_name(name, {p[0] for p in parts}, "data.mixture", "a part")
+        parts.append((name, globs, weight))
+    if len(parts) == 1:
+        raise ValueError(
+            "data.mixture has one part; give data.train_files for one source, or more parts"
+        )
+    return parts
 
 
 def is_packed(files: Sequence[str]) -> bool:
@@ -155,17 +191,29 @@ def piece_bytes(sp) -> np.ndarray:
     return out
 
 
+COUNT_SLICE = 1 << 24  # tokens counted at once by token_counts
+
+
+def token_counts(stream: TokenStream) -> np.ndarray:
+    """How often each token id occurs in a tokenized split (counted a slice at a time:
+    the tokens stay on disk, not copied whole as int64)."""
+    tokens = stream.tokens()
+    counts = np.zeros(1, np.int64)
+    for start in range(0, len(tokens), COUNT_SLICE):
+        part = np.bincount(np.asarray(tokens[start : start + COUNT_SLICE]))
+        if len(part) > len(counts):
+            counts = np.pad(counts, (0, len(part) - len(counts)))
+        counts[: len(part)] += part
+    return counts
+
+
 def counts_bytes_exactly(table: np.ndarray, stream: TokenStream) -> bool:
     """Whether the piece table's bytes of every token of a tokenized split add up to the
     split's own UTF-8 bytes (then any slice of it is counted exactly)."""
-    tokens = stream.tokens()
-    total = 0
-    for start in range(0, len(tokens), 1 << 24):
-        part = np.bincount(np.asarray(tokens[start : start + (1 << 24)]), minlength=len(table))
-        if len(part) > len(table):
-            return False  # ids the table does not have: another tokenizer's tokens
-        total += int(part @ table.astype(np.int64))
-    return total == stream.num_bytes
+    counts = token_counts(stream)
+    if len(counts) > len(table):
+        return False  # ids the table does not have: another tokenizer's tokens
+    return int(counts @ table[: len(counts)].astype(np.int64)) == stream.num_bytes
 
 
 def _encodes(text: str) -> bool:
@@ -386,6 +434,33 @@ def sample_fingerprint(source, samples: int = 64) -> str:
 # -- packed sequences ------------------------------------------------------------------------
 
 
+class Mixture:
+    """Train sequences of several sources (data.mixture's parts) in fixed proportions:
+    each source shuffled with a seed of its own and repeated (a new order each epoch of
+    it), then interleaved by Grain's weighted mix, so every stretch of rows holds the
+    parts in the weights' proportions however long or short each part is."""
+
+    def __init__(self, sources: dict, weights: dict[str, float]):
+        self.sources, self.weights = sources, weights
+
+    def __len__(self) -> int:  # sequences over all parts (the run's data signature)
+        return sum(len(s) for s in self.sources.values())
+
+    def dataset(self, seed: int) -> grain.MapDataset:
+        parts = []
+        for k, source in enumerate(self.sources.values()):
+            part_seed = int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
+            parts.append(grain.MapDataset.source(source).shuffle(seed=part_seed).repeat(None))
+        return grain.MapDataset.mix(parts, [self.weights[n] for n in self.sources])
+
+    def fingerprint(self) -> str:
+        """Each part's sample_fingerprint, with its name and weight."""
+        h = hashlib.sha256()
+        for name, source in self.sources.items():
+            h.update(f"{name}@{self.weights[name]!r}:{sample_fingerprint(source)};".encode())
+        return h.hexdigest()[:16]
+
+
 class PackedSequences(grain.sources.RandomAccessDataSource):
     """Sequence i of a token stream: inputs tokens[iL : iL+L], targets one step later.
 
@@ -551,11 +626,16 @@ def batches(
     Element s holds global rows [first_row + s*G, first_row + (s+1)*G) of the (shuffled,
     repeated) order, this process's rows of them.
     """
-    ds = grain.MapDataset.source(source)
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    if repeat:
-        ds = ds.repeat(None)
+    if isinstance(source, Mixture):  # shuffled, repeated and mixed part by part
+        if not (shuffle and repeat):
+            raise ValueError("a mixture is read shuffled and repeated (it is train data)")
+        ds = source.dataset(seed)
+    else:
+        ds = grain.MapDataset.source(source)
+        if shuffle:
+            ds = ds.shuffle(seed=seed)
+        if repeat:
+            ds = ds.repeat(None)
     ds = _ProcessRows(ds, global_batch, row_offset, local_batch, first_row)
     ds = ds.batch(local_batch, drop_remainder=True)
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4)
