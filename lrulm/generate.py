@@ -140,25 +140,29 @@ def prefill(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p", "top_k", "num_tokens"),
+    static_argnames=("graphdef", "steps", "temperature", "top_p", "top_k", "num_tokens"),
 )
 def _decode(
     graphdef,
     params,
-    logits,
-    states,
+    carry,
     keys,
     stop_ids,
     reset_ids,
-    after_reset,
-    *,
     max_new_tokens,
+    *,
+    steps,
     temperature,
     top_p,
     top_k,
     num_tokens=None,
 ):
+    """Decodes new tokens i .. min(i + steps, max_new_tokens) - 1 from carry = (i, logits,
+    states, done, reset): the (b, steps) tokens and log-probabilities (PAD and 0 past the
+    end or a row's stop), and the carry to go on from. Token i of row r draws from key r
+    folded with i, so any `steps` gives the same tokens."""
     model = nnx.merge(graphdef, params)
+    start, logits, _, _, _ = carry
     b = logits.shape[0]
     vocab = logits.shape[-1]
     # The model's vocabulary may be padded past the tokenizer's (tasks.lm_vocab_size):
@@ -167,33 +171,33 @@ def _decode(
     # end the row's text where the model has not stopped.
     ids = jnp.arange(vocab)
     real = (ids < (vocab if num_tokens is None else num_tokens)) & (ids != tok.PAD_ID)
-    out = jnp.full((b, max_new_tokens), tok.PAD_ID, jnp.int32)
-    logprobs = jnp.zeros((b, max_new_tokens), jnp.float32)
+    out = jnp.full((b, steps), tok.PAD_ID, jnp.int32)
+    logprobs = jnp.zeros((b, steps), jnp.float32)
+    end = jnp.minimum(start + steps, max_new_tokens)
 
-    def cond(carry):
-        i, _, _, done, _, _, _ = carry
-        return (i < max_new_tokens) & ~jnp.all(done)
+    def cond(loop):
+        (i, _, _, done, _), _, _ = loop
+        return (i < end) & ~jnp.all(done)
 
-    def body(carry):
-        i, logits, states, done, out, logprobs, reset = carry
+    def body(loop):
+        (i, logits, states, done, reset), out, logprobs = loop
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
         logits = jnp.where(real, logits.astype(jnp.float32), -jnp.inf)
         token = sample_logits(step_keys, logits, temperature=temperature, top_p=top_p, top_k=top_k)
         token = jnp.where(done, tok.PAD_ID, token)
-        out = out.at[:, i].set(token)
+        out = out.at[:, i - start].set(token)
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
-        logprobs = logprobs.at[:, i].set(jnp.where(done, 0.0, logp))
+        logprobs = logprobs.at[:, i - start].set(jnp.where(done, 0.0, logp))
         done = done | jnp.isin(token, stop_ids)
         # `reset`: the previous token ended a document, so this one starts from zero.
         step_logits, states = model(
             token[:, None], resets=reset[:, None], h0=states, return_state=True
         )
         next_reset = jnp.isin(token, reset_ids)
-        return i + 1, step_logits[:, 0], states, done, out, logprobs, next_reset
+        return (i + 1, step_logits[:, 0], states, done, next_reset), out, logprobs
 
-    init = (0, logits, states, jnp.zeros((b,), bool), out, logprobs, after_reset)
-    _, _, _, _, out, logprobs, _ = jax.lax.while_loop(cond, body, init)
-    return out, logprobs
+    carry, out, logprobs = jax.lax.while_loop(cond, body, (carry, out, logprobs))
+    return out, logprobs, carry
 
 
 def generate(
@@ -212,6 +216,8 @@ def generate(
     prefill_chunk: int = 2048,
     num_tokens: int | None = None,
     return_logprobs: bool = False,
+    on_tokens=None,
+    stream_every: int = 8,
 ):
     """Continues each prompt (a list of token ids). Works on a sharded model too: the
     parameters keep their shardings and jit places the computation accordingly.
@@ -222,6 +228,11 @@ def generate(
     is zeroed, as training does at document ends; () for a model trained without
     (`data.reset_at_doc_boundaries=False`).
 
+    With `on_tokens`, decoding returns to the host every `stream_every` tokens and calls
+    on_tokens(new tokens so far, per prompt, up to its stop) to show them as they come;
+    a true return value stops decoding there (e.g. a stop text seen). The tokens are
+    those of decoding in one go.
+
     Returns, per prompt, the new tokens up to and excluding the first stop token; with
     return_logprobs, also (per prompt) each new token's log-probability under the model
     (at temperature 1, among the ids that can be drawn), as a second list.
@@ -229,40 +240,63 @@ def generate(
     check_sampling(temperature, top_p, top_k, max_new_tokens)
     if key is None:
         check_seed(seed)
+    if stream_every < 1:
+        raise ValueError(f"stream_every must be positive; got {stream_every}")
     if model.cfg.bidirectional:
         raise ValueError("a bidirectional model cannot generate: it needs the future")
     reset_after = tuple(reset_after)
     logits, states = prefill(model, prompts, chunk_size=prefill_chunk, reset_after=reset_after)
     graphdef, params = nnx.split(model)
-    out, logprobs = _decode(
-        graphdef,
-        params,
+    resets = jnp.asarray(reset_after, jnp.int32)
+    b = len(prompts)
+    carry = (
+        jnp.int32(0),
         logits,
         states,
-        row_keys(
-            jax.random.key(seed) if key is None else key,
-            range(len(prompts)) if rows is None else rows,
-        ),
-        jnp.asarray(stop_ids, jnp.int32),
-        jnp.asarray(reset_after, jnp.int32),
-        jnp.isin(jnp.asarray([p[-1] for p in prompts]), jnp.asarray(reset_after, jnp.int32)),
-        max_new_tokens=max_new_tokens,
+        jnp.zeros((b,), bool),
+        jnp.isin(jnp.asarray([p[-1] for p in prompts]), resets),  # the prompt ended a document
+    )
+    keys = row_keys(
+        jax.random.key(seed) if key is None else key, range(b) if rows is None else rows
+    )
+    decode = functools.partial(
+        _decode,
+        graphdef,
+        params,
+        keys=keys,
+        stop_ids=jnp.asarray(stop_ids, jnp.int32),
+        reset_ids=resets,
+        max_new_tokens=jnp.int32(max_new_tokens),
+        steps=max_new_tokens if on_tokens is None else min(stream_every, max_new_tokens),
         temperature=float(temperature),
         top_p=float(top_p),
         top_k=int(top_k),
         num_tokens=num_tokens,
     )
-    result = []
-    for row in np.asarray(out):
-        ids = []
-        for t in row.tolist():
-            if t in stop_ids or t == tok.PAD_ID:
-                break
-            ids.append(t)
-        result.append(ids)
+    outs, logprob_parts = [], []
+    while True:
+        out, logprobs, carry = decode(carry)
+        outs.append(np.asarray(out))
+        logprob_parts.append(np.asarray(logprobs))
+        i, done = int(carry[0]), bool(np.all(np.asarray(carry[3])))
+        result = [_until_stop(row, stop_ids) for row in np.concatenate(outs, axis=1)[:, :i]]
+        if on_tokens is None or i >= max_new_tokens or done or on_tokens(result):
+            break
+    if on_tokens is not None and (i >= max_new_tokens or done):
+        on_tokens(result)  # the last tokens
     if return_logprobs:
-        return result, [lp[: len(ids)].tolist() for lp, ids in zip(np.asarray(logprobs), result)]
+        logprobs = np.concatenate(logprob_parts, axis=1)
+        return result, [lp[: len(ids)].tolist() for lp, ids in zip(logprobs, result)]
     return result
+
+
+def _until_stop(row, stop_ids) -> list[int]:
+    ids = []
+    for t in row.tolist():
+        if t in stop_ids or t == tok.PAD_ID:
+            break
+        ids.append(t)
+    return ids
 
 
 def run_config(workdir: str):
@@ -385,6 +419,7 @@ def generate_texts(
     seed: int = 0,
     stop: tuple[str, ...] = (),
     weights: str = "auto",
+    stream=None,
 ) -> list[dict]:
     """`lrulm generate`: num_samples continuations of each prompt from checkpoint `step`
     (None: the newest), decoded batch_size rows at a time, with its weight average
@@ -396,6 +431,8 @@ def generate_texts(
     EOS or max_new_tokens). The same arguments give the same texts; each sample draws
     from its own key, so batch_size changes none on CPU (on an accelerator, the logits of
     other batch shapes may differ in their last bits, which can change a rare draw).
+    With `stream` (one prompt, one sample), stream(text) is called with each new piece of
+    the completion as it is decoded (up to a stop text; the same text in the end).
     """
     check_sampling(temperature, top_p, top_k, max_new_tokens)
     check_seed(seed)
@@ -410,6 +447,8 @@ def generate_texts(
     for i, prompt in enumerate(prompts):
         if not prompt:
             raise ValueError(f"prompt {i + 1} is empty; give some text to continue")
+    if stream is not None and len(prompts) * num_samples != 1:
+        raise ValueError("streaming shows one sample: give one prompt and num_samples 1")
     model, sp, step = load_model(workdir, step, weights)
     reset_after = reset_ids(run_config(workdir))
     encoded = [sp.encode(p) for p in prompts]
@@ -428,6 +467,20 @@ def generate_texts(
         # not depend on batch_size.
         index = list(range(start, start + len(batch)))
         index += [start] * (width - len(batch))
+        shown = 0  # characters of the completion streamed so far
+
+        def show(tokens, final=False):
+            # Held back: what may begin a stop text, and bytes of an unfinished character.
+            nonlocal shown
+            text, which = cut_at_stop(_completion(sp, encoded[0], tokens[0]), stop)
+            safe = len(text) - (0 if final or which else max(map(len, stop), default=1) - 1)
+            while safe > shown and not final and text[safe - 1] == "\ufffd":
+                safe -= 1
+            if safe > shown:
+                stream(text[shown:safe])
+                shown = safe
+            return which is not None
+
         new = generate(
             model,
             ids,
@@ -439,7 +492,10 @@ def generate_texts(
             rows=index,
             reset_after=reset_after,
             num_tokens=sp.get_piece_size(),
+            on_tokens=None if stream is None else show,
         )
+        if stream is not None:
+            show(new, final=True)
         for (i, s), tokens in zip(batch, new):
             completion = _completion(sp, encoded[i], tokens)
             sample = dict(prompt=prompts[i], completion=completion, prompt_index=i, sample=s)

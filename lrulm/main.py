@@ -91,6 +91,11 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         help="cut each completion where this text begins (repeatable; e.g. '\\n\\n')",
     )
+    g.add_argument(
+        "--stream",
+        action="store_true",
+        help="print the completion as it is decoded (one prompt, one sample)",
+    )
 
     cf = sub.add_parser(
         "config", help="print a config with its overrides and the model it makes", epilog=overrides
@@ -224,6 +229,8 @@ def main(argv: list[str]) -> int:
                     prompts += generate.read_prompts(args.prompt_file)
                 if not prompts:
                     parser.error("give --prompt TEXT (repeatable) or --prompt_file FILE")
+                if args.stream and len(prompts) * args.num_samples != 1:
+                    parser.error("--stream shows one sample: give one prompt and --num_samples 1")
                 _check_output(parser, args.output)  # before minutes of generating
                 distributed.initialize()
                 samples = generate.generate_texts(
@@ -239,10 +246,14 @@ def main(argv: list[str]) -> int:
                     top_k=args.top_k,
                     seed=args.seed,
                     stop=tuple(_unescape(t) for t in args.stop),
+                    stream=_streamer(prompts[0]) if args.stream else None,
                 )
                 import jax
 
-                if jax.process_index() == 0:  # every process decoded the same samples
+                if args.stream and jax.process_index() == 0:
+                    print()  # the text is out; the samples still go to --output
+                    _print_samples(samples, args.output, text=False)
+                elif jax.process_index() == 0:  # every process decoded the same samples
                     _print_samples(samples, args.output)
             case "config":
                 from lrulm import config as config_lib
@@ -348,9 +359,20 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _print_samples(samples: list[dict], output: str) -> None:
-    """One sample: its text alone (prompt and continuation); more: each under a header."""
-    for sample in samples:
+def _streamer(prompt: str):
+    """`--stream`'s printer on process 0: the prompt, then each new piece as it comes."""
+    import jax
+
+    if jax.process_index() != 0:
+        return lambda piece: None
+    print(prompt, end="", flush=True)
+    return lambda piece: print(piece, end="", flush=True)
+
+
+def _print_samples(samples: list[dict], output: str, text: bool = True) -> None:
+    """One sample: its text alone (prompt and continuation); more: each under a header
+    (text=False: none, when they were streamed)."""
+    for sample in samples if text else ():
         if len(samples) > 1:
             print(f"=== prompt {sample['prompt_index'] + 1}, sample {sample['sample'] + 1} ===")
         print(sample["prompt"] + sample["completion"])

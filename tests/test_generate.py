@@ -515,3 +515,58 @@ def test_bench_generate_runs():
             capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+
+
+def test_streamed_decoding_gives_the_same_tokens_and_can_stop_early(model):
+    """on_tokens: decoding returns every stream_every tokens with the tokens so far
+    (growing prefixes of the final ones); the tokens and log-probabilities are those of
+    one go, for any stream_every; a true return stops there."""
+    prompts = _prompts([5, 9])
+    kw = dict(max_new_tokens=19, temperature=1.0, seed=2, stop_ids=(), return_logprobs=True)
+    want, want_lp = gen.generate(model, prompts, **kw)
+    for every in (1, 4, 19, 50):
+        seen = []
+        got, lp = gen.generate(
+            model, prompts, on_tokens=lambda t: seen.append(t), stream_every=every, **kw
+        )
+        assert got == want, every
+        for a, b in zip(lp, want_lp):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+        assert seen[-1] == want and len(seen) == -(-19 // min(every, 19))
+        for prefix in seen:
+            assert all(p == w[: len(p)] for p, w in zip(prefix, want))
+    stopped = gen.generate(
+        model, prompts, on_tokens=lambda t: len(t[0]) >= 8, stream_every=4, **kw
+    )[0]
+    assert [len(r) for r in stopped] == [8, 8] and stopped[0] == want[0][:8]
+
+
+def test_streamed_text_is_the_completion(lm_workdir, capsys):
+    """generate_texts(stream=...) hands out the completion piece by piece: the pieces make
+    the completion, cut at a stop text as it is; `lrulm generate --stream` prints it."""
+    from lrulm.main import main
+
+    kw = dict(max_new_tokens=30, temperature=0.9, seed=1, num_samples=1)
+    (whole,) = gen.generate_texts(lm_workdir, ["class A"], **kw)
+    pieces = []
+    (streamed,) = gen.generate_texts(lm_workdir, ["class A"], stream=pieces.append, **kw)
+    assert streamed == whole and "".join(pieces) == whole["completion"] and len(pieces) > 1
+    stop = whole["completion"][10:13]
+    pieces.clear()
+    (cut,) = gen.generate_texts(lm_workdir, ["class A"], stream=pieces.append, stop=(stop,), **kw)
+    assert (
+        "".join(pieces)
+        == cut["completion"]
+        == whole["completion"][: whole["completion"].find(stop)]
+    )
+    with pytest.raises(ValueError, match="streaming shows one sample"):
+        gen.generate_texts(lm_workdir, ["a", "b"], stream=print, **kw)
+    capsys.readouterr()
+    args = ["generate", "--workdir", lm_workdir, "--prompt", "class A", "--seed", "1",
+            "--max_new_tokens", "30", "--temperature", "0.9"]  # fmt: skip
+    assert main([*args, "--stream"]) == 0
+    out = capsys.readouterr().out
+    assert out == "class A" + whole["completion"] + "\n"
+    with pytest.raises(SystemExit):
+        main([*args, "--stream", "--num_samples", "2"])
+    assert "--stream shows one sample" in capsys.readouterr().err
