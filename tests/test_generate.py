@@ -526,9 +526,7 @@ def test_streamed_decoding_gives_the_same_tokens_and_can_stop_early(model):
     want, want_lp = gen.generate(model, prompts, **kw)
     for every in (1, 4, 19, 50):
         seen = []
-        got, lp = gen.generate(
-            model, prompts, on_tokens=lambda t: seen.append(t), stream_every=every, **kw
-        )
+        got, lp = gen.generate(model, prompts, on_tokens=seen.append, stream_every=every, **kw)
         assert got == want, every
         for a, b in zip(lp, want_lp):
             np.testing.assert_allclose(a, b, atol=1e-6)
