@@ -287,6 +287,9 @@ def base_config() -> ConfigDict:
     # LM loss over vocabulary blocks of this size (0 = whole logits): the (b, l, v) f32
     # logits and their gradient otherwise dominate activation memory at long contexts.
     c.train.loss_vocab_block = 0
+    # Train against (1 - e) onehot + e uniform (over the tokenizer's ids, or the classes);
+    # evaluations score the plain cross-entropy, also logged as train/cross_entropy.
+    c.train.label_smoothing = 0.0
     c.train.z_loss = 0.0  # LM: + z_loss * logsumexp(logits)**2 a token in training (PaLM: 1e-4)
     # A jax.profiler trace of train.profile_steps steps after step profile_start_step (never
     # the compiling first step of a run) on process 0, into WORKDIR/tensorboard; 0 = off.

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -223,7 +224,14 @@ class ClassificationTask:
         labels, weight = batch["label"], batch["weight"]
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-        return jnp.sum(losses * weight), jnp.sum(weight), {"accuracy": jnp.sum(correct * weight)}
+        aux = {"accuracy": jnp.sum(correct * weight)}
+        smoothing = self.config.train.get("label_smoothing", 0.0)
+        if train and smoothing:  # eval/loss stays the plain cross-entropy
+            aux["cross_entropy"] = jnp.sum(losses * weight)
+            onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+            targets = optax.smooth_labels(onehot, smoothing)
+            losses = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+        return jnp.sum(losses * weight), jnp.sum(weight), aux
 
     eval_splits = ("eval",)  # what each evaluation scores (the test split: at the end)
 

@@ -143,6 +143,8 @@ class LMTask:
         self.reset_at_docs = config.data.reset_at_doc_boundaries
         self.loss_vocab_block = config.train.get("loss_vocab_block", 0)
         self.z_loss = config.train.get("z_loss", 0.0)
+        self.label_smoothing = config.train.get("label_smoothing", 0.0)
+        self.sp = None  # the tokenizer, once the data is prepared
         self.train_stream = None  # the train split's token stream (text inputs)
         self.train_streams = {}  # every train part's ({"train": ...} without a mixture)
         self.train_source = None  # its packed sequences, from either input
@@ -522,8 +524,9 @@ class LMTask:
         if self.reset_at_docs:  # a document starts after each EOS
             resets = jnp.pad(inputs[:, :-1] == tok.EOS_ID, ((0, 0), (1, 0)))
         x = model.features(inputs, resets=resets, train=train, key=key)
+        w = model.head_weight(x.dtype)
         losses, lse, correct = cross_entropy_and_lse(
-            x, model.head_weight(x.dtype), targets, vocab_block=self.loss_vocab_block
+            x, w, targets, vocab_block=self.loss_vocab_block
         )
         weights = (targets != tok.PAD_ID).astype(jnp.float32)
         aux = {"accuracy": jnp.sum(correct.astype(jnp.float32) * weights)}
@@ -531,6 +534,16 @@ class LMTask:
             table = jnp.asarray(self.piece_bytes, jnp.float32)
             aux["bytes"] = jnp.sum(table[jnp.minimum(targets, len(self.piece_bytes) - 1)] * weights)
         loss = jnp.sum(losses * weights)
+        if train and self.label_smoothing:  # eval/loss stays the plain cross-entropy
+            # Against (1 - e) onehot + e uniform over the tokenizer's ids: the mean of their
+            # logits is x @ (the mean of their output columns), no (b, l, v) logits needed.
+            e = self.label_smoothing
+            n = self.sp.get_piece_size() if self.sp is not None else w.shape[1]
+            mean_logit = jnp.einsum(
+                "blh,h->bl", x, jnp.mean(w[:, :n], axis=1), preferred_element_type=jnp.float32
+            )
+            aux["cross_entropy"] = loss
+            loss = (1 - e) * loss + e * jnp.sum((lse - mean_logit) * weights)
         if train and self.z_loss:  # trained, not evaluated: eval/loss is the cross-entropy
             aux["z_loss"] = self.z_loss * jnp.sum(jnp.square(lse) * weights)
             loss = loss + aux["z_loss"]

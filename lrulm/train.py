@@ -155,6 +155,9 @@ def validate(config, mesh) -> None:
         raise ValueError(f"train.z_loss must be >= 0 (0: off); got {z_loss}")
     if z_loss and config.task != "lm":
         raise ValueError("train.z_loss is for language models (a classifier has few logits)")
+    smoothing = t.get("label_smoothing", 0.0)
+    if not 0 <= smoothing < 1:
+        raise ValueError(f"train.label_smoothing must be in [0, 1) (0: off); got {smoothing}")
     eval_sets = config.data.get("eval_sets", "")
     if eval_sets and config.task != "lm":
         raise ValueError("data.eval_sets is for language models (LRA has its own splits)")

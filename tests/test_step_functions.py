@@ -151,3 +151,62 @@ def test_z_loss_is_trained_not_evaluated():
     np.testing.assert_allclose(aux["z_loss"], want, rtol=1e-5)
     np.testing.assert_allclose(trained - evaluated, want, rtol=1e-4)
     assert "z_loss" not in eval_aux and float(weight) == weights.sum()
+
+
+@pytest.mark.parametrize("vocab_block", [0, 24])
+def test_label_smoothing_trains_against_the_smoothed_targets(vocab_block):
+    """train.label_smoothing=e: the trained loss is the cross-entropy against (1 - e)
+    onehot + e uniform over the tokenizer's ids (the model's vocabulary may be larger),
+    in value and gradient, with or without the vocabulary-blocked loss; train/cross_entropy
+    and evaluations keep the plain cross-entropy."""
+    import types
+
+    task = _lm_task("train.label_smoothing=0.2", f"train.loss_vocab_block={vocab_block}")
+    task.sp = types.SimpleNamespace(get_piece_size=lambda: 50)  # ids 50..63: padding rows
+    graphdef, params = nnx.split(
+        LanguageModel(from_preset("test", vocab_size=64), rngs=nnx.Rngs(0)), nnx.Param
+    )
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(4, 50, (2, 17))
+    tokens[0, 10:] = tok.PAD_ID
+    batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:])}
+
+    def smoothed(params):
+        logp = jax.nn.log_softmax(nnx.merge(graphdef, params)(batch["inputs"]).astype(jnp.float32))
+        q = 0.8 * jax.nn.one_hot(batch["targets"], 64) + 0.2 * (jnp.arange(64) < 50) / 50
+        per_token = -jnp.sum(q * logp, -1)
+        return jnp.sum(jnp.where(batch["targets"] != tok.PAD_ID, per_token, 0.0))
+
+    def trained(params):
+        loss, _, aux = task.loss(nnx.merge(graphdef, params), batch, train=True, key=None)
+        return loss, aux
+
+    (value, aux), grads = jax.value_and_grad(trained, has_aux=True)(params)
+    np.testing.assert_allclose(value, smoothed(params), rtol=1e-5)
+    for g, want in zip(jax.tree.leaves(grads), jax.tree.leaves(jax.grad(smoothed)(params))):
+        np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-6)
+    evaluated, _, eval_aux = task.loss(nnx.merge(graphdef, params), batch, train=False, key=None)
+    np.testing.assert_allclose(aux["cross_entropy"], evaluated, rtol=1e-6)
+    assert "cross_entropy" not in eval_aux and abs(float(evaluated) - float(value)) > 1e-3
+
+
+def test_label_smoothing_of_a_classifier():
+    config = config_lib.load_with_overrides(
+        "configs/lra/listops.py:tiny", [("train.label_smoothing", "0.1")]
+    )
+    task = tasks.make_task(config, None, prepare_data=False)
+    model = task.make_model(nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    batch = {
+        "inputs": jnp.asarray(rng.integers(1, 10, (4, config.train.seq_len))),
+        "mask": jnp.ones((4, config.train.seq_len), bool),
+        "label": jnp.asarray([0, 3, 9, 1]),
+        "weight": jnp.asarray([1.0, 1.0, 0.0, 1.0]),
+    }
+    loss, _, aux = task.loss(model, batch, train=True, key=jax.random.key(0))
+    logits = model(batch["inputs"], batch["mask"], train=True, key=jax.random.key(0))
+    q = 0.9 * jax.nn.one_hot(batch["label"], 10) + 0.1 / 10
+    want = jnp.sum(-jnp.sum(q * jax.nn.log_softmax(logits), -1) * batch["weight"])
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    plain = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    np.testing.assert_allclose(aux["cross_entropy"], jnp.sum(plain * batch["weight"]), rtol=1e-5)
