@@ -22,6 +22,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -496,10 +497,43 @@ def weights_key(tree: dict, weights: str = "auto") -> str:
     return "ema_params" if weights != "raw" and "ema_params" in tree else "params"
 
 
-def restore_params(path: str, abstract_params, weights: str = "raw"):
+def select_params(abstract_params, patterns: str) -> dict:
+    """The subtree of a (nested dict) parameter tree whose paths ("stack/blocks/lru/B_re")
+    one of the comma-separated regular expressions finds (re.search); "" = all of it."""
+    compiled = [re.compile(p.strip()) for p in patterns.split(",") if p.strip()]
+    if not compiled:
+        return abstract_params
+    chosen: dict = {}
+    for keys, leaf in _flatten(abstract_params):
+        if any(p.search(_path(keys)) for p in compiled):
+            node = chosen
+            names = [getattr(k, "key", getattr(k, "idx", k)) for k in keys]
+            for name in names[:-1]:
+                node = node.setdefault(name, {})
+            node[names[-1]] = leaf
+    if not chosen:
+        some = ", ".join(_path(k) for k, _ in _flatten(abstract_params)[:4])
+        raise ValueError(
+            f"checkpoint.init_from_params={patterns!r} finds none of this model's parameter "
+            f"paths (e.g. {some}, ...)"
+        )
+    return chosen
+
+
+def merge_params(params: dict, part: dict) -> dict:
+    """params with the arrays of `part` (a subtree of the same nesting) in their place."""
+    out = dict(params)
+    for name, value in part.items():
+        out[name] = merge_params(params[name], value) if isinstance(value, dict) else value
+    return out
+
+
+def restore_params(path: str, abstract_params, weights: str = "raw", select: str = ""):
     """Reads only the parameters of another run's checkpoint into abstract_params'
     shapes and shardings (fine-tuning; `weights_key` says which: "raw" = the trained
-    ones); a clear error when the shapes do not fit. Returns (params, step, the key read)."""
+    ones), or only those `select` finds (`select_params`: that subtree); a clear error
+    when the shapes do not fit. Returns (params, step, the key read)."""
+    abstract_params = select_params(abstract_params, select)
     directory, step = find_checkpoint_dir(path)
     item_dir = os.path.join(directory, str(step), STATE)
     quiet_orphaned_reads()
@@ -512,6 +546,7 @@ def restore_params(path: str, abstract_params, weights: str = "raw"):
             f"{path}: step {step}'s parameters do not fit this model:\n  "
             + "\n  ".join(mismatches[:10])
             + "\nuse the same model config (preset, widths, vocab) as the run you start from"
+            + (" (for the parameters checkpoint.init_from_params selects)" if select else "")
         )
     restore_args = jax.tree.map(
         lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract_params

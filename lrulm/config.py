@@ -309,6 +309,9 @@ def base_config() -> ConfigDict:
     c.checkpoint.max_to_keep = 3
     c.checkpoint.keep_period = 0  # keep every checkpoint at a multiple of this; 0 = none
     c.checkpoint.init_from = ""  # another run's checkpoint dir: start from its parameters
+    # Only the parameters whose paths these regexes find (comma-separated; "" = all), e.g.
+    # "^stack/" for an LM's recurrent stack under a classifier's or a new vocabulary's head.
+    c.checkpoint.init_from_params = ""
     c.checkpoint.async_save = True
     # A resume goes on at the row of the shuffled train order where the checkpoint left
     # off, with any global batch; with another seq_len, seed or train split that order is

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import uuid
 
@@ -369,6 +370,12 @@ class LMTask:
         tok_path = os.path.join(workdir, "tokenizer.model")
         tokenizer = data.tokenizer
         init_from = self.config.checkpoint.get("init_from", "")
+        # Its tokenizer comes along where its embedding rows do (not for a backbone alone).
+        select = self.config.checkpoint.get("init_from_params", "")
+        if select and not any(
+            re.search(p.strip(), "embed/embedding") for p in select.split(",") if p.strip()
+        ):
+            init_from = ""
         if not tokenizer and init_from:
             # The parameters' embedding rows are that run's token ids: keep its tokenizer.
             tokenizer = _tokenizer_next_to(init_from)

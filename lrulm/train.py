@@ -671,13 +671,20 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
             state = init(jax.random.key(t.seed))
             if c.init_from:
                 # The weights that run evaluated: its average, where it kept one.
+                select = c.get("init_from_params", "")
                 params, from_step, key = ckpt_lib.restore_params(
-                    c.init_from, exp.abstract_state["params"], weights="auto"
+                    c.init_from, exp.abstract_state["params"], weights="auto", select=select
                 )
-                state["params"] = params
+                state["params"] = ckpt_lib.merge_params(state["params"], params)
                 if "ema_params" in state:
-                    state["ema_params"] = jax.tree.map(jnp.copy, params)
+                    state["ema_params"] = jax.tree.map(jnp.copy, state["params"])
                 which = "; its weight average" if key == "ema_params" else ""
+                if select:
+                    count = lambda tree: len(jax.tree.leaves(tree))
+                    which += (
+                        f"; the {count(params)} of {count(state['params'])} arrays "
+                        "checkpoint.init_from_params selects, the others initialised"
+                    )
                 metrics_lib.say(f"lrulm: parameters from {c.init_from} (step {from_step}{which})")
         step = int(jax.device_get(state["step"]))
         if step > t.steps:
