@@ -264,6 +264,7 @@ def base_config() -> ConfigDict:
     c.optim.warmup_fraction = 0.1  # paper App. D.2: warm-up over the first 10% of steps
     c.optim.schedule = "cosine"  # after the warm-up: cosine (paper) | linear | constant | wsd
     c.optim.decay_fraction = 0.2  # wsd: the last 20% of the steps decay linearly to ~1e-7
+    c.optim.final_lr_fraction = 0.0  # the decay ends at lr * this (0: ~1e-7, the paper's)
     c.optim.no_decay = ""  # regexes (comma-separated) of paths without weight decay: "scale,bias"
     c.optim.grad_clip = 1.0  # global-norm clipping; 0 = off
     c.optim.grad_accum_steps = 1

@@ -48,9 +48,15 @@ _COMMON = {
     "optim.schedule": "cosine",
     "optim.no_decay": "",
     "optim.ema": 0.0,
+    "optim.final_lr_fraction": 0.0,
 }
 # Keys added after runs were made: a config.json without one had this value.
-_ADDED_KEYS = {"optim.schedule": "cosine", "optim.no_decay": "", "optim.ema": 0.0}
+_ADDED_KEYS = {
+    "optim.schedule": "cosine",
+    "optim.no_decay": "",
+    "optim.ema": 0.0,
+    "optim.final_lr_fraction": 0.0,
+}
 _KEYS = (
     "model.d_model", "model.d_state", "train.steps", "train.global_batch_size",
     "optim.lr_factor", "model.dropout", "model.r_min", "model.r_max", "model.max_phase",

@@ -37,12 +37,15 @@ def schedule(
     warmup_fraction: float,
     kind: str = "cosine",
     decay_fraction: float = 0.2,
+    final_lr_fraction: float = 0.0,
 ) -> optax.Schedule:
     """A linear warm-up from ~1e-7 to lr over warmup_fraction of the steps, then (kind):
     "cosine" to ~1e-7 at total_steps (the paper's); "linear" to ~1e-7; "constant" at lr;
     "wsd" (warm-up, stable, decay) at lr until the last decay_fraction of the steps, then
     linearly to ~1e-7 (a run extended before its decay continues at lr, and any stable
-    step's checkpoint can be cooled down in a short run of its own)."""
+    step's checkpoint can be cooled down in a short run of its own). final_lr_fraction > 0
+    ends the decay at lr * final_lr_fraction instead of ~1e-7."""
+    end = max(lr * final_lr_fraction, _END_LR)
     warmup = int(round(warmup_fraction * total_steps))
     if warmup >= total_steps:
         return optax.linear_schedule(_END_LR, lr, max(warmup, 1))
@@ -52,7 +55,7 @@ def schedule(
             peak_value=lr,
             warmup_steps=warmup,
             decay_steps=total_steps,
-            end_value=_END_LR,
+            end_value=end,
         )
     decay = {
         "linear": total_steps - warmup,
@@ -63,7 +66,7 @@ def schedule(
     parts = [optax.linear_schedule(_END_LR, lr, max(warmup, 1)), optax.constant_schedule(lr)]
     boundaries = [warmup]
     if decay:  # from lr at its first step to ~1e-7 at the last trained one (total - 1)
-        parts.append(optax.linear_schedule(lr, _END_LR, max(decay - 1, 1)))
+        parts.append(optax.linear_schedule(lr, end, max(decay - 1, 1)))
         boundaries.append(warmup + stable)
     return optax.join_schedules(parts, boundaries)
 
@@ -81,6 +84,7 @@ def make_optimizer(
     schedule_kind: str = "cosine",
     decay_fraction: float = 0.2,
     no_decay: str = "",
+    final_lr_fraction: float = 0.0,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer and its (base) learning-rate schedule.
 
@@ -91,7 +95,8 @@ def make_optimizer(
       weight_decay: decoupled weight decay of the non-recurrent parameters.
       warmup_fraction: share of the steps spent warming up.
       grad_clip: clip the global gradient norm to this value; 0 disables.
-      schedule_kind, decay_fraction: the schedule after the warm-up (`schedule`).
+      schedule_kind, decay_fraction, final_lr_fraction: the schedule after the warm-up
+        (`schedule`).
       no_decay: comma-separated regular expressions; a non-recurrent parameter whose path
         ("stack/blocks/norm/scale") one of them finds (re.search) gets no weight decay,
         e.g. "scale,bias,embed" for the norms, biases and the embedding.
@@ -107,10 +112,13 @@ def make_optimizer(
         schedule_kind=schedule_kind,
         decay_fraction=decay_fraction,
         no_decay=no_decay,
+        final_lr_fraction=final_lr_fraction,
     )
     if total_steps < 1:
         raise ValueError(f"train.steps must be positive; got {total_steps}")
-    base = schedule(lr, total_steps, warmup_fraction, schedule_kind, decay_fraction)
+    base = schedule(
+        lr, total_steps, warmup_fraction, schedule_kind, decay_fraction, final_lr_fraction
+    )
     recurrent = lambda step: base(step) * lr_factor
     patterns = [re.compile(p.strip()) for p in no_decay.split(",") if p.strip()]
     groups = {
@@ -140,7 +148,7 @@ def update_ema(ema, params, step, decay: float):
 
 def check_arguments(
     *, lr, lr_factor, weight_decay, warmup_fraction, grad_clip, b1, b2,
-    schedule_kind="cosine", decay_fraction=0.2, no_decay="",
+    schedule_kind="cosine", decay_fraction=0.2, no_decay="", final_lr_fraction=0.0,
 ) -> None:  # fmt: skip
     """Raises ValueError naming the optim.* value that is out of range (NaN included)."""
     for pattern in no_decay.split(","):
@@ -167,6 +175,7 @@ def check_arguments(
         ("grad_clip", grad_clip, grad_clip >= 0, ">= 0 (0: no clipping)"),
         ("b1", b1, 0 <= b1 < 1, "in [0, 1)"),
         ("b2", b2, 0 <= b2 < 1, "in [0, 1)"),
+        ("final_lr_fraction", final_lr_fraction, 0 <= final_lr_fraction <= 1, "in [0, 1]"),
     ]
     for name, value, ok, want in ranges:
         if not (ok and math.isfinite(value)):

@@ -63,8 +63,9 @@ def _schedule_lr(config: dict | None, step: int) -> float | None:
     try:
         o = config["optim"]
         kind, decay = o.get("schedule", "cosine"), o.get("decay_fraction", 0.2)
-        steps = config["train"]["steps"]
-        return float(optim.schedule(o["lr"], steps, o["warmup_fraction"], kind, decay)(step))
+        steps, final = config["train"]["steps"], o.get("final_lr_fraction", 0.0)
+        sched = optim.schedule(o["lr"], steps, o["warmup_fraction"], kind, decay, final)
+        return float(sched(step))
     except (KeyError, TypeError, ValueError):
         return None
 

@@ -188,6 +188,7 @@ def _optimizer_args(config) -> dict:
         schedule_kind=o.get("schedule", "cosine"),
         decay_fraction=o.get("decay_fraction", 0.2),
         no_decay=o.get("no_decay", ""),
+        final_lr_fraction=o.get("final_lr_fraction", 0.0),
     )
     return {**{name: o[name] for name in names}, **kinds}
 

@@ -103,6 +103,21 @@ def test_schedules_after_the_warm_up(kind, points):
         np.testing.assert_allclose(sched(step), fraction * lr, rtol=1e-3, atol=2e-7)
 
 
+@pytest.mark.parametrize("kind", ["cosine", "linear", "wsd"])
+def test_the_decay_ends_at_the_final_fraction(kind):
+    """optim.final_lr_fraction=0.1: the decay ends at lr / 10 (cosine: at train.steps;
+    linear and wsd: at the last step trained), halfway there at its middle."""
+    lr = 1e-3
+    _, sched = optim.make_optimizer(
+        lr=lr, total_steps=100, warmup_fraction=0.1, schedule_kind=kind, final_lr_fraction=0.1
+    )
+    last, middle = {"cosine": (100, 55), "linear": (99, 54.5), "wsd": (99, 89.5)}[kind]
+    np.testing.assert_allclose(sched(last), 0.1 * lr, rtol=1e-3)
+    np.testing.assert_allclose(sched(middle), 0.55 * lr, rtol=1e-2)
+    with pytest.raises(ValueError, match=r"optim.final_lr_fraction must be in \[0, 1\]"):
+        optim.make_optimizer(lr=lr, total_steps=100, final_lr_fraction=1.5)
+
+
 def test_the_default_optimizer_state_keeps_its_tree():
     """The parameter groups of the default optimizer are the paper's two: a third group
     (optim.no_decay) exists only when asked for, so checkpoints of earlier runs restore."""
