@@ -31,6 +31,7 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 import lrulm
@@ -387,6 +388,29 @@ class Checkpointer:
         self.manager.close()
 
 
+class SaveClock:
+    """checkpoint.every_minutes: whether that long has passed since the last save. Every
+    process must save at the same step, so process 0's clock decides for all (one small
+    broadcast a check: the trainer asks at its log steps only)."""
+
+    def __init__(self, minutes: float):
+        self.period = minutes * 60.0
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        if not self.period:
+            return False
+        due = time.monotonic() - self.last >= self.period
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
+        return due
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
+
+
 class BestCheckpoint:
     """The checkpoint with the best value of an "eval" metric, under WORKDIR/best/.
 
@@ -566,8 +590,6 @@ def read_numpy(item_dir: str, key: str | None = None):
     """A saved pytree item (e.g. CHECKPOINT/state), or only its subtree `key` (e.g.
     "params": the optimizer state is not read), as host numpy arrays, whatever the devices
     or processes that wrote it. Only the orbax API is used."""
-    import numpy as np
-
     checkpointer = ocp.PyTreeCheckpointer()
     item_dir = os.path.abspath(item_dir)  # Orbax reads no metadata from a relative path
     meta = checkpointer.metadata(item_dir)

@@ -125,6 +125,9 @@ def validate(config, mesh) -> None:
     for name in ("steps", "log_every", "global_batch_size", "seq_len"):
         if t[name] < 1:
             raise ValueError(f"train.{name} must be positive; got {t[name]}")
+    minutes = config.checkpoint.get("every_minutes", 0.0)
+    if not (minutes >= 0 and math.isfinite(minutes)):
+        raise ValueError(f"checkpoint.every_minutes must be >= 0 (0: off); got {minutes}")
     if config.checkpoint.every_steps < 1:
         raise ValueError(
             f"checkpoint.every_steps must be positive; got {config.checkpoint.every_steps} "
@@ -736,9 +739,11 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
                 raise NonFiniteLoss(bad)
 
         last_saved = restored.step if restored is not None else None
+        clock = ckpt_lib.SaveClock(c.get("every_minutes", 0.0))
 
         def save(at_step):
             nonlocal last_saved
+            clock.saved()
             if at_step == last_saved:
                 return
             last_saved = at_step
@@ -811,7 +816,9 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
                     if best is not None:
                         check_finite()
                         best.update(step, last_eval, state)
-                if step % c.every_steps == 0 or step == t.steps:
+                # The clock is read at log steps (where the host waits for the step anyway).
+                timed = step % t.log_every == 0 and clock.due()
+                if step % c.every_steps == 0 or step == t.steps or timed:
                     restart_timer = True
                     save(step)
                 if restart_timer:  # eval and checkpoint time is not step time: timing starts

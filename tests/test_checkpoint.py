@@ -578,3 +578,17 @@ def test_the_saved_state_tree_is_the_one_earlier_versions_saved(spec, golden):
     ]
     with open(os.path.join(os.path.dirname(__file__), "golden", golden)) as f:
         assert lines == f.read().splitlines()
+
+
+def test_checkpoints_by_time_at_log_steps(tmp_path, corpus):
+    """checkpoint.every_minutes: a save at each log step the time has passed by (here all
+    of them), besides every_steps and the last step; 0: none by time."""
+    ckpts = lambda w: sorted(int(d) for d in os.listdir(w / "checkpoints") if d.isdigit())
+    common = ["train.steps=6", "checkpoint.every_steps=1000", "checkpoint.max_to_keep=10"]
+    _train(tmp_path / "timed", (corpus["train"], corpus["eval"]), *common,
+           "train.log_every=2", "checkpoint.every_minutes=1e-9")  # fmt: skip
+    assert ckpts(tmp_path / "timed") == [2, 4, 6]
+    _train(tmp_path / "untimed", (corpus["train"], corpus["eval"]), *common, "train.log_every=2")
+    assert ckpts(tmp_path / "untimed") == [6]
+    with pytest.raises(ValueError, match=r"checkpoint.every_minutes must be >= 0"):
+        _train(tmp_path / "bad", (corpus["train"], corpus["eval"]), "checkpoint.every_minutes=-1")
