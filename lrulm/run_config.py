@@ -70,8 +70,66 @@ def _schedule_lr(config: dict | None, step: int) -> float | None:
         return None
 
 
+_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "sentencepiece")
+
+
+def _git_commit() -> str | None:
+    """The commit of the lrulm checkout this runs from (None: an installed copy, no git)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(
+            ["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode or not out.stdout.strip():
+        return None
+    return out.stdout.strip() + ("+local changes" if dirty.stdout.strip() else "")
+
+
+def environment(step: int, *, resumed: bool) -> dict:
+    """What this start of a run ran with (a line of WORKDIR/starts.jsonl): when, from which
+    step, the command, lrulm's version and commit, the packages' versions, the devices."""
+    import platform
+    import sys
+    import time
+    from importlib import metadata
+
+    import lrulm
+
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    device = jax.devices()[0]
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "step": int(step),
+        "resumed": resumed,
+        "argv": sys.argv,
+        "lrulm": lrulm.__version__,
+        "commit": _git_commit(),
+        "python": platform.python_version(),
+        "packages": versions,
+        "backend": jax.default_backend(),
+        "device_kind": device.device_kind,
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
+        "host": platform.node(),
+    }
+
+
 def record(config, workdir: str, trained: dict | None, step: int, *, resumed: bool, task) -> None:
-    """Writes config.json and model.json (process 0) and says how a resumed run's config
+    """Writes config.json and model.json and appends the start to starts.jsonl (process 0;
+    `environment`), and says how a resumed run's config
     differs: from config.json, and against `trained` (the resumed checkpoint's own
     config) what that does to the learning rate at `step` and to the eval metrics."""
     t = config.train
@@ -79,6 +137,8 @@ def record(config, workdir: str, trained: dict | None, step: int, *, resumed: bo
     # the model those resolve to, with its parameter count.
     model = {**dataclasses.asdict(task.model_config), "num_params": int(task.num_params())}
     tasks.write_atomic(os.path.join(workdir, "model.json"), json.dumps(model, indent=2))
+    with open(os.path.join(workdir, "starts.jsonl"), "a") as f:
+        f.write(json.dumps(environment(step, resumed=resumed)) + "\n")
     changed = config_lib.write_run_config(config, workdir, resumed=resumed)
     if changed:
         metrics_lib.say(
