@@ -405,6 +405,7 @@ class LMTask:
                     shared = self._shared_tokenizer(train_files)
                     if shared and os.path.exists(shared):  # trained by another run already
                         _copy_atomic(shared, tok_path)
+                        lm_data.touch(shared)
                         metrics_lib.say(f"lrulm: the tokenizer from data.cache_dir: {shared}")
                     else:
                         log.info(
@@ -414,7 +415,12 @@ class LMTask:
                         )
                         docs = (d for f in train_files for d in lm_data.read_documents(f))
                         tok.train_tokenizer(docs, tok_path, vocab_size=data.vocab_size)
-                        if shared:
+                        if shared:  # with what it was trained on, for tools/cache_dir.py
+                            record = {"vocab_size": data.vocab_size}
+                            record["sources"] = lm_data.sources_record(train_files)
+                            lm_data.write_json_atomic(
+                                shared.removesuffix(".model") + ".json", record
+                            )
                             _copy_atomic(tok_path, shared)
                     write_atomic(spec_path, json.dumps(spec))
         _barrier("lrulm_tokenizer")

@@ -2,6 +2,8 @@
 
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 from run_helpers import tiny_config as _config
@@ -79,3 +81,17 @@ def test_runs_sharing_a_cache_dir_prepare_the_data_once(tmp_path, corpus, monkey
     os.utime(corpus["train"])
     train.train_and_evaluate(config, str(tmp_path / "c"))
     assert calls == {"tokenizer": 2, "tokenize": 3}, calls
+    # tools/cache_dir.py: the entries of the edited corpus's old version are stale (their
+    # train file changed); --prune removes them and the current ones still serve run c.
+    tool = [sys.executable, "tools/cache_dir.py", str(cache)]
+    listed = subprocess.run(tool, capture_output=True, text=True, check=True).stdout
+    states = sorted(line.split()[0] + " " + line.split()[-5] for line in listed.splitlines())
+    assert states == ["split changed", "split current", "split current",
+                      "tokenizer changed", "tokenizer current"], listed  # fmt: skip
+    pruned = subprocess.run([*tool, "--prune"], capture_output=True, text=True, check=True)
+    assert pruned.stdout.count("removed ") == 2 and "removed" in pruned.stderr
+    assert len(list(cache.iterdir())) == len(names)  # 2 of 5 entries removed, 4 files
+    train.train_and_evaluate(config, str(tmp_path / "c"))
+    assert calls == {"tokenizer": 2, "tokenize": 3}, calls
+    subprocess.run([*tool, "--prune", "--unused_days", "0"], check=True, capture_output=True)
+    assert list(cache.iterdir()) == []

@@ -19,6 +19,7 @@ Pipeline:
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import hashlib
@@ -322,6 +323,47 @@ def _hash_files(h, files: Sequence[str]):
     return h
 
 
+def sources_record(files: Sequence[str]) -> list[list]:
+    """[absolute path, size, mtime_ns] of each file a cache entry was made from (kept in the
+    entry, so `tools/cache_dir.py` can tell entries of edited or deleted files)."""
+    out = []
+    for f in files:
+        st = os.stat(f)
+        out.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def sources_state(record: list | None) -> str:
+    """ "current" (every file as recorded), "changed", "gone" (a file deleted), or
+    "unknown" (an entry made before its sources were recorded)."""
+    if not record:
+        return "unknown"
+    state = "current"
+    for path, size, mtime in record:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return "gone"
+        if (st.st_size, st.st_mtime_ns) != (size, mtime):
+            state = "changed"
+    return state
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """obj as JSON at path, whole or not at all; the temporary file has a name of its own,
+    so runs sharing a data.cache_dir never write one file."""
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def touch(path: str) -> None:
+    """Marks a cache entry used now (its file's mtime; `tools/cache_dir.py --unused_days`)."""
+    with contextlib.suppress(OSError):  # a read-only cache is still read
+        os.utime(path)
+
+
 def _fingerprint(files: Sequence[str], tokenizer_path: str) -> str:
     h = _hash_files(hashlib.sha256(), files)  # as before: caches made earlier stay valid
     with open(tokenizer_path, "rb") as f:
@@ -407,14 +449,12 @@ def prepare_split(files, sp, tokenizer_path, cache_dir, name) -> TokenStream:
         with open(meta_path) as f:
             meta = json.load(f)
         if meta.get("fingerprint") == fp:
+            touch(meta_path)
             return TokenStream(out, meta["num_tokens"], meta["num_bytes"], meta["num_docs"])
     log.info("tokenizing %d %s files into %s", len(files), name, out)
     meta = tokenize_files(files, sp, out)
-    meta.update(fingerprint=fp, files=len(files))
-    tmp = f"{meta_path}.{uuid.uuid4().hex[:8]}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(meta, f)
-    os.replace(tmp, meta_path)
+    meta.update(fingerprint=fp, files=len(files), sources=sources_record(files))
+    write_json_atomic(meta_path, meta)
     return TokenStream(out, meta["num_tokens"], meta["num_bytes"], meta["num_docs"])
 
 
