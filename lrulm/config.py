@@ -282,6 +282,9 @@ def base_config() -> ConfigDict:
     c.train.log_every = 10
     c.train.eval_every = 100
     c.train.eval_at_start = False  # also evaluate the initial state (step 0) of a new run
+    # Also the eval loss by context length (eval/loss_ctxN: the predictions that saw N to
+    # 2N - 1 tokens of their document or row): how much of its context a model uses.
+    c.train.eval_by_context = False
     c.train.eval_steps = 10  # batches per evaluation; <= 0: the whole eval split, once
     # (LRA's final test split is always read whole)
     c.train.progress = True  # a progress line with tokens/s on process 0

@@ -127,6 +127,29 @@ def metric_prefix(split: str) -> str:
     return split if split in ("eval", "test") else f"eval/{split}"
 
 
+def context_lengths(resets, shape) -> jax.Array:
+    """(b, l) int: the input tokens the prediction at each position has seen, from the
+    row's start or the last document start (`resets`: None when the state is never reset)."""
+    pos = jnp.arange(shape[1], dtype=jnp.int32)[None, :]
+    if resets is None:
+        return jnp.broadcast_to(pos + 1, shape)
+    start = jax.lax.cummax(jnp.where(resets, pos, 0), axis=1)
+    return pos - start + 1
+
+
+def _by_context(losses, weights, resets) -> dict:
+    """Summed loss and scored targets by context length in powers of two: loss_ctxN and
+    tokens_ctxN over the predictions that saw N to 2N - 1 tokens (train.eval_by_context)."""
+    ctx = context_lengths(resets, losses.shape)
+    bucket = 31 - jax.lax.clz(ctx)  # floor(log2(ctx)), exactly
+    out = {}
+    for k in range(int(math.log2(losses.shape[1])) + 1):
+        mask = weights * (bucket == k)
+        out[f"loss_ctx{2**k}"] = jnp.sum(losses * mask)
+        out[f"tokens_ctx{2**k}"] = jnp.sum(mask)
+    return out
+
+
 class LMTask:
     """Next-token prediction on packed text."""
 
@@ -145,6 +168,7 @@ class LMTask:
         self.loss_vocab_block = config.train.get("loss_vocab_block", 0)
         self.z_loss = config.train.get("z_loss", 0.0)
         self.label_smoothing = config.train.get("label_smoothing", 0.0)
+        self.by_context = config.train.get("eval_by_context", False)
         self.sp = None  # the tokenizer, once the data is prepared
         self.train_stream = None  # the train split's token stream (text inputs)
         self.train_streams = {}  # every train part's ({"train": ...} without a mixture)
@@ -547,6 +571,8 @@ class LMTask:
             table = jnp.asarray(self.piece_bytes, jnp.float32)
             aux["bytes"] = jnp.sum(table[jnp.minimum(targets, len(self.piece_bytes) - 1)] * weights)
         loss = jnp.sum(losses * weights)
+        if not train and self.by_context:
+            aux.update(_by_context(losses, weights, resets))
         if train and self.label_smoothing:  # eval/loss stays the plain cross-entropy
             # Against (1 - e) onehot + e uniform over the tokenizer's ids: the mean of their
             # logits is x @ (the mean of their output columns), no (b, l, v) logits needed.
@@ -574,6 +600,10 @@ class LMTask:
             "accuracy": sums["accuracy"] / max(sums["weight"], 1.0),
             "tokens": sums["weight"],  # the targets scored
         }
+        for key in sorted(k for k in sums if k.startswith("loss_ctx")):
+            tokens = sums["tokens" + key.removeprefix("loss")]
+            if tokens:
+                out[key] = sums[key] / tokens
         if sums.get("bytes"):
             out["bits_per_byte"] = sums["loss"] / math.log(2) / sums["bytes"]
         elif self.bytes_per_token(split):

@@ -210,3 +210,38 @@ def test_label_smoothing_of_a_classifier():
     np.testing.assert_allclose(loss, want, rtol=1e-5)
     plain = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
     np.testing.assert_allclose(aux["cross_entropy"], jnp.sum(plain * batch["weight"]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("resets", [True, False])
+def test_eval_loss_by_context_length(resets):
+    """train.eval_by_context: eval/loss_ctxN is the mean loss of the predictions that saw
+    N to 2N - 1 tokens since the row's start or (with resets) the last document start."""
+    task = _lm_task("train.eval_by_context=true", f"data.reset_at_doc_boundaries={resets}")
+    model = LanguageModel(from_preset("test", vocab_size=64), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(4, 64, (2, 17))
+    tokens[0, 5] = tokens[1, 11] = tok.EOS_ID  # a document starts after each
+    tokens[1, 15:] = tok.PAD_ID
+    batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:])}
+    loss, weight, aux = task.loss(model, batch, train=False, key=None)
+    x = model.features(batch["inputs"], resets=jnp.pad(batch["inputs"][:, :-1] == tok.EOS_ID,
+                       ((0, 0), (1, 0))) if resets else None)  # fmt: skip
+    logp = jax.nn.log_softmax(jnp.einsum("blh,hv->blv", x, model.head_weight(x.dtype)))
+    per = -np.take_along_axis(np.asarray(logp), tokens[:, 1:, None], -1)[..., 0]
+    sums: dict = {}
+    for r in range(2):
+        start = 0
+        for t in range(16):
+            if resets and t > 0 and tokens[r, t - 1] == tok.EOS_ID:
+                start = t
+            if tokens[r, t + 1] == tok.PAD_ID:
+                continue
+            n = 2 ** int(math.floor(math.log2(t - start + 1)))
+            sums.setdefault(n, []).append(per[r, t])
+    out = task.finalize({"loss": float(loss), "weight": float(weight), "accuracy": 0.0,
+                         **{k: float(v) for k, v in aux.items()}})  # fmt: skip
+    got = {int(k.removeprefix("loss_ctx")): v for k, v in out.items() if k.startswith("loss_ctx")}
+    assert sorted(got) == sorted(sums) and (1 in got) and (16 in got) != resets
+    for n, values in sums.items():
+        np.testing.assert_allclose(got[n], np.mean(values), rtol=1e-4)
+    assert sum(float(aux[f"tokens_ctx{n}"]) for n in got) == float(weight)
