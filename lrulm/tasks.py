@@ -600,7 +600,8 @@ class LMTask:
             "accuracy": sums["accuracy"] / max(sums["weight"], 1.0),
             "tokens": sums["weight"],  # the targets scored
         }
-        for key in sorted(k for k in sums if k.startswith("loss_ctx")):
+        by_context = [k for k in sums if k.startswith("loss_ctx")]
+        for key in sorted(by_context, key=lambda k: int(k.removeprefix("loss_ctx"))):
             tokens = sums["tokens" + key.removeprefix("loss")]
             if tokens:
                 out[key] = sums[key] / tokens
