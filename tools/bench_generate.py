@@ -74,12 +74,16 @@ def main():
         jax.block_until_ready(states)
         prefill_s = time.perf_counter() - start
         graphdef, params = nnx.split(model)
-        kw = dict(max_new_tokens=args.new_tokens, temperature=1.0, top_p=1.0, top_k=0)
-        stop = jax.numpy.asarray([-1], jax.numpy.int32)  # never stop: time every token
+        jnp = jax.numpy
+        kw = dict(steps=args.new_tokens, temperature=1.0, top_p=1.0, top_k=0)
+        stop = jnp.asarray([-1], jnp.int32)  # never stop: time every token
         keys = [gen.row_keys(jax.random.key(seed), range(args.batch)) for seed in (0, 1)]
-        # The state is zeroed after EOS, as in `lrulm generate`.
-        resets = (jax.numpy.asarray([gen.tok.EOS_ID]), jax.numpy.zeros((args.batch,), bool))
-        inputs = [(params, logits, states, key, stop, *resets) for key in keys]
+        # From the prompts' end (no row done, none after an EOS); the state is zeroed
+        # after EOS, as in `lrulm generate`.
+        no_rows = jnp.zeros((args.batch,), bool)
+        carry = (jnp.int32(0), logits, states, no_rows, no_rows)
+        fixed = (jnp.asarray([gen.tok.EOS_ID]), jnp.int32(args.new_tokens))
+        inputs = [(params, carry, key, stop, *fixed) for key in keys]
         decode = gen._decode.lower(graphdef, *inputs[0], **kw).compile()
         mem = decode.memory_analysis()
         jax.block_until_ready(decode(*inputs[0]))
