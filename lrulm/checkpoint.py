@@ -2,9 +2,9 @@
 
 Layout: WORKDIR/checkpoints/<step>/{state, data, metadata}, a standard Orbax
 CheckpointManager directory: `state` is a StandardCheckpointHandler pytree
-({"step", "rng", "params", "model_state", "opt_state", "nonfinite_step"}) readable with the plain
-orbax.checkpoint API; `data` holds one JSON file per process (Grain's iterator state);
-`metadata` the config, mesh and lrulm version.
+({"step", "rng", "params", "model_state", "opt_state", "nonfinite_step"}, and "ema_params"
+with optim.ema) readable with the plain orbax.checkpoint API; `data` holds one JSON file
+per process (Grain's iterator state); `metadata` the config, mesh and lrulm version.
 
 Saves are asynchronous: arrays are copied off the devices, then written by a background
 thread while training continues. A save is committed by Orbax's atomic rename of its
@@ -213,7 +213,9 @@ class Checkpointer:
 
         Args:
           abstract_state: a pytree of jax.ShapeDtypeStruct with `.sharding` set: each
-            array is read directly into that sharding (any mesh, any device count).
+            array is read directly into that sharding (any mesh, any device count); or a
+            function of the step giving it (checkpoints of one run may differ in optional
+            parts: a weight average switched on or off, `train.restore_target`).
           iterator: the Grain iterator to restore in place; None to skip the data.
           quarantine: move a damaged checkpoint aside (a run that saves again); False
             (e.g. `lrulm eval`) only skips it.
@@ -223,9 +225,10 @@ class Checkpointer:
         optimizer's arrays (the run's config changed): that is not damage.
         """
         damaged = []
+        target_for = abstract_state if callable(abstract_state) else lambda _: abstract_state
         for step in reversed(self.steps()):
             try:
-                return self._restore(step, abstract_state, iterator)
+                return self._restore(step, target_for(step), iterator)
             except CheckpointMismatch:
                 raise
             except Exception as e:  # noqa: BLE001 - any other failure to read means damage
@@ -401,6 +404,10 @@ class SaveClock:
         if not self.period:
             return False
         due = time.monotonic() - self.last >= self.period
+        # Tests: only this process's clock runs, so the processes cannot agree on their own.
+        only = os.environ.get("LRULM_TEST_SAVE_CLOCK_PROCESS")
+        if only is not None and jax.process_index() != int(only):
+            due = False
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 

@@ -132,7 +132,7 @@ class Report:
     grad_accum_steps: int
     remat: str
     dtype: str
-    state_bytes: int  # params + optimizer state + step counters, from the shardings
+    state_bytes: int  # params (+ their average) + optimizer state + counters, by shardings
     batch_bytes: int
     train: StepReport
     eval: StepReport | None
@@ -513,7 +513,7 @@ def format_report(report: Report) -> str:
     usable = f" (XLA may use {size(r.hbm_usable_bytes)})" if r.hbm_usable_bytes else ""
     lines += [
         f"  {'HBM':<19}{size(r.hbm_bytes):>12}{usable}",
-        f"  state by the shardings (params + optimizer): {size(r.state_bytes)}, "
+        f"  state by the shardings (params, optimizer, any weight average): {size(r.state_bytes)}, "
         f"batch {size(r.batch_bytes)}",
         "",
         "compute per train step",

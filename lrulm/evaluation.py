@@ -61,12 +61,12 @@ def evaluate_workdir(config, workdir: str, step: int | None = None, *, best: boo
     exp = train.build(config, task, mesh)
     checkpointer = ckpt_lib.Checkpointer(saved, async_save=False)
     try:
-        # The checkpoint's own tree: its weight average (optim.ema) where it keeps one.
-        target = train.restore_target(exp, checkpointer, steps[-1] if step is None else step)
+        # Each checkpoint's own tree: its weight average (optim.ema) where it keeps one.
+        target = lambda s: train.restore_target(exp, checkpointer, s)  # noqa: E731
         if step is None:
             restored = checkpointer.restore_latest(target, quarantine=False)
         else:
-            restored = checkpointer.restore(step, target)
+            restored = checkpointer.restore(step, target(step))
     except (ckpt_lib.CheckpointMismatch, ckpt_lib.CheckpointUnavailable):
         raise
     except Exception as e:  # noqa: BLE001 - the asked-for checkpoint does not read back

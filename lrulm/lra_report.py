@@ -49,6 +49,7 @@ _COMMON = {
     "optim.no_decay": "",
     "optim.ema": 0.0,
     "optim.final_lr_fraction": 0.0,
+    "train.label_smoothing": 0.0,
 }
 # Keys added after runs were made: a config.json without one had this value.
 _ADDED_KEYS = {
@@ -56,6 +57,7 @@ _ADDED_KEYS = {
     "optim.no_decay": "",
     "optim.ema": 0.0,
     "optim.final_lr_fraction": 0.0,
+    "train.label_smoothing": 0.0,
 }
 _KEYS = (
     "model.d_model", "model.d_state", "train.steps", "train.global_batch_size",

@@ -79,6 +79,12 @@ def _git_commit() -> str | None:
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
+        top = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--show-toplevel"],
+            capture_output=True, text=True, timeout=5,
+        )  # fmt: skip
+        if top.returncode or os.path.realpath(top.stdout.strip()) != os.path.realpath(root):
+            return None  # not a checkout of lrulm (e.g. a venv inside another repository)
         out = subprocess.run(
             ["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
         )

@@ -150,6 +150,10 @@ def _by_context(losses, weights, resets) -> dict:
     return out
 
 
+# A language model's parameters indexed by token id (model.LanguageModel's paths).
+_VOCAB_PARAMS = ("embed/embedding", "head/kernel")
+
+
 class LMTask:
     """Next-token prediction on packed text."""
 
@@ -394,10 +398,14 @@ class LMTask:
         tok_path = os.path.join(workdir, "tokenizer.model")
         tokenizer = data.tokenizer
         init_from = self.config.checkpoint.get("init_from", "")
-        # Its tokenizer comes along where its embedding rows do (not for a backbone alone).
+        # Its tokenizer comes along where rows indexed by token id do (the embedding, an
+        # untied output head), not for a backbone alone.
         select = self.config.checkpoint.get("init_from_params", "")
         if select and not any(
-            re.search(p.strip(), "embed/embedding") for p in select.split(",") if p.strip()
+            re.search(p.strip(), name)
+            for p in select.split(",")
+            if p.strip()
+            for name in _VOCAB_PARAMS
         ):
             init_from = ""
         if not tokenizer and init_from:

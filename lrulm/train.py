@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -158,6 +159,19 @@ def validate(config, mesh) -> None:
         raise ValueError(f"train.z_loss must be >= 0 (0: off); got {z_loss}")
     if z_loss and config.task != "lm":
         raise ValueError("train.z_loss is for language models (a classifier has few logits)")
+    select = config.checkpoint.get("init_from_params", "")
+    if select and not config.checkpoint.init_from:
+        raise ValueError(
+            "checkpoint.init_from_params selects parameters of checkpoint.init_from, which is "
+            "not set; give both (or neither)"
+        )
+    for pattern in select.split(","):
+        try:
+            re.compile(pattern.strip())
+        except re.error as e:
+            raise ValueError(
+                f"checkpoint.init_from_params: {pattern.strip()!r} is no regular expression ({e})"
+            ) from None
     smoothing = t.get("label_smoothing", 0.0)
     if not 0 <= smoothing < 1:
         raise ValueError(f"train.label_smoothing must be in [0, 1) (0: off); got {smoothing}")
@@ -226,8 +240,9 @@ def match_ema(state: dict, exp: Experiment, step: int) -> dict:
     if wanted:
         state["ema_params"] = jax.tree.map(jnp.copy, state["params"])
         metrics_lib.say(f"lrulm: optim.ema: the weight average starts from step {step}'s weights")
-    else:
-        del state["ema_params"]
+    else:  # freed now: the restored dict stays referenced, and only donated arrays go
+        for x in jax.tree.leaves(state.pop("ema_params")):
+            x.delete()
         metrics_lib.say(
             f"lrulm: optim.ema is 0: the weight average of step {step}'s checkpoint is not "
             "carried on (its checkpoints keep it; set optim.ema to go on with it)"
@@ -643,8 +658,9 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
             workdir, max_to_keep=c.max_to_keep, keep_period=c.keep_period, async_save=c.async_save
         )
         try:
-            target = restore_target(exp, checkpointer, max(checkpointer.steps(), default=None))
-            restored = checkpointer.restore_latest(target, train_iter)
+            restored = checkpointer.restore_latest(
+                lambda s: restore_target(exp, checkpointer, s), train_iter
+            )
         except ckpt_lib.CheckpointsDamaged as e:
             checkpointer.close()
             raise ckpt_lib.CheckpointsDamaged(

@@ -132,7 +132,9 @@ def test_generate_score_and_export_read_the_average_unless_told(ema_run, tmp_pat
     assert "(the trained weights)" in proc.stdout
 
 
-def test_the_average_switched_on_or_off_on_resume(tmp_path, corpus, lm_workdir, capsys):
+def test_the_average_switched_on_or_off_on_resume(
+    tmp_path, corpus, lm_workdir, capsys, damage_checkpoint
+):
     """Turned on for a resumed run, the average starts from the restored weights; turned
     off, it is dropped from then on (said both times); an evaluation reads a checkpoint's
     average wherever it keeps one. Asking for an average a run never kept is an error."""
@@ -158,6 +160,28 @@ def test_the_average_switched_on_or_off_on_resume(tmp_path, corpus, lm_workdir, 
     assert evaluation.evaluate_workdir(config, run, step=10) == on
     with open(os.path.join(run, "config.json")) as f:
         assert json.load(f)["optim"]["ema"] == 0.0
+    # Checkpoints of one run differ: with step 12 damaged, a resume under optim.ema falls
+    # back to step 10 (with an average) and an evaluation under ema=0 to it as well; with
+    # 10 and 12 damaged, to step 8 (without).
+    damage_checkpoint(os.path.join(run, "checkpoints", "12"))
+    assert evaluation.evaluate_workdir(config, run) == on
+    damage_checkpoint(os.path.join(run, "checkpoints", "10"))
+    config.optim.ema, config.train.steps = 0.5, 14
+    train.train_and_evaluate(config, run)
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "checkpoints/8" in out and "starts from step 8's" in out
+
+
+def test_an_average_dropped_on_resume_frees_its_arrays():
+    """match_ema without optim.ema deletes the restored average (the restored state stays
+    referenced, and only donated arrays are freed by the step)."""
+    import types
+
+    exp = types.SimpleNamespace(abstract_state={"params": None})
+    avg = {"w": jnp.ones(3)}
+    state = train.match_ema({"params": {"w": jnp.zeros(3)}, "ema_params": avg}, exp, 5)
+    assert set(state) == {"params"} and avg["w"].is_deleted()
+    assert not state["params"]["w"].is_deleted()
 
 
 def test_a_bad_decay_is_refused_before_anything_runs(tmp_path, corpus):

@@ -45,7 +45,7 @@ def _train_args(workdir, corpus, *overrides):
     ]
 
 
-def _launch(cmd, **kw):
+def _launch(cmd, extra_env=None, **kw):
     launcher = [
         sys.executable,
         str(ROOT / "launch" / "local.py"),
@@ -56,6 +56,7 @@ def _launch(cmd, **kw):
         "--",
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("LRULM_")}
+    env.update(extra_env or {})
     return subprocess.Popen(
         launcher + cmd,
         cwd=ROOT,
@@ -204,14 +205,15 @@ def test_killed_job_resumes_to_the_same_parameters(tmp_path, corpus, two_process
 def test_sigterm_to_the_launcher_saves_on_every_process(tmp_path, corpus, signum):
     """SIGTERM (a preemption) or SIGINT (Ctrl-C) to the launcher: every process gets
     SIGTERM, saves at one agreed step and stops; the launcher exits 75. (The SIGINT run
-    saves by time, checkpoint.every_minutes, at log steps: process 0's clock decides for
-    both, or their saves would not meet.)"""
+    saves by time, checkpoint.every_minutes, at log steps, where only process 0's clock
+    runs: process 1 saves because process 0's clock decides for both.)"""
     workdir = tmp_path / "run"
     every = ["checkpoint.every_steps=5"]
     if signum == signal.SIGINT:
         every = ["checkpoint.every_steps=100000", "checkpoint.every_minutes=1e-6"]
         every += ["train.log_every=5"]
-    proc = _launch(_train_args(workdir, corpus, "train.steps=100000", *every))
+    clock = {"LRULM_TEST_SAVE_CLOCK_PROCESS": "0"}
+    proc = _launch(_train_args(workdir, corpus, "train.steps=100000", *every), clock)
     start = time.time()
     while not os.path.isdir(workdir / "checkpoints" / "5"):
         assert proc.poll() is None, proc.communicate()[0][-3000:]
