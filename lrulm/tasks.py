@@ -113,13 +113,15 @@ def _copy_atomic(src: str, dst: str) -> None:
 class HeldOut:
     """A held-out split of a language model: its packed sequences (`source`: whole ones;
     `source_all`: with the tail, for a full pass), its UTF-8 bytes per token over the
-    whole split (None: not known) and its token stream (None: ArrayRecord shards)."""
+    whole split (None: not known), its token stream (None: ArrayRecord shards), and
+    whether the tokenizer's piece table counts its bytes exactly (`LMTask.finalize`)."""
 
     files: list
     source: object
     source_all: object
     bytes_per_token: float | None
     stream: lm_data.TokenStream | None = None
+    exact_bytes: bool = False
 
 
 def metric_prefix(split: str) -> str:
@@ -287,10 +289,11 @@ class LMTask:
             if not lm_data.is_packed(files) and any(lm_data.is_packed([f]) for f in files):
                 raise ValueError(f"data.eval_sets {name} mixes .arrayrecord and text files")
         own = os.path.join(workdir, "tokenizer.model")
-        if packed and not data.tokenizer and not (eval_only and os.path.exists(own)):
+        any_packed = packed or any(lm_data.is_packed(files) for files in held.values())
+        if any_packed and not data.tokenizer and not (eval_only and os.path.exists(own)):
             raise ValueError(
-                "ArrayRecord data needs the tokenizer it was prepared with: "
-                "set --config.data.tokenizer"
+                "ArrayRecord data (data.train_files, eval_files or eval_sets) needs the "
+                "tokenizer it was prepared with: set --config.data.tokenizer"
             )
         if eval_only:  # the workdir's copy of the tokenizer the run trained with
             tok_path = own if os.path.exists(own) else data.tokenizer
@@ -304,6 +307,11 @@ class LMTask:
         else:
             tok_path = self._tokenizer(workdir, train_files)
         self.sp = tok.load_tokenizer(tok_path)
+        packed_sets = {"data.eval_sets " + n: f for n, f in held.items() if n != "eval"}
+        packed_sets.update({"data.eval_files": held["eval"], "data.train_files": train_files})
+        for what, files in packed_sets.items():
+            if lm_data.is_packed(files):
+                lm_data.check_shards_tokenizer(files, self.sp, what)
         # Cache stems: train (or train-PART of a mixture), eval, eval-SET.
         stem = lambda split: "eval" if split == "eval" else f"eval-{split}"
         text = {stem(split): f for split, f in held.items() if not lm_data.is_packed(f)}
@@ -338,12 +346,12 @@ class LMTask:
                 source = lm_data.ArrayRecordSequences(files, self.seq_len)
                 per_token = lm_data.shards_bytes_per_token(files)
                 self.held_out[split] = HeldOut(files, source, source, per_token)
-        # Bits per byte of the targets scored (a partial evaluation's own bytes), where the
-        # tokenizer's pieces add up to each split's bytes; else the split's mean.
-        table = lm_data.piece_bytes(self.sp)
-        text_splits = [h.stream for h in self.held_out.values() if h.stream is not None]
-        if text_splits and all(lm_data.counts_bytes_exactly(table, st) for st in text_splits):
-            self.piece_bytes = table
+        # Bits per byte of the targets scored (a partial evaluation's own bytes) for each
+        # text split whose bytes the tokenizer's pieces add up to; else the split's mean.
+        self.piece_bytes = lm_data.piece_bytes(self.sp)
+        for held in self.held_out.values():
+            if held.stream is not None:
+                held.exact_bytes = lm_data.counts_bytes_exactly(self.piece_bytes, held.stream)
 
     def _tokenize(self, splits: dict, tok_path: str, workdir: str, eval_only: bool) -> dict:
         """{stem: TokenStream} of text splits ({stem: files}; stems as "train", "eval",
@@ -613,7 +621,8 @@ class LMTask:
             tokens = sums["tokens" + key.removeprefix("loss")]
             if tokens:
                 out[key] = sums[key] / tokens
-        if sums.get("bytes"):
+        held = self.held_out.get(split)
+        if sums.get("bytes") and held is not None and held.exact_bytes:
             out["bits_per_byte"] = sums["loss"] / math.log(2) / sums["bytes"]
         elif self.bytes_per_token(split):
             out["bits_per_byte"] = loss / math.log(2) / self.bytes_per_token(split)

@@ -146,3 +146,38 @@ def test_a_tokenizer_whose_pieces_do_not_add_up_falls_back_to_the_split_mean(tmp
         sp = tok.load_tokenizer(path)
         stream = lm_data.prepare_split([str(data)], sp, path, str(tmp_path / "c"), path[-9:-6])
         assert lm_data.counts_bytes_exactly(lm_data.piece_bytes(sp), stream) is exact, path
+
+
+def test_an_arrayrecord_set_needs_the_tokenizer_it_was_made_with(tmp_path, corpus, sets):
+    """An eval set of tools/prepare_data.py shards: refused without data.tokenizer, and
+    with another tokenizer than the one its meta.json records; with it, its bits per byte
+    use its mean bytes per token while a text split's count its targets' own bytes."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    import prepare_data
+
+    texts = list(lm_data.read_documents(sets["other"]))
+    made, other = (str(tmp_path / n) for n in ("made.model", "other.model"))
+    sp = tok.train_tokenizer(list(lm_data.read_documents(sets["train"])), made, vocab_size=512)
+    tok.train_tokenizer(texts, other, vocab_size=400)
+    prepare_data.write_shards(texts, sp, seq_len=64, output=str(tmp_path / "held"), num_shards=1)
+    shards = str(tmp_path / "held-*.arrayrecord")
+    for run in "abc":
+        (tmp_path / run).mkdir()
+    config = _config(corpus, sets, "train.eval_steps=1")
+    config.data.eval_sets = f"packed={shards}"
+    with pytest.raises(ValueError, match="eval_sets\\) needs the tokenizer it was prepared with"):
+        tasks.make_task(config, str(tmp_path / "a"))
+    config.data.tokenizer = other
+    with pytest.raises(ValueError, match="data.eval_sets packed: .* another tokenizer"):
+        tasks.make_task(config, str(tmp_path / "b"))
+    config.data.tokenizer = made
+    task = tasks.make_task(config, str(tmp_path / "c"))
+    assert task.held_out["eval"].exact_bytes and not task.held_out["packed"].exact_bytes
+    sums = {"loss": 300.0, "weight": 100.0, "accuracy": 0.0, "bytes": 250.0}
+    assert task.finalize(sums, "eval")["bits_per_byte"] == pytest.approx(300 / math.log(2) / 250)
+    per_token = task.bytes_per_token("packed")
+    assert task.finalize(sums, "packed")["bits_per_byte"] == pytest.approx(
+        3.0 / math.log(2) / per_token
+    )

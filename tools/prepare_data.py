@@ -99,6 +99,7 @@ def write_shards(texts, sp, *, seq_len: int, output: str, num_shards: int) -> di
         os.replace(tmp, path)
     # Beside the shards: the text's bytes per token, for eval/bits_per_byte.
     meta = {"tokens": num_tokens, "bytes": num_bytes, "sequences": count, "seq_len": seq_len}
+    meta["tokenizer_sha256"] = lm_data.tokenizer_digest(sp)  # what a run checks it has
     with open(lm_data.shards_meta_path(output) + ".tmp", "w") as f:
         json.dump({**meta, "num_shards": num_shards}, f)
     os.replace(lm_data.shards_meta_path(output) + ".tmp", lm_data.shards_meta_path(output))

@@ -553,6 +553,29 @@ def shards_bytes_per_token(paths: Sequence[str]) -> float | None:
     return num_bytes / tokens if tokens else None
 
 
+def tokenizer_digest(sp) -> str:
+    """sha256 of a loaded tokenizer's model (what tools/prepare_data.py records)."""
+    return hashlib.sha256(sp.serialized_model_proto()).hexdigest()
+
+
+def check_shards_tokenizer(paths: Sequence[str], sp, what: str) -> None:
+    """Refuses shard sets whose meta.json records another tokenizer than `sp` (their ids
+    would be read as this tokenizer's pieces); sets without the record pass."""
+    want = tokenizer_digest(sp)
+    for prefix in sorted({m["prefix"] for m in map(SHARD_NAME.match, paths) if m}):
+        try:
+            with open(shards_meta_path(prefix)) as f:
+                recorded = json.load(f).get("tokenizer_sha256")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if recorded and recorded != want:
+            raise ValueError(
+                f"{what}: {prefix}-*.arrayrecord were prepared with another tokenizer than "
+                "this run's; give the run that tokenizer (data.tokenizer), or prepare them "
+                "again with the run's (tools/prepare_data.py --tokenizer)"
+            )
+
+
 def check_shard_sets(paths: Sequence[str]) -> None:
     """Refuses shards of one prefix (tools/prepare_data.py's `PREFIX-XXXXX-of-NNNNN`) from
     more than one run: an older run's shards left beside a newer one's, which a glob would
