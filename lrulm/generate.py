@@ -467,19 +467,10 @@ def generate_texts(
         # not depend on batch_size.
         index = list(range(start, start + len(batch)))
         index += [start] * (width - len(batch))
-        shown = 0  # characters of the completion streamed so far
+        shown = StreamedText(stop, stream) if stream is not None else None
 
-        def show(tokens, final=False):
-            # Held back: what may begin a stop text, and bytes of an unfinished character.
-            nonlocal shown
-            text, which = cut_at_stop(_completion(sp, encoded[0], tokens[0]), stop)
-            safe = len(text) - (0 if final or which else max(map(len, stop), default=1) - 1)
-            while safe > shown and not final and text[safe - 1] == "\ufffd":
-                safe -= 1
-            if safe > shown:
-                stream(text[shown:safe])
-                shown = safe
-            return which is not None
+        def show(tokens, final=False):  # the one sample's completion so far
+            return shown.update(_completion(sp, encoded[0], tokens[0]), final)
 
         new = generate(
             model,
@@ -503,6 +494,31 @@ def generate_texts(
                 sample["completion"], sample["stopped"] = cut_at_stop(completion, stop)
             results.append({**sample, "step": step})
     return results
+
+
+class StreamedText:
+    """Hands out a growing completion piece by piece (`emit`), as `cut_at_stop` will cut
+    the final one: held back are the characters a stop text may begin with, bytes of an
+    unfinished character (U+FFFD), and a stop text found while a longer one that starts
+    no later may still complete."""
+
+    def __init__(self, stop: tuple[str, ...], emit):
+        self.stop, self.emit, self.shown = stop, emit, 0
+        self.longest = max(map(len, stop), default=0)
+
+    def update(self, text: str, final: bool = False) -> bool:
+        """Shows what of `text` (the completion so far) is settled; True once a stop text
+        ends it for good (decoding may stop)."""
+        cut, which = cut_at_stop(text, self.stop)
+        # Settled: no stop text starting at or before the cut can still complete.
+        settled = final or (which is not None and len(cut) + self.longest <= len(text))
+        safe = len(cut) if settled else min(len(cut), len(text) - max(self.longest - 1, 0))
+        while safe > self.shown and not final and text[safe - 1] == "\ufffd":
+            safe -= 1
+        if safe > self.shown:
+            self.emit(text[self.shown : safe])
+            self.shown = safe
+        return settled and which is not None
 
 
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, str | None]:

@@ -568,3 +568,38 @@ def test_streamed_text_is_the_completion(lm_workdir, capsys):
     with pytest.raises(SystemExit):
         main([*args, "--stream", "--num_samples", "2"])
     assert "--stream shows one sample" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "text, stop",
+    [
+        ("ab\n@cd", ("\n", "\n@")),  # the longer of two at one place, seen late
+        ("xx_BB\n@yy", ("B", "_BB\n@")),  # an earlier, longer one completing after
+        ("hello world", ("wor", "lo w")),
+        ("no stop at all", ("zz",)),
+        ("caf\ufffd\ufffd\u00e9 ok", ()),  # unfinished characters while decoding
+        ("a" * 40 + "STOP" + "b" * 10, ("STOP",)),
+    ],
+)
+def test_streamed_pieces_are_the_cut_completion(text, stop):
+    """StreamedText fed every prefix of a completion (as decoding grows it) hands out
+    exactly cut_at_stop(final text), never a character past the cut, nor an unfinished
+    character before the end; it says stop only once no other stop text can change the
+    cut (then the rest of the text cannot matter)."""
+    want, _ = gen.cut_at_stop(text, stop)
+    for step in (1, 3):
+        pieces = []
+        shown = gen.StreamedText(stop, pieces.append)
+        prefixes = [text[:n] for n in range(step, len(text), step)]
+        stopped_at = None
+        for prefix in prefixes:
+            if shown.update(prefix):
+                stopped_at = prefix
+                break
+            assert want.startswith("".join(pieces))
+            if prefix.endswith("\ufffd"):  # its bytes may still become a character
+                assert not "".join(pieces).endswith("\ufffd")
+        shown.update(stopped_at or text, final=True)
+        assert "".join(pieces) == want, (step, pieces)
+        if stopped_at is not None:
+            assert gen.cut_at_stop(stopped_at, stop)[0] == want
