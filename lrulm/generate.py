@@ -469,7 +469,7 @@ def generate_texts(
         index += [start] * (width - len(batch))
         shown = StreamedText(stop, stream) if stream is not None else None
 
-        def show(tokens, final=False):  # the one sample's completion so far
+        def show(tokens, final=False, shown=shown):  # the one sample's completion so far
             return shown.update(_completion(sp, encoded[0], tokens[0]), final)
 
         new = generate(

@@ -533,6 +533,15 @@ def test_streamed_decoding_gives_the_same_tokens_and_can_stop_early(model):
         assert seen[-1] == want and len(seen) == -(-19 // min(every, 19))
         for prefix in seen:
             assert all(p == w[: len(p)] for p, w in zip(prefix, want))
+    # Rows that stop at different chunks (a stop id the second row draws at 5): the same.
+    kw_stop = {**kw, "stop_ids": (want[1][5],), "return_logprobs": False}
+    plain = gen.generate(model, prompts, **kw_stop)
+    assert len(plain[1]) == 5 and len(plain[0]) != 5
+    for every in (1, 2, 4):
+        streamed = gen.generate(
+            model, prompts, on_tokens=lambda t: None, stream_every=every, **kw_stop
+        )
+        assert streamed == plain, every
     stopped = gen.generate(
         model, prompts, on_tokens=lambda t: len(t[0]) >= 8, stream_every=4, **kw
     )[0]

@@ -123,3 +123,16 @@ def test_mixture_settings_that_cannot_work_are_refused(tmp_path, corpus, parts, 
     assert str(parts / "a" / "000.jsonl") not in task.train_parts["a"]
     assert "holding out 2 of the 40 train files" in capsys.readouterr().out
     assert len(task.train_source) == sum(len(s) for s in task.train_source.sources.values())
+
+
+def test_weights_that_mix_alike_are_one_mixture():
+    """Grain mixes by integer proportions (the smallest weight as 100): 3:1 and 6:2 give
+    one order and one fingerprint (a resume with either goes on); 3:1.5 another."""
+    parts = {"a": _Rows(0, 10), "b": _Rows(10_000, 50)}
+    orders = {}
+    for w in ((3, 1), (6, 2), (3, 1.5)):
+        mix = lm_data.Mixture(parts, dict(zip("ab", map(float, w))))
+        stream = lm_data.TrainStream(mix, global_batch=4, row_offset=0, local_batch=4, seed=0)
+        orders[w] = (_rows(stream, 10).tolist(), mix.fingerprint())
+    assert orders[(3, 1)] == orders[(6, 2)] and orders[(3, 1)][1] != orders[(3, 1.5)][1]
+    assert lm_data.Mixture(parts, {"a": 0.7, "b": 0.3}).proportions == [233, 100]

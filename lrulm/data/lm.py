@@ -482,6 +482,10 @@ class Mixture:
 
     def __init__(self, sources: dict, weights: dict[str, float]):
         self.sources, self.weights = sources, weights
+        # Grain mixes by integer proportions, the smallest weight scaled to 100 (so the
+        # shares are those of the weights to within 1% of the smallest): these, exactly.
+        low = min(weights[n] for n in sources)
+        self.proportions = [int(weights[n] * 100 / low) for n in sources]
 
     def __len__(self) -> int:  # sequences over all parts (the run's data signature)
         return sum(len(s) for s in self.sources.values())
@@ -491,13 +495,14 @@ class Mixture:
         for k, source in enumerate(self.sources.values()):
             part_seed = int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
             parts.append(grain.MapDataset.source(source).shuffle(seed=part_seed).repeat(None))
-        return grain.MapDataset.mix(parts, [self.weights[n] for n in self.sources])
+        return grain.MapDataset.mix(parts, self.proportions)
 
     def fingerprint(self) -> str:
-        """Each part's sample_fingerprint, with its name and weight."""
+        """Each part's sample_fingerprint, with its name and proportion (weights that mix
+        alike, 3:1 and 6:2, give one fingerprint)."""
         h = hashlib.sha256()
-        for name, source in self.sources.items():
-            h.update(f"{name}@{self.weights[name]!r}:{sample_fingerprint(source)};".encode())
+        for (name, source), share in zip(self.sources.items(), self.proportions):
+            h.update(f"{name}@{share}:{sample_fingerprint(source)};".encode())
         return h.hexdigest()[:16]
 
 
