@@ -233,6 +233,7 @@ def main(argv: list[str]) -> int:
                     parser.error("--stream shows one sample: give one prompt and --num_samples 1")
                 _check_output(parser, args.output)  # before minutes of generating
                 distributed.initialize()
+                streamer = _Streamer(prompts[0]) if args.stream else None
                 samples = generate.generate_texts(
                     args.workdir,
                     prompts,
@@ -246,12 +247,12 @@ def main(argv: list[str]) -> int:
                     top_k=args.top_k,
                     seed=args.seed,
                     stop=tuple(_unescape(t) for t in args.stop),
-                    stream=_streamer(prompts[0]) if args.stream else None,
+                    stream=streamer,
                 )
                 import jax
 
                 if args.stream and jax.process_index() == 0:
-                    print()  # the text is out; the samples still go to --output
+                    streamer.finish()  # the text is out; the samples still go to --output
                     _print_samples(samples, args.output, text=False)
                 elif jax.process_index() == 0:  # every process decoded the same samples
                     _print_samples(samples, args.output)
@@ -359,14 +360,25 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _streamer(prompt: str):
-    """`--stream`'s printer on process 0: the prompt, then each new piece as it comes."""
-    import jax
+class _Streamer:
+    """`--stream`'s printer on process 0: the prompt with the first piece (not before the
+    model has loaded and decodes), then each new piece as it comes."""
 
-    if jax.process_index() != 0:
-        return lambda piece: None
-    print(prompt, end="", flush=True)
-    return lambda piece: print(piece, end="", flush=True)
+    def __init__(self, prompt: str):
+        import jax
+
+        self.prompt, self.started = prompt, jax.process_index() != 0  # others print nothing
+
+    def __call__(self, piece: str) -> None:
+        if not self.started:
+            print(self.prompt, end="")
+            self.started = True
+        print(piece, end="", flush=True)
+
+    def finish(self) -> None:
+        if not self.started:  # an empty completion: the prompt alone
+            print(self.prompt, end="")
+        print()
 
 
 def _print_samples(samples: list[dict], output: str, text: bool = True) -> None:

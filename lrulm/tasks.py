@@ -528,15 +528,24 @@ class LMTask:
         batch; says when one holds fewer batches than train.eval_steps asks for."""
         for split in self.held_out:
             _, count = self._eval_source(split, global_batch, num_batches)
-            if num_batches and num_batches > count and jax.process_index() == 0:
-                what = "eval split" if split == "eval" else f"eval set {split}"
+            if not (num_batches and num_batches > count and jax.process_index() == 0):
+                continue
+            if split == "eval":
                 metrics_lib.say(
-                    f"lrulm: train.eval_steps={num_batches}, but the {what} holds {count} "
+                    f"lrulm: train.eval_steps={num_batches}, but the eval split holds {count} "
                     f"batches of {global_batch}: each evaluation scores those {count}"
+                )
+            else:
+                metrics_lib.say(
+                    f"lrulm: the eval set {split} holds fewer than train.eval_steps="
+                    f"{num_batches} batches: each evaluation scores it whole ({count} "
+                    f"batches of {global_batch}, the last padded)"
                 )
 
     def _eval_source(self, split, global_batch, num_batches):
         held = self.held_out[split]
+        if split != "eval" and num_batches and len(held.source) // global_batch < num_batches:
+            num_batches = 0  # a small eval set is scored whole (padded), not cut or refused
         if num_batches is None or num_batches <= 0:
             source = lm_data.PaddedRows(held.source_all, global_batch, self.seq_len)
             num_batches = available = len(source) // global_batch

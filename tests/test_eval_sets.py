@@ -68,6 +68,7 @@ def test_each_set_is_evaluated_and_logged_apart(tmp_path, corpus, sets, capsys):
     "sets_value, message",
     [
         ("code", r"'code' is not NAME=GLOBS"),
+        ("x=,", r"'x=,' is not NAME=GLOBS"),
         ("eval=x.txt", r"'eval' cannot name a set"),
         ("a b=x.txt", r"'a b' cannot name a set"),
         ("a=x.txt;a=y.txt", r"names 'a' twice"),
@@ -181,3 +182,22 @@ def test_an_arrayrecord_set_needs_the_tokenizer_it_was_made_with(tmp_path, corpu
     assert task.finalize(sums, "packed")["bits_per_byte"] == pytest.approx(
         3.0 / math.log(2) / per_token
     )
+
+
+def test_a_set_smaller_than_eval_steps_is_scored_whole(tmp_path, corpus, sets, capsys):
+    """An eval set holding fewer batches than train.eval_steps (even less than one) is
+    scored whole, padded, every target once; the eval split is still cut at eval_steps."""
+    small = tmp_path / "small.jsonl"
+    small.write_text(open(sets["other"]).readline())  # one document
+    config = _config(corpus, sets, "train.eval_steps=2")
+    config.data.eval_sets = f"small={small}"
+    (tmp_path / "run").mkdir()
+    task = tasks.make_task(config, str(tmp_path / "run"))
+    task.check_eval(config.train.global_batch_size, 2)
+    assert "the eval set small holds fewer than train.eval_steps=2" in capsys.readouterr().out
+    stream = task.held_out["small"].stream
+    kw = dict(global_batch=8, row_offset=0, local_batch=8, num_batches=2)
+    batches = list(task.eval_batches("small", **kw))
+    targets = np.concatenate([b["targets"] for b in batches])
+    assert int(np.sum(targets != tok.PAD_ID)) == stream.num_tokens - 1
+    assert len(list(task.eval_batches("eval", **kw))) == 2

@@ -123,7 +123,7 @@ def parse_eval_sets(text: str) -> dict[str, str]:
         if not item:
             continue
         name, sep, globs = (x.strip() for x in item.partition("="))
-        if not sep or not globs:
+        if not sep or not globs.strip(", "):
             raise ValueError(
                 f"data.eval_sets: {item!r} is not NAME=GLOBS; write e.g. "
                 "'code=held/code/*.jsonl;prose=held/books/*.txt'"
@@ -156,7 +156,7 @@ def parse_mixture(text: str) -> list[tuple[str, str, float]]:
             weight = float(weight_text)
         except ValueError:
             weight = math.nan
-        if not (sep and at and globs):
+        if not (sep and at and globs.strip(", ")):
             raise ValueError(
                 f"data.mixture: {item!r} is not NAME=GLOBS@WEIGHT; write e.g. "
                 "'web=data/web/*.jsonl@0.7;code=data/code/*.jsonl@0.3'"
