@@ -162,6 +162,11 @@ def check_arguments(
         raise ValueError(
             f"optim.schedule must be one of {', '.join(SCHEDULES)}; got {schedule_kind!r}"
         )
+    if schedule_kind == "constant" and final_lr_fraction:
+        raise ValueError(
+            "optim.final_lr_fraction is where a decay ends, and the constant schedule has "
+            "none; leave it at 0 or choose cosine, linear or wsd"
+        )
     if schedule_kind == "wsd" and not (0 < decay_fraction <= 1 - warmup_fraction):
         raise ValueError(
             f"optim.decay_fraction must be in (0, 1 - optim.warmup_fraction = "

@@ -603,9 +603,9 @@ class LMTask:
             # logits is x @ (the mean of their output columns), no (b, l, v) logits needed.
             e = self.label_smoothing
             n = self.sp.get_piece_size() if self.sp is not None else w.shape[1]
-            mean_logit = jnp.einsum(
-                "blh,h->bl", x, jnp.mean(w[:, :n], axis=1), preferred_element_type=jnp.float32
-            )
+            real = (jnp.arange(w.shape[1]) < n).astype(w.dtype)  # a mask: no vocab slicing
+            mean_w = jnp.einsum("hv,v->h", w, real, preferred_element_type=jnp.float32) / n
+            mean_logit = jnp.einsum("blh,h->bl", x.astype(jnp.float32), mean_w)
             aux["cross_entropy"] = loss
             loss = (1 - e) * loss + e * jnp.sum((lse - mean_logit) * weights)
         if train and self.z_loss:  # trained, not evaluated: eval/loss is the cross-entropy

@@ -116,6 +116,10 @@ def test_the_decay_ends_at_the_final_fraction(kind):
     np.testing.assert_allclose(sched(middle), 0.55 * lr, rtol=1e-2)
     with pytest.raises(ValueError, match=r"optim.final_lr_fraction must be in \[0, 1\]"):
         optim.make_optimizer(lr=lr, total_steps=100, final_lr_fraction=1.5)
+    with pytest.raises(ValueError, match="the constant schedule has none"):
+        optim.make_optimizer(
+            lr=lr, total_steps=100, schedule_kind="constant", final_lr_fraction=0.1
+        )
 
 
 def test_the_default_optimizer_state_keeps_its_tree():
