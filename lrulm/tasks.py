@@ -34,6 +34,7 @@ import numpy as np
 from lrulm import checkpoint as ckpt_lib
 from lrulm import metrics as metrics_lib
 from lrulm import model_config as mc
+from lrulm.data import cache as data_cache
 from lrulm.data import lm as lm_data
 from lrulm.data import tokenizer as tok
 from lrulm.model import LanguageModel, cross_entropy_and_lse
@@ -120,7 +121,7 @@ class HeldOut:
     source: object
     source_all: object
     bytes_per_token: float | None
-    stream: lm_data.TokenStream | None = None
+    stream: data_cache.TokenStream | None = None
     exact_bytes: bool = False
 
 
@@ -348,10 +349,10 @@ class LMTask:
                 self.held_out[split] = HeldOut(files, source, source, per_token)
         # Bits per byte of the targets scored (a partial evaluation's own bytes) for each
         # text split whose bytes the tokenizer's pieces add up to; else the split's mean.
-        self.piece_bytes = lm_data.piece_bytes(self.sp)
+        self.piece_bytes = data_cache.piece_bytes(self.sp)
         for held in self.held_out.values():
             if held.stream is not None:
-                held.exact_bytes = lm_data.counts_bytes_exactly(self.piece_bytes, held.stream)
+                held.exact_bytes = data_cache.counts_bytes_exactly(self.piece_bytes, held.stream)
 
     def _tokenize(self, splits: dict, tok_path: str, workdir: str, eval_only: bool) -> dict:
         """{stem: TokenStream} of text splits ({stem: files}; stems as "train", "eval",
@@ -362,9 +363,9 @@ class LMTask:
 
         def cache_name(stem, files):
             if shared:  # named by their content: any run of the same files reads them
-                return lm_data.content_name(files, tok_path, stem)
+                return data_cache.content_name(files, tok_path, stem)
             if eval_only:  # the run's copy where it holds these files' tokens, else its own
-                return lm_data.cache_name(files, tok_path, cache, stem)
+                return data_cache.cache_name(files, tok_path, cache, stem)
             return stem  # training (re)makes its splits under their own names
 
         streams = {}
@@ -373,7 +374,9 @@ class LMTask:
             if (turn == "main") == main:
                 for stem, files in splits.items():
                     name = cache_name(stem, files)
-                    streams[stem] = lm_data.prepare_split(files, self.sp, tok_path, cache, name)
+                    streams[stem] = data_cache.prepare_split(
+                        files, self.sp, tok_path, cache, name, shared=bool(shared)
+                    )
             _barrier(f"lrulm_tokens_{turn}")
         for stem, stream in streams.items():
             if stream.num_tokens < self.seq_len + 1:
@@ -394,7 +397,7 @@ class LMTask:
             return None
         os.makedirs(cache_dir, exist_ok=True)
         # Keyed by the files' sizes and times too: an edited corpus trains its own.
-        digest = lm_data.files_fingerprint(train_files)[:16]
+        digest = data_cache.files_fingerprint(train_files)[:16]
         return os.path.join(cache_dir, f"tokenizer-{self.config.data.vocab_size}-{digest}.model")
 
     def _tokenizer(self, workdir: str, train_files: list[str]) -> str:
@@ -445,7 +448,7 @@ class LMTask:
                     shared = self._shared_tokenizer(train_files)
                     if shared and os.path.exists(shared):  # trained by another run already
                         _copy_atomic(shared, tok_path)
-                        lm_data.touch(shared)
+                        data_cache.touch(shared)
                         metrics_lib.say(f"lrulm: the tokenizer from data.cache_dir: {shared}")
                     else:
                         log.info(
@@ -457,8 +460,8 @@ class LMTask:
                         tok.train_tokenizer(docs, tok_path, vocab_size=data.vocab_size)
                         if shared:  # with what it was trained on, for tools/cache_dir.py
                             record = {"vocab_size": data.vocab_size}
-                            record["sources"] = lm_data.sources_record(train_files)
-                            lm_data.write_json_atomic(
+                            record["sources"] = data_cache.sources_record(train_files)
+                            data_cache.write_json_atomic(
                                 shared.removesuffix(".model") + ".json", record
                             )
                             _copy_atomic(tok_path, shared)
@@ -476,7 +479,7 @@ class LMTask:
         total = sum(weights.values())
         p = np.zeros(self.sp.get_piece_size())
         for name, stream in self.train_streams.items():
-            counts = lm_data.token_counts(stream)[: len(p)]
+            counts = data_cache.token_counts(stream)[: len(p)]
             p[: len(counts)] += weights[name] / total * counts / max(counts.sum(), 1)
         p = p[p > 0]
         return float(-(p * np.log(p)).sum())

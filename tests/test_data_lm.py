@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from lrulm.data import cache as data_cache
 from lrulm.data import lm as lm_data
 from lrulm.data import tokenizer as tok
 
@@ -100,7 +101,7 @@ def test_packing_and_document_resets(tmp_path, sp):
     docs = tmp_path / "docs.jsonl"
     texts = ["def a():\n    return 1\n", "import os\n", "x = 2\n" * 5]
     docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    stream = lm_data.prepare_split(
+    stream = data_cache.prepare_split(
         [str(docs)], sp, sp_path(sp, tmp_path), str(tmp_path / "c"), "train"
     )
     tokens = np.asarray(stream.tokens())
@@ -218,7 +219,7 @@ def test_arrayrecord_windows_equal_the_token_stream(tmp_path, sp, corpus):
         texts, sp, seq_len=16, output=str(tmp_path / "ev"), num_shards=3
     )
     packed = lm_data.ArrayRecordSequences(info["files"], 16)
-    stream = lm_data.prepare_split(files, sp, sp_path(sp, tmp_path), str(tmp_path / "c"), "ev")
+    stream = data_cache.prepare_split(files, sp, sp_path(sp, tmp_path), str(tmp_path / "c"), "ev")
     ref = lm_data.PackedSequences(stream, 16)
     # Every full window, then the partial last one filled up with PAD.
     assert len(packed) == len(ref) + 1 == info["sequences"]
@@ -265,7 +266,7 @@ def test_training_from_arrayrecord(tmp_path, sp, corpus):
     config = config_lib.load_with_overrides("configs/lm/tiny.py:test", pairs)
     result = train.train_and_evaluate(config, str(tmp_path / "run"))
     assert np.isfinite(result["loss"])
-    text = lm_data.prepare_split(
+    text = data_cache.prepare_split(
         [corpus["eval"]], sp, sp_path(sp, tmp_path), str(tmp_path / "c"), "e"
     )
     want = result["loss"] / np.log(2) / text.bytes_per_token
@@ -557,7 +558,7 @@ def test_unigram_entropy_counts_a_slice_at_a_time(monkeypatch):
     p = counts[counts > 0] / counts.sum()
     expected = float(-(p * np.log(p)).sum())
     for size in (1 << 24, 1000, 7):
-        monkeypatch.setattr(lm_data, "COUNT_SLICE", size)
+        monkeypatch.setattr(data_cache, "COUNT_SLICE", size)
         assert tasks.LMTask.unigram_entropy(fake) == pytest.approx(expected, rel=1e-12)
     # Two parts of disjoint ids, weighted 3:1: H = H(3/4, 1/4) + 3/4 H(a) + 1/4 H(b).
     other = types.SimpleNamespace(tokens=lambda: np.full(10, 4095, np.uint16))

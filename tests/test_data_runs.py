@@ -36,11 +36,12 @@ def test_runs_sharing_a_cache_dir_prepare_the_data_once(tmp_path, corpus, monkey
     """data.cache_dir: the second run of a sweep on the same corpus copies the tokenizer
     the first trained and reads its tokenized splits (nothing trained or tokenized again,
     no data/ in its workdir)."""
+    from lrulm.data import cache as data_cache
     from lrulm.data import lm as lm_data
     from lrulm.data import tokenizer as tok
 
     calls = {"tokenizer": 0, "tokenize": 0}
-    real_train, real_tokenize = tok.train_tokenizer, lm_data.tokenize_files
+    real_train, real_tokenize = tok.train_tokenizer, data_cache.tokenize_files
 
     def count(name, fn):
         def wrapped(*a, **k):
@@ -50,7 +51,7 @@ def test_runs_sharing_a_cache_dir_prepare_the_data_once(tmp_path, corpus, monkey
         return wrapped
 
     monkeypatch.setattr(tok, "train_tokenizer", count("tokenizer", real_train))
-    monkeypatch.setattr(lm_data, "tokenize_files", count("tokenize", real_tokenize))
+    monkeypatch.setattr(data_cache, "tokenize_files", count("tokenize", real_tokenize))
     cache = tmp_path / "cache"
     own = {}  # a copy of the corpus: this test edits it
     for split, path in corpus.items():

@@ -12,6 +12,7 @@ from run_helpers import tiny_config
 
 from lrulm import config as config_lib
 from lrulm import evaluation, tasks, train
+from lrulm.data import cache as data_cache
 from lrulm.data import lm as lm_data
 from lrulm.data import tokenizer as tok
 
@@ -145,8 +146,8 @@ def test_a_tokenizer_whose_pieces_do_not_add_up_falls_back_to_the_split_mean(tmp
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:20]))
     for path, exact in ((str(model) + ".model", False), (own, True)):
         sp = tok.load_tokenizer(path)
-        stream = lm_data.prepare_split([str(data)], sp, path, str(tmp_path / "c"), path[-9:-6])
-        assert lm_data.counts_bytes_exactly(lm_data.piece_bytes(sp), stream) is exact, path
+        stream = data_cache.prepare_split([str(data)], sp, path, str(tmp_path / "c"), path[-9:-6])
+        assert data_cache.counts_bytes_exactly(data_cache.piece_bytes(sp), stream) is exact, path
 
 
 def test_an_arrayrecord_set_needs_the_tokenizer_it_was_made_with(tmp_path, corpus, sets):

@@ -13,7 +13,7 @@ from flax import nnx
 from lrulm import config as config_lib
 from lrulm import tasks, train
 from lrulm.data import tokenizer as tok
-from lrulm.data.lm import TokenStream
+from lrulm.data.cache import TokenStream
 from lrulm.model import Classifier, LanguageModel
 from lrulm.model_config import from_preset
 

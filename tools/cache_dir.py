@@ -24,12 +24,12 @@ import time
 
 import tool_args
 
-from lrulm.data import lm as lm_data
+from lrulm.data import cache as data_cache
 
 
 def entries(directory: str) -> list[dict]:
     """Each entry of a cache dir: name, kind ("split" or "tokenizer"), its files, bytes,
-    sources state (lm_data.sources_state) and last use (seconds since the epoch)."""
+    sources state (data_cache.sources_state) and last use (seconds since the epoch)."""
     out = []
     for meta_path in sorted(glob.glob(os.path.join(directory, "*.meta.json"))):
         stem = meta_path.removesuffix(".meta.json")
@@ -53,7 +53,7 @@ def _entry(name, kind, files, record_path, used=None) -> dict:
         "kind": kind,
         "files": files,
         "bytes": sum(os.path.getsize(p) for p in files),
-        "sources": lm_data.sources_state(sources),
+        "sources": data_cache.sources_state(sources),
         "used": os.path.getmtime(used or record_path),
     }
 
