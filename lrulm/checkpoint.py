@@ -215,7 +215,7 @@ class Checkpointer:
           abstract_state: a pytree of jax.ShapeDtypeStruct with `.sharding` set: each
             array is read directly into that sharding (any mesh, any device count); or a
             function of the step giving it (checkpoints of one run may differ in optional
-            parts: a weight average switched on or off, `train.restore_target`).
+            parts: a weight average switched on or off, `experiment.restore_target`).
           iterator: the Grain iterator to restore in place; None to skip the data.
           quarantine: move a damaged checkpoint aside (a run that saves again); False
             (e.g. `lrulm eval`) only skips it.

@@ -3,7 +3,7 @@ machine.
 
 Uses JAX's ahead-of-time path: libtpu describes the chips of a slice
 (`jax.experimental.topologies`), the trainer builds its mesh, model and shardings
-abstractly over them (`train.build`), and XLA compiles the exact jitted steps the
+abstractly over them (`experiment.build`), and XLA compiles the exact jitted steps the
 trainer runs for ShapeDtypeStruct inputs. No parameter is materialised anywhere, so a
 laptop can tell whether a 1.3B model fits a v5e-16 before a TPU is rented. For GPUs
 (`h100:8`, a host of 8; `h100:8x4`, 4 such hosts) jax's CUDA plugin describes them
@@ -340,7 +340,7 @@ def compile_for_topology(
     """
     import jax
 
-    from lrulm import metrics, target, tasks, train
+    from lrulm import experiment, metrics, target, tasks, train
 
     topo = parse_target(topology) if isinstance(topology, str) else topology
     gpus = isinstance(topo, GpuTopology)
@@ -354,15 +354,15 @@ def compile_for_topology(
     devices = gpu_devices(topo) if gpus else topology_devices(topo, num_slices)
     where = f"{topo.accelerator_type} ({len(devices)} chips)"
     try:
-        mesh = train.make_mesh(config, devices)
+        mesh = experiment.make_mesh(config, devices)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     task = tasks.make_task(config, None, prepare_data=False)
     live_before = sum(a.nbytes for a in jax.live_arrays())
     # traced for the target: its "auto" method, kernels, time split (lrulm.target)
     with target.compiling_for("gpu" if gpus else "tpu"):
-        try:  # the batch and sequence checks against this mesh (train.validate)
-            exp = train.build(config, task, mesh)
+        try:  # the batch and sequence checks against this mesh (experiment.validate)
+            exp = experiment.build(config, task, mesh)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         train_jit, eval_jit = train.jit_steps(exp)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 from lrulm import checkpoint as ckpt_lib
+from lrulm import experiment, tasks, train
 from lrulm import metrics as metrics_lib
-from lrulm import tasks, train
 
 
 def _mesh(config):
@@ -16,7 +16,7 @@ def _mesh(config):
     import jax
 
     try:
-        return train.make_mesh(config)
+        return experiment.make_mesh(config)
     except ValueError as e:
         m = config.mesh
         if m.data == -1 and m.fsdp == m.tensor == m.sequence == m.dcn_data == m.dcn_fsdp == 1:
@@ -27,7 +27,7 @@ def _mesh(config):
         )
     m = config.mesh
     m.data, m.fsdp, m.tensor, m.sequence, m.dcn_data, m.dcn_fsdp = -1, 1, 1, 1, 1, 1
-    return train.make_mesh(config)
+    return experiment.make_mesh(config)
 
 
 def evaluate_workdir(config, workdir: str, step: int | None = None, *, best: bool = False) -> dict:
@@ -58,11 +58,11 @@ def evaluate_workdir(config, workdir: str, step: int | None = None, *, best: boo
     task = tasks.make_task(config, workdir, eval_only=True)
     if hasattr(task, "check_eval"):
         task.check_eval(config.train.global_batch_size, config.train.eval_steps)
-    exp = train.build(config, task, mesh)
+    exp = experiment.build(config, task, mesh)
     checkpointer = ckpt_lib.Checkpointer(saved, async_save=False)
     try:
         # Each checkpoint's own tree: its weight average (optim.ema) where it keeps one.
-        target = lambda s: train.restore_target(exp, checkpointer, s)  # noqa: E731
+        target = lambda s: experiment.restore_target(exp, checkpointer, s)  # noqa: E731
         if step is None:
             restored = checkpointer.restore_latest(target, quarantine=False)
         else:

@@ -208,7 +208,7 @@ class LanguageModel(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         if cfg.vocab_size < 2:
             raise ValueError(f"a language model needs model.vocab_size >= 2; got {cfg.vocab_size}")
-        if cfg.norm == "batch":  # also checked with the config (train.validate)
+        if cfg.norm == "batch":  # also checked with the config (experiment.validate)
             raise ValueError("a language model cannot use batch norm (it would see later tokens)")
         self.cfg = cfg
         self.embed = layers.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs)

@@ -17,7 +17,7 @@ import pytest
 
 from lrulm import checkpoint as ckpt_lib
 from lrulm import config as config_lib
-from lrulm import evaluation, tasks, train
+from lrulm import evaluation, experiment, tasks, train
 
 TINY = "configs/lm/tiny.py:test"
 
@@ -308,8 +308,8 @@ def test_restore_onto_other_meshes(tmp_path, corpus):
         ("four_devices", ["mesh.data=4"], jax.devices()[:4]),
     ]:
         config = cfg(*mesh_args)
-        mesh = train.make_mesh(config, devices)
-        exp = train.build(config, tasks.make_task(config, workdir), mesh)
+        mesh = experiment.make_mesh(config, devices)
+        exp = experiment.build(config, tasks.make_task(config, workdir), mesh)
         checkpointer = ckpt_lib.Checkpointer(workdir)
         state = checkpointer.restore_latest(exp.abstract_state).state
         checkpointer.close()
@@ -575,7 +575,7 @@ def test_the_saved_state_tree_is_the_one_earlier_versions_saved(spec, golden):
     Change the golden file only with a way for old checkpoints to restore."""
     config = config_lib.load_with_overrides(spec, [])
     task = tasks.make_task(config, None, prepare_data=False)
-    exp = train.build(config, task, train.make_mesh(config, jax.devices()[:1]))
+    exp = experiment.build(config, task, experiment.make_mesh(config, jax.devices()[:1]))
     lines = [
         f"{jax.tree_util.keystr(path)} {tuple(x.shape)} {x.dtype}"
         for path, x in jax.tree_util.tree_flatten_with_path(exp.abstract_state)[0]

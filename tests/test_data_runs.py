@@ -8,7 +8,7 @@ import sys
 import pytest
 from run_helpers import tiny_config as _config
 
-from lrulm import evaluation, tasks, train
+from lrulm import evaluation, experiment, tasks, train
 
 
 @pytest.mark.parametrize("seeds, want", [((0, -1), 0), ((0, 7), 7), ((3, -1), 3)])
@@ -27,7 +27,7 @@ def test_data_order_has_its_own_seed(tmp_path, corpus, monkeypatch, seeds, want)
     config = _config(
         f"train.seed={train_seed}", f"data.seed={seed}", "train.steps=1", corpus=corpus
     )
-    assert train.data_seed(config) == want
+    assert experiment.data_seed(config) == want
     train.train_and_evaluate(config, str(tmp_path / "run"))
     assert seen == [want]
 
@@ -37,7 +37,6 @@ def test_runs_sharing_a_cache_dir_prepare_the_data_once(tmp_path, corpus, monkey
     the first trained and reads its tokenized splits (nothing trained or tokenized again,
     no data/ in its workdir)."""
     from lrulm.data import cache as data_cache
-    from lrulm.data import lm as lm_data
     from lrulm.data import tokenizer as tok
 
     calls = {"tokenizer": 0, "tokenize": 0}

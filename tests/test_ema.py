@@ -17,7 +17,7 @@ from flax import nnx
 from run_helpers import tiny_config
 
 from lrulm import checkpoint as ckpt_lib
-from lrulm import evaluation, generate, optim, score, train
+from lrulm import evaluation, experiment, generate, optim, score, train
 
 
 def test_the_decay_warms_up_to_its_value():
@@ -179,7 +179,7 @@ def test_an_average_dropped_on_resume_frees_its_arrays():
 
     exp = types.SimpleNamespace(abstract_state={"params": None})
     avg = {"w": jnp.ones(3)}
-    state = train.match_ema({"params": {"w": jnp.zeros(3)}, "ema_params": avg}, exp, 5)
+    state = experiment.match_ema({"params": {"w": jnp.zeros(3)}, "ema_params": avg}, exp, 5)
     assert set(state) == {"params"} and avg["w"].is_deleted()
     assert not state["params"]["w"].is_deleted()
 

@@ -11,7 +11,7 @@ import pytest
 from run_helpers import tiny_config
 
 from lrulm import config as config_lib
-from lrulm import evaluation, tasks, train
+from lrulm import evaluation, experiment, tasks, train
 from lrulm.data import cache as data_cache
 from lrulm.data import lm as lm_data
 from lrulm.data import tokenizer as tok
@@ -92,7 +92,7 @@ def test_a_set_of_train_text_and_sets_for_lra_are_refused(tmp_path, corpus, sets
     lra = config_lib.load_with_overrides("configs/lra/listops.py:tiny", [])
     lra.data.eval_sets = f"x={sets['other']}"
     with pytest.raises(ValueError, match="data.eval_sets is for language models"):
-        train.validate(lra, train.make_mesh(lra))
+        experiment.validate(lra, experiment.make_mesh(lra))
 
 
 def _target_bytes(sp, targets: np.ndarray) -> int:

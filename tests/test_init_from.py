@@ -10,7 +10,7 @@ from run_helpers import tiny_config
 
 from lrulm import checkpoint as ckpt_lib
 from lrulm import config as config_lib
-from lrulm import tasks, train
+from lrulm import experiment, tasks, train
 
 
 def _saved_params(workdir, step):
@@ -46,7 +46,7 @@ def test_a_language_models_recurrence_under_a_classifier(lm_workdir):
     is refused with what to do."""
     config = config_lib.load_with_overrides("configs/lra/text.py:tiny", [])
     task = tasks.make_task(config, None, prepare_data=False)
-    exp = train.build(config, task, train.make_mesh(config))
+    exp = experiment.build(config, task, experiment.make_mesh(config))
     abstract = exp.abstract_state["params"]
     part, step, key = ckpt_lib.restore_params(lm_workdir, abstract, select="lru/")
     assert (step, key, set(part)) == (8, "params", {"stack"})

@@ -14,7 +14,7 @@ import pytest
 
 from lrulm import checkpoint as ckpt_lib
 from lrulm import config as config_lib
-from lrulm import evaluation, lra_report, lra_task, train
+from lrulm import evaluation, experiment, lra_report, lra_task, train
 from lrulm.data import lra
 from lrulm.data.lra import generate
 from lrulm.data.lra import synthetic as fx
@@ -224,8 +224,8 @@ def test_accumulation_moves_batchnorm_statistics_once_a_step(data_dir, tmp_path)
             "listops", f"data.data_dir={data_dir}", "mesh.data=2", "train.global_batch_size=16",
             f"optim.grad_accum_steps={accum}", "model.dropout=0.0",
         )  # fmt: skip
-        mesh = train.make_mesh(config, jax.devices()[:2])
-        exp = train.build(config, tasks.make_task(config, str(tmp_path)), mesh)
+        mesh = experiment.make_mesh(config, jax.devices()[:2])
+        exp = experiment.build(config, tasks.make_task(config, str(tmp_path)), mesh)
         state = jax.jit(exp.init_fn, out_shardings=exp.state_shardings)(jax.random.key(0))
         rng = np.random.default_rng(0)
         batch = {}

@@ -17,8 +17,8 @@ from run_helpers import TINY
 from run_helpers import tiny_config as _config
 
 from lrulm import config as config_lib
+from lrulm import experiment, tasks, train
 from lrulm import metrics as metrics_lib
-from lrulm import tasks, train
 
 
 def _losses(workdir):
@@ -80,9 +80,9 @@ def test_pallas_scan_trains_like_sequential_on_a_sharded_mesh(tmp_path, corpus):
 
 def test_parameters_are_sharded_by_the_rules(corpus, tmp_path):
     config = _config("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", corpus=corpus)
-    mesh = train.make_mesh(config)
+    mesh = experiment.make_mesh(config)
     task = tasks.make_task(config, str(tmp_path))
-    exp = train.build(config, task, mesh)
+    exp = experiment.build(config, task, mesh)
     state = jax.jit(exp.init_fn, out_shardings=exp.state_shardings)(jax.random.key(0))
     blocks = state["params"]["stack"]["blocks"]
     # (layers, state, embed): state channels split by tensor, width by fsdp.
@@ -104,9 +104,9 @@ def test_gradient_accumulation_equals_big_batch(corpus, tmp_path):
     results = {}
     for accum in (1, 4):
         config = _config(f"optim.grad_accum_steps={accum}", "mesh.data=2", corpus=corpus)
-        mesh = train.make_mesh(config, jax.devices()[:2])
+        mesh = experiment.make_mesh(config, jax.devices()[:2])
         task = tasks.make_task(config, str(tmp_path))
-        exp = train.build(config, task, mesh)
+        exp = experiment.build(config, task, mesh)
         state = jax.jit(exp.init_fn, out_shardings=exp.state_shardings)(jax.random.key(0))
         train_jit, _ = train.jit_steps(exp)
         rng = np.random.default_rng(0)
@@ -373,8 +373,8 @@ def _step_program(*overrides):
         [("model.vocab_size", "512"), ("mesh.data", "1")]
         + [tuple(o.split("=")) for o in overrides],
     )
-    mesh = train.make_mesh(config, jax.devices()[:1])
-    exp = train.build(config, tasks.make_task(config, None, prepare_data=False), mesh)
+    mesh = experiment.make_mesh(config, jax.devices()[:1])
+    exp = experiment.build(config, tasks.make_task(config, None, prepare_data=False), mesh)
     train_jit, _ = train.jit_steps(exp)
     batch = {
         k: jax.ShapeDtypeStruct(s, d, sharding=exp.batch_shardings[k])
@@ -403,8 +403,8 @@ def test_sizes_that_do_not_divide_the_mesh_are_said(mesh, widths, warned, capsys
     """spec_for keeps an array whole on an axis its dimension does not divide by; when
     that leaves much of the model unsplit, the run says so (not a silent replica)."""
     config = _config("model.vocab_size=512", *mesh, *widths)
-    exp = train.build(
-        config, tasks.make_task(config, None, prepare_data=False), train.make_mesh(config)
+    exp = experiment.build(
+        config, tasks.make_task(config, None, prepare_data=False), experiment.make_mesh(config)
     )
     out = capsys.readouterr().out
     assert ("are not split over the mesh axes meant to split them" in out) == warned, out

@@ -37,9 +37,9 @@ import optax
 import tool_args
 
 from lrulm import config as config_lib
+from lrulm import experiment, tasks, train
 from lrulm import lru as lru_lib
 from lrulm import scan as scan_lib
-from lrulm import tasks, train
 from lrulm.data import lra
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -219,8 +219,8 @@ def random_batch(size: Size, spec, seed: int = 0) -> dict:
 def lrulm_step(size: Size, host_batch: dict, scan_method: str = ""):
     """(jitted step, state, batch on device) of lrulm's trainer for `size`."""
     config = lrulm_config(size, scan_method)
-    mesh = train.make_mesh(config, jax.devices()[:1])
-    exp = train.build(config, tasks.make_task(config, None, prepare_data=False), mesh)
+    mesh = experiment.make_mesh(config, jax.devices()[:1])
+    exp = experiment.build(config, tasks.make_task(config, None, prepare_data=False), mesh)
     state = jax.jit(exp.init_fn, out_shardings=exp.state_shardings)(jax.random.key(0))
     step, _ = train.jit_steps(exp)
     batch = {

@@ -3,7 +3,7 @@
     python tools/bench_checkpoint.py                      # 125m preset: 150M parameters
     python tools/bench_checkpoint.py --preset 125m --steps 6 --json out.json
 
-Runs the real train step (lrulm.train.build / jit_steps, random tokens) of an LM preset
+Runs the real train step (lrulm.experiment.build / jit_steps, random tokens) of an LM preset
 and saves the whole train state (parameters + Adam moments: ~12 bytes per parameter)
 through lrulm's Checkpointer, asynchronously (the default) and synchronously, every
 step. Async saves block the loop only while arrays are copied off the devices; the
@@ -26,7 +26,7 @@ import tool_args
 
 from lrulm import checkpoint as ckpt_lib
 from lrulm import config as config_lib
-from lrulm import tasks, train
+from lrulm import experiment, tasks, train
 
 
 def _setup(preset: str, batch: int, seq_len: int):
@@ -35,9 +35,9 @@ def _setup(preset: str, batch: int, seq_len: int):
     config.model.dtype = "float32"
     config.train.global_batch_size, config.train.seq_len = batch, seq_len
     config.lock()
-    mesh = train.make_mesh(config)
+    mesh = experiment.make_mesh(config)
     task = tasks.make_task(config, None, prepare_data=False)
-    exp = train.build(config, task, mesh)
+    exp = experiment.build(config, task, mesh)
     state = jax.jit(exp.init_fn, out_shardings=exp.state_shardings)(jax.random.key(0))
     train_jit, _ = train.jit_steps(exp)
     rng = np.random.default_rng(0)

@@ -25,7 +25,7 @@ import numpy as np
 import tool_args
 
 from lrulm import config as config_lib
-from lrulm import tasks, train
+from lrulm import experiment, tasks, train
 from lrulm.data import lra
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -73,8 +73,8 @@ def bench_task(task: str, *, steps: int, max_tokens: int) -> dict:
         config.train.global_batch_size = batch
         config.mesh.data = 1
     device = jax.devices()[:1]
-    mesh = train.make_mesh(config, device)
-    exp = train.build(config, tasks.make_task(config, None, prepare_data=False), mesh)
+    mesh = experiment.make_mesh(config, device)
+    exp = experiment.build(config, tasks.make_task(config, None, prepare_data=False), mesh)
     state = jax.jit(exp.init_fn, out_shardings=exp.state_shardings)(jax.random.key(0))
     train_jit, _ = train.jit_steps(exp)
     inputs = _random_batch(exp, spec.num_classes, spec.vocab_size)

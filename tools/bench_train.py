@@ -4,7 +4,7 @@
     python tools/bench_train.py --preset 350m --batch 8 --seq_len 2048 --json out.json  # one H100
     python tools/bench_train.py --preset 125m --profile /tmp/prof  # + a trace of 3 steps
 
-Runs the real jitted train step (the same one `lrulm train` runs, via lrulm.train.build
+Runs the real jitted train step (the same one `lrulm train` runs, via lrulm.experiment.build
 and jit_steps) on random tokens over all local devices (data parallel unless --mesh says
 otherwise). MFU = flops_per_token x tokens/s / (devices x peak bf16 FLOP/s); the FLOP count
 is ModelConfig.flops_per_token (6 x matmul weights + the recurrence), stated in the output.
@@ -21,7 +21,7 @@ import numpy as np
 import tool_args
 
 from lrulm import config as config_lib
-from lrulm import metrics, tasks, train
+from lrulm import experiment, metrics, tasks, train
 from lrulm import scan as scan_lib
 
 
@@ -78,10 +78,10 @@ def run(config, steps: int, devices=None, profile_dir: str = "") -> dict:
     With `profile_dir`, PROFILE_STEPS more steps are traced there after the timed ones
     (so the trace costs the figures nothing): TensorBoard's profile tab, or Perfetto.
     """
-    mesh = train.make_mesh(config, devices)
+    mesh = experiment.make_mesh(config, devices)
     peak_before = (mesh.devices.flat[0].memory_stats() or {}).get("peak_bytes_in_use", 0)
     task = tasks.make_task(config, None, prepare_data=False)
-    exp = train.build(config, task, mesh)
+    exp = experiment.build(config, task, mesh)
     state = jax.jit(exp.init_fn, out_shardings=exp.state_shardings)(jax.random.key(0))
     train_jit, _ = train.jit_steps(exp)
     rng = np.random.default_rng(0)

@@ -2,7 +2,7 @@
 
     python tools/seq_parallel_memory.py --preset 125m --shards 8 --hbm_gib 79.1
 
-Compiles the real train step (lrulm.train.build / jit_steps) with abstract inputs on
+Compiles the real train step (lrulm.experiment.build / jit_steps) with abstract inputs on
 simulated CPU devices, batch 1, once on one device and once with mesh.sequence = S,
 at two context lengths; per-device memory (arguments + temporaries + outputs - donated)
 from XLA's memory analysis is linear in the context, so the two points give the longest
@@ -23,7 +23,7 @@ import jax  # noqa: E402
 import tool_args  # noqa: E402
 
 from lrulm import config as config_lib  # noqa: E402
-from lrulm import tasks, train  # noqa: E402
+from lrulm import experiment, tasks, train  # noqa: E402
 
 
 def per_device_bytes(preset: str, seq_len: int, shards: int, remat: str, vocab_block: int) -> int:
@@ -34,8 +34,8 @@ def per_device_bytes(preset: str, seq_len: int, shards: int, remat: str, vocab_b
     config.train.global_batch_size, config.train.seq_len = 1, seq_len
     config.mesh.data, config.mesh.sequence = 1, shards
     config.lock()
-    mesh = train.make_mesh(config, jax.devices()[:shards])
-    exp = train.build(config, tasks.make_task(config, None, prepare_data=False), mesh)
+    mesh = experiment.make_mesh(config, jax.devices()[:shards])
+    exp = experiment.build(config, tasks.make_task(config, None, prepare_data=False), mesh)
     train_jit, _ = train.jit_steps(exp)
     batch = {
         k: jax.ShapeDtypeStruct(shape, dtype, sharding=exp.batch_shardings[k])

@@ -5,7 +5,8 @@ Pipeline:
      embedded default: the Python standard library's own source.
   2. Tokenized once per workdir (process 0; the others wait) into a flat token stream,
      each document followed by EOS, stored as .npy next to a fingerprint so a rerun
-     reuses it. Pre-packed ArrayRecord files (tools/prepare_data.py) skip this step.
+     reuses it (lrulm.data.cache). Pre-packed ArrayRecord files (tools/prepare_data.py)
+     skip this step.
   3. Packed: sequence i is tokens[i*L : i*L + L] with targets shifted by one. The
      model zeroes its recurrent state where a new document starts (after an EOS), so
      documents packed side by side do not leak into each other.

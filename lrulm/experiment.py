@@ -1,0 +1,304 @@
+"""The experiment's building blocks, shared by training, `lrulm eval` and `lrulm compile`:
+the config's checks that need the mesh, the mesh, and the model, optimizer and train state
+built abstractly (shapes and shardings, nothing materialised), with the state's optional
+part (the weight average of optim.ema) as each checkpoint keeps it.
+
+The train state is one pytree,
+
+    {"step", "rng", "params", "model_state", "opt_state", "nonfinite_step"}
+
+and "ema_params" (the weights' moving average) when optim.ema is set.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lrulm import metrics as metrics_lib
+from lrulm import optim, sharding, tasks
+from lrulm.data import lm as lm_data
+
+
+@dataclass
+class Experiment:
+    """Everything needed to run or compile the steps, with no parameter materialised."""
+
+    config: Any
+    task: Any
+    mesh: Any
+    graphdef: Any
+    abstract_state: Any  # ShapeDtypeStructs with .sharding
+    state_shardings: Any
+    batch_shardings: dict
+    batch_spec: dict
+    init_fn: Any
+    tx: Any
+    schedule: Any
+
+
+def _key_name(k) -> str:
+    return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+
+
+def _opt_state_axes(abstract_opt_state, param_axes):
+    """Logical axes of optimizer-state leaves: a leaf whose path ends with a parameter's
+    path (Adam's mu and nu) shares that parameter's axes; the rest are replicated."""
+    by_path = {
+        tuple(_key_name(k) for k in path): axes
+        for path, axes in jax.tree_util.tree_flatten_with_path(
+            param_axes, is_leaf=lambda x: x is None or isinstance(x, tuple)
+        )[0]
+    }
+
+    def axes_for(path, _):
+        names = tuple(_key_name(k) for k in path)
+        for i in range(len(names)):
+            if names[i:] in by_path:
+                return by_path[names[i:]]
+        return None
+
+    return jax.tree_util.tree_map_with_path(axes_for, abstract_opt_state)
+
+
+def data_seed(config) -> int:
+    """The seed of the train data's order: data.seed, or train.seed where it is -1 (as
+    before data.seed existed: a resumed run keeps its order)."""
+    seed = config.data.get("seed", -1)
+    return config.train.seed if seed == -1 else seed
+
+
+def validate(config, mesh) -> None:
+    """Checks that need the mesh, before anything compiles."""
+    t = config.train
+    dp = sharding.data_parallel_size(mesh)
+    accum = config.optim.grad_accum_steps
+    if accum < 1:
+        raise ValueError(f"optim.grad_accum_steps must be >= 1; got {accum}")
+    if t.global_batch_size % (dp * accum):
+        unit = dp * accum
+        raise ValueError(
+            f"global batch {t.global_batch_size} is not divisible by {dp} data-parallel devices"
+            + (f" x {accum} accumulation steps" if accum > 1 else "")
+            + f"; use a multiple of {unit}"
+        )
+    if t.seq_len % mesh.shape["sequence"]:
+        raise ValueError(
+            f"train.seq_len {t.seq_len} is not divisible by mesh.sequence="
+            f"{mesh.shape['sequence']}; use a multiple of it"
+        )
+    for name in ("steps", "log_every", "global_batch_size", "seq_len"):
+        if t[name] < 1:
+            raise ValueError(f"train.{name} must be positive; got {t[name]}")
+    minutes = config.checkpoint.get("every_minutes", 0.0)
+    if not (minutes >= 0 and math.isfinite(minutes)):
+        raise ValueError(f"checkpoint.every_minutes must be >= 0 (0: off); got {minutes}")
+    if config.checkpoint.every_steps < 1:
+        raise ValueError(
+            f"checkpoint.every_steps must be positive; got {config.checkpoint.every_steps} "
+            "(the last step is always saved: a value above train.steps saves only that)"
+        )
+    if t.eval_every < 0:
+        raise ValueError(
+            f"train.eval_every must be >= 0 (0: only after the last step); got {t.eval_every}"
+        )
+    if t.profile_steps < 0 or t.profile_start_step < 0:
+        raise ValueError(
+            f"train.profile_steps ({t.profile_steps}) and train.profile_start_step "
+            f"({t.profile_start_step}) must be >= 0 (profile_steps=0: no profile)"
+        )
+    if t.profile_steps and t.profile_start_step >= t.steps:
+        raise ValueError(
+            f"train.profile_start_step {t.profile_start_step} is not before the last step "
+            f"(train.steps={t.steps}): no step would be profiled; lower it"
+        )
+    if not 0 <= t.seed < 2**32:
+        raise ValueError(f"train.seed must be in [0, 2**32); got {t.seed}")
+    if not -1 <= data_seed(config) < 2**32:
+        raise ValueError(
+            f"data.seed must be in [0, 2**32), or -1 (train.seed's); got {config.data.seed}"
+        )
+    z_loss = t.get("z_loss", 0.0)
+    if not (z_loss >= 0 and math.isfinite(z_loss)):
+        raise ValueError(f"train.z_loss must be >= 0 (0: off); got {z_loss}")
+    if z_loss and config.task != "lm":
+        raise ValueError("train.z_loss is for language models (a classifier has few logits)")
+    select = config.checkpoint.get("init_from_params", "")
+    if select and not config.checkpoint.init_from:
+        raise ValueError(
+            "checkpoint.init_from_params selects parameters of checkpoint.init_from, which is "
+            "not set; give both (or neither)"
+        )
+    for pattern in select.split(","):
+        try:
+            re.compile(pattern.strip())
+        except re.error as e:
+            raise ValueError(
+                f"checkpoint.init_from_params: {pattern.strip()!r} is no regular expression ({e})"
+            ) from None
+    smoothing = t.get("label_smoothing", 0.0)
+    if not 0 <= smoothing < 1:
+        raise ValueError(f"train.label_smoothing must be in [0, 1) (0: off); got {smoothing}")
+    eval_sets = config.data.get("eval_sets", "")
+    if eval_sets and config.task != "lm":
+        raise ValueError("data.eval_sets is for language models (LRA has its own splits)")
+    lm_data.parse_eval_sets(eval_sets)  # its syntax, before the data is read
+    mixture = config.data.get("mixture", "")
+    if mixture and config.task != "lm":
+        raise ValueError("data.mixture is for language models (LRA reads its task's files)")
+    lm_data.parse_mixture(mixture)
+    optim.check_arguments(**_optimizer_args(config))
+    ema = ema_of(config)
+    if not (0 <= ema < 1):
+        raise ValueError(f"optim.ema must be in [0, 1) (0: no weight average); got {ema}")
+    model = tasks.resolve_model_config(config.model)  # the model's fields, before the data
+    if config.task == "lm" and model.norm == "batch":
+        raise ValueError(
+            "model.norm='batch' is for the LRA classifiers: in a language model its batch "
+            "statistics pool over every position, so each token would see the ones after "
+            "it; use 'rms' or 'layer'"
+        )
+
+
+def _optimizer_args(config) -> dict:
+    """config.optim's arguments of optim.make_optimizer (the schedule's length aside)."""
+    names = ("lr", "lr_factor", "weight_decay", "warmup_fraction", "grad_clip", "b1", "b2")
+    o = config.optim
+    # A config.json from before these keys: the paper's cosine, decay on all but ν, θ, γ, B.
+    kinds = dict(
+        schedule_kind=o.get("schedule", "cosine"),
+        decay_fraction=o.get("decay_fraction", 0.2),
+        no_decay=o.get("no_decay", ""),
+        final_lr_fraction=o.get("final_lr_fraction", 0.0),
+    )
+    return {**{name: o[name] for name in names}, **kinds}
+
+
+def ema_of(config) -> float:
+    """optim.ema (0.0 in a config.json from before the key)."""
+    return config.optim.get("ema", 0.0)
+
+
+def restore_target(exp: Experiment, checkpointer, step: int | None) -> dict:
+    """exp.abstract_state as checkpoint `step` (None: none) keeps it: with "ema_params"
+    (sharded as the parameters) where it keeps a weight average, without where it does
+    not, whatever optim.ema says now (switched on or off since: `match_ema`)."""
+    target = dict(exp.abstract_state)
+    saved = checkpointer.saved_keys(step) if step is not None else None
+    if saved is None:
+        return target
+    if "ema_params" in saved and "ema_params" not in target:
+        target["ema_params"] = target["params"]
+    elif "ema_params" not in saved:
+        target.pop("ema_params", None)
+    return target
+
+
+def match_ema(state: dict, exp: Experiment, step: int) -> dict:
+    """A restored state with a weight average exactly where optim.ema asks for one: a
+    new average starts from the restored weights; one no longer asked for is dropped."""
+    wanted = "ema_params" in exp.abstract_state
+    if wanted == ("ema_params" in state):
+        return state
+    state = dict(state)
+    if wanted:
+        state["ema_params"] = jax.tree.map(jnp.copy, state["params"])
+        metrics_lib.say(f"lrulm: optim.ema: the weight average starts from step {step}'s weights")
+    else:  # freed now: the restored dict stays referenced, and only donated arrays go
+        for x in jax.tree.leaves(state.pop("ema_params")):
+            x.delete()
+        metrics_lib.say(
+            f"lrulm: optim.ema is 0: the weight average of step {step}'s checkpoint is not "
+            "carried on (its checkpoints keep it; set optim.ema to go on with it)"
+        )
+    return state
+
+
+def make_mesh(config, devices=None):
+    """The configured mesh over `devices` (default: every device of every process)."""
+    m = config.mesh
+    return sharding.make_mesh(
+        dict(data=m.data, fsdp=m.fsdp, tensor=m.tensor, sequence=m.sequence),
+        devices=devices,
+        dcn=dict(data=m.dcn_data, fsdp=m.dcn_fsdp),
+    )
+
+
+def build(config, task, mesh) -> Experiment:
+    """Model, optimizer and shardings of the train state, all abstract."""
+    validate(config, mesh)
+    abstract_model = nnx.eval_shape(lambda: task.make_model(nnx.Rngs(0)))
+    graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
+    param_axes = sharding.logical_axes_tree(abs_params)
+    rest_axes = sharding.logical_axes_tree(abs_rest)
+    tx, schedule = optim.make_optimizer(total_steps=config.train.steps, **_optimizer_args(config))
+
+    def init_fn(key):
+        model = task.make_model(nnx.Rngs(params=key))
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        params = nnx.to_pure_dict(params)
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.fold_in(key, 1)),
+            "params": params,
+            "model_state": nnx.to_pure_dict(rest),
+            "opt_state": tx.init(params),
+            "nonfinite_step": jnp.full((), -1, jnp.int32),
+            # Only with a weight average: every other run's state keeps its tree.
+            **({"ema_params": params} if ema_of(config) else {}),
+        }
+
+    abstract = jax.eval_shape(init_fn, jax.random.key(0))
+    axes = {
+        "step": None,
+        "rng": None,
+        "nonfinite_step": None,
+        "params": param_axes,
+        "model_state": rest_axes,
+        "opt_state": _opt_state_axes(abstract["opt_state"], param_axes),
+        **({"ema_params": param_axes} if "ema_params" in abstract else {}),
+    }
+    state_shardings = sharding.tree_shardings(abstract, axes, mesh)
+    warning = sharding.indivisible_warning(abstract["params"], param_axes, mesh)
+    if warning and jax.process_index() == 0:
+        metrics_lib.say(f"lrulm: warning: {warning}")
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_shardings
+    )
+    spec = task.batch_spec(config.train.global_batch_size)
+    seq_sharded = mesh.shape["sequence"] > 1
+    batch_shardings = {
+        k: sharding.batch_sharding(mesh, len(shape), seq_sharded=seq_sharded and len(shape) == 2)
+        for k, (shape, _) in spec.items()
+    }
+    return Experiment(
+        config,
+        task,
+        mesh,
+        graphdef,
+        abstract_state,
+        state_shardings,
+        batch_shardings,
+        spec,
+        init_fn,
+        tx,
+        schedule,
+    )
+
+
+def evaluated_state(state: dict, exp: Experiment) -> dict:
+    """A restored state in the tree eval_jit takes, evaluating the checkpoint's weight
+    average where it keeps one (whatever optim.ema says now) and its weights otherwise."""
+    wanted, kept = "ema_params" in exp.abstract_state, "ema_params" in state
+    if kept and not wanted:
+        state = {**state, "params": state["ema_params"]}
+        del state["ema_params"]
+    elif wanted and not kept:
+        state = {**state, "ema_params": state["params"]}
+    return state
