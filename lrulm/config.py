@@ -150,8 +150,10 @@ def to_dict(config: ConfigDict) -> dict:
 
 
 def from_dict(data: dict) -> ConfigDict:
-    """A locked ConfigDict from a dict written by `to_dict` (e.g. a workdir's config.json)."""
-    config = ml_collections.ConfigDict(data)
+    """A locked ConfigDict from a dict written by `to_dict` (e.g. a workdir's config.json).
+    Keys added to lrulm since it was written take their defaults (`base_config`), so a
+    run's config.json takes overrides of them (`lrulm eval --config.train.NEW=...`)."""
+    config = ml_collections.ConfigDict(_with_defaults(data, to_dict(base_config())))
     config.lock()
     return config
 
@@ -181,6 +183,17 @@ def write_run_config(config: ConfigDict, workdir: str, *, resumed: bool) -> list
 
 
 _MISSING = object()
+
+
+def _with_defaults(data: dict, defaults: dict) -> dict:
+    """data, with the keys of `defaults` it lacks (nested dicts merged)."""
+    out = dict(data)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _with_defaults(out[key], value)
+    return out
 
 
 def _leaves(tree: dict, prefix: str = ""):

@@ -145,6 +145,10 @@ def validate(config, mesh) -> None:
     smoothing = t.get("label_smoothing", 0.0)
     if not 0 <= smoothing < 1:
         raise ValueError(f"train.label_smoothing must be in [0, 1) (0: off); got {smoothing}")
+    if t.get("eval_by_context", False) and config.task != "lm":
+        raise ValueError(
+            "train.eval_by_context is for language models (a classifier's loss is per example)"
+        )
     eval_sets = config.data.get("eval_sets", "")
     if eval_sets and config.task != "lm":
         raise ValueError("data.eval_sets is for language models (LRA has its own splits)")

@@ -367,15 +367,20 @@ class _Streamer:
     def __init__(self, prompt: str):
         import jax
 
-        self.prompt, self.started = prompt, jax.process_index() != 0  # others print nothing
+        self.prompt, self.started = prompt, False
+        self.quiet = jax.process_index() != 0  # every process decodes; process 0 prints
 
     def __call__(self, piece: str) -> None:
+        if self.quiet:
+            return
         if not self.started:
             print(self.prompt, end="")
             self.started = True
         print(piece, end="", flush=True)
 
     def finish(self) -> None:
+        if self.quiet:
+            return
         if not self.started:  # an empty completion: the prompt alone
             print(self.prompt, end="")
         print()

@@ -63,3 +63,15 @@ def test_a_resume_names_real_changes_not_keys_added_since(tmp_path):
     )
     changed = config_lib.write_run_config(config, str(tmp_path), resumed=True)
     assert changed == ["data.seed: unset -> 3", "train.made_up: 1 -> unset", "train.steps: 5 -> 9"]
+
+
+def test_a_config_json_from_before_new_keys_takes_overrides_of_them():
+    """`lrulm eval --workdir RUN --config.train.NEW=...` on a run older than the key: the
+    workdir's config.json takes the key at its default, then the override."""
+    old = config_lib.to_dict(config_lib.load_with_overrides("configs/lm/tiny.py:test", []))
+    del old["train"]["eval_by_context"], old["data"]["eval_sets"]
+    config = config_lib.from_dict(old)
+    assert config.train.eval_by_context is False and config.data.eval_sets == ""
+    config_lib.override(config, "train.eval_by_context", "true")
+    assert config.train.eval_by_context is True
+    assert config.train.steps == old["train"]["steps"]  # what the run had is kept

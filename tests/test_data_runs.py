@@ -95,3 +95,41 @@ def test_runs_sharing_a_cache_dir_prepare_the_data_once(tmp_path, corpus, monkey
     assert calls == {"tokenizer": 2, "tokenize": 3}, calls
     subprocess.run([*tool, "--prune", "--unused_days", "0"], check=True, capture_output=True)
     assert list(cache.iterdir()) == []
+
+
+def test_cache_dir_tool_on_odd_entries(tmp_path):
+    """tools/cache_dir.py: a killed run's temporaries (a day old) are pruned; a prepared
+    shard set's meta.json is no entry; malformed or unreadable sources are "unknown" and
+    kept; sources whose directory is gone (an unmounted corpus) are "unknown" too."""
+    import json
+    import time
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    import cache_dir
+
+    d = tmp_path / "cache"
+    d.mkdir()
+    old = time.time() - 2 * 86400
+    for name in ("train-x.tokens.npy.1a2b.tmp.npy", "eval-y.meta.json.3c4d.tmp"):
+        (d / name).write_bytes(b"x" * 10)
+        os.utime(d / name, (old, old))
+    (d / "fresh.meta.json.5e6f.tmp").write_text("{}")  # a run writing now
+    (d / "shards.meta.json").write_text(json.dumps({"tokens": 5, "bytes": 9}))
+    (d / "bad.meta.json").write_text(json.dumps({"fingerprint": "f", "sources": [["/x", 1]]}))
+    gone_dir = [[str(tmp_path / "unmounted" / "a.txt"), 1, 1]]
+    (d / "far.meta.json").write_text(json.dumps({"fingerprint": "f", "sources": gone_dir}))
+    deleted = [[str(tmp_path / "deleted.txt"), 1, 1]]
+    (d / "gone.meta.json").write_text(json.dumps({"fingerprint": "f", "sources": deleted}))
+    found = {e["name"]: e for e in cache_dir.entries(str(d))}
+    assert "shards" not in found
+    assert {n: e["sources"] for n, e in found.items() if e["kind"] == "split"} == {
+        "bad": "unknown", "far": "unknown", "gone": "gone",
+    }  # fmt: skip
+    cache_dir.main([str(d), "--prune"])
+    left = sorted(p.name for p in d.iterdir())
+    assert left == [
+        "bad.meta.json",
+        "far.meta.json",
+        "fresh.meta.json.5e6f.tmp",
+        "shards.meta.json",
+    ]

@@ -116,7 +116,7 @@ def test_bits_per_byte_of_a_partial_evaluation_counts_its_own_bytes(lm_workdir):
         config = config_lib.from_dict(json.load(f))
     config.train.eval_steps = 1
     task = tasks.make_task(config, lm_workdir, eval_only=True)
-    assert task.piece_bytes is not None  # lrulm's own tokenizer decodes piece by piece
+    assert task.held_out["eval"].exact_bytes  # lrulm's own tokenizer decodes piece by piece
     result = evaluation.evaluate_workdir(config, lm_workdir)
     rows = config.train.global_batch_size
     stream = np.asarray(task.held_out["eval"].stream.tokens())

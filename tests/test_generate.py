@@ -548,10 +548,16 @@ def test_streamed_decoding_gives_the_same_tokens_and_can_stop_early(model):
     assert [len(r) for r in stopped] == [8, 8] and stopped[0] == want[0][:8]
 
 
-def test_streamed_text_is_the_completion(lm_workdir, capsys):
+def test_streamed_text_is_the_completion(lm_workdir, capsys, monkeypatch):
     """generate_texts(stream=...) hands out the completion piece by piece: the pieces make
-    the completion, cut at a stop text as it is; `lrulm generate --stream` prints it."""
+    the completion, cut at a stop text as it is; `lrulm generate --stream` prints it, on
+    process 0 only."""
+    from lrulm import main as main_lib
+    from lrulm import metrics as metrics_lib
     from lrulm.main import main
+
+    # main() sends messages to stderr for the rest of the process: restored after the test.
+    monkeypatch.setattr(metrics_lib, "_MESSAGES_TO_STDERR", metrics_lib._MESSAGES_TO_STDERR)
 
     kw = dict(max_new_tokens=30, temperature=0.9, seed=1, num_samples=1)
     (whole,) = gen.generate_texts(lm_workdir, ["class A"], **kw)
@@ -577,6 +583,11 @@ def test_streamed_text_is_the_completion(lm_workdir, capsys):
     with pytest.raises(SystemExit):
         main([*args, "--stream", "--num_samples", "2"])
     assert "--stream shows one sample" in capsys.readouterr().err
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    other = main_lib._Streamer("PROMPT")
+    other("piece")
+    other.finish()
+    assert capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize(

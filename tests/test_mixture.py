@@ -136,3 +136,12 @@ def test_weights_that_mix_alike_are_one_mixture():
         orders[w] = (_rows(stream, 10).tolist(), mix.fingerprint())
     assert orders[(3, 1)] == orders[(6, 2)] and orders[(3, 1)][1] != orders[(3, 1.5)][1]
     assert lm_data.Mixture(parts, {"a": 0.7, "b": 0.3}).proportions == [233, 100]
+    # Grain's own integers (the smallest exactly 100, or it rescales them again).
+    from grain._src.python.dataset.transformations import mix as grain_mix
+
+    for a, b in ((0.44, 0.411), (0.653, 0.754), (3, 1)):
+        ours = lm_data.Mixture(parts, {"a": a, "b": b})
+        grains = grain_mix.SelectionWithProportionsMap(
+            [grain.MapDataset.range(10)] * 2, ours.proportions
+        )
+        assert list(grains._proportions) == ours.proportions and min(ours.proportions) == 100

@@ -7,10 +7,15 @@
 Runs given `--config.data.cache_dir=DIR` keep there one tokenizer per corpus and vocabulary
 size and one tokenized copy of each split, named by their content: an edited corpus gets new
 entries and the old ones stay. Each entry records the files it was made from (path, size,
-modification time); an entry whose files changed or were deleted is never read again, and
-`--prune` removes it. Entries made before the record was kept are "unknown" and kept (unless
-unused for `--unused_days`). Each read marks an entry used (its file's modification time).
-A run reading an entry while it is removed keeps its open copy (POSIX).
+modification time); an entry whose files changed or were deleted is not read by a run
+started since, and `--prune` removes it. Entries made before the record was kept, or whose
+files cannot be read from here (a corpus not mounted on this machine), are "unknown" and kept
+(unless unused for `--unused_days`). Each run's start marks the entries it reads used (their
+files' modification time). Temporary files of runs killed while writing (a day old) go too.
+
+A run reopens its entries while it runs (each evaluation, each data worker): prune when no run
+still running started before its corpus was edited, and give `--unused_days` more than your
+longest run.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ def entries(directory: str) -> list[dict]:
     sources state (data_cache.sources_state) and last use (seconds since the epoch)."""
     out = []
     for meta_path in sorted(glob.glob(os.path.join(directory, "*.meta.json"))):
+        if "fingerprint" not in _read(meta_path):  # e.g. a prepared shard set's record
+            continue
         stem = meta_path.removesuffix(".meta.json")
         files = [meta_path] + [p for p in (stem + ".tokens.npy",) if os.path.exists(p)]
         out.append(_entry(os.path.basename(stem), "split", files, meta_path))
@@ -39,15 +46,24 @@ def entries(directory: str) -> list[dict]:
         record = model.removesuffix(".model") + ".json"
         files = [model] + [record] * os.path.exists(record)
         out.append(_entry(os.path.basename(model), "tokenizer", files, record, used=model))
+    for tmp in sorted(glob.glob(os.path.join(directory, "*.tmp*"))):  # a killed run's
+        entry = {"name": os.path.basename(tmp), "kind": "temporary", "files": [tmp]}
+        entry.update(bytes=os.path.getsize(tmp), sources="-", used=os.path.getmtime(tmp))
+        out.append(entry)
     return out
 
 
-def _entry(name, kind, files, record_path, used=None) -> dict:
+def _read(path: str) -> dict:
     try:
-        with open(record_path) as f:
-            sources = json.load(f).get("sources")
-    except (OSError, ValueError, AttributeError):
-        sources = None
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _entry(name, kind, files, record_path, used=None) -> dict:
+    sources = _read(record_path).get("sources")
     return {
         "name": name,
         "kind": kind,
@@ -61,6 +77,8 @@ def _entry(name, kind, files, record_path, used=None) -> dict:
 def stale(entry: dict, unused_days: float | None, now: float) -> bool:
     if entry["sources"] in ("changed", "gone"):
         return True
+    if entry["kind"] == "temporary" and now - entry["used"] > 86400:
+        return True  # a run writing it would have renamed it long since
     return unused_days is not None and now - entry["used"] > unused_days * 86400
 
 

@@ -45,13 +45,17 @@ def sources_state(record: list | None) -> str:
     if not record:
         return "unknown"
     state = "current"
-    for path, size, mtime in record:
-        try:
-            st = os.stat(path)
-        except OSError:
-            return "gone"
-        if (st.st_size, st.st_mtime_ns) != (size, mtime):
-            state = "changed"
+    try:
+        for path, size, mtime in record:
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                # Its directory is there, the file not; else the corpus may not be mounted.
+                return "gone" if os.path.isdir(os.path.dirname(path)) else "unknown"
+            if (st.st_size, st.st_mtime_ns) != (size, mtime):
+                state = "changed"
+    except (OSError, TypeError, ValueError):  # unreadable (not mounted here?) or malformed
+        return "unknown"
     return state
 
 

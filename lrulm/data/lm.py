@@ -304,7 +304,7 @@ class Mixture:
         # Grain mixes by integer proportions, the smallest weight scaled to 100 (so the
         # shares are those of the weights to within 1% of the smallest): these, exactly.
         low = min(weights[n] for n in sources)
-        self.proportions = [int(weights[n] * 100 / low) for n in sources]
+        self.proportions = [round(weights[n] * 100 / low) for n in sources]
 
     def __len__(self) -> int:  # sequences over all parts (the run's data signature)
         return sum(len(s) for s in self.sources.values())
