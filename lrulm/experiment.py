@@ -13,7 +13,6 @@ and "ema_params" (the weights' moving average) when optim.ema is set.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,13 +134,7 @@ def validate(config, mesh) -> None:
             "checkpoint.init_from_params selects parameters of checkpoint.init_from, which is "
             "not set; give both (or neither)"
         )
-    for pattern in select.split(","):
-        try:
-            re.compile(pattern.strip())
-        except re.error as e:
-            raise ValueError(
-                f"checkpoint.init_from_params: {pattern.strip()!r} is no regular expression ({e})"
-            ) from None
+    optim.check_path_patterns(select, "checkpoint.init_from_params")
     smoothing = t.get("label_smoothing", 0.0)
     if not 0 <= smoothing < 1:
         raise ValueError(f"train.label_smoothing must be in [0, 1) (0: off); got {smoothing}")

@@ -146,18 +146,22 @@ def update_ema(ema, params, step, decay: float):
     return jax.tree.map(lambda e, p: (e * d + p * (1 - d)).astype(e.dtype), ema, params)
 
 
+def check_path_patterns(patterns: str, key: str) -> None:
+    """Raises ValueError naming `key` where one of its comma-separated regular expressions
+    of parameter paths (optim.no_decay, checkpoint.init_from_params) does not compile."""
+    for pattern in patterns.split(","):
+        try:
+            re.compile(pattern.strip())
+        except re.error as e:
+            raise ValueError(f"{key}: {pattern.strip()!r} is no regular expression ({e})") from None
+
+
 def check_arguments(
     *, lr, lr_factor, weight_decay, warmup_fraction, grad_clip, b1, b2,
     schedule_kind="cosine", decay_fraction=0.2, no_decay="", final_lr_fraction=0.0,
 ) -> None:  # fmt: skip
     """Raises ValueError naming the optim.* value that is out of range (NaN included)."""
-    for pattern in no_decay.split(","):
-        try:
-            re.compile(pattern.strip())
-        except re.error as e:
-            raise ValueError(
-                f"optim.no_decay: {pattern.strip()!r} is no regular expression ({e})"
-            ) from None
+    check_path_patterns(no_decay, "optim.no_decay")
     if schedule_kind not in SCHEDULES:
         raise ValueError(
             f"optim.schedule must be one of {', '.join(SCHEDULES)}; got {schedule_kind!r}"
