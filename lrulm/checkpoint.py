@@ -391,33 +391,6 @@ class Checkpointer:
         self.manager.close()
 
 
-class SaveClock:
-    """checkpoint.every_minutes: whether that long has passed since the last save. Every
-    process must save at the same step, so process 0's clock decides for all (one small
-    broadcast a check: the trainer asks at its log steps only)."""
-
-    def __init__(self, minutes: float):
-        self.period = minutes * 60.0
-        self.last = time.monotonic()
-
-    def due(self) -> bool:
-        if not self.period:
-            return False
-        due = time.monotonic() - self.last >= self.period
-        # Tests: only this process's clock runs, so the processes cannot agree on their own.
-        only = os.environ.get("LRULM_TEST_SAVE_CLOCK_PROCESS")
-        if only is not None and jax.process_index() != int(only):
-            due = False
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
-        return due
-
-    def saved(self) -> None:
-        self.last = time.monotonic()
-
-
 class BestCheckpoint:
     """The checkpoint with the best value of an "eval" metric, under WORKDIR/best/.
 

@@ -289,6 +289,9 @@ def base_config() -> ConfigDict:
 
     c.train = ConfigDict()
     c.train.steps = 1000
+    # Stop (saved; `lrulm train` exits 75, resumable) once this long has passed since the
+    # start, checked at log steps: below a job's time limit, with room for the save. 0: none.
+    c.train.time_limit_minutes = 0.0
     c.train.global_batch_size = 16
     c.train.seq_len = 256
     c.train.seed = 0

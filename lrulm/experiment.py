@@ -95,9 +95,12 @@ def validate(config, mesh) -> None:
     for name in ("steps", "log_every", "global_batch_size", "seq_len"):
         if t[name] < 1:
             raise ValueError(f"train.{name} must be positive; got {t[name]}")
-    minutes = config.checkpoint.get("every_minutes", 0.0)
-    if not (minutes >= 0 and math.isfinite(minutes)):
-        raise ValueError(f"checkpoint.every_minutes must be >= 0 (0: off); got {minutes}")
+    for key, minutes in (
+        ("checkpoint.every_minutes", config.checkpoint.get("every_minutes", 0.0)),
+        ("train.time_limit_minutes", t.get("time_limit_minutes", 0.0)),
+    ):
+        if not (minutes >= 0 and math.isfinite(minutes)):
+            raise ValueError(f"{key} must be >= 0 (0: off); got {minutes}")
     if config.checkpoint.every_steps < 1:
         raise ValueError(
             f"checkpoint.every_steps must be positive; got {config.checkpoint.every_steps} "

@@ -7,13 +7,18 @@ again), not 0, so that whatever runs it sees an unfinished run: JobSet restarts 
 the SLURM `--requeue` script requeues the job, a shell loop
 (`until lrulm train ...; do sleep 60; done`) runs it again, and `lrulm train ... && lrulm
 eval ...` does not evaluate a half-trained model. The same command resumes from the saved
-step.
+step. So does `train.time_limit_minutes` (a job's time limit: stop, saved, before the
+scheduler kills the job) on its own, at an agreed log step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import time
+
+import numpy as np
 
 EXIT_CODE = 75
 
@@ -22,12 +27,41 @@ class Preempted(Exception):
     """Raised by `train.train_and_evaluate` once every process has saved `step` and
     stopped for a preemption signal."""
 
-    def __init__(self, step: int, total: int):
+    def __init__(self, step: int, total: int, reason: str = "a preemption signal"):
         super().__init__(
-            f"stopped at step {step} of {total} for a preemption signal; step {step} is saved, "
+            f"stopped at step {step} of {total} for {reason}; step {step} is saved, "
             "and the same command resumes from it"
         )
         self.step = step
+
+
+class AgreedTimer:
+    """Whether `minutes` have passed since the start or the last `reset`, as every process
+    of a run agrees: process 0's clock decides for all (one small broadcast a check, so the
+    trainer asks at its log steps only). 0 minutes: never."""
+
+    def __init__(self, minutes: float):
+        self.period = minutes * 60.0
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        import jax
+
+        if not self.period:
+            return False
+        due = time.monotonic() - self.last >= self.period
+        # Tests: only this process's clock runs, so the processes cannot agree on their own.
+        only = os.environ.get("LRULM_TEST_CLOCK_PROCESS")
+        if only is not None and jax.process_index() != int(only):
+            due = False
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
+        return due
+
+    def reset(self) -> None:
+        self.last = time.monotonic()
 
 
 class SignalBeforeStart(Exception):

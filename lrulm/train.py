@@ -346,6 +346,8 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
     with preemption.Watcher(start_step=latest, ctrl_c=ctrl_c) as watcher:
         # ---- Set-up ----------------------------------------------------------------------
         t, c = config.train, config.checkpoint
+        limit = t.get("time_limit_minutes", 0.0)
+        deadline = preemption.AgreedTimer(limit)  # from now: the job's time counts from here
         if "://" in workdir:
             raise ValueError(
                 f"workdir {workdir}: lrulm writes its workdir with ordinary file I/O; mount the "
@@ -479,11 +481,11 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
                 raise NonFiniteLoss(bad)
 
         last_saved = restored.step if restored is not None else None
-        clock = ckpt_lib.SaveClock(c.get("every_minutes", 0.0))
+        save_timer = preemption.AgreedTimer(c.get("every_minutes", 0.0))
 
         def save(at_step):
             nonlocal last_saved
-            clock.saved()
+            save_timer.reset()
             if at_step == last_saved:
                 return
             last_saved = at_step
@@ -497,7 +499,7 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
             checkpointer.save(at_step, state, train_iter, meta)
 
         # ---- Loop ------------------------------------------------------------------------
-        preempted = False
+        stopped = ""  # why the loop stopped before train.steps: a signal, or the time limit
         profile = metrics_lib.ProfileWindow(
             os.path.join(workdir, "tensorboard"),
             start_step=t.profile_start_step,
@@ -521,7 +523,7 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
                     metrics_lib.say(f"lrulm: preemption signal; saving step {step} and exiting")
                     save(step)
                     checkpointer.wait()
-                    preempted = True
+                    stopped = "a preemption signal"
                     break
                 profile.before(step, state)
                 fetch = time.perf_counter()
@@ -557,12 +559,21 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
                         check_finite()
                         best.update(step, last_eval, state)
                 # The clock is read at log steps (where the host waits for the step anyway).
-                timed = step % t.log_every == 0 and clock.due()
+                timed = step % t.log_every == 0 and save_timer.due()
                 if step % c.every_steps == 0 or step == t.steps or timed:
                     restart_timer = True
                     save(step)
                 if restart_timer:  # eval and checkpoint time is not step time: timing starts
                     throughput.start(step)  # again after them (both wait for the steps before)
+                if step % t.log_every == 0 and step < t.steps and deadline.due():
+                    metrics_lib.say(
+                        f"lrulm: train.time_limit_minutes={limit:g} reached; saving step {step} "
+                        "and exiting"
+                    )
+                    save(step)
+                    checkpointer.wait()
+                    stopped = f"train.time_limit_minutes={limit:g}"
+                    break
             checkpointer.wait()
             if best is not None and step >= t.steps:
                 last_eval = _final_test(
@@ -575,8 +586,8 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
             checkpointer.close()
             if best is not None:
                 best.close()
-        if preempted:
+        if stopped:
             # No process leaves (and no launcher stops the rest) before all have saved.
             distributed.barrier("lrulm_preempted")
-            raise preemption.Preempted(step, t.steps)
+            raise preemption.Preempted(step, t.steps, stopped)
         return last_eval

@@ -596,3 +596,19 @@ def test_checkpoints_by_time_at_log_steps(tmp_path, corpus):
     assert ckpts(tmp_path / "untimed") == [6]
     with pytest.raises(ValueError, match=r"checkpoint.every_minutes must be >= 0"):
         _train(tmp_path / "bad", (corpus["train"], corpus["eval"]), "checkpoint.every_minutes=-1")
+
+
+def test_a_time_limit_saves_and_stops_then_the_run_resumes(tmp_path, corpus, capsys):
+    """train.time_limit_minutes: at the first log step past it the run saves and stops
+    (Preempted: `lrulm train` exits 75); the same command without the limit goes on."""
+    from lrulm import preemption
+
+    files = (corpus["train"], corpus["eval"])
+    common = ["train.steps=6", "train.log_every=2", "checkpoint.every_steps=1000"]
+    with pytest.raises(preemption.Preempted, match="step 2 of 6 for train.time_limit_minutes"):
+        _train(tmp_path / "run", files, *common, "train.time_limit_minutes=1e-9")
+    assert "time_limit_minutes=1e-09 reached; saving step 2" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2"]
+    _train(tmp_path / "run", files, *common)
+    assert "resumed from" in capsys.readouterr().out
+    assert "6" in os.listdir(tmp_path / "run" / "checkpoints")

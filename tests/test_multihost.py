@@ -212,7 +212,7 @@ def test_sigterm_to_the_launcher_saves_on_every_process(tmp_path, corpus, signum
     if signum == signal.SIGINT:
         every = ["checkpoint.every_steps=100000", "checkpoint.every_minutes=1e-6"]
         every += ["train.log_every=5"]
-    clock = {"LRULM_TEST_SAVE_CLOCK_PROCESS": "0"}
+    clock = {"LRULM_TEST_CLOCK_PROCESS": "0"}
     proc = _launch(_train_args(workdir, corpus, "train.steps=100000", *every), clock)
     start = time.time()
     while not os.path.isdir(workdir / "checkpoints" / "5"):
