@@ -7,7 +7,9 @@ The train state is one pytree,
 
     {"step", "rng", "params", "model_state", "opt_state", "nonfinite_step"}
 
-and "ema_params" (the weights' moving average) when optim.ema is set.
+and "ema_params" (the weights' moving average) when optim.ema is set, with
+"ema_model_state" (the same average of BatchNorm's running statistics) for models that
+keep such statistics.
 """
 
 from __future__ import annotations
@@ -185,34 +187,47 @@ def ema_of(config) -> float:
     return config.optim.get("ema", 0.0)
 
 
+# The train state's averages (optim.ema) and what each averages.
+AVERAGES = {"ema_params": "params", "ema_model_state": "model_state"}
+
+
+def _floating(x) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.inexact)
+
+
 def restore_target(exp: Experiment, checkpointer, step: int | None) -> dict:
-    """exp.abstract_state as checkpoint `step` (None: none) keeps it: with "ema_params"
-    (sharded as the parameters) where it keeps a weight average, without where it does
+    """exp.abstract_state as checkpoint `step` (None: none) keeps it: with the averages
+    (`AVERAGES`, sharded as what they average) where it keeps them, without where it does
     not, whatever optim.ema says now (switched on or off since: `match_ema`)."""
     target = dict(exp.abstract_state)
     saved = checkpointer.saved_keys(step) if step is not None else None
     if saved is None:
         return target
-    if "ema_params" in saved and "ema_params" not in target:
-        target["ema_params"] = target["params"]
-    elif "ema_params" not in saved:
-        target.pop("ema_params", None)
+    for key, source in AVERAGES.items():
+        if key in saved and key not in target:
+            target[key] = target[source]
+        elif key not in saved:
+            target.pop(key, None)
     return target
 
 
 def match_ema(state: dict, exp: Experiment, step: int) -> dict:
-    """A restored state with a weight average exactly where optim.ema asks for one: a
-    new average starts from the restored weights; one no longer asked for is dropped."""
-    wanted = "ema_params" in exp.abstract_state
-    if wanted == ("ema_params" in state):
+    """A restored state with the averages exactly where optim.ema asks for them: a new
+    average starts from the restored weights (and statistics); one no longer asked for is
+    dropped."""
+    wanted = {k for k in AVERAGES if k in exp.abstract_state}
+    kept = {k for k in AVERAGES if k in state}
+    if wanted == kept:
         return state
     state = dict(state)
-    if wanted:
-        state["ema_params"] = jax.tree.map(jnp.copy, state["params"])
-        metrics_lib.say(f"lrulm: optim.ema: the weight average starts from step {step}'s weights")
-    else:  # freed now: the restored dict stays referenced, and only donated arrays go
-        for x in jax.tree.leaves(state.pop("ema_params")):
+    for key in wanted - kept:
+        state[key] = jax.tree.map(jnp.copy, state[AVERAGES[key]])
+    for key in kept - wanted:  # freed now: the restored dict stays referenced, and only
+        for x in jax.tree.leaves(state.pop(key)):  # donated arrays go
             x.delete()
+    if "ema_params" in wanted - kept:
+        metrics_lib.say(f"lrulm: optim.ema: the weight average starts from step {step}'s weights")
+    if "ema_params" in kept - wanted:
         metrics_lib.say(
             f"lrulm: optim.ema is 0: the weight average of step {step}'s checkpoint is not "
             "carried on (its checkpoints keep it; set optim.ema to go on with it)"
@@ -243,16 +258,21 @@ def build(config, task, mesh) -> Experiment:
         model = task.make_model(nnx.Rngs(params=key))
         _, params, rest = nnx.split(model, nnx.Param, ...)
         params = nnx.to_pure_dict(params)
-        return {
+        state = {
             "step": jnp.zeros((), jnp.int32),
             "rng": jax.random.key_data(jax.random.fold_in(key, 1)),
             "params": params,
             "model_state": nnx.to_pure_dict(rest),
             "opt_state": tx.init(params),
             "nonfinite_step": jnp.full((), -1, jnp.int32),
-            # Only with a weight average: every other run's state keeps its tree.
-            **({"ema_params": params} if ema_of(config) else {}),
         }
+        # Only with a weight average: every other run's state keeps its tree; BatchNorm's
+        # statistics are averaged too (a model without any keeps no such entry).
+        if ema_of(config):
+            state["ema_params"] = params
+            if any(_floating(x) for x in jax.tree.leaves(state["model_state"])):
+                state["ema_model_state"] = state["model_state"]
+        return state
 
     abstract = jax.eval_shape(init_fn, jax.random.key(0))
     axes = {
@@ -262,8 +282,9 @@ def build(config, task, mesh) -> Experiment:
         "params": param_axes,
         "model_state": rest_axes,
         "opt_state": _opt_state_axes(abstract["opt_state"], param_axes),
-        **({"ema_params": param_axes} if "ema_params" in abstract else {}),
     }
+    source_axes = {"params": param_axes, "model_state": rest_axes}
+    axes.update({k: source_axes[s] for k, s in AVERAGES.items() if k in abstract})
     state_shardings = sharding.tree_shardings(abstract, axes, mesh)
     warning = sharding.indivisible_warning(abstract["params"], param_axes, mesh)
     if warning and jax.process_index() == 0:
@@ -295,10 +316,11 @@ def build(config, task, mesh) -> Experiment:
 def evaluated_state(state: dict, exp: Experiment) -> dict:
     """A restored state in the tree eval_jit takes, evaluating the checkpoint's weight
     average where it keeps one (whatever optim.ema says now) and its weights otherwise."""
-    wanted, kept = "ema_params" in exp.abstract_state, "ema_params" in state
-    if kept and not wanted:
-        state = {**state, "params": state["ema_params"]}
-        del state["ema_params"]
-    elif wanted and not kept:
-        state = {**state, "ema_params": state["params"]}
+    state = dict(state)
+    for key, source in AVERAGES.items():
+        wanted, kept = key in exp.abstract_state, key in state
+        if kept and not wanted:
+            state[source] = state.pop(key)
+        elif wanted and not kept:
+            state[key] = state[source]
     return state

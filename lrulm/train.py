@@ -71,6 +71,7 @@ def train_step(state, batch, *, graphdef, task, tx, schedule, accum: int, ema: f
     """One optimizer step on a global batch (optionally in `accum` micro-batches); with
     `ema` (and the state's "ema_params"), the weights' moving average follows."""
     step = state["step"]
+    floating = lambda x: jnp.issubdtype(x.dtype, jnp.inexact)
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
     params = state["params"]
 
@@ -94,7 +95,6 @@ def train_step(state, batch, *, graphdef, task, tx, schedule, accum: int, ema: f
         # Every micro-batch starts from the step's model state (BatchNorm's running
         # statistics) and the new states are averaged: one moving-average update a step,
         # with the mean of the micro-batches' statistics, as without accumulation.
-        floating = lambda x: jnp.issubdtype(x.dtype, jnp.inexact)
 
         def body(carry, xs):
             g_acc, l_acc, w_acc, aux_acc, ms_acc = carry
@@ -135,6 +135,11 @@ def train_step(state, batch, *, graphdef, task, tx, schedule, accum: int, ema: f
         new_state["ema_params"] = keep(
             optim.update_ema(state["ema_params"], new_params, step, ema), state["ema_params"]
         )
+    if ema and "ema_model_state" in state:  # BatchNorm's running statistics, alike
+        d = optim.ema_decay(step, ema)
+        blend = lambda e, m: (e * d + m * (1 - d)).astype(e.dtype) if floating(m) else m
+        old = state["ema_model_state"]
+        new_state["ema_model_state"] = keep(jax.tree.map(blend, old, model_state), old)
     metrics = {
         "train/loss": loss,
         "train/grad_norm": grad_norm,
@@ -148,7 +153,11 @@ def train_step(state, batch, *, graphdef, task, tx, schedule, accum: int, ema: f
 def eval_step(state, batch, *, graphdef, task):
     """Summed loss statistics of one global batch, with the weights' moving average where
     the state keeps one (optim.ema)."""
-    model = _merge(graphdef, state.get("ema_params", state["params"]), state["model_state"])
+    model = _merge(
+        graphdef,
+        state.get("ema_params", state["params"]),
+        state.get("ema_model_state", state["model_state"]),
+    )
     loss_sum, weight, aux = task.loss(model, batch, train=False, key=None)
     return {"loss": loss_sum, "weight": weight, **aux}
 

@@ -1,6 +1,7 @@
 """optim.ema: a moving average of the weights, kept in the train state and checkpoints,
 evaluated in place of the weights and read by generate, score and export_params."""
 
+import functools
 import json
 import os
 import shutil
@@ -210,3 +211,50 @@ def test_init_from_a_run_with_an_average_starts_from_the_average(ema_run, tmp_pa
         np.testing.assert_allclose(a, b, atol=1e-6)
     raw = jax.tree.leaves(_saved(workdir, 6, "params"))
     assert max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(started), raw)) > 1e-4
+
+
+def test_batchnorm_statistics_are_averaged_with_the_weights():
+    """An LRA classifier with BatchNorm (the paper's): the state keeps "ema_model_state",
+    the running statistics averaged as the weights are, and evaluation uses both; a
+    language model (no statistics) keeps no such entry."""
+    from lrulm import config as config_lib
+    from lrulm import experiment, tasks
+
+    config = config_lib.load_with_overrides(
+        "configs/lra/listops.py:tiny", [("optim.ema", "0.9"), ("model.dropout", "0.0")]
+    )
+    task = tasks.make_task(config, None, prepare_data=False)
+    exp = experiment.build(config, task, experiment.make_mesh(config))
+    state = jax.jit(exp.init_fn)(jax.random.key(0))
+    assert set(state) >= {"ema_params", "ema_model_state"}
+    b, length = config.train.global_batch_size, config.train.seq_len
+    rng = np.random.default_rng(0)
+    step = functools.partial(
+        train.train_step, graphdef=exp.graphdef, task=task, tx=exp.tx, schedule=exp.schedule,
+        accum=1, ema=0.9,
+    )  # fmt: skip
+    avg = jax.tree.map(np.asarray, state["model_state"])
+    for t in range(3):
+        batch = {
+            "inputs": jnp.asarray(rng.integers(1, 10, (b, length)), jnp.int32),
+            "mask": jnp.ones((b, length), bool),
+            "label": jnp.asarray(rng.integers(0, 10, b), jnp.int32),
+            "weight": jnp.ones((b,), jnp.float32),
+        }
+        state, _ = step(state, batch)
+        d = min(0.9, (1 + t) / (10 + t))
+        blend = functools.partial(lambda a, m, d: d * a + (1 - d) * np.asarray(m), d=d)
+        avg = jax.tree.map(blend, avg, state["model_state"])
+    for a, b_ in zip(jax.tree.leaves(avg), jax.tree.leaves(state["ema_model_state"])):
+        np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-7)
+    raw = jax.tree.leaves(state["model_state"])
+    assert any(not np.allclose(a, r) for a, r in zip(jax.tree.leaves(avg), raw))
+    out = train.eval_step(state, batch, graphdef=exp.graphdef, task=task)
+    merged = nnx.merge(exp.graphdef, state["ema_params"], state["ema_model_state"])
+    want, _, _ = task.loss(merged, batch, train=False, key=None)
+    np.testing.assert_allclose(out["loss"], want, rtol=1e-5)
+
+    lm_config = tiny_config("optim.ema=0.9")
+    lm_task = tasks.make_task(lm_config, None, prepare_data=False)
+    lm = experiment.build(lm_config, lm_task, experiment.make_mesh(lm_config))
+    assert "ema_params" in lm.abstract_state and "ema_model_state" not in lm.abstract_state

@@ -404,3 +404,25 @@ def test_parameter_and_flop_counts_match_the_model(task_name):
     tokens = 2 * task.tokens_per_example()
     counted = (task.flops_per_token(config.train.seq_len) - recurrence) * tokens
     assert counted == pytest.approx(3 * _matmul_flops(jaxpr), rel=1e-6)
+
+
+def test_a_weight_average_is_what_the_best_checkpoint_tests(data_dir, tmp_path):
+    """optim.ema on an LRA task (BatchNorm statistics averaged too): the best checkpoint
+    keeps the averages, results.json's test is of them, and `lrulm eval --best` agrees."""
+    from lrulm import checkpoint as ckpt_lib
+    from lrulm import evaluation
+
+    config = _config(
+        "listops", f"data.data_dir={data_dir}", "mesh.data=8", "train.steps=3",
+        "train.eval_every=0", "checkpoint.every_steps=100", "train.progress=False",
+        "optim.ema=0.9",
+    )  # fmt: skip
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(config, workdir)
+    best = os.path.join(workdir, "best", "checkpoints", "3", "state")
+    assert {"ema_params", "ema_model_state"} <= set(ckpt_lib.saved_tree(best))
+    with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
+    scored = evaluation.evaluate_workdir(config, workdir, best=True)
+    assert scored["test/accuracy"] == pytest.approx(results["test/accuracy"], abs=1e-6)
+    assert scored["test/loss"] == pytest.approx(results["test/loss"], rel=1e-5)
