@@ -183,6 +183,12 @@ def test_an_average_dropped_on_resume_frees_its_arrays():
     state = experiment.match_ema({"params": {"w": jnp.zeros(3)}, "ema_params": avg}, exp, 5)
     assert set(state) == {"params"} and avg["w"].is_deleted()
     assert not state["params"]["w"].is_deleted()
+    # Switched on: the average starts as a copy of the restored weights (its own buffer).
+    exp = types.SimpleNamespace(abstract_state={"params": None, "ema_params": None})
+    weights = {"w": jnp.arange(3.0)}
+    state = experiment.match_ema({"params": weights}, exp, 5)
+    np.testing.assert_array_equal(state["ema_params"]["w"], weights["w"])
+    assert state["ema_params"]["w"] is not weights["w"]
 
 
 def test_a_bad_decay_is_refused_before_anything_runs(tmp_path, corpus):
@@ -249,6 +255,11 @@ def test_batchnorm_statistics_are_averaged_with_the_weights():
         np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-7)
     raw = jax.tree.leaves(state["model_state"])
     assert any(not np.allclose(a, r) for a, r in zip(jax.tree.leaves(avg), raw))
+    kept = jax.tree.map(np.asarray, state["ema_model_state"])
+    nan_batch = {**batch, "weight": jnp.full((b,), jnp.nan)}  # a non-finite step
+    same, _ = step(jax.tree.map(jnp.copy, state), nan_batch)
+    for a, b_ in zip(jax.tree.leaves(kept), jax.tree.leaves(same["ema_model_state"])):
+        np.testing.assert_array_equal(a, b_)
     out = train.eval_step(state, batch, graphdef=exp.graphdef, task=task)
     merged = nnx.merge(exp.graphdef, state["ema_params"], state["ema_model_state"])
     want, _, _ = task.loss(merged, batch, train=False, key=None)
@@ -258,3 +269,15 @@ def test_batchnorm_statistics_are_averaged_with_the_weights():
     lm_task = tasks.make_task(lm_config, None, prepare_data=False)
     lm = experiment.build(lm_config, lm_task, experiment.make_mesh(lm_config))
     assert "ema_params" in lm.abstract_state and "ema_model_state" not in lm.abstract_state
+
+
+def test_the_commands_pass_weights_on(lm_workdir, capsys, monkeypatch):
+    """`lrulm generate/score --weights ema` on a run without an average: the error says so
+    (the flag reaches the loader)."""
+    from lrulm import metrics as metrics_lib
+    from lrulm.main import main
+
+    monkeypatch.setattr(metrics_lib, "_MESSAGES_TO_STDERR", metrics_lib._MESSAGES_TO_STDERR)
+    for args in (["generate", "--prompt", "x", "--max_new_tokens", "2"], ["score", "--text", "x"]):
+        assert main([*args, "--workdir", lm_workdir, "--weights", "ema"]) != 0
+        assert "keeps no weight average" in capsys.readouterr().err

@@ -93,6 +93,14 @@ def test_a_set_of_train_text_and_sets_for_lra_are_refused(tmp_path, corpus, sets
     lra.data.eval_sets = f"x={sets['other']}"
     with pytest.raises(ValueError, match="data.eval_sets is for language models"):
         experiment.validate(lra, experiment.make_mesh(lra))
+    for section, key, value in (
+        ("data", "mixture", "a=x@1;b=y@1"),
+        ("train", "eval_by_context", True),
+    ):
+        lra = config_lib.load_with_overrides("configs/lra/listops.py:tiny", [])
+        lra[section][key] = value
+        with pytest.raises(ValueError, match=f"{section}.{key} is for language models"):
+            experiment.validate(lra, experiment.make_mesh(lra))
 
 
 def _target_bytes(sp, targets: np.ndarray) -> int:
@@ -202,3 +210,21 @@ def test_a_set_smaller_than_eval_steps_is_scored_whole(tmp_path, corpus, sets, c
     targets = np.concatenate([b["targets"] for b in batches])
     assert int(np.sum(targets != tok.PAD_ID)) == stream.num_tokens - 1
     assert len(list(task.eval_batches("eval", **kw))) == 2
+
+
+def test_byte_fallback_pieces_count_their_bytes(tmp_path):
+    """Characters lrulm's tokenizer has no piece for go as byte pieces (one byte each):
+    the piece table still adds up to the text's UTF-8 bytes."""
+    texts = ["def f(x):\n    return x\n"] * 50 + ["日本語 🙂 ünï\n"]
+    sp = tok.train_tokenizer(iter(texts[:50]), str(tmp_path / "t.model"), vocab_size=300)
+    table = data_cache.piece_bytes(sp)
+    odd = texts[-1]
+    ids = sp.encode(odd)
+    assert any(sp.is_byte(i) for i in ids)
+    assert int(table[ids].sum()) == len(odd.encode("utf-8"))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    stream = data_cache.prepare_split(
+        [str(data)], sp, str(tmp_path / "t.model"), str(tmp_path), "s"
+    )
+    assert data_cache.counts_bytes_exactly(table, stream)

@@ -234,3 +234,20 @@ def test_eval_of_the_best_step_without_best_says_to_add_it(tmp_path):
         evaluation.evaluate_workdir(None, str(tmp_path), 10)
     with pytest.raises(FileNotFoundError, match="its steps: 20$"):
         evaluation.evaluate_workdir(None, str(tmp_path), 5)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("train.label_smoothing", 0.1), ("optim.ema", 0.999), ("optim.final_lr_fraction", 0.1)],
+)
+def test_keys_added_since_are_the_papers_when_absent_and_named_when_set(key, value):
+    section, name = key.split(".")
+    config = {}
+    for k, v in lra_report.PAPER_SETTINGS["listops"].items():
+        s, n = k.split(".")
+        config.setdefault(s, {})[n] = v
+    del config[section][name]  # a config.json from before the key
+    assert lra_report.differences("listops", config) == []
+    config[section][name] = value
+    (diff,) = lra_report.differences("listops", config)
+    assert diff.startswith(name)

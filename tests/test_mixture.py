@@ -145,3 +145,12 @@ def test_weights_that_mix_alike_are_one_mixture():
             [grain.MapDataset.range(10)] * 2, ours.proportions
         )
         assert list(grains._proportions) == ours.proportions and min(ours.proportions) == 100
+
+
+def test_each_part_is_shuffled_with_its_own_seed():
+    """Two parts of the same size: their first epochs come in different orders."""
+    mix = lm_data.Mixture({"a": _Rows(0, 100), "b": _Rows(10_000, 100)}, {"a": 1.0, "b": 1.0})
+    stream = lm_data.TrainStream(mix, global_batch=8, row_offset=0, local_batch=8, seed=0)
+    rows = _rows(stream, 25)
+    a, b = rows[rows < 10_000][:100], rows[rows >= 10_000][:100] - 10_000
+    assert sorted(a) == sorted(b) == list(range(100)) and list(a) != list(b)

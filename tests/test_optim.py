@@ -116,6 +116,13 @@ def test_the_decay_ends_at_the_final_fraction(kind):
     np.testing.assert_allclose(sched(middle), 0.55 * lr, rtol=1e-2)
     with pytest.raises(ValueError, match=r"optim.final_lr_fraction must be in \[0, 1\]"):
         optim.make_optimizer(lr=lr, total_steps=100, final_lr_fraction=1.5)
+    # 0, or a fraction below it: the paper's floor of ~1e-7, never 0.
+    for fraction in (0.0, 1e-6):
+        _, floor = optim.make_optimizer(
+            lr=lr, total_steps=100, warmup_fraction=0.1, schedule_kind=kind,
+            final_lr_fraction=fraction,
+        )  # fmt: skip
+        assert float(floor(last)) == pytest.approx(1e-7, rel=1e-3)
     with pytest.raises(ValueError, match="the constant schedule has none"):
         optim.make_optimizer(
             lr=lr, total_steps=100, schedule_kind="constant", final_lr_fraction=0.1

@@ -241,6 +241,7 @@ def test_eval_loss_by_context_length(resets):
     out = task.finalize({"loss": float(loss), "weight": float(weight), "accuracy": 0.0,
                          **{k: float(v) for k, v in aux.items()}})  # fmt: skip
     got = {int(k.removeprefix("loss_ctx")): v for k, v in out.items() if k.startswith("loss_ctx")}
+    assert list(got) == sorted(got)  # reported in context order, not as strings sort
     assert sorted(got) == sorted(sums) and (1 in got) and (16 in got) != resets
     for n, values in sums.items():
         np.testing.assert_allclose(got[n], np.mean(values), rtol=1e-4)
