@@ -191,7 +191,8 @@ def ema_of(config) -> float:
 AVERAGES = {"ema_params": "params", "ema_model_state": "model_state"}
 
 
-def _floating(x) -> bool:
+def is_floating(x) -> bool:
+    """Whether an array holds floats (averaged and accumulated; counters are not)."""
     return jnp.issubdtype(x.dtype, jnp.inexact)
 
 
@@ -270,7 +271,7 @@ def build(config, task, mesh) -> Experiment:
         # statistics are averaged too (a model without any keeps no such entry).
         if ema_of(config):
             state["ema_params"] = params
-            if any(_floating(x) for x in jax.tree.leaves(state["model_state"])):
+            if any(is_floating(x) for x in jax.tree.leaves(state["model_state"])):
                 state["ema_model_state"] = state["model_state"]
         return state
 

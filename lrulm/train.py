@@ -39,6 +39,7 @@ from lrulm.experiment import (
     data_seed,
     ema_of,
     evaluated_state,
+    is_floating,
     make_mesh,
     match_ema,
     restore_target,
@@ -71,7 +72,6 @@ def train_step(state, batch, *, graphdef, task, tx, schedule, accum: int, ema: f
     """One optimizer step on a global batch (optionally in `accum` micro-batches); with
     `ema` (and the state's "ema_params"), the weights' moving average follows."""
     step = state["step"]
-    floating = lambda x: jnp.issubdtype(x.dtype, jnp.inexact)
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
     params = state["params"]
 
@@ -100,18 +100,20 @@ def train_step(state, batch, *, graphdef, task, tx, schedule, accum: int, ema: f
             g_acc, l_acc, w_acc, aux_acc, ms_acc = carry
             (l, (w, aux, ms)), g = grad_fn(params, state["model_state"], *xs)
             add = lambda a, b: jax.tree.map(jnp.add, a, b)
-            ms_acc = jax.tree.map(lambda a, m: a + m if floating(m) else m, ms_acc, ms)
+            ms_acc = jax.tree.map(lambda a, m: a + m if is_floating(m) else m, ms_acc, ms)
             return (add(g_acc, g), l_acc + l, w_acc + w, add(aux_acc, aux), ms_acc), None
 
         first = jax.tree.map(lambda x: x[0], micro)
         _, (_, aux0, _) = jax.eval_shape(loss_fn, params, state["model_state"], first, key)
         zeros = lambda t: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), t)
-        ms0 = jax.tree.map(lambda m: jnp.zeros_like(m) if floating(m) else m, state["model_state"])
+        ms0 = jax.tree.map(
+            lambda m: jnp.zeros_like(m) if is_floating(m) else m, state["model_state"]
+        )
         init = (zeros(params), 0.0, 0.0, zeros(aux0), ms0)
         (grads, loss_sum, weight, aux, model_state), _ = jax.lax.scan(
             body, init, (micro, jax.random.split(key, accum))
         )
-        model_state = jax.tree.map(lambda m: m / accum if floating(m) else m, model_state)
+        model_state = jax.tree.map(lambda m: m / accum if is_floating(m) else m, model_state)
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     loss = loss_sum / denom
@@ -137,7 +139,7 @@ def train_step(state, batch, *, graphdef, task, tx, schedule, accum: int, ema: f
         )
     if ema and "ema_model_state" in state:  # BatchNorm's running statistics, alike
         d = optim.ema_decay(step, ema)
-        blend = lambda e, m: (e * d + m * (1 - d)).astype(e.dtype) if floating(m) else m
+        blend = lambda e, m: (e * d + m * (1 - d)).astype(e.dtype) if is_floating(m) else m
         old = state["ema_model_state"]
         new_state["ema_model_state"] = keep(jax.tree.map(blend, old, model_state), old)
     metrics = {
