@@ -14,6 +14,7 @@ prompt or generated: a new document starts there.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -33,13 +34,60 @@ from lrulm.data import tokenizer as tok
 from lrulm.model import LanguageModel
 
 
-def check_sampling(temperature: float, top_p: float, top_k: int, max_new_tokens: int) -> None:
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a number >= 0 (0 = greedy); got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1]; got {top_p}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off); got {top_k}")
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How each new token is drawn from the model's logits, in this order: the penalties
+    on tokens already seen, the temperature (0: greedy, the rest then do nothing), top_k,
+    top_p (the smallest set of tokens holding that probability mass), min_p (drops the
+    tokens less likely than min_p times the likeliest one).
+
+    repetition_penalty (CTRL's, as in Hugging Face's and vLLM's generate; 1 = off): each
+    token of the prompt or of the text generated so far has its logit divided by it where
+    positive and multiplied by it where negative. presence_penalty and frequency_penalty
+    (OpenAI's, on the generated tokens only; 0 = off): subtracted from a token's logit
+    once if it was generated, and once per time it was."""
+
+    temperature: float = 0.8
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    def __post_init__(self):
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(
+                f"temperature must be a number >= 0 (0 = greedy); got {self.temperature}"
+            )
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1]; got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off); got {self.top_k}")
+        if not 0.0 <= self.min_p < 1.0:
+            raise ValueError(f"min_p must be in [0, 1) (0 = off); got {self.min_p}")
+        r = self.repetition_penalty
+        if not (math.isfinite(r) and r > 0):
+            raise ValueError(f"repetition_penalty must be a number > 0 (1 = off); got {r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not math.isfinite(value := getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number (0 = off); got {value}")
+        # Hashable and exact: jit takes the sampling as a static argument.
+        for field in dataclasses.fields(self):
+            cast = int if field.name == "top_k" else float
+            object.__setattr__(self, field.name, cast(getattr(self, field.name)))
+
+    @property
+    def penalised(self) -> bool:
+        """Whether drawing depends on the tokens seen (the decode loop then counts them)."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+
+def check_max_new_tokens(max_new_tokens: int) -> None:
     if not 1 <= max_new_tokens < 2**31:
         raise ValueError(f"max_new_tokens must be in [1, 2**31); got {max_new_tokens}")
 
@@ -50,9 +98,24 @@ def check_seed(seed: int) -> None:
         raise ValueError(f"seed must be in [0, 2**32); got {seed}")
 
 
-def sample_logits(key, logits, *, temperature: float, top_p: float, top_k: int):
+def penalize_logits(logits, seen, counts, sampling: Sampling):
+    """`Sampling`'s penalties on float logits (b, v): `seen` (b, v) marks the tokens of each
+    row's prompt or generated text (repetition_penalty), `counts` (b, v) how often each was
+    generated (presence_penalty, frequency_penalty)."""
+    r = sampling.repetition_penalty
+    if r != 1.0:
+        logits = jnp.where(seen, jnp.where(logits > 0, logits / r, logits * r), logits)
+    if sampling.presence_penalty or sampling.frequency_penalty:
+        counts = counts.astype(logits.dtype)
+        logits = logits - sampling.frequency_penalty * counts
+        logits = logits - sampling.presence_penalty * (counts > 0).astype(logits.dtype)
+    return logits
+
+
+def sample_logits(key, logits, *, temperature: float, top_p: float, top_k: int, min_p: float = 0.0):
     """Samples token ids (b,) from logits (b, v): greedy at temperature 0, else
-    temperature-scaled, restricted to the top_k and to the top_p probability mass.
+    temperature-scaled, restricted to the top_k, to the top_p probability mass and to the
+    tokens at least min_p times as likely as the likeliest (`Sampling`).
     `key` is one key for the whole batch or a (b,) array of keys, one per row."""
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -72,6 +135,8 @@ def sample_logits(key, logits, *, temperature: float, top_p: float, top_k: int):
             .at[jnp.arange(logits.shape[0])[:, None], order]
             .set(sorted_logits)
         )
+    if min_p > 0.0:  # the likeliest token's logit is 0 here (shifted; kept by the filters)
+        logits = jnp.where(logits < math.log(min_p), -jnp.inf, logits)
     # A key per row (typed keys (b,), or raw uint32 keys (b, 2)): a row's draw does not
     # depend on the other rows. One key: typed (), or raw (2,) from jax.random.PRNGKey.
     typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
@@ -140,7 +205,7 @@ def prefill(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "steps", "temperature", "top_p", "top_k", "num_tokens"),
+    static_argnames=("graphdef", "steps", "sampling", "num_tokens"),
 )
 def _decode(
     graphdef,
@@ -150,19 +215,20 @@ def _decode(
     stop_ids,
     reset_ids,
     max_new_tokens,
+    prompt_seen,
     *,
     steps,
-    temperature,
-    top_p,
-    top_k,
+    sampling: Sampling,
     num_tokens=None,
 ):
     """Decodes new tokens i .. min(i + steps, max_new_tokens) - 1 from carry = (i, logits,
-    states, done, reset): the (b, steps) tokens and log-probabilities (PAD and 0 past the
-    end or a row's stop), and the carry to go on from. Token i of row r draws from key r
-    folded with i, so any `steps` gives the same tokens."""
+    states, done, reset, counts): the (b, steps) tokens and log-probabilities (PAD and 0
+    past the end or a row's stop), and the carry to go on from. Token i of row r draws from
+    key r folded with i, so any `steps` gives the same tokens. With penalties, counts (b, v)
+    holds how often each token was generated and prompt_seen (b, v) the prompt's tokens
+    (else both are None)."""
     model = nnx.merge(graphdef, params)
-    start, logits, _, _, _ = carry
+    start, logits = carry[:2]
     b = logits.shape[0]
     vocab = logits.shape[-1]
     # The model's vocabulary may be padded past the tokenizer's (tasks.lm_vocab_size):
@@ -176,15 +242,28 @@ def _decode(
     end = jnp.minimum(start + steps, max_new_tokens)
 
     def cond(loop):
-        (i, _, _, done, _), _, _ = loop
+        (i, _, _, done, _, _), _, _ = loop
         return (i < end) & ~jnp.all(done)
 
     def body(loop):
-        (i, logits, states, done, reset), out, logprobs = loop
+        (i, logits, states, done, reset, counts), out, logprobs = loop
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
-        logits = jnp.where(real, logits.astype(jnp.float32), -jnp.inf)
-        token = sample_logits(step_keys, logits, temperature=temperature, top_p=top_p, top_k=top_k)
+        logits = logits.astype(jnp.float32)
+        scores = logits
+        if sampling.penalised:
+            scores = penalize_logits(scores, prompt_seen | (counts > 0), counts, sampling)
+        logits = jnp.where(real, logits, -jnp.inf)
+        token = sample_logits(
+            step_keys,
+            jnp.where(real, scores, -jnp.inf),
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            min_p=sampling.min_p,
+        )
         token = jnp.where(done, tok.PAD_ID, token)
+        if counts is not None:
+            counts = counts.at[jnp.arange(b), token].add((~done).astype(counts.dtype))
         out = out.at[:, i - start].set(token)
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
         logprobs = logprobs.at[:, i - start].set(jnp.where(done, 0.0, logp))
@@ -194,7 +273,7 @@ def _decode(
             token[:, None], resets=reset[:, None], h0=states, return_state=True
         )
         next_reset = jnp.isin(token, reset_ids)
-        return (i + 1, step_logits[:, 0], states, done, next_reset), out, logprobs
+        return (i + 1, step_logits[:, 0], states, done, next_reset, counts), out, logprobs
 
     carry, out, logprobs = jax.lax.while_loop(cond, body, (carry, out, logprobs))
     return out, logprobs, carry
@@ -208,6 +287,10 @@ def generate(
     temperature: float = 0.8,
     top_p: float = 1.0,
     top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
     seed: int = 0,
     key: jax.Array | None = None,
     rows: list[int] | None = None,
@@ -221,9 +304,10 @@ def generate(
 ):
     """Continues each prompt (a list of token ids). Works on a sharded model too: the
     parameters keep their shardings and jit places the computation accordingly.
-    Sampling draws among the ids below num_tokens (the tokenizer's size; None: the model's
-    whole vocabulary), prompt i from `key` (default `jax.random.key(seed)`) folded with
-    rows[i] (default i): the same key and row give the same sample in any batch.
+    Sampling (temperature .. frequency_penalty: `Sampling`) draws among the ids below
+    num_tokens (the tokenizer's size; None: the model's whole vocabulary), prompt i from
+    `key` (default `jax.random.key(seed)`) folded with rows[i] (default i): the same key
+    and row give the same sample in any batch.
     After each token of `reset_after` (in the prompt or generated) the recurrent state
     is zeroed, as training does at document ends; () for a model trained without
     (`data.reset_at_doc_boundaries=False`).
@@ -235,9 +319,12 @@ def generate(
 
     Returns, per prompt, the new tokens up to and excluding the first stop token; with
     return_logprobs, also (per prompt) each new token's log-probability under the model
-    (at temperature 1, among the ids that can be drawn), as a second list.
+    (at temperature 1, without penalties, among the ids that can be drawn), as a second list.
     """
-    check_sampling(temperature, top_p, top_k, max_new_tokens)
+    sampling = Sampling(
+        temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty
+    )
+    check_max_new_tokens(max_new_tokens)
     if key is None:
         check_seed(seed)
     if stream_every < 1:
@@ -249,12 +336,20 @@ def generate(
     graphdef, params = nnx.split(model)
     resets = jnp.asarray(reset_after, jnp.int32)
     b = len(prompts)
+    prompt_seen = counts = None
+    if sampling.penalised:  # the tokens seen so far, per row: the prompt's, then generated
+        seen = np.zeros((b, logits.shape[-1]), bool)
+        for row, p in enumerate(prompts):
+            seen[row, np.asarray(p)] = True
+        prompt_seen = jnp.asarray(seen)
+        counts = jnp.zeros((b, logits.shape[-1]), jnp.int32)
     carry = (
         jnp.int32(0),
         logits,
         states,
         jnp.zeros((b,), bool),
         jnp.isin(jnp.asarray([p[-1] for p in prompts]), resets),  # the prompt ended a document
+        counts,
     )
     keys = row_keys(
         jax.random.key(seed) if key is None else key, range(b) if rows is None else rows
@@ -267,10 +362,9 @@ def generate(
         stop_ids=jnp.asarray(stop_ids, jnp.int32),
         reset_ids=resets,
         max_new_tokens=jnp.int32(max_new_tokens),
+        prompt_seen=prompt_seen,
         steps=max_new_tokens if on_tokens is None else min(stream_every, max_new_tokens),
-        temperature=float(temperature),
-        top_p=float(top_p),
-        top_k=int(top_k),
+        sampling=sampling,
         num_tokens=num_tokens,
     )
     outs, logprob_parts = [], []
@@ -416,6 +510,10 @@ def generate_texts(
     temperature: float = 0.8,
     top_p: float = 0.95,
     top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
     seed: int = 0,
     stop: tuple[str, ...] = (),
     weights: str = "auto",
@@ -423,7 +521,8 @@ def generate_texts(
 ) -> list[dict]:
     """`lrulm generate`: num_samples continuations of each prompt from checkpoint `step`
     (None: the newest), decoded batch_size rows at a time, with its weight average
-    (optim.ema) where it keeps one (weights: "auto", "ema", "raw": `load_model`).
+    (optim.ema) where it keeps one (weights: "auto", "ema", "raw": `load_model`), drawn
+    as `Sampling` says (temperature .. frequency_penalty).
 
     Returns one dict per sample, prompt by prompt: prompt, completion (the new text only),
     prompt_index, sample, step; with `stop` texts, each completion is cut where the first
@@ -434,7 +533,10 @@ def generate_texts(
     With `stream` (one prompt, one sample), stream(text) is called with each new piece of
     the completion as it is decoded (up to a stop text; the same text in the end).
     """
-    check_sampling(temperature, top_p, top_k, max_new_tokens)
+    sampling = Sampling(
+        temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty
+    )
+    check_max_new_tokens(max_new_tokens)
     check_seed(seed)
     if num_samples < 1:
         raise ValueError(f"num_samples must be positive; got {num_samples}")
@@ -476,9 +578,7 @@ def generate_texts(
             model,
             ids,
             max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
+            **dataclasses.asdict(sampling),
             seed=seed,
             rows=index,
             reset_after=reset_after,

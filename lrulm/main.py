@@ -4,7 +4,9 @@ lrulm train    --config CONFIG.py[:ARG] --workdir DIR [--config.a.b=VALUE ...]
 lrulm eval     --workdir DIR [--config CONFIG.py[:ARG]] [--step S | --best] [--config.a.b=VALUE ...]
 lrulm generate --workdir DIR (--prompt TEXT ... | --prompt_file FILE) [--num_samples K]
                [--step S] [--max_new_tokens N] [--temperature T] [--top_p P] [--top_k K]
-               [--seed S] [--batch_size B] [--output FILE.jsonl] [--stop TEXT ...]
+               [--min_p P] [--repetition_penalty R] [--presence_penalty A]
+               [--frequency_penalty F] [--seed S] [--batch_size B] [--output FILE.jsonl]
+               [--stop TEXT ...] [--weights auto|ema|raw] [--stream]
 lrulm config   --config CONFIG.py[:ARG] [--config.a.b=VALUE ...]
 lrulm score    --workdir DIR (--text TEXT ... | --input FILE ...) [--step S] [--output FILE.jsonl]
                [--batch_size B] [--chunk TOKENS]
@@ -75,6 +77,30 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
     g.add_argument("--top_p", type=float, default=0.95, help="nucleus mass (default: 0.95)")
     g.add_argument("--top_k", type=int, default=0, help="0 = off (default: 0)")
+    g.add_argument(
+        "--min_p",
+        type=float,
+        default=0.0,
+        help="drop tokens less likely than this times the likeliest (0 = off; e.g. 0.05)",
+    )
+    g.add_argument(
+        "--repetition_penalty",
+        type=float,
+        default=1.0,
+        help="divide the logits of tokens in the prompt or generated (1 = off; e.g. 1.2)",
+    )
+    g.add_argument(
+        "--presence_penalty",
+        type=float,
+        default=0.0,
+        help="subtract from the logit of each token generated (0 = off)",
+    )
+    g.add_argument(
+        "--frequency_penalty",
+        type=float,
+        default=0.0,
+        help="subtract from a token's logit per time it was generated (0 = off)",
+    )
     g.add_argument("--seed", type=int, default=0, help="default: 0")
     g.add_argument(
         "--batch_size",
@@ -245,6 +271,10 @@ def main(argv: list[str]) -> int:
                     temperature=args.temperature,
                     top_p=args.top_p,
                     top_k=args.top_k,
+                    min_p=args.min_p,
+                    repetition_penalty=args.repetition_penalty,
+                    presence_penalty=args.presence_penalty,
+                    frequency_penalty=args.frequency_penalty,
                     seed=args.seed,
                     stop=tuple(_unescape(t) for t in args.stop),
                     stream=streamer,

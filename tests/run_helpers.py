@@ -1,6 +1,10 @@
 """Helpers the trainer's test files share."""
 
+import jax.numpy as jnp
+import numpy as np
+
 from lrulm import config as config_lib
+from lrulm.data import tokenizer as tok
 
 TINY = "configs/lm/tiny.py:test"
 
@@ -13,3 +17,17 @@ def tiny_config(*overrides, corpus=None):
     return config_lib.load_with_overrides(
         TINY, [(k.removeprefix("--config."), v) for k, v in pairs]
     )
+
+
+def random_prompts(lengths, seed=0, vocab=128):
+    """Prompts of those lengths, of random ids past the special ones."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(4, vocab, n).tolist() for n in lengths]
+
+
+def training_view_logits(model, seq):
+    """A language model's logits of a whole sequence with the resets training uses (a new
+    document after each EOS): (len(seq), v)."""
+    tokens = jnp.asarray([seq])
+    resets = jnp.pad(tokens[:, :-1] == tok.EOS_ID, ((0, 0), (1, 0)))
+    return model(tokens, resets=resets)[0]

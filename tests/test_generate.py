@@ -1,6 +1,5 @@
 """Recurrent generation: step-by-step decoding equals the parallel model; sampling; errors."""
 
-import functools
 import json
 import os
 import subprocess
@@ -11,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from run_helpers import random_prompts, training_view_logits
 
 from lrulm import generate as gen
 from lrulm.model import LanguageModel
@@ -20,11 +20,6 @@ from lrulm.model_config import from_preset
 @pytest.fixture(scope="module")
 def model():
     return LanguageModel(from_preset("test", vocab_size=128), rngs=nnx.Rngs(0))
-
-
-def _prompts(lengths, seed=0):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(4, 128, n).tolist() for n in lengths]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +32,7 @@ def unscanned_model():
 @pytest.mark.parametrize("scanned", [True, False])
 def test_prefill_with_mixed_lengths_matches_each_prompt_alone(request, lengths, scanned):
     model = request.getfixturevalue("model" if scanned else "unscanned_model")
-    prompts = _prompts(lengths, seed=len(lengths))
+    prompts = random_prompts(lengths, seed=len(lengths))
     logits, states = gen.prefill(model, prompts, chunk_size=16)  # several chunks
     for i, p in enumerate(prompts):
         alone, alone_state = model(jnp.asarray([p]), return_state=True)
@@ -49,7 +44,7 @@ def test_prefill_with_mixed_lengths_matches_each_prompt_alone(request, lengths, 
 @pytest.mark.parametrize("scanned", [True, False])
 def test_step_by_step_equals_parallel_at_every_position(request, batch, length, scanned):
     model = request.getfixturevalue("model" if scanned else "unscanned_model")
-    tokens = jnp.asarray(_prompts([length] * batch, seed=length))
+    tokens = jnp.asarray(random_prompts([length] * batch, seed=length))
     parallel = model(tokens)
     states = model.init_state(batch)
     step = jax.jit(lambda t, s: model(t, h0=s, return_state=True))
@@ -59,7 +54,7 @@ def test_step_by_step_equals_parallel_at_every_position(request, batch, length, 
 
 
 def test_greedy_continuation_equals_argmax_of_the_parallel_model(model):
-    prompts = _prompts([7, 3])
+    prompts = random_prompts([7, 3])
     out = gen.generate(model, prompts, max_new_tokens=6, temperature=0.0, stop_ids=())
     for p, new in zip(prompts, out):
         assert len(new) == 6
@@ -67,14 +62,6 @@ def test_greedy_continuation_equals_argmax_of_the_parallel_model(model):
         for token in new:  # each new token is the argmax of the whole sequence so far
             assert int(jnp.argmax(model(jnp.asarray([seq]))[0, -1])) == token
             seq.append(token)
-
-
-def _training_view_logits(model, seq):
-    """The logits of the whole sequence with the resets training uses (a new document
-    after each EOS): (len(seq), v)."""
-    tokens = jnp.asarray([seq])
-    resets = jnp.pad(tokens[:, :-1] == gen.tok.EOS_ID, ((0, 0), (1, 0)))
-    return model(tokens, resets=resets)[0]
 
 
 def test_generation_zeroes_the_state_after_eos_as_training_does(model):
@@ -93,7 +80,7 @@ def test_generation_zeroes_the_state_after_eos_as_training_does(model):
     keys = gen.row_keys(jax.random.key(seed), range(len(prompts)))
     for row, (p, new) in enumerate(zip(prompts, out)):
         assert len(new) == steps and eos in new[:-1]  # a drawn EOS is followed by draws
-        logits = jnp.where(real, _training_view_logits(model, p + new)[len(p) - 1 : -1], -jnp.inf)
+        logits = jnp.where(real, training_view_logits(model, p + new)[len(p) - 1 : -1], -jnp.inf)
         want = jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(new)[:, None], 1)
         np.testing.assert_allclose(logprobs[row], want[:, 0], rtol=1e-4, atol=1e-4)
         for i, token in enumerate(new):
@@ -110,56 +97,8 @@ def test_generation_zeroes_the_state_after_eos_as_training_does(model):
         seq.append(token)
 
 
-def test_sampling_filters():
-    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
-    key = jax.random.key(0)
-    assert int(gen.sample_logits(key, logits, temperature=0.0, top_p=1.0, top_k=0)[0]) == 0
-    for tiny in (1e-6, 1e-38, 1e-45):  # a temperature near 0 is greedy, not an overflow
-        best_last = logits[:, ::-1] + 5  # positive logits: the old overflow picked id 0
-        assert int(gen.sample_logits(key, best_last, temperature=tiny, top_p=1.0, top_k=0)[0]) == 3
-    keys = jax.random.split(key, 4000)
-    free = (
-        np.bincount(
-            jax.vmap(
-                lambda k: gen.sample_logits(k, logits, temperature=1.0, top_p=1.0, top_k=0)[0]
-            )(keys),
-            minlength=4,
-        )
-        / 4000
-    )
-    np.testing.assert_allclose(free, [0.5, 0.3, 0.15, 0.05], atol=0.03)
-    top2 = np.bincount(
-        jax.vmap(lambda k: gen.sample_logits(k, logits, temperature=1.0, top_p=1.0, top_k=2)[0])(
-            keys
-        ),
-        minlength=4,
-    )
-    assert top2[2] == top2[3] == 0 and abs(top2[0] / 4000 - 0.625) < 0.03
-    nucleus = np.bincount(
-        jax.vmap(lambda k: gen.sample_logits(k, logits, temperature=1.0, top_p=0.7, top_k=0)[0])(
-            keys
-        ),
-        minlength=4,
-    )
-    assert nucleus[2] == nucleus[3] == 0  # 0.5 + 0.3 covers 0.7
-
-
-@pytest.mark.parametrize("raw", [False, True])
-def test_sampling_takes_one_key_or_a_key_per_row(raw):
-    """One key for the batch, typed or raw (jax.random.PRNGKey), or a key per row: a
-    row's draw then depends on its own key only."""
-    logits = jax.random.normal(jax.random.key(1), (3, 50))
-    kw = dict(temperature=1.0, top_p=1.0, top_k=0)
-    make = jax.random.PRNGKey if raw else jax.random.key
-    assert gen.sample_logits(make(0), logits, **kw).shape == (3,)
-    keys = jnp.stack([make(i) for i in (5, 6, 7)])
-    rows = gen.sample_logits(keys, logits, **kw)
-    for i in range(3):  # each row alone, with its key, draws the same
-        assert int(gen.sample_logits(keys[i : i + 1], logits[i : i + 1], **kw)[0]) == rows[i]
-
-
 def test_stop_tokens_per_sequence_and_seed(model):
-    prompts = _prompts([5, 8, 2])
+    prompts = random_prompts([5, 8, 2])
     a = gen.generate(model, prompts, max_new_tokens=20, temperature=1.0, seed=3, stop_ids=())
     b = gen.generate(model, prompts, max_new_tokens=20, temperature=1.0, seed=3, stop_ids=())
     c = gen.generate(model, prompts, max_new_tokens=20, temperature=1.0, seed=4, stop_ids=())
@@ -173,7 +112,7 @@ def test_stop_tokens_per_sequence_and_seed(model):
 
 def test_only_the_tokenizers_ids_are_sampled(model):
     """A model vocabulary padded past the tokenizer's: the padded ids are never drawn."""
-    prompts = _prompts([3, 9])
+    prompts = random_prompts([3, 9])
     hot = dict(max_new_tokens=40, temperature=5.0, top_p=1.0, seed=0, stop_ids=())
     free = gen.generate(model, prompts, **hot)
     assert max(max(row) for row in free) >= 50  # without the limit, they would be
@@ -184,25 +123,10 @@ def test_only_the_tokenizers_ids_are_sampled(model):
 def test_decode_loop_compiles_once(model):
     gen._decode.clear_cache()
     for seed in range(3):
-        gen.generate(model, _prompts([4, 6], seed), max_new_tokens=5, temperature=0.7, seed=seed)
+        gen.generate(
+            model, random_prompts([4, 6], seed), max_new_tokens=5, temperature=0.7, seed=seed
+        )
     assert gen._decode._cache_size() == 1
-
-
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        (dict(top_p=0.0), "top_p must be in"),
-        (dict(top_p=1.5), "top_p must be in"),
-        (dict(temperature=-1.0), "temperature must be"),
-        (dict(max_new_tokens=0), r"max_new_tokens must be in \[1, 2\*\*31\)"),
-        (dict(max_new_tokens=2**31), r"max_new_tokens must be in \[1, 2\*\*31\)"),
-        (dict(seed=-1), r"seed must be in \[0, 2\*\*32\)"),
-        (dict(seed=2**32), r"seed must be in \[0, 2\*\*32\)"),  # would sample as seed 0
-    ],
-)
-def test_bad_sampling_arguments(model, kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        gen.generate(model, _prompts([3]), **kwargs)
 
 
 def test_empty_prompt_and_missing_checkpoint(model, tmp_path):
@@ -231,7 +155,7 @@ def test_generation_on_a_sharded_model(model):
     sharded = nnx.merge(graphdef, jax.device_put(pure, shardings))
     lru_b = nnx.to_pure_dict(nnx.state(sharded))["stack"]["blocks"]["lru"]["B_re"]
     assert len(lru_b.sharding.device_set) == 8
-    prompts = _prompts([6, 11])
+    prompts = random_prompts([6, 11])
     want = gen.generate(model, prompts, max_new_tokens=8, temperature=0.0, stop_ids=())
     got = gen.generate(sharded, prompts, max_new_tokens=8, temperature=0.0, stop_ids=())
     assert got == want
@@ -336,39 +260,10 @@ def test_generate_command_writes_jsonl(lm_workdir, tmp_path):
         assert refused.returncode == 2 and "existing, writable directory" in refused.stderr
 
 
-def test_pad_is_never_sampled():
-    """PAD marks a finished row: drawn mid-text it cut the row short though no stop id
-    came (a vocabulary of 8 makes it likely at every step)."""
-    small = LanguageModel(from_preset("test", vocab_size=8), rngs=nnx.Rngs(0))
-    out = gen.generate(
-        small, [[5, 6, 7]] * 4, max_new_tokens=30, temperature=3.0, seed=0, stop_ids=()
-    )
-    assert [len(row) for row in out] == [30] * 4
-    assert all(0 not in row for row in out)
-
-
-def test_top_k_past_the_vocabulary_keeps_it_all():
-    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
-    keys = jax.random.split(jax.random.key(0), 64)
-
-    def draw(top_k):
-        sample = functools.partial(gen.sample_logits, temperature=1.0, top_p=1.0, top_k=top_k)
-        return jax.vmap(lambda k: sample(k, logits)[0])(keys)
-
-    np.testing.assert_array_equal(draw(100), draw(0))
-    np.testing.assert_array_equal(draw(4), draw(0))
-
-
-@pytest.mark.parametrize("temperature", [float("nan"), float("inf")])
-def test_non_finite_temperature(model, temperature):
-    with pytest.raises(ValueError, match="temperature must be a number >= 0"):
-        gen.generate(model, _prompts([3]), temperature=temperature)
-
-
 def test_prefill_compiles_once_for_nearby_prompt_lengths(model):
     gen._prefill_chunk.clear_cache()
     for n in (5, 6, 7, 8):
-        gen.prefill(model, _prompts([n, 2], seed=n))
+        gen.prefill(model, random_prompts([n, 2], seed=n))
     assert gen._prefill_chunk._cache_size() == 1
 
 
@@ -521,7 +416,7 @@ def test_streamed_decoding_gives_the_same_tokens_and_can_stop_early(model):
     """on_tokens: decoding returns every stream_every tokens with the tokens so far
     (growing prefixes of the final ones); the tokens and log-probabilities are those of
     one go, for any stream_every; a true return stops there."""
-    prompts = _prompts([5, 9])
+    prompts = random_prompts([5, 9])
     kw = dict(max_new_tokens=19, temperature=1.0, seed=2, stop_ids=(), return_logprobs=True)
     want, want_lp = gen.generate(model, prompts, **kw)
     for every in (1, 4, 19, 50):

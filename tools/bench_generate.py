@@ -44,6 +44,12 @@ def main():
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prefill_chunk", type=int, default=4096)
+    p.add_argument(
+        "--repetition_penalty",
+        type=float,
+        default=1.0,
+        help="!= 1: time decoding with the per-row token counts penalties keep",
+    )
     p.add_argument("--json", default="")
     args = tool_args.show_defaults(p).parse_args()
     try:
@@ -54,6 +60,10 @@ def main():
     if not contexts or min(contexts) < 1:
         p.error(f"--contexts takes positive prompt lengths; got {args.contexts!r}")
     tool_args.writable(p, args.json)
+    try:
+        sampling = gen.Sampling(temperature=1.0, repetition_penalty=args.repetition_penalty)
+    except ValueError as e:
+        p.error(str(e))
     if args.workdir and not os.path.isdir(os.path.join(args.workdir, "checkpoints")):
         p.error(f"--workdir {args.workdir}: no checkpoints/ there (train an LM into it first)")
     if not args.workdir:
@@ -75,14 +85,18 @@ def main():
         prefill_s = time.perf_counter() - start
         graphdef, params = nnx.split(model)
         jnp = jax.numpy
-        kw = dict(steps=args.new_tokens, temperature=1.0, top_p=1.0, top_k=0)
+        kw = dict(steps=args.new_tokens, sampling=sampling)
         stop = jnp.asarray([-1], jnp.int32)  # never stop: time every token
         keys = [gen.row_keys(jax.random.key(seed), range(args.batch)) for seed in (0, 1)]
         # From the prompts' end (no row done, none after an EOS); the state is zeroed
         # after EOS, as in `lrulm generate`.
         no_rows = jnp.zeros((args.batch,), bool)
-        carry = (jnp.int32(0), logits, states, no_rows, no_rows)
-        fixed = (jnp.asarray([gen.tok.EOS_ID]), jnp.int32(args.new_tokens))
+        seen = counts = None
+        if sampling.penalised:  # as `generate` keeps them: the prompt's tokens, then counts
+            seen = jnp.zeros((args.batch, vocab), bool).at[:, 4:100].set(True)
+            counts = jnp.zeros((args.batch, vocab), jnp.int32)
+        carry = (jnp.int32(0), logits, states, no_rows, no_rows, counts)
+        fixed = (jnp.asarray([gen.tok.EOS_ID]), jnp.int32(args.new_tokens), seen)
         inputs = [(params, carry, key, stop, *fixed) for key in keys]
         decode = gen._decode.lower(graphdef, *inputs[0], **kw).compile()
         mem = decode.memory_analysis()
@@ -107,6 +121,7 @@ def main():
     print(
         f"{model.cfg.num_layers} layers x d_model {model.cfg.d_model} x d_state "
         f"{model.cfg.d_state}, batch {args.batch}, {jax.devices()[0].device_kind}"
+        + (f", repetition_penalty {args.repetition_penalty}" if sampling.penalised else "")
     )
     print(
         "| context | prefill tok/s | decode tok/s | ms/step | decode program | state | "
