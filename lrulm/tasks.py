@@ -18,28 +18,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
-import logging
 import math
 import os
-import re
-import shutil
-import uuid
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrulm import checkpoint as ckpt_lib
+from lrulm import distributed, workdir_tokenizer
 from lrulm import metrics as metrics_lib
 from lrulm import model_config as mc
 from lrulm.data import cache as data_cache
 from lrulm.data import lm as lm_data
 from lrulm.data import tokenizer as tok
 from lrulm.model import LanguageModel, cross_entropy_and_lse
-
-log = logging.getLogger(__name__)
 
 
 def resolve_model_config(model_cfg, **forced) -> mc.ModelConfig:
@@ -48,13 +40,6 @@ def resolve_model_config(model_cfg, **forced) -> mc.ModelConfig:
     fields = {k: v for k, v in model_cfg.items() if k != "preset" and v is not None}
     fields.update({k: v for k, v in forced.items() if v is not None})
     return mc.from_preset(model_cfg.preset, **fields)
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def lm_vocab_size(sp, configured: int | None) -> int:
@@ -67,47 +52,12 @@ def lm_vocab_size(sp, configured: int | None) -> int:
     return configured or -(-needed // 128) * 128
 
 
-def _tokenizer_next_to(path: str) -> str:
-    """The tokenizer.model of the run a checkpoint path (workdir, its checkpoints/ or one
-    step) belongs to, or "" if there is none."""
-    path = os.path.abspath(path)
-    for _ in range(3):
-        candidate = os.path.join(path, "tokenizer.model")
-        if os.path.isfile(candidate):
-            return candidate
-        path = os.path.dirname(path)
-    return ""
-
-
-def _check_same_tokenizer(given: str, own: str, workdir: str) -> None:
-    """Refuses data.tokenizer where the workdir's checkpoints were trained with another
-    tokenizer (their embedding rows are its ids), before anything is replaced."""
-    if not os.path.exists(own) or not ckpt_lib.checkpoint_steps(workdir):
-        return
-    with open(given, "rb") as f, open(own, "rb") as g:
-        if f.read() == g.read():
-            return
-    raise ValueError(
-        f"data.tokenizer={given} is not {own}, the tokenizer this workdir's checkpoints "
-        "were trained with (their embeddings are its ids); nothing was changed. Leave out "
-        "data.tokenizer to resume or evaluate, or train with the new tokenizer in another "
-        "--workdir"
-    )
-
-
 def write_atomic(path: str, text: str) -> None:
     """text written to path whole or not at all (a crash mid-write leaves path as it was)."""
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
-
-
-def _copy_atomic(src: str, dst: str) -> None:
-    """src copied to dst whole or not at all (a crash mid-copy leaves dst as it was)."""
-    tmp = f"{dst}.{uuid.uuid4().hex[:8]}.tmp"  # its own: runs sharing data.cache_dir race
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 @dataclasses.dataclass
@@ -153,10 +103,6 @@ def _by_context(losses, weights, resets) -> dict:
     return out
 
 
-# A language model's parameters indexed by token id (model.LanguageModel's paths).
-_VOCAB_PARAMS = ("embed/embedding", "head/kernel")
-
-
 class LMTask:
     """Next-token prediction on packed text."""
 
@@ -189,37 +135,6 @@ class LMTask:
         self.model_config = resolve_model_config(config.model, vocab_size=vocab)
 
     # -- data -----------------------------------------------------------------------
-
-    def _tokenizer_spec(self, train_files: list[str]) -> dict:
-        """What the workdir's own tokenizer is trained from (kept beside it as
-        tokenizer.json): the vocabulary asked for and the train files' names and sizes."""
-        files = sorted((f, os.path.getsize(f)) for f in train_files)
-        digest = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
-        return {"vocab_size": self.config.data.vocab_size, "files": len(files), "digest": digest}
-
-    def _stale_tokenizer(self, tok_path: str, spec_path: str, spec: dict, workdir: str) -> bool:
-        """Whether the tokenizer an earlier run trained in this workdir was trained for
-        another vocab_size or corpus (spec_path holds what it was) and no checkpoint's
-        embeddings use it, so that it is trained again. With checkpoints it is kept, and
-        the difference is said."""
-        if not os.path.exists(spec_path):  # given by the user, or from before the record
-            return False
-        with open(spec_path) as f:
-            old = json.load(f)
-        changed = [f"{k} {old.get(k)} -> {v}" for k, v in spec.items() if old.get(k) != v]
-        if not changed:
-            return False
-        if ckpt_lib.checkpoint_steps(workdir):
-            metrics_lib.say(
-                f"lrulm: keeping {tok_path}, which this run's checkpoints were trained with, "
-                f"though it was made for other data ({', '.join(changed)})"
-            )
-            return False
-        metrics_lib.say(
-            f"lrulm: {tok_path} was made for other data ({', '.join(changed)}) and no "
-            "checkpoint uses it: training a new one"
-        )
-        return True
 
     def _prepare(self, workdir: str, eval_only: bool) -> None:
         data = self.config.data
@@ -304,9 +219,9 @@ class LMTask:
                     "was trained with (give it with --config.data.tokenizer)"
                 )
             if data.tokenizer and os.path.exists(data.tokenizer):
-                _check_same_tokenizer(data.tokenizer, own, workdir)
+                workdir_tokenizer.check_same(data.tokenizer, own, workdir)
         else:
-            tok_path = self._tokenizer(workdir, train_files)
+            tok_path = workdir_tokenizer.prepare(self.config, workdir, train_files)
         self.sp = tok.load_tokenizer(tok_path)
         packed_sets = {"data.eval_sets " + n: f for n, f in held.items() if n != "eval"}
         packed_sets.update({"data.eval_files": held["eval"], "data.train_files": train_files})
@@ -377,7 +292,7 @@ class LMTask:
                     streams[stem] = data_cache.prepare_split(
                         files, self.sp, tok_path, cache, name, shared=bool(shared)
                     )
-            _barrier(f"lrulm_tokens_{turn}")
+            distributed.barrier(f"lrulm_tokens_{turn}")
         for stem, stream in streams.items():
             if stream.num_tokens < self.seq_len + 1:
                 kind, _, name = stem.partition("-")
@@ -389,85 +304,6 @@ class LMTask:
                     f"of train.seq_len={self.seq_len} (+1); use a shorter sequence or more data"
                 )
         return streams
-
-    def _shared_tokenizer(self, train_files: list[str]) -> str | None:
-        """Where data.cache_dir keeps the tokenizer trained for `spec` (None: no cache)."""
-        cache_dir = self.config.data.get("cache_dir", "")
-        if not cache_dir:
-            return None
-        os.makedirs(cache_dir, exist_ok=True)
-        # Keyed by the files' sizes and times too: an edited corpus trains its own.
-        digest = data_cache.files_fingerprint(train_files)[:16]
-        return os.path.join(cache_dir, f"tokenizer-{self.config.data.vocab_size}-{digest}.model")
-
-    def _tokenizer(self, workdir: str, train_files: list[str]) -> str:
-        """The workdir's tokenizer.model, made ready for training: data.tokenizer (or the
-        init_from run's) copied in, else one trained on the train files (or kept: it was
-        trained for these). Returns its path."""
-        data = self.config.data
-        main = jax.process_index() == 0
-        tok_path = os.path.join(workdir, "tokenizer.model")
-        tokenizer = data.tokenizer
-        init_from = self.config.checkpoint.get("init_from", "")
-        # Its tokenizer comes along where rows indexed by token id do (the embedding, an
-        # untied output head), not for a backbone alone.
-        select = self.config.checkpoint.get("init_from_params", "")
-        if select and not any(
-            re.search(p.strip(), name)
-            for p in select.split(",")
-            if p.strip()
-            for name in _VOCAB_PARAMS
-        ):
-            init_from = ""
-        if not tokenizer and init_from:
-            # The parameters' embedding rows are that run's token ids: keep its tokenizer.
-            tokenizer = _tokenizer_next_to(init_from)
-            if main and not tokenizer:
-                metrics_lib.say(
-                    f"lrulm: warning: no tokenizer.model next to checkpoint.init_from="
-                    f"{init_from}; a new tokenizer's ids will not match its embeddings "
-                    "(set --config.data.tokenizer to the one it was trained with)"
-                )
-            elif main and not os.path.exists(tok_path):
-                metrics_lib.say(f"lrulm: the tokenizer of checkpoint.init_from: {tokenizer}")
-        spec_path = os.path.join(workdir, "tokenizer.json")
-        if main:
-            if tokenizer:
-                tok.load_tokenizer(tokenizer)  # fail early on a bad file
-                if os.path.abspath(tokenizer) != os.path.abspath(tok_path):
-                    _check_same_tokenizer(tokenizer, tok_path, workdir)
-                    _copy_atomic(tokenizer, tok_path)
-                    if os.path.exists(spec_path):  # it described the tokenizer replaced
-                        os.remove(spec_path)
-            else:
-                spec = self._tokenizer_spec(train_files)
-                stale = os.path.exists(tok_path) and self._stale_tokenizer(
-                    tok_path, spec_path, spec, workdir
-                )
-                if stale or not os.path.exists(tok_path):
-                    shared = self._shared_tokenizer(train_files)
-                    if shared and os.path.exists(shared):  # trained by another run already
-                        _copy_atomic(shared, tok_path)
-                        data_cache.touch(shared)
-                        metrics_lib.say(f"lrulm: the tokenizer from data.cache_dir: {shared}")
-                    else:
-                        log.info(
-                            "training a %d-piece tokenizer on %d files",
-                            data.vocab_size,
-                            len(train_files),
-                        )
-                        docs = (d for f in train_files for d in lm_data.read_documents(f))
-                        tok.train_tokenizer(docs, tok_path, vocab_size=data.vocab_size)
-                        if shared:  # with what it was trained on, for tools/cache_dir.py
-                            record = {"vocab_size": data.vocab_size}
-                            record["sources"] = data_cache.sources_record(train_files)
-                            data_cache.write_json_atomic(
-                                shared.removesuffix(".model") + ".json", record
-                            )
-                            _copy_atomic(tok_path, shared)
-                    write_atomic(spec_path, json.dumps(spec))
-        _barrier("lrulm_tokenizer")
-        return tok_path
 
     def unigram_entropy(self) -> float | None:
         """Entropy (nats) of the training tokens' unigram distribution (of a mixture: its

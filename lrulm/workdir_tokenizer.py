@@ -1,0 +1,177 @@
+"""The tokenizer a language-model run trains with, kept in its workdir as tokenizer.model.
+
+`prepare` makes it ready before the data is tokenized: `data.tokenizer` (or the
+tokenizer of the run `checkpoint.init_from` starts from) copied in, else one trained on
+the train files, shared through `data.cache_dir` by the runs of a sweep. Its embedding
+rows are the checkpoints' token ids, so a workdir with checkpoints never has its
+tokenizer replaced by another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+
+import jax
+
+from lrulm import checkpoint as ckpt_lib
+from lrulm import distributed
+from lrulm import metrics as metrics_lib
+from lrulm.data import cache as data_cache
+from lrulm.data import lm as lm_data
+from lrulm.data import tokenizer as tok
+
+log = logging.getLogger(__name__)
+
+# A language model's parameters indexed by token id (model.LanguageModel's paths).
+VOCAB_PARAMS = ("embed/embedding", "head/kernel")
+
+
+def next_to(path: str) -> str:
+    """The tokenizer.model of the run a checkpoint path (workdir, its checkpoints/ or one
+    step) belongs to, or "" if there is none."""
+    path = os.path.abspath(path)
+    for _ in range(3):
+        candidate = os.path.join(path, "tokenizer.model")
+        if os.path.isfile(candidate):
+            return candidate
+        path = os.path.dirname(path)
+    return ""
+
+
+def check_same(given: str, own: str, workdir: str) -> None:
+    """Refuses data.tokenizer where the workdir's checkpoints were trained with another
+    tokenizer (their embedding rows are its ids), before anything is replaced."""
+    if not os.path.exists(own) or not ckpt_lib.checkpoint_steps(workdir):
+        return
+    with open(given, "rb") as f, open(own, "rb") as g:
+        if f.read() == g.read():
+            return
+    raise ValueError(
+        f"data.tokenizer={given} is not {own}, the tokenizer this workdir's checkpoints "
+        "were trained with (their embeddings are its ids); nothing was changed. Leave out "
+        "data.tokenizer to resume or evaluate, or train with the new tokenizer in another "
+        "--workdir"
+    )
+
+
+def _copy_atomic(src: str, dst: str) -> None:
+    """src copied to dst whole or not at all (a crash mid-copy leaves dst as it was)."""
+    tmp = f"{dst}.{uuid.uuid4().hex[:8]}.tmp"  # its own: runs sharing data.cache_dir race
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _spec(config, train_files: list[str]) -> dict:
+    """What the workdir's own tokenizer is trained from (kept beside it as
+    tokenizer.json): the vocabulary asked for and the train files' names and sizes."""
+    files = sorted((f, os.path.getsize(f)) for f in train_files)
+    digest = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+    return {"vocab_size": config.data.vocab_size, "files": len(files), "digest": digest}
+
+
+def _stale(tok_path: str, spec_path: str, spec: dict, workdir: str) -> bool:
+    """Whether the tokenizer an earlier run trained in this workdir was trained for
+    another vocab_size or corpus (spec_path holds what it was) and no checkpoint's
+    embeddings use it, so that it is trained again. With checkpoints it is kept, and
+    the difference is said."""
+    if not os.path.exists(spec_path):  # given by the user, or from before the record
+        return False
+    with open(spec_path) as f:
+        old = json.load(f)
+    changed = [f"{k} {old.get(k)} -> {v}" for k, v in spec.items() if old.get(k) != v]
+    if not changed:
+        return False
+    if ckpt_lib.checkpoint_steps(workdir):
+        metrics_lib.say(
+            f"lrulm: keeping {tok_path}, which this run's checkpoints were trained with, "
+            f"though it was made for other data ({', '.join(changed)})"
+        )
+        return False
+    metrics_lib.say(
+        f"lrulm: {tok_path} was made for other data ({', '.join(changed)}) and no "
+        "checkpoint uses it: training a new one"
+    )
+    return True
+
+
+def _shared(config, train_files: list[str]) -> str | None:
+    """Where data.cache_dir keeps the tokenizer trained for these files (None: no cache)."""
+    cache_dir = config.data.get("cache_dir", "")
+    if not cache_dir:
+        return None
+    os.makedirs(cache_dir, exist_ok=True)
+    # Keyed by the files' sizes and times too: an edited corpus trains its own.
+    digest = data_cache.files_fingerprint(train_files)[:16]
+    return os.path.join(cache_dir, f"tokenizer-{config.data.vocab_size}-{digest}.model")
+
+
+def _from_init_run(config, tok_path: str, main: bool) -> str:
+    """The tokenizer of the run checkpoint.init_from starts from, where the parameters
+    taken include rows indexed by token id (the embedding, an untied output head), not
+    for a backbone alone; "" where none is needed (or none is there: said)."""
+    init_from = config.checkpoint.get("init_from", "")
+    select = [p.strip() for p in config.checkpoint.get("init_from_params", "").split(",")]
+    select = [p for p in select if p]
+    if not init_from or (select and not any(re.search(p, n) for p in select for n in VOCAB_PARAMS)):
+        return ""
+    # The parameters' embedding rows are that run's token ids: keep its tokenizer.
+    tokenizer = next_to(init_from)
+    if main and not tokenizer:
+        metrics_lib.say(
+            f"lrulm: warning: no tokenizer.model next to checkpoint.init_from="
+            f"{init_from}; a new tokenizer's ids will not match its embeddings "
+            "(set --config.data.tokenizer to the one it was trained with)"
+        )
+    elif main and not os.path.exists(tok_path):
+        metrics_lib.say(f"lrulm: the tokenizer of checkpoint.init_from: {tokenizer}")
+    return tokenizer
+
+
+def _train(config, tok_path: str, train_files: list[str]) -> None:
+    """A tokenizer trained on the train files into tok_path, or the one data.cache_dir
+    keeps for them (a sweep trains it once)."""
+    vocab_size = config.data.vocab_size
+    shared = _shared(config, train_files)
+    if shared and os.path.exists(shared):  # trained by another run already
+        _copy_atomic(shared, tok_path)
+        data_cache.touch(shared)
+        metrics_lib.say(f"lrulm: the tokenizer from data.cache_dir: {shared}")
+        return
+    log.info("training a %d-piece tokenizer on %d files", vocab_size, len(train_files))
+    docs = (d for f in train_files for d in lm_data.read_documents(f))
+    tok.train_tokenizer(docs, tok_path, vocab_size=vocab_size)
+    if shared:  # with what it was trained on, for tools/cache_dir.py
+        record = {"vocab_size": vocab_size, "sources": data_cache.sources_record(train_files)}
+        data_cache.write_json_atomic(shared.removesuffix(".model") + ".json", record)
+        _copy_atomic(tok_path, shared)
+
+
+def prepare(config, workdir: str, train_files: list[str]) -> str:
+    """The workdir's tokenizer.model, made ready for training (by process 0; the others
+    wait): data.tokenizer (or the init_from run's) copied in, else one trained on the
+    train files (or kept: it was trained for these). Returns its path."""
+    main = jax.process_index() == 0
+    tok_path = os.path.join(workdir, "tokenizer.model")
+    tokenizer = config.data.tokenizer or _from_init_run(config, tok_path, main)
+    spec_path = os.path.join(workdir, "tokenizer.json")
+    if main and tokenizer:
+        tok.load_tokenizer(tokenizer)  # fail early on a bad file
+        if os.path.abspath(tokenizer) != os.path.abspath(tok_path):
+            check_same(tokenizer, tok_path, workdir)
+            _copy_atomic(tokenizer, tok_path)
+            if os.path.exists(spec_path):  # it described the tokenizer replaced
+                os.remove(spec_path)
+    elif main:
+        spec = _spec(config, train_files)
+        stale = os.path.exists(tok_path) and _stale(tok_path, spec_path, spec, workdir)
+        if stale or not os.path.exists(tok_path):
+            _train(config, tok_path, train_files)
+            data_cache.write_json_atomic(spec_path, spec)
+    distributed.barrier("lrulm_tokenizer")
+    return tok_path
