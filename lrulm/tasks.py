@@ -364,40 +364,33 @@ class LMTask:
 
     def check_eval(self, global_batch: int, num_batches: int) -> None:
         """Raises now (not at the first evaluation) if a held-out split cannot fill a
-        batch; says when one holds fewer batches than train.eval_steps asks for."""
+        batch; says when one holds fewer batches than train.eval_steps asks for (it is
+        then scored whole, padded)."""
         for split in self.held_out:
             _, count = self._eval_source(split, global_batch, num_batches)
-            if not (num_batches and num_batches > count and jax.process_index() == 0):
-                continue
-            if split == "eval":
+            if num_batches and num_batches > count and jax.process_index() == 0:
+                what = "eval split" if split == "eval" else f"eval set {split}"
                 metrics_lib.say(
-                    f"lrulm: train.eval_steps={num_batches}, but the eval split holds {count} "
-                    f"batches of {global_batch}: each evaluation scores those {count}"
-                )
-            else:
-                metrics_lib.say(
-                    f"lrulm: the eval set {split} holds fewer than train.eval_steps="
-                    f"{num_batches} batches: each evaluation scores it whole ({count} "
-                    f"batches of {global_batch}, the last padded)"
+                    f"lrulm: the {what} holds fewer than train.eval_steps={num_batches} "
+                    f"batches of {global_batch}: each evaluation scores it whole ({count} "
+                    f"batch{'es' * (count != 1)}, the last padded)"
                 )
 
     def _eval_source(self, split, global_batch, num_batches):
+        """(source, batches) of a held-out split: its first num_batches batches, or, for
+        num_batches <= 0 or a split holding fewer, all of it with the tail padded."""
         held = self.held_out[split]
-        if split != "eval" and num_batches and len(held.source) // global_batch < num_batches:
-            num_batches = 0  # a small eval set is scored whole (padded), not cut or refused
+        if num_batches and len(held.source) // global_batch < num_batches:
+            num_batches = 0  # a small split is scored whole (padded), not cut or refused
         if num_batches is None or num_batches <= 0:
             source = lm_data.PaddedRows(held.source_all, global_batch, self.seq_len)
             num_batches = available = len(source) // global_batch
         else:
             source = held.source
             available = len(source) // global_batch
-        if available == 0:
+        if available == 0:  # an empty split (the tokenizing checks one sequence is there)
             what = "eval split" if split == "eval" else f"eval set {split}"
-            raise ValueError(
-                f"the {what} has {len(source)} sequences of {self.seq_len} tokens, fewer "
-                f"than one global batch of {global_batch}; use more eval data, a smaller "
-                "batch, or --config.train.eval_steps=0 (the whole split, padded)"
-            )
+            raise ValueError(f"the {what} holds no sequence of {self.seq_len} tokens")
         return source, min(num_batches, available)
 
     def _eval_iter(self, source, count, global_batch, row_offset, local_batch):

@@ -193,23 +193,30 @@ def test_an_arrayrecord_set_needs_the_tokenizer_it_was_made_with(tmp_path, corpu
     )
 
 
-def test_a_set_smaller_than_eval_steps_is_scored_whole(tmp_path, corpus, sets, capsys):
-    """An eval set holding fewer batches than train.eval_steps (even less than one) is
-    scored whole, padded, every target once; the eval split is still cut at eval_steps."""
+@pytest.mark.parametrize("which", ["eval set", "eval split"])
+def test_a_split_smaller_than_eval_steps_is_scored_whole(tmp_path, corpus, sets, capsys, which):
+    """A held-out split (data.eval_sets' or the run's own) holding fewer batches than
+    train.eval_steps (here less than one) is scored whole, padded, every target once, and
+    said; a split holding enough is still cut at eval_steps."""
     small = tmp_path / "small.jsonl"
     small.write_text(open(sets["other"]).readline())  # one document
     config = _config(corpus, sets, "train.eval_steps=2")
-    config.data.eval_sets = f"small={small}"
+    if which == "eval set":
+        config.data.eval_sets, split, other = f"small={small}", "small", "eval"
+    else:
+        config.data.eval_files, split, other = str(small), "eval", "same"
     (tmp_path / "run").mkdir()
     task = tasks.make_task(config, str(tmp_path / "run"))
     task.check_eval(config.train.global_batch_size, 2)
-    assert "the eval set small holds fewer than train.eval_steps=2" in capsys.readouterr().out
-    stream = task.held_out["small"].stream
+    out = capsys.readouterr().out
+    assert f"the {which}{' small' * (split == 'small')} holds fewer than train.eval_steps=2" in out
+    assert out.count("holds fewer") == 1 and "scores it whole" in out  # only the small one
+    stream = task.held_out[split].stream
     kw = dict(global_batch=8, row_offset=0, local_batch=8, num_batches=2)
-    batches = list(task.eval_batches("small", **kw))
+    batches = list(task.eval_batches(split, **kw))
     targets = np.concatenate([b["targets"] for b in batches])
-    assert int(np.sum(targets != tok.PAD_ID)) == stream.num_tokens - 1
-    assert len(list(task.eval_batches("eval", **kw))) == 2
+    assert len(batches) == 1 and int(np.sum(targets != tok.PAD_ID)) == stream.num_tokens - 1
+    assert len(list(task.eval_batches(other, **kw))) == 2
 
 
 def test_byte_fallback_pieces_count_their_bytes(tmp_path):
