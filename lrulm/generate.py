@@ -203,6 +203,21 @@ def prefill(
     return logits, states
 
 
+def _prefill_once_each(model, prompts, chunk_size, reset_after):
+    """`prefill`, each distinct prompt run once (in a batch of the next power of two, so
+    few shapes compile) and its state handed to every row that continues it: a recurrent
+    state is small, so the samples of one long prompt share its prefill."""
+    distinct = list(dict.fromkeys(map(tuple, prompts)))
+    if len(distinct) == len(prompts):
+        return prefill(model, prompts, chunk_size=chunk_size, reset_after=reset_after)
+    width = min(len(prompts), 1 << (len(distinct) - 1).bit_length())
+    batch = [list(p) for p in distinct] + [list(distinct[0])] * (width - len(distinct))
+    logits, states = prefill(model, batch, chunk_size=chunk_size, reset_after=reset_after)
+    where = {p: i for i, p in enumerate(distinct)}
+    rows = jnp.asarray([where[tuple(p)] for p in prompts])
+    return logits[rows], states[:, rows]
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "steps", "sampling", "num_tokens"),
@@ -332,7 +347,7 @@ def generate(
     if model.cfg.bidirectional:
         raise ValueError("a bidirectional model cannot generate: it needs the future")
     reset_after = tuple(reset_after)
-    logits, states = prefill(model, prompts, chunk_size=prefill_chunk, reset_after=reset_after)
+    logits, states = _prefill_once_each(model, prompts, prefill_chunk, reset_after)
     graphdef, params = nnx.split(model)
     resets = jnp.asarray(reset_after, jnp.int32)
     b = len(prompts)

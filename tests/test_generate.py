@@ -518,3 +518,25 @@ def test_streamed_pieces_are_the_cut_completion(text, stop):
         assert "".join(pieces) == want, (step, pieces)
         if stopped_at is not None:
             assert gen.cut_at_stop(stopped_at, stop)[0] == want
+
+
+def test_samples_of_one_prompt_share_its_prefill(model, monkeypatch):
+    """Rows continuing the same prompt are prefilled once (3 distinct of 8 rows: a batch
+    of 4); each row's draws are those of its prompt decoded alone with its key."""
+    p, q, r = random_prompts([37, 5, 20], seed=9)
+    prompts = [p, q, p, p, r, q, p, p]
+    widths = []
+    original = gen.prefill
+    monkeypatch.setattr(
+        gen, "prefill", lambda m, b, **kw: widths.append(len(b)) or original(m, b, **kw)
+    )
+    kw = dict(max_new_tokens=6, temperature=1.0, seed=4, stop_ids=(), return_logprobs=True)
+    out, logprobs = gen.generate(model, prompts, **kw)
+    assert widths == [4]
+    for i, prompt in enumerate(prompts):
+        (alone,), (alone_lp,) = gen.generate(model, [prompt], rows=[i], **kw)
+        assert alone == out[i], i
+        np.testing.assert_allclose(alone_lp, logprobs[i], rtol=1e-5, atol=1e-5)
+    widths.clear()
+    gen.generate(model, [p, q, r], **kw)  # all distinct: prefilled as given
+    assert widths == [3]
