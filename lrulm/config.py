@@ -259,6 +259,7 @@ def base_config() -> ConfigDict:
     # More held-out sets, each evaluated and logged apart (eval/NAME/loss, ...):
     # "NAME=GLOBS;NAME=GLOBS", e.g. "code=held/code/*.jsonl;prose=held/books/*.txt".
     c.data.eval_sets = ""
+    c.data.text_field = "text"  # JSON lines: the field that holds the text (e.g. "content")
     c.data.tokenizer = ""  # a sentencepiece .model; "" = train one into the workdir
     c.data.vocab_size = 2048  # of the tokenizer trained when data.tokenizer is ""
     c.data.reset_at_doc_boundaries = True  # zero the recurrent state at each new document

@@ -155,6 +155,10 @@ def validate(config, mesh) -> None:
     if mixture and config.task != "lm":
         raise ValueError("data.mixture is for language models (LRA reads its task's files)")
     lm_data.parse_mixture(mixture)
+    field = config.data.get("text_field", lm_data.TEXT_FIELD)
+    lm_data.check_text_field(field)
+    if field != lm_data.TEXT_FIELD and config.task != "lm":
+        raise ValueError("data.text_field is for language models (LRA reads its task's files)")
     optim.check_arguments(**_optimizer_args(config))
     ema = ema_of(config)
     if not (0 <= ema < 1):

@@ -138,6 +138,7 @@ def _parser() -> argparse.ArgumentParser:
         help="files of texts (globs): plain text (one text a file) or JSON lines with a "
         '"text" field (one a line); .gz too',
     )
+    _text_field_argument(sc)
     sc.add_argument("--step", type=int, default=None, help="the checkpoint (default: newest)")
     _weights_argument(sc)
     sc.add_argument("--batch_size", type=int, default=8, help="texts at once (default: 8)")
@@ -165,6 +166,7 @@ def _parser() -> argparse.ArgumentParser:
     tt.add_argument("--input", required=True, help="globs of text / JSON-lines files")
     tt.add_argument("--output", required=True)
     tt.add_argument("--vocab_size", type=int, default=32000, help="default: 32000")
+    _text_field_argument(tt)
     return p
 
 
@@ -209,11 +211,21 @@ def _weights_argument(parser) -> None:
     )
 
 
+def _text_field_argument(parser) -> None:
+    parser.add_argument(
+        "--text_field",
+        default="text",
+        help="the JSON lines' field that holds the text (default: text; e.g. content)",
+    )
+
+
 def main(argv: list[str]) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ("train", "eval", "compile", "config"):
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    if not getattr(args, "text_field", "text").strip():
+        parser.error("--text_field names the JSON field that holds the text; it is empty")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from lrulm import config as config_lib
     from lrulm import preemption
@@ -304,7 +316,8 @@ def main(argv: list[str]) -> int:
                 named = [(f"--text {k}", t) for k, t in enumerate(args.text, 1)]
                 for pattern in args.input:
                     for path in lm_data.expand_globs(pattern, "--input"):
-                        named += [(f"{path}:{n}", t) for n, t in lm_data.read_records(path)]
+                        records = lm_data.read_records(path, args.text_field)
+                        named += [(f"{path}:{n}", t) for n, t in records]
                 if not named:
                     parser.error("give --text TEXT (repeatable) or --input FILE")
                 skipped = [src for src, t in named if not t]
@@ -352,7 +365,7 @@ def main(argv: list[str]) -> int:
                 from lrulm.data import tokenizer as tok
 
                 files = lm_data.expand_globs(args.input, "--input")
-                docs = (d for f in files for d in lm_data.read_documents(f))
+                docs = (d for f in files for d in lm_data.read_documents(f, args.text_field))
                 sp = tok.train_tokenizer(docs, args.output, vocab_size=args.vocab_size)
                 short = sp.get_piece_size() < args.vocab_size
                 print(

@@ -138,6 +138,7 @@ class LMTask:
 
     def _prepare(self, workdir: str, eval_only: bool) -> None:
         data = self.config.data
+        lm_data.check_text_field(data.get("text_field", lm_data.TEXT_FIELD))
         mixture = lm_data.parse_mixture(data.get("mixture", ""))
         if mixture and data.train_files:
             raise ValueError(
@@ -276,11 +277,13 @@ class LMTask:
         shared = self.config.data.get("cache_dir", "")
         cache = shared or os.path.join(workdir, "data")
 
+        field = self.config.data.get("text_field", lm_data.TEXT_FIELD)
+
         def cache_name(stem, files):
             if shared:  # named by their content: any run of the same files reads them
-                return data_cache.content_name(files, tok_path, stem)
+                return data_cache.content_name(files, tok_path, stem, field)
             if eval_only:  # the run's copy where it holds these files' tokens, else its own
-                return data_cache.cache_name(files, tok_path, cache, stem)
+                return data_cache.cache_name(files, tok_path, cache, stem, field)
             return stem  # training (re)makes its splits under their own names
 
         streams = {}
@@ -290,7 +293,7 @@ class LMTask:
                 for stem, files in splits.items():
                     name = cache_name(stem, files)
                     streams[stem] = data_cache.prepare_split(
-                        files, self.sp, tok_path, cache, name, shared=bool(shared)
+                        files, self.sp, tok_path, cache, name, shared=bool(shared), field=field
                     )
             distributed.barrier(f"lrulm_tokens_{turn}")
         for stem, stream in streams.items():

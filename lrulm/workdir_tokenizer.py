@@ -67,12 +67,20 @@ def _copy_atomic(src: str, dst: str) -> None:
     os.replace(tmp, dst)
 
 
+def _field(config) -> str:
+    return config.data.get("text_field", lm_data.TEXT_FIELD)
+
+
 def _spec(config, train_files: list[str]) -> dict:
     """What the workdir's own tokenizer is trained from (kept beside it as
-    tokenizer.json): the vocabulary asked for and the train files' names and sizes."""
+    tokenizer.json): the vocabulary asked for, the train files' names and sizes, and the
+    JSON field read where it is not "text"."""
     files = sorted((f, os.path.getsize(f)) for f in train_files)
     digest = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
-    return {"vocab_size": config.data.vocab_size, "files": len(files), "digest": digest}
+    spec = {"vocab_size": config.data.vocab_size, "files": len(files), "digest": digest}
+    if _field(config) != lm_data.TEXT_FIELD:  # the default's record stays as it was
+        spec["text_field"] = _field(config)
+    return spec
 
 
 def _stale(tok_path: str, spec_path: str, spec: dict, workdir: str) -> bool:
@@ -84,7 +92,8 @@ def _stale(tok_path: str, spec_path: str, spec: dict, workdir: str) -> bool:
         return False
     with open(spec_path) as f:
         old = json.load(f)
-    changed = [f"{k} {old.get(k)} -> {v}" for k, v in spec.items() if old.get(k) != v]
+    keys = list(spec) + [k for k in old if k not in spec]  # a key may come or go
+    changed = [f"{k} {old.get(k)} -> {spec.get(k)}" for k in keys if old.get(k) != spec.get(k)]
     if not changed:
         return False
     if ckpt_lib.checkpoint_steps(workdir):
@@ -107,7 +116,10 @@ def _shared(config, train_files: list[str]) -> str | None:
         return None
     os.makedirs(cache_dir, exist_ok=True)
     # Keyed by the files' sizes and times too: an edited corpus trains its own.
-    digest = data_cache.files_fingerprint(train_files)[:16]
+    digest = data_cache.files_fingerprint(train_files)
+    if _field(config) != lm_data.TEXT_FIELD:
+        digest = hashlib.sha256(f"{digest} field={_field(config)}".encode()).hexdigest()
+    digest = digest[:16]
     return os.path.join(cache_dir, f"tokenizer-{config.data.vocab_size}-{digest}.model")
 
 
@@ -144,7 +156,7 @@ def _train(config, tok_path: str, train_files: list[str]) -> None:
         metrics_lib.say(f"lrulm: the tokenizer from data.cache_dir: {shared}")
         return
     log.info("training a %d-piece tokenizer on %d files", vocab_size, len(train_files))
-    docs = (d for f in train_files for d in lm_data.read_documents(f))
+    docs = (d for f in train_files for d in lm_data.read_documents(f, _field(config)))
     tok.train_tokenizer(docs, tok_path, vocab_size=vocab_size)
     if shared:  # with what it was trained on, for tools/cache_dir.py
         record = {"vocab_size": vocab_size, "sources": data_cache.sources_record(train_files)}

@@ -119,11 +119,13 @@ def main():
     p.add_argument("--seq_len", type=int, required=True)
     p.add_argument("--output", required=True, help="path prefix of the shards")
     p.add_argument("--num_shards", type=int, default=8)
+    p.add_argument("--text_field", default="text", help="JSON lines: the field that holds the text")
     args = tool_args.show_defaults(p).parse_args()
     try:
         sp = tok.load_tokenizer(args.tokenizer)
         files = lm_data.expand_globs(args.input, "--input")
-        texts = (d for f in files for d in lm_data.read_documents(f))
+        lm_data.check_text_field(args.text_field, "--text_field")
+        texts = (d for f in files for d in lm_data.read_documents(f, args.text_field))
         info = write_shards(
             texts, sp, seq_len=args.seq_len, output=args.output, num_shards=args.num_shards
         )

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lrulm.data import tokenizer as tok
-from lrulm.data.lm import read_documents
+from lrulm.data.lm import TEXT_FIELD, read_documents
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +74,16 @@ def touch(path: str) -> None:
         os.utime(path)
 
 
-def _fingerprint(files: Sequence[str], tokenizer_path: str) -> str:
+def _fingerprint(files: Sequence[str], tokenizer_path: str, field: str = TEXT_FIELD) -> str:
     h = _hash_files(hashlib.sha256(), files)  # as before: caches made earlier stay valid
     with open(tokenizer_path, "rb") as f:
         h.update(hashlib.sha256(f.read()).digest())
+    if field != TEXT_FIELD:  # another JSON field is other text (the default: as before)
+        h.update(f"field={field}".encode())
     return h.hexdigest()
 
 
-def tokenize_files(files: Sequence[str], sp, out_path: str) -> dict:
+def tokenize_files(files: Sequence[str], sp, out_path: str, field: str = TEXT_FIELD) -> dict:
     """Tokenizes the files into one stream (EOS after each document) saved at out_path.
 
     Returns metadata: token and byte counts (bits per byte needs bytes per token).
@@ -96,7 +98,7 @@ def tokenize_files(files: Sequence[str], sp, out_path: str) -> dict:
         batch.clear()
 
     for path in files:
-        for doc in read_documents(path):
+        for doc in read_documents(path, field):
             batch.append(doc)
             num_bytes += len(doc.encode("utf-8"))
             num_docs += 1
@@ -132,30 +134,34 @@ def files_fingerprint(files: Sequence[str]) -> str:
     return _hash_files(hashlib.sha256(), files).hexdigest()
 
 
-def content_name(files, tokenizer_path, name) -> str:
-    """`name-<digest>` of the files (paths, sizes, times) and the tokenizer's bytes."""
-    return f"{name}-{_fingerprint(files, tokenizer_path)[:16]}"
+def content_name(files, tokenizer_path, name, field: str = TEXT_FIELD) -> str:
+    """`name-<digest>` of the files (paths, sizes, times), the tokenizer's bytes and the
+    JSON field read."""
+    return f"{name}-{_fingerprint(files, tokenizer_path, field)[:16]}"
 
 
-def cache_name(files, tokenizer_path, cache_dir, name) -> str:
+def cache_name(files, tokenizer_path, cache_dir, name, field: str = TEXT_FIELD) -> str:
     """`name` where cache_dir's `name` holds these files' tokens, else `name-<digest>`:
     an evaluation on other text leaves the run's own cached split as it is."""
-    fp = _fingerprint(files, tokenizer_path)
+    fp = _fingerprint(files, tokenizer_path, field)
     try:
         with open(os.path.join(cache_dir, f"{name}.meta.json")) as f:
             cached = json.load(f).get("fingerprint")
     except (OSError, ValueError, AttributeError):
         cached = None
-    return name if cached == fp else content_name(files, tokenizer_path, name)
+    return name if cached == fp else content_name(files, tokenizer_path, name, field)
 
 
-def prepare_split(files, sp, tokenizer_path, cache_dir, name, *, shared=False) -> TokenStream:
-    """Tokenizes a split into cache_dir unless an up-to-date copy is there (in a `shared`
-    cache, data.cache_dir, a copy read is marked used: `tools/cache_dir.py`)."""
+def prepare_split(
+    files, sp, tokenizer_path, cache_dir, name, *, shared=False, field: str = TEXT_FIELD
+) -> TokenStream:
+    """Tokenizes a split (JSON lines: their `field`) into cache_dir unless an up-to-date
+    copy is there (in a `shared` cache, data.cache_dir, a copy read is marked used:
+    `tools/cache_dir.py`)."""
     os.makedirs(cache_dir, exist_ok=True)
     out = os.path.join(cache_dir, f"{name}.tokens.npy")
     meta_path = os.path.join(cache_dir, f"{name}.meta.json")
-    fp = _fingerprint(files, tokenizer_path)
+    fp = _fingerprint(files, tokenizer_path, field)
     if os.path.exists(meta_path) and os.path.exists(out):
         with open(meta_path) as f:
             meta = json.load(f)
@@ -164,7 +170,7 @@ def prepare_split(files, sp, tokenizer_path, cache_dir, name, *, shared=False) -
                 touch(meta_path)
             return TokenStream(out, meta["num_tokens"], meta["num_bytes"], meta["num_docs"])
     log.info("tokenizing %d %s files into %s", len(files), name, out)
-    meta = tokenize_files(files, sp, out)
+    meta = tokenize_files(files, sp, out, field)
     meta.update(fingerprint=fp, files=len(files), sources=sources_record(files))
     write_json_atomic(meta_path, meta)
     return TokenStream(out, meta["num_tokens"], meta["num_bytes"], meta["num_docs"])

@@ -221,15 +221,24 @@ def _not_utf8(path: str, e: UnicodeDecodeError, lineno: int | None = None) -> Va
     )
 
 
-def read_documents(path: str) -> Iterator[str]:
-    """Documents in a file: each JSON line's "text" for .jsonl/.json/.ndjson/.jsonlines
-    (any case), else the whole file as one document; gzip-compressed files are read
-    through (`.gz`). A UTF-8 byte-order mark at the start is not text. Empty texts are
-    left out."""
-    return (text for _, text in read_records(path) if text)
+def read_documents(path: str, field: str = TEXT_FIELD) -> Iterator[str]:
+    """Documents in a file: each JSON line's `field` ("text"; data.text_field) for
+    .jsonl/.json/.ndjson/.jsonlines (any case), else the whole file as one document;
+    gzip-compressed files are read through (`.gz`). A UTF-8 byte-order mark at the start
+    is not text. Empty texts are left out."""
+    return (text for _, text in read_records(path, field) if text)
 
 
-def read_records(path: str) -> Iterator[tuple[int, str]]:
+def check_text_field(field, what: str = "data.text_field") -> None:
+    """Raises ValueError unless `field` names a JSON field (a non-empty string)."""
+    if not isinstance(field, str) or not field.strip():
+        raise ValueError(
+            f"{what} names the JSON lines' field that holds the text, e.g. 'text' or "
+            f"'content'; got {field!r}"
+        )
+
+
+def read_records(path: str, field: str = TEXT_FIELD) -> Iterator[tuple[int, str]]:
     """(line, text) of each record of a file as `read_documents` reads them, empty texts
     included (blank lines of JSON lines are no records); a plain text file is line 1."""
     if _is_json_lines(path):
@@ -248,20 +257,24 @@ def read_records(path: str) -> Iterator[tuple[int, str]]:
                     )
                 try:
                     record = json.loads(line)
-                    text = record[TEXT_FIELD]
+                    text = record[field]
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    has = ""
+                    if isinstance(e, KeyError) and isinstance(record, dict):
+                        has = f"; its fields: {', '.join(map(str, list(record)[:8]))}"
+                        has += " (data.text_field / --text_field names the one to read)"
                     raise ValueError(
-                        f"{path}:{lineno}: expected a JSON object with a {TEXT_FIELD!r} string "
-                        f"field per line ({type(e).__name__}: {e})"
+                        f"{path}:{lineno}: expected a JSON object with a {field!r} string "
+                        f"field per line ({type(e).__name__}: {e}){has}"
                     ) from None
                 if not isinstance(text, str):
                     raise ValueError(
-                        f"{path}:{lineno}: the {TEXT_FIELD!r} field is a "
+                        f"{path}:{lineno}: the {field!r} field is a "
                         f"{type(text).__name__}, not a string"
                     )
                 if not text.isascii() and not _encodes(text):  # a lone surrogate, "\ud800"
                     raise ValueError(
-                        f"{path}:{lineno}: the {TEXT_FIELD!r} field is not valid Unicode "
+                        f"{path}:{lineno}: the {field!r} field is not valid Unicode "
                         "(a lone surrogate escape)"
                     )
                 yield lineno, text
