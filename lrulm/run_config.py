@@ -13,6 +13,7 @@ import os
 import jax
 import numpy as np
 
+from lrulm import checkpoint as ckpt_lib
 from lrulm import config as config_lib
 from lrulm import metrics as metrics_lib
 from lrulm import optim, tasks
@@ -46,6 +47,65 @@ def check_processes_agree(config) -> None:
             f"process(es) {', '.join(map(str, differ))} run another config than process 0 "
             "(their resolved configs differ): give every process the same command line"
         )
+
+
+def _recorded(workdir: str) -> dict:
+    """WORKDIR/config.json ({} where there is none or it does not read)."""
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def check_start(config, workdir: str) -> None:
+    """Checks against the workdir, before any data is read or written. A resume must be
+    of the run's task; its checkpoint.init_from (which only a new run reads) stays the
+    one it started from, said where the command names another. A new run's init_from
+    must hold a checkpoint."""
+    c = config.checkpoint
+    if not ckpt_lib.checkpoint_steps(workdir):
+        if c.get("init_from", ""):
+            ckpt_lib.find_checkpoint_dir(c.init_from)  # FileNotFoundError: said at once
+        return
+    recorded = _recorded(workdir)
+    task = recorded.get("task")
+    if task is not None and task != config.task:
+        raise ValueError(
+            f"{workdir} holds a run of task {task!r} (its config.json), and this config "
+            f"trains {config.task!r}; resume it with its own config, or give another "
+            "--workdir; nothing was changed"
+        )
+    started = recorded.get("checkpoint") or {}
+    for key in ("init_from", "init_from_params"):
+        given, was = c.get(key, ""), started.get(key, "")
+        if given == was or key not in c:
+            continue
+        if given:
+            metrics_lib.say(
+                f"lrulm: checkpoint.{key}={given!r} is not read: it starts a new run, and "
+                f"{workdir} resumes from its own checkpoints (its run started from "
+                f"{was!r}, as config.json keeps)"
+            )
+        c[key] = was
+
+
+def state_keys_changed(trained: dict | None, config) -> list[str]:
+    """The settings that shape the train state's tree (the model's, optim.no_decay's
+    groups of the optimizer state) that differ between a checkpoint's config (`trained`)
+    and `config`, as "key: old -> new"."""
+    if not trained:
+        return []
+    now, base = config_lib.to_dict(config), config_lib.to_dict(config_lib.base_config())
+    changed = []
+    for group, keys in (("model", None), ("optim", ("no_decay",))):
+        old, new, default = trained.get(group) or {}, now.get(group) or {}, base.get(group) or {}
+        for key in keys or sorted(set(old) | set(new)):
+            a, b = old.get(key, default.get(key)), new.get(key, default.get(key))
+            if a != b:  # a key added to lrulm since: its default, the run's behaviour
+                changed.append(f"{group}.{key}: {a!r} -> {b!r}")
+    return changed
 
 
 def trained_config(checkpointer, step: int) -> dict | None:

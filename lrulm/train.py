@@ -371,6 +371,7 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
         # ---- Mesh ------------------------------------------------------------------------
         mesh = make_mesh(config, devices)
         validate(config, mesh)  # before the data is prepared: errors come at once
+        run_config.check_start(config, workdir)
 
         # ---- Data ------------------------------------------------------------------------
         task = tasks.make_task(config, workdir)
@@ -398,6 +399,18 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
             restored = checkpointer.restore_latest(
                 lambda s: restore_target(exp, checkpointer, s), train_iter
             )
+        except ckpt_lib.CheckpointMismatch as e:
+            trained = run_config.trained_config(checkpointer, latest)
+            checkpointer.close()
+            changed = run_config.state_keys_changed(trained, config)
+            if not changed:
+                raise
+            raise ckpt_lib.CheckpointMismatch(
+                f"{e}\nthe settings that shape the state changed since step {latest}: "
+                + "; ".join(changed)
+                + " (set them back to resume; a new workdir with checkpoint.init_from takes "
+                "the parameters under new ones)"
+            ) from None
         except ckpt_lib.CheckpointsDamaged as e:
             checkpointer.close()
             raise ckpt_lib.CheckpointsDamaged(

@@ -170,7 +170,9 @@ def prepare(config, workdir: str, train_files: list[str]) -> str:
     train files (or kept: it was trained for these). Returns its path."""
     main = jax.process_index() == 0
     tok_path = os.path.join(workdir, "tokenizer.model")
-    tokenizer = config.data.tokenizer or _from_init_run(config, tok_path, main)
+    tokenizer = config.data.tokenizer
+    if not tokenizer and not ckpt_lib.checkpoint_steps(workdir):  # a resume keeps its own
+        tokenizer = _from_init_run(config, tok_path, main)
     spec_path = os.path.join(workdir, "tokenizer.json")
     if main and tokenizer:
         tok.load_tokenizer(tokenizer)  # fail early on a bad file

@@ -1,0 +1,77 @@
+"""What a start checks against its workdir before any data is read or written: a resume
+of the run's own task, the init_from a run started from, the settings that shape the
+train state; a new run's init_from must hold a checkpoint."""
+
+import json
+import os
+import shutil
+
+import pytest
+from run_helpers import tiny_config
+
+from lrulm import checkpoint as ckpt_lib
+from lrulm import config as config_lib
+from lrulm import train
+
+
+def _copy(lm_workdir, tmp_path) -> str:
+    workdir = str(tmp_path / "run")
+    shutil.copytree(lm_workdir, workdir)
+    return workdir
+
+
+def _contents(workdir):
+    return sorted(os.listdir(workdir))
+
+
+def test_a_missing_init_from_fails_before_the_data(tmp_path, corpus):
+    for source in (tmp_path / "nowhere", tmp_path / "empty"):
+        if source.name == "empty":
+            (source / "checkpoints").mkdir(parents=True)
+            (source / "tokenizer.model").write_text("not read")
+        config = tiny_config(f"checkpoint.init_from={source}", corpus=corpus)
+        with pytest.raises(FileNotFoundError, match="does not exist|holds no checkpoints"):
+            train.train_and_evaluate(config, str(tmp_path / "new"))
+        assert not (tmp_path / "new").exists()  # no tokenizer trained, nothing tokenized
+
+
+def test_a_resume_with_another_tasks_config_changes_nothing(lm_workdir, tmp_path):
+    workdir = _copy(lm_workdir, tmp_path)
+    before = _contents(workdir)
+    config = config_lib.load_with_overrides("configs/lra/listops.py:tiny", [])
+    message = r"holds a run of task 'lm' \(its config.json\), and this config trains 'listops'"
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(config, workdir)
+    assert _contents(workdir) == before
+
+
+def test_a_resume_keeps_the_init_from_it_started_from(lm_workdir, tmp_path, corpus, capsys):
+    """checkpoint.init_from is read by a new run only: a resume naming another says so,
+    and config.json keeps the source the run started from."""
+    workdir = _copy(lm_workdir, tmp_path)
+    path = os.path.join(workdir, "config.json")
+    recorded = json.load(open(path))
+    recorded["checkpoint"]["init_from"] = "runs/source"
+    json.dump(recorded, open(path, "w"))
+    other = _copy(lm_workdir, tmp_path / "o")
+    os.remove(os.path.join(other, "tokenizer.model"))  # its tokenizer would be refused
+    config = tiny_config(
+        "train.steps=9", "train.eval_every=0", "checkpoint.every_steps=4",
+        "checkpoint.async_save=false", f"checkpoint.init_from={other}", corpus=corpus,
+    )  # fmt: skip
+    train.train_and_evaluate(config, workdir)
+    out = capsys.readouterr().out
+    assert f"checkpoint.init_from='{other}' is not read" in out and "'runs/source'" in out
+    assert json.load(open(path))["checkpoint"]["init_from"] == "runs/source"
+    assert ckpt_lib.checkpoint_steps(workdir)[-1] == 9
+
+
+def test_a_changed_setting_that_shapes_the_state_is_named(lm_workdir, tmp_path, corpus):
+    workdir = _copy(lm_workdir, tmp_path)
+    config = tiny_config("train.steps=9", "optim.no_decay=bias$", corpus=corpus)
+    message = r"since step 8: optim.no_decay: '' -> 'bias\$'"
+    with pytest.raises(ckpt_lib.CheckpointMismatch, match=message):
+        train.train_and_evaluate(config, workdir)
+    config = tiny_config("train.steps=9", "model.d_model=48", corpus=corpus)
+    with pytest.raises(ckpt_lib.CheckpointMismatch, match="model.d_model: None -> 48"):
+        train.train_and_evaluate(config, workdir)
