@@ -22,6 +22,7 @@ import os
 import queue
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -333,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
             words = ["env", *unset, *assignments, shlex.join(command)]
             print(f"# process {i}\n" + " ".join(words))
         return 0
+    if shutil.which(command[0]) is None:  # a path to no executable file, or not on PATH
+        parser.error(f"{command[0]!r} is no command here (not on PATH, or not executable)")
     return run(
         command,
         num_processes=args.num_processes,

@@ -23,10 +23,32 @@ class ConfigError(ValueError):
 
 
 def load(spec: str) -> ConfigDict:
-    """Loads `path/to/config.py[:arg]` and returns its locked ConfigDict."""
+    """Loads `path/to/config.py[:arg]` and returns its locked ConfigDict; a run's
+    WORKDIR/config.json gives the config that run was trained with."""
     path, _, arg = spec.partition(":")
+    if os.path.isdir(path):
+        raise ConfigError(
+            f"--config {spec} is a directory; give a config file in it (CONFIG.py[:ARG], "
+            "e.g. configs/lm/tiny.py), or a run's config.json"
+        )
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist (from --config {spec})")
+    if path.lower().endswith(".json"):  # a run's own record: train it again, or evaluate it
+        if arg:
+            raise ConfigError(f"--config {spec}: a config.json takes no :ARG")
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path} does not read as JSON ({e})") from None
+        if not isinstance(data, dict) or "task" not in data:
+            raise ConfigError(f"{path} is no run's config.json (no \"task\" in it)")
+        return from_dict(data)
+    if not path.endswith(".py"):
+        raise ConfigError(
+            f"--config {spec}: give a Python config file (CONFIG.py[:ARG]) or a run's "
+            "config.json"
+        )
     name = "lrulm_config_" + os.path.splitext(os.path.basename(path))[0]
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)

@@ -133,10 +133,11 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--text", action="append", default=[], help="a text to score; repeatable")
     sc.add_argument(
         "--input",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[],
-        help="files of texts (globs): plain text (one text a file) or JSON lines with a "
-        '"text" field (one a line); .gz too',
+        help="files of texts (globs, or the files a shell glob expands to): plain text (one "
+        'text a file) or JSON lines with a "text" field (one a line); .gz too',
     )
     _text_field_argument(sc)
     sc.add_argument("--step", type=int, default=None, help="the checkpoint (default: newest)")
@@ -170,11 +171,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_output(parser, path: str) -> None:
+def _check_output(parser, path: str, flag: str = "--output") -> None:
     """--output (if given) can be written: checked before the work, not after it."""
     parent = os.path.dirname(os.path.abspath(path))
     if path and (os.path.isdir(path) or not os.access(parent, os.W_OK)):
-        parser.error(f"--output {path}: give a file in an existing, writable directory")
+        parser.error(f"{flag} {path}: give a file in an existing, writable directory")
 
 
 def _unescape(text: str) -> str:
@@ -190,6 +191,8 @@ def _config(args, extra):
     if args.config:
         return config_lib.load_with_overrides(args.config, overrides)
     path = os.path.join(args.workdir, "config.json")  # `lrulm eval` without --config
+    if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+        raise FileNotFoundError(f"workdir {args.workdir} is a file, not a run's directory")
     if not os.path.isdir(args.workdir):
         raise FileNotFoundError(f"workdir {args.workdir} does not exist")
     if not os.path.exists(path):
@@ -358,6 +361,7 @@ def main(argv: list[str]) -> int:
             case "compile":
                 from lrulm import compile as compile_lib
 
+                _check_output(parser, args.json, "--json")  # before minutes of compiling
                 config = _config(args, extra)
                 return compile_lib.main(config, args.topology, json_path=args.json or None)
             case "tokenizer":

@@ -364,6 +364,10 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
                 f"workdir {workdir}: lrulm writes its workdir with ordinary file I/O; mount the "
                 "bucket (GCS FUSE: gcsfuse BUCKET /gcs/BUCKET) and use the mount path"
             )
+        if os.path.exists(workdir) and not os.path.isdir(workdir):
+            raise ValueError(
+                f"workdir {workdir} is a file; give a directory (a new one, or a run's to resume)"
+            )
         is_main = jax.process_index() == 0
         run_config.check_processes_agree(config)
         os.makedirs(workdir, exist_ok=True)

@@ -170,3 +170,62 @@ def test_config_command_prints_the_config_and_its_model():
     assert printed["model"]["num_params"] == preset.num_params() == 394_566_656
     bad = _lrulm("config", "--config", "configs/lm/tiny.py", "--config.optim.lrr=1")
     assert bad.returncode == 2 and "did you mean 'optim.lr'" in bad.stderr
+
+
+def test_output_paths_are_checked_before_the_work(tmp_path):
+    """Every tool writing a report refuses an unwritable path at once (exit 2, one line),
+    not in a traceback after its minutes of work."""
+    bad = str(tmp_path / "missing" / "x.json")
+    commands = [
+        ["-m", "lrulm", "compile", "--config", "configs/lm/tiny.py", "--topology", "v5e-4",
+         "--json", bad],
+        ["tools/bench.py", "--quick", "--json", bad],
+        ["tools/bench_train.py", "--preset", "test", "--steps", "1", "--json", bad],
+        ["tools/gpu_kernel_sweep.py", "--json", bad],
+        ["tools/gpu_sass.py", "--json", bad],
+        ["tools/lru_layer_aot.py", "--json", bad],
+        ["tools/tpu_kernel_schedule.py", "--json", bad],
+        ["tools/tpu_fit_table.py", "--out", bad],
+    ]  # fmt: skip
+    for args in commands:
+        out = subprocess.run(
+            [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 2, (args, out.stderr[-1500:])
+        assert "existing, writable directory" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_odd_workdirs_configs_and_commands_get_one_line(tmp_path, lm_workdir):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    out = _lrulm("train", "--config", "configs/lm/tiny.py", "--workdir", str(afile))
+    assert out.returncode == 2 and "is a file; give a directory" in out.stderr
+    out = _lrulm("eval", "--workdir", str(afile))
+    assert out.returncode == 2 and "is a file, not a run's directory" in out.stderr
+    out = _lrulm("config", "--config", "configs/lm")
+    assert out.returncode == 2 and "is a directory; give a config file in it" in out.stderr
+    out = _lrulm("config", "--config", str(afile))
+    assert out.returncode == 2 and "give a Python config file" in out.stderr
+    # A run's config.json is a config: `lrulm config` shows it, with overrides.
+    out = _lrulm("config", "--config", os.path.join(lm_workdir, "config.json"),
+                 "--config.train.steps=3")  # fmt: skip
+    assert out.returncode == 0, out.stderr[-1500:]
+    shown = json.loads(out.stdout)["config"]
+    recorded = json.load(open(os.path.join(lm_workdir, "config.json")))
+    assert shown["train"]["steps"] == 3 and shown["data"] == recorded["data"]
+    launch = subprocess.run(
+        [sys.executable, "launch/local.py", "--num_processes", "2", "--", "no_such_command_x"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert launch.returncode == 2 and "'no_such_command_x' is no command here" in launch.stderr
+
+
+def test_score_takes_the_files_a_shell_glob_expands_to(lm_workdir, tmp_path):
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text(f"def {name[0]}(x):\n    return x\n")
+    out = _lrulm("score", "--workdir", lm_workdir, "--input", str(tmp_path / "a.txt"),
+                 str(tmp_path / "b.txt"))  # fmt: skip
+    assert out.returncode == 0, out.stderr[-1500:]
+    assert [json.loads(line)["source"] for line in out.stdout.splitlines()] == [
+        f"{tmp_path / 'a.txt'}:1", f"{tmp_path / 'b.txt'}:1",
+    ]  # fmt: skip

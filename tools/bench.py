@@ -368,6 +368,7 @@ def parse_args(argv=None):
     p.add_argument("--json", default="", help="write every row here (after each row)")
     p.add_argument("--render", default="", help="print the table of a saved JSON and exit")
     args = tool_args.show_defaults(p).parse_args(argv)
+    tool_args.writable(p, args.json)
     if args.render:
         return args
     if args.quick:

@@ -185,6 +185,7 @@ def main():
         "(tensorboard --logdir DIR)",
     )
     args = tool_args.show_defaults(p).parse_args()
+    tool_args.writable(p, args.json)
     config = make_config(
         args.preset,
         args.batch,

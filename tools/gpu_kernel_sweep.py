@@ -378,6 +378,7 @@ def parse_args(argv=None):
         help="a full (B, L, N) decay (an input-dependent gate) instead of the LRU's (N,) one",
     )
     args = tool_args.show_defaults(p).parse_args(argv)
+    tool_args.writable(p, args.json)
     try:
         args.B, args.L, args.N = (int(x) for x in args.shape.split(","))
     except ValueError:

@@ -447,6 +447,7 @@ def main():
     p.add_argument("--out", default="", help="keep the IR, PTX, cubins and SASS here")
     p.add_argument("--json", default="")
     args = tool_args.show_defaults(p).parse_args()
+    tool_args.writable(p, args.json)
     from lrulm.kernels import gpu
 
     for tuning in args.tunings.split():

@@ -70,6 +70,7 @@ def main():
     p.add_argument("--no_resets", action="store_true", help="without document resets")
     p.add_argument("--json", help="also write the rows here")
     args = tool_args.show_defaults(p).parse_args()
+    tool_args.writable(p, args.json)
     try:
         b, l, h, n = map(int, args.shape.split(","))
     except ValueError:

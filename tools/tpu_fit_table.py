@@ -203,6 +203,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="docs/tpu_fit.md")
     p.add_argument("--cache", default="", help="keep finished cells here (resumable runs)")
     args = tool_args.show_defaults(p).parse_args(argv)
+    tool_args.writable(p, args.out, "--out")
     targets = [compile_lib.parse_target(t) for t in args.slices.split(",")]
     gpus = [isinstance(t, compile_lib.GpuTopology) for t in targets]
     if any(gpus) and not all(gpus):

@@ -205,6 +205,7 @@ def main():
     p.add_argument("--clock_ghz", type=float, help="TensorCore clock, for other generations")
     p.add_argument("--json", help="also write the rows here")
     args = tool_args.show_defaults(p).parse_args()
+    tool_args.writable(p, args.json)
     shape = tuple(map(int, args.shape.split(",")))
     topo = compile_lib.parse_topology(args.topology)
     device = compile_lib.topology_devices(topo)[0]
