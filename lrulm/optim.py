@@ -154,6 +154,11 @@ def check_path_patterns(patterns: str, key: str) -> None:
             re.compile(pattern.strip())
         except re.error as e:
             raise ValueError(f"{key}: {pattern.strip()!r} is no regular expression ({e})") from None
+        if pattern.strip().startswith(("['", '["')):  # a Python subscript, as printed
+            raise ValueError(
+                f"{key}: {pattern.strip()!r} reads as a character class (any one of those "
+                "letters); write parameter paths joined by '/', e.g. '^stack/' or 'norm/scale$'"
+            )
 
 
 def check_arguments(
@@ -191,11 +196,29 @@ def check_arguments(
             raise ValueError(f"optim.{name} must be {want}; got {value}")
 
 
+def check_no_decay(params, no_decay: str) -> None:
+    """Raises ValueError where one of optim.no_decay's patterns finds none of the decayed
+    parameters' paths of `params` (a typo, or a path written another way, would leave the
+    weight decay on without a word)."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    names = [_name(path) for path, _ in flat if not is_recurrent(path)]
+    for pattern in (p.strip() for p in no_decay.split(",")):
+        if pattern and not any(re.search(pattern, name) for name in names):
+            shown = ", ".join(names[:16]) + (", ..." if len(names) > 16 else "")
+            raise ValueError(
+                f"optim.no_decay: {pattern!r} finds none of this model's decayed parameters "
+                f"(regular expressions searched in their paths: {shown})"
+            )
+
+
+def _name(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
 def _labels(tree, no_decay=()):
     def label(path, _):
         if is_recurrent(path):
             return "recurrent"
-        name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-        return "no_decay" if any(p.search(name) for p in no_decay) else "default"
+        return "no_decay" if any(p.search(_name(path)) for p in no_decay) else "default"
 
     return jax.tree_util.tree_map_with_path(label, tree)

@@ -2,6 +2,7 @@
 and gradient clipping before Adam."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +54,14 @@ def test_no_decay_patterns_leave_out_what_they_name():
     np.testing.assert_allclose(s["mlp_in"]["kernel"], -lr * (1 + wd * 2.0), rtol=1e-4)
     with pytest.raises(ValueError, match=r"optim.no_decay: 'norm\[' is no regular expression"):
         optim.make_optimizer(lr=lr, total_steps=10, no_decay="bias,norm[")
+    # A pattern that finds no decayed parameter (a typo; or only recurrent ones, already
+    # undecayed) is refused, as is a Python subscript (a character class as a regex).
+    optim.check_no_decay(params, "scale$, bias$")
+    for typo in ("bais$", "nu_log"):
+        with pytest.raises(ValueError, match=re.escape(f"'{typo}' finds none of this model")):
+            optim.check_no_decay(params, f"scale$,{typo}")
+    with pytest.raises(ValueError, match="reads as a character class"):
+        optim.make_optimizer(lr=lr, total_steps=10, no_decay="['stack']")
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])

@@ -138,6 +138,7 @@ def test_gradient_accumulation_equals_big_batch(corpus, tmp_path):
         ),
         (["train.seq_len=50000000"], "fewer than one sequence"),
         (["train.profile_steps=-1"], "must be >= 0"),
+        (["optim.no_decay=scale$,bais$"], r"'bais\$' finds none of this model's decayed"),
         (["checkpoint.every_steps=0"], "checkpoint.every_steps must be positive"),
         (["train.eval_every=-1"], "train.eval_every must be >= 0"),
         (["train.profile_steps=2", "train.profile_start_step=20"], "no step would be profiled"),
