@@ -60,6 +60,13 @@ def write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _short(path: str) -> str:
+    """A file's path as said to the user: from the working directory where it is below
+    it, else whole (a file name alone is ambiguous: every package has an __init__.py)."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
 @dataclasses.dataclass
 class HeldOut:
     """A held-out split of a language model: its packed sequences (`source`: whole ones;
@@ -180,7 +187,7 @@ class LMTask:
                     metrics_lib.say(
                         f"lrulm: data.eval_files is empty: holding out {len(eval_files)} of "
                         f"the {len(train_files) + len(eval_files)} train files for evaluation "
-                        f"({', '.join(os.path.basename(f) for f in eval_files[:3])}"
+                        f"({', '.join(_short(f) for f in eval_files[:3])}"
                         f"{', ...' if len(eval_files) > 3 else ''}; {share:.0%} of the "
                         f"bytes{large}); set --config.data.eval_files to choose"
                     )

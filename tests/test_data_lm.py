@@ -424,7 +424,8 @@ def test_eval_files_held_out_from_train_files_are_named(tmp_path, corpus, capsys
     assert task.eval_files == [str(tmp_path / "part0.jsonl")]
     assert task.train_files == [str(tmp_path / "part1.jsonl")]
     out = capsys.readouterr().out
-    assert "holding out 1 of the 2 train files for evaluation (part0.jsonl; 41" in out
+    held = tmp_path / "part0.jsonl"  # named by its path: a file name alone can be ambiguous
+    assert f"holding out 1 of the 2 train files for evaluation ({held}; 41" in out
     assert "% of the bytes (a large share: with few files, give held-out files)" in out
 
 

@@ -121,7 +121,9 @@ def test_mixture_settings_that_cannot_work_are_refused(tmp_path, corpus, parts, 
     task = tasks.make_task(held, str(tmp_path / "r3"))
     assert task.eval_files == [str(parts / "a" / "000.jsonl"), str(parts / "b" / "000.jsonl")]
     assert str(parts / "a" / "000.jsonl") not in task.train_parts["a"]
-    assert "holding out 2 of the 40 train files" in capsys.readouterr().out
+    out = capsys.readouterr().out  # each named by its path: both are 000.jsonl
+    a, b = parts / "a" / "000.jsonl", parts / "b" / "000.jsonl"
+    assert f"holding out 2 of the 40 train files for evaluation ({a}, {b};" in out
     assert len(task.train_source) == sum(len(s) for s in task.train_source.sources.values())
 
 
