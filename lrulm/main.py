@@ -189,17 +189,23 @@ def _config(args, extra):
 
     overrides = config_lib.parse_overrides(extra)
     if args.config:
-        return config_lib.load_with_overrides(args.config, overrides)
-    path = os.path.join(args.workdir, "config.json")  # `lrulm eval` without --config
-    if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
-        raise FileNotFoundError(f"workdir {args.workdir} is a file, not a run's directory")
-    if not os.path.isdir(args.workdir):
-        raise FileNotFoundError(f"workdir {args.workdir} does not exist")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{args.workdir} has no config.json; give --config")
-    with open(path) as f:
-        config = config_lib.from_dict(json.load(f))
-    for key, value in overrides:
+        path = args.config
+    else:  # `lrulm eval` without --config: the run's own
+        path = os.path.join(args.workdir, "config.json")
+        if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+            raise FileNotFoundError(f"workdir {args.workdir} is a file, not a run's directory")
+        if not os.path.isdir(args.workdir):
+            raise FileNotFoundError(f"workdir {args.workdir} does not exist")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{args.workdir} has no config.json; give --config")
+    config = config_lib.load(path)
+    if path.lower().endswith(".json"):  # a run's record: its paths are relative to its start
+        from lrulm import run_config
+
+        started = run_config.started_in(os.path.dirname(path) or ".")
+        if started and os.path.realpath(started) != os.path.realpath(os.getcwd()):
+            run_config.rebase_paths(config, started)
+    for key, value in overrides:  # the command line's own paths: relative to here
         config_lib.override(config, key, value)
     return config
 

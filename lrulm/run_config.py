@@ -17,6 +17,7 @@ from lrulm import checkpoint as ckpt_lib
 from lrulm import config as config_lib
 from lrulm import metrics as metrics_lib
 from lrulm import optim, tasks
+from lrulm.data import lm as lm_data
 
 # Settings a process may have of its own (reader threads), or that only process 0 acts on.
 _PER_PROCESS_KEYS = (
@@ -181,6 +182,7 @@ def environment(step: int, *, resumed: bool) -> dict:
         "step": int(step),
         "resumed": resumed,
         "argv": sys.argv,
+        "cwd": os.getcwd(),  # what the config's relative paths are relative to
         "lrulm": lrulm.__version__,
         "commit": _git_commit(),
         "python": platform.python_version(),
@@ -191,6 +193,59 @@ def environment(step: int, *, resumed: bool) -> dict:
         "processes": jax.process_count(),
         "host": platform.node(),
     }
+
+
+def started_in(workdir: str) -> str | None:
+    """The working directory of the run's last start (WORKDIR/starts.jsonl; None where
+    it is not recorded)."""
+    try:
+        with open(os.path.join(workdir, "starts.jsonl")) as f:
+            lines = [line for line in f if line.strip()]
+        return json.loads(lines[-1]).get("cwd") if lines else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+# A run's settings that are paths (or comma-separated globs) in the file system.
+_PATH_KEYS = ("data.train_files", "data.eval_files", "data.tokenizer", "data.data_dir",
+              "data.cache_dir", "checkpoint.init_from")  # fmt: skip
+
+
+def _rebase(globs: str, base: str) -> str:
+    """Comma-separated paths or globs, the relative ones joined to base."""
+
+    def one(p):
+        p = p.strip()
+        return p if not p or os.path.isabs(os.path.expanduser(p)) else os.path.join(base, p)
+
+    return ",".join(one(p) for p in globs.split(","))
+
+
+def rebase_paths(config, base: str) -> list[str]:
+    """Joins the relative paths of a run's config (its files, data_dir, tokenizer,
+    cache_dir, init_from) to `base`, the directory the run started in, so that a run's
+    config.json read from elsewhere reads the run's files. Returns the keys changed."""
+    changed = []
+    d = config.data
+    for name in _PATH_KEYS:
+        group, key = name.split(".")
+        node = config[group]
+        if node.get(key) and _rebase(node[key], base) != node[key]:
+            node[key] = _rebase(node[key], base)
+            changed.append(name)
+    if d.get("eval_sets"):
+        sets = lm_data.parse_eval_sets(d.eval_sets)
+        text = ";".join(f"{name}={_rebase(globs, base)}" for name, globs in sets.items())
+        if text != ";".join(f"{n}={g}" for n, g in sets.items()):
+            d.eval_sets = text
+            changed.append("data.eval_sets")
+    if d.get("mixture"):
+        parts = lm_data.parse_mixture(d.mixture)
+        rebased = [(n, _rebase(g, base), w) for n, g, w in parts]
+        if rebased != parts:
+            d.mixture = ";".join(f"{n}={g}@{w!r}" for n, g, w in rebased)
+            changed.append("data.mixture")
+    return changed
 
 
 def record(config, workdir: str, trained: dict | None, step: int, *, resumed: bool, task) -> None:

@@ -215,6 +215,7 @@ def test_changed_config_is_an_error_not_damage(tmp_path, corpus):
     assert [(s["step"], s["resumed"]) for s in starts] == [(0, False), (4, True)]
     assert starts[1]["packages"]["jax"] == jax.__version__ and starts[1]["devices"] >= 1
     assert "--workdir" in starts[1]["argv"] and starts[1]["lrulm"]
+    assert starts[1]["cwd"] == os.getcwd()  # what relative paths in config.json are relative to
     assert "differs from the run's config.json" in out and "train.steps: 4 -> 6" in out
     assert "optim.lr: 0.006 -> 0.002" in out
     assert "eval at step 6: loss " in out  # each evaluation is also a console line

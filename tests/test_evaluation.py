@@ -158,3 +158,48 @@ def test_eval_at_start_scores_the_initial_state_once(tmp_path, corpus):
     with open(os.path.join(run, "model.json")) as f:
         vocab = json.load(f)["vocab_size"]
     assert abs(evals[0] - math.log(vocab)) < 1.0 and evals[4] < evals[0]
+
+
+def test_a_runs_relative_paths_are_read_from_where_it_started(lm_workdir, tmp_path):
+    """A run started in START with relative data paths: `lrulm eval --workdir` from
+    elsewhere reads START's files (starts.jsonl records where each start ran), and gives
+    the run's own evaluation; paths given on the command line stay relative to here."""
+    import subprocess
+    import sys
+
+    from lrulm import run_config
+
+    run = str(tmp_path / "run")
+    shutil.copytree(lm_workdir, run)
+    start = tmp_path / "start"
+    recorded = json.load(open(os.path.join(run, "config.json")))
+    for key in ("train_files", "eval_files"):
+        os.makedirs(start / "corpus", exist_ok=True)
+        shutil.copy(recorded["data"][key], start / "corpus" / f"{key}.jsonl")
+        recorded["data"][key] = f"corpus/{key}.jsonl"
+    json.dump(recorded, open(os.path.join(run, "config.json"), "w"))
+    with open(os.path.join(run, "starts.jsonl"), "a") as f:
+        f.write(json.dumps({"step": 8, "cwd": str(start)}) + "\n")
+    assert run_config.started_in(run) == str(start)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-m", "lrulm", "eval", "--workdir", run],
+        cwd=elsewhere, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": root},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in open(os.path.join(lm_workdir, "metrics.jsonl"))]
+    logged = [r["eval/loss"] for r in rows if "eval/loss" in r][-1]
+    assert abs(json.loads(out.stdout)["eval/loss"] - logged) < 1e-4
+    config = config_lib.from_dict(recorded)
+    config.data.eval_sets = "a=x/*.jsonl,/abs/y.txt;b=z.txt"
+    config.data.tokenizer = "/abs/t.model"
+    changed = run_config.rebase_paths(config, "/s")
+    assert changed == ["data.train_files", "data.eval_files", "data.eval_sets"]
+    assert config.data.eval_sets == "a=/s/x/*.jsonl,/abs/y.txt;b=/s/z.txt"
+    assert config.data.tokenizer == "/abs/t.model" and config.data.data_dir == ""
+    config.data.train_files, config.data.mixture = "", "w=web/*.jsonl@0.7;c=/c/*.py@0.3"
+    assert run_config.rebase_paths(config, "/s") == ["data.mixture"]
+    assert config.data.mixture == "w=/s/web/*.jsonl@0.7;c=/c/*.py@0.3"
