@@ -42,12 +42,11 @@ def load(spec: str) -> ConfigDict:
         except (OSError, ValueError) as e:
             raise ConfigError(f"{path} does not read as JSON ({e})") from None
         if not isinstance(data, dict) or "task" not in data:
-            raise ConfigError(f"{path} is no run's config.json (no \"task\" in it)")
+            raise ConfigError(f'{path} is no run\'s config.json (no "task" in it)')
         return from_dict(data)
     if not path.endswith(".py"):
         raise ConfigError(
-            f"--config {spec}: give a Python config file (CONFIG.py[:ARG]) or a run's "
-            "config.json"
+            f"--config {spec}: give a Python config file (CONFIG.py[:ARG]) or a run's config.json"
         )
     name = "lrulm_config_" + os.path.splitext(os.path.basename(path))[0]
     module_spec = importlib.util.spec_from_file_location(name, path)

@@ -78,7 +78,6 @@ def score_texts(
         resets = np.zeros_like(inputs, bool)
         if resets_after:  # as training: a new document starts after each EOS
             resets[:, 1:] = np.isin(inputs[:, :-1], resets_after)
-        resets[:, 1:] = inputs[:, :-1] == tok.EOS_ID
         state = model.init_state(width)
         sums = np.zeros(width)
         for at in range(0, total, size):

@@ -198,12 +198,13 @@ class LMTask:
             parts = {"train": train_files}
         self.train_parts = parts  # {"train": files}, or data.mixture's {name: files}
         train_files = [f for files in parts.values() for f in files]
-        lm_data.check_disjoint(train_files, eval_files)
+        lm_data.check_disjoint(train_files, eval_files, refuse=not eval_only)
         self.train_files, self.eval_files = train_files, eval_files
         held = {"eval": eval_files}  # the held-out splits: the run's, then data.eval_sets'
         for name, globs in lm_data.parse_eval_sets(data.get("eval_sets", "")).items():
             held[name] = lm_data.expand_globs(globs, f"data.eval_sets {name}")
-            lm_data.check_disjoint(train_files, held[name], f"data.eval_sets {name}")
+            what = f"data.eval_sets {name}"
+            lm_data.check_disjoint(train_files, held[name], what, refuse=not eval_only)
         packed = lm_data.is_packed(train_files + eval_files)
         if not packed and any(lm_data.is_packed([f]) for f in train_files + eval_files):
             raise ValueError(

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import grain
 import numpy as np
 
+from lrulm import metrics as metrics_lib
 from lrulm.data import tokenizer as tok
 
 if TYPE_CHECKING:
@@ -95,13 +96,24 @@ def expand_globs(patterns: str | Sequence[str], what: str) -> list[str]:
 
 
 def check_disjoint(
-    train_files: Sequence[str], eval_files: Sequence[str], what: str = "data.eval_files"
+    train_files: Sequence[str],
+    eval_files: Sequence[str],
+    what: str = "data.eval_files",
+    *,
+    refuse: bool = True,
 ) -> None:
     """Refuses held-out files that are also train files: their evaluation would score
-    text the model was trained on."""
+    text the model was trained on. refuse=False (`lrulm eval` of a trained checkpoint,
+    e.g. to compare its train and held-out loss): says so instead."""
     train = {os.path.realpath(f) for f in train_files}
     shared = [f for f in eval_files if os.path.realpath(f) in train]
-    if shared:
+    if shared and not refuse:
+        metrics_lib.say(
+            f"lrulm: note: {what} and the run's train files share {len(shared)} file(s) "
+            f"({', '.join(shared[:3])}{', ...' if len(shared) > 3 else ''}): this evaluation "
+            "scores text the model trained on"
+        )
+    elif shared:
         hint = (
             ", or leave data.eval_files empty to hold out every 50th train file"
             if what == "data.eval_files"
