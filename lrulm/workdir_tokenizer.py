@@ -20,6 +20,7 @@ import uuid
 import jax
 
 from lrulm import checkpoint as ckpt_lib
+from lrulm import config as config_lib
 from lrulm import distributed
 from lrulm import metrics as metrics_lib
 from lrulm.data import cache as data_cache
@@ -175,7 +176,14 @@ def prepare(config, workdir: str, train_files: list[str]) -> str:
         tokenizer = _from_init_run(config, tok_path, main)
     spec_path = os.path.join(workdir, "tokenizer.json")
     if main and tokenizer:
-        tok.load_tokenizer(tokenizer)  # fail early on a bad file
+        pieces = tok.load_tokenizer(tokenizer).get_piece_size()  # fail early on a bad file
+        asked = config.data.vocab_size
+        if asked != config_lib.base_config().data.vocab_size and asked != pieces:
+            metrics_lib.say(
+                f"lrulm: data.vocab_size={asked} is not used: the tokenizer taken "
+                f"({tokenizer}) has {pieces} pieces (data.vocab_size sizes a tokenizer "
+                "trained here)"
+            )
         if os.path.abspath(tokenizer) != os.path.abspath(tok_path):
             check_same(tokenizer, tok_path, workdir)
             _copy_atomic(tokenizer, tok_path)

@@ -383,9 +383,11 @@ def test_init_from_checks_shapes(tmp_path, corpus):
     held.write_text("".join(open(corpus["train"]).readlines()[:12]))
     other = {"train": corpus["eval"], "eval": str(held)}
     step_dir = base / "checkpoints" / "2"
-    out = _run(tmp_path / "finetune", other, "train.steps=2", f"checkpoint.init_from={step_dir}")
+    out = _run(tmp_path / "finetune", other, "train.steps=2", f"checkpoint.init_from={step_dir}",
+               "data.vocab_size=400")  # fmt: skip
     assert f"parameters from {step_dir} (step 2)" in out
     assert f"the tokenizer of checkpoint.init_from: {base}/tokenizer.model" in out
+    assert "data.vocab_size=400 is not used: the tokenizer taken" in out
     assert (tmp_path / "finetune" / "tokenizer.model").read_bytes() == (
         base / "tokenizer.model"
     ).read_bytes()
