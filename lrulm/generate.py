@@ -344,6 +344,8 @@ def generate(
         check_seed(seed)
     if stream_every < 1:
         raise ValueError(f"stream_every must be positive; got {stream_every}")
+    if prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be positive; got {prefill_chunk}")
     if model.cfg.bidirectional:
         raise ValueError("a bidirectional model cannot generate: it needs the future")
     reset_after = tuple(reset_after)

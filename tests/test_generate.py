@@ -132,6 +132,8 @@ def test_decode_loop_compiles_once(model):
 def test_empty_prompt_and_missing_checkpoint(model, tmp_path):
     with pytest.raises(ValueError, match="at least one token"):
         gen.generate(model, [[]])
+    with pytest.raises(ValueError, match="prefill_chunk must be positive"):
+        gen.generate(model, [[5]], prefill_chunk=0)
     with pytest.raises(FileNotFoundError, match="not a training workdir"):
         gen.generate_from_workdir(str(tmp_path), "x")
     from lrulm import config as config_lib
