@@ -576,16 +576,18 @@ def generate_texts(
             raise ValueError(f"prompt {i + 1} ({prompts[i]!r}) encodes to no tokens")
     rows = [(i, s) for i in range(len(prompts)) for s in range(num_samples)]
     width = min(batch_size, len(rows))
-    results = []
-    for start in range(0, len(rows), width):
-        batch = rows[start : start + width]
-        # The last batch is filled up with its first row, so every batch has one shape and
-        # the decode loop compiles once.
-        ids = [encoded[i] for i, _ in batch] + [encoded[batch[0][0]]] * (width - len(batch))
+    results = [None] * len(rows)
+    # Batches of similar prompt lengths: less left padding to prefill.
+    order = sorted(range(len(rows)), key=lambda k: len(encoded[rows[k][0]]))
+    for start in range(0, len(order), width):
         # Each sample draws from its own key (its index among all samples): the texts do
-        # not depend on batch_size.
-        index = list(range(start, start + len(batch)))
-        index += [start] * (width - len(batch))
+        # not depend on batch_size or on which samples share a batch. The last batch is
+        # filled up with its first row, so every batch has one shape and the decode loop
+        # compiles once.
+        index = order[start : start + width]
+        batch = [rows[k] for k in index]
+        ids = [encoded[i] for i, _ in batch] + [encoded[batch[0][0]]] * (width - len(batch))
+        index = index + [index[0]] * (width - len(batch))
         shown = StreamedText(stop, stream) if stream is not None else None
 
         def show(tokens, final=False, shown=shown):  # the one sample's completion so far
@@ -604,12 +606,12 @@ def generate_texts(
         )
         if stream is not None:
             show(new, final=True)
-        for (i, s), tokens in zip(batch, new):
+        for k, (i, s), tokens in zip(index, batch, new):
             completion = _completion(sp, encoded[i], tokens)
             sample = dict(prompt=prompts[i], completion=completion, prompt_index=i, sample=s)
             if stop:
                 sample["completion"], sample["stopped"] = cut_at_stop(completion, stop)
-            results.append({**sample, "step": step})
+            results[k] = {**sample, "step": step}
     return results
 
 
