@@ -61,6 +61,41 @@ def test_sampling_filters():
     assert nucleus[2] == nucleus[3] == 0  # 0.5 + 0.3 covers 0.7
 
 
+def test_top_p_keeps_the_token_that_reaches_the_mass():
+    """top_p 0.7 of [0.5, 0.3, 0.15, 0.05]: 0.5 alone falls short of 0.7, so the 0.3 is
+    kept too (the nucleus is the smallest set reaching top_p), and the two keep their
+    proportions, 0.625 and 0.375."""
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    got = _frequencies(logits, temperature=1.0, top_p=0.7)
+    np.testing.assert_allclose(got, [0.625, 0.375, 0.0, 0.0], atol=0.03)
+    assert got[2] == got[3] == 0
+    np.testing.assert_allclose(  # just past the first token's mass: still both
+        _frequencies(logits, temperature=1.0, top_p=0.51), [0.625, 0.375, 0.0, 0.0], atol=0.03
+    )
+    assert _frequencies(logits, temperature=1.0, top_p=0.5)[0] == 1.0  # 0.5 reaches 0.5
+
+
+def test_a_completion_keeps_the_space_a_dummy_prefix_tokenizer_drops(tmp_path):
+    """With sentencepiece's dummy prefix (its default; another tokenizer than lrulm's
+    own), "world" after "hello" decodes alone as "world": the completion is the text the
+    new ids add after the prompt, " world"."""
+    import sentencepiece as spm
+
+    texts = [f"hello world {i} and more words here\n" for i in range(200)]
+    prefix = tmp_path / "dummy"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=str(prefix), vocab_size=300,
+        add_dummy_prefix=True, byte_fallback=True, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+    )  # fmt: skip
+    sp = spm.SentencePieceProcessor(model_file=str(prefix) + ".model")
+    prompt, whole = sp.encode("hello"), sp.encode("hello world")
+    assert whole[: len(prompt)] == prompt
+    new = whole[len(prompt) :]
+    assert sp.decode(new) == "world"  # the space a decode of the new ids alone drops
+    assert gen._completion(sp, prompt, new) == " world"
+    assert gen._completion(sp, prompt, []) == ""
+
+
 @pytest.mark.parametrize("raw", [False, True])
 def test_sampling_takes_one_key_or_a_key_per_row(raw):
     """One key for the batch, typed or raw (jax.random.PRNGKey), or a key per row: a

@@ -1,10 +1,13 @@
 """`lrulm score`: each text's log-likelihood as training counts it, in chunks of any size."""
 
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -76,3 +79,61 @@ def test_score_command(lm_workdir, tmp_path):
     assert run().returncode == 2
     with pytest.raises(ValueError, match="text 2 is empty; leave it out"):
         score.score_texts(lm_workdir, ["x", ""])
+
+
+def test_the_figures_of_each_text_and_of_all_follow_from_the_log_likelihood(lm_workdir):
+    """bytes are UTF-8 bytes (not characters); bits per byte, perplexity and the summary's
+    loss and bits per byte follow from the summed log-likelihoods, tokens and bytes."""
+    texts = ["café ☕ ünï\n", TEXTS[0], "x"]
+    results = score.score_texts(lm_workdir, texts, batch_size=3, chunk=256)
+    for text, got in zip(texts, results):
+        assert got["bytes"] == len(text.encode("utf-8"))
+        want_bpb = -got["logprob"] / math.log(2) / got["bytes"]
+        assert got["bits_per_byte"] == pytest.approx(want_bpb, rel=1e-9)
+        assert got["loss"] == pytest.approx(-got["logprob"] / got["tokens"], rel=1e-9)
+        assert got["perplexity"] == pytest.approx(math.exp(got["loss"]), rel=1e-9)
+    assert results[0]["bytes"] > len(texts[0])  # the test means something: not ASCII
+    total = score.summary(results)
+    tokens, num_bytes = sum(r["tokens"] for r in results), sum(r["bytes"] for r in results)
+    logprob = sum(r["logprob"] for r in results)
+    assert (total["texts"], total["tokens"], total["bytes"]) == (3, tokens, num_bytes)
+    assert total["loss"] == pytest.approx(-logprob / tokens, rel=1e-9)
+    assert total["bits_per_byte"] == pytest.approx(-logprob / math.log(2) / num_bytes, rel=1e-9)
+    # Weighted by tokens and bytes, not the mean of the texts' figures.
+    assert total["loss"] != pytest.approx(np.mean([r["loss"] for r in results]), rel=1e-3)
+
+
+def _logprob(model, row, resets):
+    """The summed log-probability of row[1:] after row[:-1] under the model's logits."""
+    tokens = jnp.asarray([row[:-1]])
+    logits = model(tokens, resets=jnp.asarray([resets]))[0]
+    logprobs = jnp.take_along_axis(logits, jnp.asarray(row[1:])[:, None], -1)[:, 0]
+    return float(jnp.sum(logprobs - jax.nn.logsumexp(logits, -1)))
+
+
+def test_a_run_without_document_resets_is_scored_without_them(lm_workdir, tmp_path):
+    """data.reset_at_doc_boundaries=False: the model never had its state zeroed after an
+    EOS, so the EOS a scored text follows stays in the state of its first token. (A text
+    itself encodes no EOS, and generation stops at one, so that leading EOS is where the
+    setting shows in scoring.)"""
+    run = str(tmp_path / "run")
+    shutil.copytree(lm_workdir, run)
+    with open(os.path.join(run, "config.json")) as f:
+        saved = json.load(f)
+    saved["data"]["reset_at_doc_boundaries"] = False
+    with open(os.path.join(run, "config.json"), "w") as f:
+        json.dump(saved, f)
+    assert generate.reset_ids(generate.run_config(run)) == ()
+    assert generate.reset_ids(generate.run_config(lm_workdir)) == (tok.EOS_ID,)
+    model, sp, _ = generate.load_model(run)
+    text = TEXTS[0]
+    row = [tok.EOS_ID, *sp.encode(text), tok.EOS_ID]
+    none = [False] * (len(row) - 1)
+    after_eos = [False, True] + none[2:]
+    (got,) = score.score_texts(run, [text], chunk=7)  # the state carried across chunks
+    np.testing.assert_allclose(got["logprob"], _logprob(model, row, none), rtol=1e-5, atol=1e-4)
+    (reset,) = score.score_texts(lm_workdir, [text], chunk=7)
+    np.testing.assert_allclose(
+        reset["logprob"], _logprob(model, row, after_eos), rtol=1e-5, atol=1e-4
+    )
+    assert abs(got["logprob"] - reset["logprob"]) > 1e-3  # the setting changes the scores
