@@ -307,6 +307,7 @@ def base_config() -> ConfigDict:
     c.optim.b2 = 0.999
     # An exponential moving average of the weights with this decay (e.g. 0.999; 0 = none),
     # evaluated, kept in checkpoints and used by generate/score/export in their place.
+    c.optim.optimizer = "adamw"  # or "muon" for the hidden matrices (lrulm/optim.py)
     c.optim.ema = 0.0
 
     c.train = ConfigDict()

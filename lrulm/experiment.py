@@ -182,6 +182,7 @@ def _optimizer_args(config) -> dict:
         decay_fraction=o.get("decay_fraction", 0.2),
         no_decay=o.get("no_decay", ""),
         final_lr_fraction=o.get("final_lr_fraction", 0.0),
+        optimizer=o.get("optimizer", "adamw"),
     )
     return {**{name: o[name] for name in names}, **kinds}
 

@@ -5,6 +5,12 @@ no weight decay; everything else at lr with weight decay (but what optim.no_deca
 names). The learning rate warms up linearly from ~1e-7 over the first warmup_fraction of
 the steps, then follows a cosine to ~1e-7 (optim.schedule: also linear, constant, or wsd:
 warm-up, stable, decay).
+
+optim.optimizer="muon": the hidden layers' dense matrices (the stack's `kernel`s, each
+layer's own) step by Muon (momentum orthogonalised by Newton-Schulz, Jordan et al. 2024;
+its update's RMS scaled to 0.2 as Liu et al. 2025 do, so that optim.lr and the weight
+decay carry over from AdamW); the embedding, the head, norms, biases, the LRU's readout
+and the recurrent parameters keep AdamW.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ def is_recurrent(path) -> bool:
 
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
+OPTIMIZERS = ("adamw", "muon")
 
 
 def schedule(
@@ -85,6 +92,7 @@ def make_optimizer(
     decay_fraction: float = 0.2,
     no_decay: str = "",
     final_lr_fraction: float = 0.0,
+    optimizer: str = "adamw",
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer and its (base) learning-rate schedule.
 
@@ -100,6 +108,7 @@ def make_optimizer(
       no_decay: comma-separated regular expressions; a non-recurrent parameter whose path
         ("stack/blocks/norm/scale") one of them finds (re.search) gets no weight decay,
         e.g. "scale,bias,embed" for the norms, biases and the embedding.
+      optimizer: "adamw", or "muon" for the hidden matrices (the module docstring).
     """
     check_arguments(
         lr=lr,
@@ -113,6 +122,7 @@ def make_optimizer(
         decay_fraction=decay_fraction,
         no_decay=no_decay,
         final_lr_fraction=final_lr_fraction,
+        optimizer=optimizer,
     )
     if total_steps < 1:
         raise ValueError(f"train.steps must be positive; got {total_steps}")
@@ -127,7 +137,19 @@ def make_optimizer(
     }
     if patterns:  # only then: the optimizer state of every other run keeps its tree
         groups["no_decay"] = optax.adamw(base, b1=b1, b2=b2, weight_decay=0.0)
-    tx = optax.multi_transform(groups, functools.partial(_labels, no_decay=patterns))
+    if optimizer == "muon":
+        from optax import contrib
+
+        # Each layer's matrix apart: the leading axes (a scanned stack's layer) are batch.
+        def dims(params):
+            shape = lambda p: contrib.MuonDimensionNumbers(p.ndim - 2, p.ndim - 1)  # noqa: E731
+            return jax.tree.map(shape, params)
+
+        groups["matrix"] = contrib.muon(
+            base, weight_decay=weight_decay, consistent_rms=0.2, muon_weight_dimension_numbers=dims
+        )
+    labels = functools.partial(_labels, no_decay=patterns, muon=optimizer == "muon")
+    tx = optax.multi_transform(groups, labels)
     if grad_clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
     return tx, base
@@ -164,9 +186,14 @@ def check_path_patterns(patterns: str, key: str) -> None:
 def check_arguments(
     *, lr, lr_factor, weight_decay, warmup_fraction, grad_clip, b1, b2,
     schedule_kind="cosine", decay_fraction=0.2, no_decay="", final_lr_fraction=0.0,
+    optimizer="adamw",
 ) -> None:  # fmt: skip
     """Raises ValueError naming the optim.* value that is out of range (NaN included)."""
     check_path_patterns(no_decay, "optim.no_decay")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(
+            f"optim.optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}"
+        )
     if schedule_kind not in SCHEDULES:
         raise ValueError(
             f"optim.schedule must be one of {', '.join(SCHEDULES)}; got {schedule_kind!r}"
@@ -215,10 +242,18 @@ def _name(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def _labels(tree, no_decay=()):
+def is_hidden_matrix(path) -> bool:
+    """A hidden layer's dense matrix (what optim.optimizer="muon" steps by Muon)."""
+    name = _name(path)
+    return name.startswith("stack/") and name.endswith("/kernel") and not is_recurrent(path)
+
+
+def _labels(tree, no_decay=(), muon=False):
     def label(path, _):
         if is_recurrent(path):
             return "recurrent"
-        return "no_decay" if any(p.search(_name(path)) for p in no_decay) else "default"
+        if any(p.search(_name(path)) for p in no_decay):
+            return "no_decay"
+        return "matrix" if muon and is_hidden_matrix(path) else "default"
 
     return jax.tree_util.tree_map_with_path(label, tree)

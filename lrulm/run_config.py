@@ -100,7 +100,7 @@ def state_keys_changed(trained: dict | None, config) -> list[str]:
         return []
     now, base = config_lib.to_dict(config), config_lib.to_dict(config_lib.base_config())
     changed = []
-    for group, keys in (("model", None), ("optim", ("no_decay",))):
+    for group, keys in (("model", None), ("optim", ("no_decay", "optimizer"))):
         old, new, default = trained.get(group) or {}, now.get(group) or {}, base.get(group) or {}
         for key in keys or sorted(set(old) | set(new)):
             a, b = old.get(key, default.get(key)), new.get(key, default.get(key))

@@ -180,3 +180,41 @@ def test_gradients_are_clipped_before_adam():
 
     for a, b in zip(moves(clipped, grads), moves(plain, scaled)):
         np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_muon_steps_the_hidden_matrices_and_adamw_the_rest(scan_layers):
+    """optim.optimizer="muon": each hidden layer's kernel (one per layer of a scanned
+    stack) steps by an orthogonalised momentum (its singular values close to one another,
+    RMS 0.2 x lr); every other parameter gets AdamW's update, as without Muon."""
+    config = from_preset("test", vocab_size=64, scan_layers=scan_layers)
+    params = nnx.to_pure_dict(nnx.state(LanguageModel(config, rngs=nnx.Rngs(0)), nnx.Param))
+    lr = 0.01
+    kw = dict(lr=lr, total_steps=10, warmup_fraction=0.0, grad_clip=0.0)
+    muon, _ = optim.make_optimizer(optimizer="muon", **kw)
+    adamw, _ = optim.make_optimizer(**kw)
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    grads = jax.tree.unflatten(
+        jax.tree.structure(params),
+        [jax.random.normal(k, p.shape, p.dtype) for k, (_, p) in zip(keys, leaves)],
+    )
+    got = jax.tree_util.tree_flatten_with_path(muon.update(grads, muon.init(params), params)[0])[0]
+    want = jax.tree.leaves(adamw.update(grads, adamw.init(params), params)[0])
+    matrices = 0
+    for (path, u), a in zip(got, want):
+        if not optim.is_hidden_matrix(path):
+            np.testing.assert_allclose(u, a, rtol=1e-5, atol=1e-8, err_msg=str(path))
+            continue
+        matrices += 1
+        name = optim._name(path)
+        assert name.endswith("/kernel") and "lru" not in name
+        spread = lambda m: (lambda sv: sv.max() / sv.min())(np.linalg.svd(m, compute_uv=False))
+        for layer, adam in zip(np.asarray(u).reshape(-1, *u.shape[-2:]),
+                               np.asarray(a).reshape(-1, *a.shape[-2:])):  # fmt: skip
+            # Newton-Schulz's quintic leaves the singular values within ~[0.6, 1.3].
+            assert spread(layer) < 2.5 < spread(adam), name
+            assert abs(np.sqrt(np.mean(layer**2)) / lr - 0.2) < 0.06, name
+    assert matrices == (4 if scan_layers else 4 * config.num_layers)  # mlp in/out, glu x2
+    with pytest.raises(ValueError, match="optim.optimizer must be one of adamw, muon"):
+        optim.make_optimizer(optimizer="lion", **kw)
