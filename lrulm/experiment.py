@@ -259,7 +259,6 @@ def build(config, task, mesh) -> Experiment:
     param_axes = sharding.logical_axes_tree(abs_params)
     rest_axes = sharding.logical_axes_tree(abs_rest)
     tx, schedule = optim.make_optimizer(total_steps=config.train.steps, **_optimizer_args(config))
-    optim.check_no_decay(nnx.to_pure_dict(abs_params), config.optim.get("no_decay", ""))
 
     def init_fn(key):
         model = task.make_model(nnx.Rngs(params=key))

@@ -139,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
         help="files of texts (globs, or the files a shell glob expands to): plain text (one "
         'text a file) or JSON lines with a "text" field (one a line); .gz too',
     )
-    _text_field_argument(sc)
+    _text_field_argument(sc, default=None)
     sc.add_argument("--step", type=int, default=None, help="the checkpoint (default: newest)")
     _weights_argument(sc)
     sc.add_argument("--batch_size", type=int, default=8, help="texts at once (default: 8)")
@@ -220,11 +220,13 @@ def _weights_argument(parser) -> None:
     )
 
 
-def _text_field_argument(parser) -> None:
+def _text_field_argument(parser, default: str | None = "text") -> None:
     parser.add_argument(
         "--text_field",
-        default="text",
-        help="the JSON lines' field that holds the text (default: text; e.g. content)",
+        default=default,
+        help="the JSON lines' field that holds the text (default: "
+        + ("text" if default else "the run's data.text_field")
+        + "; e.g. content)",
     )
 
 
@@ -233,7 +235,7 @@ def main(argv: list[str]) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ("train", "eval", "compile", "config"):
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
-    if not getattr(args, "text_field", "text").strip():
+    if getattr(args, "text_field", None) is not None and not args.text_field.strip():
         parser.error("--text_field names the JSON field that holds the text; it is empty")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from lrulm import config as config_lib
@@ -318,14 +320,22 @@ def main(argv: list[str]) -> int:
                 out["model"]["num_params"] = int(task.num_params())
                 print(json.dumps(out, indent=2))
             case "score":
-                from lrulm import distributed, score
+                import contextlib
+
+                from lrulm import distributed, generate, score
                 from lrulm.data import lm as lm_data
 
                 # Each text with where it is from: --text K, or FILE:LINE of a JSON line.
                 named = [(f"--text {k}", t) for k, t in enumerate(args.text, 1)]
+                field = args.text_field
+                if field is None and args.input:  # the field the run read its data from
+                    field = lm_data.TEXT_FIELD
+                    with contextlib.suppress(FileNotFoundError):
+                        run = generate.run_config(args.workdir)
+                        field = run.data.get("text_field", lm_data.TEXT_FIELD)
                 for pattern in args.input:
                     for path in lm_data.expand_globs(pattern, "--input"):
-                        records = lm_data.read_records(path, args.text_field)
+                        records = lm_data.read_records(path, field)
                         named += [(f"{path}:{n}", t) for n, t in records]
                 if not named:
                     parser.error("give --text TEXT (repeatable) or --input FILE")

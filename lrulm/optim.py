@@ -176,7 +176,13 @@ def check_path_patterns(patterns: str, key: str) -> None:
             re.compile(pattern.strip())
         except re.error as e:
             raise ValueError(f"{key}: {pattern.strip()!r} is no regular expression ({e})") from None
-        if pattern.strip().startswith(("['", '["')):  # a Python subscript, as printed
+
+
+def check_not_subscript(patterns: str, key: str) -> None:
+    """Refuses a pattern written as a Python subscript (['stack'], as a tree prints): as a
+    regular expression it is a character class, finding nearly every path."""
+    for pattern in patterns.split(","):
+        if pattern.strip().startswith(("['", '["')):
             raise ValueError(
                 f"{key}: {pattern.strip()!r} reads as a character class (any one of those "
                 "letters); write parameter paths joined by '/', e.g. '^stack/' or 'norm/scale$'"
@@ -227,6 +233,7 @@ def check_no_decay(params, no_decay: str) -> None:
     """Raises ValueError where one of optim.no_decay's patterns finds none of the decayed
     parameters' paths of `params` (a typo, or a path written another way, would leave the
     weight decay on without a word)."""
+    check_not_subscript(no_decay, "optim.no_decay")
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     names = [_name(path) for path, _ in flat if not is_recurrent(path)]
     for pattern in (p.strip() for p in no_decay.split(",")):

@@ -69,6 +69,7 @@ def check_start(config, workdir: str) -> None:
     if not ckpt_lib.checkpoint_steps(workdir):
         if c.get("init_from", ""):
             ckpt_lib.find_checkpoint_dir(c.init_from)  # FileNotFoundError: said at once
+        optim.check_not_subscript(c.get("init_from_params", ""), "checkpoint.init_from_params")
         return
     recorded = _recorded(workdir)
     task = recorded.get("task")
@@ -79,11 +80,15 @@ def check_start(config, workdir: str) -> None:
             "--workdir; nothing was changed"
         )
     started = recorded.get("checkpoint") or {}
+    base = started_in(workdir)  # the recorded init_from is relative to where it started
     for key in ("init_from", "init_from_params"):
         given, was = c.get(key, ""), started.get(key, "")
-        if given == was or key not in c:
+        if key == "init_from" and was and base:
+            was = _rebase(was, base)  # as a path from here (config.json then says so)
+        same = os.path.realpath(given) == os.path.realpath(was) if key == "init_from" else None
+        if given == was or same and given or key not in c:
             continue
-        if given:
+        if given and jax.process_index() == 0:
             metrics_lib.say(
                 f"lrulm: checkpoint.{key}={given!r} is not read: it starts a new run, and "
                 f"{workdir} resumes from its own checkpoints (its run started from "

@@ -380,6 +380,8 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
         # ---- Data ------------------------------------------------------------------------
         task = tasks.make_task(config, workdir)
         exp = build(config, task, mesh)
+        if not latest:  # a new run (an old run's patterns that found nothing still resume)
+            optim.check_no_decay(exp.abstract_state["params"], config.optim.get("no_decay", ""))
         row_offset, local_batch = local_rows(exp)
         batch_args = dict(
             global_batch=t.global_batch_size, row_offset=row_offset, local_batch=local_batch

@@ -72,11 +72,12 @@ def _field(config) -> str:
     return config.data.get("text_field", lm_data.TEXT_FIELD)
 
 
-def _spec(config, train_files: list[str]) -> dict:
+def _spec(config, train_files: list[str], relative_to: str | None = None) -> dict:
     """What the workdir's own tokenizer is trained from (kept beside it as
-    tokenizer.json): the vocabulary asked for, the train files' names and sizes, and the
-    JSON field read where it is not "text"."""
-    files = sorted((f, os.path.getsize(f)) for f in train_files)
+    tokenizer.json): the vocabulary asked for, the train files' names (as given, or
+    relative to `relative_to`) and sizes, and the JSON field read where it is not "text"."""
+    name = (lambda f: os.path.relpath(f, relative_to)) if relative_to else (lambda f: f)
+    files = sorted((name(f), os.path.getsize(f)) for f in train_files)
     digest = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
     spec = {"vocab_size": config.data.vocab_size, "files": len(files), "digest": digest}
     if _field(config) != lm_data.TEXT_FIELD:  # the default's record stays as it was
@@ -84,15 +85,18 @@ def _spec(config, train_files: list[str]) -> dict:
     return spec
 
 
-def _stale(tok_path: str, spec_path: str, spec: dict, workdir: str) -> bool:
+def _stale(tok_path: str, spec_path: str, spec: dict, workdir: str, same=()) -> bool:
     """Whether the tokenizer an earlier run trained in this workdir was trained for
-    another vocab_size or corpus (spec_path holds what it was) and no checkpoint's
-    embeddings use it, so that it is trained again. With checkpoints it is kept, and
-    the difference is said."""
+    another vocab_size or corpus (spec_path holds what it was; `same`: other specs of
+    these files, e.g. named from where the run started) and no checkpoint's embeddings
+    use it, so that it is trained again. With checkpoints it is kept, and the difference
+    is said."""
     if not os.path.exists(spec_path):  # given by the user, or from before the record
         return False
     with open(spec_path) as f:
         old = json.load(f)
+    if old in same:
+        return False
     keys = list(spec) + [k for k in old if k not in spec]  # a key may come or go
     changed = [f"{k} {old.get(k)} -> {spec.get(k)}" for k in keys if old.get(k) != spec.get(k)]
     if not changed:
@@ -190,8 +194,18 @@ def prepare(config, workdir: str, train_files: list[str]) -> str:
             if os.path.exists(spec_path):  # it described the tokenizer replaced
                 os.remove(spec_path)
     elif main:
+        if ckpt_lib.checkpoint_steps(workdir) and not os.path.exists(tok_path):
+            raise FileNotFoundError(
+                f"{tok_path} is gone, and {workdir}'s checkpoints were trained with it (their "
+                "embeddings are its ids): copy it back, or give it with "
+                "--config.data.tokenizer; a new one would not match"
+            )
+        from lrulm import run_config  # here: it imports the tasks, which import this
+
         spec = _spec(config, train_files)
-        stale = os.path.exists(tok_path) and _stale(tok_path, spec_path, spec, workdir)
+        started = run_config.started_in(workdir)  # the files as the run named them there
+        same = [_spec(config, train_files, started)] if started else []
+        stale = os.path.exists(tok_path) and _stale(tok_path, spec_path, spec, workdir, same)
         if stale or not os.path.exists(tok_path):
             _train(config, tok_path, train_files)
             data_cache.write_json_atomic(spec_path, spec)

@@ -61,8 +61,9 @@ def test_a_resume_keeps_the_init_from_it_started_from(lm_workdir, tmp_path, corp
     )  # fmt: skip
     train.train_and_evaluate(config, workdir)
     out = capsys.readouterr().out
-    assert f"checkpoint.init_from='{other}' is not read" in out and "'runs/source'" in out
-    assert json.load(open(path))["checkpoint"]["init_from"] == "runs/source"
+    source = os.path.abspath("runs/source")  # relative to where the run started: here
+    assert f"checkpoint.init_from='{other}' is not read" in out and f"'{source}'" in out
+    assert json.load(open(path))["checkpoint"]["init_from"] == source
     assert ckpt_lib.checkpoint_steps(workdir)[-1] == 9
 
 
@@ -75,3 +76,58 @@ def test_a_changed_setting_that_shapes_the_state_is_named(lm_workdir, tmp_path, 
     config = tiny_config("train.steps=9", "model.d_model=48", corpus=corpus)
     with pytest.raises(ckpt_lib.CheckpointMismatch, match="model.d_model: None -> 48"):
         train.train_and_evaluate(config, workdir)
+
+
+def test_a_resume_whose_tokenizer_is_gone_trains_none(lm_workdir, tmp_path, corpus):
+    workdir = _copy(lm_workdir, tmp_path)
+    os.remove(os.path.join(workdir, "tokenizer.model"))
+    config = tiny_config("train.steps=9", corpus=corpus)
+    with pytest.raises(FileNotFoundError, match="tokenizer.model is gone"):
+        train.train_and_evaluate(config, workdir)
+    assert not os.path.exists(os.path.join(workdir, "tokenizer.model"))
+
+
+def test_a_run_resumed_from_elsewhere_by_its_config_json(lm_workdir, tmp_path):
+    """A run started in START with relative paths (its files, init_from), resumed from
+    another directory with `--config START/run/config.json`: the same files, so its
+    tokenizer is not "made for other data", and the same init_from, not "another"; its
+    config.json then holds paths that read from anywhere."""
+    import subprocess
+    import sys
+
+    from lrulm import workdir_tokenizer
+
+    start = tmp_path / "start"
+    run = start / "run"
+    shutil.copytree(lm_workdir, run)
+    shutil.copytree(lm_workdir, start / "src")
+    recorded = json.load(open(run / "config.json"))
+    os.makedirs(start / "corpus")
+    for key in ("train_files", "eval_files"):
+        shutil.copy(recorded["data"][key], start / "corpus" / f"{key}.jsonl")
+        recorded["data"][key] = f"corpus/{key}.jsonl"
+    recorded["checkpoint"]["init_from"] = "src"
+    json.dump(recorded, open(run / "config.json", "w"))
+    config = config_lib.from_dict(recorded)
+    spec = workdir_tokenizer._spec(
+        config, [str(start / "corpus" / "train_files.jsonl")], str(start)
+    )
+    json.dump(spec, open(run / "tokenizer.json", "w"))  # as the run made it in START
+    with open(run / "starts.jsonl", "a") as f:
+        f.write(json.dumps({"step": 0, "cwd": str(start)}) + "\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-m", "lrulm", "train", "--config", str(run / "config.json"),
+         "--workdir", str(run), "--config.train.steps=9"],
+        cwd=elsewhere, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": root},
+    )  # fmt: skip
+    said = out.stdout + out.stderr
+    assert out.returncode == 0, said[-2000:]
+    assert "resumed from" in said and "made for other data" not in said, said
+    assert "is not read" not in said
+    now = json.load(open(run / "config.json"))
+    assert now["checkpoint"]["init_from"] == str(start / "src")
+    assert now["data"]["train_files"] == str(start / "corpus" / "train_files.jsonl")

@@ -115,3 +115,20 @@ def test_the_commands_take_text_field(tmp_path, content, lm_workdir):
     empty = run("-m", "lrulm", "score", "--workdir", lm_workdir, "--input", content["eval"],
                 "--text_field", "")  # fmt: skip
     assert empty.returncode == 2 and "--text_field names the JSON field" in empty.stderr
+
+
+def test_score_reads_the_field_the_run_read(tmp_path, content, lm_workdir):
+    """Without --text_field, `lrulm score --input` reads the run's data.text_field."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(lm_workdir, run)
+    recorded = json.loads((run / "config.json").read_text())
+    recorded["data"]["text_field"] = "content"
+    (run / "config.json").write_text(json.dumps(recorded))
+    out = subprocess.run(
+        [sys.executable, "-m", "lrulm", "score", "--workdir", str(run), "--input", content["eval"]],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert min(json.loads(line)["tokens"] for line in out.stdout.splitlines()) > 100

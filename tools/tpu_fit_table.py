@@ -203,6 +203,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="docs/tpu_fit.md")
     p.add_argument("--cache", default="", help="keep finished cells here (resumable runs)")
     args = tool_args.show_defaults(p).parse_args(argv)
+    try:  # its folder made now, as the table's would be
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    except OSError as e:
+        p.error(f"--out {args.out}: its folder cannot be made ({e.strerror})")
     tool_args.writable(p, args.out, "--out")
     targets = [compile_lib.parse_target(t) for t in args.slices.split(",")]
     gpus = [isinstance(t, compile_lib.GpuTopology) for t in targets]

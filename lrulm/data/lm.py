@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING
 import grain
 import numpy as np
 
-from lrulm import metrics as metrics_lib
 from lrulm.data import tokenizer as tok
 
 if TYPE_CHECKING:
@@ -108,11 +107,16 @@ def check_disjoint(
     train = {os.path.realpath(f) for f in train_files}
     shared = [f for f in eval_files if os.path.realpath(f) in train]
     if shared and not refuse:
-        metrics_lib.say(
-            f"lrulm: note: {what} and the run's train files share {len(shared)} file(s) "
-            f"({', '.join(shared[:3])}{', ...' if len(shared) > 3 else ''}): this evaluation "
-            "scores text the model trained on"
-        )
+        import jax  # here: reading files needs neither jax nor lrulm.metrics
+
+        from lrulm import metrics as metrics_lib
+
+        if jax.process_index() == 0:
+            metrics_lib.say(
+                f"lrulm: note: {what} and the run's train files share {len(shared)} file(s) "
+                f"({', '.join(shared[:3])}{', ...' if len(shared) > 3 else ''}): this "
+                "evaluation scores text the model trained on"
+            )
     elif shared:
         hint = (
             ", or leave data.eval_files empty to hold out every 50th train file"
