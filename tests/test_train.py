@@ -52,6 +52,25 @@ def test_sharding_changes_layout_not_math(tmp_path, corpus):
         )
 
 
+def test_muon_trains_alike_on_a_sharded_mesh(tmp_path, corpus):
+    """optim.optimizer=muon: its momentum sharded as the matrices (FSDP x tensor), the
+    same losses as on one device, and it learns."""
+    common = ["train.steps=6", "train.log_every=1", "train.eval_every=0",
+              "checkpoint.every_steps=100", "optim.optimizer=muon"]  # fmt: skip
+    losses = {}
+    meshes = [
+        ("sharded", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], None),
+        ("one_device", ["mesh.data=1"], jax.devices()[:1]),
+    ]
+    for name, mesh, devices in meshes:
+        workdir = str(tmp_path / name)
+        train.train_and_evaluate(_config(*common, *mesh, corpus=corpus), workdir, devices=devices)
+        losses[name] = _losses(workdir)
+    ref = losses["one_device"]
+    assert ref[6] < ref[1]
+    np.testing.assert_allclose([losses["sharded"][s] for s in ref], list(ref.values()), rtol=2e-4)
+
+
 def test_pallas_scan_trains_like_sequential_on_a_sharded_mesh(tmp_path, corpus):
     """model.scan_method=pallas (the GPU kernel, interpreted on CPU) in the real train step,
     on a (data=2, fsdp=2, tensor=2) mesh with document resets: the same losses as lax.scan."""
