@@ -9,10 +9,10 @@ lrulm generate --workdir DIR (--prompt TEXT ... | --prompt_file FILE) [--num_sam
                [--stop TEXT ...] [--weights auto|ema|raw] [--stream]
 lrulm config   --config CONFIG.py[:ARG] [--config.a.b=VALUE ...]
 lrulm score    --workdir DIR (--text TEXT ... | --input FILE ...) [--step S] [--output FILE.jsonl]
-               [--batch_size B] [--chunk TOKENS]
+               [--batch_size B] [--chunk TOKENS] [--text_field F]
 lrulm lra-report DIR [DIR ...] [--plot FILE.png]
 lrulm compile  --config CONFIG.py[:ARG] --topology v5p-128|h100:8 [--config.a.b=VALUE ...]
-lrulm tokenizer train --input GLOB[,GLOB] --output FILE.model [--vocab_size V]
+lrulm tokenizer train --input GLOB[,GLOB] --output FILE.model [--vocab_size V] [--text_field F]
 
 Exit codes: 0 done; 1 `train` stopped because the loss or a gradient became non-finite (the
 message names the step; the last good checkpoint is kept); 2 a bad config, flag or input
