@@ -62,8 +62,8 @@ class Sampling:
             )
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1]; got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off); got {self.top_k}")
+        if self.top_k < 0 or self.top_k != int(self.top_k):
+            raise ValueError(f"top_k must be a whole number >= 0 (0 = off); got {self.top_k}")
         if not 0.0 <= self.min_p < 1.0:
             raise ValueError(f"min_p must be in [0, 1) (0 = off); got {self.min_p}")
         r = self.repetition_penalty

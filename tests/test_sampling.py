@@ -272,6 +272,7 @@ def test_penalised_streaming_gives_the_tokens_of_one_go(model):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
+        (dict(top_k=2.5), "top_k must be a whole number >= 0"),
         (dict(min_p=1.0), r"min_p must be in \[0, 1\)"),
         (dict(min_p=-0.1), r"min_p must be in \[0, 1\)"),
         (dict(repetition_penalty=0.0), "repetition_penalty must be a number > 0"),
