@@ -308,6 +308,7 @@ def base_config() -> ConfigDict:
     # An exponential moving average of the weights with this decay (e.g. 0.999; 0 = none),
     # evaluated, kept in checkpoints and used by generate/score/export in their place.
     c.optim.optimizer = "adamw"  # or "muon" for the hidden matrices (lrulm/optim.py)
+    c.optim.mu_dtype = ""  # the first moment's dtype: "" (the parameters') or "bfloat16"
     c.optim.ema = 0.0
 
     c.train = ConfigDict()

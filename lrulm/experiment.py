@@ -183,6 +183,7 @@ def _optimizer_args(config) -> dict:
         no_decay=o.get("no_decay", ""),
         final_lr_fraction=o.get("final_lr_fraction", 0.0),
         optimizer=o.get("optimizer", "adamw"),
+        mu_dtype=o.get("mu_dtype", ""),
     )
     return {**{name: o[name] for name in names}, **kinds}
 

@@ -36,6 +36,7 @@ def is_recurrent(path) -> bool:
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 OPTIMIZERS = ("adamw", "muon")
+MU_DTYPES = ("", "float32", "bfloat16")  # "": the parameters' dtype
 
 
 def schedule(
@@ -93,6 +94,7 @@ def make_optimizer(
     no_decay: str = "",
     final_lr_fraction: float = 0.0,
     optimizer: str = "adamw",
+    mu_dtype: str = "",
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer and its (base) learning-rate schedule.
 
@@ -109,6 +111,8 @@ def make_optimizer(
         ("stack/blocks/norm/scale") one of them finds (re.search) gets no weight decay,
         e.g. "scale,bias,embed" for the norms, biases and the embedding.
       optimizer: "adamw", or "muon" for the hidden matrices (the module docstring).
+      mu_dtype: the first moment's dtype ("bfloat16": half its memory); "" = the
+        parameters'. The second moment stays float32.
     """
     check_arguments(
         lr=lr,
@@ -123,20 +127,22 @@ def make_optimizer(
         no_decay=no_decay,
         final_lr_fraction=final_lr_fraction,
         optimizer=optimizer,
+        mu_dtype=mu_dtype,
     )
     if total_steps < 1:
         raise ValueError(f"train.steps must be positive; got {total_steps}")
+    adamw = functools.partial(optax.adamw, b1=b1, b2=b2, mu_dtype=mu_dtype or None)
     base = schedule(
         lr, total_steps, warmup_fraction, schedule_kind, decay_fraction, final_lr_fraction
     )
     recurrent = lambda step: base(step) * lr_factor
     patterns = [re.compile(p.strip()) for p in no_decay.split(",") if p.strip()]
     groups = {
-        "recurrent": optax.adamw(recurrent, b1=b1, b2=b2, weight_decay=0.0),
-        "default": optax.adamw(base, b1=b1, b2=b2, weight_decay=weight_decay),
+        "recurrent": adamw(recurrent, weight_decay=0.0),
+        "default": adamw(base, weight_decay=weight_decay),
     }
     if patterns:  # only then: the optimizer state of every other run keeps its tree
-        groups["no_decay"] = optax.adamw(base, b1=b1, b2=b2, weight_decay=0.0)
+        groups["no_decay"] = adamw(base, weight_decay=0.0)
     if optimizer == "muon":
         from optax import contrib
 
@@ -146,7 +152,11 @@ def make_optimizer(
             return jax.tree.map(shape, params)
 
         groups["matrix"] = contrib.muon(
-            base, weight_decay=weight_decay, consistent_rms=0.2, muon_weight_dimension_numbers=dims
+            base,
+            weight_decay=weight_decay,
+            consistent_rms=0.2,
+            muon_weight_dimension_numbers=dims,
+            mu_dtype=mu_dtype or None,
         )
     labels = functools.partial(_labels, no_decay=patterns, muon=optimizer == "muon")
     tx = optax.multi_transform(groups, labels)
@@ -192,10 +202,14 @@ def check_not_subscript(patterns: str, key: str) -> None:
 def check_arguments(
     *, lr, lr_factor, weight_decay, warmup_fraction, grad_clip, b1, b2,
     schedule_kind="cosine", decay_fraction=0.2, no_decay="", final_lr_fraction=0.0,
-    optimizer="adamw",
+    optimizer="adamw", mu_dtype="",
 ) -> None:  # fmt: skip
     """Raises ValueError naming the optim.* value that is out of range (NaN included)."""
     check_path_patterns(no_decay, "optim.no_decay")
+    if mu_dtype not in MU_DTYPES:
+        raise ValueError(
+            f"optim.mu_dtype must be one of {', '.join(map(repr, MU_DTYPES))}; got {mu_dtype!r}"
+        )
     if optimizer not in OPTIMIZERS:
         raise ValueError(
             f"optim.optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}"

@@ -218,3 +218,35 @@ def test_muon_steps_the_hidden_matrices_and_adamw_the_rest(scan_layers):
     assert matrices == (4 if scan_layers else 4 * config.num_layers)  # mlp in/out, glu x2
     with pytest.raises(ValueError, match="optim.optimizer must be one of adamw, muon"):
         optim.make_optimizer(optimizer="lion", **kw)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_mu_dtype_keeps_the_first_moment_in_bfloat16(optimizer):
+    """optim.mu_dtype=bfloat16: every first moment (Adam's mu, Muon's momentum) is
+    bfloat16, the second moment float32; the updates are float32's to bfloat16's precision."""
+    config = from_preset("test", vocab_size=64)
+    params = nnx.to_pure_dict(nnx.state(LanguageModel(config, rngs=nnx.Rngs(0)), nnx.Param))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    grads = tree.unflatten([jax.random.normal(k, p.shape) for k, p in zip(keys, leaves)])
+    kw = dict(lr=0.01, total_steps=10, warmup_fraction=0.0, optimizer=optimizer)
+    half, _ = optim.make_optimizer(mu_dtype="bfloat16", **kw)
+    full, _ = optim.make_optimizer(**kw)
+    state = half.init(params)
+    moments = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        names = [str(getattr(k, "name", getattr(k, "key", k))) for k in path]
+        kind = "mu" if "mu" in names else "nu" if "nu" in names else None
+        if kind and leaf.ndim:
+            moments.setdefault(kind, set()).add(leaf.dtype)
+    assert moments == {"mu": {np.dtype(jnp.bfloat16)}, "nu": {np.dtype(np.float32)}}
+    for _ in range(2):
+        u_half, state = half.update(grads, state, params)
+    full_state = full.init(params)
+    for _ in range(2):
+        u_full, full_state = full.update(grads, full_state, params)
+    for a, b in zip(jax.tree.leaves(u_half), jax.tree.leaves(u_full)):
+        assert a.dtype == b.dtype == jnp.float32
+        assert np.linalg.norm(a - b) <= 2e-2 * np.linalg.norm(b) + 1e-6
+    with pytest.raises(ValueError, match="optim.mu_dtype must be one of"):
+        optim.make_optimizer(mu_dtype="fp8", **kw)
