@@ -179,6 +179,13 @@ def prepare(config, workdir: str, train_files: list[str]) -> str:
     if not tokenizer and not ckpt_lib.checkpoint_steps(workdir):  # a resume keeps its own
         tokenizer = _from_init_run(config, tok_path, main)
     spec_path = os.path.join(workdir, "tokenizer.json")
+    if not tokenizer and ckpt_lib.checkpoint_steps(workdir) and not os.path.exists(tok_path):
+        # Every process (a shared workdir): none is left waiting for process 0.
+        raise FileNotFoundError(
+            f"{tok_path} is gone, and {workdir}'s checkpoints were trained with it (their "
+            "embeddings are its ids): copy it back, or give it with "
+            "--config.data.tokenizer; a new one would not match"
+        )
     if main and tokenizer:
         pieces = tok.load_tokenizer(tokenizer).get_piece_size()  # fail early on a bad file
         asked = config.data.vocab_size
@@ -194,12 +201,6 @@ def prepare(config, workdir: str, train_files: list[str]) -> str:
             if os.path.exists(spec_path):  # it described the tokenizer replaced
                 os.remove(spec_path)
     elif main:
-        if ckpt_lib.checkpoint_steps(workdir) and not os.path.exists(tok_path):
-            raise FileNotFoundError(
-                f"{tok_path} is gone, and {workdir}'s checkpoints were trained with it (their "
-                "embeddings are its ids): copy it back, or give it with "
-                "--config.data.tokenizer; a new one would not match"
-            )
         from lrulm import run_config  # here: it imports the tasks, which import this
 
         spec = _spec(config, train_files)
