@@ -542,7 +542,8 @@ def generate_texts(
     as `Sampling` says (temperature .. frequency_penalty).
 
     Returns one dict per sample, prompt by prompt: prompt, completion (the new text only),
-    prompt_index, sample, step; with `stop` texts, each completion is cut where the first
+    prompt_index, sample, step, sampling (the settings that drew it: `Sampling`'s, seed,
+    max_new_tokens, weights); with `stop` texts, each completion is cut where the first
     of them begins, and `stopped` names it (None where none occurs; decoding itself runs to
     EOS or max_new_tokens). The same arguments give the same texts; each sample draws
     from its own key, so batch_size changes none on CPU (on an accelerator, the logits of
@@ -574,6 +575,8 @@ def generate_texts(
     for i, ids in enumerate(encoded):
         if not ids:
             raise ValueError(f"prompt {i + 1} ({prompts[i]!r}) encodes to no tokens")
+    settings = {**dataclasses.asdict(sampling), "seed": seed, "max_new_tokens": max_new_tokens,
+                "weights": weights}  # fmt: skip
     rows = [(i, s) for i in range(len(prompts)) for s in range(num_samples)]
     width = min(batch_size, len(rows))
     results = [None] * len(rows)
@@ -611,7 +614,7 @@ def generate_texts(
             sample = dict(prompt=prompts[i], completion=completion, prompt_index=i, sample=s)
             if stop:
                 sample["completion"], sample["stopped"] = cut_at_stop(completion, stop)
-            results[k] = {**sample, "step": step}
+            results[k] = {**sample, "step": step, "sampling": settings}
     return results
 
 

@@ -303,6 +303,10 @@ def test_generate_command_takes_the_sampling_flags(lm_workdir, capsys, monkeypat
         lm_workdir, ["class A"], temperature=0.9, seed=2, max_new_tokens=12
     )
     assert want["completion"] != plain["completion"]
+    # Each sample records what drew it: those settings give it again.
+    assert want["sampling"]["repetition_penalty"] == 1.3 and want["sampling"]["seed"] == 2
+    (again,) = gen.generate_texts(lm_workdir, ["class A"], **want["sampling"])
+    assert again == want
     flags = [x for k, v in kw.items() for x in (f"--{k}", str(v))]
     assert main(["generate", "--workdir", lm_workdir, "--prompt", "class A", *flags]) == 0
     assert "class A" + want["completion"] in capsys.readouterr().out
