@@ -165,6 +165,8 @@ def _train(config, tok_path: str, train_files: list[str]) -> None:
     tok.train_tokenizer(docs, tok_path, vocab_size=vocab_size)
     if shared:  # with what it was trained on, for tools/cache_dir.py
         record = {"vocab_size": vocab_size, "sources": data_cache.sources_record(train_files)}
+        if _field(config) != lm_data.TEXT_FIELD:
+            record["text_field"] = _field(config)
         data_cache.write_json_atomic(shared.removesuffix(".model") + ".json", record)
         _copy_atomic(tok_path, shared)
 
