@@ -50,6 +50,14 @@ _COMMON = {
     "optim.ema": 0.0,
     "optim.final_lr_fraction": 0.0,
     "train.label_smoothing": 0.0,
+    # The paper's block, pooling, precision and AdamW, as every configs/lra/ file sets them.
+    "model.d_ff": 0,
+    "model.dtype": "float32",
+    "lra.pooling": "mean",
+    "optim.optimizer": "adamw",
+    "optim.mu_dtype": "",
+    "optim.grad_clip": 0.0,
+    "optim.grad_accum_steps": 1,  # BatchNorm's statistics are of the micro-batch
 }
 # Keys added after runs were made: a config.json without one had this value.
 _ADDED_KEYS = {
@@ -58,6 +66,8 @@ _ADDED_KEYS = {
     "optim.ema": 0.0,
     "optim.final_lr_fraction": 0.0,
     "train.label_smoothing": 0.0,
+    "optim.optimizer": "adamw",
+    "optim.mu_dtype": "",
 }
 _KEYS = (
     "model.d_model", "model.d_state", "train.steps", "train.global_batch_size",

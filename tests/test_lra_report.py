@@ -139,6 +139,15 @@ def test_paper_settings_are_the_configs():
     assert lra_report.differences(task, old) == []
     old["optim"].update(schedule="wsd", no_decay="scale")
     assert lra_report.differences(task, old) == ["schedule wsd≠cosine", "no_decay scale≠"]
+    # The block, pooling, precision and optimizer are the paper's too.
+    other = json.loads(config.to_json())
+    other["model"].update(d_ff=512, dtype="bfloat16")
+    other["lra"]["pooling"] = "last"
+    other["optim"].update(optimizer="muon", grad_clip=1.0, grad_accum_steps=2)
+    assert sorted(lra_report.differences(task, other)) == sorted([
+        "d_ff 512≠0", "dtype bfloat16≠float32", "pooling last≠mean", "optimizer muon≠adamw",
+        "grad_clip 1≠0", "grad_accum_steps 2≠1",
+    ])  # fmt: skip
 
 
 def test_runs_unlike_the_paper_are_starred_with_their_differences(tmp_path):
@@ -238,7 +247,13 @@ def test_eval_of_the_best_step_without_best_says_to_add_it(tmp_path):
 
 @pytest.mark.parametrize(
     "key, value",
-    [("train.label_smoothing", 0.1), ("optim.ema", 0.999), ("optim.final_lr_fraction", 0.1)],
+    [
+        ("train.label_smoothing", 0.1),
+        ("optim.ema", 0.999),
+        ("optim.final_lr_fraction", 0.1),
+        ("optim.optimizer", "muon"),
+        ("optim.mu_dtype", "bfloat16"),
+    ],
 )
 def test_keys_added_since_are_the_papers_when_absent_and_named_when_set(key, value):
     section, name = key.split(".")
