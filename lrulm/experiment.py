@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lrulm import config as config_lib
 from lrulm import metrics as metrics_lib
 from lrulm import optim, sharding, tasks
 from lrulm.data import lm as lm_data
@@ -155,6 +156,16 @@ def validate(config, mesh) -> None:
     if mixture and config.task != "lm":
         raise ValueError("data.mixture is for language models (LRA reads its task's files)")
     lm_data.parse_mixture(mixture)
+    if config.task != "lm":  # an LRA task reads data.data_dir; these would be ignored
+        base = config_lib.base_config()
+        for key in ("train_files", "eval_files", "tokenizer", "cache_dir", "vocab_size"):
+            if config.data.get(key, base.data[key]) != base.data[key]:
+                raise ValueError(
+                    f"data.{key} is for language models; an LRA task reads its files from "
+                    "data.data_dir (and its vocabulary is the task's)"
+                )
+        if config.model.get("vocab_size") is not None:
+            raise ValueError("model.vocab_size is for language models (an LRA task has its own)")
     field = config.data.get("text_field", lm_data.TEXT_FIELD)
     lm_data.check_text_field(field)
     if field != lm_data.TEXT_FIELD and config.task != "lm":

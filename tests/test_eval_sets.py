@@ -96,6 +96,12 @@ def test_a_set_of_train_text_and_sets_for_lra_are_refused(tmp_path, corpus, sets
     for section, key, value in (
         ("data", "mixture", "a=x@1;b=y@1"),
         ("train", "eval_by_context", True),
+        ("data", "eval_files", "other/*.tsv"),  # ignored before: LRA reads data.data_dir
+        ("data", "train_files", "x.jsonl"),
+        ("data", "tokenizer", "t.model"),
+        ("data", "cache_dir", "/tmp/c"),
+        ("data", "vocab_size", 300),
+        ("model", "vocab_size", 300),
     ):
         lra = config_lib.load_with_overrides("configs/lra/listops.py:tiny", [])
         lra[section][key] = value
