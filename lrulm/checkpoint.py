@@ -173,6 +173,8 @@ class Checkpointer:
     ):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.workdir = os.path.abspath(workdir)
+        self.run_dir = self.workdir  # the run's workdir (its config.json): BestCheckpoint's
+        # checkpointer lives in WORKDIR/best
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep if max_to_keep > 0 else None,
             keep_period=keep_period if keep_period > 0 else None,
@@ -281,7 +283,7 @@ class Checkpointer:
                 f"model or optimizer config ({len(problems)} arrays differ):\n  "
                 + "\n  ".join(problems[:10])
                 + "\nresume or evaluate it with the run's own config "
-                f"({os.path.join(self.workdir, 'config.json')}), or start a new workdir "
+                f"({os.path.join(self.run_dir, 'config.json')}), or start a new workdir "
                 "(--config.checkpoint.init_from can take the parameters); nothing was changed"
             )
 
@@ -402,6 +404,7 @@ class BestCheckpoint:
             raise ValueError(f"best-checkpoint mode must be 'max' or 'min'; got {mode!r}")
         self.metric, self.mode = metric, mode
         self.ckpt = Checkpointer(os.path.join(workdir, "best"), max_to_keep=1, async_save=False)
+        self.ckpt.run_dir = os.path.abspath(workdir)
         self.value, self.step = None, None
         steps = self.ckpt.steps()
         if steps:

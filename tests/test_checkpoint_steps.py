@@ -73,6 +73,11 @@ def test_a_best_checkpoint_tie_saves_nothing(tmp_path, mode):
     assert (best.step, best.value, best.ckpt.steps()) == (10, 0.5, [10])
     abstract = {"w": jax.ShapeDtypeStruct((2,), jnp.float32, sharding=jnp.zeros(2).sharding)}
     np.testing.assert_array_equal(best.restore(abstract).state["w"], np.full(2, 10.0))
+    # A mismatch points at the run's own config.json, not at WORKDIR/best's (none there).
+    other = {"w": jax.ShapeDtypeStruct((3,), jnp.float32, sharding=jnp.zeros(3).sharding)}
+    with pytest.raises(ckpt_lib.CheckpointMismatch, match="config.json") as e:
+        best.restore(other)
+    assert f"({tmp_path}/config.json)" in str(e.value)
     best.close()
 
 
