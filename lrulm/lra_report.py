@@ -133,6 +133,14 @@ def _lookup(config: dict, key: str):
     return node
 
 
+_PLOT_FORMATS = ("png", "svg", "pdf")
+
+
+def _plot_format(path: str) -> str:
+    """The chart's format, from the file name's extension (none: png)."""
+    return os.path.splitext(path)[1].lstrip(".").lower() or "png"
+
+
 def _same(value, paper) -> bool:
     if isinstance(paper, (bool, str)):
         return value == paper
@@ -385,7 +393,7 @@ def bar_chart(runs: Sequence[Run], path: str) -> None:
     fig.tight_layout()
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, format="png")
+    fig.savefig(path, format=_plot_format(path))
 
 
 def report(workdirs: Sequence[str], plot: str | None = None) -> str:
@@ -413,6 +421,8 @@ def report(workdirs: Sequence[str], plot: str | None = None) -> str:
             parent = os.path.dirname(parent)  # the chart's folder is made if missing
         if os.path.isdir(plot) or not os.access(parent, os.W_OK):
             raise ValueError(f"--plot {plot}: give a .png file in a writable directory")
+        if _plot_format(plot) not in _PLOT_FORMATS:
+            raise ValueError(f"--plot {plot}: give a .png, .svg or .pdf file")
     seen, unique = set(), []
     for workdir in workdirs:  # `runs/a runs/a/ runs/*` names runs/a three times
         key = os.path.realpath(workdir)

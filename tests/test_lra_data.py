@@ -405,6 +405,13 @@ def test_pathfinder_reads_binary_npy_metadata_too(tmp_path):
     assert binary.images == text.images and len(binary) == 8
     labels = {p: label for p, label, _ in written}
     assert [int(binary[i]["label"]) for i in range(8)] == [labels[p] for p in binary.images]
+    for bad in (b"\x93NUMPYgarbage", None):  # a broken header; an array of objects
+        if bad is None:
+            np.save(meta, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+        else:
+            meta.write_bytes(bad)
+        with pytest.raises(ValueError, match=r"0.npy: not a readable .npy array of strings"):
+            lra.load_split("pathfinder", str(tmp_path), "train")
 
 
 def test_pathx_prefers_the_nested_archive_copy(tmp_path):

@@ -85,6 +85,11 @@ def test_report_table_and_plot(tmp_path):
     assert "not comparable" not in text
     data = plot.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
+    svg = tmp_path / "out" / "lra.svg"  # the format the name says (was PNG bytes in any)
+    lra_report.report(runs, plot=str(svg))
+    assert b"<svg" in svg.read_bytes()[:2000]
+    with pytest.raises(ValueError, match="give a .png, .svg or .pdf file"):
+        lra_report.report(runs, plot=str(tmp_path / "lra.gif"))
 
 
 def test_report_errors_name_the_directory(tmp_path, capsys):

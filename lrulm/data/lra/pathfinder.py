@@ -53,8 +53,14 @@ def read_metadata(path: str) -> list[list[str]]:
     with open(path, "rb") as f:
         raw = f.read()
     if raw.startswith(_NPY_MAGIC):
-        with open(path, "rb") as f:
-            rows = np.load(f, allow_pickle=False)
+        try:
+            with open(path, "rb") as f:
+                rows = np.load(f, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise ValueError(
+                f"{path}: not a readable .npy array of strings ({e}); the release's metadata "
+                "is text lines 'imgs/<k> sample_<i>.png <label> ...' or such an array"
+            ) from None
         return [[str(x) for x in np.atleast_1d(row)] for row in np.atleast_2d(rows)]
     return [line.split() for line in raw.decode("utf-8", "replace").splitlines()]
 
