@@ -549,11 +549,19 @@ def restore_params(path: str, abstract_params, weights: str = "raw", select: str
     key = weights_key(tree, weights)
     mismatches = _differences(tree[key], abstract_params, extra=False)
     if mismatches:
+        hint = "use the same model config (preset, widths, vocab) as the run you start from"
+        hint += " (for the parameters checkpoint.init_from_params selects)" if select else ""
+        if select and all("/reverse/" in m and "not in the checkpoint" in m for m in mismatches):
+            hint = (  # a bidirectional model's backward direction: a causal source has none
+                f"the source has no backward direction: select its own with e.g. "
+                f"--config.checkpoint.init_from_params='{select.split(',')[0].strip()}"
+                "(?!reverse/)' (the reverse layers are then initialised)"
+            )
         raise CheckpointMismatch(
             f"{path}: step {step}'s parameters do not fit this model:\n  "
             + "\n  ".join(mismatches[:10])
-            + "\nuse the same model config (preset, widths, vocab) as the run you start from"
-            + (" (for the parameters checkpoint.init_from_params selects)" if select else "")
+            + "\n"
+            + hint
         )
     restore_args = jax.tree.map(
         lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract_params

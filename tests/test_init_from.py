@@ -60,3 +60,16 @@ def test_a_language_models_recurrence_under_a_classifier(lm_workdir):
         ckpt_lib.restore_params(lm_workdir, abstract, select="nothing_like_this")
     with pytest.raises(ckpt_lib.CheckpointMismatch, match="encoder/embedding: not in the"):
         ckpt_lib.restore_params(lm_workdir, abstract, select="lru/,encoder")
+    # A bidirectional classifier (Pathfinder's): the LM has no backward direction, said
+    # with the selection that works; that one takes the forward LRU and leaves the rest.
+    config = config_lib.load_with_overrides(
+        "configs/lra/pathfinder.py:tiny", [("model.d_model", "32"), ("model.d_state", "32")]
+    )
+    task = tasks.make_task(config, None, prepare_data=False)
+    abstract = experiment.build(config, task, experiment.make_mesh(config)).abstract_state
+    with pytest.raises(
+        ckpt_lib.CheckpointMismatch, match=r"init_from_params='lru/\(\?!reverse/\)'"
+    ):
+        ckpt_lib.restore_params(lm_workdir, abstract["params"], select="lru/")
+    part, _, _ = ckpt_lib.restore_params(lm_workdir, abstract["params"], select="lru/(?!reverse/)")
+    assert "reverse" not in part["stack"]["blocks"]["lru"]
