@@ -568,7 +568,17 @@ def test_cli_writes_loadable_data(tmp_path):
     )
     assert len(lra.load_split("listops", str(tmp_path), "train")) == 5
     assert len(lra.load_split("pathfinder", str(tmp_path), "train")) == 8
-    # Counts out of range are usage errors: exit 2 and one line, no traceback.
+    # Written again into the same folder: refused (it may hold the real release), or with
+    # --force replaced whole (no stale file read beside the new ones).
+    again = ["pathfinder", *args, "--resolution", "32", "--num", "5"]
+    out = subprocess.run([sys.executable, tool, *again], capture_output=True, text=True)
+    assert out.returncode == 2 and "holds files already" in out.stderr, out.stderr
+    subprocess.run([sys.executable, tool, *again, "--force"], check=True, capture_output=True)
+    assert len(lra.load_split("pathfinder", str(tmp_path), "train")) == 4
+    assert len(lra.load_split("listops", str(tmp_path), "train")) == 5  # not touched
+    # Counts out of range are usage errors: exit 2 and one line, no traceback; with --force
+    # too, and the folder is kept as it was.
+    args = [*args, "--force"]
     for bad, message in (
         (["listops", *args, "--num_train", "-3"], "--num_train must be at least 1; got -3"),
         (["pathfinder", *args, "--per_folder", "0"], "--per_folder must be at least 1; got 0"),
@@ -577,6 +587,8 @@ def test_cli_writes_loadable_data(tmp_path):
         out = subprocess.run([sys.executable, tool, *bad], capture_output=True, text=True)
         assert out.returncode == 2 and message in out.stderr, out.stderr
         assert "Traceback" not in out.stderr
+    assert len(lra.load_split("listops", str(tmp_path), "train")) == 5
+    assert len(lra.load_split("pathfinder", str(tmp_path), "train")) == 4
 
 
 # ----------------------------------------------------------------- Source contract

@@ -4,13 +4,17 @@
     python tools/make_lra_data.py pathfinder --out DIR --resolution 32 --num 1000 --difficulty hard
     python tools/make_lra_data.py synthetic --task text --out DIR    # random, for smoke runs
 
-DIR is then a `data_dir` for `lrulm.data.lra.load_split`. The generators live in
-`lrulm.data.lra.generate`; this file only parses flags.
+DIR is then a `data_dir` for `lrulm.data.lra.load_split`. A folder it would write that
+holds files already (DIR/listops-1000, ...) is refused, or with --force replaced whole
+(kept as it was if the writing fails). The generators live in `lrulm.data.lra.generate`;
+this file only parses flags.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 
 import tool_args
@@ -48,6 +52,12 @@ def main(argv: list[str] | None = None) -> None:
     sy.add_argument("--num", type=int, default=20, help="examples per class / batch / split")
     sy.add_argument("--seed", type=int, default=0)
 
+    for sub in (lo, pf, sy):
+        sub.add_argument(
+            "--force",
+            action="store_true",
+            help="replace the folder this writes if it holds files (it is removed first)",
+        )
     args = tool_args.show_defaults(parser).parse_args(argv)
     counts = {
         "listops": ("num_train", "num_val", "num_test", "max_length", "max_depth", "max_args"),
@@ -57,10 +67,39 @@ def main(argv: list[str] | None = None) -> None:
     for name in counts:  # every split needs examples, every image a pixel
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1; got {getattr(args, name)}")
+    target = _target(args)
+    old = None
+    if os.path.isdir(target) and os.listdir(target):
+        if not args.force:  # e.g. a data_dir holding the real release
+            parser.error(
+                f"{target} holds files already; give another --out, or --force to "
+                "replace that folder (nothing of it would be kept)"
+            )
+        old = f"{target}.replaced-{os.getpid()}"  # stale files would be read with new ones
+        os.rename(target, old)
     try:
         _write(args)
-    except ValueError as e:  # the generators' own checks: a flag out of their range
-        parser.error(str(e))
+    except BaseException as e:
+        if old is not None:  # a failed write leaves the folder as it was
+            shutil.rmtree(target, ignore_errors=True)
+            os.rename(old, target)
+        if isinstance(e, ValueError):  # the generators' own checks: a flag out of range
+            parser.error(str(e))
+        raise
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _target(args) -> str:
+    """The folder under --out that this command writes (and --force replaces)."""
+    if args.kind == "pathfinder":
+        spec = generate.DIFFICULTIES.get(args.difficulty)
+        folder = spec.folder if spec else args.difficulty  # a bad one: the generator says
+        return os.path.join(args.out, f"pathfinder{args.resolution}", folder)
+    task = args.task if args.kind == "synthetic" else "listops"
+    name = {"listops": "listops-1000", "text": "aclImdb", "retrieval": "tsv_data",
+            "image": "cifar-10-batches-py"}[task]  # fmt: skip
+    return os.path.join(args.out, name)
 
 
 def _write(args) -> None:
