@@ -420,8 +420,9 @@ class BestCheckpoint:
                 )
                 self.ckpt._quarantine(steps[-1])
 
-    def update(self, step: int, metrics: dict, state) -> bool:
-        """Saves state if metrics[metric] is the best so far; returns whether it was."""
+    def update(self, step: int, metrics: dict, state, metadata: dict | None = None) -> bool:
+        """Saves state (with `metadata`, e.g. the resolved model) if metrics[metric] is the
+        best so far; returns whether it was."""
         value = metrics[self.metric]
         if self.value is not None and (
             value <= self.value if self.mode == "max" else value >= self.value
@@ -430,7 +431,8 @@ class BestCheckpoint:
         self.value, self.step = value, step
         if step in self.ckpt.steps():  # saved before a resume from an earlier checkpoint
             self.ckpt.manager.delete(step)
-        self.ckpt.save(step, state, metadata={"best_value": value, "metric": self.metric})
+        meta = {**(metadata or {}), "best_value": value, "metric": self.metric}
+        self.ckpt.save(step, state, metadata=meta)
         self.ckpt.wait()
         return True
 

@@ -587,7 +587,8 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
                     last_eval = {k.removeprefix("eval/"): v for k, v in row.items()}
                     if best is not None:
                         check_finite()
-                        best.update(step, last_eval, state)
+                        model = vars(task.model_config)  # for tools/export_params.py --best
+                        best.update(step, last_eval, state, {"model": model})
                 # The clock is read at log steps (where the host waits for the step anyway).
                 timed = step % t.log_every == 0 and save_timer.due()
                 if step % c.every_steps == 0 or step == t.steps or timed:

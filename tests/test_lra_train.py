@@ -6,6 +6,7 @@ import collections
 import json
 import os
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -106,6 +107,16 @@ def test_final_test_reads_the_whole_split_whatever_eval_steps(data_dir, tmp_path
     assert rescored["step"] == results["best/step"]
     assert rescored["test/accuracy"] == pytest.approx(results["test/accuracy"], abs=1e-6)
     assert rescored["test/loss"] == pytest.approx(results["test/loss"], rel=1e-5)
+    # tools/export_params.py --best: the weights, BatchNorm's statistics (what evaluating
+    # the exported classifier needs) and the model it was saved with.
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    import export_params
+
+    arrays, step, _ = export_params.read_params(workdir, best=True)
+    assert step == results["best/step"] and any(k.endswith("/mean") for k in arrays)
+    assert {k.split("/")[0] for k in arrays} >= {"model_state", "stack", "head"}
+    model = export_params.checkpoint_model(workdir, step, best=True)
+    assert model and model["norm"] == "batch" and model["d_model"] == config.model.d_model
     # Run again once finished: the result is read back, not tested and logged twice.
     rows = _rows(workdir)
     again = train.train_and_evaluate(config, workdir)

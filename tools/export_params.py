@@ -10,7 +10,9 @@ mapped onto it. `__step__` holds the step, and `__model__` the resolved model co
 checkpoint was saved with (JSON text, from its metadata). Only the parameters are read
 (not the optimizer state; the weight average of `optim.ema` where the checkpoint keeps one,
 unless `--weights raw`; `__weights__` says which), as numpy arrays on the host, whatever
-devices wrote them; `np.load(FILE)` reads them back.
+devices wrote them; `np.load(FILE)` reads them back. A model with BatchNorm (LRA's
+`model.norm=batch`) also gets its running statistics, under `model_state/` (the average's,
+with the average): evaluating it needs them.
 """
 
 from __future__ import annotations
@@ -49,12 +51,23 @@ def read_params(
     item = os.path.join(saved, "checkpoints", str(step), ckpt_lib.STATE)
     key = ckpt_lib.weights_key(ckpt_lib.saved_tree(item), weights)  # damaged: an error
     ckpt_lib.quiet_orphaned_reads()
-    params = ckpt_lib.read_numpy(item, key)
-    flat = {}
-    for path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
-        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-        flat[name] = np.asarray(value)
+    tree = ckpt_lib.saved_tree(item)
+    flat = _flat(ckpt_lib.read_numpy(item, key))
+    # BatchNorm's running statistics (LRA's model.norm=batch), the average's with it: what
+    # evaluating the exported model needs besides the weights. None in a language model.
+    stats = "ema_model_state" if key == "ema_params" and "ema_model_state" in tree else None
+    stats = stats or "model_state"
+    if jax.tree.leaves(tree.get(stats) or {}):
+        flat.update(_flat(ckpt_lib.read_numpy(item, stats), "model_state/"))
     return flat, step, key
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    flat = {}
+    for path, value in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        flat[prefix + name] = np.asarray(value)
+    return flat
 
 
 def checkpoint_model(workdir: str, step: int, *, best: bool = False) -> dict | None:
@@ -102,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     tmp = args.output + ".tmp.npz"
     np.savez(tmp, **params, **extra)
     os.replace(tmp, args.output)
-    total = sum(v.size for v in params.values())
+    total = sum(v.size for k, v in params.items() if not k.startswith("model_state/"))
     which = "the weight average" if key == "ema_params" else "the trained weights"
     print(f"wrote {args.output}: {len(params)} arrays, {total:,} parameters ({which}), step {step}")
 
