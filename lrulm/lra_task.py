@@ -83,6 +83,8 @@ class ClassificationTask:
       workdir: unused (LRA data is read in place); kept for the task protocol.
       prepare_data: open the three splits now, so a bad `data.data_dir` fails before
         anything compiles; False touches no file (ahead-of-time compilation).
+      eval_only: open the eval and test splits alone (`lrulm eval`: the train split, a
+        GB of Retrieval's, is neither needed nor read).
 
     Raises:
       ValueError: an unknown task, unset data_dir, a sequence length the task cannot
@@ -92,7 +94,14 @@ class ClassificationTask:
 
     best_metric = ("accuracy", "max")  # the paper reports test accuracy at the best val
 
-    def __init__(self, config, workdir: str | None = None, *, prepare_data: bool = True):
+    def __init__(
+        self,
+        config,
+        workdir: str | None = None,
+        *,
+        prepare_data: bool = True,
+        eval_only: bool = False,
+    ):
         del workdir
         if config.task not in lra.TASKS:
             raise ValueError(
@@ -113,11 +122,11 @@ class ClassificationTask:
         self.model_config = resolve_model_config(config.model, vocab_size=spec.vocab_size or 0)
         self.sources: dict[str, lra.LRASource] = {}
         if prepare_data:
-            self._open_splits()
+            self._open_splits(("eval", "test") if eval_only else tuple(_SPLITS))
 
     # -- data -----------------------------------------------------------------------
 
-    def _open_splits(self) -> None:
+    def _open_splits(self, splits) -> None:
         data = self.config.data
         if not data.data_dir:
             raise ValueError(
@@ -125,7 +134,8 @@ class ClassificationTask:
                 f"files (--config.data.data_dir=DIR; layouts in configs/lra/{self.name}.py)"
             )
         seq_len = self.seq_len if self.spec.vocab_size is not None else None
-        for split, loader_split in _SPLITS.items():
+        for split in splits:
+            loader_split = _SPLITS[split]
             self.sources[split] = lra.load_split(
                 self.name, data.data_dir, loader_split, seq_len=seq_len, on_error=data.on_error
             )
@@ -134,7 +144,10 @@ class ClassificationTask:
         if split not in _SPLITS:
             raise ValueError(f"unknown split {split!r}; use one of {', '.join(_SPLITS)}")
         if split not in self.sources:
-            raise RuntimeError("this task was built with prepare_data=False and has no data")
+            raise RuntimeError(
+                f"the {split} split was not opened (the task was built with "
+                "prepare_data=False, or eval_only)"
+            )
         return self.sources[split]
 
     def split_size(self, split: str) -> int:

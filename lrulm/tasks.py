@@ -497,9 +497,11 @@ class LMTask:
 
 def make_task(config, workdir: str | None, *, prepare_data: bool = True, eval_only: bool = False):
     """The task a config names; prepare_data=False builds only what compiling needs;
-    eval_only a language model's held-out split alone (LRA reads its splits lazily)."""
+    eval_only the held-out splits alone (`lrulm eval`: no train split read)."""
     if config.task == "lm":
         return LMTask(config, workdir, prepare_data=prepare_data, eval_only=eval_only)
     from lrulm import lra_task
 
-    return lra_task.ClassificationTask(config, workdir, prepare_data=prepare_data)
+    return lra_task.ClassificationTask(
+        config, workdir, prepare_data=prepare_data, eval_only=eval_only
+    )

@@ -107,6 +107,14 @@ def test_final_test_reads_the_whole_split_whatever_eval_steps(data_dir, tmp_path
     assert rescored["step"] == results["best/step"]
     assert rescored["test/accuracy"] == pytest.approx(results["test/accuracy"], abs=1e-6)
     assert rescored["test/loss"] == pytest.approx(results["test/loss"], rel=1e-5)
+    # It reads the eval and test splits alone: a data_dir without the train split will do.
+    held_only = tmp_path / "held_only"
+    shutil.copytree(data_dir, held_only)
+    shutil.rmtree(held_only / "aclImdb" / "train")
+    config.data.data_dir = str(held_only)
+    again = evaluation.evaluate_workdir(config, workdir, best=True)
+    assert again["test/accuracy"] == rescored["test/accuracy"]
+    config.data.data_dir = data_dir
     # tools/export_params.py --best: the weights, BatchNorm's statistics (what evaluating
     # the exported classifier needs) and the model it was saved with.
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
