@@ -197,12 +197,20 @@ def test_listops_header_with_a_byte_order_mark(tmp_path):
     assert len(src) == 1 and int(src[0]["label"]) == 9
 
 
-def test_listops_missing_file_names_the_expected_layout(tmp_path):
+def test_listops_missing_file_names_the_expected_layout(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError) as e:
         lra.load_split("listops", str(tmp_path / "nowhere"), "val")
     msg = str(e.value)
     assert os.path.join(str(tmp_path / "nowhere"), "listops-1000", "basic_val.tsv") in msg
     assert "lra_release" in msg and "does not exist" in msg
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(FileNotFoundError, match="is a file; give the folder holding"):
+        lra.load_split("listops", str(afile), "val")
+    # ~ is the home folder, as a shell would read it.
+    fx.write_listops(str(tmp_path / "home" / "lra"), num=3)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert len(lra.load_split("listops", "~/lra", "val")) == 3
 
 
 # ----------------------------------------------------------------------------- Text

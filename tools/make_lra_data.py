@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> None:
 
     pf = tasks.add_parser("pathfinder", help="pathfinder{res}/<difficulty>/{imgs,metadata}")
     pf.add_argument("--out", required=True, help="data_dir to write pathfinder{res}/ into")
-    pf.add_argument("--resolution", type=int, default=32, help="32 Pathfinder, 128 Path-X")
+    pf.add_argument(
+        "--resolution", type=int, default=32, choices=(32, 128), help="32 Pathfinder, 128 Path-X"
+    )
     pf.add_argument("--num", type=int, default=1000)
     pf.add_argument("--difficulty", default="hard", help="easy, intermediate or hard")
     pf.add_argument("--per_folder", type=int, default=1000, help="images per imgs/<k>")

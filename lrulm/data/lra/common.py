@@ -155,13 +155,17 @@ def locate(data_dir: str, candidates: Sequence[str], *, what: str, origin: str) 
     Raises:
       FileNotFoundError: naming every path tried and where the files come from.
     """
-    data_dir = os.fspath(data_dir)
+    data_dir = os.path.expanduser(os.fspath(data_dir))  # ~/lra as a shell would read it
     for rel in candidates:
         path = os.path.join(data_dir, rel) if rel else data_dir
         if os.path.exists(path):
             return path
     tried = ", ".join(os.path.join(data_dir, rel) for rel in candidates)
-    exists = "" if os.path.isdir(data_dir) else f" (data_dir {data_dir!r} does not exist)"
+    exists = ""
+    if os.path.isfile(data_dir):
+        exists = f" (data_dir {data_dir!r} is a file; give the folder holding the task's files)"
+    elif not os.path.isdir(data_dir):
+        exists = f" (data_dir {data_dir!r} does not exist)"
     raise FileNotFoundError(
         f"{what}: expected {tried}{exists}. These come from {origin}; "
         "point data_dir at the folder that holds them."

@@ -158,7 +158,7 @@ def make_listops(
         raise ValueError(
             f"found only {len(examples)} of {num} distinct ListOps expressions with "
             f"{min_length} < tokens < {max_length} in {attempts} draws; widen the window, "
-            "ask for fewer, or raise max_attempts"
+            "or ask for fewer (--num_train/--num_val/--num_test; in Python, max_attempts)"
         )
     return list(examples.items())
 
