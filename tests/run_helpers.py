@@ -31,3 +31,15 @@ def training_view_logits(model, seq):
     tokens = jnp.asarray([seq])
     resets = jnp.pad(tokens[:, :-1] == tok.EOS_ID, ((0, 0), (1, 0)))
     return model(tokens, resets=resets)[0]
+
+
+def dummy_prefix_tokenizer(prefix, texts, vocab_size: int) -> str:
+    """A sentencepiece model with a dummy prefix (a space before each text, as many
+    public tokenizers have; lrulm's own has none), lrulm's special ids; its path."""
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=str(prefix), vocab_size=vocab_size,
+        add_dummy_prefix=True, byte_fallback=True, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+    )  # fmt: skip
+    return str(prefix) + ".model"

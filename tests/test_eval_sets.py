@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
-from run_helpers import tiny_config
+from run_helpers import dummy_prefix_tokenizer, tiny_config
 
 from lrulm import config as config_lib
 from lrulm import evaluation, experiment, tasks, train
@@ -146,19 +146,14 @@ def test_bits_per_byte_of_a_partial_evaluation_counts_its_own_bytes(lm_workdir):
 def test_a_tokenizer_whose_pieces_do_not_add_up_falls_back_to_the_split_mean(tmp_path):
     """A tokenizer with a dummy prefix (sentencepiece's default) decodes a document
     shorter than its pieces: its piece table is not used."""
-    import sentencepiece as spm
 
     texts = [f"def f{i}(x):\n    return x * {i}\n" for i in range(300)]
-    model = tmp_path / "dummy"
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_prefix=str(model), vocab_size=400,
-        add_dummy_prefix=True, byte_fallback=True, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
-    )  # fmt: skip
+    model = dummy_prefix_tokenizer(tmp_path / "dummy", texts, vocab_size=400)
     own = str(tmp_path / "own.model")
     tok.train_tokenizer(iter(texts), own, vocab_size=400)
     data = tmp_path / "t.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:20]))
-    for path, exact in ((str(model) + ".model", False), (own, True)):
+    for path, exact in ((model, False), (own, True)):
         sp = tok.load_tokenizer(path)
         stream = data_cache.prepare_split([str(data)], sp, path, str(tmp_path / "c"), path[-9:-6])
         assert data_cache.counts_bytes_exactly(data_cache.piece_bytes(sp), stream) is exact, path

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from run_helpers import random_prompts, training_view_logits
+from run_helpers import dummy_prefix_tokenizer, random_prompts, training_view_logits
 
 from lrulm import generate as gen
 from lrulm.model import LanguageModel
@@ -82,12 +82,8 @@ def test_a_completion_keeps_the_space_a_dummy_prefix_tokenizer_drops(tmp_path):
     import sentencepiece as spm
 
     texts = [f"hello world {i} and more words here\n" for i in range(200)]
-    prefix = tmp_path / "dummy"
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_prefix=str(prefix), vocab_size=300,
-        add_dummy_prefix=True, byte_fallback=True, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
-    )  # fmt: skip
-    sp = spm.SentencePieceProcessor(model_file=str(prefix) + ".model")
+    path = dummy_prefix_tokenizer(tmp_path / "dummy", texts, vocab_size=300)
+    sp = spm.SentencePieceProcessor(model_file=path)
     prompt, whole = sp.encode("hello"), sp.encode("hello world")
     assert whole[: len(prompt)] == prompt
     new = whole[len(prompt) :]
