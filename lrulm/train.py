@@ -557,7 +557,22 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
                     break
                 profile.before(step, state)
                 fetch = time.perf_counter()
-                batch = to_global(next(train_iter), exp)
+                try:
+                    host_batch = next(train_iter)
+                except Exception:
+                    # A bad record (an image of another size, a truncated file) found now:
+                    # the steps since the last checkpoint are kept. The stream's position
+                    # counts the rows of completed steps, so a resume reads the failed batch
+                    # again, once fixed. One process only: a save needs every process.
+                    if jax.process_count() == 1 and step > start_step:
+                        metrics_lib.say(
+                            f"lrulm: reading the train data failed after step {step}; saving "
+                            f"step {step} first (fix the data, then resume)"
+                        )
+                        save(step)
+                        checkpointer.wait()
+                    raise
+                batch = to_global(host_batch, exp)
                 throughput.waited(time.perf_counter() - fetch)
                 state, metrics = train_jit(state, batch)
                 step += 1

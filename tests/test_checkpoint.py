@@ -615,3 +615,30 @@ def test_a_time_limit_saves_and_stops_then_the_run_resumes(tmp_path, corpus, cap
     _train(tmp_path / "run", files, *common)
     assert "resumed from" in capsys.readouterr().out
     assert "6" in os.listdir(tmp_path / "run" / "checkpoints")
+
+
+def test_a_data_error_mid_run_saves_the_steps_before_it(tmp_path, corpus, monkeypatch, capsys):
+    """A record that fails when first drawn (as a bad image would) after step 3 of a run
+    saving every 100: step 3 is saved before the error goes up; once the data reads, the
+    resume gives the uninterrupted run's losses exactly (the failed batch read again)."""
+    from lrulm.data import lm as lm_data
+
+    files = (corpus["train"], corpus["eval"])
+    steps = ("train.steps=6", "checkpoint.every_steps=100")
+    _train(tmp_path / "straight", files, *steps)
+    original = lm_data.TrainStream.__next__
+
+    def failing(self):
+        if self.rows == 3 * self.global_batch:
+            raise ValueError("sample_37.png: image is 64x64, expected 32x32")
+        return original(self)
+
+    monkeypatch.setattr(lm_data.TrainStream, "__next__", failing)
+    with pytest.raises(ValueError, match="sample_37.png"):
+        _train(tmp_path / "failed", files, *steps)
+    assert "reading the train data failed after step 3; saving step 3" in capsys.readouterr().out
+    assert ckpt_lib.checkpoint_steps(str(tmp_path / "failed")) == [3]
+    monkeypatch.setattr(lm_data.TrainStream, "__next__", original)
+    _train(tmp_path / "failed", files, *steps)
+    a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "failed")
+    assert sorted(b) == list(range(1, 7)) and all(a[s] == b[s] for s in range(4, 7)), (a, b)
