@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -423,7 +424,14 @@ class BestCheckpoint:
     def update(self, step: int, metrics: dict, state, metadata: dict | None = None) -> bool:
         """Saves state (with `metadata`, e.g. the resolved model) if metrics[metric] is the
         best so far; returns whether it was."""
+        if self.metric not in metrics:
+            raise ValueError(
+                f"checkpoint.keep_best={self.metric!r}: the evaluation reports no such metric "
+                f"(it reports {', '.join(sorted(metrics))})"
+            )
         value = metrics[self.metric]
+        if not math.isfinite(value):  # a NaN is never the best
+            return False
         if self.value is not None and (
             value <= self.value if self.mode == "max" else value >= self.value
         ):
@@ -446,6 +454,32 @@ class BestCheckpoint:
 
     def close(self) -> None:
         self.ckpt.close()
+
+
+def no_best(workdir: str) -> str:
+    """The error for --best where WORKDIR/best/ holds no checkpoint."""
+    return (
+        f"no best checkpoint in {os.path.join(workdir, 'best', 'checkpoints')}: LRA runs keep "
+        "one from their first evaluation on, language models with checkpoint.keep_best set "
+        "(e.g. --config.checkpoint.keep_best=loss); leave out --best"
+    )
+
+
+def kept_best(workdir: str) -> tuple[str, float, int] | None:
+    """(metric, value, step) of the best checkpoint WORKDIR/best/ holds; None if there is
+    none, or its metadata does not read (the run's next evaluation then saves anew)."""
+    directory = os.path.join(workdir, "best")
+    steps = checkpoint_steps(directory)
+    if not steps:
+        return None
+    ckpt = Checkpointer(directory, max_to_keep=1, async_save=False)
+    try:
+        meta = ckpt.metadata(steps[-1])
+        return meta["metric"], meta["best_value"], steps[-1]
+    except Exception:  # noqa: BLE001 - damaged: BestCheckpoint says so and moves it aside
+        return None
+    finally:
+        ckpt.close()
 
 
 def find_checkpoint_dir(path: str) -> tuple[str, int]:

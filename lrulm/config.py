@@ -360,6 +360,11 @@ def base_config() -> ConfigDict:
     # "^stack/" for an LM's recurrent stack under a classifier's or a new vocabulary's head.
     c.checkpoint.init_from_params = ""
     c.checkpoint.async_save = True
+    # Also keep the checkpoint with the best value of an evaluation metric in WORKDIR/best/
+    # (`lrulm eval/generate/score --best`): a language model's "loss", "bits_per_byte",
+    # "perplexity" or "accuracy" of the eval split, or "NAME/loss" of a data.eval_sets set;
+    # "" = none. LRA runs always keep the best eval accuracy (the paper's protocol).
+    c.checkpoint.keep_best = ""
     # A resume goes on at the row of the shuffled train order where the checkpoint left
     # off, with any global batch; with another seq_len, seed or train split that order is
     # another one, so such a resume is refused unless this is set.

@@ -34,16 +34,14 @@ def evaluate_workdir(config, workdir: str, step: int | None = None, *, best: boo
     """Checkpoint `step` of workdir (None: the newest that reads back) on the eval data
     (and a language model's data.eval_sets); for LRA also on the test split. Returns
     {"step": S, "eval/<metric>": ..., "eval/<set>/<metric>": ..., ...}.
-    With best, the best-on-eval checkpoint an LRA run keeps (WORKDIR/best/): the one
-    its results.json and `lrulm lra-report` report."""
+    With best, the best-on-eval checkpoint the run keeps (WORKDIR/best/): an LRA run's
+    results.json and `lrulm lra-report` report it; a language model keeps one with
+    checkpoint.keep_best."""
     saved = os.path.join(workdir, "best") if best else workdir
     directory = os.path.join(saved, "checkpoints")
     steps = ckpt_lib.checkpoint_steps(saved)  # before anything is written to workdir
     if not steps and best:
-        raise FileNotFoundError(
-            f"no best checkpoint in {directory}: LRA runs keep one from their first "
-            "evaluation on (language models keep none); leave out --best"
-        )
+        raise FileNotFoundError(ckpt_lib.no_best(workdir))
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {directory}; train first")
     if step is not None and step not in steps:

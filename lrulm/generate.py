@@ -314,18 +314,24 @@ def reset_ids(config) -> tuple[int, ...]:
     return (tok.EOS_ID,) if config.data.reset_at_doc_boundaries else ()
 
 
-def load_model(workdir: str, step: int | None = None, weights: str = "auto"):
+def load_model(workdir: str, step: int | None = None, weights: str = "auto", *, best: bool = False):
     """(model with the parameters of checkpoint `step` (None: the newest), tokenizer, step)
     of a workdir. weights: "auto" (the weight average of optim.ema where the checkpoint
-    keeps one, else the trained weights), "ema" or "raw" (checkpoint.weights_key)."""
+    keeps one, else the trained weights), "ema" or "raw" (checkpoint.weights_key). best:
+    the best-on-eval checkpoint the run keeps (checkpoint.keep_best) in place of step."""
     config = run_config(workdir)
     if config.task != "lm":
         raise ValueError(
             f"{workdir} trained task {config.task!r}; generating and scoring text needs a "
             "language model"
         )
-    checkpoints = os.path.join(workdir, "checkpoints")
-    steps = ckpt_lib.checkpoint_steps(workdir)
+    if best and step is not None:
+        raise ValueError("give a step or best, not both")
+    saved = os.path.join(workdir, "best") if best else workdir
+    checkpoints = os.path.join(saved, "checkpoints")
+    steps = ckpt_lib.checkpoint_steps(saved)
+    if not steps and best:
+        raise FileNotFoundError(ckpt_lib.no_best(workdir))
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {checkpoints}; run `lrulm train` first")
     if step is not None and step not in steps:
@@ -424,10 +430,12 @@ def generate_texts(
     seed: int = 0,
     stop: tuple[str, ...] = (),
     weights: str = "auto",
+    best: bool = False,
     stream=None,
 ) -> list[dict]:
     """`lrulm generate`: num_samples continuations of each prompt from checkpoint `step`
-    (None: the newest), decoded batch_size rows at a time, with its weight average
+    (None: the newest; best: the best-on-eval one, checkpoint.keep_best's), decoded
+    batch_size rows at a time, with its weight average
     (optim.ema) where it keeps one (weights: "auto", "ema", "raw": `load_model`), drawn
     as `Sampling` says (temperature .. frequency_penalty).
 
@@ -459,14 +467,14 @@ def generate_texts(
             raise ValueError(f"prompt {i + 1} is empty; give some text to continue")
     if stream is not None and len(prompts) * num_samples != 1:
         raise ValueError("streaming shows one sample: give one prompt and num_samples 1")
-    model, sp, step = load_model(workdir, step, weights)
+    model, sp, step = load_model(workdir, step, weights, best=best)
     reset_after = reset_ids(run_config(workdir))
     encoded = [sp.encode(p) for p in prompts]
     for i, ids in enumerate(encoded):
         if not ids:
             raise ValueError(f"prompt {i + 1} ({prompts[i]!r}) encodes to no tokens")
     settings = {**dataclasses.asdict(sampling), "seed": seed, "max_new_tokens": max_new_tokens,
-                "weights": weights}  # fmt: skip
+                "weights": weights, "best": best}  # fmt: skip
     rows = [(i, s) for i in range(len(prompts)) for s in range(num_samples)]
     width = min(batch_size, len(rows))
     results = [None] * len(rows)

@@ -3,12 +3,13 @@
 lrulm train    --config CONFIG.py[:ARG] --workdir DIR [--config.a.b=VALUE ...]
 lrulm eval     --workdir DIR [--config CONFIG.py[:ARG]] [--step S | --best] [--config.a.b=VALUE ...]
 lrulm generate --workdir DIR (--prompt TEXT ... | --prompt_file FILE) [--num_samples K]
-               [--step S] [--max_new_tokens N] [--temperature T] [--top_p P] [--top_k K]
+               [--step S | --best] [--max_new_tokens N] [--temperature T] [--top_p P] [--top_k K]
                [--min_p P] [--repetition_penalty R] [--presence_penalty A]
                [--frequency_penalty F] [--seed S] [--batch_size B] [--output FILE.jsonl]
                [--stop TEXT ...] [--weights auto|ema|raw] [--stream]
 lrulm config   --config CONFIG.py[:ARG] [--config.a.b=VALUE ...]
-lrulm score    --workdir DIR (--text TEXT ... | --input FILE ...) [--step S] [--output FILE.jsonl]
+lrulm score    --workdir DIR (--text TEXT ... | --input FILE ...) [--step S | --best]
+               [--output FILE.jsonl]
                [--batch_size B] [--chunk TOKENS] [--text_field F]
 lrulm lra-report DIR [DIR ...] [--plot FILE.png]
 lrulm compile  --config CONFIG.py[:ARG] --topology v5p-128|h100:8 [--config.a.b=VALUE ...]
@@ -50,13 +51,7 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--config", required=True, help="CONFIG.py[:ARG]")
         s.add_argument("--workdir", required=True)
         if name == "eval":
-            which = s.add_mutually_exclusive_group()
-            which.add_argument("--step", type=int, default=None, help="default: the newest")
-            which.add_argument(
-                "--best",
-                action="store_true",
-                help="the best-on-eval checkpoint an LRA run keeps (what lra-report reports)",
-            )
+            _checkpoint_arguments(s)
 
     g = sub.add_parser("generate", help="sample from a trained language model")
     g.add_argument("--workdir", required=True)
@@ -71,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--num_samples", type=int, default=1, help="continuations of each prompt (default: 1)"
     )
-    g.add_argument("--step", type=int, default=None, help="the checkpoint (default: newest)")
+    _checkpoint_arguments(g)
     _weights_argument(g)
     g.add_argument("--max_new_tokens", type=int, default=200, help="default: 200")
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
@@ -140,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
         'text a file) or JSON lines with a "text" field (one a line); .gz too',
     )
     _text_field_argument(sc, default=None)
-    sc.add_argument("--step", type=int, default=None, help="the checkpoint (default: newest)")
+    _checkpoint_arguments(sc)
     _weights_argument(sc)
     sc.add_argument("--batch_size", type=int, default=8, help="texts at once (default: 8)")
     sc.add_argument(
@@ -208,6 +203,17 @@ def _config(args, extra):
     for key, value in overrides:  # the command line's own paths: relative to here
         config_lib.override(config, key, value)
     return config
+
+
+def _checkpoint_arguments(parser) -> None:
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, default=None, help="the checkpoint (default: newest)")
+    which.add_argument(
+        "--best",
+        action="store_true",
+        help="the best-on-eval checkpoint the run keeps (LRA's, what lra-report reports; a "
+        "language model's with checkpoint.keep_best)",
+    )
 
 
 def _weights_argument(parser) -> None:
@@ -288,6 +294,7 @@ def main(argv: list[str]) -> int:
                     prompts,
                     num_samples=args.num_samples,
                     step=args.step,
+                    best=args.best,
                     weights=args.weights,
                     batch_size=args.batch_size,
                     max_new_tokens=args.max_new_tokens,
@@ -354,8 +361,8 @@ def main(argv: list[str]) -> int:
                 _check_output(parser, args.output)
                 distributed.initialize()
                 results = score.score_texts(
-                    args.workdir, texts, step=args.step, batch_size=args.batch_size,
-                    chunk=args.chunk, weights=args.weights,
+                    args.workdir, texts, step=args.step, best=args.best,
+                    batch_size=args.batch_size, chunk=args.chunk, weights=args.weights,
                 )  # fmt: skip
                 import jax
 

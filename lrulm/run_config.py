@@ -95,6 +95,32 @@ def check_start(config, workdir: str) -> None:
                 f"{was!r}, as config.json keeps)"
             )
         c[key] = was
+    _check_keep_best(config, workdir)
+
+
+def _check_keep_best(config, workdir: str) -> None:
+    """A resume keeps its best checkpoint by the metric it was kept by: another one would
+    replace WORKDIR/best by a checkpoint not better by the old measure (refused); none
+    leaves it as it is (said)."""
+    kept = ckpt_lib.kept_best(workdir)
+    if kept is None:
+        return
+    metric, value, step = kept
+    want = tasks.best_metric(config)
+    where = os.path.join(workdir, "best")
+    if want is None:
+        if jax.process_index() == 0:
+            metrics_lib.say(
+                f"lrulm: {where} (the best eval {metric}, step {step}) is no longer updated: "
+                f"checkpoint.keep_best is unset (set it to {metric!r} to keep it going)"
+            )
+    elif want[0] != metric:
+        raise ValueError(
+            f"{where} holds the checkpoint with the best eval {metric} ({value:.4g}, step "
+            f"{step}), and this config keeps the best eval {want[0]}: set "
+            f"checkpoint.keep_best={metric!r}, or move {where} aside to keep the best "
+            f"{want[0]} from here on; nothing was changed"
+        )
 
 
 def state_keys_changed(trained: dict | None, config) -> list[str]:

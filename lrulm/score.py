@@ -34,11 +34,13 @@ def score_texts(
     batch_size: int = 8,
     chunk: int = 2048,
     weights: str = "auto",
+    best: bool = False,
 ) -> list[dict]:
     """One dict per text, in order: index, tokens (targets scored: the text's tokens and
     its EOS), bytes (UTF-8), logprob (natural log, summed), loss (per token), perplexity,
     bits_per_byte, step (the checkpoint's). weights: as `generate.load_model`'s (the
-    weight average of optim.ema where the checkpoint keeps one)."""
+    weight average of optim.ema where the checkpoint keeps one); best: the best-on-eval
+    checkpoint (checkpoint.keep_best) in place of step."""
     if batch_size < 1 or chunk < 1:
         raise ValueError(f"batch_size and chunk must be positive; got {batch_size}, {chunk}")
     if not texts:
@@ -46,7 +48,7 @@ def score_texts(
     empty = [i for i, t in enumerate(texts) if not t]
     if empty:  # no bytes: no bits per byte (training reads no empty documents either)
         raise ValueError(f"text {empty[0] + 1} is empty; leave it out")
-    model, sp, step = generate.load_model(workdir, step, weights)
+    model, sp, step = generate.load_model(workdir, step, weights, best=best)
     config = generate.run_config(workdir)
     resets_after = generate.reset_ids(config)
     vocab_block = config.train.get("loss_vocab_block", 0)

@@ -10,8 +10,10 @@ task names of lrulm.data.lra.TASKS). Each provides
   finalize(sums)               eval metrics from summed statistics
   train_batches(...)           this process's share of each global training batch
   eval_batches(split, ...)     the same for the held-out split "eval" (and "test")
-  best_metric                  None, or (metric, "max"|"min"): the trainer then keeps the
-                               best-on-"eval" checkpoint and reports "test" with it
+  best_metric                  None, or (metric, "max"|"min"): the checkpoint the task
+                               keeps by default (LRA: the best on "eval", "test" reported
+                               with it); `best_metric(config)` is the run's, with
+                               checkpoint.keep_best
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ class LMTask:
     """Next-token prediction on packed text."""
 
     name = "lm"
-    best_metric = None  # language models report the last evaluation
+    best_metric = None  # by default language models report the last evaluation
 
     def __init__(
         self, config, workdir: str | None, *, prepare_data: bool = True, eval_only: bool = False
@@ -493,6 +495,43 @@ class LMTask:
 
     def flops_per_token(self, seq_len: int) -> float:
         return self.model_config.flops_per_token(seq_len)
+
+
+# A language model's per-split evaluation metrics checkpoint.keep_best can name.
+LM_EVAL_METRICS = ("loss", "perplexity", "bits_per_byte", "accuracy")
+
+
+def best_metric(config) -> tuple[str, str] | None:
+    """(metric, "max"|"min") the run keeps its best checkpoint (WORKDIR/best/) by, or None:
+    checkpoint.keep_best, else the task's default (LRA: eval accuracy, the paper's
+    protocol; a language model: none). A language model names a metric of its "eval"
+    split ("loss") or of a data.eval_sets set ("NAME/loss"). Raises ValueError (before
+    anything is read or compiled) for a metric no evaluation reports."""
+    keep = config.checkpoint.get("keep_best", "").strip()
+    if config.task != "lm":
+        if keep not in ("", "accuracy"):
+            raise ValueError(
+                f"checkpoint.keep_best={keep!r}: an LRA run keeps its best checkpoint by eval "
+                "accuracy (the paper reports test accuracy there); leave it unset"
+            )
+        return ("accuracy", "max")
+    if not keep:
+        return None
+    split, _, metric = keep.rpartition("/")
+    sets = lm_data.parse_eval_sets(config.data.get("eval_sets", ""))
+    metrics = ", ".join(LM_EVAL_METRICS)
+    if metric not in LM_EVAL_METRICS:
+        raise ValueError(
+            f"checkpoint.keep_best={keep!r}: {metric!r} is no evaluation metric; give one of "
+            f"{metrics}" + (", or an eval set's NAME/METRIC" if sets else "")
+        )
+    if split and split not in sets:
+        named = f"data.eval_sets names {', '.join(sets)}" if sets else "data.eval_sets is empty"
+        raise ValueError(
+            f"checkpoint.keep_best={keep!r}: no eval set {split!r} ({named}); give "
+            f"METRIC for the eval split ({metrics}) or NAME/METRIC"
+        )
+    return (keep, "max" if metric == "accuracy" else "min")
 
 
 def make_task(config, workdir: str | None, *, prepare_data: bool = True, eval_only: bool = False):

@@ -503,7 +503,8 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
             steps = t.eval_steps if split != "test" else 0
             return task.eval_batches(split, num_batches=steps, **batch_args)
 
-        best = ckpt_lib.BestCheckpoint(workdir, *task.best_metric) if task.best_metric else None
+        keep_best = tasks.best_metric(config)
+        best = ckpt_lib.BestCheckpoint(workdir, *keep_best) if keep_best else None
 
         def check_finite():
             bad = int(jax.device_get(state["nonfinite_step"]))
@@ -621,11 +622,16 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
                     stopped = f"train.time_limit_minutes={limit:g}"
                     break
             checkpointer.wait()
-            if best is not None and step >= t.steps:
+            if best is not None and step >= t.steps and task.best_metric:
                 last_eval = _final_test(
                     best, exp, eval_jit, eval_batches("test"), writer, step, workdir, state,
                     trained=step > start_step,
                 )  # fmt: skip
+            elif best is not None and best.step is not None and is_main:  # keep_best's
+                metrics_lib.say(
+                    f"lrulm: the best eval {best.metric} ({best.value:.4g}, step {best.step}) is "
+                    f"kept in {best.ckpt.directory} (lrulm eval/generate/score --best)"
+                )
         finally:
             profile.close()
             writer.close()

@@ -112,7 +112,7 @@ def test_eval_step_flag(lm_workdir, corpus):
     )
     assert out.returncode == 2 and "no checkpoint of step 5" in out.stderr
     out = _lrulm("eval", "--workdir", lm_workdir, "--best")
-    assert out.returncode == 2 and "language models keep none); leave out --best" in out.stderr
+    assert out.returncode == 2 and "language models with checkpoint.keep_best set" in out.stderr
     out = _lrulm("eval", "--workdir", lm_workdir, "--best", "--step", "4")  # keeps one: either
     assert out.returncode == 2 and "not allowed with argument" in out.stderr
     # Without --config: the run's own config.json (its data files included).

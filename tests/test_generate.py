@@ -338,7 +338,7 @@ def test_export_params_writes_the_checkpoints_parameters(lm_workdir, tmp_path):
     assert {"stack/blocks/lru/nu_log", "stack/blocks/lru/C_im"} <= set(flat)
     assert f"{len(flat)} arrays" in done.stdout and "step 4" in done.stdout
     missing = run("--best", "--output", str(out))
-    assert missing.returncode == 1 and "language models keep none" in missing.stderr
+    assert missing.returncode == 1 and "with checkpoint.keep_best set" in missing.stderr
     assert "its steps: 4, 8" in run("--step", "5", "--output", str(out)).stderr
 
 

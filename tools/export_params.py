@@ -32,16 +32,16 @@ from lrulm import checkpoint as ckpt_lib
 def read_params(
     workdir: str, step: int | None = None, *, best: bool = False, weights: str = "auto"
 ) -> tuple[dict, int, str]:
-    """The parameters of a run's checkpoint (default: the newest; best: the LRA
-    best-on-eval one; weights: `checkpoint.weights_key`'s) as a flat {"a/b/c": np.ndarray}
+    """The parameters of a run's checkpoint (default: the newest; best: the best-on-eval
+    one an LRA run, or a language model with checkpoint.keep_best, keeps; weights:
+    `checkpoint.weights_key`'s) as a flat {"a/b/c": np.ndarray}
     dict, the step and the state's key read ("params" or "ema_params")."""
     saved = os.path.join(workdir, "best") if best else workdir
     steps = ckpt_lib.checkpoint_steps(saved)
     if not steps:
-        raise FileNotFoundError(
-            f"no checkpoints in {os.path.join(saved, 'checkpoints')}"
-            + (" (LRA runs keep a best one; language models keep none: leave out --best)" * best)
-        )
+        if best:
+            raise FileNotFoundError(ckpt_lib.no_best(workdir))
+        raise FileNotFoundError(f"no checkpoints in {os.path.join(saved, 'checkpoints')}")
     step = steps[-1] if step is None else step
     if step not in steps:
         raise FileNotFoundError(
@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("workdir", help="a run's workdir")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--step", type=int, default=None, help="default: the newest checkpoint")
-    which.add_argument("--best", action="store_true", help="an LRA run's best-on-eval checkpoint")
+    which.add_argument(
+        "--best", action="store_true", help="the best-on-eval checkpoint (LRA; keep_best)"
+    )
     p.add_argument(
         "--weights",
         choices=ckpt_lib.WEIGHTS,

@@ -1,0 +1,136 @@
+"""checkpoint.keep_best: a language model keeps its best-on-eval checkpoint in WORKDIR/best/
+(by a metric of the eval split or of a data.eval_sets set), which `lrulm eval`, `generate`,
+`score` and tools/export_params.py read with --best; LRA runs keep eval accuracy's."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+from run_helpers import tiny_config
+
+from lrulm import checkpoint as ckpt_lib
+from lrulm import config as config_lib
+from lrulm import evaluation, generate, score, tasks, train
+
+
+def _lm(*overrides):
+    return tiny_config(*overrides)
+
+
+def test_keep_best_names_a_metric_an_evaluation_reports():
+    assert tasks.best_metric(_lm()) is None  # a language model keeps none by default
+    assert tasks.best_metric(_lm("checkpoint.keep_best=loss")) == ("loss", "min")
+    assert tasks.best_metric(_lm("checkpoint.keep_best=accuracy")) == ("accuracy", "max")
+    held = "data.eval_sets=code=a.txt;prose=b.txt"
+    assert tasks.best_metric(_lm(held, "checkpoint.keep_best=prose/bits_per_byte")) == (
+        "prose/bits_per_byte",
+        "min",
+    )
+    with pytest.raises(ValueError, match="'los' is no evaluation metric; give one of loss, perp"):
+        tasks.best_metric(_lm("checkpoint.keep_best=los"))
+    with pytest.raises(ValueError, match="no eval set 'books' \\(data.eval_sets names code, pro"):
+        tasks.best_metric(_lm(held, "checkpoint.keep_best=books/loss"))
+    with pytest.raises(ValueError, match="no eval set 'code' \\(data.eval_sets is empty\\)"):
+        tasks.best_metric(_lm("checkpoint.keep_best=code/loss"))
+    lra = config_lib.load_with_overrides("configs/lra/listops.py:tiny", [])
+    assert tasks.best_metric(lra) == ("accuracy", "max")
+    config_lib.override(lra, "checkpoint.keep_best", "loss")
+    with pytest.raises(ValueError, match="an LRA run keeps its best checkpoint by eval accuracy"):
+        tasks.best_metric(lra)
+
+
+def test_a_bad_keep_best_fails_before_anything_is_written(tmp_path, corpus):
+    config = tiny_config("checkpoint.keep_best=bpb", corpus=corpus)
+    with pytest.raises(ValueError, match="'bpb' is no evaluation metric"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists() or not os.listdir(tmp_path / "run")
+
+
+def test_a_nan_is_never_the_best(tmp_path):
+    best = ckpt_lib.BestCheckpoint(str(tmp_path), "loss", "min")
+    assert not best.update(10, {"loss": math.nan}, {"w": jnp.zeros(2)})
+    assert best.update(20, {"loss": 3.0}, {"w": jnp.ones(2)})
+    assert not best.update(30, {"loss": math.nan}, {"w": jnp.zeros(2)})
+    with pytest.raises(ValueError, match="keep_best='loss': the evaluation reports no such"):
+        best.update(40, {"bits_per_byte": 1.0}, {"w": jnp.zeros(2)})
+    assert best.step == 20 and best.ckpt.steps() == [20]
+    best.close()
+
+
+def _eval_rows(workdir, key):
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+def test_a_language_model_keeps_its_best_checkpoint(tmp_path, corpus, capsys):
+    """The kept step is the eval set's best value so far; a resume without
+    keep_best leaves it as it is (said); another metric is refused with nothing changed;
+    eval, generate, score and export read it with best."""
+    workdir = str(tmp_path / "run")
+    common = [
+        f"data.eval_sets=held={corpus['eval']}", "train.eval_every=2",
+        "checkpoint.every_steps=4", "checkpoint.async_save=false",
+    ]  # fmt: skip
+    metric = "held/bits_per_byte"
+    train.train_and_evaluate(
+        tiny_config("train.steps=8", f"checkpoint.keep_best={metric}", *common, corpus=corpus),
+        workdir,
+    )
+    values = _eval_rows(workdir, "eval/held/bits_per_byte")
+    assert sorted(values) == [2, 4, 6, 8]
+    want = min(values, key=values.get)
+    kept = ckpt_lib.kept_best(workdir)
+    assert kept[0] == metric and kept[2] == want and kept[1] == pytest.approx(values[want])
+    out = capsys.readouterr()
+    assert f"the best eval {metric} ({values[want]:.4g}, step {want}) is kept in" in out.out
+
+    # A resume without keep_best trains on; the best checkpoint stays the one it was.
+    train.train_and_evaluate(tiny_config("train.steps=12", *common, corpus=corpus), workdir)
+    assert "is no longer updated: checkpoint.keep_best is unset" in capsys.readouterr().out
+    assert ckpt_lib.kept_best(workdir)[2] == want
+    assert ckpt_lib.checkpoint_steps(workdir)[-1] == 12
+
+    # Another metric would replace it by a checkpoint not better by the old one: refused.
+    before = open(os.path.join(workdir, "config.json")).read()
+    config = tiny_config("train.steps=16", "checkpoint.keep_best=loss", *common, corpus=corpus)
+    with pytest.raises(
+        ValueError, match=f"keeps the best eval loss: set checkpoint.keep_best='{metric}'"
+    ):  # noqa: E501
+        train.train_and_evaluate(config, workdir)
+    assert open(os.path.join(workdir, "config.json")).read() == before
+    assert ckpt_lib.checkpoint_steps(workdir)[-1] == 12 and ckpt_lib.kept_best(workdir)[2] == want
+
+    # What reads it: eval (the same figure), generate, score; the newest (12) otherwise.
+    result = evaluation.evaluate_workdir(config_lib.from_dict(json.load(open(
+        os.path.join(workdir, "config.json")))), workdir, best=True)  # fmt: skip
+    assert result["step"] == want
+    assert result["eval/held/bits_per_byte"] == pytest.approx(values[want], rel=1e-5)
+    sample = generate.generate_texts(workdir, ["def "], max_new_tokens=4, best=True)[0]
+    assert sample["step"] == want and sample["sampling"]["best"] is True
+    again = generate.generate_texts(workdir, ["def "], **sample["sampling"])[0]
+    assert again["completion"] == sample["completion"] and again["step"] == want
+    assert score.score_texts(workdir, ["import os\n"], best=True)[0]["step"] == want
+    assert score.score_texts(workdir, ["import os\n"])[0]["step"] == 12
+    with pytest.raises(ValueError, match="give a step or best, not both"):
+        generate.load_model(workdir, 4, best=True)
+
+
+def test_best_flags_on_the_command_line(lm_workdir, tmp_path):
+    """--best and --step exclude each other; a run that keeps no best says how to keep one."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+    def lrulm(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "lrulm", *args], capture_output=True, text=True, env=env
+        )
+
+    both = lrulm("score", "--workdir", lm_workdir, "--text", "x", "--best", "--step", "4")
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
+    none = lrulm("generate", "--workdir", lm_workdir, "--prompt", "x", "--best")
+    assert none.returncode == 2
+    assert "language models with checkpoint.keep_best set" in none.stderr
+    assert "--config.checkpoint.keep_best=loss" in none.stderr
