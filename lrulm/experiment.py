@@ -343,3 +343,17 @@ def evaluated_state(state: dict, exp: Experiment) -> dict:
         elif wanted and not kept:
             state[key] = state[source]
     return state
+
+
+def local_rows(exp: Experiment) -> tuple[int, int]:
+    """(first row, number of rows) of each global batch this process reads."""
+    name = next(iter(exp.batch_spec))
+    return sharding.process_rows(exp.batch_shardings[name], exp.batch_spec[name][0])
+
+
+def to_global(local: dict, exp: Experiment) -> dict:
+    """This process's rows of a batch (`local_rows`) as the global batch's sharded arrays."""
+    return {
+        k: jax.make_array_from_process_local_data(exp.batch_shardings[k], local[k], shape)
+        for k, (shape, _) in exp.batch_spec.items()
+    }

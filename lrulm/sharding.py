@@ -254,3 +254,16 @@ def batch_sharding(mesh: Mesh, ndim: int, *, seq_sharded: bool = False) -> Named
 
 def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def process_rows(batch_sharding, global_shape) -> tuple[int, int]:
+    """(first row, number of rows) of the global batch this process's devices hold."""
+    rows = set()
+    for index in batch_sharding.addressable_devices_indices_map(global_shape).values():
+        r = index[0]
+        rows.add((r.start or 0, global_shape[0] if r.stop is None else r.stop))
+    lo, hi = min(a for a, _ in rows), max(b for _, b in rows)
+    covered = sum(b - a for a, b in sorted(rows))
+    if covered != hi - lo:
+        raise ValueError(f"this process's batch rows {sorted(rows)} are not contiguous")
+    return lo, hi - lo

@@ -40,9 +40,11 @@ from lrulm.experiment import (
     ema_of,
     evaluated_state,
     is_floating,
+    local_rows,
     make_mesh,
     match_ema,
     restore_target,
+    to_global,
     validate,
 )
 
@@ -203,34 +205,8 @@ def jit_steps(exp: Experiment):
 
 
 # ==========================================================================================
-# Host-side helpers.
+# Evaluation (on the host: batches in, summed statistics out).
 # ==========================================================================================
-
-
-def process_rows(batch_sharding, global_shape) -> tuple[int, int]:
-    """(first row, number of rows) of the global batch this process's devices hold."""
-    rows = set()
-    for index in batch_sharding.addressable_devices_indices_map(global_shape).values():
-        r = index[0]
-        rows.add((r.start or 0, global_shape[0] if r.stop is None else r.stop))
-    lo, hi = min(a for a, _ in rows), max(b for _, b in rows)
-    covered = sum(b - a for a, b in sorted(rows))
-    if covered != hi - lo:
-        raise ValueError(f"this process's batch rows {sorted(rows)} are not contiguous")
-    return lo, hi - lo
-
-
-def local_rows(exp: Experiment) -> tuple[int, int]:
-    """(first row, number of rows) of each global batch this process reads."""
-    name = next(iter(exp.batch_spec))
-    return process_rows(exp.batch_shardings[name], exp.batch_spec[name][0])
-
-
-def to_global(local: dict, exp: Experiment) -> dict:
-    return {
-        k: jax.make_array_from_process_local_data(exp.batch_shardings[k], local[k], shape)
-        for k, (shape, _) in exp.batch_spec.items()
-    }
 
 
 def evaluate(exp: Experiment, eval_jit, state, batches, split: str = "eval") -> dict:
