@@ -147,6 +147,20 @@ def test_listops_truncation_and_archive_layout(tmp_path, caplog):
     assert src.path.endswith(os.path.join("lra_release", "listops-1000", "basic_train.tsv"))
 
 
+def test_two_copies_in_data_dir_say_which_is_read(tmp_path, caplog):
+    """Generated files beside the release's: the preferred copy is read and the warning
+    names both (once)."""
+    fx.write_listops(str(tmp_path), num=4)
+    fx.write_listops(str(tmp_path / "lra_release"), num=6)
+    with caplog.at_level(logging.WARNING):
+        src = lra.load_split("listops", str(tmp_path), "val", seq_len=None)
+        lra.load_split("listops", str(tmp_path), "val", seq_len=None)
+    first = os.path.join(str(tmp_path), "listops-1000", "basic_val.tsv")
+    assert src.path == first
+    other = os.path.join(str(tmp_path), "lra_release", "listops-1000", "basic_val.tsv")
+    assert caplog.text.count(f"reading {first}; data_dir also holds {other} (ignored)") == 1
+
+
 def test_one_data_dir_for_every_task_of_the_unpacked_archive(tmp_path):
     """The archive unpacks to lra_release/lra_release/{listops-1000, tsv_data,
     pathfinder32, pathfinder128}: data_dir = the folder holding lra_release/ serves all."""

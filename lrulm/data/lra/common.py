@@ -140,6 +140,9 @@ def check_seq_len(seq_len: int | None, default: int) -> int:
     return int(seq_len)
 
 
+_SAID: set[str] = set()  # the paths `locate` has warned of (once each)
+
+
 def locate(data_dir: str, candidates: Sequence[str], *, what: str, origin: str) -> str:
     """The first of `data_dir/<candidate>` that exists.
 
@@ -150,16 +153,23 @@ def locate(data_dir: str, candidates: Sequence[str], *, what: str, origin: str) 
       origin: where such files come from, for the message.
 
     Returns:
-      The full path of the first candidate that exists.
+      The full path of the first candidate that exists (a warning names the others that
+      exist too: data_dir holds two copies, e.g. generated files beside the release's).
 
     Raises:
       FileNotFoundError: naming every path tried and where the files come from.
     """
     data_dir = os.path.expanduser(os.fspath(data_dir))  # ~/lra as a shell would read it
-    for rel in candidates:
-        path = os.path.join(data_dir, rel) if rel else data_dir
-        if os.path.exists(path):
-            return path
+    paths = [os.path.join(data_dir, rel) if rel else data_dir for rel in candidates]
+    found = [path for path in paths if os.path.exists(path)]
+    if found:
+        if len(found) > 1 and found[0] not in _SAID:
+            _SAID.add(found[0])
+            log.warning(
+                "%s: reading %s; data_dir also holds %s (ignored)", what, found[0],
+                ", ".join(found[1:]),
+            )  # fmt: skip
+        return found[0]
     tried = ", ".join(os.path.join(data_dir, rel) for rel in candidates)
     exists = ""
     if os.path.isfile(data_dir):
