@@ -79,7 +79,6 @@ def data_seed(config) -> int:
 def validate(config, mesh) -> None:
     """Checks that need the mesh, before anything compiles."""
     t = config.train
-    tasks.best_metric(config)  # checkpoint.keep_best names a metric an evaluation reports
     dp = sharding.data_parallel_size(mesh)
     accum = config.optim.grad_accum_steps
     if accum < 1:

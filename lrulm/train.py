@@ -351,6 +351,7 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
         # ---- Mesh ------------------------------------------------------------------------
         mesh = make_mesh(config, devices)
         validate(config, mesh)  # before the data is prepared: errors come at once
+        keep_best = tasks.best_metric(config)  # a metric an evaluation reports
         run_config.check_start(config, workdir)
 
         # ---- Data ------------------------------------------------------------------------
@@ -479,7 +480,6 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
             steps = t.eval_steps if split != "test" else 0
             return task.eval_batches(split, num_batches=steps, **batch_args)
 
-        keep_best = tasks.best_metric(config)
         best = ckpt_lib.BestCheckpoint(workdir, *keep_best) if keep_best else None
 
         def check_finite():
