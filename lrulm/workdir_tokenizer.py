@@ -47,12 +47,12 @@ def next_to(path: str) -> str:
 
 def check_same(given: str, own: str, workdir: str) -> None:
     """Refuses data.tokenizer where the workdir's checkpoints were trained with another
-    tokenizer (their embedding rows are its ids), before anything is replaced."""
+    tokenizer (their embedding rows are its ids), before anything is replaced. The given
+    one is compared as lrulm reads it (renumbered, where it numbers its specials apart)."""
     if not os.path.exists(own) or not ckpt_lib.checkpoint_steps(workdir):
         return
-    with open(given, "rb") as f, open(own, "rb") as g:
-        if f.read() == g.read():
-            return
+    if tok.model_bytes(given)[0] == _read(own):
+        return
     raise ValueError(
         f"data.tokenizer={given} is not {own}, the tokenizer this workdir's checkpoints "
         "were trained with (their embeddings are its ids); nothing was changed. Leave out "
@@ -61,11 +61,21 @@ def check_same(given: str, own: str, workdir: str) -> None:
     )
 
 
-def _copy_atomic(src: str, dst: str) -> None:
-    """src copied to dst whole or not at all (a crash mid-copy leaves dst as it was)."""
+def _copy_atomic(src: str, dst: str, data: bytes | None = None) -> None:
+    """src copied to dst (or `data` written there) whole or not at all (a crash mid-copy
+    leaves dst as it was)."""
     tmp = f"{dst}.{uuid.uuid4().hex[:8]}.tmp"  # its own: runs sharing data.cache_dir race
-    shutil.copyfile(src, tmp)
+    if data is None:
+        shutil.copyfile(src, tmp)
+    else:
+        with open(tmp, "wb") as f:
+            f.write(data)
     os.replace(tmp, dst)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def _field(config) -> str:
@@ -189,7 +199,8 @@ def prepare(config, workdir: str, train_files: list[str]) -> str:
             "--config.data.tokenizer; a new one would not match"
         )
     if main and tokenizer:
-        pieces = tok.load_tokenizer(tokenizer).get_piece_size()  # fail early on a bad file
+        model, renumbered = tok.model_bytes(tokenizer)  # fail early on a bad file
+        pieces = tok.from_model_bytes(model, tokenizer).get_piece_size()
         asked = config.data.vocab_size
         if asked != config_lib.base_config().data.vocab_size and asked != pieces:
             metrics_lib.say(
@@ -199,7 +210,10 @@ def prepare(config, workdir: str, train_files: list[str]) -> str:
             )
         if os.path.abspath(tokenizer) != os.path.abspath(tok_path):
             check_same(tokenizer, tok_path, workdir)
-            _copy_atomic(tokenizer, tok_path)
+            new = not os.path.exists(tok_path) or _read(tok_path) != model
+            _copy_atomic(tokenizer, tok_path, model)
+            if renumbered and new:  # a public model (Llama's, Gemma's): specials moved to 0-3
+                metrics_lib.say(f"lrulm: {renumbered}; {tok_path} holds it so renumbered")
             if os.path.exists(spec_path):  # it described the tokenizer replaced
                 os.remove(spec_path)
     elif main:

@@ -1,6 +1,9 @@
 """SentencePiece tokenizers: training one on a corpus, loading one, and the ids lrulm uses.
 
-Ids 0-3 are reserved: 0 pad, 1 unk, 2 bos, 3 eos. The models are trained for source
+Ids 0-3 are reserved: 0 pad, 1 unk, 2 bos, 3 eos; another SentencePiece model (Llama's,
+Gemma's, T5's: their own numbering) is read with those four pieces moved there (added
+where it has none), every other piece in its order after them: the same segmentation,
+other ids (`renumbered`). The models lrulm trains are made for source
 code and prose alike: identity normalisation, whitespace kept as it is (indentation
 matters in Python), byte fallback so that any character can be encoded, digits split.
 Every string round-trips except for U+2581 ("▁"), SentencePiece's own escape for a
@@ -137,24 +140,96 @@ def train_tokenizer(
     return load_tokenizer(output_path)
 
 
-def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
-    """Loads a SentencePiece model file, with a clear error if it is missing or bad."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no tokenizer at {path}; train one with `lrulm tokenizer train`")
+def _special_ids(sp: spm.SentencePieceProcessor) -> tuple[int, int, int, int]:
+    return sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id()
+
+
+def from_model_bytes(model: bytes, path: str = "the tokenizer") -> spm.SentencePieceProcessor:
+    """A SentencePiece model read from its bytes (`path` names it in errors)."""
     sp = spm.SentencePieceProcessor()
     try:
-        sp.Load(path)
+        sp.LoadFromSerializedProto(model)
     except (OSError, RuntimeError) as e:
-        raise ValueError(f"{path} is not a SentencePiece model: {e}") from e
-    # The data, the loss (PAD weighs 0), document resets (at EOS) and generation (stops at
-    # EOS, never draws PAD) use these ids; another numbering would turn ordinary pieces
-    # into document ends.
-    ids = (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id())
-    if ids != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
-        raise ValueError(
-            f"tokenizer {path} numbers pad, unk, bos, eos as {', '.join(map(str, ids))}; "
-            f"lrulm needs {PAD_ID}, {UNK_ID}, {BOS_ID}, {EOS_ID} (-1 = none). Train one with "
-            "`lrulm tokenizer train`, or train SentencePiece with --pad_id=0 --unk_id=1 "
-            "--bos_id=2 --eos_id=3"
-        )
+        raise ValueError(f"{path} is not a SentencePiece model: {e}") from None
     return sp
+
+
+# Texts whose segmentation a renumbered model must keep, piece for piece.
+_CHECK_TEXTS = (
+    "def f(x):\n    return x + 1  # one\n\n",
+    "The quick brown fox, 12345 times.\tTabs  and   spaces\r\n",
+    "日本語 and ünïcödé — ✓ <s> </s> <pad> <unk>",
+)
+
+
+def renumbered(model: bytes, path: str = "the tokenizer") -> tuple[bytes, str]:
+    """A SentencePiece model (serialized) with its pad, unk, bos and eos pieces at lrulm's
+    ids 0-3 and every other piece after them in its order, and a note saying what moved
+    (`model` itself and "" where it numbers them so already).
+
+    The data, the loss (PAD weighs 0), document resets (at EOS) and generation (stops at
+    EOS, never draws PAD) use those ids. A special the model lacks (Llama's has no pad) is
+    added as a control piece. Segmentation is by the pieces' scores, not their ids: the
+    same texts give the same pieces (checked)."""
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    old = from_model_bytes(model, path)
+    ids = _special_ids(old)
+    if ids == (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
+        return model, ""
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(model)
+    spec, pieces = proto.trainer_spec, list(proto.pieces)
+    taken = {p.piece for p in pieces}
+    front, moved, added = [], set(), []
+    for role, i in zip(("pad", "unk", "bos", "eos"), ids):
+        if i >= 0 and i not in moved:
+            front.append(pieces[i])
+            moved.add(i)
+            continue
+        name = getattr(spec, f"{role}_piece") or f"<{role}>"
+        while name in taken:  # pad = eos in some models; or the name is an ordinary piece
+            name = f"<lrulm_{role}>" if not name.startswith("<lrulm_") else name[:-1] + "_>"
+        taken.add(name)
+        setattr(spec, f"{role}_piece", name)
+        control = model_pb2.ModelProto.SentencePiece.CONTROL  # (every model has an unk)
+        front.append(model_pb2.ModelProto.SentencePiece(piece=name, score=0.0, type=control))
+        added.append(name)
+    del proto.pieces[:]
+    proto.pieces.extend(front + [p for j, p in enumerate(pieces) if j not in moved])
+    spec.pad_id, spec.unk_id, spec.bos_id, spec.eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
+    out = proto.SerializeToString()
+    new = from_model_bytes(out, path)
+    same = all(old.encode(t, out_type=str) == new.encode(t, out_type=str) for t in _CHECK_TEXTS)
+    if _special_ids(new) != (PAD_ID, UNK_ID, BOS_ID, EOS_ID) or not same:
+        raise ValueError(
+            f"{path} numbers pad, unk, bos, eos as {', '.join(map(str, ids))}, and renumbering "
+            f"them to {PAD_ID}-{EOS_ID} changed how it segments text; train one with `lrulm "
+            "tokenizer train`, or SentencePiece with --pad_id=0 --unk_id=1 --bos_id=2 --eos_id=3"
+        )
+    note = (
+        f"{path} numbers pad, unk, bos, eos as {', '.join(map(str, ids))}: read with them "
+        f"at {PAD_ID}, {UNK_ID}, {BOS_ID}, {EOS_ID} and every other piece after them "
+        f"({new.get_piece_size():,} pieces"
+        + (f"; added {', '.join(added)}" if added else "")
+        + "; the same segmentation, other ids)"
+    )
+    return out, note
+
+
+def model_bytes(path: str) -> tuple[bytes, str]:
+    """The SentencePiece model at path as lrulm numbers it, and a note where that is not
+    as the file has it (`renumbered`)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no tokenizer at {path}; train one with `lrulm tokenizer train`")
+    if os.path.isdir(path):
+        raise ValueError(f"the tokenizer {path} is a directory; give its .model file")
+    with open(path, "rb") as f:
+        return renumbered(f.read(), path)
+
+
+def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
+    """Loads a SentencePiece model file, with a clear error if it is missing or bad; one
+    that numbers pad, unk, bos and eos otherwise is read renumbered (`renumbered`)."""
+    model, _ = model_bytes(path)
+    return from_model_bytes(model, path)
