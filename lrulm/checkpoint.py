@@ -321,7 +321,7 @@ class Checkpointer:
             except (ValueError, FileNotFoundError, KeyError) as e:
                 # E.g. restored with another number of processes: the caller positions
                 # the (step-indexed) pipeline from the step instead.
-                log.warning("data-iterator state of step %d not restored (%s)", step, e)
+                log.info("data-iterator state of step %d not restored (%s)", step, e)
         return Restored(step, restored[STATE], data_restored)
 
     def _quarantine(self, step: int) -> None:

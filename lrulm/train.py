@@ -416,7 +416,18 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
         if restored is not None:
             state = match_ema(restored.state, exp, restored.step)
             if not restored.data_restored:  # e.g. another number of processes
-                train_iter.set_state(checkpointer.data_position(restored.step))
+                position = checkpointer.data_position(restored.step)
+                train_iter.set_state(position)
+                if is_main:
+                    where = (
+                        f"row {position['rows']:,}" if "rows" in position
+                        else f"step {position['next_index']}"
+                    )  # fmt: skip
+                    metrics_lib.say(
+                        f"lrulm: the train data goes on at {where} of its order (from the "
+                        "checkpoint's metadata: its per-process iterator state does not fit, "
+                        "e.g. saved by another number of processes)"
+                    )
             metrics_lib.say(f"lrulm: resumed from {checkpointer.directory}/{restored.step}")
             trained = run_config.trained_config(checkpointer, restored.step)
         else:

@@ -171,6 +171,8 @@ def test_two_process_checkpoint_resumes_in_one_process(tmp_path, corpus, two_pro
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"resumed from {workdir}/checkpoints/4" in out.stdout + out.stderr
+    assert "the train data goes on at row 32 of its order (from the checkpoint's" in out.stdout
+    assert "WARNING" not in out.stderr  # nothing was lost
     two, one = _losses(reference), _losses(workdir)
     assert sorted(one) == [5, 6, 7, 8]
     np.testing.assert_allclose([one[s] for s in one], [two[s] for s in one], rtol=1e-5)
