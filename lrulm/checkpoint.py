@@ -138,15 +138,19 @@ class Restored:
 def quiet_orphaned_reads() -> None:
     """Called before a restore. When one fails (a damaged checkpoint), the reads it had
     in flight complete into an event loop Orbax has closed, and Python reports each
-    ("Event loop is closed": hundreds of tracebacks, no harm done). Those reports are
-    dropped from then on; any other unraisable exception is reported as before."""
+    ("Event loop is closed": hundreds of tracebacks, no harm done), or fail unawaited
+    (Orbax's read coroutines, each with its TensorStore spec). Those reports are dropped
+    from then on; any other unraisable exception is reported as before."""
     previous = sys.unraisablehook
     if getattr(previous, "_lrulm_quiet", False):
         return
 
     def hook(unraisable):
         e = unraisable.exc_value
-        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+        closed = isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+        code = getattr(unraisable.object, "cr_code", None)  # a coroutine's
+        orbax = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+        if not (closed or orbax):
             previous(unraisable)
 
     hook._lrulm_quiet = True
@@ -503,6 +507,7 @@ def saved_tree(item_dir: str) -> dict:
     """The tree of array metadata (shapes, dtypes) of a checkpoint's state item; a
     ValueError naming the directory when it does not read (a damaged checkpoint)."""
     item_dir = os.path.abspath(item_dir)  # Orbax reads no metadata from a relative path
+    quiet_orphaned_reads()
     # The item's metadata is complete; absl warns that the step's own file is elsewhere.
     logging.getLogger("absl").setLevel(logging.ERROR)
     try:
@@ -617,6 +622,7 @@ def read_numpy(item_dir: str, key: str | None = None):
     """A saved pytree item (e.g. CHECKPOINT/state), or only its subtree `key` (e.g.
     "params": the optimizer state is not read), as host numpy arrays, whatever the devices
     or processes that wrote it. Only the orbax API is used."""
+    quiet_orphaned_reads()
     checkpointer = ocp.PyTreeCheckpointer()
     item_dir = os.path.abspath(item_dir)  # Orbax reads no metadata from a relative path
     meta = checkpointer.metadata(item_dir)

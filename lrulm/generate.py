@@ -372,7 +372,7 @@ def load_model(workdir: str, step: int | None = None, weights: str = "auto", *, 
             errors.append(f"step {candidate}: {metrics_lib.brief(e)}")
             if step is None:
                 metrics_lib.say(
-                    f"lrulm: checkpoint {candidate} does not read ({type(e).__name__}); "
+                    f"lrulm: checkpoint {candidate} does not read ({metrics_lib.brief(e)}); "
                     "trying the one before"
                 )
     raise ValueError(f"no checkpoint in {checkpoints} reads back:\n  " + "\n  ".join(errors))

@@ -54,8 +54,16 @@ def say(message: str, *, file=None) -> None:
 
 def brief(error: BaseException, limit: int = 300) -> str:
     """An exception as one short line: its type and the start of its first line (Orbax
-    and TensorStore errors carry whole array specs)."""
-    text = str(error).strip().splitlines()
+    and TensorStore errors carry whole array specs: cut, with their cause's line, which
+    names the file and what is wrong with it)."""
+    text = str(error).strip()
+    spec = text.find(" See full TensorStore details")
+    if spec >= 0:
+        text = text[:spec]
+        cause = error.__cause__ or error.__context__
+        if cause is not None:
+            text += f" ({brief(cause, limit)})"
+    text = text.splitlines()
     first = text[0] if text else ""
     if len(first) > limit:
         first = first[: limit - 3] + "..."

@@ -534,13 +534,24 @@ def test_a_failed_restore_does_not_flood_the_log(monkeypatch):
     ckpt_lib.quiet_orphaned_reads()
     ckpt_lib.quiet_orphaned_reads()  # once is enough: not wrapped twice
 
-    def report(error):
-        sys.unraisablehook(types.SimpleNamespace(exc_value=error, exc_type=type(error)))
+    def report(error, source=None):
+        sys.unraisablehook(types.SimpleNamespace(exc_value=error, exc_type=type(error),
+                                                 object=source))  # fmt: skip
+
+    def coroutine_of(filename):  # a coroutine whose code is in that file, as Orbax's reads
+        scope = {}
+        exec(compile("async def read(): pass", filename, "exec"), scope)
+        return scope["read"]()
 
     report(RuntimeError("Event loop is closed"))
     report(RuntimeError("something else"))
     report(ValueError("Event loop is closed"))
-    assert seen == ["something else", "Event loop is closed"]
+    orbax_read = coroutine_of(os.path.join("site-packages", "orbax", "serialization.py"))
+    other_read = coroutine_of(os.path.join("site-packages", "mine", "io.py"))
+    report(Exception("Encountered error while reading array index"), orbax_read)
+    report(Exception("my own"), other_read)
+    orbax_read.close(), other_read.close()
+    assert seen == ["something else", "Event loop is closed", "my own"]
 
 
 def test_ctrl_c_is_taken_only_when_asked_and_not_ignored():

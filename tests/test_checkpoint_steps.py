@@ -119,3 +119,51 @@ def test_a_read_only_restore_of_damaged_checkpoints_moves_nothing(
     assert not (run / "corrupt_checkpoints").exists()
     assert ckpt_lib.checkpoint_steps(str(run)) == [4, 8]
     assert all(os.path.isdir(run / "checkpoints" / s / "state") for s in ("4", "8"))
+
+
+def test_export_params_falls_back_past_a_damaged_checkpoint(
+    lm_workdir, tmp_path, damage_checkpoint
+):
+    """tools/export_params.py, as generate and eval: the newest checkpoint damaged, the one
+    before is exported (said in one line, the file and what is wrong named); a damaged
+    --step is refused naming the others."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    shutil.copytree(lm_workdir, run)
+    damage_checkpoint(run / "checkpoints" / "8")
+    tool = os.path.join(os.path.dirname(__file__), "..", "tools", "export_params.py")
+    out = str(tmp_path / "p.npz")
+    export = lambda *a: subprocess.run(  # noqa: E731
+        [sys.executable, tool, str(run), *a, "--output", out], capture_output=True, text=True
+    )
+    done = export()
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "step 4" in done.stdout and done.stderr.count("\n") == 1
+    assert "checkpoint 8 does not read (ValueError: " in done.stderr
+    assert "TensorStore details" not in done.stderr and "trying the one before" in done.stderr
+    refused = export("--step", "8")
+    assert refused.returncode == 1
+    assert "checkpoint" in refused.stderr and "/8 does not read back (" in refused.stderr
+    assert refused.stderr.rstrip().endswith("it is damaged; give another --step (4, 8)")
+
+
+def test_brief_cuts_a_tensorstore_spec_and_names_its_cause():
+    from lrulm import metrics as metrics_lib
+
+    try:
+        try:
+            raise ValueError('OUT_OF_RANGE: Error reading "params.w/0" in OCDBT database')
+        except ValueError as cause:
+            raise Exception(
+                "Encountered error while reading array index: (slice(0, 2, 1),). See full "
+                "TensorStore details: <bound method spec of TensorStore({\n  'base': {...}\n})>."
+            ) from cause
+    except Exception as e:  # noqa: BLE001
+        line = metrics_lib.brief(e)
+    assert line == (
+        "Exception: Encountered error while reading array index: (slice(0, 2, 1),). "
+        '(ValueError: OUT_OF_RANGE: Error reading "params.w/0" in OCDBT database)'
+    )
+    assert metrics_lib.brief(ValueError("a\nb")) == "ValueError: a"

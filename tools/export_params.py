@@ -27,30 +27,58 @@ import numpy as np
 import tool_args
 
 from lrulm import checkpoint as ckpt_lib
+from lrulm import metrics as metrics_lib
 
 
 def read_params(
     workdir: str, step: int | None = None, *, best: bool = False, weights: str = "auto"
 ) -> tuple[dict, int, str]:
-    """The parameters of a run's checkpoint (default: the newest; best: the best-on-eval
-    one an LRA run, or a language model with checkpoint.keep_best, keeps; weights:
-    `checkpoint.weights_key`'s) as a flat {"a/b/c": np.ndarray}
+    """The parameters of a run's checkpoint (default: the newest that reads back; best:
+    the best-on-eval one an LRA run, or a language model with checkpoint.keep_best,
+    keeps; weights: `checkpoint.weights_key`'s) as a flat {"a/b/c": np.ndarray}
     dict, the step and the state's key read ("params" or "ema_params")."""
+    if weights not in ckpt_lib.WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(ckpt_lib.WEIGHTS)}; got {weights!r}")
     saved = os.path.join(workdir, "best") if best else workdir
     steps = ckpt_lib.checkpoint_steps(saved)
     if not steps:
         if best:
             raise FileNotFoundError(ckpt_lib.no_best(workdir))
         raise FileNotFoundError(f"no checkpoints in {os.path.join(saved, 'checkpoints')}")
-    step = steps[-1] if step is None else step
-    if step not in steps:
+    if step is not None and step not in steps:
         raise FileNotFoundError(
             f"no checkpoint of step {step} in {saved}/checkpoints; its steps: "
             + ", ".join(map(str, steps))
         )
+    errors = []
+    for candidate in [step] if step is not None else reversed(steps):
+        try:
+            return _read_step(saved, candidate, weights)
+        except ckpt_lib.NoWeightAverage:
+            raise
+        except Exception as e:  # noqa: BLE001 - a damaged checkpoint: the one before
+            errors.append(e)
+        if step is None:
+            print(
+                f"checkpoint {candidate} does not read ({metrics_lib.brief(errors[-1])}); "
+                "trying the one before", file=sys.stderr,
+            )  # fmt: skip
+    if step is not None:
+        raise ValueError(
+            f"checkpoint {saved}/checkpoints/{step} does not read back "
+            f"({metrics_lib.brief(errors[0])}): it is damaged; give another --step ("
+            + ", ".join(map(str, steps))
+            + ")"
+        )
+    raise ValueError(
+        f"no checkpoint in {saved}/checkpoints reads back (all damaged): "
+        + "; ".join(metrics_lib.brief(e) for e in errors[:2])
+    )
+
+
+def _read_step(saved: str, step: int, weights: str) -> tuple[dict, int, str]:
     item = os.path.join(saved, "checkpoints", str(step), ckpt_lib.STATE)
     key = ckpt_lib.weights_key(ckpt_lib.saved_tree(item), weights)  # damaged: an error
-    ckpt_lib.quiet_orphaned_reads()
     tree = ckpt_lib.saved_tree(item)
     flat = _flat(ckpt_lib.read_numpy(item, key))
     # BatchNorm's running statistics (LRA's model.norm=batch), the average's with it: what
