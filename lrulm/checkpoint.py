@@ -165,6 +165,9 @@ def checkpoint_steps(workdir: str) -> list[int]:
     return sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit())
 
 
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # a save's directory until it is complete
+
+
 class Checkpointer:
     """Saves and restores a run's checkpoints (all processes call every method)."""
 
@@ -175,16 +178,24 @@ class Checkpointer:
         max_to_keep: int = 3,
         keep_period: int = 0,
         async_save: bool = True,
+        writer: bool = False,
     ):
+        """writer: the run's trainer, which removes the temporary directories of saves an
+        earlier process left unfinished (a second Ctrl-C, a kill); a reader (`lrulm eval`
+        beside a running training) must leave them alone: they may be saves in flight."""
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.workdir = os.path.abspath(workdir)
         self.run_dir = self.workdir  # the run's workdir (its config.json): BestCheckpoint's
         # checkpointer lives in WORKDIR/best
+        unfinished = []
+        if writer and os.path.isdir(self.directory):
+            unfinished = sorted(d for d in os.listdir(self.directory) if TMP_SUFFIX in d)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep if max_to_keep > 0 else None,
             keep_period=keep_period if keep_period > 0 else None,
             enable_async_checkpointing=async_save,
             create=True,
+            cleanup_tmp_directories=writer,
         )
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -195,6 +206,11 @@ class Checkpointer:
                 METADATA: ocp.JsonCheckpointHandler(),
             },
         )
+        if unfinished and jax.process_index() == 0:
+            metrics_lib.say(
+                f"lrulm: removed the saves an earlier process left unfinished in "
+                f"{self.directory}: {', '.join(unfinished)}"
+            )
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -408,7 +424,9 @@ class BestCheckpoint:
         if mode not in ("max", "min"):
             raise ValueError(f"best-checkpoint mode must be 'max' or 'min'; got {mode!r}")
         self.metric, self.mode = metric, mode
-        self.ckpt = Checkpointer(os.path.join(workdir, "best"), max_to_keep=1, async_save=False)
+        self.ckpt = Checkpointer(
+            os.path.join(workdir, "best"), max_to_keep=1, async_save=False, writer=True
+        )
         self.ckpt.run_dir = os.path.abspath(workdir)
         self.value, self.step = None, None
         steps = self.ckpt.steps()

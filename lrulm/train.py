@@ -376,8 +376,9 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
 
         # ---- Model & optimizer: sharded init, or restore ---------------------------------
         checkpointer = ckpt_lib.Checkpointer(
-            workdir, max_to_keep=c.max_to_keep, keep_period=c.keep_period, async_save=c.async_save
-        )
+            workdir, max_to_keep=c.max_to_keep, keep_period=c.keep_period,
+            async_save=c.async_save, writer=True,
+        )  # fmt: skip
         try:
             restored = checkpointer.restore_latest(
                 lambda s: restore_target(exp, checkpointer, s), train_iter

@@ -167,3 +167,20 @@ def test_brief_cuts_a_tensorstore_spec_and_names_its_cause():
         '(ValueError: OUT_OF_RANGE: Error reading "params.w/0" in OCDBT database)'
     )
     assert metrics_lib.brief(ValueError("a\nb")) == "ValueError: a"
+
+
+def test_the_trainer_removes_unfinished_saves_and_a_reader_leaves_them(tmp_path, capsys):
+    """Saves a killed process left half-written (Orbax's temporary directories) pile up
+    at every kill: the trainer's checkpointer removes them (said); a reader's (`lrulm
+    eval` beside a running training, whose saves in flight they may be) leaves them."""
+    checkpoints = tmp_path / "checkpoints"
+    left = ["13" + ckpt_lib.TMP_SUFFIX + "-1700000000", "15" + ckpt_lib.TMP_SUFFIX]
+    for name in left:
+        (checkpoints / name / "state").mkdir(parents=True)
+        (checkpoints / name / "state" / "part").write_bytes(b"x" * 100)
+    ckpt_lib.Checkpointer(str(tmp_path), async_save=False).close()
+    assert sorted(os.listdir(checkpoints)) == sorted(left)
+    assert "removed" not in capsys.readouterr().out
+    ckpt_lib.Checkpointer(str(tmp_path), async_save=False, writer=True).close()
+    assert os.listdir(checkpoints) == []
+    assert f"left unfinished in {checkpoints}: {', '.join(sorted(left))}" in capsys.readouterr().out
