@@ -77,12 +77,11 @@ def data_seed(config) -> int:
 
 
 def validate(config, mesh) -> None:
-    """Checks that need the mesh, before anything compiles."""
+    """Checks that need the mesh, after `check_config`'s, before anything compiles."""
+    check_config(config)
     t = config.train
     dp = sharding.data_parallel_size(mesh)
     accum = config.optim.grad_accum_steps
-    if accum < 1:
-        raise ValueError(f"optim.grad_accum_steps must be >= 1; got {accum}")
     if t.global_batch_size % (dp * accum):
         unit = dp * accum
         raise ValueError(
@@ -94,6 +93,16 @@ def validate(config, mesh) -> None:
         raise ValueError(
             f"train.seq_len {t.seq_len} is not divisible by mesh.sequence="
             f"{mesh.shape['sequence']}; use a multiple of it"
+        )
+
+
+def check_config(config) -> None:
+    """Checks of a config's values alone, needing no devices or data (`lrulm config` runs
+    them too: a sweep's configs are vetted before they are launched)."""
+    t = config.train
+    if config.optim.grad_accum_steps < 1:
+        raise ValueError(
+            f"optim.grad_accum_steps must be >= 1; got {config.optim.grad_accum_steps}"
         )
     for name in ("steps", "log_every", "global_batch_size", "seq_len"):
         if t[name] < 1:

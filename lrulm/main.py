@@ -318,9 +318,11 @@ def main(argv: list[str]) -> int:
                     _print_samples(samples, args.output)
             case "config":
                 from lrulm import config as config_lib
-                from lrulm import tasks
+                from lrulm import experiment, tasks
 
                 config = _config(args, extra)
+                experiment.check_config(config)  # what train would refuse, but the devices
+                tasks.best_metric(config)
                 task = tasks.make_task(config, None, prepare_data=False)
                 model = dataclasses.asdict(task.model_config)
                 out = {"config": config_lib.to_dict(config), "model": model}

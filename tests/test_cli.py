@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from run_helpers import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -170,6 +171,20 @@ def test_config_command_prints_the_config_and_its_model():
     assert printed["model"]["num_params"] == preset.num_params() == 394_566_656
     bad = _lrulm("config", "--config", "configs/lm/tiny.py", "--config.optim.lrr=1")
     assert bad.returncode == 2 and "did you mean 'optim.lr'" in bad.stderr
+    # The values train would refuse (but for the devices), refused here too: a sweep's
+    # configs can be vetted before they are launched.
+    bad = _lrulm("config", "--config", "configs/lm/tiny.py", "--config.optim.ema=1.5")
+    assert bad.returncode == 2 and "optim.ema must be in [0, 1)" in bad.stderr
+    from lrulm import experiment
+
+    for override, message in [
+        ("train.steps=-3", "train.steps must be positive"),
+        ("optim.schedule=cosin", "optim.schedule must be one of cosine"),
+        ("train.global_batch_size=0", "train.global_batch_size must be positive"),
+        ("optim.grad_accum_steps=0", "optim.grad_accum_steps must be >= 1"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            experiment.check_config(tiny_config(override))
 
 
 def test_output_paths_are_checked_before_the_work(tmp_path):
