@@ -284,7 +284,7 @@ def base_config() -> ConfigDict:
     c.data.tokenizer = ""  # a sentencepiece .model; "" = train one into the workdir
     c.data.vocab_size = 2048  # of the tokenizer trained when data.tokenizer is ""
     c.data.reset_at_doc_boundaries = True  # zero the recurrent state at each new document
-    c.data.data_dir = ""  # LRA: where the task's files are (DESIGN.md §2 layouts)
+    c.data.data_dir = ""  # LRA: where the task's files are (docs/design.md §2 layouts)
     c.data.on_error = "raise"  # LRA: "raise" on malformed records, or "skip" and count
     c.data.num_threads = 2  # Grain read threads per process
     # A folder runs share (sweeps on one corpus): tokenizers and tokenized splits kept by

@@ -50,7 +50,7 @@ class GradMethod(enum.Enum):
     AUTODIFF = "autodiff"  # differentiate the forward computation as written.
 
 
-# Measured with tools/bench_baseline.py (the DESIGN.md §4 CPU row: an LRA step, 6 x H128 x
+# Measured with tools/bench_baseline.py (the docs/design.md §4 CPU row: an LRA step, 6 x H128 x
 # N256, layer norm, batch 8 x 1024, 2-core CPU, 2026-12-04): a train step takes 0.31 s with
 # the sequential loop (on parts, in place: `_sequential_parts`), 0.46 s chunked, 0.49 s
 # associative; a minimal-LRU-style reference step (complex associative_scan vmapped over
@@ -59,7 +59,7 @@ class GradMethod(enum.Enum):
 _AUTO_BY_BACKEND = {
     "cpu": ScanMethod.SEQUENTIAL,
     # The Pallas kernels (lrulm/scan_pallas.py) read b and write h once, where
-    # associative_scan makes log2(L) passes (DESIGN.md §4). On an H200 (tools/
+    # associative_scan makes log2(L) passes (docs/design.md §4). On an H200 (tools/
     # gpu_check.sh, 2026-11-27) the GPU kernel made an LRU layer 1.16x and the 350m step
     # 1.02x faster, but one 65,536-token sequence 1.35x slower (too few programs). Such
     # launches are now split in time (4.2x faster than unsplit on an H100), not yet timed

@@ -17,7 +17,7 @@ memory latency. Time is sequential within a program, so all parallelism comes fr
   the forward's bytes and be kept for the backward.
 - Time is walked in chunks of `chunk_size` steps. Every row of a chunk is loaded before
   the chunk's first step, so a whole chunk of loads is in flight and memory latency is
-  paid once per chunk, not once per step as in the naive kernel of DESIGN.md §4.
+  paid once per chunk, not once per step as in the naive kernel of docs/design.md §4.
 - GPU: 32 channels and one warp per program: each thread owns a channel and every row
   load is one coalesced 128-byte line per part. At (B=8, N=1024) that is 256 warps, ~2
   per H100 SM, so memory parallelism must come from the chunk. Loads per thread are

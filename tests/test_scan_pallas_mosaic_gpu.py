@@ -195,7 +195,7 @@ def test_mosaic_kernels_have_no_races(complex_, full_a, halves, monkeypatch):
 @pytest.mark.parametrize("gpu_tuning", ["mosaic,64,3", "mosaic,32,6,halves=2"], indirect=True)
 @pytest.mark.parametrize("dtype, over_b", [(jnp.float32, True), (jnp.bfloat16, False)])
 def test_mosaic_kernels_lower_for_cuda(gpu_tuning, dtype, over_b, mosaic_calls):
-    """The LRU's scan and its gradient with resets at the DESIGN.md size (8 x 2048 x 1024),
+    """The LRU's scan and its gradient with resets at the docs/design.md §4 size (8 x 2048 x 1024),
     lowered for CUDA on this host: the Mosaic GPU lowering accepts every copy and layout
     (the interpreter does not check the TMA's size rules), no Triton kernel is left, and
     g is written over dh (operands 2, 3), h over b when asked: one (B, L, N) buffer per

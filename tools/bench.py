@@ -1,6 +1,6 @@
 """The whole performance table in one command: scan methods, an LRU layer, train steps.
 
-    python tools/bench.py                        # sized for the backend (GPU: DESIGN.md §4)
+    python tools/bench.py                        # sized for the backend (GPU: docs/design.md §4)
     python tools/bench.py --quick --json b.json  # CI: tiny sizes, < 1 minute on 2 CPU cores
     python tools/bench.py --sections train --presets 350m --scan_methods associative,pallas \\
         --long 125m:65536 --json b.json          # one preset per scan method + a 64k row
@@ -53,7 +53,7 @@ from lrulm.scan import ScanMethod  # noqa: E402
 
 SECTIONS = ("scan", "lru", "train")
 
-# Sizes per profile. "accelerator" is DESIGN.md §4's scan size and the presets at the
+# Sizes per profile. "accelerator" is docs/design.md §4's scan size and the presets at the
 # batch of one H100, budgeted to finish in ~5 minutes with compiles; "cpu" takes a few
 # minutes on 2 cores; "quick" is for CI.
 PROFILES = {

@@ -5,7 +5,7 @@
     python tools/bench_baseline.py --size scifar --json # 50 x 1024 pixels, H 512, N 384 (GPU)
     python tools/bench_baseline.py --size listops,scifar --scan_methods auto,pallas   # GPU
 
-DESIGN.md §4 states lrulm's throughput target as at least twice that of the public
+docs/design.md §4 states lrulm's throughput target as at least twice that of the public
 reference implementation of the LRU (minimal-LRU: Flax Linen, `jax.lax.associative_scan`,
 the per-example model vmapped over the batch), measured on the same configurations. The
 reference cannot be downloaded here, so `reference_*` below rebuilds it from that
@@ -43,12 +43,12 @@ from lrulm import scan as scan_lib
 from lrulm.data import lra
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-TARGET_RATIO = 2.0  # DESIGN.md §4: at least twice the reference's throughput
+TARGET_RATIO = 2.0  # docs/design.md §4: at least twice the reference's throughput
 
 
 @dataclasses.dataclass(frozen=True)
 class Size:
-    """One configuration of DESIGN.md §4's baseline table."""
+    """One configuration of docs/design.md §4's baseline table."""
 
     task: str  # the LRA task whose input and head shapes are used
     batch: int
@@ -56,7 +56,7 @@ class Size:
     d_model: int  # H
     d_state: int  # N
     num_layers: int = 6
-    design_ms: dict | None = None  # the reference's step time in DESIGN.md §4, by device
+    design_ms: dict | None = None  # the reference's step time in docs/design.md §4, by device
 
 
 SIZES = {
@@ -331,7 +331,7 @@ def markdown(rows: list[dict]) -> str:
         lines
         + [
             f"\nDevice: {device}, one device, float32, {layers} layers, median step after "
-            f"compile and warm-up. Target (DESIGN.md §4): ratio >= {TARGET_RATIO:g}x."
+            f"compile and warm-up. Target (docs/design.md §4): ratio >= {TARGET_RATIO:g}x."
         ]
         + [f"- failed: {e}" for e in errors]
     )

@@ -1,7 +1,7 @@
 """Times every linear_scan method against the byte floor of the recurrence.
 
     python tools/bench_scan.py                       # CPU-sized default, < 1 minute
-    python tools/bench_scan.py --B 8 --L 2048 --N 1024 --json out.json   # DESIGN.md §4 size
+    python tools/bench_scan.py --B 8 --L 2048 --N 1024 --json out.json   # docs/design.md §4 size
 
 Floors (complex64, bytes that must move at least once):
   forward           read b, write h                       2 * B*L*N*8

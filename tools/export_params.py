@@ -5,7 +5,7 @@
 Keys are the parameter paths joined by "/" (e.g. `stack/blocks/lru/nu_log`); a stack of
 scanned layers holds each array with the layer as its first axis, an unscanned one has
 `stack/blocks/<i>/...`. The LRU's parameters keep the paper reference code's names
-(`nu_log, theta_log, gamma_log, B_re, B_im, C_re, C_im, D`; DESIGN.md §1), so a tree can be
+(`nu_log, theta_log, gamma_log, B_re, B_im, C_re, C_im, D`; docs/design.md §1), so a tree can be
 mapped onto it. `__step__` holds the step, and `__model__` the resolved model config the
 checkpoint was saved with (JSON text, from its metadata). Only the parameters are read
 (not the optimizer state; the weight average of `optim.ema` where the checkpoint keeps one,

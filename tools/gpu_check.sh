@@ -5,7 +5,7 @@
 #   bash tools/gpu_check.sh        # on a CUDA machine; at most ~10 minutes
 #   bash tools/gpu_check.sh quick  # at most ~4.5 minutes: the sweep, the scan and
 #                                  # layer rows (no train step), the Mosaic GPU tests
-#   bash tools/gpu_check.sh baseline  # at most ~3 minutes: DESIGN.md §4's throughput
+#   bash tools/gpu_check.sh baseline  # at most ~3 minutes: docs/design.md §4's throughput
 #                                  # target, lrulm's LRA step (associative and pallas)
 #                                  # beside the minimal-LRU-style reference at the ListOps
 #                                  # and sCIFAR paper sizes (tools/bench_baseline.py)
@@ -15,7 +15,7 @@
 #    L=2048, N=1024, each checked against associative and timed; the fastest correct
 #    Triton one is exported (LRULM_PALLAS_GPU_TUNING) for the benchmark (the Mosaic GPU
 #    kernels' tests have yet to pass on hardware: their rows are in the sweep's table);
-# 2. tools/bench.py: the scan methods at the DESIGN.md §4 size (B=8, L=2048, N=1024, the
+# 2. tools/bench.py: the scan methods at the docs/design.md §4 size (B=8, L=2048, N=1024, the
 #    planar form the kernels run, then complex64), an LRU layer (H=N=1024, 8 x 2048
 #    bf16), the 350m train step at 8 x 2048 with associative vs pallas; then, on its own,
 #    125m at 1 x 65536 (remat full, vocabulary-blocked loss) with each: does a 64k

@@ -1,6 +1,6 @@
 """Times the GPU scan kernels' launch shapes (Triton, Mosaic GPU); names the fastest correct one.
 
-    python tools/gpu_kernel_sweep.py                        # DESIGN.md §4 size, on a GPU
+    python tools/gpu_kernel_sweep.py                        # docs/design.md §4 size, on a GPU
     python tools/gpu_kernel_sweep.py --best_out best.txt    # + the winner, for bench.py:
     LRULM_PALLAS_GPU_TUNING=$(cat best.txt) python tools/bench.py ...
     python tools/gpu_kernel_sweep.py --full_a               # a (B, L, N) decay, as a gated

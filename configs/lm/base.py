@@ -25,7 +25,7 @@ a table of the bare presets at 8 sequences per chip; the remat below is this fil
 No reference loss has been measured with lrulm at these sizes yet; the expected result
 is a loss curve close to a same-size Transformer's on the same data (the LRU paper's
 claim for long-range tasks; untested here for language at scale), and per-chip
-throughput at least twice the minimal-LRU baseline of DESIGN.md §4.
+throughput at least twice the minimal-LRU baseline of docs/design.md §4.
 """
 
 from lrulm.config import base_config
