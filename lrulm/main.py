@@ -35,6 +35,7 @@ import sys
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lrulm", description="Train deep LRU models with JAX.")
     sub = p.add_subparsers(dest="command", required=True)
+    p.commands = sub.choices  # each command's parser: its usage in its errors
 
     overrides = (
         "Any key of the config can follow as --config.KEY=VALUE (e.g. --config.optim.lr=3e-4 "
@@ -158,6 +159,7 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = t.add_subparsers(dest="tokenizer_command", required=True)
+    t.commands = tsub.choices
     tt = tsub.add_parser("train", help="train a sentencepiece tokenizer")
     tt.add_argument("--input", required=True, help="globs of text / JSON-lines files")
     tt.add_argument("--output", required=True)
@@ -239,6 +241,10 @@ def _text_field_argument(parser, default: str | None = "text") -> None:
 def main(argv: list[str]) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
+    # Errors from here on show the command's usage (`lrulm generate: error: ...`).
+    parser = parser.commands[args.command]
+    if args.command == "tokenizer":
+        parser = parser.commands[args.tokenizer_command]
     if extra and args.command not in ("train", "eval", "compile", "config"):
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     if getattr(args, "text_field", None) is not None and not args.text_field.strip():

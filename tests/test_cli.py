@@ -246,3 +246,24 @@ def test_score_takes_the_files_a_shell_glob_expands_to(lm_workdir, tmp_path):
     assert [json.loads(line)["source"] for line in out.stdout.splitlines()] == [
         f"{tmp_path / 'a.txt'}:1", f"{tmp_path / 'b.txt'}:1",
     ]  # fmt: skip
+
+
+def test_a_commands_errors_show_its_own_usage(monkeypatch, capsys, lm_workdir):
+    """A mistake in `lrulm generate` (or score, tokenizer train) shows generate's usage and
+    flags, not the list of commands."""
+    from lrulm import main
+    from lrulm import metrics as metrics_lib
+
+    monkeypatch.setattr(metrics_lib, "_MESSAGES_TO_STDERR", metrics_lib._MESSAGES_TO_STDERR)
+    for argv, where in [
+        (["generate", "--workdir", lm_workdir, "--prompt", "a", "--max_tokens", "3"], "generate"),
+        (["generate", "--workdir", lm_workdir, "--prompt", "a", "--prompt", "b", "--stream"],
+         "generate"),
+        (["score", "--workdir", lm_workdir], "score"),
+        (["tokenizer", "train", "--input", "x", "--output", "y", "--bogus"], "tokenizer train"),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit) as exit_:
+            main.main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"lrulm {where}: error: " in err, err
+        assert f"usage: lrulm {where} " in err and "{train,eval" not in err
