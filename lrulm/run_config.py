@@ -95,7 +95,27 @@ def check_start(config, workdir: str) -> None:
                 f"{was!r}, as config.json keeps)"
             )
         c[key] = was
+    _keep_vocab_size(config, workdir, recorded)
     _check_keep_best(config, workdir)
+
+
+def _keep_vocab_size(config, workdir: str, recorded: dict) -> None:
+    """A resume keeps the workdir's tokenizer (the checkpoints' embedding rows are its
+    ids), so another data.vocab_size would change nothing but config.json: it keeps the
+    run's, and the difference is said."""
+    if config.task != "lm" or config.data.get("tokenizer", ""):
+        return  # a given tokenizer: data.vocab_size is not read (prepare says so)
+    was = (recorded.get("data") or {}).get("vocab_size")
+    if was is None or was == config.data.vocab_size:
+        return
+    if jax.process_index() == 0:
+        metrics_lib.say(
+            f"lrulm: data.vocab_size={config.data.vocab_size} is not used: {workdir} resumes "
+            f"with its tokenizer (data.vocab_size={was}): its checkpoints' embeddings are "
+            "indexed by that tokenizer's ids (for a new vocabulary, train in another "
+            "--workdir, e.g. with checkpoint.init_from and init_from_params='^stack/')"
+        )
+    config.data.vocab_size = was
 
 
 def _check_keep_best(config, workdir: str) -> None:

@@ -78,6 +78,18 @@ def test_a_changed_setting_that_shapes_the_state_is_named(lm_workdir, tmp_path, 
         train.train_and_evaluate(config, workdir)
 
 
+def test_a_resume_keeps_the_runs_vocab_size(lm_workdir, tmp_path, corpus, capsys):
+    """The workdir's tokenizer is kept on a resume (the embeddings are its ids): another
+    data.vocab_size is said to be unused, and config.json keeps the run's."""
+    workdir = _copy(lm_workdir, tmp_path)
+    config = tiny_config("train.steps=9", "data.vocab_size=600", "train.eval_every=0",
+                         "checkpoint.async_save=false", corpus=corpus)  # fmt: skip
+    train.train_and_evaluate(config, workdir)
+    assert "data.vocab_size=600 is not used" in capsys.readouterr().out
+    assert json.load(open(os.path.join(workdir, "config.json")))["data"]["vocab_size"] == 512
+    assert ckpt_lib.checkpoint_steps(workdir)[-1] == 9
+
+
 def test_a_resume_whose_tokenizer_is_gone_trains_none(lm_workdir, tmp_path, corpus):
     workdir = _copy(lm_workdir, tmp_path)
     os.remove(os.path.join(workdir, "tokenizer.model"))
