@@ -439,9 +439,11 @@ def generate_texts(
     (optim.ema) where it keeps one (weights: "auto", "ema", "raw": `load_model`), drawn
     as `Sampling` says (temperature .. frequency_penalty).
 
+    prompts: a list of texts (a str: one prompt); stop: texts (a str: one).
+
     Returns one dict per sample, prompt by prompt: prompt, completion (the new text only),
     prompt_index, sample, step, sampling (the settings that drew it: `Sampling`'s, seed,
-    max_new_tokens, weights); with `stop` texts, each completion is cut where the first
+    max_new_tokens, weights, best, stop); with `stop` texts, each completion is cut where the first
     of them begins, and `stopped` names it (None where none occurs; decoding itself runs to
     EOS or max_new_tokens). The same arguments give the same texts; each sample draws
     from its own key, so batch_size changes none on CPU (on an accelerator, the logits of
@@ -449,6 +451,9 @@ def generate_texts(
     With `stream` (one prompt, one sample), stream(text) is called with each new piece of
     the completion as it is decoded (up to a stop text; the same text in the end).
     """
+    if isinstance(prompts, str):  # one prompt, not its characters
+        prompts = [prompts]
+    stop = (stop,) if isinstance(stop, str) else tuple(stop)
     sampling = Sampling(
         temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty
     )
@@ -474,7 +479,7 @@ def generate_texts(
         if not ids:
             raise ValueError(f"prompt {i + 1} ({prompts[i]!r}) encodes to no tokens")
     settings = {**dataclasses.asdict(sampling), "seed": seed, "max_new_tokens": max_new_tokens,
-                "weights": weights, "best": best}  # fmt: skip
+                "weights": weights, "best": best, "stop": list(stop)}  # fmt: skip
     rows = [(i, s) for i in range(len(prompts)) for s in range(num_samples)]
     width = min(batch_size, len(rows))
     results = [None] * len(rows)

@@ -41,6 +41,8 @@ def score_texts(
     bits_per_byte, step (the checkpoint's). weights: as `generate.load_model`'s (the
     weight average of optim.ema where the checkpoint keeps one); best: the best-on-eval
     checkpoint (checkpoint.keep_best) in place of step."""
+    if isinstance(texts, str):  # one text, not its characters
+        texts = [texts]
     if batch_size < 1 or chunk < 1:
         raise ValueError(f"batch_size and chunk must be positive; got {batch_size}, {chunk}")
     if not texts:

@@ -292,18 +292,22 @@ def test_generate_command_takes_the_sampling_flags(lm_workdir, capsys, monkeypat
     monkeypatch.setattr(metrics_lib, "_MESSAGES_TO_STDERR", metrics_lib._MESSAGES_TO_STDERR)
     kw = dict(
         min_p=0.05, repetition_penalty=1.3, presence_penalty=0.2, frequency_penalty=0.1,
-        temperature=0.9, seed=2, max_new_tokens=12,
+        temperature=0.9, seed=2, max_new_tokens=12, stop=("\n\n\n",),
     )  # fmt: skip
     (want,) = gen.generate_texts(lm_workdir, ["class A"], **kw)
+    # A str is one prompt (one stop text), not its characters.
+    assert gen.generate_texts(lm_workdir, "class A", **{**kw, "stop": "\n\n\n"}) == [want]
     (plain,) = gen.generate_texts(
         lm_workdir, ["class A"], temperature=0.9, seed=2, max_new_tokens=12
     )
     assert want["completion"] != plain["completion"]
     # Each sample records what drew it: those settings give it again.
     assert want["sampling"]["repetition_penalty"] == 1.3 and want["sampling"]["seed"] == 2
+    assert want["sampling"]["stop"] == ["\n\n\n"]
     (again,) = gen.generate_texts(lm_workdir, ["class A"], **want["sampling"])
     assert again == want
-    flags = [x for k, v in kw.items() for x in (f"--{k}", str(v))]
+    flags = [x for k, v in kw.items() if k != "stop" for x in (f"--{k}", str(v))]
+    flags += ["--stop", "\\n\\n\\n"]  # as a shell passes '\n\n\n'
     assert main(["generate", "--workdir", lm_workdir, "--prompt", "class A", *flags]) == 0
     assert "class A" + want["completion"] in capsys.readouterr().out
     args = ["generate", "--workdir", lm_workdir, "--prompt", "x", "--repetition_penalty", "-1"]

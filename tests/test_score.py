@@ -39,6 +39,8 @@ def test_scores_are_the_training_loss_of_each_text_as_a_document(lm_workdir):
         np.testing.assert_allclose(got["logprob"], -float(loss_sum), rtol=1e-5, atol=1e-4)
         assert got["bytes"] == len(text.encode())
         np.testing.assert_allclose(got["loss"], float(loss_sum) / len(row[1:]), rtol=1e-5)
+    (one,) = score.score_texts(lm_workdir, TEXTS[0])  # a str is one text, not its characters
+    assert one["tokens"] == results[0]["tokens"]
 
 
 @pytest.mark.parametrize("chunk, batch_size", [(7, 2), (128, 1), (130, 4)])
