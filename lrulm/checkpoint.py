@@ -432,8 +432,8 @@ class BestCheckpoint:
         steps = self.ckpt.steps()
         if steps:
             try:
-                self.value = self.ckpt.metadata(steps[-1])["best_value"]
-                self.step = steps[-1]
+                meta = self.ckpt.metadata(steps[-1])
+                self.value, self.step = meta["best_value"], steps[-1]
             except Exception as e:  # noqa: BLE001 - damaged metadata: the next eval saves anew
                 if _unavailable(e):
                     raise
@@ -442,6 +442,13 @@ class BestCheckpoint:
                     f"({metrics_lib.brief(e)}); the next evaluation saves a new one"
                 )
                 self.ckpt._quarantine(steps[-1])
+                meta = {}
+            if meta.get("metric", metric) != metric:  # run_config.check_start refuses it
+                self.ckpt.close()
+                raise ValueError(
+                    f"{self.ckpt.directory} keeps the best eval {meta['metric']}, not {metric}; "
+                    "move it aside to keep the best by this one"
+                )
 
     def update(self, step: int, metrics: dict, state, metadata: dict | None = None) -> bool:
         """Saves state (with `metadata`, e.g. the resolved model) if metrics[metric] is the
@@ -476,6 +483,25 @@ class BestCheckpoint:
 
     def close(self) -> None:
         self.ckpt.close()
+
+
+def supersede_best(workdir: str, why: str) -> None:
+    """Moves WORKDIR/best/ aside (to best.superseded-N/, said) where the run's evaluations
+    no longer compare with its value (`why`): a run started anew beside an earlier one's
+    best checkpoint, or a resume that evaluates other tokens. Process 0 only."""
+    where = os.path.join(workdir, "best")
+    if not os.path.isdir(where):
+        return
+    kept = kept_best(workdir)
+    n = 1
+    while os.path.exists(f"{where}.superseded-{n}"):
+        n += 1
+    os.rename(where, f"{where}.superseded-{n}")
+    what = f" (the best eval {kept[0]}, {kept[1]:.4g} at step {kept[2]})" if kept else ""
+    metrics_lib.say(
+        f"lrulm: moved {where}{what} to {where}.superseded-{n}: {why}; the run keeps its "
+        "best checkpoint anew from its next evaluation"
+    )
 
 
 def no_best(workdir: str) -> str:

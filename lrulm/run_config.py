@@ -299,12 +299,30 @@ def rebase_paths(config, base: str) -> list[str]:
     return changed
 
 
+def evals_incomparable(trained: dict | None, config) -> str:
+    """Why a resumed run's evaluations score other tokens than those of the checkpoint's
+    config (`trained`) did, or "" (or none recorded): another number of eval batches, or
+    of their size or length where only the first batches are scored."""
+    old = (trained or {}).get("train") or {}
+    t = config.train
+    if not old:
+        return ""
+    if old.get("eval_steps", t.eval_steps) != t.eval_steps:
+        return f"train.eval_steps {old['eval_steps']} -> {t.eval_steps}"
+    for key in ("global_batch_size", "seq_len"):
+        if t.eval_steps and old.get(key, t[key]) != t[key]:
+            return (
+                f"train.eval_steps={t.eval_steps} batches of another train.{key} ({old[key]} "
+                f"-> {t[key]}) score other tokens than before"
+            )
+    return ""
+
+
 def record(config, workdir: str, trained: dict | None, step: int, *, resumed: bool, task) -> None:
     """Writes config.json and model.json and appends the start to starts.jsonl (process 0;
     `environment`), and says how a resumed run's config
     differs: from config.json, and against `trained` (the resumed checkpoint's own
     config) what that does to the learning rate at `step` and to the eval metrics."""
-    t = config.train
     # config.json holds the config as given (model.* left unset: the preset's); model.json
     # the model those resolve to, with its parameter count.
     model = {**dataclasses.asdict(task.model_config), "num_params": int(task.num_params())}
@@ -317,11 +335,10 @@ def record(config, workdir: str, trained: dict | None, step: int, *, resumed: bo
             "lrulm: resuming with a config that differs from the run's config.json "
             "(now rewritten): " + "; ".join(changed)
         )
-    old_batch = ((trained or {}).get("train") or {}).get("global_batch_size")
-    if t.eval_steps and old_batch not in (None, t.global_batch_size):
+    incomparable = evals_incomparable(trained, config)
+    if incomparable:
         metrics_lib.say(
-            f"lrulm: train.eval_steps={t.eval_steps} batches of the new size score other "
-            "examples than before: eval metrics before and after this step are not "
+            f"lrulm: {incomparable}: eval metrics before and after this step are not "
             "comparable (train.eval_steps=0 scores the whole eval split)"
         )
     before, now = _schedule_lr(trained, step), _schedule_lr(config_lib.to_dict(config), step)

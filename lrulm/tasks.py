@@ -534,6 +534,24 @@ def best_metric(config) -> tuple[str, str] | None:
     return (keep, "max" if metric == "accuracy" else "min")
 
 
+def check_best_metric(task, keep: tuple[str, str] | None) -> None:
+    """Raises ValueError, once the data is ready and before any step, if the evaluation of
+    keep_best's split will not report its metric (bits_per_byte of ArrayRecord shards
+    whose bytes nothing recorded): what the split's `finalize` makes of statistics."""
+    if keep is None or task.name != "lm":
+        return
+    split, _, metric = keep[0].rpartition("/")
+    split = split or "eval"
+    reported = task.finalize({"loss": 1.0, "weight": 1.0, "accuracy": 0.0, "bytes": 1.0}, split)
+    if metric not in reported:
+        names = ", ".join(m for m in LM_EVAL_METRICS if m in reported)
+        raise ValueError(
+            f"checkpoint.keep_best={keep[0]!r}: the {split} split's evaluation reports no "
+            f"{metric} (its bytes are not known: e.g. ArrayRecord shards without their "
+            f"meta.json); keep the best by {names}"
+        )
+
+
 def make_task(config, workdir: str | None, *, prepare_data: bool = True, eval_only: bool = False):
     """The task a config names; prepare_data=False builds only what compiling needs;
     eval_only the held-out splits alone (`lrulm eval`: no train split read)."""

@@ -373,6 +373,7 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
         train_iter = task.train_batches(seed=data_seed(config), **batch_args)
         if hasattr(task, "check_eval"):  # fail now, not at the first evaluation
             task.check_eval(t.global_batch_size, t.eval_steps)
+        tasks.check_best_metric(task, keep_best)
 
         # ---- Model & optimizer: sharded init, or restore ---------------------------------
         checkpointer = ckpt_lib.Checkpointer(
@@ -492,6 +493,12 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
             steps = t.eval_steps if split != "test" else 0
             return task.eval_batches(split, num_batches=steps, **batch_args)
 
+        if keep_best and is_main:  # an earlier best no longer compares with this run's
+            why = run_config.evals_incomparable(trained, config) if restored else ""
+            why = why if restored else "this run starts anew (no checkpoint of its own)"
+            if why:
+                ckpt_lib.supersede_best(workdir, why)
+        distributed.barrier("lrulm_best")
         best = ckpt_lib.BestCheckpoint(workdir, *keep_best) if keep_best else None
 
         def check_finite():

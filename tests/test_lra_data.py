@@ -159,6 +159,15 @@ def test_two_copies_in_data_dir_say_which_is_read(tmp_path, caplog):
     assert src.path == first
     other = os.path.join(str(tmp_path), "lra_release", "listops-1000", "basic_val.tsv")
     assert caplog.text.count(f"reading {first}; data_dir also holds {other} (ignored)") == 1
+    # The archive's own two copies (nested and top-level pathfinder32): read as it unpacks.
+    caplog.clear()
+    fx.write_pathfinder(str(tmp_path / "pf"), 32, num=10, nested=True)
+    fx.write_pathfinder(str(tmp_path / "pf" / "lra_release"), 32, num=10)
+    with caplog.at_level(logging.WARNING):
+        src = lra.load_split("pathfinder", str(tmp_path / "pf"), "val", seq_len=None)
+    assert (
+        os.path.join("lra_release", "lra_release") in src.path and "also holds" not in caplog.text
+    )
 
 
 def test_one_data_dir_for_every_task_of_the_unpacked_archive(tmp_path):

@@ -154,16 +154,25 @@ def locate(data_dir: str, candidates: Sequence[str], *, what: str, origin: str) 
 
     Returns:
       The full path of the first candidate that exists (a warning names the others that
-      exist too: data_dir holds two copies, e.g. generated files beside the release's).
+      exist too: data_dir holds two copies, e.g. generated files beside the release's;
+      not the two copies the archive itself unpacks to).
 
     Raises:
       FileNotFoundError: naming every path tried and where the files come from.
     """
     data_dir = os.path.expanduser(os.fspath(data_dir))  # ~/lra as a shell would read it
-    paths = [os.path.join(data_dir, rel) if rel else data_dir for rel in candidates]
-    found = [path for path in paths if os.path.exists(path)]
+    found = [
+        (rel, path)
+        for rel, path in (
+            (rel, os.path.join(data_dir, rel) if rel else data_dir) for rel in candidates
+        )
+        if os.path.exists(path)
+    ]
+    # Both copies in the archive (its nested and top-level pathfinder): as it unpacks.
+    archive = all(rel.startswith("lra_release") for rel, _ in found)
+    found = [path for _, path in found]
     if found:
-        if len(found) > 1 and found[0] not in _SAID:
+        if len(found) > 1 and not archive and found[0] not in _SAID:
             _SAID.add(found[0])
             log.warning(
                 "%s: reading %s; data_dir also holds %s (ignored)", what, found[0],
