@@ -73,8 +73,8 @@ _UNAVAILABLE = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "PERMI
 _DAMAGE_ERRNOS = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
 
 
-def _unavailable(e: BaseException) -> bool:
-    """Whether e (or what caused it) is an I/O, permission or memory failure."""
+def unavailable(e: BaseException) -> bool:
+    """Whether e (or what caused it) is an I/O, permission or memory failure (not damage)."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
@@ -155,6 +155,10 @@ def quiet_orphaned_reads() -> None:
 
     hook._lrulm_quiet = True
     sys.unraisablehook = hook
+    # ... and the futures of those reads that failed with nobody left to await them.
+    logging.getLogger("asyncio").addFilter(
+        lambda record: not str(record.msg).startswith("Future exception was never retrieved")
+    )
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -256,7 +260,7 @@ class Checkpointer:
                 raise
             except Exception as e:  # noqa: BLE001 - any other failure to read means damage
                 path = os.path.join(self.directory, str(step))
-                if _unavailable(e):  # the storage or the devices, not the checkpoint
+                if unavailable(e):  # the storage or the devices, not the checkpoint
                     raise CheckpointUnavailable(
                         f"checkpoint {path} could not be read ({metrics_lib.brief(e)}); that "
                         "is not damage, so nothing was moved: check the storage (or the "
@@ -318,7 +322,7 @@ class Checkpointer:
         try:
             return self._restore(step, abstract_state, None)
         except Exception as e:
-            if isinstance(e, CheckpointMismatch) or not _unavailable(e):
+            if isinstance(e, CheckpointMismatch) or not unavailable(e):
                 raise
             raise CheckpointUnavailable(
                 f"checkpoint {os.path.join(self.directory, str(step))} could not be read "
@@ -435,7 +439,7 @@ class BestCheckpoint:
                 meta = self.ckpt.metadata(steps[-1])
                 self.value, self.step = meta["best_value"], steps[-1]
             except Exception as e:  # noqa: BLE001 - damaged metadata: the next eval saves anew
-                if _unavailable(e):
+                if unavailable(e):
                     raise
                 metrics_lib.say(
                     f"lrulm: the best checkpoint {self.ckpt.directory}/{steps[-1]} is damaged "
@@ -506,6 +510,17 @@ def supersede_best(workdir: str, why: str) -> None:
 
 def no_best(workdir: str) -> str:
     """The error for --best where WORKDIR/best/ holds no checkpoint."""
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            keep = (json.load(f).get("checkpoint") or {}).get("keep_best", "")
+    except (OSError, ValueError, AttributeError):
+        keep = ""
+    if keep:
+        return (
+            f"no best checkpoint in {os.path.join(workdir, 'best', 'checkpoints')} yet: the "
+            f"run keeps the best eval {keep} from its first evaluation on (none has been, or "
+            "none was finite); leave out --best"
+        )
     return (
         f"no best checkpoint in {os.path.join(workdir, 'best', 'checkpoints')}: LRA runs keep "
         "one from their first evaluation on, language models with checkpoint.keep_best set "

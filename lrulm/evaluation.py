@@ -70,7 +70,9 @@ def evaluate_workdir(config, workdir: str, step: int | None = None, *, best: boo
     except Exception as e:  # noqa: BLE001 - the asked-for checkpoint does not read back
         raise ValueError(
             f"checkpoint {directory}/{step} does not read back ({metrics_lib.brief(e)}): it "
-            "is damaged; give another --step (" + ", ".join(map(str, steps)) + ")"
+            "is damaged; give another --step ("
+            + (", ".join(str(s) for s in steps if s != step) or "none left")
+            + ")"
         ) from None
     finally:
         checkpointer.close()

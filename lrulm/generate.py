@@ -445,7 +445,8 @@ def generate_texts(
     prompt_index, sample, step, sampling (the settings that drew it: `Sampling`'s, seed,
     max_new_tokens, weights, best, stop); with `stop` texts, each completion is cut where the first
     of them begins, and `stopped` names it (None where none occurs; decoding itself runs to
-    EOS or max_new_tokens). The same arguments give the same texts; each sample draws
+    EOS or max_new_tokens). The same arguments give the same texts (of the same checkpoint:
+    best names the best one at the time); each sample draws
     from its own key, so batch_size changes none on CPU (on an accelerator, the logits of
     other batch shapes may differ in their last bits, which can change a rare draw).
     With `stream` (one prompt, one sample), stream(text) is called with each new piece of

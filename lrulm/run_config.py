@@ -108,7 +108,8 @@ def _keep_vocab_size(config, workdir: str, recorded: dict) -> None:
     was = (recorded.get("data") or {}).get("vocab_size")
     if was is None or was == config.data.vocab_size:
         return
-    if jax.process_index() == 0:
+    # A run that started from a given tokenizer never read data.vocab_size: kept quietly.
+    if jax.process_index() == 0 and not (recorded.get("data") or {}).get("tokenizer"):
         metrics_lib.say(
             f"lrulm: data.vocab_size={config.data.vocab_size} is not used: {workdir} resumes "
             f"with its tokenizer (data.vocab_size={was}): its checkpoints' embeddings are "

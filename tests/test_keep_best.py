@@ -5,6 +5,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -88,18 +89,22 @@ def test_a_language_model_keeps_its_best_checkpoint(tmp_path, corpus, capsys):
     out = capsys.readouterr()
     assert f"the best eval {metric} ({values[want]:.4g}, step {want}) is kept in" in out.out
 
-    # A resume without keep_best trains on; the best checkpoint stays the one it was.
+    # A resume without keep_best trains on; the best checkpoint stays the one it was. (A
+    # save a killed process left half-written is removed by the trainer, said.)
+    os.makedirs(os.path.join(workdir, "checkpoints", "9" + ckpt_lib.TMP_SUFFIX, "state"))
     train.train_and_evaluate(tiny_config("train.steps=12", *common, corpus=corpus), workdir)
-    assert "is no longer updated: checkpoint.keep_best is unset" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "is no longer updated: checkpoint.keep_best is unset" in out
+    assert "left unfinished" in out and "9" + ckpt_lib.TMP_SUFFIX in out
     assert ckpt_lib.kept_best(workdir)[2] == want
-    assert ckpt_lib.checkpoint_steps(workdir)[-1] == 12
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=int) == ["4", "8", "12"]
 
     # Another metric would replace it by a checkpoint not better by the old one: refused.
     before = open(os.path.join(workdir, "config.json")).read()
     config = tiny_config("train.steps=16", "checkpoint.keep_best=loss", *common, corpus=corpus)
     with pytest.raises(
         ValueError, match=f"keeps the best eval loss: set checkpoint.keep_best='{metric}'"
-    ):  # noqa: E501
+    ):
         train.train_and_evaluate(config, workdir)
     assert open(os.path.join(workdir, "config.json")).read() == before
     assert ckpt_lib.checkpoint_steps(workdir)[-1] == 12 and ckpt_lib.kept_best(workdir)[2] == want
@@ -117,6 +122,66 @@ def test_a_language_model_keeps_its_best_checkpoint(tmp_path, corpus, capsys):
     assert score.score_texts(workdir, ["import os\n"])[0]["step"] == 12
     with pytest.raises(ValueError, match="give a step or best, not both"):
         generate.load_model(workdir, 4, best=True)
+    tool = os.path.join(os.path.dirname(__file__), "..", "tools", "export_params.py")
+    out = str(tmp_path / "best.npz")
+    done = subprocess.run([sys.executable, tool, workdir, "--best", "--output", out],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0 and f"step {want}" in done.stdout, done.stderr[-2000:]
+
+    # Evaluations of other batches (train.eval_steps) compare with it no more: moved aside.
+    train.train_and_evaluate(
+        tiny_config("train.steps=14", "train.eval_steps=1", f"checkpoint.keep_best={metric}",
+                    *common, corpus=corpus), workdir,
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert "best.superseded-1: train.eval_steps 2 -> 1" in out
+    assert ckpt_lib.kept_best(workdir)[2] == 14
+    moved = os.path.join(workdir, "best.superseded-1", "checkpoints")
+    assert os.listdir(moved) == [str(want)]
+
+
+def test_a_new_run_beside_an_earlier_best_moves_it_aside(tmp_path, corpus, capsys):
+    """A best checkpoint without checkpoints of its own run (a run killed after an
+    evaluation and before its first save, started again; or one whose checkpoints were
+    deleted) is another trajectory's, maybe of another metric: moved aside, not compared."""
+    workdir = str(tmp_path / "run")
+    common = ["train.eval_every=2", "checkpoint.async_save=false", "train.steps=2"]
+    train.train_and_evaluate(
+        tiny_config(*common, "checkpoint.keep_best=bits_per_byte", corpus=corpus), workdir
+    )
+    old = ckpt_lib.kept_best(workdir)
+    for name in ("checkpoints", "metrics.jsonl"):
+        (shutil.rmtree if name == "checkpoints" else os.remove)(os.path.join(workdir, name))
+    capsys.readouterr()
+    train.train_and_evaluate(tiny_config(*common, "checkpoint.keep_best=loss", corpus=corpus),
+                             workdir)  # fmt: skip
+    out = capsys.readouterr().out
+    assert f"(the best eval bits_per_byte, {old[1]:.4g} at step 2) to " in out
+    assert "best.superseded-1: this run starts anew" in out
+    assert ckpt_lib.kept_best(workdir)[0] == "loss"
+    assert os.listdir(os.path.join(workdir, "best.superseded-1", "checkpoints")) == ["2"]
+    # A BestCheckpoint never compares values of another metric.
+    with pytest.raises(ValueError, match="keeps the best eval loss, not accuracy; move it"):
+        ckpt_lib.BestCheckpoint(workdir, "accuracy", "max")
+
+
+def test_a_metric_the_eval_split_does_not_report_is_refused_before_training():
+    """bits_per_byte needs the split's bytes (ArrayRecord shards without their meta.json
+    have none): refused once the data is ready, not after the steps."""
+    task = tasks.LMTask(_lm(), None, prepare_data=False)  # no held-out bytes known
+    with pytest.raises(ValueError, match="the eval split's evaluation reports no bits_per_b"):
+        tasks.check_best_metric(task, ("bits_per_byte", "min"))
+    tasks.check_best_metric(task, ("loss", "min"))
+    tasks.check_best_metric(task, None)
+
+
+def test_no_best_yet_says_so(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"checkpoint": {"keep_best": "loss"}}))
+    assert "the run keeps the best eval loss from its first evaluation" in ckpt_lib.no_best(
+        str(tmp_path)
+    )
+    (tmp_path / "config.json").write_text(json.dumps({"checkpoint": {}}))
+    assert "--config.checkpoint.keep_best=loss" in ckpt_lib.no_best(str(tmp_path))
 
 
 def test_best_flags_on_the_command_line(lm_workdir, tmp_path):

@@ -33,6 +33,7 @@ def _specials(sp):
     "name, ids, was, added",
     [
         ("llama", {}, (-1, 0, 1, 2), ["<pad>"]),  # SentencePiece's defaults: no pad
+        ("bpe", dict(model_type="bpe"), (-1, 0, 1, 2), ["<pad>"]),
         ("gemma", dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3), (0, 3, 2, 1), []),
         # "<pad>" an ordinary piece: the pad added takes another name
         ("taken", dict(user_defined_symbols=["<pad>"]), (-1, 0, 1, 2), ["<lrulm_pad>"]),
@@ -87,3 +88,23 @@ def test_a_run_with_a_public_tokenizer(tmp_path, corpus, capsys):
     assert "renumbered" not in capsys.readouterr().out  # the same tokenizer: resumed
     digest = lm_data.tokenizer_digest
     assert digest(tok.load_tokenizer(path)) == digest(own)
+
+
+def test_a_model_whose_pad_is_its_eos_gets_a_pad_of_its_own(tmp_path, corpus):
+    """pad = eos (some models' training setup): padding must weigh 0 while document ends
+    are targets, so a pad piece is added; one without bos or eos gets those too."""
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(open(_stock(tmp_path, corpus, "base"), "rb").read())
+    proto.trainer_spec.pad_piece = proto.trainer_spec.eos_piece  # pad = eos = "</s>"
+    model, note = tok.renumbered(proto.SerializeToString(), "padeos")
+    sp = tok.from_model_bytes(model)
+    assert _specials(sp) == (0, 1, 2, 3) and sp.id_to_piece(3) == "</s>"
+    assert sp.id_to_piece(0) == "<pad>" and "added <pad>;" in note and sp.is_control(0)
+    del proto.pieces[1:3]  # no <s>, no </s>
+    proto.trainer_spec.pad_piece = "<pad>"
+    model, note = tok.renumbered(proto.SerializeToString(), "bare")
+    sp = tok.from_model_bytes(model)
+    assert _specials(sp) == (0, 1, 2, 3) and "added <pad>, <s>, </s>" in note
+    assert [sp.id_to_piece(i) for i in range(4)] == ["<pad>", "<unk>", "<s>", "</s>"]

@@ -57,6 +57,11 @@ def read_params(
         except ckpt_lib.NoWeightAverage:
             raise
         except Exception as e:  # noqa: BLE001 - a damaged checkpoint: the one before
+            if ckpt_lib.unavailable(e):  # the storage, not the checkpoint: said as it is
+                raise ValueError(
+                    f"checkpoint {saved}/checkpoints/{candidate} could not be read "
+                    f"({metrics_lib.brief(e)}); check the storage"
+                ) from None
             errors.append(e)
         if step is None:
             print(
@@ -67,7 +72,7 @@ def read_params(
         raise ValueError(
             f"checkpoint {saved}/checkpoints/{step} does not read back "
             f"({metrics_lib.brief(errors[0])}): it is damaged; give another --step ("
-            + ", ".join(map(str, steps))
+            + (", ".join(str(s) for s in steps if s != step) or "none left")
             + ")"
         )
     raise ValueError(

@@ -122,7 +122,10 @@ def main():
     p.add_argument("--text_field", default="text", help="JSON lines: the field that holds the text")
     args = tool_args.show_defaults(p).parse_args()
     try:
-        sp = tok.load_tokenizer(args.tokenizer)
+        model, renumbered = tok.model_bytes(args.tokenizer)
+        sp = tok.from_model_bytes(model, args.tokenizer)
+        if renumbered:  # the ids written are lrulm's, as a run with this tokenizer reads them
+            print(f"prepare_data: {renumbered}", file=sys.stderr)
         files = lm_data.expand_globs(args.input, "--input")
         lm_data.check_text_field(args.text_field, "--text_field")
         texts = (d for f in files for d in lm_data.read_documents(f, args.text_field))

@@ -181,15 +181,26 @@ def renumbered(model: bytes, path: str = "the tokenizer") -> tuple[bytes, str]:
     proto.ParseFromString(model)
     spec, pieces = proto.trainer_spec, list(proto.pieces)
     taken = {p.piece for p in pieces}
-    front, moved, added = [], set(), []
-    for role, i in zip(("pad", "unk", "bos", "eos"), ids):
+    roles = ("pad", "unk", "bos", "eos")
+    # A piece two roles share (pad = eos in some models) keeps the other role; padding
+    # (weighed 0) gets a piece of its own.
+    own, moved = {}, set()
+    for role in ("unk", "eos", "bos", "pad"):
+        i = ids[roles.index(role)]
         if i >= 0 and i not in moved:
-            front.append(pieces[i])
+            own[role] = i
             moved.add(i)
+    front, added = [], []
+    for role in roles:
+        if role in own:
+            front.append(pieces[own[role]])
             continue
-        name = getattr(spec, f"{role}_piece") or f"<{role}>"
-        while name in taken:  # pad = eos in some models; or the name is an ordinary piece
-            name = f"<lrulm_{role}>" if not name.startswith("<lrulm_") else name[:-1] + "_>"
+        # Its own name, else the usual one, else one no piece has (the name is taken by
+        # the piece pad shared, or by an ordinary piece).
+        names = [getattr(spec, f"{role}_piece"), f"<{role}>", f"<lrulm_{role}>"]
+        name = next((n for n in names if n and n not in taken), None)
+        while name is None or name in taken:
+            name = (name or names[-1])[:-1] + "_>"
         taken.add(name)
         setattr(spec, f"{role}_piece", name)
         control = model_pb2.ModelProto.SentencePiece.CONTROL  # (every model has an unk)
