@@ -210,6 +210,8 @@ class Checkpointer:
                 METADATA: ocp.JsonCheckpointHandler(),
             },
         )
+        if unfinished:  # Orbax removes them in a thread: done before anything else
+            getattr(self.manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
         if unfinished and jax.process_index() == 0:
             metrics_lib.say(
                 f"lrulm: removed the saves an earlier process left unfinished in "

@@ -579,6 +579,7 @@ def test_peak_flops_by_device_kind():
         ("bench_scan", ["--json", "/nonexistent/x.json"], "existing, writable directory"),
         ("bench_checkpoint", ["--steps", "0"], "--steps must be positive; got 0"),
         ("bench_checkpoint", ["--preset", "bogus"], "--preset 'bogus': use one of tiny"),
+        ("bench_train", ["--preset", "bogus"], "--preset 'bogus': use one of tiny"),
         ("bench_generate", ["--workdir", "/nonexistent"], "no checkpoints/ there"),
         ("seq_parallel_memory", ["--lengths", "256,256"], "two different positive lengths"),
         ("seq_parallel_memory", ["--lengths", "256"], "--lengths takes two context lengths"),

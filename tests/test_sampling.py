@@ -313,3 +313,25 @@ def test_generate_command_takes_the_sampling_flags(lm_workdir, capsys, monkeypat
     args = ["generate", "--workdir", lm_workdir, "--prompt", "x", "--repetition_penalty", "-1"]
     assert main(args) == 2
     assert "repetition_penalty must be a number > 0" in capsys.readouterr().err
+
+
+def test_each_filter_at_its_edges():
+    """top_k=1 is greedy; top_p filters each row of a batch by its own mass; a frequency
+    penalty alone is a penalty (counted in the decode loop); top_k < 0 is refused."""
+    probs = jnp.asarray([[0.5, 0.3, 0.15, 0.05]])
+    assert _frequencies(jnp.log(probs), temperature=1.0, top_k=1)[0] == 1.0
+    # Two rows, each its own nucleus: row 0 keeps ids {0, 1}, row 1 ids {3, 2}.
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]))
+    keys = jax.random.split(jax.random.key(1), 4000)
+    draws = np.asarray(jax.vmap(lambda k: gen.sample_logits(
+        k, logits, temperature=1.0, top_p=0.7, top_k=0))(keys))  # fmt: skip
+    assert set(draws[:, 0]) == {0, 1} and set(draws[:, 1]) == {2, 3}
+    np.testing.assert_allclose(np.mean(draws[:, 1] == 3), 0.5 / 0.8, atol=0.03)
+    counts = jnp.asarray([[0, 2, 0, 1]])
+    only_frequency = gen.Sampling(frequency_penalty=0.25)
+    assert only_frequency.penalised and not gen.Sampling().penalised
+    assert gen.Sampling(presence_penalty=0.1).penalised
+    got = gen.penalize_logits(probs, counts > 0, counts, only_frequency)
+    np.testing.assert_allclose(got, probs - 0.25 * counts)
+    with pytest.raises(ValueError, match="top_k must be a whole number >= 0"):
+        gen.Sampling(top_k=-1)

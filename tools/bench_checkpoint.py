@@ -27,7 +27,6 @@ import tool_args
 from lrulm import checkpoint as ckpt_lib
 from lrulm import config as config_lib
 from lrulm import experiment, tasks, train
-from lrulm.model_config import PRESETS
 
 
 def _setup(preset: str, batch: int, seq_len: int):
@@ -75,7 +74,7 @@ def _loop(state, train_jit, batch, steps, checkpointer=None):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="125m", choices=list(PRESETS))
+    p.add_argument("--preset", default="125m")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--steps", type=int, default=5)

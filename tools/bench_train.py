@@ -23,7 +23,6 @@ import tool_args
 from lrulm import config as config_lib
 from lrulm import experiment, metrics, tasks, train
 from lrulm import scan as scan_lib
-from lrulm.model_config import PRESETS
 
 
 def make_config(
@@ -163,7 +162,7 @@ def report(result: dict) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    p.add_argument("--preset", default="tiny")
     p.add_argument("--batch", type=int, default=16, help="global batch (sequences)")
     p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--steps", type=int, default=10)
@@ -186,6 +185,7 @@ def main():
         "(tensorboard --logdir DIR)",
     )
     args = tool_args.show_defaults(p).parse_args()
+    tool_args.preset(p, args.preset)
     tool_args.writable(p, args.json)
     config = make_config(
         args.preset,

@@ -24,7 +24,6 @@ import tool_args  # noqa: E402
 
 from lrulm import config as config_lib  # noqa: E402
 from lrulm import experiment, tasks, train  # noqa: E402
-from lrulm.model_config import PRESETS  # noqa: E402
 
 
 def per_device_bytes(preset: str, seq_len: int, shards: int, remat: str, vocab_block: int) -> int:
@@ -53,7 +52,7 @@ def per_device_bytes(preset: str, seq_len: int, shards: int, remat: str, vocab_b
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="125m", choices=list(PRESETS))
+    p.add_argument("--preset", default="125m")
     p.add_argument("--shards", type=int, default=8)
     p.add_argument(
         "--hbm_gib",

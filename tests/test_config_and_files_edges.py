@@ -1,0 +1,105 @@
+"""Edges of what a start checks and reads (found untested by a mutation audit): the state
+settings a resume names, init_from as a resume sees it, paths from elsewhere, and the
+train files a config's globs pick."""
+
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+from run_helpers import tiny_config
+
+from lrulm import checkpoint as ckpt_lib
+from lrulm import config as config_lib
+from lrulm import run_config
+from lrulm.data import lm as lm_data
+
+
+def test_a_switched_optimizer_is_named_as_a_state_change():
+    before = tiny_config()
+    after = tiny_config("optim.optimizer=muon")
+    changed = run_config.state_keys_changed(config_lib.to_dict(before), after)
+    assert changed == ["optim.optimizer: 'adamw' -> 'muon'"]
+
+
+def test_a_subscript_as_init_from_params_is_refused(tmp_path, lm_workdir):
+    config = tiny_config(
+        f"checkpoint.init_from={lm_workdir}", "checkpoint.init_from_params=['stack']"
+    )
+    with pytest.raises(ValueError, match="reads as a character class"):
+        run_config.check_start(config, str(tmp_path / "new"))
+
+
+def _resumable(tmp_path, monkeypatch, init_from: str) -> str:
+    """A workdir that counts as holding checkpoints, whose run started from init_from."""
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    recorded = config_lib.to_dict(tiny_config(f"checkpoint.init_from={init_from}"))
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(recorded, f)
+    with open(os.path.join(workdir, "starts.jsonl"), "w") as f:
+        f.write(json.dumps({"cwd": str(tmp_path)}) + "\n")
+    real = ckpt_lib.checkpoint_steps
+    monkeypatch.setattr(ckpt_lib, "checkpoint_steps", lambda p: [4] if p == workdir else real(p))
+    return workdir
+
+
+def test_a_resume_takes_init_from_as_its_run_started(tmp_path, monkeypatch, capsys):
+    """The same source written another way (absolute, ./) is no other source: nothing is
+    said; a resume naming none takes the recorded one, quietly."""
+    workdir = _resumable(tmp_path, monkeypatch, "src")
+    source = str(tmp_path / "src")
+    for given in (source, os.path.join(str(tmp_path), ".", "src"), ""):
+        config = tiny_config(f"checkpoint.init_from={given}")
+        run_config.check_start(config, workdir)
+        assert "is not read" not in capsys.readouterr().out, given
+        assert os.path.realpath(config.checkpoint.init_from) == os.path.realpath(source)
+    config = tiny_config(f"checkpoint.init_from={tmp_path / 'other'}")
+    run_config.check_start(config, workdir)
+    assert "is not read" in capsys.readouterr().out
+
+
+def test_home_paths_are_not_rebased():
+    config = tiny_config("data.train_files=~/corpus/*.jsonl,rel/*.jsonl")
+    changed = run_config.rebase_paths(config, "/start")
+    assert config.data.train_files == "~/corpus/*.jsonl,/start/rel/*.jsonl"
+    assert changed == ["data.train_files"]
+    config = tiny_config("data.train_files=~/corpus/*.jsonl")
+    assert run_config.rebase_paths(config, "/start") == []
+
+
+def test_the_globs_a_config_gives(tmp_path):
+    """A file named twice (another spelling of its path, a symlink) is read once; a
+    trailing comma adds no glob; one empty file among others is kept (only all empty is
+    refused); gzip is read by its bytes whatever the name; a mix of shards and text is
+    not "packed"."""
+    a, b, c = (tmp_path / n for n in ("a.jsonl", "b.jsonl", "c.jsonl"))
+    a.write_text('{"text": "alpha"}\n')
+    b.write_text("")
+    c.write_bytes(gzip.compress(b'{"text": "gamma"}\n'))
+    os.symlink(a, tmp_path / "link.jsonl")
+    d = str(tmp_path)
+    assert lm_data.expand_globs(f"{d}/a.jsonl,{d}/./a.jsonl,{d}/link.jsonl,", "t") == [str(a)]
+    assert lm_data.expand_globs(f"{d}/[ab].jsonl", "t") == [str(a), str(b)]
+    with pytest.raises(ValueError, match="every file is empty"):
+        lm_data.expand_globs(str(b), "t")
+    assert list(lm_data.read_documents(str(c))) == ["gamma"]
+    assert not lm_data.is_packed(["x.arrayrecord", "y.jsonl"])
+    assert lm_data.is_packed(["x.arrayrecord", "y.ArrayRecord"])
+
+
+def test_held_out_files_and_shared_ones(capsys):
+    """The default corpus holds out every 50th file; a note on shared files only when
+    some are shared."""
+    train, held = lm_data.default_corpus()
+    assert len(held) == -(-(len(train) + len(held)) // 50)
+    lm_data.check_disjoint(["a"], ["b"], refuse=False)
+    assert capsys.readouterr().out == ""
+
+
+def test_the_train_data_fingerprint_reads_the_last_example():
+    """A resume compares sample fingerprints: an edit of only the last example counts."""
+    first = [{"inputs": np.arange(4) + i} for i in range(10)]
+    last_edited = first[:9] + [{"inputs": np.arange(4) + 99}]
+    assert lm_data.sample_fingerprint(first) != lm_data.sample_fingerprint(last_edited)
