@@ -1,20 +1,111 @@
-"""`lrulm eval`: one saved checkpoint of a run, scored on its eval (and LRA's test) split."""
+"""Scoring held-out splits: each evaluation of a training run (`evaluate_splits`), an LRA
+run's final test with its best checkpoint (`final_test`, results.json), and `lrulm eval`
+(`evaluate_workdir`: one saved checkpoint on the eval, and LRA's test, split)."""
 
 from __future__ import annotations
 
+import json
 import os
 
+import jax
+import numpy as np
+
 from lrulm import checkpoint as ckpt_lib
-from lrulm import experiment, tasks, train
+from lrulm import experiment, tasks
 from lrulm import metrics as metrics_lib
+from lrulm.experiment import Experiment, evaluated_state, restore_target, to_global
+
+
+def evaluate(exp: Experiment, eval_jit, state, batches, split: str = "eval") -> dict:
+    """The task's metrics of one split's batches (`finalize` of the summed statistics)."""
+    state = evaluated_state(state, exp)
+    sums: dict[str, float] = {}
+    for local in batches:
+        out = jax.device_get(eval_jit(state, to_global(local, exp)))
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    return exp.task.finalize(sums, split) if sums else {}
+
+
+def evaluate_splits(exp: Experiment, eval_jit, state, batches_of) -> dict:
+    """Every split an evaluation scores (task.eval_splits: "eval", then a language model's
+    data.eval_sets), as one row of logged names (eval/loss, eval/NAME/loss, ...)."""
+    row = {}
+    for split in exp.task.eval_splits:
+        metrics = evaluate(exp, eval_jit, state, batches_of(split), split)
+        row.update({f"{tasks.metric_prefix(split)}/{k}": v for k, v in metrics.items()})
+    return row
+
+
+def say_eval(writer, step: int, row: dict) -> None:
+    """The console lines of an evaluation: the eval split's, then each eval set's."""
+    for prefix in sorted({k.rsplit("/", 1)[0] for k in row}, key=lambda p: (p != "eval", p)):
+        metrics = {k.rsplit("/", 1)[1]: v for k, v in row.items() if k.rsplit("/", 1)[0] == prefix}
+        where = "" if prefix == "eval" else f" {prefix.removeprefix('eval/')}"
+        writer.summary_line(f"eval{where} at step {step}", metrics)
+
+
+def final_test(best, exp, eval_jit, test_batches, writer, step, workdir, state, *, trained):
+    """The "test" split evaluated with the best-on-"eval" checkpoint (LRA reports test
+    accuracy at the best validation accuracy, as the paper does); also results.json.
+    A finished run run again (`trained` False: no step this time) reads its result back
+    rather than testing (and logging) it twice: delete results.json to test again."""
+    done = None if trained else _results_at(workdir, step)
+    skip = done is not None
+    if jax.process_count() > 1:  # process 0's file decides: every process tests, or none
+        from jax.experimental import multihost_utils
+
+        skip = bool(multihost_utils.broadcast_one_to_all(np.int32(skip)))
+    if skip:
+        metrics_lib.say(f"lrulm: the test result of step {step} is in {workdir}/results.json")
+        return done or {}
+    try:
+        # The best checkpoint's own tree: its weight average, if it keeps one, is evaluated.
+        target = restore_target(exp, best.ckpt, best.step)
+        restored = best.restore(target)
+        best_state, best_step, best_value = restored.state, restored.step, best.value
+    except (ckpt_lib.CheckpointsDamaged, FileNotFoundError) as e:  # not stuck for ever
+        metrics_lib.say(
+            f"lrulm: warning: {metrics_lib.brief(e)}; testing the final state (step {step}) "
+            "instead of the best one"
+        )
+        best_state, best_step, best_value = state, step, None
+    test = evaluate(exp, eval_jit, best_state, test_batches)
+    result = {f"test/{k}": v for k, v in test.items()}
+    result["best/step"] = best_step
+    # The value is None (JSON null) when the final state stood in for the best checkpoint:
+    # its own eval value is not known here, and NaN is not JSON.
+    result[f"best/eval_{best.metric}"] = best_value
+    writer.write(step, {k: v for k, v in result.items() if v is not None})
+    if best_value is None:
+        result["best/fallback"] = "final_state"
+        writer.summary_line(f"test with the final state (step {step})", test)
+    else:
+        writer.summary_line(f"test with the best eval checkpoint (step {best_step})", test)
+    if jax.process_index() == 0:
+        tasks.write_atomic(
+            os.path.join(workdir, "results.json"),
+            json.dumps({"task": exp.task.name, "step": step, **result}, indent=2),
+        )
+    return result
+
+
+def _results_at(workdir: str, step: int) -> dict | None:
+    """results.json's test result if it is of `step` (else None)."""
+    try:
+        with open(os.path.join(workdir, "results.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if saved.get("step") != step or saved.get("task") is None:
+        return None
+    return {k: v for k, v in saved.items() if k not in ("task", "step")}
 
 
 def _mesh(config):
     """The run's mesh, or where its sizes do not fit these devices (a pod run scored on
     one host), data parallelism over all of them: checkpoints restore onto any mesh, and
     evaluation gives the same numbers on each."""
-    import jax
-
     try:
         return experiment.make_mesh(config)
     except ValueError as e:
@@ -82,7 +173,9 @@ def evaluate_workdir(config, workdir: str, step: int | None = None, *, best: boo
             + ", ".join(map(str, steps))
             + "): all are damaged"
         )
-    row_offset, local_batch = train.local_rows(exp)
+    from lrulm import train  # here: train imports this module
+
+    row_offset, local_batch = experiment.local_rows(exp)
     _, eval_jit = train.jit_steps(exp)
 
     def batches_of(split):
@@ -95,8 +188,8 @@ def evaluate_workdir(config, workdir: str, step: int | None = None, *, best: boo
         )
 
     result = {"step": restored.step}
-    result.update(train.evaluate_splits(exp, eval_jit, restored.state, batches_of))
+    result.update(evaluate_splits(exp, eval_jit, restored.state, batches_of))
     if task.best_metric:  # LRA: also the test split, as the run's final test scores it
-        test = train.evaluate(exp, eval_jit, restored.state, batches_of("test"), "test")
+        test = evaluate(exp, eval_jit, restored.state, batches_of("test"), "test")
         result.update({f"test/{k}": v for k, v in test.items()})
     return result

@@ -17,28 +17,25 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lrulm import checkpoint as ckpt_lib
 from lrulm import config as config_lib
-from lrulm import distributed, optim, preemption, run_config, sharding, tasks
+from lrulm import distributed, evaluation, optim, preemption, run_config, sharding, tasks
 from lrulm import metrics as metrics_lib
 from lrulm.experiment import (
     Experiment,
     build,
     data_seed,
     ema_of,
-    evaluated_state,
     is_floating,
     local_rows,
     make_mesh,
@@ -202,97 +199,6 @@ def jit_steps(exp: Experiment):
         out_shardings=replicated,
     )
     return train_jit, eval_jit
-
-
-# ==========================================================================================
-# Evaluation (on the host: batches in, summed statistics out).
-# ==========================================================================================
-
-
-def evaluate(exp: Experiment, eval_jit, state, batches, split: str = "eval") -> dict:
-    """The task's metrics of one split's batches (`finalize` of the summed statistics)."""
-    state = evaluated_state(state, exp)
-    sums: dict[str, float] = {}
-    for local in batches:
-        out = jax.device_get(eval_jit(state, to_global(local, exp)))
-        for k, v in out.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-    return exp.task.finalize(sums, split) if sums else {}
-
-
-def evaluate_splits(exp: Experiment, eval_jit, state, batches_of) -> dict:
-    """Every split an evaluation scores (task.eval_splits: "eval", then a language model's
-    data.eval_sets), as one row of logged names (eval/loss, eval/NAME/loss, ...)."""
-    row = {}
-    for split in exp.task.eval_splits:
-        metrics = evaluate(exp, eval_jit, state, batches_of(split), split)
-        row.update({f"{tasks.metric_prefix(split)}/{k}": v for k, v in metrics.items()})
-    return row
-
-
-def _say_eval(writer, step: int, row: dict) -> None:
-    """The console lines of an evaluation: the eval split's, then each eval set's."""
-    for prefix in sorted({k.rsplit("/", 1)[0] for k in row}, key=lambda p: (p != "eval", p)):
-        metrics = {k.rsplit("/", 1)[1]: v for k, v in row.items() if k.rsplit("/", 1)[0] == prefix}
-        where = "" if prefix == "eval" else f" {prefix.removeprefix('eval/')}"
-        writer.summary_line(f"eval{where} at step {step}", metrics)
-
-
-def _final_test(best, exp, eval_jit, test_batches, writer, step, workdir, state, *, trained):
-    """The "test" split evaluated with the best-on-"eval" checkpoint (LRA reports test
-    accuracy at the best validation accuracy, as the paper does); also results.json.
-    A finished run run again (`trained` False: no step this time) reads its result back
-    rather than testing (and logging) it twice: delete results.json to test again."""
-    done = None if trained else _results_at(workdir, step)
-    skip = done is not None
-    if jax.process_count() > 1:  # process 0's file decides: every process tests, or none
-        from jax.experimental import multihost_utils
-
-        skip = bool(multihost_utils.broadcast_one_to_all(np.int32(skip)))
-    if skip:
-        metrics_lib.say(f"lrulm: the test result of step {step} is in {workdir}/results.json")
-        return done or {}
-    try:
-        # The best checkpoint's own tree: its weight average, if it keeps one, is evaluated.
-        target = restore_target(exp, best.ckpt, best.step)
-        restored = best.restore(target)
-        best_state, best_step, best_value = restored.state, restored.step, best.value
-    except (ckpt_lib.CheckpointsDamaged, FileNotFoundError) as e:  # not stuck for ever
-        metrics_lib.say(
-            f"lrulm: warning: {metrics_lib.brief(e)}; testing the final state (step {step}) "
-            "instead of the best one"
-        )
-        best_state, best_step, best_value = state, step, None
-    test = evaluate(exp, eval_jit, best_state, test_batches)
-    result = {f"test/{k}": v for k, v in test.items()}
-    result["best/step"] = best_step
-    # The value is None (JSON null) when the final state stood in for the best checkpoint:
-    # its own eval value is not known here, and NaN is not JSON.
-    result[f"best/eval_{best.metric}"] = best_value
-    writer.write(step, {k: v for k, v in result.items() if v is not None})
-    if best_value is None:
-        result["best/fallback"] = "final_state"
-        writer.summary_line(f"test with the final state (step {step})", test)
-    else:
-        writer.summary_line(f"test with the best eval checkpoint (step {best_step})", test)
-    if jax.process_index() == 0:
-        tasks.write_atomic(
-            os.path.join(workdir, "results.json"),
-            json.dumps({"task": exp.task.name, "step": step, **result}, indent=2),
-        )
-    return result
-
-
-def _results_at(workdir: str, step: int) -> dict | None:
-    """results.json's test result if it is of `step` (else None)."""
-    try:
-        with open(os.path.join(workdir, "results.json")) as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if saved.get("step") != step or saved.get("task") is None:
-        return None
-    return {k: v for k, v in saved.items() if k not in ("task", "step")}
 
 
 # ==========================================================================================
@@ -540,9 +446,9 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
         try:
             # The initial state's baseline: a new run's, not one resumed at step 0.
             if restored is None and t.get("eval_at_start", False):
-                start_eval = evaluate_splits(exp, eval_jit, state, eval_batches)
+                start_eval = evaluation.evaluate_splits(exp, eval_jit, state, eval_batches)
                 writer.write(0, start_eval)
-                _say_eval(writer, 0, start_eval)
+                evaluation.say_eval(writer, 0, start_eval)
                 throughput.start(step)
             while step < t.steps:
                 if watcher.reached(step):
@@ -591,9 +497,9 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
                 restart_timer = step % t.log_every == 0
                 if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
                     restart_timer = True
-                    row = evaluate_splits(exp, eval_jit, state, eval_batches)
+                    row = evaluation.evaluate_splits(exp, eval_jit, state, eval_batches)
                     writer.write(step, row)
-                    _say_eval(writer, step, row)
+                    evaluation.say_eval(writer, step, row)
                     # What a run returns: the eval split's metrics (eval/NAME/... as keys)
                     last_eval = {k.removeprefix("eval/"): v for k, v in row.items()}
                     if best is not None:
@@ -618,7 +524,7 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
                     break
             checkpointer.wait()
             if best is not None and step >= t.steps and task.best_metric:
-                last_eval = _final_test(
+                last_eval = evaluation.final_test(
                     best, exp, eval_jit, eval_batches("test"), writer, step, workdir, state,
                     trained=step > start_step,
                 )  # fmt: skip

@@ -304,7 +304,9 @@ def test_bad_optimizer_and_model_values_fail_before_the_data_is_prepared(
 def test_step_time_leaves_out_evaluation_and_saving(tmp_path, corpus, monkeypatch):
     """Evaluations and saves between two log steps were timed as train steps; the time
     the host waits for each batch (here a slow input pipeline: 0.1 s) is its own figure."""
-    real, real_to_global = train.evaluate, train.to_global
+    from lrulm import evaluation
+
+    real, real_to_global = evaluation.evaluate, train.to_global
 
     def slow_evaluate(*args):
         time.sleep(1.0)
@@ -314,7 +316,7 @@ def test_step_time_leaves_out_evaluation_and_saving(tmp_path, corpus, monkeypatc
         time.sleep(0.1)
         return real_to_global(*args)
 
-    monkeypatch.setattr(train, "evaluate", slow_evaluate)
+    monkeypatch.setattr(evaluation, "evaluate", slow_evaluate)
     monkeypatch.setattr(train, "to_global", slow_batch)
     overrides = ["train.steps=10", "train.log_every=5", "train.eval_every=3", "train.eval_steps=1"]
     config = _config(*overrides, "checkpoint.every_steps=4", corpus=corpus)
