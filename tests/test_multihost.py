@@ -30,6 +30,7 @@ def _train_args(workdir, corpus, *overrides):
         "train.eval_every=4",
         "mesh.data=4",
         "mesh.fsdp=2",
+        "checkpoint.keep_best=loss",  # every process saves the best checkpoint too
         *overrides,
     ]
     return [
@@ -136,6 +137,12 @@ def test_two_processes_match_one(two_process_run, single_process_run):
         f for f in os.listdir(workdir / "checkpoints" / "8" / "data") if f.startswith("process_")
     )
     assert data == ["process_0-of-2.json", "process_1-of-2.json"], data
+    # Both kept the same best checkpoint (the lower eval loss of steps 4 and 8).
+    from lrulm import checkpoint as ckpt_lib
+
+    kept2, kept1 = ckpt_lib.kept_best(str(workdir)), ckpt_lib.kept_best(str(single_process_run))
+    assert kept2[0] == "loss" and kept2[2] == kept1[2] == min(ev1, key=ev1.get)
+    np.testing.assert_allclose(kept2[1], kept1[1], rtol=1e-5)
 
 
 def test_generate_runs_as_two_processes(two_process_run, tmp_path):
