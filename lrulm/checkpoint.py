@@ -606,9 +606,10 @@ def weights_key(tree: dict, weights: str = "auto") -> str:
     return "ema_params" if weights != "raw" and "ema_params" in tree else "params"
 
 
-def select_params(abstract_params, patterns: str) -> dict:
+def select_params(abstract_params, patterns: str, whose: str = "this model's") -> dict:
     """The subtree of a (nested dict) parameter tree whose paths ("stack/blocks/lru/B_re")
-    one of the comma-separated regular expressions finds (re.search); "" = all of it."""
+    one of the comma-separated regular expressions finds (re.search); "" = all of it.
+    A ValueError (naming `whose` parameters) where they find none."""
     compiled = [re.compile(p.strip()) for p in patterns.split(",") if p.strip()]
     if not compiled:
         return abstract_params
@@ -623,7 +624,7 @@ def select_params(abstract_params, patterns: str) -> dict:
     if not chosen:
         some = ", ".join(_path(k) for k, _ in _flatten(abstract_params)[:4])
         raise ValueError(
-            f"checkpoint.init_from_params={patterns!r} finds none of this model's parameter "
+            f"checkpoint.init_from_params={patterns!r} finds none of {whose} parameter "
             f"paths (e.g. {some}, ...)"
         )
     return chosen

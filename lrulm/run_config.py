@@ -67,9 +67,13 @@ def check_start(config, workdir: str) -> None:
     must hold a checkpoint."""
     c = config.checkpoint
     if not ckpt_lib.checkpoint_steps(workdir):
+        select = c.get("init_from_params", "")
+        optim.check_not_subscript(select, "checkpoint.init_from_params")
         if c.get("init_from", ""):
-            ckpt_lib.find_checkpoint_dir(c.init_from)  # FileNotFoundError: said at once
-        optim.check_not_subscript(c.get("init_from_params", ""), "checkpoint.init_from_params")
+            directory, step = ckpt_lib.find_checkpoint_dir(c.init_from)  # said at once
+            if select:  # patterns that find none of the source's parameters: said now
+                saved = ckpt_lib.saved_tree(os.path.join(directory, str(step), ckpt_lib.STATE))
+                ckpt_lib.select_params(saved.get("params") or {}, select, f"{c.init_from}'s")
         return
     recorded = _recorded(workdir)
     task = recorded.get("task")

@@ -35,6 +35,16 @@ def test_a_missing_init_from_fails_before_the_data(tmp_path, corpus):
         assert not (tmp_path / "new").exists()  # no tokenizer trained, nothing tokenized
 
 
+def test_init_from_params_finding_nothing_fails_before_the_data(tmp_path, corpus, lm_workdir):
+    """Patterns that find none of the source checkpoint's parameters (a typo): said in
+    seconds, from the checkpoint's metadata, before a tokenizer is trained or data read."""
+    config = tiny_config(f"checkpoint.init_from={lm_workdir}",
+                         "checkpoint.init_from_params=^nomatch/,^stak/", corpus=corpus)  # fmt: skip
+    with pytest.raises(ValueError, match=f"finds none of {lm_workdir}'s parameter paths"):
+        train.train_and_evaluate(config, str(tmp_path / "new"))
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_resume_with_another_tasks_config_changes_nothing(lm_workdir, tmp_path):
     workdir = _copy(lm_workdir, tmp_path)
     before = _contents(workdir)
