@@ -423,15 +423,17 @@ class Checkpointer:
 class BestCheckpoint:
     """The checkpoint with the best value of an "eval" metric, under WORKDIR/best/.
 
-    Its value survives a resume (it is in the checkpoint's metadata).
+    Its value survives a resume (it is in the checkpoint's metadata). Saves are
+    asynchronous as the run's own (training goes on while a better state is written;
+    `restore` and `close` wait for it).
     """
 
-    def __init__(self, workdir: str, metric: str, mode: str):
+    def __init__(self, workdir: str, metric: str, mode: str, *, async_save: bool = True):
         if mode not in ("max", "min"):
             raise ValueError(f"best-checkpoint mode must be 'max' or 'min'; got {mode!r}")
         self.metric, self.mode = metric, mode
         self.ckpt = Checkpointer(
-            os.path.join(workdir, "best"), max_to_keep=1, async_save=False, writer=True
+            os.path.join(workdir, "best"), max_to_keep=1, async_save=async_save, writer=True
         )
         self.ckpt.run_dir = os.path.abspath(workdir)
         self.value, self.step = None, None
@@ -473,15 +475,16 @@ class BestCheckpoint:
             return False
         self.value, self.step = value, step
         if step in self.ckpt.steps():  # saved before a resume from an earlier checkpoint
+            self.ckpt.wait()
             self.ckpt.manager.delete(step)
         meta = {**(metadata or {}), "best_value": value, "metric": self.metric}
-        self.ckpt.save(step, state, metadata=meta)
-        self.ckpt.wait()
+        self.ckpt.save(step, state, metadata=meta)  # the arrays are copied before it returns
         return True
 
     def restore(self, abstract_state) -> Restored:
         """The best checkpoint's state. Raises FileNotFoundError when there is none, and
         CheckpointsDamaged (having moved it aside) when it does not read back."""
+        self.ckpt.wait()  # a save in flight
         restored = self.ckpt.restore_latest(abstract_state)
         if restored is None:
             raise FileNotFoundError(f"no best checkpoint under {self.ckpt.directory}")
