@@ -423,15 +423,17 @@ class Checkpointer:
 class BestCheckpoint:
     """The checkpoint with the best value of an "eval" metric, under WORKDIR/best/.
 
-    Its value survives a resume (it is in the checkpoint's metadata). Saves are
-    asynchronous as the run's own (training goes on while a better state is written;
-    `restore` and `close` wait for it).
+    Its value survives a resume (it is in the checkpoint's metadata). In one process its
+    saves are asynchronous (training goes on while a better state is written; `restore`
+    and `close` wait for it); with several they are not: two Orbax managers saving the
+    same step at once take the same barrier names ("_async_write_complete.<step>").
     """
 
     def __init__(self, workdir: str, metric: str, mode: str, *, async_save: bool = True):
         if mode not in ("max", "min"):
             raise ValueError(f"best-checkpoint mode must be 'max' or 'min'; got {mode!r}")
         self.metric, self.mode = metric, mode
+        async_save = async_save and jax.process_count() == 1
         self.ckpt = Checkpointer(
             os.path.join(workdir, "best"), max_to_keep=1, async_save=async_save, writer=True
         )
@@ -479,6 +481,8 @@ class BestCheckpoint:
             self.ckpt.manager.delete(step)
         meta = {**(metadata or {}), "best_value": value, "metric": self.metric}
         self.ckpt.save(step, state, metadata=meta)  # the arrays are copied before it returns
+        if jax.process_count() > 1:
+            self.ckpt.wait()
         return True
 
     def restore(self, abstract_state) -> Restored:
