@@ -357,6 +357,8 @@ def compile_for_topology(
         mesh = experiment.make_mesh(config, devices)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
+    if note := tasks.vocab_note(config):
+        metrics.say(note)
     task = tasks.make_task(config, None, prepare_data=False)
     live_before = sum(a.nbytes for a in jax.live_arrays())
     # traced for the target: its "auto" method, kernels, time split (lrulm.target)

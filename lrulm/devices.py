@@ -43,7 +43,8 @@ def topology_devices(topology: Topology, num_slices: int = 1) -> list:
     try:
         desc = topologies.get_topology_desc(topology.name, platform="tpu", **kwargs)
     except RuntimeError as e:  # no libtpu, or a shape libtpu rejects
-        raise ValueError(f"cannot describe TPU topology {topology.name}: {e}") from e
+        hint = " (pip install -e '.[tpu]': libtpu)" * ("not installed" in str(e))
+        raise ValueError(f"cannot describe TPU topology {topology.name}: {e}{hint}") from e
     return list(desc.devices)
 
 

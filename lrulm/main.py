@@ -16,9 +16,12 @@ lrulm compile  --config CONFIG.py[:ARG] --topology v5p-128|h100:8 [--config.a.b=
 lrulm tokenizer train --input GLOB[,GLOB] --output FILE.model [--vocab_size V] [--text_field F]
 
 Exit codes: 0 done; 1 `train` stopped because the loss or a gradient became non-finite (the
-message names the step; the last good checkpoint is kept); 2 a bad config, flag or input
-file (one line says which); 75 `train` stopped for a preemption signal or Ctrl-C after saving
-(lrulm.preemption: run it again to resume); 130 a second Ctrl-C stopped it without saving.
+message names the step; the last good checkpoint is kept), or an error lrulm did not foresee
+(a traceback; e.g. no coordinator reached); 2 a bad config, flag or input file, or checkpoints
+that do not serve (none reads back: running the same command again then trains from step 0;
+--best without a best checkpoint; a damaged --step), one line says which; 75 `train` stopped
+for a preemption signal or Ctrl-C after saving (lrulm.preemption: run it again to resume);
+130 a second Ctrl-C stopped it without saving.
 """
 
 from __future__ import annotations
@@ -329,6 +332,8 @@ def main(argv: list[str]) -> int:
                 config = _config(args, extra)
                 experiment.check_config(config)  # what train would refuse, but the devices
                 tasks.best_metric(config)
+                if note := tasks.vocab_note(config):
+                    metrics_lib.say(note)  # stderr: stdout is the JSON
                 task = tasks.make_task(config, None, prepare_data=False)
                 model = dataclasses.asdict(task.model_config)
                 out = {"config": config_lib.to_dict(config), "model": model}

@@ -54,6 +54,31 @@ def lm_vocab_size(sp, configured: int | None) -> int:
     return configured or -(-needed // 128) * 128
 
 
+def vocab_note(config) -> str:
+    """What `lrulm config` and `compile` (no data read: the model's vocabulary is
+    model.vocab_size, else the preset's) say where a run of `config` would have another:
+    its tokenizer's pieces (data.tokenizer's, or at most data.vocab_size for one trained
+    into the workdir) padded to a multiple of 128; "" where they agree."""
+    if config.task != "lm" or config.model.get("vocab_size") is not None:
+        return ""
+    path = config.data.get("tokenizer", "")
+    if path and os.path.isfile(path):
+        pieces, source = tok.from_model_bytes(tok.model_bytes(path)[0]).get_piece_size(), path
+    elif path:
+        return ""  # not there: the run says so
+    else:
+        pieces, source = config.data.vocab_size, f"data.vocab_size={config.data.vocab_size}"
+    planned = -(-pieces // 128) * 128
+    preset = resolve_model_config(config.model).vocab_size
+    if planned == preset:
+        return ""
+    return (
+        f"lrulm: note: the model here has the preset's vocabulary ({preset:,}); a run's is its "
+        f"tokenizer's pieces padded to 128 ({source}: {planned:,}{' at most' * (not path)}): "
+        f"add --config.model.vocab_size={planned} to see that one"
+    )
+
+
 def write_atomic(path: str, text: str) -> None:
     """text written to path whole or not at all (a crash mid-write leaves path as it was)."""
     tmp = f"{path}.tmp"

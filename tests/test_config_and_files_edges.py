@@ -103,3 +103,13 @@ def test_the_train_data_fingerprint_reads_the_last_example():
     first = [{"inputs": np.arange(4) + i} for i in range(10)]
     last_edited = first[:9] + [{"inputs": np.arange(4) + 99}]
     assert lm_data.sample_fingerprint(first) != lm_data.sample_fingerprint(last_edited)
+
+
+def test_config_and_compile_say_when_a_run_would_have_another_vocabulary():
+    from lrulm import tasks
+
+    assert tasks.vocab_note(tiny_config()) == ""  # the test preset's 512 = data.vocab_size
+    note = tasks.vocab_note(tiny_config("data.vocab_size=1000"))
+    assert "preset's vocabulary (512)" in note and "(data.vocab_size=1000: 1,024 at most)" in note
+    assert note.endswith("add --config.model.vocab_size=1024 to see that one")
+    assert tasks.vocab_note(tiny_config("data.vocab_size=1000", "model.vocab_size=2048")) == ""

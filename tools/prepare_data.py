@@ -1,7 +1,9 @@
 """Tokenizes and packs a large corpus once into ArrayRecord shards for random access.
 
-    python tools/prepare_data.py --input 'corpus/*.jsonl' --tokenizer tok.model \\
+    python tools/prepare_data.py --input 'corpus/train-*.jsonl' --tokenizer tok.model \\
         --seq_len 2048 --output data/train --num_shards 64
+    python tools/prepare_data.py --input 'corpus/eval-*.jsonl' --tokenizer tok.model \\
+        --seq_len 2048 --output data/eval --num_shards 4
 
 Each record is one packed sequence of seq_len + 1 uint32 tokens (inputs and targets
 shifted by one), exactly the windows `lrulm train` cuts from a token stream, documents

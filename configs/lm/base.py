@@ -4,6 +4,8 @@
     lrulm tokenizer train --input 'corpus/train-*.jsonl' --output tok32k.model --vocab_size 32000
     python tools/prepare_data.py --input 'corpus/train-*.jsonl' --tokenizer tok32k.model \\
         --seq_len 2048 --output data/train --num_shards 256        # once, for large corpora
+    python tools/prepare_data.py --input 'corpus/eval-*.jsonl' --tokenizer tok32k.model \\
+        --seq_len 2048 --output data/eval --num_shards 8
     python launch/tpu_vm.py up --name lru-350m --zone ZONE --project PROJECT \\
         --accelerator_type v5p-32 -- \\
         lrulm train --config configs/lm/base.py:size=350m --workdir /gcs/BUCKET/runs/350m \\
