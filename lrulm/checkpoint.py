@@ -537,6 +537,15 @@ def no_best(workdir: str) -> str:
     )
 
 
+def best_damaged(directory: str, step: int, error: BaseException) -> str:
+    """The error for --best where the best checkpoint does not read back."""
+    return (
+        f"the best checkpoint {directory}/{step} does not read back "
+        f"({metrics_lib.brief(error)}): it is damaged; leave out --best (the newest "
+        "checkpoint), or give --step"
+    )
+
+
 def kept_best(workdir: str) -> tuple[str, float, int] | None:
     """(metric, value, step) of the best checkpoint WORKDIR/best/ holds; None if there is
     none, or its metadata does not read (the run's next evaluation then saves anew)."""

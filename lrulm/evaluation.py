@@ -149,6 +149,8 @@ def evaluate_workdir(config, workdir: str, step: int | None = None, *, best: boo
         task.check_eval(config.train.global_batch_size, config.train.eval_steps)
     exp = experiment.build(config, task, mesh)
     checkpointer = ckpt_lib.Checkpointer(saved, async_save=False)
+    if best:  # one checkpoint, none before it to fall back to
+        step = steps[-1]
     try:
         # Each checkpoint's own tree: its weight average (optim.ema) where it keeps one.
         target = lambda s: experiment.restore_target(exp, checkpointer, s)  # noqa: E731
@@ -159,6 +161,8 @@ def evaluate_workdir(config, workdir: str, step: int | None = None, *, best: boo
     except (ckpt_lib.CheckpointMismatch, ckpt_lib.CheckpointUnavailable):
         raise
     except Exception as e:  # noqa: BLE001 - the asked-for checkpoint does not read back
+        if best:
+            raise ValueError(ckpt_lib.best_damaged(directory, step, e)) from None
         raise ValueError(
             f"checkpoint {directory}/{step} does not read back ({metrics_lib.brief(e)}): it "
             "is damaged; give another --step ("

@@ -99,6 +99,12 @@ def validate(config, mesh) -> None:
 def check_config(config) -> None:
     """Checks of a config's values alone, needing no devices or data (`lrulm config` runs
     them too: a sweep's configs are vetted before they are launched)."""
+    from lrulm.data import lra
+
+    if config.task != "lm" and config.task not in lra.TASKS:  # before what depends on it
+        raise ValueError(
+            f"unknown task {config.task!r}; use 'lm' or an LRA task: {', '.join(lra.TASKS)}"
+        )
     t = config.train
     if config.optim.grad_accum_steps < 1:
         raise ValueError(

@@ -369,6 +369,8 @@ def load_model(workdir: str, step: int | None = None, weights: str = "auto", *, 
         except (ckpt_lib.CheckpointMismatch, ckpt_lib.NoWeightAverage):
             raise
         except Exception as e:  # noqa: BLE001 - a damaged checkpoint: try the one before
+            if best:  # its only checkpoint
+                raise ValueError(ckpt_lib.best_damaged(checkpoints, candidate, e)) from None
             errors.append(f"step {candidate}: {metrics_lib.brief(e)}")
             if step is None:
                 metrics_lib.say(

@@ -140,7 +140,9 @@ def test_a_language_model_keeps_its_best_checkpoint(tmp_path, corpus, capsys):
     assert os.listdir(moved) == [str(want)]
 
 
-def test_a_new_run_beside_an_earlier_best_moves_it_aside(tmp_path, corpus, capsys):
+def test_a_new_run_beside_an_earlier_best_moves_it_aside(
+    tmp_path, corpus, capsys, damage_checkpoint
+):
     """A best checkpoint without checkpoints of its own run (a run killed after an
     evaluation and before its first save, started again; or one whose checkpoints were
     deleted) is another trajectory's, maybe of another metric: moved aside, not compared."""
@@ -163,6 +165,12 @@ def test_a_new_run_beside_an_earlier_best_moves_it_aside(tmp_path, corpus, capsy
     # A BestCheckpoint never compares values of another metric.
     with pytest.raises(ValueError, match="keeps the best eval loss, not accuracy; move it"):
         ckpt_lib.BestCheckpoint(workdir, "accuracy", "max")
+    # Damaged, it is said so (no "trying the one before": it is the only one).
+    damage_checkpoint(os.path.join(workdir, "best", "checkpoints", "2"))
+    with pytest.raises(
+        ValueError, match=r"best/checkpoints/2 does not read back .*leave out --best"
+    ):
+        generate.load_model(workdir, best=True)
 
 
 def test_a_metric_the_eval_split_does_not_report_is_refused_before_training():

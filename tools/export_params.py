@@ -57,6 +57,10 @@ def read_params(
         except ckpt_lib.NoWeightAverage:
             raise
         except Exception as e:  # noqa: BLE001 - a damaged checkpoint: the one before
+            if best:  # its only checkpoint
+                raise ValueError(
+                    ckpt_lib.best_damaged(f"{saved}/checkpoints", candidate, e)
+                ) from None
             if ckpt_lib.unavailable(e):  # the storage, not the checkpoint: said as it is
                 raise ValueError(
                     f"checkpoint {saved}/checkpoints/{candidate} could not be read "
