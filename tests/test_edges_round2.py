@@ -93,3 +93,30 @@ def test_the_tokenizer_next_to_a_step_directory(lm_workdir):
     for path in (lm_workdir, os.path.join(lm_workdir, "checkpoints"),
                  os.path.join(lm_workdir, "checkpoints", "8")):  # fmt: skip
         assert workdir_tokenizer.next_to(path) == own
+
+
+def test_lrulm_eval_with_another_tokenizer_is_refused(lm_workdir, corpus, tmp_path):
+    """`lrulm eval --config.data.tokenizer=OTHER` on a run trained with another: its ids are
+    not the embeddings' rows, refused; the run's own file given (or gone) evaluates."""
+    import shutil
+
+    from lrulm.data import lm as lm_data
+    from lrulm.data import tokenizer as tok
+
+    other = str(tmp_path / "other.model")
+    tok.train_tokenizer(lm_data.read_documents(corpus["eval"]), other, vocab_size=400)
+    run_config = json.load(open(os.path.join(lm_workdir, "config.json")))
+
+    def config_with(tokenizer):
+        config = config_lib.from_dict(run_config)
+        config.data.tokenizer = tokenizer
+        config.train.eval_steps = 1
+        return config
+
+    with pytest.raises(ValueError, match="is not .*tokenizer.model, the tokenizer this workdir"):
+        evaluation.evaluate_workdir(config_with(other), lm_workdir)
+    copy = str(tmp_path / "own.model")
+    shutil.copyfile(os.path.join(lm_workdir, "tokenizer.model"), copy)
+    assert evaluation.evaluate_workdir(config_with(copy), lm_workdir)["step"] == 8
+    gone = str(tmp_path / "gone.model")  # the file it was given once, since deleted
+    assert evaluation.evaluate_workdir(config_with(gone), lm_workdir)["step"] == 8
