@@ -481,8 +481,6 @@ class BestCheckpoint:
             self.ckpt.manager.delete(step)
         meta = {**(metadata or {}), "best_value": value, "metric": self.metric}
         self.ckpt.save(step, state, metadata=meta)  # the arrays are copied before it returns
-        if jax.process_count() > 1:
-            self.ckpt.wait()
         return True
 
     def restore(self, abstract_state) -> Restored:

@@ -400,8 +400,10 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
             return task.eval_batches(split, num_batches=steps, **batch_args)
 
         if keep_best and is_main:  # an earlier best no longer compares with this run's
-            why = run_config.evals_incomparable(trained, config) if restored else ""
-            why = why if restored else "this run starts anew (no checkpoint of its own)"
+            why = (
+                run_config.evals_incomparable(trained, config) if restored
+                else "this run starts anew (no checkpoint of its own)"
+            )  # fmt: skip
             if why:
                 ckpt_lib.supersede_best(workdir, why)
         distributed.barrier("lrulm_best")
