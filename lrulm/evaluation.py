@@ -10,6 +10,7 @@ import os
 import jax
 import numpy as np
 
+from lrulm import best_checkpoint as best_lib
 from lrulm import checkpoint as ckpt_lib
 from lrulm import experiment, tasks
 from lrulm import metrics as metrics_lib
@@ -128,21 +129,8 @@ def evaluate_workdir(config, workdir: str, step: int | None = None, *, best: boo
     With best, the best-on-eval checkpoint the run keeps (WORKDIR/best/): an LRA run's
     results.json and `lrulm lra-report` report it; a language model keeps one with
     checkpoint.keep_best."""
-    saved = os.path.join(workdir, "best") if best else workdir
+    saved, steps = best_lib.steps_to_read(workdir, step, best)  # before anything is written
     directory = os.path.join(saved, "checkpoints")
-    steps = ckpt_lib.checkpoint_steps(saved)  # before anything is written to workdir
-    if not steps and best:
-        raise FileNotFoundError(ckpt_lib.no_best(workdir))
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint in {directory}; train first")
-    if step is not None and step not in steps:
-        best_steps = [] if best else ckpt_lib.checkpoint_steps(os.path.join(workdir, "best"))
-        hint = f" (step {step} is the best-on-eval checkpoint: add --best)" * (step in best_steps)
-        raise FileNotFoundError(
-            f"no checkpoint of step {step} in {directory}; its steps: "
-            + ", ".join(map(str, steps))
-            + hint
-        )
     mesh = _mesh(config)
     task = tasks.make_task(config, workdir, eval_only=True)
     if hasattr(task, "check_eval"):
@@ -162,7 +150,7 @@ def evaluate_workdir(config, workdir: str, step: int | None = None, *, best: boo
         raise
     except Exception as e:  # noqa: BLE001 - the asked-for checkpoint does not read back
         if best:
-            raise ValueError(ckpt_lib.best_damaged(directory, step, e)) from None
+            raise ValueError(best_lib.best_damaged(directory, step, e)) from None
         raise ValueError(
             f"checkpoint {directory}/{step} does not read back ({metrics_lib.brief(e)}): it "
             "is damaged; give another --step ("

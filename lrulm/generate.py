@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lrulm import best_checkpoint as best_lib
 from lrulm import checkpoint as ckpt_lib
 from lrulm import config as config_lib
 from lrulm import metrics as metrics_lib
@@ -325,20 +326,8 @@ def load_model(workdir: str, step: int | None = None, weights: str = "auto", *, 
             f"{workdir} trained task {config.task!r}; generating and scoring text needs a "
             "language model"
         )
-    if best and step is not None:
-        raise ValueError("give a step or best, not both")
-    saved = os.path.join(workdir, "best") if best else workdir
+    saved, steps = best_lib.steps_to_read(workdir, step, best)
     checkpoints = os.path.join(saved, "checkpoints")
-    steps = ckpt_lib.checkpoint_steps(saved)
-    if not steps and best:
-        raise FileNotFoundError(ckpt_lib.no_best(workdir))
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint in {checkpoints}; run `lrulm train` first")
-    if step is not None and step not in steps:
-        raise FileNotFoundError(
-            f"no checkpoint of step {step} in {checkpoints}; its steps: "
-            + ", ".join(map(str, steps))
-        )
     sp_path = os.path.join(workdir, "tokenizer.model")
     if not os.path.exists(sp_path):
         # A tokenizer trained now would not number pieces as the embeddings do.
@@ -370,7 +359,7 @@ def load_model(workdir: str, step: int | None = None, weights: str = "auto", *, 
             raise
         except Exception as e:  # noqa: BLE001 - a damaged checkpoint: try the one before
             if best:  # its only checkpoint
-                raise ValueError(ckpt_lib.best_damaged(checkpoints, candidate, e)) from None
+                raise ValueError(best_lib.best_damaged(checkpoints, candidate, e)) from None
             errors.append(f"step {candidate}: {metrics_lib.brief(e)}")
             if step is None:
                 metrics_lib.say(

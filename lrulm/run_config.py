@@ -13,6 +13,7 @@ import os
 import jax
 import numpy as np
 
+from lrulm import best_checkpoint as best_lib
 from lrulm import checkpoint as ckpt_lib
 from lrulm import config as config_lib
 from lrulm import metrics as metrics_lib
@@ -127,7 +128,7 @@ def _check_keep_best(config, workdir: str) -> None:
     """A resume keeps its best checkpoint by the metric it was kept by: another one would
     replace WORKDIR/best by a checkpoint not better by the old measure (refused); none
     leaves it as it is (said)."""
-    kept = ckpt_lib.kept_best(workdir)
+    kept = best_lib.kept_best(workdir)
     if kept is None:
         return
     metric, value, step = kept

@@ -27,6 +27,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from lrulm import best_checkpoint as best_lib
 from lrulm import checkpoint as ckpt_lib
 from lrulm import config as config_lib
 from lrulm import distributed, evaluation, optim, preemption, run_config, sharding, tasks
@@ -405,9 +406,9 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
                 else "this run starts anew (no checkpoint of its own)"
             )  # fmt: skip
             if why:
-                ckpt_lib.supersede_best(workdir, why)
+                best_lib.supersede_best(workdir, why)
         distributed.barrier("lrulm_best")
-        best = ckpt_lib.BestCheckpoint(workdir, *keep_best) if keep_best else None
+        best = best_lib.BestCheckpoint(workdir, *keep_best) if keep_best else None
 
         def check_finite():
             bad = int(jax.device_get(state["nonfinite_step"]))

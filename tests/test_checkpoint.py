@@ -15,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from lrulm import best_checkpoint as best_lib
 from lrulm import checkpoint as ckpt_lib
 from lrulm import config as config_lib
 from lrulm import evaluation, experiment, tasks, train
@@ -473,12 +474,12 @@ def test_unreadable_storage_is_not_damage_and_all_damaged_does_not_restart(
 def test_best_checkpoint_keeps_the_best_value_and_its_state(tmp_path, mode, values, best_step):
     """Only a better value saves (max: higher; min: lower); the kept state and value are
     the best step's, also after a resume reads them back."""
-    best = ckpt_lib.BestCheckpoint(str(tmp_path), "m", mode)
+    best = best_lib.BestCheckpoint(str(tmp_path), "m", mode)
     saved = [best.update(s, {"m": v}, {"w": jnp.full(2, float(s))}) for s, v in
              zip((10, 20, 30), values)]  # fmt: skip
     assert saved == [True, best_step == 20, best_step == 30]
     best.close()
-    best = ckpt_lib.BestCheckpoint(str(tmp_path), "m", mode)
+    best = best_lib.BestCheckpoint(str(tmp_path), "m", mode)
     assert best.step == best_step and best.value == values[best_step // 10 - 1]
     abstract = {"w": jax.ShapeDtypeStruct((2,), jnp.float32, sharding=jnp.zeros(2).sharding)}
     restored = best.restore(abstract)
@@ -493,10 +494,10 @@ def test_best_checkpoint_survives_a_step_saved_twice_and_damaged_metadata(tmp_pa
     refused: "already exists", on every rerun); damaged metadata at start moves it aside
     and the next evaluation saves a new best."""
     state = {"w": jnp.arange(4.0)}
-    best = ckpt_lib.BestCheckpoint(str(tmp_path), "accuracy", "max")
+    best = best_lib.BestCheckpoint(str(tmp_path), "accuracy", "max")
     assert best.update(25, {"accuracy": 0.5}, state)
     best.close()
-    best = ckpt_lib.BestCheckpoint(str(tmp_path), "accuracy", "max")  # resumed at step 20
+    best = best_lib.BestCheckpoint(str(tmp_path), "accuracy", "max")  # resumed at step 20
     best.value = None  # the resumed run's history: its step-25 eval is a new best
     assert best.update(25, {"accuracy": 0.6}, {"w": jnp.ones(4)})
     abstract = jax.tree.map(
@@ -505,7 +506,7 @@ def test_best_checkpoint_survives_a_step_saved_twice_and_damaged_metadata(tmp_pa
     np.testing.assert_array_equal(best.restore(abstract).state["w"], np.ones(4))
     best.close()
     (tmp_path / "best" / "checkpoints" / "25" / "metadata" / "metadata").write_text("{oops")
-    best = ckpt_lib.BestCheckpoint(str(tmp_path), "accuracy", "max")
+    best = best_lib.BestCheckpoint(str(tmp_path), "accuracy", "max")
     assert best.value is None and best.ckpt.steps() == []
     assert glob.glob(str(tmp_path / "best" / "corrupt_checkpoints" / "25-*"))
     best.close()

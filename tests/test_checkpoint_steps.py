@@ -12,6 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from lrulm import best_checkpoint as best_lib
 from lrulm import checkpoint as ckpt_lib
 
 
@@ -67,7 +68,7 @@ def test_an_io_error_behind_another_error_is_unreadable_storage(explicit):
 @pytest.mark.parametrize("mode", ["max", "min"])
 def test_a_best_checkpoint_tie_saves_nothing(tmp_path, mode):
     """A later evaluation as good as the best (not better) keeps the earlier checkpoint."""
-    best = ckpt_lib.BestCheckpoint(str(tmp_path), "m", mode)
+    best = best_lib.BestCheckpoint(str(tmp_path), "m", mode)
     assert best.update(10, {"m": 0.5}, {"w": jnp.full(2, 10.0)})
     assert not best.update(20, {"m": 0.5}, {"w": jnp.full(2, 20.0)})
     assert (best.step, best.value, best.ckpt.steps()) == (10, 0.5, [10])

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import pytest
 from run_helpers import tiny_config
 
+from lrulm import best_checkpoint as best_lib
 from lrulm import checkpoint as ckpt_lib
 from lrulm import config as config_lib
 from lrulm import evaluation, generate, score, tasks, train
@@ -52,7 +53,7 @@ def test_a_bad_keep_best_fails_before_anything_is_written(tmp_path, corpus):
 
 
 def test_a_nan_is_never_the_best(tmp_path):
-    best = ckpt_lib.BestCheckpoint(str(tmp_path), "loss", "min")
+    best = best_lib.BestCheckpoint(str(tmp_path), "loss", "min")
     assert not best.update(10, {"loss": math.nan}, {"w": jnp.zeros(2)})
     assert best.update(20, {"loss": 3.0}, {"w": jnp.ones(2)})
     assert not best.update(30, {"loss": math.nan}, {"w": jnp.zeros(2)})
@@ -84,7 +85,7 @@ def test_a_language_model_keeps_its_best_checkpoint(tmp_path, corpus, capsys):
     values = _eval_rows(workdir, "eval/held/bits_per_byte")
     assert sorted(values) == [2, 4, 6, 8]
     want = min(values, key=values.get)
-    kept = ckpt_lib.kept_best(workdir)
+    kept = best_lib.kept_best(workdir)
     assert kept[0] == metric and kept[2] == want and kept[1] == pytest.approx(values[want])
     out = capsys.readouterr()
     assert f"the best eval {metric} ({values[want]:.4g}, step {want}) is kept in" in out.out
@@ -96,7 +97,7 @@ def test_a_language_model_keeps_its_best_checkpoint(tmp_path, corpus, capsys):
     out = capsys.readouterr().out
     assert "is no longer updated: checkpoint.keep_best is unset" in out
     assert "left unfinished" in out and "9" + ckpt_lib.TMP_SUFFIX in out
-    assert ckpt_lib.kept_best(workdir)[2] == want
+    assert best_lib.kept_best(workdir)[2] == want
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=int) == ["4", "8", "12"]
 
     # Another metric would replace it by a checkpoint not better by the old one: refused.
@@ -107,7 +108,7 @@ def test_a_language_model_keeps_its_best_checkpoint(tmp_path, corpus, capsys):
     ):
         train.train_and_evaluate(config, workdir)
     assert open(os.path.join(workdir, "config.json")).read() == before
-    assert ckpt_lib.checkpoint_steps(workdir)[-1] == 12 and ckpt_lib.kept_best(workdir)[2] == want
+    assert ckpt_lib.checkpoint_steps(workdir)[-1] == 12 and best_lib.kept_best(workdir)[2] == want
 
     # What reads it: eval (the same figure), generate, score; the newest (12) otherwise.
     result = evaluation.evaluate_workdir(config_lib.from_dict(json.load(open(
@@ -135,7 +136,7 @@ def test_a_language_model_keeps_its_best_checkpoint(tmp_path, corpus, capsys):
     )  # fmt: skip
     out = capsys.readouterr().out
     assert "best.superseded-1: train.eval_steps 2 -> 1" in out
-    assert ckpt_lib.kept_best(workdir)[2] == 14
+    assert best_lib.kept_best(workdir)[2] == 14
     moved = os.path.join(workdir, "best.superseded-1", "checkpoints")
     assert os.listdir(moved) == [str(want)]
 
@@ -151,7 +152,7 @@ def test_a_new_run_beside_an_earlier_best_moves_it_aside(
     train.train_and_evaluate(
         tiny_config(*common, "checkpoint.keep_best=bits_per_byte", corpus=corpus), workdir
     )
-    old = ckpt_lib.kept_best(workdir)
+    old = best_lib.kept_best(workdir)
     for name in ("checkpoints", "metrics.jsonl"):
         (shutil.rmtree if name == "checkpoints" else os.remove)(os.path.join(workdir, name))
     capsys.readouterr()
@@ -160,11 +161,11 @@ def test_a_new_run_beside_an_earlier_best_moves_it_aside(
     out = capsys.readouterr().out
     assert f"(the best eval bits_per_byte, {old[1]:.4g} at step 2) to " in out
     assert "best.superseded-1: this run starts anew" in out
-    assert ckpt_lib.kept_best(workdir)[0] == "loss"
+    assert best_lib.kept_best(workdir)[0] == "loss"
     assert os.listdir(os.path.join(workdir, "best.superseded-1", "checkpoints")) == ["2"]
     # A BestCheckpoint never compares values of another metric.
     with pytest.raises(ValueError, match="keeps the best eval loss, not accuracy; move it"):
-        ckpt_lib.BestCheckpoint(workdir, "accuracy", "max")
+        best_lib.BestCheckpoint(workdir, "accuracy", "max")
     # Damaged, it is said so (no "trying the one before": it is the only one).
     damage_checkpoint(os.path.join(workdir, "best", "checkpoints", "2"))
     with pytest.raises(
@@ -185,11 +186,11 @@ def test_a_metric_the_eval_split_does_not_report_is_refused_before_training():
 
 def test_no_best_yet_says_so(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"checkpoint": {"keep_best": "loss"}}))
-    assert "the run keeps the best eval loss from its first evaluation" in ckpt_lib.no_best(
+    assert "the run keeps the best eval loss from its first evaluation" in best_lib.no_best(
         str(tmp_path)
     )
     (tmp_path / "config.json").write_text(json.dumps({"checkpoint": {}}))
-    assert "--config.checkpoint.keep_best=loss" in ckpt_lib.no_best(str(tmp_path))
+    assert "--config.checkpoint.keep_best=loss" in best_lib.no_best(str(tmp_path))
 
 
 def test_best_flags_on_the_command_line(lm_workdir, tmp_path):

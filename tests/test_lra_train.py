@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lrulm import checkpoint as ckpt_lib
+from lrulm import best_checkpoint as best_lib
 from lrulm import config as config_lib
 from lrulm import evaluation, experiment, lra_report, lra_task, train
 from lrulm.data import lra
@@ -141,9 +141,9 @@ def test_the_test_split_is_scored_with_the_best_checkpoint_not_the_last(
 ):
     """When an earlier evaluation was the best (forced here: only step 1's is taken), the
     reported test numbers are that checkpoint's, not the final state's."""
-    update = ckpt_lib.BestCheckpoint.update
+    update = best_lib.BestCheckpoint.update
     monkeypatch.setattr(
-        ckpt_lib.BestCheckpoint,
+        best_lib.BestCheckpoint,
         "update",
         lambda self, step, *a: step == 1 and update(self, step, *a),
     )

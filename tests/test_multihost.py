@@ -138,9 +138,9 @@ def test_two_processes_match_one(two_process_run, single_process_run):
     )
     assert data == ["process_0-of-2.json", "process_1-of-2.json"], data
     # Both kept the same best checkpoint (the lower eval loss of steps 4 and 8).
-    from lrulm import checkpoint as ckpt_lib
+    from lrulm import best_checkpoint as best_lib
 
-    kept2, kept1 = ckpt_lib.kept_best(str(workdir)), ckpt_lib.kept_best(str(single_process_run))
+    kept2, kept1 = best_lib.kept_best(str(workdir)), best_lib.kept_best(str(single_process_run))
     assert kept2[0] == "loss" and kept2[2] == kept1[2] == min(ev1, key=ev1.get)
     np.testing.assert_allclose(kept2[1], kept1[1], rtol=1e-5)
 

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 import tool_args
 
+from lrulm import best_checkpoint as best_lib
 from lrulm import checkpoint as ckpt_lib
 from lrulm import metrics as metrics_lib
 
@@ -39,17 +40,7 @@ def read_params(
     dict, the step and the state's key read ("params" or "ema_params")."""
     if weights not in ckpt_lib.WEIGHTS:
         raise ValueError(f"weights must be one of {', '.join(ckpt_lib.WEIGHTS)}; got {weights!r}")
-    saved = os.path.join(workdir, "best") if best else workdir
-    steps = ckpt_lib.checkpoint_steps(saved)
-    if not steps:
-        if best:
-            raise FileNotFoundError(ckpt_lib.no_best(workdir))
-        raise FileNotFoundError(f"no checkpoints in {os.path.join(saved, 'checkpoints')}")
-    if step is not None and step not in steps:
-        raise FileNotFoundError(
-            f"no checkpoint of step {step} in {saved}/checkpoints; its steps: "
-            + ", ".join(map(str, steps))
-        )
+    saved, steps = best_lib.steps_to_read(workdir, step, best)
     errors = []
     for candidate in [step] if step is not None else reversed(steps):
         try:
@@ -59,7 +50,7 @@ def read_params(
         except Exception as e:  # noqa: BLE001 - a damaged checkpoint: the one before
             if best:  # its only checkpoint
                 raise ValueError(
-                    ckpt_lib.best_damaged(f"{saved}/checkpoints", candidate, e)
+                    best_lib.best_damaged(f"{saved}/checkpoints", candidate, e)
                 ) from None
             if ckpt_lib.unavailable(e):  # the storage, not the checkpoint: said as it is
                 raise ValueError(
