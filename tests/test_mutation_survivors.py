@@ -1,4 +1,4 @@
-"""Behaviours a third mutation audit found unpinned: the held-out split's sizing at
+"""Behaviours the second mutation audit found unpinned: the held-out split's sizing at
 train.eval_steps and seq_len, keep_best of an ArrayRecord set's bits per byte, the one-file
 message, train-time loss_ctxN, init_from's tokenizer, the shared tokenizer's key and the
 cache's use marks, LRA eval batches and loss, lra-report's ties and missing values."""
@@ -341,7 +341,5 @@ def test_lra_report_ties_and_a_results_json_without_eval_accuracy(tmp_path):
     assert unrecorded.notes == ("no config.json: settings unknown",)
     lost = lra_report.load_run(_run(tmp_path / "e", 0.9, None))
     assert any("the best checkpoint was lost" in n for n in lost.notes)
-    assert (
-        lra_report.select([unrecorded, lra_report.load_run(runs[1])])["listops"].workdir
-        == (runs[1])
-    )
+    chosen = lra_report.select([unrecorded, lra_report.load_run(runs[1])])
+    assert chosen["listops"].workdir == runs[1]
