@@ -305,14 +305,19 @@ def rebase_paths(config, base: str) -> list[str]:
     return changed
 
 
-def evals_incomparable(trained: dict | None, config) -> str:
+def evals_incomparable(trained: dict | None, config, split: str | None = None) -> str:
     """Why a resumed run's evaluations score other tokens than those of the checkpoint's
-    config (`trained`) did, or "" (or none recorded): another number of eval batches, or
-    of their size or length where only the first batches are scored."""
+    config (`trained`) did, or "" (or none recorded): other held-out text (its files, or
+    the JSON field read), another number of eval batches, or of their size or length where
+    only the first batches are scored. split: only what changes that split ("eval", or a
+    data.eval_sets name) counts; None: any split."""
     old = (trained or {}).get("train") or {}
     t = config.train
     if not old:
         return ""
+    data_changed = _eval_data_changed((trained or {}).get("data") or {}, config, split)
+    if data_changed:
+        return data_changed
     if old.get("eval_steps", t.eval_steps) != t.eval_steps:
         return f"train.eval_steps {old['eval_steps']} -> {t.eval_steps}"
     for key in ("global_batch_size", "seq_len"):
@@ -321,6 +326,32 @@ def evals_incomparable(trained: dict | None, config) -> str:
                 f"train.eval_steps={t.eval_steps} batches of another train.{key} ({old[key]} "
                 f"-> {t[key]}) score other tokens than before"
             )
+    return ""
+
+
+def _eval_data_changed(old: dict, config, split: str | None) -> str:
+    """evals_incomparable's part for the held-out data: which setting now names other text."""
+    data = config.data
+    moved = lambda key: key in old and old[key] != data.get(key)  # noqa: E731
+    if moved("text_field"):
+        return f"data.text_field {old['text_field']!r} -> {data.text_field!r} reads other text"
+    if config.task != "lm":
+        return f"data.data_dir {old['data_dir']} -> {data.data_dir}" if moved("data_dir") else ""
+    if split in (None, "eval"):
+        if moved("eval_files"):
+            return f"data.eval_files {old['eval_files']!r} -> {data.eval_files!r}"
+        if not data.eval_files and (moved("train_files") or moved("mixture")):
+            return (
+                "data.eval_files is empty, so the held-out files are every 50th train file, "
+                "and data.train_files / data.mixture changed"
+            )
+    if split != "eval" and moved("eval_sets"):
+        before = lm_data.parse_eval_sets(old["eval_sets"] or "")
+        now = lm_data.parse_eval_sets(data.eval_sets)
+        names = [split] if split else list(dict.fromkeys([*before, *now]))
+        differ = [n for n in names if n in before and n in now and before[n] != now[n]]
+        if differ:
+            return f"data.eval_sets {', '.join(differ)} now names other files"
     return ""
 
 
@@ -345,7 +376,9 @@ def record(config, workdir: str, trained: dict | None, step: int, *, resumed: bo
     if incomparable:
         metrics_lib.say(
             f"lrulm: {incomparable}: eval metrics before and after this step are not "
-            "comparable (train.eval_steps=0 scores the whole eval split)"
+            "comparable"
+            + " (train.eval_steps=0 scores the whole eval split)"
+            * ("eval_steps" in incomparable)
         )
     before, now = _schedule_lr(trained, step), _schedule_lr(config_lib.to_dict(config), step)
     if before is not None and not math.isclose(before, now, rel_tol=1e-3):

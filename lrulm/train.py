@@ -401,8 +401,9 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
             return task.eval_batches(split, num_batches=steps, **batch_args)
 
         if keep_best and is_main:  # an earlier best no longer compares with this run's
+            split = keep_best[0].rpartition("/")[0] or "eval"  # what the metric is of
             why = (
-                run_config.evals_incomparable(trained, config) if restored
+                run_config.evals_incomparable(trained, config, split) if restored
                 else "this run starts anew (no checkpoint of its own)"
             )  # fmt: skip
             if why:

@@ -16,7 +16,7 @@ from run_helpers import tiny_config
 from lrulm import best_checkpoint as best_lib
 from lrulm import checkpoint as ckpt_lib
 from lrulm import config as config_lib
-from lrulm import evaluation, generate, score, tasks, train
+from lrulm import evaluation, generate, run_config, score, tasks, train
 
 
 def _lm(*overrides):
@@ -139,6 +139,49 @@ def test_a_language_model_keeps_its_best_checkpoint(tmp_path, corpus, capsys):
     assert best_lib.kept_best(workdir)[2] == 14
     moved = os.path.join(workdir, "best.superseded-1", "checkpoints")
     assert os.listdir(moved) == [str(want)]
+
+    # Nor do those of other text: the set now names a part of its file.
+    part = tmp_path / "held-part.jsonl"
+    part.write_text("".join(open(corpus["eval"]).readlines()[:2]))
+    common[0] = f"data.eval_sets=held={part}"
+    train.train_and_evaluate(
+        tiny_config("train.steps=16", "train.eval_steps=1", f"checkpoint.keep_best={metric}",
+                    *common, corpus=corpus), workdir,
+    )  # fmt: skip
+    assert "best.superseded-2: data.eval_sets held now names other files" in (
+        capsys.readouterr().out
+    )
+    assert best_lib.kept_best(workdir)[2] == 16
+
+
+def test_which_changes_make_evaluations_incomparable():
+    """run_config.evals_incomparable: the checkpoint's config against the resumed one's,
+    for one split (what keep_best's metric is of) or any."""
+    base = ["data.train_files=t/*.txt", "data.eval_sets=code=c.txt;prose=p.txt"]
+    trained = config_lib.to_dict(_lm(*base))
+
+    def why(*changes, split=None):
+        return run_config.evals_incomparable(trained, _lm(*base, *changes), split)
+
+    assert why() == "" and why("train.steps=99", "optim.lr=0.1") == ""
+    assert why("data.text_field=content") == "data.text_field 'text' -> 'content' reads other text"
+    # Held out of the train files (data.eval_files empty): they follow the train files.
+    held_out = "data.train_files / data.mixture changed"
+    assert held_out in why("data.train_files=u/*.txt", split="eval")
+    assert why("data.train_files=u/*.txt", split="code") == ""
+    assert why("data.eval_files=e.txt", split="eval") == "data.eval_files '' -> 'e.txt'"
+    sets = "data.eval_sets=code=c2.txt;prose=p.txt;new=n.txt"
+    assert why(sets) == "data.eval_sets code now names other files"
+    assert why(sets, split="code") == "data.eval_sets code now names other files"
+    assert why(sets, split="prose") == why(sets, split="eval") == ""
+    assert why("train.eval_steps=3") == "train.eval_steps 2 -> 3"
+    assert "another train.seq_len" in why("train.seq_len=32")
+    whole = config_lib.to_dict(_lm(*base, "train.eval_steps=0"))  # the whole split each time
+    assert (
+        run_config.evals_incomparable(whole, _lm(*base, "train.eval_steps=0", "train.seq_len=32"))
+        == ""
+    )
+    assert run_config.evals_incomparable(None, _lm()) == ""  # nothing recorded
 
 
 def test_a_new_run_beside_an_earlier_best_moves_it_aside(
