@@ -147,6 +147,14 @@ def best_damaged(directory: str, step: int, error: BaseException) -> str:
 def kept_best(workdir: str) -> tuple[str, float, int] | None:
     """(metric, value, step) of the best checkpoint WORKDIR/best/ holds; None if there is
     none, or its metadata does not read (the run's next evaluation then saves anew)."""
+    meta = kept_metadata(workdir)
+    return (meta["metric"], meta["best_value"], meta["step"]) if meta else None
+
+
+def kept_metadata(workdir: str) -> dict | None:
+    """The metadata of the best checkpoint WORKDIR/best/ holds (its "step", "metric",
+    "best_value", and "eval_data": the evaluated split's fingerprint where recorded);
+    None if there is none or it does not read."""
     directory = os.path.join(workdir, "best")
     steps = ckpt_lib.checkpoint_steps(directory)
     if not steps:
@@ -154,7 +162,7 @@ def kept_best(workdir: str) -> tuple[str, float, int] | None:
     ckpt = ckpt_lib.Checkpointer(directory, max_to_keep=1, async_save=False)
     try:
         meta = ckpt.metadata(steps[-1])
-        return meta["metric"], meta["best_value"], steps[-1]
+        return {**meta, "step": steps[-1]} if "metric" in meta and "best_value" in meta else None
     except Exception:  # noqa: BLE001 - damaged: BestCheckpoint says so and moves it aside
         return None
     finally:

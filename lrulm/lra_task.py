@@ -154,6 +154,11 @@ class ClassificationTask:
         """Examples in a split ("train", "eval" or "test")."""
         return len(self._source(split))
 
+    def eval_fingerprint(self, split: str = "eval") -> str:
+        """A digest of sampled examples of a split (what the best checkpoint's value was
+        measured on: a resume on other data moves it aside)."""
+        return lm_data.sample_fingerprint(self._source(split))
+
     def train_size(self) -> int:
         """Examples in the train split (what a resume checks is unchanged)."""
         return self.split_size("train")

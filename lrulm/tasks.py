@@ -372,6 +372,11 @@ class LMTask:
             return self.train_source.fingerprint()
         return lm_data.sample_fingerprint(self.train_source)
 
+    def eval_fingerprint(self, split: str = "eval") -> str:
+        """A digest of sampled sequences of a held-out split (what the best checkpoint's
+        value was measured on: a resume on other text moves it aside)."""
+        return lm_data.sample_fingerprint(self.held_out[split].source_all)
+
     def train_batches(self, *, global_batch, row_offset, local_batch, seed):
         return lm_data.TrainStream(
             self.train_source,

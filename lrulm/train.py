@@ -400,12 +400,16 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
             steps = t.eval_steps if split != "test" else 0
             return task.eval_batches(split, num_batches=steps, **batch_args)
 
+        best_split = keep_best[0].rpartition("/")[0] or "eval" if keep_best else ""
+        eval_data = task.eval_fingerprint(best_split) if keep_best else ""  # what it is of
         if keep_best and is_main:  # an earlier best no longer compares with this run's
-            split = keep_best[0].rpartition("/")[0] or "eval"  # what the metric is of
             why = (
-                run_config.evals_incomparable(trained, config, split) if restored
+                run_config.evals_incomparable(trained, config, best_split) if restored
                 else "this run starts anew (no checkpoint of its own)"
             )  # fmt: skip
+            kept = best_lib.kept_metadata(workdir) if not why else None
+            if kept and kept.get("eval_data", eval_data) != eval_data:
+                why = f"the {best_split} split holds other data than at step {kept['step']}'s"
             if why:
                 best_lib.supersede_best(workdir, why)
         distributed.barrier("lrulm_best")
@@ -509,7 +513,9 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
                     if best is not None:
                         check_finite()
                         model = vars(task.model_config)  # for tools/export_params.py --best
-                        best.update(step, last_eval, state, {"model": model})
+                        best.update(
+                            step, last_eval, state, {"model": model, "eval_data": eval_data}
+                        )
                 # The clock is read at log steps (where the host waits for the step anyway).
                 timed = step % t.log_every == 0 and save_timer.due()
                 if step % c.every_steps == 0 or step == t.steps or timed:

@@ -153,6 +153,20 @@ def test_a_language_model_keeps_its_best_checkpoint(tmp_path, corpus, capsys):
     )
     assert best_lib.kept_best(workdir)[2] == 16
 
+    # A resume on the same data compares on; on other text under the same name, not.
+    lines = open(corpus["eval"]).readlines()
+    for steps, text in ((18, lines[:2]), (20, lines[2:4])):
+        part.write_text("".join(text))
+        train.train_and_evaluate(
+            tiny_config(f"train.steps={steps}", "train.eval_steps=1",
+                        f"checkpoint.keep_best={metric}", *common, corpus=corpus), workdir,
+        )  # fmt: skip
+        out = capsys.readouterr().out
+        assert ("best.superseded-3: the held split holds other data than at step 1" in out) == (
+            steps == 20
+        ), out
+    assert best_lib.kept_best(workdir)[2] == 20
+
 
 def test_which_changes_make_evaluations_incomparable():
     """run_config.evals_incomparable: the checkpoint's config against the resumed one's,
@@ -251,3 +265,20 @@ def test_best_flags_on_the_command_line(lm_workdir, tmp_path):
     assert none.returncode == 2
     assert "language models with checkpoint.keep_best set" in none.stderr
     assert "--config.checkpoint.keep_best=loss" in none.stderr
+
+
+def test_an_lra_eval_split_fingerprint_follows_its_data(tmp_path):
+    """What an LRA run's best checkpoint records of its eval split: the same files give the
+    same fingerprint, regenerated ones (same layout, other examples) another."""
+    from lrulm import lra_task
+    from lrulm.data.lra import synthetic
+
+    def fingerprint(seed):
+        data_dir = tmp_path / f"seed{seed}"
+        synthetic.write_listops(str(data_dir), num=7, seed=seed)
+        config = config_lib.load_with_overrides(
+            "configs/lra/listops.py:tiny", [("data.data_dir", str(data_dir))]
+        )
+        return lra_task.ClassificationTask(config).eval_fingerprint("eval")
+
+    assert fingerprint(0) == fingerprint(0) != fingerprint(1)
