@@ -353,7 +353,7 @@ def base_config() -> ConfigDict:
     # Also save when this many minutes have passed since the last save (0: off), checked
     # at each log step: a bound on the work a crash loses whatever a step takes.
     c.checkpoint.every_minutes = 0.0
-    c.checkpoint.max_to_keep = 3
+    c.checkpoint.max_to_keep = 3  # the newest kept; 0: every one
     c.checkpoint.keep_period = 0  # keep every checkpoint at a multiple of this; 0 = none
     c.checkpoint.init_from = ""  # another run's checkpoint dir: start from its parameters
     # Only the parameters whose paths these regexes find (comma-separated; "" = all), e.g.

@@ -497,6 +497,18 @@ def _multi_process() -> bool:
         return False
 
 
+def exit_quietly_on_broken_pipe(fn) -> int:
+    """fn()'s exit code; 141 (as for a tool SIGPIPE killed), without a traceback, when
+    the reader of its stdout went away (`lrulm config ... | head`)."""
+    try:
+        code = fn()
+        sys.stdout.flush()  # inside: what is still buffered may hit the closed pipe
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing at exit
+        return 141
+
+
 def run() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(exit_quietly_on_broken_pipe(lambda: main(sys.argv[1:])))

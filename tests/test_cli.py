@@ -187,6 +187,21 @@ def test_config_command_prints_the_config_and_its_model():
             experiment.check_config(tiny_config(override))
 
 
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """`lrulm config ... | head -1`: the closed pipe ends the command with 141 (as SIGPIPE
+    ends other tools), not a BrokenPipeError traceback on stderr."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lrulm", "config", "--config", "configs/lm/tiny.py"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    proc.stdout.close()  # the reader is gone before anything is written
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and "BrokenPipeError" not in stderr, stderr
+
+
 def test_output_paths_are_checked_before_the_work(tmp_path):
     """Every tool writing a report refuses an unwritable path at once (exit 2, one line),
     not in a traceback after its minutes of work."""

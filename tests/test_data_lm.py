@@ -264,7 +264,7 @@ def test_bad_json_lines_name_the_line(tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl:2: expected a JSON object with a 'text'"):
         list(lm_data.read_documents(str(bad)))
     bad.write_text('{"text": "ok"}\n\n{"text": null}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:3: the 'text' field is a NoneType"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: the 'text' field is null, not a string"):
         list(lm_data.read_documents(str(bad)))
     bad.write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2 is not UTF-8 text \(byte 10: .*iconv"):
@@ -439,6 +439,24 @@ def test_json_lines_by_any_suffix_compressed_or_with_a_byte_order_mark(tmp_path)
     (tmp_path / "array.json").write_text('[\n  {"text": "a"}\n]\n')
     with pytest.raises(ValueError, match=r"array.json holds a JSON array; .* jq -c '\.\[\]'"):
         list(lm_data.read_documents(str(tmp_path / "array.json")))
+    # The command it gives writes another file, of a name the reader takes as JSON lines.
+    converted = {
+        "array.jsonl": "jq -c '.[]' {d}/array.jsonl > {d}/array.lines.jsonl",
+        "array.jsonl.gz": "gunzip -c {d}/array.jsonl.gz | jq -c '.[]' > {d}/array.jsonl",
+        "pretty.json": "jq -c '.' {d}/pretty.json > {d}/pretty.jsonl",
+    }
+    (tmp_path / "array.jsonl").write_text('[{"text": "a"}]\n')
+    with gzip.open(tmp_path / "array.jsonl.gz", "wt") as f:
+        f.write('[{"text": "a"}]\n')
+    (tmp_path / "pretty.json").write_text('{\n  "text": "a"\n}\n')
+    for name, command in converted.items():
+        with pytest.raises(ValueError) as e:
+            list(lm_data.read_documents(str(tmp_path / name)))
+        assert str(e.value).endswith(command.format(d=tmp_path)), str(e.value)
+    for value, said in (("5", "a number"), ("null", "null"), ('["a"]', "an array")):
+        (tmp_path / "typed.jsonl").write_text(f'{{"text": {value}}}\n')
+        with pytest.raises(ValueError, match=f"typed.jsonl:1: the 'text' field is {said}, not"):
+            list(lm_data.read_documents(str(tmp_path / "typed.jsonl")))
     (tmp_path / "p.arrayrecord").write_bytes(b"\x00\x01binary")
     with pytest.raises(ValueError, match=r"p.arrayrecord is ArrayRecord .*, not text"):
         list(lm_data.read_documents(str(tmp_path / "p.arrayrecord")))

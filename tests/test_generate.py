@@ -382,6 +382,12 @@ def test_inspect_checkpoint(lm_workdir, tmp_path):
     shutil.copytree(f"{lm_workdir}/checkpoints/4", tmp_path / "checkpoints" / "4")
     (tmp_path / "checkpoints/4/data/process_0-of-1.json").write_text("{oops")
     assert "process_0-of-1.json: does not read" in inspect_checkpoint.describe(str(tmp_path))
+    # A best/ checkpoint's metadata names its metric and value, and no mesh.
+    meta = tmp_path / "checkpoints/4/metadata/metadata"
+    best = {"step": 4, "lrulm_version": "0.1.0", "best_value": 5.25, "metric": "code/loss"}
+    meta.write_text(json.dumps(best))
+    text = inspect_checkpoint.describe(str(tmp_path))
+    assert "written by lrulm 0.1.0\n  the best eval code/loss so far: 5.25\n" in text, text
     # Damaged metadata is said in its place; a checkpoint moved aside as damaged opens too.
     (tmp_path / "checkpoints/4/metadata/metadata").write_text("{oops")
     text = inspect_checkpoint.describe(str(tmp_path))

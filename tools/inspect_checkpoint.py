@@ -19,6 +19,7 @@ import numpy as np
 import tool_args
 
 from lrulm import checkpoint as ckpt_lib
+from lrulm.main import exit_quietly_on_broken_pipe
 
 
 def _dir_bytes(path: str) -> int:
@@ -82,7 +83,10 @@ def describe(workdir: str, step: int | None = None, show_all: bool = False) -> s
                 lines.append(f"  metadata {meta_file} does not read ({e}): damaged")
         if meta is not None:
             version, mesh = meta.get("lrulm_version"), meta.get("mesh")
-            lines.append(f"  written by lrulm {version} on mesh {mesh}")
+            on = f" on mesh {mesh}" if mesh is not None else ""  # a best/ one keeps none
+            lines.append(f"  written by lrulm {version}{on}")
+            if "metric" in meta:
+                lines.append(f"  the best eval {meta['metric']} so far: {meta.get('best_value')}")
     data_dir = os.path.join(path, "data")
     if os.path.isdir(data_dir):
         for name in sorted(os.listdir(data_dir)):
@@ -127,9 +131,10 @@ def main():
     p.add_argument("--all", action="store_true", help="include the optimizer state")
     args = tool_args.show_defaults(p).parse_args()
     try:
-        print(describe(args.workdir, args.step, args.all))
+        text = describe(args.workdir, args.step, args.all)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"inspect_checkpoint: {e}")
+    sys.exit(exit_quietly_on_broken_pipe(lambda: print(text)))  # `... | head`
 
 
 if __name__ == "__main__":

@@ -237,6 +237,28 @@ def _not_utf8(path: str, e: UnicodeDecodeError, lineno: int | None = None) -> Va
     )
 
 
+def _one_json_document(path: str, first: str) -> ValueError:
+    """A JSON array, or one object over several lines, where JSON lines were expected:
+    the jq command that converts it, into a file of another name."""
+    gz = path.lower().endswith(".gz")
+    base = path[:-3] if gz else path
+    base = base[: -len(next(s for s in JSON_SUFFIXES if base.lower().endswith(s)))]
+    out = f"{base}.jsonl" if f"{base}.jsonl" != path else f"{base}.lines.jsonl"
+    what, select = ("a JSON array", ".[]") if first == "[" else ("one JSON object", ".")
+    read = f"gunzip -c {path} | jq -c '{select}'" if gz else f"jq -c '{select}' {path}"
+    return ValueError(
+        f"{path} holds {what}; JSON lines are one object per line: convert it, e.g. {read} > {out}"
+    )
+
+
+def _json_type(value) -> str:
+    """A parsed JSON value's type as JSON names it ("a number", "null", "an array")."""
+    for kind, name in ((bool, "a boolean"), ((int, float), "a number"), (list, "an array")):
+        if isinstance(value, kind):
+            return name
+    return "an object" if isinstance(value, dict) else "null"
+
+
 def read_documents(path: str, field: str = TEXT_FIELD) -> Iterator[str]:
     """Documents in a file: each JSON line's `field` ("text"; data.text_field) for
     .jsonl/.json/.ndjson/.jsonlines (any case), else the whole file as one document;
@@ -266,11 +288,8 @@ def read_records(path: str, field: str = TEXT_FIELD) -> Iterator[tuple[int, str]
                     raise _not_utf8(path, e, lineno) from None
                 if not line.strip():
                     continue
-                if lineno == 1 and line.lstrip().startswith("["):
-                    raise ValueError(
-                        f"{path} holds a JSON array; JSON lines are one object per line: "
-                        f"convert it, e.g. jq -c '.[]' {path} > {path}l"
-                    )
+                if lineno == 1 and (line.lstrip().startswith("[") or line.strip() == "{"):
+                    raise _one_json_document(path, line.lstrip()[0])
                 try:
                     record = json.loads(line)
                     text = record[field]
@@ -285,8 +304,7 @@ def read_records(path: str, field: str = TEXT_FIELD) -> Iterator[tuple[int, str]
                     ) from None
                 if not isinstance(text, str):
                     raise ValueError(
-                        f"{path}:{lineno}: the {field!r} field is a "
-                        f"{type(text).__name__}, not a string"
+                        f"{path}:{lineno}: the {field!r} field is {_json_type(text)}, not a string"
                     )
                 if not text.isascii() and not _encodes(text):  # a lone surrogate, "\ud800"
                     raise ValueError(
