@@ -133,3 +133,20 @@ def test_cache_dir_tool_on_odd_entries(tmp_path):
         "fresh.meta.json.5e6f.tmp",
         "shards.meta.json",
     ]
+
+
+def test_cache_dir_tool_on_a_folder_that_is_no_cache(tmp_path, capsys):
+    """tools/cache_dir.py given a corpus folder or a run's workdir: said it holds no cache
+    entries (not "0 entries" alone); an empty folder (a new cache) is just empty."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    import cache_dir
+
+    for name, files in (("new", []), ("corpus", ["a.txt"]), ("run", ["config.json"])):
+        (tmp_path / name).mkdir()
+        for f in files:
+            (tmp_path / name / f).write_text("{}")
+        cache_dir.main([str(tmp_path / name)])
+        err = capsys.readouterr().err
+        assert err.startswith("0 entries") == (name == "new"), err
+        assert ("not a data.cache_dir" in err) == (name != "new")
+        assert ("is a run's workdir" in err) == (name == "run")

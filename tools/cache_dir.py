@@ -111,6 +111,15 @@ def main(argv: list[str] | None = None) -> None:
             for path in e["files"]:
                 os.remove(path)
             removed += e["bytes"]
+    if not found and os.listdir(args.directory):  # entries or nothing: a cache dir
+        workdir = os.path.exists(os.path.join(args.directory, "config.json"))
+        print(
+            f"cache_dir: {args.directory} is a run's workdir, not a data.cache_dir (its own "
+            "cache, WORKDIR/data, goes with the run)" if workdir else
+            f"cache_dir: {args.directory} holds no cache entries (the *.meta.json files runs "
+            f"given --config.data.cache_dir={args.directory} write): not a data.cache_dir?",
+            file=sys.stderr,
+        )  # fmt: skip
     total = sum(e["bytes"] for e in found)
     print(
         f"{len(found)} entries, {total / 2**20:.1f} MiB"
