@@ -402,13 +402,14 @@ def _train_and_evaluate(config, workdir: str, devices, ctrl_c: bool) -> dict:
 
         best_split = keep_best[0].rpartition("/")[0] or "eval" if keep_best else ""
         eval_data = task.eval_fingerprint(best_split) if keep_best else ""  # what it is of
+        # On every process: opening an Orbax manager is collective.
+        kept = best_lib.kept_metadata(workdir) if keep_best and restored else None
         if keep_best and is_main:  # an earlier best no longer compares with this run's
             why = (
                 run_config.evals_incomparable(trained, config, best_split) if restored
                 else "this run starts anew (no checkpoint of its own)"
             )  # fmt: skip
-            kept = best_lib.kept_metadata(workdir) if not why else None
-            if kept and kept.get("eval_data", eval_data) != eval_data:
+            if not why and kept and kept.get("eval_data", eval_data) != eval_data:
                 why = f"the {best_split} split holds other data than at step {kept['step']}'s"
             if why:
                 best_lib.supersede_best(workdir, why)
