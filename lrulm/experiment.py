@@ -25,6 +25,7 @@ from flax import nnx
 from lrulm import config as config_lib
 from lrulm import metrics as metrics_lib
 from lrulm import optim, sharding, tasks
+from lrulm.data import documents
 from lrulm.data import lm as lm_data
 
 
@@ -181,9 +182,9 @@ def check_config(config) -> None:
                 )
         if config.model.get("vocab_size") is not None:
             raise ValueError("model.vocab_size is for language models (an LRA task has its own)")
-    field = config.data.get("text_field", lm_data.TEXT_FIELD)
-    lm_data.check_text_field(field)
-    if field != lm_data.TEXT_FIELD and config.task != "lm":
+    field = config.data.get("text_field", documents.TEXT_FIELD)
+    documents.check_text_field(field)
+    if field != documents.TEXT_FIELD and config.task != "lm":
         raise ValueError("data.text_field is for language models (LRA reads its task's files)")
     optim.check_arguments(**_optimizer_args(config))
     ema = ema_of(config)

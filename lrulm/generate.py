@@ -29,7 +29,7 @@ from lrulm import checkpoint as ckpt_lib
 from lrulm import config as config_lib
 from lrulm import metrics as metrics_lib
 from lrulm import tasks
-from lrulm.data import lm as lm_data
+from lrulm.data import documents
 from lrulm.data import tokenizer as tok
 from lrulm.model import LanguageModel
 from lrulm.sampling import (  # noqa: F401 - generate's API: gen.Sampling, gen.sample_logits
@@ -387,7 +387,7 @@ def read_prompts(path: str) -> list[str]:
         line = line.rstrip("\n")
         if not line.strip():
             continue
-        if not path.lower().endswith(lm_data.JSON_SUFFIXES):
+        if not path.lower().endswith(documents.JSON_SUFFIXES):
             prompts.append(line)
             continue
         try:

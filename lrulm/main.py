@@ -343,19 +343,20 @@ def main(argv: list[str]) -> int:
                 import contextlib
 
                 from lrulm import distributed, generate, score
+                from lrulm.data import documents
                 from lrulm.data import lm as lm_data
 
                 # Each text with where it is from: --text K, or FILE:LINE of a JSON line.
                 named = [(f"--text {k}", t) for k, t in enumerate(args.text, 1)]
                 field = args.text_field
                 if field is None and args.input:  # the field the run read its data from
-                    field = lm_data.TEXT_FIELD
+                    field = documents.TEXT_FIELD
                     with contextlib.suppress(FileNotFoundError):
                         run = generate.run_config(args.workdir)
-                        field = run.data.get("text_field", lm_data.TEXT_FIELD)
+                        field = run.data.get("text_field", documents.TEXT_FIELD)
                 for pattern in args.input:
                     for path in lm_data.expand_globs(pattern, "--input"):
-                        records = lm_data.read_records(path, field)
+                        records = documents.read_records(path, field)
                         named += [(f"{path}:{n}", t) for n, t in records]
                 if not named:
                     parser.error("give --text TEXT (repeatable) or --input FILE")
@@ -401,11 +402,12 @@ def main(argv: list[str]) -> int:
                 config = _config(args, extra)
                 return compile_lib.main(config, args.topology, json_path=args.json or None)
             case "tokenizer":
+                from lrulm.data import documents
                 from lrulm.data import lm as lm_data
                 from lrulm.data import tokenizer as tok
 
                 files = lm_data.expand_globs(args.input, "--input")
-                docs = (d for f in files for d in lm_data.read_documents(f, args.text_field))
+                docs = (d for f in files for d in documents.read_documents(f, args.text_field))
                 sp = tok.train_tokenizer(docs, args.output, vocab_size=args.vocab_size)
                 short = sp.get_piece_size() < args.vocab_size
                 print(

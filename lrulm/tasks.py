@@ -31,6 +31,7 @@ from lrulm import distributed, workdir_tokenizer
 from lrulm import metrics as metrics_lib
 from lrulm import model_config as mc
 from lrulm.data import cache as data_cache
+from lrulm.data import documents
 from lrulm.data import lm as lm_data
 from lrulm.data import tokenizer as tok
 from lrulm.model import LanguageModel, cross_entropy_and_lse
@@ -172,7 +173,7 @@ class LMTask:
 
     def _prepare(self, workdir: str, eval_only: bool) -> None:
         data = self.config.data
-        lm_data.check_text_field(data.get("text_field", lm_data.TEXT_FIELD))
+        documents.check_text_field(data.get("text_field", documents.TEXT_FIELD))
         mixture = lm_data.parse_mixture(data.get("mixture", ""))
         if mixture and data.train_files:
             raise ValueError(
@@ -232,16 +233,16 @@ class LMTask:
             held[name] = lm_data.expand_globs(globs, f"data.eval_sets {name}")
             what = f"data.eval_sets {name}"
             lm_data.check_disjoint(train_files, held[name], what, refuse=not eval_only)
-        packed = lm_data.is_packed(train_files + eval_files)
-        if not packed and any(lm_data.is_packed([f]) for f in train_files + eval_files):
+        packed = documents.is_packed(train_files + eval_files)
+        if not packed and any(documents.is_packed([f]) for f in train_files + eval_files):
             raise ValueError(
                 "data.train_files / eval_files mix .arrayrecord and text files; use one kind"
             )
         for name, files in held.items():
-            if not lm_data.is_packed(files) and any(lm_data.is_packed([f]) for f in files):
+            if not documents.is_packed(files) and any(documents.is_packed([f]) for f in files):
                 raise ValueError(f"data.eval_sets {name} mixes .arrayrecord and text files")
         own = os.path.join(workdir, "tokenizer.model")
-        any_packed = packed or any(lm_data.is_packed(files) for files in held.values())
+        any_packed = packed or any(documents.is_packed(files) for files in held.values())
         if any_packed and not data.tokenizer and not (eval_only and os.path.exists(own)):
             raise ValueError(
                 "ArrayRecord data (data.train_files, eval_files or eval_sets) needs the "
@@ -262,11 +263,11 @@ class LMTask:
         packed_sets = {"data.eval_sets " + n: f for n, f in held.items() if n != "eval"}
         packed_sets.update({"data.eval_files": held["eval"], "data.train_files": train_files})
         for what, files in packed_sets.items():
-            if lm_data.is_packed(files):
+            if documents.is_packed(files):
                 lm_data.check_shards_tokenizer(files, self.sp, what)
         # Cache stems: train (or train-PART of a mixture), eval, eval-SET.
         stem = lambda split: "eval" if split == "eval" else f"eval-{split}"
-        text = {stem(split): f for split, f in held.items() if not lm_data.is_packed(f)}
+        text = {stem(split): f for split, f in held.items() if not documents.is_packed(f)}
         train_stems = {name: "train" if name == "train" else f"train-{name}" for name in parts}
         if not eval_only and not packed:
             text = {**{train_stems[name]: parts[name] for name in parts}, **text}
@@ -312,7 +313,7 @@ class LMTask:
         shared = self.config.data.get("cache_dir", "")
         cache = shared or os.path.join(workdir, "data")
 
-        field = self.config.data.get("text_field", lm_data.TEXT_FIELD)
+        field = self.config.data.get("text_field", documents.TEXT_FIELD)
 
         def cache_name(stem, files):
             if shared:  # named by their content: any run of the same files reads them

@@ -24,7 +24,7 @@ from lrulm import config as config_lib
 from lrulm import distributed
 from lrulm import metrics as metrics_lib
 from lrulm.data import cache as data_cache
-from lrulm.data import lm as lm_data
+from lrulm.data import documents
 from lrulm.data import tokenizer as tok
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def _read(path: str) -> bytes:
 
 
 def _field(config) -> str:
-    return config.data.get("text_field", lm_data.TEXT_FIELD)
+    return config.data.get("text_field", documents.TEXT_FIELD)
 
 
 def _spec(config, train_files: list[str], relative_to: str | None = None) -> dict:
@@ -90,7 +90,7 @@ def _spec(config, train_files: list[str], relative_to: str | None = None) -> dic
     files = sorted((name(f), os.path.getsize(f)) for f in train_files)
     digest = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
     spec = {"vocab_size": config.data.vocab_size, "files": len(files), "digest": digest}
-    if _field(config) != lm_data.TEXT_FIELD:  # the default's record stays as it was
+    if _field(config) != documents.TEXT_FIELD:  # the default's record stays as it was
         spec["text_field"] = _field(config)
     return spec
 
@@ -132,7 +132,7 @@ def _shared(config, train_files: list[str]) -> str | None:
     os.makedirs(cache_dir, exist_ok=True)
     # Keyed by the files' sizes and times too: an edited corpus trains its own.
     digest = data_cache.files_fingerprint(train_files)
-    if _field(config) != lm_data.TEXT_FIELD:
+    if _field(config) != documents.TEXT_FIELD:
         digest = hashlib.sha256(f"{digest} field={_field(config)}".encode()).hexdigest()
     digest = digest[:16]
     return os.path.join(cache_dir, f"tokenizer-{config.data.vocab_size}-{digest}.model")
@@ -171,11 +171,11 @@ def _train(config, tok_path: str, train_files: list[str]) -> None:
         metrics_lib.say(f"lrulm: the tokenizer from data.cache_dir: {shared}")
         return
     log.info("training a %d-piece tokenizer on %d files", vocab_size, len(train_files))
-    docs = (d for f in train_files for d in lm_data.read_documents(f, _field(config)))
+    docs = (d for f in train_files for d in documents.read_documents(f, _field(config)))
     tok.train_tokenizer(docs, tok_path, vocab_size=vocab_size)
     if shared:  # with what it was trained on, for tools/cache_dir.py
         record = {"vocab_size": vocab_size, "sources": data_cache.sources_record(train_files)}
-        if _field(config) != lm_data.TEXT_FIELD:
+        if _field(config) != documents.TEXT_FIELD:
             record["text_field"] = _field(config)
         data_cache.write_json_atomic(shared.removesuffix(".model") + ".json", record)
         _copy_atomic(tok_path, shared)

@@ -13,6 +13,7 @@ from run_helpers import tiny_config
 from lrulm import checkpoint as ckpt_lib
 from lrulm import config as config_lib
 from lrulm import run_config
+from lrulm.data import documents
 from lrulm.data import lm as lm_data
 
 
@@ -84,9 +85,9 @@ def test_the_globs_a_config_gives(tmp_path):
     assert lm_data.expand_globs(f"{d}/[ab].jsonl", "t") == [str(a), str(b)]
     with pytest.raises(ValueError, match="every file is empty"):
         lm_data.expand_globs(str(b), "t")
-    assert list(lm_data.read_documents(str(c))) == ["gamma"]
-    assert not lm_data.is_packed(["x.arrayrecord", "y.jsonl"])
-    assert lm_data.is_packed(["x.arrayrecord", "y.ArrayRecord"])
+    assert list(documents.read_documents(str(c))) == ["gamma"]
+    assert not documents.is_packed(["x.arrayrecord", "y.jsonl"])
+    assert documents.is_packed(["x.arrayrecord", "y.ArrayRecord"])
 
 
 def test_held_out_files_and_shared_ones(capsys):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from lrulm.data import cache as data_cache
+from lrulm.data import documents
 from lrulm.data import lm as lm_data
 from lrulm.data import tokenizer as tok
 
@@ -20,7 +21,7 @@ CODE = 'class A:\n    def f(self, x):\n        return x  # 42\n\n\tif x:\n  prin
 @pytest.fixture(scope="module")
 def sp(tmp_path_factory, corpus):
     path = str(tmp_path_factory.mktemp("tok") / "tok.model")
-    docs = list(lm_data.read_documents(corpus["train"]))
+    docs = list(documents.read_documents(corpus["train"]))
     return tok.train_tokenizer(docs, path, vocab_size=512)
 
 
@@ -199,7 +200,7 @@ def test_arrayrecord_windows_equal_the_token_stream(tmp_path, sp, corpus):
     import prepare_data
 
     files = [corpus["eval"]]
-    texts = [d for f in files for d in lm_data.read_documents(f)]
+    texts = [d for f in files for d in documents.read_documents(f)]
     info = prepare_data.write_shards(
         texts, sp, seq_len=16, output=str(tmp_path / "ev"), num_shards=3
     )
@@ -237,7 +238,7 @@ def test_training_from_arrayrecord(tmp_path, sp, corpus):
 
     prefixes = {}
     for name in ("train", "eval"):
-        texts = list(lm_data.read_documents(corpus[name]))
+        texts = list(documents.read_documents(corpus[name]))
         prepare_data.write_shards(texts, sp, seq_len=64, output=str(tmp_path / name), num_shards=2)
         prefixes[name] = str(tmp_path / f"{name}-*.arrayrecord")
     pairs = [
@@ -262,23 +263,23 @@ def test_bad_json_lines_name_the_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"txt": "no"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: expected a JSON object with a 'text'"):
-        list(lm_data.read_documents(str(bad)))
+        list(documents.read_documents(str(bad)))
     bad.write_text('{"text": "ok"}\n\n{"text": null}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:3: the 'text' field is null, not a string"):
-        list(lm_data.read_documents(str(bad)))
+        list(documents.read_documents(str(bad)))
     bad.write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2 is not UTF-8 text \(byte 10: .*iconv"):
-        list(lm_data.read_documents(str(bad)))
+        list(documents.read_documents(str(bad)))
     bad.write_text('{"text": "caf\u00e9"}\r\n{"text": ""}\n')
-    assert list(lm_data.read_documents(str(bad))) == ["café"]
+    assert list(documents.read_documents(str(bad))) == ["café"]
     # Plain text too: Latin-1 bytes are an error naming the file, not U+FFFD trained on;
     # line ends stay as written.
     latin = tmp_path / "latin.txt"
     latin.write_bytes("Café naïve\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin.txt is not UTF-8 text \(byte 3: .*iconv"):
-        list(lm_data.read_documents(str(latin)))
+        list(documents.read_documents(str(latin)))
     latin.write_bytes("Café\r\nnaïve\n".encode())
-    assert list(lm_data.read_documents(str(latin))) == ["Café\r\nnaïve\n"]
+    assert list(documents.read_documents(str(latin))) == ["Café\r\nnaïve\n"]
 
 
 def test_tokenizer_cli(tmp_path, corpus):
@@ -345,7 +346,7 @@ def test_lone_surrogate_names_the_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"text": "a\\ud800b"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: the 'text' field is not valid Unicode"):
-        list(lm_data.read_documents(str(bad)))
+        list(documents.read_documents(str(bad)))
 
 
 def test_prepare_data_bad_arguments(tmp_path, sp, monkeypatch):
@@ -425,20 +426,20 @@ def test_json_lines_by_any_suffix_compressed_or_with_a_byte_order_mark(tmp_path)
     want = ["def f():\n    return 1\n", "x = 2\n"]
     for name in ("a.JSONL", "a.ndjson", "a.jsonlines", "a.Json"):
         (tmp_path / name).write_text(lines)
-        assert list(lm_data.read_documents(str(tmp_path / name))) == want, name
+        assert list(documents.read_documents(str(tmp_path / name))) == want, name
     with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
         f.write(lines)
-    assert list(lm_data.read_documents(str(tmp_path / "a.jsonl.gz"))) == want
+    assert list(documents.read_documents(str(tmp_path / "a.jsonl.gz"))) == want
     with gzip.open(tmp_path / "b.txt.gz", "wt") as f:
         f.write("plain\ntext\n")
-    assert list(lm_data.read_documents(str(tmp_path / "b.txt.gz"))) == ["plain\ntext\n"]
+    assert list(documents.read_documents(str(tmp_path / "b.txt.gz"))) == ["plain\ntext\n"]
     (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + lines.encode())
-    assert list(lm_data.read_documents(str(tmp_path / "bom.jsonl"))) == want
+    assert list(documents.read_documents(str(tmp_path / "bom.jsonl"))) == want
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfhello\n")
-    assert list(lm_data.read_documents(str(tmp_path / "bom.txt"))) == ["hello\n"]
+    assert list(documents.read_documents(str(tmp_path / "bom.txt"))) == ["hello\n"]
     (tmp_path / "array.json").write_text('[\n  {"text": "a"}\n]\n')
     with pytest.raises(ValueError, match=r"array.json holds a JSON array; .* jq -c '\.\[\]'"):
-        list(lm_data.read_documents(str(tmp_path / "array.json")))
+        list(documents.read_documents(str(tmp_path / "array.json")))
     # The command it gives writes another file, of a name the reader takes as JSON lines.
     converted = {
         "array.jsonl": "jq -c '.[]' {d}/array.jsonl > {d}/array.lines.jsonl",
@@ -451,15 +452,15 @@ def test_json_lines_by_any_suffix_compressed_or_with_a_byte_order_mark(tmp_path)
     (tmp_path / "pretty.json").write_text('{\n  "text": "a"\n}\n')
     for name, command in converted.items():
         with pytest.raises(ValueError) as e:
-            list(lm_data.read_documents(str(tmp_path / name)))
+            list(documents.read_documents(str(tmp_path / name)))
         assert str(e.value).endswith(command.format(d=tmp_path)), str(e.value)
     for value, said in (("5", "a number"), ("null", "null"), ('["a"]', "an array")):
         (tmp_path / "typed.jsonl").write_text(f'{{"text": {value}}}\n')
         with pytest.raises(ValueError, match=f"typed.jsonl:1: the 'text' field is {said}, not"):
-            list(lm_data.read_documents(str(tmp_path / "typed.jsonl")))
+            list(documents.read_documents(str(tmp_path / "typed.jsonl")))
     (tmp_path / "p.arrayrecord").write_bytes(b"\x00\x01binary")
     with pytest.raises(ValueError, match=r"p.arrayrecord is ArrayRecord .*, not text"):
-        list(lm_data.read_documents(str(tmp_path / "p.arrayrecord")))
+        list(documents.read_documents(str(tmp_path / "p.arrayrecord")))
 
 
 def test_globs_list_a_file_once_and_eval_files_must_not_be_train_files(tmp_path):

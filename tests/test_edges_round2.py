@@ -100,11 +100,11 @@ def test_lrulm_eval_with_another_tokenizer_is_refused(lm_workdir, corpus, tmp_pa
     not the embeddings' rows, refused; the run's own file given (or gone) evaluates."""
     import shutil
 
-    from lrulm.data import lm as lm_data
+    from lrulm.data import documents
     from lrulm.data import tokenizer as tok
 
     other = str(tmp_path / "other.model")
-    tok.train_tokenizer(lm_data.read_documents(corpus["eval"]), other, vocab_size=400)
+    tok.train_tokenizer(documents.read_documents(corpus["eval"]), other, vocab_size=400)
     run_config = json.load(open(os.path.join(lm_workdir, "config.json")))
 
     def config_with(tokenizer):

@@ -13,7 +13,7 @@ from run_helpers import dummy_prefix_tokenizer, tiny_config
 from lrulm import config as config_lib
 from lrulm import evaluation, experiment, tasks, train
 from lrulm.data import cache as data_cache
-from lrulm.data import lm as lm_data
+from lrulm.data import documents
 from lrulm.data import tokenizer as tok
 
 
@@ -168,9 +168,9 @@ def test_an_arrayrecord_set_needs_the_tokenizer_it_was_made_with(tmp_path, corpu
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
     import prepare_data
 
-    texts = list(lm_data.read_documents(sets["other"]))
+    texts = list(documents.read_documents(sets["other"]))
     made, other = (str(tmp_path / n) for n in ("made.model", "other.model"))
-    sp = tok.train_tokenizer(list(lm_data.read_documents(sets["train"])), made, vocab_size=512)
+    sp = tok.train_tokenizer(list(documents.read_documents(sets["train"])), made, vocab_size=512)
     tok.train_tokenizer(texts, other, vocab_size=400)
     prepare_data.write_shards(texts, sp, seq_len=64, output=str(tmp_path / "held"), num_shards=1)
     shards = str(tmp_path / "held-*.arrayrecord")

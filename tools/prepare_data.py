@@ -30,6 +30,7 @@ import numpy as np
 import tool_args
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from lrulm.data import documents
 from lrulm.data import lm as lm_data
 from lrulm.data import tokenizer as tok
 
@@ -129,8 +130,8 @@ def main():
         if renumbered:  # the ids written are lrulm's, as a run with this tokenizer reads them
             print(f"prepare_data: {renumbered}", file=sys.stderr)
         files = lm_data.expand_globs(args.input, "--input")
-        lm_data.check_text_field(args.text_field, "--text_field")
-        texts = (d for f in files for d in lm_data.read_documents(f, args.text_field))
+        documents.check_text_field(args.text_field, "--text_field")
+        texts = (d for f in files for d in documents.read_documents(f, args.text_field))
         info = write_shards(
             texts, sp, seq_len=args.seq_len, output=args.output, num_shards=args.num_shards
         )

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lrulm.data import tokenizer as tok
-from lrulm.data.lm import TEXT_FIELD, read_documents
+from lrulm.data.documents import TEXT_FIELD, read_documents
 
 log = logging.getLogger(__name__)
 
