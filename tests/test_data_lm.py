@@ -67,8 +67,16 @@ def test_tokenizer_vocab_too_small_for_the_characters(tmp_path):
     ):
         tok.train_tokenizer(texts, str(tmp_path / "t.model"), vocab_size=300)
     assert tok.train_tokenizer(texts, str(tmp_path / "t.model"), vocab_size=861)
-    with pytest.raises(ValueError, match="use at least 300"):
+    # One message names the whole need, before SentencePiece runs: not 300 first, then 861.
+    with pytest.raises(ValueError, match="600 distinct characters .* use at least 861"):
         tok.train_tokenizer(texts, str(tmp_path / "t.model"), vocab_size=256)
+    # A space and SentencePiece's own escape for it (U+2581) are one piece.
+    texts = [t + " \u2581" for t in texts]
+    with pytest.raises(ValueError, match="601 distinct characters .* need 862"):
+        tok.train_tokenizer(texts, str(tmp_path / "t.model"), vocab_size=861)
+    assert tok.train_tokenizer(texts, str(tmp_path / "t.model"), vocab_size=862)
+    with pytest.raises(ValueError, match="byte and control pieces leave .* use at least 300"):
+        tok.train_tokenizer(["abc def"], str(tmp_path / "t.model"), vocab_size=299)
 
 
 def test_default_corpus_is_deterministic_and_split():

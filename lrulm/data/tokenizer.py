@@ -28,6 +28,12 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # passed is 4x that, room for whitespace escaped to the 3-byte U+2581.
 _MAX_LINE_BYTES = 4096
 
+# Pieces every model has besides the corpus's characters: pad, unk, bos, eos, "\n" (a
+# user-defined symbol) and the 256 byte-fallback pieces; and the smallest vocabulary
+# asked for, so that a few merges fit beside them.
+_BASE_PIECES = 4 + 1 + 256
+_MIN_VOCAB = 300
+
 
 def _split_long(line: str, limit: int = _MAX_LINE_BYTES) -> Iterator[str]:
     """The line in pieces of at most `limit` UTF-8 bytes, cut after whitespace where
@@ -90,15 +96,29 @@ def train_tokenizer(
             f"the tokenizer output {output_path} is a directory; give a file path, e.g. "
             f"{os.path.join(output_path, 'tokenizer.model')}"
         )
-    if vocab_size < 300:
-        raise ValueError(
-            f"vocab_size {vocab_size} is too small: byte fallback alone needs 260 "
-            "pieces; use at least 300"
-        )
     model = io.BytesIO()
     lines = list(_lines(texts, max_lines, seed))
     if not lines:
         raise ValueError("cannot train a tokenizer on an empty corpus (no non-blank lines)")
+    chars = set()
+    for line in lines:
+        chars.update(line)
+    if " " in chars:  # SentencePiece escapes a space as U+2581: one piece for both
+        chars.discard(" ")
+        chars.add("\u2581")
+    needed = _BASE_PIECES + len(chars)
+    if vocab_size < max(_MIN_VOCAB, needed):
+        why = (
+            f" for this corpus: its {len(chars)} distinct characters and the "
+            f"{_BASE_PIECES} byte and control pieces need {needed}"
+            if needed > _MIN_VOCAB
+            else f": the {_BASE_PIECES} byte and control pieces leave too few for merges"
+        )
+        raise ValueError(
+            f"vocab_size {vocab_size} is too small{why}; use at least "
+            f"{max(_MIN_VOCAB, needed)} (--config.data.vocab_size, or `lrulm tokenizer "
+            "train --vocab_size`)"
+        )
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(lines),
