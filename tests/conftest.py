@@ -7,7 +7,12 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# XLA's -O0: the tests compile hundreds of small programs and run each briefly; LLVM's
+# optimisation passes were most of their time (the suite ~15% faster on 2 cores). A test
+# that trains for long spawns its process without it (test_cli's embedded default).
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Dozens of `lrulm train` processes compile the same small programs: each compiles once a

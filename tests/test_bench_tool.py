@@ -111,10 +111,14 @@ def test_bench_train_traces_steps_after_the_timed_ones(tmp_path):
     assert any("train_step" in e.get("name", "") for e in events)
 
 
-def test_unknown_methods_and_presets_stop_before_anything_runs():
+def test_unknown_methods_and_presets_stop_before_anything_runs(monkeypatch, capsys):
     """A misspelt scan method or preset, or a count or budget out of range, is refused
     (with the names to use) before the copy bandwidth is measured or anything compiled,
-    not as a failed row minutes later."""
+    not as a failed row minutes later. (bench.main in this process: one import, not one
+    per case; it exits before it would need the one-device set-up of _bench.)"""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "tools"))
+    import bench as bench_tool
+
     for args, message in (
         (("--long", "nosuch:64"), "--long: unknown preset 'nosuch'; use tiny, test"),
         (("--presets", "test,350M"), "--presets: unknown preset '350M'"),
@@ -125,9 +129,12 @@ def test_unknown_methods_and_presets_stop_before_anything_runs():
         (("--steps", "0"), "--steps must be positive; got 0"),
         (("--repeats", "0"), "--repeats must be positive; got 0"),
     ):
-        out = _bench("--quick", *args, timeout=120)
-        assert out.returncode != 0 and message in out.stderr, (args, out.stderr[-2000:])
-        assert not out.stdout, out.stdout  # nothing measured
+        with pytest.raises(SystemExit) as exit_:
+            bench_tool.main(["--quick", *args])
+        out, code = capsys.readouterr(), exit_.value.code
+        said = out.err + (code if isinstance(code, str) else "")  # sys.exit(text): status 1
+        assert code not in (0, None) and message in said, (args, said[-2000:])
+        assert not out.out, out.out  # nothing measured
 
 
 def test_rows_past_the_budget_are_skipped_not_run(tmp_path):
