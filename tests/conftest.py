@@ -7,12 +7,12 @@ import os
 import shutil
 import tempfile
 
-# XLA's -O0: the tests compile hundreds of small programs and run each briefly; LLVM's
-# optimisation passes were most of their time (the suite ~15% faster on 2 cores). A test
-# that trains for long spawns its process without it (test_cli's embedded default).
-os.environ.setdefault(
-    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-)
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Most of XLA's optimisations off (its -O0, LLVM's expensive passes too): the tests compile
+# hundreds of small programs and run each briefly, and LLVM's passes were most of their
+# time (the suite ~15% faster on 2 cores). The processes the tests start inherit it. A test
+# whose time is in running what it compiled (real training) is marked `optimize_xla`.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Dozens of `lrulm train` processes compile the same small programs: each compiles once a
@@ -52,6 +52,22 @@ def pytest_sessionfinish(session):
                 shutil.rmtree(path)
         except OSError:
             pass  # gone already, or not ours to read
+
+
+@pytest.fixture(autouse=True)
+def _optimize_xla(request, monkeypatch):
+    """XLA's optimisations back on for a test marked `optimize_xla`, in this process
+    (jax reads the flag at each compile) and the processes it starts."""
+    if request.node.get_closest_marker("optimize_xla") is None:
+        yield
+        return
+    import jax
+
+    before = jax.config.read("jax_disable_most_optimizations")
+    monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "0")
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
 
 
 TINY = "configs/lm/tiny.py:test"

@@ -12,7 +12,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from lrulm import best_checkpoint as best_lib
@@ -71,12 +70,10 @@ def _losses(workdir):
 
 
 def _params(workdir, step):
-    restored = ocp.PyTreeCheckpointer().restore(
-        os.path.join(workdir, "checkpoints", str(step), "state")
-    )
-    return jax.tree.map(np.asarray, restored["params"])
+    return ckpt_lib.read_numpy(os.path.join(workdir, "checkpoints", str(step), "state"), "params")
 
 
+@pytest.mark.optimize_xla
 def test_sigkill_then_resume_is_bitwise_exact(tmp_path, corpus):
     # The tiny preset (~0.25 s a step here) leaves time to kill the run mid-way.
     steps = ["train.steps=40", "checkpoint.every_steps=4", "model.preset=tiny", "train.seq_len=128"]

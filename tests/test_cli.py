@@ -24,11 +24,10 @@ def _lrulm(*args, timeout=600, env=None):
 
 
 @pytest.mark.slow
+@pytest.mark.optimize_xla
 def test_embedded_default_learns_then_generates(tmp_path):
     """configs/lm/tiny.py on the standard library's source, shortened: 150 of its 400 steps."""
     workdir = str(tmp_path / "tiny")
-    # XLA's own optimisation level: 150 real steps run 2x slower at the suite's -O0.
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     out = _lrulm(
         "train",
         "--config",
@@ -38,7 +37,6 @@ def test_embedded_default_learns_then_generates(tmp_path):
         "--config.train.steps=150",
         "--config.train.eval_every=150",
         "--config.checkpoint.every_steps=150",
-        env=env,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]

@@ -323,6 +323,7 @@ def test_eval_batches_count_every_example_once(data_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.optimize_xla
 def test_listops_tiny_learns_above_majority_class(tmp_path):
     data = str(tmp_path / "data")
     generate.generate_listops(
