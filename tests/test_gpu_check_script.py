@@ -96,19 +96,15 @@ def test_gpu_check_script_passes_each_tool_arguments_it_takes(tmp_path):
         "125m:65536:pallas,125m:65536:associative"
     ]
     assert sorted(os.listdir(out_dir)) == ["logs_full.tgz", "rc_full.txt"]  # + the tools' JSON
-    # A Mosaic GPU winner (its tests have not passed on hardware) is not exported.
-    (tmp_path / "mosaic").mkdir()
-    _, _, calls, _ = _run_gpu_check(tmp_path / "mosaic", "mosaic,16,4")
-    bench, long_row = [c for c in calls if c["args"][0] == "tools/bench.py"]
-    assert bench["tuning"] == "" and long_row["tuning"] == "32,1,128,prefetch"
 
 
 def test_gpu_check_quick_runs_the_sweep_mosaic_tests_and_kernel_rows(tmp_path):
     """`gpu_check.sh quick` (for a session with ~5 minutes of device time left): the
-    sweep, the Mosaic GPU tests and bench.py's scan and layer rows with the sweep's
-    winner (here a Triton one); no train step, no long sequence; the summary lists only
-    those steps."""
-    best = "32,1,128,prefetch"
+    sweep, the Mosaic GPU tests and bench.py's scan and layer rows; no train step, no long
+    sequence; the summary lists only those steps. The sweep's winner here is a Mosaic GPU
+    one, which is not exported (its tests have not passed on hardware): bench.py runs with
+    the default tuning (a Triton winner is exported: the test above)."""
+    best = "mosaic,16,4"
     stdout, steps, calls, _ = _run_gpu_check(tmp_path, best, "quick")
     assert [(name, rc) for name, rc, _ in steps] == [
         ("sweep", "0"),
@@ -116,7 +112,7 @@ def test_gpu_check_quick_runs_the_sweep_mosaic_tests_and_kernel_rows(tmp_path):
         ("tests_mosaic", "0"),
     ], (steps, stdout[-3000:])
     bench = [c for c in calls if c["args"][0] == "tools/bench.py"]
-    assert len(bench) == 1 and bench[0]["tuning"] == best
+    assert len(bench) == 1 and bench[0]["tuning"] == ""
     assert bench[0]["args"][bench[0]["args"].index("--sections") + 1] == "scan,lru"
     sweep = next(c["args"] for c in calls if c["args"][0] == "tools/gpu_kernel_sweep.py")
     assert int(sweep[sweep.index("--budget_s") + 1]) <= 85
