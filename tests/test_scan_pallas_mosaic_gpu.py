@@ -28,30 +28,32 @@ COMPILED = base.COMPILED
 # of the ring, in either direction.
 @pytest.mark.skipif(COMPILED and jax.default_backend() != "gpu", reason="the GPU kernel")
 @pytest.mark.parametrize(
-    "gpu_tuning, length, complex_, full_a, reverse, bf16_resets",
+    "gpu_tuning, rows, length, complex_, full_a, reverse, bf16_resets",
     [
-        ("mosaic,32,2", 45, True, False, True, False),
-        ("mosaic,16,2", 100, False, False, False, True),
-        ("mosaic,32,2", 64, True, False, False, True),
-        ("mosaic,16,2", 100, True, True, True, True),
-        ("mosaic,16,3", 100, False, True, False, False),
+        ("mosaic,32,2", 2, 45, True, False, True, False),
+        ("mosaic,16,2", 1, 100, False, False, False, True),
+        ("mosaic,32,2", 1, 64, True, False, False, True),
+        ("mosaic,16,2", 2, 100, True, True, True, True),
+        ("mosaic,16,3", 1, 100, False, True, False, False),
         # Two thread groups of 64 channels (4 programs a row), each scanning half of
         # every chunk: 2 chunks of 16 and an odd tail (7 + 6 steps), walked either way;
         # 3 chunks and a one-step tail (its second half empty); bf16 chunks of 64.
-        ("mosaic,16,2,halves=2", 45, True, False, True, True),
-        ("mosaic,16,3,halves=2", 49, True, True, False, False),
-        ("mosaic,16,2,halves=2", 45, False, True, True, False),
-        ("mosaic,32,2,halves=2", 64, True, False, False, True),
+        ("mosaic,16,2,halves=2", 2, 45, True, False, True, True),
+        ("mosaic,16,3,halves=2", 1, 49, True, True, False, False),
+        ("mosaic,16,2,halves=2", 1, 45, False, True, True, False),
+        ("mosaic,32,2,halves=2", 1, 64, True, False, False, True),
     ],
     indirect=["gpu_tuning"],
 )
 def test_mosaic_kernels_agree(
-    gpu_tuning, length, complex_, full_a, reverse, bf16_resets, mosaic_calls
+    gpu_tuning, rows, length, complex_, full_a, reverse, bf16_resets, mosaic_calls
 ):
     """The Mosaic GPU kernels (lrulm.kernels.mosaic_gpu, in Pallas's Mosaic GPU
     interpreter on CPU): the forward with resets and h0, and the fused backward in float32
-    and bfloat16, against the sequential scan, for an (N,) a and a full one."""
-    case = ((2,), length, 256, complex_, full_a, reverse)
+    and bfloat16, against the sequential scan, for an (N,) a and a full one. Two rows
+    (programs indexed by row too) where it matters most; one elsewhere, as each program
+    costs the interpreter ~4 s."""
+    case = ((rows,), length, 256, complex_, full_a, reverse)
     base.test_kernel_keep_mask("gpu", *case, True)
     base.test_backward_kernel("gpu", *case, True, jnp.float32)
     base.test_backward_kernel("gpu", *case, bf16_resets, jnp.bfloat16)
