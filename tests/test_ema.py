@@ -198,6 +198,9 @@ def test_a_bad_decay_is_refused_before_anything_runs(tmp_path, corpus):
         assert not (tmp_path / "bad").exists()
 
 
+# Plain Orbax, as a user without lrulm restores: it warns that it reads the shardings from
+# the checkpoint (which it does, onto this host's devices).
+@pytest.mark.filterwarnings("ignore:Sharding info not provided when restoring")
 def test_plain_orbax_reads_the_average(ema_run):
     workdir, _, _ = ema_run
     restored = ocp.PyTreeCheckpointer().restore(os.path.join(workdir, "checkpoints", "6", "state"))
