@@ -1,9 +1,17 @@
 """Helpers the trainer's test files share."""
 
+import json
+import os
+import subprocess
+import sys
+import time
+
 import jax.numpy as jnp
 import numpy as np
 
+from lrulm import checkpoint as ckpt_lib
 from lrulm import config as config_lib
+from lrulm import train
 from lrulm.data import tokenizer as tok
 
 TINY = "configs/lm/tiny.py:test"
@@ -43,3 +51,67 @@ def dummy_prefix_tokenizer(prefix, texts, vocab_size: int) -> str:
         add_dummy_prefix=True, byte_fallback=True, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
     )  # fmt: skip
     return str(prefix) + ".model"
+
+
+def train_command(workdir, corpus, *overrides):
+    """`python -m lrulm train` of tiny:test on the test corpus, logging every step."""
+    args = [
+        f"data.train_files={corpus['train']}",
+        f"data.eval_files={corpus['eval']}",
+        "train.log_every=1",
+        "train.eval_every=0",
+        *overrides,
+    ]
+    return [
+        sys.executable,
+        "-m",
+        "lrulm",
+        "train",
+        "--config",
+        TINY,
+        "--workdir",
+        str(workdir),
+        *[f"--config.{a}" for a in args],
+    ]
+
+
+def run_train(workdir, corpus, *overrides, timeout=300):
+    """train_command run to its end (it must succeed): its stdout and stderr."""
+    out = subprocess.run(
+        train_command(workdir, corpus, *overrides), capture_output=True, text=True, timeout=timeout
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout + out.stderr
+
+
+def wait_for(path, proc, timeout=240):
+    """Until `path` exists, while the process `proc` runs."""
+    start = time.time()
+    while not os.path.exists(path):
+        assert proc.poll() is None, f"the run ended before {path} appeared"
+        assert time.time() - start < timeout, f"{path} did not appear in {timeout} s"
+        time.sleep(0.02)
+
+
+def logged_losses(workdir):
+    """step -> train/loss, the last logged value of each step (a resumed run repeats some)."""
+    out = {}
+    for line in open(os.path.join(workdir, "metrics.jsonl")):
+        row = json.loads(line)
+        if "train/loss" in row:
+            out[row["step"]] = row["train/loss"]
+    return out
+
+
+def saved_params(workdir, step):
+    """The parameters of a run's checkpoint `step`, as numpy arrays."""
+    return ckpt_lib.read_numpy(os.path.join(workdir, "checkpoints", str(step), "state"), "params")
+
+
+def train_here(workdir, corpus_files, *overrides):
+    """train_and_evaluate in this process (tiny:test, 8 devices on the data axis)."""
+    train_files, eval_file = corpus_files
+    pairs = [("data.train_files", train_files), ("data.eval_files", eval_file),
+             ("train.log_every", "1"), ("train.eval_every", "0"),
+             ("checkpoint.async_save", "false"), *(o.split("=", 1) for o in overrides)]  # fmt: skip
+    return train.train_and_evaluate(config_lib.load_with_overrides(TINY, pairs), str(workdir))

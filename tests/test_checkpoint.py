@@ -1,161 +1,34 @@
-"""Checkpoints: exact resume after SIGKILL, SIGTERM, damage, another mesh, plain Orbax."""
+"""Checkpoints: damage, changed configs and data, another mesh, plain Orbax, the best
+checkpoint, saves by time. Stopping and resuming (signals, limits): test_preemption.py."""
 
 import glob
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from run_helpers import (
+    TINY,
+    logged_losses,
+    run_train,
+    saved_params,
+    train_command,
+    train_here,
+)
 
 from lrulm import best_checkpoint as best_lib
 from lrulm import checkpoint as ckpt_lib
 from lrulm import config as config_lib
 from lrulm import evaluation, experiment, tasks, train
 
-TINY = "configs/lm/tiny.py:test"
-
-
-def _cmd(workdir, corpus, *overrides):
-    args = [
-        f"data.train_files={corpus['train']}",
-        f"data.eval_files={corpus['eval']}",
-        "train.log_every=1",
-        "train.eval_every=0",
-        *overrides,
-    ]
-    return [
-        sys.executable,
-        "-m",
-        "lrulm",
-        "train",
-        "--config",
-        TINY,
-        "--workdir",
-        str(workdir),
-        *[f"--config.{a}" for a in args],
-    ]
-
-
-def _run(workdir, corpus, *overrides, timeout=300):
-    out = subprocess.run(
-        _cmd(workdir, corpus, *overrides), capture_output=True, text=True, timeout=timeout
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout + out.stderr
-
-
-def _wait_for(path, proc, timeout=240):
-    start = time.time()
-    while not os.path.exists(path):
-        assert proc.poll() is None, f"the run ended before {path} appeared"
-        assert time.time() - start < timeout, f"{path} did not appear in {timeout} s"
-        time.sleep(0.02)
-
-
-def _losses(workdir):
-    """step -> train/loss, the last logged value of each step (a resumed run repeats some)."""
-    out = {}
-    for line in open(os.path.join(workdir, "metrics.jsonl")):
-        row = json.loads(line)
-        if "train/loss" in row:
-            out[row["step"]] = row["train/loss"]
-    return out
-
-
-def _params(workdir, step):
-    return ckpt_lib.read_numpy(os.path.join(workdir, "checkpoints", str(step), "state"), "params")
-
-
-@pytest.mark.optimize_xla
-def test_sigkill_then_resume_is_bitwise_exact(tmp_path, corpus):
-    # The tiny preset (~0.25 s a step here) leaves time to kill the run mid-way.
-    steps = ["train.steps=40", "checkpoint.every_steps=4", "model.preset=tiny", "train.seq_len=128"]
-    straight = tmp_path / "straight"
-    _run(straight, corpus, *steps)
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        _cmd(killed, corpus, *steps), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        _wait_for(killed / "checkpoints" / "4", proc)  # committed: Orbax renames at the end
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        proc.kill()
-    out = _run(killed, corpus, *steps)
-    resumed_from = int(re.search(r"resumed from \S+/checkpoints/(\d+)", out).group(1))
-    assert 4 <= resumed_from < 40, out
-    a, b = _losses(straight), _losses(killed)
-    assert sorted(a) == sorted(b) == list(range(1, 41))
-    for s in range(resumed_from + 1, 41):
-        assert a[s] == b[s], (s, a[s], b[s])  # identical, not merely close: same data order
-    pa, pb = _params(straight, 40), _params(killed, 40)
-    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
-        np.testing.assert_array_equal(x, y)
-
-
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_saves_and_exits_75_then_resumes(tmp_path, corpus, signum):
-    """A preemption (SIGTERM), or Ctrl-C (SIGINT) in a one-process run, saves the step it
-    reached, exits 75, and the same command resumes there."""
-    workdir = tmp_path / "run"
-    cmd = _cmd(workdir, corpus, "train.steps=100000", "checkpoint.every_steps=5")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for(workdir / "checkpoints" / "5", proc)
-    proc.send_signal(signum)
-    out, _ = proc.communicate(timeout=120)
-    # 75, not 0: whatever runs the trainer must not take the run for a finished one.
-    assert proc.returncode == 75, out[-2000:]
-    assert "preemption signal; saving step" in out
-    saved = int(re.search(r"saving step (\d+)", out).group(1))
-    assert f"stopped at step {saved} of 100000 for a preemption signal" in out
-    assert saved >= 5 and os.path.isdir(workdir / "checkpoints" / str(saved))
-    out = _run(workdir, corpus, f"train.steps={saved + 3}", "checkpoint.every_steps=5")
-    assert f"resumed from {workdir}/checkpoints/{saved}" in out
-    # train.steps 100000 -> saved + 3: the schedule is squeezed, and the jump is said.
-    assert re.search(rf"at step {saved} the rate was [\d.e-]+ and is now [\d.e-]+", out), out
-    assert max(_losses(workdir)) == saved + 3
-
-
-def test_sigterm_while_the_data_is_prepared_still_saves_and_stops(tmp_path, corpus):
-    """A SIGTERM before the first step (data preparation, restore, compilation: minutes
-    on a pod) is held until the loop's first step, which saves and stops with 75; it
-    used to kill the process (143), which the launchers count as a failure."""
-    script = f"""
-import os, signal, sys
-from lrulm import config as config_lib, preemption, train
-real = train.tasks.make_task
-def make_task(*args, **kwargs):
-    os.kill(os.getpid(), signal.SIGTERM)  # a preemption while the data is prepared
-    return real(*args, **kwargs)
-train.tasks.make_task = make_task
-config = config_lib.load_with_overrides("configs/lm/tiny.py", [
-    ("data.train_files", {str(corpus["train"])!r}), ("data.eval_files", {str(corpus["eval"])!r}),
-    ("train.steps", "50"), ("train.eval_every", "0")])
-try:
-    train.train_and_evaluate(config, {str(tmp_path / "run")!r})
-except preemption.Preempted as e:
-    print("preempted at", e.step)
-    sys.exit(preemption.EXIT_CODE)
-"""
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 75, out.stderr[-3000:]
-    assert "preempted at 0" in out.stdout
-    assert os.path.isdir(tmp_path / "run" / "checkpoints" / "0")
-
 
 def test_damaged_checkpoint_is_named_and_skipped(tmp_path, corpus, damage_checkpoint):
     workdir = tmp_path / "run"
-    _run(workdir, corpus, "train.steps=8", "checkpoint.every_steps=4")
+    run_train(workdir, corpus, "train.steps=8", "checkpoint.every_steps=4")
     damage_checkpoint(workdir / "checkpoints" / "8")
     # And a save killed mid-write: Orbax's temporary directory, never committed.
     partial = workdir / "checkpoints" / "12.orbax-checkpoint-tmp-1234567"
@@ -167,12 +40,12 @@ def test_damaged_checkpoint_is_named_and_skipped(tmp_path, corpus, damage_checkp
     )
     assert evaluation.evaluate_workdir(config, str(workdir))["step"] == 4
     assert not (workdir / "corrupt_checkpoints").exists()
-    out = _run(workdir, corpus, "train.steps=10", "checkpoint.every_steps=4")
+    out = run_train(workdir, corpus, "train.steps=10", "checkpoint.every_steps=4")
     assert f"checkpoint {workdir}/checkpoints/8 is damaged" in out
     assert f"resumed from {workdir}/checkpoints/4" in out
     kept = glob.glob(str(workdir / "corrupt_checkpoints" / "8-*"))
     assert kept, "the damaged checkpoint must be kept for inspection, not deleted"
-    assert max(_losses(workdir)) == 10
+    assert max(logged_losses(workdir)) == 10
     assert not os.path.exists(workdir / "checkpoints" / "12")  # the partial one was never used
 
 
@@ -181,10 +54,12 @@ def test_changed_config_is_an_error_not_damage(tmp_path, corpus):
     changes nothing: no checkpoint moved, the workdir's config.json kept. A resume with
     compatible changes says which keys changed."""
     workdir = tmp_path / "run"
-    _run(workdir, corpus, "train.steps=4", "checkpoint.every_steps=2")
+    run_train(workdir, corpus, "train.steps=4", "checkpoint.every_steps=2")
     config_before = (workdir / "config.json").read_text()
     bad = subprocess.run(
-        _cmd(workdir, corpus, "train.steps=6", "checkpoint.every_steps=2", "model.d_model=48"),
+        train_command(
+            workdir, corpus, "train.steps=6", "checkpoint.every_steps=2", "model.d_model=48"
+        ),
         capture_output=True,
         text=True,
         timeout=300,
@@ -207,7 +82,7 @@ def test_changed_config_is_an_error_not_damage(tmp_path, corpus):
     with pytest.raises(ckpt_lib.CheckpointMismatch, match="arrays differ"):
         evaluation.evaluate_workdir(config, str(workdir))
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
-    out = _run(workdir, corpus, "train.steps=6", "checkpoint.every_steps=2", "optim.lr=0.002")
+    out = run_train(workdir, corpus, "train.steps=6", "checkpoint.every_steps=2", "optim.lr=0.002")
     assert f"resumed from {workdir}/checkpoints/4" in out
     starts = [json.loads(x) for x in open(workdir / "starts.jsonl")]
     assert [(s["step"], s["resumed"]) for s in starts] == [(0, False), (4, True)]
@@ -224,8 +99,10 @@ def test_resume_with_another_global_batch_goes_on_at_the_same_row(tmp_path, corp
     """The data position is rows of the shuffled order consumed: a resume with a bigger
     global batch goes on where the run left off, with nothing to allow."""
     workdir = tmp_path / "run"
-    _run(workdir, corpus, "train.steps=4", "checkpoint.every_steps=2")
-    out = _run(workdir, corpus, "train.steps=6", "train.global_batch_size=16", "train.eval_steps=2")
+    run_train(workdir, corpus, "train.steps=4", "checkpoint.every_steps=2")
+    out = run_train(
+        workdir, corpus, "train.steps=6", "train.global_batch_size=16", "train.eval_steps=2"
+    )
     assert f"resumed from {workdir}/checkpoints/4" in out
     assert "eval metrics before and after this step are not comparable" in out
     ckpt = ckpt_lib.Checkpointer(str(workdir))
@@ -245,7 +122,7 @@ def test_resume_with_other_data_settings_is_refused(tmp_path, corpus):
     would not continue the run's order. That is refused before anything changes, unless
     checkpoint.allow_data_change says to go on."""
     workdir = tmp_path / "run"
-    _run(workdir, corpus, "train.steps=4", "checkpoint.every_steps=2")
+    run_train(workdir, corpus, "train.steps=4", "checkpoint.every_steps=2")
     config_before = (workdir / "config.json").read_text()
     bigger = tmp_path / "bigger.txt"  # the corpus grew: more train sequences
     bigger.write_text(open(corpus["train"]).read() * 2)
@@ -253,16 +130,14 @@ def test_resume_with_other_data_settings_is_refused(tmp_path, corpus):
         ([f"data.train_files={bigger}"], "train_examples "),
         (["train.seed=1"], "seed 0 -> 1"),
     ]:
-        bad = subprocess.run(
-            _cmd(workdir, corpus, "train.steps=6", *change), capture_output=True, text=True,
-            timeout=300,
-        )  # fmt: skip
+        command = train_command(workdir, corpus, "train.steps=6", *change)
+        bad = subprocess.run(command, capture_output=True, text=True, timeout=300)
         assert bad.returncode == 2, bad.stderr[-3000:]
         assert "checkpoint 4 was trained with other data settings (" in bad.stderr
         assert message in bad.stderr and "allow_data_change=true" in bad.stderr
         assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
         assert (workdir / "config.json").read_text() == config_before
-    out = _run(
+    out = run_train(
         workdir, corpus, "train.steps=6", "train.seed=1", "checkpoint.allow_data_change=true",
     )  # fmt: skip
     assert f"resumed from {workdir}/checkpoints/4" in out
@@ -332,7 +207,7 @@ def test_restore_onto_other_meshes(tmp_path, corpus):
 
 def test_plain_orbax_reads_the_parameters(tmp_path, corpus):
     workdir = tmp_path / "run"
-    _run(workdir, corpus, "train.steps=2", "checkpoint.every_steps=2")
+    run_train(workdir, corpus, "train.steps=2", "checkpoint.every_steps=2")
     script = (
         "import sys, orbax.checkpoint as ocp\n"
         "tree = ocp.StandardCheckpointer().restore(sys.argv[1])\n"
@@ -368,21 +243,21 @@ def test_nonfinite_loss_stops_and_keeps_the_good_checkpoint(tmp_path, corpus):
     bad = info.value.step
     steps = ckpt_lib.Checkpointer(workdir).steps()
     assert steps and max(steps) <= bad
-    params = _params(workdir, max(steps))
+    params = saved_params(workdir, max(steps))
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
 
 
 def test_init_from_checks_shapes(tmp_path, corpus):
     base = tmp_path / "base"
-    _run(base, corpus, "train.steps=2", "checkpoint.every_steps=2")
+    run_train(base, corpus, "train.steps=2", "checkpoint.every_steps=2")
     # Fine-tuning on other data: the source run's tokenizer comes along (its embedding rows
     # are that tokenizer's ids), whichever path names the checkpoint.
     held = tmp_path / "held.jsonl"  # its own held-out file (one may not be both)
     held.write_text("".join(open(corpus["train"]).readlines()[:12]))
     other = {"train": corpus["eval"], "eval": str(held)}
     step_dir = base / "checkpoints" / "2"
-    out = _run(tmp_path / "finetune", other, "train.steps=2", f"checkpoint.init_from={step_dir}",
-               "data.vocab_size=400")  # fmt: skip
+    out = run_train(tmp_path / "finetune", other, "train.steps=2",
+                    f"checkpoint.init_from={step_dir}", "data.vocab_size=400")  # fmt: skip
     assert f"parameters from {step_dir} (step 2)" in out
     assert f"the tokenizer of checkpoint.init_from: {base}/tokenizer.model" in out
     assert "data.vocab_size=400 is not used: the tokenizer taken" in out
@@ -390,7 +265,7 @@ def test_init_from_checks_shapes(tmp_path, corpus):
         base / "tokenizer.model"
     ).read_bytes()
     bad = subprocess.run(
-        _cmd(
+        train_command(
             tmp_path / "bad",
             corpus,
             "train.steps=2",
@@ -404,15 +279,6 @@ def test_init_from_checks_shapes(tmp_path, corpus):
     assert "do not fit this model" in bad.stderr and "(2, 32, 32)" in bad.stderr
 
 
-def _train(workdir, corpus_files, *overrides):
-    """train_and_evaluate in this process (tiny:test, 8 devices on the data axis)."""
-    train_files, eval_file = corpus_files
-    pairs = [("data.train_files", train_files), ("data.eval_files", eval_file),
-             ("train.log_every", "1"), ("train.eval_every", "0"),
-             ("checkpoint.async_save", "false"), *(o.split("=", 1) for o in overrides)]  # fmt: skip
-    return train.train_and_evaluate(config_lib.load_with_overrides(TINY, pairs), str(workdir))
-
-
 def test_a_resume_into_other_train_data_of_the_same_size_is_refused(tmp_path, corpus):
     """The same files in another order (or edited text) give as many sequences, and the
     saved row position would point into other data: refused by a digest of sampled
@@ -422,11 +288,11 @@ def test_a_resume_into_other_train_data_of_the_same_size_is_refused(tmp_path, co
     a.write_text("".join(docs[::2]))
     b.write_text("".join(docs[1::2]))
     run = tmp_path / "run"
-    _train(run, (f"{a},{b}", corpus["eval"]), "train.steps=4", "checkpoint.every_steps=4")
+    train_here(run, (f"{a},{b}", corpus["eval"]), "train.steps=4", "checkpoint.every_steps=4")
     with pytest.raises(ValueError, match=r"other data settings \(the train data's content"):
-        _train(run, (f"{b},{a}", corpus["eval"]), "train.steps=6")
+        train_here(run, (f"{b},{a}", corpus["eval"]), "train.steps=6")
     assert ckpt_lib.checkpoint_steps(str(run)) == [4]
-    _train(run, (f"{b},{a}", corpus["eval"]), "train.steps=6",
+    train_here(run, (f"{b},{a}", corpus["eval"]), "train.steps=6",
            "checkpoint.allow_data_change=true")  # fmt: skip
     assert ckpt_lib.checkpoint_steps(str(run))[-1] == 6
 
@@ -442,7 +308,7 @@ def test_unreadable_storage_is_not_damage_and_all_damaged_does_not_restart(
 
     run = tmp_path / "run"
     files = (corpus["train"], corpus["eval"])
-    _train(run, files, "train.steps=4", "checkpoint.every_steps=2")
+    train_here(run, files, "train.steps=4", "checkpoint.every_steps=2")
     real = ckpt_lib.Checkpointer._restore
 
     def unreadable(self, *args):
@@ -450,7 +316,7 @@ def test_unreadable_storage_is_not_damage_and_all_damaged_does_not_restart(
 
     monkeypatch.setattr(ckpt_lib.Checkpointer, "_restore", unreadable)
     with pytest.raises(ckpt_lib.CheckpointUnavailable, match="is not damage, so nothing"):
-        _train(run, files, "train.steps=6")
+        train_here(run, files, "train.steps=6")
     assert ckpt_lib.checkpoint_steps(str(run)) == [2, 4]
     assert not (run / "corrupt_checkpoints").exists()
     monkeypatch.setattr(ckpt_lib.Checkpointer, "_restore", real)
@@ -460,9 +326,9 @@ def test_unreadable_storage_is_not_damage_and_all_damaged_does_not_restart(
         ckpt_lib.CheckpointsDamaged,
         match=r"steps 2, 4 damaged, now in .*run the same command again to train from step 0",
     ):
-        _train(run, files, "train.steps=6")
+        train_here(run, files, "train.steps=6")
     assert ckpt_lib.checkpoint_steps(str(run)) == []
-    _train(run, files, "train.steps=2", "checkpoint.every_steps=2")  # starts over
+    train_here(run, files, "train.steps=2", "checkpoint.every_steps=2")  # starts over
     assert ckpt_lib.checkpoint_steps(str(run)) == [2]
 
 
@@ -552,29 +418,6 @@ def test_a_failed_restore_does_not_flood_the_log(monkeypatch):
     assert seen == ["something else", "Event loop is closed", "my own"]
 
 
-def test_ctrl_c_is_taken_only_when_asked_and_not_ignored():
-    """`lrulm train` (ctrl_c=True) takes SIGINT from Python's default handler; a library
-    caller (a test runner) keeps it, as does a shell's `cmd &` that ignores it."""
-    from lrulm import preemption
-
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    with preemption.Watcher():
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    with preemption.Watcher(ctrl_c=True) as watcher:
-        assert signal.getsignal(signal.SIGINT) == watcher._interrupt
-        watcher._interrupt(signal.SIGINT, None)  # the first: save and stop
-        assert watcher.reached(1)
-        with pytest.raises(KeyboardInterrupt):  # the second: at once
-            watcher._interrupt(signal.SIGINT, None)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        with preemption.Watcher(ctrl_c=True):
-            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 @pytest.mark.parametrize(
     "spec, golden",
     [("configs/lm/tiny.py:test", "state_tree_lm_tiny_test.txt"),
@@ -601,53 +444,14 @@ def test_checkpoints_by_time_at_log_steps(tmp_path, corpus):
     of them), besides every_steps and the last step; 0: none by time."""
     ckpts = lambda w: sorted(int(d) for d in os.listdir(w / "checkpoints") if d.isdigit())
     common = ["train.steps=6", "checkpoint.every_steps=1000", "checkpoint.max_to_keep=10"]
-    _train(tmp_path / "timed", (corpus["train"], corpus["eval"]), *common,
+    train_here(tmp_path / "timed", (corpus["train"], corpus["eval"]), *common,
            "train.log_every=2", "checkpoint.every_minutes=1e-9")  # fmt: skip
     assert ckpts(tmp_path / "timed") == [2, 4, 6]
-    _train(tmp_path / "untimed", (corpus["train"], corpus["eval"]), *common, "train.log_every=2")
+    train_here(
+        tmp_path / "untimed", (corpus["train"], corpus["eval"]), *common, "train.log_every=2"
+    )
     assert ckpts(tmp_path / "untimed") == [6]
     with pytest.raises(ValueError, match=r"checkpoint.every_minutes must be >= 0"):
-        _train(tmp_path / "bad", (corpus["train"], corpus["eval"]), "checkpoint.every_minutes=-1")
-
-
-def test_a_time_limit_saves_and_stops_then_the_run_resumes(tmp_path, corpus, capsys):
-    """train.time_limit_minutes: at the first log step past it the run saves and stops
-    (Preempted: `lrulm train` exits 75); the same command without the limit goes on."""
-    from lrulm import preemption
-
-    files = (corpus["train"], corpus["eval"])
-    common = ["train.steps=6", "train.log_every=2", "checkpoint.every_steps=1000"]
-    with pytest.raises(preemption.Preempted, match="step 2 of 6 for train.time_limit_minutes"):
-        _train(tmp_path / "run", files, *common, "train.time_limit_minutes=1e-9")
-    assert "time_limit_minutes=1e-09 reached; saving step 2" in capsys.readouterr().out
-    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2"]
-    _train(tmp_path / "run", files, *common)
-    assert "resumed from" in capsys.readouterr().out
-    assert "6" in os.listdir(tmp_path / "run" / "checkpoints")
-
-
-def test_a_data_error_mid_run_saves_the_steps_before_it(tmp_path, corpus, monkeypatch, capsys):
-    """A record that fails when first drawn (as a bad image would) after step 3 of a run
-    saving every 100: step 3 is saved before the error goes up; once the data reads, the
-    resume gives the uninterrupted run's losses exactly (the failed batch read again)."""
-    from lrulm.data import lm as lm_data
-
-    files = (corpus["train"], corpus["eval"])
-    steps = ("train.steps=6", "checkpoint.every_steps=100")
-    _train(tmp_path / "straight", files, *steps)
-    original = lm_data.TrainStream.__next__
-
-    def failing(self):
-        if self.rows == 3 * self.global_batch:
-            raise ValueError("sample_37.png: image is 64x64, expected 32x32")
-        return original(self)
-
-    monkeypatch.setattr(lm_data.TrainStream, "__next__", failing)
-    with pytest.raises(ValueError, match="sample_37.png"):
-        _train(tmp_path / "failed", files, *steps)
-    assert "reading the train data failed after step 3; saving step 3" in capsys.readouterr().out
-    assert ckpt_lib.checkpoint_steps(str(tmp_path / "failed")) == [3]
-    monkeypatch.setattr(lm_data.TrainStream, "__next__", original)
-    _train(tmp_path / "failed", files, *steps)
-    a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "failed")
-    assert sorted(b) == list(range(1, 7)) and all(a[s] == b[s] for s in range(4, 7)), (a, b)
+        train_here(
+            tmp_path / "bad", (corpus["train"], corpus["eval"]), "checkpoint.every_minutes=-1"
+        )
