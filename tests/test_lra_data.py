@@ -18,7 +18,6 @@ from lrulm.data import lra
 from lrulm.data.lra import image, listops
 from lrulm.data.lra import synthetic as fx
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INV_LISTOPS = {i: tok for tok, i in listops.VOCAB.items()}
 
 
