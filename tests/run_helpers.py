@@ -54,25 +54,17 @@ def dummy_prefix_tokenizer(prefix, texts, vocab_size: int) -> str:
 
 
 def train_command(workdir, corpus, *overrides):
-    """`python -m lrulm train` of tiny:test on the test corpus, logging every step."""
-    args = [
-        f"data.train_files={corpus['train']}",
-        f"data.eval_files={corpus['eval']}",
-        "train.log_every=1",
-        "train.eval_every=0",
-        *overrides,
-    ]
-    return [
-        sys.executable,
-        "-m",
-        "lrulm",
-        "train",
-        "--config",
-        TINY,
-        "--workdir",
-        str(workdir),
-        *[f"--config.{a}" for a in args],
-    ]
+    """`python -m lrulm train` of tiny:test on the test corpus, logging every step with no
+    evaluation; "key=value" overrides (those keys too)."""
+    settings = {
+        "data.train_files": corpus["train"],
+        "data.eval_files": corpus["eval"],
+        "train.log_every": "1",
+        "train.eval_every": "0",
+    }
+    settings.update(o.split("=", 1) for o in overrides)
+    command = [sys.executable, "-m", "lrulm", "train", "--config", TINY, "--workdir", str(workdir)]
+    return command + [f"--config.{k}={v}" for k, v in settings.items()]
 
 
 def run_train(workdir, corpus, *overrides, timeout=300):

@@ -13,37 +13,21 @@ import time
 import jax
 import numpy as np
 import pytest
+from run_helpers import train_command
 
 from lrulm.checkpoint import read_numpy
 
 pytestmark = pytest.mark.multiprocess
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-TINY = "configs/lm/tiny.py:test"
 
 
 def _train_args(workdir, corpus, *overrides):
-    args = [
-        f"data.train_files={corpus['train']}",
-        f"data.eval_files={corpus['eval']}",
-        "train.log_every=1",
-        "train.eval_every=4",
-        "mesh.data=4",
-        "mesh.fsdp=2",
-        "checkpoint.keep_best=loss",  # every process saves the best checkpoint too
-        *overrides,
-    ]
-    return [
-        sys.executable,
-        "-m",
-        "lrulm",
-        "train",
-        "--config",
-        TINY,
-        "--workdir",
-        str(workdir),
-        *[f"--config.{a}" for a in args],
-    ]
+    # Every process saves the best checkpoint too.
+    return train_command(
+        workdir, corpus, "train.eval_every=4", "mesh.data=4", "mesh.fsdp=2",
+        "checkpoint.keep_best=loss", *overrides,
+    )  # fmt: skip
 
 
 def _launch(cmd, extra_env=None, **kw):
