@@ -44,12 +44,26 @@ def test_sigkill_then_resume_is_bitwise_exact(tmp_path, corpus):
         np.testing.assert_array_equal(x, y)
 
 
+def _as_a_foreground_job(command):
+    """`python -m lrulm ...` with SIGINT at Python's default handler, as a terminal's
+    foreground job has it, even where this test runner was started with SIGINT ignored
+    (`pytest ... &` in a shell without job control), which every child inherits and which
+    `lrulm train` rightly leaves alone (the Ctrl-C test below)."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        return command
+    assert command[1:3] == ["-m", "lrulm"], command
+    start = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    return [command[0], "-c", start + "from lrulm.main import run; run()", *command[3:]]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_saves_and_exits_75_then_resumes(tmp_path, corpus, signum):
     """A preemption (SIGTERM), or Ctrl-C (SIGINT) in a one-process run, saves the step it
     reached, exits 75, and the same command resumes there."""
     workdir = tmp_path / "run"
-    cmd = train_command(workdir, corpus, "train.steps=100000", "checkpoint.every_steps=5")
+    cmd = _as_a_foreground_job(
+        train_command(workdir, corpus, "train.steps=100000", "checkpoint.every_steps=5")
+    )
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for(workdir / "checkpoints" / "5", proc)
     proc.send_signal(signum)
@@ -101,7 +115,16 @@ def test_ctrl_c_is_taken_only_when_asked_and_not_ignored():
     caller (a test runner) keeps it, as does a shell's `cmd &` that ignores it."""
     from lrulm import preemption
 
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # As Python starts where SIGINT is not ignored (this runner may have been started
+    # with it ignored: `pytest ... &` in a shell without job control).
+    runner = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _watchers_take_ctrl_c_only_when_asked(preemption)
+    finally:
+        signal.signal(signal.SIGINT, runner)
+
+
+def _watchers_take_ctrl_c_only_when_asked(preemption):
     with preemption.Watcher():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     with preemption.Watcher(ctrl_c=True) as watcher:
