@@ -101,9 +101,11 @@ def saved_params(workdir, step):
 
 
 def train_here(workdir, corpus_files, *overrides):
-    """train_and_evaluate in this process (tiny:test, 8 devices on the data axis)."""
-    train_files, eval_file = corpus_files
-    pairs = [("data.train_files", train_files), ("data.eval_files", eval_file),
-             ("train.log_every", "1"), ("train.eval_every", "0"),
-             ("checkpoint.async_save", "false"), *(o.split("=", 1) for o in overrides)]  # fmt: skip
-    return train.train_and_evaluate(config_lib.load_with_overrides(TINY, pairs), str(workdir))
+    """train_and_evaluate in this process (tiny:test, 8 devices on the data axis), logging
+    every step with no evaluation, saving synchronously."""
+    train_file, eval_file = corpus_files
+    config = tiny_config(
+        "train.log_every=1", "train.eval_every=0", "checkpoint.async_save=false", *overrides,
+        corpus={"train": train_file, "eval": eval_file},
+    )  # fmt: skip
+    return train.train_and_evaluate(config, str(workdir))

@@ -12,11 +12,10 @@ from run_helpers import tiny_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _lrulm(*args, timeout=600, env=None):
+def _lrulm(*args, timeout=600):
     return subprocess.run(
         [sys.executable, "-m", "lrulm", *args],
         cwd=ROOT,
-        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,

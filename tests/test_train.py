@@ -13,15 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from run_helpers import logged_losses as _losses
 from run_helpers import tiny_config as _config
 
 from lrulm import experiment, tasks, train
 from lrulm import metrics as metrics_lib
-
-
-def _losses(workdir):
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
 def test_sharding_changes_layout_not_math(tmp_path, corpus):
