@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -25,6 +26,14 @@ def tiny_config(*overrides, corpus=None):
     return config_lib.load_with_overrides(
         TINY, [(k.removeprefix("--config."), v) for k, v in pairs]
     )
+
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a process a test starts: `devices` simulated CPU devices, and the
+    session's other XLA flags (conftest.py's)."""
+    count = "--xla_force_host_platform_device_count="
+    others = re.sub(count + r"\d+", "", os.environ.get("XLA_FLAGS", "")).split()
+    return " ".join([f"{count}{devices}", *others])
 
 
 def random_prompts(lengths, seed=0, vocab=128):

@@ -13,6 +13,7 @@ import sys
 import threading
 
 import pytest
+from run_helpers import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _bench(*args, timeout=300, tool="tools/bench.py"):
     env = dict(os.environ)
     # One CPU device, as on a laptop (the suite's 8 simulated devices would split the batch).
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
     return subprocess.run(
         [sys.executable, tool, *args],

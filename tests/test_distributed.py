@@ -10,6 +10,7 @@ import time
 
 import jax
 import pytest
+from run_helpers import xla_flags
 
 from lrulm import distributed
 
@@ -40,7 +41,7 @@ def clean_env(monkeypatch):
 
 def _env(**extra):
     env = {k: v for k, v in os.environ.items() if k not in _JOB_VARS}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
     env.update(extra)
     return env
 
@@ -281,7 +282,7 @@ def test_dcn_axes_span_processes_where_devices_have_no_slices(tmp_path):
         print("owners", owners.reshape(2, -1).tolist(), "total", float(total), flush=True)
         """)
     )
-    envs = _peer_envs(2, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    envs = _peer_envs(2, XLA_FLAGS=xla_flags(2))
     with _processes(script, envs) as procs:
         outs = [p.communicate(timeout=120)[0] for p in procs]
     for proc, out in zip(procs, outs):

@@ -13,7 +13,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from run_helpers import train_command
+from run_helpers import train_command, xla_flags
 
 from lrulm.checkpoint import read_numpy
 
@@ -81,7 +81,7 @@ def _params(workdir, step):
 def single_process_run(tmp_path_factory, corpus):
     """The reference: one process with 8 simulated devices, same config and seed."""
     workdir = tmp_path_factory.mktemp("single") / "run"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8))
     env = {k: v for k, v in env.items() if not k.startswith("LRULM_")}
     out = subprocess.run(
         _train_args(workdir, corpus, "train.steps=8", "checkpoint.every_steps=4"),
@@ -154,7 +154,7 @@ def test_two_process_checkpoint_resumes_in_one_process(tmp_path, corpus, two_pro
     shutil.copytree(reference, workdir)
     shutil.rmtree(workdir / "checkpoints" / "8")
     (workdir / "metrics.jsonl").write_text("")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8))
     env = {k: v for k, v in env.items() if not k.startswith("LRULM_")}
     out = subprocess.run(
         _train_args(workdir, corpus, "train.steps=8", "checkpoint.every_steps=4"),
