@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import json
 import logging
 import os
 import re
+import signal
 import sys
 
 
@@ -253,6 +255,9 @@ def main(argv: list[str]) -> int:
     if getattr(args, "text_field", None) is not None and not args.text_field.strip():
         parser.error("--text_field names the JSON field that holds the text; it is empty")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # `kill -USR2 PID`: every thread's Python stack to stderr, and the command goes on (a
+    # job that hangs, e.g. one process of a multi-host run waiting in a collective).
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
     from lrulm import config as config_lib
     from lrulm import preemption
 

@@ -58,10 +58,22 @@ def _finish(proc, timeout=400):
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        # Where each process is stuck: `lrulm` dumps its threads' stacks on SIGUSR2.
+        for pid in _children(proc.pid):
+            os.kill(pid, signal.SIGUSR2)
+        time.sleep(3)
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        pytest.fail(f"launcher did not finish in {timeout} s:\n{out[-3000:]}")
+        pytest.fail(f"launcher did not finish in {timeout} s:\n{out[-12000:]}")
     return out
+
+
+def _children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
 
 
 def _rows(workdir):

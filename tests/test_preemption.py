@@ -59,17 +59,23 @@ def _as_a_foreground_job(command):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_saves_and_exits_75_then_resumes(tmp_path, corpus, signum):
     """A preemption (SIGTERM), or Ctrl-C (SIGINT) in a one-process run, saves the step it
-    reached, exits 75, and the same command resumes there."""
+    reached, exits 75, and the same command resumes there. (SIGUSR2 before it: every
+    thread's stack written, and the run goes on.)"""
     workdir = tmp_path / "run"
     cmd = _as_a_foreground_job(
         train_command(workdir, corpus, "train.steps=100000", "checkpoint.every_steps=5")
     )
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for(workdir / "checkpoints" / "5", proc)
+    if signum == signal.SIGTERM:
+        proc.send_signal(signal.SIGUSR2)  # where is it? (a hung job's question)
+        wait_for(workdir / "checkpoints" / "10", proc)
     proc.send_signal(signum)
     out, _ = proc.communicate(timeout=120)
     # 75, not 0: whatever runs the trainer must not take the run for a finished one.
     assert proc.returncode == 75, out[-2000:]
+    if signum == signal.SIGTERM:
+        assert "Current thread 0x" in out and re.search(r'File ".*/lrulm/train\.py"', out), out
     assert "preemption signal; saving step" in out
     saved = int(re.search(r"saving step (\d+)", out).group(1))
     assert f"stopped at step {saved} of 100000 for a preemption signal" in out
