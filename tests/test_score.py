@@ -105,6 +105,23 @@ def test_the_figures_of_each_text_and_of_all_follow_from_the_log_likelihood(lm_w
     assert total["loss"] != pytest.approx(np.mean([r["loss"] for r in results]), rel=1e-3)
 
 
+def test_a_model_sure_of_the_wrong_tokens_gets_a_capped_perplexity(lm_workdir, monkeypatch):
+    """A loss past ~709 nats a token would overflow exp(): perplexity stops at exp(50),
+    while the loss, log-likelihood and bits per byte stay exact."""
+    load = generate.load_model
+
+    def overconfident(*args, **kwargs):  # logits x1000: confidently wrong almost everywhere
+        model, sp, step = load(*args, **kwargs)
+        model.embed.embedding[...] = model.embed.embedding[...] * 1000.0
+        return model, sp, step
+
+    monkeypatch.setattr(generate, "load_model", overconfident)
+    (got,) = score.score_texts(lm_workdir, [TEXTS[1]])
+    assert math.isfinite(got["loss"]) and got["loss"] > 709  # exp() of it would overflow
+    assert got["perplexity"] == math.exp(50.0)
+    assert got["bits_per_byte"] == pytest.approx(-got["logprob"] / math.log(2) / got["bytes"])
+
+
 def _logprob(model, row, resets):
     """The summed log-probability of row[1:] after row[:-1] under the model's logits."""
     tokens = jnp.asarray([row[:-1]])
