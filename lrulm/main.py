@@ -27,6 +27,7 @@ for a preemption signal or Ctrl-C after saving (lrulm.preemption: run it again t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import faulthandler
 import json
@@ -257,10 +258,9 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # `kill -USR2 PID`: every thread's Python stack to stderr, and the command goes on (a
     # job that hangs, e.g. one process of a multi-host run waiting in a collective).
-    try:
+    # Not where stderr is no file (main() called in-process, under a test's capture).
+    with contextlib.suppress(OSError, ValueError, AttributeError):
         faulthandler.register(signal.SIGUSR2, all_threads=True)
-    except (OSError, ValueError, AttributeError):
-        pass  # stderr is not a file (called in-process, under a test's capture)
     from lrulm import config as config_lib
     from lrulm import preemption
 
@@ -348,8 +348,6 @@ def main(argv: list[str]) -> int:
                 out["model"]["num_params"] = int(task.num_params())
                 print(json.dumps(out, indent=2))
             case "score":
-                import contextlib
-
                 from lrulm import distributed, generate, score
                 from lrulm.data import documents
                 from lrulm.data import lm as lm_data

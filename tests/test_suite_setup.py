@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import pytest
 from conftest import OLD_EMITTERS
 from run_helpers import xla_flags
@@ -36,10 +35,9 @@ def test_most_optimisations_are_off_here_and_in_started_processes():
 def test_started_processes_get_the_older_emitters_with_their_own_device_count():
     if OLD_EMITTERS not in os.environ["XLA_FLAGS"].split():
         pytest.skip("XLA_FLAGS set otherwise for this session")
-    assert float(jax.jit(lambda x: jnp.exp(x).sum())(jnp.zeros(3))) == 3.0
-    assert xla_flags(2).split() == ["--xla_force_host_platform_device_count=2", OLD_EMITTERS]
-    printed = _flags_in_a_new_process(dict(os.environ, XLA_FLAGS=xla_flags(2))).split()
-    assert printed[1:] == ["--xla_force_host_platform_device_count=2", OLD_EMITTERS]
+    flags = xla_flags(2).split()
+    assert flags[0] == "--xla_force_host_platform_device_count=2" and OLD_EMITTERS in flags
+    assert _flags_in_a_new_process(dict(os.environ, XLA_FLAGS=" ".join(flags))).split()[1:] == flags
 
 
 @pytest.mark.optimize_xla
