@@ -30,6 +30,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 
 import json  # noqa: E402
+import subprocess  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -130,6 +131,32 @@ def mosaic_calls(monkeypatch):
 
         monkeypatch.setattr(mosaic_kernels, name, spy)
     return calls
+
+
+@pytest.fixture
+def lrulm_here(capsys, monkeypatch):
+    """`lrulm ARGS` in this process (lrulm.main.main, as `python -m lrulm` runs it, without
+    a process's ~3 s of imports): a function of the arguments returning a
+    subprocess.CompletedProcess (returncode, stdout, stderr), as `subprocess.run` would.
+    For the commands that stop at an error, or print a result."""
+    from lrulm import main
+    from lrulm import metrics as metrics_lib
+
+    # eval, generate, score and config send messages to stderr for the rest of a process.
+    monkeypatch.setattr(metrics_lib, "_MESSAGES_TO_STDERR", metrics_lib._MESSAGES_TO_STDERR)
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def run(*args):
+        capsys.readouterr()
+        try:
+            code = main.main(list(args))
+        except SystemExit as e:  # argparse's errors and --help
+            code = e.code
+        out = capsys.readouterr()
+        metrics_lib.messages_to_stderr(False)
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+    return run
 
 
 @pytest.fixture(scope="session")

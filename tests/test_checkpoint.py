@@ -4,6 +4,7 @@ checkpoint, saves by time. Stopping and resuming (signals, limits): test_preempt
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -24,6 +25,23 @@ from lrulm import best_checkpoint as best_lib
 from lrulm import checkpoint as ckpt_lib
 from lrulm import config as config_lib
 from lrulm import evaluation, experiment, tasks, train
+
+
+@pytest.fixture(scope="session")
+def _four_steps(tmp_path_factory, corpus):
+    """`lrulm train` of tiny:test to step 4, checkpoints at steps 2 and 4: where the
+    resume tests below start (each from a copy of its own)."""
+    workdir = tmp_path_factory.mktemp("four_steps") / "run"
+    run_train(workdir, corpus, "train.steps=4", "checkpoint.every_steps=2")
+    return workdir
+
+
+@pytest.fixture
+def four_step_run(_four_steps, tmp_path):
+    """A copy of _four_steps' workdir: tmp_path/run."""
+    workdir = tmp_path / "run"
+    shutil.copytree(_four_steps, workdir)
+    return workdir
 
 
 def test_damaged_checkpoint_is_named_and_skipped(tmp_path, corpus, damage_checkpoint):
@@ -49,12 +67,11 @@ def test_damaged_checkpoint_is_named_and_skipped(tmp_path, corpus, damage_checkp
     assert not os.path.exists(workdir / "checkpoints" / "12")  # the partial one was never used
 
 
-def test_changed_config_is_an_error_not_damage(tmp_path, corpus):
+def test_changed_config_is_an_error_not_damage(corpus, four_step_run):
     """A resume (or eval) with another model's config names the differing arrays and
     changes nothing: no checkpoint moved, the workdir's config.json kept. A resume with
     compatible changes says which keys changed."""
-    workdir = tmp_path / "run"
-    run_train(workdir, corpus, "train.steps=4", "checkpoint.every_steps=2")
+    workdir = four_step_run
     config_before = (workdir / "config.json").read_text()
     bad = subprocess.run(
         train_command(
@@ -95,11 +112,10 @@ def test_changed_config_is_an_error_not_damage(tmp_path, corpus):
     assert json.loads((workdir / "config.json").read_text())["optim"]["lr"] == 0.002
 
 
-def test_resume_with_another_global_batch_goes_on_at_the_same_row(tmp_path, corpus):
+def test_resume_with_another_global_batch_goes_on_at_the_same_row(corpus, four_step_run):
     """The data position is rows of the shuffled order consumed: a resume with a bigger
     global batch goes on where the run left off, with nothing to allow."""
-    workdir = tmp_path / "run"
-    run_train(workdir, corpus, "train.steps=4", "checkpoint.every_steps=2")
+    workdir = four_step_run
     out = run_train(
         workdir, corpus, "train.steps=6", "train.global_batch_size=16", "train.eval_steps=2"
     )
@@ -117,12 +133,11 @@ def test_resume_with_another_global_batch_goes_on_at_the_same_row(tmp_path, corp
     assert [json.loads(f.read_text()) for f in files] == [{"rows": 64, "global_batch": 16}]
 
 
-def test_resume_with_other_data_settings_is_refused(tmp_path, corpus):
+def test_resume_with_other_data_settings_is_refused(tmp_path, corpus, four_step_run):
     """Another train split (or seq_len, or seed) is another order of the data: a resume
     would not continue the run's order. That is refused before anything changes, unless
     checkpoint.allow_data_change says to go on."""
-    workdir = tmp_path / "run"
-    run_train(workdir, corpus, "train.steps=4", "checkpoint.every_steps=2")
+    workdir = four_step_run
     config_before = (workdir / "config.json").read_text()
     bigger = tmp_path / "bigger.txt"  # the corpus grew: more train sequences
     bigger.write_text(open(corpus["train"]).read() * 2)

@@ -22,31 +22,6 @@ def _lrulm(*args, timeout=600):
     )
 
 
-@pytest.fixture
-def lrulm_here(capsys, monkeypatch):
-    """`lrulm ARGS` in this process (lrulm.main.main, as `python -m lrulm` runs it, without
-    a process's ~3 s of imports): a function of the arguments returning (exit code,
-    stdout, stderr). For the commands that stop at an error, or print a result."""
-    from lrulm import main
-    from lrulm import metrics as metrics_lib
-
-    # eval, generate, score and config send messages to stderr for the rest of a process.
-    monkeypatch.setattr(metrics_lib, "_MESSAGES_TO_STDERR", metrics_lib._MESSAGES_TO_STDERR)
-    monkeypatch.chdir(ROOT)
-
-    def run(*args):
-        capsys.readouterr()
-        try:
-            code = main.main(list(args))
-        except SystemExit as e:  # argparse's errors and --help
-            code = e.code
-        out = capsys.readouterr()
-        metrics_lib.messages_to_stderr(False)
-        return subprocess.CompletedProcess(args, code, out.out, out.err)
-
-    return run
-
-
 @pytest.mark.slow
 @pytest.mark.optimize_xla
 def test_embedded_default_learns_then_generates(tmp_path):

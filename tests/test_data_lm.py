@@ -290,7 +290,7 @@ def test_bad_json_lines_name_the_line(tmp_path):
     assert list(documents.read_documents(str(latin))) == ["Café\r\nnaïve\n"]
 
 
-def test_tokenizer_cli(tmp_path, corpus):
+def test_tokenizer_cli(tmp_path, corpus, lrulm_here):
     out = subprocess.run(
         [
             sys.executable,
@@ -311,21 +311,8 @@ def test_tokenizer_cli(tmp_path, corpus):
     assert out.returncode == 0, out.stderr
     assert "t.model: 400 pieces" in out.stdout
     assert tok.load_tokenizer(str(tmp_path / "t.model")).get_piece_size() == 400
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lrulm",
-            "tokenizer",
-            "train",
-            "--input",
-            str(tmp_path / "none*.txt"),
-            "--output",
-            str(tmp_path / "u.model"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    bad = lrulm_here("tokenizer", "train", "--input", str(tmp_path / "none*.txt"),
+                     "--output", str(tmp_path / "u.model"))  # fmt: skip
     assert bad.returncode == 2 and "matches no files" in bad.stderr
 
 

@@ -224,7 +224,7 @@ def test_generate_errors(lm_workdir, tmp_path):
         gen.read_prompts(str(tmp_path / "blank.txt"))
 
 
-def test_generate_command_writes_jsonl(lm_workdir, tmp_path):
+def test_generate_command_writes_jsonl(lm_workdir, tmp_path, lrulm_here):
     import json
     import subprocess
     import sys
@@ -248,17 +248,12 @@ def test_generate_command_writes_jsonl(lm_workdir, tmp_path):
     assert out.stdout.count("=== prompt ") == 6 and "=== prompt 3, sample 2 ===" in out.stdout
     for r in rows:
         assert r["prompt"] + r["completion"] in out.stdout
-    none = subprocess.run(
-        [sys.executable, "-m", "lrulm", "generate", "--workdir", lm_workdir],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    none = lrulm_here("generate", "--workdir", lm_workdir)
     assert none.returncode == 2 and "give --prompt TEXT" in none.stderr
     for bad in (tmp_path, tmp_path / "missing" / "s.jsonl"):  # refused before generating
-        refused = subprocess.run(
-            [sys.executable, "-m", "lrulm", "generate", "--workdir", lm_workdir,
-             "--prompt", "x", "--output", str(bad)],
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+        refused = lrulm_here(
+            "generate", "--workdir", lm_workdir, "--prompt", "x", "--output", str(bad)
+        )
         assert refused.returncode == 2 and "existing, writable directory" in refused.stderr
 
 

@@ -250,15 +250,9 @@ def test_no_best_yet_says_so(tmp_path):
     assert "--config.checkpoint.keep_best=loss" in best_lib.no_best(str(tmp_path))
 
 
-def test_best_flags_on_the_command_line(lm_workdir, tmp_path):
+def test_best_flags_on_the_command_line(lm_workdir, tmp_path, lrulm_here):
     """--best and --step exclude each other; a run that keeps no best says how to keep one."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-
-    def lrulm(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "lrulm", *args], capture_output=True, text=True, env=env
-        )
-
+    lrulm = lrulm_here
     both = lrulm("score", "--workdir", lm_workdir, "--text", "x", "--best", "--step", "4")
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
     none = lrulm("generate", "--workdir", lm_workdir, "--prompt", "x", "--best")

@@ -54,7 +54,7 @@ def test_chunks_and_batches_change_nothing(lm_workdir, chunk, batch_size):
     assert total["tokens"] == sum(r["tokens"] for r in want)
 
 
-def test_score_command(lm_workdir, tmp_path):
+def test_score_command(lm_workdir, tmp_path, lrulm_here):
     """Each row says where its text is from (an empty record is skipped, and said)."""
     corpus = tmp_path / "texts.jsonl"
     records = [json.dumps({"text": t}) for t in (TEXTS[0], "", TEXTS[1])]
@@ -76,9 +76,10 @@ def test_score_command(lm_workdir, tmp_path):
     ]
     assert [json.loads(line) for line in out.read_text().splitlines()] == rows
     assert "lrulm score: 3 texts" in done.stderr
-    bad = run("--text", "x", "--output", str(tmp_path))
+    here = lambda *a: lrulm_here("score", "--workdir", lm_workdir, *a)  # noqa: E731
+    bad = here("--text", "x", "--output", str(tmp_path))
     assert bad.returncode == 2 and "give a file in an existing, writable directory" in bad.stderr
-    assert run().returncode == 2
+    assert here().returncode == 2
     with pytest.raises(ValueError, match="text 2 is empty; leave it out"):
         score.score_texts(lm_workdir, ["x", ""])
 

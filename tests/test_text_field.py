@@ -88,7 +88,7 @@ def test_lra_refuses_a_text_field(tmp_path):
         train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
-def test_the_commands_take_text_field(tmp_path, content, lm_workdir):
+def test_the_commands_take_text_field(tmp_path, content, lm_workdir, lrulm_here):
     """`lrulm tokenizer train`, `lrulm score --input` and tools/prepare_data.py read the
     field --text_field names; an empty one is refused."""
     run = lambda *a: subprocess.run(  # noqa: E731
@@ -112,8 +112,8 @@ def test_the_commands_take_text_field(tmp_path, content, lm_workdir):
     meta = json.load(open(lm_data.shards_meta_path(str(tmp_path / "sh" / "eval"))))
     want = sum(len(json.loads(x)["content"].encode()) for x in open(content["eval"]))
     assert meta["bytes"] == want
-    empty = run("-m", "lrulm", "score", "--workdir", lm_workdir, "--input", content["eval"],
-                "--text_field", "")  # fmt: skip
+    empty = lrulm_here("score", "--workdir", lm_workdir, "--input", content["eval"],
+                       "--text_field", "")  # fmt: skip
     assert empty.returncode == 2 and "--text_field names the JSON field" in empty.stderr
 
 
