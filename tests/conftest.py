@@ -159,6 +159,40 @@ def lrulm_here(capsys, monkeypatch):
     return run
 
 
+@pytest.fixture
+def tool_here(capsys, monkeypatch):
+    """`python tools/NAME.py ARGS` in this process (runpy, as __main__), without the ~3 s
+    a process takes to import jax: a function of the tool's path (from the repository's
+    root) and its arguments returning a subprocess.CompletedProcess, as `subprocess.run`
+    would. For arguments a tool refuses before any work; environment variables a tool
+    sets at import are put back."""
+    import runpy
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.chdir(root)
+    monkeypatch.syspath_prepend(os.path.join(root, "tools"))
+
+    def run(tool, *args):
+        environ = dict(os.environ)
+        monkeypatch.setattr(sys, "argv", [tool, *args])
+        capsys.readouterr()
+        try:
+            runpy.run_path(os.path.join(root, tool), run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        finally:
+            os.environ.clear()
+            os.environ.update(environ)
+        out = capsys.readouterr()
+        if isinstance(code, str):  # sys.exit(text): Python writes it to stderr, status 1
+            code, out = 1, type(out)(out.out, out.err + code + "\n")
+        return subprocess.CompletedProcess([tool, *args], code or 0, out.out, out.err)
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def lm_workdir(tmp_path_factory, corpus):
     """A real run of configs/lm/tiny.py:test with checkpoints at steps 4 and 8."""

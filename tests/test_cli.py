@@ -204,13 +204,11 @@ def test_a_reader_that_stops_early_gets_no_traceback():
     assert proc.wait(timeout=120) == 141 and "BrokenPipeError" not in stderr, stderr
 
 
-def test_output_paths_are_checked_before_the_work(tmp_path):
+def test_output_paths_are_checked_before_the_work(tmp_path, lrulm_here, tool_here):
     """Every tool writing a report refuses an unwritable path at once (exit 2, one line),
     not in a traceback after its minutes of work."""
     bad = str(tmp_path / "missing" / "x.json")
     commands = [
-        ["-m", "lrulm", "compile", "--config", "configs/lm/tiny.py", "--topology", "v5e-4",
-         "--json", bad],
         ["tools/bench.py", "--quick", "--json", bad],
         ["tools/bench_train.py", "--preset", "test", "--steps", "1", "--json", bad],
         ["tools/gpu_kernel_sweep.py", "--json", bad],
@@ -220,11 +218,11 @@ def test_output_paths_are_checked_before_the_work(tmp_path):
         ["tools/tpu_fit_table.py", "--out", str(tmp_path / "a_file" / "fit.md")],
     ]  # fmt: skip
     (tmp_path / "a_file").write_text("")  # tpu_fit_table.py makes a missing folder
-    for args in commands:
-        out = subprocess.run(
-            [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120
-        )
-        assert out.returncode == 2, (args, out.stderr[-1500:])
+    outs = [tool_here(*args) for args in commands]
+    outs.append(lrulm_here("compile", "--config", "configs/lm/tiny.py", "--topology", "v5e-4",
+                           "--json", bad))  # fmt: skip
+    for out in outs:
+        assert out.returncode == 2, (out.args, out.stderr[-1500:])
         said = ("existing, writable directory", "its folder cannot be made")
         assert any(x in out.stderr for x in said) and "Traceback" not in out.stderr
 

@@ -344,7 +344,7 @@ def test_lone_surrogate_names_the_line(tmp_path):
         list(documents.read_documents(str(bad)))
 
 
-def test_prepare_data_bad_arguments(tmp_path, sp, monkeypatch):
+def test_prepare_data_bad_arguments(tmp_path, sp, monkeypatch, tool_here):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
     import prepare_data
 
@@ -379,10 +379,9 @@ def test_prepare_data_bad_arguments(tmp_path, sp, monkeypatch):
     assert os.listdir(tmp_path) == []
     with pytest.raises(ValueError, match="--output is a path prefix, not a directory"):
         prepare_data.write_shards(texts, sp, seq_len=8, output=str(tmp_path), num_shards=2)
-    out = subprocess.run(
-        [sys.executable, "tools/prepare_data.py", "--input", str(tmp_path / "none*"),
-         "--tokenizer", str(tmp_path / "t.model"), "--seq_len", "8", "--output", "x"],
-        capture_output=True, text=True,
+    out = tool_here(
+        "tools/prepare_data.py", "--input", str(tmp_path / "none*"),
+        "--tokenizer", str(tmp_path / "t.model"), "--seq_len", "8", "--output", "x",
     )  # fmt: skip
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "prepare_data: error: no tokenizer at" in out.stderr

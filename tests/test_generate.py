@@ -393,7 +393,7 @@ def test_inspect_checkpoint(lm_workdir, tmp_path):
     assert "steps ['4-1796413169']" in text and "nu_log" in text
 
 
-def test_bench_generate_runs():
+def test_bench_generate_runs(tool_here):
     """tools/bench_generate.py drives prefill and the decode loop directly."""
     import subprocess
     import sys
@@ -408,10 +408,7 @@ def test_bench_generate_runs():
     for args, message in ((("--contexts", ""), "positive prompt lengths"),
                           (("--contexts", "1k"), "comma-separated prompt lengths"),
                           (("--new_tokens", "0"), "--new_tokens must be positive")):  # fmt: skip
-        out = subprocess.run(
-            [sys.executable, "tools/bench_generate.py", *args],
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+        out = tool_here("tools/bench_generate.py", *args)
         assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
 
 

@@ -221,7 +221,7 @@ def test_gpu_sass_captures_each_kernels_triton_ir_as_a_gpu_host_lowers_it(monkey
         gpu_sass.main()
 
 
-def test_gpu_sass_names_the_error_and_checks_its_arguments(monkeypatch):
+def test_gpu_sass_names_the_error_and_checks_its_arguments(monkeypatch, tool_here):
     """A failed compile's row names its error (not jax's note on filtered frames that
     ends the traceback); a bad tuning, shape or plugin folder is a usage error."""
     monkeypatch.syspath_prepend(os.path.join(ROOT, "tools"))
@@ -240,6 +240,5 @@ def test_gpu_sass_names_the_error_and_checks_its_arguments(monkeypatch):
         (["--shape", "1,2"], "--shape takes B,L,N"),
         (["--plugin", "/nonexistent"], "/nonexistent: no jax CUDA plugin there"),
     ):
-        run = subprocess.run([sys.executable, "tools/gpu_sass.py", *args], cwd=ROOT,
-                             capture_output=True, text=True, timeout=120)  # fmt: skip
+        run = tool_here("tools/gpu_sass.py", *args)
         assert run.returncode == 2 and message in run.stderr, (args, run.stderr[-1000:])
