@@ -62,9 +62,9 @@ def dummy_prefix_tokenizer(prefix, texts, vocab_size: int) -> str:
     return str(prefix) + ".model"
 
 
-def train_command(workdir, corpus, *overrides):
-    """`python -m lrulm train` of tiny:test on the test corpus, logging every step with no
-    evaluation; "key=value" overrides (those keys too)."""
+def train_args(workdir, corpus, *overrides):
+    """The arguments of `lrulm train` of tiny:test on the test corpus, logging every step
+    with no evaluation; "key=value" overrides (those keys too)."""
     settings = {
         "data.train_files": corpus["train"],
         "data.eval_files": corpus["eval"],
@@ -72,8 +72,13 @@ def train_command(workdir, corpus, *overrides):
         "train.eval_every": "0",
     }
     settings.update(o.split("=", 1) for o in overrides)
-    command = [sys.executable, "-m", "lrulm", "train", "--config", TINY, "--workdir", str(workdir)]
-    return command + [f"--config.{k}={v}" for k, v in settings.items()]
+    args = ["train", "--config", TINY, "--workdir", str(workdir)]
+    return args + [f"--config.{k}={v}" for k, v in settings.items()]
+
+
+def train_command(workdir, corpus, *overrides):
+    """`python -m lrulm train` of train_args."""
+    return [sys.executable, "-m", "lrulm", *train_args(workdir, corpus, *overrides)]
 
 
 def run_train(workdir, corpus, *overrides, timeout=300):

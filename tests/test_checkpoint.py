@@ -17,7 +17,7 @@ from run_helpers import (
     logged_losses,
     run_train,
     saved_params,
-    train_command,
+    train_args,
     train_here,
 )
 
@@ -67,20 +67,15 @@ def test_damaged_checkpoint_is_named_and_skipped(tmp_path, corpus, damage_checkp
     assert not os.path.exists(workdir / "checkpoints" / "12")  # the partial one was never used
 
 
-def test_changed_config_is_an_error_not_damage(corpus, four_step_run):
+def test_changed_config_is_an_error_not_damage(corpus, four_step_run, lrulm_here):
     """A resume (or eval) with another model's config names the differing arrays and
     changes nothing: no checkpoint moved, the workdir's config.json kept. A resume with
     compatible changes says which keys changed."""
     workdir = four_step_run
     config_before = (workdir / "config.json").read_text()
-    bad = subprocess.run(
-        train_command(
-            workdir, corpus, "train.steps=6", "checkpoint.every_steps=2", "model.d_model=48"
-        ),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    bad = lrulm_here(*train_args(
+        workdir, corpus, "train.steps=6", "checkpoint.every_steps=2", "model.d_model=48"
+    ))  # fmt: skip
     assert bad.returncode == 2, bad.stderr[-3000:]
     assert "checkpoints/4 was saved by a run with another model or optimizer config" in (bad.stderr)
     assert "params/embed/embedding: checkpoint (512, 32) vs this run (512, 48)" in bad.stderr
@@ -133,7 +128,7 @@ def test_resume_with_another_global_batch_goes_on_at_the_same_row(corpus, four_s
     assert [json.loads(f.read_text()) for f in files] == [{"rows": 64, "global_batch": 16}]
 
 
-def test_resume_with_other_data_settings_is_refused(tmp_path, corpus, four_step_run):
+def test_resume_with_other_data_settings_is_refused(tmp_path, corpus, four_step_run, lrulm_here):
     """Another train split (or seq_len, or seed) is another order of the data: a resume
     would not continue the run's order. That is refused before anything changes, unless
     checkpoint.allow_data_change says to go on."""
@@ -145,8 +140,7 @@ def test_resume_with_other_data_settings_is_refused(tmp_path, corpus, four_step_
         ([f"data.train_files={bigger}"], "train_examples "),
         (["train.seed=1"], "seed 0 -> 1"),
     ]:
-        command = train_command(workdir, corpus, "train.steps=6", *change)
-        bad = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        bad = lrulm_here(*train_args(workdir, corpus, "train.steps=6", *change))
         assert bad.returncode == 2, bad.stderr[-3000:]
         assert "checkpoint 4 was trained with other data settings (" in bad.stderr
         assert message in bad.stderr and "allow_data_change=true" in bad.stderr
@@ -262,34 +256,26 @@ def test_nonfinite_loss_stops_and_keeps_the_good_checkpoint(tmp_path, corpus):
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
 
 
-def test_init_from_checks_shapes(tmp_path, corpus):
-    base = tmp_path / "base"
-    run_train(base, corpus, "train.steps=2", "checkpoint.every_steps=2")
+def test_init_from_checks_shapes(tmp_path, corpus, four_step_run, lrulm_here):
+    base = four_step_run
     # Fine-tuning on other data: the source run's tokenizer comes along (its embedding rows
     # are that tokenizer's ids), whichever path names the checkpoint.
     held = tmp_path / "held.jsonl"  # its own held-out file (one may not be both)
     held.write_text("".join(open(corpus["train"]).readlines()[:12]))
     other = {"train": corpus["eval"], "eval": str(held)}
-    step_dir = base / "checkpoints" / "2"
+    step_dir = base / "checkpoints" / "4"
     out = run_train(tmp_path / "finetune", other, "train.steps=2",
                     f"checkpoint.init_from={step_dir}", "data.vocab_size=400")  # fmt: skip
-    assert f"parameters from {step_dir} (step 2)" in out
+    assert f"parameters from {step_dir} (step 4)" in out
     assert f"the tokenizer of checkpoint.init_from: {base}/tokenizer.model" in out
     assert "data.vocab_size=400 is not used: the tokenizer taken" in out
     assert (tmp_path / "finetune" / "tokenizer.model").read_bytes() == (
         base / "tokenizer.model"
     ).read_bytes()
-    bad = subprocess.run(
-        train_command(
-            tmp_path / "bad",
-            corpus,
-            "train.steps=2",
-            "model.d_model=48",
-            f"checkpoint.init_from={base}",
-        ),
-        capture_output=True,
-        text=True,
-    )
+    bad = lrulm_here(*train_args(
+        tmp_path / "bad", corpus, "train.steps=2", "model.d_model=48",
+        f"checkpoint.init_from={base}",
+    ))  # fmt: skip
     assert bad.returncode != 0
     assert "do not fit this model" in bad.stderr and "(2, 32, 32)" in bad.stderr
 
