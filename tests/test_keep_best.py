@@ -252,10 +252,9 @@ def test_no_best_yet_says_so(tmp_path):
 
 def test_best_flags_on_the_command_line(lm_workdir, tmp_path, lrulm_here):
     """--best and --step exclude each other; a run that keeps no best says how to keep one."""
-    lrulm = lrulm_here
-    both = lrulm("score", "--workdir", lm_workdir, "--text", "x", "--best", "--step", "4")
+    both = lrulm_here("score", "--workdir", lm_workdir, "--text", "x", "--best", "--step", "4")
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
-    none = lrulm("generate", "--workdir", lm_workdir, "--prompt", "x", "--best")
+    none = lrulm_here("generate", "--workdir", lm_workdir, "--prompt", "x", "--best")
     assert none.returncode == 2
     assert "language models with checkpoint.keep_best set" in none.stderr
     assert "--config.checkpoint.keep_best=loss" in none.stderr
