@@ -133,28 +133,41 @@ def mosaic_calls(monkeypatch):
     return calls
 
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _in_process(capsys, call, args) -> subprocess.CompletedProcess:
+    """call() under capsys, as `subprocess.run(args)` would report it: SystemExit's code
+    (argparse's errors, --help, a script's sys.exit), sys.exit(text) as status 1 with the
+    text on stderr, as Python does; a return or None is 0."""
+    capsys.readouterr()
+    try:
+        code = call()
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    err = out.err
+    if isinstance(code, str):
+        code, err = 1, err + code + "\n"
+    return subprocess.CompletedProcess(list(args), code or 0, out.out, err)
+
+
 @pytest.fixture
 def lrulm_here(capsys, monkeypatch):
     """`lrulm ARGS` in this process (lrulm.main.main, as `python -m lrulm` runs it, without
     a process's ~3 s of imports): a function of the arguments returning a
-    subprocess.CompletedProcess (returncode, stdout, stderr), as `subprocess.run` would.
-    For the commands that stop at an error, or print a result."""
+    subprocess.CompletedProcess, as `subprocess.run` would. For the commands that stop at
+    an error, or print a result."""
     from lrulm import main
     from lrulm import metrics as metrics_lib
 
-    # eval, generate, score and config send messages to stderr for the rest of a process.
-    monkeypatch.setattr(metrics_lib, "_MESSAGES_TO_STDERR", metrics_lib._MESSAGES_TO_STDERR)
-    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    monkeypatch.chdir(_ROOT)
 
     def run(*args):
-        capsys.readouterr()
         try:
-            code = main.main(list(args))
-        except SystemExit as e:  # argparse's errors and --help
-            code = e.code
-        out = capsys.readouterr()
-        metrics_lib.messages_to_stderr(False)
-        return subprocess.CompletedProcess(args, code, out.out, out.err)
+            return _in_process(capsys, lambda: main.main(list(args)), args)
+        finally:  # eval, generate, score and config send messages to stderr from then on
+            metrics_lib.messages_to_stderr(False)
 
     return run
 
@@ -163,32 +176,26 @@ def lrulm_here(capsys, monkeypatch):
 def tool_here(capsys, monkeypatch):
     """`python tools/NAME.py ARGS` in this process (runpy, as __main__), without the ~3 s
     a process takes to import jax: a function of the tool's path (from the repository's
-    root) and its arguments returning a subprocess.CompletedProcess, as `subprocess.run`
-    would. For arguments a tool refuses before any work; environment variables a tool
-    sets at import are put back."""
+    root) and its arguments, returning what lrulm_here does. For arguments a tool refuses
+    before any work; environment variables a tool sets at import are put back."""
     import runpy
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    monkeypatch.chdir(root)
-    monkeypatch.syspath_prepend(os.path.join(root, "tools"))
+    monkeypatch.chdir(_ROOT)
+    monkeypatch.syspath_prepend(os.path.join(_ROOT, "tools"))
 
     def run(tool, *args):
         environ = dict(os.environ)
         monkeypatch.setattr(sys, "argv", [tool, *args])
-        capsys.readouterr()
+
+        def call():  # returns None: a script that runs to its end exits 0
+            runpy.run_path(os.path.join(_ROOT, tool), run_name="__main__")
+
         try:
-            runpy.run_path(os.path.join(root, tool), run_name="__main__")
-            code = 0
-        except SystemExit as e:
-            code = e.code
+            return _in_process(capsys, call, [tool, *args])
         finally:
             os.environ.clear()
             os.environ.update(environ)
-        out = capsys.readouterr()
-        if isinstance(code, str):  # sys.exit(text): Python writes it to stderr, status 1
-            code, out = 1, type(out)(out.out, out.err + code + "\n")
-        return subprocess.CompletedProcess([tool, *args], code or 0, out.out, out.err)
 
     return run
 
