@@ -4,7 +4,7 @@
 
 Sized for a 2-core laptop CPU: ~0.9M parameters (4 blocks of width 128, 128 complex state
 channels, an MLP of 256), a 2048-piece tokenizer trained into the workdir, batches of 32 x
-128 tokens, 400 steps (1.6M tokens) in 1.5-3 minutes at 10-23k tokens/s. It reaches an eval
+128 tokens, 400 steps (1.6M tokens) in 1.5-5 minutes at 6-23k tokens/s. It reaches an eval
 loss of ~2.6 nats per token (~1.5 bits per byte; the first 32k tokens of the held-out files,
 on Python 3.11) against a unigram entropy of ~6.0 nats, and `lrulm generate` then writes
 recognisably Python-shaped text (indented blocks, `self.` attributes, `if ...:` lines), if

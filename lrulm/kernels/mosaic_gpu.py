@@ -31,17 +31,11 @@ what is in flight no longer depends on registers or threads:
   the row the walk is on (across a chunk's edge, into a slot already copied out); it is
   one elementwise XLA fusion after the kernel instead (read g and h, write da: the
   kernel itself reads no h).
-- halves=2: a program owns 64 channels, and its warpgroup is two thread groups of 64
-  that scan the two halves of every chunk at once ((2, 64) arrays; each half of a slot
-  is its own TMA copy). The half the walk reaches first starts from the state entering
-  the chunk; the other starts from zero and also carries P, the product of its steps'
-  decays (keep included). One exchange through SMEM gives each group the other's end
-  state, and the second half's rows are fixed up, h + P E, as they are stored
-  (lrulm.kernels.mosaic_halves). So B x N / 64 programs for the same bytes (at B=8,
-  N=1024: 128 for 132 SMs instead of 64), at the cost of the exchange and a complex
-  multiply-add per row. In the backward a step's decay is the row before's (the other
-  half's last, exchanged, for the second half's first row), and da is summed in the
-  fix-up from the true g.
+- halves=2: two thread groups of 64 channels a program scan the two halves of every
+  chunk at once (each half of a slot its own TMA copy), the second fixed up from the
+  first's end state (lrulm.kernels.mosaic_halves): B x N / 64 programs for the same
+  bytes (at B=8, N=1024: 128 for 132 SMs instead of 64), for one SMEM exchange and a
+  complex multiply-add per row.
 - h is written over b on request and g always over dh, as the Triton kernels do
   (lrulm.kernels.common.write_over_b): a chunk's rows are stored only after the whole
   chunk was copied in, and the copies in flight are of other chunks. `plgpu.kernel` takes
@@ -542,14 +536,12 @@ def backward(a, dh, h, h0, keep, *, chunk, reverse, interpret, stages=3, halves=
             # lowering rejects as a result of run_scoped.
             if halves > 1:
                 k_one = 0.0 * vectors[0] + 1.0
-            else:
-                k_one = jnp.float32(1) if num_keep else ()
-            if halves > 1:
                 scan = halves_lib.backward_scan(
                     num_parts=num_parts, num_keep=num_keep, full_a=full_a, a_vec=a_vec,
                     sel=selector[0], reverse=not reverse, buffers=buffers,
                 )  # fmt: skip
             else:
+                k_one = jnp.float32(1) if num_keep else ()
                 scan = _rows(step, not reverse)
             # g starts at zero, so the "next" a and keep of the first walk step do not matter.
             g, _, k_first, da = _stream(
