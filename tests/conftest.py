@@ -2,6 +2,7 @@
 compilation cache for the session, shared with the processes the tests start."""
 
 import atexit
+import gc
 import glob
 import os
 import shutil
@@ -47,9 +48,18 @@ def pytest_sessionstart(session):
         session.config._mosaic_scratch_before = set(glob.glob(_MOSAIC_SCRATCH))
 
 
+@pytest.hookimpl(tryfirst=True)  # in a worker: before xdist's hook reports it finished
 def pytest_sessionfinish(session):
     before = getattr(session.config, "_mosaic_scratch_before", None)
     if before is None:  # an xdist worker
+        # After it reports itself finished, a worker's last work is pytest's cleanup: five
+        # full garbage collections over all its tests left (jax's caches, millions of
+        # objects: ~1-2 s each). execnet sends SIGINT to a worker still busy 5 s after the
+        # controller ends the session, which showed as a KeyboardInterrupt in jax's gc
+        # callback after the last test. One collection now, and the survivors frozen:
+        # those five have nothing left to walk.
+        gc.collect()
+        gc.freeze()
         return
     for path in set(glob.glob(_MOSAIC_SCRATCH)) - before:
         try:
