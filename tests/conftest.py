@@ -48,10 +48,9 @@ def pytest_sessionstart(session):
         session.config._mosaic_scratch_before = set(glob.glob(_MOSAIC_SCRATCH))
 
 
-@pytest.hookimpl(tryfirst=True)  # in a worker: before xdist's hook reports it finished
 def pytest_sessionfinish(session):
     before = getattr(session.config, "_mosaic_scratch_before", None)
-    if before is None:  # an xdist worker
+    if before is None:  # an xdist worker (which reports itself finished after this hook)
         # After it reports itself finished, a worker's last work is pytest's cleanup: five
         # full garbage collections over all its tests left (jax's caches, millions of
         # objects: ~1-2 s each). execnet sends SIGINT to a worker still busy 5 s after the
