@@ -149,6 +149,16 @@ def _check_keep_best(config, workdir: str) -> None:
         )
 
 
+# model.* settings that leave the train state's tree as it is (how the parameters are
+# initialised, or the model computed, not what the state holds): a resume takes them, so a
+# refused one does not name them. tests/test_config_and_files_edges.py checks the set
+# against the model's tree, field by field.
+MODEL_KEYS_OUTSIDE_STATE = frozenset(
+    {"dropout", "dropout_over_length", "r_min", "r_max", "max_phase", "dtype", "scan_method",
+     "chunk_size", "remat"}
+)  # fmt: skip
+
+
 def state_keys_changed(trained: dict | None, config) -> list[str]:
     """The settings that shape the train state's tree (the model's, optim.no_decay's
     groups of the optimizer state) that differ between a checkpoint's config (`trained`)
@@ -159,7 +169,7 @@ def state_keys_changed(trained: dict | None, config) -> list[str]:
     changed = []
     for group, keys in (("model", None), ("optim", ("no_decay", "optimizer"))):
         old, new, default = trained.get(group) or {}, now.get(group) or {}, base.get(group) or {}
-        for key in keys or sorted(set(old) | set(new)):
+        for key in keys or sorted((set(old) | set(new)) - MODEL_KEYS_OUTSIDE_STATE):
             a, b = old.get(key, default.get(key)), new.get(key, default.get(key))
             if a != b:  # a key added to lrulm since: its default, the run's behaviour
                 changed.append(f"{group}.{key}: {a!r} -> {b!r}")

@@ -74,11 +74,14 @@ def test_changed_config_is_an_error_not_damage(corpus, four_step_run, lrulm_here
     workdir = four_step_run
     config_before = (workdir / "config.json").read_text()
     bad = lrulm_here(*train_args(
-        workdir, corpus, "train.steps=6", "checkpoint.every_steps=2", "model.d_model=48"
+        workdir, corpus, "train.steps=6", "checkpoint.every_steps=2", "model.d_model=48",
+        "model.dropout=0.1",
     ))  # fmt: skip
     assert bad.returncode == 2, bad.stderr[-3000:]
     assert "checkpoints/4 was saved by a run with another model or optimizer config" in (bad.stderr)
     assert "params/embed/embedding: checkpoint (512, 32) vs this run (512, 48)" in bad.stderr
+    # The setting to set back, not the dropout (a resume takes that).
+    assert "shape the state changed since step 4: model.d_model: None -> 48 (" in bad.stderr
     assert "nothing was changed" in bad.stderr and "damaged" not in bad.stderr + bad.stdout
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
     assert not (workdir / "corrupt_checkpoints").exists()

@@ -2,16 +2,19 @@
 settings a resume names, init_from as a resume sees it, paths from elsewhere, and the
 train files a config's globs pick."""
 
+import dataclasses
 import gzip
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from run_helpers import tiny_config
 
 from lrulm import checkpoint as ckpt_lib
 from lrulm import config as config_lib
+from lrulm import model_config as model_config_lib
 from lrulm import run_config
 from lrulm.data import documents
 from lrulm.data import lm as lm_data
@@ -22,6 +25,46 @@ def test_a_switched_optimizer_is_named_as_a_state_change():
     after = tiny_config("optim.optimizer=muon")
     changed = run_config.state_keys_changed(config_lib.to_dict(before), after)
     assert changed == ["optim.optimizer: 'adamw' -> 'muon'"]
+
+
+# Another value for each ModelConfig field: whether it changes the model's state tree
+# is what the test below finds out. A new field needs one here.
+_OTHER_MODEL_VALUES = dict(
+    vocab_size=384, d_model=64, d_state=64, num_layers=3, d_ff=0, glu="half", norm="layer",
+    dropout=0.1, dropout_over_length=True, r_min=0.5, r_max=0.9, max_phase=1.0,
+    bidirectional=True, tie_embeddings=False, dtype="bfloat16", scan_method="sequential",
+    chunk_size=16, remat="full", scan_layers=False,
+)  # fmt: skip
+
+
+def _state_tree(model_config):
+    """(path, shape, dtype) of every array of a language model's state, built abstractly."""
+    from flax import nnx
+
+    from lrulm.model import LanguageModel
+
+    model = nnx.eval_shape(lambda: LanguageModel(model_config, rngs=nnx.Rngs(0)))
+    leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model))
+    return [(jax.tree_util.keystr(path), x.shape, x.dtype) for path, x in leaves]
+
+
+def test_a_refused_resume_names_only_model_settings_that_shape_the_state():
+    """run_config.MODEL_KEYS_OUTSIDE_STATE is exactly the ModelConfig fields whose change
+    leaves the model's state tree as it is; state_keys_changed names the others."""
+    base = model_config_lib.from_preset("test")
+    fields = {f.name for f in dataclasses.fields(model_config_lib.ModelConfig)}
+    assert fields == set(_OTHER_MODEL_VALUES), fields ^ set(_OTHER_MODEL_VALUES)
+    assert all(getattr(base, name) != value for name, value in _OTHER_MODEL_VALUES.items())
+    tree = _state_tree(base)
+    outside = {
+        name for name, value in _OTHER_MODEL_VALUES.items()
+        if _state_tree(dataclasses.replace(base, **{name: value})) == tree
+    }  # fmt: skip
+    assert outside == run_config.MODEL_KEYS_OUTSIDE_STATE
+    before = tiny_config()
+    after = tiny_config("model.dropout=0.1", "model.remat=full", "model.d_state=64")
+    changed = run_config.state_keys_changed(config_lib.to_dict(before), after)
+    assert changed == ["model.d_state: None -> 64"]
 
 
 def test_a_subscript_as_init_from_params_is_refused(tmp_path, lm_workdir):
