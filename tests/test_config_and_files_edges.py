@@ -10,6 +10,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from run_helpers import tiny_config
 
 from lrulm import checkpoint as ckpt_lib
@@ -18,6 +19,7 @@ from lrulm import model_config as model_config_lib
 from lrulm import run_config
 from lrulm.data import documents
 from lrulm.data import lm as lm_data
+from lrulm.model import LanguageModel
 
 
 def test_a_switched_optimizer_is_named_as_a_state_change():
@@ -39,10 +41,6 @@ _OTHER_MODEL_VALUES = dict(
 
 def _state_tree(model_config):
     """(path, shape, dtype) of every array of a language model's state, built abstractly."""
-    from flax import nnx
-
-    from lrulm.model import LanguageModel
-
     model = nnx.eval_shape(lambda: LanguageModel(model_config, rngs=nnx.Rngs(0)))
     leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model))
     return [(jax.tree_util.keystr(path), x.shape, x.dtype) for path, x in leaves]

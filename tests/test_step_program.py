@@ -29,13 +29,13 @@ def _step_program(*overrides):
         k: jax.ShapeDtypeStruct(s, d, sharding=exp.batch_shardings[k])
         for k, (s, d) in exp.batch_spec.items()
     }
-    return exp, train_jit, train_jit.lower(exp.abstract_state, batch)
+    return exp, train_jit.lower(exp.abstract_state, batch)
 
 
 def test_depth_is_a_scan_so_the_program_does_not_grow():
-    sizes = {k: len(_step_program(f"model.num_layers={k}")[2].as_text()) for k in (2, 8)}
+    sizes = {k: len(_step_program(f"model.num_layers={k}")[1].as_text()) for k in (2, 8)}
     assert abs(sizes[8] - sizes[2]) < 0.02 * sizes[2], sizes
-    unrolled = len(_step_program("model.num_layers=8", "model.scan_layers=False")[2].as_text())
+    unrolled = len(_step_program("model.num_layers=8", "model.scan_layers=False")[1].as_text())
     assert unrolled > 2 * sizes[8]
 
 
@@ -73,7 +73,7 @@ def test_remat_policies_change_memory_not_math():
     rng = np.random.default_rng(0)
     results = {}
     for policy in ("none", "full", "dots", "lru"):
-        exp, _, lowered = _step_program(f"model.remat={policy}", "train.seq_len=256")
+        exp, lowered = _step_program(f"model.remat={policy}", "train.seq_len=256")
         train_step = lowered.compile()  # the program measured is the one run
         temp = train_step.memory_analysis().temp_size_in_bytes
         state = jax.jit(exp.init_fn, out_shardings=exp.state_shardings)(jax.random.key(0))
@@ -96,7 +96,7 @@ def test_remat_wraps_each_layer_when_layers_are_not_scanned():
     merge it back into the forward pass); the step's math is unchanged."""
     results = {}
     for policy in ("none", "full"):
-        exp, _, lowered = _step_program(
+        exp, lowered = _step_program(
             f"model.remat={policy}", "model.scan_layers=False", "model.num_layers=3"
         )
         results[policy] = lowered.as_text().count("stablehlo.optimization_barrier")
@@ -231,7 +231,7 @@ def test_vocab_blocked_loss_gradient_has_no_scatter():
 def test_vocab_blocked_loss_saves_memory():
     sizes = {}
     for block in (0, 512):
-        _, _, lowered = _step_program(
+        _, lowered = _step_program(
             f"train.loss_vocab_block={block}", "train.seq_len=512", "model.remat=full",
             "model.vocab_size=4096",
         )  # fmt: skip
